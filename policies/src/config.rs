@@ -1,0 +1,390 @@
+//! Configuration owned by the data side: `[cache]`, `[journal]`, `[flush]` and
+//! `[tables."schema.name"]`. Plain serde structs with documented defaults; loading and
+//! merging (file, environment) is the proxy's job, validation is here.
+//!
+//! Invariant: every struct rejects unknown keys, so a typo is an error, not a silently
+//! ignored setting.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// `[cache]`: the read cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Upper bound on the bytes of all cached results together.
+    pub max_bytes: ByteSize,
+    /// A result larger than this streams through uncached.
+    pub max_entry_bytes: ByteSize,
+    /// Default time to live of an entry; tables may override it.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How writes that bypass spillway are noticed.
+    pub invalidation: Invalidation,
+    /// Whether statements with unknown side effects (DO, CALL, volatile functions)
+    /// drop every cached entry of their database.
+    pub invalidate_on_unknown: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: ByteSize::mib(256),
+            max_entry_bytes: ByteSize::mib(4),
+            ttl: Duration::from_secs(60),
+            invalidation: Invalidation::Ttl,
+            invalidate_on_unknown: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Invalidation {
+    /// Only spillway's own writes invalidate; TTL bounds staleness from other writers.
+    Ttl,
+    /// Triggers NOTIFY `spillway_invalidate` on writes by anyone.
+    Notify,
+}
+
+/// `[journal]`: the local write-ahead journal for deferred writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    pub dir: PathBuf,
+    pub fsync: FsyncMode,
+    /// With `fsync = "interval"`: the loss window after a power failure.
+    #[serde(with = "humantime_serde")]
+    pub fsync_interval: Duration,
+    /// Journal size at which back-pressure starts.
+    pub max_bytes: ByteSize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("spillway-data"),
+            fsync: FsyncMode::Always,
+            fsync_interval: Duration::from_millis(10),
+            max_bytes: ByteSize::gib(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsyncMode {
+    /// Durable before acknowledgement (group-committed).
+    Always,
+    /// Synced every `fsync_interval`; a power failure can lose that window.
+    Interval,
+    /// Never synced: tests only.
+    Never,
+}
+
+/// `[flush]`: the flush worker that applies deferred writes upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushConfig {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    pub batch_size: usize,
+    /// Write-back: checkpoint early once this many keys are dirty.
+    pub max_dirty_keys: usize,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(100),
+            batch_size: 1000,
+            max_dirty_keys: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    #[default]
+    WriteThrough,
+    WriteBack,
+    WriteBehind,
+}
+
+impl Policy {
+    pub fn is_deferred(self) -> bool {
+        !matches!(self, Policy::WriteThrough)
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::WriteThrough => "write-through",
+            Policy::WriteBack => "write-back",
+            Policy::WriteBehind => "write-behind",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Consistency {
+    #[default]
+    Strong,
+    Session,
+    Bounded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    #[default]
+    Block,
+    Reject,
+    WriteThrough,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RowCounts {
+    #[default]
+    Exact,
+    Assumed,
+}
+
+/// `[tables."schema.name"]`: per-table policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TableConfig {
+    pub policy: Policy,
+    pub consistency: Consistency,
+    /// Whether reads of this table may be cached.
+    pub cache: bool,
+    /// Overrides `cache.ttl`.
+    #[serde(
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttl: Option<Duration>,
+    pub max_pending: usize,
+    pub when_full: WhenFull,
+    #[serde(with = "humantime_serde")]
+    pub block_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_staleness: Duration,
+    pub row_counts: RowCounts,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::WriteThrough,
+            consistency: Consistency::Strong,
+            cache: true,
+            ttl: None,
+            max_pending: 100_000,
+            when_full: WhenFull::Block,
+            block_timeout: Duration::from_secs(5),
+            max_staleness: Duration::from_secs(1),
+            row_counts: RowCounts::Exact,
+        }
+    }
+}
+
+/// A schema-qualified table name, as written in `[tables."schema.name"]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+impl std::str::FromStr for TableName {
+    type Err = ValidationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('.') {
+            Some((schema, name))
+                if !schema.is_empty() && !name.is_empty() && !name.contains('.') =>
+            {
+                Ok(TableName {
+                    schema: schema.to_owned(),
+                    name: name.to_owned(),
+                })
+            }
+            _ => Err(ValidationError {
+                key: format!("tables.\"{s}\""),
+                problem: "table names are written \"schema.name\"".to_owned(),
+            }),
+        }
+    }
+}
+
+/// A semantic error in an otherwise well-formed config: names the key and the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ValidationError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ValidationError {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl CacheConfig {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.max_entry_bytes > self.max_bytes {
+            return Err(ValidationError::new(
+                "cache.max_entry_bytes",
+                format!(
+                    "{} is larger than cache.max_bytes ({})",
+                    self.max_entry_bytes, self.max_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl JournalConfig {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(ValidationError::new("journal.dir", "must not be empty"));
+        }
+        if self.max_bytes.as_u64() < 1024 * 1024 {
+            return Err(ValidationError::new(
+                "journal.max_bytes",
+                "must be at least 1MiB",
+            ));
+        }
+        if self.fsync == FsyncMode::Interval && self.fsync_interval.is_zero() {
+            return Err(ValidationError::new(
+                "journal.fsync_interval",
+                "must be above zero with fsync = \"interval\"",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FlushConfig {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.interval.is_zero() {
+            return Err(ValidationError::new("flush.interval", "must be above zero"));
+        }
+        if self.batch_size == 0 {
+            return Err(ValidationError::new(
+                "flush.batch_size",
+                "must be at least 1",
+            ));
+        }
+        if self.max_dirty_keys == 0 {
+            return Err(ValidationError::new(
+                "flush.max_dirty_keys",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Validates the `[tables]` map and returns it keyed by parsed name.
+///
+/// `deferred_supported` is false while this build cannot apply deferred policies: a
+/// config asking for one is then refused rather than silently run write-through.
+pub fn validate_tables(
+    tables: &BTreeMap<String, TableConfig>,
+    deferred_supported: bool,
+) -> Result<BTreeMap<TableName, TableConfig>, ValidationError> {
+    let mut out = BTreeMap::new();
+    for (key, table) in tables {
+        let name: TableName = key.parse()?;
+        let at = |field: &str| format!("tables.\"{key}\".{field}");
+        if table.policy.is_deferred() && !deferred_supported {
+            return Err(ValidationError::new(
+                at("policy"),
+                format!(
+                    "policy \"{}\" is not available in this build of spillway; \
+                     use \"write-through\"",
+                    table.policy
+                ),
+            ));
+        }
+        if table.max_pending == 0 {
+            return Err(ValidationError::new(
+                at("max_pending"),
+                "must be at least 1",
+            ));
+        }
+        if table.consistency == Consistency::Bounded && table.max_staleness.is_zero() {
+            return Err(ValidationError::new(
+                at("max_staleness"),
+                "must be above zero with consistency = \"bounded\"",
+            ));
+        }
+        if out.insert(name, table.clone()).is_some() {
+            return Err(ValidationError::new(at("policy"), "table configured twice"));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_need_a_schema() {
+        assert!("events".parse::<TableName>().is_err());
+        assert!("public.".parse::<TableName>().is_err());
+        assert!("a.b.c".parse::<TableName>().is_err());
+        let t: TableName = "public.events".parse().expect("valid");
+        assert_eq!(t.to_string(), "public.events");
+    }
+
+    #[test]
+    fn deferred_policy_refused_when_unsupported() {
+        let mut tables = BTreeMap::new();
+        tables.insert(
+            "public.events".to_owned(),
+            TableConfig {
+                policy: Policy::WriteBehind,
+                ..TableConfig::default()
+            },
+        );
+        let err = validate_tables(&tables, false).expect_err("refused");
+        assert_eq!(err.key, "tables.\"public.events\".policy");
+        assert!(validate_tables(&tables, true).is_ok());
+    }
+
+    #[test]
+    fn entry_bigger_than_cache_refused() {
+        let c = CacheConfig {
+            max_bytes: ByteSize::mib(1),
+            max_entry_bytes: ByteSize::mib(2),
+            ..CacheConfig::default()
+        };
+        assert_eq!(
+            c.validate().expect_err("refused").key,
+            "cache.max_entry_bytes"
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! spillway's configuration: `spillway.toml` plus `SPILLWAY_` environment overrides.
+//!
+//! The proxy owns `[server]`, `[backend]`, `[metrics]` and `[log]`; the data-side
+//! sections come from `spillway_policies::config`. Config is plain data passed
+//! explicitly to whoever needs it — there is no global.
+//!
+//! Invariants: unknown keys are rejected in every section; [`Config::validate`] runs on
+//! every load, so a `Config` that exists is a valid one.
+
+mod load;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use spillway_policies::config::{
+    CacheConfig, FlushConfig, JournalConfig, TableConfig, TableName, ValidationError,
+    validate_tables,
+};
+
+pub use load::{ConfigError, DEFAULT_CONFIG_FILE, ENV_PREFIX};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub backend: BackendConfig,
+    pub cache: CacheConfig,
+    pub journal: JournalConfig,
+    pub flush: FlushConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    pub tables: BTreeMap<String, TableConfig>,
+}
+
+/// `[server]`: the client-facing listener and session limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to accept clients on; port 0 picks a free port (logged at start).
+    pub listen: SocketAddr,
+    /// Client connections beyond this are refused with 53300.
+    pub max_client_conn: usize,
+    /// PEM certificate chain; with `tls_key`, clients may negotiate TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// A client message longer than this gets 54000 and the connection closes.
+    pub max_message_bytes: ByteSize,
+    /// Statement texts longer than this are passed through unanalysed.
+    pub max_parse_bytes: ByteSize,
+    /// Time a client has to finish TLS negotiation, startup and authentication.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// On SIGTERM/SIGINT, busy sessions get this long to finish before 57P01.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            max_client_conn: 1000,
+            tls_cert: None,
+            tls_key: None,
+            max_message_bytes: ByteSize::mib(64),
+            max_parse_bytes: ByteSize::kib(64),
+            startup_timeout: Duration::from_secs(15),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[backend]`: the PostgreSQL server behind spillway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// libpq-style URL. Its host and port also receive relayed client sessions; its
+    /// user and password are only for spillway's own service connections; `sslmode`
+    /// (disable | prefer | require) applies to every upstream connection.
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/postgres".to_owned(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9187))),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `spillway=debug,info`; `RUST_LOG` wins.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the backend is and how to reach it, parsed from `backend.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTarget {
+    pub host: String,
+    pub port: u16,
+    pub sslmode: SslMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+}
+
+impl Config {
+    /// Semantic checks beyond what serde enforces. Called by every loader.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        self.backend_target()?;
+        let s = &self.server;
+        if s.max_client_conn == 0 {
+            return Err(ValidationError::new(
+                "server.max_client_conn",
+                "must be at least 1",
+            ));
+        }
+        if s.max_message_bytes.as_u64() < 1024 {
+            return Err(ValidationError::new(
+                "server.max_message_bytes",
+                "must be at least 1KiB",
+            ));
+        }
+        if s.max_message_bytes.as_u64() > 0x3fff_ffff {
+            return Err(ValidationError::new(
+                "server.max_message_bytes",
+                "PostgreSQL messages cannot exceed 1GiB",
+            ));
+        }
+        if s.startup_timeout.is_zero() {
+            return Err(ValidationError::new(
+                "server.startup_timeout",
+                "must be above zero",
+            ));
+        }
+        match (&s.tls_cert, &s.tls_key) {
+            (Some(_), None) => {
+                return Err(ValidationError::new(
+                    "server.tls_key",
+                    "required with server.tls_cert",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ValidationError::new(
+                    "server.tls_cert",
+                    "required with server.tls_key",
+                ));
+            }
+            _ => {}
+        }
+        if self.backend.connect_timeout.is_zero() {
+            return Err(ValidationError::new(
+                "backend.connect_timeout",
+                "must be above zero",
+            ));
+        }
+        self.cache.validate()?;
+        self.journal.validate()?;
+        self.flush.validate()?;
+        self.table_policies()?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ValidationError::new("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The `[tables]` map keyed by parsed name. Deferred policies are refused until
+    /// the journal and flush worker exist in this build.
+    pub fn table_policies(&self) -> Result<BTreeMap<TableName, TableConfig>, ValidationError> {
+        validate_tables(&self.tables, false)
+    }
+
+    pub fn backend_target(&self) -> Result<BackendTarget, ValidationError> {
+        let bad = |p: String| ValidationError::new("backend.url", p);
+        let url = url::Url::parse(&self.backend.url).map_err(|e| bad(e.to_string()))?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(bad(format!(
+                "scheme must be postgres:// or postgresql://, not {}://",
+                url.scheme()
+            )));
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("has no host".to_owned()))?;
+        // IPv6 literals come back bracketed; the socket layer wants them bare.
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let mut sslmode = SslMode::Prefer;
+        for (k, v) in url.query_pairs() {
+            if k == "sslmode" {
+                sslmode = match v.as_ref() {
+                    "disable" => SslMode::Disable,
+                    "allow" | "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    other => {
+                        return Err(bad(format!(
+                            "sslmode={other} is not supported (disable | allow | prefer | require)"
+                        )));
+                    }
+                };
+            }
+        }
+        Ok(BackendTarget {
+            host,
+            port: url.port().unwrap_or(5432),
+            sslmode,
+        })
+    }
+}

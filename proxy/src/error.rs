@@ -1,0 +1,138 @@
+//! The session layer's error type, and the one function that turns an error into what
+//! the client sees.
+//!
+//! Every error knows which side caused it (client, upstream, or spillway itself) and
+//! whether retrying could help; [`SessionError::to_client`] is the only place an error
+//! becomes an ErrorResponse, so SQLSTATEs stay consistent.
+
+use std::io;
+
+use bytes::Bytes;
+
+use crate::protocol::ProtocolError;
+use crate::protocol::backend::{Severity, error_response};
+use crate::protocol::sqlstate::SqlState;
+
+/// Which party a failure is attributed to (for logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Spillway,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+            Side::Spillway => "spillway",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("client did not complete startup within {0:?}")]
+    StartupTimeout(std::time::Duration),
+    #[error("TLS handshake with client failed: {0}")]
+    ClientTls(io::Error),
+    #[error("client connection: {0}")]
+    ClientIo(io::Error),
+    #[error("cannot connect to upstream {addr}: {reason}")]
+    UpstreamConnect { addr: String, reason: String },
+    #[error("upstream connection lost: {0}")]
+    UpstreamIo(io::Error),
+    #[error("upstream closed the connection unexpectedly")]
+    UpstreamClosed,
+    #[error("upstream sent an unexpected message {tag:?} during {phase}")]
+    UpstreamProtocol { tag: char, phase: &'static str },
+    #[error("too many client connections (server.max_client_conn = {0})")]
+    TooManyClients(usize),
+    #[error("terminating connection due to administrator command")]
+    Shutdown,
+}
+
+impl SessionError {
+    pub fn side(&self) -> Side {
+        match self {
+            SessionError::Protocol(_)
+            | SessionError::StartupTimeout(_)
+            | SessionError::ClientTls(_)
+            | SessionError::ClientIo(_) => Side::Client,
+            SessionError::UpstreamConnect { .. }
+            | SessionError::UpstreamIo(_)
+            | SessionError::UpstreamClosed
+            | SessionError::UpstreamProtocol { .. } => Side::Upstream,
+            SessionError::TooManyClients(_) | SessionError::Shutdown => Side::Spillway,
+        }
+    }
+
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            SessionError::Protocol(p) => p.sqlstate(),
+            SessionError::StartupTimeout(_)
+            | SessionError::ClientTls(_)
+            | SessionError::ClientIo(_) => SqlState::PROTOCOL_VIOLATION,
+            SessionError::UpstreamConnect { .. }
+            | SessionError::UpstreamIo(_)
+            | SessionError::UpstreamClosed => SqlState::CONNECTION_FAILURE,
+            SessionError::UpstreamProtocol { .. } => SqlState::PROTOCOL_VIOLATION,
+            SessionError::TooManyClients(_) => SqlState::TOO_MANY_CONNECTIONS,
+            SessionError::Shutdown => SqlState::ADMIN_SHUTDOWN,
+        }
+    }
+
+    /// Whether the client may usefully reconnect and try again.
+    pub fn is_retryable(&self) -> bool {
+        self.sqlstate().is_transient() && self.side() != Side::Client
+    }
+
+    /// The FATAL ErrorResponse to send before closing, or `None` when the client
+    /// connection itself is broken and nothing can be delivered.
+    pub fn to_client(&self) -> Option<Bytes> {
+        match self {
+            SessionError::ClientIo(_) | SessionError::ClientTls(_) => None,
+            other => Some(error_response(
+                Severity::Fatal,
+                other.sqlstate(),
+                &other.to_string(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::backend::parse_error_fields;
+
+    #[test]
+    fn shutdown_is_57p01_and_retryable() {
+        let e = SessionError::Shutdown;
+        let msg = e.to_client().expect("sent");
+        let f = parse_error_fields(&msg[5..]).expect("parses");
+        assert_eq!(f.code, "57P01");
+        assert!(f.is_fatal());
+        assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn broken_client_gets_nothing() {
+        let e = SessionError::ClientIo(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert!(e.to_client().is_none());
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn oversized_message_is_54000() {
+        let e = SessionError::Protocol(ProtocolError::TooLarge {
+            tag: 'Q',
+            len: 10,
+            limit: 5,
+        });
+        assert_eq!(e.sqlstate().code(), "54000");
+    }
+}

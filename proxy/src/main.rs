@@ -1,0 +1,158 @@
+//! The `spillway` command: parses the CLI, loads config, installs tracing, runs the
+//! chosen subcommand and waits for a signal. Everything else is library code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use spillway::config::{Config, LogConfig, LogFormat};
+use spillway::demo::Demo;
+use spillway::server::Server;
+use tokio_util::sync::CancellationToken;
+
+/// EX_USAGE from sysexits.h: the configuration is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "spillway",
+    version,
+    about = "PostgreSQL-wire caching proxy with durable write-behind"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Config file (default: ./spillway.toml if present).
+        #[arg(long, short, env = "SPILLWAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration and exit (64 when invalid).
+    CheckConfig {
+        #[arg(long, short, env = "SPILLWAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Start a throwaway PostgreSQL with a demo schema and spillway in front of it.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+            Ok(c) => {
+                println!(
+                    "configuration OK: listen {}, backend {}, {} table(s) configured",
+                    c.server.listen,
+                    c.backend.url,
+                    c.tables.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("spillway: {err}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(err) => {
+                    eprintln!("spillway: {err}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_tracing(&config.log);
+            report(runtime().and_then(|rt| rt.block_on(run(config))))
+        }
+        Command::Demo { listen } => {
+            init_tracing(&LogConfig::default());
+            report(runtime().and_then(|rt| rt.block_on(demo(listen))))
+        }
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("spillway: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("spillway")
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let server = Server::bind(config).await?;
+    let addr = server.local_addr()?;
+    tracing::info!(%addr, "listening on {addr}");
+    server.run(shutdown_on_signal()?).await;
+    Ok(())
+}
+
+async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
+    let demo = Demo::start(listen).await?;
+    println!("spillway demo is ready.");
+    println!("  through spillway: psql {}", demo.url());
+    println!(
+        "  direct:           psql {}",
+        demo.postgres
+            .url(spillway::demo::DEMO_USER, spillway::demo::DEMO_DATABASE)
+    );
+    println!("Press Ctrl-C to stop; everything is removed on exit.");
+    tracing::info!(addr = %demo.addr, "listening on {}", demo.addr);
+    demo.run(shutdown_on_signal()?).await;
+    Ok(())
+}
+
+/// Cancels the returned token on the first SIGTERM/SIGINT; a second one exits at once.
+fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received: shutting down (send again to exit immediately)");
+        trigger.cancel();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting immediately");
+        std::process::exit(130);
+    });
+    Ok(token)
+}
+
+fn init_tracing(log: &LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,234 @@
+//! Backend messages spillway builds itself (errors, key data, SASL offers) and the few
+//! it inspects on the way through (errors, ReadyForQuery, BackendKeyData,
+//! Authentication, ParameterStatus).
+//!
+//! Encoding goes through pgwire's message types. Inspection uses small readers over
+//! the body slice that return `None`/`Err` on malformed input instead of panicking, so
+//! a misbehaving upstream cannot crash a session task.
+
+use bytes::{Bytes, BytesMut};
+use pgwire::messages::Message;
+use pgwire::messages::response::ErrorResponse;
+use pgwire::messages::startup::{Authentication, BackendKeyData, SecretKey};
+
+use super::frame::{ProtocolError, get_cstr};
+use super::sqlstate::SqlState;
+
+pub const AUTHENTICATION: u8 = b'R';
+pub const BACKEND_KEY_DATA: u8 = b'K';
+pub const ERROR_RESPONSE: u8 = b'E';
+pub const NOTICE_RESPONSE: u8 = b'N';
+pub const PARAMETER_STATUS: u8 = b'S';
+pub const READY_FOR_QUERY: u8 = b'Z';
+pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+
+/// Authentication request codes (the `i32` after the length of an 'R' message).
+pub const AUTH_OK: i32 = 0;
+pub const AUTH_SASL: i32 = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// Encodes an ErrorResponse originated by spillway.
+pub fn error_response(severity: Severity, code: SqlState, message: &str) -> Bytes {
+    let fields = vec![
+        (b'S', severity.as_str().to_owned()),
+        (b'V', severity.as_str().to_owned()),
+        (b'C', code.code().to_owned()),
+        (b'M', message.to_owned()),
+    ];
+    encode(&ErrorResponse::new(fields))
+}
+
+/// Encodes BackendKeyData with a secret of any length from 4 to 256 bytes.
+pub fn backend_key_data(pid: i32, secret: &[u8]) -> Bytes {
+    let key = if secret.len() == 4 {
+        SecretKey::I32(i32::from_be_bytes([
+            secret[0], secret[1], secret[2], secret[3],
+        ]))
+    } else {
+        SecretKey::Bytes(Bytes::copy_from_slice(secret))
+    };
+    encode(&BackendKeyData::new(pid, key))
+}
+
+/// Encodes AuthenticationSASL offering `mechanisms`.
+pub fn authentication_sasl(mechanisms: Vec<String>) -> Bytes {
+    encode(&Authentication::SASL(mechanisms))
+}
+
+fn encode<M: Message>(msg: &M) -> Bytes {
+    let mut buf = BytesMut::with_capacity(msg.message_length() + 1);
+    // Only fails when a message exceeds pgwire's own size limits, which the short
+    // messages spillway builds never do; an empty buffer then fails loudly downstream.
+    if let Err(err) = msg.encode(&mut buf) {
+        tracing::error!(%err, "could not encode a backend message");
+        buf.clear();
+    }
+    buf.freeze()
+}
+
+/// The fields of an ErrorResponse/NoticeResponse that spillway acts on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorFields {
+    pub fn is_fatal(&self) -> bool {
+        self.severity == "FATAL" || self.severity == "PANIC"
+    }
+}
+
+/// Reads an ErrorResponse or NoticeResponse body (the bytes after the header).
+pub fn parse_error_fields(mut body: &[u8]) -> Result<ErrorFields, ProtocolError> {
+    let mut out = ErrorFields::default();
+    let mut localized = None;
+    loop {
+        let Some((&kind, rest)) = body.split_first() else {
+            return Err(ProtocolError::Malformed {
+                what: "ErrorResponse",
+            });
+        };
+        body = rest;
+        if kind == 0 {
+            break;
+        }
+        let value = get_cstr(&mut body, "ErrorResponse")?;
+        match kind {
+            b'V' => out.severity = value.to_owned(),
+            b'S' => localized = Some(value.to_owned()),
+            b'C' => out.code = value.to_owned(),
+            b'M' => out.message = value.to_owned(),
+            _ => {}
+        }
+    }
+    if out.severity.is_empty() {
+        out.severity = localized.unwrap_or_default();
+    }
+    Ok(out)
+}
+
+/// The transaction status byte of a ReadyForQuery body: b'I', b'T' or b'E'.
+pub fn ready_for_query_status(body: &[u8]) -> Option<u8> {
+    match body {
+        [s @ (b'I' | b'T' | b'E')] => Some(*s),
+        _ => None,
+    }
+}
+
+/// Splits a BackendKeyData body into the process id and the secret key bytes.
+pub fn parse_backend_key_data(body: &[u8]) -> Result<(i32, Bytes), ProtocolError> {
+    if body.len() < 8 || body.len() > 4 + 256 {
+        return Err(ProtocolError::Malformed {
+            what: "BackendKeyData",
+        });
+    }
+    let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    Ok((pid, Bytes::copy_from_slice(&body[4..])))
+}
+
+/// The request code of an Authentication body.
+pub fn authentication_code(body: &[u8]) -> Option<i32> {
+    let code: [u8; 4] = body.get(..4)?.try_into().ok()?;
+    Some(i32::from_be_bytes(code))
+}
+
+/// The mechanism names in an AuthenticationSASL body.
+pub fn sasl_mechanisms(body: &[u8]) -> Result<Vec<String>, ProtocolError> {
+    let mut rest = body.get(4..).ok_or(ProtocolError::Malformed {
+        what: "AuthenticationSASL",
+    })?;
+    let mut out = Vec::new();
+    while rest.first().is_some_and(|b| *b != 0) {
+        out.push(get_cstr(&mut rest, "AuthenticationSASL")?.to_owned());
+    }
+    Ok(out)
+}
+
+/// A ParameterStatus body as (name, value).
+pub fn parse_parameter_status(mut body: &[u8]) -> Result<(String, String), ProtocolError> {
+    let name = get_cstr(&mut body, "ParameterStatus")?.to_owned();
+    let value = get_cstr(&mut body, "ParameterStatus")?.to_owned();
+    Ok((name, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame;
+
+    fn body_of(msg: &Bytes) -> &[u8] {
+        &msg[5..]
+    }
+
+    #[test]
+    fn error_response_round_trip() {
+        let msg = error_response(Severity::Fatal, SqlState::ADMIN_SHUTDOWN, "bye");
+        let h = frame::peek_header(&msg, 1024)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!(h.tag, ERROR_RESPONSE);
+        assert_eq!(h.total_len, msg.len());
+        let f = parse_error_fields(body_of(&msg)).expect("parses");
+        assert_eq!(f.code, "57P01");
+        assert_eq!(f.message, "bye");
+        assert!(f.is_fatal());
+    }
+
+    #[test]
+    fn truncated_error_is_malformed_not_a_panic() {
+        assert!(parse_error_fields(b"SERROR").is_err());
+        assert!(parse_error_fields(b"").is_err());
+    }
+
+    #[test]
+    fn backend_key_data_round_trip() {
+        let msg = backend_key_data(42, &[1, 2, 3, 4]);
+        let (pid, secret) = parse_backend_key_data(body_of(&msg)).expect("parses");
+        assert_eq!(pid, 42);
+        assert_eq!(&secret[..], &[1, 2, 3, 4]);
+        let long = backend_key_data(7, &[9; 32]);
+        let (_, secret) = parse_backend_key_data(body_of(&long)).expect("parses");
+        assert_eq!(secret.len(), 32);
+    }
+
+    #[test]
+    fn sasl_round_trip() {
+        let msg = authentication_sasl(vec!["SCRAM-SHA-256".into(), "SCRAM-SHA-256-PLUS".into()]);
+        assert_eq!(authentication_code(body_of(&msg)), Some(AUTH_SASL));
+        assert_eq!(
+            sasl_mechanisms(body_of(&msg)).expect("parses"),
+            vec!["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"]
+        );
+    }
+
+    #[test]
+    fn ready_for_query() {
+        assert_eq!(ready_for_query_status(b"T"), Some(b'T'));
+        assert_eq!(ready_for_query_status(b"Q"), None);
+        assert_eq!(ready_for_query_status(b""), None);
+    }
+
+    #[test]
+    fn parameter_status() {
+        assert_eq!(
+            parse_parameter_status(b"TimeZone\0UTC\0").expect("parses"),
+            ("TimeZone".to_owned(), "UTC".to_owned())
+        );
+    }
+}

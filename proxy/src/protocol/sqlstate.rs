@@ -1,0 +1,50 @@
+//! SQLSTATE codes spillway itself emits. Errors relayed from PostgreSQL keep their own
+//! code untouched; these are only for errors spillway originates, so every code an
+//! operator sees from spillway is listed here in one place.
+
+/// A five-character SQLSTATE, as in PostgreSQL's errcodes.txt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SqlState(&'static str);
+
+impl SqlState {
+    pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
+    pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
+    pub const CANNOT_CONNECT: SqlState = SqlState("08001");
+    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
+    pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
+    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
+    pub const INSUFFICIENT_RESOURCES: SqlState = SqlState("53000");
+    pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
+    pub const INVALID_AUTHORIZATION: SqlState = SqlState("28000");
+    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
+
+    pub fn code(&self) -> &'static str {
+        self.0
+    }
+
+    /// Class 08 (connection), 40 (rollback), 53 (resources) and 57 (operator
+    /// intervention) are worth retrying; the rest are the caller's to fix.
+    pub fn is_transient(&self) -> bool {
+        matches!(&self.0[..2], "08" | "40" | "53" | "57")
+    }
+}
+
+impl std::fmt::Display for SqlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SqlState;
+
+    #[test]
+    fn transient_classes() {
+        assert!(SqlState::CONNECTION_FAILURE.is_transient());
+        assert!(SqlState::ADMIN_SHUTDOWN.is_transient());
+        assert!(SqlState::PROTOCOL_VIOLATION.is_transient());
+        assert!(!SqlState::FEATURE_NOT_SUPPORTED.is_transient());
+    }
+}

@@ -1,0 +1,160 @@
+//! The listener: accepts clients, enforces `server.max_client_conn`, spawns one task
+//! per session, and runs the shutdown sequence.
+//!
+//! Shutdown (SPEC §3): stop accepting; signal `draining` so idle sessions close at once
+//! with 57P01 and busy ones as soon as they are idle; after `server.shutdown_timeout`
+//! signal `terminate` so the rest get 57P01 immediately; wait for the tasks to end.
+//!
+//! Invariant: at most `max_client_conn` sessions hold a permit; a client over the limit
+//! is answered 53300 (like PostgreSQL's "too many clients") instead of queueing
+//! invisibly in the accept backlog.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::error::SessionError;
+use crate::session::{self, Shared, ShutdownSignals};
+use crate::tls;
+use crate::upstream::Connector;
+
+/// Time sessions get after `terminate` to deliver their 57P01 and close.
+const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] spillway_policies::config::ValidationError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {error}")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+}
+
+impl Server {
+    /// Binds the listener and prepares TLS. Nothing is accepted until [`Server::run`].
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        config.validate()?;
+        let target = config.backend_target()?;
+        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        let connector = Connector {
+            target,
+            tls: tls::upstream_connector()?,
+            connect_timeout: config.backend.connect_timeout,
+        };
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|error| ServerError::Bind { addr, error })?;
+        let permits = Arc::new(Semaphore::new(config.server.max_client_conn));
+        let shared = Arc::new(Shared {
+            config: Arc::new(config),
+            connector,
+            cancel: Arc::new(CancelRegistry::default()),
+            tls,
+            signals: ShutdownSignals::default(),
+        });
+        Ok(Server {
+            listener,
+            shared,
+            permits,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains (see module docs).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(%err, %peer, "could not set TCP_NODELAY");
+            }
+            self.spawn_session(&tracker, tcp, peer);
+        }
+        let Server {
+            listener, shared, ..
+        } = self;
+        drop(listener);
+        drain(&shared, tracker).await;
+    }
+
+    fn spawn_session(&self, tracker: &TaskTracker, tcp: TcpStream, peer: SocketAddr) {
+        match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => {
+                let shared = Arc::clone(&self.shared);
+                tracker.spawn(async move {
+                    session::serve(tcp, peer, shared).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                let limit = self.shared.config.server.max_client_conn;
+                tracker.spawn(session::refuse(tcp, SessionError::TooManyClients(limit)));
+            }
+        }
+    }
+}
+
+async fn drain(shared: &Shared, tracker: TaskTracker) {
+    tracker.close();
+    let signals = &shared.signals;
+    let timeout = shared.config.server.shutdown_timeout;
+    tracing::info!(
+        sessions = tracker.len(),
+        ?timeout,
+        "shutting down: draining sessions"
+    );
+    signals.draining.cancel();
+    if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            sessions = tracker.len(),
+            "drain deadline passed: terminating remaining sessions with 57P01"
+        );
+        signals.terminate.cancel();
+        if tokio::time::timeout(TERMINATE_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                sessions = tracker.len(),
+                "sessions still open after terminate"
+            );
+        }
+    }
+    tracing::info!("all sessions closed");
+}

@@ -1,0 +1,135 @@
+//! One client session, from the first byte to the close.
+//!
+//! Three seams (HOUSE_STYLE): bytes ([`conn::Conn`], the event loop in [`relay`]),
+//! protocol state ([`state::ProtocolState`], which only ever sees messages), and the
+//! handler deciding where each message goes (today: always upstream; the cache and
+//! write policies plug in at [`relay::Relay::on_frontend`]). The state machine never
+//! knows where an answer came from.
+//!
+//! Invariants:
+//! - A session holds exactly one upstream connection, opened after the client's
+//!   StartupMessage and closed when the session ends (session mode).
+//! - Per session, spillway buffers at most `server.max_message_bytes` of one client
+//!   message plus a fixed window per direction ([`relay::WINDOW`]); a large result is
+//!   streamed, never held whole.
+//! - Every way a session ends is logged exactly once, in [`serve`].
+
+mod conn;
+pub mod relay;
+mod startup;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::error::{SessionError, Side};
+use crate::upstream::Connector;
+
+/// Shutdown phases, observed by every session.
+#[derive(Clone, Default)]
+pub struct ShutdownSignals {
+    /// Stop taking new work: idle sessions close with 57P01, busy ones when idle.
+    pub draining: CancellationToken,
+    /// The drain deadline passed: every remaining session closes with 57P01 now.
+    pub terminate: CancellationToken,
+}
+
+/// What every session shares. Read-only after start, except the cancel registry.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub connector: Connector,
+    pub cancel: Arc<CancelRegistry>,
+    pub tls: Option<TlsAcceptor>,
+    pub signals: ShutdownSignals,
+}
+
+impl Shared {
+    pub fn max_message_bytes(&self) -> usize {
+        usize::try_from(self.config.server.max_message_bytes.as_u64()).unwrap_or(usize::MAX)
+    }
+}
+
+/// Runs one client connection to completion. Never returns an error: the outcome is
+/// logged here, once.
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let span = tracing::info_span!("session", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
+    async move {
+        match run(tcp, &shared).await {
+            Ok(end) => tracing::debug!(?end, "session closed"),
+            Err(err) => log_end(&err),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn log_end(err: &SessionError) {
+    match (err, err.side()) {
+        (SessionError::Shutdown, _) => tracing::info!("session closed by shutdown (57P01)"),
+        (SessionError::ClientIo(e), _)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            tracing::info!(error = %err, "client disconnected")
+        }
+        (_, side) => tracing::warn!(
+            error = %err,
+            side = side.as_str(),
+            sqlstate = %err.sqlstate(),
+            retryable = err.is_retryable(),
+            "session ended with an error"
+        ),
+    }
+}
+
+/// How a session ended without error.
+#[derive(Debug)]
+pub enum End {
+    /// A CancelRequest was handled (forwarded or ignored).
+    Cancel,
+    /// The client sent Terminate or closed its socket at a message boundary.
+    ClientClosed,
+    /// PostgreSQL ended the session with its own FATAL error (relayed verbatim).
+    UpstreamFatal,
+    /// Authentication was refused upstream; PostgreSQL's error was relayed.
+    AuthRefused,
+}
+
+async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
+    let timeout = shared.config.server.startup_timeout;
+    let startup = tokio::time::timeout(timeout, startup::establish(tcp, shared))
+        .await
+        .map_err(|_| SessionError::StartupTimeout(timeout))??;
+    let (client, upstream, state, _cancel_key) = match startup {
+        startup::Established::Done(end) => return Ok(end),
+        startup::Established::Session {
+            client,
+            upstream,
+            state,
+            cancel_key,
+        } => (client, upstream, state, cancel_key),
+    };
+    let mut relay = relay::Relay::new(client, upstream, state, shared.max_message_bytes());
+    relay.run(&shared.signals).await
+}
+
+/// Sends a FATAL error for `err` (if the client can still take one) and closes.
+pub(crate) async fn refuse(mut tcp: TcpStream, err: SessionError) {
+    use tokio::io::AsyncWriteExt;
+    if let Some(msg) = err.to_client() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tcp.write_all(&msg)).await;
+    }
+    let _ = tcp.shutdown().await;
+    if err.side() != Side::Client {
+        tracing::warn!(error = %err, sqlstate = %err.sqlstate(), "client refused");
+    }
+}

@@ -1,0 +1,203 @@
+//! The startup phase: TLS/GSS negotiation, CancelRequest handling, and the relayed
+//! authentication exchange.
+//!
+//! spillway never authenticates application users itself: the StartupMessage goes to
+//! PostgreSQL verbatim and every authentication message is relayed, so whatever
+//! PostgreSQL accepts (trust, password, md5, SCRAM-SHA-256) works and spillway stores
+//! no application password. Two messages are rewritten on the way: BackendKeyData
+//! (spillway issues its own key, see `cancel`) and AuthenticationSASL (channel-binding
+//! mechanisms are withdrawn: the client's TLS channel ends at spillway, so binding to
+//! it could never verify upstream).
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+use super::conn::{Conn, read_client_frame, read_upstream_frame};
+use super::state::ProtocolState;
+use super::{End, Shared};
+use crate::cancel::{CancelKey, UpstreamKey};
+use crate::error::SessionError;
+use crate::protocol::ProtocolError;
+use crate::protocol::backend::{self, AUTH_SASL};
+use crate::protocol::startup::{self, StartupMessage, StartupPacket};
+use crate::stream::Stream;
+
+pub enum Established {
+    Done(End),
+    Session {
+        client: Conn,
+        upstream: Conn,
+        state: ProtocolState,
+        cancel_key: CancelKey,
+    },
+}
+
+pub async fn establish(tcp: TcpStream, shared: &Shared) -> Result<Established, SessionError> {
+    let Some((client, startup)) = negotiate(tcp, shared).await? else {
+        return Ok(Established::Done(End::Cancel));
+    };
+    let span = tracing::Span::current();
+    span.record("user", startup.user());
+    span.record("database", startup.database());
+
+    let mut upstream = Conn::new(shared.connector.connect().await?);
+    upstream
+        .send(&startup.raw)
+        .await
+        .map_err(SessionError::UpstreamIo)?;
+    authenticate(client, upstream, shared).await
+}
+
+/// Handles SSLRequest/GSSENCRequest/CancelRequest until a StartupMessage arrives.
+/// Returns `None` when the connection was a CancelRequest.
+async fn negotiate(
+    tcp: TcpStream,
+    shared: &Shared,
+) -> Result<Option<(Conn, StartupMessage)>, SessionError> {
+    let mut client = Conn::new(Stream::Plain(tcp));
+    let mut ssl_done = false;
+    loop {
+        let packet = match startup::parse(&mut client.inbuf)? {
+            Some(p) => p,
+            None => {
+                if !client.fill().await.map_err(SessionError::ClientIo)? {
+                    return Err(SessionError::ClientIo(
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ));
+                }
+                continue;
+            }
+        };
+        match packet {
+            StartupPacket::SslRequest if ssl_done => {
+                return Err(ProtocolError::BadStartup("SSLRequest after SSL negotiation").into());
+            }
+            StartupPacket::SslRequest => {
+                ssl_done = true;
+                // Bytes pipelined after SSLRequest would bypass encryption
+                // (CVE-2021-23214 in PostgreSQL); refuse them.
+                if !client.inbuf.is_empty() {
+                    return Err(
+                        ProtocolError::BadStartup("unencrypted data after SSLRequest").into(),
+                    );
+                }
+                match &shared.tls {
+                    Some(acceptor) => {
+                        client.send(b"S").await.map_err(SessionError::ClientIo)?;
+                        let Stream::Plain(tcp) = client.stream else {
+                            return Err(ProtocolError::BadStartup("nested TLS").into());
+                        };
+                        let tls = acceptor
+                            .accept(tcp)
+                            .await
+                            .map_err(SessionError::ClientTls)?;
+                        client = Conn::new(Stream::ServerTls(Box::new(tls)));
+                    }
+                    None => client.send(b"N").await.map_err(SessionError::ClientIo)?,
+                }
+            }
+            StartupPacket::GssEncRequest => {
+                client.send(b"N").await.map_err(SessionError::ClientIo)?;
+            }
+            StartupPacket::CancelRequest { pid, secret } => {
+                match shared.cancel.lookup(pid, &secret) {
+                    Some(key) => {
+                        tracing::debug!(pid, "forwarding cancel request");
+                        shared.connector.cancel(&key).await?;
+                    }
+                    // PostgreSQL ignores unknown keys silently; so does spillway.
+                    None => tracing::info!(pid, "cancel request with unknown key ignored"),
+                }
+                return Ok(None);
+            }
+            StartupPacket::Startup(msg) => return Ok(Some((client, msg))),
+        }
+    }
+}
+
+/// Authentication request codes after which the client must answer.
+fn expects_client_answer(code: i32) -> bool {
+    // 3 cleartext, 5 md5, 7 GSS, 8 GSS continue, 9 SSPI, 10 SASL, 11 SASL continue.
+    matches!(code, 3 | 5 | 7 | 8 | 9 | 10 | 11)
+}
+
+async fn authenticate(
+    mut client: Conn,
+    mut upstream: Conn,
+    shared: &Shared,
+) -> Result<Established, SessionError> {
+    let limit = shared.max_message_bytes();
+    let mut state = ProtocolState::default();
+    let mut cancel_key = None;
+    loop {
+        let (tag, msg) = read_upstream_frame(&mut upstream).await?;
+        let body = &msg[5..];
+        match tag {
+            backend::AUTHENTICATION => {
+                let code =
+                    backend::authentication_code(body).ok_or(SessionError::UpstreamProtocol {
+                        tag: 'R',
+                        phase: "authentication",
+                    })?;
+                let out = if code == AUTH_SASL {
+                    without_channel_binding(body)?
+                } else {
+                    msg.clone()
+                };
+                client.send(&out).await.map_err(SessionError::ClientIo)?;
+                if expects_client_answer(code) {
+                    let answer = read_client_frame(&mut client, limit).await?;
+                    upstream
+                        .send(&answer)
+                        .await
+                        .map_err(SessionError::UpstreamIo)?;
+                }
+            }
+            backend::BACKEND_KEY_DATA => {
+                let (pid, secret) = backend::parse_backend_key_data(body)?;
+                let key = shared.cancel.register(UpstreamKey { pid, secret });
+                client
+                    .send(&backend::backend_key_data(key.pid, &key.secret))
+                    .await
+                    .map_err(SessionError::ClientIo)?;
+                cancel_key = Some(key);
+            }
+            backend::ERROR_RESPONSE => {
+                // Authentication failed or the server refused us (too many clients,
+                // database does not exist, shutting down...): PostgreSQL's own error is
+                // what the client should see.
+                let fields = backend::parse_error_fields(body).unwrap_or_default();
+                client.send(&msg).await.map_err(SessionError::ClientIo)?;
+                tracing::info!(sqlstate = %fields.code, message = %fields.message, "upstream refused the session");
+                return Ok(Established::Done(End::AuthRefused));
+            }
+            backend::READY_FOR_QUERY => {
+                state.on_backend(tag, body);
+                client.send(&msg).await.map_err(SessionError::ClientIo)?;
+                let cancel_key = cancel_key.ok_or(SessionError::UpstreamProtocol {
+                    tag: 'Z',
+                    phase: "startup without BackendKeyData",
+                })?;
+                return Ok(Established::Session {
+                    client,
+                    upstream,
+                    state,
+                    cancel_key,
+                });
+            }
+            _ => {
+                state.on_backend(tag, body);
+                client.send(&msg).await.map_err(SessionError::ClientIo)?;
+            }
+        }
+    }
+}
+
+/// Re-encodes an AuthenticationSASL offer without `-PLUS` (channel binding) mechanisms.
+fn without_channel_binding(body: &[u8]) -> Result<Bytes, SessionError> {
+    let mechanisms: Vec<String> = backend::sasl_mechanisms(body)?
+        .into_iter()
+        .filter(|m| !m.ends_with("-PLUS"))
+        .collect();
+    Ok(backend::authentication_sasl(mechanisms))
+}

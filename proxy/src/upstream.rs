@@ -1,0 +1,109 @@
+//! Opening connections to PostgreSQL: TCP with a timeout, `TCP_NODELAY`, keepalive, and
+//! TLS per the backend URL's `sslmode`. Also forwards CancelRequests.
+
+use std::time::Duration;
+
+use bytes::BufMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::cancel::UpstreamKey;
+use crate::config::{BackendTarget, SslMode};
+use crate::error::SessionError;
+use crate::protocol::startup::{CANCEL_REQUEST_CODE, SSL_REQUEST_CODE};
+use crate::stream::Stream;
+
+/// What an upstream connection needs: where, how, and how long to try.
+#[derive(Clone)]
+pub struct Connector {
+    pub target: BackendTarget,
+    pub tls: TlsConnector,
+    pub connect_timeout: Duration,
+}
+
+impl Connector {
+    fn addr(&self) -> String {
+        if self.target.host.contains(':') {
+            format!("[{}]:{}", self.target.host, self.target.port)
+        } else {
+            format!("{}:{}", self.target.host, self.target.port)
+        }
+    }
+
+    fn connect_error(&self, reason: impl ToString) -> SessionError {
+        SessionError::UpstreamConnect {
+            addr: self.addr(),
+            reason: reason.to_string(),
+        }
+    }
+
+    async fn tcp(&self) -> Result<TcpStream, SessionError> {
+        let tcp = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((self.target.host.as_str(), self.target.port)),
+        )
+        .await
+        .map_err(|_| self.connect_error(format!("timed out after {:?}", self.connect_timeout)))?
+        .map_err(|e| self.connect_error(e))?;
+        tcp.set_nodelay(true).map_err(|e| self.connect_error(e))?;
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        socket2::SockRef::from(&tcp)
+            .set_tcp_keepalive(&keepalive)
+            .map_err(|e| self.connect_error(e))?;
+        Ok(tcp)
+    }
+
+    /// A connection ready for the StartupMessage.
+    pub async fn connect(&self) -> Result<Stream, SessionError> {
+        let mut tcp = self.tcp().await?;
+        if self.target.sslmode == SslMode::Disable {
+            return Ok(Stream::Plain(tcp));
+        }
+        let mut req = Vec::with_capacity(8);
+        req.put_i32(8);
+        req.put_i32(SSL_REQUEST_CODE);
+        tcp.write_all(&req)
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        let answer = tcp.read_u8().await.map_err(|e| self.connect_error(e))?;
+        match (answer, self.target.sslmode) {
+            (b'S', _) => {
+                let name = rustls::pki_types::ServerName::try_from(self.target.host.clone())
+                    .map_err(|e| self.connect_error(e))?;
+                let tls = tokio::time::timeout(self.connect_timeout, self.tls.connect(name, tcp))
+                    .await
+                    .map_err(|_| self.connect_error("TLS handshake timed out"))?
+                    .map_err(|e| self.connect_error(format!("TLS handshake: {e}")))?;
+                Ok(Stream::ClientTls(Box::new(tls)))
+            }
+            (b'N', SslMode::Prefer) => Ok(Stream::Plain(tcp)),
+            (b'N', _) => {
+                Err(self.connect_error("server does not support SSL, but sslmode=require"))
+            }
+            (other, _) => Err(self.connect_error(format!(
+                "unexpected answer {:?} to SSLRequest",
+                other as char
+            ))),
+        }
+    }
+
+    /// Forwards a cancel to PostgreSQL. Like libpq, it waits for the server to close
+    /// the connection so the cancel has been processed when this returns.
+    pub async fn cancel(&self, key: &UpstreamKey) -> Result<(), SessionError> {
+        let mut stream = self.connect().await?;
+        let mut msg = Vec::with_capacity(12 + key.secret.len());
+        msg.put_i32((12 + key.secret.len()) as i32);
+        msg.put_i32(CANCEL_REQUEST_CODE);
+        msg.put_i32(key.pid);
+        msg.extend_from_slice(&key.secret);
+        stream
+            .write_all(&msg)
+            .await
+            .map_err(SessionError::UpstreamIo)?;
+        stream.flush().await.map_err(SessionError::UpstreamIo)?;
+        let mut sink = [0u8; 64];
+        let _ = tokio::time::timeout(self.connect_timeout, stream.read(&mut sink)).await;
+        Ok(())
+    }
+}
