@@ -1,0 +1,11 @@
+//! Integration tests: a real PostgreSQL (started by the test) and the real spillway
+//! binary. One test binary with modules, so the suite links once.
+
+mod context;
+mod wire;
+
+mod auth_tls;
+mod bad_input;
+mod clients;
+mod lifecycle;
+mod protocol;
