@@ -72,14 +72,33 @@ impl Config {
     }
 }
 
-fn env_provider() -> Env {
-    Env::prefixed(ENV_PREFIX)
-        // SPILLWAY_CONFIG names the file (clap reads it); tables have their own reader.
-        .filter(|k| {
-            let k = k.as_str();
-            k != "config" && !k.starts_with("tables__")
+fn env_provider() -> NamedEnv {
+    NamedEnv(
+        Env::prefixed(ENV_PREFIX)
+            // SPILLWAY_CONFIG names the file (clap reads it); tables have their own reader.
+            .filter(|k| {
+                let k = k.as_str();
+                k != "config" && !k.starts_with("tables__")
+            })
+            .split("__"),
+    )
+}
+
+/// figment's `Env`, but errors name the variable (`SPILLWAY_SERVER__LISTEN`) rather
+/// than figment's dotted upper-case rendering of the key.
+struct NamedEnv(Env);
+
+impl Provider for NamedEnv {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("environment variable").interpolater(|_: &Profile, keys: &[&str]| {
+            let upper: Vec<String> = keys.iter().map(|k| k.to_ascii_uppercase()).collect();
+            format!("{ENV_PREFIX}{}", upper.join("__"))
         })
-        .split("__")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        self.0.data()
+    }
 }
 
 /// Reads `SPILLWAY_TABLES__<schema>__<table>__<key>=value` into `tables."schema.table".key`.
@@ -190,6 +209,22 @@ mod tests {
     fn bad_backend_url() {
         let err = Config::from_toml_str("[backend]\nurl = \"mysql://x\"\n").expect_err("scheme");
         assert!(err.to_string().contains("backend.url"), "{err}");
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let env = NamedEnv(Env::prefixed("SPILLWAY_TEST_ENV_").split("__"));
+        let fig = Figment::new()
+            .merge(env)
+            .merge(figment::providers::Serialized::default(
+                "server.listen",
+                "not-an-address",
+            ));
+        // Serialized wins here; the interpolation itself is what is checked.
+        let meta = NamedEnv(Env::prefixed("X")).metadata();
+        let shown = meta.interpolate(&Profile::Default, &["server", "listen"]);
+        assert_eq!(shown, "SPILLWAY_SERVER__LISTEN");
+        assert!(fig.extract::<Config>().is_err());
     }
 
     #[test]

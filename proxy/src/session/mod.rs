@@ -29,8 +29,10 @@ use tracing::Instrument;
 
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
-use crate::error::{SessionError, Side};
+use crate::error::SessionError;
+use crate::stream::Stream;
 use crate::upstream::Connector;
+use conn::Conn;
 
 /// Shutdown phases, observed by every session.
 #[derive(Clone, Default)]
@@ -105,31 +107,45 @@ pub enum End {
 }
 
 async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
+    // The client connection stays owned here through startup, so that whatever ends
+    // the startup phase — a bad packet, an unreachable upstream, the timeout — can
+    // still be reported to the client before the connection closes.
+    let mut client = Conn::new(Stream::Plain(tcp));
     let timeout = shared.config.server.startup_timeout;
-    let startup = tokio::time::timeout(timeout, startup::establish(tcp, shared))
-        .await
-        .map_err(|_| SessionError::StartupTimeout(timeout))??;
-    let (client, upstream, state, _cancel_key) = match startup {
+    let established =
+        match tokio::time::timeout(timeout, startup::establish(&mut client, shared)).await {
+            Ok(Ok(established)) => established,
+            Ok(Err(err)) => return Err(report(&mut client, err).await),
+            Err(_) => return Err(report(&mut client, SessionError::StartupTimeout(timeout)).await),
+        };
+    let (upstream, state, _cancel_key) = match established {
         startup::Established::Done(end) => return Ok(end),
         startup::Established::Session {
-            client,
             upstream,
             state,
             cancel_key,
-        } => (client, upstream, state, cancel_key),
+        } => (upstream, state, cancel_key),
     };
     let mut relay = relay::Relay::new(client, upstream, state, shared.max_message_bytes());
     relay.run(&shared.signals).await
 }
 
-/// Sends a FATAL error for `err` (if the client can still take one) and closes.
-pub(crate) async fn refuse(mut tcp: TcpStream, err: SessionError) {
+/// Delivers `err` to the client as a FATAL ErrorResponse (if it can take one) and
+/// closes the connection; returns `err` for logging.
+async fn report(client: &mut Conn, err: SessionError) -> SessionError {
     use tokio::io::AsyncWriteExt;
     if let Some(msg) = err.to_client() {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tcp.write_all(&msg)).await;
+        let deliver = async {
+            client.send(&msg).await?;
+            client.stream.shutdown().await
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), deliver).await;
     }
-    let _ = tcp.shutdown().await;
-    if err.side() != Side::Client {
-        tracing::warn!(error = %err, sqlstate = %err.sqlstate(), "client refused");
-    }
+    err
+}
+
+/// Refuses a connection before its session starts (e.g. over the client limit).
+pub(crate) async fn refuse(tcp: TcpStream, err: SessionError) {
+    let err = report(&mut Conn::new(Stream::Plain(tcp)), err).await;
+    tracing::warn!(error = %err, sqlstate = %err.sqlstate(), "client refused");
 }

@@ -87,7 +87,9 @@ impl Relay {
             }
         }
         loop {
-            if draining && self.state.is_idle() && self.to_client.is_empty() {
+            // Answers still queued for the client go out before the 57P01 (close_with
+            // appends after them), so idle is the only condition.
+            if draining && self.state.is_idle() {
                 return self.close_with(SessionError::Shutdown).await;
             }
             let progress = tokio::select! {

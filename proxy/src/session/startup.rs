@@ -10,7 +10,6 @@
 //! it could never verify upstream).
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 
 use super::conn::{Conn, read_client_frame, read_upstream_frame};
 use super::state::ProtocolState;
@@ -25,15 +24,15 @@ use crate::stream::Stream;
 pub enum Established {
     Done(End),
     Session {
-        client: Conn,
         upstream: Conn,
         state: ProtocolState,
         cancel_key: CancelKey,
     },
 }
 
-pub async fn establish(tcp: TcpStream, shared: &Shared) -> Result<Established, SessionError> {
-    let Some((client, startup)) = negotiate(tcp, shared).await? else {
+/// Runs the startup phase on `client` (which may be upgraded to TLS on the way).
+pub async fn establish(client: &mut Conn, shared: &Shared) -> Result<Established, SessionError> {
+    let Some(startup) = negotiate(client, shared).await? else {
         return Ok(Established::Done(End::Cancel));
     };
     let span = tracing::Span::current();
@@ -51,10 +50,9 @@ pub async fn establish(tcp: TcpStream, shared: &Shared) -> Result<Established, S
 /// Handles SSLRequest/GSSENCRequest/CancelRequest until a StartupMessage arrives.
 /// Returns `None` when the connection was a CancelRequest.
 async fn negotiate(
-    tcp: TcpStream,
+    client: &mut Conn,
     shared: &Shared,
-) -> Result<Option<(Conn, StartupMessage)>, SessionError> {
-    let mut client = Conn::new(Stream::Plain(tcp));
+) -> Result<Option<StartupMessage>, SessionError> {
     let mut ssl_done = false;
     loop {
         let packet = match startup::parse(&mut client.inbuf)? {
@@ -84,14 +82,16 @@ async fn negotiate(
                 match &shared.tls {
                     Some(acceptor) => {
                         client.send(b"S").await.map_err(SessionError::ClientIo)?;
-                        let Stream::Plain(tcp) = client.stream else {
+                        let Stream::Plain(tcp) =
+                            std::mem::replace(&mut client.stream, Stream::Detached)
+                        else {
                             return Err(ProtocolError::BadStartup("nested TLS").into());
                         };
                         let tls = acceptor
                             .accept(tcp)
                             .await
                             .map_err(SessionError::ClientTls)?;
-                        client = Conn::new(Stream::ServerTls(Box::new(tls)));
+                        client.stream = Stream::ServerTls(Box::new(tls));
                     }
                     None => client.send(b"N").await.map_err(SessionError::ClientIo)?,
                 }
@@ -110,7 +110,7 @@ async fn negotiate(
                 }
                 return Ok(None);
             }
-            StartupPacket::Startup(msg) => return Ok(Some((client, msg))),
+            StartupPacket::Startup(msg) => return Ok(Some(msg)),
         }
     }
 }
@@ -122,7 +122,7 @@ fn expects_client_answer(code: i32) -> bool {
 }
 
 async fn authenticate(
-    mut client: Conn,
+    client: &mut Conn,
     mut upstream: Conn,
     shared: &Shared,
 ) -> Result<Established, SessionError> {
@@ -146,7 +146,7 @@ async fn authenticate(
                 };
                 client.send(&out).await.map_err(SessionError::ClientIo)?;
                 if expects_client_answer(code) {
-                    let answer = read_client_frame(&mut client, limit).await?;
+                    let answer = read_client_frame(client, limit).await?;
                     upstream
                         .send(&answer)
                         .await
@@ -179,7 +179,6 @@ async fn authenticate(
                     phase: "startup without BackendKeyData",
                 })?;
                 return Ok(Established::Session {
-                    client,
                     upstream,
                     state,
                     cancel_key,

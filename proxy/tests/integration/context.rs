@@ -277,3 +277,22 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     }
     f()
 }
+
+impl ContextBuilder {
+    /// Like [`ContextBuilder::start`], but `backend.url` carries `query` (for example
+    /// `sslmode=require`) instead of `sslmode=disable`. The URL needs PostgreSQL's port,
+    /// which exists only once the server runs, so it cannot go through `.env()`.
+    pub async fn start_with_backend_query(self, query: &str) -> Context {
+        let pg = tokio::task::spawn_blocking(move || self.pg.start())
+            .await
+            .expect("pg start task")
+            .expect("throwaway PostgreSQL starts");
+        let mut config = self.config;
+        config.push_str(&format!(
+            "[backend]\nurl = \"postgres://{USER}@127.0.0.1:{}/{DB}?{query}\"\n",
+            pg.port()
+        ));
+        let proxy = Proxy::spawn(&pg, &config, &self.env);
+        Context { proxy, pg }
+    }
+}
