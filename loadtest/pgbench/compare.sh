@@ -40,6 +40,7 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  [ -f "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true
   as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -87,11 +88,12 @@ pool_mode = session
 max_client_conn = 200
 default_pool_size = 50
 logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
 CONF
   echo '"bench" ""' > "$WORK/userlist.txt"
   [ "$(id -u)" = 0 ] && chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
-  as_pg pgbouncer "$WORK/pgbouncer.ini" &
-  PIDS+=($!)
+  # Daemonized with a pidfile: killing a runuser wrapper would orphan PgBouncer.
+  as_pg pgbouncer -d -q "$WORK/pgbouncer.ini"
   TARGETS="$TARGETS pgbouncer:$PB_PORT"
 else
   echo "pgbouncer not installed: comparing direct and spillway only" >&2

@@ -86,6 +86,12 @@ impl Relay {
                 return self.close_with(err).await;
             }
         }
+        // Created once: a `cancelled()` future registers a waiter under the token's
+        // lock (shared by every session), so re-creating it per iteration would put a
+        // global lock on the per-message path.
+        let terminate = signals.terminate.cancelled();
+        let drain = signals.draining.cancelled();
+        tokio::pin!(terminate, drain);
         loop {
             // Answers still queued for the client go out before the 57P01 (close_with
             // appends after them), so idle is the only condition.
@@ -94,10 +100,10 @@ impl Relay {
             }
             let progress = tokio::select! {
                 biased;
-                _ = signals.terminate.cancelled() => {
+                _ = &mut terminate => {
                     return self.close_with(SessionError::Shutdown).await;
                 }
-                _ = signals.draining.cancelled(), if !draining => {
+                _ = &mut drain, if !draining => {
                     draining = true;
                     continue;
                 }
@@ -172,8 +178,8 @@ impl Relay {
                     .reserve(h.total_len - self.client.inbuf.len());
                 break;
             }
-            let msg = self.client.inbuf.split_to(h.total_len);
-            self.on_frontend(h.tag, msg);
+            self.on_frontend(h.tag, h.total_len);
+            self.client.inbuf.advance(h.total_len);
             if self.state.client_terminated {
                 break;
             }
@@ -181,11 +187,13 @@ impl Relay {
         Ok(())
     }
 
-    /// The handler seam for frontend messages. Today every message goes upstream
-    /// untouched; the cache and write policies decide here.
-    fn on_frontend(&mut self, tag: u8, msg: BytesMut) {
+    /// The handler seam for frontend messages: the whole message is the first `len`
+    /// bytes of the client buffer. Today every message goes upstream untouched; the
+    /// cache and write policies decide here.
+    fn on_frontend(&mut self, tag: u8, len: usize) {
         self.state.on_frontend(tag);
-        self.to_upstream.extend_from_slice(&msg);
+        self.to_upstream
+            .extend_from_slice(&self.client.inbuf[..len]);
     }
 
     /// Frames backend messages toward the client, streaming large ones.
@@ -213,9 +221,10 @@ impl Relay {
                 inbuf.reserve(h.total_len - inbuf.len());
                 return Ok(());
             }
-            let msg = inbuf.split_to(h.total_len);
+            let msg = &inbuf[..h.total_len];
             self.state.on_backend(h.tag, &msg[5..]);
-            self.to_client.extend_from_slice(&msg);
+            self.to_client.extend_from_slice(msg);
+            inbuf.advance(h.total_len);
         }
     }
 
