@@ -19,3 +19,4 @@ pub mod stream;
 pub mod throwaway;
 pub mod tls;
 pub mod upstream;
+pub mod workers;

@@ -94,9 +94,10 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    // The main runtime accepts connections and runs housekeeping; sessions run on the
+    // per-core workers (see `spillway::workers`), so one thread is enough here.
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("spillway")
         .build()
         .context("starting the async runtime")
 }

@@ -24,6 +24,7 @@ use crate::error::SessionError;
 use crate::session::{self, Shared, ShutdownSignals};
 use crate::tls;
 use crate::upstream::Connector;
+use crate::workers::Workers;
 
 /// Time sessions get after `terminate` to deliver their 57P01 and close.
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
@@ -34,6 +35,8 @@ pub enum ServerError {
     Config(#[from] spillway_policies::config::ValidationError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("cannot start session workers: {0}")]
+    Workers(std::io::Error),
     #[error("cannot listen on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
@@ -45,6 +48,7 @@ pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
+    workers: Workers,
 }
 
 impl Server {
@@ -66,6 +70,8 @@ impl Server {
             .await
             .map_err(|error| ServerError::Bind { addr, error })?;
         let permits = Arc::new(Semaphore::new(config.server.max_client_conn));
+        let workers = Workers::start(config.server.workers).map_err(ServerError::Workers)?;
+        tracing::debug!(workers = workers.len(), "session workers started");
         let shared = Arc::new(Shared {
             config: Arc::new(config),
             connector,
@@ -77,6 +83,7 @@ impl Server {
             listener,
             shared,
             permits,
+            workers,
         })
     }
 
@@ -114,19 +121,36 @@ impl Server {
     }
 
     fn spawn_session(&self, tracker: &TaskTracker, tcp: TcpStream, peer: SocketAddr) {
-        match Arc::clone(&self.permits).try_acquire_owned() {
-            Ok(permit) => {
-                let shared = Arc::clone(&self.shared);
-                tracker.spawn(async move {
+        // Move the socket to its worker: deregister here, register there.
+        let std_tcp = match tcp.into_std() {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::warn!(%err, %peer, "could not hand the connection to a worker");
+                return;
+            }
+        };
+        let shared = Arc::clone(&self.shared);
+        let permit = Arc::clone(&self.permits).try_acquire_owned();
+        let session = tracker.track_future(async move {
+            let tcp = match TcpStream::from_std(std_tcp) {
+                Ok(t) => t,
+                Err(err) => {
+                    tracing::warn!(%err, %peer, "could not register the connection");
+                    return;
+                }
+            };
+            match permit {
+                Ok(permit) => {
                     session::serve(tcp, peer, shared).await;
                     drop(permit);
-                });
+                }
+                Err(_) => {
+                    let limit = shared.config.server.max_client_conn;
+                    session::refuse(tcp, SessionError::TooManyClients(limit)).await;
+                }
             }
-            Err(_) => {
-                let limit = self.shared.config.server.max_client_conn;
-                tracker.spawn(session::refuse(tcp, SessionError::TooManyClients(limit)));
-            }
-        }
+        });
+        self.workers.pick().spawn(session);
     }
 }
 

@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Client connections beyond this are refused with 53300.
     pub max_client_conn: usize,
+    /// Session worker threads (one event loop each); 0 = one per available core.
+    pub workers: usize,
     /// PEM certificate chain; with `tls_key`, clients may negotiate TLS.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -64,6 +66,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
             max_client_conn: 1000,
+            workers: 0,
             tls_cert: None,
             tls_key: None,
             max_message_bytes: ByteSize::mib(64),

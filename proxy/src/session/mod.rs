@@ -35,12 +35,26 @@ use crate::upstream::Connector;
 use conn::Conn;
 
 /// Shutdown phases, observed by every session.
+///
+/// Sessions hold [`ShutdownSignals::for_session`] children, never the root tokens:
+/// polling a token's `cancelled()` future takes that token's mutex, so one token shared
+/// by every session would be a global lock on every message.
 #[derive(Clone, Default)]
 pub struct ShutdownSignals {
     /// Stop taking new work: idle sessions close with 57P01, busy ones when idle.
     pub draining: CancellationToken,
     /// The drain deadline passed: every remaining session closes with 57P01 now.
     pub terminate: CancellationToken,
+}
+
+impl ShutdownSignals {
+    /// Child tokens for one session: cancelled with the root, locked on their own.
+    pub fn for_session(&self) -> ShutdownSignals {
+        ShutdownSignals {
+            draining: self.draining.child_token(),
+            terminate: self.terminate.child_token(),
+        }
+    }
 }
 
 /// What every session shares. Read-only after start, except the cancel registry.
@@ -127,7 +141,7 @@ async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
         } => (upstream, state, cancel_key),
     };
     let mut relay = relay::Relay::new(client, upstream, state, shared.max_message_bytes());
-    relay.run(&shared.signals).await
+    relay.run(&shared.signals.for_session()).await
 }
 
 /// Delivers `err` to the client as a FATAL ErrorResponse (if it can take one) and

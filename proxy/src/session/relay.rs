@@ -98,8 +98,11 @@ impl Relay {
             if draining && self.state.is_idle() {
                 return self.close_with(SessionError::Shutdown).await;
             }
+            // I/O first: when it is ready the shutdown futures are not polled at all,
+            // which keeps their (uncontended) locks off the per-message path.
             let progress = tokio::select! {
                 biased;
+                p = poll_fn(|cx| self.poll_io(cx)) => p,
                 _ = &mut terminate => {
                     return self.close_with(SessionError::Shutdown).await;
                 }
@@ -107,7 +110,6 @@ impl Relay {
                     draining = true;
                     continue;
                 }
-                p = poll_fn(|cx| self.poll_io(cx)) => p,
             };
             let progress = match progress {
                 Ok(p) => p,
