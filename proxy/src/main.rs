@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use spillway::config::{Config, LogConfig, LogFormat};
 use spillway::demo::Demo;
-use spillway::server::Server;
+use spillway::server::{Server, ServerError};
 use tokio_util::sync::CancellationToken;
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
@@ -49,21 +49,28 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
-            Ok(c) => {
-                println!(
-                    "configuration OK: listen {}, backend {}, {} table(s) configured",
-                    c.server.listen,
-                    c.backend.url,
-                    c.tables.len()
-                );
-                ExitCode::SUCCESS
+        Command::CheckConfig { config } => {
+            match Config::load(config.as_deref())
+                .map_err(anyhow::Error::from)
+                .and_then(|c| {
+                    spillway::server::check_files(&c)?;
+                    Ok(c)
+                }) {
+                Ok(c) => {
+                    println!(
+                        "configuration OK: listen {}, backend {}, {} table(s) configured",
+                        c.server.listen,
+                        c.backend.redacted_url(),
+                        c.tables.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("spillway: {err}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
             }
-            Err(err) => {
-                eprintln!("spillway: {err}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        }
         Command::Run { config } => {
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,
@@ -73,7 +80,17 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&config.log);
-            report(runtime().and_then(|rt| rt.block_on(run(config))))
+            let result = runtime()
+                .map_err(RunError::Other)
+                .and_then(|rt| rt.block_on(run(config)));
+            match result {
+                Err(RunError::Config(err)) => {
+                    eprintln!("spillway: {err:#}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Err(RunError::Other(err)) => report(Err(err)),
+                Ok(()) => ExitCode::SUCCESS,
+            }
         }
         Command::Demo { listen } => {
             init_tracing(&LogConfig::default());
@@ -102,12 +119,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let server = Server::bind(config).await?;
-    let addr = server.local_addr()?;
+async fn run(config: Config) -> Result<(), RunError> {
+    let server = Server::bind(config).await.map_err(|e| match e {
+        // Unreadable TLS files are a configuration mistake, reported like one.
+        ServerError::Tls(_) | ServerError::Config(_) => RunError::Config(e.into()),
+        other => RunError::Other(other.into()),
+    })?;
+    let addr = server.local_addr().map_err(|e| RunError::Other(e.into()))?;
     tracing::info!(%addr, "listening on {addr}");
-    server.run(shutdown_on_signal()?).await;
+    server
+        .run(shutdown_on_signal().map_err(RunError::Other)?)
+        .await;
     Ok(())
+}
+
+enum RunError {
+    Config(anyhow::Error),
+    Other(anyhow::Error),
 }
 
 async fn demo(listen: SocketAddr) -> anyhow::Result<()> {

@@ -44,6 +44,15 @@ pub enum ServerError {
     },
 }
 
+/// Checks what the config names on disk (TLS certificate and key) without binding
+/// anything: `spillway check-config` uses it so that a bad file is caught before `run`.
+pub fn check_files(config: &Config) -> Result<(), ServerError> {
+    if let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) {
+        tls::acceptor(cert, key)?;
+    }
+    Ok(())
+}
+
 pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,

@@ -206,6 +206,15 @@ mod tests {
     }
 
     #[test]
+    fn printed_backend_url_hides_the_password() {
+        let c = Config::from_toml_str("[backend]\nurl = \"postgres://u:secret@db:5433/app\"\n")
+            .expect("loads");
+        let shown = c.backend.redacted_url();
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("u:****@db:5433/app"), "{shown}");
+    }
+
+    #[test]
     fn bad_backend_url() {
         let err = Config::from_toml_str("[backend]\nurl = \"mysql://x\"\n").expect_err("scheme");
         assert!(err.to_string().contains("backend.url"), "{err}");

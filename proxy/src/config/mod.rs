@@ -258,3 +258,17 @@ impl Config {
         })
     }
 }
+
+impl BackendConfig {
+    /// `backend.url` with any password replaced by `****`, for printing.
+    pub fn redacted_url(&self) -> String {
+        match url::Url::parse(&self.url) {
+            Ok(mut u) if u.password().is_some() => {
+                // Only fails for URLs that cannot have a password, which this one has.
+                let _ = u.set_password(Some("****"));
+                u.to_string()
+            }
+            _ => self.url.clone(),
+        }
+    }
+}

@@ -81,10 +81,10 @@ impl Relay {
     pub async fn run(&mut self, signals: &ShutdownSignals) -> Result<End, SessionError> {
         let mut draining = signals.draining.is_cancelled();
         // Bytes the client pipelined behind its authentication answer.
-        if !self.client.inbuf.is_empty() {
-            if let Err(err) = self.on_client_data() {
-                return self.close_with(err).await;
-            }
+        if !self.client.inbuf.is_empty()
+            && let Err(err) = self.on_client_data()
+        {
+            return self.close_with(err).await;
         }
         // Created once: a `cancelled()` future registers a waiter under the token's
         // lock (shared by every session), so re-creating it per iteration would put a

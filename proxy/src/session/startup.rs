@@ -103,7 +103,11 @@ async fn negotiate(
                 match shared.cancel.lookup(pid, &secret) {
                     Some(key) => {
                         tracing::debug!(pid, "forwarding cancel request");
-                        shared.connector.cancel(&key).await?;
+                        // A cancel connection never gets an answer (PostgreSQL sends
+                        // none either), so a failure is only logged.
+                        if let Err(err) = shared.connector.cancel(&key).await {
+                            tracing::warn!(pid, error = %err, "could not forward cancel request");
+                        }
                     }
                     // PostgreSQL ignores unknown keys silently; so does spillway.
                     None => tracing::info!(pid, "cancel request with unknown key ignored"),

@@ -71,10 +71,10 @@ impl ProtocolState {
                     self.params.insert(name, value);
                 }
             }
-            backend::ERROR_RESPONSE => {
-                if backend::parse_error_fields(body).is_ok_and(|f| f.is_fatal()) {
-                    self.upstream_fatal = true;
-                }
+            backend::ERROR_RESPONSE
+                if backend::parse_error_fields(body).is_ok_and(|f| f.is_fatal()) =>
+            {
+                self.upstream_fatal = true;
             }
             _ => {}
         }

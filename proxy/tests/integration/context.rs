@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,14 +25,6 @@ impl ContextBuilder {
     /// Adjusts the PostgreSQL server before it starts.
     pub fn pg(mut self, f: impl FnOnce(PgBuilder) -> PgBuilder) -> Self {
         self.pg = f(self.pg);
-        self
-    }
-
-    /// Extra TOML appended to the generated spillway config (sections other than
-    /// `[backend]`; `[server]` keys go through [`ContextBuilder::server`]).
-    pub fn config(mut self, toml: &str) -> Self {
-        self.config.push_str(toml);
-        self.config.push('\n');
         self
     }
 
@@ -94,10 +85,6 @@ impl Context {
         )
     }
 
-    pub fn direct_url(&self) -> String {
-        self.pg.url(USER, DB)
-    }
-
     pub fn proxy_config(&self) -> String {
         format!(
             "host=127.0.0.1 port={} user={USER} dbname={DB} sslmode=disable",
@@ -142,7 +129,6 @@ pub async fn connect(config: &str) -> tokio_postgres::Client {
 /// The real `spillway` binary, run with a generated config file.
 pub struct Proxy {
     pub addr: SocketAddr,
-    pub config_path: PathBuf,
     child: Child,
     log: Arc<Mutex<String>>,
 }
@@ -171,10 +157,10 @@ impl Proxy {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    if let (Some(tx), Some(addr)) = (tx.take(), rest.split_whitespace().next()) {
-                        let _ = tx.send(addr.to_owned());
-                    }
+                if let Some(rest) = line.split("listening on ").nth(1)
+                    && let (Some(tx), Some(addr)) = (tx.take(), rest.split_whitespace().next())
+                {
+                    let _ = tx.send(addr.to_owned());
                 }
                 let mut log = sink.lock().expect("log lock");
                 log.push_str(&line);
@@ -193,12 +179,7 @@ impl Proxy {
                 );
             }
         };
-        Proxy {
-            addr,
-            config_path,
-            child,
-            log,
-        }
+        Proxy { addr, child, log }
     }
 
     pub fn pid(&self) -> u32 {
