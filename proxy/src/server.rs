@@ -86,7 +86,7 @@ impl Server {
             connector,
             cancel: Arc::new(CancelRegistry::default()),
             tls,
-            signals: ShutdownSignals::default(),
+            signals: Arc::new(ShutdownSignals::default()),
         });
         Ok(Server {
             listener,
@@ -172,13 +172,13 @@ async fn drain(shared: &Shared, tracker: TaskTracker) {
         ?timeout,
         "shutting down: draining sessions"
     );
-    signals.draining.cancel();
+    signals.drain();
     if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
         tracing::warn!(
             sessions = tracker.len(),
             "drain deadline passed: terminating remaining sessions with 57P01"
         );
-        signals.terminate.cancel();
+        signals.terminate();
         if tokio::time::timeout(TERMINATE_GRACE, tracker.wait())
             .await
             .is_err()

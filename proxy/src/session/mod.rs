@@ -16,6 +16,7 @@
 
 mod conn;
 pub mod relay;
+pub mod signal;
 mod startup;
 pub mod state;
 
@@ -24,7 +25,6 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::cancel::CancelRegistry;
@@ -33,29 +33,7 @@ use crate::error::SessionError;
 use crate::stream::Stream;
 use crate::upstream::Connector;
 use conn::Conn;
-
-/// Shutdown phases, observed by every session.
-///
-/// Sessions hold [`ShutdownSignals::for_session`] children, never the root tokens:
-/// polling a token's `cancelled()` future takes that token's mutex, so one token shared
-/// by every session would be a global lock on every message.
-#[derive(Clone, Default)]
-pub struct ShutdownSignals {
-    /// Stop taking new work: idle sessions close with 57P01, busy ones when idle.
-    pub draining: CancellationToken,
-    /// The drain deadline passed: every remaining session closes with 57P01 now.
-    pub terminate: CancellationToken,
-}
-
-impl ShutdownSignals {
-    /// Child tokens for one session: cancelled with the root, locked on their own.
-    pub fn for_session(&self) -> ShutdownSignals {
-        ShutdownSignals {
-            draining: self.draining.child_token(),
-            terminate: self.terminate.child_token(),
-        }
-    }
-}
+pub use signal::{Phase, ShutdownSignals};
 
 /// What every session shares. Read-only after start, except the cancel registry.
 pub struct Shared {
@@ -63,7 +41,7 @@ pub struct Shared {
     pub connector: Connector,
     pub cancel: Arc<CancelRegistry>,
     pub tls: Option<TlsAcceptor>,
-    pub signals: ShutdownSignals,
+    pub signals: Arc<ShutdownSignals>,
 }
 
 impl Shared {
@@ -141,7 +119,7 @@ async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
         } => (upstream, state, cancel_key),
     };
     let mut relay = relay::Relay::new(client, upstream, state, shared.max_message_bytes());
-    relay.run(&shared.signals.for_session()).await
+    relay.run(&shared.signals.subscribe()).await
 }
 
 /// Delivers `err` to the client as a FATAL ErrorResponse (if it can take one) and

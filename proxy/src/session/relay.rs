@@ -25,9 +25,10 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
+use super::End;
 use super::conn::{Conn, READ_CHUNK};
+use super::signal::{Phase, Subscription};
 use super::state::ProtocolState;
-use super::{End, ShutdownSignals};
 use crate::error::SessionError;
 use crate::protocol::backend;
 use crate::protocol::frame::peek_header;
@@ -51,6 +52,11 @@ pub struct Relay {
     max_message: usize,
     /// Bytes of a large backend message still to pass through unframed.
     streaming: usize,
+}
+
+enum Step {
+    Io(Result<Progress, SessionError>),
+    Terminate,
 }
 
 #[derive(Default)]
@@ -78,42 +84,26 @@ impl Relay {
         }
     }
 
-    pub async fn run(&mut self, signals: &ShutdownSignals) -> Result<End, SessionError> {
-        let mut draining = signals.draining.is_cancelled();
+    pub async fn run(&mut self, shutdown: &Subscription) -> Result<End, SessionError> {
         // Bytes the client pipelined behind its authentication answer.
         if !self.client.inbuf.is_empty()
             && let Err(err) = self.on_client_data()
         {
             return self.close_with(err).await;
         }
-        // Created once: a `cancelled()` future registers a waiter under the token's
-        // lock (shared by every session), so re-creating it per iteration would put a
-        // global lock on the per-message path.
-        let terminate = signals.terminate.cancelled();
-        let drain = signals.draining.cancelled();
-        tokio::pin!(terminate, drain);
         loop {
-            // Answers still queued for the client go out before the 57P01 (close_with
-            // appends after them), so idle is the only condition.
-            if draining && self.state.is_idle() {
-                return self.close_with(SessionError::Shutdown).await;
-            }
-            // I/O first: when it is ready the shutdown futures are not polled at all,
-            // which keeps their (uncontended) locks off the per-message path.
-            let progress = tokio::select! {
-                biased;
-                p = poll_fn(|cx| self.poll_io(cx)) => p,
-                _ = &mut terminate => {
-                    return self.close_with(SessionError::Shutdown).await;
-                }
-                _ = &mut drain, if !draining => {
-                    draining = true;
-                    continue;
-                }
-            };
-            let progress = match progress {
-                Ok(p) => p,
-                Err(err) => return self.close_with(err).await,
+            let step = poll_fn(|cx| match shutdown.poll_phase(cx) {
+                Phase::Terminating => Poll::Ready(Step::Terminate),
+                // Answers still queued for the client go out before the 57P01
+                // (close_with appends after them), so idle is the only condition.
+                Phase::Draining if self.state.is_idle() => Poll::Ready(Step::Terminate),
+                _ => self.poll_io(cx).map(Step::Io),
+            })
+            .await;
+            let progress = match step {
+                Step::Terminate => return self.close_with(SessionError::Shutdown).await,
+                Step::Io(Ok(p)) => p,
+                Step::Io(Err(err)) => return self.close_with(err).await,
             };
             match progress.upstream {
                 Some(Read::Data) => {
