@@ -6,7 +6,7 @@
 #
 # Usage: loadtest/pgbench/compare.sh [-T seconds] [-c clients] [-r rounds] [-s scale]
 #                                    [-M "simple prepared"]
-# Env:   SPILLWAY_BIN (default: target/release/spillway, built if missing)
+# Env:   SPILLWAY_BIN (default: target/release/spillway, rebuilt first when not set)
 #        SPILLWAY_PG_BIN (directory with initdb/pg_ctl; default: newest /usr/lib/postgresql/*/bin)
 set -euo pipefail
 
@@ -15,20 +15,23 @@ while getopts "T:c:r:s:M:h" opt; do
   case $opt in
     T) DURATION=$OPTARG ;; c) CLIENTS=$OPTARG ;; r) ROUNDS=$OPTARG ;;
     s) SCALE=$OPTARG ;; M) MODES=$OPTARG ;;
-    *) sed -n '2,12p' "$0"; exit 2 ;;
+    *) sed -n '2,11p' "$0"; exit 2 ;;
   esac
 done
 JOBS=$(( CLIENTS < 2 ? CLIENTS : 2 ))
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-SPILLWAY_BIN=${SPILLWAY_BIN:-$ROOT/target/release/spillway}
-if [ ! -x "$SPILLWAY_BIN" ]; then
+if [ -z "${SPILLWAY_BIN:-}" ]; then
+  # Always (re)build: a stale binary would measure old code. A no-op when up to date.
   echo "building spillway (release)..." >&2
   (cd "$ROOT" && cargo build --release -p spillway >&2)
+  SPILLWAY_BIN=$ROOT/target/release/spillway
 fi
+for tool in pgbench psql python3 bc; do
+  command -v "$tool" >/dev/null || { echo "$tool not found" >&2; exit 1; }
+done
 PG_BIN=${SPILLWAY_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
 [ -x "$PG_BIN/pg_ctl" ] || { echo "PostgreSQL server binaries not found (set SPILLWAY_PG_BIN)" >&2; exit 1; }
-command -v pgbench >/dev/null || { echo "pgbench not found" >&2; exit 1; }
 
 # PostgreSQL and PgBouncer refuse to run as root: run them as postgres then.
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
