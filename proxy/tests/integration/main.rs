@@ -7,5 +7,6 @@ mod wire;
 mod auth_tls;
 mod bad_input;
 mod clients;
+mod demo;
 mod lifecycle;
 mod protocol;
