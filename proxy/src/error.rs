@@ -47,6 +47,8 @@ pub enum SessionError {
     UpstreamIo(io::Error),
     #[error("upstream closed the connection unexpectedly")]
     UpstreamClosed,
+    #[error("upstream sent a malformed message: {0}")]
+    UpstreamMalformed(ProtocolError),
     #[error("upstream sent an unexpected message {tag:?} during {phase}")]
     UpstreamProtocol { tag: char, phase: &'static str },
     #[error("too many client connections (server.max_client_conn = {0})")]
@@ -65,6 +67,7 @@ impl SessionError {
             SessionError::UpstreamConnect { .. }
             | SessionError::UpstreamIo(_)
             | SessionError::UpstreamClosed
+            | SessionError::UpstreamMalformed(_)
             | SessionError::UpstreamProtocol { .. } => Side::Upstream,
             SessionError::TooManyClients(_) | SessionError::Shutdown => Side::Spillway,
         }
@@ -79,7 +82,9 @@ impl SessionError {
             SessionError::UpstreamConnect { .. }
             | SessionError::UpstreamIo(_)
             | SessionError::UpstreamClosed => SqlState::CONNECTION_FAILURE,
-            SessionError::UpstreamProtocol { .. } => SqlState::PROTOCOL_VIOLATION,
+            SessionError::UpstreamProtocol { .. } | SessionError::UpstreamMalformed(_) => {
+                SqlState::PROTOCOL_VIOLATION
+            }
             SessionError::TooManyClients(_) => SqlState::TOO_MANY_CONNECTIONS,
             SessionError::Shutdown => SqlState::ADMIN_SHUTDOWN,
         }

@@ -1,6 +1,7 @@
 //! The `spillway` command: parses the CLI, loads config, installs tracing, runs the
 //! chosen subcommand and waits for a signal. Everything else is library code.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -140,14 +141,20 @@ enum RunError {
 
 async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     let demo = Demo::start(listen).await?;
-    println!("spillway demo is ready.");
-    println!("  through spillway: psql {}", demo.url());
-    println!(
+    // Written with errors ignored: a demo whose stdout reader went away (a closed pipe)
+    // keeps serving instead of dying on println!'s panic.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "spillway demo is ready.");
+    let _ = writeln!(out, "  through spillway: psql {}", demo.url());
+    let _ = writeln!(
+        out,
         "  direct:           psql {}",
         demo.postgres
             .url(spillway::demo::DEMO_USER, spillway::demo::DEMO_DATABASE)
     );
-    println!("Press Ctrl-C to stop; everything is removed on exit.");
+    let _ = writeln!(out, "Press Ctrl-C to stop; everything is removed on exit.");
+    let _ = out.flush();
+    drop(out);
     tracing::info!(addr = %demo.addr, "listening on {}", demo.addr);
     demo.run(shutdown_on_signal()?).await;
     Ok(())

@@ -117,8 +117,14 @@ impl Server {
                     continue;
                 }
             };
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::debug!(%err, %peer, "could not set TCP_NODELAY");
+            // Keepalive like PostgreSQL's own: a client that vanished while idle is
+            // noticed, and its permit and upstream backend are released.
+            let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+            if let Err(err) = tcp
+                .set_nodelay(true)
+                .and_then(|()| socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive))
+            {
+                tracing::debug!(%err, %peer, "could not set socket options");
             }
             self.spawn_session(&tracker, tcp, peer);
         }
@@ -185,8 +191,9 @@ async fn drain(shared: &Shared, tracker: TaskTracker) {
         {
             tracing::error!(
                 sessions = tracker.len(),
-                "sessions still open after terminate"
+                "sessions still open after terminate; they end with their workers"
             );
+            return;
         }
     }
     tracing::info!("all sessions closed");

@@ -123,6 +123,25 @@ pub fn parse_error_fields(mut body: &[u8]) -> Result<ErrorFields, ProtocolError>
     Ok(out)
 }
 
+/// Whether the start of an ErrorResponse body (possibly cut short) says FATAL or PANIC.
+/// PostgreSQL sends the severity fields first, so a short prefix is enough; a prefix
+/// that does not reach them counts as not fatal.
+pub fn prefix_is_fatal(mut body: &[u8]) -> bool {
+    while let Some((&kind, rest)) = body.split_first() {
+        if kind == 0 {
+            return false;
+        }
+        let Some(end) = rest.iter().position(|b| *b == 0) else {
+            return false;
+        };
+        if kind == b'S' || kind == b'V' {
+            return matches!(&rest[..end], b"FATAL" | b"PANIC");
+        }
+        body = &rest[end + 1..];
+    }
+    false
+}
+
 /// The transaction status byte of a ReadyForQuery body: b'I', b'T' or b'E'.
 pub fn ready_for_query_status(body: &[u8]) -> Option<u8> {
     match body {
@@ -215,6 +234,15 @@ mod tests {
             sasl_mechanisms(body_of(&msg)).expect("parses"),
             vec!["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"]
         );
+    }
+
+    #[test]
+    fn fatal_from_a_cut_prefix() {
+        let msg = error_response(Severity::Fatal, SqlState::ADMIN_SHUTDOWN, "bye");
+        assert!(prefix_is_fatal(&body_of(&msg)[..8]));
+        let msg = error_response(Severity::Error, SqlState::ADMIN_SHUTDOWN, "bye");
+        assert!(!prefix_is_fatal(body_of(&msg)));
+        assert!(!prefix_is_fatal(b"SFAT"));
     }
 
     #[test]

@@ -39,7 +39,9 @@ impl Conn {
 /// Reads one whole regular message from upstream.
 pub async fn read_upstream_frame(conn: &mut Conn) -> Result<(u8, Bytes), SessionError> {
     loop {
-        if let Some(msg) = frame::parse(&mut conn.inbuf, usize::MAX)? {
+        if let Some(msg) =
+            frame::parse(&mut conn.inbuf, usize::MAX).map_err(SessionError::UpstreamMalformed)?
+        {
             return Ok((msg[0], msg.freeze()));
         }
         if !conn.fill().await.map_err(SessionError::UpstreamIo)? {

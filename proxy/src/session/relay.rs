@@ -31,13 +31,18 @@ use super::signal::{Phase, Subscription};
 use super::state::ProtocolState;
 use crate::error::SessionError;
 use crate::protocol::backend;
-use crate::protocol::frame::peek_header;
+use crate::protocol::frame::{Header, peek_header};
 use crate::stream::Stream;
 
 /// Output buffered toward one side before spillway stops reading from the other.
 pub const WINDOW: usize = 256 * 1024;
 /// Backend messages at least this large are streamed, not buffered whole.
 pub const STREAM_THRESHOLD: usize = 256 * 1024;
+/// PostgreSQL never sends a message over 1 GiB; anything longer is a broken upstream.
+const MAX_BACKEND_MESSAGE: usize = 0x4000_0000;
+/// A buffer that grew past this for one large message is replaced once it is empty,
+/// so a session does not keep a peak-sized allocation for its whole life.
+const SHRINK_ABOVE: usize = 4 * WINDOW;
 /// How long closing words (a final error, a Terminate) may take to deliver.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -85,7 +90,14 @@ impl Relay {
     }
 
     pub async fn run(&mut self, shutdown: &Subscription) -> Result<End, SessionError> {
-        // Bytes the client pipelined behind its authentication answer.
+        // Bytes that arrived in the same reads as the end of startup: upstream's (a
+        // notice or FATAL right behind ReadyForQuery) and the client's (requests
+        // pipelined behind its authentication answer, possibly a Terminate).
+        if !self.upstream.inbuf.is_empty()
+            && let Err(err) = self.on_upstream_data()
+        {
+            return self.close_with(err).await;
+        }
         if !self.client.inbuf.is_empty()
             && let Err(err) = self.on_client_data()
         {
@@ -119,10 +131,6 @@ impl Relay {
                     if let Err(err) = self.on_client_data() {
                         return self.close_with(err).await;
                     }
-                    if self.state.client_terminated {
-                        self.flush_for_close().await;
-                        return Ok(End::ClientClosed);
-                    }
                 }
                 Some(Read::Eof) => return self.client_closed().await,
                 None => {}
@@ -140,7 +148,9 @@ impl Relay {
             return Poll::Ready(Err(SessionError::ClientIo(e)));
         }
         let mut progress = Progress::default();
-        if self.to_upstream.len() < WINDOW {
+        // After Terminate the client has nothing more to say; answers to what it sent
+        // before still flow until PostgreSQL closes, as on a direct connection.
+        if self.to_upstream.len() < WINDOW && !self.state.client_terminated {
             match poll_read(&mut self.client, cx) {
                 Poll::Ready(Ok(r)) => progress.client = Some(r),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::ClientIo(e))),
@@ -176,6 +186,7 @@ impl Relay {
                 break;
             }
         }
+        shrink_if_idle(&mut self.client.inbuf);
         Ok(())
     }
 
@@ -202,26 +213,42 @@ impl Relay {
                 }
                 continue;
             }
-            let Some(h) = peek_header(inbuf, usize::MAX)? else {
-                return Ok(());
+            let Some(h) =
+                peek_header(inbuf, MAX_BACKEND_MESSAGE).map_err(SessionError::UpstreamMalformed)?
+            else {
+                break;
             };
             if inbuf.len() < h.total_len {
-                if h.total_len >= STREAM_THRESHOLD && is_streamable(h.tag) {
-                    self.streaming = h.total_len;
-                    continue;
+                if h.total_len < STREAM_THRESHOLD {
+                    inbuf.reserve(h.total_len - inbuf.len());
+                    break;
                 }
-                inbuf.reserve(h.total_len - inbuf.len());
-                return Ok(());
+                // Any message this large is streamed, whatever its type (a client can
+                // make PostgreSQL raise a 300 MB error). Of what spillway tracks, only
+                // an error's severity matters here, and PostgreSQL sends it first.
+                if h.tag == backend::ERROR_RESPONSE
+                    && backend::prefix_is_fatal(&inbuf[Header::SIZE..])
+                {
+                    self.state.upstream_fatal = true;
+                }
+                self.streaming = h.total_len;
+                continue;
             }
             let msg = &inbuf[..h.total_len];
-            self.state.on_backend(h.tag, &msg[5..]);
+            self.state.on_backend(h.tag, &msg[Header::SIZE..]);
             self.to_client.extend_from_slice(msg);
             inbuf.advance(h.total_len);
         }
+        shrink_if_idle(inbuf);
+        Ok(())
     }
 
     async fn upstream_closed(&mut self) -> Result<End, SessionError> {
-        if self.state.upstream_fatal {
+        if self.state.client_terminated {
+            // PostgreSQL closed because the client said Terminate.
+            self.flush_for_close().await;
+            Ok(End::ClientClosed)
+        } else if self.state.upstream_fatal {
             // PostgreSQL said why it is closing; that error is already queued.
             self.flush_for_close().await;
             Ok(End::UpstreamFatal)
@@ -232,7 +259,8 @@ impl Relay {
 
     async fn client_closed(&mut self) -> Result<End, SessionError> {
         let cut_short = !self.client.inbuf.is_empty() || !self.state.is_idle();
-        self.to_upstream.clear();
+        // Complete requests already queued go upstream, as they would have on a
+        // direct connection; only a partial message (still in inbuf) is dropped.
         self.to_upstream.extend_from_slice(TERMINATE);
         self.flush_for_close().await;
         if cut_short {
@@ -255,12 +283,12 @@ impl Relay {
         );
         if client_broken {
             self.to_client.clear();
+        } else if self.streaming > 0 {
+            // Part of a large message may already be on the wire: an ErrorResponse now
+            // would be read as the rest of it. Deliver what is queued and just close;
+            // the client sees the connection end mid-message, as it would directly.
         } else if let Some(msg) = err.to_client() {
-            // Whatever else was queued is delivered first; a streamed message cut short
-            // cannot be completed, so it is dropped rather than followed by garbage.
-            if self.streaming > 0 {
-                self.to_client.clear();
-            }
+            // Whatever else was queued is delivered first.
             self.to_client.extend_from_slice(&msg);
         }
         if upstream_broken {
@@ -272,29 +300,40 @@ impl Relay {
         Err(err)
     }
 
+    /// Delivers what is queued toward both sides at once (one side not reading must not
+    /// hold back the other's final words), then closes both, within [`CLOSE_GRACE`].
     async fn flush_for_close(&mut self) {
-        let flush = async {
-            if !self.to_upstream.is_empty() {
-                let _ = write_out(&mut self.upstream.stream, &mut self.to_upstream).await;
-            }
-            if !self.to_client.is_empty() {
-                let _ = write_out(&mut self.client.stream, &mut self.to_client).await;
-            }
-            let _ = self.client.stream.shutdown().await;
-            let _ = self.upstream.stream.shutdown().await;
+        let Relay {
+            client,
+            upstream,
+            to_client,
+            to_upstream,
+            ..
+        } = self;
+        let to_upstream = async {
+            let _ = write_out(&mut upstream.stream, to_upstream).await;
+            let _ = upstream.stream.shutdown().await;
         };
-        let _ = tokio::time::timeout(CLOSE_GRACE, flush).await;
+        let to_client = async {
+            let _ = write_out(&mut client.stream, to_client).await;
+            let _ = client.stream.shutdown().await;
+        };
+        let _ =
+            tokio::time::timeout(CLOSE_GRACE, async { tokio::join!(to_upstream, to_client) }).await;
     }
 }
 
-fn is_streamable(tag: u8) -> bool {
-    !matches!(
-        tag,
-        backend::ERROR_RESPONSE | backend::READY_FOR_QUERY | backend::PARAMETER_STATUS
-    )
+/// Replaces an empty buffer that grew for one large message with a small one.
+fn shrink_if_idle(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > SHRINK_ABOVE {
+        *buf = BytesMut::with_capacity(READ_CHUNK);
+    }
 }
 
 async fn write_out(stream: &mut Stream, buf: &mut BytesMut) -> io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
     stream.write_all(buf).await?;
     buf.clear();
     stream.flush().await
@@ -321,6 +360,7 @@ fn poll_drain(stream: &mut Stream, buf: &mut BytesMut, cx: &mut Context<'_>) -> 
             Poll::Pending => return Ok(()),
         }
     }
+    shrink_if_idle(buf);
     // TLS keeps written plaintext in its session until flushed; TCP's flush is a no-op.
     match Pin::new(stream).poll_flush(cx) {
         Poll::Ready(Err(e)) => Err(e),

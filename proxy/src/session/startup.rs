@@ -119,6 +119,9 @@ async fn negotiate(
     }
 }
 
+/// Largest client message accepted before authentication completes (header included).
+pub const MAX_AUTH_MESSAGE: usize = 65_535 + 5;
+
 /// Authentication request codes after which the client must answer.
 fn expects_client_answer(code: i32) -> bool {
     // 3 cleartext, 5 md5, 7 GSS, 8 GSS continue, 9 SSPI, 10 SASL, 11 SASL continue.
@@ -130,7 +133,9 @@ async fn authenticate(
     mut upstream: Conn,
     shared: &Shared,
 ) -> Result<Established, SessionError> {
-    let limit = shared.max_message_bytes();
+    // PostgreSQL caps authentication messages at PG_MAX_AUTH_TOKEN_LENGTH (65535);
+    // before login nobody may make spillway buffer more than that.
+    let limit = MAX_AUTH_MESSAGE;
     let mut state = ProtocolState::default();
     let mut cancel_key = None;
     loop {
@@ -158,7 +163,8 @@ async fn authenticate(
                 }
             }
             backend::BACKEND_KEY_DATA => {
-                let (pid, secret) = backend::parse_backend_key_data(body)?;
+                let (pid, secret) = backend::parse_backend_key_data(body)
+                    .map_err(SessionError::UpstreamMalformed)?;
                 let key = shared.cancel.register(UpstreamKey { pid, secret });
                 client
                     .send(&backend::backend_key_data(key.pid, &key.secret))
@@ -198,7 +204,8 @@ async fn authenticate(
 
 /// Re-encodes an AuthenticationSASL offer without `-PLUS` (channel binding) mechanisms.
 fn without_channel_binding(body: &[u8]) -> Result<Bytes, SessionError> {
-    let mechanisms: Vec<String> = backend::sasl_mechanisms(body)?
+    let mechanisms: Vec<String> = backend::sasl_mechanisms(body)
+        .map_err(SessionError::UpstreamMalformed)?
         .into_iter()
         .filter(|m| !m.ends_with("-PLUS"))
         .collect();

@@ -12,7 +12,7 @@ async fn demo_serves_its_schema_and_cleans_up_on_sigint() {
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn spillway demo");
     let stdout = child.stdout.take().expect("stdout");
@@ -29,17 +29,33 @@ async fn demo_serves_its_schema_and_cleans_up_on_sigint() {
             }
             if let (Some(a), Some(b)) = &urls {
                 let _ = tx.send((a.clone(), b.clone()));
-                break;
+                urls = (None, None);
             }
         }
     });
-    let (through, direct) = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("demo printed its URLs");
+    let (through, direct) = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(urls) => urls,
+        Err(e) => {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("demo output");
+            panic!(
+                "demo did not print its URLs ({e}); stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
 
-    let (client, conn) = tokio_postgres::connect(&through, tokio_postgres::NoTls)
-        .await
-        .expect("connect through the demo");
+    let (client, conn) = match tokio_postgres::connect(&through, tokio_postgres::NoTls).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("demo output");
+            panic!(
+                "connect through the demo: {e}; demo stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
     tokio::spawn(conn);
     let n: i64 = client
         .query_one("SELECT count(*) FROM accounts", &[])

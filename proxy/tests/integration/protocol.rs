@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use crate::context::{Context, DB, USER};
 use crate::wire::{
-    Msg, Raw, bind, describe_portal, execute, flush, function_call, parse, query, sync, tags,
+    Msg, Raw, bind, describe_portal, execute, flush, function_call, parse, query, startup_packet,
+    sync, tags, terminate,
 };
 
 fn direct_addr(ctx: &Context) -> SocketAddr {
@@ -300,4 +301,58 @@ async fn sixty_megabyte_value_is_streamed_intact() {
         .simple_query("SELECT 1")
         .await
         .expect("bystander after the large result");
+}
+
+#[tokio::test]
+async fn startup_query_and_terminate_in_one_write() {
+    // A client that pipelines its first query and Terminate behind the startup packet
+    // (trust auth needs no answer) gets its result, and the session ends cleanly.
+    let ctx = Context::start().await;
+    let mut raw = Raw::connect(ctx.proxy.addr).await;
+    let mut bytes = startup_packet(USER, DB);
+    bytes.extend_from_slice(&query("SELECT 41 + 1"));
+    bytes.extend_from_slice(&terminate());
+    raw.send(&bytes).await;
+    let msgs = raw.until_eof().await;
+    let after_startup: String = tags(&msgs).chars().skip_while(|c| *c != 'Z').collect();
+    assert_eq!(after_startup, "ZTDCZ", "{msgs:?}");
+    let row = msgs.iter().find(|m| m.tag == b'D').expect("a data row");
+    assert!(row.body.ends_with(b"42"), "{row:?}");
+    assert!(
+        !ctx.proxy.logs().contains("session ended with an error"),
+        "{}",
+        ctx.proxy.logs()
+    );
+}
+
+#[tokio::test]
+async fn huge_error_message_is_streamed_not_buffered() {
+    // A client can make PostgreSQL raise an error of any size; spillway must stream it
+    // like a large row instead of holding it (and copies of it) in memory.
+    let ctx = Context::start().await;
+    let client = ctx.proxy_client().await;
+    let (_, before) = ctx.proxy.memory();
+    let err = client
+        .batch_execute("DO $$ BEGIN RAISE EXCEPTION '%', repeat('x', 40000000); END $$")
+        .await
+        .expect_err("the DO block raises");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "P0001");
+    assert_eq!(db.message().len(), 40_000_000);
+    let (_, peak) = ctx.proxy.memory();
+    println!(
+        "40 MB ErrorResponse: proxy peak RSS {:.1} MiB (before {:.1} MiB)",
+        peak as f64 / 1048576.0,
+        before as f64 / 1048576.0
+    );
+    assert!(
+        peak < before + 24 * 1024 * 1024,
+        "peak RSS {peak} grew by more than 24 MiB from {before}"
+    );
+    // The session is still usable.
+    let row = client
+        .query_one("SELECT 7::int4", &[])
+        .await
+        .expect("after");
+    assert_eq!(row.get::<_, i32>(0), 7);
 }
