@@ -9,9 +9,10 @@
 //! Invariants:
 //! - A session holds exactly one upstream connection, opened after the client's
 //!   StartupMessage and closed when the session ends (session mode).
-//! - Per session, spillway buffers at most `server.max_message_bytes` of one client
-//!   message plus a fixed window per direction ([`relay::WINDOW`]); a large result is
-//!   streamed, never held whole.
+//! - Per session, spillway buffers one client message of at most
+//!   `server.max_message_bytes` (64 KiB before authentication; held twice while it is
+//!   queued) plus a fixed window per direction ([`relay::WINDOW`]); a backend message of
+//!   [`relay::STREAM_THRESHOLD`] or more, of any type, is streamed, never held whole.
 //! - Every way a session ends is logged exactly once, in [`serve`].
 
 mod conn;
