@@ -1,9 +1,9 @@
 //! One client session, from the first byte to the close.
 //!
-//! Three seams (HOUSE_STYLE): bytes ([`conn::Conn`], the event loop in [`relay`]),
+//! Three seams (HOUSE_STYLE): bytes (`conn::Conn`, the event loop in [`relay`]),
 //! protocol state ([`state::ProtocolState`], which only ever sees messages), and the
 //! handler deciding where each message goes (today: always upstream; the cache and
-//! write policies plug in at [`relay::Relay::on_frontend`]). The state machine never
+//! write policies plug in at `relay::Relay::on_frontend`). The state machine never
 //! knows where an answer came from.
 //!
 //! Invariants:
