@@ -14,6 +14,26 @@ use crate::error::SessionError;
 use crate::protocol::startup::{CANCEL_REQUEST_CODE, SSL_REQUEST_CODE};
 use crate::stream::Stream;
 
+/// Cancels whatever one upstream session is running, as a client's CancelRequest
+/// would. Used when nobody is left to receive the answer.
+#[derive(Clone)]
+pub struct Canceller {
+    pub connector: Connector,
+    pub key: UpstreamKey,
+}
+
+impl Canceller {
+    /// Fires the cancel on a task of its own (bounded by the connect timeout) so the
+    /// session can close without waiting for it.
+    pub fn spawn(self) {
+        tokio::spawn(async move {
+            if let Err(err) = self.connector.cancel(&self.key).await {
+                tracing::warn!(pid = self.key.pid, error = %err, "could not cancel an abandoned query");
+            }
+        });
+    }
+}
+
 /// What an upstream connection needs: where, how, and how long to try.
 #[derive(Clone)]
 pub struct Connector {

@@ -32,7 +32,7 @@ use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::error::SessionError;
 use crate::stream::Stream;
-use crate::upstream::Connector;
+use crate::upstream::{Canceller, Connector};
 use conn::Conn;
 pub use signal::{Phase, ShutdownSignals};
 
@@ -111,7 +111,7 @@ async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
             Ok(Err(err)) => return Err(report(&mut client, err).await),
             Err(_) => return Err(report(&mut client, SessionError::StartupTimeout(timeout)).await),
         };
-    let (upstream, state, _cancel_key) = match established {
+    let (upstream, state, cancel_key) = match established {
         startup::Established::Done(end) => return Ok(end),
         startup::Established::Session {
             upstream,
@@ -119,7 +119,20 @@ async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
             cancel_key,
         } => (upstream, state, cancel_key),
     };
-    let mut relay = relay::Relay::new(client, upstream, state, shared.max_message_bytes());
+    let canceller = shared
+        .cancel
+        .lookup(cancel_key.pid, &cancel_key.secret)
+        .map(|key| Canceller {
+            connector: shared.connector.clone(),
+            key,
+        });
+    let mut relay = relay::Relay::new(
+        client,
+        upstream,
+        state,
+        shared.max_message_bytes(),
+        canceller,
+    );
     relay.run(&shared.signals.subscribe()).await
 }
 

@@ -33,6 +33,7 @@ use crate::error::SessionError;
 use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
 use crate::stream::Stream;
+use crate::upstream::Canceller;
 
 /// Output buffered toward one side before spillway stops reading from the other.
 pub const WINDOW: usize = 256 * 1024;
@@ -57,6 +58,8 @@ pub struct Relay {
     max_message: usize,
     /// Bytes of a large backend message still to pass through unframed.
     streaming: usize,
+    /// Stops a running query whose client is gone (disconnect, shutdown).
+    canceller: Option<Canceller>,
 }
 
 enum Step {
@@ -77,7 +80,13 @@ enum Read {
 }
 
 impl Relay {
-    pub fn new(client: Conn, upstream: Conn, state: ProtocolState, max_message: usize) -> Self {
+    pub fn new(
+        client: Conn,
+        upstream: Conn,
+        state: ProtocolState,
+        max_message: usize,
+        canceller: Option<Canceller>,
+    ) -> Self {
         Self {
             client,
             upstream,
@@ -86,6 +95,7 @@ impl Relay {
             state,
             max_message,
             streaming: 0,
+            canceller,
         }
     }
 
@@ -259,6 +269,7 @@ impl Relay {
 
     async fn client_closed(&mut self) -> Result<End, SessionError> {
         let cut_short = !self.client.inbuf.is_empty() || !self.state.is_idle();
+        self.cancel_running_query();
         // Complete requests already queued go upstream, as they would have on a
         // direct connection; only a partial message (still in inbuf) is dropped.
         self.to_upstream.extend_from_slice(TERMINATE);
@@ -273,10 +284,24 @@ impl Relay {
         }
     }
 
+    /// A query still running upstream has nobody left to answer to: cancel it rather
+    /// than let PostgreSQL finish it (a direct connection's backend would only notice
+    /// the client is gone when it next writes).
+    fn cancel_running_query(&mut self) {
+        if self.state.awaiting_ready > 0
+            && let Some(canceller) = self.canceller.take()
+        {
+            canceller.spawn();
+        }
+    }
+
     /// Ends the session because of `err`: queues the client-facing error (if the
     /// client can still take one), tells PostgreSQL goodbye, flushes briefly.
     async fn close_with(&mut self, err: SessionError) -> Result<End, SessionError> {
         let client_broken = matches!(err, SessionError::ClientIo(_));
+        if client_broken || matches!(err, SessionError::Shutdown) {
+            self.cancel_running_query();
+        }
         let upstream_broken = matches!(
             err,
             SessionError::UpstreamIo(_) | SessionError::UpstreamClosed

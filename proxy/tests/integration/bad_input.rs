@@ -178,6 +178,26 @@ async fn client_disconnects_mid_query() {
         "{}",
         ctx.proxy.logs()
     );
+    // Nobody is left to receive the answer, so spillway cancels the query instead of
+    // letting PostgreSQL sleep out its 30 seconds.
+    let direct = ctx.direct_client().await;
+    let mut running = i64::MAX;
+    for _ in 0..60 {
+        running = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if running == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(running, 0, "the abandoned pg_sleep(30) is still running");
     assert_healthy(&mut ctx, &bystander).await;
 }
 
