@@ -79,7 +79,8 @@ impl Server {
             .await
             .map_err(|error| ServerError::Bind { addr, error })?;
         let permits = Arc::new(Semaphore::new(config.server.max_client_conn));
-        let workers = Workers::start(config.server.workers).map_err(ServerError::Workers)?;
+        let workers = Workers::start(config.server.workers, config.server.pin_workers)
+            .map_err(ServerError::Workers)?;
         tracing::debug!(workers = workers.len(), "session workers started");
         let shared = Arc::new(Shared {
             config: Arc::new(config),

@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub max_client_conn: usize,
     /// Session worker threads (one event loop each); 0 = one per available core.
     pub workers: usize,
+    /// Pin worker `i` to the `i`-th core this process may use.
+    pub pin_workers: bool,
     /// PEM certificate chain; with `tls_key`, clients may negotiate TLS.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -67,6 +69,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
             max_client_conn: 1000,
             workers: 0,
+            pin_workers: true,
             tls_cert: None,
             tls_key: None,
             max_message_bytes: ByteSize::mib(64),
