@@ -22,12 +22,6 @@ pub enum Stream {
     Detached,
 }
 
-impl Stream {
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::ServerTls(_) | Stream::ClientTls(_))
-    }
-}
-
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,

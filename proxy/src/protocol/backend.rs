@@ -17,10 +17,8 @@ use super::sqlstate::SqlState;
 pub const AUTHENTICATION: u8 = b'R';
 pub const BACKEND_KEY_DATA: u8 = b'K';
 pub const ERROR_RESPONSE: u8 = b'E';
-pub const NOTICE_RESPONSE: u8 = b'N';
 pub const PARAMETER_STATUS: u8 = b'S';
 pub const READY_FOR_QUERY: u8 = b'Z';
-pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 
 /// Authentication request codes (the `i32` after the length of an 'R' message).
 pub const AUTH_OK: i32 = 0;

@@ -9,15 +9,10 @@ pub struct SqlState(&'static str);
 impl SqlState {
     pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
     pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
-    pub const CANNOT_CONNECT: SqlState = SqlState("08001");
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
     pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
-    pub const INSUFFICIENT_RESOURCES: SqlState = SqlState("53000");
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
-    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
-    pub const INVALID_AUTHORIZATION: SqlState = SqlState("28000");
-    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 
     pub fn code(&self) -> &'static str {
         self.0

@@ -34,7 +34,7 @@ use crate::error::SessionError;
 use crate::stream::Stream;
 use crate::upstream::{Canceller, Connector};
 use conn::Conn;
-pub use signal::{Phase, ShutdownSignals};
+pub use signal::ShutdownSignals;
 
 /// What every session shares. Read-only after start, except the cancel registry.
 pub struct Shared {

@@ -71,9 +71,8 @@ impl ProtocolState {
                     self.params.insert(name, value);
                 }
             }
-            backend::ERROR_RESPONSE
-                if backend::parse_error_fields(body).is_ok_and(|f| f.is_fatal()) =>
-            {
+            // The same check as for streamed errors: no allocation, severity only.
+            backend::ERROR_RESPONSE if backend::prefix_is_fatal(body) => {
                 self.upstream_fatal = true;
             }
             _ => {}
