@@ -5,9 +5,10 @@
 //! traits the proxy implements, so every rule here can be tested with a paused clock and
 //! a fake sink.
 //!
-//! Today it owns the configuration of those subsystems (`config`); the engines that
-//! consume it arrive with the read-cache and write-policy work.
+//! It owns the configuration of those subsystems (`config`) and the read cache
+//! (`cache`); the write-policy engines arrive with the write-behind work.
 
+pub mod cache;
 pub mod config;
 
 pub use config::{
