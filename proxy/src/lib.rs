@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod protocol;
+pub mod schema;
 pub mod server;
 pub mod session;
 pub mod stream;

@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use spillway::config::{Config, LogConfig, LogFormat};
 use spillway::demo::Demo;
+use spillway::schema;
 use spillway::server::{Server, ServerError};
+use spillway_policies::TableName;
 use tokio_util::sync::CancellationToken;
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
@@ -39,6 +41,26 @@ enum Command {
     CheckConfig {
         #[arg(long, short, env = "SPILLWAY_CONFIG")]
         config: Option<PathBuf>,
+    },
+    /// Create or update spillway's schema in the backend database (`backend.url`).
+    Migrate {
+        #[arg(long, short, env = "SPILLWAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Put the `spillway_invalidate` NOTIFY trigger on tables (runs `migrate` first).
+    ///
+    /// Without --table: every ordinary and partitioned table outside the system
+    /// schemas and `spillway`. All tables change in one transaction, or none.
+    InstallTriggers {
+        #[arg(long, short, env = "SPILLWAY_CONFIG")]
+        config: Option<PathBuf>,
+        /// A table, written schema.name exactly as stored (case-sensitive, unquoted);
+        /// repeat for more.
+        #[arg(long = "table", value_name = "SCHEMA.NAME", value_parser = parse_table)]
+        tables: Vec<TableName>,
+        /// Remove the trigger instead of installing it.
+        #[arg(long)]
+        drop: bool,
     },
     /// Start a throwaway PostgreSQL with a demo schema and spillway in front of it.
     Demo {
@@ -93,6 +115,27 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
             }
         }
+        Command::Migrate { config } => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_tracing(&config.log);
+            finish(runtime().and_then(|rt| rt.block_on(migrate(&config))))
+        }
+        Command::InstallTriggers {
+            config,
+            tables,
+            drop,
+        } => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_tracing(&config.log);
+            let install = install_triggers(&config, &tables, drop);
+            finish(runtime().and_then(|rt| rt.block_on(install)))
+        }
         Command::Demo { listen } => {
             init_tracing(&LogConfig::default());
             report(runtime().and_then(|rt| rt.block_on(demo(listen))))
@@ -100,11 +143,85 @@ fn main() -> ExitCode {
     }
 }
 
+/// Loads the config for a one-shot command; a config error is reported and exits 64.
+fn load_config(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    Config::load(path.as_deref()).map_err(|err| {
+        eprintln!("spillway: {err}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn parse_table(s: &str) -> Result<TableName, String> {
+    s.parse()
+        .map_err(|_| format!("expected schema.name (for example public.accounts), got {s:?}"))
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let applied = schema::migrate(&config.backend.url).await?;
+    for version in &applied {
+        println!("applied migration {version} ({})", describe(*version));
+    }
+    let latest = schema::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
+    println!(
+        "{} applied; schema spillway is at version {latest} on {}",
+        count(applied.len(), "migration", "migrations"),
+        config.backend.redacted_url()
+    );
+    Ok(())
+}
+
+async fn install_triggers(config: &Config, tables: &[TableName], drop: bool) -> anyhow::Result<()> {
+    let done = schema::install_triggers(&config.backend.url, tables, drop).await?;
+    let (verb, prep) = if drop {
+        ("dropped", "from")
+    } else {
+        ("installed", "on")
+    };
+    for table in &done {
+        println!("{verb} trigger {} {prep} {table}", schema::TRIGGER_NAME);
+    }
+    println!(
+        "done: trigger {} {verb} {prep} {} ({})",
+        schema::TRIGGER_NAME,
+        count(done.len(), "table", "tables"),
+        config.backend.redacted_url()
+    );
+    Ok(())
+}
+
+fn describe(version: i64) -> &'static str {
+    schema::MIGRATOR
+        .iter()
+        .find(|m| m.version == version)
+        .map(|m| m.description.as_ref())
+        .unwrap_or("")
+}
+
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
+            eprintln!("spillway: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Like [`report`] for one-shot commands, whose stderr is read by a person or a
+/// script: the error chain once, without a duplicate log line.
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
             eprintln!("spillway: {err:#}");
             ExitCode::FAILURE
         }

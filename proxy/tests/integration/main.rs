@@ -10,3 +10,4 @@ mod clients;
 mod demo;
 mod lifecycle;
 mod protocol;
+mod triggers;
