@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
+    /// Serve repeatable reads from memory. Off: every statement passes through.
+    pub enabled: bool,
     /// Upper bound on the bytes of all cached results together.
     pub max_bytes: ByteSize,
     /// A result larger than this streams through uncached.
@@ -29,16 +31,23 @@ pub struct CacheConfig {
     /// Whether statements with unknown side effects (DO, CALL, volatile functions)
     /// drop every cached entry of their database.
     pub invalidate_on_unknown: bool,
+    /// Distinct statement texts whose analysis is remembered (parsed once each).
+    pub memo_entries: u64,
+    /// Upper bound on the bytes of remembered statement analyses.
+    pub memo_bytes: ByteSize,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             max_bytes: ByteSize::mib(256),
             max_entry_bytes: ByteSize::mib(4),
             ttl: Duration::from_secs(60),
             invalidation: Invalidation::Ttl,
             invalidate_on_unknown: true,
+            memo_entries: 200_000,
+            memo_bytes: ByteSize::mib(64),
         }
     }
 }

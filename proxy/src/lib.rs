@@ -8,7 +8,10 @@
 //! connection (session mode), so session state always behaves exactly as on a direct
 //! connection.
 
+pub mod cache;
 pub mod cancel;
+pub mod catalog;
+pub mod classify;
 pub mod config;
 pub mod demo;
 pub mod error;

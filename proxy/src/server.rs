@@ -82,7 +82,13 @@ impl Server {
         let workers = Workers::start(config.server.workers, config.server.pin_workers)
             .map_err(ServerError::Workers)?;
         tracing::debug!(workers = workers.len(), "session workers started");
+        let cache = crate::cache::ReadCache::new(
+            &config,
+            connector.clone(),
+            tokio::runtime::Handle::current(),
+        );
         let shared = Arc::new(Shared {
+            cache,
             config: Arc::new(config),
             connector,
             cancel: Arc::new(CancelRegistry::default()),

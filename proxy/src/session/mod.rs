@@ -16,6 +16,7 @@
 //! - Every way a session ends is logged exactly once, in [`serve`].
 
 mod conn;
+pub mod handler;
 pub mod relay;
 pub mod signal;
 mod startup;
@@ -43,6 +44,8 @@ pub struct Shared {
     pub cancel: Arc<CancelRegistry>,
     pub tls: Option<TlsAcceptor>,
     pub signals: Arc<ShutdownSignals>,
+    /// The read cache; `None` when `cache.enabled = false`.
+    pub cache: Option<Arc<crate::cache::ReadCache>>,
 }
 
 impl Shared {
@@ -111,13 +114,23 @@ async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
             Ok(Err(err)) => return Err(report(&mut client, err).await),
             Err(_) => return Err(report(&mut client, SessionError::StartupTimeout(timeout)).await),
         };
-    let (upstream, state, cancel_key) = match established {
+    let (upstream, state, cancel_key, startup) = match established {
         startup::Established::Done(end) => return Ok(end),
         startup::Established::Session {
             upstream,
             state,
             cancel_key,
-        } => (upstream, state, cancel_key),
+            startup,
+        } => (upstream, state, cancel_key, startup),
+    };
+    let handler = match &shared.cache {
+        Some(cache) => handler::Handler::caching(
+            cache.clone(),
+            startup.database(),
+            startup.user(),
+            &startup.params,
+        ),
+        None => handler::Handler::passthrough(),
     };
     let canceller = shared
         .cancel
@@ -132,6 +145,7 @@ async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
         state,
         shared.max_message_bytes(),
         canceller,
+        handler,
     );
     relay.run(&shared.signals.subscribe()).await
 }

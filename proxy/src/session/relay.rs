@@ -27,6 +27,7 @@ use tokio_util::io::poll_read_buf;
 
 use super::End;
 use super::conn::{Conn, READ_CHUNK};
+use super::handler::{Disposition, Handler, Out};
 use super::signal::{Phase, Subscription};
 use super::state::ProtocolState;
 use crate::error::SessionError;
@@ -60,6 +61,8 @@ pub struct Relay {
     streaming: usize,
     /// Stops a running query whose client is gone (disconnect, shutdown).
     canceller: Option<Canceller>,
+    /// Decides where each frontend message goes (cache or upstream).
+    handler: Handler,
 }
 
 enum Step {
@@ -71,6 +74,8 @@ enum Step {
 struct Progress {
     client: Option<Read>,
     upstream: Option<Read>,
+    /// The handler may take the message it held back.
+    unblocked: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -86,6 +91,7 @@ impl Relay {
         state: ProtocolState,
         max_message: usize,
         canceller: Option<Canceller>,
+        handler: Handler,
     ) -> Self {
         Self {
             client,
@@ -96,6 +102,7 @@ impl Relay {
             max_message,
             streaming: 0,
             canceller,
+            handler,
         }
     }
 
@@ -136,6 +143,11 @@ impl Relay {
                 Some(Read::Eof) => return self.upstream_closed().await,
                 None => {}
             }
+            if progress.unblocked
+                && let Err(err) = self.on_client_data()
+            {
+                return self.close_with(err).await;
+            }
             match progress.client {
                 Some(Read::Data) => {
                     if let Err(err) = self.on_client_data() {
@@ -158,9 +170,16 @@ impl Relay {
             return Poll::Ready(Err(SessionError::ClientIo(e)));
         }
         let mut progress = Progress::default();
+        if self.handler.is_blocked() && self.handler.poll_unblocked(cx).is_ready() {
+            progress.unblocked = true;
+        }
         // After Terminate the client has nothing more to say; answers to what it sent
-        // before still flow until PostgreSQL closes, as on a direct connection.
-        if self.to_upstream.len() < WINDOW && !self.state.client_terminated {
+        // before still flow until PostgreSQL closes, as on a direct connection. While
+        // the handler holds a message back, nothing more is read behind it.
+        if self.to_upstream.len() < WINDOW
+            && !self.state.client_terminated
+            && !self.handler.is_blocked()
+        {
             match poll_read(&mut self.client, cx) {
                 Poll::Ready(Ok(r)) => progress.client = Some(r),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::ClientIo(e))),
@@ -174,7 +193,7 @@ impl Relay {
                 Poll::Pending => {}
             }
         }
-        if progress.client.is_some() || progress.upstream.is_some() {
+        if progress.client.is_some() || progress.upstream.is_some() || progress.unblocked {
             Poll::Ready(Ok(progress))
         } else {
             Poll::Pending
@@ -190,7 +209,15 @@ impl Relay {
                     .reserve(h.total_len - self.client.inbuf.len());
                 break;
             }
-            self.on_frontend(h.tag, h.total_len);
+            let mut out = Out {
+                upstream: &mut self.to_upstream,
+                client: &mut self.to_client,
+                state: &mut self.state,
+            };
+            let msg = &self.client.inbuf[..h.total_len];
+            if self.handler.on_frontend(msg, &mut out) == Disposition::Blocked {
+                break;
+            }
             self.client.inbuf.advance(h.total_len);
             if self.state.client_terminated {
                 break;
@@ -198,15 +225,6 @@ impl Relay {
         }
         shrink_if_idle(&mut self.client.inbuf);
         Ok(())
-    }
-
-    /// The handler seam for frontend messages: the whole message is the first `len`
-    /// bytes of the client buffer. Today every message goes upstream untouched; the
-    /// cache and write policies decide here.
-    fn on_frontend(&mut self, tag: u8, len: usize) {
-        self.state.on_frontend(tag);
-        self.to_upstream
-            .extend_from_slice(&self.client.inbuf[..len]);
     }
 
     /// Frames backend messages toward the client, streaming large ones.
@@ -241,12 +259,16 @@ impl Relay {
                 {
                     self.state.upstream_fatal = true;
                 }
+                self.handler.on_backend_streamed(h.tag);
                 self.streaming = h.total_len;
                 continue;
             }
             let msg = &inbuf[..h.total_len];
+            let deliver = self.handler.on_backend(h.tag, msg);
             self.state.on_backend(h.tag, &msg[Header::SIZE..]);
-            self.to_client.extend_from_slice(msg);
+            if deliver {
+                self.to_client.extend_from_slice(msg);
+            }
             inbuf.advance(h.total_len);
         }
         shrink_if_idle(inbuf);

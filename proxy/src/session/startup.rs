@@ -27,6 +27,7 @@ pub enum Established {
         upstream: Conn,
         state: ProtocolState,
         cancel_key: CancelKey,
+        startup: Box<StartupMessage>,
     },
 }
 
@@ -44,7 +45,7 @@ pub async fn establish(client: &mut Conn, shared: &Shared) -> Result<Established
         .send(&startup.raw)
         .await
         .map_err(SessionError::UpstreamIo)?;
-    authenticate(client, upstream, shared).await
+    authenticate(client, upstream, shared, startup).await
 }
 
 /// Handles SSLRequest/GSSENCRequest/CancelRequest until a StartupMessage arrives.
@@ -132,6 +133,7 @@ async fn authenticate(
     client: &mut Conn,
     mut upstream: Conn,
     shared: &Shared,
+    startup: StartupMessage,
 ) -> Result<Established, SessionError> {
     // PostgreSQL caps authentication messages at PG_MAX_AUTH_TOKEN_LENGTH (65535);
     // before login nobody may make spillway buffer more than that.
@@ -192,6 +194,7 @@ async fn authenticate(
                     upstream,
                     state,
                     cancel_key,
+                    startup: Box::new(startup),
                 });
             }
             _ => {

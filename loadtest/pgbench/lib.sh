@@ -1,0 +1,101 @@
+# Shared by the pgbench scripts in this directory (sourced, not run): tool checks, a
+# throwaway PostgreSQL, spillway instances, cleanup of everything started, medians.
+# Expects ROOT to be the repository root. Everything listens on 127.0.0.1 only.
+
+# PostgreSQL and PgBouncer refuse to run as root: run them as postgres then.
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.1f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+ratio() { printf "%.2f" "$(echo "$1 / $2" | bc -l)"; }
+
+bench_init() {
+  if [ -z "${SPILLWAY_BIN:-}" ]; then
+    # Always (re)build: a stale binary would measure old code. A no-op when up to date.
+    echo "building spillway (release)..." >&2
+    (cd "$ROOT" && cargo build --release -p spillway >&2)
+    SPILLWAY_BIN=$ROOT/target/release/spillway
+  fi
+  for tool in pgbench psql python3 bc; do
+    command -v "$tool" >/dev/null || { echo "$tool not found" >&2; exit 1; }
+  done
+  PG_BIN=${SPILLWAY_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
+  [ -x "$PG_BIN/pg_ctl" ] || { echo "PostgreSQL server binaries not found (set SPILLWAY_PG_BIN)" >&2; exit 1; }
+  WORK=$(mktemp -d /tmp/spillway-bench.XXXXXX)
+  if [ "$(id -u)" = 0 ]; then chown postgres: "$WORK"; fi
+  PIDS=()
+  trap bench_cleanup EXIT INT TERM
+}
+
+bench_cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ -f "$WORK/pgbouncer.pid" ]; then kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true; fi
+  as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+
+start_postgres() { # scale
+  PG_PORT=$(free_port)
+  as_pg "$PG_BIN/initdb" -D "$WORK/data" -U bench --auth=trust -N -E UTF8 --locale=C >/dev/null
+  cat >> "$WORK/data/postgresql.conf" <<CONF
+max_connections = 100
+shared_buffers = 256MB
+synchronous_commit = off
+CONF
+  as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w \
+    -o "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1" start >/dev/null
+  echo "PostgreSQL on 127.0.0.1:$PG_PORT; pgbench -i -s $1..." >&2
+  pgbench -h 127.0.0.1 -p "$PG_PORT" -U bench -i -q -s "$1" postgres >/dev/null 2>&1
+}
+
+start_spillway() { # name [extra TOML] -> sets SW_PORT
+  SW_PORT=$(free_port)
+  cat > "$WORK/$1.toml" <<CONF
+[server]
+listen = "127.0.0.1:$SW_PORT"
+[backend]
+url = "postgres://bench@127.0.0.1:$PG_PORT/postgres?sslmode=disable"
+[journal]
+dir = "$WORK/journal-$1"
+[metrics]
+listen = "127.0.0.1:$(free_port)"
+[log]
+level = "warn"
+${2:-}
+CONF
+  "$SPILLWAY_BIN" run --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
+  PIDS+=($!)
+}
+
+start_pgbouncer() { # -> sets PB_PORT, or returns 1 when not installed
+  command -v pgbouncer >/dev/null || return 1
+  PB_PORT=$(free_port)
+  cat > "$WORK/pgbouncer.ini" <<CONF
+[databases]
+postgres = host=127.0.0.1 port=$PG_PORT
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PB_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 50
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+CONF
+  echo '"bench" ""' > "$WORK/userlist.txt"
+  if [ "$(id -u)" = 0 ]; then chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"; fi
+  # Daemonized with a pidfile: killing a runuser wrapper would orphan PgBouncer.
+  as_pg pgbouncer -d -q "$WORK/pgbouncer.ini"
+}
+
+wait_ready() { # port...
+  for port in "$@"; do
+    for _ in $(seq 50); do
+      psql -X -q -h 127.0.0.1 -p "$port" -U bench -d postgres -c 'select 1' >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+  done
+}

@@ -1,0 +1,196 @@
+//! The read-cache verdict on one query string: may its result be cached (and on which
+//! tables does it then depend, for how long), and what does running it invalidate.
+//!
+//! Pure: it reads the classifier's [`Analysis`], a catalog snapshot and the per-table
+//! settings. Everything it cannot prove harmless it treats as harmful: an unknown
+//! relation or function is never cacheable, and a write to an unknown relation
+//! invalidates the whole database.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::catalog::{Catalog, Volatility};
+use crate::classify::{Analysis, Kind, RelName, Statement};
+
+/// Per-table cache settings: `tables."schema.name".cache` and `.ttl`.
+#[derive(Debug, Clone, Default)]
+pub struct TableSettings {
+    pub default_ttl: Duration,
+    pub invalidate_on_unknown: bool,
+    pub by_table: HashMap<(String, String), (bool, Option<Duration>)>,
+}
+
+impl TableSettings {
+    fn lookup(&self, schema: &str, name: &str) -> (bool, Duration) {
+        match self.by_table.get(&(schema.to_owned(), name.to_owned())) {
+            Some(&(cache, ttl)) => (cache, ttl.unwrap_or(self.default_ttl)),
+            None => (true, self.default_ttl),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cacheable {
+    /// Base tables (OIDs) the result depends on.
+    pub tables: Vec<u32>,
+    pub ttl: Duration,
+}
+
+/// What running the statement invalidates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effects {
+    pub tables: Vec<u32>,
+    /// Every entry of this database (unknown targets, unknown side effects, DDL).
+    pub database: bool,
+    /// Every entry of every database (roles, cluster-wide settings).
+    pub everything: bool,
+    /// The catalog snapshot is out of date (DDL).
+    pub catalog_changed: bool,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty() && !self.database && !self.everything
+    }
+
+    pub fn merge(&mut self, other: &Effects) {
+        for t in &other.tables {
+            if !self.tables.contains(t) {
+                self.tables.push(*t);
+            }
+        }
+        self.database |= other.database;
+        self.everything |= other.everything;
+        self.catalog_changed |= other.catalog_changed;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub cacheable: Result<Cacheable, &'static str>,
+    pub effects: Effects,
+}
+
+pub fn decide(analysis: &Analysis, catalog: Option<&Catalog>, tables: &TableSettings) -> Decision {
+    let mut effects = Effects::default();
+    if analysis.unanalysed {
+        effects.database = tables.invalidate_on_unknown;
+        return Decision {
+            cacheable: Err("statement not analysed"),
+            effects,
+        };
+    }
+    for stmt in &analysis.statements {
+        statement_effects(stmt, catalog, tables, &mut effects);
+    }
+    let cacheable = match (analysis.statements.as_slice(), catalog) {
+        _ if !analysis.is_cacheable_shape() => Err("not a plain SELECT"),
+        (_, None) => Err("catalog not loaded"),
+        ([stmt], Some(catalog)) => cacheable(stmt, catalog, tables),
+        _ => Err("not a single statement"),
+    };
+    Decision { cacheable, effects }
+}
+
+fn cacheable(
+    stmt: &Statement,
+    catalog: &Catalog,
+    settings: &TableSettings,
+) -> Result<Cacheable, &'static str> {
+    for f in &stmt.functions {
+        match catalog.function(&f.name) {
+            None => return Err("unknown function"),
+            Some(info) if info.worst != Volatility::Immutable => {
+                return Err("non-immutable function");
+            }
+            Some(_) => {}
+        }
+    }
+    let mut deps = Vec::new();
+    for name in &stmt.reads {
+        let rels = catalog.resolve(name.schema.as_deref(), &name.name);
+        if rels.is_empty() {
+            return Err("unknown relation");
+        }
+        for rel in rels {
+            catalog
+                .read_dependencies(rel, &mut deps)
+                .map_err(|why| why.as_str())?;
+        }
+    }
+    deps.sort_unstable();
+    deps.dedup();
+    let mut ttl = settings.default_ttl;
+    for oid in &deps {
+        let Some(rel) = catalog.relation_by_oid(*oid) else {
+            return Err("unknown relation");
+        };
+        let (cache, table_ttl) = settings.lookup(&rel.schema, &rel.name);
+        if !cache {
+            return Err("cache disabled for a table");
+        }
+        ttl = ttl.min(table_ttl);
+    }
+    Ok(Cacheable { tables: deps, ttl })
+}
+
+fn statement_effects(
+    stmt: &Statement,
+    catalog: Option<&Catalog>,
+    settings: &TableSettings,
+    effects: &mut Effects,
+) {
+    // A user-defined volatile function may write anything. In a SELECT, a function
+    // the catalog does not know fails in PostgreSQL (or the snapshot is behind, and the
+    // statement is not cacheable anyway); elsewhere it is treated as unknown.
+    let side_effects =
+        stmt.functions
+            .iter()
+            .any(|f| match catalog.and_then(|c| c.function(&f.name)) {
+                Some(info) => info.user_volatile,
+                None => !matches!(stmt.kind, Kind::Select),
+            });
+    effects.database |= side_effects && settings.invalidate_on_unknown;
+    match &stmt.kind {
+        Kind::Write => write_targets(&stmt.writes, catalog, effects),
+        Kind::Truncate { cascade } => {
+            write_targets(&stmt.writes, catalog, effects);
+            effects.database |= *cascade;
+        }
+        Kind::Ddl { global, .. } => {
+            effects.database = true;
+            effects.everything |= *global;
+            effects.catalog_changed = true;
+        }
+        Kind::Unknown => effects.database |= settings.invalidate_on_unknown,
+        Kind::Select | Kind::OtherRead | Kind::Transaction(_) | Kind::Session(_) | Kind::Empty => {}
+    }
+}
+
+fn write_targets(names: &[RelName], catalog: Option<&Catalog>, effects: &mut Effects) {
+    let Some(catalog) = catalog else {
+        effects.database = true;
+        return;
+    };
+    if names.is_empty() {
+        effects.database = true;
+    }
+    for name in names {
+        let rels = catalog.resolve(name.schema.as_deref(), &name.name);
+        if rels.is_empty() {
+            effects.database = true;
+        }
+        for rel in rels {
+            // Triggers, rules and cascading foreign keys reach tables the statement
+            // does not name.
+            effects.database |= rel.write_side_effects;
+            let mut targets = Vec::new();
+            catalog.write_targets(rel, &mut targets);
+            for oid in targets {
+                if !effects.tables.contains(&oid) {
+                    effects.tables.push(oid);
+                }
+            }
+        }
+    }
+}

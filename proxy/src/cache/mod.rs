@@ -1,0 +1,168 @@
+//! The read cache as the proxy runs it: the shared result store and version counters
+//! (from `spillway-policies`), the statement classifier, and per database the catalog
+//! snapshot and its service connection. Sessions hold an `Arc<ReadCache>` and one
+//! [`DbState`]; the per-session protocol work is in `session::handler`.
+//!
+//! Invariant: a database whose catalog is not loaded (first use, after DDL, while its
+//! service connection is down) serves and stores nothing: [`DbState::catalog`] is
+//! `None` and every statement is passed through.
+
+pub mod decide;
+mod service;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use spillway_policies::cache::{DbVersions, Registry, ResultCache};
+use spillway_policies::{CacheConfig, Invalidation};
+use tokio::sync::Notify;
+
+use crate::catalog::Catalog;
+use crate::classify::{Classifier, ClassifierLimits};
+use crate::config::Config;
+use crate::upstream::Connector;
+pub use decide::{Cacheable, Decision, Effects, TableSettings};
+
+pub struct ReadCache {
+    pub results: Arc<ResultCache>,
+    pub versions: Registry,
+    pub classifier: Classifier,
+    pub tables: TableSettings,
+    pub invalidation: Invalidation,
+    dbs: Mutex<HashMap<String, Arc<DbState>>>,
+    service: service::Spawner,
+}
+
+/// One database as the cache sees it.
+pub struct DbState {
+    pub name: String,
+    pub versions: Arc<DbVersions>,
+    /// `None` while no trustworthy snapshot exists. Lock held only to clone the Arc.
+    catalog: RwLock<Option<Arc<Catalog>>>,
+    /// Asks the service task for a fresh catalog.
+    refresh: Notify,
+    /// Bumped whenever the catalog is known to have changed; a snapshot whose load
+    /// began before the latest bump is discarded, not installed.
+    generation: AtomicU64,
+}
+
+impl DbState {
+    pub fn catalog(&self) -> Option<Arc<Catalog>> {
+        self.catalog.read().ok().and_then(|c| c.clone())
+    }
+
+    fn set_catalog(&self, catalog: Option<Arc<Catalog>>) {
+        match self.catalog.write() {
+            Ok(mut c) => *c = catalog,
+            Err(poisoned) => *poisoned.into_inner() = catalog,
+        }
+    }
+
+    /// Installs a snapshot whose load began at `generation`, unless the catalog was
+    /// declared changed since (checked under the lock, so a concurrent
+    /// [`DbState::catalog_changed`] either wins or sees this snapshot and clears it).
+    fn install(&self, catalog: Arc<Catalog>, generation: u64) -> bool {
+        let mut slot = match self.catalog.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return false;
+        }
+        *slot = Some(catalog);
+        true
+    }
+
+    /// The catalog changed under us (DDL): stop trusting the snapshot, reload it.
+    pub fn catalog_changed(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.set_catalog(None);
+        self.refresh.notify_one();
+    }
+
+    /// A name the snapshot does not know: reload in the background, keep serving.
+    pub fn catalog_behind(&self) {
+        self.refresh.notify_one();
+    }
+
+    /// Applies what a statement (or an external writer) invalidated.
+    pub fn invalidate(&self, effects: &Effects, all: &Registry) {
+        if effects.everything {
+            all.bump_everything();
+        }
+        if effects.database {
+            self.versions.bump_all();
+        }
+        self.versions.bump_tables(effects.tables.iter().copied());
+        if effects.catalog_changed {
+            self.catalog_changed();
+        }
+    }
+}
+
+impl ReadCache {
+    /// `None` when the cache is disabled (`cache.enabled = false`).
+    pub fn new(
+        config: &Config,
+        connector: Connector,
+        runtime: tokio::runtime::Handle,
+    ) -> Option<Arc<Self>> {
+        let cache: &CacheConfig = &config.cache;
+        if !cache.enabled {
+            return None;
+        }
+        let mut tables = TableSettings {
+            default_ttl: cache.ttl,
+            invalidate_on_unknown: cache.invalidate_on_unknown,
+            by_table: HashMap::new(),
+        };
+        for (name, t) in &config.tables {
+            if let Some((schema, table)) = name.split_once('.') {
+                tables
+                    .by_table
+                    .insert((schema.to_owned(), table.to_owned()), (t.cache, t.ttl));
+            }
+        }
+        let limits = ClassifierLimits {
+            max_parse_bytes: usize::try_from(config.server.max_parse_bytes.as_u64())
+                .unwrap_or(usize::MAX),
+            memo_entries: cache.memo_entries,
+            memo_bytes: cache.memo_bytes.as_u64(),
+        };
+        Some(Arc::new(Self {
+            results: ResultCache::new(cache.max_bytes.as_u64(), cache.max_entry_bytes.as_u64()),
+            versions: Registry::default(),
+            classifier: Classifier::new(limits),
+            tables,
+            invalidation: cache.invalidation,
+            dbs: Mutex::new(HashMap::new()),
+            service: service::Spawner {
+                runtime,
+                connector,
+                url: config.backend.url.clone(),
+            },
+        }))
+    }
+
+    /// The state of database `name`; the first call starts its service connection.
+    pub fn database(self: &Arc<Self>, name: &str) -> Arc<DbState> {
+        let mut dbs = match self.dbs.lock() {
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(db) = dbs.get(name) {
+            return db.clone();
+        }
+        let db = Arc::new(DbState {
+            name: name.to_owned(),
+            versions: self.versions.database(name),
+            catalog: RwLock::new(None),
+            refresh: Notify::new(),
+            generation: AtomicU64::new(0),
+        });
+        dbs.insert(name.to_owned(), db.clone());
+        self.service.spawn(self.clone(), db.clone());
+        db
+    }
+}

@@ -1,0 +1,119 @@
+//! Loads a [`Catalog`] snapshot over a service connection: three catalog queries plus
+//! one `pg_get_viewdef` per user view, which the classifier reads to find functions
+//! and SQL value functions that `pg_depend` does not record.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio_postgres::Client;
+
+use super::{Catalog, FunctionInfo, RelKind, Relation, Volatility};
+use crate::classify;
+
+const RELATIONS: &str = "
+SELECT c.oid, n.nspname, c.relname, c.relkind::text, c.relpersistence = 't',
+       n.nspname IN ('pg_catalog', 'information_schema') OR n.nspname LIKE 'pg\\_toast%',
+       c.relrowsecurity,
+       c.oid IN (SELECT tgrelid FROM pg_trigger
+                 WHERE NOT tgisinternal AND tgname <> 'spillway_invalidate')
+       OR c.oid IN (SELECT confrelid FROM pg_constraint WHERE contype = 'f'
+                    AND (confdeltype IN ('c', 'n', 'd') OR confupdtype IN ('c', 'n', 'd')))
+       OR (c.relhasrules AND c.relkind <> 'v')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')";
+
+/// Relations each view's rewrite rule references (its direct dependencies).
+const VIEW_DEPS: &str = "
+SELECT DISTINCT r.ev_class, d.refobjid
+FROM pg_rewrite r
+JOIN pg_class v ON v.oid = r.ev_class AND v.relkind = 'v'
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+     AND d.refclassid = 'pg_class'::regclass";
+
+/// User views and their definitions (system views are never cacheable anyway).
+const VIEW_DEFS: &str = "
+SELECT c.oid, pg_get_viewdef(c.oid)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
+
+const FUNCTIONS: &str = "
+SELECT p.proname, p.provolatile::text, n.nspname = 'pg_catalog'
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace";
+
+pub async fn load(client: &Client) -> Result<Catalog, tokio_postgres::Error> {
+    let mut relations = Vec::new();
+    for row in client.query(RELATIONS, &[]).await? {
+        let kind = match row.get::<_, &str>(3) {
+            "r" | "p" => RelKind::Table,
+            "v" => RelKind::View,
+            "m" => RelKind::MaterializedView,
+            "S" => RelKind::Sequence,
+            _ => RelKind::Foreign,
+        };
+        relations.push(Relation {
+            oid: row.get(0),
+            schema: row.get(1),
+            name: row.get(2),
+            kind,
+            temp: row.get(4),
+            system: row.get(5),
+            row_security: row.get(6),
+            write_side_effects: row.get(7),
+        });
+    }
+
+    let view_deps: Vec<(u32, u32)> = client
+        .query(VIEW_DEPS, &[])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+
+    let mut functions: HashMap<String, FunctionInfo> = HashMap::new();
+    for row in client.query(FUNCTIONS, &[]).await? {
+        let volatility = match row.get::<_, &str>(1) {
+            "i" => Volatility::Immutable,
+            "s" => Volatility::Stable,
+            _ => Volatility::Volatile,
+        };
+        let builtin: bool = row.get(2);
+        let entry = functions
+            .entry(row.get::<_, String>(0))
+            .or_insert(FunctionInfo {
+                worst: Volatility::Immutable,
+                user_volatile: false,
+            });
+        entry.worst = entry.worst.max(volatility);
+        entry.user_volatile |= volatility == Volatility::Volatile && !builtin;
+    }
+
+    let mut volatile_views = HashSet::new();
+    for row in client.query(VIEW_DEFS, &[]).await? {
+        let oid: u32 = row.get(0);
+        let def: Option<&str> = row.get(1);
+        let immutable = def.is_some_and(|def| definition_is_immutable(def, &functions));
+        if !immutable {
+            volatile_views.insert(oid);
+        }
+    }
+
+    Ok(Catalog::new(
+        relations,
+        &view_deps,
+        volatile_views,
+        functions,
+    ))
+}
+
+/// A view definition reads no clock or user and calls only immutable functions.
+fn definition_is_immutable(def: &str, functions: &HashMap<String, FunctionInfo>) -> bool {
+    let analysis = classify::analyze(def);
+    !analysis.unanalysed
+        && analysis.statements.iter().all(|s| {
+            !s.sql_value_function
+                && s.functions.iter().all(|f| {
+                    functions
+                        .get(&f.name)
+                        .is_some_and(|info| info.worst == Volatility::Immutable)
+                })
+        })
+}

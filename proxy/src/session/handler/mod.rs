@@ -1,0 +1,462 @@
+//! The handler seam of a session: decides, per frontend message, whether the answer
+//! comes from the read cache or from PostgreSQL, and keeps what the cache needs to
+//! know about the session (statements, portals, settings, what it wrote).
+//!
+//! The relay loop hands it whole messages and queues whatever it produces; the
+//! protocol state ([`ProtocolState`]) is fed every message either way, so it cannot
+//! tell a cached answer from a relayed one.
+//!
+//! Invariants:
+//! - A local answer is produced only when nothing is outstanding upstream (the
+//!   tracker is quiet), so answers reach the client in request order.
+//! - Results are shared only under the same key (database, role, settings, statement,
+//!   parameters, formats), never after a role or setting change spillway could not
+//!   follow, never inside a transaction that wrote or that runs at REPEATABLE READ or
+//!   SERIALIZABLE.
+//! - Every statement that may write invalidates what it touches when it is forwarded,
+//!   again at each CommandComplete and ReadyForQuery while it is unacknowledged, and
+//!   again when its transaction ends.
+
+mod extended;
+mod settings;
+mod tracker;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use spillway_policies::cache::{Deps, Lookup, Version};
+use tokio::sync::futures::OwnedNotified;
+
+use super::state::ProtocolState;
+use crate::cache::{Cacheable, DbState, Decision, Effects, ReadCache, decide};
+use crate::classify::{Analysis, Isolation, Kind, TxCommand};
+use crate::protocol::frontend;
+use settings::KeyContext;
+use tracker::{Expect, Fill, Tracker};
+
+/// How long a miss waits for another session filling the same key before it goes
+/// upstream itself.
+const COALESCE_WAIT: Duration = Duration::from_secs(5);
+
+/// A statement the session prepared (or asked spillway to prepare lazily).
+pub struct Stmt {
+    pub sql: Box<str>,
+    pub param_types: Box<[u8]>,
+    pub analysis: Arc<Analysis>,
+    /// The client's Parse message, replayed upstream when the statement is first
+    /// needed there.
+    pub parse_msg: Bytes,
+}
+
+impl Stmt {
+    fn same_as(&self, other: &Stmt) -> bool {
+        self.sql == other.sql && self.param_types == other.param_types
+    }
+}
+
+/// Where the relay queues output, and the protocol state every message updates.
+pub struct Out<'a> {
+    pub upstream: &'a mut BytesMut,
+    pub client: &'a mut BytesMut,
+    pub state: &'a mut ProtocolState,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Disposition {
+    Consumed,
+    /// Not consumed: the same message is to be offered again once
+    /// [`Handler::poll_unblocked`] is ready.
+    Blocked,
+}
+
+/// The handler of one session; pass-through when the cache is off.
+pub struct Handler {
+    caching: Option<Box<Caching>>,
+}
+
+struct Caching {
+    cache: Arc<ReadCache>,
+    db: Arc<DbState>,
+    key: KeyContext,
+    tracker: Tracker,
+    /// Named statements PostgreSQL confirmed.
+    named: HashMap<String, Arc<Stmt>>,
+    /// PostgreSQL's unnamed statement, when known.
+    unnamed_upstream: Option<Arc<Stmt>>,
+    /// The client's unnamed statement, when known.
+    unnamed_client: Option<Arc<Stmt>>,
+    /// The client's unnamed statement was answered locally and not yet parsed upstream.
+    unnamed_pending: bool,
+    /// Statements behind portals forwarded upstream in the current transaction.
+    portals: HashMap<String, Arc<Stmt>>,
+    /// Extended-protocol messages held until their Sync decides where they go.
+    held: Vec<Bytes>,
+    held_bytes: usize,
+    /// The current extended cycle (until Sync) already went upstream.
+    cycle_upstream: bool,
+    /// Fill prepared at a Bind for the Execute of that portal.
+    next_fill: Option<Box<Fill>>,
+    /// Invalidations to repeat at acknowledgement and at the end of the transaction.
+    pending: Effects,
+    tx_wrote: bool,
+    tx_snapshot: bool,
+    /// A request containing SET/RESET is outstanding.
+    settings_in_flight: bool,
+    wait: Option<Pin<Box<tokio::time::Timeout<OwnedNotified>>>>,
+    /// The current request already waited once for another session's fill.
+    waited: bool,
+}
+
+impl Handler {
+    pub fn passthrough() -> Self {
+        Self { caching: None }
+    }
+
+    pub fn caching(
+        cache: Arc<ReadCache>,
+        database: &str,
+        user: &str,
+        startup: &[(String, String)],
+    ) -> Self {
+        let db = cache.database(database);
+        Self {
+            caching: Some(Box::new(Caching {
+                cache,
+                db,
+                key: KeyContext::new(database, user, startup),
+                tracker: Tracker::default(),
+                named: HashMap::new(),
+                unnamed_upstream: None,
+                unnamed_client: None,
+                unnamed_pending: false,
+                portals: HashMap::new(),
+                held: Vec::new(),
+                held_bytes: 0,
+                cycle_upstream: false,
+                next_fill: None,
+                pending: Effects::default(),
+                tx_wrote: false,
+                tx_snapshot: false,
+                settings_in_flight: false,
+                wait: None,
+                waited: false,
+            })),
+        }
+    }
+
+    /// One whole frontend message (tag and length included).
+    pub fn on_frontend(&mut self, msg: &[u8], out: &mut Out<'_>) -> Disposition {
+        let tag = msg[0];
+        match self.caching.as_deref_mut() {
+            None => {
+                out.state.on_frontend(tag);
+                out.upstream.extend_from_slice(msg);
+                Disposition::Consumed
+            }
+            Some(c) => c.on_frontend(tag, msg, out),
+        }
+    }
+
+    /// One whole backend message; false when it must not reach the client.
+    pub fn on_backend(&mut self, tag: u8, msg: &[u8]) -> bool {
+        match self.caching.as_deref_mut() {
+            None => true,
+            Some(c) => c.on_backend(tag, Some(msg)),
+        }
+    }
+
+    /// A backend message too large to hold, passing through as it arrives.
+    pub fn on_backend_streamed(&mut self, tag: u8) {
+        if let Some(c) = self.caching.as_deref_mut() {
+            c.on_backend(tag, None);
+        }
+    }
+
+    pub fn is_blocked(&self) -> bool {
+        self.caching.as_ref().is_some_and(|c| c.wait.is_some())
+    }
+
+    /// Ready when a blocked message may be offered again.
+    pub fn poll_unblocked(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(c) = self.caching.as_deref_mut() else {
+            return Poll::Pending;
+        };
+        let Some(wait) = c.wait.as_mut() else {
+            return Poll::Pending;
+        };
+        match wait.as_mut().poll(cx) {
+            Poll::Ready(_) => {
+                c.wait = None;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+use std::future::Future;
+
+impl Caching {
+    fn on_frontend(&mut self, tag: u8, msg: &[u8], out: &mut Out<'_>) -> Disposition {
+        if self.tracker.is_desynced() {
+            out.state.on_frontend(tag);
+            out.upstream.extend_from_slice(msg);
+            return Disposition::Consumed;
+        }
+        match tag {
+            frontend::PARSE
+            | frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::EXECUTE
+            | frontend::CLOSE
+            | frontend::FLUSH
+            | frontend::SYNC => self.on_extended(tag, msg, out),
+            frontend::QUERY => {
+                self.forward_held(out);
+                self.on_query(msg, out)
+            }
+            frontend::FUNCTION_CALL => {
+                self.forward_held(out);
+                out.state.on_frontend(tag);
+                // A function call can do anything.
+                let effects = Effects {
+                    database: self.cache.tables.invalidate_on_unknown,
+                    ..Effects::default()
+                };
+                let certain = self.certain(out.state, 1);
+                self.record_effects(&effects, certain);
+                out.upstream.extend_from_slice(msg);
+                self.tracker.push(Expect::Ready {
+                    sync: false,
+                    fill: None,
+                });
+                Disposition::Consumed
+            }
+            _ => {
+                // COPY data, Terminate, and anything spillway does not interpret.
+                self.forward_held(out);
+                out.state.on_frontend(tag);
+                out.upstream.extend_from_slice(msg);
+                Disposition::Consumed
+            }
+        }
+    }
+
+    /// A simple Query: answered from the cache, or forwarded (and maybe captured).
+    fn on_query(&mut self, msg: &[u8], out: &mut Out<'_>) -> Disposition {
+        let Some(sql) = frontend::query(frontend::body(msg)) else {
+            out.state.on_frontend(frontend::QUERY);
+            out.upstream.extend_from_slice(msg);
+            self.forget_unnamed();
+            self.tracker.push(Expect::Ready {
+                sync: false,
+                fill: None,
+            });
+            return Disposition::Consumed;
+        };
+        let analysis = self.cache.classifier.classify(sql);
+        let decision = self.decide(&analysis);
+        let mut fill = None;
+        if let Ok(cacheable) = &decision.cacheable
+            && self.reads_allowed(out.state)
+            && self.tracker.is_quiet()
+        {
+            let key = self.simple_key(sql, out.state);
+            match self.cache.results.lookup(&key) {
+                Lookup::Hit(hit) if hit.row_description.is_some() => {
+                    out.state.on_frontend(frontend::QUERY);
+                    if let Some(rd) = &hit.row_description {
+                        out.client.extend_from_slice(rd);
+                    }
+                    out.client.extend_from_slice(&hit.body);
+                    self.answer_ready(out);
+                    self.waited = false;
+                    return Disposition::Consumed;
+                }
+                Lookup::Hit(_) => {}
+                Lookup::Lead(ticket) => {
+                    fill = Some(Fill::new(ticket, self.capture(cacheable), cacheable.ttl));
+                }
+                Lookup::Wait(notified) => {
+                    if !self.waited && out.state.tx_status == b'I' {
+                        self.block(notified);
+                        return Disposition::Blocked;
+                    }
+                }
+            }
+        }
+        self.waited = false;
+        out.state.on_frontend(frontend::QUERY);
+        let certain = self.certain(out.state, analysis.statements.len());
+        self.statement_effects(&analysis, &decision, certain);
+        // The simple protocol runs through the unnamed statement and portal.
+        self.forget_unnamed();
+        out.upstream.extend_from_slice(msg);
+        self.tracker.push(Expect::Ready { sync: false, fill });
+        Disposition::Consumed
+    }
+
+    fn on_backend(&mut self, tag: u8, msg: Option<&[u8]>) -> bool {
+        let step = match msg {
+            Some(m) => self.tracker.on_message(tag, m),
+            None => self.tracker.on_streamed(tag),
+        };
+        for prepared in self.tracker.confirmed.drain(..) {
+            match prepared {
+                tracker::Prepared::Named(name, stmt) => {
+                    self.named.insert(name, stmt);
+                }
+                tracker::Prepared::Unnamed(stmt) => self.unnamed_upstream = Some(stmt),
+            }
+        }
+        if tag == b'S' {
+            self.key.parameters_changed();
+        }
+        if step.error && self.settings_in_flight {
+            self.key
+                .lose_track("a request that changed settings failed");
+        }
+        if (tag == b'C' || step.ready) && !self.pending.is_empty() {
+            self.db.invalidate(&self.pending, &self.cache.versions);
+        }
+        if step.ready && !self.tracker.has_outstanding_ready() {
+            self.settings_in_flight = false;
+            let status = msg.and_then(|m| m.get(5).copied());
+            if status == Some(b'I') {
+                self.pending = Effects::default();
+                self.tx_wrote = false;
+                self.tx_snapshot = false;
+                self.key.transaction_ended();
+                self.portals.clear();
+            }
+        }
+        !step.swallow
+    }
+
+    fn decide(&self, analysis: &Analysis) -> Decision {
+        let catalog = self.db.catalog();
+        let decision = decide::decide(analysis, catalog.as_deref(), &self.cache.tables);
+        if matches!(
+            decision.cacheable,
+            Err("unknown relation" | "unknown function")
+        ) {
+            self.db.catalog_behind();
+        }
+        decision
+    }
+
+    /// Reads may be served from or stored into the cache in the current state.
+    fn reads_allowed(&self, state: &ProtocolState) -> bool {
+        self.key.usable()
+            && match state.tx_status {
+                b'I' => true,
+                b'T' => !self.tx_wrote && !self.tx_snapshot,
+                _ => false,
+            }
+    }
+
+    /// A statement forwarded now takes effect exactly when acknowledged: it runs
+    /// alone, in autocommit, with nothing before it outstanding.
+    fn certain(&self, state: &ProtocolState, statements: usize) -> bool {
+        statements == 1 && state.tx_status == b'I' && !self.tracker.has_outstanding_ready()
+    }
+
+    /// Applies what forwarding `analysis` means for settings, transactions and the
+    /// cache, before it goes upstream.
+    fn statement_effects(&mut self, analysis: &Analysis, decision: &Decision, certain: bool) {
+        if analysis.unanalysed {
+            self.key.lose_track("statement not analysed");
+        }
+        for stmt in &analysis.statements {
+            match &stmt.kind {
+                Kind::Transaction(TxCommand::Begin { isolation, .. }) => {
+                    self.tx_snapshot |= match isolation {
+                        Some(i) => snapshot(*i),
+                        None => self.key.default_snapshot_isolation,
+                    };
+                }
+                Kind::Transaction(TxCommand::SetTransaction { isolation }) => {
+                    self.tx_snapshot |= isolation.is_some_and(snapshot);
+                }
+                Kind::Transaction(TxCommand::SetSessionCharacteristics {
+                    isolation: Some(i),
+                }) => {
+                    if certain {
+                        self.key.default_snapshot_isolation = snapshot(*i);
+                    } else {
+                        self.key.lose_track("isolation changed inside a transaction");
+                    }
+                }
+                Kind::Session(cmd) => {
+                    self.settings_in_flight = true;
+                    self.key.apply(cmd, certain);
+                }
+                _ => {}
+            }
+            if stmt.functions.iter().any(|f| f.name == "set_config") {
+                self.key.lose_track("set_config() called");
+            }
+        }
+        self.record_effects(&decision.effects, certain);
+    }
+
+    fn record_effects(&mut self, effects: &Effects, certain: bool) {
+        if effects.is_empty() && !effects.catalog_changed {
+            return;
+        }
+        self.db.invalidate(effects, &self.cache.versions);
+        self.pending.merge(effects);
+        if !certain {
+            self.tx_wrote = true;
+        }
+    }
+
+    /// The version counters a fill of `cacheable` depends on, read now.
+    fn capture(&self, cacheable: &Cacheable) -> Deps {
+        let tables: Vec<Arc<Version>> = cacheable
+            .tables
+            .iter()
+            .map(|oid| self.db.versions.table(*oid))
+            .collect();
+        Deps::capture(std::iter::once(self.db.versions.epoch()).chain(tables.iter()))
+    }
+
+    fn simple_key(&mut self, sql: &str, state: &ProtocolState) -> Vec<u8> {
+        let prefix = self.key.prefix(&state.params);
+        let mut key = Vec::with_capacity(prefix.len() + sql.len() + 8);
+        key.extend_from_slice(prefix);
+        key.push(b'Q');
+        key.extend_from_slice(sql.as_bytes());
+        key
+    }
+
+    fn answer_ready(&mut self, out: &mut Out<'_>) {
+        let rfq = frontend::ready_for_query(out.state.tx_status);
+        out.client.extend_from_slice(&rfq);
+        out.state.on_backend(rfq[0], &rfq[5..]);
+    }
+
+    fn block(&mut self, notified: OwnedNotified) {
+        self.waited = true;
+        self.wait = Some(Box::pin(tokio::time::timeout(COALESCE_WAIT, notified)));
+    }
+
+    /// The unnamed statement and portal are replaced by a simple Query.
+    fn forget_unnamed(&mut self) {
+        self.unnamed_upstream = None;
+        self.unnamed_client = None;
+        self.unnamed_pending = false;
+        self.portals.remove("");
+    }
+}
+
+fn snapshot(isolation: Isolation) -> bool {
+    matches!(
+        isolation,
+        Isolation::RepeatableRead | Isolation::Serializable
+    )
+}

@@ -1,0 +1,468 @@
+//! Which request each backend message answers.
+//!
+//! Every request forwarded upstream pushes what PostgreSQL will answer it with
+//! ([`Expect`]); every backend message is stepped through the queue. This is what lets
+//! spillway capture the rows of one Execute among pipelined requests, swallow the
+//! ParseComplete of a Parse it injected itself, and know when a statement was really
+//! prepared.
+//!
+//! Rules (PostgreSQL's protocol, §55.2): a simple Query, FunctionCall and Sync end with
+//! exactly one ReadyForQuery; an error during an extended-protocol message makes the
+//! server discard every message up to the next Sync (so their expectations are dropped,
+//! and ones pushed later are not pushed until that Sync); NoticeResponse,
+//! ParameterStatus and NotificationResponse can arrive at any time and answer nothing.
+//!
+//! Invariant: if a message does not fit the queue, the tracker is *desynced*: it drops
+//! every expectation and fill, and stays desynced (the session then passes everything
+//! through uncached) — a wrong guess about which rows belong to which key must never
+//! reach the cache.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use spillway_policies::cache::{CachedResult, Deps, FillTicket};
+
+use super::Stmt;
+
+/// A result being captured for the cache.
+pub struct Fill {
+    pub ticket: FillTicket,
+    pub deps: Deps,
+    pub ttl: Duration,
+    pub row_description: Option<Bytes>,
+    pub body: BytesMut,
+}
+
+impl Fill {
+    pub fn new(ticket: FillTicket, deps: Deps, ttl: Duration) -> Box<Self> {
+        Box::new(Self {
+            ticket,
+            deps,
+            ttl,
+            row_description: None,
+            body: BytesMut::new(),
+        })
+    }
+
+    /// Appends a message; false (and the fill is to be dropped) once over the limit.
+    fn push(&mut self, msg: &[u8]) -> bool {
+        if self.body.len() + msg.len() > self.ticket.max_entry_bytes() {
+            return false;
+        }
+        self.body.extend_from_slice(msg);
+        true
+    }
+
+    fn complete(self) {
+        let Fill {
+            ticket,
+            deps,
+            ttl,
+            row_description,
+            body,
+        } = self;
+        ticket.complete(CachedResult {
+            row_description,
+            body: body.freeze(),
+            deps,
+            ttl,
+        });
+    }
+}
+
+/// What a prepared statement becomes once PostgreSQL confirms its Parse.
+pub enum Prepared {
+    Named(String, Arc<Stmt>),
+    Unnamed(Arc<Stmt>),
+}
+
+pub enum Expect {
+    /// Query, FunctionCall or Sync: everything up to and including ReadyForQuery.
+    /// A simple query being cached carries its fill.
+    Ready {
+        sync: bool,
+        fill: Option<Box<Fill>>,
+    },
+    Parse {
+        swallow: bool,
+        prepared: Option<Prepared>,
+    },
+    Bind,
+    DescribeStatement,
+    /// `capture`: keep the RowDescription for the fill of the Execute that follows.
+    DescribePortal {
+        capture: bool,
+    },
+    Execute {
+        fill: Option<Box<Fill>>,
+    },
+    Close,
+}
+
+impl Expect {
+    fn is_sync(&self) -> bool {
+        matches!(self, Expect::Ready { sync: true, .. })
+    }
+}
+
+/// What the handler must do with one backend message.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    /// Do not pass it to the client (answer to an injected request).
+    pub swallow: bool,
+    /// A ReadyForQuery completed a request.
+    pub ready: bool,
+    /// An ErrorResponse for a request.
+    pub error: bool,
+}
+
+#[derive(Default)]
+pub struct Tracker {
+    queue: VecDeque<Expect>,
+    /// An extended-protocol error happened and no Sync was queued yet: PostgreSQL
+    /// ignores everything until the next Sync.
+    skipping: bool,
+    /// RowDescription captured by a portal Describe, for the next Execute's fill.
+    described: Option<Bytes>,
+    desynced: bool,
+    /// Statements whose Parse PostgreSQL confirmed, for the handler to record.
+    pub confirmed: Vec<Prepared>,
+}
+
+impl Tracker {
+    /// Nothing is outstanding upstream: a local answer cannot overtake anything.
+    pub fn is_quiet(&self) -> bool {
+        self.queue.is_empty() && !self.skipping
+    }
+
+    /// A Query, FunctionCall or Sync still awaits its ReadyForQuery.
+    pub fn has_outstanding_ready(&self) -> bool {
+        self.queue.iter().any(|e| matches!(e, Expect::Ready { .. }))
+    }
+
+    pub fn is_desynced(&self) -> bool {
+        self.desynced
+    }
+
+    /// PostgreSQL will discard the messages forwarded now (until a Sync).
+    #[cfg(test)]
+    pub fn is_skipping(&self) -> bool {
+        self.skipping
+    }
+
+    pub fn push(&mut self, expect: Expect) {
+        if self.desynced {
+            return;
+        }
+        if self.skipping {
+            if !expect.is_sync() {
+                return;
+            }
+            self.skipping = false;
+        }
+        self.queue.push_back(expect);
+    }
+
+    /// Steps one whole backend message (`msg` includes tag and length).
+    pub fn on_message(&mut self, tag: u8, msg: &[u8]) -> Step {
+        self.step(tag, Some(msg))
+    }
+
+    /// Steps a message too large to hold; any fill it belongs to is abandoned.
+    pub fn on_streamed(&mut self, tag: u8) -> Step {
+        self.step(tag, None)
+    }
+
+    fn step(&mut self, tag: u8, msg: Option<&[u8]>) -> Step {
+        let mut step = Step::default();
+        // Asynchronous messages answer no request.
+        if matches!(tag, b'N' | b'S' | b'A') || self.desynced {
+            return step;
+        }
+        let Some(head) = self.queue.front_mut() else {
+            self.desync(tag);
+            return step;
+        };
+        match (head, tag) {
+            (Expect::Ready { fill, .. }, b'Z') => {
+                if let Some(f) = fill.take() {
+                    drop(f); // completed at CommandComplete, or abandoned
+                }
+                self.queue.pop_front();
+                step.ready = true;
+            }
+            (Expect::Ready { fill, .. }, b'E') => {
+                *fill = None;
+                step.error = true;
+            }
+            (Expect::Ready { fill, .. }, b'T') => {
+                if let Some(f) = fill.as_mut() {
+                    match msg {
+                        Some(m) if f.row_description.is_none() => {
+                            f.row_description = Some(Bytes::copy_from_slice(m));
+                        }
+                        // A second result set: not one statement's result.
+                        _ => *fill = None,
+                    }
+                }
+            }
+            (Expect::Ready { fill, .. }, b'D') => Self::capture_row(fill, msg),
+            (Expect::Ready { fill, .. }, b'C') => {
+                if let Some(mut f) = fill.take() {
+                    if let Some(m) = msg
+                        && f.push(m)
+                    {
+                        (*f).complete();
+                    } else {
+                        f.ticket.abandon_too_large();
+                    }
+                }
+            }
+            (Expect::Ready { fill, .. }, _) => *fill = None,
+            (Expect::Parse { swallow, prepared }, b'1') => {
+                step.swallow = *swallow;
+                if let Some(p) = prepared.take() {
+                    self.confirmed.push(p);
+                }
+                self.queue.pop_front();
+            }
+            (Expect::Bind, b'2') | (Expect::Close, b'3') => {
+                self.queue.pop_front();
+            }
+            (Expect::DescribeStatement, b't') => {}
+            (Expect::DescribeStatement, b'T' | b'n') => {
+                self.queue.pop_front();
+            }
+            (Expect::DescribePortal { capture }, b'T' | b'n') => {
+                self.described = match (*capture, tag, msg) {
+                    (true, b'T', Some(m)) => Some(Bytes::copy_from_slice(m)),
+                    _ => None,
+                };
+                self.queue.pop_front();
+            }
+            (Expect::Execute { fill }, b'D') => {
+                if let Some(f) = fill.as_mut()
+                    && f.row_description.is_none()
+                {
+                    f.row_description = self.described.take();
+                }
+                Self::capture_row(fill, msg);
+            }
+            (Expect::Execute { fill }, b'C') => {
+                if let Some(mut f) = fill.take() {
+                    if f.row_description.is_none() {
+                        f.row_description = self.described.take();
+                    }
+                    if let Some(m) = msg
+                        && f.push(m)
+                    {
+                        (*f).complete();
+                    } else {
+                        f.ticket.abandon_too_large();
+                    }
+                }
+                self.queue.pop_front();
+            }
+            (Expect::Execute { .. }, b'I' | b's') => {
+                self.queue.pop_front();
+            }
+            // COPY inside an Execute: its data flows until CommandComplete.
+            (Expect::Execute { fill }, b'G' | b'H' | b'W' | b'd' | b'c') => *fill = None,
+            (_, b'E') => {
+                // Extended-protocol error: everything up to the next Sync is skipped.
+                step.error = true;
+                while let Some(front) = self.queue.front() {
+                    if front.is_sync() {
+                        break;
+                    }
+                    self.queue.pop_front();
+                }
+                self.skipping = self.queue.is_empty();
+                self.described = None;
+            }
+            _ => self.desync(tag),
+        }
+        step
+    }
+
+    fn capture_row(fill: &mut Option<Box<Fill>>, msg: Option<&[u8]>) {
+        let keep = match (fill.as_mut(), msg) {
+            (Some(f), Some(m)) => f.push(m),
+            (Some(_), None) => false,
+            (None, _) => return,
+        };
+        if !keep && let Some(f) = fill.take() {
+            f.ticket.abandon_too_large();
+        }
+    }
+
+    fn desync(&mut self, tag: u8) {
+        tracing::error!(
+            tag = %char::from(tag),
+            "backend message does not match any outstanding request; caching disabled for this session"
+        );
+        self.desynced = true;
+        self.queue.clear();
+        self.described = None;
+        self.skipping = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_policies::cache::{Lookup, ResultCache};
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&u32::try_from(body.len() + 4).expect("small").to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn feed(t: &mut Tracker, tag: u8, body: &[u8]) -> Step {
+        t.on_message(tag, &msg(tag, body))
+    }
+
+    fn fill(cache: &Arc<ResultCache>, key: &[u8]) -> Box<Fill> {
+        let Lookup::Lead(ticket) = cache.lookup(key) else {
+            panic!("expected to lead");
+        };
+        Fill::new(ticket, Deps::default(), Duration::from_secs(60))
+    }
+
+    #[test]
+    fn captures_one_execute_among_several() {
+        let cache = ResultCache::new(1 << 20, 1 << 16);
+        let mut t = Tracker::default();
+        t.push(Expect::Bind);
+        t.push(Expect::Execute { fill: None });
+        t.push(Expect::Bind);
+        t.push(Expect::DescribePortal { capture: true });
+        t.push(Expect::Execute {
+            fill: Some(fill(&cache, b"k")),
+        });
+        t.push(Expect::Ready {
+            sync: true,
+            fill: None,
+        });
+        for (tag, body) in [
+            (b'2', &b""[..]),
+            (b'D', b"first"),
+            (b'C', b"SELECT 1\0"),
+            (b'2', b""),
+            (b'T', b"rowdesc"),
+            (b'D', b"second"),
+            (b'N', b"notice"),
+            (b'C', b"SELECT 1\0"),
+        ] {
+            assert!(!feed(&mut t, tag, body).ready);
+        }
+        assert!(feed(&mut t, b'Z', b"I").ready);
+        assert!(t.is_quiet());
+        let hit = cache.get(b"k").expect("stored");
+        assert_eq!(
+            hit.row_description.as_deref(),
+            Some(&msg(b'T', b"rowdesc")[..])
+        );
+        let mut body = msg(b'D', b"second");
+        body.extend(msg(b'C', b"SELECT 1\0"));
+        assert_eq!(&hit.body[..], &body[..]);
+    }
+
+    #[test]
+    fn error_skips_to_sync_and_drops_fills() {
+        let cache = ResultCache::new(1 << 20, 1 << 16);
+        let mut t = Tracker::default();
+        t.push(Expect::Bind);
+        t.push(Expect::Execute {
+            fill: Some(fill(&cache, b"k")),
+        });
+        t.push(Expect::Ready {
+            sync: true,
+            fill: None,
+        });
+        let step = feed(&mut t, b'E', b"SERROR\0");
+        assert!(step.error);
+        assert!(feed(&mut t, b'Z', b"I").ready);
+        assert!(t.is_quiet());
+        assert!(cache.get(b"k").is_none());
+        // The waiter-less fill was abandoned: the key can be led again.
+        assert!(matches!(cache.lookup(b"k"), Lookup::Lead(_)));
+    }
+
+    #[test]
+    fn error_before_sync_is_queued_skips_later_messages() {
+        let mut t = Tracker::default();
+        t.push(Expect::Parse {
+            swallow: false,
+            prepared: None,
+        });
+        feed(&mut t, b'E', b"SERROR\0");
+        assert!(t.is_skipping());
+        t.push(Expect::Bind); // PostgreSQL ignores it
+        t.push(Expect::Ready {
+            sync: true,
+            fill: None,
+        });
+        assert!(feed(&mut t, b'Z', b"E").ready);
+        assert!(t.is_quiet());
+    }
+
+    #[test]
+    fn injected_parse_is_swallowed_and_confirmed() {
+        let mut t = Tracker::default();
+        t.push(Expect::Parse {
+            swallow: true,
+            prepared: None,
+        });
+        t.push(Expect::Parse {
+            swallow: false,
+            prepared: None,
+        });
+        assert!(feed(&mut t, b'1', b"").swallow);
+        assert!(!feed(&mut t, b'1', b"").swallow);
+    }
+
+    #[test]
+    fn simple_query_fill_needs_a_single_result() {
+        let cache = ResultCache::new(1 << 20, 1 << 16);
+        let mut t = Tracker::default();
+        t.push(Expect::Ready {
+            sync: false,
+            fill: Some(fill(&cache, b"q")),
+        });
+        feed(&mut t, b'T', b"rd");
+        feed(&mut t, b'D', b"row");
+        feed(&mut t, b'C', b"SELECT 1\0");
+        feed(&mut t, b'Z', b"I");
+        assert!(cache.get(b"q").is_some());
+    }
+
+    #[test]
+    fn oversized_result_is_not_cached() {
+        let cache = ResultCache::new(1 << 20, 8);
+        let mut t = Tracker::default();
+        t.push(Expect::Ready {
+            sync: false,
+            fill: Some(fill(&cache, b"q")),
+        });
+        feed(&mut t, b'T', b"rd");
+        feed(&mut t, b'D', b"a long row");
+        feed(&mut t, b'C', b"SELECT 1\0");
+        feed(&mut t, b'Z', b"I");
+        assert!(cache.get(b"q").is_none());
+    }
+
+    #[test]
+    fn unexpected_message_desyncs() {
+        let mut t = Tracker::default();
+        t.push(Expect::Bind);
+        feed(&mut t, b'1', b"");
+        assert!(t.is_desynced());
+        t.push(Expect::Bind);
+        assert!(t.is_quiet(), "nothing is tracked once desynced");
+    }
+}
