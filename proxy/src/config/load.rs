@@ -76,12 +76,16 @@ fn env_provider() -> NamedEnv {
     NamedEnv(
         Env::prefixed(ENV_PREFIX)
             // SPILLWAY_CONFIG names the file (clap reads it); tables have their own reader.
-            .filter(|k| {
-                let k = k.as_str();
-                k != "config" && !k.starts_with("tables__")
-            })
+            .filter(|k| is_general_key(k.as_str()))
             .split("__"),
     )
+}
+
+/// Whether `SPILLWAY_<key>` belongs to the general reader. figment hands the name over
+/// as written (upper case), so the comparison ignores case.
+fn is_general_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k != "config" && !k.starts_with("tables__")
 }
 
 /// figment's `Env`, but errors name the variable (`SPILLWAY_SERVER__LISTEN`) rather
@@ -234,6 +238,14 @@ mod tests {
         let shown = meta.interpolate(&Profile::Default, &["server", "listen"]);
         assert_eq!(shown, "SPILLWAY_SERVER__LISTEN");
         assert!(fig.extract::<Config>().is_err());
+    }
+
+    #[test]
+    fn config_and_tables_are_left_to_their_own_readers() {
+        assert!(!is_general_key("CONFIG"));
+        assert!(!is_general_key("TABLES__public__t__TTL"));
+        assert!(!is_general_key("tables__public__t__ttl"));
+        assert!(is_general_key("CACHE__TTL"));
     }
 
     #[test]
