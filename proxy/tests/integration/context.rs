@@ -36,6 +36,14 @@ impl ContextBuilder {
         self
     }
 
+    /// Raw TOML appended to the config file: whole sections with their header, for
+    /// example `[cache]\nttl = "1s"` or `[tables."public.t"]\ncache = false`.
+    pub fn section(mut self, toml: &str) -> Self {
+        self.config.push_str(toml);
+        self.config.push('\n');
+        self
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
         self

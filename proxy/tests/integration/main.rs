@@ -6,8 +6,10 @@ mod wire;
 
 mod auth_tls;
 mod bad_input;
+mod cache;
 mod clients;
 mod demo;
+mod differential;
 mod lifecycle;
 mod protocol;
 mod triggers;
