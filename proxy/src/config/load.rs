@@ -82,10 +82,13 @@ fn env_provider() -> NamedEnv {
 }
 
 /// Whether `SPILLWAY_<key>` belongs to the general reader. figment hands the name over
-/// as written (upper case), so the comparison ignores case.
+/// as written (upper case), so the comparison ignores case. Not config: `CONFIG` (the
+/// file, read by clap), `TABLES__*` (their own reader), and the tooling variables
+/// `PG_BIN` (where the throwaway PostgreSQL's binaries are) and `BIN` (which spillway
+/// binary the benchmark scripts run).
 fn is_general_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    k != "config" && !k.starts_with("tables__")
+    !matches!(k.as_str(), "config" | "pg_bin" | "bin") && !k.starts_with("tables__")
 }
 
 /// figment's `Env`, but errors name the variable (`SPILLWAY_SERVER__LISTEN`) rather
@@ -245,7 +248,9 @@ mod tests {
         assert!(!is_general_key("CONFIG"));
         assert!(!is_general_key("TABLES__public__t__TTL"));
         assert!(!is_general_key("tables__public__t__ttl"));
+        assert!(!is_general_key("PG_BIN"));
         assert!(is_general_key("CACHE__TTL"));
+        assert!(is_general_key("CACHEE__TTL"), "typos are still reported");
     }
 
     #[test]
