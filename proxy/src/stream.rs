@@ -22,6 +22,20 @@ pub enum Stream {
     Detached,
 }
 
+impl Stream {
+    /// After a read returned less than it asked for, the socket is drained: tells the
+    /// runtime so without the `recv` that would return EAGAIN. Safe against lost
+    /// wakeups: tokio clears readiness only if no readiness event arrived since it was
+    /// last observed, and data arriving later raises a new edge-triggered event.
+    pub fn note_drained(&self) {
+        if let Stream::Plain(tcp) = self {
+            let _ = tcp.try_io(tokio::io::Interest::READABLE, || {
+                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+            });
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,

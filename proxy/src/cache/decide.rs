@@ -17,12 +17,13 @@ use crate::classify::{Analysis, Kind, RelName, Statement};
 pub struct TableSettings {
     pub default_ttl: Duration,
     pub invalidate_on_unknown: bool,
-    pub by_table: HashMap<(String, String), (bool, Option<Duration>)>,
+    /// `cache` and `ttl` by schema, then table name (two lookups, no allocation).
+    pub by_table: HashMap<String, HashMap<String, (bool, Option<Duration>)>>,
 }
 
 impl TableSettings {
     fn lookup(&self, schema: &str, name: &str) -> (bool, Duration) {
-        match self.by_table.get(&(schema.to_owned(), name.to_owned())) {
+        match self.by_table.get(schema).and_then(|t| t.get(name)) {
             Some(&(cache, ttl)) => (cache, ttl.unwrap_or(self.default_ttl)),
             None => (true, self.default_ttl),
         }

@@ -121,7 +121,9 @@ impl ReadCache {
             if let Some((schema, table)) = name.split_once('.') {
                 tables
                     .by_table
-                    .insert((schema.to_owned(), table.to_owned()), (t.cache, t.ttl));
+                    .entry(schema.to_owned())
+                    .or_default()
+                    .insert(table.to_owned(), (t.cache, t.ttl));
             }
         }
         let limits = ClassifierLimits {

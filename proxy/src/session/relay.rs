@@ -388,9 +388,16 @@ async fn write_out(stream: &mut Stream, buf: &mut BytesMut) -> io::Result<()> {
 
 fn poll_read(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<Read>> {
     conn.inbuf.reserve(READ_CHUNK);
+    let room = conn.inbuf.capacity() - conn.inbuf.len();
     match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.inbuf) {
         Poll::Ready(Ok(0)) => Poll::Ready(Ok(Read::Eof)),
-        Poll::Ready(Ok(_)) => Poll::Ready(Ok(Read::Data)),
+        Poll::Ready(Ok(n)) => {
+            // A short read took everything there was: skip the EAGAIN round trip.
+            if n < room {
+                conn.stream.note_drained();
+            }
+            Poll::Ready(Ok(Read::Data))
+        }
         Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         Poll::Pending => Poll::Pending,
     }

@@ -98,11 +98,9 @@ impl Caching {
                             .is_some_and(|u| u.same_as(&stmt));
                         self.unnamed_client = Some(stmt);
                     }
-                    self.cache
-                        .results
-                        .stats()
-                        .hits
-                        .fetch_add(hits, std::sync::atomic::Ordering::Relaxed);
+                    for _ in 0..hits {
+                        self.cache.results.record_hit();
+                    }
                     self.held.clear();
                     self.held_bytes = 0;
                     self.waited = false;

@@ -258,25 +258,29 @@ impl Caching {
             });
             return Disposition::Consumed;
         };
+        // Fast path: an entry under this key was cacheable when it was stored, and
+        // anything that changed that since (DDL, a write) made it stale; so a hit needs
+        // neither the classifier nor the catalog.
+        let key = (self.reads_allowed(out.state) && self.tracker.is_quiet())
+            .then(|| self.simple_key(sql, out.state));
+        if let Some(key) = &key
+            && let Some(hit) = self.cache.results.get(key)
+            && let Some(rd) = &hit.row_description
+        {
+            out.state.on_frontend(frontend::QUERY);
+            out.client.extend_from_slice(rd);
+            out.client.extend_from_slice(&hit.body);
+            self.answer_ready(out);
+            self.cache.results.record_hit();
+            self.waited = false;
+            return Disposition::Consumed;
+        }
         let analysis = self.cache.classifier.classify(sql);
         let decision = self.decide(&analysis);
         let mut fill = None;
-        if let Ok(cacheable) = &decision.cacheable
-            && self.reads_allowed(out.state)
-            && self.tracker.is_quiet()
-        {
-            let key = self.simple_key(sql, out.state);
-            match self.cache.results.lookup(&key) {
-                Lookup::Hit(hit) if hit.row_description.is_some() => {
-                    out.state.on_frontend(frontend::QUERY);
-                    if let Some(rd) = &hit.row_description {
-                        out.client.extend_from_slice(rd);
-                    }
-                    out.client.extend_from_slice(&hit.body);
-                    self.answer_ready(out);
-                    self.waited = false;
-                    return Disposition::Consumed;
-                }
+        if let (Ok(cacheable), Some(key)) = (&decision.cacheable, &key) {
+            match self.cache.results.lookup(key) {
+                // Another session's fill landed since the fast path looked: go upstream.
                 Lookup::Hit(_) => {}
                 Lookup::Lead(ticket) => {
                     fill = Some(Fill::new(ticket, self.capture(cacheable), cacheable.ttl));
@@ -382,13 +386,12 @@ impl Caching {
                 Kind::Transaction(TxCommand::SetTransaction { isolation }) => {
                     self.tx_snapshot |= isolation.is_some_and(snapshot);
                 }
-                Kind::Transaction(TxCommand::SetSessionCharacteristics {
-                    isolation: Some(i),
-                }) => {
+                Kind::Transaction(TxCommand::SetSessionCharacteristics { isolation: Some(i) }) => {
                     if certain {
                         self.key.default_snapshot_isolation = snapshot(*i);
                     } else {
-                        self.key.lose_track("isolation changed inside a transaction");
+                        self.key
+                            .lose_track("isolation changed inside a transaction");
                     }
                 }
                 Kind::Session(cmd) => {
