@@ -163,7 +163,12 @@ fn statement_effects(
             effects.everything |= *global;
             effects.catalog_changed = true;
         }
-        Kind::Unknown => effects.database |= settings.invalidate_on_unknown,
+        Kind::Unknown => {
+            effects.database |= settings.invalidate_on_unknown;
+            // DO/CALL/EXECUTE can create objects (a temporary table shadowing a
+            // cached one): the catalog snapshot is no longer trusted.
+            effects.catalog_changed = true;
+        }
         Kind::Select | Kind::OtherRead | Kind::Transaction(_) | Kind::Session(_) | Kind::Empty => {}
     }
 }
@@ -193,5 +198,90 @@ fn write_targets(names: &[RelName], catalog: Option<&Catalog>, effects: &mut Eff
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::tests::sample;
+    use crate::classify::analyze;
+
+    fn settings() -> TableSettings {
+        let mut s = TableSettings {
+            default_ttl: Duration::from_secs(60),
+            invalidate_on_unknown: true,
+            by_table: HashMap::new(),
+        };
+        s.by_table
+            .entry("audit".into())
+            .or_default()
+            .insert("accounts".into(), (true, Some(Duration::from_secs(5))));
+        s
+    }
+
+    fn run(sql: &str) -> Decision {
+        decide(&analyze(sql), Some(&sample()), &settings())
+    }
+
+    #[test]
+    fn select_through_views_depends_on_base_tables() {
+        let d = run("SELECT * FROM richer WHERE lower(x) = 'a'");
+        assert_eq!(
+            d.cacheable,
+            Ok(Cacheable {
+                tables: vec![1],
+                ttl: Duration::from_secs(60)
+            })
+        );
+        assert!(d.effects.is_empty());
+    }
+
+    #[test]
+    fn unqualified_name_depends_on_every_schema_and_takes_the_smallest_ttl() {
+        let d = run("SELECT * FROM accounts");
+        let c = d.cacheable.expect("cacheable");
+        assert_eq!(c.tables, vec![1, 2]);
+        assert_eq!(c.ttl, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        assert_eq!(run("SELECT now() FROM accounts").cacheable, Err("non-immutable function"));
+        assert_eq!(run("SELECT * FROM nope").cacheable, Err("unknown relation"));
+        assert_eq!(run("SELECT * FROM secrets").cacheable, Err("row-level security"));
+        assert_eq!(run("SELECT * FROM accounts FOR UPDATE").cacheable, Err("not a plain SELECT"));
+        assert_eq!(
+            decide(&analyze("SELECT 1"), None, &settings()).cacheable,
+            Err("catalog not loaded")
+        );
+        let mut off = settings();
+        off.by_table
+            .entry("public".into())
+            .or_default()
+            .insert("accounts".into(), (false, None));
+        assert_eq!(
+            decide(&analyze("SELECT * FROM public.accounts"), Some(&sample()), &off).cacheable,
+            Err("cache disabled for a table")
+        );
+    }
+
+    #[test]
+    fn writes_invalidate_their_targets() {
+        let d = run("UPDATE public.accounts SET x = 1");
+        assert_eq!(d.effects.tables, vec![1]);
+        assert!(!d.effects.database);
+        let d = run("WITH w AS (DELETE FROM audit.accounts RETURNING 1) SELECT * FROM w");
+        assert_eq!(d.effects.tables, vec![2]);
+    }
+
+    #[test]
+    fn unknown_targets_and_side_effects_invalidate_the_database() {
+        assert!(run("INSERT INTO nope VALUES (1)").effects.database);
+        assert!(run("DO $$ BEGIN NULL; END $$").effects.database);
+        assert!(run("TRUNCATE accounts CASCADE").effects.database);
+        let ddl = run("ALTER TABLE accounts ADD COLUMN y int").effects;
+        assert!(ddl.database && ddl.catalog_changed && !ddl.everything);
+        assert!(run("ALTER ROLE bob SET search_path = a").effects.everything);
     }
 }
