@@ -167,6 +167,56 @@ async fn notify_makes_external_writes_visible_long_before_the_ttl() {
 }
 
 #[tokio::test]
+async fn losing_the_listen_connection_drops_entries_until_it_is_back() {
+    let ctx = Context::builder()
+        .section("[cache]\nttl = \"1h\"\ninvalidation = \"notify\"")
+        .start()
+        .await;
+    let direct = ctx.direct_client().await;
+    direct.batch_execute(super::SETUP).await.expect("setup");
+    install_triggers(&ctx).await;
+    let quiet = ctx.direct_client().await;
+    quiet
+        .batch_execute("SET session_replication_role = replica")
+        .await
+        .expect("replica role");
+    let proxy = ctx.proxy_client().await;
+    // A stale entry exists: the quiet write was not announced.
+    let stale = cached(&proxy, &quiet, Via::Simple, ALL, EXTERNAL).await;
+    let service = "SELECT count(*)::int FROM pg_stat_activity \
+                   WHERE application_name = 'spillway cache service'";
+    let killed: bool = direct
+        .query_one(
+            "SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'spillway cache service'",
+            &[],
+        )
+        .await
+        .expect("terminate the service connection")
+        .get(0);
+    assert!(killed, "the LISTEN connection was found and terminated");
+    // Notifications sent while it is down are lost, so nothing cached before may be
+    // served: the next read is PostgreSQL's answer.
+    let want = simple(&direct, ALL).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = simple(&proxy, ALL).await;
+        if got == want {
+            break;
+        }
+        assert_eq!(got, stale);
+        assert!(
+            Instant::now() < deadline,
+            "the stale entry survived the loss of the LISTEN connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It reconnects, and caching resumes.
+    wait_count(&direct, service, 1, "the service connection is back").await;
+    cached(&proxy, &quiet, Via::Simple, ALL, EXTERNAL).await;
+}
+
+#[tokio::test]
 async fn concurrent_misses_are_coalesced_into_one_upstream_query() {
     let (ctx, direct) = start(Context::builder(), GATE).await;
     let warm = ctx.proxy_client().await;
