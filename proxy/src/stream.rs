@@ -25,8 +25,9 @@ pub enum Stream {
 impl Stream {
     /// After a read returned less than it asked for, the socket is drained: tells the
     /// runtime so without the `recv` that would return EAGAIN. Safe against lost
-    /// wakeups: tokio clears readiness only if no readiness event arrived since it was
-    /// last observed, and data arriving later raises a new edge-triggered event.
+    /// wakeups on the current-thread runtimes sessions run on: the I/O driver does not
+    /// run while this task does, so data that arrived after the `recv` is still an
+    /// undelivered edge-triggered event in epoll and sets readiness again.
     pub fn note_drained(&self) {
         if let Stream::Plain(tcp) = self {
             let _ = tcp.try_io(tokio::io::Interest::READABLE, || {

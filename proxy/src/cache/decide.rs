@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::catalog::{Catalog, Volatility};
-use crate::classify::{Analysis, Kind, RelName, Statement};
+use crate::classify::{Analysis, Kind, RelName, Statement, TxCommand};
 
 /// Per-table cache settings: `tables."schema.name".cache` and `.ttl`.
 #[derive(Debug, Clone, Default)]
@@ -47,11 +47,15 @@ pub struct Effects {
     pub everything: bool,
     /// The catalog snapshot is out of date (DDL).
     pub catalog_changed: bool,
+    /// The statement may change session state out of sight (SET, SET ROLE, temporary
+    /// objects inside DO, CALL, EXECUTE or a user-defined volatile function).
+    pub hidden_session_changes: bool,
 }
 
 impl Effects {
+    /// Nothing to invalidate (session-only effects aside).
     pub fn is_empty(&self) -> bool {
-        self.tables.is_empty() && !self.database && !self.everything
+        self.tables.is_empty() && !self.database && !self.everything && !self.catalog_changed
     }
 
     pub fn merge(&mut self, other: &Effects) {
@@ -63,6 +67,7 @@ impl Effects {
         self.database |= other.database;
         self.everything |= other.everything;
         self.catalog_changed |= other.catalog_changed;
+        self.hidden_session_changes |= other.hidden_session_changes;
     }
 }
 
@@ -152,12 +157,25 @@ fn statement_effects(
                 None => !matches!(stmt.kind, Kind::Select),
             });
     effects.database |= side_effects && settings.invalidate_on_unknown;
+    // Only a function known to be user-defined and volatile counts as possibly
+    // changing session state (an unknown name while the catalog loads does not).
+    effects.hidden_session_changes |= stmt.functions.iter().any(|f| {
+        catalog
+            .and_then(|c| c.function(&f.name))
+            .is_some_and(|info| info.user_volatile)
+    });
     match &stmt.kind {
         Kind::Write => write_targets(&stmt.writes, catalog, effects),
         Kind::Truncate { cascade } => {
             write_targets(&stmt.writes, catalog, effects);
             effects.database |= *cascade;
         }
+        // A temporary object is visible to its session only; the session stops
+        // using the cache (see the handler), nobody else is affected.
+        Kind::Ddl {
+            temp: true,
+            global: false,
+        } => {}
         Kind::Ddl { global, .. } => {
             effects.database = true;
             effects.everything |= *global;
@@ -165,10 +183,10 @@ fn statement_effects(
         }
         Kind::Unknown => {
             effects.database |= settings.invalidate_on_unknown;
-            // DO/CALL/EXECUTE can create objects (a temporary table shadowing a
-            // cached one): the catalog snapshot is no longer trusted.
-            effects.catalog_changed = true;
+            effects.hidden_session_changes = true;
         }
+        // Commits writes prepared earlier, possibly by another session.
+        Kind::Transaction(TxCommand::CommitPrepared) => effects.database = true,
         Kind::Select | Kind::OtherRead | Kind::Transaction(_) | Kind::Session(_) | Kind::Empty => {}
     }
 }
@@ -247,10 +265,19 @@ mod tests {
 
     #[test]
     fn refusals_say_why() {
-        assert_eq!(run("SELECT now() FROM accounts").cacheable, Err("non-immutable function"));
+        assert_eq!(
+            run("SELECT now() FROM accounts").cacheable,
+            Err("non-immutable function")
+        );
         assert_eq!(run("SELECT * FROM nope").cacheable, Err("unknown relation"));
-        assert_eq!(run("SELECT * FROM secrets").cacheable, Err("row-level security"));
-        assert_eq!(run("SELECT * FROM accounts FOR UPDATE").cacheable, Err("not a plain SELECT"));
+        assert_eq!(
+            run("SELECT * FROM secrets").cacheable,
+            Err("row-level security")
+        );
+        assert_eq!(
+            run("SELECT * FROM accounts FOR UPDATE").cacheable,
+            Err("not a plain SELECT")
+        );
         assert_eq!(
             decide(&analyze("SELECT 1"), None, &settings()).cacheable,
             Err("catalog not loaded")
@@ -261,7 +288,12 @@ mod tests {
             .or_default()
             .insert("accounts".into(), (false, None));
         assert_eq!(
-            decide(&analyze("SELECT * FROM public.accounts"), Some(&sample()), &off).cacheable,
+            decide(
+                &analyze("SELECT * FROM public.accounts"),
+                Some(&sample()),
+                &off
+            )
+            .cacheable,
             Err("cache disabled for a table")
         );
     }

@@ -4,8 +4,9 @@
 //! [`DbState`]; the per-session protocol work is in `session::handler`.
 //!
 //! Invariant: a database whose catalog is not loaded (first use, after DDL, while its
-//! service connection is down) serves and stores nothing: [`DbState::catalog`] is
-//! `None` and every statement is passed through.
+//! service connection is down) stores nothing new: [`DbState::catalog`] is `None` and
+//! every miss is passed through. Existing entries stay servable exactly as long as
+//! their version counters say (DDL and a lost LISTEN connection bump the epoch).
 
 pub mod decide;
 mod service;

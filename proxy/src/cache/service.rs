@@ -28,8 +28,8 @@ pub const CHANNEL: &str = "spillway_invalidate";
 const RELOAD_EVERY: Duration = Duration::from_secs(60);
 const MIN_RELOAD_GAP: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Notifications buffered between the connection task and the service loop; when
-/// full, the connection is not read (PostgreSQL queues them meanwhile).
+/// Notifications buffered between the connection task and the service loop; one that
+/// does not fit invalidates the whole database instead.
 const NOTIFY_QUEUE: usize = 4096;
 
 pub struct Spawner {
@@ -50,7 +50,7 @@ impl Spawner {
 async fn run(cache: Arc<ReadCache>, db: Arc<DbState>, connector: Connector, url: String) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match connect(&connector, &url, &db.name).await {
+        match connect(&connector, &url, &db).await {
             Ok((client, notifications)) => {
                 backoff = Duration::from_millis(100);
                 let reason = serve(&cache, &db, &client, notifications).await;
@@ -73,8 +73,11 @@ async fn run(cache: Arc<ReadCache>, db: Arc<DbState>, connector: Connector, url:
 async fn connect(
     connector: &Connector,
     url: &str,
-    database: &str,
+    db: &DbState,
 ) -> Result<(Client, mpsc::Receiver<String>), String> {
+    let database = db.name.as_str();
+    // A notification that does not fit the queue invalidates the whole database.
+    let overflow = db.versions.clone();
     let mut config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
     // TLS, if any, is already negotiated by the connector.
     config.ssl_mode(tokio_postgres::config::SslMode::Disable);
@@ -90,8 +93,12 @@ async fn connect(
         while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
             match msg {
                 Ok(AsyncMessage::Notification(n)) => {
-                    if tx.send(n.payload().to_owned()).await.is_err() {
-                        return;
+                    // Never wait here: the service loop may itself be waiting for a
+                    // query answer that only this task can read.
+                    match tx.try_send(n.payload().to_owned()) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => overflow.bump_all(),
+                        Err(mpsc::error::TrySendError::Closed(_)) => return,
                     }
                 }
                 Ok(_) => {}
@@ -123,9 +130,15 @@ async fn serve(
     loop {
         tokio::select! {
             payload = notifications.recv() => match payload {
-                Some(payload) => match payload.parse::<u32>() {
-                    Ok(oid) => db.versions.bump_tables([oid]),
-                    Err(_) => db.versions.bump_all(),
+                Some(payload) => match (payload.parse::<u32>(), db.catalog()) {
+                    // The trigger names the table the statement targeted; its parents
+                    // and partitions change with it.
+                    (Ok(oid), Some(catalog)) => {
+                        let mut tables = Vec::new();
+                        catalog.write_targets_by_oid(oid, &mut tables);
+                        db.versions.bump_tables(tables);
+                    }
+                    _ => db.versions.bump_all(),
                 },
                 None => return "connection closed".to_owned(),
             },

@@ -35,6 +35,8 @@ SELECT c.oid, pg_get_viewdef(c.oid)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
+const INHERITS: &str = "SELECT inhrelid, inhparent FROM pg_inherits";
+
 const FUNCTIONS: &str = "
 SELECT p.proname, p.provolatile::text, n.nspname = 'pg_catalog'
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace";
@@ -96,11 +98,19 @@ pub async fn load(client: &Client) -> Result<Catalog, tokio_postgres::Error> {
         }
     }
 
-    Ok(Catalog::new(
+    let inherits: Vec<(u32, u32)> = client
+        .query(INHERITS, &[])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+
+    Ok(Catalog::with_inheritance(
         relations,
         &view_deps,
         volatile_views,
         functions,
+        &inherits,
     ))
 }
 

@@ -92,6 +92,9 @@ pub struct Catalog {
     /// Views whose definitions are not immutable.
     volatile_views: std::collections::HashSet<u32>,
     functions: HashMap<String, FunctionInfo>,
+    /// Inheritance and partitioning: direct children and parents by OID.
+    children: HashMap<u32, Vec<u32>>,
+    parents: HashMap<u32, Vec<u32>>,
 }
 
 impl Catalog {
@@ -101,6 +104,23 @@ impl Catalog {
         volatile_views: std::collections::HashSet<u32>,
         functions: HashMap<String, FunctionInfo>,
     ) -> Self {
+        Self::with_inheritance(relations, view_deps, volatile_views, functions, &[])
+    }
+
+    /// `inherits`: (child, parent) pairs from `pg_inherits`.
+    pub fn with_inheritance(
+        relations: Vec<Relation>,
+        view_deps: &[(u32, u32)],
+        volatile_views: std::collections::HashSet<u32>,
+        functions: HashMap<String, FunctionInfo>,
+        inherits: &[(u32, u32)],
+    ) -> Self {
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        let mut parents: HashMap<u32, Vec<u32>> = HashMap::new();
+        for &(child, parent) in inherits {
+            children.entry(parent).or_default().push(child);
+            parents.entry(child).or_default().push(parent);
+        }
         let kinds: HashMap<u32, RelKind> = relations.iter().map(|r| (r.oid, r.kind)).collect();
         let mut direct: HashMap<u32, Vec<u32>> = HashMap::new();
         for &(view, dep) in view_deps {
@@ -146,6 +166,21 @@ impl Catalog {
             view_bases,
             volatile_views: volatile,
             functions,
+            children,
+            parents,
+        }
+    }
+
+    /// Every table reachable through `links` from `oid` (not `oid` itself).
+    fn closure(links: &HashMap<u32, Vec<u32>>, oid: u32, out: &mut Vec<u32>) {
+        let mut stack = vec![oid];
+        while let Some(o) = stack.pop() {
+            for &next in links.get(&o).map(Vec::as_slice).unwrap_or_default() {
+                if next != oid && !out.contains(&next) {
+                    out.push(next);
+                    stack.push(next);
+                }
+            }
         }
     }
 
@@ -188,7 +223,16 @@ impl Catalog {
                 Ok(())
             }
             _ => {
+                // A parent's rows include its children's (partitions, inheritance).
                 out.push(rel.oid);
+                let mut below = Vec::new();
+                Self::closure(&self.children, rel.oid, &mut below);
+                for child in below {
+                    if let Some(c) = self.relation_by_oid(child) {
+                        self.check(c)?;
+                    }
+                    out.push(child);
+                }
                 Ok(())
             }
         }
@@ -197,7 +241,7 @@ impl Catalog {
     /// The tables a write to `rel` may change: itself, and for a view (written through
     /// its rules or INSTEAD OF triggers) every base table it reads.
     pub fn write_targets(&self, rel: &Relation, out: &mut Vec<u32>) {
-        out.push(rel.oid);
+        self.write_targets_by_oid(rel.oid, out);
         if rel.kind == RelKind::View {
             out.extend(
                 self.view_bases
@@ -206,6 +250,14 @@ impl Catalog {
                     .unwrap_or_default(),
             );
         }
+    }
+
+    /// A write to table `oid` changes what its ancestors return (they include its rows)
+    /// and, written through a parent, its descendants.
+    pub fn write_targets_by_oid(&self, oid: u32, out: &mut Vec<u32>) {
+        out.push(oid);
+        Self::closure(&self.parents, oid, out);
+        Self::closure(&self.children, oid, out);
     }
 
     fn check(&self, rel: &Relation) -> Result<(), Uncacheable> {
@@ -306,6 +358,31 @@ pub(crate) mod tests {
         let richer = c.resolve(None, "richer")[0];
         c.read_dependencies(richer, &mut deps).expect("cacheable");
         assert_eq!(deps, vec![1]);
+    }
+
+    #[test]
+    fn partitions_are_read_with_their_parent_and_written_through_it() {
+        let relations = vec![
+            rel(10, "public", "m", RelKind::Table),
+            rel(11, "public", "m_2025", RelKind::Table),
+            rel(12, "public", "m_2025_01", RelKind::Table),
+        ];
+        let c = Catalog::with_inheritance(
+            relations,
+            &[],
+            std::collections::HashSet::new(),
+            HashMap::new(),
+            &[(11, 10), (12, 11)],
+        );
+        let mut deps = Vec::new();
+        c.read_dependencies(c.resolve(None, "m")[0], &mut deps)
+            .expect("cacheable");
+        deps.sort_unstable();
+        assert_eq!(deps, vec![10, 11, 12]);
+        let mut w = Vec::new();
+        c.write_targets_by_oid(11, &mut w);
+        w.sort_unstable();
+        assert_eq!(w, vec![10, 11, 12]);
     }
 
     #[test]

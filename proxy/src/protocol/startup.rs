@@ -50,7 +50,10 @@ impl StartupMessage {
 
     /// PostgreSQL defaults the database name to the user name.
     pub fn database(&self) -> &str {
-        self.param("database").unwrap_or_else(|| self.user())
+        // An empty value counts as absent, as in PostgreSQL.
+        self.param("database")
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| self.user())
     }
 
     /// Builds a StartupMessage for protocol 3.0 (used by spillway's own connections

@@ -176,7 +176,10 @@ impl Relay {
         // After Terminate the client has nothing more to say; answers to what it sent
         // before still flow until PostgreSQL closes, as on a direct connection. While
         // the handler holds a message back, nothing more is read behind it.
+        // Answers from the cache land in `to_client` without any upstream traffic, so
+        // the client is read only while both windows have room.
         if self.to_upstream.len() < WINDOW
+            && self.to_client.len() < WINDOW
             && !self.state.client_terminated
             && !self.handler.is_blocked()
         {

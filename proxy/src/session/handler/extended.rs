@@ -155,10 +155,24 @@ impl Caching {
                             } else {
                                 self.named.get(b.statement).cloned()
                             };
-                            match stmt
-                                .and_then(|s| self.extended_key(&s, b.params_and_formats, out))
-                            {
-                                Some(key) => match self.cache.results.lookup(&key) {
+                            let keyed = stmt.and_then(|s| {
+                                let key = self.extended_key(&s, b.params_and_formats, out)?;
+                                Some((s, key))
+                            });
+                            let hit = keyed.as_ref().and_then(|(_, k)| self.cache.results.get(k));
+                            match (keyed, hit) {
+                                (_, Some(hit)) => {
+                                    bound = Some(hit);
+                                    answers.extend_from_slice(frontend::BIND_COMPLETE);
+                                    true
+                                }
+                                // A miss: only a cacheable statement may lead a fill.
+                                (Some((s, _)), None)
+                                    if self.decide(&s.analysis).cacheable.is_err() =>
+                                {
+                                    false
+                                }
+                                (Some((_, key)), None) => match self.cache.results.lookup(&key) {
                                     Lookup::Hit(hit) => {
                                         bound = Some(hit);
                                         answers.extend_from_slice(frontend::BIND_COMPLETE);
@@ -173,7 +187,7 @@ impl Caching {
                                         false
                                     }
                                 },
-                                None => false,
+                                (None, None) => false,
                             }
                         }
                         _ => false,
@@ -212,6 +226,10 @@ impl Caching {
             }
         }
         self.held = held;
+        if hits == 0 {
+            // Nothing served from the cache: a lone Parse must be checked upstream.
+            return Plan::Forward(None);
+        }
         Plan::Local {
             answers,
             unnamed: unnamed_changed.then_some(unnamed).flatten(),
@@ -328,6 +346,7 @@ impl Caching {
                     }
                     Some(t) if t.kind == b'S' => {
                         self.named.remove(t.name);
+                        self.tracker.forget_pending(t.name);
                     }
                     Some(t) => {
                         self.portals.remove(t.name);
@@ -336,10 +355,14 @@ impl Caching {
                 }
                 Expect::Close
             }
-            frontend::SYNC => Expect::Ready {
-                sync: true,
-                fill: None,
-            },
+            frontend::SYNC => {
+                // A Bind whose Execute never came: release its fill now.
+                self.next_fill = None;
+                Expect::Ready {
+                    sync: true,
+                    fill: None,
+                }
+            }
             // Flush: nothing to expect.
             _ => {
                 out.upstream.extend_from_slice(msg);

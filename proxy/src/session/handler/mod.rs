@@ -33,7 +33,7 @@ use tokio::sync::futures::OwnedNotified;
 
 use super::state::ProtocolState;
 use crate::cache::{Cacheable, DbState, Decision, Effects, ReadCache, decide};
-use crate::classify::{Analysis, Isolation, Kind, TxCommand};
+use crate::classify::{Analysis, DiscardTarget, Isolation, Kind, SessionCommand, TxCommand};
 use crate::protocol::frontend;
 use settings::KeyContext;
 use tracker::{Expect, Fill, Tracker};
@@ -106,6 +106,8 @@ struct Caching {
     tx_snapshot: bool,
     /// A request containing SET/RESET is outstanding.
     settings_in_flight: bool,
+    /// One of them was applied as certain (autocommit, alone).
+    certain_settings: bool,
     wait: Option<Pin<Box<tokio::time::Timeout<OwnedNotified>>>>,
     /// The current request already waited once for another session's fill.
     waited: bool,
@@ -142,6 +144,7 @@ impl Handler {
                 tx_wrote: false,
                 tx_snapshot: false,
                 settings_in_flight: false,
+                certain_settings: false,
                 wait: None,
                 waited: false,
             })),
@@ -203,6 +206,13 @@ use std::future::Future;
 impl Caching {
     fn on_frontend(&mut self, tag: u8, msg: &[u8], out: &mut Out<'_>) -> Disposition {
         if self.tracker.is_desynced() {
+            // Nothing is classified any more: anything may write.
+            if matches!(
+                tag,
+                frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
+            ) {
+                self.db.versions.bump_all();
+            }
             out.state.on_frontend(tag);
             out.upstream.extend_from_slice(msg);
             return Disposition::Consumed;
@@ -238,6 +248,9 @@ impl Caching {
             }
             _ => {
                 // COPY data, Terminate, and anything spillway does not interpret.
+                if matches!(tag, b'c' | b'f') {
+                    self.tracker.copy_end();
+                }
                 self.forward_held(out);
                 out.state.on_frontend(tag);
                 out.upstream.extend_from_slice(msg);
@@ -273,6 +286,8 @@ impl Caching {
             self.answer_ready(out);
             self.cache.results.record_hit();
             self.waited = false;
+            // As on PostgreSQL, a simple Query replaces the unnamed statement.
+            self.forget_unnamed();
             return Disposition::Consumed;
         }
         let analysis = self.cache.classifier.classify(sql);
@@ -327,15 +342,39 @@ impl Caching {
         if (tag == b'C' || step.ready) && !self.pending.is_empty() {
             self.db.invalidate(&self.pending, &self.cache.versions);
         }
-        if step.ready && !self.tracker.has_outstanding_ready() {
-            self.settings_in_flight = false;
+        if step.ready {
             let status = msg.and_then(|m| m.get(5).copied());
-            if status == Some(b'I') {
-                self.pending = Effects::default();
-                self.tx_wrote = false;
-                self.tx_snapshot = false;
-                self.key.transaction_ended();
-                self.portals.clear();
+            if status != Some(b'I') {
+                // Backstops for what was taken as autocommit but ran in a transaction
+                // block (a BEGIN pipelined in the same cycle): its writes are the
+                // transaction's, its settings may yet be rolled back.
+                if !self.pending.is_empty() {
+                    self.tx_wrote = true;
+                }
+                if self.certain_settings {
+                    self.key
+                        .lose_track("a setting changed in what became a transaction");
+                }
+            }
+            let idle = self.tracker.is_quiet() && self.held.is_empty() && !self.cycle_upstream;
+            if idle {
+                self.settings_in_flight = false;
+                self.certain_settings = false;
+                self.next_fill = None;
+                // An injected Parse that PostgreSQL skipped (error earlier in its
+                // cycle) was never confirmed: parse again before the next use.
+                self.unnamed_pending = match (&self.unnamed_client, &self.unnamed_upstream) {
+                    (Some(c), Some(u)) => !u.same_as(c),
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if status == Some(b'I') {
+                    self.pending = Effects::default();
+                    self.tx_wrote = false;
+                    self.tx_snapshot = false;
+                    self.key.transaction_ended();
+                    self.portals.clear();
+                }
             }
         }
         !step.swallow
@@ -366,7 +405,7 @@ impl Caching {
     /// A statement forwarded now takes effect exactly when acknowledged: it runs
     /// alone, in autocommit, with nothing before it outstanding.
     fn certain(&self, state: &ProtocolState, statements: usize) -> bool {
-        statements == 1 && state.tx_status == b'I' && !self.tracker.has_outstanding_ready()
+        statements == 1 && state.tx_status == b'I' && !self.tracker.has_outstanding_statements()
     }
 
     /// Applies what forwarding `analysis` means for settings, transactions and the
@@ -396,7 +435,26 @@ impl Caching {
                 }
                 Kind::Session(cmd) => {
                     self.settings_in_flight = true;
+                    self.certain_settings |= certain;
                     self.key.apply(cmd, certain);
+                    match cmd {
+                        // SQL-level statements share the protocol's namespace.
+                        SessionCommand::Deallocate { name: Some(name) }
+                        | SessionCommand::Prepare { name } => {
+                            self.named.remove(name);
+                        }
+                        SessionCommand::Deallocate { name: None }
+                        | SessionCommand::Discard(DiscardTarget::All) => {
+                            self.named.clear();
+                            self.forget_unnamed();
+                            self.portals.clear();
+                        }
+                        _ => {}
+                    }
+                }
+                // A temporary object shadows names for this session only.
+                Kind::Ddl { temp: true, .. } => {
+                    self.key.lose_track("temporary objects created");
                 }
                 _ => {}
             }
@@ -404,11 +462,16 @@ impl Caching {
                 self.key.lose_track("set_config() called");
             }
         }
+        if decision.effects.hidden_session_changes {
+            // DO, CALL, EXECUTE, user-defined volatile functions: may SET, SET ROLE or
+            // create temporary objects out of sight.
+            self.key.lose_track("statement with unknown side effects");
+        }
         self.record_effects(&decision.effects, certain);
     }
 
     fn record_effects(&mut self, effects: &Effects, certain: bool) {
-        if effects.is_empty() && !effects.catalog_changed {
+        if effects.is_empty() {
             return;
         }
         self.db.invalidate(effects, &self.cache.versions);

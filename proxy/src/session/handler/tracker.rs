@@ -46,6 +46,20 @@ impl Fill {
         })
     }
 
+    /// Stores the result if it ends with a SELECT's CommandComplete (anything else means
+    /// the statement upstream was not the one the key names: never cache that).
+    fn finish(mut self, complete: Option<&[u8]>) {
+        match complete {
+            Some(m) if m.get(5..12) == Some(b"SELECT ".as_slice()) && self.push(m) => {
+                self.complete();
+            }
+            Some(m) if m.get(5..12) != Some(b"SELECT ".as_slice()) => {
+                tracing::warn!("a cached statement's result did not end as a SELECT; not stored");
+            }
+            _ => self.ticket.abandon_too_large(),
+        }
+    }
+
     /// Appends a message; false (and the fill is to be dropped) once over the limit.
     fn push(&mut self, msg: &[u8]) -> bool {
         if self.body.len() + msg.len() > self.ticket.max_entry_bytes() {
@@ -99,6 +113,9 @@ pub enum Expect {
         fill: Option<Box<Fill>>,
     },
     Close,
+    /// The client ended a COPY FROM STDIN (CopyDone/CopyFail) before PostgreSQL's
+    /// CopyInResponse was seen: Syncs after this marker count again.
+    CopyEnd,
 }
 
 impl Expect {
@@ -127,6 +144,9 @@ pub struct Tracker {
     /// RowDescription captured by a portal Describe, for the next Execute's fill.
     described: Option<Bytes>,
     desynced: bool,
+    /// An extended-protocol COPY FROM STDIN is open: forwarded Syncs are ignored by
+    /// PostgreSQL until the client's CopyDone/CopyFail.
+    copy_in: bool,
     /// Statements whose Parse PostgreSQL confirmed, for the handler to record.
     pub confirmed: Vec<Prepared>,
 }
@@ -137,9 +157,24 @@ impl Tracker {
         self.queue.is_empty() && !self.skipping
     }
 
-    /// A Query, FunctionCall or Sync still awaits its ReadyForQuery.
-    pub fn has_outstanding_ready(&self) -> bool {
-        self.queue.iter().any(|e| matches!(e, Expect::Ready { .. }))
+    /// A Query, FunctionCall, Execute or Sync is still outstanding: something sent
+    /// before may still change the transaction state.
+    pub fn has_outstanding_statements(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|e| matches!(e, Expect::Ready { .. } | Expect::Execute { .. }))
+    }
+
+    /// A Close of statement `name` was forwarded: a Parse of it still awaiting its
+    /// ParseComplete must not register it afterwards.
+    pub fn forget_pending(&mut self, name: &str) {
+        for e in &mut self.queue {
+            if let Expect::Parse { prepared, .. } = e
+                && matches!(prepared, Some(Prepared::Named(n, _)) if n == name)
+            {
+                *prepared = None;
+            }
+        }
     }
 
     pub fn is_desynced(&self) -> bool {
@@ -156,6 +191,9 @@ impl Tracker {
         if self.desynced {
             return;
         }
+        if self.copy_in && expect.is_sync() {
+            return;
+        }
         if self.skipping {
             if !expect.is_sync() {
                 return;
@@ -163,6 +201,20 @@ impl Tracker {
             self.skipping = false;
         }
         self.queue.push_back(expect);
+    }
+
+    /// The client sent CopyDone or CopyFail.
+    pub fn copy_end(&mut self) {
+        if self.copy_in {
+            self.copy_in = false;
+        } else if self
+            .queue
+            .iter()
+            .any(|e| matches!(e, Expect::Execute { .. }))
+        {
+            // CopyInResponse not seen yet (or this is no extended COPY at all).
+            self.queue.push_back(Expect::CopyEnd);
+        }
     }
 
     /// Steps one whole backend message (`msg` includes tag and length).
@@ -181,6 +233,9 @@ impl Tracker {
         if matches!(tag, b'N' | b'S' | b'A') || self.desynced {
             return step;
         }
+        while matches!(self.queue.front(), Some(Expect::CopyEnd)) {
+            self.queue.pop_front();
+        }
         let Some(head) = self.queue.front_mut() else {
             self.desync(tag);
             return step;
@@ -191,6 +246,7 @@ impl Tracker {
                     drop(f); // completed at CommandComplete, or abandoned
                 }
                 self.queue.pop_front();
+                self.described = None;
                 step.ready = true;
             }
             (Expect::Ready { fill, .. }, b'E') => {
@@ -210,14 +266,8 @@ impl Tracker {
             }
             (Expect::Ready { fill, .. }, b'D') => Self::capture_row(fill, msg),
             (Expect::Ready { fill, .. }, b'C') => {
-                if let Some(mut f) = fill.take() {
-                    if let Some(m) = msg
-                        && f.push(m)
-                    {
-                        (*f).complete();
-                    } else {
-                        f.ticket.abandon_too_large();
-                    }
+                if let Some(f) = fill.take() {
+                    (*f).finish(msg);
                 }
             }
             (Expect::Ready { fill, .. }, _) => *fill = None,
@@ -228,7 +278,12 @@ impl Tracker {
                 }
                 self.queue.pop_front();
             }
-            (Expect::Bind, b'2') | (Expect::Close, b'3') => {
+            (Expect::Bind, b'2') => {
+                // A new portal: any earlier portal's description is not this one's.
+                self.described = None;
+                self.queue.pop_front();
+            }
+            (Expect::Close, b'3') => {
                 self.queue.pop_front();
             }
             (Expect::DescribeStatement, b't') => {}
@@ -255,21 +310,38 @@ impl Tracker {
                     if f.row_description.is_none() {
                         f.row_description = self.described.take();
                     }
-                    if let Some(m) = msg
-                        && f.push(m)
-                    {
-                        (*f).complete();
-                    } else {
-                        f.ticket.abandon_too_large();
-                    }
+                    (*f).finish(msg);
                 }
+                self.described = None;
                 self.queue.pop_front();
             }
             (Expect::Execute { .. }, b'I' | b's') => {
+                self.described = None;
                 self.queue.pop_front();
             }
-            // COPY inside an Execute: its data flows until CommandComplete.
-            (Expect::Execute { fill }, b'G' | b'H' | b'W' | b'd' | b'c') => *fill = None,
+            // COPY FROM STDIN inside an Execute: PostgreSQL ignores every Sync it
+            // receives until CopyDone/CopyFail, so Syncs forwarded since the Execute
+            // (and until then) get no ReadyForQuery.
+            (Expect::Execute { fill }, b'G') => {
+                *fill = None;
+                let mut i = 1;
+                let mut ended = false;
+                while i < self.queue.len() {
+                    match self.queue.get(i) {
+                        Some(Expect::CopyEnd) => {
+                            ended = true;
+                            break;
+                        }
+                        Some(e) if e.is_sync() => {
+                            self.queue.remove(i);
+                        }
+                        _ => i += 1,
+                    }
+                }
+                self.copy_in = !ended;
+            }
+            // COPY TO STDOUT (or both): its data flows until CommandComplete.
+            (Expect::Execute { fill }, b'H' | b'W' | b'd' | b'c') => *fill = None,
             (_, b'E') => {
                 // Extended-protocol error: everything up to the next Sync is skipped.
                 step.error = true;
