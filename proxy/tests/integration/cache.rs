@@ -18,6 +18,7 @@ mod extended;
 mod invalidation;
 mod isolation;
 mod limits;
+mod regressions;
 mod uncacheable;
 
 use std::fmt::Debug;
