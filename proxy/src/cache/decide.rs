@@ -53,6 +53,16 @@ pub struct Effects {
 }
 
 impl Effects {
+    /// What a statement spillway cannot see into (FunctionCall, a portal of an
+    /// unknown statement) may have done.
+    pub fn unknown(invalidate_on_unknown: bool) -> Self {
+        Self {
+            database: invalidate_on_unknown,
+            hidden_session_changes: true,
+            ..Self::default()
+        }
+    }
+
     /// Nothing to invalidate (session-only effects aside).
     pub fn is_empty(&self) -> bool {
         self.tables.is_empty() && !self.database && !self.everything && !self.catalog_changed

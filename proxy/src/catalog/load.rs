@@ -105,7 +105,7 @@ pub async fn load(client: &Client) -> Result<Catalog, tokio_postgres::Error> {
         .map(|row| (row.get(0), row.get(1)))
         .collect();
 
-    Ok(Catalog::with_inheritance(
+    Ok(Catalog::new(
         relations,
         &view_deps,
         volatile_views,

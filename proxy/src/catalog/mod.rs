@@ -98,17 +98,9 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn new(
-        relations: Vec<Relation>,
-        view_deps: &[(u32, u32)],
-        volatile_views: std::collections::HashSet<u32>,
-        functions: HashMap<String, FunctionInfo>,
-    ) -> Self {
-        Self::with_inheritance(relations, view_deps, volatile_views, functions, &[])
-    }
-
+    /// `view_deps`: (view, relation) pairs from the views' rewrite rules;
     /// `inherits`: (child, parent) pairs from `pg_inherits`.
-    pub fn with_inheritance(
+    pub fn new(
         relations: Vec<Relation>,
         view_deps: &[(u32, u32)],
         volatile_views: std::collections::HashSet<u32>,
@@ -340,6 +332,7 @@ pub(crate) mod tests {
             &[(3, 1), (3, 3), (4, 3), (9, 1)],
             std::collections::HashSet::from([9]),
             functions,
+            &[],
         )
     }
 
@@ -367,7 +360,7 @@ pub(crate) mod tests {
             rel(11, "public", "m_2025", RelKind::Table),
             rel(12, "public", "m_2025_01", RelKind::Table),
         ];
-        let c = Catalog::with_inheritance(
+        let c = Catalog::new(
             relations,
             &[],
             std::collections::HashSet::new(),

@@ -323,10 +323,7 @@ impl Caching {
                         self.statement_effects(&s.analysis.clone(), &decision, certain);
                     }
                     None => {
-                        let effects = Effects {
-                            database: self.cache.tables.invalidate_on_unknown,
-                            ..Effects::default()
-                        };
+                        let effects = Effects::unknown(self.cache.tables.invalidate_on_unknown);
                         self.record_effects(&effects, certain);
                     }
                 }

@@ -233,10 +233,7 @@ impl Caching {
                 self.forward_held(out);
                 out.state.on_frontend(tag);
                 // A function call can do anything.
-                let effects = Effects {
-                    database: self.cache.tables.invalidate_on_unknown,
-                    ..Effects::default()
-                };
+                let effects = Effects::unknown(self.cache.tables.invalidate_on_unknown);
                 let certain = self.certain(out.state, 1);
                 self.record_effects(&effects, certain);
                 out.upstream.extend_from_slice(msg);
@@ -462,15 +459,15 @@ impl Caching {
                 self.key.lose_track("set_config() called");
             }
         }
-        if decision.effects.hidden_session_changes {
-            // DO, CALL, EXECUTE, user-defined volatile functions: may SET, SET ROLE or
-            // create temporary objects out of sight.
-            self.key.lose_track("statement with unknown side effects");
-        }
         self.record_effects(&decision.effects, certain);
     }
 
     fn record_effects(&mut self, effects: &Effects, certain: bool) {
+        if effects.hidden_session_changes {
+            // DO, CALL, EXECUTE, FunctionCall, user-defined volatile functions: may
+            // SET, SET ROLE or create temporary objects out of sight.
+            self.key.lose_track("statement with unknown side effects");
+        }
         if effects.is_empty() {
             return;
         }

@@ -123,8 +123,9 @@ async fn install_triggers(ctx: &Context) {
     );
 }
 
-#[tokio::test]
-async fn notify_makes_external_writes_visible_long_before_the_ttl() {
+/// Notify mode with triggers installed: the context, a direct client whose writes are
+/// announced, one whose writes are not, and a spillway client.
+async fn notify_setup() -> (Context, Client, Client, Client) {
     let ctx = Context::builder()
         .section("[cache]\nttl = \"1h\"\ninvalidation = \"notify\"")
         .start()
@@ -140,6 +141,12 @@ async fn notify_makes_external_writes_visible_long_before_the_ttl() {
         .await
         .expect("replica role");
     let proxy = ctx.proxy_client().await;
+    (ctx, direct, quiet, proxy)
+}
+
+#[tokio::test]
+async fn notify_makes_external_writes_visible_long_before_the_ttl() {
+    let (_ctx, direct, quiet, proxy) = notify_setup().await;
     for round in 0..3 {
         let stale = cached(&proxy, &quiet, Via::Simple, ALL, EXTERNAL).await;
         let at = Instant::now();
@@ -168,19 +175,7 @@ async fn notify_makes_external_writes_visible_long_before_the_ttl() {
 
 #[tokio::test]
 async fn losing_the_listen_connection_drops_entries_until_it_is_back() {
-    let ctx = Context::builder()
-        .section("[cache]\nttl = \"1h\"\ninvalidation = \"notify\"")
-        .start()
-        .await;
-    let direct = ctx.direct_client().await;
-    direct.batch_execute(super::SETUP).await.expect("setup");
-    install_triggers(&ctx).await;
-    let quiet = ctx.direct_client().await;
-    quiet
-        .batch_execute("SET session_replication_role = replica")
-        .await
-        .expect("replica role");
-    let proxy = ctx.proxy_client().await;
+    let (_ctx, direct, quiet, proxy) = notify_setup().await;
     // A stale entry exists: the quiet write was not announced.
     let stale = cached(&proxy, &quiet, Via::Simple, ALL, EXTERNAL).await;
     let service = "SELECT count(*)::int FROM pg_stat_activity \
