@@ -318,6 +318,8 @@ impl Caching {
                     .and_then(|e| self.portals.get(e.portal).cloned());
                 let certain = self.certain(out.state, 1);
                 match &stmt {
+                    // PostgreSQL skips it (an error earlier in this cycle): no effects.
+                    _ if self.tracker.is_skipping() => {}
                     Some(s) => {
                         let decision = self.decide(&s.analysis);
                         self.statement_effects(&s.analysis.clone(), &decision, certain);

@@ -21,7 +21,7 @@ mod extended;
 mod settings;
 mod tracker;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -108,6 +108,9 @@ struct Caching {
     settings_in_flight: bool,
     /// One of them was applied as certain (autocommit, alone).
     certain_settings: bool,
+    /// Session commands forwarded behind outstanding requests, in order: whether they
+    /// ran in autocommit is known only at their own ReadyForQuery.
+    deferred: VecDeque<Deferred>,
     wait: Option<Pin<Box<tokio::time::Timeout<OwnedNotified>>>>,
     /// The current request already waited once for another session's fill.
     waited: bool,
@@ -145,6 +148,7 @@ impl Handler {
                 tx_snapshot: false,
                 settings_in_flight: false,
                 certain_settings: false,
+                deferred: VecDeque::new(),
                 wait: None,
                 waited: false,
             })),
@@ -335,12 +339,16 @@ impl Caching {
         if step.error && self.settings_in_flight {
             self.key
                 .lose_track("a request that changed settings failed");
+            for d in &mut self.deferred {
+                d.spoiled = true;
+            }
         }
         if (tag == b'C' || step.ready) && !self.pending.is_empty() {
             self.db.invalidate(&self.pending, &self.cache.versions);
         }
         if step.ready {
             let status = msg.and_then(|m| m.get(5).copied());
+            self.settle_deferred(status);
             if status != Some(b'I') {
                 // Backstops for what was taken as autocommit but ran in a transaction
                 // block (a BEGIN pipelined in the same cycle): its writes are the
@@ -401,8 +409,31 @@ impl Caching {
 
     /// A statement forwarded now takes effect exactly when acknowledged: it runs
     /// alone, in autocommit, with nothing before it outstanding.
-    fn certain(&self, state: &ProtocolState, statements: usize) -> bool {
+    ///
+    /// Called once per statement-carrying message forwarded (Query, Execute,
+    /// FunctionCall): a deferred session command whose request has not ended yet now
+    /// shares it with another statement, so its ReadyForQuery can no longer tell
+    /// whether it ran in autocommit.
+    fn certain(&mut self, state: &ProtocolState, statements: usize) -> bool {
+        let open = self.tracker.next_ready_index();
+        for d in self.deferred.iter_mut().filter(|d| d.ready == open) {
+            d.spoiled = true;
+        }
         statements == 1 && state.tx_status == b'I' && !self.tracker.has_outstanding_statements()
+    }
+
+    /// Session commands whose requests just ended with `status` (None: unknown).
+    fn settle_deferred(&mut self, status: Option<u8>) {
+        let done = self.tracker.readies_done();
+        while self.deferred.front().is_some_and(|d| d.ready < done) {
+            let Some(d) = self.deferred.pop_front() else {
+                break;
+            };
+            // Alone in a request that left the session idle, without error: it ran
+            // in autocommit (a session command cannot end a transaction block).
+            let certain = !d.spoiled && status == Some(b'I');
+            self.key.apply(&d.command, certain);
+        }
     }
 
     /// Applies what forwarding `analysis` means for settings, transactions and the
@@ -433,7 +464,20 @@ impl Caching {
                 Kind::Session(cmd) => {
                     self.settings_in_flight = true;
                     self.certain_settings |= certain;
-                    self.key.apply(cmd, certain);
+                    if !certain
+                        && analysis.statements.len() == 1
+                        && self.tracker.has_outstanding_statements()
+                    {
+                        // Decided at this request's own ReadyForQuery; until then the
+                        // session is not quiet, so nothing is served or filled.
+                        self.deferred.push_back(Deferred {
+                            command: cmd.clone(),
+                            ready: self.tracker.next_ready_index(),
+                            spoiled: false,
+                        });
+                    } else {
+                        self.key.apply(cmd, certain);
+                    }
                     match cmd {
                         // SQL-level statements share the protocol's namespace.
                         SessionCommand::Deallocate { name: Some(name) }
@@ -515,6 +559,15 @@ impl Caching {
         self.unnamed_pending = false;
         self.portals.remove("");
     }
+}
+
+/// A session command waiting for its request's ReadyForQuery.
+struct Deferred {
+    command: SessionCommand,
+    /// Tracker index of the ReadyForQuery that ends its request.
+    ready: u64,
+    /// Another statement joined its request, or a request failed: not certain.
+    spoiled: bool,
 }
 
 fn snapshot(isolation: Isolation) -> bool {

@@ -12,6 +12,10 @@
 //! - a SET inside a transaction block or a multi-statement string: a SET LOCAL until
 //!   the transaction ends, a plain SET for good (it survives COMMIT but not ROLLBACK);
 //! - a request containing a SET that failed: for good.
+//!
+//! A SET alone in its request but sent behind requests still unanswered upstream (a
+//! driver pipelining) is applied at its own ReadyForQuery: status idle means it ran in
+//! autocommit (the handler's `Deferred`).
 
 use std::collections::BTreeMap;
 

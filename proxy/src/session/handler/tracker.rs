@@ -147,6 +147,10 @@ pub struct Tracker {
     /// An extended-protocol COPY FROM STDIN is open: forwarded Syncs are ignored by
     /// PostgreSQL until the client's CopyDone/CopyFail.
     copy_in: bool,
+    /// ReadyForQuery answers enqueued and received so far: the n-th request that ends
+    /// in one has index n - 1.
+    readies_pushed: u64,
+    readies_done: u64,
     /// Statements whose Parse PostgreSQL confirmed, for the handler to record.
     pub confirmed: Vec<Prepared>,
 }
@@ -182,7 +186,6 @@ impl Tracker {
     }
 
     /// PostgreSQL will discard the messages forwarded now (until a Sync).
-    #[cfg(test)]
     pub fn is_skipping(&self) -> bool {
         self.skipping
     }
@@ -200,7 +203,20 @@ impl Tracker {
             }
             self.skipping = false;
         }
+        if matches!(expect, Expect::Ready { .. }) {
+            self.readies_pushed += 1;
+        }
         self.queue.push_back(expect);
+    }
+
+    /// The index the next enqueued request ending in ReadyForQuery will have.
+    pub fn next_ready_index(&self) -> u64 {
+        self.readies_pushed
+    }
+
+    /// How many requests ending in ReadyForQuery have been answered.
+    pub fn readies_done(&self) -> u64 {
+        self.readies_done
     }
 
     /// The client sent CopyDone or CopyFail.
@@ -247,6 +263,7 @@ impl Tracker {
                 }
                 self.queue.pop_front();
                 self.described = None;
+                self.readies_done += 1;
                 step.ready = true;
             }
             (Expect::Ready { fill, .. }, b'E') => {

@@ -434,3 +434,90 @@ async fn a_cached_cycle_inside_a_transaction_reports_status_t() {
         assert_eq!(status(&answer(raw, &wire::query("ROLLBACK")).await), b'I');
     }
 }
+
+/// Shows the session's `extra_float_digits` in every row.
+const THIRDS: &str = "SELECT id, n / 3.0::float8 AS third FROM t ORDER BY id";
+const SEVENTHS: &str = "SELECT id, n / 7.0::float8 AS seventh FROM t ORDER BY id";
+
+/// Sends `queries` as simple Queries in one write and returns each one's answer.
+async fn pipelined(raw: &mut Raw, queries: &[&str]) -> Vec<Vec<Msg>> {
+    let script: Vec<u8> = queries.iter().flat_map(|q| wire::query(q)).collect();
+    raw.send(&script).await;
+    let mut answers = Vec::new();
+    for _ in queries {
+        answers.push(raw.until(b'Z').await);
+    }
+    answers
+}
+
+/// Guards: a SET sent while an earlier request is still unanswered upstream (drivers
+/// send the next query once they have the rows, before the ReadyForQuery) is decided
+/// at its own ReadyForQuery. Before the fix spillway could not tell at forwarding time
+/// whether it ran in autocommit and stopped caching for the session for good; CI saw
+/// it as a flaky `extended_copy_in_keeps_caching_working`. The pipelined SET must also
+/// key the session's entries (its results differ from other sessions'), and a SET
+/// pipelined inside a transaction that is rolled back must not.
+#[tokio::test]
+async fn a_set_pipelined_behind_a_request_keeps_caching_and_keying() {
+    let (ctx, direct) = start(Context::builder(), "").await;
+    let mut proxy = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    let mut pg = Raw::startup(direct_addr(&ctx), USER, DB).await;
+    let mut other = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    let mut other_pg = Raw::startup(direct_addr(&ctx), USER, DB).await;
+    wait_for_cached(
+        async || raw_rows(&mut proxy, THIRDS).await,
+        async || raw_rows(&mut pg, THIRDS).await,
+        &direct,
+        EXTERNAL,
+    )
+    .await;
+
+    // In one write: the SET reaches spillway before the first query's ReadyForQuery.
+    let queries = [ALL, "SET extra_float_digits = 0"];
+    for raw in [&mut proxy, &mut pg] {
+        for (q, a) in queries.iter().zip(pipelined(raw, &queries).await) {
+            no_error(&a, q);
+            assert_eq!(status(&a), b'I', "{q}: {a:?}");
+        }
+    }
+    // Still caching, under the new setting: the first read of a text nobody ran yet
+    // fills its entry.
+    let short = wait_for_cached(
+        async || raw_rows(&mut proxy, SEVENTHS).await,
+        async || raw_rows(&mut pg, SEVENTHS).await,
+        &direct,
+        EXTERNAL,
+    )
+    .await;
+    assert!(
+        short[1..].iter().all(|r| r[1].as_deref().is_some_and(|f| f
+            .chars()
+            .filter(char::is_ascii_digit)
+            .count()
+            <= 16)),
+        "extra_float_digits = 0 gives at most 15 significant digits: {short:?}"
+    );
+    // Another session (default setting) never gets that entry.
+    for i in 0..2 {
+        assert_eq!(
+            raw_rows(&mut other, SEVENTHS).await,
+            raw_rows(&mut other_pg, SEVENTHS).await,
+            "read {i} by a session without the SET"
+        );
+    }
+
+    // Pipelined inside a transaction that is rolled back: the setting reverts.
+    let queries = ["BEGIN", "SET extra_float_digits = 3", "ROLLBACK"];
+    for raw in [&mut proxy, &mut pg] {
+        for (q, a) in queries.iter().zip(pipelined(raw, &queries).await) {
+            no_error(&a, q);
+        }
+    }
+    for i in 0..3 {
+        assert_eq!(
+            raw_rows(&mut proxy, THIRDS).await,
+            raw_rows(&mut pg, THIRDS).await,
+            "read {i} after a SET pipelined into a rolled-back transaction"
+        );
+    }
+}
