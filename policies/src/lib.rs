@@ -6,10 +6,12 @@
 //! a fake sink.
 //!
 //! It owns the configuration of those subsystems (`config`) and the read cache
-//! (`cache`); the write-policy engines arrive with the write-behind work.
+//! (`cache`), and deferred writes as data (`writes`: journal records and set-based
+//! flush statements).
 
 pub mod cache;
 pub mod config;
+pub mod writes;
 
 pub use config::{
     CacheConfig, Consistency, FlushConfig, FsyncMode, Invalidation, JournalConfig, Policy,

@@ -134,12 +134,16 @@ async fn migrate_twice_applies_the_schema_once() {
         first.contains("applied migration 1 (spillway schema)"),
         "{first}"
     );
-    assert!(first.contains("1 migration applied"), "{first}");
+    assert!(
+        first.contains("applied migration 2 (flush ledger and dead letters)"),
+        "{first}"
+    );
+    assert!(first.contains("2 migrations applied"), "{first}");
 
     let second = assert_success(&spillway(&url, &["migrate"]).await);
     assert!(!second.contains("applied migration"), "{second}");
     assert!(
-        second.contains("0 migrations applied; schema spillway is at version 1"),
+        second.contains("0 migrations applied; schema spillway is at version 2"),
         "{second}"
     );
 
@@ -148,14 +152,19 @@ async fn migrate_twice_applies_the_schema_once() {
             DB,
             "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = 'spillway'), \
                     to_regprocedure('spillway.notify_invalidate()') IS NOT NULL, \
-                    (SELECT string_agg(version || ':' || description, ',') \
+                    (SELECT string_agg(version || ':' || description, ',' ORDER BY version) \
                        FROM spillway._sqlx_migrations WHERE success), \
-                    to_regclass('public._sqlx_migrations') IS NULL",
+                    to_regclass('public._sqlx_migrations') IS NULL, \
+                    to_regclass('spillway.flush_ledger') IS NOT NULL, \
+                    to_regclass('spillway.dead_letters') IS NOT NULL",
         )
         .expect("inspect schema");
-    // One schema, the function, one recorded migration, and no record in `public`
-    // where an application's own sqlx migrations would live.
-    assert_eq!(state.trim(), "1|t|1:spillway schema|t");
+    // One schema, the function, the recorded migrations, no record in `public` where
+    // an application's own sqlx migrations would live, and the write-policy tables.
+    assert_eq!(
+        state.trim(),
+        "1|t|1:spillway schema,2:flush ledger and dead letters|t|t|t"
+    );
 }
 
 #[tokio::test]
