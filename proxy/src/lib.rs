@@ -24,3 +24,4 @@ pub mod throwaway;
 pub mod tls;
 pub mod upstream;
 pub mod workers;
+pub mod writes;

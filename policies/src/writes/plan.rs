@@ -1,6 +1,6 @@
 //! Turns a run of journal records into set-based statements: consecutive row
 //! operations of the same table and shape become one `INSERT … SELECT … FROM unnest`,
-//! `UPDATE … FROM unnest` or `DELETE … USING unnest`, each value passed as one element
+//! `UPDATE … FROM unnest` or `DELETE … USING unnest` (`ROWS FROM` zips the arrays), each value passed as one element
 //! of a `text[]` parameter and converted by PostgreSQL with the column's type.
 //!
 //! Invariants:
@@ -261,8 +261,12 @@ impl Builder {
                 }
             }
         }
-        let arrays: Vec<String> = (1..=width).map(|n| format!("${n}::text[]")).collect();
-        let arrays = arrays.join(", ");
+        // ROWS FROM (unnest(a), unnest(b)) zips the arrays; the short form unnest(a, b)
+        // exists only unqualified, and names are always qualified here.
+        let arrays: Vec<String> = (1..=width)
+            .map(|n| format!("pg_catalog.unnest(${n}::text[])"))
+            .collect();
+        let arrays = format!("ROWS FROM ({})", arrays.join(", "));
         let table = meta.quoted();
         let key_match = |casts: &[Option<String>]| -> Result<String, PlanError> {
             meta.key
@@ -298,7 +302,7 @@ impl Builder {
                     })
                     .collect::<Result<Vec<_>, PlanError>>()?;
                 format!(
-                    "INSERT INTO {table} ({}) SELECT {} FROM pg_catalog.unnest({arrays}) AS u({})",
+                    "INSERT INTO {table} ({}) SELECT {} FROM {arrays} AS u({})",
                     cols.join(", "),
                     exprs.join(", "),
                     names.join(", ")
@@ -326,7 +330,7 @@ impl Builder {
                     .chain((0..self.shape.columns.len()).map(|i| format!("s{i}")))
                     .collect();
                 format!(
-                    "UPDATE {table} AS t SET {} FROM pg_catalog.unnest({arrays}) WITH ORDINALITY \
+                    "UPDATE {table} AS t SET {} FROM {arrays} WITH ORDINALITY \
                      AS u({}, n) WHERE {} RETURNING u.n",
                     sets.join(", "),
                     names.join(", "),
@@ -334,7 +338,7 @@ impl Builder {
                 )
             }
             GroupKind::Delete => format!(
-                "DELETE FROM {table} AS t USING pg_catalog.unnest({arrays}) WITH ORDINALITY \
+                "DELETE FROM {table} AS t USING {arrays} WITH ORDINALITY \
                  AS u({}, n) WHERE {} RETURNING u.n",
                 key_names.join(", "),
                 key_match(&self.shape.key_casts)?
@@ -443,7 +447,8 @@ mod tests {
         assert_eq!(
             g[0].sql,
             "INSERT INTO \"public\".\"t\" (\"id\", \"v\") SELECT u.c0::integer, u.c1::text \
-             FROM pg_catalog.unnest($1::text[], $2::text[]) AS u(c0, c1)"
+             FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) \
+             AS u(c0, c1)"
         );
         assert_eq!(
             g[0].params,
@@ -456,14 +461,15 @@ mod tests {
         assert_eq!(
             g[1].sql,
             "UPDATE \"public\".\"t\" AS t SET \"n\" = t.\"n\" + u.s0::bigint FROM \
-             pg_catalog.unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(k0, s0, n) \
+             ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) \
+             WITH ORDINALITY AS u(k0, s0, n) \
              WHERE t.\"id\" = u.k0::integer RETURNING u.n"
         );
         assert_eq!(g[1].ops, vec![(2, 0), (3, 0)]);
         assert_eq!(
             g[2].sql,
-            "DELETE FROM \"public\".\"t\" AS t USING pg_catalog.unnest($1::text[]) WITH \
-             ORDINALITY AS u(k0, n) WHERE t.\"id\" = u.k0::integer RETURNING u.n"
+            "DELETE FROM \"public\".\"t\" AS t USING ROWS FROM (pg_catalog.unnest($1::text[])) \
+             WITH ORDINALITY AS u(k0, n) WHERE t.\"id\" = u.k0::integer RETURNING u.n"
         );
     }
 

@@ -10,6 +10,7 @@ mod cache;
 mod clients;
 mod demo;
 mod differential;
+mod flush_apply;
 mod lifecycle;
 mod protocol;
 mod triggers;

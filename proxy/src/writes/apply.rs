@@ -1,0 +1,350 @@
+//! Applies one batch of journal records upstream, exactly once: a single transaction
+//! that advances `spillway.flush_ledger` with a compare-and-set on (journal, epoch,
+//! last_seq) and runs the batch's set-based statements. A statement PostgreSQL refuses
+//! for its data is isolated by bisection under savepoints; the records that fail land
+//! in `spillway.dead_letters` in the same transaction as the rest of the batch.
+//!
+//! Invariants:
+//! - A batch commits whole (ledger advance, applied records, dead letters) or not at
+//!   all; the caller may retry a batch whose outcome it does not know, because the
+//!   ledger says whether it committed.
+//! - A record (one statement or one client transaction) is never split: bisection
+//!   stops at a record, and a failing record is dead-lettered whole.
+//! - An UPDATE or DELETE whose key is not there at apply time is a dead letter
+//!   (SQLSTATE 02000), never silently dropped.
+
+use std::collections::HashMap;
+
+use spillway_policies::writes::{Group, GroupKind, Record, TableMeta, plan_batch};
+use sqlx::{Connection, PgConnection, Row};
+
+/// SQLSTATE recorded for an UPDATE/DELETE whose key had no row when applied.
+pub const NO_ROW: &str = "02000";
+
+/// Which ledger row this worker owns.
+#[derive(Debug, Clone)]
+pub struct LedgerKey {
+    pub journal_id: String,
+    pub epoch: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Connection trouble, serialization failure, shutdown of PostgreSQL, lack of
+    /// resources: retry the same batch later.
+    #[error("transient error applying a batch: {0}")]
+    Transient(sqlx::Error),
+    /// The ledger row is not at the expected point: another process took this journal
+    /// over (a newer epoch) or the ledger was changed by hand. Stop flushing.
+    #[error(
+        "flush ledger for journal {journal_id} is not at epoch {epoch}, seq {expected}: \
+         another spillway owns this journal, or the ledger was changed; flushing stopped"
+    )]
+    Fenced {
+        journal_id: String,
+        epoch: u64,
+        expected: u64,
+    },
+    /// A record cannot even be planned (table no longer configured, unsafe cast):
+    /// the flusher cannot make progress without losing it.
+    #[error("journal record {seq} cannot be applied: {reason}")]
+    Unplannable { seq: u64, reason: String },
+}
+
+/// A record PostgreSQL refused, as stored in `spillway.dead_letters`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub table: String,
+    pub statement: String,
+    pub parameters: Vec<Option<String>>,
+    pub sqlstate: String,
+    pub message: String,
+}
+
+/// What a committed batch did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub statements: usize,
+    pub rows: usize,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// Whether an error is worth retrying unchanged (SPEC §6: classes 08, 40, 53, 57; and
+/// anything that is not an answer from PostgreSQL about the data).
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_none_or(|c| matches!(c.get(..2), Some("08" | "40" | "53" | "57" | "58" | "XX"))),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// Creates the ledger row for this journal if needed and fences older epochs; returns
+/// the last sequence number applied (0 for a new journal).
+pub async fn claim_ledger(conn: &mut PgConnection, key: &LedgerKey) -> Result<u64, ApplyError> {
+    let epoch = i64::try_from(key.epoch).unwrap_or(i64::MAX);
+    let row = sqlx::query(
+        "INSERT INTO spillway.flush_ledger AS l (journal_id, epoch, last_seq) VALUES ($1, $2, 0) \
+         ON CONFLICT (journal_id) DO UPDATE SET epoch = EXCLUDED.epoch, updated_at = pg_catalog.now() \
+         WHERE l.epoch <= EXCLUDED.epoch \
+         RETURNING last_seq",
+    )
+    .bind(&key.journal_id)
+    .bind(epoch)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(ApplyError::Transient)?;
+    match row {
+        Some(r) => {
+            let seq: i64 = r.try_get(0).map_err(ApplyError::Transient)?;
+            Ok(u64::try_from(seq).unwrap_or(0))
+        }
+        None => Err(ApplyError::Fenced {
+            journal_id: key.journal_id.clone(),
+            epoch: key.epoch,
+            expected: 0,
+        }),
+    }
+}
+
+/// Applies `batch` (contiguous records, in sequence order, the first following
+/// `applied_through`) in one transaction.
+pub async fn apply_batch(
+    conn: &mut PgConnection,
+    key: &LedgerKey,
+    applied_through: u64,
+    batch: &[(u64, &Record)],
+    tables: &HashMap<String, TableMeta>,
+) -> Result<Applied, ApplyError> {
+    let Some(last) = batch.last().map(|(seq, _)| *seq) else {
+        return Ok(Applied::default());
+    };
+    // The fast path: the whole batch as set-based statements.
+    let records: Vec<&Record> = batch.iter().map(|(_, r)| *r).collect();
+    let groups = plan_batch(&records, tables).map_err(|e| ApplyError::Unplannable {
+        seq: batch.first().map_or(0, |(s, _)| *s),
+        reason: e.to_string(),
+    })?;
+    let mut tx = conn.begin().await.map_err(ApplyError::Transient)?;
+    advance_ledger(&mut tx, key, applied_through, last).await?;
+    let mut applied = Applied::default();
+    let mut failed = None;
+    for group in &groups {
+        match run_group(&mut tx, group, batch, &mut applied).await {
+            Ok(()) => {}
+            Err(e) if is_transient(&e) => return Err(ApplyError::Transient(e)),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    if failed.is_some() {
+        // Start over with bisection: savepoints isolate the records PostgreSQL refuses.
+        tx.rollback().await.map_err(ApplyError::Transient)?;
+        let mut tx = conn.begin().await.map_err(ApplyError::Transient)?;
+        advance_ledger(&mut tx, key, applied_through, last).await?;
+        applied = Applied::default();
+        bisect(&mut tx, batch, tables, &mut applied).await?;
+        record_dead_letters(&mut tx, key, &applied.dead_letters).await?;
+        tx.commit().await.map_err(ApplyError::Transient)?;
+        return Ok(applied);
+    }
+    record_dead_letters(&mut tx, key, &applied.dead_letters).await?;
+    tx.commit().await.map_err(ApplyError::Transient)?;
+    Ok(applied)
+}
+
+async fn advance_ledger(
+    conn: &mut PgConnection,
+    key: &LedgerKey,
+    from: u64,
+    to: u64,
+) -> Result<(), ApplyError> {
+    let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let done = sqlx::query(
+        "UPDATE spillway.flush_ledger SET last_seq = $4, updated_at = pg_catalog.now() \
+         WHERE journal_id = $1 AND epoch = $2 AND last_seq = $3",
+    )
+    .bind(&key.journal_id)
+    .bind(as_i64(key.epoch))
+    .bind(as_i64(from))
+    .bind(as_i64(to))
+    .execute(&mut *conn)
+    .await
+    .map_err(ApplyError::Transient)?;
+    if done.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(ApplyError::Fenced {
+            journal_id: key.journal_id.clone(),
+            epoch: key.epoch,
+            expected: from,
+        })
+    }
+}
+
+/// Runs one set-based statement; UPDATE/DELETE source rows that matched nothing become
+/// dead letters.
+async fn run_group(
+    conn: &mut PgConnection,
+    group: &Group,
+    batch: &[(u64, &Record)],
+    applied: &mut Applied,
+) -> Result<(), sqlx::Error> {
+    let mut query = sqlx::query(&group.sql);
+    for p in &group.params {
+        query = query.bind(p);
+    }
+    applied.statements += 1;
+    match group.kind {
+        GroupKind::Insert => {
+            let done = query.execute(&mut *conn).await?;
+            applied.rows += usize::try_from(done.rows_affected()).unwrap_or(usize::MAX);
+        }
+        GroupKind::Update | GroupKind::Delete => {
+            let rows = query.fetch_all(&mut *conn).await?;
+            let mut matched = vec![false; group.ops.len()];
+            for r in &rows {
+                let n: i64 = r.try_get(0)?;
+                if let Some(m) = usize::try_from(n - 1).ok().and_then(|i| matched.get_mut(i)) {
+                    *m = true;
+                }
+            }
+            applied.rows += rows.len();
+            for (i, (ri, oi)) in group.ops.iter().enumerate() {
+                if matched.get(i).copied().unwrap_or(true) {
+                    continue;
+                }
+                if let Some((seq, record)) = batch.get(*ri)
+                    && let Some(op) = record.ops.get(*oi)
+                {
+                    applied.dead_letters.push(DeadLetter {
+                        seq: *seq,
+                        table: op.table().to_owned(),
+                        statement: op.describe(),
+                        parameters: op.parameters(),
+                        sqlstate: NO_ROW.to_owned(),
+                        message: "no row with this key when the write was applied".to_owned(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies `batch` under savepoints, halving the part that fails until single records
+/// are left; those become dead letters.
+async fn bisect(
+    conn: &mut PgConnection,
+    batch: &[(u64, &Record)],
+    tables: &HashMap<String, TableMeta>,
+    applied: &mut Applied,
+) -> Result<(), ApplyError> {
+    // An explicit stack instead of recursion: async recursion needs boxing, and the
+    // order of the parts must stay the batch's order.
+    let mut todo: Vec<&[(u64, &Record)]> = vec![batch];
+    while let Some(part) = todo.pop() {
+        let records: Vec<&Record> = part.iter().map(|(_, r)| *r).collect();
+        let groups = plan_batch(&records, tables).map_err(|e| ApplyError::Unplannable {
+            seq: part.first().map_or(0, |(s, _)| *s),
+            reason: e.to_string(),
+        })?;
+        exec(conn, "SAVEPOINT spillway_part").await?;
+        let mut part_applied = Applied::default();
+        let mut failure = None;
+        for group in &groups {
+            if let Err(e) = run_group(conn, group, part, &mut part_applied).await {
+                if is_transient(&e) {
+                    return Err(ApplyError::Transient(e));
+                }
+                failure = Some(e);
+                break;
+            }
+        }
+        match failure {
+            None => {
+                exec(conn, "RELEASE SAVEPOINT spillway_part").await?;
+                applied.statements += part_applied.statements;
+                applied.rows += part_applied.rows;
+                applied.dead_letters.extend(part_applied.dead_letters);
+            }
+            Some(e) => {
+                exec(conn, "ROLLBACK TO SAVEPOINT spillway_part").await?;
+                exec(conn, "RELEASE SAVEPOINT spillway_part").await?;
+                if let [(seq, record)] = part {
+                    let (sqlstate, message) = describe_error(&e);
+                    for op in &record.ops {
+                        applied.dead_letters.push(DeadLetter {
+                            seq: *seq,
+                            table: op.table().to_owned(),
+                            statement: op.describe(),
+                            parameters: op.parameters(),
+                            sqlstate: sqlstate.clone(),
+                            message: message.clone(),
+                        });
+                    }
+                } else {
+                    let (first, second) = part.split_at(part.len() / 2);
+                    // Stack: the first half must run first.
+                    todo.push(second);
+                    todo.push(first);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn describe_error(e: &sqlx::Error) -> (String, String) {
+    match e {
+        sqlx::Error::Database(db) => (
+            db.code()
+                .map_or_else(|| "XX000".to_owned(), |c| c.into_owned()),
+            db.message().to_owned(),
+        ),
+        other => ("XX000".to_owned(), other.to_string()),
+    }
+}
+
+async fn exec(conn: &mut PgConnection, sql: &str) -> Result<(), ApplyError> {
+    sqlx::raw_sql(sql)
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+        .map_err(ApplyError::Transient)
+}
+
+async fn record_dead_letters(
+    conn: &mut PgConnection,
+    key: &LedgerKey,
+    letters: &[DeadLetter],
+) -> Result<(), ApplyError> {
+    for d in letters {
+        sqlx::query(
+            "INSERT INTO spillway.dead_letters \
+             (journal_id, seq, table_name, statement, parameters, sqlstate, message) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&key.journal_id)
+        .bind(i64::try_from(d.seq).unwrap_or(i64::MAX))
+        .bind(&d.table)
+        .bind(&d.statement)
+        .bind(&d.parameters)
+        .bind(&d.sqlstate)
+        .bind(&d.message)
+        .execute(&mut *conn)
+        .await
+        .map_err(ApplyError::Transient)?;
+    }
+    Ok(())
+}

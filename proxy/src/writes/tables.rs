@@ -1,0 +1,129 @@
+//! The deferred tables as PostgreSQL defines them, checked at startup: each configured
+//! write-behind/write-back table must exist, be an ordinary table, have a primary key,
+//! and not use row-level security (SPEC §6). Loaded on the flush connection; the
+//! result feeds the flush planner (`TableMeta`) and the statement checks of the write
+//! path (key columns, column types).
+
+use std::collections::{BTreeMap, HashMap};
+
+use spillway_policies::writes::TableMeta;
+use spillway_policies::{TableConfig, TableName};
+use sqlx::{PgConnection, Row};
+
+/// A deferred table: its policy and its catalog facts.
+#[derive(Debug, Clone)]
+pub struct DeferredTable {
+    pub oid: u32,
+    pub config: TableConfig,
+    pub meta: TableMeta,
+    /// Column → type OID, for decoding binary parameters.
+    pub type_oids: HashMap<String, u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error(
+        "tables.\"{0}\": no such table in the backend database; deferred policies need an \
+         existing ordinary table"
+    )]
+    Missing(TableName),
+    #[error(
+        "tables.\"{0}\": policy \"{1}\" needs a primary key (deferred writes are applied \
+         per key); add one or use \"write-through\""
+    )]
+    NoPrimaryKey(TableName, spillway_policies::Policy),
+    #[error(
+        "tables.\"{0}\": policy \"{1}\" is refused on a table with row-level security \
+         (the flusher's role would decide which rows a write reaches); use \"write-through\""
+    )]
+    RowSecurity(TableName, spillway_policies::Policy),
+    #[error("tables.\"{0}\": is not an ordinary table (relkind {1}); use \"write-through\"")]
+    NotATable(TableName, String),
+    #[error("reading the catalog for the deferred tables: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// Loads and checks every deferred table of `tables`.
+pub async fn load(
+    conn: &mut PgConnection,
+    tables: &BTreeMap<TableName, TableConfig>,
+) -> Result<HashMap<String, DeferredTable>, TableError> {
+    let mut out = HashMap::new();
+    for (name, config) in tables.iter().filter(|(_, c)| c.policy.is_deferred()) {
+        let row = sqlx::query(
+            "SELECT c.oid::int8, c.relkind::text, c.relrowsecurity \
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+        )
+        .bind(&name.schema)
+        .bind(&name.name)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(row) = row else {
+            return Err(TableError::Missing(name.clone()));
+        };
+        let oid: i64 = row.try_get(0)?;
+        let relkind: String = row.try_get(1)?;
+        let rls: bool = row.try_get(2)?;
+        if relkind != "r" {
+            return Err(TableError::NotATable(name.clone(), relkind));
+        }
+        if rls {
+            return Err(TableError::RowSecurity(name.clone(), config.policy));
+        }
+        let columns = sqlx::query(
+            "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                    a.atttypid::int8 \
+             FROM pg_catalog.pg_attribute a \
+             WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY a.attnum",
+        )
+        .bind(oid)
+        .fetch_all(&mut *conn)
+        .await?;
+        let key_rows = sqlx::query(
+            "SELECT a.attname::text \
+             FROM pg_catalog.pg_index i \
+             CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, pos) \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1::int8::oid AND i.indisprimary \
+             ORDER BY k.pos",
+        )
+        .bind(oid)
+        .fetch_all(&mut *conn)
+        .await?;
+        if key_rows.is_empty() {
+            return Err(TableError::NoPrimaryKey(name.clone(), config.policy));
+        }
+        let mut types = HashMap::new();
+        let mut type_oids = HashMap::new();
+        for c in &columns {
+            let column: String = c.try_get(0)?;
+            let ty: String = c.try_get(1)?;
+            let ty_oid: i64 = c.try_get(2)?;
+            type_oids.insert(column.clone(), u32::try_from(ty_oid).unwrap_or(0));
+            types.insert(column, ty);
+        }
+        let key = key_rows
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let qualified = name.to_string();
+        out.insert(
+            qualified.clone(),
+            DeferredTable {
+                oid: u32::try_from(oid).unwrap_or(0),
+                config: config.clone(),
+                meta: TableMeta {
+                    name: qualified,
+                    schema: name.schema.clone(),
+                    table: name.name.clone(),
+                    key,
+                    types,
+                },
+                type_oids,
+            },
+        );
+    }
+    Ok(out)
+}
