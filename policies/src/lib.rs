@@ -5,11 +5,13 @@
 //! traits the proxy implements, so every rule here can be tested with a paused clock and
 //! a fake sink.
 //!
-//! It owns the configuration of those subsystems (`config`) and the read cache
-//! (`cache`); the write-policy engines arrive with the write-behind work.
+//! It owns the configuration of those subsystems (`config`), the read cache (`cache`)
+//! and the durable write journal (`journal`); the write-policy engines and the flush
+//! worker arrive with the rest of the write-behind work.
 
 pub mod cache;
 pub mod config;
+pub mod journal;
 
 pub use config::{
     CacheConfig, Consistency, FlushConfig, FsyncMode, Invalidation, JournalConfig, Policy,
