@@ -5,12 +5,13 @@
 //! traits the proxy implements, so every rule here can be tested with a paused clock and
 //! a fake sink.
 //!
-//! It owns the configuration of those subsystems (`config`) and the read cache
-//! (`cache`), and deferred writes as data (`writes`: journal records and set-based
-//! flush statements).
+//! It owns the configuration of those subsystems (`config`), the read cache (`cache`),
+//! the durable write journal (`journal`) and deferred writes as data (`writes`: journal
+//! records and set-based flush statements).
 
 pub mod cache;
 pub mod config;
+pub mod journal;
 pub mod writes;
 
 pub use config::{

@@ -1,0 +1,71 @@
+//! `JournalError`: every way the journal can fail, for the proxy to log, count and map
+//! to a client answer.
+//!
+//! Invariant: an error that means "the journal can no longer promise durability"
+//! (`Poisoned`) is never turned into a retry; only `Full` is retryable.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// An I/O failure while opening or recovering, naming the file and the operation.
+    #[error("journal: {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Another process (or another `Journal` in this one) holds the directory's lock.
+    #[error(
+        "journal directory {} is in use by another spillway process (its LOCK file is held)",
+        .0.display()
+    )]
+    Locked(PathBuf),
+    /// The meta file (journal id and epoch) is missing where data exists, or unreadable.
+    #[error("journal meta file {}: {problem}", path.display())]
+    Meta { path: PathBuf, problem: String },
+    /// Damage that is not a torn tail: data after it is intact, or it is in a sealed
+    /// segment. Records would be lost silently if recovery skipped it, so it refuses.
+    #[error("journal segment {} is corrupt at byte {offset}: {problem}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        problem: String,
+    },
+    /// The journal holds `journal.max_bytes` or more; the caller applies `when_full`.
+    #[error("journal is full: {bytes} bytes held, journal.max_bytes is {max_bytes}")]
+    Full { bytes: u64, max_bytes: u64 },
+    #[error("journal record of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    /// A write or fsync failed earlier. After a failed fsync the kernel may have dropped
+    /// the dirty pages and cleared the error, so a retry could report success for data
+    /// that is gone: the journal stops accepting writes until it is reopened, and
+    /// recovery then reads back only what is really on disk.
+    #[error("journal is poisoned by an earlier I/O failure and accepts no writes: {cause}")]
+    Poisoned { cause: Arc<str> },
+    /// `confirm(seq)` named a record that was never appended: a caller bug.
+    #[error("confirm({seq}) is ahead of the last appended record ({last})")]
+    ConfirmAhead { seq: u64, last: u64 },
+    /// The journal was closed (or its writer thread ended).
+    #[error("journal is closed")]
+    Closed,
+}
+
+impl JournalError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        JournalError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Whether the same append may succeed later without anyone intervening: only when
+    /// the journal was full (the flusher frees space as it confirms).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, JournalError::Full { .. })
+    }
+}
