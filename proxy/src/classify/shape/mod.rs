@@ -44,6 +44,9 @@ use value::{diagnose, node, value};
 pub mod reason;
 mod value;
 
+#[cfg(test)]
+mod tests;
+
 use reason as r;
 
 /// A value the statement supplies: a constant or a bind parameter, optionally cast.
