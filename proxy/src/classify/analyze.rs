@@ -12,7 +12,7 @@ use pg_query::{NodeEnum, ParserOptions};
 
 use super::tree::{self, TreeError};
 use super::walk::{self, RelRole, push_unique};
-use super::{Analysis, DiscardTarget, Kind, RelName, SessionCommand, Statement, commands};
+use super::{Analysis, DiscardTarget, Kind, RelName, SessionCommand, Statement, commands, shape};
 
 /// Parses `sql` (which may hold several statements) and classifies each statement.
 /// Never fails: what cannot be analysed is [`Analysis::unanalysed`].
@@ -113,6 +113,11 @@ fn statement(node: &NodeEnum) -> Result<Statement, TreeError> {
     }
     if explain_analyze && st.kind == Kind::Select {
         st.kind = Kind::OtherRead;
+    }
+    // Only a statement run as itself can be journalled instead; EXPLAIN ANALYZE
+    // answers with a plan, so it keeps no shape.
+    if !explain_analyze {
+        st.shape = shape::of(node);
     }
     Ok(st)
 }

@@ -23,11 +23,13 @@
 //! Layout: `analyze` maps each parsed statement to a [`Kind`], `commands` decodes
 //! transaction and SET options, `walk` collects relations/functions/flags from the
 //! whole tree, `tree` turns pg_query's protobuf into a generic tree for that walk,
-//! `memo` holds the [`Classifier`].
+//! `shape` reads the deferrable [`WriteShape`] of an INSERT/UPDATE/DELETE, `memo`
+//! holds the [`Classifier`].
 
 mod analyze;
 mod commands;
 mod memo;
+mod shape;
 mod tree;
 mod walk;
 
@@ -39,6 +41,7 @@ use std::mem::size_of;
 
 pub use analyze::analyze;
 pub use memo::{Classifier, ClassifierLimits};
+pub use shape::{Assign, Operand, Value, WriteShape, reason};
 
 /// Result of analysing one query string (which may hold several statements).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +79,11 @@ pub struct Statement {
     pub sql_value_function: bool,
     /// FOR UPDATE / FOR NO KEY UPDATE / FOR SHARE / FOR KEY SHARE anywhere.
     pub locking: bool,
+    /// For a top-level INSERT/UPDATE/DELETE (not under EXPLAIN): its deferrable shape
+    /// (SPEC §6), or the [`reason`] it has none. `None` for every other statement,
+    /// writes included (MERGE, COPY FROM, a SELECT with a data-modifying CTE, EXPLAIN
+    /// ANALYZE of a write), which are never deferrable either.
+    pub shape: Option<Result<WriteShape, &'static str>>,
 }
 
 /// A relation name as written (schema only when qualified; a catalog prefix is dropped).
@@ -263,6 +271,7 @@ impl Statement {
             functions: Vec::new(),
             sql_value_function: false,
             locking: false,
+            shape: None,
         }
     }
 
@@ -294,6 +303,11 @@ impl Statement {
                     size_of::<FuncName>() + f.name.len() + f.schema.as_ref().map_or(0, String::len)
                 })
                 .sum::<usize>()
+            + self
+                .shape
+                .as_ref()
+                .and_then(|s| s.as_ref().ok())
+                .map_or(0, WriteShape::heap_bytes)
     }
 }
 

@@ -208,7 +208,7 @@ fn not_run(node: &str, field: &str) -> bool {
 
 /// `'now'`, `'today 12:00'`, `'tomorrow'` …: any alphabetic word of the literal is one
 /// of the date/time input words that read the clock.
-fn is_time_word(literal: &str) -> bool {
+pub(super) fn is_time_word(literal: &str) -> bool {
     literal
         .split(|c: char| !c.is_ascii_alphabetic())
         .any(|word| TIME_WORDS.iter().any(|t| word.eq_ignore_ascii_case(t)))

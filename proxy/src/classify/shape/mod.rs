@@ -1,0 +1,499 @@
+//! Deferrable write shapes (SPEC §6): whether a top-level INSERT/UPDATE/DELETE is one
+//! of the few forms the write-back / write-behind policies may journal instead of
+//! running upstream, and if so its table, columns, values and key as the text gives
+//! them — or, if not, one short stable reason why (a metric label).
+//!
+//! This module owns [`WriteShape`], its parts ([`Value`], [`Operand`], [`Assign`])
+//! and the [`reason`] labels.
+//!
+//! Invariants:
+//! - `Some(Ok)` only when every value comes from the statement text (a constant, maybe
+//!   cast) or is a plain bind parameter `$n`; never a guess. Anything else — a
+//!   function, a subquery, a column other than the target's own in `c = c ± v`, a
+//!   date/time word such as `'now'` that reads the clock when coerced — is `Err`.
+//! - A reason is always one of [`reason::ALL`]: a small fixed set, so metric labels
+//!   stay bounded. When several things disqualify a statement, the first check wins:
+//!   statement clauses (WITH, RETURNING, ON CONFLICT, OVERRIDING, DEFAULT VALUES,
+//!   SELECT, FROM/USING, a missing WHERE, CURRENT OF), then the column list or SET
+//!   list in order, then VALUES rows or WHERE conjuncts in order; inside one
+//!   expression a subquery outranks a function, which outranks the structural reason.
+//! - Purely textual: no catalog. Whether the key columns are the primary key, whether
+//!   every key column is given, whether a SET touches a key column, and what the
+//!   values' types are is for the caller, which has the catalog. Bind parameter
+//!   values (which may be `'now'`, or NULL) are the caller's too.
+//! - Names are as PostgreSQL folds them (pg_query already folds unquoted identifiers).
+//!
+//! It is not: a validator. Statements PostgreSQL would reject (a VALUES row wider than
+//! the column list, a column assigned twice) are `Err` here and left for PostgreSQL
+//! to reject when the statement runs upstream.
+//!
+//! Layout: this file reads the statements, `value` reads values and casts, `reason`
+//! holds the labels.
+
+use std::mem::size_of;
+
+use pg_query::NodeEnum;
+use pg_query::protobuf::{
+    AExpr, AExprKind, BoolExprType, ColumnRef, DeleteStmt, InsertStmt, Node, OverridingKind,
+    RangeVar, ResTarget, SelectStmt, UpdateStmt,
+};
+
+use super::RelName;
+use value::{diagnose, node, value};
+
+pub mod reason;
+mod value;
+
+#[cfg(test)]
+mod tests;
+
+use reason as r;
+
+/// A value the statement supplies: a constant or a bind parameter, optionally cast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Value {
+    pub operand: Operand,
+    /// The cast's type as written, normalised the way pg_query spells it:
+    /// `pg_catalog.` dropped from built-in names (`int` → "int4", `timestamp with time
+    /// zone` → "timestamptz", `char(3)` → "bpchar(3)"), type modifiers and array
+    /// bounds kept (`numeric(10,2)`, `int4[]`), other names quoted where SQL needs it.
+    pub cast: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operand {
+    /// A constant, as PostgreSQL's input function would receive it: integers, floats,
+    /// strings and booleans as their text (`-5` → "-5", `1.5` → "1.5", `'x'` → "x",
+    /// `true` → "true"); `None` = NULL.
+    Literal(Option<String>),
+    /// `$n`, 1-based.
+    Param(u16),
+}
+
+/// What `SET col = …` does to the column. Add/Sub say nothing of the column's type:
+/// whether deltas may be summed (numbers yes; `date + 1`, `ts + interval` …) is the
+/// caller's to judge, as is a NULL delta (literal or parameter), which makes the
+/// column NULL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assign {
+    /// `col = v`.
+    Set(Value),
+    /// `col = col + v` or `col = v + col`.
+    Add(Value),
+    /// `col = col - v`.
+    Sub(Value),
+}
+
+/// A deferrable INSERT/UPDATE/DELETE as its text gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteShape {
+    /// `INSERT INTO t (c1, c2, …) VALUES (…), (…)`: every row as wide as `columns`.
+    Insert {
+        table: RelName,
+        columns: Vec<String>,
+        rows: Vec<Vec<Value>>,
+    },
+    /// `UPDATE [ONLY] t SET … WHERE k1 = v AND k2 = v`; `only` records `ONLY`
+    /// (inheritance children untouched), which a rewritten statement must keep.
+    Update {
+        table: RelName,
+        only: bool,
+        set: Vec<(String, Assign)>,
+        key: Vec<(String, Value)>,
+    },
+    /// `DELETE FROM [ONLY] t WHERE k1 = v AND …`.
+    Delete {
+        table: RelName,
+        only: bool,
+        key: Vec<(String, Value)>,
+    },
+}
+
+/// The shape of one top-level statement: `None` unless it is an INSERT, UPDATE or
+/// DELETE.
+pub(super) fn of(node: &NodeEnum) -> Option<Result<WriteShape, &'static str>> {
+    match node {
+        NodeEnum::InsertStmt(s) => Some(insert(s)),
+        NodeEnum::UpdateStmt(s) => Some(update(s)),
+        NodeEnum::DeleteStmt(s) => Some(delete(s)),
+        _ => None,
+    }
+}
+
+fn insert(s: &InsertStmt) -> Result<WriteShape, &'static str> {
+    if s.with_clause.is_some() {
+        return Err(r::WITH_CLAUSE);
+    }
+    if s.returning_clause.is_some() {
+        return Err(r::RETURNING);
+    }
+    if s.on_conflict_clause.is_some() {
+        return Err(r::ON_CONFLICT);
+    }
+    if s.r#override != OverridingKind::OverridingNotSet as i32 {
+        return Err(r::OVERRIDING);
+    }
+    let target = Target::of(s.relation.as_ref())?;
+    let select = match node(s.select_stmt.as_deref()) {
+        None => return Err(r::DEFAULT_VALUES),
+        Some(NodeEnum::SelectStmt(select)) if is_plain_values(select) => select,
+        Some(_) => return Err(r::INSERT_SELECT),
+    };
+    if s.cols.is_empty() {
+        return Err(r::NO_COLUMN_LIST);
+    }
+    let mut columns = Vec::with_capacity(s.cols.len());
+    for col in &s.cols {
+        let Some(NodeEnum::ResTarget(col)) = col.node.as_ref() else {
+            return Err(r::UNSUPPORTED);
+        };
+        push_column(&mut columns, target_column(col)?)?;
+    }
+    let mut rows = Vec::with_capacity(select.values_lists.len());
+    for row in &select.values_lists {
+        let Some(NodeEnum::List(row)) = row.node.as_ref() else {
+            return Err(r::UNSUPPORTED);
+        };
+        if row.items.len() != columns.len() {
+            return Err(r::COLUMN_COUNT_MISMATCH);
+        }
+        let row = row
+            .items
+            .iter()
+            .map(|item| value(node(Some(item)), r::EXPRESSION))
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.push(row);
+    }
+    Ok(WriteShape::Insert {
+        table: target.table,
+        columns,
+        rows,
+    })
+}
+
+fn update(s: &UpdateStmt) -> Result<WriteShape, &'static str> {
+    if s.with_clause.is_some() {
+        return Err(r::WITH_CLAUSE);
+    }
+    if s.returning_clause.is_some() {
+        return Err(r::RETURNING);
+    }
+    if !s.from_clause.is_empty() {
+        return Err(r::FROM_OR_USING);
+    }
+    let target = Target::of(s.relation.as_ref())?;
+    let filter = filter(s.where_clause.as_deref())?;
+    let mut set: Vec<(String, Assign)> = Vec::with_capacity(s.target_list.len());
+    for item in &s.target_list {
+        let Some(NodeEnum::ResTarget(item)) = item.node.as_ref() else {
+            return Err(r::UNSUPPORTED);
+        };
+        let column = target_column(item)?;
+        let val = node(item.val.as_deref());
+        if matches!(val, Some(NodeEnum::MultiAssignRef(_))) {
+            return Err(r::MULTIPLE_ASSIGNMENT);
+        }
+        let assign = target.assign(&column, val)?;
+        if set.iter().any(|(c, _)| *c == column) {
+            return Err(r::DUPLICATE_COLUMN);
+        }
+        set.push((column, assign));
+    }
+    let key = target.key(filter)?;
+    Ok(WriteShape::Update {
+        only: target.only,
+        table: target.table,
+        set,
+        key,
+    })
+}
+
+fn delete(s: &DeleteStmt) -> Result<WriteShape, &'static str> {
+    if s.with_clause.is_some() {
+        return Err(r::WITH_CLAUSE);
+    }
+    if s.returning_clause.is_some() {
+        return Err(r::RETURNING);
+    }
+    if !s.using_clause.is_empty() {
+        return Err(r::FROM_OR_USING);
+    }
+    let target = Target::of(s.relation.as_ref())?;
+    let key = target.key(filter(s.where_clause.as_deref())?)?;
+    Ok(WriteShape::Delete {
+        only: target.only,
+        table: target.table,
+        key,
+    })
+}
+
+/// The WHERE of an UPDATE/DELETE, which must exist and not be `CURRENT OF`.
+fn filter(where_clause: Option<&Node>) -> Result<&NodeEnum, &'static str> {
+    match node(where_clause) {
+        None => Err(r::NO_WHERE),
+        Some(NodeEnum::CurrentOfExpr(_)) => Err(r::CURRENT_OF),
+        Some(filter) => Ok(filter),
+    }
+}
+
+/// The target relation and the names its columns may be qualified with.
+struct Target<'a> {
+    table: RelName,
+    /// `UPDATE t AS x`: then only `x.col` (or plain `col`) refers to it, as in
+    /// PostgreSQL, where the alias hides the table's name.
+    alias: Option<&'a str>,
+    schema: &'a str,
+    only: bool,
+}
+
+impl<'a> Target<'a> {
+    fn of(rel: Option<&'a RangeVar>) -> Result<Self, &'static str> {
+        let rel = rel
+            .filter(|r| !r.relname.is_empty())
+            .ok_or(r::UNSUPPORTED)?;
+        Ok(Self {
+            table: RelName::new(Some(&rel.schemaname), &rel.relname),
+            alias: rel
+                .alias
+                .as_ref()
+                .map(|a| a.aliasname.as_str())
+                .filter(|a| !a.is_empty()),
+            schema: &rel.schemaname,
+            only: !rel.inh,
+        })
+    }
+
+    /// The column a reference names, if it names one of the target's columns.
+    fn column<'n>(&self, col: &'n ColumnRef) -> Result<&'n str, &'static str> {
+        let mut parts = Vec::with_capacity(col.fields.len());
+        for field in &col.fields {
+            match field.node.as_ref() {
+                Some(NodeEnum::String(s)) => parts.push(s.sval.as_str()),
+                // `t.*` and anything else is not one column.
+                _ => return Err(r::COLUMN_REFERENCE),
+            }
+        }
+        let qualifier_ok = |q: &str| match self.alias {
+            Some(alias) => q == alias,
+            None => q == self.table.name,
+        };
+        match parts.as_slice() {
+            [name] => Ok(name),
+            [q, name] if qualifier_ok(q) => Ok(name),
+            // `schema.table.col` only when the target was written with that schema:
+            // matching an unqualified target would need the search_path.
+            [s, q, name] if self.alias.is_none() && !self.schema.is_empty() => {
+                if *s == self.schema && *q == self.table.name {
+                    Ok(name)
+                } else {
+                    Err(r::COLUMN_REFERENCE)
+                }
+            }
+            _ => Err(r::COLUMN_REFERENCE),
+        }
+    }
+
+    /// `SET column = val`: a value, or the column plus/minus a value.
+    fn assign(&self, column: &str, val: Option<&NodeEnum>) -> Result<Assign, &'static str> {
+        match value(val, r::SET_EXPRESSION) {
+            Err(r::SET_EXPRESSION) => {}
+            plain => return plain.map(Assign::Set),
+        }
+        let Some(NodeEnum::AExpr(e)) = val else {
+            return Err(r::SET_EXPRESSION);
+        };
+        let (Some(op), Some(left), Some(right)) = (
+            binary_operator(e),
+            node(e.lexpr.as_deref()),
+            node(e.rexpr.as_deref()),
+        ) else {
+            return Err(diagnose(val, r::SET_EXPRESSION));
+        };
+        let is_self = |n: &NodeEnum| -> Result<bool, &'static str> {
+            match n {
+                NodeEnum::ColumnRef(c) => Ok(self.column(c)? == column),
+                _ => Ok(false),
+            }
+        };
+        // `c - v`, `c + v` and `v + c`; never `v - c`, which is not a delta.
+        let (delta, add) = match op {
+            "+" if is_self(left)? => (right, true),
+            "+" if is_self(right)? => (left, true),
+            "-" if is_self(left)? => (right, false),
+            _ => return Err(diagnose(val, r::SET_EXPRESSION)),
+        };
+        let delta = value(Some(delta), r::SET_EXPRESSION)?;
+        Ok(if add {
+            Assign::Add(delta)
+        } else {
+            Assign::Sub(delta)
+        })
+    }
+
+    /// The key of `WHERE k1 = v AND k2 = v …` (ANDs nested any way, either side order).
+    fn key(&self, filter: &NodeEnum) -> Result<Vec<(String, Value)>, &'static str> {
+        let mut conjuncts = Vec::new();
+        flatten_and(filter, &mut conjuncts);
+        let mut key: Vec<(String, Value)> = Vec::with_capacity(conjuncts.len());
+        for conjunct in conjuncts {
+            let (column, val) = self.equality(conjunct)?;
+            if key.iter().any(|(c, _)| c == column) {
+                return Err(r::DUPLICATE_COLUMN);
+            }
+            if val.operand == Operand::Literal(None) {
+                return Err(r::NULL_KEY);
+            }
+            key.push((column.to_owned(), val));
+        }
+        Ok(key)
+    }
+
+    /// One `col = value` (or `value = col`) conjunct.
+    fn equality<'n>(&self, conjunct: &'n NodeEnum) -> Result<(&'n str, Value), &'static str> {
+        let not_key = || diagnose(Some(conjunct), r::WHERE_NOT_KEY_EQUALITY);
+        let NodeEnum::AExpr(e) = conjunct else {
+            return Err(not_key());
+        };
+        let (Some("="), Some(left), Some(right)) = (
+            binary_operator(e),
+            node(e.lexpr.as_deref()),
+            node(e.rexpr.as_deref()),
+        ) else {
+            return Err(not_key());
+        };
+        let (col, other) = match (left, right) {
+            (NodeEnum::ColumnRef(_), NodeEnum::ColumnRef(_)) => return Err(not_key()),
+            (NodeEnum::ColumnRef(c), other) | (other, NodeEnum::ColumnRef(c)) => (c, other),
+            _ => return Err(not_key()),
+        };
+        let column = self.column(col)?;
+        let val = value(Some(other), r::WHERE_NOT_KEY_EQUALITY)?;
+        Ok((column, val))
+    }
+}
+
+/// The name of an INSERT column or SET target, which must be a plain column.
+fn target_column(target: &ResTarget) -> Result<String, &'static str> {
+    if !target.indirection.is_empty() {
+        return Err(r::INDIRECTION);
+    }
+    if target.name.is_empty() {
+        return Err(r::UNSUPPORTED);
+    }
+    Ok(target.name.clone())
+}
+
+fn push_column(columns: &mut Vec<String>, column: String) -> Result<(), &'static str> {
+    if columns.contains(&column) {
+        return Err(r::DUPLICATE_COLUMN);
+    }
+    columns.push(column);
+    Ok(())
+}
+
+/// A SELECT that is only `VALUES (…), (…)`: no ORDER BY, LIMIT, set operation, WITH…
+fn is_plain_values(s: &SelectStmt) -> bool {
+    !s.values_lists.is_empty()
+        && s.larg.is_none()
+        && s.rarg.is_none()
+        && s.with_clause.is_none()
+        && s.into_clause.is_none()
+        && s.sort_clause.is_empty()
+        && s.limit_offset.is_none()
+        && s.limit_count.is_none()
+        && s.locking_clause.is_empty()
+        && s.target_list.is_empty()
+        && s.from_clause.is_empty()
+        && s.where_clause.is_none()
+        && s.group_clause.is_empty()
+        && s.having_clause.is_none()
+        && s.window_clause.is_empty()
+        && s.distinct_clause.is_empty()
+}
+
+/// `c1 AND (c2 AND c3)` → `[c1, c2, c3]`; anything else is one conjunct.
+fn flatten_and<'n>(filter: &'n NodeEnum, out: &mut Vec<&'n NodeEnum>) {
+    match filter {
+        NodeEnum::BoolExpr(b) if b.boolop == BoolExprType::AndExpr as i32 => {
+            for arg in &b.args {
+                match arg.node.as_ref() {
+                    Some(arg) => flatten_and(arg, out),
+                    None => out.push(filter),
+                }
+            }
+        }
+        other => out.push(other),
+    }
+}
+
+/// The operator of a plain binary `l op r` (unqualified, both operands present).
+fn binary_operator(e: &AExpr) -> Option<&str> {
+    if e.kind != AExprKind::AexprOp as i32 || e.lexpr.is_none() || e.rexpr.is_none() {
+        return None;
+    }
+    match e.name.as_slice() {
+        [only] => match only.node.as_ref() {
+            Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+impl WriteShape {
+    pub fn table(&self) -> &RelName {
+        match self {
+            Self::Insert { table, .. }
+            | Self::Update { table, .. }
+            | Self::Delete { table, .. } => table,
+        }
+    }
+
+    /// Approximate heap bytes (the inline part is counted by the owner), for the
+    /// classifier memo's weigher.
+    pub(super) fn heap_bytes(&self) -> usize {
+        let rel = |t: &RelName| t.name.len() + t.schema.as_ref().map_or(0, String::len);
+        let named = |list: &[(String, Value)]| {
+            list.iter()
+                .map(|(c, v)| size_of::<(String, Value)>() + c.len() + v.heap_bytes())
+                .sum::<usize>()
+        };
+        match self {
+            Self::Insert {
+                table,
+                columns,
+                rows,
+            } => {
+                rel(table)
+                    + columns
+                        .iter()
+                        .map(|c| size_of::<String>() + c.len())
+                        .sum::<usize>()
+                    + rows
+                        .iter()
+                        .map(|row| {
+                            size_of::<Vec<Value>>()
+                                + row
+                                    .iter()
+                                    .map(|v| size_of::<Value>() + v.heap_bytes())
+                                    .sum::<usize>()
+                        })
+                        .sum::<usize>()
+            }
+            Self::Update {
+                table, set, key, ..
+            } => {
+                rel(table)
+                    + named(key)
+                    + set
+                        .iter()
+                        .map(|(c, a)| {
+                            let (Assign::Set(v) | Assign::Add(v) | Assign::Sub(v)) = a;
+                            size_of::<(String, Assign)>() + c.len() + v.heap_bytes()
+                        })
+                        .sum::<usize>()
+            }
+            Self::Delete { table, key, .. } => rel(table) + named(key),
+        }
+    }
+}
