@@ -37,6 +37,8 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("cannot start session workers: {0}")]
     Workers(std::io::Error),
+    #[error(transparent)]
+    Writes(#[from] crate::writes::start::WritesStartError),
     #[error("cannot listen on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
@@ -56,6 +58,8 @@ pub fn check_files(config: &Config) -> Result<(), ServerError> {
 pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
+    /// The flush worker and its journal, when some table is deferred.
+    writes: Option<crate::writes::start::Running>,
     permits: Arc<Semaphore>,
     workers: Workers,
 }
@@ -87,7 +91,12 @@ impl Server {
             connector.clone(),
             tokio::runtime::Handle::current(),
         );
+        // Before the first session: the journal's unapplied records go upstream first.
+        let writes = crate::writes::start::start(&config, cache.as_ref()).await?;
         let shared = Arc::new(Shared {
+            writes: writes
+                .as_ref()
+                .map(|w| (w.service.clone(), w.database.clone())),
             cache,
             config: Arc::new(config),
             connector,
@@ -98,6 +107,7 @@ impl Server {
         Ok(Server {
             listener,
             shared,
+            writes,
             permits,
             workers,
         })
@@ -136,10 +146,16 @@ impl Server {
             self.spawn_session(&tracker, tcp, peer);
         }
         let Server {
-            listener, shared, ..
+            listener,
+            shared,
+            writes,
+            ..
         } = self;
         drop(listener);
         drain(&shared, tracker).await;
+        if let Some(w) = writes {
+            w.stop(shared.config.server.shutdown_timeout).await;
+        }
     }
 
     fn spawn_session(&self, tracker: &TaskTracker, tcp: TcpStream, peer: SocketAddr) {

@@ -32,8 +32,10 @@ pub struct TableMeta {
 }
 
 impl TableMeta {
+    /// `ONLY "schema"."table"`: deferred tables have no inheritance children (checked
+    /// at startup), and ONLY keeps a child added later out of reach of a flush.
     fn quoted(&self) -> String {
-        format!("{}.{}", ident(&self.schema), ident(&self.table))
+        format!("ONLY {}.{}", ident(&self.schema), ident(&self.table))
     }
 
     fn type_of(&self, column: &str) -> Result<&str, PlanError> {
@@ -301,6 +303,7 @@ impl Builder {
                         ))
                     })
                     .collect::<Result<Vec<_>, PlanError>>()?;
+                let table = format!("{}.{}", ident(&meta.schema), ident(&meta.table));
                 format!(
                     "INSERT INTO {table} ({}) SELECT {} FROM {arrays} AS u({})",
                     cols.join(", "),
@@ -460,7 +463,7 @@ mod tests {
         assert_eq!(g[0].ops, vec![(0, 0), (1, 0), (1, 1)]);
         assert_eq!(
             g[1].sql,
-            "UPDATE \"public\".\"t\" AS t SET \"n\" = t.\"n\" + u.s0::bigint FROM \
+            "UPDATE ONLY \"public\".\"t\" AS t SET \"n\" = t.\"n\" + u.s0::bigint FROM \
              ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) \
              WITH ORDINALITY AS u(k0, s0, n) \
              WHERE t.\"id\" = u.k0::integer RETURNING u.n"
@@ -468,7 +471,7 @@ mod tests {
         assert_eq!(g[1].ops, vec![(2, 0), (3, 0)]);
         assert_eq!(
             g[2].sql,
-            "DELETE FROM \"public\".\"t\" AS t USING ROWS FROM (pg_catalog.unnest($1::text[])) \
+            "DELETE FROM ONLY \"public\".\"t\" AS t USING ROWS FROM (pg_catalog.unnest($1::text[])) \
              WITH ORDINALITY AS u(k0, n) WHERE t.\"id\" = u.k0::integer RETURNING u.n"
         );
     }

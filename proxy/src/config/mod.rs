@@ -215,10 +215,24 @@ impl Config {
         Ok(())
     }
 
-    /// The `[tables]` map keyed by parsed name. Deferred policies are refused until
-    /// the journal and flush worker exist in this build.
+    /// The `[tables]` map keyed by parsed name. Deferred policies need the read
+    /// cache's classifier (`cache.enabled`); their tables are checked against the
+    /// catalog at startup (`writes::tables`).
     pub fn table_policies(&self) -> Result<BTreeMap<TableName, TableConfig>, ValidationError> {
-        validate_tables(&self.tables, false)
+        let tables = validate_tables(&self.tables, true)?;
+        if !self.cache.enabled
+            && let Some((name, t)) = tables.iter().find(|(_, t)| t.policy.is_deferred())
+        {
+            return Err(ValidationError::new(
+                format!("tables.\"{name}\".policy"),
+                format!(
+                    "policy \"{}\" needs cache.enabled = true (spillway recognises deferrable \
+                     statements with the cache's classifier)",
+                    t.policy
+                ),
+            ));
+        }
+        Ok(tables)
     }
 
     pub fn backend_target(&self) -> Result<BackendTarget, ValidationError> {

@@ -50,6 +50,23 @@ pub fn error_response(severity: Severity, code: SqlState, message: &str) -> Byte
     encode(&ErrorResponse::new(fields))
 }
 
+/// Encodes an ErrorResponse with a DETAIL field.
+pub fn error_response_with_detail(
+    severity: Severity,
+    code: SqlState,
+    message: &str,
+    detail: &str,
+) -> Bytes {
+    let fields = vec![
+        (b'S', severity.as_str().to_owned()),
+        (b'V', severity.as_str().to_owned()),
+        (b'C', code.code().to_owned()),
+        (b'M', message.to_owned()),
+        (b'D', detail.to_owned()),
+    ];
+    encode(&ErrorResponse::new(fields))
+}
+
 /// Encodes BackendKeyData with a secret of any length from 4 to 256 bytes.
 pub fn backend_key_data(pid: i32, secret: &[u8]) -> Bytes {
     let key = if secret.len() == 4 {

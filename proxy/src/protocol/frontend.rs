@@ -132,6 +132,44 @@ pub fn bind(body: &[u8]) -> Option<Bind<'_>> {
     })
 }
 
+/// Parameter values of a Bind (from [`Bind::params_and_formats`]): per parameter,
+/// whether it is in binary format, and its bytes (`None` for NULL).
+pub type BindParams<'a> = Vec<(bool, Option<&'a [u8]>)>;
+
+pub fn bind_params(params_and_formats: &[u8]) -> Option<BindParams<'_>> {
+    let mut r = Reader(params_and_formats);
+    let nfmt = r.count()?;
+    let mut formats = Vec::with_capacity(nfmt);
+    for _ in 0..nfmt {
+        formats.push(r.i16()? == 1);
+    }
+    let nparams = r.count()?;
+    let mut out = Vec::with_capacity(nparams);
+    for i in 0..nparams {
+        // No codes: all text; one code: all parameters; else one per parameter.
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0],
+            _ => *formats.get(i)?,
+        };
+        let len = r.i32()?;
+        let value = if len < 0 {
+            None
+        } else {
+            Some(r.bytes(usize::try_from(len).ok()?)?)
+        };
+        out.push((binary, value));
+    }
+    Some(out)
+}
+
+/// Parameter type OIDs as a Parse message declares them (0 = unspecified).
+pub fn param_type_oids(raw: &[u8]) -> Vec<u32> {
+    raw.chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 /// Describe or Close: 'S' (statement) or 'P' (portal) and the name.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Target<'a> {
@@ -163,6 +201,20 @@ pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
 pub const BIND_COMPLETE: &[u8] = b"2\0\0\0\x04";
 
 /// ReadyForQuery with transaction status `status` (b'I', b'T' or b'E').
+/// CommandComplete with `tag`, for answers spillway gives itself.
+pub fn command_complete(tag: &str) -> Vec<u8> {
+    let len = u32::try_from(4 + tag.len() + 1).unwrap_or(u32::MAX);
+    let mut m = Vec::with_capacity(1 + 4 + tag.len() + 1);
+    m.push(b'C');
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(tag.as_bytes());
+    m.push(0);
+    m
+}
+
+/// NoData: the answer to Describe of a portal that returns no rows.
+pub const NO_DATA: &[u8] = b"n\0\0\0\x04";
+
 pub fn ready_for_query(status: u8) -> [u8; 6] {
     [b'Z', 0, 0, 0, 5, status]
 }

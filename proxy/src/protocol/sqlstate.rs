@@ -13,6 +13,12 @@ impl SqlState {
     pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+    /// Deferred writes: back-pressure (`when_full`, `journal.max_bytes`).
+    pub const INSUFFICIENT_RESOURCES: SqlState = SqlState("53000");
+    /// Deferred writes with `row_counts = "exact"`: the key exists already.
+    pub const UNIQUE_VIOLATION: SqlState = SqlState("23505");
+    /// Deferred writes: the journal or the flush worker stopped.
+    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 
     pub fn code(&self) -> &'static str {
         self.0

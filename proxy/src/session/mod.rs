@@ -46,6 +46,9 @@ pub struct Shared {
     pub signals: Arc<ShutdownSignals>,
     /// The read cache; `None` when `cache.enabled = false`.
     pub cache: Option<Arc<crate::cache::ReadCache>>,
+    /// Deferred tables and the database they are in; `None` when no table has a
+    /// deferred policy.
+    pub writes: Option<(Arc<crate::writes::service::WriteService>, String)>,
 }
 
 impl Shared {
@@ -126,6 +129,11 @@ async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
     let handler = match &shared.cache {
         Some(cache) => handler::Handler::caching(
             cache.clone(),
+            shared
+                .writes
+                .as_ref()
+                .filter(|(_, db)| db == startup.database())
+                .map(|(w, _)| w.clone()),
             startup.database(),
             startup.user(),
             &startup.params,

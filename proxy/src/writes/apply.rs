@@ -14,6 +14,7 @@
 //!   (SQLSTATE 02000), never silently dropped.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use spillway_policies::writes::{Group, GroupKind, Record, TableMeta, plan_batch};
 use sqlx::{Connection, PgConnection, Row};
@@ -97,7 +98,7 @@ pub async fn claim_ledger(conn: &mut PgConnection, key: &LedgerKey) -> Result<u6
          WHERE l.epoch <= EXCLUDED.epoch \
          RETURNING last_seq",
     )
-    .bind(&key.journal_id)
+    .bind(key.journal_id.clone())
     .bind(epoch)
     .fetch_optional(&mut *conn)
     .await
@@ -121,14 +122,14 @@ pub async fn apply_batch(
     conn: &mut PgConnection,
     key: &LedgerKey,
     applied_through: u64,
-    batch: &[(u64, &Record)],
+    batch: &[(u64, Arc<Record>)],
     tables: &HashMap<String, TableMeta>,
 ) -> Result<Applied, ApplyError> {
     let Some(last) = batch.last().map(|(seq, _)| *seq) else {
         return Ok(Applied::default());
     };
     // The fast path: the whole batch as set-based statements.
-    let records: Vec<&Record> = batch.iter().map(|(_, r)| *r).collect();
+    let records: Vec<&Record> = batch.iter().map(|(_, r)| r.as_ref()).collect();
     let groups = plan_batch(&records, tables).map_err(|e| ApplyError::Unplannable {
         seq: batch.first().map_or(0, |(s, _)| *s),
         reason: e.to_string(),
@@ -174,7 +175,7 @@ async fn advance_ledger(
         "UPDATE spillway.flush_ledger SET last_seq = $4, updated_at = pg_catalog.now() \
          WHERE journal_id = $1 AND epoch = $2 AND last_seq = $3",
     )
-    .bind(&key.journal_id)
+    .bind(key.journal_id.clone())
     .bind(as_i64(key.epoch))
     .bind(as_i64(from))
     .bind(as_i64(to))
@@ -197,12 +198,14 @@ async fn advance_ledger(
 async fn run_group(
     conn: &mut PgConnection,
     group: &Group,
-    batch: &[(u64, &Record)],
+    batch: &[(u64, Arc<Record>)],
     applied: &mut Applied,
 ) -> Result<(), sqlx::Error> {
     let mut query = sqlx::query(&group.sql);
+    // Owned binds: borrowed ones make this future fail rustc's higher-ranked `Send`
+    // check once it is spawned.
     for p in &group.params {
-        query = query.bind(p);
+        query = query.bind(p.clone());
     }
     applied.statements += 1;
     match group.kind {
@@ -246,15 +249,15 @@ async fn run_group(
 /// are left; those become dead letters.
 async fn bisect(
     conn: &mut PgConnection,
-    batch: &[(u64, &Record)],
+    batch: &[(u64, Arc<Record>)],
     tables: &HashMap<String, TableMeta>,
     applied: &mut Applied,
 ) -> Result<(), ApplyError> {
     // An explicit stack instead of recursion: async recursion needs boxing, and the
     // order of the parts must stay the batch's order.
-    let mut todo: Vec<&[(u64, &Record)]> = vec![batch];
+    let mut todo: Vec<&[(u64, Arc<Record>)]> = vec![batch];
     while let Some(part) = todo.pop() {
-        let records: Vec<&Record> = part.iter().map(|(_, r)| *r).collect();
+        let records: Vec<&Record> = part.iter().map(|(_, r)| r.as_ref()).collect();
         let groups = plan_batch(&records, tables).map_err(|e| ApplyError::Unplannable {
             seq: part.first().map_or(0, |(s, _)| *s),
             reason: e.to_string(),
@@ -335,13 +338,13 @@ async fn record_dead_letters(
              (journal_id, seq, table_name, statement, parameters, sqlstate, message) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
-        .bind(&key.journal_id)
+        .bind(key.journal_id.clone())
         .bind(i64::try_from(d.seq).unwrap_or(i64::MAX))
-        .bind(&d.table)
-        .bind(&d.statement)
-        .bind(&d.parameters)
-        .bind(&d.sqlstate)
-        .bind(&d.message)
+        .bind(d.table.clone())
+        .bind(d.statement.clone())
+        .bind(d.parameters.clone())
+        .bind(d.sqlstate.clone())
+        .bind(d.message.clone())
         .execute(&mut *conn)
         .await
         .map_err(ApplyError::Transient)?;

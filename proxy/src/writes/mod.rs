@@ -1,10 +1,16 @@
 //! The write side of the deferred policies (SPEC §6) as the proxy runs it: the
-//! deferred tables checked against the catalog at startup ([`tables`]) and the
-//! exactly-once application of journal records upstream ([`apply`]).
+//! deferred tables checked against the catalog at startup ([`tables`]), statements
+//! turned into journal records ([`convert`], [`params`]), the journal, pending state
+//! and flush worker ([`service`]), the exactly-once application of records upstream
+//! ([`apply`]), and startup/shutdown ([`start`]).
 //!
 //! The data model (records, set-based plans) is in `spillway_policies::writes`; this
 //! module owns the PostgreSQL side: catalog queries, the ledger compare-and-set, dead
 //! letters.
 
 pub mod apply;
+pub mod convert;
+pub mod params;
+pub mod service;
+pub mod start;
 pub mod tables;

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use spillway_policies::writes::TableMeta;
+use spillway_policies::writes::plan::ident;
 use spillway_policies::{TableConfig, TableName};
 use sqlx::{PgConnection, Row};
 
@@ -18,6 +19,11 @@ pub struct DeferredTable {
     pub meta: TableMeta,
     /// Column → type OID, for decoding binary parameters.
     pub type_oids: HashMap<String, u32>,
+    /// The primary-key constraint's name, for 23505 errors spillway reports itself.
+    pub pkey_name: String,
+    /// `SELECT EXISTS (… WHERE key = $1 …)` with text parameters: the point read of
+    /// `row_counts = "exact"`.
+    pub exists_sql: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +43,11 @@ pub enum TableError {
          (the flusher's role would decide which rows a write reaches); use \"write-through\""
     )]
     RowSecurity(TableName, spillway_policies::Policy),
+    #[error(
+        "tables.\"{0}\": policy \"{1}\" is refused on a table with inheritance children \
+         (a key is unique per table, not across them); use \"write-through\""
+    )]
+    Inherited(TableName, spillway_policies::Policy),
     #[error("tables.\"{0}\": is not an ordinary table (relkind {1}); use \"write-through\"")]
     NotATable(TableName, String),
     #[error("reading the catalog for the deferred tables: {0}")]
@@ -70,6 +81,15 @@ pub async fn load(
         }
         if rls {
             return Err(TableError::RowSecurity(name.clone(), config.policy));
+        }
+        let children: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits WHERE inhparent = $1::int8::oid)",
+        )
+        .bind(oid)
+        .fetch_one(&mut *conn)
+        .await?;
+        if children {
+            return Err(TableError::Inherited(name.clone(), config.policy));
         }
         let columns = sqlx::query(
             "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
@@ -108,6 +128,24 @@ pub async fn load(
             .iter()
             .map(|r| r.try_get::<String, _>(0))
             .collect::<Result<Vec<_>, _>>()?;
+        let pkey_name: String = sqlx::query_scalar(
+            "SELECT conname::text FROM pg_catalog.pg_constraint \
+             WHERE conrelid = $1::int8::oid AND contype = 'p'",
+        )
+        .bind(oid)
+        .fetch_one(&mut *conn)
+        .await?;
+        let mut conditions = Vec::with_capacity(key.len());
+        for (i, k) in key.iter().enumerate() {
+            let ty = types.get(k).map_or("text", String::as_str);
+            conditions.push(format!("{} = ${}::text::{ty}", ident(k), i + 1));
+        }
+        let exists_sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {}.{} WHERE {})",
+            ident(&name.schema),
+            ident(&name.name),
+            conditions.join(" AND ")
+        );
         let qualified = name.to_string();
         out.insert(
             qualified.clone(),
@@ -122,6 +160,8 @@ pub async fn load(
                     types,
                 },
                 type_oids,
+                pkey_name,
+                exists_sql,
             },
         );
     }

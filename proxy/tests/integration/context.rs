@@ -19,6 +19,8 @@ pub struct ContextBuilder {
     pg: PgBuilder,
     config: String,
     env: Vec<(String, String)>,
+    /// SQL run on PostgreSQL (as the superuser) before spillway starts.
+    setup: Vec<String>,
 }
 
 impl ContextBuilder {
@@ -44,6 +46,13 @@ impl ContextBuilder {
         self
     }
 
+    /// SQL run directly on PostgreSQL before spillway starts (tables that deferred
+    /// policies check at startup).
+    pub fn before_proxy(mut self, sql: &str) -> Self {
+        self.setup.push(sql.to_owned());
+        self
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
         self
@@ -54,10 +63,23 @@ impl ContextBuilder {
             .await
             .expect("pg start task")
             .expect("throwaway PostgreSQL starts");
+        for sql in &self.setup {
+            pg.psql(DB, sql).expect("setup before spillway");
+        }
         let mut config = self.config;
         config.push_str(&format!("[backend]\nurl = \"{}\"\n", pg.url(USER, DB)));
+        if !config.contains("[journal]") {
+            // Each test its own journal, inside PostgreSQL's throwaway directory.
+            let dir = pg.dir().join("journal");
+            config.push_str(&format!("[journal]\ndir = \"{}\"\n", dir.display()));
+        }
         let proxy = Proxy::spawn(&pg, &config, &self.env);
-        Context { proxy, pg }
+        Context {
+            proxy,
+            pg,
+            config,
+            env: self.env,
+        }
     }
 }
 
@@ -65,6 +87,8 @@ pub struct Context {
     // Field order = drop order: spillway goes before PostgreSQL.
     pub proxy: Proxy,
     pub pg: ThrowawayPostgres,
+    config: String,
+    env: Vec<(String, String)>,
 }
 
 impl Context {
@@ -75,7 +99,17 @@ impl Context {
                      [metrics]\n\n"
                 .to_owned(),
             env: Vec::new(),
+            setup: Vec::new(),
         }
+    }
+
+    /// Starts spillway again with the same config (after it exited or was killed);
+    /// the previous process is killed if it still runs.
+    pub fn restart_proxy(&mut self) {
+        self.proxy.kill();
+        let fresh = Proxy::spawn(&self.pg, &self.config, &self.env);
+        let old = std::mem::replace(&mut self.proxy, fresh);
+        drop(old);
     }
 
     pub async fn start() -> Context {
@@ -194,6 +228,12 @@ impl Proxy {
         self.child.id()
     }
 
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Everything spillway logged so far.
     pub fn logs(&self) -> String {
         self.log.lock().expect("log lock").clone()
@@ -282,6 +322,11 @@ impl ContextBuilder {
             pg.port()
         ));
         let proxy = Proxy::spawn(&pg, &config, &self.env);
-        Context { proxy, pg }
+        Context {
+            proxy,
+            pg,
+            config,
+            env: self.env,
+        }
     }
 }

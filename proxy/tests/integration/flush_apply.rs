@@ -6,6 +6,7 @@
 //! is kept across tables with a foreign key.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use spillway::schema;
 use spillway::throwaway::ThrowawayPostgres;
@@ -91,11 +92,11 @@ fn delete(table: &str, id: &str) -> Record {
     }
 }
 
-fn numbered(records: &[Record], first: u64) -> Vec<(u64, &Record)> {
+fn numbered(records: &[Record], first: u64) -> Vec<(u64, Arc<Record>)> {
     records
         .iter()
         .enumerate()
-        .map(|(i, r)| (first + i as u64, r))
+        .map(|(i, r)| (first + i as u64, Arc::new(r.clone())))
         .collect()
 }
 
@@ -302,7 +303,9 @@ async fn deferred_tables_without_a_key_or_with_row_security_are_refused() {
         "CREATE TABLE nokey (id int, v text); \
          CREATE TABLE secured (id int PRIMARY KEY); \
          ALTER TABLE secured ENABLE ROW LEVEL SECURITY; \
-         CREATE VIEW aview AS SELECT 1 AS id;",
+         CREATE VIEW aview AS SELECT 1 AS id; \
+         CREATE TABLE base (id int PRIMARY KEY); \
+         CREATE TABLE derived (extra int) INHERITS (base);",
     )
     .expect("tables");
     let mut conn = PgConnection::connect(&pg.url(USER, DB))
@@ -312,6 +315,7 @@ async fn deferred_tables_without_a_key_or_with_row_security_are_refused() {
         ("public.nokey", "needs a primary key"),
         ("public.secured", "row-level security"),
         ("public.aview", "not an ordinary table"),
+        ("public.base", "inheritance children"),
         ("public.missing", "no such table"),
     ] {
         let configured: std::collections::BTreeMap<_, _> = [(

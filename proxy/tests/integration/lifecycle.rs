@@ -553,16 +553,21 @@ fn check_config_accepts_valid_and_names_what_is_wrong() {
     assert!(err.contains("flush.batch_size"), "{err}");
     assert!(err.contains(&file_name(&path)), "names the file: {err}");
 
-    // A deferred policy this build cannot honour.
+    // A deferred policy without the cache's classifier.
     let (code, err, _) = check(
         dir,
         "deferred.toml",
-        &format!("{VALID}[tables.\"public.events\"]\npolicy = \"write-behind\"\n"),
+        &format!(
+            "{VALID}[cache]\nenabled = false\n\
+             [tables.\"public.events\"]\npolicy = \"write-behind\"\n"
+        ),
         &[],
     );
     assert_eq!(code, Some(64), "{err}");
     assert!(
-        err.contains("tables.\"public.events\".policy") && err.contains("write-behind"),
+        err.contains("tables.\"public.events\".policy")
+            && err.contains("write-behind")
+            && err.contains("cache.enabled"),
         "{err}"
     );
 

@@ -14,3 +14,4 @@ mod flush_apply;
 mod lifecycle;
 mod protocol;
 mod triggers;
+mod write_behind;

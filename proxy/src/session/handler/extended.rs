@@ -43,6 +43,16 @@ enum Plan {
 
 impl Caching {
     pub(super) fn on_extended(&mut self, tag: u8, msg: &[u8], out: &mut Out<'_>) -> Disposition {
+        let forwarding_now = if self.cycle_upstream {
+            tag == frontend::EXECUTE
+        } else {
+            matches!(tag, frontend::FLUSH | frontend::CLOSE)
+                || self.held_bytes + msg.len() > MAX_HELD_BYTES
+                || self.held.len() >= MAX_HELD
+        };
+        if forwarding_now && let Some(d) = self.route_forwarding(tag, msg, out) {
+            return d;
+        }
         if self.cycle_upstream {
             out.state.on_frontend(tag);
             self.forward_extended(msg, out, false, &mut None);
@@ -79,6 +89,9 @@ impl Caching {
     }
 
     fn on_sync(&mut self, msg: &[u8], out: &mut Out<'_>) -> Disposition {
+        if let Some(d) = self.route_cycle(out) {
+            return d;
+        }
         let quiet = self.tracker.is_quiet() && self.reads_allowed(out.state);
         let mut ticket = None;
         if quiet {
@@ -437,7 +450,7 @@ impl Caching {
     }
 
     /// The statement a Parse defines, reusing `previous` when it is the same text.
-    fn statement(
+    pub(super) fn statement(
         &self,
         p: &frontend::Parse<'_>,
         msg: &[u8],

@@ -17,6 +17,7 @@
 //!   again at each CommandComplete and ReadyForQuery while it is unacknowledged, and
 //!   again when its transaction ends.
 
+mod deferred;
 mod extended;
 mod settings;
 mod tracker;
@@ -35,6 +36,8 @@ use super::state::ProtocolState;
 use crate::cache::{Cacheable, DbState, Decision, Effects, ReadCache, decide};
 use crate::classify::{Analysis, DiscardTarget, Isolation, Kind, SessionCommand, TxCommand};
 use crate::protocol::frontend;
+use crate::writes::convert::Bound;
+use crate::writes::service::WriteService;
 use settings::KeyContext;
 use tracker::{Expect, Fill, Tracker};
 
@@ -111,9 +114,23 @@ struct Caching {
     /// Session commands forwarded behind outstanding requests, in order: whether they
     /// ran in autocommit is known only at their own ReadyForQuery.
     deferred: VecDeque<Deferred>,
-    wait: Option<Pin<Box<tokio::time::Timeout<OwnedNotified>>>>,
+    /// What a Blocked message waits for: another session's fill, a barrier, an ack.
+    wait: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// The current request already waited once for another session's fill.
     waited: bool,
+    /// Deferred tables of this database (`None`: none, or another database).
+    writes: Option<Arc<WriteService>>,
+    /// The Blocked message's deferred ack or barrier, for [`Caching::resume`].
+    waiting: Option<deferred::Waiting>,
+    /// The re-offered message already waited for its barrier.
+    barrier_passed: bool,
+    /// The re-offered message must run write-through (its role may not defer).
+    no_defer: bool,
+    /// Sequence number of this session's latest deferred write (`consistency =
+    /// "session"`).
+    own_seq: u64,
+    /// The session's role, for privilege checks of deferred writes.
+    user: String,
 }
 
 impl Handler {
@@ -123,6 +140,7 @@ impl Handler {
 
     pub fn caching(
         cache: Arc<ReadCache>,
+        writes: Option<Arc<WriteService>>,
         database: &str,
         user: &str,
         startup: &[(String, String)],
@@ -151,6 +169,12 @@ impl Handler {
                 deferred: VecDeque::new(),
                 wait: None,
                 waited: false,
+                writes,
+                waiting: None,
+                barrier_passed: false,
+                no_defer: false,
+                own_seq: 0,
+                user: user.to_owned(),
             })),
         }
     }
@@ -209,6 +233,9 @@ use std::future::Future;
 
 impl Caching {
     fn on_frontend(&mut self, tag: u8, msg: &[u8], out: &mut Out<'_>) -> Disposition {
+        if let Some(done) = self.resume(tag, out) {
+            return done;
+        }
         if self.tracker.is_desynced() {
             // Nothing is classified any more: anything may write.
             if matches!(
@@ -291,7 +318,21 @@ impl Caching {
             self.forget_unnamed();
             return Disposition::Consumed;
         }
+        if let Some(table) = spillway_flush(sql) {
+            return self.flush_command(table.as_deref(), out);
+        }
         let analysis = self.cache.classifier.classify(sql);
+        if self.writes.is_some() {
+            let single = deferred::Single {
+                bound: &Bound::default(),
+                before: BytesMut::new(),
+                extended: false,
+                unnamed: None,
+            };
+            if let Some(d) = self.route_writes(&[&analysis], Some(single), out) {
+                return d;
+            }
+        }
         let decision = self.decide(&analysis);
         let mut fill = None;
         if let (Ok(cacheable), Some(key)) = (&decision.cacheable, &key) {
@@ -522,6 +563,35 @@ impl Caching {
         }
     }
 
+    /// `SPILLWAY FLUSH [table]`: returns once every write acknowledged before it (to
+    /// `table`, or to any table) is applied upstream.
+    fn flush_command(&mut self, table: Option<&str>, out: &mut Out<'_>) -> Disposition {
+        if !std::mem::take(&mut self.barrier_passed)
+            && let Some(w) = self.writes.clone()
+        {
+            let target = match table {
+                Some(t) => {
+                    let name = if t.contains('.') {
+                        t.to_owned()
+                    } else {
+                        format!("public.{t}")
+                    };
+                    w.barrier_target([name.as_str()])
+                }
+                None => Some(w.highest()),
+            };
+            if let Some(target) = target.filter(|t| *t > w.applied()) {
+                return self.barrier(w, target);
+            }
+        }
+        out.state.on_frontend(frontend::QUERY);
+        out.client
+            .extend_from_slice(&frontend::command_complete("SPILLWAY FLUSH"));
+        self.answer_ready(out);
+        self.forget_unnamed();
+        Disposition::Consumed
+    }
+
     /// The version counters a fill of `cacheable` depends on, read now.
     fn capture(&self, cacheable: &Cacheable) -> Deps {
         let tables: Vec<Arc<Version>> = cacheable
@@ -549,7 +619,9 @@ impl Caching {
 
     fn block(&mut self, notified: OwnedNotified) {
         self.waited = true;
-        self.wait = Some(Box::pin(tokio::time::timeout(COALESCE_WAIT, notified)));
+        self.wait = Some(Box::pin(async move {
+            let _ = tokio::time::timeout(COALESCE_WAIT, notified).await;
+        }));
     }
 
     /// The unnamed statement and portal are replaced by a simple Query.
@@ -559,6 +631,22 @@ impl Caching {
         self.unnamed_pending = false;
         self.portals.remove("");
     }
+}
+
+/// `SPILLWAY FLUSH [table]` (case-insensitive, optional semicolon): `Some(None)` for
+/// every table, `Some(Some(name))` for one.
+fn spillway_flush(sql: &str) -> Option<Option<String>> {
+    let mut words = sql.trim().trim_end_matches(';').split_whitespace();
+    let first = words.next()?;
+    let second = words.next()?;
+    if !first.eq_ignore_ascii_case("spillway") || !second.eq_ignore_ascii_case("flush") {
+        return None;
+    }
+    let table = words.next().map(str::to_owned);
+    if words.next().is_some() {
+        return None;
+    }
+    Some(table)
 }
 
 /// A session command waiting for its request's ReadyForQuery.

@@ -1,0 +1,560 @@
+//! Deferred tables in a session (SPEC §6): a deferrable autocommit statement on a
+//! write-behind/write-back table is journaled and acknowledged by spillway; anything
+//! else that touches such a table while it has pending writes first waits for them to
+//! be applied upstream (a barrier), as its table's `consistency` requires.
+//!
+//! Both waits use the handler's Blocked mechanism: the message stays with the relay,
+//! the wait runs as the handler's future, and the re-offered message finds the result
+//! here ([`Caching::resume`]). Nothing behind it is read meanwhile, so order holds.
+//!
+//! Invariants:
+//! - A statement is deferred only alone in its request, in autocommit, with nothing
+//!   outstanding upstream, when spillway can resolve its table to exactly one deferred
+//!   table and its values to text; everything else is a fallback (write-through after
+//!   a barrier).
+//! - A barrier is waited for once per message: the re-offered message goes on even if
+//!   newer writes arrived meanwhile (they are concurrent with it), so a busy table
+//!   cannot starve a reader.
+//! - The cache entries of a table are invalidated when a deferred write to it is
+//!   acknowledged (and again when it is applied, by the flusher).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use spillway_policies::Consistency;
+
+use super::{Caching, Disposition, Out, Stmt};
+use crate::classify::{Analysis, Kind};
+use crate::protocol::backend::{self, Severity};
+use crate::protocol::frontend;
+use crate::protocol::sqlstate::SqlState;
+use crate::writes::convert::{self, Bound, Verb};
+use crate::writes::service::{DeferError, Outcome, WriteService};
+
+type Slot<T> = Arc<Mutex<Option<Result<T, DeferError>>>>;
+
+/// A request's only statement, as far as deferring it goes.
+pub(super) struct Single<'a> {
+    pub bound: &'a Bound,
+    /// Answers an extended cycle gives before the command tag.
+    pub before: BytesMut,
+    pub extended: bool,
+    pub unnamed: Option<Arc<Stmt>>,
+}
+
+/// What a Blocked message is waiting for.
+pub(super) enum Waiting {
+    Ack {
+        slot: Slot<Outcome>,
+        verb: Verb,
+        table: u32,
+        /// Answers that precede the command tag (ParseComplete, BindComplete, NoData).
+        before: BytesMut,
+        /// The statement came in an extended cycle (the held messages are answered).
+        extended: bool,
+        /// The unnamed statement that cycle parsed (answered locally).
+        unnamed: Option<Arc<Stmt>>,
+    },
+    Barrier {
+        slot: Slot<()>,
+    },
+}
+
+fn take<T>(slot: &Slot<T>) -> Option<Result<T, DeferError>> {
+    match slot.lock() {
+        Ok(mut s) => s.take(),
+        Err(poisoned) => poisoned.into_inner().take(),
+    }
+}
+
+fn put<T>(slot: &Slot<T>, value: Result<T, DeferError>) {
+    match slot.lock() {
+        Ok(mut s) => *s = Some(value),
+        Err(poisoned) => *poisoned.into_inner() = Some(value),
+    }
+}
+
+impl Caching {
+    /// A re-offered message after a deferred ack or a barrier. `Some` when the message
+    /// is answered here; `None` to process it normally (barrier passed, or the write
+    /// must run write-through after all).
+    pub(super) fn resume(&mut self, tag: u8, out: &mut Out<'_>) -> Option<Disposition> {
+        match self.waiting.take()? {
+            Waiting::Barrier { slot } => match take(&slot) {
+                Some(Ok(())) | None => {
+                    self.barrier_passed = true;
+                    None
+                }
+                Some(Err(e)) => {
+                    self.barrier_passed = false;
+                    Some(self.fail(tag, &e, BytesMut::new(), out))
+                }
+            },
+            Waiting::Ack {
+                slot,
+                verb,
+                table,
+                before,
+                extended,
+                unnamed,
+            } => match take(&slot) {
+                Some(Ok(outcome)) => {
+                    if let Some(seq) = outcome.seq {
+                        self.own_seq = self.own_seq.max(seq);
+                        self.db.versions.bump_tables([table]);
+                    }
+                    out.state.on_frontend(tag);
+                    out.client.extend_from_slice(&before);
+                    out.client
+                        .extend_from_slice(&frontend::command_complete(&verb.tag(outcome.rows)));
+                    self.answer_ready(out);
+                    if extended {
+                        self.finish_local_cycle(unnamed);
+                    } else {
+                        self.forget_unnamed();
+                    }
+                    Some(Disposition::Consumed)
+                }
+                Some(Err(DeferError::NotPermitted { .. })) | None => {
+                    // Run it write-through (after its barrier): PostgreSQL answers as
+                    // it would directly.
+                    self.no_defer = true;
+                    None
+                }
+                Some(Err(e)) => {
+                    let d = self.fail(tag, &e, before, out);
+                    if extended {
+                        self.finish_local_cycle(unnamed);
+                    }
+                    Some(d)
+                }
+            },
+        }
+    }
+
+    /// An extended cycle answered here: its held messages are done; a Parse of the
+    /// unnamed statement in it is now the client's (parsed upstream lazily).
+    fn finish_local_cycle(&mut self, unnamed: Option<Arc<Stmt>>) {
+        self.held.clear();
+        self.held_bytes = 0;
+        self.portals.remove("");
+        if let Some(stmt) = unnamed {
+            self.unnamed_pending = !self
+                .unnamed_upstream
+                .as_ref()
+                .is_some_and(|u| u.same_as(&stmt));
+            self.unnamed_client = Some(stmt);
+        }
+    }
+
+    /// Answers the re-offered request with `err` (after `before`) and ReadyForQuery.
+    fn fail(
+        &mut self,
+        tag: u8,
+        err: &DeferError,
+        before: BytesMut,
+        out: &mut Out<'_>,
+    ) -> Disposition {
+        out.state.on_frontend(tag);
+        out.client.extend_from_slice(&before);
+        let code = match err.sqlstate() {
+            "53000" => SqlState::INSUFFICIENT_RESOURCES,
+            "23505" => SqlState::UNIQUE_VIOLATION,
+            "08006" => SqlState::CONNECTION_FAILURE,
+            _ => SqlState::INTERNAL_ERROR,
+        };
+        let mut msg = backend::error_response(Severity::Error, code, &err.to_string()).to_vec();
+        if let DeferError::Duplicate { detail, .. } = err {
+            msg = backend::error_response_with_detail(
+                Severity::Error,
+                code,
+                &err.to_string(),
+                detail,
+            )
+            .to_vec();
+        }
+        out.client.extend_from_slice(&msg);
+        if tag == frontend::SYNC {
+            self.held.clear();
+            self.held_bytes = 0;
+        }
+        self.answer_ready(out);
+        Disposition::Consumed
+    }
+
+    /// The deferred tables `analysis` touches (read, written, or altered), by name;
+    /// `all` when it may touch anything (unanalysed, unknown side effects, DDL without
+    /// named targets).
+    fn touched(&self, analysis: &Analysis) -> (Vec<String>, bool) {
+        let Some(w) = &self.writes else {
+            return (Vec::new(), false);
+        };
+        if analysis.unanalysed {
+            return (Vec::new(), true);
+        }
+        let catalog = self.db.catalog();
+        let mut out: Vec<String> = Vec::new();
+        let mut all = false;
+        for stmt in &analysis.statements {
+            // A user-defined volatile function (or one spillway does not know) may
+            // write any table; so may DO, CALL and the like.
+            let may_write_anything = stmt.functions.iter().any(|f| {
+                catalog
+                    .as_ref()
+                    .and_then(|c| c.function(&f.name))
+                    .is_none_or(|info| info.user_volatile)
+            });
+            if matches!(stmt.kind, Kind::Unknown) || may_write_anything {
+                all = true;
+            }
+            if matches!(stmt.kind, Kind::Ddl { .. }) && stmt.ddl_targets.is_empty() {
+                all = true;
+            }
+            for rel in stmt
+                .reads
+                .iter()
+                .chain(&stmt.writes)
+                .chain(&stmt.ddl_targets)
+            {
+                match &catalog {
+                    Some(c) => {
+                        for r in c.resolve(rel.schema.as_deref(), &rel.name) {
+                            let mut oids = vec![r.oid];
+                            let _ = c.read_dependencies(r, &mut oids);
+                            for oid in oids {
+                                if let Some(name) = w.name_of(oid)
+                                    && !out.iter().any(|n| n == name)
+                                {
+                                    out.push(name.to_owned());
+                                }
+                            }
+                        }
+                    }
+                    // No catalog: match deferred tables by name alone.
+                    None => {
+                        for name in w.names_like(rel.schema.as_deref(), &rel.name) {
+                            if !out.contains(&name) {
+                                out.push(name);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (out, all)
+    }
+
+    /// Routes a request with deferred tables in mind: `Some` when it is deferred or
+    /// must first wait for a barrier (the message is then Blocked), `None` to go on.
+    /// `single`: the request's only statement, with its bound parameters, and the
+    /// answers an extended cycle gives before its command tag.
+    pub(super) fn route_writes(
+        &mut self,
+        analyses: &[&Analysis],
+        single: Option<Single<'_>>,
+        out: &mut Out<'_>,
+    ) -> Option<Disposition> {
+        let w = self.writes.clone()?;
+        let mut touched = Vec::new();
+        let mut all = false;
+        for a in analyses {
+            let (t, every) = self.touched(a);
+            all |= every;
+            for name in t {
+                if !touched.contains(&name) {
+                    touched.push(name);
+                }
+            }
+        }
+        if touched.is_empty() && !all {
+            return None;
+        }
+        if let (Some(single), [analysis]) = (single, analyses)
+            && !self.no_defer
+        {
+            match self.deferrable(analysis, single.bound, out) {
+                Ok((table, converted)) => {
+                    let slot: Slot<Outcome> = Arc::new(Mutex::new(None));
+                    let verb = converted.verb;
+                    let oid = w.tables.get(&table).map_or(0, |t| t.oid);
+                    let fut_slot = slot.clone();
+                    let user = self.user.clone();
+                    let service = w.clone();
+                    self.wait = Some(Box::pin(async move {
+                        let r = service.defer(&user, &table, converted).await;
+                        put(&fut_slot, r);
+                    }));
+                    self.waiting = Some(Waiting::Ack {
+                        slot,
+                        verb,
+                        table: oid,
+                        before: single.before,
+                        extended: single.extended,
+                        unnamed: single.unnamed,
+                    });
+                    return Some(Disposition::Blocked);
+                }
+                Err(reason) => {
+                    if analysis
+                        .statements
+                        .iter()
+                        .any(|s| matches!(s.kind, Kind::Write))
+                    {
+                        tracing::debug!(reason, tables = ?touched, "deferred table: write runs write-through");
+                    }
+                }
+            }
+        }
+        if std::mem::take(&mut self.barrier_passed) {
+            self.no_defer = false;
+            return None;
+        }
+        // Reads may skip the barrier as the tables' consistency allows; writes, DDL
+        // and anything unknown never do.
+        let read_only = analyses.iter().all(|a| {
+            !a.unanalysed
+                && a.statements
+                    .iter()
+                    .all(|s| matches!(s.kind, Kind::Select | Kind::OtherRead | Kind::Empty))
+        });
+        let names: Vec<String> = if all {
+            w.tables.keys().cloned().collect()
+        } else {
+            touched
+        };
+        let mut target = None::<u64>;
+        let mut strong = HashSet::new();
+        for name in &names {
+            let consistency = w
+                .tables
+                .get(name)
+                .map_or(Consistency::Strong, |t| t.config.consistency);
+            match (read_only, consistency) {
+                (true, Consistency::Bounded) => {}
+                (true, Consistency::Session) => {
+                    if self.own_seq > w.applied() {
+                        target = Some(target.unwrap_or(0).max(self.own_seq));
+                    }
+                }
+                _ => {
+                    strong.insert(name.as_str());
+                }
+            }
+        }
+        if let Some(t) = w.barrier_target(strong.iter().copied()) {
+            target = Some(target.unwrap_or(0).max(t));
+        }
+        let Some(target) = target.filter(|t| *t > w.applied()) else {
+            self.no_defer = false;
+            return None;
+        };
+        Some(self.barrier(w, target))
+    }
+
+    /// Blocks the current message until `target` is applied upstream.
+    pub(super) fn barrier(&mut self, w: Arc<WriteService>, target: u64) -> Disposition {
+        let slot: Slot<()> = Arc::new(Mutex::new(None));
+        let fut_slot = slot.clone();
+        self.wait = Some(Box::pin(async move {
+            let r = w.wait_applied(target).await;
+            put(&fut_slot, r);
+        }));
+        self.waiting = Some(Waiting::Barrier { slot });
+        Disposition::Blocked
+    }
+
+    /// The deferred table and row operations of `analysis`, or why it is not deferred.
+    fn deferrable(
+        &self,
+        analysis: &Analysis,
+        bound: &Bound,
+        out: &Out<'_>,
+    ) -> Result<(String, convert::Converted), &'static str> {
+        let w = self.writes.as_ref().ok_or("not_deferred")?;
+        let [stmt] = analysis.statements.as_slice() else {
+            return Err("multiple_statements");
+        };
+        let shape = match &stmt.shape {
+            Some(Ok(shape)) => shape,
+            Some(Err(reason)) => return Err(reason),
+            None => return Err("not_a_deferrable_write"),
+        };
+        if out.state.tx_status != b'I' || !self.tracker.is_quiet() {
+            return Err("in_transaction");
+        }
+        if !self.key.usable() {
+            return Err("session_state");
+        }
+        if !stmt.functions.is_empty() || stmt.sql_value_function {
+            return Err("function");
+        }
+        let catalog = self.db.catalog().ok_or("catalog_not_loaded")?;
+        let rel = shape.table();
+        let candidates = catalog.resolve(rel.schema.as_deref(), &rel.name);
+        let [relation] = candidates.as_slice() else {
+            return Err("ambiguous_table");
+        };
+        let name = w.name_of(relation.oid).ok_or("not_deferred")?.to_owned();
+        // Reads of other tables (none in a deferrable shape) would need their own rules.
+        let table = w.tables.get(&name).ok_or("not_deferred")?;
+        if table.config.when_full == spillway_policies::WhenFull::WriteThrough && w.is_full(&name) {
+            return Err("full");
+        }
+        let converted = convert::convert(shape, table, bound)?;
+        Ok((name, converted))
+    }
+}
+
+impl Caching {
+    /// At a Sync that ends a held cycle: defers the cycle when it is one deferrable
+    /// statement ([Parse] Bind [Describe portal] Execute, unnamed), or holds it for a
+    /// barrier when it touches deferred tables with pending writes.
+    pub(super) fn route_cycle(&mut self, out: &mut Out<'_>) -> Option<Disposition> {
+        self.writes.as_ref()?;
+        let mut unnamed = self.unnamed_client.clone();
+        let mut parsed = None;
+        let mut before = BytesMut::new();
+        let mut bound: Option<(Arc<Stmt>, Bound)> = None;
+        let mut executed: Vec<Arc<Stmt>> = Vec::new();
+        let mut simple_shape = true;
+        let held = std::mem::take(&mut self.held);
+        for m in &held {
+            let body = frontend::body(m);
+            match m[0] {
+                frontend::PARSE => match frontend::parse(body) {
+                    Some(p) if p.name.is_empty() => {
+                        let stmt = self.statement(&p, m, unnamed.as_ref());
+                        unnamed = Some(stmt.clone());
+                        parsed = Some(stmt);
+                        before.extend_from_slice(frontend::PARSE_COMPLETE);
+                    }
+                    _ => simple_shape = false,
+                },
+                frontend::BIND => match frontend::bind(body) {
+                    Some(b) => {
+                        let stmt = if b.statement.is_empty() {
+                            unnamed.clone()
+                        } else {
+                            self.named.get(b.statement).cloned()
+                        };
+                        let params = frontend::bind_params(b.params_and_formats);
+                        match (stmt, params) {
+                            (Some(stmt), Some(params))
+                                if b.portal.is_empty() && bound.is_none() =>
+                            {
+                                let types = frontend::param_type_oids(&stmt.param_types);
+                                let (binary, values) = params
+                                    .into_iter()
+                                    .map(|(bin, v)| (bin, v.map(<[u8]>::to_vec)))
+                                    .unzip();
+                                before.extend_from_slice(frontend::BIND_COMPLETE);
+                                bound = Some((
+                                    stmt,
+                                    Bound {
+                                        values,
+                                        binary,
+                                        types,
+                                    },
+                                ));
+                            }
+                            (Some(stmt), _) => {
+                                simple_shape = false;
+                                executed.push(stmt);
+                            }
+                            (None, _) => simple_shape = false,
+                        }
+                    }
+                    None => simple_shape = false,
+                },
+                frontend::DESCRIBE => match frontend::target(body) {
+                    Some(t) if t.kind == b'P' && t.name.is_empty() && bound.is_some() => {
+                        before.extend_from_slice(frontend::NO_DATA);
+                    }
+                    _ => simple_shape = false,
+                },
+                frontend::EXECUTE => match frontend::execute(body) {
+                    Some(e) if e.portal.is_empty() && bound.is_some() => {
+                        if let Some((stmt, _)) = &bound {
+                            if executed.iter().any(|s| Arc::ptr_eq(s, stmt)) {
+                                simple_shape = false;
+                            }
+                            executed.push(stmt.clone());
+                        }
+                    }
+                    Some(e) => {
+                        simple_shape = false;
+                        if let Some(stmt) = self.portals.get(e.portal) {
+                            executed.push(stmt.clone());
+                        }
+                    }
+                    None => simple_shape = false,
+                },
+                _ => simple_shape = false,
+            }
+        }
+        self.held = held;
+        let analyses: Vec<Arc<Analysis>> = executed.iter().map(|s| s.analysis.clone()).collect();
+        let refs: Vec<&Analysis> = analyses.iter().map(AsRef::as_ref).collect();
+        let single = match (&bound, simple_shape && executed.len() == 1) {
+            (Some((_, b)), true) => Some(Single {
+                bound: b,
+                before,
+                extended: true,
+                unnamed: parsed,
+            }),
+            _ => None,
+        };
+        self.route_writes(&refs, single, out)
+    }
+
+    /// Before extended-protocol messages go upstream without waiting for their Sync
+    /// (a Flush or Close, too much held, or an Execute in a cycle already upstream):
+    /// a barrier when what they execute touches deferred tables with pending writes.
+    pub(super) fn route_forwarding(
+        &mut self,
+        tag: u8,
+        msg: &[u8],
+        out: &mut Out<'_>,
+    ) -> Option<Disposition> {
+        self.writes.as_ref()?;
+        let mut executed: Vec<Arc<Stmt>> = Vec::new();
+        let mut unnamed = self.unnamed_client.clone();
+        let held = std::mem::take(&mut self.held);
+        for m in held.iter().map(|b| &b[..]).chain(std::iter::once(msg)) {
+            let body = frontend::body(m);
+            match m[0] {
+                frontend::PARSE => {
+                    if let Some(p) = frontend::parse(body).filter(|p| p.name.is_empty()) {
+                        unnamed = Some(self.statement(&p, m, unnamed.as_ref()));
+                    }
+                }
+                frontend::BIND => {
+                    if let Some(b) = frontend::bind(body) {
+                        let stmt = if b.statement.is_empty() {
+                            unnamed.clone()
+                        } else {
+                            self.named.get(b.statement).cloned()
+                        };
+                        executed.extend(stmt);
+                    }
+                }
+                frontend::EXECUTE if tag == frontend::EXECUTE && self.cycle_upstream => {
+                    if let Some(stmt) =
+                        frontend::execute(body).and_then(|e| self.portals.get(e.portal))
+                    {
+                        executed.push(stmt.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.held = held;
+        if executed.is_empty() {
+            return None;
+        }
+        let analyses: Vec<Arc<Analysis>> = executed.iter().map(|s| s.analysis.clone()).collect();
+        let refs: Vec<&Analysis> = analyses.iter().map(AsRef::as_ref).collect();
+        self.route_writes(&refs, None, out)
+    }
+}

@@ -1,0 +1,202 @@
+//! From a classified statement ([`WriteShape`]) and its bound parameters to the row
+//! operations a journal record holds, checked against the deferred table: the key is
+//! exactly the primary key, columns exist, arithmetic is on numeric columns, values
+//! have a text form, casts are plain type names. Anything else is a fallback reason
+//! (the statement then runs write-through after a barrier).
+
+use spillway_policies::writes::{Assign as RecAssign, AssignOp, RowOp, Val, plan::safe_type};
+
+use super::params::{self, canonical_key, is_numeric};
+use super::tables::DeferredTable;
+use crate::classify::{Assign, Operand, Value, WriteShape};
+
+/// Bound parameters of one Execute (or none for a simple Query).
+#[derive(Debug, Default, Clone)]
+pub struct Bound {
+    /// Wire values; `None` is NULL.
+    pub values: Vec<Option<Vec<u8>>>,
+    /// Per parameter: binary format.
+    pub binary: Vec<bool>,
+    /// Declared parameter types from Parse (0 = unspecified).
+    pub types: Vec<u32>,
+}
+
+/// What the client is told once the record is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verb {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Verb {
+    /// The command tag PostgreSQL gives for `rows` rows.
+    pub fn tag(self, rows: usize) -> String {
+        match self {
+            Verb::Insert => format!("INSERT 0 {rows}"),
+            Verb::Update => format!("UPDATE {rows}"),
+            Verb::Delete => format!("DELETE {rows}"),
+        }
+    }
+}
+
+/// A deferrable statement: its operations and, per operation, its canonical key.
+#[derive(Debug, Clone)]
+pub struct Converted {
+    pub verb: Verb,
+    pub ops: Vec<RowOp>,
+    pub keys: Vec<Vec<String>>,
+}
+
+/// Converts `shape` on `table` (already resolved) with `bound` parameters.
+pub fn convert(
+    shape: &WriteShape,
+    table: &DeferredTable,
+    bound: &Bound,
+) -> Result<Converted, &'static str> {
+    let name = table.meta.name.clone();
+    let value = |v: &Value, column: &str| -> Result<Val, &'static str> {
+        let cast = match &v.cast {
+            Some(c) if !safe_type(c) => return Err("cast"),
+            c => c.clone(),
+        };
+        let text = match &v.operand {
+            Operand::Literal(t) => t.clone(),
+            Operand::Param(n) => {
+                let i = usize::from(*n).checked_sub(1).ok_or(params::BAD_VALUE)?;
+                let raw = bound.values.get(i).ok_or(params::BAD_VALUE)?;
+                let declared = bound.types.get(i).copied().unwrap_or(0);
+                // An undeclared parameter used as a column's value takes the column's
+                // type (PostgreSQL infers it so); a cast decides nothing here because
+                // the client sent the value in the parameter's own type.
+                let oid = if declared != 0 {
+                    declared
+                } else if v.cast.is_some() {
+                    return Err("cast_parameter");
+                } else {
+                    table.type_oids.get(column).copied().unwrap_or(0)
+                };
+                let binary = bound.binary.get(i).copied().unwrap_or(false);
+                let text = params::to_text(raw.as_deref(), binary, oid)?;
+                // 'now', 'today'… read the clock when PostgreSQL converts them: at
+                // apply time, not when the client wrote. Not deferrable.
+                if params::is_clock_type(table.type_oids.get(column).copied().unwrap_or(0))
+                    && text.as_deref().is_some_and(params::is_clock_word)
+                {
+                    return Err("clock_literal");
+                }
+                text
+            }
+        };
+        Ok(Val { text, cast })
+    };
+    let key_of = |pairs: &[(String, Value)]| -> Result<(Vec<Val>, Vec<String>), &'static str> {
+        if pairs.len() != table.meta.key.len() {
+            return Err("where_not_primary_key");
+        }
+        let mut vals = Vec::with_capacity(pairs.len());
+        let mut canon = Vec::with_capacity(pairs.len());
+        for k in &table.meta.key {
+            let (_, v) = pairs
+                .iter()
+                .find(|(c, _)| c == k)
+                .ok_or("where_not_primary_key")?;
+            let val = value(v, k)?;
+            let text = val.text.as_deref().ok_or("null_key")?;
+            let oid = table.type_oids.get(k).copied().unwrap_or(0);
+            let c = canonical_key(text, oid)?;
+            canon.push(c.clone());
+            // The canonical spelling goes into the record (the cast, if any, stays).
+            vals.push(Val {
+                text: Some(c),
+                cast: val.cast,
+            });
+        }
+        Ok((vals, canon))
+    };
+    match shape {
+        WriteShape::Insert { columns, rows, .. } => {
+            for c in columns {
+                if !table.meta.types.contains_key(c) {
+                    return Err("unknown_column");
+                }
+            }
+            let mut ops = Vec::with_capacity(rows.len());
+            let mut keys = Vec::with_capacity(rows.len());
+            for row in rows {
+                let mut values = Vec::with_capacity(row.len());
+                for (c, v) in columns.iter().zip(row) {
+                    values.push(value(v, c)?);
+                }
+                let mut key = Vec::with_capacity(table.meta.key.len());
+                for k in &table.meta.key {
+                    let i = columns.iter().position(|c| c == k).ok_or("key_not_given")?;
+                    let text = values
+                        .get(i)
+                        .and_then(|v| v.text.clone())
+                        .ok_or("null_key")?;
+                    let oid = table.type_oids.get(k).copied().unwrap_or(0);
+                    let canon = canonical_key(&text, oid)?;
+                    if let Some(v) = values.get_mut(i) {
+                        v.text = Some(canon.clone());
+                    }
+                    key.push(canon);
+                }
+                ops.push(RowOp::Insert {
+                    table: name.clone(),
+                    columns: columns.clone(),
+                    values,
+                });
+                keys.push(key);
+            }
+            Ok(Converted {
+                verb: Verb::Insert,
+                ops,
+                keys,
+            })
+        }
+        WriteShape::Update { set, key, .. } => {
+            let (key_vals, canon) = key_of(key)?;
+            let mut assigns = Vec::with_capacity(set.len());
+            for (column, a) in set {
+                let oid = *table.type_oids.get(column).ok_or("unknown_column")?;
+                if table.meta.key.contains(column) {
+                    return Err("key_update");
+                }
+                let (op, v) = match a {
+                    Assign::Set(v) => (AssignOp::Set, v),
+                    Assign::Add(v) => (AssignOp::Add, v),
+                    Assign::Sub(v) => (AssignOp::Sub, v),
+                };
+                if op != AssignOp::Set && !is_numeric(oid) {
+                    return Err("arithmetic_on_non_numeric");
+                }
+                assigns.push(RecAssign {
+                    column: column.clone(),
+                    op,
+                    value: value(v, column)?,
+                });
+            }
+            Ok(Converted {
+                verb: Verb::Update,
+                ops: vec![RowOp::Update {
+                    table: name,
+                    key: key_vals,
+                    set: assigns,
+                }],
+                keys: vec![canon],
+            })
+        }
+        WriteShape::Delete { key, .. } => {
+            let (key_vals, canon) = key_of(key)?;
+            Ok(Converted {
+                verb: Verb::Delete,
+                ops: vec![RowOp::Delete {
+                    table: name,
+                    key: key_vals,
+                }],
+                keys: vec![canon],
+            })
+        }
+    }
+}

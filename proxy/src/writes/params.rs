@@ -1,0 +1,228 @@
+//! Bind parameters as PostgreSQL text, the form journal records keep (see
+//! `spillway_policies::writes`). Text-format parameters are taken as sent; binary ones
+//! are decoded for the types whose text form is unambiguous. Anything else makes the
+//! statement non-deferrable (it then runs write-through), never a guess.
+//!
+//! Also canonical key text: two spellings of one key (`'01'` and `1` for an integer)
+//! must compare equal, or the flush planner could merge two updates of one row into one
+//! set-based UPDATE, which applies only one of them.
+
+use std::fmt::Write as _;
+
+pub const BOOL: u32 = 16;
+pub const BYTEA: u32 = 17;
+pub const NAME: u32 = 19;
+pub const INT8: u32 = 20;
+pub const INT2: u32 = 21;
+pub const INT4: u32 = 23;
+pub const TEXT: u32 = 25;
+pub const JSON: u32 = 114;
+pub const FLOAT4: u32 = 700;
+pub const FLOAT8: u32 = 701;
+pub const BPCHAR: u32 = 1042;
+pub const VARCHAR: u32 = 1043;
+pub const NUMERIC: u32 = 1700;
+pub const UUID: u32 = 2950;
+pub const JSONB: u32 = 3802;
+
+/// Why a value cannot be journaled as text.
+pub const BINARY_TYPE: &str = "binary_parameter_type";
+pub const BAD_VALUE: &str = "parameter_value";
+
+/// One parameter's text, from its wire form. `type_oid` is the parameter's type
+/// (declared in Parse, or the column's when PostgreSQL infers it from there).
+pub fn to_text(
+    value: Option<&[u8]>,
+    binary: bool,
+    type_oid: u32,
+) -> Result<Option<String>, &'static str> {
+    let Some(bytes) = value else {
+        return Ok(None);
+    };
+    if !binary {
+        return std::str::from_utf8(bytes)
+            .map(|s| Some(s.to_owned()))
+            .map_err(|_| BAD_VALUE);
+    }
+    let fixed = |n: usize| -> Result<&[u8], &'static str> {
+        if bytes.len() == n {
+            Ok(bytes)
+        } else {
+            Err(BAD_VALUE)
+        }
+    };
+    let text = match type_oid {
+        BOOL => match fixed(1)?[0] {
+            0 => "f".to_owned(),
+            _ => "t".to_owned(),
+        },
+        INT2 => {
+            let b = fixed(2)?;
+            i16::from_be_bytes([b[0], b[1]]).to_string()
+        }
+        INT4 => {
+            let b = fixed(4)?;
+            i32::from_be_bytes([b[0], b[1], b[2], b[3]]).to_string()
+        }
+        INT8 => {
+            let b = fixed(8)?;
+            i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]).to_string()
+        }
+        FLOAT4 => {
+            let b = fixed(4)?;
+            float_text(
+                f64::from(f32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+                true,
+            )
+        }
+        FLOAT8 => {
+            let b = fixed(8)?;
+            float_text(
+                f64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+                false,
+            )
+        }
+        TEXT | VARCHAR | BPCHAR | NAME | JSON => std::str::from_utf8(bytes)
+            .map_err(|_| BAD_VALUE)?
+            .to_owned(),
+        JSONB => match bytes.split_first() {
+            Some((1, rest)) => std::str::from_utf8(rest).map_err(|_| BAD_VALUE)?.to_owned(),
+            _ => return Err(BAD_VALUE),
+        },
+        UUID => uuid_text(fixed(16)?),
+        BYTEA => {
+            let mut s = String::with_capacity(2 + bytes.len() * 2);
+            s.push_str("\\x");
+            for b in bytes {
+                let _ = write!(s, "{b:02x}");
+            }
+            s
+        }
+        _ => return Err(BINARY_TYPE),
+    };
+    Ok(Some(text))
+}
+
+/// Shortest text that reads back as the same value. A float4 is printed from its f32
+/// so `0.1f32` stays "0.1", not the f64 expansion.
+fn float_text(v: f64, single: bool) -> String {
+    if v.is_nan() {
+        "NaN".to_owned()
+    } else if v.is_infinite() {
+        if v > 0.0 { "Infinity" } else { "-Infinity" }.to_owned()
+    } else if single {
+        #[allow(clippy::cast_possible_truncation)]
+        let f = v as f32;
+        f.to_string()
+    } else {
+        v.to_string()
+    }
+}
+
+fn uuid_text(b: &[u8]) -> String {
+    let mut s = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        let _ = write!(s, "{byte:02x}");
+    }
+    s
+}
+
+/// The canonical text of a primary-key value of type `type_oid`, or `Err` when keys of
+/// that type have no canonical form spillway knows (the table's writes then run
+/// write-through).
+pub fn canonical_key(text: &str, type_oid: u32) -> Result<String, &'static str> {
+    match type_oid {
+        INT2 | INT4 | INT8 => text
+            .trim()
+            .parse::<i64>()
+            .map(|v| v.to_string())
+            .map_err(|_| BAD_VALUE),
+        TEXT | VARCHAR => Ok(text.to_owned()),
+        UUID => {
+            let hex: String = text
+                .trim()
+                .trim_start_matches('{')
+                .trim_end_matches('}')
+                .chars()
+                .filter(|c| *c != '-')
+                .collect();
+            if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(BAD_VALUE);
+            }
+            let bytes: Vec<u8> = (0..16)
+                .filter_map(|i| u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok())
+                .collect();
+            Ok(uuid_text(&bytes))
+        }
+        _ => Err("key_type"),
+    }
+}
+
+/// date, time, timestamp, timestamptz, timetz: types whose input reads the clock for
+/// special words.
+pub fn is_clock_type(type_oid: u32) -> bool {
+    matches!(type_oid, 1082 | 1083 | 1114 | 1184 | 1266)
+}
+
+/// `now`, `today`, `tomorrow`, `yesterday` (any case, padded): date/time input turns
+/// them into the current time.
+pub fn is_clock_word(text: &str) -> bool {
+    let t = text.trim().to_ascii_lowercase();
+    ["now", "today", "tomorrow", "yesterday"]
+        .iter()
+        .any(|w| t.contains(w))
+}
+
+/// Whether `c = c ± v` is exact arithmetic spillway may defer for this column type.
+pub fn is_numeric(type_oid: u32) -> bool {
+    matches!(type_oid, INT2 | INT4 | INT8 | NUMERIC | FLOAT4 | FLOAT8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_values_become_postgres_text() {
+        let t = |v: &[u8], oid| {
+            to_text(Some(v), true, oid)
+                .expect("decodes")
+                .expect("not null")
+        };
+        assert_eq!(t(&[1], BOOL), "t");
+        assert_eq!(t(&(-7i16).to_be_bytes(), INT2), "-7");
+        assert_eq!(t(&42i32.to_be_bytes(), INT4), "42");
+        assert_eq!(t(&i64::MIN.to_be_bytes(), INT8), i64::MIN.to_string());
+        assert_eq!(t(&0.1f32.to_be_bytes(), FLOAT4), "0.1");
+        assert_eq!(t(&0.1f64.to_be_bytes(), FLOAT8), "0.1");
+        assert_eq!(t(&f64::NEG_INFINITY.to_be_bytes(), FLOAT8), "-Infinity");
+        assert_eq!(t(b"h\xc3\xa9", TEXT), "hé");
+        assert_eq!(t(b"\x01{\"a\":1}", JSONB), "{\"a\":1}");
+        assert_eq!(t(&[0xde, 0xad], BYTEA), "\\xdead");
+        assert_eq!(t(&[0x12; 16], UUID), "12121212-1212-1212-1212-121212121212");
+        assert_eq!(to_text(None, true, INT4), Ok(None));
+        assert_eq!(to_text(Some(b"12"), false, INT4), Ok(Some("12".into())));
+        assert_eq!(to_text(Some(&[0; 8]), true, 1114), Err(BINARY_TYPE));
+        assert_eq!(to_text(Some(&[0; 3]), true, INT4), Err(BAD_VALUE));
+        assert_eq!(to_text(Some(b"\xff"), false, TEXT), Err(BAD_VALUE));
+    }
+
+    #[test]
+    fn keys_have_one_spelling() {
+        assert_eq!(canonical_key(" 007", INT4), Ok("7".into()));
+        assert_eq!(canonical_key("-0", INT8), Ok("0".into()));
+        assert!(canonical_key("1.5", INT4).is_err());
+        assert_eq!(
+            canonical_key("{A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11}", UUID),
+            Ok("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".into())
+        );
+        assert_eq!(canonical_key("x ", TEXT), Ok("x ".into()));
+        assert_eq!(canonical_key("1.0", NUMERIC), Err("key_type"));
+        assert!(is_numeric(NUMERIC) && !is_numeric(TEXT));
+        assert!(is_clock_word(" NOW ") && is_clock_word("today") && !is_clock_word("2024-01-01"));
+        assert!(is_clock_type(1184) && !is_clock_type(TEXT));
+    }
+}

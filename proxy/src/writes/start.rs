@@ -1,0 +1,220 @@
+//! Bringing the deferred-write side up at startup and down at shutdown: schema
+//! migrations, the deferred tables checked against the catalog, the journal opened
+//! (recovery), the ledger claimed, the flush worker started, and the journal records
+//! the ledger does not hold replayed before any session is served.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spillway_policies::journal::{Journal, JournalError};
+use sqlx::{Connection, PgConnection};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::service::{StartError, WriteService};
+use super::tables::{self, TableError};
+use crate::cache::ReadCache;
+use crate::config::Config;
+use crate::schema::{self, SchemaError};
+
+/// How long startup waits for the first catalog snapshot of the backend database.
+const CATALOG_WAIT: Duration = Duration::from_secs(10);
+
+/// The running deferred-write side.
+pub struct Running {
+    pub service: Arc<WriteService>,
+    /// The database of `backend.url`: the one whose tables are deferred.
+    pub database: String,
+    stop: CancellationToken,
+    /// Completes when the flush thread's worker returned.
+    flusher: oneshot::Receiver<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WritesStartError {
+    #[error(
+        "deferred policies need the read cache's statement classifier: set cache.enabled = true"
+    )]
+    CacheDisabled,
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("connecting to the backend for the deferred tables: {0}")]
+    Connect(sqlx::Error),
+    #[error(transparent)]
+    Tables(#[from] TableError),
+    #[error("opening the journal in {dir}: {error}")]
+    Journal { dir: String, error: JournalError },
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("invalid configuration: {0}")]
+    Config(#[from] spillway_policies::config::ValidationError),
+    #[error("opening the journal: {0}")]
+    Task(String),
+}
+
+/// Starts the deferred-write side when some table has a deferred policy; returns once
+/// the journal's unapplied records are applied upstream.
+pub async fn start(
+    config: &Config,
+    cache: Option<&Arc<ReadCache>>,
+) -> Result<Option<Running>, WritesStartError> {
+    let policies = config.table_policies()?;
+    if !policies.values().any(|t| t.policy.is_deferred()) {
+        return Ok(None);
+    }
+    let Some(cache) = cache else {
+        return Err(WritesStartError::CacheDisabled);
+    };
+    let url = config.backend.url.clone();
+    schema::migrate(&url).await?;
+    let mut conn = PgConnection::connect(&url)
+        .await
+        .map_err(WritesStartError::Connect)?;
+    let deferred = tables::load(&mut conn, &policies).await?;
+    let journal_config = config.journal.clone();
+    let opened = tokio::task::spawn_blocking(move || Journal::open(&journal_config))
+        .await
+        .map_err(|e| WritesStartError::Task(e.to_string()))?;
+    let (journal, recovery) = opened.map_err(|error| WritesStartError::Journal {
+        dir: config.journal.dir.display().to_string(),
+        error,
+    })?;
+    if let Some(torn) = &recovery.torn {
+        tracing::warn!(
+            segment = %torn.segment.display(), offset = torn.offset, bytes = torn.bytes,
+            "journal: cut off a torn tail (a write interrupted by a crash, never acknowledged)"
+        );
+    }
+    tracing::info!(
+        journal = %journal.id(), epoch = journal.epoch(), records = recovery.records.len(),
+        tables = deferred.len(), "journal opened"
+    );
+    let service = WriteService::start(
+        journal,
+        recovery.records,
+        deferred,
+        config.flush.clone(),
+        url.clone(),
+        &mut conn,
+    )
+    .await?;
+    if let Err(err) = conn.close().await {
+        tracing::debug!(%err, "closing the startup connection");
+    }
+    let database = database_of(&url);
+    let db = cache.database(&database);
+    let oids: std::collections::HashMap<String, u32> = service
+        .tables
+        .iter()
+        .map(|(k, t)| (k.clone(), t.oid))
+        .collect();
+    let stop = CancellationToken::new();
+    // The flush worker runs on its own thread and runtime: its upstream I/O never
+    // competes with sessions on their workers, and its futures need not be `Send`
+    // (sqlx's borrowed query futures trip rustc's higher-ranked `Send` check).
+    let (done, flusher) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| WritesStartError::Task(e.to_string()))?;
+    let on_applied = move |tables: &[String]| {
+        // Applied rows are in PostgreSQL now: cached reads of them refill from there.
+        db.versions
+            .bump_tables(tables.iter().filter_map(|t| oids.get(t).copied()));
+    };
+    let (worker_service, worker_stop) = (service.clone(), stop.clone());
+    std::thread::Builder::new()
+        .name("spillway-flush".to_owned())
+        .spawn(move || {
+            // Built here, on its thread: the future never crosses threads.
+            runtime.block_on(worker_service.run_flusher(worker_stop, on_applied));
+            let _ = done.send(());
+        })
+        .map_err(|e| WritesStartError::Task(e.to_string()))?;
+    // Deferral resolves table names with the cache's catalog snapshot; without it
+    // every write would fall back to write-through, so the first is awaited here.
+    let loading = std::time::Instant::now();
+    let db_state = cache.database(&database);
+    while db_state.catalog().is_none() && loading.elapsed() < CATALOG_WAIT {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if db_state.catalog().is_none() {
+        tracing::warn!(
+            database = %database,
+            "catalog not loaded yet: writes to deferred tables run write-through until it is"
+        );
+    }
+    let replay = service.highest();
+    if replay > service.applied() {
+        tracing::info!(through = replay, "replaying the journal before serving");
+        if let Err(err) = service.wait_applied(replay).await {
+            tracing::error!(%err, "journal replay failed");
+        }
+    }
+    Ok(Some(Running {
+        service,
+        database,
+        stop,
+        flusher,
+    }))
+}
+
+impl Running {
+    /// Stops the flush worker after it applied what it can within `deadline`; the rest
+    /// stays journaled for the next start.
+    pub async fn stop(self, deadline: Duration) {
+        let pending = self
+            .service
+            .highest()
+            .saturating_sub(self.service.applied());
+        tracing::info!(pending, ?deadline, "draining deferred writes");
+        self.stop.cancel();
+        if tokio::time::timeout(deadline, self.flusher).await.is_err() {
+            // The thread ends with the process; whatever it has not applied is
+            // replayed from the journal at the next start.
+            tracing::warn!(
+                left = self
+                    .service
+                    .highest()
+                    .saturating_sub(self.service.applied()),
+                "drain deadline passed: the rest of the deferred writes stays journaled"
+            );
+        }
+    }
+}
+
+/// The database a backend URL names (PostgreSQL's default: the user name).
+pub fn database_of(url: &str) -> String {
+    let Ok(u) = url::Url::parse(url) else {
+        return String::new();
+    };
+    let path = u.path().trim_start_matches('/');
+    if path.is_empty() {
+        u.username().to_owned()
+    } else {
+        percent_decode(path)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

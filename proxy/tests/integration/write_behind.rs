@@ -1,0 +1,220 @@
+//! Write-behind through the real binary (SPEC §6): deferrable statements are
+//! acknowledged from the journal with PostgreSQL's command tags and applied later,
+//! exactly once; reads of a table with pending writes wait for them (strong
+//! consistency); `SPILLWAY FLUSH`; fallbacks run write-through; row counts and 23505
+//! come from key knowledge; journaled writes survive SIGKILL and are replayed at start.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::context::{Context, ContextBuilder};
+
+const TABLES: &str = "CREATE TABLE public.wb (id int PRIMARY KEY, v text, n bigint NOT NULL DEFAULT 0); \
+                      CREATE TABLE public.wb_child (id int PRIMARY KEY, \
+                          parent int NOT NULL REFERENCES public.wb (id), q int NOT NULL);";
+
+/// Write-behind on both tables; a long flush interval so that pending writes stay
+/// pending long enough to observe (barriers and FLUSH still apply them at once).
+fn builder(interval: &str) -> ContextBuilder {
+    Context::builder().before_proxy(TABLES).section(&format!(
+        "[flush]\ninterval = \"{interval}\"\n\
+         [tables.\"public.wb\"]\npolicy = \"write-behind\"\n\
+         [tables.\"public.wb_child\"]\npolicy = \"write-behind\"\n"
+    ))
+}
+
+/// Runs `sql` in the simple protocol; the row count of its command tag.
+async fn tag(client: &Client, sql: &str) -> u64 {
+    let msgs = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no CommandComplete in {msgs:?}"))
+}
+
+fn direct_rows(ctx: &Context, sql: &str) -> String {
+    ctx.psql_direct(sql).trim().to_owned()
+}
+
+#[tokio::test]
+async fn writes_are_acknowledged_then_applied_once_and_reads_see_them() {
+    let ctx = builder("1h").start().await;
+    let proxy = ctx.proxy_client().await;
+
+    // Acknowledged by spillway: PostgreSQL does not have them yet (no flush for 1 h).
+    assert_eq!(
+        tag(&proxy, "INSERT INTO wb (id, v) VALUES (1, 'a')").await,
+        1
+    );
+    let inserted = proxy
+        .execute(
+            "INSERT INTO wb (id, v) VALUES ($1, $2), ($3, $4)",
+            &[&2i32, &"b", &3i32, &"c"],
+        )
+        .await
+        .expect("extended insert");
+    assert_eq!(inserted, 2);
+    assert_eq!(
+        proxy
+            .execute("UPDATE wb SET n = n + $1 WHERE id = $2", &[&5i64, &1i32])
+            .await
+            .expect("update"),
+        1
+    );
+    assert_eq!(
+        proxy
+            .execute("DELETE FROM wb WHERE id = $1", &[&3i32])
+            .await
+            .expect("delete"),
+        1
+    );
+    assert_eq!(
+        direct_rows(&ctx, "SELECT count(*) FROM wb"),
+        "0",
+        "not applied yet"
+    );
+
+    // A read through spillway waits for them (strong consistency).
+    let rows = proxy
+        .query("SELECT id, v, n FROM wb ORDER BY id", &[])
+        .await
+        .expect("read");
+    let seen: Vec<(i32, String, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(seen, vec![(1, "a".into(), 5), (2, "b".into(), 0)]);
+    assert_eq!(
+        direct_rows(
+            &ctx,
+            "SELECT string_agg(id || ':' || n, ',' ORDER BY id) FROM wb"
+        ),
+        "1:5,2:0"
+    );
+
+    // Exactly once: the ledger is at the last record, nothing applied twice.
+    assert_eq!(
+        direct_rows(&ctx, "SELECT last_seq FROM spillway.flush_ledger"),
+        "4"
+    );
+
+    // SPILLWAY FLUSH returns once everything acknowledged before it is applied.
+    for i in 10..20 {
+        tag(&proxy, &format!("INSERT INTO wb (id, v) VALUES ({i}, 'x')")).await;
+    }
+    let other = ctx.proxy_client().await;
+    assert_eq!(tag(&other, "SPILLWAY FLUSH").await, 0);
+    assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM wb"), "12");
+}
+
+#[tokio::test]
+async fn exact_row_counts_and_duplicate_keys_come_from_key_knowledge() {
+    let ctx = builder("1h").start().await;
+    ctx.psql_direct("INSERT INTO wb (id, v) VALUES (100, 'existing')");
+    let proxy = ctx.proxy_client().await;
+
+    // A key PostgreSQL has: 23505 at once, like PostgreSQL.
+    let err = proxy
+        .execute("INSERT INTO wb (id, v) VALUES ($1, 'dup')", &[&100i32])
+        .await
+        .expect_err("duplicate key");
+    assert_eq!(err.code().map(|c| c.code()), Some("23505"), "{err:?}");
+    // A key only pending in the journal: also 23505.
+    tag(&proxy, "INSERT INTO wb (id, v) VALUES (7, 'new')").await;
+    let err = proxy
+        .simple_query("INSERT INTO wb (id, v) VALUES (7, 'again')")
+        .await
+        .expect_err("duplicate pending key");
+    assert_eq!(err.code().map(|c| c.code()), Some("23505"), "{err:?}");
+    // Counts: a missing key updates and deletes nothing, and is not journaled.
+    assert_eq!(tag(&proxy, "UPDATE wb SET v = 'z' WHERE id = 999").await, 0);
+    assert_eq!(tag(&proxy, "DELETE FROM wb WHERE id = 999").await, 0);
+    assert_eq!(tag(&proxy, "UPDATE wb SET v = 'y' WHERE id = 7").await, 1);
+    assert_eq!(tag(&proxy, "DELETE FROM wb WHERE id = 7").await, 1);
+    assert_eq!(tag(&proxy, "DELETE FROM wb WHERE id = 7").await, 0);
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct_rows(
+            &ctx,
+            "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM wb"
+        ),
+        "100:existing"
+    );
+    assert_eq!(
+        direct_rows(&ctx, "SELECT count(*) FROM spillway.dead_letters"),
+        "0"
+    );
+}
+
+#[tokio::test]
+async fn non_deferrable_statements_run_write_through_after_a_barrier() {
+    let ctx = builder("1h").start().await;
+    let proxy = ctx.proxy_client().await;
+    tag(&proxy, "INSERT INTO wb (id, v) VALUES (1, 'a')").await;
+    // Not deferrable (predicate beyond the key): barrier, then PostgreSQL runs it and
+    // sees the pending insert.
+    assert_eq!(tag(&proxy, "UPDATE wb SET n = 9 WHERE v = 'a'").await, 1);
+    // RETURNING of unknown values: write-through with PostgreSQL's answer.
+    let row = proxy
+        .query_one("INSERT INTO wb (id, v) VALUES (2, 'b') RETURNING n", &[])
+        .await
+        .expect("returning");
+    assert_eq!(row.get::<_, i64>(0), 0);
+    // Parent then child, in order, through the journal (the foreign key needs it).
+    tag(&proxy, "INSERT INTO wb (id, v) VALUES (3, 'p')").await;
+    tag(
+        &proxy,
+        "INSERT INTO wb_child (id, parent, q) VALUES (30, 3, 1)",
+    )
+    .await;
+    // In a transaction block: write-through (deferred transactions are not built).
+    proxy.batch_execute("BEGIN").await.expect("begin");
+    assert_eq!(
+        tag(&proxy, "INSERT INTO wb (id, v) VALUES (4, 'tx')").await,
+        1
+    );
+    proxy.batch_execute("ROLLBACK").await.expect("rollback");
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct_rows(
+            &ctx,
+            "SELECT string_agg(id || ':' || n, ',' ORDER BY id) FROM wb"
+        ),
+        "1:9,2:0,3:0"
+    );
+    assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM wb_child"), "1");
+}
+
+#[tokio::test]
+async fn journaled_writes_survive_sigkill_and_are_replayed_once() {
+    let mut ctx = builder("1h").start().await;
+    {
+        let proxy = ctx.proxy_client().await;
+        for i in 1..=50 {
+            tag(&proxy, &format!("INSERT INTO wb (id, v) VALUES ({i}, 'k')")).await;
+        }
+        tag(&proxy, "UPDATE wb SET n = n + 1 WHERE id = 1").await;
+    }
+    assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM wb"), "0");
+    ctx.proxy.signal("KILL");
+    ctx.restart_proxy();
+    // Replayed before the restarted spillway serves anything.
+    assert_eq!(direct_rows(&ctx, "SELECT count(*), sum(n) FROM wb"), "50|1");
+    // Killed and started again: nothing applied twice.
+    ctx.restart_proxy();
+    let proxy = ctx.proxy_client().await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(direct_rows(&ctx, "SELECT count(*), sum(n) FROM wb"), "50|1");
+    assert_eq!(tag(&proxy, "UPDATE wb SET n = n + 1 WHERE id = 1").await, 1);
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(direct_rows(&ctx, "SELECT sum(n) FROM wb"), "2");
+}
