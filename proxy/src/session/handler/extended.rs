@@ -373,6 +373,7 @@ impl Caching {
                 Expect::Ready {
                     sync: true,
                     fill: None,
+                    id: 0,
                 }
             }
             // Flush: nothing to expect.

@@ -271,6 +271,7 @@ impl Caching {
                 self.tracker.push(Expect::Ready {
                     sync: false,
                     fill: None,
+                    id: 0,
                 });
                 Disposition::Consumed
             }
@@ -296,6 +297,7 @@ impl Caching {
             self.tracker.push(Expect::Ready {
                 sync: false,
                 fill: None,
+                id: 0,
             });
             return Disposition::Consumed;
         };
@@ -357,7 +359,11 @@ impl Caching {
         // The simple protocol runs through the unnamed statement and portal.
         self.forget_unnamed();
         out.upstream.extend_from_slice(msg);
-        self.tracker.push(Expect::Ready { sync: false, fill });
+        self.tracker.push(Expect::Ready {
+            sync: false,
+            fill,
+            id: 0,
+        });
         Disposition::Consumed
     }
 
@@ -389,7 +395,9 @@ impl Caching {
         }
         if step.ready {
             let status = msg.and_then(|m| m.get(5).copied());
-            self.settle_deferred(status);
+            if let Some(id) = step.ready_id {
+                self.settle_deferred(id, status);
+            }
             if status != Some(b'I') {
                 // Backstops for what was taken as autocommit but ran in a transaction
                 // block (a BEGIN pipelined in the same cycle): its writes are the
@@ -463,16 +471,17 @@ impl Caching {
         statements == 1 && state.tx_status == b'I' && !self.tracker.has_outstanding_statements()
     }
 
-    /// Session commands whose requests just ended with `status` (None: unknown).
-    fn settle_deferred(&mut self, status: Option<u8>) {
-        let done = self.tracker.readies_done();
-        while self.deferred.front().is_some_and(|d| d.ready < done) {
+    /// Session commands whose requests ended with the request `done` (ids grow in
+    /// send order), with `status` (None: unknown).
+    fn settle_deferred(&mut self, done: u64, status: Option<u8>) {
+        while self.deferred.front().is_some_and(|d| d.ready <= done) {
             let Some(d) = self.deferred.pop_front() else {
                 break;
             };
             // Alone in a request that left the session idle, without error: it ran
-            // in autocommit (a session command cannot end a transaction block).
-            let certain = !d.spoiled && status == Some(b'I');
+            // in autocommit (a session command cannot end a transaction block). Its
+            // own request's ReadyForQuery only: a later one says nothing about it.
+            let certain = !d.spoiled && d.ready == done && status == Some(b'I');
             self.key.apply(&d.command, certain);
         }
     }

@@ -98,6 +98,8 @@ pub enum Expect {
     Ready {
         sync: bool,
         fill: Option<Box<Fill>>,
+        /// Assigned by [`Tracker::push`]: the order in which requests were sent.
+        id: u64,
     },
     Parse {
         swallow: bool,
@@ -133,6 +135,8 @@ pub struct Step {
     pub ready: bool,
     /// An ErrorResponse for a request.
     pub error: bool,
+    /// The id of the request that ReadyForQuery ended.
+    pub ready_id: Option<u64>,
 }
 
 #[derive(Default)]
@@ -147,10 +151,10 @@ pub struct Tracker {
     /// An extended-protocol COPY FROM STDIN is open: forwarded Syncs are ignored by
     /// PostgreSQL until the client's CopyDone/CopyFail.
     copy_in: bool,
-    /// ReadyForQuery answers enqueued and received so far: the n-th request that ends
-    /// in one has index n - 1.
+    /// Ids given to requests that end in ReadyForQuery so far (the next one gets this).
+    /// A Sync PostgreSQL ignores (inside COPY FROM STDIN) is removed from the queue
+    /// with its id, so ids, not counts, say which request a ReadyForQuery ends.
     readies_pushed: u64,
-    readies_done: u64,
     /// Statements whose Parse PostgreSQL confirmed, for the handler to record.
     pub confirmed: Vec<Prepared>,
 }
@@ -203,20 +207,17 @@ impl Tracker {
             }
             self.skipping = false;
         }
-        if matches!(expect, Expect::Ready { .. }) {
+        let mut expect = expect;
+        if let Expect::Ready { id, .. } = &mut expect {
+            *id = self.readies_pushed;
             self.readies_pushed += 1;
         }
         self.queue.push_back(expect);
     }
 
-    /// The index the next enqueued request ending in ReadyForQuery will have.
+    /// The id the next enqueued request ending in ReadyForQuery will have.
     pub fn next_ready_index(&self) -> u64 {
         self.readies_pushed
-    }
-
-    /// How many requests ending in ReadyForQuery have been answered.
-    pub fn readies_done(&self) -> u64 {
-        self.readies_done
     }
 
     /// The client sent CopyDone or CopyFail.
@@ -257,13 +258,13 @@ impl Tracker {
             return step;
         };
         match (head, tag) {
-            (Expect::Ready { fill, .. }, b'Z') => {
+            (Expect::Ready { fill, id, .. }, b'Z') => {
                 if let Some(f) = fill.take() {
                     drop(f); // completed at CommandComplete, or abandoned
                 }
+                step.ready_id = Some(*id);
                 self.queue.pop_front();
                 self.described = None;
-                self.readies_done += 1;
                 step.ready = true;
             }
             (Expect::Ready { fill, .. }, b'E') => {
@@ -436,6 +437,7 @@ mod tests {
         t.push(Expect::Ready {
             sync: true,
             fill: None,
+            id: 0,
         });
         for (tag, body) in [
             (b'2', &b""[..]),
@@ -472,6 +474,7 @@ mod tests {
         t.push(Expect::Ready {
             sync: true,
             fill: None,
+            id: 0,
         });
         let step = feed(&mut t, b'E', b"SERROR\0");
         assert!(step.error);
@@ -495,6 +498,7 @@ mod tests {
         t.push(Expect::Ready {
             sync: true,
             fill: None,
+            id: 0,
         });
         assert!(feed(&mut t, b'Z', b"E").ready);
         assert!(t.is_quiet());
@@ -522,6 +526,7 @@ mod tests {
         t.push(Expect::Ready {
             sync: false,
             fill: Some(fill(&cache, b"q")),
+            id: 0,
         });
         feed(&mut t, b'T', b"rd");
         feed(&mut t, b'D', b"row");
@@ -537,6 +542,7 @@ mod tests {
         t.push(Expect::Ready {
             sync: false,
             fill: Some(fill(&cache, b"q")),
+            id: 0,
         });
         feed(&mut t, b'T', b"rd");
         feed(&mut t, b'D', b"a long row");

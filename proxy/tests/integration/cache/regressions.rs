@@ -521,3 +521,76 @@ async fn a_set_pipelined_behind_a_request_keeps_caching_and_keying() {
         );
     }
 }
+
+/// Guards: after an extended-protocol COPY FROM STDIN (whose first Sync PostgreSQL
+/// ignores, so that request never gets a ReadyForQuery), a SET pipelined behind a
+/// request is still decided at its own ReadyForQuery. Before the fix spillway counted
+/// ReadyForQuery messages and, one short after the COPY, applied the SET one request
+/// late: the read right after it was answered under the old settings (CI saw stale
+/// rows after `SET search_path`).
+#[tokio::test]
+async fn a_pipelined_set_after_an_extended_copy_takes_effect_at_once() {
+    // The reads are of `u`, which the COPY into `t` does not invalidate: their entry
+    // under the old settings stays valid, so reading it would show.
+    let (ctx, direct) = start(
+        Context::builder(),
+        "CREATE TABLE u (id int PRIMARY KEY, n int NOT NULL); \
+         INSERT INTO u SELECT g, g * 10 FROM generate_series(1, 5) g;",
+    )
+    .await;
+    let thirds_u = "SELECT id, n / 3.0::float8 AS third FROM u ORDER BY id";
+    let mut proxy = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    let mut pg = Raw::startup(direct_addr(&ctx), USER, DB).await;
+    wait_for_cached(
+        async || raw_rows(&mut proxy, thirds_u).await,
+        async || raw_rows(&mut pg, thirds_u).await,
+        &direct,
+        "INSERT INTO u SELECT max(id) + 1, 1 FROM u",
+    )
+    .await;
+    // That entry is stale now (spillway cannot see the direct insert): a read under
+    // the old settings would return it, one under the new settings misses.
+
+    // Extended COPY FROM STDIN: Parse/Bind/Execute/Sync, then the data, CopyDone and
+    // a second Sync (the first one is ignored by PostgreSQL).
+    for (raw, id) in [(&mut proxy, -1), (&mut pg, -2)] {
+        raw.send(
+            &[
+                wire::parse("", "COPY t (id, v, n) FROM STDIN"),
+                wire::bind("", "", &[]),
+                wire::execute("", 0),
+                wire::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+        let started = raw.until(b'G').await;
+        assert!(started.iter().all(|m| m.tag != b'E'), "{started:?}");
+        raw.send(
+            &[
+                wire::msg(b'd', format!("{id}\tcopied\t3\n").as_bytes()),
+                wire::msg(b'c', b""),
+                wire::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+        let done = raw.until(b'Z').await;
+        no_error(&done, "COPY");
+    }
+
+    // Pipelined: the SET reaches spillway before the first query's ReadyForQuery.
+    let queries = [ALL, "SET extra_float_digits = 0"];
+    for raw in [&mut proxy, &mut pg] {
+        for (q, a) in queries.iter().zip(pipelined(raw, &queries).await) {
+            no_error(&a, q);
+        }
+    }
+    for i in 0..3 {
+        assert_eq!(
+            raw_rows(&mut proxy, thirds_u).await,
+            raw_rows(&mut pg, thirds_u).await,
+            "read {i} right after the pipelined SET: answered under the old settings"
+        );
+    }
+}
