@@ -541,7 +541,7 @@ impl WriteService {
                     return;
                 }
                 tokio::select! {
-                    () = tokio::time::sleep(self.flush.interval) => {}
+                    () = tokio::time::sleep(self.tick()) => {}
                     () = self.wake.notified() => {}
                     () = shutdown.cancelled() => {}
                 }
@@ -611,6 +611,18 @@ impl WriteService {
                 }
             }
         }
+    }
+
+    /// How long the flusher sleeps while idle: `flush.interval`, or less when a table
+    /// with `consistency = "bounded"` promises a shorter `max_staleness` (its readers
+    /// skip barriers, so the flusher is what bounds how old their view can be).
+    fn tick(&self) -> Duration {
+        self.tables
+            .values()
+            .filter(|t| t.config.consistency == spillway_policies::Consistency::Bounded)
+            .map(|t| t.config.max_staleness / 2)
+            .fold(self.flush.interval, Duration::min)
+            .max(Duration::from_millis(1))
     }
 
     /// Sleeps `backoff` (doubling it up to [`MAX_BACKOFF`]); true when shutting down.

@@ -15,3 +15,4 @@ mod lifecycle;
 mod protocol;
 mod triggers;
 mod write_behind;
+mod write_options;

@@ -296,6 +296,11 @@ impl Caching {
                     return Some(Disposition::Blocked);
                 }
                 Err(reason) => {
+                    // `when_full = "write-through"`: the barrier below makes room, but
+                    // the decision stands for this write.
+                    if reason == "full" {
+                        self.no_defer = true;
+                    }
                     if analysis
                         .statements
                         .iter()
