@@ -63,6 +63,7 @@ impl Demo {
         let config_for = |listen: SocketAddr| {
             Config::from_toml_str(&format!(
                 "[server]\nlisten = \"{listen}\"\nshutdown_timeout = \"5s\"\n\
+                 [metrics]\nlisten = \"127.0.0.1:0\"\n\
                  [backend]\nurl = \"{}\"\n[journal]\ndir = \"{}\"\n",
                 postgres.url(DEMO_USER, DEMO_DATABASE),
                 journal.display()

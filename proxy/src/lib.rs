@@ -15,6 +15,7 @@ pub mod classify;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod metrics;
 pub mod protocol;
 pub mod schema;
 pub mod server;

@@ -39,6 +39,11 @@ pub enum ServerError {
     Workers(std::io::Error),
     #[error(transparent)]
     Writes(#[from] crate::writes::start::WritesStartError),
+    #[error("cannot serve metrics on {addr}: {error}")]
+    Metrics {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
@@ -60,6 +65,8 @@ pub struct Server {
     shared: Arc<Shared>,
     /// The flush worker and its journal, when some table is deferred.
     writes: Option<crate::writes::start::Running>,
+    /// Stops the metrics endpoint.
+    metrics: Option<CancellationToken>,
     permits: Arc<Semaphore>,
     workers: Workers,
 }
@@ -93,6 +100,17 @@ impl Server {
         );
         // Before the first session: the journal's unapplied records go upstream first.
         let writes = crate::writes::start::start(&config, cache.as_ref()).await?;
+        let metrics = crate::metrics::start(
+            &config,
+            cache.clone(),
+            writes.as_ref().map(|w| w.service.clone()),
+            connector.clone(),
+        )
+        .await
+        .map_err(|error| ServerError::Metrics {
+            addr: config.metrics.listen.unwrap_or(addr),
+            error,
+        })?;
         let shared = Arc::new(Shared {
             writes: writes
                 .as_ref()
@@ -108,6 +126,7 @@ impl Server {
             listener,
             shared,
             writes,
+            metrics,
             permits,
             workers,
         })
@@ -149,12 +168,16 @@ impl Server {
             listener,
             shared,
             writes,
+            metrics,
             ..
         } = self;
         drop(listener);
         drain(&shared, tracker).await;
         if let Some(w) = writes {
             w.stop(shared.config.server.shutdown_timeout).await;
+        }
+        if let Some(m) = metrics {
+            m.cancel();
         }
     }
 

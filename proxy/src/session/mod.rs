@@ -62,6 +62,7 @@ impl Shared {
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let span = tracing::info_span!("session", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
     async move {
+        let _client = GaugeGuard::new(crate::metrics::CLIENT_CONNECTIONS);
         match run(tcp, &shared).await {
             Ok(end) => tracing::debug!(?end, "session closed"),
             Err(err) => log_end(&err),
@@ -69,6 +70,23 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     }
     .instrument(span)
     .await
+}
+
+/// One more on a gauge for as long as it lives.
+struct GaugeGuard(metrics::Gauge);
+
+impl GaugeGuard {
+    fn new(name: &'static str) -> Self {
+        let g = metrics::gauge!(name);
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 fn log_end(err: &SessionError) {
@@ -126,6 +144,7 @@ async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
             startup,
         } => (upstream, state, cancel_key, startup),
     };
+    let _upstream = GaugeGuard::new(crate::metrics::UPSTREAM_CONNECTIONS);
     let handler = match &shared.cache {
         Some(cache) => handler::Handler::caching(
             cache.clone(),

@@ -413,7 +413,7 @@ impl WriteService {
         for attempt in 0..2 {
             if guard.is_none() {
                 *guard = Some(
-                    PgConnection::connect(&self.url)
+                    self.connect("spillway-checks")
                         .await
                         .map_err(|e| DeferError::Upstream(e.to_string()))?,
                 );
@@ -512,6 +512,33 @@ impl WriteService {
         }
     }
 
+    /// Sets the pending-write and journal gauges (called when a scrape arrives).
+    #[allow(clippy::cast_precision_loss)]
+    pub fn export_gauges(&self) {
+        use crate::metrics as m;
+        for (table, pending, age) in self.pending_by_table() {
+            metrics::gauge!(m::PENDING_WRITES, "table" => table.clone()).set(pending as f64);
+            metrics::gauge!(m::PENDING_OLDEST_AGE, "table" => table)
+                .set(age.map_or(0.0, |a| a.as_secs_f64()));
+        }
+        metrics::gauge!(m::JOURNAL_BYTES).set(self.journal.bytes() as f64);
+        let stats = self.journal.stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!(m::JOURNAL_FSYNCS).absolute(load(&stats.fsyncs));
+        metrics::counter!(m::JOURNAL_FSYNC_MICROS).absolute(load(&stats.fsync_micros));
+    }
+
+    /// Why deferred writes cannot be served, if they cannot.
+    pub fn health(&self) -> Result<(), String> {
+        if let Some(cause) = self.poisoned.get() {
+            return Err(format!("flush worker stopped: {cause}"));
+        }
+        if self.journal.is_poisoned() {
+            return Err("journal stopped after an I/O error".to_owned());
+        }
+        Ok(())
+    }
+
     /// Pending record count and age of the oldest, per table (metrics, console).
     pub fn pending_by_table(&self) -> Vec<(String, usize, Option<Duration>)> {
         self.state()
@@ -549,7 +576,7 @@ impl WriteService {
             }
             let c = match conn.as_mut() {
                 Some(c) => c,
-                None => match PgConnection::connect(&self.url).await {
+                None => match self.connect("spillway-flush").await {
                     Ok(c) => conn.insert(c),
                     Err(err) => {
                         tracing::warn!(%err, retry_in = ?backoff, "flush worker cannot connect upstream");
@@ -567,7 +594,18 @@ impl WriteService {
                     backoff = Duration::from_millis(50);
                     let last = batch.last().map_or(applied_through, |(s, _)| *s);
                     let tables = self.finish(&batch);
+                    {
+                        use crate::metrics as m;
+                        metrics::counter!(m::FLUSH_BATCHES).increment(1);
+                        metrics::counter!(m::FLUSH_ROWS)
+                            .increment(u64::try_from(done.rows).unwrap_or(u64::MAX));
+                        metrics::counter!(m::UPSTREAM_STATEMENTS)
+                            .increment(u64::try_from(done.statements).unwrap_or(u64::MAX));
+                        metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed());
+                    }
                     for d in &done.dead_letters {
+                        metrics::counter!(crate::metrics::DEAD_LETTERS, "table" => d.table.clone())
+                            .increment(1);
                         tracing::error!(
                             seq = d.seq, table = %d.table, sqlstate = %d.sqlstate,
                             message = %d.message, statement = %d.statement,
@@ -585,6 +623,7 @@ impl WriteService {
                     }
                 }
                 Err(ApplyError::Transient(err)) => {
+                    metrics::counter!(crate::metrics::FLUSH_RETRIES).increment(1);
                     tracing::warn!(%err, retry_in = ?backoff, "flush batch failed; retrying");
                     // The outcome may be unknown (lost during COMMIT): reconnect and
                     // let the ledger say where we are.
@@ -592,7 +631,7 @@ impl WriteService {
                     if self.pause(&mut backoff, &shutdown).await {
                         return;
                     }
-                    if let Ok(mut c) = PgConnection::connect(&self.url).await {
+                    if let Ok(mut c) = self.connect("spillway-flush").await {
                         if let Ok(at) = apply::claim_ledger(&mut c, &key).await
                             && at > applied_through
                         {
@@ -623,6 +662,13 @@ impl WriteService {
             .map(|t| t.config.max_staleness / 2)
             .fold(self.flush.interval, Duration::min)
             .max(Duration::from_millis(1))
+    }
+
+    /// A connection to `backend.url` named `application_name` (so operators can tell
+    /// spillway's own connections apart in `pg_stat_activity`).
+    async fn connect(&self, application_name: &str) -> Result<PgConnection, sqlx::Error> {
+        let options: sqlx::postgres::PgConnectOptions = self.url.parse()?;
+        PgConnection::connect_with(&options.application_name(application_name)).await
     }
 
     /// Sleeps `backoff` (doubling it up to [`MAX_BACKOFF`]); true when shutting down.

@@ -96,7 +96,7 @@ impl Context {
         ContextBuilder {
             pg: ThrowawayPostgres::builder(),
             config: "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"5s\"\n\
-                     [metrics]\n\n"
+                     [metrics]\nlisten = \"127.0.0.1:0\"\n\n"
                 .to_owned(),
             env: Vec::new(),
             setup: Vec::new(),
@@ -232,6 +232,16 @@ impl Proxy {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Where `/metrics` is served (from the log line spillway writes at start).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.logs()
+            .lines()
+            .find_map(|l| l.split("metrics endpoint on ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .expect("spillway logged its metrics endpoint")
     }
 
     /// Everything spillway logged so far.

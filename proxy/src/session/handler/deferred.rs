@@ -55,6 +55,9 @@ pub(super) enum Waiting {
         extended: bool,
         /// The unnamed statement that cycle parsed (answered locally).
         unnamed: Option<Arc<Stmt>>,
+        /// For the `deferred` latency histogram and the write counter.
+        started: std::time::Instant,
+        table_name: String,
     },
     Barrier {
         slot: Slot<()>,
@@ -98,8 +101,17 @@ impl Caching {
                 before,
                 extended,
                 unnamed,
+                started,
+                table_name,
             } => match take(&slot) {
                 Some(Ok(outcome)) => {
+                    self.metrics.deferred.record(started.elapsed());
+                    metrics::counter!(
+                        crate::metrics::CLIENT_WRITES,
+                        "table" => table_name,
+                        "policy" => "write-behind"
+                    )
+                    .increment(1);
                     if let Some(seq) = outcome.seq {
                         self.own_seq = self.own_seq.max(seq);
                         self.db.versions.bump_tables([table]);
@@ -281,6 +293,7 @@ impl Caching {
                     let fut_slot = slot.clone();
                     let user = self.user.clone();
                     let service = w.clone();
+                    let table_name = table.clone();
                     self.wait = Some(Box::pin(async move {
                         let r = service.defer(&user, &table, converted).await;
                         put(&fut_slot, r);
@@ -292,6 +305,8 @@ impl Caching {
                         before: single.before,
                         extended: single.extended,
                         unnamed: single.unnamed,
+                        started: std::time::Instant::now(),
+                        table_name,
                     });
                     return Some(Disposition::Blocked);
                 }
@@ -301,12 +316,35 @@ impl Caching {
                     if reason == "full" {
                         self.no_defer = true;
                     }
-                    if analysis
+                    let writes_to: Vec<&String> = analysis
                         .statements
                         .iter()
-                        .any(|s| matches!(s.kind, Kind::Write))
-                    {
-                        tracing::debug!(reason, tables = ?touched, "deferred table: write runs write-through");
+                        .filter(|s| matches!(s.kind, Kind::Write | Kind::Truncate { .. }))
+                        .flat_map(|s| s.writes.iter())
+                        .filter_map(|rel| {
+                            touched
+                                .iter()
+                                .find(|t| t.ends_with(&format!(".{}", rel.name)))
+                        })
+                        .collect();
+                    // Counted once per message (a re-offer after the barrier is the
+                    // same write).
+                    if !self.barrier_passed {
+                        for table in writes_to {
+                            tracing::debug!(reason, %table, "deferred table: write runs write-through");
+                            metrics::counter!(
+                                crate::metrics::FALLBACKS,
+                                "table" => table.clone(),
+                                "reason" => reason
+                            )
+                            .increment(1);
+                            metrics::counter!(
+                                crate::metrics::CLIENT_WRITES,
+                                "table" => table.clone(),
+                                "policy" => "write-through"
+                            )
+                            .increment(1);
+                        }
                     }
                 }
             }

@@ -89,6 +89,7 @@ impl Caching {
     }
 
     fn on_sync(&mut self, msg: &[u8], out: &mut Out<'_>) -> Disposition {
+        let started = std::time::Instant::now();
         if let Some(d) = self.route_cycle(out) {
             return d;
         }
@@ -113,6 +114,7 @@ impl Caching {
                     }
                     for _ in 0..hits {
                         self.cache.results.record_hit();
+                        self.metrics.hit.record(started.elapsed());
                     }
                     self.held.clear();
                     self.held_bytes = 0;
@@ -128,6 +130,12 @@ impl Caching {
             }
         }
         self.waited = false;
+        let path = if ticket.is_some() {
+            super::Path::Miss
+        } else {
+            super::Path::Passthrough
+        };
+        self.time_request(std::time::Instant::now(), path);
         out.state.on_frontend(frontend::SYNC);
         for m in std::mem::take(&mut self.held) {
             self.forward_extended(&m, out, quiet, &mut ticket);
@@ -325,6 +333,7 @@ impl Caching {
                 None => Expect::DescribeStatement,
             },
             frontend::EXECUTE => {
+                self.metrics.upstream_statements.increment(1);
                 let exec = frontend::execute(body);
                 let stmt = exec
                     .as_ref()

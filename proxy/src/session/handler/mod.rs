@@ -26,7 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use spillway_policies::cache::{Deps, Lookup, Version};
@@ -35,6 +35,7 @@ use tokio::sync::futures::OwnedNotified;
 use super::state::ProtocolState;
 use crate::cache::{Cacheable, DbState, Decision, Effects, ReadCache, decide};
 use crate::classify::{Analysis, DiscardTarget, Isolation, Kind, SessionCommand, TxCommand};
+use crate::metrics::SessionMetrics;
 use crate::protocol::frontend;
 use crate::writes::convert::Bound;
 use crate::writes::service::WriteService;
@@ -79,6 +80,8 @@ pub enum Disposition {
 /// The handler of one session; pass-through when the cache is off.
 pub struct Handler {
     caching: Option<Box<Caching>>,
+    /// Pass-through sessions count the statements they relay here.
+    upstream_statements: metrics::Counter,
 }
 
 struct Caching {
@@ -131,11 +134,24 @@ struct Caching {
     own_seq: u64,
     /// The session's role, for privilege checks of deferred writes.
     user: String,
+    metrics: SessionMetrics,
+    /// Requests sent upstream whose answer is being timed: (ready id, sent, path).
+    timings: VecDeque<(u64, Instant, Path)>,
+}
+
+/// How a request sent upstream is counted in the latency histogram.
+#[derive(Clone, Copy)]
+enum Path {
+    Miss,
+    Passthrough,
 }
 
 impl Handler {
     pub fn passthrough() -> Self {
-        Self { caching: None }
+        Self {
+            caching: None,
+            upstream_statements: metrics::counter!(crate::metrics::UPSTREAM_STATEMENTS),
+        }
     }
 
     pub fn caching(
@@ -147,6 +163,7 @@ impl Handler {
     ) -> Self {
         let db = cache.database(database);
         Self {
+            upstream_statements: metrics::Counter::noop(),
             caching: Some(Box::new(Caching {
                 cache,
                 db,
@@ -175,6 +192,8 @@ impl Handler {
                 no_defer: false,
                 own_seq: 0,
                 user: user.to_owned(),
+                metrics: SessionMetrics::new(),
+                timings: VecDeque::new(),
             })),
         }
     }
@@ -184,11 +203,27 @@ impl Handler {
         let tag = msg[0];
         match self.caching.as_deref_mut() {
             None => {
+                if matches!(
+                    tag,
+                    frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
+                ) {
+                    self.upstream_statements.increment(1);
+                }
                 out.state.on_frontend(tag);
                 out.upstream.extend_from_slice(msg);
                 Disposition::Consumed
             }
-            Some(c) => c.on_frontend(tag, msg, out),
+            Some(c) => {
+                let before = out.upstream.len();
+                let d = c.on_frontend(tag, msg, out);
+                if d == Disposition::Consumed
+                    && out.upstream.len() > before
+                    && matches!(tag, frontend::QUERY | frontend::FUNCTION_CALL)
+                {
+                    c.metrics.upstream_statements.increment(1);
+                }
+                d
+            }
         }
     }
 
@@ -290,6 +325,7 @@ impl Caching {
 
     /// A simple Query: answered from the cache, or forwarded (and maybe captured).
     fn on_query(&mut self, msg: &[u8], out: &mut Out<'_>) -> Disposition {
+        let started = Instant::now();
         let Some(sql) = frontend::query(frontend::body(msg)) else {
             out.state.on_frontend(frontend::QUERY);
             out.upstream.extend_from_slice(msg);
@@ -315,6 +351,7 @@ impl Caching {
             out.client.extend_from_slice(&hit.body);
             self.answer_ready(out);
             self.cache.results.record_hit();
+            self.metrics.hit.record(started.elapsed());
             self.waited = false;
             // As on PostgreSQL, a simple Query replaces the unnamed statement.
             self.forget_unnamed();
@@ -359,12 +396,28 @@ impl Caching {
         // The simple protocol runs through the unnamed statement and portal.
         self.forget_unnamed();
         out.upstream.extend_from_slice(msg);
+        let path = if fill.is_some() {
+            Path::Miss
+        } else {
+            Path::Passthrough
+        };
+        self.time_request(started, path);
         self.tracker.push(Expect::Ready {
             sync: false,
             fill,
             id: 0,
         });
         Disposition::Consumed
+    }
+
+    /// Times the request about to be pushed until its ReadyForQuery.
+    fn time_request(&mut self, started: Instant, path: Path) {
+        // Bounded by the requests outstanding; a desynced tracker stops answering, so
+        // stop timing there too.
+        if self.timings.len() < 1024 && !self.tracker.is_desynced() {
+            self.timings
+                .push_back((self.tracker.next_ready_index(), started, path));
+        }
     }
 
     fn on_backend(&mut self, tag: u8, msg: Option<&[u8]>) -> bool {
@@ -397,6 +450,19 @@ impl Caching {
             let status = msg.and_then(|m| m.get(5).copied());
             if let Some(id) = step.ready_id {
                 self.settle_deferred(id, status);
+                while let Some(&(t, started, path)) = self.timings.front() {
+                    if t > id {
+                        break;
+                    }
+                    self.timings.pop_front();
+                    if t == id {
+                        let h = match path {
+                            Path::Miss => &self.metrics.miss,
+                            Path::Passthrough => &self.metrics.passthrough,
+                        };
+                        h.record(started.elapsed());
+                    }
+                }
             }
             if status != Some(b'I') {
                 // Backstops for what was taken as autocommit but ran in a transaction

@@ -1,0 +1,223 @@
+//! spillway's metrics: every name is a constant here (`spillway_<subsystem>_<name>_<unit>`
+//! with `_total` for counters), labels are bounded (a table name, a path, a fallback
+//! reason from a fixed list; never statement text or a role), and the Prometheus
+//! endpoint (`http`) serves them with `/healthz` and `/readyz` on `metrics.listen`.
+//!
+//! Counters and histograms are recorded where things happen through the `metrics`
+//! facade; gauges that describe state (cache bytes, pending writes, journal bytes) are
+//! set when a scrape arrives, from the owners of that state, so no background task
+//! keeps them up to date.
+
+pub mod http;
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+// Cache.
+pub const CACHE_HITS: &str = "spillway_cache_hits_total";
+pub const CACHE_MISSES: &str = "spillway_cache_misses_total";
+pub const CACHE_EVICTIONS: &str = "spillway_cache_evictions_total";
+pub const CACHE_BYTES: &str = "spillway_cache_bytes";
+pub const CACHE_ENTRIES: &str = "spillway_cache_entries";
+// Latency per path: hit, miss, passthrough, deferred.
+pub const QUERY_DURATION: &str = "spillway_query_duration_seconds";
+// Writes.
+pub const CLIENT_WRITES: &str = "spillway_client_writes_total";
+pub const FALLBACKS: &str = "spillway_fallbacks_total";
+pub const UPSTREAM_STATEMENTS: &str = "spillway_upstream_statements_total";
+pub const PENDING_WRITES: &str = "spillway_pending_writes";
+pub const PENDING_OLDEST_AGE: &str = "spillway_pending_oldest_age_seconds";
+pub const FLUSH_BATCHES: &str = "spillway_flush_batches_total";
+pub const FLUSH_ROWS: &str = "spillway_flush_rows_total";
+pub const FLUSH_RETRIES: &str = "spillway_flush_retries_total";
+pub const FLUSH_DURATION: &str = "spillway_flush_batch_duration_seconds";
+pub const DEAD_LETTERS: &str = "spillway_dead_letters_total";
+pub const JOURNAL_BYTES: &str = "spillway_journal_bytes";
+pub const JOURNAL_FSYNCS: &str = "spillway_journal_fsyncs_total";
+pub const JOURNAL_FSYNC_MICROS: &str = "spillway_journal_fsync_microseconds_total";
+// Connections.
+pub const CLIENT_CONNECTIONS: &str = "spillway_client_connections";
+pub const UPSTREAM_CONNECTIONS: &str = "spillway_upstream_connections";
+
+/// Histogram buckets in seconds: 10 µs to 10 s, real buckets (not summaries).
+const BUCKETS: [f64; 16] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.5, 1.0, 10.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns its handle; `None` if another
+/// recorder was installed first (a library embedding spillway).
+pub fn install() -> Option<PrometheusHandle> {
+    if let Some(h) = HANDLE.get() {
+        return Some(h.clone());
+    }
+    let builder = PrometheusBuilder::new().set_buckets(&BUCKETS).ok()?;
+    let handle = builder.install_recorder().ok()?;
+    describe();
+    Some(HANDLE.get_or_init(|| handle).clone())
+}
+
+fn describe() {
+    describe_counter!(CACHE_HITS, "Requests answered from the read cache");
+    describe_counter!(CACHE_MISSES, "Cacheable requests that went upstream");
+    describe_counter!(
+        CACHE_EVICTIONS,
+        "Cache entries evicted for space or expired"
+    );
+    describe_gauge!(CACHE_BYTES, Unit::Bytes, "Bytes held by cached results");
+    describe_gauge!(CACHE_ENTRIES, "Cached results");
+    describe_histogram!(
+        QUERY_DURATION,
+        Unit::Seconds,
+        "Time from a request to its answer, by path (hit, miss, passthrough, deferred)"
+    );
+    describe_counter!(
+        CLIENT_WRITES,
+        "Client writes to tables, by table and how they were applied (policy)"
+    );
+    describe_counter!(
+        FALLBACKS,
+        "Statements on deferred tables that ran write-through, by table and reason"
+    );
+    describe_counter!(
+        UPSTREAM_STATEMENTS,
+        "Statements spillway sent to PostgreSQL (relayed and flushed)"
+    );
+    describe_gauge!(
+        PENDING_WRITES,
+        "Acknowledged deferred records not yet applied, by table"
+    );
+    describe_gauge!(
+        PENDING_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest pending deferred record, by table"
+    );
+    describe_counter!(FLUSH_BATCHES, "Batches applied upstream");
+    describe_counter!(FLUSH_ROWS, "Rows written upstream by flushed batches");
+    describe_counter!(
+        FLUSH_RETRIES,
+        "Batch attempts that failed transiently and were retried"
+    );
+    describe_histogram!(
+        FLUSH_DURATION,
+        Unit::Seconds,
+        "Time to apply one batch upstream"
+    );
+    describe_counter!(DEAD_LETTERS, "Deferred writes refused upstream, by table");
+    describe_gauge!(JOURNAL_BYTES, Unit::Bytes, "Bytes of the journal on disk");
+    describe_counter!(JOURNAL_FSYNCS, "Journal fsync calls");
+    describe_counter!(
+        JOURNAL_FSYNC_MICROS,
+        Unit::Microseconds,
+        "Time spent in journal fsyncs"
+    );
+    describe_gauge!(CLIENT_CONNECTIONS, "Client sessions open");
+    describe_gauge!(
+        UPSTREAM_CONNECTIONS,
+        "Upstream connections open for client sessions"
+    );
+}
+
+/// Binds `metrics.listen` and serves the endpoint until the returned token is
+/// cancelled; `None` when `metrics.listen` is unset.
+pub async fn start(
+    config: &crate::config::Config,
+    cache: Option<std::sync::Arc<crate::cache::ReadCache>>,
+    writes: Option<std::sync::Arc<crate::writes::service::WriteService>>,
+    connector: crate::upstream::Connector,
+) -> Result<Option<tokio_util::sync::CancellationToken>, std::io::Error> {
+    use std::sync::Arc;
+
+    let Some(addr) = config.metrics.listen else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let Some(handle) = install() else {
+        tracing::warn!("another metrics recorder is installed; /metrics serves only its own");
+        return Ok(None);
+    };
+    tracing::info!(addr = %local, "metrics endpoint on {local}");
+    let (refresh_cache, refresh_writes) = (cache.clone(), writes.clone());
+    let refresh = Box::new(move || {
+        if let Some(c) = &refresh_cache {
+            c.results.sync();
+            let s = c.results.stats();
+            let load =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!(CACHE_HITS).absolute(load(&s.hits));
+            metrics::counter!(CACHE_MISSES).absolute(load(&s.misses));
+            metrics::counter!(CACHE_EVICTIONS).absolute(load(&s.evicted) + load(&s.expired));
+            #[allow(clippy::cast_precision_loss)]
+            {
+                metrics::gauge!(CACHE_BYTES).set(c.results.weighted_bytes() as f64);
+                metrics::gauge!(CACHE_ENTRIES).set(c.results.entry_count() as f64);
+            }
+        }
+        if let Some(w) = &refresh_writes {
+            w.export_gauges();
+        }
+    });
+    let ready_writes = writes;
+    let ready: http::ReadyCheck = Box::new(move || {
+        let writes = ready_writes.clone();
+        let connector = connector.clone();
+        Box::pin(async move {
+            if let Some(w) = &writes {
+                w.health()?;
+            }
+            // Upstream reachable: a TCP connect (no session) within a second.
+            let target = (connector.target.host.clone(), connector.target.port);
+            match tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                tokio::net::TcpStream::connect(target),
+            )
+            .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("PostgreSQL unreachable: {e}")),
+                Err(_) => Err("PostgreSQL unreachable: connect timed out".to_owned()),
+            }
+        })
+    });
+    let endpoint = Arc::new(http::Endpoint {
+        handle,
+        refresh,
+        ready,
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(http::serve(listener, endpoint, stop.clone()));
+    Ok(Some(stop))
+}
+
+/// Handles a session records into, created once per session (a registry lookup per
+/// metric then, none per message).
+pub struct SessionMetrics {
+    pub upstream_statements: metrics::Counter,
+    pub hit: metrics::Histogram,
+    pub miss: metrics::Histogram,
+    pub passthrough: metrics::Histogram,
+    pub deferred: metrics::Histogram,
+}
+
+impl SessionMetrics {
+    pub fn new() -> Self {
+        Self {
+            upstream_statements: metrics::counter!(UPSTREAM_STATEMENTS),
+            hit: metrics::histogram!(QUERY_DURATION, "path" => "hit"),
+            miss: metrics::histogram!(QUERY_DURATION, "path" => "miss"),
+            passthrough: metrics::histogram!(QUERY_DURATION, "path" => "passthrough"),
+            deferred: metrics::histogram!(QUERY_DURATION, "path" => "deferred"),
+        }
+    }
+}
+
+impl Default for SessionMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
