@@ -88,6 +88,18 @@ pub fn convert(
                 text
             }
         };
+        // Values PostgreSQL would refuse run write-through, so the client gets
+        // PostgreSQL's own error instead of an acknowledgement and a dead letter.
+        if let (Some(t), None) = (&text, &cast) {
+            let oid = table.type_oids.get(column).copied().unwrap_or(0);
+            let typmod = table.typmods.get(column).copied().unwrap_or(-1);
+            if !params::accepts(t, oid, typmod) {
+                return Err("invalid_value");
+            }
+        }
+        if text.is_none() && table.not_null.iter().any(|c| c == column) {
+            return Err("null_in_not_null_column");
+        }
         Ok(Val { text, cast })
     };
     let key_of = |pairs: &[(String, Value)]| -> Result<(Vec<Val>, Vec<String>), &'static str> {
@@ -120,6 +132,9 @@ pub fn convert(
                 if !table.meta.types.contains_key(c) {
                     return Err("unknown_column");
                 }
+            }
+            if table.required.iter().any(|r| !columns.contains(r)) {
+                return Err("required_column_missing");
             }
             let mut ops = Vec::with_capacity(rows.len());
             let mut keys = Vec::with_capacity(rows.len());

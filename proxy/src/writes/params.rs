@@ -161,6 +161,64 @@ pub fn canonical_key(text: &str, type_oid: u32) -> Result<String, &'static str> 
     }
 }
 
+/// Whether PostgreSQL's input function for `type_oid` (with `typmod`) accepts `text`,
+/// for the types where spillway can tell without asking: integers (with their range),
+/// floats, numeric, bool, uuid, and the length of varchar/bpchar. Other types: true
+/// (a value PostgreSQL refuses later becomes a dead letter).
+pub fn accepts(text: &str, type_oid: u32, typmod: i32) -> bool {
+    let t = text.trim();
+    match type_oid {
+        INT2 => t.parse::<i16>().is_ok(),
+        INT4 => t.parse::<i32>().is_ok(),
+        INT8 => t.parse::<i64>().is_ok(),
+        FLOAT4 | FLOAT8 => {
+            let l = t.to_ascii_lowercase();
+            t.parse::<f64>().is_ok_and(f64::is_finite)
+                || matches!(
+                    l.as_str(),
+                    "nan" | "infinity" | "+infinity" | "-infinity" | "inf" | "+inf" | "-inf"
+                )
+        }
+        NUMERIC => {
+            let l = t.to_ascii_lowercase();
+            matches!(l.as_str(), "nan" | "infinity" | "+infinity" | "-infinity") || is_decimal(t)
+        }
+        BOOL => matches!(
+            t.to_ascii_lowercase().as_str(),
+            "t" | "true" | "y" | "yes" | "on" | "1" | "f" | "false" | "n" | "no" | "off" | "0"
+        ),
+        UUID => canonical_key(t, UUID).is_ok(),
+        // typmod = max characters + 4 (VARHDRSZ); -1 when unlimited. bpchar pads.
+        VARCHAR | BPCHAR if typmod > 4 => {
+            let max = usize::try_from(typmod - 4).unwrap_or(usize::MAX);
+            let s = if type_oid == BPCHAR {
+                text.trim_end_matches(' ')
+            } else {
+                text
+            };
+            s.chars().count() <= max
+        }
+        _ => true,
+    }
+}
+
+/// `[+-]digits[.digits][e[+-]digits]` (also `.5`, `5.`).
+fn is_decimal(t: &str) -> bool {
+    let t = t.strip_prefix(['+', '-']).unwrap_or(t);
+    let (mantissa, exp) = match t.split_once(['e', 'E']) {
+        Some((m, e)) => (m, Some(e)),
+        None => (t, None),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+    let mantissa_ok = digits(int) && digits(frac) && !(int.is_empty() && frac.is_empty());
+    let exp_ok = exp.is_none_or(|e| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && digits(e)
+    });
+    mantissa_ok && exp_ok
+}
+
 /// date, time, timestamp, timestamptz, timetz: types whose input reads the clock for
 /// special words.
 pub fn is_clock_type(type_oid: u32) -> bool {
@@ -224,5 +282,28 @@ mod tests {
         assert!(is_numeric(NUMERIC) && !is_numeric(TEXT));
         assert!(is_clock_word(" NOW ") && is_clock_word("today") && !is_clock_word("2024-01-01"));
         assert!(is_clock_type(1184) && !is_clock_type(TEXT));
+    }
+
+    #[test]
+    fn values_postgres_would_refuse_are_caught_for_simple_types() {
+        assert!(accepts(" 42 ", INT4, -1) && !accepts("4.2", INT4, -1));
+        assert!(!accepts("40000", INT2, -1) && accepts("-32768", INT2, -1));
+        assert!(!accepts("9223372036854775808", INT8, -1));
+        assert!(accepts("1e3", NUMERIC, -1) && accepts("-.5", NUMERIC, -1));
+        assert!(
+            !accepts("1,5", NUMERIC, -1)
+                && !accepts(".", NUMERIC, -1)
+                && !accepts("1e", NUMERIC, -1)
+        );
+        assert!(
+            accepts("NaN", FLOAT8, -1)
+                && accepts("-Infinity", FLOAT4, -1)
+                && !accepts("x", FLOAT8, -1)
+        );
+        assert!(accepts("Yes", BOOL, -1) && !accepts("maybe", BOOL, -1));
+        assert!(!accepts("not-a-uuid", UUID, -1));
+        // varchar(3): typmod 7.
+        assert!(accepts("héé", VARCHAR, 7) && !accepts("abcd", VARCHAR, 7));
+        assert!(accepts("ab   ", BPCHAR, 7) && accepts("anything", TEXT, -1));
     }
 }

@@ -19,6 +19,11 @@ pub struct DeferredTable {
     pub meta: TableMeta,
     /// Column → type OID, for decoding binary parameters.
     pub type_oids: HashMap<String, u32>,
+    /// Column → `atttypmod` (length limits of varchar/bpchar).
+    pub typmods: HashMap<String, i32>,
+    /// NOT NULL columns, and those of them an INSERT must give (no default).
+    pub not_null: Vec<String>,
+    pub required: Vec<String>,
     /// The primary-key constraint's name, for 23505 errors spillway reports itself.
     pub pkey_name: String,
     /// `SELECT EXISTS (… WHERE key = $1 …)` with text parameters: the point read of
@@ -93,7 +98,8 @@ pub async fn load(
         }
         let columns = sqlx::query(
             "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
-                    a.atttypid::int8 \
+                    a.atttypid::int8, a.atttypmod, a.attnotnull, \
+                    (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') \
              FROM pg_catalog.pg_attribute a \
              WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped \
              ORDER BY a.attnum",
@@ -117,10 +123,23 @@ pub async fn load(
         }
         let mut types = HashMap::new();
         let mut type_oids = HashMap::new();
+        let mut typmods = HashMap::new();
+        let mut required = Vec::new();
+        let mut not_null = Vec::new();
         for c in &columns {
             let column: String = c.try_get(0)?;
             let ty: String = c.try_get(1)?;
             let ty_oid: i64 = c.try_get(2)?;
+            let typmod: i32 = c.try_get(3)?;
+            let notnull: bool = c.try_get(4)?;
+            let has_default: bool = c.try_get(5)?;
+            if notnull {
+                not_null.push(column.clone());
+                if !has_default {
+                    required.push(column.clone());
+                }
+            }
+            typmods.insert(column.clone(), typmod);
             type_oids.insert(column.clone(), u32::try_from(ty_oid).unwrap_or(0));
             types.insert(column, ty);
         }
@@ -160,6 +179,9 @@ pub async fn load(
                     types,
                 },
                 type_oids,
+                typmods,
+                not_null,
+                required,
                 pkey_name,
                 exists_sql,
             },

@@ -211,3 +211,60 @@ async fn sigterm_drains_pending_writes_before_exit() {
     assert!(status.success(), "{status:?}");
     assert_eq!(direct(&ctx, "SELECT count(*) FROM wb"), "20");
 }
+
+#[tokio::test]
+async fn values_postgresql_would_refuse_get_postgresqls_error_not_an_ack() {
+    let ctx = Context::builder()
+        .before_proxy(
+            "CREATE TABLE public.typed (id int PRIMARY KEY, small int2, code varchar(3), \
+                                        flag bool, must text NOT NULL, n numeric)",
+        )
+        .section(
+            "[flush]\ninterval = \"1h\"\n[tables.\"public.typed\"]\npolicy = \"write-behind\"\n",
+        )
+        .start()
+        .await;
+    let proxy = ctx.proxy_client().await;
+    for (sql, code) in [
+        (
+            "INSERT INTO typed (id, must, small) VALUES (1, 'm', 70000)",
+            "22003",
+        ),
+        (
+            "INSERT INTO typed (id, must, code) VALUES (1, 'm', 'abcd')",
+            "22001",
+        ),
+        (
+            "INSERT INTO typed (id, must, flag) VALUES (1, 'm', 'maybe')",
+            "22P02",
+        ),
+        (
+            "INSERT INTO typed (id, must, n) VALUES (1, 'm', '1,5')",
+            "22P02",
+        ),
+        ("INSERT INTO typed (id) VALUES (1)", "23502"),
+        ("INSERT INTO typed (id, must) VALUES (1, NULL)", "23502"),
+    ] {
+        let err = proxy.simple_query(sql).await.expect_err(sql);
+        assert_eq!(err.code().map(|c| c.code()), Some(code), "{sql}: {err:?}");
+    }
+    // Valid ones are deferred as usual.
+    rows_of(
+        &proxy,
+        "INSERT INTO typed (id, must, small, code, flag, n) VALUES (1, 'm', 7, 'abc', 'yes', '1e3')",
+    )
+    .await;
+    assert_eq!(direct(&ctx, "SELECT count(*) FROM typed"), "0");
+    rows_of(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct(
+            &ctx,
+            "SELECT small || ' ' || code || ' ' || flag || ' ' || n FROM typed"
+        ),
+        "7 abc true 1000"
+    );
+    assert_eq!(
+        direct(&ctx, "SELECT count(*) FROM spillway.dead_letters"),
+        "0"
+    );
+}
