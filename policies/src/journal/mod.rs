@@ -193,7 +193,7 @@ impl Journal {
             .sync_all()
             .map_err(|e| JournalError::io("fsync", &active_segment.path, e))?;
         let next_seq = active_segment.end_seq;
-        let bytes = segments.iter().map(|s| s.len).sum::<u64>() + active_segment.len;
+        let bytes = segments.iter().map(|s| s.file_len).sum::<u64>() + active_segment.file_len;
 
         let shared = Arc::new(Shared {
             bytes: AtomicU64::new(bytes),
@@ -208,7 +208,7 @@ impl Journal {
             .build()
             .map_err(|e| JournalError::io("start runtime for", &dir, e))?;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let writer = Writer {
+        let mut writer = Writer {
             dir: dir.clone(),
             mode: config.fsync,
             fsync_interval: config.fsync_interval,
@@ -222,6 +222,7 @@ impl Journal {
             _lock: lock,
             buf: Vec::new(),
         };
+        writer.prepare_segment()?;
         std::thread::Builder::new()
             .name("spillway-journal".into())
             .spawn(move || writer.run(rt, rx))

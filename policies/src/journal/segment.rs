@@ -9,6 +9,9 @@
 //!   record of the one before. A gap or overlap is `Corrupt`.
 //! - Only the last segment can have a torn tail: the writer fsyncs a segment before it
 //!   creates the next one. Damage in any earlier segment is `Corrupt`.
+//! - Zeros after the last frame are preallocated space (the writer extends a segment
+//!   with written zeros so that an fdatasync flushes data only, not the file size
+//!   and block map: ADR 0010), not damage, in any segment.
 //! - In the last segment, a damaged or incomplete frame is a torn tail, cut off, if no
 //!   intact frame follows it. If one follows, the frame was synced before the later one
 //!   was written (true with `fsync = "always"`), so it is damage: `Corrupt`. With
@@ -16,7 +19,7 @@
 //!   frame and everything after it are cut off and reported in [`TornTail`].
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -34,8 +37,11 @@ pub struct Segment {
     /// Sequence number after its last record (the first one, from its name, when it
     /// holds none).
     pub end_seq: u64,
-    /// Bytes on disk, header included.
-    pub len: u64,
+    /// End of the last frame (the header's end when there is none): where the next
+    /// frame goes.
+    pub data_len: u64,
+    /// Size of the file, preallocated zeros included; what `Journal::bytes` counts.
+    pub file_len: u64,
 }
 
 pub fn path(dir: &Path, first_seq: u64) -> PathBuf {
@@ -69,7 +75,7 @@ pub fn create(dir: &Path, first_seq: u64) -> Result<(File, Segment), JournalErro
     let path = path(dir, first_seq);
     let mut file = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .write(true)
         .open(&path)
         .map_err(|e| JournalError::io("create", &path, e))?;
     file.write_all(&format::encode_segment_header(first_seq))
@@ -79,17 +85,21 @@ pub fn create(dir: &Path, first_seq: u64) -> Result<(File, Segment), JournalErro
     let segment = Segment {
         path,
         end_seq: first_seq,
-        len: format::SEGMENT_HEADER_LEN as u64,
+        data_len: format::SEGMENT_HEADER_LEN as u64,
+        file_len: format::SEGMENT_HEADER_LEN as u64,
     };
     Ok((file, segment))
 }
 
-/// Opens the last segment for appending after recovery.
+/// Opens the last segment after recovery, positioned where the next frame goes.
 pub fn open_for_append(segment: &Segment) -> Result<File, JournalError> {
-    OpenOptions::new()
-        .append(true)
+    let mut file = OpenOptions::new()
+        .write(true)
         .open(&segment.path)
-        .map_err(|e| JournalError::io("open", &segment.path, e))
+        .map_err(|e| JournalError::io("open", &segment.path, e))?;
+    file.seek(SeekFrom::Start(segment.data_len))
+        .map_err(|e| JournalError::io("seek", &segment.path, e))?;
+    Ok(file)
 }
 
 /// What recovery found.
@@ -152,6 +162,7 @@ pub fn recover(dir: &Path, strict: bool) -> Result<Scan, JournalError> {
         }
 
         let mut at = format::SEGMENT_HEADER_LEN;
+        let mut file_len = data.len();
         while at < data.len() {
             let problem = match format::decode_frame(&data[at..]) {
                 Decoded::Frame(frame) if frame.first_seq == expected => {
@@ -174,6 +185,8 @@ pub fn recover(dir: &Path, strict: bool) -> Result<Scan, JournalError> {
                         ),
                     ));
                 }
+                // Preallocated space: the clean end of the data.
+                _ if data[at..].iter().all(|&b| b == 0) => break,
                 Decoded::Incomplete => "incomplete frame",
                 Decoded::Invalid(problem) => problem,
             };
@@ -186,16 +199,20 @@ pub fn recover(dir: &Path, strict: bool) -> Result<Scan, JournalError> {
                     format!("{problem}, but an intact frame follows at byte {later}"),
                 ));
             }
+            // Cutting the preallocated zeros too is harmless: the writer extends again.
             truncate(&path, at as u64)?;
+            let damaged_end = data.iter().rposition(|&b| b != 0).map_or(at, |i| i + 1);
             scan.torn = Some(TornTail {
                 segment: path.clone(),
                 offset: at as u64,
-                bytes: (data.len() - at) as u64,
+                bytes: (damaged_end - at) as u64,
             });
+            file_len = at;
             break;
         }
         scan.segments.push(Segment {
-            len: at.min(data.len()) as u64,
+            data_len: at.min(data.len()) as u64,
+            file_len: file_len as u64,
             path,
             end_seq: expected,
         });

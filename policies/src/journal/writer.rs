@@ -17,6 +17,12 @@
 //!   every later command fail with `Poisoned`. Nothing is retried (see `JournalError`).
 //! - A segment is synced before the next one is created, and the new one (header,
 //!   directory entry) is durable before any frame goes into it.
+//! - Frames are written into space preallocated with written zeros
+//!   ([`PREALLOCATE_BYTES`] at a time), so a group's fdatasync flushes data blocks
+//!   only; an fdatasync that must also persist a new file size or newly allocated
+//!   blocks waits for a file-system journal commit (ADR 0010). A segment's first
+//!   extension happens at open or rotation; each later one inside the group that
+//!   needs it, whose fsync then pays for it (once per 4 MiB).
 //! - A segment is removed only when all its records are confirmed and it is not the
 //!   one being appended to.
 //!
@@ -26,7 +32,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -42,6 +48,8 @@ use super::{FsyncMode, JournalError, Shared};
 /// single record larger than the byte bound forms a group of its own.
 pub const GROUP_MAX_RECORDS: usize = 4096;
 pub const GROUP_MAX_BYTES: usize = 4 * 1024 * 1024;
+/// How much the active segment grows at a time (at most `segment_bytes`).
+pub const PREALLOCATE_BYTES: u64 = 4 * 1024 * 1024;
 
 pub enum Command {
     Append {
@@ -169,16 +177,22 @@ impl Writer {
             first_seq,
             group.iter().map(|(p, _)| p.as_ref()),
         );
+        let written = self.buf.len() as u64;
+        let needed = self.active_segment.data_len + written;
+        if needed > self.active_segment.file_len
+            && let Err(e) = self.preallocate(needed)
+        {
+            let err = self.poison("preallocating", &e);
+            return fail_all(group, &err);
+        }
         if let Err(e) = self.write_frame() {
             let err = self.poison("write to", &e);
             return fail_all(group, &err);
         }
         let count = group.len() as u64;
-        let written = self.buf.len() as u64;
         self.next_seq += count;
         self.active_segment.end_seq = self.next_seq;
-        self.active_segment.len += written;
-        self.shared.bytes.fetch_add(written, Ordering::Relaxed);
+        self.active_segment.data_len += written;
         self.shared.stats.groups.fetch_add(1, Ordering::Relaxed);
         self.shared
             .stats
@@ -203,7 +217,7 @@ impl Writer {
         if let Err(err) = synced {
             return fail_all(group, &err);
         }
-        if self.active_segment.len >= self.segment_bytes {
+        if self.active_segment.data_len >= self.segment_bytes {
             // Before the replies, so that a caller sees the rotation done. A failure
             // poisons later appends; these records are durable, so they still succeed.
             let _ = self.rotate();
@@ -215,6 +229,44 @@ impl Writer {
         for (n, (_, reply)) in group.into_iter().enumerate() {
             let _ = reply.send(Ok(first_seq + n as u64));
         }
+    }
+
+    /// Preallocates the active segment's next [`PREALLOCATE_BYTES`] and syncs them, so
+    /// that the appends after it pay only data fsyncs. Called at open and at rotation,
+    /// not by the first append of a segment.
+    pub fn prepare_segment(&mut self) -> Result<(), JournalError> {
+        let step = PREALLOCATE_BYTES.min(self.segment_bytes);
+        let path = self.active_segment.path.clone();
+        if self.active_segment.file_len < self.active_segment.data_len + step {
+            let sync = self.mode != FsyncMode::Never;
+            self.preallocate(self.active_segment.data_len + step)
+                .and_then(|()| if sync { self.active.sync_all() } else { Ok(()) })
+                .map_err(|e| JournalError::io("preallocate", &path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Grows the active segment with written zeros to at least `needed` bytes, leaving
+    /// the file position at the end of the data.
+    fn preallocate(&mut self, needed: u64) -> io::Result<()> {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let step = PREALLOCATE_BYTES.min(self.segment_bytes);
+        let target = needed.max(self.active_segment.file_len + step);
+        self.active
+            .seek(SeekFrom::Start(self.active_segment.file_len))?;
+        let mut at = self.active_segment.file_len;
+        while at < target {
+            let n = (target - at).min(ZEROS.len() as u64) as usize;
+            self.active.write_all(&ZEROS[..n])?;
+            at += n as u64;
+        }
+        self.active
+            .seek(SeekFrom::Start(self.active_segment.data_len))?;
+        self.shared
+            .bytes
+            .fetch_add(target - self.active_segment.file_len, Ordering::Relaxed);
+        self.active_segment.file_len = target;
+        Ok(())
     }
 
     fn write_frame(&mut self) -> io::Result<()> {
@@ -282,10 +334,25 @@ impl Writer {
                 return Err(err);
             }
         };
-        self.shared.bytes.fetch_add(segment.len, Ordering::Relaxed);
-        let sealed = std::mem::replace(&mut self.active_segment, segment);
-        self.active = file;
+        self.shared
+            .bytes
+            .fetch_add(segment.file_len, Ordering::Relaxed);
+        let mut sealed = std::mem::replace(&mut self.active_segment, segment);
+        let sealed_file = std::mem::replace(&mut self.active, file);
+        // Give back the unused preallocation. Not synced, and a failure is ignored:
+        // zeros after the last frame are harmless either way.
+        if sealed_file.set_len(sealed.data_len).is_ok() {
+            self.shared
+                .bytes
+                .fetch_sub(sealed.file_len - sealed.data_len, Ordering::Relaxed);
+            sealed.file_len = sealed.data_len;
+        }
         self.sealed.push_back(sealed);
+        if let Err(err) = self.prepare_segment() {
+            let cause: Arc<str> = format!("preparing a new segment: {err}").into();
+            let _ = self.shared.poisoned.set(cause);
+            return Err(err);
+        }
         Ok(())
     }
 
@@ -305,7 +372,9 @@ impl Writer {
             // just stays (and counts toward max_bytes) until a later confirm.
             std::fs::remove_file(&oldest.path)
                 .map_err(|e| JournalError::io("remove", &oldest.path, e))?;
-            self.shared.bytes.fetch_sub(oldest.len, Ordering::Relaxed);
+            self.shared
+                .bytes
+                .fetch_sub(oldest.file_len, Ordering::Relaxed);
             self.shared
                 .stats
                 .segments_removed
