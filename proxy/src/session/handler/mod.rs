@@ -514,7 +514,15 @@ impl Caching {
 
     /// Reads may be served from or stored into the cache in the current state.
     fn reads_allowed(&self, state: &ProtocolState) -> bool {
+        // A session whose own deferred writes are not applied yet must read them
+        // (read-your-writes, also under `consistency = "session"`, where other
+        // sessions may fill entries without them): no hits, no fills, until they are.
+        let own_pending = self
+            .writes
+            .as_ref()
+            .is_some_and(|w| self.own_seq > w.applied());
         self.key.usable()
+            && !own_pending
             && match state.tx_status {
                 b'I' => true,
                 b'T' => !self.tx_wrote && !self.tx_snapshot,
