@@ -12,6 +12,7 @@ mod demo;
 mod differential;
 mod flush_apply;
 mod lifecycle;
+mod model;
 mod protocol;
 mod triggers;
 mod write_behind;
