@@ -218,3 +218,23 @@ async fn journaled_writes_survive_sigkill_and_are_replayed_once() {
     tag(&proxy, "SPILLWAY FLUSH").await;
     assert_eq!(direct_rows(&ctx, "SELECT sum(n) FROM wb"), "2");
 }
+
+#[tokio::test]
+async fn spillway_flush_is_answered_after_earlier_requests() {
+    let ctx = builder("1h").start().await;
+    let proxy = ctx.proxy_client().await;
+    tag(&proxy, "INSERT INTO wb (id, v) VALUES (1, 'a')").await;
+    for _ in 0..20 {
+        // The statement tokio-postgres prepared for this call is closed when it is
+        // dropped: Close and Sync go upstream right before the FLUSH, and their answers
+        // must reach the client before FLUSH's own.
+        proxy
+            .query("SELECT id FROM wb WHERE id = $1", &[&1i32])
+            .await
+            .expect("read");
+        tag(&proxy, "SPILLWAY FLUSH").await;
+        tag(&proxy, "UPDATE wb SET n = n + 1 WHERE id = 1").await;
+    }
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(direct_rows(&ctx, "SELECT n FROM wb WHERE id = 1"), "20");
+}

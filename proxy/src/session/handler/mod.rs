@@ -131,6 +131,9 @@ struct Caching {
     own_seq: u64,
     /// The session's role, for privilege checks of deferred writes.
     user: String,
+    /// Signalled when a ReadyForQuery leaves nothing outstanding upstream: a local
+    /// answer held back until then (`SPILLWAY FLUSH`) is offered again.
+    quiet: Arc<tokio::sync::Notify>,
 }
 
 impl Handler {
@@ -175,6 +178,7 @@ impl Handler {
                 no_defer: false,
                 own_seq: 0,
                 user: user.to_owned(),
+                quiet: Arc::new(tokio::sync::Notify::new()),
             })),
         }
     }
@@ -410,6 +414,9 @@ impl Caching {
                         .lose_track("a setting changed in what became a transaction");
                 }
             }
+            if self.tracker.is_quiet() {
+                self.quiet.notify_one();
+            }
             let idle = self.tracker.is_quiet() && self.held.is_empty() && !self.cycle_upstream;
             if idle {
                 self.settings_in_flight = false;
@@ -575,6 +582,13 @@ impl Caching {
     /// `SPILLWAY FLUSH [table]`: returns once every write acknowledged before it (to
     /// `table`, or to any table) is applied upstream.
     fn flush_command(&mut self, table: Option<&str>, out: &mut Out<'_>) -> Disposition {
+        // Answered here: only once the answers to earlier requests (a pipelined Close
+        // and Sync, say) went out, or the client would read them in the wrong order.
+        if !self.tracker.is_quiet() {
+            let quiet = self.quiet.clone();
+            self.wait = Some(Box::pin(async move { quiet.notified().await }));
+            return Disposition::Blocked;
+        }
         if !std::mem::take(&mut self.barrier_passed)
             && let Some(w) = self.writes.clone()
         {
