@@ -131,8 +131,8 @@ struct Caching {
     own_seq: u64,
     /// The session's role, for privilege checks of deferred writes.
     user: String,
-    /// Signalled when a ReadyForQuery leaves nothing outstanding upstream: a local
-    /// answer held back until then (`SPILLWAY FLUSH`) is offered again.
+    /// Signalled when the last answer outstanding upstream arrived: a message held
+    /// back until then (`SPILLWAY FLUSH`, a deferrable write) is offered again.
     quiet: Arc<tokio::sync::Notify>,
 }
 
@@ -372,10 +372,14 @@ impl Caching {
     }
 
     fn on_backend(&mut self, tag: u8, msg: Option<&[u8]>) -> bool {
+        let was_waiting = self.tracker.awaits_answers();
         let step = match msg {
             Some(m) => self.tracker.on_message(tag, m),
             None => self.tracker.on_streamed(tag),
         };
+        if was_waiting && !self.tracker.awaits_answers() {
+            self.quiet.notify_one();
+        }
         for prepared in self.tracker.confirmed.drain(..) {
             match prepared {
                 tracker::Prepared::Named(name, stmt) => {
@@ -413,9 +417,6 @@ impl Caching {
                     self.key
                         .lose_track("a setting changed in what became a transaction");
                 }
-            }
-            if self.tracker.is_quiet() {
-                self.quiet.notify_one();
             }
             let idle = self.tracker.is_quiet() && self.held.is_empty() && !self.cycle_upstream;
             if idle {
@@ -584,7 +585,7 @@ impl Caching {
     fn flush_command(&mut self, table: Option<&str>, out: &mut Out<'_>) -> Disposition {
         // Answered here: only once the answers to earlier requests (a pipelined Close
         // and Sync, say) went out, or the client would read them in the wrong order.
-        if !self.tracker.is_quiet() {
+        if self.tracker.awaits_answers() {
             let quiet = self.quiet.clone();
             self.wait = Some(Box::pin(async move { quiet.notified().await }));
             return Disposition::Blocked;
