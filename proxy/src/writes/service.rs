@@ -23,6 +23,7 @@ use bytes::Bytes;
 use spillway_policies::journal::{Journal, JournalError};
 use spillway_policies::writes::{Record, TableMeta};
 use spillway_policies::{FlushConfig, WhenFull};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,17 @@ use super::tables::DeferredTable;
 
 /// Longest pause between retries of a batch that failed transiently.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// `application_name` of the flush worker's and the check connection's backends, so
+/// that an operator (or a test) can tell them apart in `pg_stat_activity`.
+pub const FLUSH_APP: &str = "spillway flush";
+pub const CHECKS_APP: &str = "spillway checks";
+
+/// Connects to `url` with `application_name` set to `name`.
+async fn connect_as(url: &str, name: &str) -> Result<PgConnection, sqlx::Error> {
+    let options: PgConnectOptions = url.parse()?;
+    PgConnection::connect_with(&options.application_name(name)).await
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeferError {
@@ -413,7 +425,7 @@ impl WriteService {
         for attempt in 0..2 {
             if guard.is_none() {
                 *guard = Some(
-                    self.connect("spillway-checks")
+                    connect_as(&self.url, CHECKS_APP)
                         .await
                         .map_err(|e| DeferError::Upstream(e.to_string()))?,
                 );
@@ -576,7 +588,7 @@ impl WriteService {
             }
             let c = match conn.as_mut() {
                 Some(c) => c,
-                None => match self.connect("spillway-flush").await {
+                None => match connect_as(&self.url, FLUSH_APP).await {
                     Ok(c) => conn.insert(c),
                     Err(err) => {
                         tracing::warn!(%err, retry_in = ?backoff, "flush worker cannot connect upstream");
@@ -631,7 +643,7 @@ impl WriteService {
                     if self.pause(&mut backoff, &shutdown).await {
                         return;
                     }
-                    if let Ok(mut c) = self.connect("spillway-flush").await {
+                    if let Ok(mut c) = connect_as(&self.url, FLUSH_APP).await {
                         if let Ok(at) = apply::claim_ledger(&mut c, &key).await
                             && at > applied_through
                         {
@@ -662,13 +674,6 @@ impl WriteService {
             .map(|t| t.config.max_staleness / 2)
             .fold(self.flush.interval, Duration::min)
             .max(Duration::from_millis(1))
-    }
-
-    /// A connection to `backend.url` named `application_name` (so operators can tell
-    /// spillway's own connections apart in `pg_stat_activity`).
-    async fn connect(&self, application_name: &str) -> Result<PgConnection, sqlx::Error> {
-        let options: sqlx::postgres::PgConnectOptions = self.url.parse()?;
-        PgConnection::connect_with(&options.application_name(application_name)).await
     }
 
     /// Sleeps `backoff` (doubling it up to [`MAX_BACKOFF`]); true when shutting down.

@@ -13,6 +13,7 @@ mod differential;
 mod flush_apply;
 mod lifecycle;
 mod metrics;
+mod model;
 mod protocol;
 mod triggers;
 mod write_behind;

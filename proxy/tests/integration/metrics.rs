@@ -106,7 +106,7 @@ async fn metrics_count_what_the_workload_did() {
     // once.
     ctx.psql_direct(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = 'spillway-flush'",
+         WHERE application_name = 'spillway flush'",
     );
     for i in 6..=10 {
         insert(i).await;

@@ -218,3 +218,47 @@ async fn journaled_writes_survive_sigkill_and_are_replayed_once() {
     tag(&proxy, "SPILLWAY FLUSH").await;
     assert_eq!(direct_rows(&ctx, "SELECT sum(n) FROM wb"), "2");
 }
+
+#[tokio::test]
+async fn spillway_flush_is_answered_after_earlier_requests() {
+    let ctx = builder("1h").start().await;
+    let proxy = ctx.proxy_client().await;
+    tag(&proxy, "INSERT INTO wb (id, v) VALUES (1, 'a')").await;
+    for _ in 0..20 {
+        // The statement tokio-postgres prepared for this call is closed when it is
+        // dropped: Close and Sync go upstream right before the FLUSH, and their answers
+        // must reach the client before FLUSH's own.
+        proxy
+            .query("SELECT id FROM wb WHERE id = $1", &[&1i32])
+            .await
+            .expect("read");
+        tag(&proxy, "SPILLWAY FLUSH").await;
+        tag(&proxy, "UPDATE wb SET n = n + 1 WHERE id = 1").await;
+    }
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(direct_rows(&ctx, "SELECT n FROM wb WHERE id = 1"), "20");
+}
+
+#[tokio::test]
+async fn a_write_pipelined_behind_a_close_is_still_deferred() {
+    let ctx = builder("1h").start().await;
+    let proxy = ctx.proxy_client().await;
+    tag(&proxy, "INSERT INTO wb (id, v) VALUES (1, 'a')").await;
+    for i in 0..20 {
+        // The read is a barrier: PostgreSQL has every earlier write (n = i). Its
+        // statement's Close + Sync are still unanswered when the UPDATE arrives; the
+        // UPDATE must wait for them and be deferred, not run write-through.
+        proxy
+            .query("SELECT id FROM wb WHERE id = $1", &[&1i32])
+            .await
+            .expect("read");
+        assert_eq!(tag(&proxy, "UPDATE wb SET n = n + 1 WHERE id = 1").await, 1);
+        assert_eq!(
+            direct_rows(&ctx, "SELECT n FROM wb WHERE id = 1"),
+            i.to_string(),
+            "iteration {i}: the UPDATE was applied at once (write-through)"
+        );
+    }
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(direct_rows(&ctx, "SELECT n FROM wb WHERE id = 1"), "20");
+}

@@ -9,9 +9,10 @@
 //!
 //! Invariants:
 //! - A statement is deferred only alone in its request, in autocommit, with nothing
-//!   outstanding upstream, when spillway can resolve its table to exactly one deferred
-//!   table and its values to text; everything else is a fallback (write-through after
-//!   a barrier).
+//!   outstanding upstream (a deferrable statement behind unanswered requests waits
+//!   for their answers, then is decided), when spillway can resolve its table to
+//!   exactly one deferred table and its values to text; everything else is a fallback
+//!   (write-through after a barrier).
 //! - A barrier is waited for once per message: the re-offered message goes on even if
 //!   newer writes arrived meanwhile (they are concurrent with it), so a busy table
 //!   cannot starve a reader.
@@ -285,6 +286,16 @@ impl Caching {
         if let (Some(single), [analysis]) = (single, analyses)
             && !self.no_defer
         {
+            // Pipelined behind requests still unanswered (a client's Close + Sync, say),
+            // whether it runs in autocommit is not known yet: wait for their answers
+            // rather than run write-through.
+            if self.tracker.awaits_answers()
+                && matches!(analysis.statements.as_slice(), [s] if matches!(s.shape, Some(Ok(_))))
+            {
+                let quiet = self.quiet.clone();
+                self.wait = Some(Box::pin(async move { quiet.notified().await }));
+                return Some(Disposition::Blocked);
+            }
             match self.deferrable(analysis, single.bound, out) {
                 Ok((table, converted)) => {
                     let slot: Slot<Outcome> = Arc::new(Mutex::new(None));

@@ -137,6 +137,9 @@ struct Caching {
     metrics: SessionMetrics,
     /// Requests sent upstream whose answer is being timed: (ready id, sent, path).
     timings: VecDeque<(u64, Instant, Path)>,
+    /// Signalled when the last answer outstanding upstream arrived: a message held
+    /// back until then (`SPILLWAY FLUSH`, a deferrable write) is offered again.
+    quiet: Arc<tokio::sync::Notify>,
 }
 
 /// How a request sent upstream is counted in the latency histogram.
@@ -194,6 +197,7 @@ impl Handler {
                 user: user.to_owned(),
                 metrics: SessionMetrics::new(),
                 timings: VecDeque::new(),
+                quiet: Arc::new(tokio::sync::Notify::new()),
             })),
         }
     }
@@ -421,10 +425,14 @@ impl Caching {
     }
 
     fn on_backend(&mut self, tag: u8, msg: Option<&[u8]>) -> bool {
+        let was_waiting = self.tracker.awaits_answers();
         let step = match msg {
             Some(m) => self.tracker.on_message(tag, m),
             None => self.tracker.on_streamed(tag),
         };
+        if was_waiting && !self.tracker.awaits_answers() {
+            self.quiet.notify_one();
+        }
         for prepared in self.tracker.confirmed.drain(..) {
             match prepared {
                 tracker::Prepared::Named(name, stmt) => {
@@ -649,6 +657,13 @@ impl Caching {
     /// `SPILLWAY FLUSH [table]`: returns once every write acknowledged before it (to
     /// `table`, or to any table) is applied upstream.
     fn flush_command(&mut self, table: Option<&str>, out: &mut Out<'_>) -> Disposition {
+        // Answered here: only once the answers to earlier requests (a pipelined Close
+        // and Sync, say) went out, or the client would read them in the wrong order.
+        if self.tracker.awaits_answers() {
+            let quiet = self.quiet.clone();
+            self.wait = Some(Box::pin(async move { quiet.notified().await }));
+            return Disposition::Blocked;
+        }
         if !std::mem::take(&mut self.barrier_passed)
             && let Some(w) = self.writes.clone()
         {

@@ -165,6 +165,12 @@ impl Tracker {
         self.queue.is_empty() && !self.skipping
     }
 
+    /// Answers are still to come from upstream (unlike [`Tracker::is_quiet`], false
+    /// while PostgreSQL discards messages until a Sync: no answer will come then).
+    pub fn awaits_answers(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
     /// A Query, FunctionCall, Execute or Sync is still outstanding: something sent
     /// before may still change the transaction state.
     pub fn has_outstanding_statements(&self) -> bool {
