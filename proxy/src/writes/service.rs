@@ -628,8 +628,10 @@ impl WriteService {
                         records = batch.len(), statements = done.statements, rows = done.rows,
                         through = last, elapsed = ?started.elapsed(), "flush batch applied"
                     );
-                    self.applied.send_replace(last);
+                    // Cached reads are invalidated before the barrier opens: a reader
+                    // released by `applied` must not find an entry from before it.
                     on_applied(&tables);
+                    self.applied.send_replace(last);
                     if let Err(err) = self.journal.confirm(last).await {
                         tracing::warn!(%err, "journal truncation after a flush failed");
                     }
@@ -649,8 +651,8 @@ impl WriteService {
                         {
                             let batch = self.take_through(at);
                             let tables = self.finish(&batch);
-                            self.applied.send_replace(at);
                             on_applied(&tables);
+                            self.applied.send_replace(at);
                         }
                         conn = Some(c);
                     }
