@@ -1,0 +1,267 @@
+//! The real binary against a throwaway PostgreSQL it starts itself (spillway's
+//! `ThrowawayPostgres`, ADR 0005), used as both targets: setup, a short run of a
+//! write scenario and a multi-statement transaction scenario, the files it writes, the
+//! JSON checked against `report.schema.json`; and the clear failures (a target that
+//! is down, tables not set up, bad arguments). Not a benchmark: rounds are 1 s and
+//! nothing is asserted about speed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use spillway::throwaway::ThrowawayPostgres;
+
+const BIN: &str = env!("CARGO_BIN_EXE_spillway-loadtest");
+
+fn loadtest(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("spillway-loadtest runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn reports(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("out dir") {
+        let path = entry.expect("entry").path();
+        if path.join("report.json").is_file() {
+            found.push(path);
+        }
+    }
+    found.sort();
+    found
+}
+
+fn schema_validator() -> jsonschema::Validator {
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("../report.schema.json")).expect("the schema is JSON");
+    jsonschema::validator_for(&schema).expect("the schema is a valid JSON Schema")
+}
+
+#[test]
+fn setup_run_and_reports_against_postgres() {
+    let pg = ThrowawayPostgres::builder()
+        .start()
+        .expect("throwaway PostgreSQL starts");
+    let url = pg.url("spillway", "postgres");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config_out = tmp.path().join("tables.toml");
+
+    let out = loadtest(&[
+        "setup",
+        "--target",
+        &url,
+        "-s",
+        "hot-counters",
+        "-s",
+        "orm-tx",
+        "--config-out",
+        config_out.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let config = std::fs::read_to_string(&config_out).expect("config written");
+    assert!(
+        config.contains("[tables.\"public.lt_counters\"]\npolicy = \"write-back\""),
+        "{config}"
+    );
+    assert!(
+        config.contains("[tables.\"public.lt_orm_items\"]"),
+        "{config}"
+    );
+
+    let a = format!("a={url}");
+    let b = format!("b={url}");
+    let results = tmp.path().join("results");
+    let out = loadtest(&[
+        "run",
+        "-s",
+        "hot-counters,orm-tx",
+        "-t",
+        &a,
+        "-t",
+        &b,
+        "--clients",
+        "2",
+        "--rounds",
+        "2",
+        "--duration",
+        "1s",
+        "--warmup",
+        "300ms",
+        "--mode",
+        "prepared",
+        "--seed",
+        "7",
+        "--progress",
+        "plain",
+        "--out",
+        results.to_str().expect("utf8"),
+    ]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    // Plain progress lines (not a terminal) and the Markdown report.
+    assert!(log.contains("round 1/2 a"), "{log}");
+    assert!(log.contains("| target | median tps | vs a |"), "{log}");
+    assert!(log.contains("## Summary"), "{log}");
+    assert!(
+        log.contains("- b: not available (no --metrics URL"),
+        "{log}"
+    );
+
+    let validator = schema_validator();
+    let dirs = reports(&results);
+    assert_eq!(dirs.len(), 2, "{dirs:?}");
+    for dir in &dirs {
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("report.json")).expect("report.json"),
+        )
+        .expect("report.json is JSON");
+        let errors: Vec<String> = validator
+            .iter_errors(&json)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:#?}", dir.display());
+        assert_eq!(
+            json["correctness_ok"],
+            serde_json::Value::Bool(true),
+            "{json:#}"
+        );
+        assert_eq!(json["baseline"], "a");
+        assert_eq!(json["settings"]["seed"], 7);
+        let ratios = json["ratios"].as_array().expect("ratios");
+        assert_eq!(ratios.len(), 1);
+        assert_eq!(
+            ratios[0]["per_round"].as_array().expect("per_round").len(),
+            2
+        );
+        for t in json["targets"].as_array().expect("targets") {
+            assert_eq!(t["rounds"].as_array().expect("rounds").len(), 2);
+            assert!(t["ops"].as_u64().expect("ops") > 0, "{t:#}");
+            // Both targets are the same database: each check adds up both ledgers.
+            assert_eq!(t["correctness"]["writers"], serde_json::json!(["a", "b"]));
+        }
+        for file in ["report.md", "plot.svg"] {
+            let body = std::fs::read_to_string(dir.join(file)).expect(file);
+            assert!(
+                body.contains("hot-counters") || body.contains("orm-tx"),
+                "{file}"
+            );
+        }
+        let png = std::fs::read(dir.join("plot.png")).expect("plot.png");
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    }
+    assert!(
+        std::fs::read_dir(&results).expect("results").any(|e| e
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .starts_with("summary-")),
+        "summary written"
+    );
+
+    // A database without the tables: a message that says what to run.
+    pg.psql("postgres", "CREATE DATABASE empty")
+        .expect("create database");
+    let empty = format!("direct={}", pg.url("spillway", "empty"));
+    let out = loadtest(&["run", "-s", "point-read", "-t", &empty, "--duration", "1s"]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("are not set up"), "{log}");
+    assert!(
+        log.contains("spillway-loadtest setup --target URL --scenario point-read"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn a_target_that_is_down_is_reported_not_a_panic() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    let target = format!("spillway=postgres://app@127.0.0.1:{port}/app");
+    let out = loadtest(&["run", "-s", "point-read", "-t", &target, "--duration", "1s"]);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "target spillway (postgres://app@127.0.0.1:{port}/app): cannot connect"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("Is it running"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn bad_arguments_exit_2_with_the_reason() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "-t", "d=postgres://u@h/d"], "--scenario"),
+        (
+            &["run", "-s", "nope", "-t", "d=postgres://u@h/d"],
+            "unknown scenario \"nope\"",
+        ),
+        (
+            &["run", "-s", "point-read", "-t", "postgres://u@h/d"],
+            "expected NAME=URL",
+        ),
+        (
+            &[
+                "run",
+                "-s",
+                "point-read",
+                "-t",
+                "d=postgres://u@h/d",
+                "--rounds",
+                "0",
+            ],
+            "--rounds",
+        ),
+        (
+            &[
+                "run",
+                "-s",
+                "point-read",
+                "-t",
+                "d=postgres://u@h/d",
+                "-t",
+                "d=postgres://u@h/e",
+            ],
+            "used twice",
+        ),
+        (
+            &[
+                "run",
+                "-s",
+                "point-read",
+                "-t",
+                "d=postgres://u@h/d",
+                "--metrics",
+                "http://h/m",
+            ],
+            "which target",
+        ),
+        (&["setup"], "--target"),
+    ];
+    for (args, expected) in cases {
+        let out = loadtest(args);
+        let log = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {log}");
+        assert!(log.contains(expected), "{args:?}: {log}");
+    }
+    let out = loadtest(&["scenarios"]);
+    assert!(out.status.success());
+    let listing = String::from_utf8_lossy(&out.stdout);
+    for name in ["point-read", "mixed-session", "policy = \"write-behind\""] {
+        assert!(listing.contains(name), "{listing}");
+    }
+}
