@@ -30,7 +30,10 @@ pub struct Stmt {
 /// A parameter value; what the generators produce.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Param {
+    /// `int8` (bigint).
     Int(i64),
+    /// `int4` (integer): a typed parameter must match its declared type exactly.
+    Int4(i32),
     Text(String),
 }
 
@@ -38,6 +41,7 @@ impl Param {
     fn as_sql(&self) -> &(dyn ToSql + Sync) {
         match self {
             Param::Int(v) => v,
+            Param::Int4(v) => v,
             Param::Text(v) => v,
         }
     }
@@ -45,6 +49,9 @@ impl Param {
     fn write_literal(&self, out: &mut String) {
         match self {
             Param::Int(v) => {
+                let _ = write!(out, "{v}");
+            }
+            Param::Int4(v) => {
                 let _ = write!(out, "{v}");
             }
             Param::Text(v) => {

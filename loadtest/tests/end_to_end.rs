@@ -1,9 +1,9 @@
 //! The real binary against a throwaway PostgreSQL it starts itself (spillway's
-//! `ThrowawayPostgres`, ADR 0005), used as both targets: setup, a short run of a
-//! write scenario and a multi-statement transaction scenario, the files it writes, the
-//! JSON checked against `report.schema.json`; and the clear failures (a target that
-//! is down, tables not set up, bad arguments). Not a benchmark: rounds are 1 s and
-//! nothing is asserted about speed.
+//! `ThrowawayPostgres`, ADR 0005), used as both targets: setup, every scenario in every
+//! protocol mode for two 250 ms rounds (no errors, correctness passes), the files it
+//! writes, each `report.json` checked against `report.schema.json`; and the clear
+//! failures (a target that is down, tables not set up, bad arguments). Not a
+//! benchmark: nothing is asserted about speed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -48,7 +48,7 @@ fn schema_validator() -> jsonschema::Validator {
 }
 
 #[test]
-fn setup_run_and_reports_against_postgres() {
+fn every_scenario_in_every_mode_against_postgres() {
     let pg = ThrowawayPostgres::builder()
         .start()
         .expect("throwaway PostgreSQL starts");
@@ -60,10 +60,6 @@ fn setup_run_and_reports_against_postgres() {
         "setup",
         "--target",
         &url,
-        "-s",
-        "hot-counters",
-        "-s",
-        "orm-tx",
         "--config-out",
         config_out.to_str().expect("utf8"),
     ]);
@@ -80,93 +76,99 @@ fn setup_run_and_reports_against_postgres() {
 
     let a = format!("a={url}");
     let b = format!("b={url}");
-    let results = tmp.path().join("results");
-    let out = loadtest(&[
-        "run",
-        "-s",
-        "hot-counters,orm-tx",
-        "-t",
-        &a,
-        "-t",
-        &b,
-        "--clients",
-        "2",
-        "--rounds",
-        "2",
-        "--duration",
-        "1s",
-        "--warmup",
-        "300ms",
-        "--mode",
-        "prepared",
-        "--seed",
-        "7",
-        "--progress",
-        "plain",
-        "--out",
-        results.to_str().expect("utf8"),
-    ]);
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
-    // Plain progress lines (not a terminal) and the Markdown report.
-    assert!(log.contains("round 1/2 a"), "{log}");
-    assert!(log.contains("| target | median tps | vs a |"), "{log}");
-    assert!(log.contains("## Summary"), "{log}");
-    assert!(
-        log.contains("- b: not available (no --metrics URL"),
-        "{log}"
-    );
-
     let validator = schema_validator();
-    let dirs = reports(&results);
-    assert_eq!(dirs.len(), 2, "{dirs:?}");
-    for dir in &dirs {
-        let json: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("report.json")).expect("report.json"),
-        )
-        .expect("report.json is JSON");
-        let errors: Vec<String> = validator
-            .iter_errors(&json)
-            .map(|e| e.to_string())
-            .collect();
-        assert!(errors.is_empty(), "{}: {errors:#?}", dir.display());
-        assert_eq!(
-            json["correctness_ok"],
-            serde_json::Value::Bool(true),
-            "{json:#}"
+    for mode in ["simple", "extended", "prepared"] {
+        let results = tmp.path().join(mode);
+        let out = loadtest(&[
+            "run",
+            "-s",
+            "all",
+            "-t",
+            &a,
+            "-t",
+            &b,
+            "--clients",
+            "2",
+            "--rounds",
+            "2",
+            "--duration",
+            "250ms",
+            "--warmup",
+            "100ms",
+            "--mode",
+            mode,
+            "--seed",
+            "7",
+            "--progress",
+            "plain",
+            "--out",
+            results.to_str().expect("utf8"),
+        ]);
+        let log = text(&out);
+        assert!(out.status.success(), "{mode}: {log}");
+        // Plain progress (not a terminal), the Markdown report and the summary.
+        assert!(log.contains("round 2/2 b: "), "{log}");
+        assert!(log.contains("| target | median tps | vs a |"), "{log}");
+        assert!(log.contains("## Summary"), "{log}");
+        assert!(
+            log.contains("- b: not available (no --metrics URL"),
+            "{log}"
         );
-        assert_eq!(json["baseline"], "a");
-        assert_eq!(json["settings"]["seed"], 7);
-        let ratios = json["ratios"].as_array().expect("ratios");
-        assert_eq!(ratios.len(), 1);
-        assert_eq!(
-            ratios[0]["per_round"].as_array().expect("per_round").len(),
-            2
-        );
-        for t in json["targets"].as_array().expect("targets") {
-            assert_eq!(t["rounds"].as_array().expect("rounds").len(), 2);
-            assert!(t["ops"].as_u64().expect("ops") > 0, "{t:#}");
-            // Both targets are the same database: each check adds up both ledgers.
-            assert_eq!(t["correctness"]["writers"], serde_json::json!(["a", "b"]));
-        }
-        for file in ["report.md", "plot.svg"] {
-            let body = std::fs::read_to_string(dir.join(file)).expect(file);
-            assert!(
-                body.contains("hot-counters") || body.contains("orm-tx"),
-                "{file}"
+
+        let dirs = reports(&results);
+        assert_eq!(dirs.len(), 8, "{dirs:?}");
+        for dir in &dirs {
+            let json: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("report.json")).expect("report.json"),
+            )
+            .expect("report.json is JSON");
+            let errors: Vec<String> = validator
+                .iter_errors(&json)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(errors.is_empty(), "{}: {errors:#?}", dir.display());
+            let writes = json["scenario"]["writes"].as_bool().expect("writes");
+            let expected_ok = if writes {
+                serde_json::Value::Bool(true)
+            } else {
+                serde_json::Value::Null
+            };
+            assert_eq!(json["correctness_ok"], expected_ok, "{json:#}");
+            assert_eq!(json["baseline"], "a");
+            assert_eq!(json["settings"]["seed"], 7);
+            assert_eq!(json["settings"]["mode"], mode);
+            let ratios = json["ratios"].as_array().expect("ratios");
+            assert_eq!(ratios.len(), 1);
+            assert_eq!(
+                ratios[0]["per_round"].as_array().expect("per_round").len(),
+                2
             );
+            for t in json["targets"].as_array().expect("targets") {
+                assert_eq!(t["rounds"].as_array().expect("rounds").len(), 2);
+                assert!(t["ops"].as_u64().expect("ops") > 0, "{t:#}");
+                assert_eq!(t["error_total"], 0, "{t:#}");
+                if writes {
+                    // Both targets are one database: each check adds up both ledgers.
+                    assert_eq!(t["correctness"]["writers"], serde_json::json!(["a", "b"]));
+                }
+            }
+            let name = json["scenario"]["name"].as_str().expect("name");
+            for file in ["report.md", "plot.svg"] {
+                let body = std::fs::read_to_string(dir.join(file)).expect(file);
+                assert!(body.contains(name), "{file}");
+            }
+            let png = std::fs::read(dir.join("plot.png")).expect("plot.png");
+            assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
         }
-        let png = std::fs::read(dir.join("plot.png")).expect("plot.png");
-        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+        assert!(
+            std::fs::read_dir(&results).expect("results").any(|e| e
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .starts_with("summary-")),
+            "summary written"
+        );
     }
-    assert!(
-        std::fs::read_dir(&results).expect("results").any(|e| e
-            .expect("entry")
-            .file_name()
-            .to_string_lossy()
-            .starts_with("summary-")),
-        "summary written"
-    );
 
     // A database without the tables: a message that says what to run.
     pg.psql("postgres", "CREATE DATABASE empty")

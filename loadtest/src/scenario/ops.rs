@@ -277,9 +277,9 @@ async fn orm_tx(w: &Workload, g: &mut ClientGen, s: &mut Session) -> Step {
             &ITEM_INSERT,
             &[
                 Param::Int(key),
-                Param::Int(1),
+                Param::Int4(1),
                 Param::Text(format!("sku-{}", key % 1000)),
-                Param::Int(qty),
+                Param::Int4(qty),
             ],
             1,
         )
