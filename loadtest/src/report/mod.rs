@@ -231,7 +231,208 @@ pub fn run_dir(out: &Path, scenario: &str, mode: Mode, at: SystemTime) -> PathBu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::str::FromStr;
     use std::time::Duration;
+
+    use crate::cli::TargetArg;
+    use crate::metrics::Accumulator;
+    use crate::runner::{RunSpec, TargetOutcome};
+    use crate::scenario::Scenario;
+    use crate::scenario::verify::{CheckItem, Ledger};
+    use crate::target::{Dataset, Target};
+
+    const SCHEMA: &str = include_str!("../../report.schema.json");
+    const README: &str = include_str!("../../README.md");
+
+    fn target(name: &str, metrics: Option<&str>) -> Target {
+        let url = format!("postgres://app:secret@127.0.0.1:5432/{name}");
+        Target::new(
+            &TargetArg {
+                name: name.to_owned(),
+                url: url.clone(),
+                config: tokio_postgres::Config::from_str(&url).expect("url"),
+            },
+            metrics.map(str::to_owned),
+        )
+    }
+
+    fn outcome(rounds: usize) -> Outcome {
+        let spec = RunSpec {
+            scenario: Scenario::HotCounters,
+            targets: vec![
+                target("direct", None),
+                target("spillway", Some("http://127.0.0.1:1/metrics")),
+            ],
+            clients: 4,
+            duration: Duration::from_secs(5),
+            warmup: Duration::from_secs(2),
+            rounds: u32::try_from(rounds).expect("small"),
+            mode: Mode::Prepared,
+            seed: 42,
+            verify_timeout: Duration::from_secs(10),
+        };
+        let one = |scale: f64, metrics: Figures| {
+            let mut h = plan::new_histogram();
+            for i in 1..=1000u64 {
+                h.record((i as f64 * scale) as u64 + 50).expect("in range");
+            }
+            let mut ledger = Ledger::default();
+            ledger.acked = 10;
+            ledger.acked_delta = 10;
+            let mut errors = BTreeMap::new();
+            errors.insert(
+                "40001".to_owned(),
+                ErrorCount {
+                    count: 2,
+                    example: "could not serialize | access".to_owned(),
+                },
+            );
+            TargetOutcome {
+                rounds: (1..=rounds)
+                    .map(|r| RoundResult {
+                        round: r,
+                        ops: 5000 + 100 * r as u64,
+                        errors: 1,
+                        seconds: 5.0,
+                        tps: (1000 + 20 * r) as f64 / scale,
+                        latency_ms: Latency::from_micros(&h),
+                    })
+                    .collect(),
+                histogram: h,
+                errors,
+                warmup_errors: 0,
+                ledger,
+                metrics,
+                correctness: Some(Correctness {
+                    ok: true,
+                    checks: vec![CheckItem {
+                        name: "sum".to_owned(),
+                        expected: "20".to_owned(),
+                        found: "20".to_owned(),
+                        ok: true,
+                    }],
+                    error: None,
+                    writers: vec!["direct".to_owned(), "spillway".to_owned()],
+                }),
+                dataset: Dataset {
+                    group: Scenario::HotCounters.group(),
+                    id: "abc".to_owned(),
+                    scale: 1,
+                },
+            }
+        };
+        let mut acc = Accumulator::new("http://127.0.0.1:1/metrics");
+        acc.fail("cannot connect: refused".to_owned());
+        Outcome {
+            spec,
+            started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000),
+            finished_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_040),
+            targets: vec![one(1.0, Figures::not_configured()), one(0.5, acc.figures())],
+        }
+    }
+
+    fn validate(value: &serde_json::Value) -> Vec<String> {
+        let schema: serde_json::Value = serde_json::from_str(SCHEMA).expect("schema is JSON");
+        let validator = jsonschema::validator_for(&schema).expect("valid JSON Schema");
+        validator
+            .iter_errors(value)
+            .map(|e| format!("{e} at {}", e.instance_path))
+            .collect()
+    }
+
+    #[test]
+    fn report_matches_the_schema_and_carries_the_ratios() {
+        let report = Report::new(&outcome(3), 2);
+        let value = serde_json::to_value(&report).expect("serialises");
+        assert_eq!(validate(&value), Vec::<String>::new());
+        assert_eq!(value["baseline"], "direct");
+        assert_eq!(
+            value["targets"][1]["url"],
+            "postgres://app:****@127.0.0.1:5432/spillway"
+        );
+        let r = &value["ratios"][0];
+        assert_eq!(r["target"], "spillway");
+        assert_eq!(r["per_round"], serde_json::json!([2.0, 2.0, 2.0]));
+        assert_eq!(r["median_of_rounds"], 2.0);
+        assert_eq!(value["correctness_ok"], true);
+        assert_eq!(value["targets"][1]["metrics"]["available"], false);
+        assert_eq!(value["started_at"], "2026-09-21T14:13:20Z");
+        // The schema is strict: an unknown field or a wrong type is caught.
+        let mut bad = value.clone();
+        bad["targets"][0]["surprise"] = serde_json::json!(1);
+        bad["settings"]["clients"] = serde_json::json!("four");
+        assert_eq!(validate(&bad).len(), 2, "{:?}", validate(&bad));
+    }
+
+    #[test]
+    fn markdown_and_plot_render() {
+        let report = Report::new(&outcome(3), 2);
+        let md = markdown::render(&report);
+        assert!(md.contains("| spillway | 2080 | 2.00× |"), "{md}");
+        assert!(md.contains("| 2 | 1040 | 2080 | 2.00× |"), "{md}");
+        assert!(md.contains("could not serialize \\| access"), "{md}");
+        assert!(
+            md.contains("- spillway: not available (not available: cannot connect"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- direct: passed (writes of direct + spillway)"),
+            "{md}"
+        );
+        let summary = markdown::summary(&[report.clone(), report.clone()]);
+        assert_eq!(summary.lines().count(), 4, "{summary}");
+        assert!(
+            summary.contains("| hot-counters | prepared | 2.00× |"),
+            "{summary}"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = report.write(dir.path()).expect("written");
+        assert_eq!(files.len(), 4);
+        let svg = std::fs::read_to_string(dir.path().join("plot.svg")).expect("svg");
+        assert!(
+            svg.contains("Throughput per round") && svg.contains("p99.9"),
+            "svg text"
+        );
+        let png = std::fs::read(dir.path().join("plot.png")).expect("png");
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+        // One round and too few samples for percentiles still plot.
+        let mut small = outcome(1);
+        for t in &mut small.targets {
+            t.histogram = plan::new_histogram();
+        }
+        Report::new(&small, 1).write(dir.path()).expect("written");
+    }
+
+    #[test]
+    fn the_readme_documents_every_schema_field() {
+        fn fields(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    if let Some(serde_json::Value::Object(props)) = map.get("properties") {
+                        out.extend(props.keys().cloned());
+                    }
+                    map.values().for_each(|v| fields(v, out));
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| fields(v, out)),
+                _ => {}
+            }
+        }
+        let schema: serde_json::Value = serde_json::from_str(SCHEMA).expect("schema is JSON");
+        let mut names = Vec::new();
+        fields(&schema, &mut names);
+        assert!(names.len() > 50, "{names:?}");
+        let missing: Vec<&String> = names
+            .iter()
+            .filter(|n| {
+                !README.contains(&format!("`{n}`")) && !README.contains(&format!("`{n}[]`"))
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "loadtest/README.md does not document {missing:?}"
+        );
+    }
 
     #[test]
     fn run_dirs_are_sortable_names() {

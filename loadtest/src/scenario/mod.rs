@@ -240,6 +240,31 @@ mod tests {
     }
 
     #[test]
+    fn pgbench_scripts_and_lib_sh_follow_the_scenarios() {
+        let lib = include_str!("../../pgbench/lib.sh");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pgbench/scenarios");
+        for s in Scenario::ALL {
+            let line = format!("    {}) echo {} ;;", s.name(), s.group().name());
+            assert!(lib.contains(&line), "lib.sh lacks `{line}`");
+            assert!(
+                lib.contains(&format!(" {}", s.name())),
+                "SCENARIOS_ALL lacks {}",
+                s.name()
+            );
+            let script = std::fs::read_to_string(dir.join(format!("{}.sql", s.name())))
+                .unwrap_or_else(|e| panic!("pgbench script of {}: {e}", s.name()));
+            for t in s.group().tables() {
+                let bare = t.trim_start_matches("public.");
+                assert!(
+                    script.contains(bare) || s == Scenario::JoinRead,
+                    "{} does not use {bare}",
+                    s.name()
+                );
+            }
+        }
+    }
+
+    #[test]
     fn combined_config_lists_each_table_once() {
         let c = combined_config(&Scenario::ALL);
         assert_eq!(c.matches("[tables.\"public.lt_accounts\"]").count(), 1);
