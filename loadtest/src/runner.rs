@@ -502,13 +502,14 @@ async fn check_target(
 ) -> Correctness {
     let until = Instant::now() + timeout;
     loop {
-        let attempt = async {
+        let attempt = tokio::time::timeout(timeout + GRACE, async {
             let s = t.connect(Mode::Simple).await.map_err(|e| e.to_string())?;
             verify::check(scenario, &s, base, ledger)
                 .await
                 .map_err(|e| format!("{} ({})", e.message, e.code))
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err("the check's queries did not answer".to_owned()));
         let done = Instant::now() >= until;
         match attempt {
             Ok(checks) if checks.iter().all(|c| c.ok) || done => {

@@ -13,6 +13,10 @@ use crate::db::Session;
 use crate::scenario::{Group, Scenario};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The whole connect, startup and authentication included (tokio-postgres' own
+/// timeout covers only the TCP connect), so a target that accepts and then says
+/// nothing cannot hang the run.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -39,9 +43,17 @@ impl Target {
 
     /// Connects, or says which target failed, where it points and what to check.
     pub async fn connect(&self, mode: Mode) -> anyhow::Result<Session> {
-        Session::connect(&self.config, mode)
-            .await
-            .map_err(|e| anyhow!(self.connect_error(&e)))
+        match tokio::time::timeout(LOGIN_TIMEOUT, Session::connect(&self.config, mode)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(anyhow!(self.connect_error(&e))),
+            Err(_) => Err(anyhow!(
+                "target {} ({}): cannot connect: no answer to the login within {}s. \
+                 Is it a PostgreSQL server, and is it responsive?",
+                self.name,
+                self.url,
+                LOGIN_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     fn connect_error(&self, e: &tokio_postgres::Error) -> String {
@@ -150,6 +162,37 @@ mod tests {
         assert_eq!(
             redact("postgres://app@127.0.0.1:5432/app"),
             "postgres://app@127.0.0.1:5432/app"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_target_that_never_answers_the_login_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            // Accepts and then says nothing.
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let url = format!("postgres://app@127.0.0.1:{port}/app");
+        let arg = TargetArg {
+            name: "silent".to_owned(),
+            url: url.clone(),
+            config: Config::from_str(&url).expect("url"),
+        };
+        let err = Target::new(&arg, None)
+            .connect(Mode::Simple)
+            .await
+            .err()
+            .expect("times out");
+        assert!(
+            err.to_string()
+                .contains("no answer to the login within 10s"),
+            "{err}"
         );
     }
 

@@ -41,6 +41,45 @@ fn reports(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// A stand-in for spillway's `/metrics` (which it does not serve yet): every answer
+/// advances the counters, so each measured round sees 9 hits, 1 miss, 1 fallback, 10
+/// client writes and 1 upstream statement per read, and a flush lag of 0.25 s.
+fn fake_metrics() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for (n, stream) in (1u64..).zip(listener.incoming()) {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => request.extend_from_slice(&buf[..k]),
+                }
+            }
+            let body = format!(
+                "# TYPE spillway_cache_hits_total counter\n\
+                 spillway_cache_hits_total {}\n\
+                 spillway_cache_misses_total {n}\n\
+                 spillway_fallbacks_total{{reason=\"on_conflict\",table=\"public.lt_counters\"}} {n}\n\
+                 spillway_client_writes_total{{table=\"public.lt_counters\",policy=\"write-back\"}} {}\n\
+                 spillway_upstream_statements_total {n}\n\
+                 spillway_pending_oldest_age_seconds{{table=\"public.lt_counters\"}} 0.25\n",
+                9 * n,
+                10 * n
+            );
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("b=http://127.0.0.1:{port}/metrics")
+}
+
 fn schema_validator() -> jsonschema::Validator {
     let schema: serde_json::Value =
         serde_json::from_str(include_str!("../report.schema.json")).expect("the schema is JSON");
@@ -77,6 +116,7 @@ fn every_scenario_in_every_mode_against_postgres() {
     let a = format!("a={url}");
     let b = format!("b={url}");
     let validator = schema_validator();
+    let metrics = fake_metrics();
     for mode in ["simple", "extended", "prepared"] {
         let results = tmp.path().join(mode);
         let out = loadtest(&[
@@ -103,6 +143,8 @@ fn every_scenario_in_every_mode_against_postgres() {
             "plain",
             "--out",
             results.to_str().expect("utf8"),
+            "--metrics",
+            &metrics,
         ]);
         let log = text(&out);
         assert!(out.status.success(), "{mode}: {log}");
@@ -111,7 +153,10 @@ fn every_scenario_in_every_mode_against_postgres() {
         assert!(log.contains("| target | median tps | vs a |"), "{log}");
         assert!(log.contains("## Summary"), "{log}");
         assert!(
-            log.contains("- b: not available (no --metrics URL"),
+            log.contains(
+                "- b: hit ratio 0.900, fallbacks 2 (on_conflict: 2), \
+                 upstream statements per client write 0.10, flush lag max 0.250 s"
+            ),
             "{log}"
         );
 
@@ -143,6 +188,11 @@ fn every_scenario_in_every_mode_against_postgres() {
                 ratios[0]["per_round"].as_array().expect("per_round").len(),
                 2
             );
+            let m = &json["targets"][1]["metrics"];
+            assert_eq!(m["available"], true, "{m:#}");
+            assert_eq!(m["hit_ratio"], 0.9, "{m:#}");
+            assert_eq!(m["flush_lag_max_seconds"], 0.25, "{m:#}");
+            assert_eq!(json["targets"][0]["metrics"]["available"], false);
             for t in json["targets"].as_array().expect("targets") {
                 assert_eq!(t["rounds"].as_array().expect("rounds").len(), 2);
                 assert!(t["ops"].as_u64().expect("ops") > 0, "{t:#}");

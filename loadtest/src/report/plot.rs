@@ -85,7 +85,8 @@ fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, r: &Report) -> 
         .iter()
         .flat_map(|t| t.rounds.iter().map(|x| x.tps))
         .fold(0.0f64, f64::max);
-    let top = if top > 0.0 { top * 1.15 } else { 1.0 };
+    // Headroom above the highest point for the legend, so it never hides a line.
+    let top = if top > 0.0 { top * 1.4 } else { 1.0 };
     let mut chart = ChartBuilder::on(area)
         .caption("Throughput per round", (FONT, 18))
         .margin(12)
@@ -125,7 +126,7 @@ fn throughput<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, r: &Report) -> 
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font((FONT, 14))
