@@ -70,13 +70,15 @@ scenario_group() {
 setup_scenarios() { # scale scenario... : creates each table group once, through psql
   local scale=$1 done_groups=" " g
   shift
-  psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U bench -d postgres \
+  # Quiet: DROP TABLE IF EXISTS on a fresh server prints a NOTICE per table. Only for
+  # psql here: PgBouncer refuses the startup option.
+  PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U bench -d postgres \
     -f "$ROOT/loadtest/sql/meta.sql" >/dev/null
   for s in "$@"; do
     g=$(scenario_group "$s")
     case $done_groups in *" $g "*) continue ;; esac
     echo "setting up $g (scale $scale)..." >&2
-    psql -X -q -v ON_ERROR_STOP=1 -v scale="$scale" -h 127.0.0.1 -p "$PG_PORT" -U bench \
+    PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -v scale="$scale" -h 127.0.0.1 -p "$PG_PORT" -U bench \
       -d postgres -f "$ROOT/loadtest/sql/$g.sql" >/dev/null
     done_groups="$done_groups$g "
   done
