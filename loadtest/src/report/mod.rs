@@ -276,9 +276,11 @@ mod tests {
             for i in 1..=1000u64 {
                 h.record((i as f64 * scale) as u64 + 50).expect("in range");
             }
-            let mut ledger = Ledger::default();
-            ledger.acked = 10;
-            ledger.acked_delta = 10;
+            let ledger = Ledger {
+                acked: 10,
+                acked_delta: 10,
+                ..Ledger::default()
+            };
             let mut errors = BTreeMap::new();
             errors.insert(
                 "40001".to_owned(),
