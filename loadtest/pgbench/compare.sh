@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# Pass-through benchmark (read cache off): pgbench -S against direct PostgreSQL, spillway and (if
-# installed) PgBouncer in session mode, in one run, alternating targets round by round
-# so machine drift hits all of them alike. Prints tps per round, the median per target
-# and the ratios. Starts a throwaway PostgreSQL and stops everything it started.
+# pgbench against direct PostgreSQL, spillway and (if installed) PgBouncer in session
+# mode, in one run, alternating targets round by round so machine drift hits all of
+# them alike. Prints tps per round, the median per target and the ratios. Starts a
+# throwaway PostgreSQL and stops everything it started.
+#
+# Without -S: pgbench -S (select-only) with spillway's read cache off (pass-through).
+# With -S: the spillway-loadtest scenarios as pgbench scripts (pgbench/scenarios/),
+# spillway with its default config (cache on) plus the table config the scenarios
+# expect (loadtest/config/), or without it if this spillway build refuses it.
 #
 # Usage: loadtest/pgbench/compare.sh [-T seconds] [-c clients] [-r rounds] [-s scale]
-#                                    [-M "simple prepared"]
+#                                    [-M "simple prepared"] [-S "scenario ..." | -S all]
 # Env:   SPILLWAY_BIN (default: target/release/spillway, rebuilt first when not set)
 #        SPILLWAY_PG_BIN (directory with initdb/pg_ctl; default: newest /usr/lib/postgresql/*/bin)
 set -euo pipefail
 
-DURATION=10 CLIENTS=8 ROUNDS=3 SCALE=10 MODES="simple prepared"
-while getopts "T:c:r:s:M:h" opt; do
+DURATION=10 CLIENTS=8 ROUNDS=3 SCALE=10 MODES="simple prepared" SCENARIOS=""
+while getopts "T:c:r:s:M:S:h" opt; do
   case $opt in
     T) DURATION=$OPTARG ;; c) CLIENTS=$OPTARG ;; r) ROUNDS=$OPTARG ;;
-    s) SCALE=$OPTARG ;; M) MODES=$OPTARG ;;
-    *) sed -n '2,11p' "$0"; exit 2 ;;
+    s) SCALE=$OPTARG ;; M) MODES=$OPTARG ;; S) SCENARIOS=$OPTARG ;;
+    *) sed -n '2,16p' "$0"; exit 2 ;;
   esac
 done
 JOBS=$(( CLIENTS < 2 ? CLIENTS : 2 ))
@@ -24,11 +29,33 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=loadtest/pgbench/lib.sh
 . "$ROOT/loadtest/pgbench/lib.sh"
 
+[ "$SCENARIOS" = all ] && SCENARIOS=$SCENARIOS_ALL
+for s in $SCENARIOS; do
+  scenario_group "$s" >/dev/null || { echo "unknown scenario $s; known: $SCENARIOS_ALL" >&2; exit 2; }
+done
+
 bench_init
-start_postgres "$SCALE"
-# Pass-through is what this script measures: the read cache stays off.
-start_spillway spillway "[cache]
+if [ -z "$SCENARIOS" ]; then
+  start_postgres "$SCALE"
+  # Pass-through is what pgbench -S measures here: the read cache stays off.
+  start_spillway spillway "[cache]
 enabled = false"
+  WORKLOADS="select-only"
+else
+  start_postgres "$SCALE" noinit
+  # shellcheck disable=SC2086 # a list of names
+  setup_scenarios "$SCALE" $SCENARIOS
+  # shellcheck disable=SC2086
+  TABLES=$(scenario_tables_toml $SCENARIOS)
+  printf '[backend]\nurl = "postgres://bench@127.0.0.1:%s/postgres"\n%s\n' "$PG_PORT" "$TABLES" > "$WORK/check.toml"
+  if ! "$SPILLWAY_BIN" check-config --config "$WORK/check.toml" >"$WORK/check.log" 2>&1; then
+    echo "this spillway refuses the scenarios' table config ($(tail -1 "$WORK/check.log"));" \
+      "running every table write-through with the cache on" >&2
+    TABLES=""
+  fi
+  start_spillway spillway "$TABLES"
+  WORKLOADS=$SCENARIOS
+fi
 TARGETS="direct:$PG_PORT spillway:$SW_PORT"
 if start_pgbouncer; then
   TARGETS="$TARGETS pgbouncer:$PB_PORT"
@@ -37,38 +64,50 @@ else
 fi
 wait_ready $(for t in $TARGETS; do echo "${t#*:}"; done)
 
-run_pgbench() { # port mode [seconds] -> tps
-  pgbench -h 127.0.0.1 -p "$1" -U bench -n -S -M "$2" -c "$CLIENTS" -j "$JOBS" -T "${3:-$DURATION}" postgres 2>/dev/null |
+run_pgbench() { # port mode seconds workload -> tps
+  local script=(-S)
+  [ "$4" != select-only ] && script=(-f "$ROOT/loadtest/pgbench/scenarios/$4.sql" -D scale="$SCALE" -D clients="$CLIENTS")
+  pgbench -h 127.0.0.1 -p "$1" -U bench -n "${script[@]}" -M "$2" -c "$CLIENTS" -j "$JOBS" -T "$3" postgres 2>/dev/null |
     awk '/^tps = / {print $3; exit}'
 }
 
-echo "pgbench -S, $CLIENTS clients, ${DURATION}s per run, $ROUNDS rounds, scale $SCALE, $(nproc) cores"
+echo "pgbench, $CLIENTS clients, ${DURATION}s per run, $ROUNDS rounds, scale $SCALE, $(nproc) cores"
 declare -A RESULTS
-for mode in $MODES; do
-  for t in $TARGETS; do run_pgbench "${t#*:}" "$mode" 2 >/dev/null; done # warm-up
-  for r in $(seq "$ROUNDS"); do
-    line="  $mode round $r:"
-    for t in $TARGETS; do
-      tps=$(run_pgbench "${t#*:}" "$mode")
-      RESULTS[$mode/${t%%:*}]+="$tps "
-      line="$line ${t%%:*}=$tps"
+for w in $WORKLOADS; do
+  for mode in $MODES; do
+    for t in $TARGETS; do run_pgbench "${t#*:}" "$mode" 2 "$w" >/dev/null; done # warm-up
+    for r in $(seq "$ROUNDS"); do
+      line="  $w $mode round $r:"
+      for t in $TARGETS; do
+        tps=$(run_pgbench "${t#*:}" "$mode" "$DURATION" "$w")
+        RESULTS[$w/$mode/${t%%:*}]+="${tps:-0} "
+        line="$line ${t%%:*}=${tps:-failed}"
+      done
+      echo "$line"
     done
-    echo "$line"
   done
 done
 
 echo
-printf "%-10s %-10s %12s\n" mode target "median tps"
-for mode in $MODES; do
-  for t in $TARGETS; do
-    name=${t%%:*}
-    m=$(echo "${RESULTS[$mode/$name]}" | tr ' ' '\n' | grep . | median)
-    RESULTS[$mode/$name/median]=$m
-    printf "%-10s %-10s %12s\n" "$mode" "$name" "$m"
+printf "%-14s %-10s %-10s %12s\n" workload mode target "median tps"
+for w in $WORKLOADS; do
+  for mode in $MODES; do
+    for t in $TARGETS; do
+      name=${t%%:*}
+      m=$(echo "${RESULTS[$w/$mode/$name]}" | tr ' ' '\n' | grep . | median)
+      RESULTS[$w/$mode/$name/median]=$m
+      printf "%-14s %-10s %-10s %12s\n" "$w" "$mode" "$name" "$m"
+    done
   done
-  sw=${RESULTS[$mode/spillway/median]}
-  printf "%-10s spillway/direct    = %.2fx\n" "$mode" "$(echo "$sw / ${RESULTS[$mode/direct/median]}" | bc -l)"
-  if [ -n "${RESULTS[$mode/pgbouncer/median]:-}" ]; then
-    printf "%-10s spillway/pgbouncer = %.2fx\n" "$mode" "$(echo "$sw / ${RESULTS[$mode/pgbouncer/median]}" | bc -l)"
-  fi
+done
+echo
+for w in $WORKLOADS; do
+  for mode in $MODES; do
+    sw=${RESULTS[$w/$mode/spillway/median]} d=${RESULTS[$w/$mode/direct/median]}
+    line=$(printf "%-14s %-10s spillway/direct = %sx" "$w" "$mode" "$(ratio "$sw" "$d")")
+    if [ -n "${RESULTS[$w/$mode/pgbouncer/median]:-}" ]; then
+      line="$line, spillway/pgbouncer = $(ratio "$sw" "${RESULTS[$w/$mode/pgbouncer/median]}")x"
+    fi
+    echo "$line"
+  done
 done

@@ -34,7 +34,7 @@ bench_cleanup() {
   rm -rf "$WORK"
 }
 
-start_postgres() { # scale
+start_postgres() { # scale [noinit]
   PG_PORT=$(free_port)
   as_pg "$PG_BIN/initdb" -D "$WORK/data" -U bench --auth=trust -N -E UTF8 --locale=C >/dev/null
   cat >> "$WORK/data/postgresql.conf" <<CONF
@@ -44,8 +44,54 @@ synchronous_commit = off
 CONF
   as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w \
     -o "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1" start >/dev/null
+  [ "${2:-}" = noinit ] && return 0
   echo "PostgreSQL on 127.0.0.1:$PG_PORT; pgbench -i -s $1..." >&2
   pgbench -h 127.0.0.1 -p "$PG_PORT" -U bench -i -q -s "$1" postgres >/dev/null 2>&1
+}
+
+# The spillway-loadtest scenarios (loadtest/src/scenario/mod.rs is the reference; a
+# unit test there checks this table against it): scenario -> table group, whose setup
+# SQL is loadtest/sql/GROUP.sql and spillway table config loadtest/config/GROUP.toml.
+SCENARIOS_ALL="point-read read-mostly join-read write-update write-insert hot-counters orm-tx mixed-session"
+scenario_group() {
+  case $1 in
+    point-read) echo accounts ;;
+    read-mostly) echo accounts ;;
+    join-read) echo shop ;;
+    write-update) echo balances ;;
+    write-insert) echo events ;;
+    hot-counters) echo counters ;;
+    orm-tx) echo orm ;;
+    mixed-session) echo sessions ;;
+    *) return 1 ;;
+  esac
+}
+
+setup_scenarios() { # scale scenario... : creates each table group once, through psql
+  local scale=$1 done_groups=" " g
+  shift
+  # Quiet: DROP TABLE IF EXISTS on a fresh server prints a NOTICE per table. Only for
+  # psql here: PgBouncer refuses the startup option.
+  PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U bench -d postgres \
+    -f "$ROOT/loadtest/sql/meta.sql" >/dev/null
+  for s in "$@"; do
+    g=$(scenario_group "$s")
+    case $done_groups in *" $g "*) continue ;; esac
+    echo "setting up $g (scale $scale)..." >&2
+    PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -v scale="$scale" -h 127.0.0.1 -p "$PG_PORT" -U bench \
+      -d postgres -f "$ROOT/loadtest/sql/$g.sql" >/dev/null
+    done_groups="$done_groups$g "
+  done
+}
+
+scenario_tables_toml() { # scenario... : the table config they expect, each group once
+  local done_groups=" " g
+  for s in "$@"; do
+    g=$(scenario_group "$s")
+    case $done_groups in *" $g "*) continue ;; esac
+    cat "$ROOT/loadtest/config/$g.toml"
+    done_groups="$done_groups$g "
+  done
 }
 
 start_spillway() { # name [extra TOML] -> sets SW_PORT
