@@ -13,6 +13,7 @@ mod demo;
 mod differential;
 mod flush_apply;
 mod lifecycle;
+mod outage;
 mod protocol;
 mod triggers;
 mod write_behind;
