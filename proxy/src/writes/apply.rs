@@ -8,6 +8,8 @@
 //! - A batch commits whole (ledger advance, applied records, dead letters) or not at
 //!   all; the caller may retry a batch whose outcome it does not know, because the
 //!   ledger says whether it committed.
+//! - A batch's COMMIT is durable when it returns, even on a server whose default is
+//!   `synchronous_commit = off`.
 //! - A record (one statement or one client transaction) is never split: bisection
 //!   stops at a record, and a failing record is dead-lettered whole.
 //! - An UPDATE or DELETE whose key is not there at apply time is a dead letter
@@ -135,6 +137,7 @@ pub async fn apply_batch(
         reason: e.to_string(),
     })?;
     let mut tx = conn.begin().await.map_err(ApplyError::Transient)?;
+    durable_commit(&mut tx).await?;
     advance_ledger(&mut tx, key, applied_through, last).await?;
     let mut applied = Applied::default();
     let mut failed = None;
@@ -152,6 +155,7 @@ pub async fn apply_batch(
         // Start over with bisection: savepoints isolate the records PostgreSQL refuses.
         tx.rollback().await.map_err(ApplyError::Transient)?;
         let mut tx = conn.begin().await.map_err(ApplyError::Transient)?;
+        durable_commit(&mut tx).await?;
         advance_ledger(&mut tx, key, applied_through, last).await?;
         applied = Applied::default();
         bisect(&mut tx, batch, tables, &mut applied).await?;
@@ -162,6 +166,19 @@ pub async fn apply_batch(
     record_dead_letters(&mut tx, key, &applied.dead_letters).await?;
     tx.commit().await.map_err(ApplyError::Transient)?;
     Ok(applied)
+}
+
+/// Makes the transaction's COMMIT wait for its WAL to be flushed where the server's
+/// default is `synchronous_commit = off`: once a batch is in the ledger its records
+/// count as applied (and the journal lets go of them), so a commit that a crash of
+/// PostgreSQL could still undo would lose them. Stronger settings are kept.
+async fn durable_commit(conn: &mut PgConnection) -> Result<(), ApplyError> {
+    exec(
+        conn,
+        "SELECT pg_catalog.set_config('synchronous_commit', 'local', true) \
+         WHERE pg_catalog.current_setting('synchronous_commit') = 'off'",
+    )
+    .await
 }
 
 async fn advance_ledger(

@@ -11,6 +11,8 @@
 //!   never applied before record n, even when their appends completed out of order.
 //! - `applied` (a watch) only grows, and only after the batch's transaction committed
 //!   with the ledger advance; barriers wait on it.
+//! - After a transient failure nothing is applied until the ledger was read again on
+//!   a new connection: a batch whose COMMIT answer was lost may be in already.
 //! - A fenced ledger or an unplannable record stops the flusher for good (poison): the
 //!   service refuses new deferred writes and barriers fail with the cause, instead of
 //!   acknowledging writes that would never be applied.
@@ -572,6 +574,10 @@ impl WriteService {
             epoch: self.journal.epoch(),
         };
         let mut conn: Option<PgConnection> = None;
+        // After a transient failure the batch may have committed unseen (the answer to
+        // its COMMIT lost): the next connection, whenever it comes, asks the ledger
+        // before anything is applied again.
+        let mut unsure = false;
         let mut backoff = Duration::from_millis(50);
         loop {
             let batch = self.next_batch();
@@ -599,6 +605,37 @@ impl WriteService {
                     }
                 },
             };
+            if unsure {
+                match apply::claim_ledger(c, &key).await {
+                    Ok(at) => {
+                        unsure = false;
+                        if at > *self.applied.borrow() {
+                            let batch = self.take_through(at);
+                            let tables = self.finish(&batch);
+                            on_applied(&tables);
+                            self.applied.send_replace(at);
+                            if let Err(err) = self.journal.confirm(at).await {
+                                tracing::warn!(%err, "journal truncation after a flush failed");
+                            }
+                        }
+                        // The batch is taken again from what is applied now.
+                        continue;
+                    }
+                    Err(ApplyError::Transient(err)) => {
+                        tracing::warn!(%err, retry_in = ?backoff, "flush worker cannot read the ledger");
+                        conn = None;
+                        if self.pause(&mut backoff, &shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(err) => {
+                        tracing::error!(%err, "flush worker stopped");
+                        let _ = self.poisoned.set(err.to_string());
+                        return;
+                    }
+                }
+            }
             let applied_through = *self.applied.borrow();
             let started = Instant::now();
             match apply::apply_batch(c, &key, applied_through, &batch, &self.metas).await {
@@ -639,22 +676,12 @@ impl WriteService {
                 Err(ApplyError::Transient(err)) => {
                     metrics::counter!(crate::metrics::FLUSH_RETRIES).increment(1);
                     tracing::warn!(%err, retry_in = ?backoff, "flush batch failed; retrying");
-                    // The outcome may be unknown (lost during COMMIT): reconnect and
-                    // let the ledger say where we are.
+                    // The outcome may be unknown (lost during COMMIT): the ledger says
+                    // where we are once a connection is back, however long that takes.
                     conn = None;
+                    unsure = true;
                     if self.pause(&mut backoff, &shutdown).await {
                         return;
-                    }
-                    if let Ok(mut c) = connect_as(&self.url, FLUSH_APP).await {
-                        if let Ok(at) = apply::claim_ledger(&mut c, &key).await
-                            && at > applied_through
-                        {
-                            let batch = self.take_through(at);
-                            let tables = self.finish(&batch);
-                            on_applied(&tables);
-                            self.applied.send_replace(at);
-                        }
-                        conn = Some(c);
                     }
                 }
                 Err(err) => {

@@ -59,6 +59,12 @@ impl ContextBuilder {
     }
 
     pub async fn start(self) -> Context {
+        self.start_via(|port| port).await
+    }
+
+    /// Like [`ContextBuilder::start`], but spillway's `backend.url` names the port
+    /// `via` returns for PostgreSQL's (a fault-injecting forwarder in front of it).
+    pub async fn start_via(self, via: impl FnOnce(u16) -> u16) -> Context {
         let pg = tokio::task::spawn_blocking(move || self.pg.start())
             .await
             .expect("pg start task")
@@ -67,7 +73,10 @@ impl ContextBuilder {
             pg.psql(DB, sql).expect("setup before spillway");
         }
         let mut config = self.config;
-        config.push_str(&format!("[backend]\nurl = \"{}\"\n", pg.url(USER, DB)));
+        config.push_str(&format!(
+            "[backend]\nurl = \"postgres://{USER}@127.0.0.1:{}/{DB}?sslmode=disable\"\n",
+            via(pg.port())
+        ));
         if !config.contains("[journal]") {
             // Each test its own journal, inside PostgreSQL's throwaway directory.
             let dir = pg.dir().join("journal");

@@ -79,7 +79,8 @@ async fn sigkill_under_write_behind_load_loses_and_doubles_nothing() {
 
     eprintln!(
         "crash test: kills={KILLS} (aimed at an open batch {aimed}, batch seen open {in_batch}), \
-         acknowledged={} (inserted rows {}, deletes {}, increments {}), unknown={}, refused={} {:?}, \
+         acknowledged={} (inserted rows {}, deletes {}, increments {}), unknown={} (by error {:?}), \
+         refused={} {:?}, \
          lost={}, duplicated={}, phantom={}, dead_letters={}, stalls={}, ledger epoch={} last_seq={}, \
          elapsed={:?}",
         tally.acked(),
@@ -87,6 +88,7 @@ async fn sigkill_under_write_behind_load_loses_and_doubles_nothing() {
         tally.acked_deletes.len(),
         tally.acked_increments.values().sum::<u64>(),
         tally.unknown(),
+        tally.unknown_by_error,
         tally.refused_total(),
         tally.refused,
         verdict.lost,

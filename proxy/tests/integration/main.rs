@@ -15,6 +15,7 @@ mod flush_apply;
 mod lifecycle;
 mod metrics;
 mod model;
+mod outage;
 mod protocol;
 mod triggers;
 mod write_behind;

@@ -3,7 +3,8 @@
 //! keys (some two rows in one statement), `n = n + 1` on a few counter rows, deletes of
 //! rows they inserted — alternating the simple and the extended protocol, and record
 //! for each write whether spillway acknowledged it (CommandComplete), refused it (an
-//! error with a SQLSTATE) or left it unknown (the connection died before an answer).
+//! error that leaves the session usable) or left it unknown (the connection died
+//! before an answer, or the answer was a FATAL or connection-failure error).
 //! [`verify`] then checks PostgreSQL against that record: every acknowledged write
 //! applied exactly once, an unknown one at most once, a refused one never.
 //!
@@ -71,8 +72,12 @@ pub struct Tally {
     pub acked_records: u64,
     /// Statements whose answer never came (each at most one journal record).
     pub unknown_statements: u64,
-    /// Refusals by SQLSTATE.
+    /// Refusals by SQLSTATE: errors that leave the session usable, so the write was
+    /// not done.
     pub refused: BTreeMap<String, u64>,
+    /// Errors that ended the session (FATAL, class 08), by SQLSTATE: those writes are
+    /// among the unknown ones.
+    pub unknown_by_error: BTreeMap<String, u64>,
     /// Acknowledgements per phase.
     pub acked_by_phase: [u64; PHASES],
     /// Sessions that could not be opened (spillway down, or refusing), per phase.
@@ -112,6 +117,9 @@ impl Tally {
         self.unknown_statements += other.unknown_statements;
         for (k, v) in other.refused {
             *self.refused.entry(k).or_default() += v;
+        }
+        for (k, v) in other.unknown_by_error {
+            *self.unknown_by_error.entry(k).or_default() += v;
         }
         for i in 0..PHASES {
             self.acked_by_phase[i] += other.acked_by_phase[i];
@@ -278,12 +286,23 @@ impl Worker {
         let request = send(client, prepared, &op, self.id, simple);
         let answer = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
             Ok(Ok(rows)) => Answer::Acked(rows),
-            Ok(Err(e)) => match e.code() {
-                Some(code) => {
+            Ok(Err(e)) => match e.as_db_error() {
+                // The session ends with this error (a connection failure): like a
+                // connection that dies mid-request, it does not say whether the write
+                // took effect.
+                Some(db) if ends_session(db) => {
+                    *self
+                        .tally
+                        .unknown_by_error
+                        .entry(db.code().code().to_owned())
+                        .or_default() += 1;
+                    Answer::Unknown
+                }
+                Some(db) => {
                     *self
                         .tally
                         .refused
-                        .entry(code.code().to_owned())
+                        .entry(db.code().code().to_owned())
                         .or_default() += 1;
                     Answer::Refused
                 }
@@ -345,6 +364,12 @@ impl Worker {
             },
         }
     }
+}
+
+/// A FATAL error, or a connection exception (class 08): the session is over, and the
+/// request it answers has an unknown outcome (PostgreSQL's own convention).
+fn ends_session(db: &tokio_postgres::error::DbError) -> bool {
+    matches!(db.severity(), "FATAL" | "PANIC") || db.code().code().starts_with("08")
 }
 
 fn describe(op: &Op) -> String {
