@@ -310,13 +310,6 @@ async fn max_pending_reached_with_block_waits_block_timeout_then_53000() {
 }
 
 #[tokio::test]
-#[ignore = "a deferrable write that arrives while an earlier request of its session is \
-            still unanswered upstream (here the Close + Sync tokio-postgres sends, without \
-            waiting, for the statement it prepared for the previous call) is not deferred: \
-            it runs write-through after a barrier (logged with reason \"in_transaction\"), \
-            and the barrier waits for the flush worker, stalled here as in an outage; \
-            deferring it needs the handler to hold the message until the tracker is quiet \
-            instead of falling back"]
 async fn a_write_pipelined_behind_a_statement_close_is_still_deferred() {
     let (ctx, _locker) = stalled("reject").await;
     let client = ctx.proxy_client().await;
