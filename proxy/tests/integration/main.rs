@@ -1,5 +1,6 @@
 //! Integration tests: a real PostgreSQL (started by the test) and the real spillway
-//! binary. One test binary with modules, so the suite links once.
+//! binary. One test binary with modules, so the suite links once. `docs` and
+//! `packaging` need no server: they read the operator docs and the `docker/` files.
 
 mod context;
 mod wire;
@@ -10,9 +11,11 @@ mod cache;
 mod clients;
 mod demo;
 mod differential;
+mod docs;
 mod flush_apply;
 mod lifecycle;
 mod metrics;
+mod packaging;
 mod protocol;
 mod triggers;
 mod write_behind;
