@@ -41,6 +41,36 @@ pub const JOURNAL_FSYNC_MICROS: &str = "spillway_journal_fsync_microseconds_tota
 pub const CLIENT_CONNECTIONS: &str = "spillway_client_connections";
 pub const UPSTREAM_CONNECTIONS: &str = "spillway_upstream_connections";
 
+/// Every metric name above, for the documentation and packaging checks (the operations
+/// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
+pub const ALL: [&str; 21] = [
+    CACHE_HITS,
+    CACHE_MISSES,
+    CACHE_EVICTIONS,
+    CACHE_BYTES,
+    CACHE_ENTRIES,
+    QUERY_DURATION,
+    CLIENT_WRITES,
+    FALLBACKS,
+    UPSTREAM_STATEMENTS,
+    PENDING_WRITES,
+    PENDING_OLDEST_AGE,
+    FLUSH_BATCHES,
+    FLUSH_ROWS,
+    FLUSH_RETRIES,
+    FLUSH_DURATION,
+    DEAD_LETTERS,
+    JOURNAL_BYTES,
+    JOURNAL_FSYNCS,
+    JOURNAL_FSYNC_MICROS,
+    CLIENT_CONNECTIONS,
+    UPSTREAM_CONNECTIONS,
+];
+
+/// The histograms among [`ALL`]: Prometheus exports them as `<name>_bucket`,
+/// `<name>_sum` and `<name>_count`.
+pub const HISTOGRAMS: [&str; 2] = [QUERY_DURATION, FLUSH_DURATION];
+
 /// Histogram buckets in seconds: 10 µs to 10 s, real buckets (not summaries).
 const BUCKETS: [f64; 16] = [
     0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
@@ -219,5 +249,27 @@ impl SessionMetrics {
 impl Default for SessionMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ALL, HISTOGRAMS};
+
+    /// Every `"spillway_…"` name declared in this file is in [`ALL`], once.
+    #[test]
+    fn all_lists_every_name() {
+        let source = include_str!("mod.rs");
+        let declared: Vec<&str> = source
+            .lines()
+            .filter(|l| l.starts_with("pub const ") && l.contains(": &str = \"spillway_"))
+            .filter_map(|l| l.split('"').nth(1))
+            .collect();
+        assert_eq!(declared.len(), ALL.len(), "{declared:?}");
+        for name in &declared {
+            assert_eq!(ALL.iter().filter(|a| *a == name).count(), 1, "{name}");
+        }
+        assert!(HISTOGRAMS.iter().all(|h| ALL.contains(h)));
+        assert!(HISTOGRAMS.iter().all(|h| h.ends_with("_seconds")));
     }
 }

@@ -1,5 +1,6 @@
 //! Integration tests: a real PostgreSQL (started by the test) and the real spillway
-//! binary. One test binary with modules, so the suite links once.
+//! binary. One test binary with modules, so the suite links once. `docs` and
+//! `packaging` need no server: they read the operator docs and the `docker/` files.
 
 mod context;
 mod wire;
@@ -11,11 +12,13 @@ mod clients;
 mod crash;
 mod demo;
 mod differential;
+mod docs;
 mod flush_apply;
 mod lifecycle;
 mod metrics;
 mod model;
 mod outage;
+mod packaging;
 mod protocol;
 mod triggers;
 mod write_behind;
