@@ -20,9 +20,10 @@
 //! - crash: SIGKILL between operations, then a restart; the new process replays the
 //!   journal before it serves, so PostgreSQL holds every acknowledged write at once;
 //! - upstream failure: the backends of the flush worker (and of the connection that
-//!   checks keys for exact row counts) are terminated, idle or in the middle of a batch (held there by a
-//!   statement trigger that waits for an advisory lock the test holds); the worker
-//!   retries, nothing is lost or applied twice.
+//!   checks keys for exact row counts, and of the client sessions) are terminated,
+//!   idle or in the middle of a batch (held there by a statement trigger that waits for
+//!   an advisory lock the test holds); the worker retries, nothing is lost or applied
+//!   twice; sessions that lost their backend are closed by spillway and connect again.
 //!
 //! At the end PostgreSQL's rows, `spillway.dead_letters` (row for row, with journal
 //! sequence numbers) and the ledger's last sequence number (one record per
@@ -57,7 +58,8 @@ const KEYS: i32 = 12;
 const PRELOADED: i32 = 4;
 /// No single step may take longer (a lost wake-up, a barrier that never passes).
 const STEP_LIMIT: Duration = Duration::from_secs(30);
-/// How long the flush worker may take to reach a closed gate (see `Op::Stall`).
+/// How long the flush worker may take to reach a closed gate (see `Op::Stall`), and
+/// spillway to close the sessions whose backends were terminated (`Kill::Sessions`).
 const BLOCK_LIMIT: Duration = Duration::from_secs(10);
 const CLIENT_APP: &str = "model_client";
 const FLUSH_APP: &str = "spillway flush";
@@ -448,8 +450,8 @@ enum Op {
     },
     /// SIGKILL spillway and start it again.
     Crash,
-    /// Terminate the flush worker's backend (`all`: also the check connection's).
-    KillUpstream { all: bool },
+    /// Terminate backends: see [`Kill`].
+    KillUpstream(Kill),
     /// Close `table`'s gate (an advisory lock its statement trigger waits for) while
     /// `writes` are acknowledged; once the flush worker waits there, in the middle of
     /// its batch, terminate its backend, then open the gate.
@@ -457,6 +459,18 @@ enum Op {
         table: Table,
         writes: Vec<(usize, Mode, Table, Write)>,
     },
+}
+
+/// Whose PostgreSQL backends an upstream failure terminates.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// The flush worker's.
+    Flusher,
+    /// The flush worker's and the check connection's (exact row counts).
+    Internal,
+    /// Those and the client sessions': spillway closes each such session (its
+    /// PostgreSQL went away), the test waits for that and connects again.
+    Sessions,
 }
 
 /// What a write was answered: its row count, or the SQLSTATE of its error.
@@ -608,9 +622,11 @@ fn generate(g: &mut Gen) -> Op {
             table: g.rng.random_bool(0.5).then(|| pick_table(g)),
         },
         86..89 => Op::Crash,
-        89..95 => Op::KillUpstream {
-            all: g.rng.random_bool(0.4),
-        },
+        89..95 => Op::KillUpstream(match g.rng.random_range(0..5) {
+            0 | 1 => Kill::Flusher,
+            2 | 3 => Kill::Internal,
+            _ => Kill::Sessions,
+        }),
         _ => {
             let table = pick_table(g);
             let count = g.rng.random_range(1..=5);
@@ -980,15 +996,30 @@ impl Run {
                 self.note("crash: SIGKILL, restart".to_owned());
                 self.crash().await;
             }
-            Op::KillUpstream { all } => {
-                let apps = if all {
-                    INTERNAL_APPS.to_owned()
-                } else {
-                    format!("'{FLUSH_APP}'")
+            Op::KillUpstream(kill) => {
+                let apps = match kill {
+                    Kill::Flusher => format!("'{FLUSH_APP}'"),
+                    Kill::Internal => INTERNAL_APPS.to_owned(),
+                    Kill::Sessions => format!("{INTERNAL_APPS}, '{CLIENT_APP}'"),
                 };
                 let killed = self.terminate(&apps).await;
                 self.note(format!("terminate backends of {apps}: {killed}"));
                 self.stats.upstream_kills += 1;
+                if let Kill::Sessions = kill {
+                    // Only once every session is closed is it certain that no later
+                    // operation was taken by a session on its way out.
+                    let deadline = Instant::now() + BLOCK_LIMIT;
+                    while !self.sessions.iter().all(|s| s.client.is_closed()) {
+                        if Instant::now() > deadline {
+                            self.fail(format!(
+                                "sessions whose PostgreSQL backend was terminated are still \
+                                 open after {BLOCK_LIMIT:?}"
+                            ));
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    self.connect_sessions().await;
+                }
             }
             Op::Stall { table, writes } => self.stall(table, writes).await,
         }
