@@ -477,10 +477,13 @@ enum Op {
     KillUpstream(Kill),
     /// Close `table`'s gate (an advisory lock its statement trigger waits for) while
     /// `writes` are acknowledged; once the flush worker waits there, in the middle of
-    /// its batch, terminate its backend, then open the gate.
+    /// its batch, terminate its backend, then open the gate. With `crash`, SIGKILL
+    /// spillway there instead: its backend, still parked at the gate, holds the ledger
+    /// row the new process claims, until the gate opens and it finds its client gone.
     Stall {
         table: Table,
         writes: Vec<(usize, Mode, Table, Write)>,
+        crash: bool,
     },
 }
 
@@ -685,7 +688,11 @@ fn generate(g: &mut Gen) -> Op {
                     )
                 })
                 .collect();
-            Op::Stall { table, writes }
+            Op::Stall {
+                table,
+                writes,
+                crash: g.rng.random_bool(0.3),
+            }
         }
     }
 }
@@ -975,7 +982,7 @@ struct Stats {
     flushes: usize,
     crashes: usize,
     upstream_kills: usize,
-    stalls_killed_mid_batch: usize,
+    parked_mid_batch: usize,
     dead_letters: usize,
     records: u64,
 }
@@ -1084,7 +1091,11 @@ impl Run {
                     self.connect_sessions().await;
                 }
             }
-            Op::Stall { table, writes } => self.stall(table, writes).await,
+            Op::Stall {
+                table,
+                writes,
+                crash,
+            } => self.stall(table, writes, crash).await,
         }
     }
 
@@ -1247,7 +1258,7 @@ impl Run {
         self.connect_sessions().await;
     }
 
-    async fn stall(&mut self, table: Table, writes: Vec<(usize, Mode, Table, Write)>) {
+    async fn stall(&mut self, table: Table, writes: Vec<(usize, Mode, Table, Write)>, crash: bool) {
         // Nothing pending: with max_pending, the model then knows which writes would
         // find their table full while the worker is stuck (those are not sent).
         self.flush(0, None).await;
@@ -1307,7 +1318,31 @@ impl Run {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            self.stats.stalls_killed_mid_batch += 1;
+            self.stats.parked_mid_batch += 1;
+        }
+        if crash {
+            self.sessions.clear();
+            self.ctx.proxy.signal("KILL");
+            self.ctx.proxy.kill();
+            let sql = format!("SELECT pg_advisory_unlock({gate})");
+            if let Err(e) = lock.batch_execute(&sql).await {
+                self.fail(format!("{sql}: {e:?}"));
+            }
+            drop(lock);
+            self.note(format!(
+                "stall: SIGKILL, gate of {} open, restart",
+                table.name()
+            ));
+            // Its connection died with the process: whatever the FLUSH answered.
+            if let Err(e) = within("SPILLWAY FLUSH of a killed process", flush).await {
+                self.fail(e);
+            }
+            self.ctx.restart_proxy();
+            self.stats.crashes += 1;
+            self.check_postgres(&TABLES, "after a crash in the middle of a batch")
+                .await;
+            self.connect_sessions().await;
+            return;
         }
         let killed = self.terminate(&format!("'{FLUSH_APP}'")).await;
         let sql = format!("SELECT pg_advisory_unlock({gate})");
