@@ -96,6 +96,34 @@ struct State {
     /// existence answer for such a key comes from here, never from PostgreSQL (which
     /// does not have those writes yet).
     keys: HashMap<(String, Vec<String>), KeyState>,
+    /// Counts the keys the overlay forgot (their pending writes all applied).
+    generation: u64,
+    /// When each key was last forgotten (a `generation`), up to [`FORGOTTEN_LIMIT`]
+    /// keys; forgettings before `forgotten_floor` are no longer known one by one.
+    forgotten: HashMap<(String, Vec<String>), u64>,
+    forgotten_floor: u64,
+}
+
+/// How many forgotten keys [`State::forgotten`] remembers before it starts over.
+const FORGOTTEN_LIMIT: usize = 4096;
+
+impl State {
+    /// Whether a decision taken now has an answer for `key` of `table`: its pending
+    /// writes (the overlay), or a point read in `upstream` that began at `since` and was
+    /// not overtaken by writes to the key applied (and forgotten) in the meantime.
+    fn answered(
+        &self,
+        table: &str,
+        key: &[String],
+        since: u64,
+        upstream: &HashMap<Vec<String>, bool>,
+    ) -> bool {
+        let slot = (table.to_owned(), key.to_vec());
+        self.keys.contains_key(&slot)
+            || (upstream.contains_key(key)
+                && since >= self.forgotten_floor
+                && self.forgotten.get(&slot).is_none_or(|g| *g <= since))
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -226,27 +254,42 @@ impl WriteService {
             });
         }
         let exact = t.config.row_counts == spillway_policies::RowCounts::Exact;
-        // Point reads for keys without pending writes, before taking the lock.
-        let mut upstream = HashMap::new();
-        if exact {
-            for key in &converted.keys {
-                let pending = self
-                    .state()
-                    .keys
-                    .contains_key(&(table.to_owned(), key.clone()));
-                if !pending && !upstream.contains_key(key) {
-                    let exists = self.exists_upstream(t, key).await?;
-                    upstream.insert(key.clone(), exists);
-                }
-            }
-        }
         self.wait_for_room(table).await?;
         // Decide, and reserve the keys, atomically.
         let mut ops = Vec::with_capacity(converted.ops.len());
         let mut reserved: Vec<(Vec<String>, Option<KeyState>)> = Vec::new();
         let rows;
         {
-            let mut state = self.state();
+            // Point reads for keys without pending writes, before taking the lock. A
+            // key whose pending writes are applied meanwhile leaves the overlay: then
+            // neither answer holds (no point read, or one older than those writes), and
+            // the keys are looked at again.
+            let mut upstream = HashMap::new();
+            let mut state = loop {
+                let since = self.state().generation;
+                upstream.clear();
+                if exact {
+                    for key in &converted.keys {
+                        let pending = self
+                            .state()
+                            .keys
+                            .contains_key(&(table.to_owned(), key.clone()));
+                        if !pending && !upstream.contains_key(key) {
+                            let exists = self.exists_upstream(t, key).await?;
+                            upstream.insert(key.clone(), exists);
+                        }
+                    }
+                }
+                let state = self.state();
+                if !exact
+                    || converted
+                        .keys
+                        .iter()
+                        .all(|key| state.answered(table, key, since, &upstream))
+                {
+                    break state;
+                }
+            };
             let mut seen: HashMap<&Vec<String>, bool> = HashMap::new();
             let mut count = 0;
             for (op, key) in converted.ops.iter().zip(&converted.keys) {
@@ -762,6 +805,9 @@ impl WriteService {
                         k.pending = k.pending.saturating_sub(1);
                         if k.pending == 0 {
                             state.keys.remove(&slot);
+                            state.generation += 1;
+                            let generation = state.generation;
+                            state.forgotten.insert(slot, generation);
                         }
                     }
                 }
@@ -777,6 +823,10 @@ impl WriteService {
                     tables.push(t.to_owned());
                 }
             }
+        }
+        if state.forgotten.len() > FORGOTTEN_LIMIT {
+            state.forgotten.clear();
+            state.forgotten_floor = state.generation;
         }
         // The oldest acknowledgement of a table that still has pending records is no
         // longer known exactly; now is a lower bound that keeps the age honest enough

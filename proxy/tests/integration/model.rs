@@ -11,30 +11,34 @@
 //!   command tag or SQLSTATE PostgreSQL would give: with exact row counts 23505 for a
 //!   key that exists and 0 rows for UPDATE/DELETE of a missing key; with assumed row
 //!   counts one row per key, and what PostgreSQL refuses when the write is applied
-//!   becomes a dead letter;
+//!   becomes a dead letter; writes spillway cannot defer (a predicate beyond the key,
+//!   ON CONFLICT) run write-through after a barrier, in order with the deferred ones;
 //! - two sessions writing one key of the exact table at the same moment get the
 //!   answers of one of the two serial orders;
+//! - back-pressure: with `max_pending = 1` (`when_full = "block"`) a write to a full
+//!   table waits for the flush worker and still gets the model's answer;
 //! - reads through spillway (whole table, point, aggregate) from any session equal the
 //!   model: strong consistency makes every acknowledged write visible to every session;
 //! - `SPILLWAY FLUSH [table]`: afterwards PostgreSQL itself holds the model's rows;
 //! - crash: SIGKILL between operations, then a restart; the new process replays the
 //!   journal before it serves, so PostgreSQL holds every acknowledged write at once;
 //! - upstream failure: the backends of the flush worker (and of the connection that
-//!   checks keys for exact row counts) are terminated, idle or in the middle of a batch (held there by a
-//!   statement trigger that waits for an advisory lock the test holds); the worker
-//!   retries, nothing is lost or applied twice.
+//!   checks keys for exact row counts, and of the client sessions) are terminated,
+//!   idle or in the middle of a batch (held there by a statement trigger that waits for
+//!   an advisory lock the test holds); the worker retries, nothing is lost or applied
+//!   twice; sessions that lost their backend are closed by spillway and connect again.
 //!
 //! At the end PostgreSQL's rows, `spillway.dead_letters` (row for row, with journal
 //! sequence numbers) and the ledger's last sequence number (one record per
-//! acknowledged write that changes something: no write ran write-through, none was
-//! journaled or applied twice) equal the model's.
+//! acknowledged deferrable write that changes something: none ran write-through, none
+//! was journaled or applied twice) equal the model's.
 //!
-//! The seed is printed; `MODEL_SEED=n` replays one seed (the flush interval and batch
-//! size derive from it) and `MODEL_OPS` changes the length (not `SPILLWAY_…`: the
+//! The seed is printed; `MODEL_SEED=n` replays one seed (its configuration derives from
+//! it: [`Config::of`]) and `MODEL_OPS` changes the length (not `SPILLWAY_…`: the
 //! spawned binary would read those as configuration). There is no shrinking: a failure
 //! prints the seed and the log of operations and answers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Display;
 use std::time::{Duration, Instant};
 
@@ -45,8 +49,10 @@ use tokio_postgres::{Client, Row, SimpleQueryMessage, Statement};
 
 use crate::context::{Context, connect};
 
-/// CI's seeds: one per flush configuration (see [`flush_config`]).
-const DEFAULT_SEEDS: [u64; 3] = [1_000_000, 1_000_004, 1_000_005];
+/// CI's seeds, covering the configurations of [`Config::of`]: (flush.interval,
+/// flush.batch_size, max_pending) = (2ms, 1000, 1), (30ms, 1, 1), (1h, 1000, 1),
+/// (2ms, 3, unbounded).
+const DEFAULT_SEEDS: [u64; 4] = [1_000_000, 1_000_004, 1_000_017, 1_000_015];
 const OPS: usize = 300;
 const SESSIONS: usize = 3;
 /// Keys 1..=KEYS: few, so that inserts collide and updates find rows.
@@ -55,7 +61,8 @@ const KEYS: i32 = 12;
 const PRELOADED: i32 = 4;
 /// No single step may take longer (a lost wake-up, a barrier that never passes).
 const STEP_LIMIT: Duration = Duration::from_secs(30);
-/// How long the flush worker may take to reach a closed gate (see `Op::Stall`).
+/// How long the flush worker may take to reach a closed gate (see `Op::Stall`), and
+/// spillway to close the sessions whose backends were terminated (`Kill::Sessions`).
 const BLOCK_LIMIT: Duration = Duration::from_secs(10);
 const CLIENT_APP: &str = "model_client";
 const FLUSH_APP: &str = "spillway flush";
@@ -92,15 +99,42 @@ const TEXTS: [Option<&str>; 7] = [
     Some("ü"),
 ];
 
-/// (flush.interval, flush.batch_size) of a seed: pending writes that wait for a
-/// barrier, a flusher that runs all the time, and one in between with tiny batches.
-fn flush_config(seed: u64) -> (&'static str, usize) {
-    const INTERVALS: [&str; 3] = ["1h", "2ms", "30ms"];
-    const BATCHES: [usize; 3] = [1000, 1, 3];
-    (
-        INTERVALS[usize::try_from(seed % 3).expect("small")],
-        BATCHES[usize::try_from(seed / 3 % 3).expect("small")],
-    )
+/// The spillway configuration a seed runs with.
+struct Config {
+    /// `flush.interval`: pending writes that wait for a barrier (1h), a flusher that
+    /// runs all the time (2ms), one in between.
+    interval: &'static str,
+    /// `flush.batch_size`, in row operations.
+    batch: usize,
+    /// `max_pending` of both tables (`when_full = "block"`, the default): a write to a
+    /// full table first waits for the flusher.
+    max_pending: Option<usize>,
+}
+
+impl Config {
+    fn of(seed: u64) -> Self {
+        const INTERVALS: [&str; 3] = ["1h", "2ms", "30ms"];
+        const BATCHES: [usize; 3] = [1000, 1, 3];
+        let digit = |d: u64, n: u64| usize::try_from(seed / d % n).expect("small");
+        Self {
+            interval: INTERVALS[digit(1, 3)],
+            batch: BATCHES[digit(3, 3)],
+            max_pending: (digit(9, 2) == 1).then_some(1),
+        }
+    }
+
+    fn toml(&self) -> String {
+        let max = self
+            .max_pending
+            .map(|m| format!("max_pending = {m}\n"))
+            .unwrap_or_default();
+        format!(
+            "[flush]\ninterval = \"{}\"\nbatch_size = {}\n\
+             [tables.\"public.m_exact\"]\npolicy = \"write-behind\"\nrow_counts = \"exact\"\n{max}\
+             [tables.\"public.m_assumed\"]\npolicy = \"write-behind\"\nrow_counts = \"assumed\"\n{max}",
+            self.interval, self.batch
+        )
+    }
 }
 
 #[tokio::test]
@@ -118,19 +152,16 @@ async fn write_behind_matches_the_model() {
 }
 
 async fn run_seed(seed: u64, ops: usize) {
-    let (interval, batch) = flush_config(seed);
+    let config = Config::of(seed);
     println!(
         "model seed {seed} (MODEL_SEED={seed} replays it): {ops} operations, \
-         flush.interval = {interval}, flush.batch_size = {batch}"
+         flush.interval = {}, flush.batch_size = {}, max_pending = {:?}",
+        config.interval, config.batch, config.max_pending
     );
     let started = Instant::now();
     let ctx = Context::builder()
         .before_proxy(SETUP)
-        .section(&format!(
-            "[flush]\ninterval = \"{interval}\"\nbatch_size = {batch}\n\
-             [tables.\"public.m_exact\"]\npolicy = \"write-behind\"\nrow_counts = \"exact\"\n\
-             [tables.\"public.m_assumed\"]\npolicy = \"write-behind\"\nrow_counts = \"assumed\"\n"
-        ))
+        .section(&config.toml())
         .start()
         .await;
     let direct = connect(&format!(
@@ -144,15 +175,16 @@ async fn run_seed(seed: u64, ops: usize) {
         direct,
         ctx,
         model: Model::new(),
+        max_pending: config.max_pending,
         log: Vec::new(),
         step: 0,
         stats: Stats::default(),
     };
     run.connect_sessions().await;
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut generator = Gen::new(seed);
     for step in 0..ops {
         run.step = step;
-        let op = generate(&mut rng);
+        let op = generate(&mut generator);
         run.execute(op).await;
     }
     run.finish().await;
@@ -259,6 +291,17 @@ enum Write {
     Delete {
         id: i32,
     },
+    /// Not deferrable (a predicate beyond the key): runs write-through after a barrier,
+    /// PostgreSQL answers.
+    AddIfNotNull {
+        id: i32,
+        by: i64,
+    },
+    /// Not deferrable (ON CONFLICT): write-through after a barrier.
+    InsertOrNothing {
+        id: i32,
+        v: Option<String>,
+    },
 }
 
 impl Write {
@@ -310,6 +353,14 @@ impl Write {
                 format!("DELETE FROM {name} WHERE id = $1"),
                 vec![Param::Int(*id)],
             ),
+            Write::AddIfNotNull { id, by } => (
+                format!("UPDATE {name} SET n = n + $2 WHERE id = $1 AND n IS NOT NULL"),
+                vec![Param::Int(*id), Param::Big(*by)],
+            ),
+            Write::InsertOrNothing { id, v } => (
+                format!("INSERT INTO {name} (id, v) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING"),
+                vec![Param::Int(*id), Param::Text(v.clone())],
+            ),
         }
     }
 
@@ -354,6 +405,7 @@ impl Write {
                 format!("DELETE FROM {q} WHERE <key> = ?"),
                 vec![Some(id.to_string())],
             )],
+            Write::AddIfNotNull { .. } | Write::InsertOrNothing { .. } => Vec::new(),
         }
     }
 }
@@ -421,15 +473,30 @@ enum Op {
     },
     /// SIGKILL spillway and start it again.
     Crash,
-    /// Terminate the flush worker's backend (`all`: also the check connection's).
-    KillUpstream { all: bool },
+    /// Terminate backends: see [`Kill`].
+    KillUpstream(Kill),
     /// Close `table`'s gate (an advisory lock its statement trigger waits for) while
     /// `writes` are acknowledged; once the flush worker waits there, in the middle of
-    /// its batch, terminate its backend, then open the gate.
+    /// its batch, terminate its backend, then open the gate. With `crash`, SIGKILL
+    /// spillway there instead: its backend, still parked at the gate, holds the ledger
+    /// row the new process claims, until the gate opens and it finds its client gone.
     Stall {
         table: Table,
         writes: Vec<(usize, Mode, Table, Write)>,
+        crash: bool,
     },
+}
+
+/// Whose PostgreSQL backends an upstream failure terminates.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// The flush worker's.
+    Flusher,
+    /// The flush worker's and the check connection's (exact row counts).
+    Internal,
+    /// Those and the client sessions': spillway closes each such session (its
+    /// PostgreSQL went away), the test waits for that and connects again.
+    Sessions,
 }
 
 /// What a write was answered: its row count, or the SQLSTATE of its error.
@@ -442,60 +509,105 @@ enum Answer {
 /// Result rows as text, NULL as `None`.
 type Rows = Vec<Vec<Option<String>>>;
 
-fn pick_text(rng: &mut StdRng) -> Option<String> {
-    TEXTS[rng.random_range(0..TEXTS.len())].map(str::to_owned)
+/// The generator: a seeded RNG, and the keys it chose last, which it picks again
+/// often (an insert then an update of the same key, a write to a key still pending).
+struct Gen {
+    rng: StdRng,
+    recent: VecDeque<i32>,
 }
 
-fn generate_write(rng: &mut StdRng) -> Write {
-    let id = rng.random_range(1..=KEYS);
-    match rng.random_range(0..100) {
+impl Gen {
+    fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            recent: VecDeque::new(),
+        }
+    }
+
+    fn key(&mut self) -> i32 {
+        let key = if !self.recent.is_empty() && self.rng.random_bool(0.4) {
+            self.recent[self.rng.random_range(0..self.recent.len())]
+        } else {
+            self.rng.random_range(1..=KEYS)
+        };
+        self.recent.push_back(key);
+        if self.recent.len() > 4 {
+            self.recent.pop_front();
+        }
+        key
+    }
+}
+
+fn pick_text(g: &mut Gen) -> Option<String> {
+    TEXTS[g.rng.random_range(0..TEXTS.len())].map(str::to_owned)
+}
+
+fn generate_write(g: &mut Gen) -> Write {
+    let id = g.key();
+    match g.rng.random_range(0..100) {
         0..25 => {
-            let count = if rng.random_bool(0.2) { 2 } else { 1 };
-            let with_n = rng.random_bool(0.5);
+            let count = if g.rng.random_bool(0.2) { 2 } else { 1 };
+            let with_n = g.rng.random_bool(0.5);
             let mut rows = Vec::new();
             for i in 0..count {
                 // A second row mostly has another key; sometimes the same (PostgreSQL
                 // refuses the whole statement).
-                let id = if i == 0 || rng.random_bool(0.15) {
+                let id = if i == 0 || g.rng.random_bool(0.15) {
                     id
                 } else {
-                    rng.random_range(1..=KEYS)
+                    g.key()
                 };
                 let n = if with_n {
-                    rng.random_range(-50..=50)
+                    g.rng.random_range(-50..=50)
                 } else {
                     0
                 };
-                rows.push((id, pick_text(rng), n));
+                rows.push((id, pick_text(g), n));
             }
             Write::Insert { with_n, rows }
         }
         25..40 => Write::SetV {
             id,
-            v: pick_text(rng),
+            v: pick_text(g),
         },
         40..48 => Write::SetN {
             id,
-            n: rng.random_range(-50..=50),
+            n: g.rng.random_range(-50..=50),
         },
         48..63 => Write::Add {
             id,
-            by: rng.random_range(0..=9),
-            minus: rng.random_bool(0.3),
+            by: g.rng.random_range(0..=9),
+            minus: g.rng.random_bool(0.3),
         },
         63..73 => Write::SetVAdd {
             id,
-            v: pick_text(rng),
-            by: rng.random_range(0..=9),
+            v: pick_text(g),
+            by: g.rng.random_range(0..=9),
         },
         _ => Write::Delete { id },
     }
 }
 
-fn generate_pair_write(rng: &mut StdRng, id: i32) -> Write {
+/// A write for a step of its own: sometimes one spillway cannot defer (never in a
+/// stall: its barrier would wait for the stuck flush worker).
+fn generate_any_write(g: &mut Gen) -> Write {
+    match g.rng.random_range(0..100) {
+        0..5 => Write::AddIfNotNull {
+            id: g.key(),
+            by: g.rng.random_range(1..=9),
+        },
+        5..10 => Write::InsertOrNothing {
+            id: g.key(),
+            v: pick_text(g),
+        },
+        _ => generate_write(g),
+    }
+}
+
+fn generate_pair_write(g: &mut Gen, id: i32) -> Write {
     // Same-key combinations whose two serial orders either give different answers or
     // leave the same state: insert (one row, always the same values), delete, add.
-    match rng.random_range(0..3) {
+    match g.rng.random_range(0..3) {
         0 => Write::Insert {
             with_n: false,
             rows: vec![(id, Some("pair".to_owned()), 0)],
@@ -503,78 +615,84 @@ fn generate_pair_write(rng: &mut StdRng, id: i32) -> Write {
         1 => Write::Delete { id },
         _ => Write::Add {
             id,
-            by: rng.random_range(1..=9),
+            by: g.rng.random_range(1..=9),
             minus: false,
         },
     }
 }
 
-fn pick_table(rng: &mut StdRng) -> Table {
-    TABLES[rng.random_range(0..TABLES.len())]
+fn pick_table(g: &mut Gen) -> Table {
+    TABLES[g.rng.random_range(0..TABLES.len())]
 }
 
-fn pick_mode(rng: &mut StdRng) -> Mode {
-    MODES[rng.random_range(0..MODES.len())]
+fn pick_mode(g: &mut Gen) -> Mode {
+    MODES[g.rng.random_range(0..MODES.len())]
 }
 
 /// The next operation; depends on the generator alone, so a seed always produces
 /// the same sequence.
-fn generate(rng: &mut StdRng) -> Op {
-    match rng.random_range(0..100) {
+fn generate(g: &mut Gen) -> Op {
+    match g.rng.random_range(0..100) {
         0..52 => Op::Write {
-            session: rng.random_range(0..SESSIONS),
-            mode: pick_mode(rng),
-            table: pick_table(rng),
-            write: generate_write(rng),
+            session: g.rng.random_range(0..SESSIONS),
+            mode: pick_mode(g),
+            table: pick_table(g),
+            write: generate_any_write(g),
         },
         52..56 => {
-            let a = rng.random_range(0..SESSIONS);
-            let b = (a + rng.random_range(1..SESSIONS)) % SESSIONS;
-            let id = rng.random_range(1..=KEYS);
+            let a = g.rng.random_range(0..SESSIONS);
+            let b = (a + g.rng.random_range(1..SESSIONS)) % SESSIONS;
+            let id = g.key();
             Op::Pair {
                 sessions: (a, b),
-                modes: (pick_mode(rng), pick_mode(rng)),
-                writes: (generate_pair_write(rng, id), generate_pair_write(rng, id)),
+                modes: (pick_mode(g), pick_mode(g)),
+                writes: (generate_pair_write(g, id), generate_pair_write(g, id)),
             }
         }
         56..80 => Op::Read {
-            session: rng.random_range(0..SESSIONS),
-            mode: pick_mode(rng),
-            table: pick_table(rng),
-            read: match rng.random_range(0..5) {
+            session: g.rng.random_range(0..SESSIONS),
+            mode: pick_mode(g),
+            table: pick_table(g),
+            read: match g.rng.random_range(0..5) {
                 0 | 1 => Read::All,
-                2 | 3 => Read::One(rng.random_range(1..=KEYS)),
+                2 | 3 => Read::One(g.key()),
                 _ => Read::Aggregate,
             },
         },
         80..86 => Op::Flush {
-            session: rng.random_range(0..SESSIONS),
-            table: rng.random_bool(0.5).then(|| pick_table(rng)),
+            session: g.rng.random_range(0..SESSIONS),
+            table: g.rng.random_bool(0.5).then(|| pick_table(g)),
         },
         86..89 => Op::Crash,
-        89..95 => Op::KillUpstream {
-            all: rng.random_bool(0.4),
-        },
+        89..95 => Op::KillUpstream(match g.rng.random_range(0..5) {
+            0 | 1 => Kill::Flusher,
+            2 | 3 => Kill::Internal,
+            _ => Kill::Sessions,
+        }),
         _ => {
-            let table = pick_table(rng);
-            let count = rng.random_range(1..=5);
+            let table = pick_table(g);
+            let count = g.rng.random_range(1..=5);
             let writes = (0..count)
                 .map(|_| {
                     // Mostly the gated table, so the flush worker has to wait there.
-                    let t = if rng.random_bool(0.75) {
+                    let t = if g.rng.random_bool(0.75) {
                         table
                     } else {
-                        pick_table(rng)
+                        pick_table(g)
                     };
                     (
-                        rng.random_range(0..SESSIONS),
-                        pick_mode(rng),
+                        g.rng.random_range(0..SESSIONS),
+                        pick_mode(g),
                         t,
-                        generate_write(rng),
+                        generate_write(g),
                     )
                 })
                 .collect();
-            Op::Stall { table, writes }
+            Op::Stall {
+                table,
+                writes,
+                crash: g.rng.random_bool(0.3),
+            }
         }
     }
 }
@@ -658,12 +776,32 @@ impl Model {
                 }
                 Answer::Rows(rows.len() as u64)
             }
+            Write::InsertOrNothing { id, v } => {
+                let table = &mut self.tables[t.index()];
+                if table.contains_key(id) {
+                    Answer::Rows(0)
+                } else {
+                    table.insert(*id, (v.clone(), 0));
+                    Answer::Rows(1)
+                }
+            }
             Write::SetV { id, .. }
+            | Write::AddIfNotNull { id, .. }
             | Write::SetN { id, .. }
             | Write::Add { id, .. }
             | Write::SetVAdd { id, .. }
             | Write::Delete { id } => {
                 let exists = self.tables[t.index()].contains_key(id);
+                if let Write::AddIfNotNull { by, .. } = w {
+                    // Write-through: PostgreSQL's answer, nothing journaled.
+                    return match self.tables[t.index()].get_mut(id) {
+                        Some(row) => {
+                            row.1 += by;
+                            Answer::Rows(1)
+                        }
+                        None => Answer::Rows(0),
+                    };
+                }
                 if exact && !exists {
                     return Answer::Rows(0);
                 }
@@ -685,7 +823,9 @@ impl Model {
                     Write::Delete { .. } => {
                         table.remove(id);
                     }
-                    Write::Insert { .. } => unreachable!("handled above"),
+                    Write::Insert { .. }
+                    | Write::InsertOrNothing { .. }
+                    | Write::AddIfNotNull { .. } => unreachable!("handled above"),
                 }
                 Answer::Rows(1)
             }
@@ -833,6 +973,8 @@ impl Session {
 #[derive(Debug, Default)]
 struct Stats {
     acknowledged: usize,
+    /// Writes spillway could not defer (answered by PostgreSQL).
+    write_through: usize,
     refused_23505: usize,
     zero_rows: usize,
     pairs: usize,
@@ -840,7 +982,7 @@ struct Stats {
     flushes: usize,
     crashes: usize,
     upstream_kills: usize,
-    stalls_killed_mid_batch: usize,
+    parked_mid_batch: usize,
     dead_letters: usize,
     records: u64,
 }
@@ -853,6 +995,7 @@ struct Run {
     direct: Client,
     ctx: Context,
     model: Model,
+    max_pending: Option<usize>,
     log: Vec<String>,
     step: usize,
     stats: Stats,
@@ -918,45 +1061,66 @@ impl Run {
                     Err(e) => self.fail(e),
                 }
             }
-            Op::Flush { session, table } => {
-                let sql = match table {
-                    Some(t) => format!("SPILLWAY FLUSH {}", t.qualified()),
-                    None => "SPILLWAY FLUSH".to_owned(),
-                };
-                let got = within(&sql, self.sessions[session].client.simple_query(&sql)).await;
-                self.note(format!(
-                    "s{session} {sql} -> {:?}",
-                    got.as_ref().map(|r| r.is_ok())
-                ));
-                match got {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => self.fail(format!("{sql}: {e:?}")),
-                    Err(e) => self.fail(e),
-                }
-                self.stats.flushes += 1;
-                // Everything acknowledged before it is in PostgreSQL now.
-                let tables = match table {
-                    Some(t) => vec![t],
-                    None => TABLES.to_vec(),
-                };
-                self.check_postgres(&tables, "after SPILLWAY FLUSH").await;
-            }
+            Op::Flush { session, table } => self.flush(session, table).await,
             Op::Crash => {
                 self.note("crash: SIGKILL, restart".to_owned());
                 self.crash().await;
             }
-            Op::KillUpstream { all } => {
-                let apps = if all {
-                    INTERNAL_APPS.to_owned()
-                } else {
-                    format!("'{FLUSH_APP}'")
+            Op::KillUpstream(kill) => {
+                let apps = match kill {
+                    Kill::Flusher => format!("'{FLUSH_APP}'"),
+                    Kill::Internal => INTERNAL_APPS.to_owned(),
+                    Kill::Sessions => format!("{INTERNAL_APPS}, '{CLIENT_APP}'"),
                 };
                 let killed = self.terminate(&apps).await;
                 self.note(format!("terminate backends of {apps}: {killed}"));
                 self.stats.upstream_kills += 1;
+                if let Kill::Sessions = kill {
+                    // Only once every session is closed is it certain that no later
+                    // operation was taken by a session on its way out.
+                    let deadline = Instant::now() + BLOCK_LIMIT;
+                    while !self.sessions.iter().all(|s| s.client.is_closed()) {
+                        if Instant::now() > deadline {
+                            self.fail(format!(
+                                "sessions whose PostgreSQL backend was terminated are still \
+                                 open after {BLOCK_LIMIT:?}"
+                            ));
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    self.connect_sessions().await;
+                }
             }
-            Op::Stall { table, writes } => self.stall(table, writes).await,
+            Op::Stall {
+                table,
+                writes,
+                crash,
+            } => self.stall(table, writes, crash).await,
         }
+    }
+
+    async fn flush(&mut self, session: usize, table: Option<Table>) {
+        let sql = match table {
+            Some(t) => format!("SPILLWAY FLUSH {}", t.qualified()),
+            None => "SPILLWAY FLUSH".to_owned(),
+        };
+        let got = within(&sql, self.sessions[session].client.simple_query(&sql)).await;
+        self.note(format!(
+            "s{session} {sql} -> {:?}",
+            got.as_ref().map(|r| r.is_ok())
+        ));
+        match got {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => self.fail(format!("{sql}: {e:?}")),
+            Err(e) => self.fail(e),
+        }
+        self.stats.flushes += 1;
+        // Everything acknowledged before it is in PostgreSQL now.
+        let tables = match table {
+            Some(t) => vec![t],
+            None => TABLES.to_vec(),
+        };
+        self.check_postgres(&tables, "after SPILLWAY FLUSH").await;
     }
 
     async fn write(&mut self, session: usize, mode: Mode, table: Table, write: &Write) {
@@ -972,6 +1136,12 @@ impl Run {
                 ""
             }
         ));
+        if matches!(
+            write,
+            Write::AddIfNotNull { .. } | Write::InsertOrNothing { .. }
+        ) {
+            self.stats.write_through += 1;
+        }
         match got {
             Ok(answer) if answer == want => self.count(&answer),
             Ok(answer) => self.fail(format!(
@@ -1088,7 +1258,10 @@ impl Run {
         self.connect_sessions().await;
     }
 
-    async fn stall(&mut self, table: Table, writes: Vec<(usize, Mode, Table, Write)>) {
+    async fn stall(&mut self, table: Table, writes: Vec<(usize, Mode, Table, Write)>, crash: bool) {
+        // Nothing pending: with max_pending, the model then knows which writes would
+        // find their table full while the worker is stuck (those are not sent).
+        self.flush(0, None).await;
         let lock = connect(&format!(
             "{} application_name=model_lock",
             self.ctx.direct_config()
@@ -1100,8 +1273,14 @@ impl Run {
             self.fail(format!("{sql}: {e:?}"));
         }
         self.note(format!("stall: gate of {} closed", table.name()));
-        let before = self.model.records_by_table[table.index()];
+        let start = self.model.records_by_table;
+        let before = start[table.index()];
         for (session, mode, t, write) in &writes {
+            let journaled = self.model.records_by_table[t.index()] - start[t.index()];
+            if self.max_pending.is_some_and(|max| journaled >= max as u64) {
+                self.note(format!("stall: {} may be full, write skipped", t.name()));
+                continue;
+            }
             self.write(*session, *mode, *t, write).await;
         }
         // A FLUSH from another connection makes the worker run now (its interval may
@@ -1139,7 +1318,31 @@ impl Run {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            self.stats.stalls_killed_mid_batch += 1;
+            self.stats.parked_mid_batch += 1;
+        }
+        if crash {
+            self.sessions.clear();
+            self.ctx.proxy.signal("KILL");
+            self.ctx.proxy.kill();
+            let sql = format!("SELECT pg_advisory_unlock({gate})");
+            if let Err(e) = lock.batch_execute(&sql).await {
+                self.fail(format!("{sql}: {e:?}"));
+            }
+            drop(lock);
+            self.note(format!(
+                "stall: SIGKILL, gate of {} open, restart",
+                table.name()
+            ));
+            // Its connection died with the process: whatever the FLUSH answered.
+            if let Err(e) = within("SPILLWAY FLUSH of a killed process", flush).await {
+                self.fail(e);
+            }
+            self.ctx.restart_proxy();
+            self.stats.crashes += 1;
+            self.check_postgres(&TABLES, "after a crash in the middle of a batch")
+                .await;
+            self.connect_sessions().await;
+            return;
         }
         let killed = self.terminate(&format!("'{FLUSH_APP}'")).await;
         let sql = format!("SELECT pg_advisory_unlock({gate})");

@@ -262,3 +262,127 @@ async fn a_write_pipelined_behind_a_close_is_still_deferred() {
     tag(&proxy, "SPILLWAY FLUSH").await;
     assert_eq!(direct_rows(&ctx, "SELECT n FROM wb WHERE id = 1"), "20");
 }
+
+/// Polls `sql` (a count) on `client` until it is positive; panics after 10 s.
+async fn wait_positive(client: &Client, sql: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = client.query_one(sql, &[]).await.expect(sql).get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never true: {sql}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn exact_counts_hold_when_a_pending_key_is_applied_during_a_point_read() {
+    let ctx = builder("1h").start().await;
+    // A statement trigger that waits for advisory lock 7: holding it parks the flush
+    // worker inside its batch.
+    ctx.psql_direct(
+        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         PERFORM pg_advisory_lock_shared(7); PERFORM pg_advisory_unlock_shared(7); \
+         RETURN NULL; END $$; \
+         CREATE TRIGGER gate BEFORE INSERT ON wb FOR EACH STATEMENT EXECUTE FUNCTION gate();",
+    );
+    let direct = ctx.direct_client().await;
+    let gate = ctx.direct_client().await;
+    gate.batch_execute("SELECT pg_advisory_lock(7)")
+        .await
+        .expect("close the gate");
+    let proxy = ctx.proxy_client().await;
+    let other = ctx.proxy_client().await;
+    tag(&proxy, "INSERT INTO wb (id, v) VALUES (1, 'a')").await;
+    let flush = tokio::spawn(async move { other.simple_query("SPILLWAY FLUSH").await.map(|_| ()) });
+    wait_positive(
+        &direct,
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = 'spillway flush' AND wait_event = 'advisory'",
+    )
+    .await;
+    // An ACCESS EXCLUSIVE request queued behind the worker's lock on wb: point reads
+    // of wb now wait too.
+    let locker = ctx.direct_client().await;
+    locker.batch_execute("BEGIN").await.expect("begin");
+    let lock = tokio::spawn(async move {
+        locker
+            .batch_execute("LOCK TABLE wb IN ACCESS EXCLUSIVE MODE")
+            .await
+            .expect("lock");
+        locker
+    });
+    wait_positive(
+        &direct,
+        "SELECT count(*) FROM pg_locks WHERE relation = 'wb'::regclass \
+         AND mode = 'AccessExclusiveLock' AND NOT granted",
+    )
+    .await;
+    // Key 1 has a pending write (the overlay answers); key 2 needs a point read, which
+    // waits for the table.
+    let insert = tokio::spawn(async move {
+        proxy
+            .simple_query("INSERT INTO wb (id, v) VALUES (1, 'again'), (2, 'b')")
+            .await
+            .map(|_| ())
+    });
+    wait_positive(
+        &direct,
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = 'spillway checks' AND wait_event_type = 'Lock'",
+    )
+    .await;
+    // The worker applies key 1 and forgets it (FLUSH returns after that), then the
+    // point read of key 2 gets its answer.
+    gate.batch_execute("SELECT pg_advisory_unlock(7)")
+        .await
+        .expect("open the gate");
+    flush.await.expect("flush task").expect("SPILLWAY FLUSH");
+    let locker = lock.await.expect("lock task");
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    let err = insert
+        .await
+        .expect("insert task")
+        .expect_err("key 1 exists: the whole INSERT fails");
+    assert_eq!(err.code().map(|c| c.code()), Some("23505"), "{err:?}");
+    assert_eq!(
+        direct_rows(
+            &ctx,
+            "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM wb"
+        ),
+        "1:a"
+    );
+}
+
+#[tokio::test]
+async fn exact_counts_hold_when_back_pressure_lets_the_key_be_applied_first() {
+    let ctx = Context::builder()
+        .before_proxy(TABLES)
+        .section(
+            "[flush]\ninterval = \"1h\"\n\
+             [tables.\"public.wb\"]\npolicy = \"write-behind\"\nmax_pending = 1\n",
+        )
+        .start()
+        .await;
+    let proxy = ctx.proxy_client().await;
+    for id in 1..=10 {
+        tag(
+            &proxy,
+            &format!("INSERT INTO wb (id, v) VALUES ({id}, 'k')"),
+        )
+        .await;
+        // wb is full (the INSERT pending): the UPDATE first waits for room, that is for
+        // the INSERT to be applied; key `id` exists all the same.
+        assert_eq!(
+            tag(&proxy, &format!("UPDATE wb SET n = n + 1 WHERE id = {id}")).await,
+            1,
+            "UPDATE of key {id}"
+        );
+    }
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct_rows(&ctx, "SELECT count(*), sum(n) FROM wb"),
+        "10|10"
+    );
+}
