@@ -9,6 +9,8 @@
 //!   `max_pending` reached with `when_full = "reject"` refuses with 53000 at once; with
 //!   `"block"` a write waits `block_timeout`, then 53000, or goes through as soon as
 //!   room appears. Nothing refused is applied, everything acknowledged is.
+//! - An UPDATE that waited for room while its row's pending write was applied still
+//!   finds the row.
 //! - A batch whose COMMIT answer is lost while PostgreSQL is unreachable for a moment
 //!   is found in the ledger when the flush worker gets back: applied once, flushing
 //!   goes on.
@@ -307,6 +309,55 @@ async fn max_pending_reached_with_block_waits_block_timeout_then_53000() {
             .trim(),
         "0",
         "the refused write was applied"
+    );
+}
+
+/// An UPDATE of a row whose earlier write is pending waits for room (`block`); while
+/// it waits, the flush worker applies that earlier write, so the row's key leaves the
+/// pending overlay. The UPDATE must still find the row (PostgreSQL has it now) and be
+/// applied, not be answered `UPDATE 0` and dropped.
+#[tokio::test]
+async fn an_update_that_waited_for_room_still_finds_its_row() {
+    let ctx = Context::builder()
+        .before_proxy(SCHEMA)
+        .section(
+            "[flush]\ninterval = \"20ms\"\n\
+             [tables.\"public.load_rows\"]\npolicy = \"write-behind\"\n\
+             [tables.\"public.load_counters\"]\npolicy = \"write-behind\"\nmax_pending = 1\n\
+             when_full = \"block\"\nblock_timeout = \"20s\"\n",
+        )
+        .start()
+        .await;
+    let locker = connect(&ctx.direct_config()).await;
+    stall_flusher(&locker).await;
+    let client = ctx.proxy_client().await;
+    let increment = "UPDATE load_counters SET n = n + 1 WHERE id = 1";
+    within("first increment", client.simple_query(increment))
+        .await
+        .expect("acknowledged");
+    // The table is full: the second increment waits for room.
+    let waiting = tokio::spawn({
+        let client = ctx.proxy_client().await;
+        async move { client.simple_query(increment).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    within("unlock", locker.batch_execute("COMMIT"))
+        .await
+        .expect("unlock");
+    let answer = within("second increment", waiting)
+        .await
+        .expect("task")
+        .expect("acknowledged once room appeared");
+    let rows = answer.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+        _ => None,
+    });
+    assert_eq!(rows, Some(1), "the row exists: UPDATE 1");
+    write_load::flush(&ctx, Duration::from_secs(30)).await;
+    assert_eq!(
+        ctx.psql_direct("SELECT n FROM load_counters WHERE id = 1")
+            .trim(),
+        "2"
     );
 }
 
