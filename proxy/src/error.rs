@@ -55,6 +55,9 @@ pub enum SessionError {
     TooManyClients(usize),
     #[error("terminating connection due to administrator command")]
     Shutdown,
+    /// The admin console refused a login (28000 role not allowed, 28P01 password).
+    #[error("{message}")]
+    AdminRefused { code: SqlState, message: String },
 }
 
 impl SessionError {
@@ -63,7 +66,8 @@ impl SessionError {
             SessionError::Protocol(_)
             | SessionError::StartupTimeout(_)
             | SessionError::ClientTls(_)
-            | SessionError::ClientIo(_) => Side::Client,
+            | SessionError::ClientIo(_)
+            | SessionError::AdminRefused { .. } => Side::Client,
             SessionError::UpstreamConnect { .. }
             | SessionError::UpstreamIo(_)
             | SessionError::UpstreamClosed
@@ -87,6 +91,7 @@ impl SessionError {
             }
             SessionError::TooManyClients(_) => SqlState::TOO_MANY_CONNECTIONS,
             SessionError::Shutdown => SqlState::ADMIN_SHUTDOWN,
+            SessionError::AdminRefused { code, .. } => *code,
         }
     }
 

@@ -8,6 +8,7 @@
 //! connection (session mode), so session state always behaves exactly as on a direct
 //! connection.
 
+pub mod admin;
 pub mod cache;
 pub mod cancel;
 pub mod catalog;

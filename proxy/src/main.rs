@@ -62,6 +62,9 @@ enum Command {
         #[arg(long)]
         drop: bool,
     },
+    /// Print a SCRAM-SHA-256 verifier for `admin.password`; reads the password from
+    /// the first line of standard input.
+    HashPassword,
     /// Start a throwaway PostgreSQL with a demo schema and spillway in front of it.
     Demo {
         #[arg(long, default_value = "127.0.0.1:6432")]
@@ -136,11 +139,31 @@ fn main() -> ExitCode {
             let install = install_triggers(&config, &tables, drop);
             finish(runtime().and_then(|rt| rt.block_on(install)))
         }
+        Command::HashPassword => hash_password(),
         Command::Demo { listen } => {
             init_tracing(&LogConfig::default());
             report(runtime().and_then(|rt| rt.block_on(demo(listen))))
         }
     }
+}
+
+/// `spillway hash-password`: the verifier keeps the password out of the config file.
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(err) = std::io::stdin().read_line(&mut line) {
+        eprintln!("spillway: reading the password from standard input: {err}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("spillway: no password on standard input");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{}",
+        spillway::admin::scram::Verifier::from_password(password)
+    );
+    ExitCode::SUCCESS
 }
 
 /// Loads the config for a one-shot command; a config error is reported and exits 64.

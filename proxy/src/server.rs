@@ -100,6 +100,10 @@ impl Server {
         );
         // Before the first session: the journal's unapplied records go upstream first.
         let writes = crate::writes::start::start(&config, cache.as_ref()).await?;
+        if !config.admin.users.is_empty() {
+            // The console's SHOW STATS reads the recorder even without metrics.listen.
+            crate::metrics::install();
+        }
         let metrics = crate::metrics::start(
             &config,
             cache.clone(),
@@ -121,6 +125,7 @@ impl Server {
             cancel: Arc::new(CancelRegistry::default()),
             tls,
             signals: Arc::new(ShutdownSignals::default()),
+            clients: Arc::default(),
         });
         Ok(Server {
             listener,

@@ -148,6 +148,14 @@ impl ReadCache {
         }))
     }
 
+    /// Every database sessions have used so far (the admin console's INVALIDATE).
+    pub fn databases(&self) -> Vec<Arc<DbState>> {
+        match self.dbs.lock() {
+            Ok(d) => d.values().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+        }
+    }
+
     /// The state of database `name`; the first call starts its service connection.
     pub fn database(self: &Arc<Self>, name: &str) -> Arc<DbState> {
         let mut dbs = match self.dbs.lock() {

@@ -33,6 +33,7 @@ pub struct Config {
     pub flush: FlushConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
     pub tables: BTreeMap<String, TableConfig>,
 }
 
@@ -134,6 +135,52 @@ impl Default for LogConfig {
     }
 }
 
+/// `[admin]`: the admin console, reached by connecting to database `spillway`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Roles that may log in to the console. Empty (the default): no console, and
+    /// database `spillway` is relayed to PostgreSQL like any other.
+    pub users: Vec<String>,
+    /// The console's password: a SCRAM-SHA-256 verifier in PostgreSQL's format
+    /// (`SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>`, from
+    /// `spillway hash-password` or `pg_authid.rolpassword`), or the password itself.
+    pub password: Option<Secret>,
+}
+
+impl AdminConfig {
+    /// The verifier logins are checked against; `None` without a password. A
+    /// plain password gets a fresh random salt each time.
+    pub fn verifier(&self) -> Option<crate::admin::scram::Verifier> {
+        let secret = self.password.as_ref()?.expose();
+        Some(
+            crate::admin::scram::Verifier::parse(secret)
+                .unwrap_or_else(|| crate::admin::scram::Verifier::from_password(secret)),
+        )
+    }
+}
+
+/// A string that `Debug` never prints (passwords in the config).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LogFormat {
@@ -212,6 +259,7 @@ impl Config {
         self.table_policies()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ValidationError::new("log.level", e.to_string()))?;
+        self.admin.validate()?;
         Ok(())
     }
 
@@ -283,6 +331,37 @@ impl Config {
             port: url.port().unwrap_or(5432),
             sslmode,
         })
+    }
+}
+
+impl AdminConfig {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.users.iter().any(|u| u.is_empty()) {
+            return Err(ValidationError::new(
+                "admin.users",
+                "role names must not be empty",
+            ));
+        }
+        match &self.password {
+            None if !self.users.is_empty() => Err(ValidationError::new(
+                "admin.password",
+                "required with admin.users (a SCRAM-SHA-256 verifier or a password)",
+            )),
+            Some(p) if p.expose().is_empty() => {
+                Err(ValidationError::new("admin.password", "must not be empty"))
+            }
+            Some(p)
+                if p.expose().starts_with("SCRAM-SHA-256$")
+                    && crate::admin::scram::Verifier::parse(p.expose()).is_none() =>
+            {
+                Err(ValidationError::new(
+                    "admin.password",
+                    "looks like a SCRAM-SHA-256 verifier but is not a valid one \
+                     (SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>)",
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

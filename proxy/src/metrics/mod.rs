@@ -152,6 +152,30 @@ fn describe() {
     );
 }
 
+/// Sets the metrics that mirror state (cache counters and size, pending writes,
+/// journal) from their owners; called before a scrape or a console `SHOW` renders.
+pub fn refresh(
+    cache: Option<&crate::cache::ReadCache>,
+    writes: Option<&crate::writes::service::WriteService>,
+) {
+    if let Some(c) = cache {
+        c.results.sync();
+        let s = c.results.stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!(CACHE_HITS).absolute(load(&s.hits));
+        metrics::counter!(CACHE_MISSES).absolute(load(&s.misses));
+        metrics::counter!(CACHE_EVICTIONS).absolute(load(&s.evicted) + load(&s.expired));
+        #[allow(clippy::cast_precision_loss)]
+        {
+            metrics::gauge!(CACHE_BYTES).set(c.results.weighted_bytes() as f64);
+            metrics::gauge!(CACHE_ENTRIES).set(c.results.entry_count() as f64);
+        }
+    }
+    if let Some(w) = writes {
+        w.export_gauges();
+    }
+}
+
 /// Binds `metrics.listen` and serves the endpoint until the returned token is
 /// cancelled; `None` when `metrics.listen` is unset.
 pub async fn start(
@@ -173,25 +197,7 @@ pub async fn start(
     };
     tracing::info!(addr = %local, "metrics endpoint on {local}");
     let (refresh_cache, refresh_writes) = (cache.clone(), writes.clone());
-    let refresh = Box::new(move || {
-        if let Some(c) = &refresh_cache {
-            c.results.sync();
-            let s = c.results.stats();
-            let load =
-                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-            metrics::counter!(CACHE_HITS).absolute(load(&s.hits));
-            metrics::counter!(CACHE_MISSES).absolute(load(&s.misses));
-            metrics::counter!(CACHE_EVICTIONS).absolute(load(&s.evicted) + load(&s.expired));
-            #[allow(clippy::cast_precision_loss)]
-            {
-                metrics::gauge!(CACHE_BYTES).set(c.results.weighted_bytes() as f64);
-                metrics::gauge!(CACHE_ENTRIES).set(c.results.entry_count() as f64);
-            }
-        }
-        if let Some(w) = &refresh_writes {
-            w.export_gauges();
-        }
-    });
+    let on_scrape = Box::new(move || refresh(refresh_cache.as_deref(), refresh_writes.as_deref()));
     let ready_writes = writes;
     let ready: http::ReadyCheck = Box::new(move || {
         let writes = ready_writes.clone();
@@ -216,7 +222,7 @@ pub async fn start(
     });
     let endpoint = Arc::new(http::Endpoint {
         handle,
-        refresh,
+        refresh: on_scrape,
         ready,
     });
     let stop = tokio_util::sync::CancellationToken::new();

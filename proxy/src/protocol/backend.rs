@@ -8,8 +8,9 @@
 
 use bytes::{Bytes, BytesMut};
 use pgwire::messages::Message;
-use pgwire::messages::response::ErrorResponse;
-use pgwire::messages::startup::{Authentication, BackendKeyData, SecretKey};
+use pgwire::messages::data::{DataRow, FORMAT_CODE_TEXT, FieldDescription, RowDescription};
+use pgwire::messages::response::{EmptyQueryResponse, ErrorResponse};
+use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
 
 use super::frame::{ProtocolError, get_cstr};
 use super::sqlstate::SqlState;
@@ -82,6 +83,82 @@ pub fn backend_key_data(pid: i32, secret: &[u8]) -> Bytes {
 /// Encodes AuthenticationSASL offering `mechanisms`.
 pub fn authentication_sasl(mechanisms: Vec<String>) -> Bytes {
     encode(&Authentication::SASL(mechanisms))
+}
+
+/// AuthenticationOk.
+pub fn authentication_ok() -> Bytes {
+    encode(&Authentication::Ok)
+}
+
+/// AuthenticationSASLContinue carrying the server's SCRAM message.
+pub fn authentication_sasl_continue(data: Vec<u8>) -> Bytes {
+    encode(&Authentication::SASLContinue(Bytes::from(data)))
+}
+
+/// AuthenticationSASLFinal carrying the server's signature.
+pub fn authentication_sasl_final(data: Vec<u8>) -> Bytes {
+    encode(&Authentication::SASLFinal(Bytes::from(data)))
+}
+
+pub fn parameter_status(name: &str, value: &str) -> Bytes {
+    encode(&ParameterStatus::new(name.to_owned(), value.to_owned()))
+}
+
+pub fn empty_query_response() -> Bytes {
+    encode(&EmptyQueryResponse::new())
+}
+
+/// The column types of result sets spillway answers itself (the admin console); values
+/// are always sent in text format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    Text,
+    Int8,
+    Float8,
+    Bool,
+}
+
+impl ColumnType {
+    /// Type OID and size as in `pg_type`.
+    fn pg_type(self) -> (u32, i16) {
+        match self {
+            ColumnType::Text => (25, -1),
+            ColumnType::Int8 => (20, 8),
+            ColumnType::Float8 => (701, 8),
+            ColumnType::Bool => (16, 1),
+        }
+    }
+}
+
+/// RowDescription of text-format columns.
+pub fn row_description(columns: &[(&str, ColumnType)]) -> Bytes {
+    let fields = columns
+        .iter()
+        .map(|(name, ty)| {
+            let (oid, size) = ty.pg_type();
+            FieldDescription::new((*name).to_owned(), 0, 0, oid, size, -1, FORMAT_CODE_TEXT)
+        })
+        .collect();
+    encode(&RowDescription::new(fields))
+}
+
+/// DataRow of text values; `None` is SQL NULL.
+pub fn data_row(values: &[Option<String>]) -> Bytes {
+    use bytes::BufMut;
+    let mut data = BytesMut::new();
+    for value in values {
+        match value {
+            Some(v) => {
+                data.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                data.put_slice(v.as_bytes());
+            }
+            None => data.put_i32(-1),
+        }
+    }
+    encode(&DataRow::new(
+        data,
+        i16::try_from(values.len()).unwrap_or(i16::MAX),
+    ))
 }
 
 fn encode<M: Message>(msg: &M) -> Bytes {
@@ -208,6 +285,41 @@ mod tests {
 
     fn body_of(msg: &Bytes) -> &[u8] {
         &msg[5..]
+    }
+
+    #[test]
+    fn result_set_messages_round_trip() {
+        use pgwire::messages::DecodeContext;
+        let ctx = DecodeContext::default();
+        let desc = row_description(&[("n", ColumnType::Int8), ("name", ColumnType::Text)]);
+        let decoded =
+            RowDescription::decode(&mut BytesMut::from(&desc[..]), &ctx).expect("decodes");
+        let fields = decoded.expect("whole").fields;
+        assert_eq!(fields.len(), 2);
+        assert_eq!((fields[0].name.as_str(), fields[0].type_id), ("n", 20));
+        assert_eq!((fields[1].name.as_str(), fields[1].type_size), ("name", -1));
+
+        let row = data_row(&[Some("42".to_owned()), None]);
+        let decoded = DataRow::decode(&mut BytesMut::from(&row[..]), &ctx)
+            .expect("decodes")
+            .expect("whole");
+        assert_eq!(decoded.field_count, 2);
+        assert_eq!(&decoded.data[..], b"\0\0\0\x0242\xff\xff\xff\xff");
+
+        let status = super::parameter_status("server_encoding", "UTF8");
+        assert_eq!(
+            parse_parameter_status(body_of(&status)).expect("parses"),
+            ("server_encoding".to_owned(), "UTF8".to_owned())
+        );
+        assert_eq!(
+            authentication_code(body_of(&authentication_ok())),
+            Some(AUTH_OK)
+        );
+        assert_eq!(
+            authentication_code(body_of(&authentication_sasl_final(b"v=x".to_vec()))),
+            Some(12)
+        );
+        assert_eq!(&empty_query_response()[..], b"I\0\0\0\x04");
     }
 
     #[test]

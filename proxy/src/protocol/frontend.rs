@@ -74,6 +74,20 @@ pub fn query(body: &[u8]) -> Option<&str> {
     r.done().then_some(sql)
 }
 
+/// SASLInitialResponse (a PasswordMessage during SASL): the mechanism and the initial
+/// client response (empty when the client sent none, length -1).
+pub fn sasl_initial_response(body: &[u8]) -> Option<(&str, &[u8])> {
+    let mut r = Reader(body);
+    let mechanism = r.cstr()?;
+    let len = r.i32()?;
+    let data = if len < 0 {
+        &[][..]
+    } else {
+        r.bytes(usize::try_from(len).ok()?)?
+    };
+    r.done().then_some((mechanism, data))
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub struct Parse<'a> {
     pub name: &'a str,

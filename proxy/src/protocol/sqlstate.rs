@@ -19,6 +19,18 @@ impl SqlState {
     pub const UNIQUE_VIOLATION: SqlState = SqlState("23505");
     /// Deferred writes: the journal or the flush worker stopped.
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
+    /// Admin console: a role not in `admin.users`.
+    pub const INVALID_AUTHORIZATION: SqlState = SqlState("28000");
+    /// Admin console: a wrong password.
+    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
+    /// Admin console: an unknown command.
+    pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+    /// Admin console: `FLUSH`/`INVALIDATE` of a table it does not know.
+    pub const UNDEFINED_TABLE: SqlState = SqlState("42P01");
+    /// Admin console: a bare table name that matches several deferred tables.
+    pub const AMBIGUOUS: SqlState = SqlState("42702");
+    /// Admin console: `INVALIDATE` with the read cache off.
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
 
     pub fn code(&self) -> &'static str {
         self.0

@@ -15,11 +15,11 @@
 //!   [`relay::STREAM_THRESHOLD`] or more, of any type, is streamed, never held whole.
 //! - Every way a session ends is logged exactly once, in [`serve`].
 
-mod conn;
+pub(crate) mod conn;
 pub mod handler;
 pub mod relay;
 pub mod signal;
-mod startup;
+pub(crate) mod startup;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -49,6 +49,8 @@ pub struct Shared {
     /// Deferred tables and the database they are in; `None` when no table has a
     /// deferred policy.
     pub writes: Option<(Arc<crate::writes::service::WriteService>, String)>,
+    /// Sessions past startup, for the admin console's `SHOW CLIENTS`.
+    pub clients: Arc<crate::admin::Clients>,
 }
 
 impl Shared {
@@ -63,7 +65,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let span = tracing::info_span!("session", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
     async move {
         let _client = GaugeGuard::new(crate::metrics::CLIENT_CONNECTIONS);
-        match run(tcp, &shared).await {
+        match run(tcp, peer, &shared).await {
             Ok(end) => tracing::debug!(?end, "session closed"),
             Err(err) => log_end(&err),
         }
@@ -123,7 +125,7 @@ pub enum End {
     AuthRefused,
 }
 
-async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
+async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<End, SessionError> {
     // The client connection stays owned here through startup, so that whatever ends
     // the startup phase — a bad packet, an unreachable upstream, the timeout — can
     // still be reported to the client before the connection closes.
@@ -137,6 +139,10 @@ async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
         };
     let (upstream, state, cancel_key, startup) = match established {
         startup::Established::Done(end) => return Ok(end),
+        // Outside the startup timeout: a console session lasts as long as its client.
+        startup::Established::Admin(startup) => {
+            return crate::admin::serve(client, shared, &startup, peer).await;
+        }
         startup::Established::Session {
             upstream,
             state,
@@ -145,6 +151,13 @@ async fn run(tcp: TcpStream, shared: &Shared) -> Result<End, SessionError> {
         } => (upstream, state, cancel_key, startup),
     };
     let _upstream = GaugeGuard::new(crate::metrics::UPSTREAM_CONNECTIONS);
+    let _listed = shared.clients.register(
+        peer,
+        startup.user(),
+        startup.database(),
+        startup.param("application_name").unwrap_or(""),
+        matches!(client.stream, Stream::ServerTls(_)),
+    );
     let handler = match &shared.cache {
         Some(cache) => handler::Handler::caching(
             cache.clone(),

@@ -23,6 +23,8 @@ use crate::stream::Stream;
 
 pub enum Established {
     Done(End),
+    /// A login to the admin console succeeded: the session is spillway's own.
+    Admin(Box<StartupMessage>),
     Session {
         upstream: Conn,
         state: ProtocolState,
@@ -39,6 +41,10 @@ pub async fn establish(client: &mut Conn, shared: &Shared) -> Result<Established
     let span = tracing::Span::current();
     span.record("user", startup.user());
     span.record("database", startup.database());
+    if crate::admin::is_console(&shared.config.admin, &startup) {
+        crate::admin::login(client, &shared.config.admin, startup.user()).await?;
+        return Ok(Established::Admin(Box::new(startup)));
+    }
 
     let mut upstream = Conn::new(shared.connector.connect().await?);
     upstream

@@ -5,6 +5,7 @@
 mod context;
 mod wire;
 
+mod admin;
 mod auth_tls;
 mod bad_input;
 mod cache;
