@@ -77,9 +77,11 @@ pub struct Applied {
 /// anything that is not an answer from PostgreSQL about the data).
 pub fn is_transient(err: &sqlx::Error) -> bool {
     match err {
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_none_or(|c| matches!(c.get(..2), Some("08" | "40" | "53" | "57" | "58" | "XX"))),
+        sqlx::Error::Database(db) => db.code().is_none_or(|c| {
+            matches!(c.get(..2), Some("08" | "40" | "53" | "57" | "58" | "XX"))
+                    // lock_not_available (lock_timeout), object_in_use: contention.
+                    || matches!(c.as_ref(), "55P03" | "55006")
+        }),
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)

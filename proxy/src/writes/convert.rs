@@ -4,7 +4,7 @@
 //! have a text form, casts are plain type names. Anything else is a fallback reason
 //! (the statement then runs write-through after a barrier).
 
-use spillway_policies::writes::{Assign as RecAssign, AssignOp, RowOp, Val, plan::safe_type};
+use spillway_policies::writes::{Assign as RecAssign, AssignOp, RowOp, Val};
 
 use super::params::{self, canonical_key, is_numeric};
 use super::tables::DeferredTable;
@@ -56,10 +56,19 @@ pub fn convert(
 ) -> Result<Converted, &'static str> {
     let name = table.meta.name.clone();
     let value = |v: &Value, column: &str| -> Result<Val, &'static str> {
-        let cast = match &v.cast {
-            Some(c) if !safe_type(c) => return Err("cast"),
-            c => c.clone(),
-        };
+        // A client cast is an explicit conversion (it may truncate or round where the
+        // column's assignment would refuse), and its result is not validated here:
+        // such statements run write-through.
+        if v.cast.is_some() {
+            return Err("cast");
+        }
+        let cast: Option<String> = None;
+        let column_oid = table.type_oids.get(column).copied().unwrap_or(0);
+        // Text of dates, times and intervals depends on the session's TimeZone,
+        // DateStyle and IntervalStyle, which the flusher's connection does not share.
+        if params::is_datetime_type(column_oid) {
+            return Err("datetime_value");
+        }
         let text = match &v.operand {
             Operand::Literal(t) => t.clone(),
             Operand::Param(n) => {
@@ -69,13 +78,12 @@ pub fn convert(
                 // An undeclared parameter used as a column's value takes the column's
                 // type (PostgreSQL infers it so); a cast decides nothing here because
                 // the client sent the value in the parameter's own type.
-                let oid = if declared != 0 {
-                    declared
-                } else if v.cast.is_some() {
-                    return Err("cast_parameter");
-                } else {
-                    table.type_oids.get(column).copied().unwrap_or(0)
-                };
+                // A declared type other than the column's would be converted by
+                // PostgreSQL's own rules (or refused at Parse): not deferred.
+                if declared != 0 && declared != column_oid {
+                    return Err("parameter_type");
+                }
+                let oid = column_oid;
                 let binary = bound.binary.get(i).copied().unwrap_or(false);
                 let text = params::to_text(raw.as_deref(), binary, oid)?;
                 // 'now', 'today'… read the clock when PostgreSQL converts them: at

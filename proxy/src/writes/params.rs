@@ -225,6 +225,11 @@ pub fn is_clock_type(type_oid: u32) -> bool {
     matches!(type_oid, 1082 | 1083 | 1114 | 1184 | 1266)
 }
 
+/// Date/time and interval types (their text depends on session settings).
+pub fn is_datetime_type(type_oid: u32) -> bool {
+    is_clock_type(type_oid) || type_oid == 1186
+}
+
 /// `now`, `today`, `tomorrow`, `yesterday` (any case, padded): date/time input turns
 /// them into the current time.
 pub fn is_clock_word(text: &str) -> bool {

@@ -34,6 +34,12 @@ use super::apply::{self, ApplyError, LedgerKey};
 use super::convert::{Converted, Verb};
 use super::tables::DeferredTable;
 
+/// Privilege answers by (role, table, verb), with when they were asked.
+type Privileges = HashMap<(String, String, Verb), (bool, Instant)>;
+
+/// How long a privilege answer is reused before it is asked again.
+const PRIVILEGE_TTL: Duration = Duration::from_secs(5);
+
 /// Longest pause between retries of a batch that failed transiently.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -153,7 +159,7 @@ pub struct WriteService {
     url: String,
     /// Privilege answers per (role, table, verb); and the connection that asks them
     /// and does the point reads of `row_counts = "exact"`.
-    privileges: Mutex<HashMap<(String, String, Verb), bool>>,
+    privileges: Mutex<Privileges>,
     checks: tokio::sync::Mutex<Option<PgConnection>>,
 }
 
@@ -397,13 +403,16 @@ impl WriteService {
         }
     }
 
-    /// Whether `user` holds the privilege `verb` needs on `table` (asked once per
-    /// role, table and verb).
+    /// Whether `user` holds the privilege `verb` needs on `table`. An answer is
+    /// reused for [`PRIVILEGE_TTL`], so a REVOKE takes effect within it.
     async fn permitted(&self, user: &str, table: &str, verb: Verb) -> Result<bool, DeferError> {
         let k = (user.to_owned(), table.to_owned(), verb);
-        if let Some(ok) = self.privileges_map().get(&k) {
+        if let Some((ok, at)) = self.privileges_map().get(&k)
+            && at.elapsed() < PRIVILEGE_TTL
+        {
             return Ok(*ok);
         }
+        let oid = i64::from(self.tables.get(table).map_or(0, |t| t.oid));
         let privilege = match verb {
             Verb::Insert => "INSERT",
             Verb::Update => "UPDATE",
@@ -412,14 +421,14 @@ impl WriteService {
         let ok: bool = self
             .check(|conn| {
                 let user = user.to_owned();
-                let table = table.to_owned();
                 Box::pin(async move {
+                    // By OID: a name would need quoting, and could match another table.
                     sqlx::query_scalar(
-                        "SELECT pg_catalog.has_table_privilege($1, $2::regclass, $3) \
-                         AND (NOT $4 OR pg_catalog.has_table_privilege($1, $2::regclass, 'SELECT'))",
+                        "SELECT pg_catalog.has_table_privilege($1, $2::int8::oid, $3) \
+                         AND (NOT $4 OR pg_catalog.has_table_privilege($1, $2::int8::oid, 'SELECT'))",
                     )
                     .bind(user)
-                    .bind(table)
+                    .bind(oid)
                     .bind(privilege)
                     // UPDATE/DELETE … WHERE key = … also needs SELECT in PostgreSQL.
                     .bind(verb != Verb::Insert)
@@ -428,11 +437,11 @@ impl WriteService {
                 })
             })
             .await?;
-        self.privileges_map().insert(k, ok);
+        self.privileges_map().insert(k, (ok, Instant::now()));
         Ok(ok)
     }
 
-    fn privileges_map(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, Verb), bool>> {
+    fn privileges_map(&self) -> std::sync::MutexGuard<'_, Privileges> {
         match self.privileges.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),

@@ -286,3 +286,52 @@ async fn values_postgresql_would_refuse_get_postgresqls_error_not_an_ack() {
         "0"
     );
 }
+
+/// Review findings: an explicit cast or a date/time value is not deferred (PostgreSQL
+/// answers as it would directly), and a deferred table whose name needs quoting has
+/// its privileges checked by OID.
+#[tokio::test]
+async fn casts_datetimes_and_quoted_table_names() {
+    let ctx = Context::builder()
+        .before_proxy(
+            "CREATE TABLE public.\"Events\" (id int PRIMARY KEY, code varchar(3), at timestamptz)",
+        )
+        .section(
+            "[flush]\ninterval = \"1h\"\n[tables.\"public.Events\"]\npolicy = \"write-behind\"\n",
+        )
+        .start()
+        .await;
+    let proxy = ctx.proxy_client().await;
+    // Deferred (nothing upstream yet) although the name needs quoting.
+    rows_of(
+        &proxy,
+        "INSERT INTO \"Events\" (id, code) VALUES (1, 'abc')",
+    )
+    .await;
+    assert_eq!(direct(&ctx, "SELECT count(*) FROM \"Events\""), "0");
+    // An explicit cast truncates where assignment refuses: PostgreSQL's answer, at once.
+    let err = proxy
+        .simple_query("INSERT INTO \"Events\" (id, code) VALUES (2, 'abcdef'::text)")
+        .await
+        .expect_err("too long for varchar(3)");
+    assert_eq!(err.code().map(|c| c.code()), Some("22001"), "{err:?}");
+    // A timestamp's text depends on the session's TimeZone: written through, so it is
+    // in PostgreSQL as soon as it is acknowledged (after a barrier for row 1).
+    proxy
+        .batch_execute("SET TimeZone = 'America/New_York'")
+        .await
+        .expect("set");
+    rows_of(
+        &proxy,
+        "INSERT INTO \"Events\" (id, at) VALUES (3, '2024-01-01 12:00')",
+    )
+    .await;
+    assert_eq!(
+        direct(
+            &ctx,
+            "SELECT count(*) || ' ' || (SELECT at AT TIME ZONE 'UTC' FROM \"Events\" WHERE id = 3) \
+             FROM \"Events\""
+        ),
+        "2 2024-01-01 17:00:00"
+    );
+}

@@ -440,6 +440,14 @@ impl Caching {
         if !self.key.usable() {
             return Err("session_state");
         }
+        // Literal text and bytes mean what the flusher's connection reads them as only
+        // with these settings (UTF-8, backslashes literal in '…').
+        let param = |name: &str| out.state.params.get(name).map(String::as_str);
+        if param("client_encoding") != Some("UTF8")
+            || param("standard_conforming_strings") != Some("on")
+        {
+            return Err("session_settings");
+        }
         if !stmt.functions.is_empty() || stmt.sql_value_function {
             return Err("function");
         }

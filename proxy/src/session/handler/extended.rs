@@ -119,6 +119,8 @@ impl Caching {
                     self.held.clear();
                     self.held_bytes = 0;
                     self.waited = false;
+                    self.barrier_passed = false;
+                    self.no_defer = false;
                     return Disposition::Consumed;
                 }
                 Plan::Wait(notified) if !self.waited && out.state.tx_status == b'I' => {

@@ -357,6 +357,9 @@ impl Caching {
             self.cache.results.record_hit();
             self.metrics.hit.record(started.elapsed());
             self.waited = false;
+            // A barrier this message waited for is spent with it.
+            self.barrier_passed = false;
+            self.no_defer = false;
             // As on PostgreSQL, a simple Query replaces the unnamed statement.
             self.forget_unnamed();
             return Disposition::Consumed;
