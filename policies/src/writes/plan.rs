@@ -173,8 +173,9 @@ impl Shape {
     }
 }
 
-/// The operation's primary-key values (canonical text, from the record).
-fn key_of(op: &RowOp, meta: &TableMeta) -> Result<Vec<Option<String>>, PlanError> {
+/// The operation's primary-key values (canonical text, from the record), in the
+/// table's key order.
+pub fn key_of(op: &RowOp, meta: &TableMeta) -> Result<Vec<Option<String>>, PlanError> {
     match op {
         RowOp::Insert {
             columns, values, ..

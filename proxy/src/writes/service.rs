@@ -852,23 +852,12 @@ impl WriteService {
 impl WriteService {
     /// The canonical key of an operation, as the overlay stores it.
     fn key_of(&self, op: &spillway_policies::writes::RowOp) -> Option<Vec<String>> {
-        use spillway_policies::writes::RowOp;
         let meta = self.metas.get(op.table())?;
-        match op {
-            RowOp::Insert {
-                columns, values, ..
-            } => meta
-                .key
-                .iter()
-                .map(|k| {
-                    let i = columns.iter().position(|c| c == k)?;
-                    values.get(i)?.text.clone()
-                })
-                .collect(),
-            RowOp::Update { key, .. } | RowOp::Delete { key, .. } => {
-                key.iter().map(|v| v.text.clone()).collect()
-            }
-        }
+        // Keys are never NULL in a record (the write path refuses that).
+        spillway_policies::writes::plan::key_of(op, meta)
+            .ok()?
+            .into_iter()
+            .collect()
     }
 }
 

@@ -25,7 +25,7 @@ fn builder(interval: &str) -> ContextBuilder {
 }
 
 /// Runs `sql` in the simple protocol; the row count of its command tag.
-async fn tag(client: &Client, sql: &str) -> u64 {
+pub async fn tag(client: &Client, sql: &str) -> u64 {
     let msgs = client
         .simple_query(sql)
         .await
@@ -38,7 +38,7 @@ async fn tag(client: &Client, sql: &str) -> u64 {
         .unwrap_or_else(|| panic!("{sql}: no CommandComplete in {msgs:?}"))
 }
 
-fn direct_rows(ctx: &Context, sql: &str) -> String {
+pub fn direct_rows(ctx: &Context, sql: &str) -> String {
     ctx.psql_direct(sql).trim().to_owned()
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::context::{Context, ContextBuilder};
+use crate::write_behind::{direct_rows as direct, tag as rows_of};
 
 const TABLES: &str = "CREATE TABLE public.wb (id int PRIMARY KEY, v text, n bigint NOT NULL DEFAULT 0); \
                       CREATE TABLE public.wb_child (id int PRIMARY KEY, \
@@ -20,23 +21,6 @@ fn builder(table_options: &str) -> ContextBuilder {
          [tables.\"public.wb\"]\npolicy = \"write-behind\"\n{table_options}\n\
          [tables.\"public.wb_child\"]\npolicy = \"write-behind\"\n"
     ))
-}
-
-async fn rows_of(client: &Client, sql: &str) -> u64 {
-    let msgs = client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    msgs.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::CommandComplete(n) => Some(*n),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("{sql}: no CommandComplete"))
-}
-
-fn direct(ctx: &Context, sql: &str) -> String {
-    ctx.psql_direct(sql).trim().to_owned()
 }
 
 #[tokio::test]
