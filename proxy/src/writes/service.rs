@@ -18,6 +18,7 @@
 //!   acknowledging writes that would never be applied.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -151,8 +152,13 @@ pub struct WriteService {
     journal: Journal,
     state: Mutex<State>,
     applied: watch::Sender<u64>,
-    /// Asks the flusher to run now (a barrier, a full batch).
+    /// Asks the flusher to look again (a barrier, a full batch, a writer waiting for
+    /// room). A wake alone does not make a flush due: see [`Self::until_due`].
     wake: Notify,
+    /// The sequence number someone is waiting to see applied (barriers, `SPILLWAY
+    /// FLUSH`, writers blocked on `max_pending`); the flusher applies at once while it
+    /// is ahead of `applied`.
+    wanted: AtomicU64,
     /// Set once when the flusher stops for good.
     poisoned: OnceLock<String>,
     flush: FlushConfig,
@@ -218,6 +224,7 @@ impl WriteService {
             state: Mutex::new(state),
             applied: applied_tx,
             wake: Notify::new(),
+            wanted: AtomicU64::new(0),
             poisoned: OnceLock::new(),
             flush,
             url,
@@ -514,7 +521,7 @@ impl WriteService {
                     pending,
                 });
             }
-            self.wake.notify_one();
+            self.want(self.highest());
             let mut applied = self.applied.subscribe();
             let _ = tokio::time::timeout(Duration::from_millis(20), applied.changed()).await;
         }
@@ -572,10 +579,37 @@ impl WriteService {
             if let Some(cause) = self.poisoned.get() {
                 return Err(DeferError::Stopped(cause.clone()));
             }
-            self.wake.notify_one();
+            self.want(seq);
             // Poison is noticed within this period even without a change.
             let _ = tokio::time::timeout(Duration::from_millis(200), applied.changed()).await;
         }
+    }
+
+    /// Asks the flusher to apply everything up to `seq` now.
+    fn want(&self, seq: u64) {
+        self.wanted.fetch_max(seq, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    /// How long the pending records may still wait; zero when a flush is due: someone
+    /// waits for them, a batch is full, or the oldest is `tick` old. A stale wake (a
+    /// barrier already satisfied) therefore never flushes a record early.
+    fn until_due(&self) -> Duration {
+        let applied = *self.applied.borrow();
+        if self.wanted.load(Ordering::Acquire) > applied {
+            return Duration::ZERO;
+        }
+        let tick = self.tick();
+        let state = self.state();
+        if state.pending.len() >= self.flush.batch_size {
+            return Duration::ZERO;
+        }
+        state
+            .tables
+            .values()
+            .filter_map(|s| s.oldest)
+            .min()
+            .map_or(tick, |oldest| tick.saturating_sub(oldest.elapsed()))
     }
 
     /// Sets the pending-write and journal gauges (called when a scrape arrives).
@@ -632,13 +666,28 @@ impl WriteService {
         let mut unsure = false;
         let mut backoff = Duration::from_millis(50);
         loop {
-            let batch = self.next_batch();
+            let wait = if shutdown.is_cancelled() {
+                Duration::ZERO
+            } else {
+                self.until_due()
+            };
+            let batch = if wait.is_zero() {
+                self.next_batch()
+            } else {
+                Vec::new()
+            };
             if batch.is_empty() {
                 if shutdown.is_cancelled() {
                     return;
                 }
+                // Due but nothing contiguous and durable yet: an append is completing.
+                let wait = if wait.is_zero() {
+                    Duration::from_millis(5)
+                } else {
+                    wait
+                };
                 tokio::select! {
-                    () = tokio::time::sleep(self.tick()) => {}
+                    () = tokio::time::sleep(wait) => {}
                     () = self.wake.notified() => {}
                     () = shutdown.cancelled() => {}
                 }
