@@ -132,13 +132,20 @@ impl Policy {
     }
 }
 
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Policy {
+    /// The name as written in the config (also a metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
             Policy::WriteThrough => "write-through",
             Policy::WriteBack => "write-back",
             Policy::WriteBehind => "write-behind",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -341,6 +348,15 @@ pub fn validate_tables(
             return Err(ValidationError::new(
                 at("max_pending"),
                 "must be at least 1",
+            ));
+        }
+        if table.policy == Policy::WriteBack && table.row_counts == RowCounts::Assumed {
+            // Coalescing folds operations assuming each was valid when acknowledged
+            // (an INSERT then a DELETE cancel out), which only exact counts ensure.
+            return Err(ValidationError::new(
+                at("row_counts"),
+                "policy \"write-back\" needs row_counts = \"exact\": coalescing relies on \
+                 knowing which keys exist",
             ));
         }
         if table.consistency == Consistency::Bounded && table.max_staleness.is_zero() {

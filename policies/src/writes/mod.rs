@@ -1,5 +1,6 @@
 //! Deferred writes as data: what a journal record holds ([`record`]), and how a run of
-//! records becomes a few set-based statements for PostgreSQL ([`plan`]).
+//! records becomes a few set-based statements for PostgreSQL ([`plan`]), after
+//! write-back tables' operations are folded per key ([`coalesce`]).
 //!
 //! Values are kept as PostgreSQL text (what a type's input function accepts) with the
 //! cast the client wrote, never as Rust values: the flusher hands them to PostgreSQL as
@@ -9,8 +10,11 @@
 //! It is not: the journal's storage, the upstream connection, or the decision whether a
 //! statement may be deferred (the proxy makes that with the catalog).
 
+pub mod arith;
+pub mod coalesce;
 pub mod plan;
 pub mod record;
 
+pub use coalesce::coalesce;
 pub use plan::{Group, GroupKind, TableMeta, plan_batch};
 pub use record::{Assign, AssignOp, CodecError, Record, RowOp, Val};

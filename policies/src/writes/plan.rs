@@ -29,6 +29,9 @@ pub struct TableMeta {
     pub key: Vec<String>,
     /// Every column's type as `format_type` spells it.
     pub types: HashMap<String, String>,
+    /// Write-back: the flusher folds the table's operations per key
+    /// ([`super::coalesce`]) instead of applying them one by one.
+    pub coalesce: bool,
 }
 
 impl TableMeta {
@@ -398,6 +401,7 @@ mod tests {
                     .into_iter()
                     .map(|(c, t)| (c.to_owned(), t.to_owned()))
                     .collect(),
+                    coalesce: false,
                 },
             );
         }

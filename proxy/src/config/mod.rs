@@ -268,16 +268,6 @@ impl Config {
     /// catalog at startup (`writes::tables`).
     pub fn table_policies(&self) -> Result<BTreeMap<TableName, TableConfig>, ValidationError> {
         let tables = validate_tables(&self.tables, true)?;
-        if let Some((name, _)) = tables
-            .iter()
-            .find(|(_, t)| t.policy == spillway_policies::Policy::WriteBack)
-        {
-            return Err(ValidationError::new(
-                format!("tables.\"{name}\".policy"),
-                "policy \"write-back\" (per-key coalescing) is not available in this build \
-                 of spillway; use \"write-behind\" or \"write-through\"",
-            ));
-        }
         if !self.cache.enabled
             && let Some((name, t)) = tables.iter().find(|(_, t)| t.policy.is_deferred())
         {

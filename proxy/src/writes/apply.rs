@@ -14,11 +14,14 @@
 //!   stops at a record, and a failing record is dead-lettered whole.
 //! - An UPDATE or DELETE whose key is not there at apply time is a dead letter
 //!   (SQLSTATE 02000), never silently dropped.
+//! - Write-back tables' operations are folded per key for the first attempt only; when
+//!   that attempt meets a data error, the batch is bisected as journaled, so dead
+//!   letters and record atomicity are the same for both deferred policies.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use spillway_policies::writes::{Group, GroupKind, Record, TableMeta, plan_batch};
+use spillway_policies::writes::{Group, GroupKind, Record, TableMeta, coalesce, plan_batch};
 use sqlx::{Connection, PgConnection, Row};
 
 /// SQLSTATE recorded for an UPDATE/DELETE whose key had no row when applied.
@@ -132,8 +135,10 @@ pub async fn apply_batch(
     let Some(last) = batch.last().map(|(seq, _)| *seq) else {
         return Ok(Applied::default());
     };
-    // The fast path: the whole batch as set-based statements.
-    let records: Vec<&Record> = batch.iter().map(|(_, r)| r.as_ref()).collect();
+    // The fast path: the whole batch as set-based statements, write-back tables'
+    // operations folded per key first (the ledger still moves to `last`).
+    let coalesced = coalesce(batch, tables);
+    let records: Vec<&Record> = coalesced.iter().map(|(_, r)| r.as_ref()).collect();
     let groups = plan_batch(&records, tables).map_err(|e| ApplyError::Unplannable {
         seq: batch.first().map_or(0, |(s, _)| *s),
         reason: e.to_string(),
@@ -144,7 +149,7 @@ pub async fn apply_batch(
     let mut applied = Applied::default();
     let mut failed = None;
     for group in &groups {
-        match run_group(&mut tx, group, batch, &mut applied).await {
+        match run_group(&mut tx, group, &coalesced, &mut applied).await {
             Ok(()) => {}
             Err(e) if is_transient(&e) => return Err(ApplyError::Transient(e)),
             Err(e) => {
@@ -153,8 +158,17 @@ pub async fn apply_batch(
             }
         }
     }
-    if failed.is_some() {
+    let folded = batch.iter().any(|(_, r)| {
+        r.ops
+            .iter()
+            .any(|op| tables.get(op.table()).is_some_and(|m| m.coalesce))
+    });
+    // A coalesced operation whose key was missing would dead-letter a fold of several
+    // records: those are judged one by one instead.
+    if failed.is_some() || (folded && !applied.dead_letters.is_empty()) {
         // Start over with bisection: savepoints isolate the records PostgreSQL refuses.
+        // It works on the records as journaled, not coalesced, so a record is still
+        // applied or refused whole and its dead letter names what the client sent.
         tx.rollback().await.map_err(ApplyError::Transient)?;
         let mut tx = conn.begin().await.map_err(ApplyError::Transient)?;
         durable_commit(&mut tx).await?;

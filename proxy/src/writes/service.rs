@@ -17,7 +17,7 @@
 //!   service refuses new deferred writes and barriers fail with the cause, instead of
 //!   acknowledging writes that would never be applied.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -143,6 +143,8 @@ struct KeyState {
 struct TableState {
     pending: usize,
     oldest: Option<Instant>,
+    /// Keys in the overlay (write-back's dirty keys, bounded by `flush.max_dirty_keys`).
+    dirty_keys: usize,
 }
 
 pub struct WriteService {
@@ -344,6 +346,9 @@ impl WriteService {
                     let slot = (table.to_owned(), (*key).clone());
                     let old = state.keys.get(&slot).copied();
                     let exists = seen.get(key).copied().unwrap_or(true);
+                    if old.is_none() {
+                        state.tables.entry(table.to_owned()).or_default().dirty_keys += 1;
+                    }
                     let entry = state
                         .keys
                         .entry(slot)
@@ -368,7 +373,11 @@ impl WriteService {
                         state.keys.insert(slot, k);
                     }
                     None => {
-                        state.keys.remove(&slot);
+                        if state.keys.remove(&slot).is_some()
+                            && let Some(s) = state.tables.get_mut(table)
+                        {
+                            s.dirty_keys = s.dirty_keys.saturating_sub(1);
+                        }
                     }
                 }
             }
@@ -393,12 +402,8 @@ impl WriteService {
         tokio::spawn(async move {
             let result = this.journal.append(payload).await;
             if let Ok(seq) = result {
-                let full = {
-                    let mut state = this.state();
-                    note_pending(&mut state, seq, record);
-                    state.pending.len() >= this.flush.batch_size
-                };
-                if full {
+                note_pending(&mut this.state(), seq, record);
+                if this.until_due().is_zero() {
                     this.wake.notify_one();
                 }
             }
@@ -601,7 +606,17 @@ impl WriteService {
         }
         let tick = self.tick();
         let state = self.state();
-        if state.pending.len() >= self.flush.batch_size {
+        // Write-behind: a full batch of records; write-back: too many dirty keys (its
+        // records fold into those, however many there are).
+        let (mut records, mut dirty) = (0, 0);
+        for (table, s) in &state.tables {
+            if self.coalesces(table) {
+                dirty += s.dirty_keys;
+            } else {
+                records += s.pending;
+            }
+        }
+        if records >= self.flush.batch_size || dirty >= self.flush.max_dirty_keys {
             return Duration::ZERO;
         }
         state
@@ -610,6 +625,11 @@ impl WriteService {
             .filter_map(|s| s.oldest)
             .min()
             .map_or(tick, |oldest| tick.saturating_sub(oldest.elapsed()))
+    }
+
+    /// Whether `table` is write-back (its operations fold per key at flush).
+    fn coalesces(&self, table: &str) -> bool {
+        self.metas.get(table).is_some_and(|m| m.coalesce)
     }
 
     /// Sets the pending-write and journal gauges (called when a scrape arrives).
@@ -817,22 +837,39 @@ impl WriteService {
     }
 
     /// The next contiguous run of pending records, whole records, up to
-    /// `flush.batch_size` row operations (at least one record).
+    /// `flush.batch_size` row operations (at least one record). A write-back table's
+    /// operations count once per key: they fold into one at flush.
     fn next_batch(&self) -> Vec<(u64, Arc<Record>)> {
         let first = *self.applied.borrow() + 1;
         let durable = self.journal.durable_seq();
         let state = self.state();
         let mut out = Vec::new();
         let mut ops = 0;
+        let mut folded = HashSet::new();
         // Stops at the first gap: a record still completing its append.
         for (expected, (seq, record)) in (first..).zip(state.pending.range(first..)) {
             if *seq != expected || *seq > durable {
                 break;
             }
-            if !out.is_empty() && ops + record.ops.len() > self.flush.batch_size {
+            let weight = record
+                .ops
+                .iter()
+                .filter(|op| {
+                    !self.coalesces(op.table())
+                        || self
+                            .key_of(op)
+                            .is_none_or(|k| !folded.contains(&(op.table(), k)))
+                })
+                .count();
+            if !out.is_empty() && ops + weight > self.flush.batch_size {
                 break;
             }
-            ops += record.ops.len();
+            ops += weight;
+            for op in record.ops.iter().filter(|op| self.coalesces(op.table())) {
+                if let Some(k) = self.key_of(op) {
+                    folded.insert((op.table(), k));
+                }
+            }
             out.push((*seq, record.clone()));
         }
         out
@@ -863,6 +900,9 @@ impl WriteService {
                         k.pending = k.pending.saturating_sub(1);
                         if k.pending == 0 {
                             state.keys.remove(&slot);
+                            if let Some(s) = state.tables.get_mut(op.table()) {
+                                s.dirty_keys = s.dirty_keys.saturating_sub(1);
+                            }
                             state.generation += 1;
                             let generation = state.generation;
                             state.forgotten.insert(slot, generation);

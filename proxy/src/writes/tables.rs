@@ -177,6 +177,7 @@ pub async fn load(
                     table: name.name.clone(),
                     key,
                     types,
+                    coalesce: config.policy == spillway_policies::Policy::WriteBack,
                 },
                 type_oids,
                 typmods,

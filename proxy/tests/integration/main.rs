@@ -22,6 +22,7 @@ mod outage;
 mod packaging;
 mod protocol;
 mod triggers;
+mod write_back;
 mod write_behind;
 mod write_load;
 mod write_options;

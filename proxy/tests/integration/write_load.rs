@@ -35,9 +35,14 @@ pub const SCHEMA: &str = "CREATE TABLE public.load_rows (id bigint PRIMARY KEY, 
 
 /// The `[tables]` sections that make both tables write-behind.
 pub fn tables_toml(extra: &str) -> String {
+    policy_toml("write-behind", extra)
+}
+
+/// The `[tables]` sections that give both tables `policy`.
+pub fn policy_toml(policy: &str, extra: &str) -> String {
     format!(
-        "[tables.\"public.load_rows\"]\npolicy = \"write-behind\"\n{extra}\n\
-         [tables.\"public.load_counters\"]\npolicy = \"write-behind\"\n{extra}\n"
+        "[tables.\"public.load_rows\"]\npolicy = \"{policy}\"\n{extra}\n\
+         [tables.\"public.load_counters\"]\npolicy = \"{policy}\"\n{extra}\n"
     )
 }
 

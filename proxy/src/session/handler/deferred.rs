@@ -59,6 +59,7 @@ pub(super) enum Waiting {
         /// For the `deferred` latency histogram and the write counter.
         started: std::time::Instant,
         table_name: String,
+        policy: &'static str,
     },
     Barrier {
         slot: Slot<()>,
@@ -104,13 +105,14 @@ impl Caching {
                 unnamed,
                 started,
                 table_name,
+                policy,
             } => match take(&slot) {
                 Some(Ok(outcome)) => {
                     self.metrics.deferred.record(started.elapsed());
                     metrics::counter!(
                         crate::metrics::CLIENT_WRITES,
                         "table" => table_name,
-                        "policy" => "write-behind"
+                        "policy" => policy
                     )
                     .increment(1);
                     if let Some(seq) = outcome.seq {
@@ -301,6 +303,10 @@ impl Caching {
                     let slot: Slot<Outcome> = Arc::new(Mutex::new(None));
                     let verb = converted.verb;
                     let oid = w.tables.get(&table).map_or(0, |t| t.oid);
+                    let policy = w
+                        .tables
+                        .get(&table)
+                        .map_or("write-behind", |t| t.config.policy.as_str());
                     let fut_slot = slot.clone();
                     let user = self.user.clone();
                     let service = w.clone();
@@ -318,6 +324,7 @@ impl Caching {
                         unnamed: single.unnamed,
                         started: std::time::Instant::now(),
                         table_name,
+                        policy,
                     });
                     return Some(Disposition::Blocked);
                 }
