@@ -34,14 +34,16 @@ bench_cleanup() {
   rm -rf "$WORK"
 }
 
-start_postgres() { # scale [noinit]
+start_postgres() { # scale [noinit]; DURABLE=1 keeps PostgreSQL's synchronous_commit = on
   PG_PORT=$(free_port)
   as_pg "$PG_BIN/initdb" -D "$WORK/data" -U bench --auth=trust -N -E UTF8 --locale=C >/dev/null
   cat >> "$WORK/data/postgresql.conf" <<CONF
 max_connections = 100
 shared_buffers = 256MB
-synchronous_commit = off
 CONF
+  if [ "${DURABLE:-0}" != 1 ]; then
+    echo "synchronous_commit = off" >> "$WORK/data/postgresql.conf"
+  fi
   as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w \
     -o "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1" start >/dev/null
   [ "${2:-}" = noinit ] && return 0
@@ -94,8 +96,11 @@ scenario_tables_toml() { # scenario... : the table config they expect, each grou
   done
 }
 
-start_spillway() { # name [extra TOML] -> sets SW_PORT
+start_spillway() { # name [extra TOML] -> sets SW_PORT and SW_METRICS (its /metrics URL)
   SW_PORT=$(free_port)
+  local metrics_port
+  metrics_port=$(free_port)
+  SW_METRICS="http://127.0.0.1:$metrics_port/metrics"
   cat > "$WORK/$1.toml" <<CONF
 [server]
 listen = "127.0.0.1:$SW_PORT"
@@ -104,7 +109,7 @@ url = "postgres://bench@127.0.0.1:$PG_PORT/postgres?sslmode=disable"
 [journal]
 dir = "$WORK/journal-$1"
 [metrics]
-listen = "127.0.0.1:$(free_port)"
+listen = "127.0.0.1:$metrics_port"
 [log]
 level = "warn"
 ${2:-}

@@ -197,6 +197,17 @@ impl WriteService {
             epoch: journal.epoch(),
         };
         let applied = apply::claim_ledger(conn, &key).await?;
+        let first_pending = recovered
+            .iter()
+            .map(|r| r.seq)
+            .filter(|s| *s > applied)
+            .min();
+        check_ledger(
+            &key.journal_id,
+            applied,
+            journal.durable_seq(),
+            first_pending,
+        )?;
         let mut state = State::default();
         for r in recovered.into_iter().filter(|r| r.seq > applied) {
             let record = Record::decode(&r.payload).map_err(|e| StartError::Decode {
@@ -938,6 +949,35 @@ impl WriteService {
     }
 }
 
+/// Refuses a journal and a ledger that cannot both be right: the flusher applies the
+/// records after the ledger's `applied` in order, so the journal must hold exactly
+/// those (`first_pending` is the lowest recovered sequence number above `applied`,
+/// `durable` the journal's last).
+fn check_ledger(
+    journal: &str,
+    applied: u64,
+    durable: u64,
+    first_pending: Option<u64>,
+) -> Result<(), StartError> {
+    if durable < applied {
+        return Err(StartError::JournalBehindLedger {
+            journal: journal.to_owned(),
+            applied,
+            durable,
+        });
+    }
+    match first_pending {
+        _ if durable == applied => Ok(()),
+        Some(first) if first == applied + 1 => Ok(()),
+        other => Err(StartError::LedgerBehindJournal {
+            journal: journal.to_owned(),
+            applied,
+            from: applied + 1,
+            to: other.map_or(durable, |f| f - 1),
+        }),
+    }
+}
+
 impl WriteService {
     /// The canonical key of an operation, as the overlay stores it.
     fn key_of(&self, op: &spillway_policies::writes::RowOp) -> Option<Vec<String>> {
@@ -964,6 +1004,62 @@ fn note_pending(state: &mut State, seq: u64, record: Arc<Record>) {
 pub enum StartError {
     #[error(transparent)]
     Ledger(#[from] ApplyError),
+    #[error(
+        "spillway.flush_ledger says journal {journal} was applied through record {applied}, \
+         but the journal ends at record {durable}: the journal directory is older than the \
+         database (restored from a backup, or another instance's?). New writes would be \
+         numbered as already applied, so spillway does not start; see docs/operations.md, \
+         \"The ledger and the journal disagree\""
+    )]
+    JournalBehindLedger {
+        journal: String,
+        applied: u64,
+        durable: u64,
+    },
+    #[error(
+        "spillway.flush_ledger says journal {journal} was applied through record {applied}, \
+         but the journal no longer holds records {from} to {to} (they were confirmed applied \
+         and truncated): the database is older than the journal (restored from a backup?) \
+         and lacks writes that were acknowledged. spillway does not start; see \
+         docs/operations.md, \"The ledger and the journal disagree\""
+    )]
+    LedgerBehindJournal {
+        journal: String,
+        applied: u64,
+        from: u64,
+        to: u64,
+    },
     #[error("journal record {seq} does not decode: {error}")]
     Decode { seq: u64, error: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ledger_and_the_journal_must_agree() {
+        // Fresh journal; caught up; records pending right after the ledger.
+        assert!(check_ledger("j", 0, 0, None).is_ok());
+        assert!(check_ledger("j", 7, 7, None).is_ok());
+        assert!(check_ledger("j", 7, 9, Some(8)).is_ok());
+        // The journal ends before what the ledger says was applied.
+        assert!(matches!(
+            check_ledger("j", 9, 7, None),
+            Err(StartError::JournalBehindLedger {
+                applied: 9,
+                durable: 7,
+                ..
+            })
+        ));
+        // Records after the ledger were truncated away: all of them, or a prefix.
+        assert!(matches!(
+            check_ledger("j", 3, 9, None),
+            Err(StartError::LedgerBehindJournal { from: 4, to: 9, .. })
+        ));
+        assert!(matches!(
+            check_ledger("j", 3, 9, Some(7)),
+            Err(StartError::LedgerBehindJournal { from: 4, to: 6, .. })
+        ));
+    }
 }

@@ -115,10 +115,18 @@ impl Context {
     /// Starts spillway again with the same config (after it exited or was killed);
     /// the previous process is killed if it still runs.
     pub fn restart_proxy(&mut self) {
+        if let Err(log) = self.try_restart_proxy() {
+            panic!("spillway did not start listening; log:\n{log}");
+        }
+    }
+
+    /// [`Self::restart_proxy`] for a start that may be refused: its log when it is.
+    pub fn try_restart_proxy(&mut self) -> Result<(), String> {
         self.proxy.kill();
-        let fresh = Proxy::spawn(&self.pg, &self.config, &self.env);
+        let fresh = Proxy::try_spawn(&self.pg, &self.config, &self.env)?;
         let old = std::mem::replace(&mut self.proxy, fresh);
         drop(old);
+        Ok(())
     }
 
     pub async fn start() -> Context {
@@ -186,6 +194,16 @@ pub struct Proxy {
 
 impl Proxy {
     fn spawn(pg: &ThrowawayPostgres, config: &str, env: &[(String, String)]) -> Proxy {
+        Self::try_spawn(pg, config, env)
+            .unwrap_or_else(|log| panic!("spillway did not start listening; log:\n{log}"))
+    }
+
+    /// Starts spillway; its log when it exits or does not listen within 20 s.
+    fn try_spawn(
+        pg: &ThrowawayPostgres,
+        config: &str,
+        env: &[(String, String)],
+    ) -> Result<Proxy, String> {
         let config_path = pg.dir().join(format!("spillway-{}.toml", rand_suffix()));
         std::fs::write(&config_path, config).expect("write config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spillway"));
@@ -224,13 +242,10 @@ impl Proxy {
                 let _ = child.kill();
                 let _ = child.wait();
                 std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "spillway did not start listening; log:\n{}",
-                    log.lock().expect("log lock")
-                );
+                return Err(log.lock().expect("log lock").clone());
             }
         };
-        Proxy { addr, child, log }
+        Ok(Proxy { addr, child, log })
     }
 
     pub fn pid(&self) -> u32 {

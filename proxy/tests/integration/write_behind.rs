@@ -386,3 +386,33 @@ async fn exact_counts_hold_when_back_pressure_lets_the_key_be_applied_first() {
         "10|10"
     );
 }
+
+#[tokio::test]
+async fn a_ledger_ahead_of_the_journal_stops_the_start_with_the_reason() {
+    let mut ctx = builder("1h").start().await;
+    let proxy = ctx.proxy_client().await;
+    for i in 1..=3 {
+        tag(&proxy, &format!("INSERT INTO wb (id, v) VALUES ({i}, 'x')")).await;
+    }
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    drop(proxy);
+    // As if the database came from elsewhere: its ledger has records this journal never
+    // wrote. Serving would number new writes as already applied (and never apply them).
+    ctx.psql_direct("UPDATE spillway.flush_ledger SET last_seq = last_seq + 5");
+    let log = ctx.try_restart_proxy().expect_err("start refused");
+    assert!(
+        log.contains("applied through record 8") && log.contains("journal ends at record 3"),
+        "{log}"
+    );
+    // Put right, it starts and writes go on being numbered after the ledger.
+    ctx.psql_direct("UPDATE spillway.flush_ledger SET last_seq = last_seq - 5");
+    ctx.restart_proxy();
+    let proxy = ctx.proxy_client().await;
+    tag(&proxy, "INSERT INTO wb (id, v) VALUES (4, 'y')").await;
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM wb"), "4");
+    assert_eq!(
+        direct_rows(&ctx, "SELECT last_seq FROM spillway.flush_ledger"),
+        "4"
+    );
+}
