@@ -1,12 +1,14 @@
 //! spillway's own view of a run, from its Prometheus endpoint: read before and after
 //! each measured round of the target it belongs to (and once a second during them for
 //! the flush-lag gauge), turned into hit ratio, fallbacks, upstream statements per
-//! client write and flush lag.
+//! client write, flush lag and the flush worker's apply rate.
 //!
 //! The metric names are the contract with the proxy (SPEC §7):
 //! [`CACHE_HITS`], [`CACHE_MISSES`], [`FALLBACKS`] (labels `reason`, `table`),
 //! [`CLIENT_WRITES`] (labels `table`, `policy`), [`UPSTREAM_STATEMENTS`],
-//! [`PENDING_OLDEST_AGE`] (label `table`; flush lag = its maximum).
+//! [`PENDING_OLDEST_AGE`] (label `table`; flush lag = its maximum), [`FLUSH_ROWS`] and
+//! [`FLUSH_SECONDS`] (the flush-batch histogram's sum: time spent applying batches).
+//! The last two are optional: a spillway without deferred tables may not export them.
 //!
 //! Nothing here can fail a run: an endpoint that is absent or unreachable, or a metric
 //! it does not export, makes the figure "not available" with the reason.
@@ -26,6 +28,8 @@ pub const FALLBACKS: &str = "spillway_fallbacks_total";
 pub const CLIENT_WRITES: &str = "spillway_client_writes_total";
 pub const UPSTREAM_STATEMENTS: &str = "spillway_upstream_statements_total";
 pub const PENDING_OLDEST_AGE: &str = "spillway_pending_oldest_age_seconds";
+pub const FLUSH_ROWS: &str = "spillway_flush_rows_total";
+pub const FLUSH_SECONDS: &str = "spillway_flush_batch_duration_seconds_sum";
 
 /// The figures of one target over its measured rounds. `None` means not available.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -44,6 +48,12 @@ pub struct Figures {
     pub upstream_statements: Option<f64>,
     pub upstream_statements_per_client_write: Option<f64>,
     pub flush_lag_max_seconds: Option<f64>,
+    /// Rows the flush worker applied upstream.
+    pub flush_rows: Option<f64>,
+    /// Seconds the flush worker spent applying batches.
+    pub flush_busy_seconds: Option<f64>,
+    /// `flush_rows / flush_busy_seconds`: the apply rate while applying.
+    pub flush_rows_per_busy_second: Option<f64>,
 }
 
 impl Figures {
@@ -70,6 +80,8 @@ pub struct Accumulator {
     writes_by_policy: BTreeMap<String, f64>,
     upstream: Option<f64>,
     lag_max: Option<f64>,
+    flush_rows: Option<f64>,
+    flush_seconds: Option<f64>,
 }
 
 /// The increase of a counter between two reads; a counter that went down was reset
@@ -135,6 +147,8 @@ impl Accumulator {
         add(&mut self.fallbacks, delta(FALLBACKS));
         add(&mut self.writes, delta(CLIENT_WRITES));
         add(&mut self.upstream, delta(UPSTREAM_STATEMENTS));
+        add(&mut self.flush_rows, delta(FLUSH_ROWS));
+        add(&mut self.flush_seconds, delta(FLUSH_SECONDS));
         add_map(
             &mut self.fallbacks_by_reason,
             &before.sum_by(FALLBACKS, "reason"),
@@ -205,6 +219,12 @@ impl Accumulator {
             upstream_statements: self.upstream,
             upstream_statements_per_client_write: per_write,
             flush_lag_max_seconds: self.lag_max,
+            flush_rows: self.flush_rows,
+            flush_busy_seconds: self.flush_seconds,
+            flush_rows_per_busy_second: match (self.flush_rows, self.flush_seconds) {
+                (Some(r), Some(s)) => crate::plan::ratio(r, s),
+                _ => None,
+            },
         }
     }
 }
@@ -265,6 +285,31 @@ mod tests {
         assert_eq!(f.upstream_statements, Some(20.0));
         assert_eq!(f.upstream_statements_per_client_write, Some(0.1));
         assert_eq!(f.flush_lag_max_seconds, Some(0.25));
+        // Not exported by that spillway: not available, and not a reason to fail.
+        assert_eq!((f.flush_rows, f.flush_rows_per_busy_second), (None, None));
+    }
+
+    #[test]
+    fn the_flush_apply_rate_is_rows_over_batch_time() {
+        let mut acc = Accumulator::new("http://x/metrics");
+        acc.add_round(
+            &snap(
+                "spillway_flush_rows_total 100
+                 spillway_flush_batch_duration_seconds_sum 0.5
+                 spillway_flush_batch_duration_seconds_count 4
+",
+            ),
+            &snap(
+                "spillway_flush_rows_total 4100
+                 spillway_flush_batch_duration_seconds_sum 2.5
+                 spillway_flush_batch_duration_seconds_count 9
+",
+            ),
+        );
+        let f = acc.figures();
+        assert_eq!(f.flush_rows, Some(4000.0));
+        assert_eq!(f.flush_busy_seconds, Some(2.0));
+        assert_eq!(f.flush_rows_per_busy_second, Some(2000.0));
     }
 
     #[test]

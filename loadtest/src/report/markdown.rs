@@ -155,11 +155,13 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(
             out,
             "- {}: hit ratio {}, fallbacks {fallbacks}, upstream statements per client write {}, \
-             flush lag max {} s{}",
+             flush lag max {} s, flush worker applied {} rows at {} rows/s of batch time{}",
             t.name,
             num(m.hit_ratio, 3),
             num(m.upstream_statements_per_client_write, 2),
             num(m.flush_lag_max_seconds, 3),
+            num(m.flush_rows, 0),
+            num(m.flush_rows_per_busy_second, 0),
             m.note
                 .as_deref()
                 .map(|n| format!(" ({n})"))
