@@ -109,20 +109,31 @@ async fn console_reload_answers_after_the_flush_of_tables_leaving_deferral() {
     let client = ctx.proxy_client().await;
     pending_writes(&ctx, &client).await;
 
-    ctx.write_config(&edited(
+    // Plus a key that needs a restart: reported and logged, the rest applied.
+    let config = edited(
         &ctx,
         "policy = \"write-behind\"",
         "policy = \"write-through\"\nttl = \"5m\"",
-    ));
+    )
+    .replacen("shutdown_timeout = \"5s\"", "shutdown_timeout = \"6s\"", 1);
+    ctx.write_config(&config);
     let out = psql(&ctx, "RELOAD");
     let changed = rows(&out);
     assert_eq!(
         changed,
         [
+            ["server.shutdown_timeout", "at restart"],
             ["tables.\"public.rl\".policy", "now"],
             ["tables.\"public.rl\".ttl", "now"]
         ],
         "RELOAD rows"
+    );
+    assert!(
+        ctx.proxy
+            .logs()
+            .contains("server.shutdown_timeout changed; it takes effect at restart"),
+        "{}",
+        ctx.proxy.logs()
     );
     // RELOAD answered only once the pending writes were applied: no waiting here.
     assert_final(&ctx, &["1|v1", "2|u2", "3|v3", "4|v4"]);
