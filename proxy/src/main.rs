@@ -350,7 +350,11 @@ fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
 /// how a reload changes the level, or `None` when `RUST_LOG` decides it.
 fn init_tracing(log: &LogConfig) -> Option<LogLevelSetter> {
     use tracing_subscriber::EnvFilter;
-    let from_env = EnvFilter::try_from_default_env().ok();
+    // An empty RUST_LOG counts as unset (then log.level decides, and reloads).
+    let from_env = std::env::var(EnvFilter::DEFAULT_ENV)
+        .is_ok_and(|v| !v.trim().is_empty())
+        .then(|| EnvFilter::try_from_default_env().ok())
+        .flatten();
     let fixed = from_env.is_some();
     let filter = from_env
         .or_else(|| EnvFilter::try_new(&log.level).ok())

@@ -454,3 +454,41 @@ async fn writes_racing_a_reload_off_write_behind_are_all_applied_in_order() {
     let got = direct_rows(&ctx, "SELECT id, n, v FROM rc ORDER BY id");
     assert_eq!(got.lines().collect::<Vec<_>>(), expected);
 }
+
+#[tokio::test]
+async fn log_level_changes_at_reload() {
+    // An empty RUST_LOG leaves the filter to log.level.
+    let ctx = Context::builder()
+        .env("RUST_LOG", "")
+        .section("[log]\nlevel = \"info\"\n")
+        .start()
+        .await;
+    drop(ctx.proxy_client().await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!ctx.proxy.logs().contains("DEBUG"), "{}", ctx.proxy.logs());
+
+    ctx.write_config(&edited(
+        &ctx,
+        "level = \"info\"",
+        "level = \"spillway=debug,info\"",
+    ));
+    ctx.proxy.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || ctx
+            .proxy
+            .logs()
+            .contains("configuration reloaded"))
+        .await
+    );
+    // A session's clean close is logged at debug.
+    drop(ctx.proxy_client().await);
+    assert!(
+        eventually(Duration::from_secs(10), || ctx
+            .proxy
+            .logs()
+            .contains("session closed"))
+        .await,
+        "{}",
+        ctx.proxy.logs()
+    );
+}
