@@ -1,6 +1,8 @@
 //! The deferred-write service of the backend database: the journal, the records
 //! acknowledged but not yet applied (pending), and the flush worker that applies them
-//! upstream in order, in batches, exactly once (SPEC §6).
+//! upstream in order, in batches, exactly once (SPEC §6). The flush loop is in
+//! `flusher.rs`; which tables are deferred, and how a reload changes that, in
+//! `table_set.rs`.
 //!
 //! Invariants:
 //! - A record is acknowledged only after the journal made it durable and it is in
@@ -16,6 +18,9 @@
 //! - A fenced ledger or an unplannable record stops the flusher for good (poison): the
 //!   service refuses new deferred writes and barriers fail with the cause, instead of
 //!   acknowledging writes that would never be applied.
+//! - A deferral is counted in flight (`State::inflight`) from the moment its table is
+//!   found deferred until its record is pending or it gave up, whether or not the
+//!   client still waits: a reload taking the table off deferral waits for these.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
