@@ -18,6 +18,7 @@ pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod protocol;
+pub mod reload;
 pub mod schema;
 pub mod server;
 pub mod session;

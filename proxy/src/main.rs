@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use spillway::config::{Config, LogConfig, LogFormat};
 use spillway::demo::Demo;
+use spillway::reload::{LogLevelSetter, ReloadSource};
 use spillway::schema;
 use spillway::server::{Server, ServerError};
 use spillway_policies::TableName;
@@ -98,6 +99,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => {
+            let config_path = config.clone();
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,
                 Err(err) => {
@@ -105,10 +107,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_tracing(&config.log);
+            let source = ReloadSource {
+                path: config_path,
+                log_level: init_tracing(&config.log),
+            };
             let result = runtime()
                 .map_err(RunError::Other)
-                .and_then(|rt| rt.block_on(run(config)));
+                .and_then(|rt| rt.block_on(run(config, source)));
             match result {
                 Err(RunError::Config(err)) => {
                     eprintln!("spillway: {err:#}");
@@ -123,7 +128,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_tracing(&config.log);
+            let _ = init_tracing(&config.log);
             finish(runtime().and_then(|rt| rt.block_on(migrate(&config))))
         }
         Command::InstallTriggers {
@@ -135,13 +140,13 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_tracing(&config.log);
+            let _ = init_tracing(&config.log);
             let install = install_triggers(&config, &tables, drop);
             finish(runtime().and_then(|rt| rt.block_on(install)))
         }
         Command::HashPassword => hash_password(),
         Command::Demo { listen } => {
-            init_tracing(&LogConfig::default());
+            let _ = init_tracing(&LogConfig::default());
             report(runtime().and_then(|rt| rt.block_on(demo(listen))))
         }
     }
@@ -260,13 +265,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn run(config: Config) -> Result<(), RunError> {
-    let server = Server::bind(config).await.map_err(|e| match e {
-        // Unreadable TLS files are a configuration mistake, reported like one.
-        ServerError::Tls(_) | ServerError::Config(_) => RunError::Config(e.into()),
-        other => RunError::Other(other.into()),
-    })?;
+async fn run(config: Config, source: ReloadSource) -> Result<(), RunError> {
+    // Installed before the (possibly long) start: SIGHUP's default action would end
+    // the process.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")
+        .map_err(RunError::Other)?;
+    let server = Server::bind_with(config, Some(source))
+        .await
+        .map_err(|e| match e {
+            // Unreadable TLS files are a configuration mistake, reported like one.
+            ServerError::Tls(_) | ServerError::Config(_) => RunError::Config(e.into()),
+            other => RunError::Other(other.into()),
+        })?;
     let addr = server.local_addr().map_err(|e| RunError::Other(e.into()))?;
+    reload_on_hangup(hangup, server.reloader());
     tracing::info!(%addr, "listening on {addr}");
     server
         .run(shutdown_on_signal().map_err(RunError::Other)?)
@@ -300,6 +313,21 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reloads the configuration at every SIGHUP (one at a time; the reloader logs the
+/// outcome).
+fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    reloader: std::sync::Arc<spillway::reload::Reloader>,
+) {
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            // The outcome, error included, is logged by the reloader.
+            let _ = reloader.reload().await;
+        }
+    });
+}
+
 /// Cancels the returned token on the first SIGTERM/SIGINT; a second one exits at once.
 fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -318,17 +346,42 @@ fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     Ok(token)
 }
 
-fn init_tracing(log: &LogConfig) {
+/// Installs the subscriber (`log.format`, `log.level` unless `RUST_LOG` is set); returns
+/// how a reload changes the level, or `None` when `RUST_LOG` decides it.
+fn init_tracing(log: &LogConfig) -> Option<LogLevelSetter> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // An empty RUST_LOG counts as unset (then log.level decides, and reloads).
+    let from_env = std::env::var(EnvFilter::DEFAULT_ENV)
+        .is_ok_and(|v| !v.trim().is_empty())
+        .then(|| EnvFilter::try_from_default_env().ok())
+        .flatten();
+    let fixed = from_env.is_some();
+    let filter = from_env
+        .or_else(|| EnvFilter::try_new(&log.level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let setter: LogLevelSetter = match log.format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| {
+                let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            })
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| {
+                let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            })
+        }
+    };
+    (!fixed).then_some(setter)
 }

@@ -74,6 +74,15 @@ pub struct Server {
 impl Server {
     /// Binds the listener and prepares TLS. Nothing is accepted until [`Server::run`].
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        Self::bind_with(config, None).await
+    }
+
+    /// Like [`Server::bind`]; with `source`, reloads (SIGHUP, `RELOAD`) read the
+    /// config from it again.
+    pub async fn bind_with(
+        config: Config,
+        source: Option<crate::reload::ReloadSource>,
+    ) -> Result<Server, ServerError> {
         config.validate()?;
         let target = config.backend_target()?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
@@ -115,7 +124,14 @@ impl Server {
             addr: config.metrics.listen.unwrap_or(addr),
             error,
         })?;
+        let reload = Arc::new(crate::reload::Reloader::new(
+            config.clone(),
+            source,
+            cache.clone(),
+            writes.as_ref().map(|w| w.service.clone()),
+        ));
         let shared = Arc::new(Shared {
+            reload,
             writes: writes
                 .as_ref()
                 .map(|w| (w.service.clone(), w.database.clone())),
@@ -135,6 +151,11 @@ impl Server {
             permits,
             workers,
         })
+    }
+
+    /// Applies reloads to this server (SIGHUP in `main`, the console's `RELOAD`).
+    pub fn reloader(&self) -> Arc<crate::reload::Reloader> {
+        self.shared.reload.clone()
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

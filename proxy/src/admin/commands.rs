@@ -73,12 +73,34 @@ pub async fn execute(command: Command, shared: &Shared) -> Reply {
         Command::ShowClients => show_clients(shared),
         Command::Flush(table) => flush(shared, table.as_deref()).await,
         Command::Invalidate(table) => invalidate(shared, &table),
-        Command::Reload => Reply::Error(
-            SqlState::FEATURE_NOT_SUPPORTED,
-            "RELOAD is not supported yet: hot reload is not built; restart spillway to apply a \
-             changed configuration"
-                .to_owned(),
-        ),
+        Command::Reload => reload(shared).await,
+    }
+}
+
+/// `RELOAD`: answers once the reload finished (tables leaving a deferred policy
+/// flushed), with one row per changed key and when it takes effect; or the error that
+/// rejected the whole reload.
+async fn reload(shared: &Shared) -> Reply {
+    match shared.reload.reload().await {
+        Ok(done) => Reply::Rows {
+            columns: vec![
+                ("key", ColumnType::Text),
+                ("takes_effect", ColumnType::Text),
+            ],
+            rows: done
+                .changed
+                .into_iter()
+                .map(|(key, applies)| {
+                    let when = match applies {
+                        crate::config::reload::Applies::Reload => "now",
+                        crate::config::reload::Applies::Restart => "at restart",
+                    };
+                    vec![text(key), text(when)]
+                })
+                .collect(),
+            tag: "RELOAD",
+        },
+        Err(err) => Reply::Error(err.sqlstate(), format!("reload rejected: {err}")),
     }
 }
 
@@ -158,7 +180,8 @@ fn show_cache(shared: &Shared) -> Reply {
         ("invalidation", ColumnType::Text),
         ("databases", ColumnType::Int8),
     ];
-    let config = &shared.config.cache;
+    let current = shared.reload.current();
+    let config = &current.cache;
     let row = match &shared.cache {
         None => {
             let mut row = vec![text("f")];
@@ -225,8 +248,8 @@ fn show_tables(shared: &Shared) -> Reply {
             })
             .fold(0.0, |sum, s| sum + s.value)
     };
-    let rows = shared
-        .config
+    let current = shared.reload.current();
+    let rows = current
         .tables
         .iter()
         .map(|(name, t)| {
@@ -238,7 +261,7 @@ fn show_tables(shared: &Shared) -> Reply {
                 text(consistency(t.consistency)),
                 text(if t.cache { "t" } else { "f" }),
                 text(humantime::format_duration(
-                    t.ttl.unwrap_or(shared.config.cache.ttl),
+                    t.ttl.unwrap_or(current.cache.ttl),
                 )),
                 deferred.then(|| count.to_string()),
                 age.and_then(seconds),
@@ -300,8 +323,8 @@ fn show_pending(shared: &Shared) -> Reply {
         Ok(()) => "running".to_owned(),
         Err(cause) => cause,
     };
-    let rows = shared
-        .config
+    let current = shared.reload.current();
+    let rows = current
         .tables
         .iter()
         .filter(|(_, t)| t.policy.is_deferred())
@@ -402,7 +425,7 @@ fn resolve_deferred(
         Some((s, n)) => (Some(s), n),
         None => (None, table),
     };
-    match writes.names_like(schema, name).as_slice() {
+    match writes.tables().names_like(schema, name).as_slice() {
         [one] => Ok(one.clone()),
         [] => Err(not_deferred(table)),
         many => Err(Reply::Error(

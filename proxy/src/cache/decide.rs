@@ -13,7 +13,7 @@ use crate::catalog::{Catalog, Volatility};
 use crate::classify::{Analysis, Kind, RelName, Statement, TxCommand};
 
 /// Per-table cache settings: `tables."schema.name".cache` and `.ttl`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableSettings {
     pub default_ttl: Duration,
     pub invalidate_on_unknown: bool,
@@ -22,6 +22,25 @@ pub struct TableSettings {
 }
 
 impl TableSettings {
+    /// The settings `config` asks for (`[cache]` defaults, `[tables.*]` overrides).
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let mut tables = TableSettings {
+            default_ttl: config.cache.ttl,
+            invalidate_on_unknown: config.cache.invalidate_on_unknown,
+            by_table: HashMap::new(),
+        };
+        for (name, t) in &config.tables {
+            if let Some((schema, table)) = name.split_once('.') {
+                tables
+                    .by_table
+                    .entry(schema.to_owned())
+                    .or_default()
+                    .insert(table.to_owned(), (t.cache, t.ttl));
+            }
+        }
+        tables
+    }
+
     fn lookup(&self, schema: &str, name: &str) -> (bool, Duration) {
         match self.by_table.get(schema).and_then(|t| t.get(name)) {
             Some(&(cache, ttl)) => (cache, ttl.unwrap_or(self.default_ttl)),

@@ -15,6 +15,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use arc_swap::{ArcSwap, Guard};
+
 use spillway_policies::cache::{DbVersions, Registry, ResultCache};
 use spillway_policies::{CacheConfig, Invalidation};
 use tokio::sync::Notify;
@@ -29,7 +31,9 @@ pub struct ReadCache {
     pub results: Arc<ResultCache>,
     pub versions: Registry,
     pub classifier: Classifier,
-    pub tables: TableSettings,
+    /// Per-table `cache`/`ttl` and the defaults; swapped whole by a reload, read with
+    /// one atomic load per decision.
+    tables: ArcSwap<TableSettings>,
     pub invalidation: Invalidation,
     dbs: Mutex<HashMap<String, Arc<DbState>>>,
     service: service::Spawner,
@@ -113,20 +117,7 @@ impl ReadCache {
         if !cache.enabled {
             return None;
         }
-        let mut tables = TableSettings {
-            default_ttl: cache.ttl,
-            invalidate_on_unknown: cache.invalidate_on_unknown,
-            by_table: HashMap::new(),
-        };
-        for (name, t) in &config.tables {
-            if let Some((schema, table)) = name.split_once('.') {
-                tables
-                    .by_table
-                    .entry(schema.to_owned())
-                    .or_default()
-                    .insert(table.to_owned(), (t.cache, t.ttl));
-            }
-        }
+        let tables = TableSettings::from_config(config);
         let limits = ClassifierLimits {
             max_parse_bytes: usize::try_from(config.server.max_parse_bytes.as_u64())
                 .unwrap_or(usize::MAX),
@@ -137,7 +128,7 @@ impl ReadCache {
             results: ResultCache::new(cache.max_bytes.as_u64(), cache.max_entry_bytes.as_u64()),
             versions: Registry::default(),
             classifier: Classifier::new(limits),
-            tables,
+            tables: ArcSwap::from_pointee(tables),
             invalidation: cache.invalidation,
             dbs: Mutex::new(HashMap::new()),
             service: service::Spawner {
@@ -146,6 +137,25 @@ impl ReadCache {
                 url: config.backend.url.clone(),
             },
         }))
+    }
+
+    /// The per-table cache settings now.
+    pub fn settings(&self) -> Guard<Arc<TableSettings>> {
+        self.tables.load()
+    }
+
+    /// Installs the cache settings of a reloaded `config`. When they changed, every
+    /// entry stored so far stops being served (an epoch bump): an entry keeps the TTL it
+    /// was stored with, and a table whose caching was turned off must not be answered
+    /// from entries made before.
+    pub fn reload(&self, config: &Config) -> bool {
+        let next = TableSettings::from_config(config);
+        if **self.tables.load() == next {
+            return false;
+        }
+        self.tables.store(Arc::new(next));
+        self.versions.bump_everything();
+        true
     }
 
     /// Every database sessions have used so far (the admin console's INVALIDATE).

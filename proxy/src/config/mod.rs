@@ -8,6 +8,7 @@
 //! every load, so a `Config` that exists is a valid one.
 
 mod load;
+pub mod reload;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -31,6 +31,8 @@ impl SqlState {
     pub const AMBIGUOUS: SqlState = SqlState("42702");
     /// Admin console: `INVALIDATE` with the read cache off.
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
+    /// Admin console: `RELOAD` of a configuration that is invalid or refused.
+    pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
 
     pub fn code(&self) -> &'static str {
         self.0

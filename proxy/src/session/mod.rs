@@ -37,7 +37,8 @@ use crate::upstream::{Canceller, Connector};
 use conn::Conn;
 pub use signal::ShutdownSignals;
 
-/// What every session shares. Read-only after start, except the cancel registry.
+/// What every session shares. Read-only after start, except the cancel registry and
+/// what a reload swaps (behind `reload`, the cache and the write service).
 pub struct Shared {
     pub config: Arc<Config>,
     pub connector: Connector,
@@ -51,6 +52,8 @@ pub struct Shared {
     pub writes: Option<(Arc<crate::writes::service::WriteService>, String)>,
     /// Sessions past startup, for the admin console's `SHOW CLIENTS`.
     pub clients: Arc<crate::admin::Clients>,
+    /// The config in force (`config` is the one spillway started with) and hot reload.
+    pub reload: Arc<crate::reload::Reloader>,
 }
 
 impl Shared {

@@ -103,11 +103,6 @@ pub async fn start(
     }
     let database = database_of(&url);
     let db = cache.database(&database);
-    let oids: std::collections::HashMap<String, u32> = service
-        .tables
-        .iter()
-        .map(|(k, t)| (k.clone(), t.oid))
-        .collect();
     let stop = CancellationToken::new();
     // The flush worker runs on its own thread and runtime: its upstream I/O never
     // competes with sessions on their workers, and its futures need not be `Send`
@@ -117,10 +112,13 @@ pub async fn start(
         .enable_all()
         .build()
         .map_err(|e| WritesStartError::Task(e.to_string()))?;
+    let known = service.clone();
     let on_applied = move |tables: &[String]| {
         // Applied rows are in PostgreSQL now: cached reads of them refill from there.
+        // By the current set, which still knows tables that left deferral by reload.
+        let set = known.tables();
         db.versions
-            .bump_tables(tables.iter().filter_map(|t| oids.get(t).copied()));
+            .bump_tables(tables.iter().filter_map(|t| set.oid_of(t)));
     };
     let (worker_service, worker_stop) = (service.clone(), stop.clone());
     std::thread::Builder::new()

@@ -133,6 +133,16 @@ impl Context {
         Self::builder().start().await
     }
 
+    /// The config spillway was started with (as written to its file).
+    pub fn config_text(&self) -> &str {
+        &self.config
+    }
+
+    /// Replaces spillway's config file (for a reload; the process is not told).
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(&self.proxy.config_path, config).expect("rewrite config");
+    }
+
     pub fn proxy_url(&self) -> String {
         self.proxy_url_for(USER, DB)
     }
@@ -188,6 +198,8 @@ pub async fn connect(config: &str) -> tokio_postgres::Client {
 /// The real `spillway` binary, run with a generated config file.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The config file it was started with (a reload test rewrites it).
+    pub config_path: std::path::PathBuf,
     child: Child,
     log: Arc<Mutex<String>>,
 }
@@ -226,8 +238,12 @@ impl Proxy {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                // Text or JSON lines: the address ends at a space or a quote.
                 if let Some(rest) = line.split("listening on ").nth(1)
-                    && let (Some(tx), Some(addr)) = (tx.take(), rest.split_whitespace().next())
+                    && let (Some(tx), Some(addr)) = (
+                        tx.take(),
+                        rest.split(|c: char| c.is_whitespace() || c == '"').next(),
+                    )
                 {
                     let _ = tx.send(addr.to_owned());
                 }
@@ -245,7 +261,12 @@ impl Proxy {
                 return Err(log.lock().expect("log lock").clone());
             }
         };
-        Ok(Proxy { addr, child, log })
+        Ok(Proxy {
+            addr,
+            config_path,
+            child,
+            log,
+        })
     }
 
     pub fn pid(&self) -> u32 {

@@ -21,6 +21,7 @@ mod model;
 mod outage;
 mod packaging;
 mod protocol;
+mod reload;
 mod triggers;
 mod write_back;
 mod write_behind;

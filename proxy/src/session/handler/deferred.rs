@@ -131,7 +131,7 @@ impl Caching {
                     }
                     Some(Disposition::Consumed)
                 }
-                Some(Err(DeferError::NotPermitted { .. })) | None => {
+                Some(Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_))) | None => {
                     // Run it write-through (after its barrier): PostgreSQL answers as
                     // it would directly.
                     self.no_defer = true;
@@ -238,7 +238,7 @@ impl Caching {
                             let mut oids = vec![r.oid];
                             let _ = c.read_dependencies(r, &mut oids);
                             for oid in oids {
-                                if let Some(name) = w.name_of(oid)
+                                if let Some(name) = w.tables().name_of(oid)
                                     && !out.iter().any(|n| n == name)
                                 {
                                     out.push(name.to_owned());
@@ -248,7 +248,7 @@ impl Caching {
                     }
                     // No catalog: match deferred tables by name alone.
                     None => {
-                        for name in w.names_like(rel.schema.as_deref(), &rel.name) {
+                        for name in w.tables().names_like(rel.schema.as_deref(), &rel.name) {
                             if !out.contains(&name) {
                                 out.push(name);
                             }
@@ -302,11 +302,12 @@ impl Caching {
                 Ok((table, converted)) => {
                     let slot: Slot<Outcome> = Arc::new(Mutex::new(None));
                     let verb = converted.verb;
-                    let oid = w.tables.get(&table).map_or(0, |t| t.oid);
-                    let policy = w
-                        .tables
-                        .get(&table)
+                    let tables = w.tables();
+                    let oid = tables.oid_of(&table).unwrap_or(0);
+                    let policy = tables
+                        .deferring(&table)
                         .map_or("write-behind", |t| t.config.policy.as_str());
+                    drop(tables);
                     let fut_slot = slot.clone();
                     let user = self.user.clone();
                     let service = w.clone();
@@ -349,7 +350,7 @@ impl Caching {
                     // same write).
                     if !self.barrier_passed {
                         for table in writes_to {
-                            tracing::debug!(reason, %table, "deferred table: write runs write-through");
+                            w.fallbacks.note(table, reason);
                             metrics::counter!(
                                 crate::metrics::FALLBACKS,
                                 "table" => table.clone(),
@@ -379,18 +380,16 @@ impl Caching {
                     .iter()
                     .all(|s| matches!(s.kind, Kind::Select | Kind::OtherRead | Kind::Empty))
         });
+        let set = w.tables();
         let names: Vec<String> = if all {
-            w.tables.keys().cloned().collect()
+            set.names().cloned().collect()
         } else {
             touched
         };
         let mut target = None::<u64>;
         let mut strong = HashSet::new();
         for name in &names {
-            let consistency = w
-                .tables
-                .get(name)
-                .map_or(Consistency::Strong, |t| t.config.consistency);
+            let consistency = set.consistency(name);
             match (read_only, consistency) {
                 (true, Consistency::Bounded) => {}
                 (true, Consistency::Session) => {
@@ -464,9 +463,11 @@ impl Caching {
         let [relation] = candidates.as_slice() else {
             return Err("ambiguous_table");
         };
-        let name = w.name_of(relation.oid).ok_or("not_deferred")?.to_owned();
+        let set = w.tables();
+        let name = set.name_of(relation.oid).ok_or("not_deferred")?.to_owned();
         // Reads of other tables (none in a deferrable shape) would need their own rules.
-        let table = w.tables.get(&name).ok_or("not_deferred")?;
+        // A table a reload is moving off deferral runs write-through from now on.
+        let table = set.deferring(&name).ok_or("policy_reloading")?;
         if table.config.when_full == spillway_policies::WhenFull::WriteThrough && w.is_full(&name) {
             return Err("full");
         }

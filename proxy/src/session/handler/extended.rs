@@ -349,7 +349,7 @@ impl Caching {
                         self.statement_effects(&s.analysis.clone(), &decision, certain);
                     }
                     None => {
-                        let effects = Effects::unknown(self.cache.tables.invalidate_on_unknown);
+                        let effects = Effects::unknown(self.cache.settings().invalidate_on_unknown);
                         self.record_effects(&effects, certain);
                     }
                 }

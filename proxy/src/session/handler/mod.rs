@@ -303,7 +303,7 @@ impl Caching {
                 self.forward_held(out);
                 out.state.on_frontend(tag);
                 // A function call can do anything.
-                let effects = Effects::unknown(self.cache.tables.invalidate_on_unknown);
+                let effects = Effects::unknown(self.cache.settings().invalidate_on_unknown);
                 let certain = self.certain(out.state, 1);
                 self.record_effects(&effects, certain);
                 out.upstream.extend_from_slice(msg);
@@ -513,7 +513,7 @@ impl Caching {
 
     fn decide(&self, analysis: &Analysis) -> Decision {
         let catalog = self.db.catalog();
-        let decision = decide::decide(analysis, catalog.as_deref(), &self.cache.tables);
+        let decision = decide::decide(analysis, catalog.as_deref(), &self.cache.settings());
         if matches!(
             decision.cacheable,
             Err("unknown relation" | "unknown function")

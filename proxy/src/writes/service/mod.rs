@@ -1,6 +1,8 @@
 //! The deferred-write service of the backend database: the journal, the records
 //! acknowledged but not yet applied (pending), and the flush worker that applies them
-//! upstream in order, in batches, exactly once (SPEC §6).
+//! upstream in order, in batches, exactly once (SPEC §6). The flush loop is in
+//! `flusher.rs`; which tables are deferred, and how a reload changes that, in
+//! `table_set.rs`.
 //!
 //! Invariants:
 //! - A record is acknowledged only after the journal made it durable and it is in
@@ -16,24 +18,33 @@
 //! - A fenced ledger or an unplannable record stops the flusher for good (poison): the
 //!   service refuses new deferred writes and barriers fail with the cause, instead of
 //!   acknowledging writes that would never be applied.
+//! - A deferral is counted in flight (`State::inflight`) from the moment its table is
+//!   found deferred until its record is pending or it gave up, whether or not the
+//!   client still waits: a reload taking the table off deferral waits for these.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::{ArcSwap, Guard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use spillway_policies::journal::{Journal, JournalError};
-use spillway_policies::writes::{Record, TableMeta};
+use spillway_policies::writes::Record;
 use spillway_policies::{FlushConfig, WhenFull};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::{Notify, oneshot, watch};
-use tokio_util::sync::CancellationToken;
 
 use super::apply::{self, ApplyError, LedgerKey};
 use super::convert::{Converted, Verb};
 use super::tables::DeferredTable;
+use table_set::InFlight;
+pub use table_set::{TableSet, TablesChange};
+
+mod flusher;
+mod table_set;
 
 /// Privilege answers by (role, table, verb), with when they were asked.
 type Privileges = HashMap<(String, String, Verb), (bool, Instant)>;
@@ -77,6 +88,10 @@ pub enum DeferError {
     Duplicate { constraint: String, detail: String },
     #[error("checking the deferred table upstream: {0}")]
     Upstream(String),
+    /// The table is not (or no longer, after a reload) deferred: the statement runs
+    /// write-through instead, after its barrier.
+    #[error("table {0} is not deferred")]
+    NotDeferred(String),
 }
 
 impl DeferError {
@@ -109,6 +124,8 @@ struct State {
     /// keys; forgettings before `forgotten_floor` are no longer known one by one.
     forgotten: HashMap<(String, Vec<String>), u64>,
     forgotten_floor: u64,
+    /// Deferrals per table decided but not yet pending or given up ([`InFlight`]).
+    inflight: HashMap<String, usize>,
 }
 
 /// How many forgotten keys [`State::forgotten`] remembers before it starts over.
@@ -148,9 +165,9 @@ struct TableState {
 }
 
 pub struct WriteService {
-    pub tables: HashMap<String, DeferredTable>,
-    by_oid: HashMap<u32, String>,
-    metas: HashMap<String, TableMeta>,
+    /// The deferred tables; swapped whole by a reload (`table_set`), read with one
+    /// atomic load.
+    tables: ArcSwap<TableSet>,
     journal: Journal,
     state: Mutex<State>,
     applied: watch::Sender<u64>,
@@ -163,12 +180,15 @@ pub struct WriteService {
     wanted: AtomicU64,
     /// Set once when the flusher stops for good.
     poisoned: OnceLock<String>,
-    flush: FlushConfig,
+    /// `[flush]`, swapped by a reload.
+    flush: ArcSwap<FlushConfig>,
     url: String,
     /// Privilege answers per (role, table, verb); and the connection that asks them
     /// and does the point reads of `row_counts = "exact"`.
     privileges: Mutex<Privileges>,
     checks: tokio::sync::Mutex<Option<PgConnection>>,
+    /// Rate-limited log lines of writes that ran write-through instead.
+    pub fallbacks: super::fallbacks::FallbackLog,
 }
 
 /// A deferred statement's answer.
@@ -223,27 +243,26 @@ impl WriteService {
                 "replaying journal records the ledger does not hold"
             );
         }
-        let metas = tables
-            .iter()
-            .map(|(k, t)| (k.clone(), t.meta.clone()))
-            .collect();
         let (applied_tx, _) = watch::channel(applied);
-        let by_oid = tables.iter().map(|(k, t)| (t.oid, k.clone())).collect();
         Ok(Arc::new(Self {
-            tables,
-            by_oid,
-            metas,
+            tables: ArcSwap::from_pointee(TableSet::new(tables)),
             journal,
             state: Mutex::new(state),
             applied: applied_tx,
             wake: Notify::new(),
             wanted: AtomicU64::new(0),
             poisoned: OnceLock::new(),
-            flush,
+            flush: ArcSwap::from_pointee(flush),
             url,
             privileges: Mutex::new(HashMap::new()),
             checks: tokio::sync::Mutex::new(None),
+            fallbacks: super::fallbacks::FallbackLog::default(),
         }))
+    }
+
+    /// The deferred tables now (one atomic load; hold it briefly).
+    pub fn tables(&self) -> Guard<Arc<TableSet>> {
+        self.tables.load()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -269,10 +288,11 @@ impl WriteService {
         if let Some(cause) = self.poisoned.get() {
             return Err(DeferError::Stopped(cause.clone()));
         }
-        let Some(t) = self.tables.get(table) else {
-            return Err(DeferError::Stopped(format!("{table} is not deferred")));
-        };
-        if !self.permitted(user, table, converted.verb).await? {
+        // Counted in flight until its record is pending: a reload that moves the table
+        // off deferral waits for it before it flushes the table.
+        let (t, inflight) = self.enter(table)?;
+        let t = &*t;
+        if !self.permitted(user, t, converted.verb).await? {
             return Err(DeferError::NotPermitted {
                 user: user.to_owned(),
                 table: table.to_owned(),
@@ -280,7 +300,7 @@ impl WriteService {
             });
         }
         let exact = t.config.row_counts == spillway_policies::RowCounts::Exact;
-        self.wait_for_room(table).await?;
+        self.wait_for_room(t).await?;
         // Decide, and reserve the keys, atomically.
         let mut ops = Vec::with_capacity(converted.ops.len());
         let mut reserved: Vec<(Vec<String>, Option<KeyState>)> = Vec::new();
@@ -374,7 +394,7 @@ impl WriteService {
             return Ok(Outcome { seq: None, rows });
         }
         let record = Record { ops };
-        let result = self.append(record).await;
+        let result = self.append(record, inflight).await;
         if result.is_err() {
             let mut state = self.state();
             for (key, old) in reserved {
@@ -400,7 +420,11 @@ impl WriteService {
     }
 
     /// Journals `record`; returns once it is durable and pending.
-    async fn append(self: &Arc<Self>, record: Record) -> Result<u64, DeferError> {
+    async fn append(
+        self: &Arc<Self>,
+        record: Record,
+        inflight: InFlight,
+    ) -> Result<u64, DeferError> {
         let payload = Bytes::from(
             record
                 .encode()
@@ -418,6 +442,8 @@ impl WriteService {
                     this.wake.notify_one();
                 }
             }
+            // Pending (or failed) now, whether or not the client still waits.
+            drop(inflight);
             let _ = tx.send(result);
         });
         match rx.await {
@@ -428,14 +454,19 @@ impl WriteService {
 
     /// Whether `user` holds the privilege `verb` needs on `table`. An answer is
     /// reused for [`PRIVILEGE_TTL`], so a REVOKE takes effect within it.
-    async fn permitted(&self, user: &str, table: &str, verb: Verb) -> Result<bool, DeferError> {
-        let k = (user.to_owned(), table.to_owned(), verb);
+    async fn permitted(
+        &self,
+        user: &str,
+        t: &DeferredTable,
+        verb: Verb,
+    ) -> Result<bool, DeferError> {
+        let k = (user.to_owned(), t.meta.name.clone(), verb);
         if let Some((ok, at)) = self.privileges_map().get(&k)
             && at.elapsed() < PRIVILEGE_TTL
         {
             return Ok(*ok);
         }
-        let oid = i64::from(self.tables.get(table).map_or(0, |t| t.oid));
+        let oid = i64::from(t.oid);
         let privilege = match verb {
             Verb::Insert => "INSERT",
             Verb::Update => "UPDATE",
@@ -520,11 +551,9 @@ impl WriteService {
     }
 
     /// Applies `max_pending`/`when_full = "block" | "reject"` of `table`.
-    async fn wait_for_room(&self, table: &str) -> Result<(), DeferError> {
+    async fn wait_for_room(&self, t: &DeferredTable) -> Result<(), DeferError> {
         let started = Instant::now();
-        let Some(t) = self.tables.get(table) else {
-            return Ok(());
-        };
+        let table = t.meta.name.as_str();
         loop {
             let pending = self.state().tables.get(table).map_or(0, |s| s.pending);
             if pending < t.config.max_pending {
@@ -543,20 +572,6 @@ impl WriteService {
         }
     }
 
-    /// The deferred table with this OID.
-    pub fn name_of(&self, oid: u32) -> Option<&str> {
-        self.by_oid.get(&oid).map(String::as_str)
-    }
-
-    /// Deferred tables a name may denote when no catalog is at hand.
-    pub fn names_like(&self, schema: Option<&str>, name: &str) -> Vec<String> {
-        self.tables
-            .values()
-            .filter(|t| t.meta.table == name && schema.is_none_or(|s| s == t.meta.schema))
-            .map(|t| t.meta.name.clone())
-            .collect()
-    }
-
     /// The highest sequence number applied upstream.
     pub fn applied(&self) -> u64 {
         *self.applied.borrow()
@@ -566,7 +581,8 @@ impl WriteService {
     pub fn is_full(&self, table: &str) -> bool {
         let pending = self.state().tables.get(table).map_or(0, |s| s.pending);
         self.tables
-            .get(table)
+            .load()
+            .deferring(table)
             .is_some_and(|t| pending >= t.config.max_pending)
     }
 
@@ -627,7 +643,8 @@ impl WriteService {
                 records += s.pending;
             }
         }
-        if records >= self.flush.batch_size || dirty >= self.flush.max_dirty_keys {
+        let flush = self.flush.load();
+        if records >= flush.batch_size || dirty >= flush.max_dirty_keys {
             return Duration::ZERO;
         }
         state
@@ -640,7 +657,11 @@ impl WriteService {
 
     /// Whether `table` is write-back (its operations fold per key at flush).
     fn coalesces(&self, table: &str) -> bool {
-        self.metas.get(table).is_some_and(|m| m.coalesce)
+        self.tables
+            .load()
+            .metas
+            .get(table)
+            .is_some_and(|m| m.coalesce)
     }
 
     /// Sets the pending-write and journal gauges (called when a scrape arrives).
@@ -678,275 +699,6 @@ impl WriteService {
             .map(|(t, s)| (t.clone(), s.pending, s.oldest.map(|o| o.elapsed())))
             .collect()
     }
-
-    /// The flush worker: runs until `shutdown`, then drains what it can within
-    /// `deadline` (the rest stays journaled for the next start).
-    pub async fn run_flusher(
-        self: Arc<Self>,
-        shutdown: CancellationToken,
-        on_applied: impl Fn(&[String]) + Send + Sync + 'static,
-    ) {
-        let key = LedgerKey {
-            journal_id: self.journal.id().to_string(),
-            epoch: self.journal.epoch(),
-        };
-        let mut conn: Option<PgConnection> = None;
-        // After a transient failure the batch may have committed unseen (the answer to
-        // its COMMIT lost): the next connection, whenever it comes, asks the ledger
-        // before anything is applied again.
-        let mut unsure = false;
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let wait = if shutdown.is_cancelled() {
-                Duration::ZERO
-            } else {
-                self.until_due()
-            };
-            let batch = if wait.is_zero() {
-                self.next_batch()
-            } else {
-                Vec::new()
-            };
-            if batch.is_empty() {
-                if shutdown.is_cancelled() {
-                    return;
-                }
-                // Due but nothing contiguous and durable yet: an append is completing.
-                let wait = if wait.is_zero() {
-                    Duration::from_millis(5)
-                } else {
-                    wait
-                };
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = self.wake.notified() => {}
-                    () = shutdown.cancelled() => {}
-                }
-                continue;
-            }
-            let c = match conn.as_mut() {
-                Some(c) => c,
-                None => match connect_as(&self.url, FLUSH_APP).await {
-                    Ok(c) => conn.insert(c),
-                    Err(err) => {
-                        tracing::warn!(%err, retry_in = ?backoff, "flush worker cannot connect upstream");
-                        if self.pause(&mut backoff, &shutdown).await {
-                            return;
-                        }
-                        continue;
-                    }
-                },
-            };
-            if unsure {
-                match apply::claim_ledger(c, &key).await {
-                    Ok(at) => {
-                        unsure = false;
-                        if at > *self.applied.borrow() {
-                            let batch = self.take_through(at);
-                            let tables = self.finish(&batch);
-                            on_applied(&tables);
-                            self.applied.send_replace(at);
-                            if let Err(err) = self.journal.confirm(at).await {
-                                tracing::warn!(%err, "journal truncation after a flush failed");
-                            }
-                        }
-                        // The batch is taken again from what is applied now.
-                        continue;
-                    }
-                    Err(ApplyError::Transient(err)) => {
-                        tracing::warn!(%err, retry_in = ?backoff, "flush worker cannot read the ledger");
-                        conn = None;
-                        if self.pause(&mut backoff, &shutdown).await {
-                            return;
-                        }
-                        continue;
-                    }
-                    Err(err) => {
-                        tracing::error!(%err, "flush worker stopped");
-                        let _ = self.poisoned.set(err.to_string());
-                        return;
-                    }
-                }
-            }
-            let applied_through = *self.applied.borrow();
-            let started = Instant::now();
-            match apply::apply_batch(c, &key, applied_through, &batch, &self.metas).await {
-                Ok(done) => {
-                    backoff = Duration::from_millis(50);
-                    let last = batch.last().map_or(applied_through, |(s, _)| *s);
-                    let tables = self.finish(&batch);
-                    {
-                        use crate::metrics as m;
-                        metrics::counter!(m::FLUSH_BATCHES).increment(1);
-                        metrics::counter!(m::FLUSH_ROWS)
-                            .increment(u64::try_from(done.rows).unwrap_or(u64::MAX));
-                        metrics::counter!(m::UPSTREAM_STATEMENTS)
-                            .increment(u64::try_from(done.statements).unwrap_or(u64::MAX));
-                        metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed());
-                    }
-                    for d in &done.dead_letters {
-                        metrics::counter!(crate::metrics::DEAD_LETTERS, "table" => d.table.clone())
-                            .increment(1);
-                        tracing::error!(
-                            seq = d.seq, table = %d.table, sqlstate = %d.sqlstate,
-                            message = %d.message, statement = %d.statement,
-                            "deferred write refused upstream; stored in spillway.dead_letters"
-                        );
-                    }
-                    tracing::debug!(
-                        records = batch.len(), statements = done.statements, rows = done.rows,
-                        through = last, elapsed = ?started.elapsed(), "flush batch applied"
-                    );
-                    // Cached reads are invalidated before the barrier opens: a reader
-                    // released by `applied` must not find an entry from before it.
-                    on_applied(&tables);
-                    self.applied.send_replace(last);
-                    if let Err(err) = self.journal.confirm(last).await {
-                        tracing::warn!(%err, "journal truncation after a flush failed");
-                    }
-                }
-                Err(ApplyError::Transient(err)) => {
-                    metrics::counter!(crate::metrics::FLUSH_RETRIES).increment(1);
-                    tracing::warn!(%err, retry_in = ?backoff, "flush batch failed; retrying");
-                    // The outcome may be unknown (lost during COMMIT): the ledger says
-                    // where we are once a connection is back, however long that takes.
-                    conn = None;
-                    unsure = true;
-                    if self.pause(&mut backoff, &shutdown).await {
-                        return;
-                    }
-                }
-                Err(err) => {
-                    tracing::error!(%err, "flush worker stopped");
-                    let _ = self.poisoned.set(err.to_string());
-                    return;
-                }
-            }
-        }
-    }
-
-    /// How long the flusher sleeps while idle: `flush.interval`, or less when a table
-    /// with `consistency = "bounded"` promises a shorter `max_staleness` (its readers
-    /// skip barriers, so the flusher is what bounds how old their view can be).
-    fn tick(&self) -> Duration {
-        self.tables
-            .values()
-            .filter(|t| t.config.consistency == spillway_policies::Consistency::Bounded)
-            .map(|t| t.config.max_staleness / 2)
-            .fold(self.flush.interval, Duration::min)
-            .max(Duration::from_millis(1))
-    }
-
-    /// Sleeps `backoff` (doubling it up to [`MAX_BACKOFF`]); true when shutting down.
-    async fn pause(&self, backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
-        tokio::select! {
-            () = tokio::time::sleep(*backoff) => {}
-            () = shutdown.cancelled() => return true,
-        }
-        *backoff = (*backoff * 2).min(MAX_BACKOFF);
-        false
-    }
-
-    /// The next contiguous run of pending records, whole records, up to
-    /// `flush.batch_size` row operations (at least one record). A write-back table's
-    /// operations count once per key: they fold into one at flush.
-    fn next_batch(&self) -> Vec<(u64, Arc<Record>)> {
-        let first = *self.applied.borrow() + 1;
-        let durable = self.journal.durable_seq();
-        let state = self.state();
-        let mut out = Vec::new();
-        let mut ops = 0;
-        let mut folded = HashSet::new();
-        // Stops at the first gap: a record still completing its append.
-        for (expected, (seq, record)) in (first..).zip(state.pending.range(first..)) {
-            if *seq != expected || *seq > durable {
-                break;
-            }
-            let weight = record
-                .ops
-                .iter()
-                .filter(|op| {
-                    !self.coalesces(op.table())
-                        || self
-                            .key_of(op)
-                            .is_none_or(|k| !folded.contains(&(op.table(), k)))
-                })
-                .count();
-            if !out.is_empty() && ops + weight > self.flush.batch_size {
-                break;
-            }
-            ops += weight;
-            for op in record.ops.iter().filter(|op| self.coalesces(op.table())) {
-                if let Some(k) = self.key_of(op) {
-                    folded.insert((op.table(), k));
-                }
-            }
-            out.push((*seq, record.clone()));
-        }
-        out
-    }
-
-    /// Pending records up to `seq` (applied by a batch whose commit we did not see).
-    fn take_through(&self, seq: u64) -> Vec<(u64, Arc<Record>)> {
-        let state = self.state();
-        state
-            .pending
-            .range(..=seq)
-            .map(|(s, r)| (*s, r.clone()))
-            .collect()
-    }
-
-    /// Removes applied records from `pending`; returns the tables they wrote.
-    fn finish(&self, batch: &[(u64, Arc<Record>)]) -> Vec<String> {
-        let mut state = self.state();
-        let mut tables = Vec::new();
-        for (seq, record) in batch {
-            if state.pending.remove(seq).is_none() {
-                continue;
-            }
-            for op in &record.ops {
-                if let Some(key) = self.key_of(op) {
-                    let slot = (op.table().to_owned(), key);
-                    if let Some(k) = state.keys.get_mut(&slot) {
-                        k.pending = k.pending.saturating_sub(1);
-                        if k.pending == 0 {
-                            state.keys.remove(&slot);
-                            if let Some(s) = state.tables.get_mut(op.table()) {
-                                s.dirty_keys = s.dirty_keys.saturating_sub(1);
-                            }
-                            state.generation += 1;
-                            let generation = state.generation;
-                            state.forgotten.insert(slot, generation);
-                        }
-                    }
-                }
-            }
-            for t in record.tables() {
-                if let Some(s) = state.tables.get_mut(t) {
-                    s.pending = s.pending.saturating_sub(1);
-                    if s.pending == 0 {
-                        s.oldest = None;
-                    }
-                }
-                if !tables.iter().any(|x: &String| x == t) {
-                    tables.push(t.to_owned());
-                }
-            }
-        }
-        if state.forgotten.len() > FORGOTTEN_LIMIT {
-            state.forgotten.clear();
-            state.forgotten_floor = state.generation;
-        }
-        // The oldest acknowledgement of a table that still has pending records is no
-        // longer known exactly; now is a lower bound that keeps the age honest enough
-        // for max_staleness (it can only make a flush happen sooner).
-        for s in state.tables.values_mut() {
-            if s.pending > 0 && s.oldest.is_none() {
-                s.oldest = Some(Instant::now());
-            }
-        }
-        tables
-    }
 }
 
 /// Refuses a journal and a ledger that cannot both be right: the flusher applies the
@@ -981,7 +733,8 @@ fn check_ledger(
 impl WriteService {
     /// The canonical key of an operation, as the overlay stores it.
     fn key_of(&self, op: &spillway_policies::writes::RowOp) -> Option<Vec<String>> {
-        let meta = self.metas.get(op.table())?;
+        let tables = self.tables.load();
+        let meta = tables.metas.get(op.table())?;
         // Keys are never NULL in a record (the write path refuses that).
         spillway_policies::writes::plan::key_of(op, meta)
             .ok()?
