@@ -59,6 +59,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// that an operator (or a test) can tell them apart in `pg_stat_activity`.
 pub const FLUSH_APP: &str = "spillway flush";
 pub const CHECKS_APP: &str = "spillway checks";
+/// Upstream connections for point reads (`row_counts = "exact"`) and privilege checks.
+const CHECK_CONNECTIONS: usize = 4;
 
 /// Connects to `url` with `application_name` set to `name`.
 async fn connect_as(url: &str, name: &str) -> Result<PgConnection, sqlx::Error> {
@@ -183,10 +185,14 @@ pub struct WriteService {
     /// `[flush]`, swapped by a reload.
     flush: ArcSwap<FlushConfig>,
     url: String,
-    /// Privilege answers per (role, table, verb); and the connection that asks them
-    /// and does the point reads of `row_counts = "exact"`.
+    /// Privilege answers per (role, table, verb); `checks` below are the connections
+    /// that ask them and do the point reads of `row_counts = "exact"`.
     privileges: Mutex<Privileges>,
-    checks: tokio::sync::Mutex<Option<PgConnection>>,
+    /// [`CHECK_CONNECTIONS`] slots, each connected on first use: concurrent point
+    /// reads of different sessions run side by side instead of queueing on one.
+    checks: Vec<tokio::sync::Mutex<Option<PgConnection>>>,
+    /// Where the next check that finds every slot busy waits.
+    next_check: std::sync::atomic::AtomicUsize,
     /// Rate-limited log lines of writes that ran write-through instead.
     pub fallbacks: super::fallbacks::FallbackLog,
 }
@@ -255,7 +261,10 @@ impl WriteService {
             flush: ArcSwap::from_pointee(flush),
             url,
             privileges: Mutex::new(HashMap::new()),
-            checks: tokio::sync::Mutex::new(None),
+            checks: (0..CHECK_CONNECTIONS)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next_check: std::sync::atomic::AtomicUsize::new(0),
             fallbacks: super::fallbacks::FallbackLog::default(),
         }))
     }
@@ -529,7 +538,17 @@ impl WriteService {
             Box<dyn std::future::Future<Output = Result<T, sqlx::Error>> + Send + 'c>,
         >,
     ) -> Result<T, DeferError> {
-        let mut guard = self.checks.lock().await;
+        // A free slot if there is one, else the next in turn.
+        let mut guard = match self.checks.iter().find_map(|m| m.try_lock().ok()) {
+            Some(guard) => guard,
+            None => {
+                let i = self.next_check.fetch_add(1, Ordering::Relaxed) % self.checks.len();
+                match self.checks.get(i) {
+                    Some(slot) => slot.lock().await,
+                    None => return Err(DeferError::Upstream("no check connection".to_owned())),
+                }
+            }
+        };
         for attempt in 0..2 {
             if guard.is_none() {
                 *guard = Some(
