@@ -185,3 +185,51 @@ async fn a_coalesced_state_postgresql_refuses_is_judged_write_by_write() {
         "23514|{1000,3}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_continuous_writes_the_flusher_runs_once_per_interval() {
+    // Before the interval was timed by the oldest pending write, a table that never
+    // ran empty was flushed back to back, folding next to nothing.
+    let ctx = Context::builder()
+        .before_proxy(TABLES)
+        .section(
+            "[flush]\ninterval = \"300ms\"\n\
+             [tables.\"public.wbk\"]\npolicy = \"write-back\"\n",
+        )
+        .start()
+        .await;
+    let metrics = ctx.proxy.metrics_addr();
+    let client = ctx.proxy_client().await;
+    let bump = client
+        .prepare("UPDATE wbk SET n = n + 1 WHERE id = $1")
+        .await
+        .expect("prepare");
+    let before = scrape(metrics).await;
+    let started = std::time::Instant::now();
+    let mut writes = 0u64;
+    while started.elapsed() < std::time::Duration::from_millis(1500) {
+        let id = 1000 + i32::try_from(writes % 10).expect("small");
+        client.execute(&bump, &[&id]).await.expect("increment");
+        writes += 1;
+    }
+    let elapsed = started.elapsed();
+    let after = scrape(metrics).await;
+    let batches = sample(&after, "spillway_flush_batches_total", "")
+        - sample(&before, "spillway_flush_batches_total", "");
+    let rows = sample(&after, "spillway_flush_rows_total", "")
+        - sample(&before, "spillway_flush_rows_total", "");
+    eprintln!("{writes} writes in {elapsed:?}: {batches} batches, {rows} rows");
+    let bound = elapsed.as_secs_f64() / 0.3 + 2.0;
+    assert!(writes > 100, "too few writes to mean anything: {writes}");
+    assert!(
+        batches >= 1.0 && batches <= bound,
+        "{batches} batches in {elapsed:?}"
+    );
+    // Ten keys: a batch folds into at most ten rows.
+    assert!(rows <= 10.0 * batches, "{rows} rows in {batches} batches");
+    tag(&client, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct_rows(&ctx, "SELECT sum(n) FROM wbk"),
+        writes.to_string()
+    );
+}

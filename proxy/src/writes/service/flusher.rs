@@ -264,6 +264,7 @@ impl WriteService {
         let mut state = self.state();
         let mut tables = Vec::new();
         for (seq, record) in batch {
+            state.acked_at.remove(seq);
             if state.pending.remove(seq).is_none() {
                 continue;
             }
@@ -300,12 +301,14 @@ impl WriteService {
             state.forgotten.clear();
             state.forgotten_floor = state.generation;
         }
-        // The oldest acknowledgement of a table that still has pending records is no
-        // longer known exactly; now is a lower bound that keeps the age honest enough
-        // for max_staleness (it can only make a flush happen sooner).
+        // A table that still has pending records: its oldest is not known exactly
+        // without a scan, but no older than the oldest pending record of all, which
+        // keeps its reported age an upper bound (the flush itself is timed by
+        // `acked_at`).
+        let oldest_left = state.acked_at.first_key_value().map(|(_, at)| *at);
         for s in state.tables.values_mut() {
-            if s.pending > 0 && s.oldest.is_none() {
-                s.oldest = Some(Instant::now());
+            if s.pending > 0 {
+                s.oldest = oldest_left.or(s.oldest).or_else(|| Some(Instant::now()));
             }
         }
         tables

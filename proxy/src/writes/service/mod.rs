@@ -112,6 +112,9 @@ impl DeferError {
 struct State {
     /// Durable records not yet applied, by sequence number.
     pending: BTreeMap<u64, Arc<Record>>,
+    /// When each pending record became pending: the lowest sequence number's is the
+    /// age that makes a flush due (`flush.interval`), also while more keep arriving.
+    acked_at: BTreeMap<u64, Instant>,
     /// Pending record count and the oldest pending acknowledgement, per table.
     tables: HashMap<String, TableState>,
     /// Highest sequence number in `pending` so far.
@@ -667,11 +670,9 @@ impl WriteService {
             return Duration::ZERO;
         }
         state
-            .tables
-            .values()
-            .filter_map(|s| s.oldest)
-            .min()
-            .map_or(tick, |oldest| tick.saturating_sub(oldest.elapsed()))
+            .acked_at
+            .first_key_value()
+            .map_or(tick, |(_, oldest)| tick.saturating_sub(oldest.elapsed()))
     }
 
     /// Whether `table` is write-back (its operations fold per key at flush).
@@ -770,6 +771,7 @@ fn note_pending(state: &mut State, seq: u64, record: Arc<Record>) {
     }
     state.highest = state.highest.max(seq);
     state.pending.insert(seq, record);
+    state.acked_at.insert(seq, Instant::now());
 }
 
 #[derive(Debug, thiserror::Error)]
