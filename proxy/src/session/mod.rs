@@ -186,6 +186,7 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<End, S
         shared.max_message_bytes(),
         canceller,
         handler,
+        Some((shared.cancel.clone(), cancel_key.pid)),
     );
     relay.run(&shared.signals.subscribe()).await
 }

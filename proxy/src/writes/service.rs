@@ -41,6 +41,9 @@ type Privileges = HashMap<(String, String, Verb), (bool, Instant)>;
 /// How long a privilege answer is reused before it is asked again.
 const PRIVILEGE_TTL: Duration = Duration::from_secs(5);
 
+/// How long opening the check connection may take.
+const CHECK_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Longest pause between retries of a batch that failed transiently.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -411,13 +414,15 @@ impl WriteService {
     }
 
     /// Whether `user` holds the privilege `verb` needs on `table`. An answer is
-    /// reused for [`PRIVILEGE_TTL`], so a REVOKE takes effect within it.
+    /// reused for [`PRIVILEGE_TTL`], so a REVOKE takes effect within it; past it, and
+    /// only while PostgreSQL cannot be reached, the last answer is reused.
     async fn permitted(&self, user: &str, table: &str, verb: Verb) -> Result<bool, DeferError> {
         let k = (user.to_owned(), table.to_owned(), verb);
-        if let Some((ok, at)) = self.privileges_map().get(&k)
+        let known = self.privileges_map().get(&k).copied();
+        if let Some((ok, at)) = known
             && at.elapsed() < PRIVILEGE_TTL
         {
-            return Ok(*ok);
+            return Ok(ok);
         }
         let oid = i64::from(self.tables.get(table).map_or(0, |t| t.oid));
         let privilege = match verb {
@@ -425,7 +430,7 @@ impl WriteService {
             Verb::Update => "UPDATE",
             Verb::Delete => "DELETE",
         };
-        let ok: bool = self
+        let asked = self
             .check(|conn| {
                 let user = user.to_owned();
                 Box::pin(async move {
@@ -443,7 +448,19 @@ impl WriteService {
                     .await
                 })
             })
-            .await?;
+            .await;
+        let ok: bool = match (asked, known) {
+            (Ok(ok), _) => ok,
+            // PostgreSQL cannot be asked (it is down: detached sessions keep writing):
+            // the last answer it gave stands until it can be asked again. Nothing can
+            // be revoked while it is down, so the answer is at most PRIVILEGE_TTL
+            // older than the outage, as it would be anyway.
+            (Err(DeferError::Upstream(e)), Some((ok, _))) => {
+                tracing::debug!(user, table, error = %e, "privilege check unreachable; last answer stands");
+                return Ok(ok);
+            }
+            (Err(e), _) => return Err(e),
+        };
         self.privileges_map().insert(k, (ok, Instant::now()));
         Ok(ok)
     }
@@ -485,11 +502,17 @@ impl WriteService {
         let mut guard = self.checks.lock().await;
         for attempt in 0..2 {
             if guard.is_none() {
-                *guard = Some(
-                    connect_as(&self.url, CHECKS_APP)
+                // Bounded: while PostgreSQL is unreachable, a write that needs a
+                // check is refused (retryable) rather than held for a TCP timeout.
+                let connected =
+                    tokio::time::timeout(CHECK_CONNECT_TIMEOUT, connect_as(&self.url, CHECKS_APP))
                         .await
-                        .map_err(|e| DeferError::Upstream(e.to_string()))?,
-                );
+                        .map_err(|_| {
+                            DeferError::Upstream(format!(
+                                "no connection within {CHECK_CONNECT_TIMEOUT:?}"
+                            ))
+                        })?;
+                *guard = Some(connected.map_err(|e| DeferError::Upstream(e.to_string()))?);
             }
             let Some(conn) = guard.as_mut() else { continue };
             match f(conn).await {
