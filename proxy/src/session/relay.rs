@@ -153,7 +153,13 @@ impl Relay {
                 Step::Io(Ok(p)) => p,
                 Step::Io(Err(SessionError::UpstreamIo(e))) if self.can_detach() => {
                     self.detach(format!("upstream connection lost: {e}"));
-                    continue;
+                    // The same poll may have read client bytes before the upstream
+                    // failed; they would otherwise wait for the client's next bytes.
+                    let unread = !self.client.inbuf.is_empty() && !self.handler.is_blocked();
+                    Progress {
+                        client: unread.then_some(Read::Data),
+                        ..Progress::default()
+                    }
                 }
                 Step::Io(Err(err)) => return self.close_with(err).await,
             };
