@@ -232,7 +232,10 @@ async fn a_request_outstanding_when_postgresql_stops_gets_an_error() {
     let mut ctx = context().await;
     let idle = ctx.proxy_client().await;
     // Its privilege on the table is known from now on (asked of PostgreSQL once).
-    assert_eq!(tag(&idle, "INSERT INTO d_rows (id, v) VALUES (1, 'a')").await, 1);
+    assert_eq!(
+        tag(&idle, "INSERT INTO d_rows (id, v) VALUES (1, 'a')").await,
+        1
+    );
     let busy = ctx.proxy_client().await;
     let running = tokio::spawn(async move {
         let r = busy.simple_query("SELECT pg_sleep(60)").await;
