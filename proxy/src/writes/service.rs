@@ -52,6 +52,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub const FLUSH_APP: &str = "spillway flush";
 pub const CHECKS_APP: &str = "spillway checks";
 
+/// A check connection's failure: PostgreSQL unreachable for now (connection loss,
+/// shutting down, starting up), or an answer that says something else went wrong.
+fn unreachable_or_upstream(e: &sqlx::Error) -> DeferError {
+    if apply::is_transient(e) {
+        DeferError::Unreachable(e.to_string())
+    } else {
+        DeferError::Upstream(e.to_string())
+    }
+}
+
 /// Connects to `url` with `application_name` set to `name`.
 async fn connect_as(url: &str, name: &str) -> Result<PgConnection, sqlx::Error> {
     let options: PgConnectOptions = url.parse()?;
@@ -80,6 +90,9 @@ pub enum DeferError {
     Duplicate { constraint: String, detail: String },
     #[error("checking the deferred table upstream: {0}")]
     Upstream(String),
+    /// The check connection cannot reach PostgreSQL (down, restarting): retryable.
+    #[error("PostgreSQL is unreachable, the deferred write cannot be checked: {0}")]
+    Unreachable(String),
 }
 
 impl DeferError {
@@ -88,7 +101,7 @@ impl DeferError {
         match self {
             DeferError::Full { .. } | DeferError::Journal(JournalError::Full { .. }) => "53000",
             DeferError::Duplicate { .. } => "23505",
-            DeferError::Upstream(_) => "08006",
+            DeferError::Upstream(_) | DeferError::Unreachable(_) => "08006",
             _ => "XX000",
         }
     }
@@ -455,7 +468,7 @@ impl WriteService {
             // the last answer it gave stands until it can be asked again. Nothing can
             // be revoked while it is down, so the answer is at most PRIVILEGE_TTL
             // older than the outage, as it would be anyway.
-            (Err(DeferError::Upstream(e)), Some((ok, _))) => {
+            (Err(DeferError::Unreachable(e)), Some((ok, _))) => {
                 tracing::debug!(user, table, error = %e, "privilege check unreachable; last answer stands");
                 return Ok(ok);
             }
@@ -508,20 +521,20 @@ impl WriteService {
                     tokio::time::timeout(CHECK_CONNECT_TIMEOUT, connect_as(&self.url, CHECKS_APP))
                         .await
                         .map_err(|_| {
-                            DeferError::Upstream(format!(
+                            DeferError::Unreachable(format!(
                                 "no connection within {CHECK_CONNECT_TIMEOUT:?}"
                             ))
                         })?;
-                *guard = Some(connected.map_err(|e| DeferError::Upstream(e.to_string()))?);
+                *guard = Some(connected.map_err(|e| unreachable_or_upstream(&e))?);
             }
             let Some(conn) = guard.as_mut() else { continue };
             match f(conn).await {
                 Ok(v) => return Ok(v),
                 Err(e) if attempt == 0 && apply::is_transient(&e) => *guard = None,
-                Err(e) => return Err(DeferError::Upstream(e.to_string())),
+                Err(e) => return Err(unreachable_or_upstream(&e)),
             }
         }
-        Err(DeferError::Upstream(
+        Err(DeferError::Unreachable(
             "check connection failed twice".to_owned(),
         ))
     }
