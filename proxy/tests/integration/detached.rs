@@ -3,7 +3,7 @@
 //! fast`: FATAL 57P01 to every backend) under sessions that are idle at that moment:
 //! - they are not ended but detached: deferred writes in the simple protocol, with a
 //!   statement prepared before the outage, with an unnamed Parse + Bind + Describe +
-//!   Execute cycle, are acknowledged; exact row counts are answered from the key
+//!   Execute cycle (parameter types declared, or not), are acknowledged; exact row counts are answered from the key
 //!   overlay where it knows the key, and refused with a retryable ERROR 08006 (the
 //!   session lives on) where it would have to read PostgreSQL; a cache hit is served;
 //!   a Close of a prepared statement is answered; a cancel request does no harm;
@@ -20,7 +20,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls};
 
-use crate::context::{Context, eventually};
+use crate::context::{Context, DB, USER, eventually};
+use crate::wire::{Raw, bind, describe_portal, execute, parse, sync, tags, terminate};
 use crate::write_behind::{direct_rows, tag};
 
 const SCHEMA: &str = "CREATE TABLE public.d_rows (id bigint PRIMARY KEY, v text NOT NULL); \
@@ -85,14 +86,15 @@ async fn a_detached_session_keeps_acknowledging_deferred_writes_until_it_needs_p
         tag(&flusher, "INSERT INTO d_rows (id, v) VALUES (1, 'a')").await,
         1
     );
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
     let before = detached_sessions(&ctx);
 
     tokio::task::block_in_place(|| ctx.pg.stop_fast()).expect("stop PostgreSQL");
     assert!(
         eventually(Duration::from_secs(5), || detached_sessions(&ctx)
-            >= before + 2)
+            >= before + 3)
         .await,
-        "the two idle sessions were not detached; log:\n{}",
+        "the three idle sessions were not detached; log:\n{}",
         ctx.proxy.logs()
     );
 
@@ -120,6 +122,22 @@ async fn a_detached_session_keeps_acknowledging_deferred_writes_until_it_needs_p
     .await
     .expect("unnamed Parse/Bind/Describe/Execute while detached");
     assert!(rows.is_empty());
+    // The same without declared parameter types (libpq's PQexecParams), then a
+    // Terminate, which ends the detached session at once.
+    let mut cycle = parse("", "INSERT INTO d_rows (id, v) VALUES ($1, $2)");
+    cycle.extend(bind("", "", &[Some("6"), Some("f")]));
+    cycle.extend(describe_portal(""));
+    cycle.extend(execute("", 0));
+    cycle.extend(sync());
+    raw.send(&cycle).await;
+    let answers = within("raw cycle", raw.until(b'Z')).await;
+    assert_eq!(tags(&answers), "12nCZ", "{answers:?}");
+    raw.send(&terminate()).await;
+    assert!(
+        within("close after Terminate", raw.until_eof())
+            .await
+            .is_empty()
+    );
     // Exact row counts: counter 1 has a pending write (the overlay knows it exists).
     for _ in 0..2 {
         assert_eq!(
@@ -194,7 +212,7 @@ async fn a_detached_session_keeps_acknowledging_deferred_writes_until_it_needs_p
             &ctx,
             "SELECT string_agg(id || v, ',' ORDER BY id) FROM d_rows"
         ),
-        "1a,2b,3c,4d,5e"
+        "1a,2b,3c,4d,5e,6f"
     );
     assert_eq!(
         direct_rows(
@@ -203,10 +221,10 @@ async fn a_detached_session_keeps_acknowledging_deferred_writes_until_it_needs_p
         ),
         "1:3,2:0"
     );
-    // One journal record per acknowledged write: 2 before the outage, 6 during.
+    // One journal record per acknowledged write: 2 before the outage, 7 during.
     assert_eq!(
         direct_rows(&ctx, "SELECT last_seq FROM spillway.flush_ledger"),
-        "8"
+        "9"
     );
     assert_eq!(
         direct_rows(&ctx, "SELECT count(*) FROM spillway.dead_letters"),
