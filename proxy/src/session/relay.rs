@@ -35,11 +35,11 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
-use super::End;
 use super::conn::{Conn, READ_CHUNK};
 use super::handler::{Disposition, Handler, Out};
 use super::signal::{Phase, Subscription};
 use super::state::ProtocolState;
+use super::{End, GaugeGuard};
 use crate::cancel::CancelRegistry;
 use crate::error::SessionError;
 use crate::protocol::backend;
@@ -74,10 +74,21 @@ pub struct Relay {
     canceller: Option<Canceller>,
     /// Decides where each frontend message goes (cache or upstream).
     handler: Handler,
-    /// The session's client-facing cancel key, marked detached with the session.
-    cancel: Option<(Arc<CancelRegistry>, i32)>,
+    /// What changes when the session detaches.
+    attachment: Attachment,
     /// Set once the session is detached: how its upstream connection ended.
     detached: Option<String>,
+}
+
+/// The session's ties to its upstream connection that outlive the socket.
+pub struct Attachment {
+    /// The registry holding the session's client-facing cancel key, and its pid: the
+    /// key is marked detached with the session.
+    pub cancel: Arc<CancelRegistry>,
+    pub client_pid: i32,
+    /// `spillway_upstream_connections` while attached, `spillway_detached_sessions`
+    /// once detached.
+    pub gauge: GaugeGuard,
 }
 
 enum Step {
@@ -107,7 +118,7 @@ impl Relay {
         max_message: usize,
         canceller: Option<Canceller>,
         handler: Handler,
-        cancel: Option<(Arc<CancelRegistry>, i32)>,
+        attachment: Attachment,
     ) -> Self {
         Self {
             client,
@@ -119,7 +130,7 @@ impl Relay {
             streaming: 0,
             canceller,
             handler,
-            cancel,
+            attachment,
             detached: None,
         }
     }
@@ -217,10 +228,9 @@ impl Relay {
         self.to_upstream.clear();
         // Nothing left upstream to cancel.
         self.canceller = None;
-        if let Some((registry, pid)) = &self.cancel {
-            registry.detach(*pid);
-        }
+        self.attachment.cancel.detach(self.attachment.client_pid);
         self.detached = Some(cause);
+        self.attachment.gauge = GaugeGuard::new(crate::metrics::DETACHED_SESSIONS);
     }
 
     /// Writes what can be written, then reads from whichever side may be read.

@@ -21,6 +21,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls};
 
 use crate::context::{Context, DB, USER, eventually};
+use crate::metrics::{sample, scrape};
 use crate::wire::{Raw, bind, describe_portal, execute, parse, sync, tags, terminate};
 use crate::write_behind::{direct_rows, tag};
 
@@ -98,6 +99,9 @@ async fn a_detached_session_keeps_acknowledging_deferred_writes_until_it_needs_p
         ctx.proxy.logs()
     );
 
+    let gauges = scrape(ctx.proxy.metrics_addr()).await;
+    assert_eq!(sample(&gauges, "spillway_detached_sessions", ""), 3.0);
+    assert_eq!(sample(&gauges, "spillway_upstream_connections", ""), 0.0);
     // A cache hit needs no PostgreSQL.
     assert_eq!(cached_value(&client).await.as_deref(), Some("one"));
     // Deferred writes: simple protocol, a statement prepared before the outage, and an

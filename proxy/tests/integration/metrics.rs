@@ -31,7 +31,7 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// The value of the sample `name{labels}` (labels as rendered, e.g.
 /// `table="public.wb",policy="write-behind"`; empty for none), 0 when absent.
-fn sample(text: &str, name: &str, labels: &str) -> f64 {
+pub fn sample(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {
@@ -47,7 +47,7 @@ fn sample(text: &str, name: &str, labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn scrape(addr: SocketAddr) -> String {
+pub async fn scrape(addr: SocketAddr) -> String {
     let (status, body) = get(addr, "/metrics").await;
     assert_eq!(status, 200, "{body}");
     body
