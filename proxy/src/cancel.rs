@@ -21,7 +21,9 @@ pub struct UpstreamKey {
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    entries: Mutex<HashMap<i32, (Bytes, UpstreamKey)>>,
+    /// Client pid → (client secret, upstream key; `None` once the session detached
+    /// from its upstream connection: nothing left to cancel there).
+    entries: Mutex<HashMap<i32, (Bytes, Option<UpstreamKey>)>>,
 }
 
 /// Removes its entry from the registry when dropped.
@@ -57,7 +59,7 @@ impl CancelRegistry {
                 break pid;
             }
         };
-        entries.insert(pid, (secret.clone(), upstream));
+        entries.insert(pid, (secret.clone(), Some(upstream)));
         drop(entries);
         CancelKey {
             registry: Arc::clone(self),
@@ -70,7 +72,22 @@ impl CancelRegistry {
     pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<UpstreamKey> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let (ours, upstream) = entries.get(&pid)?;
-        constant_time_eq(ours, secret).then(|| upstream.clone())
+        if constant_time_eq(ours, secret) {
+            upstream.clone()
+        } else {
+            None
+        }
+    }
+
+    /// The session behind `pid` lost its upstream connection but lives on (detached):
+    /// its cancel requests are ignored from now on, as for an unknown key (the
+    /// upstream pid may belong to another backend after a restart). The entry, and so
+    /// the pid, stays reserved until the session's [`CancelKey`] is dropped.
+    pub fn detach(&self, pid: i32) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, upstream)) = entries.get_mut(&pid) {
+            *upstream = None;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -108,6 +125,20 @@ mod tests {
         drop(key);
         assert!(reg.is_empty());
         assert_eq!(reg.lookup(pid, &[1, 2, 3, 4]), None);
+    }
+
+    #[test]
+    fn a_detached_session_keeps_its_pid_but_cancels_nothing() {
+        let reg = Arc::new(CancelRegistry::default());
+        let key = reg.register(UpstreamKey {
+            pid: 7,
+            secret: Bytes::from_static(&[1, 2, 3, 4]),
+        });
+        reg.detach(key.pid);
+        assert_eq!(reg.lookup(key.pid, &key.secret), None);
+        assert_eq!(reg.len(), 1, "the pid stays reserved");
+        drop(key);
+        assert!(reg.is_empty());
     }
 
     #[test]

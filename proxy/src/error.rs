@@ -47,6 +47,10 @@ pub enum SessionError {
     UpstreamIo(io::Error),
     #[error("upstream closed the connection unexpectedly")]
     UpstreamClosed,
+    /// A detached session (its upstream connection died while it was idle) was asked
+    /// for something only PostgreSQL can answer; `cause` is how the connection ended.
+    #[error("upstream connection lost ({cause}); reconnect")]
+    UpstreamLost { cause: String },
     #[error("upstream sent a malformed message: {0}")]
     UpstreamMalformed(ProtocolError),
     #[error("upstream sent an unexpected message {tag:?} during {phase}")]
@@ -71,6 +75,7 @@ impl SessionError {
             SessionError::UpstreamConnect { .. }
             | SessionError::UpstreamIo(_)
             | SessionError::UpstreamClosed
+            | SessionError::UpstreamLost { .. }
             | SessionError::UpstreamMalformed(_)
             | SessionError::UpstreamProtocol { .. } => Side::Upstream,
             SessionError::TooManyClients(_) | SessionError::Shutdown => Side::Spillway,
@@ -85,7 +90,8 @@ impl SessionError {
             | SessionError::ClientIo(_) => SqlState::PROTOCOL_VIOLATION,
             SessionError::UpstreamConnect { .. }
             | SessionError::UpstreamIo(_)
-            | SessionError::UpstreamClosed => SqlState::CONNECTION_FAILURE,
+            | SessionError::UpstreamClosed
+            | SessionError::UpstreamLost { .. } => SqlState::CONNECTION_FAILURE,
             SessionError::UpstreamProtocol { .. } | SessionError::UpstreamMalformed(_) => {
                 SqlState::PROTOCOL_VIOLATION
             }
@@ -134,6 +140,21 @@ mod tests {
         let e = SessionError::ClientIo(io::Error::from(io::ErrorKind::BrokenPipe));
         assert!(e.to_client().is_none());
         assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn lost_upstream_is_a_retryable_08006_naming_the_cause() {
+        let e = SessionError::UpstreamLost {
+            cause: "PostgreSQL: terminating connection due to administrator command (57P01)"
+                .to_owned(),
+        };
+        let msg = e.to_client().expect("sent");
+        let f = parse_error_fields(&msg[5..]).expect("parses");
+        assert_eq!(f.code, "08006");
+        assert!(f.is_fatal());
+        assert!(f.message.contains("administrator command"), "{}", f.message);
+        assert!(f.message.ends_with("reconnect"), "{}", f.message);
+        assert!(e.is_retryable());
     }
 
     #[test]

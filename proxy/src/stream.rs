@@ -17,8 +17,9 @@ pub enum Stream {
     ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// TLS toward PostgreSQL (spillway is the client).
     ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    /// The socket was handed to a TLS handshake that did not complete; nothing can
-    /// be read or written any more.
+    /// The socket was handed to a TLS handshake that did not complete, or dropped
+    /// when its session detached from PostgreSQL; nothing can be read or written any
+    /// more.
     Detached,
 }
 
@@ -88,6 +89,6 @@ impl AsyncWrite for Stream {
 fn detached() -> io::Error {
     io::Error::new(
         io::ErrorKind::NotConnected,
-        "connection lost in a TLS handshake",
+        "connection gone (lost in a TLS handshake, or dropped by a detached session)",
     )
 }

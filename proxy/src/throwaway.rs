@@ -223,11 +223,21 @@ impl ThrowawayPostgres {
 
     /// Stops the server (immediate mode: like a crash, no checkpoint).
     pub fn stop(&mut self) -> Result<(), ThrowawayError> {
+        self.stop_in("immediate")
+    }
+
+    /// Stops the server as an operator would (fast mode: every backend gets FATAL
+    /// 57P01, then a shutdown checkpoint).
+    pub fn stop_fast(&mut self) -> Result<(), ThrowawayError> {
+        self.stop_in("fast")
+    }
+
+    fn stop_in(&mut self, mode: &str) -> Result<(), ThrowawayError> {
         if !self.running {
             return Ok(());
         }
         let mut cmd = self.command("pg_ctl");
-        cmd.args(["-D", path_str(&self.data), "-m", "immediate", "-w", "stop"]);
+        cmd.args(["-D", path_str(&self.data), "-m", mode, "-w", "stop"]);
         self.run("pg_ctl stop", cmd)?;
         self.running = false;
         Ok(())

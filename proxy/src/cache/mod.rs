@@ -7,6 +7,8 @@
 //! service connection is down) stores nothing new: [`DbState::catalog`] is `None` and
 //! every miss is passed through. Existing entries stay servable exactly as long as
 //! their version counters say (DDL and a lost LISTEN connection bump the epoch).
+//! Only deferred-write routing looks past a lost connection, at the last snapshot DDL
+//! has not invalidated ([`DbState::last_trusted_catalog`]).
 
 pub mod decide;
 mod service;
@@ -45,6 +47,11 @@ pub struct DbState {
     pub versions: Arc<DbVersions>,
     /// `None` while no trustworthy snapshot exists. Lock held only to clone the Arc.
     catalog: RwLock<Option<Arc<Catalog>>>,
+    /// The latest snapshot installed, kept when the service connection is lost and
+    /// dropped when DDL makes it stale: detached sessions route deferred writes with
+    /// it while PostgreSQL is unreachable (`session/handler/detached.rs`). Lock held
+    /// only to clone or replace the Arc.
+    last_trusted: RwLock<Option<Arc<Catalog>>>,
     /// Asks the service task for a fresh catalog.
     refresh: Notify,
     /// Bumped whenever the catalog is known to have changed; a snapshot whose load
@@ -64,6 +71,19 @@ impl DbState {
         }
     }
 
+    /// The last snapshot installed, unless DDL has made it stale since; also while
+    /// the service connection is down.
+    pub fn last_trusted_catalog(&self) -> Option<Arc<Catalog>> {
+        self.last_trusted.read().ok().and_then(|c| c.clone())
+    }
+
+    fn set_last_trusted(&self, catalog: Option<Arc<Catalog>>) {
+        match self.last_trusted.write() {
+            Ok(mut c) => *c = catalog,
+            Err(poisoned) => *poisoned.into_inner() = catalog,
+        }
+    }
+
     /// Installs a snapshot whose load began at `generation`, unless the catalog was
     /// declared changed since (checked under the lock, so a concurrent
     /// [`DbState::catalog_changed`] either wins or sees this snapshot and clears it).
@@ -75,7 +95,10 @@ impl DbState {
         if self.generation.load(Ordering::SeqCst) != generation {
             return false;
         }
-        *slot = Some(catalog);
+        *slot = Some(catalog.clone());
+        // Under the catalog lock, so a concurrent `catalog_changed` (which clears both
+        // after taking it) cannot be overtaken.
+        self.set_last_trusted(Some(catalog));
         true
     }
 
@@ -83,6 +106,7 @@ impl DbState {
     pub fn catalog_changed(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.set_catalog(None);
+        self.set_last_trusted(None);
         self.refresh.notify_one();
     }
 
@@ -179,6 +203,7 @@ impl ReadCache {
             name: name.to_owned(),
             versions: self.versions.database(name),
             catalog: RwLock::new(None),
+            last_trusted: RwLock::new(None),
             refresh: Notify::new(),
             generation: AtomicU64::new(0),
         });

@@ -40,10 +40,11 @@ pub const JOURNAL_FSYNC_MICROS: &str = "spillway_journal_fsync_microseconds_tota
 // Connections.
 pub const CLIENT_CONNECTIONS: &str = "spillway_client_connections";
 pub const UPSTREAM_CONNECTIONS: &str = "spillway_upstream_connections";
+pub const DETACHED_SESSIONS: &str = "spillway_detached_sessions";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 22] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -65,6 +66,7 @@ pub const ALL: [&str; 21] = [
     JOURNAL_FSYNC_MICROS,
     CLIENT_CONNECTIONS,
     UPSTREAM_CONNECTIONS,
+    DETACHED_SESSIONS,
 ];
 
 /// The histograms among [`ALL`]: Prometheus exports them as `<name>_bucket`,
@@ -149,6 +151,10 @@ fn describe() {
     describe_gauge!(
         UPSTREAM_CONNECTIONS,
         "Upstream connections open for client sessions"
+    );
+    describe_gauge!(
+        DETACHED_SESSIONS,
+        "Client sessions open without their upstream connection (detached)"
     );
 }
 

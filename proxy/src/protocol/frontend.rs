@@ -229,6 +229,24 @@ pub fn command_complete(tag: &str) -> Vec<u8> {
 /// NoData: the answer to Describe of a portal that returns no rows.
 pub const NO_DATA: &[u8] = b"n\0\0\0\x04";
 
+/// ParameterDescription for a statement whose parameter types the client declared
+/// (`raw`: 4-byte OIDs, as in Parse), or `None` if any is unspecified (0: only
+/// PostgreSQL can infer it) or there are too many.
+pub fn parameter_description(raw: &[u8]) -> Option<Vec<u8>> {
+    let oids = param_type_oids(raw);
+    if oids.contains(&0) {
+        return None;
+    }
+    let count = u16::try_from(oids.len()).ok()?;
+    let len = u32::try_from(4 + 2 + raw.len()).ok()?;
+    let mut m = Vec::with_capacity(1 + 4 + 2 + raw.len());
+    m.push(b't');
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(&count.to_be_bytes());
+    m.extend_from_slice(raw);
+    Some(m)
+}
+
 pub fn ready_for_query(status: u8) -> [u8; 6] {
     [b'Z', 0, 0, 0, 5, status]
 }
@@ -303,6 +321,23 @@ mod tests {
         assert_eq!(p.name, "s1");
         assert_eq!(p.sql, "SELECT $1");
         assert_eq!(p.param_types, &23u32.to_be_bytes());
+    }
+
+    #[test]
+    fn parameter_description_of_declared_types_only() {
+        let msg = build::parse("", "INSERT INTO t VALUES ($1, $2)", &[20, 25]);
+        let p = parse(body(&msg)).expect("parses");
+        let d = parameter_description(p.param_types).expect("all declared");
+        assert_eq!(d[0], b't');
+        assert_eq!(
+            u32::from_be_bytes([d[1], d[2], d[3], d[4]]) as usize,
+            d.len() - 1
+        );
+        assert_eq!(&d[5..7], &2u16.to_be_bytes());
+        assert_eq!(param_type_oids(&d[7..]), vec![20, 25]);
+        let unspecified = build::parse("", "SELECT $1", &[0]);
+        let p = parse(body(&unspecified)).expect("parses");
+        assert_eq!(parameter_description(p.param_types), None);
     }
 
     #[test]

@@ -78,10 +78,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
 }
 
 /// One more on a gauge for as long as it lives.
-struct GaugeGuard(metrics::Gauge);
+pub struct GaugeGuard(metrics::Gauge);
 
 impl GaugeGuard {
-    fn new(name: &'static str) -> Self {
+    pub fn new(name: &'static str) -> Self {
         let g = metrics::gauge!(name);
         g.increment(1.0);
         Self(g)
@@ -153,7 +153,8 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<End, S
             startup,
         } => (upstream, state, cancel_key, startup),
     };
-    let _upstream = GaugeGuard::new(crate::metrics::UPSTREAM_CONNECTIONS);
+    // Held by the relay: a detached session drops it with its upstream connection.
+    let upstream_gauge = GaugeGuard::new(crate::metrics::UPSTREAM_CONNECTIONS);
     let _listed = shared.clients.register(
         peer,
         startup.user(),
@@ -189,6 +190,11 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<End, S
         shared.max_message_bytes(),
         canceller,
         handler,
+        relay::Attachment {
+            cancel: shared.cancel.clone(),
+            client_pid: cancel_key.pid,
+            gauge: upstream_gauge,
+        },
     );
     relay.run(&shared.signals.subscribe()).await
 }

@@ -14,10 +14,20 @@
 //! whole up to `server.max_message_bytes`; a backend message of [`STREAM_THRESHOLD`]
 //! bytes or more that spillway does not need to inspect is streamed through as it
 //! arrives instead of being buffered whole.
+//!
+//! Detached sessions: when the upstream connection ends (PostgreSQL's FATAL 57P01,
+//! 57P02, 57P03 or class 08, an EOF, an I/O error) while nothing is outstanding
+//! there — no request sent and unanswered, no transaction, no COPY; messages the
+//! handler holds or a deferred write awaiting its ack never went upstream — it is not
+//! ended: the FATAL is swallowed (logged once), the upstream socket is dropped, and the
+//! handler answers what needs no upstream (`handler/detached.rs`). The first
+//! message that needs PostgreSQL ends the session with FATAL 08006 after the answers
+//! already queued. With a request outstanding, the upstream's end is relayed as ever.
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,11 +35,12 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
-use super::End;
 use super::conn::{Conn, READ_CHUNK};
 use super::handler::{Disposition, Handler, Out};
 use super::signal::{Phase, Subscription};
 use super::state::ProtocolState;
+use super::{End, GaugeGuard};
+use crate::cancel::CancelRegistry;
 use crate::error::SessionError;
 use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
@@ -63,6 +74,21 @@ pub struct Relay {
     canceller: Option<Canceller>,
     /// Decides where each frontend message goes (cache or upstream).
     handler: Handler,
+    /// What changes when the session detaches.
+    attachment: Attachment,
+    /// Set once the session is detached: how its upstream connection ended.
+    detached: Option<String>,
+}
+
+/// The session's ties to its upstream connection that outlive the socket.
+pub struct Attachment {
+    /// The registry holding the session's client-facing cancel key, and its pid: the
+    /// key is marked detached with the session.
+    pub cancel: Arc<CancelRegistry>,
+    pub client_pid: i32,
+    /// `spillway_upstream_connections` while attached, `spillway_detached_sessions`
+    /// once detached.
+    pub gauge: GaugeGuard,
 }
 
 enum Step {
@@ -92,6 +118,7 @@ impl Relay {
         max_message: usize,
         canceller: Option<Canceller>,
         handler: Handler,
+        attachment: Attachment,
     ) -> Self {
         Self {
             client,
@@ -103,6 +130,8 @@ impl Relay {
             streaming: 0,
             canceller,
             handler,
+            attachment,
+            detached: None,
         }
     }
 
@@ -132,6 +161,16 @@ impl Relay {
             let progress = match step {
                 Step::Terminate => return self.close_with(SessionError::Shutdown).await,
                 Step::Io(Ok(p)) => p,
+                Step::Io(Err(SessionError::UpstreamIo(e))) if self.can_detach() => {
+                    self.detach(format!("upstream connection lost: {e}"));
+                    // The same poll may have read client bytes before the upstream
+                    // failed; they would otherwise wait for the client's next bytes.
+                    let unread = !self.client.inbuf.is_empty() && !self.handler.is_blocked();
+                    Progress {
+                        client: unread.then_some(Read::Data),
+                        ..Progress::default()
+                    }
+                }
                 Step::Io(Err(err)) => return self.close_with(err).await,
             };
             match progress.upstream {
@@ -139,6 +178,9 @@ impl Relay {
                     if let Err(err) = self.on_upstream_data() {
                         return self.close_with(err).await;
                     }
+                }
+                Some(Read::Eof) if self.can_detach() => {
+                    self.detach("PostgreSQL closed the connection".to_owned());
                 }
                 Some(Read::Eof) => return self.upstream_closed().await,
                 None => {}
@@ -157,13 +199,46 @@ impl Relay {
                 Some(Read::Eof) => return self.client_closed().await,
                 None => {}
             }
+            if self.detached.is_some() && self.state.client_terminated {
+                // Nobody upstream to wait for: the Terminate ends the session now.
+                self.to_upstream.clear();
+                self.flush_for_close().await;
+                return Ok(End::ClientClosed);
+            }
         }
+    }
+
+    /// The upstream connection may end without ending the session: nothing is owed
+    /// from upstream, no transaction is open, nothing is streaming, and the handler
+    /// sent nothing upstream that awaits an answer (an extended cycle it still holds,
+    /// or a deferred write waiting for its journal ack, never went there).
+    fn can_detach(&self) -> bool {
+        self.detached.is_none()
+            && !self.state.upstream_fatal
+            && self.streaming == 0
+            && idle_upstream(&self.state, &self.handler)
+    }
+
+    /// Goes on without the upstream connection: see the module documentation.
+    fn detach(&mut self, cause: String) {
+        tracing::info!(%cause, "upstream connection ended while the session was idle; session detached (serving deferred writes and cache hits until it needs PostgreSQL)");
+        self.handler.detach();
+        self.upstream.stream = Stream::Detached;
+        self.upstream.inbuf.clear();
+        self.to_upstream.clear();
+        // Nothing left upstream to cancel.
+        self.canceller = None;
+        self.attachment.cancel.detach(self.attachment.client_pid);
+        self.detached = Some(cause);
+        self.attachment.gauge = GaugeGuard::new(crate::metrics::DETACHED_SESSIONS);
     }
 
     /// Writes what can be written, then reads from whichever side may be read.
     /// Ready once at least one read produced bytes or EOF.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Progress, SessionError>> {
-        if let Err(e) = poll_drain(&mut self.upstream.stream, &mut self.to_upstream, cx) {
+        let attached = self.detached.is_none();
+        if attached && let Err(e) = poll_drain(&mut self.upstream.stream, &mut self.to_upstream, cx)
+        {
             return Poll::Ready(Err(SessionError::UpstreamIo(e)));
         }
         if let Err(e) = poll_drain(&mut self.client.stream, &mut self.to_client, cx) {
@@ -189,7 +264,7 @@ impl Relay {
                 Poll::Pending => {}
             }
         }
-        if self.to_client.len() < WINDOW {
+        if attached && self.to_client.len() < WINDOW {
             match poll_read(&mut self.upstream, cx) {
                 Poll::Ready(Ok(r)) => progress.upstream = Some(r),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::UpstreamIo(e))),
@@ -218,8 +293,17 @@ impl Relay {
                 state: &mut self.state,
             };
             let msg = &self.client.inbuf[..h.total_len];
-            if self.handler.on_frontend(msg, &mut out) == Disposition::Blocked {
-                break;
+            match self.handler.on_frontend(msg, &mut out) {
+                Disposition::Consumed => {}
+                Disposition::Blocked => break,
+                Disposition::NeedsUpstream => {
+                    return Err(SessionError::UpstreamLost {
+                        cause: self
+                            .detached
+                            .clone()
+                            .unwrap_or_else(|| "not connected".to_owned()),
+                    });
+                }
             }
             self.client.inbuf.advance(h.total_len);
             if self.state.client_terminated {
@@ -232,6 +316,15 @@ impl Relay {
 
     /// Frames backend messages toward the client, streaming large ones.
     fn on_upstream_data(&mut self) -> Result<(), SessionError> {
+        if let Some(cause) = self.on_backend_messages()? {
+            self.detach(cause);
+        }
+        Ok(())
+    }
+
+    /// [`Relay::on_upstream_data`]'s loop; `Some(cause)` when PostgreSQL ended an
+    /// idle session with a FATAL the session survives (swallowed, not relayed).
+    fn on_backend_messages(&mut self) -> Result<Option<String>, SessionError> {
         let inbuf = &mut self.upstream.inbuf;
         loop {
             if self.streaming > 0 {
@@ -240,7 +333,7 @@ impl Relay {
                 inbuf.advance(n);
                 self.streaming -= n;
                 if self.streaming > 0 {
-                    return Ok(());
+                    return Ok(None);
                 }
                 continue;
             }
@@ -267,6 +360,14 @@ impl Relay {
                 continue;
             }
             let msg = &inbuf[..h.total_len];
+            if h.tag == backend::ERROR_RESPONSE
+                && backend::prefix_is_fatal(&msg[Header::SIZE..])
+                && idle_upstream(&self.state, &self.handler)
+                && let Some(cause) = detaching_fatal(&msg[Header::SIZE..])
+            {
+                // PostgreSQL closes right after its FATAL; whatever follows is moot.
+                return Ok(Some(cause));
+            }
             let deliver = self.handler.on_backend(h.tag, msg);
             self.state.on_backend(h.tag, &msg[Header::SIZE..]);
             if deliver {
@@ -275,10 +376,21 @@ impl Relay {
             inbuf.advance(h.total_len);
         }
         shrink_if_idle(inbuf);
-        Ok(())
+        Ok(None)
     }
 
     async fn upstream_closed(&mut self) -> Result<End, SessionError> {
+        if !self.state.client_terminated {
+            // Why the session was not detached instead.
+            tracing::debug!(
+                awaiting_ready = self.state.awaiting_ready,
+                unsynced = self.state.unsynced,
+                tx_status = %char::from(self.state.tx_status),
+                handler_idle = self.handler.can_detach(),
+                fatal = self.state.upstream_fatal,
+                "upstream connection ended while the session was busy"
+            );
+        }
         if self.state.client_terminated {
             // PostgreSQL closed because the client said Terminate.
             self.flush_for_close().await;
@@ -327,10 +439,11 @@ impl Relay {
         if client_broken || matches!(err, SessionError::Shutdown) {
             self.cancel_running_query();
         }
-        let upstream_broken = matches!(
-            err,
-            SessionError::UpstreamIo(_) | SessionError::UpstreamClosed
-        );
+        let upstream_broken = self.detached.is_some()
+            || matches!(
+                err,
+                SessionError::UpstreamIo(_) | SessionError::UpstreamClosed
+            );
         if client_broken {
             self.to_client.clear();
         } else if self.streaming > 0 {
@@ -371,6 +484,25 @@ impl Relay {
         let _ =
             tokio::time::timeout(CLOSE_GRACE, async { tokio::join!(to_upstream, to_client) }).await;
     }
+}
+
+/// Nothing is outstanding upstream and no transaction is open there. `unsynced`
+/// alone does not count: the handler says whether those messages went upstream.
+fn idle_upstream(state: &ProtocolState, handler: &Handler) -> bool {
+    !state.client_terminated
+        && state.awaiting_ready == 0
+        && state.tx_status == b'I'
+        && handler.can_detach()
+}
+
+/// For a FATAL that says the server or the connection is going away (57P01 admin
+/// shutdown, 57P02 crash shutdown, 57P03 cannot connect now, class 08), the cause a
+/// detached session reports later; `None` for any other FATAL (relayed as ever).
+fn detaching_fatal(body: &[u8]) -> Option<String> {
+    let fields = backend::parse_error_fields(body).ok()?;
+    let detaches = matches!(fields.code.as_str(), "57P01" | "57P02" | "57P03")
+        || fields.code.starts_with("08");
+    detaches.then(|| format!("PostgreSQL: {} ({})", fields.message, fields.code))
 }
 
 /// Replaces an empty buffer that grew for one large message with a small one.

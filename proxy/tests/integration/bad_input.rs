@@ -299,12 +299,22 @@ async fn upstream_backend_killed_mid_session() {
         .expect("run kill");
     assert!(status.success(), "kill -KILL {pid}");
 
-    // The killed backend says nothing; spillway reports the lost upstream itself.
-    let msgs = until_closed(&mut raw, Duration::from_secs(5)).await;
-    let last = msgs.last().expect("an error before the close");
-    assert_eq!(last.tag, b'E', "{msgs:?}");
-    assert_eq!(last.code().as_deref(), Some("08006"), "{msgs:?}");
-    assert_eq!(last.severity().as_deref(), Some("FATAL"), "{msgs:?}");
+    // The killed backend says nothing. The session was idle, so it is detached rather
+    // than ended; its next request that needs PostgreSQL gets FATAL 08006, and it closes.
+    let peer = raw.local_addr();
+    assert!(
+        eventually(Duration::from_secs(5), || log_lines(
+            &ctx,
+            peer,
+            "session detached"
+        ) == 1)
+        .await,
+        "the idle session was not detached"
+    );
+    raw.send(&query("SELECT pg_backend_pid()")).await;
+    let err = expect_fatal_then_close(&mut raw, "08006").await;
+    let message = err.message().unwrap_or_default();
+    assert!(message.contains("reconnect"), "{message}");
 
     // A backend crash makes the postmaster end every session (crash recovery), so the
     // bystander fails too, but cleanly and without hanging. The postmaster's SIGQUIT
@@ -312,10 +322,13 @@ async fn upstream_backend_killed_mid_session() {
     // answered in between: keep asking until the bystander's session has ended.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let answer =
-            tokio::time::timeout(Duration::from_secs(5), bystander.simple_query("SELECT 1"))
-                .await
-                .expect("bystander answered (with an error) in time");
+        // Not cacheable: a detached bystander must need PostgreSQL for it.
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            bystander.simple_query("SELECT pg_backend_pid()"),
+        )
+        .await
+        .expect("bystander answered (with an error) in time");
         if answer.is_err() {
             break;
         }
@@ -353,11 +366,20 @@ async fn upstream_backend_terminated_mid_session() {
         .expect("pg_terminate_backend");
     assert!(row.get::<_, bool>(0));
 
-    // PostgreSQL's own FATAL is relayed verbatim, and nothing of spillway's follows.
-    let err = expect_fatal_then_close(&mut raw, "57P01").await;
+    // The session was idle: PostgreSQL's FATAL is not relayed, the session is
+    // detached, and nothing reaches the client until it asks for something only
+    // PostgreSQL can answer: then FATAL 08006 naming PostgreSQL's reason, and the close.
     assert_eq!(
-        err.message().as_deref(),
-        Some("terminating connection due to administrator command")
+        raw.recv_within(Duration::from_millis(500)).await,
+        Err(()),
+        "the idle session was told something (or closed)"
+    );
+    raw.send(&query("SELECT pg_backend_pid()")).await;
+    let err = expect_fatal_then_close(&mut raw, "08006").await;
+    let message = err.message().unwrap_or_default();
+    assert!(
+        message.contains("terminating connection due to administrator command (57P01)"),
+        "{message}"
     );
     assert_healthy(&mut ctx, &bystander).await;
 }

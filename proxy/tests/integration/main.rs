@@ -12,6 +12,7 @@ mod cache;
 mod clients;
 mod crash;
 mod demo;
+mod detached;
 mod differential;
 mod docs;
 mod flush_apply;

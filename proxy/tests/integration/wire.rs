@@ -162,6 +162,11 @@ impl Raw {
         raw
     }
 
+    /// The client side's address: spillway logs it as the session's `peer`.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.stream.local_addr().expect("local address")
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("send");
     }

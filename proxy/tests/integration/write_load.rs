@@ -8,8 +8,12 @@
 //! [`verify`] then checks PostgreSQL against that record: every acknowledged write
 //! applied exactly once, an unknown one at most once, a refused one never.
 //!
-//! Clients reconnect after a failure, to whatever port [`Load::port`] holds then (a
-//! restarted spillway listens on a new one).
+//! A client keeps its session for as long as the session is open — an error that
+//! leaves it open (a refusal, or a retryable ERROR 08006 from a detached session
+//! while PostgreSQL is down) is followed by the next write on the same session — and
+//! reconnects when it ends or a request stalls, to whatever port [`Load::port`] holds
+//! then (a restarted spillway listens on a new one). Sessions matter: while
+//! PostgreSQL is down no new one can be opened (spillway relays authentication).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -89,6 +93,8 @@ pub struct Tally {
     pub connect_failures_by_phase: [u64; PHASES],
     /// Requests that got no answer within [`REQUEST_TIMEOUT`].
     pub stalls: u64,
+    /// Sessions opened, per phase.
+    pub sessions_by_phase: [u64; PHASES],
     /// Answers that are wrong in themselves (a row count other than the rows written).
     pub anomalies: Vec<String>,
 }
@@ -129,6 +135,7 @@ impl Tally {
         for i in 0..PHASES {
             self.acked_by_phase[i] += other.acked_by_phase[i];
             self.connect_failures_by_phase[i] += other.connect_failures_by_phase[i];
+            self.sessions_by_phase[i] += other.sessions_by_phase[i];
         }
         self.stalls += other.stalls;
         self.anomalies.extend(other.anomalies);
@@ -216,6 +223,8 @@ impl Worker {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             };
+            let phase = self.phase();
+            self.tally.sessions_by_phase[phase] += 1;
             while !self.stop.load(Ordering::SeqCst) {
                 if !self.one_write(&client, &prepared).await || client.is_closed() {
                     break;
@@ -271,7 +280,8 @@ impl Worker {
         i64::from(self.id) * 10_000_000 + self.next_key
     }
 
-    /// Sends one write and records its answer; false when the session is unusable.
+    /// Sends one write and records its answer; false when the request stalled (the
+    /// session is then given up even if it looks open).
     async fn one_write(&mut self, client: &Client, prepared: &Prepared) -> bool {
         let roll = self.rng.random_range(0..100);
         let op = if roll < 10 && !self.live.is_empty() {
@@ -289,6 +299,7 @@ impl Worker {
         };
         let simple = self.rng.random_bool(0.5);
         let request = send(client, prepared, &op, self.id, simple);
+        let mut stalled = false;
         let answer = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
             Ok(Ok(rows)) => Answer::Acked(rows),
             Ok(Err(e)) => match e.as_db_error() {
@@ -315,11 +326,12 @@ impl Worker {
             },
             Err(_) => {
                 self.tally.stalls += 1;
+                stalled = true;
                 Answer::Unknown
             }
         };
         self.record(&op, answer, simple);
-        answer != Answer::Unknown
+        !stalled
     }
 
     fn record(&mut self, op: &Op, answer: Answer, simple: bool) {

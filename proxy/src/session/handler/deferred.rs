@@ -208,7 +208,7 @@ impl Caching {
         if analysis.unanalysed {
             return (Vec::new(), true);
         }
-        let catalog = self.db.catalog();
+        let catalog = self.routing_catalog();
         let mut out: Vec<String> = Vec::new();
         let mut all = false;
         for stmt in &analysis.statements {
@@ -409,6 +409,10 @@ impl Caching {
             self.no_defer = false;
             return None;
         };
+        if self.detached {
+            // The barrier would only precede a trip upstream that cannot happen.
+            return Some(Disposition::NeedsUpstream);
+        }
         Some(self.barrier(w, target))
     }
 
@@ -457,7 +461,7 @@ impl Caching {
         if !stmt.functions.is_empty() || stmt.sql_value_function {
             return Err("function");
         }
-        let catalog = self.db.catalog().ok_or("catalog_not_loaded")?;
+        let catalog = self.routing_catalog().ok_or("catalog_not_loaded")?;
         let rel = shape.table();
         let candidates = catalog.resolve(rel.schema.as_deref(), &rel.name);
         let [relation] = candidates.as_slice() else {
@@ -488,6 +492,7 @@ impl Caching {
         let mut bound: Option<(Arc<Stmt>, Bound)> = None;
         let mut executed: Vec<Arc<Stmt>> = Vec::new();
         let mut simple_shape = true;
+        let mut described: Option<Arc<Stmt>> = None;
         let held = std::mem::take(&mut self.held);
         for m in &held {
             let body = frontend::body(m);
@@ -541,6 +546,23 @@ impl Caching {
                     Some(t) if t.kind == b'P' && t.name.is_empty() && bound.is_some() => {
                         before.extend_from_slice(frontend::NO_DATA);
                     }
+                    // The unnamed statement with every parameter type declared
+                    // (tokio-postgres's `query_typed`): PostgreSQL would describe
+                    // exactly those types, provided Bind gives as many values (checked
+                    // below), and a deferrable write returns no rows.
+                    Some(t) if t.kind == b'S' && t.name.is_empty() => {
+                        match unnamed
+                            .as_ref()
+                            .and_then(|s| frontend::parameter_description(&s.param_types))
+                        {
+                            Some(description) => {
+                                before.extend_from_slice(&description);
+                                before.extend_from_slice(frontend::NO_DATA);
+                                described = unnamed.clone();
+                            }
+                            None => simple_shape = false,
+                        }
+                    }
                     _ => simple_shape = false,
                 },
                 frontend::EXECUTE => match frontend::execute(body) {
@@ -564,6 +586,17 @@ impl Caching {
             }
         }
         self.held = held;
+        if let Some(d) = &described {
+            // The statement described must be the one executed, with one value per
+            // declared type (else PostgreSQL would answer differently, or refuse).
+            let declared = d.param_types.len() / 4;
+            if !bound
+                .as_ref()
+                .is_some_and(|(s, b)| Arc::ptr_eq(s, d) && b.values.len() == declared)
+            {
+                simple_shape = false;
+            }
+        }
         let analyses: Vec<Arc<Analysis>> = executed.iter().map(|s| s.analysis.clone()).collect();
         let refs: Vec<&Analysis> = analyses.iter().map(AsRef::as_ref).collect();
         let single = match (&bound, simple_shape && executed.len() == 1) {

@@ -18,6 +18,7 @@
 //!   again when its transaction ends.
 
 mod deferred;
+mod detached;
 mod extended;
 mod settings;
 mod tracker;
@@ -75,6 +76,9 @@ pub enum Disposition {
     /// Not consumed: the same message is to be offered again once
     /// [`Handler::poll_unblocked`] is ready.
     Blocked,
+    /// The session is detached and this message needs PostgreSQL: nothing was
+    /// queued for it; the session is to end with FATAL 08006.
+    NeedsUpstream,
 }
 
 /// The handler of one session; pass-through when the cache is off.
@@ -140,6 +144,10 @@ struct Caching {
     /// Signalled when the last answer outstanding upstream arrived: a message held
     /// back until then (`SPILLWAY FLUSH`, a deferrable write) is offered again.
     quiet: Arc<tokio::sync::Notify>,
+    /// The upstream connection is gone; only local answers remain (`detached.rs`).
+    detached: bool,
+    /// The session ran LISTEN: it must not outlive its upstream connection.
+    listened: bool,
 }
 
 /// How a request sent upstream is counted in the latency histogram.
@@ -198,6 +206,8 @@ impl Handler {
                 metrics: SessionMetrics::new(),
                 timings: VecDeque::new(),
                 quiet: Arc::new(tokio::sync::Notify::new()),
+                detached: false,
+                listened: false,
             })),
         }
     }
@@ -217,6 +227,7 @@ impl Handler {
                 out.upstream.extend_from_slice(msg);
                 Disposition::Consumed
             }
+            Some(c) if c.detached => c.on_frontend_detached(tag, msg, out),
             Some(c) => {
                 let before = out.upstream.len();
                 let d = c.on_frontend(tag, msg, out);
@@ -598,6 +609,7 @@ impl Caching {
                 }
                 Kind::Session(cmd) => {
                     self.settings_in_flight = true;
+                    self.listened |= matches!(cmd, SessionCommand::Listen);
                     self.certain_settings |= certain;
                     if !certain
                         && analysis.statements.len() == 1

@@ -52,6 +52,9 @@ type Privileges = HashMap<(String, String, Verb), (bool, Instant)>;
 /// How long a privilege answer is reused before it is asked again.
 const PRIVILEGE_TTL: Duration = Duration::from_secs(5);
 
+/// How long opening the check connection may take.
+const CHECK_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Longest pause between retries of a batch that failed transiently.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -61,6 +64,16 @@ pub const FLUSH_APP: &str = "spillway flush";
 pub const CHECKS_APP: &str = "spillway checks";
 /// Upstream connections for point reads (`row_counts = "exact"`) and privilege checks.
 const CHECK_CONNECTIONS: usize = 4;
+
+/// A check connection's failure: PostgreSQL unreachable for now (connection loss,
+/// shutting down, starting up), or an answer that says something else went wrong.
+fn unreachable_or_upstream(e: &sqlx::Error) -> DeferError {
+    if apply::is_transient(e) {
+        DeferError::Unreachable(e.to_string())
+    } else {
+        DeferError::Upstream(e.to_string())
+    }
+}
 
 /// Connects to `url` with `application_name` set to `name`.
 async fn connect_as(url: &str, name: &str) -> Result<PgConnection, sqlx::Error> {
@@ -94,6 +107,9 @@ pub enum DeferError {
     /// write-through instead, after its barrier.
     #[error("table {0} is not deferred")]
     NotDeferred(String),
+    /// The check connection cannot reach PostgreSQL (down, restarting): retryable.
+    #[error("PostgreSQL is unreachable, the deferred write cannot be checked: {0}")]
+    Unreachable(String),
 }
 
 impl DeferError {
@@ -102,7 +118,7 @@ impl DeferError {
         match self {
             DeferError::Full { .. } | DeferError::Journal(JournalError::Full { .. }) => "53000",
             DeferError::Duplicate { .. } => "23505",
-            DeferError::Upstream(_) => "08006",
+            DeferError::Upstream(_) | DeferError::Unreachable(_) => "08006",
             _ => "XX000",
         }
     }
@@ -465,18 +481,21 @@ impl WriteService {
     }
 
     /// Whether `user` holds the privilege `verb` needs on `table`. An answer is
-    /// reused for [`PRIVILEGE_TTL`], so a REVOKE takes effect within it.
+    /// reused for [`PRIVILEGE_TTL`], so a REVOKE takes effect within it; past it, and
+    /// only while PostgreSQL cannot be reached, the last answer is reused.
     async fn permitted(
         &self,
         user: &str,
         t: &DeferredTable,
         verb: Verb,
     ) -> Result<bool, DeferError> {
+        let table = t.meta.name.as_str();
         let k = (user.to_owned(), t.meta.name.clone(), verb);
-        if let Some((ok, at)) = self.privileges_map().get(&k)
+        let known = self.privileges_map().get(&k).copied();
+        if let Some((ok, at)) = known
             && at.elapsed() < PRIVILEGE_TTL
         {
-            return Ok(*ok);
+            return Ok(ok);
         }
         let oid = i64::from(t.oid);
         let privilege = match verb {
@@ -484,7 +503,7 @@ impl WriteService {
             Verb::Update => "UPDATE",
             Verb::Delete => "DELETE",
         };
-        let ok: bool = self
+        let asked = self
             .check(|conn| {
                 let user = user.to_owned();
                 Box::pin(async move {
@@ -502,7 +521,19 @@ impl WriteService {
                     .await
                 })
             })
-            .await?;
+            .await;
+        let ok: bool = match (asked, known) {
+            (Ok(ok), _) => ok,
+            // PostgreSQL cannot be asked (it is down: detached sessions keep writing):
+            // the last answer it gave stands until it can be asked again. Nothing can
+            // be revoked while it is down, so the answer is at most PRIVILEGE_TTL
+            // older than the outage, as it would be anyway.
+            (Err(DeferError::Unreachable(e)), Some((ok, _))) => {
+                tracing::debug!(user, table, error = %e, "privilege check unreachable; last answer stands");
+                return Ok(ok);
+            }
+            (Err(e), _) => return Err(e),
+        };
         self.privileges_map().insert(k, (ok, Instant::now()));
         Ok(ok)
     }
@@ -554,20 +585,26 @@ impl WriteService {
         };
         for attempt in 0..2 {
             if guard.is_none() {
-                *guard = Some(
-                    connect_as(&self.url, CHECKS_APP)
+                // Bounded: while PostgreSQL is unreachable, a write that needs a
+                // check is refused (retryable) rather than held for a TCP timeout.
+                let connected =
+                    tokio::time::timeout(CHECK_CONNECT_TIMEOUT, connect_as(&self.url, CHECKS_APP))
                         .await
-                        .map_err(|e| DeferError::Upstream(e.to_string()))?,
-                );
+                        .map_err(|_| {
+                            DeferError::Unreachable(format!(
+                                "no connection within {CHECK_CONNECT_TIMEOUT:?}"
+                            ))
+                        })?;
+                *guard = Some(connected.map_err(|e| unreachable_or_upstream(&e))?);
             }
             let Some(conn) = guard.as_mut() else { continue };
             match f(conn).await {
                 Ok(v) => return Ok(v),
                 Err(e) if attempt == 0 && apply::is_transient(&e) => *guard = None,
-                Err(e) => return Err(DeferError::Upstream(e.to_string())),
+                Err(e) => return Err(unreachable_or_upstream(&e)),
             }
         }
-        Err(DeferError::Upstream(
+        Err(DeferError::Unreachable(
             "check connection failed twice".to_owned(),
         ))
     }
