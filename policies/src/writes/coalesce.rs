@@ -15,9 +15,14 @@
 //!
 //! Invariants:
 //! - Per key, applying the coalesced list equals applying the original operations in
-//!   order, as far as the row's values go. What can differ is only what a check in
-//!   between would have seen: an intermediate state that violates a constraint (or an
-//!   overflow in between) is no longer visited. ARCHITECTURE.md states this.
+//!   order when each of them would have succeeded. A check in between is not made: a
+//!   write that PostgreSQL would have refused on its own (a CHECK or an overflow its
+//!   key's later writes repair) is applied as part of the folded state instead of
+//!   becoming a dead letter. ARCHITECTURE.md and the README state this.
+//! - Only for valid sequences (exact row counts): the proxy never folds records
+//!   acknowledged with assumed counts or replayed from before a start, and refuses
+//!   write-back on tables with foreign keys or rules, whose effects depend on the
+//!   order of different keys.
 //! - Keys are independent (distinct primary keys), so coalesced operations are emitted
 //!   in rounds (every key's first remaining operation, then every key's second…), each
 //!   round sorted by shape so the planner can make one set-based statement of it; a

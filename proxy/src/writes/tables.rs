@@ -1,6 +1,8 @@
 //! The deferred tables as PostgreSQL defines them, checked at startup: each configured
 //! write-behind/write-back table must exist, be an ordinary table, have a primary key,
-//! and not use row-level security (SPEC §6). Loaded on the flush connection; the
+//! and not use row-level security (SPEC §6); a write-back table must not have foreign
+//! keys (either side) or rules, whose effects depend on the order of different keys,
+//! which write-back's folding does not keep. Loaded on the flush connection; the
 //! result feeds the flush planner (`TableMeta`) and the statement checks of the write
 //! path (key columns, column types).
 
@@ -53,6 +55,12 @@ pub enum TableError {
          (a key is unique per table, not across them); use \"write-through\""
     )]
     Inherited(TableName, spillway_policies::Policy),
+    #[error(
+        "tables.\"{0}\": policy \"write-back\" is refused on a table with {1} (write-back \
+         folds writes per key and applies different keys in any order, which a foreign key \
+         or rule between rows can observe); use \"write-behind\", which keeps the order"
+    )]
+    OrderSensitive(TableName, String),
     #[error("tables.\"{0}\": is not an ordinary table (relkind {1}); use \"write-through\"")]
     NotATable(TableName, String),
     #[error("reading the catalog for the deferred tables: {0}")]
@@ -95,6 +103,26 @@ pub async fn load(
         .await?;
         if children {
             return Err(TableError::Inherited(name.clone(), config.policy));
+        }
+        if config.policy == spillway_policies::Policy::WriteBack {
+            // Foreign keys in either direction (their actions and checks see rows in the
+            // order the flusher applies them) and rules.
+            let found: Option<String> = sqlx::query_scalar(
+                "SELECT CASE \
+                   WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_constraint \
+                                WHERE contype = 'f' \
+                                  AND (conrelid = $1::int8::oid OR confrelid = $1::int8::oid)) \
+                     THEN 'a foreign key' \
+                   WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite \
+                                WHERE ev_class = $1::int8::oid AND rulename <> '_RETURN') \
+                     THEN 'a rule' END",
+            )
+            .bind(oid)
+            .fetch_one(&mut *conn)
+            .await?;
+            if let Some(what) = found {
+                return Err(TableError::OrderSensitive(name.clone(), what));
+            }
         }
         let columns = sqlx::query(
             "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \

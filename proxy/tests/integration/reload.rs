@@ -530,3 +530,76 @@ async fn a_reload_moves_a_table_between_write_behind_and_write_back() {
     tag(&client, "SPILLWAY FLUSH").await;
     assert_final(&ctx, &["1|u1", "2|u2", "4|v4", "7|x"]);
 }
+
+#[tokio::test]
+async fn write_back_is_refused_on_tables_linked_by_foreign_keys() {
+    let ctx = builder().start().await;
+    ctx.psql_direct(
+        "CREATE TABLE public.parent (id int PRIMARY KEY); \
+         CREATE TABLE public.kid (id int PRIMARY KEY, \
+             parent int REFERENCES public.parent (id) ON DELETE CASCADE);",
+    );
+    // Either side of the foreign key: folding per key would let the cascade (or the
+    // check) see rows in another order than the client wrote them.
+    for table in ["parent", "kid"] {
+        ctx.write_config(&format!(
+            "{}[tables.\"public.{table}\"]\npolicy = \"write-back\"\n",
+            ctx.config_text()
+        ));
+        let out = psql(&ctx, "RELOAD");
+        assert!(!out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("public.{table}")) && stderr.contains("foreign key"),
+            "{stderr}"
+        );
+    }
+    // Write-behind keeps the order, so it is fine.
+    ctx.write_config(&format!(
+        "{}[tables.\"public.kid\"]\npolicy = \"write-behind\"\n",
+        ctx.config_text()
+    ));
+    let out = psql(&ctx, "RELOAD");
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[tokio::test]
+async fn write_back_never_folds_writes_acknowledged_with_assumed_counts() {
+    let ctx = builder().start().await;
+    ctx.psql_direct("INSERT INTO rl (id, v) VALUES (50, 'upstream')");
+    let assumed = edited(
+        &ctx,
+        "policy = \"write-behind\"",
+        "policy = \"write-behind\"\nrow_counts = \"assumed\"",
+    );
+    ctx.write_config(&assumed);
+    assert!(psql(&ctx, "RELOAD").status.success());
+    let client = ctx.proxy_client().await;
+    // Acknowledged without a point read: in order, the INSERT is refused (the key
+    // exists) and becomes a dead letter, then the DELETE removes the row. Folded, the
+    // two would cancel and the row would stay.
+    tag(&client, "INSERT INTO rl (id, v) VALUES (50, 'again')").await;
+    tag(&client, "DELETE FROM rl WHERE id = 50").await;
+    // Two reloads: exact counts first (allowed), then write-back, which takes over the
+    // pending writes.
+    ctx.write_config(&ctx.config_text().replace(
+        "policy = \"write-behind\"",
+        "policy = \"write-behind\"\nrow_counts = \"exact\"",
+    ));
+    assert!(psql(&ctx, "RELOAD").status.success());
+    ctx.write_config(&edited(
+        &ctx,
+        "policy = \"write-behind\"",
+        "policy = \"write-back\"",
+    ));
+    assert!(psql(&ctx, "RELOAD").status.success());
+    tag(&client, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct_rows(&ctx, "SELECT count(*) FROM rl WHERE id = 50"),
+        "0"
+    );
+    assert_eq!(
+        direct_rows(&ctx, "SELECT sqlstate FROM spillway.dead_letters"),
+        "23505"
+    );
+}

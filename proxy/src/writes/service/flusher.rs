@@ -54,8 +54,11 @@ impl WriteService {
                 if shutdown.is_cancelled() {
                     return;
                 }
-                // Due but nothing contiguous and durable yet: an append is completing.
-                let wait = if wait.is_zero() {
+                // Due but nothing contiguous and durable yet: an append is completing
+                // (or never will: a poisoned journal leaves a gap, polled slowly).
+                let wait = if wait.is_zero() && self.journal.is_poisoned() {
+                    Duration::from_millis(200)
+                } else if wait.is_zero() {
                     Duration::from_millis(5)
                 } else {
                     wait
@@ -127,7 +130,22 @@ impl WriteService {
             // Records of a table that left deferral are planned with the metadata
             // they were journaled under (the set keeps it).
             let tables = self.tables.load_full();
-            let result = apply::apply_batch(c, &key, applied_through, &batch, &tables.metas)
+            let unfolded;
+            let metas = if self.may_fold(&batch) {
+                &tables.metas
+            } else {
+                unfolded = tables
+                    .metas
+                    .iter()
+                    .map(|(n, m)| {
+                        let mut m = m.clone();
+                        m.coalesce = false;
+                        (n.clone(), m)
+                    })
+                    .collect();
+                &unfolded
+            };
+            let result = apply::apply_batch(c, &key, applied_through, &batch, metas)
                 .instrument(span.clone())
                 .await;
             drop(tables);
@@ -247,6 +265,20 @@ impl WriteService {
             out.push((*seq, record.clone()));
         }
         out
+    }
+
+    /// Whether write-back may fold `batch`: none of its records was replayed at start
+    /// or acknowledged with assumed row counts (an INSERT of a key that existed, then a
+    /// DELETE, must not cancel out: in order the INSERT is a dead letter).
+    fn may_fold(&self, batch: &[(u64, Arc<Record>)]) -> bool {
+        let state = self.state();
+        batch.iter().all(|(seq, record)| {
+            *seq > state.replayed_through
+                && record
+                    .tables()
+                    .iter()
+                    .all(|t| state.assumed_through.get(*t).is_none_or(|at| seq > at))
+        })
     }
 
     /// Pending records up to `seq` (applied by a batch whose commit we did not see).

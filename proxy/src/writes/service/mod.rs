@@ -68,7 +68,20 @@ const CHECK_CONNECTIONS: usize = 4;
 /// A check connection's failure: PostgreSQL unreachable for now (connection loss,
 /// shutting down, starting up), or an answer that says something else went wrong.
 fn unreachable_or_upstream(e: &sqlx::Error) -> DeferError {
-    if apply::is_transient(e) {
+    // Only a lost or refused connection: a lock or statement timeout is an answer, and
+    // must not let an old privilege answer stand.
+    let lost = match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0")),
+        _ => false,
+    };
+    if lost {
         DeferError::Unreachable(e.to_string())
     } else {
         DeferError::Upstream(e.to_string())
@@ -131,6 +144,12 @@ struct State {
     /// When each pending record became pending: the lowest sequence number's is the
     /// age that makes a flush due (`flush.interval`), also while more keep arriving.
     acked_at: BTreeMap<u64, Instant>,
+    /// Per table, the highest sequence number acknowledged with `row_counts =
+    /// "assumed"`, and the highest replayed at start (acknowledged under a config no
+    /// longer known): write-back never folds those records (see `may_fold`), because
+    /// folding relies on every operation having been valid when acknowledged.
+    assumed_through: HashMap<String, u64>,
+    replayed_through: u64,
     /// Pending record count and the oldest pending acknowledgement, per table.
     tables: HashMap<String, TableState>,
     /// Highest sequence number in `pending` so far.
@@ -260,6 +279,7 @@ impl WriteService {
                 error: e.to_string(),
             })?;
             note_pending(&mut state, r.seq, Arc::new(record));
+            state.replayed_through = state.replayed_through.max(r.seq);
         }
         if !state.pending.is_empty() {
             tracing::info!(
@@ -422,22 +442,33 @@ impl WriteService {
             return Ok(Outcome { seq: None, rows });
         }
         let record = Record { ops };
-        let result = self.append(record, inflight).await;
+        let assumed = (!exact).then(|| table.to_owned());
+        let result = self.append(record, inflight, assumed).await;
         if result.is_err() {
+            // Undone on the live entry, not by restoring the snapshot: the flusher may
+            // have applied the key's earlier writes meanwhile (or another session
+            // reserved it too). A key left with nothing pending is forgotten, so the
+            // next decision reads it again.
             let mut state = self.state();
             for (key, old) in reserved {
                 let slot = (table.to_owned(), key);
-                match old {
-                    Some(k) => {
-                        state.keys.insert(slot, k);
+                let Some(entry) = state.keys.get_mut(&slot) else {
+                    continue;
+                };
+                entry.pending = entry.pending.saturating_sub(1);
+                if entry.pending > 0 {
+                    if let Some(k) = old.filter(|k| k.pending == entry.pending) {
+                        // Nothing else touched the key: its answer is the one before.
+                        entry.exists = k.exists;
                     }
-                    None => {
-                        if state.keys.remove(&slot).is_some()
-                            && let Some(s) = state.tables.get_mut(table)
-                        {
-                            s.dirty_keys = s.dirty_keys.saturating_sub(1);
-                        }
-                    }
+                    continue;
+                }
+                state.keys.remove(&slot);
+                state.generation += 1;
+                let generation = state.generation;
+                state.forgotten.insert(slot, generation);
+                if let Some(s) = state.tables.get_mut(table) {
+                    s.dirty_keys = s.dirty_keys.saturating_sub(1);
                 }
             }
         }
@@ -452,6 +483,7 @@ impl WriteService {
         self: &Arc<Self>,
         record: Record,
         inflight: InFlight,
+        assumed: Option<String>,
     ) -> Result<u64, DeferError> {
         let payload = Bytes::from(
             record
@@ -465,7 +497,15 @@ impl WriteService {
         tokio::spawn(async move {
             let result = this.journal.append(payload).await;
             if let Ok(seq) = result {
-                note_pending(&mut this.state(), seq, record);
+                let mut state = this.state();
+                // Under the lock that makes the record pending: the flusher never sees
+                // it without knowing how it was acknowledged.
+                if let Some(table) = assumed {
+                    let at = state.assumed_through.entry(table).or_default();
+                    *at = (*at).max(seq);
+                }
+                note_pending(&mut state, seq, record);
+                drop(state);
                 if this.until_due().is_zero() {
                     this.wake.notify_one();
                 }
