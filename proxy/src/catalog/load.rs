@@ -37,6 +37,8 @@ WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
 
 const INHERITS: &str = "SELECT inhrelid, inhparent FROM pg_inherits";
 
+const FOREIGN_KEYS: &str = "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f'";
+
 const FUNCTIONS: &str = "
 SELECT p.proname, p.provolatile::text, n.nspname = 'pg_catalog'
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace";
@@ -105,13 +107,17 @@ pub async fn load(client: &Client) -> Result<Catalog, tokio_postgres::Error> {
         .map(|row| (row.get(0), row.get(1)))
         .collect();
 
-    Ok(Catalog::new(
-        relations,
-        &view_deps,
-        volatile_views,
-        functions,
-        &inherits,
-    ))
+    let foreign_keys: Vec<(u32, u32)> = client
+        .query(FOREIGN_KEYS, &[])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+
+    Ok(
+        Catalog::new(relations, &view_deps, volatile_views, functions, &inherits)
+            .with_foreign_keys(&foreign_keys),
+    )
 }
 
 /// A view definition reads no clock or user and calls only immutable functions.

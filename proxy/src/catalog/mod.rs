@@ -95,6 +95,8 @@ pub struct Catalog {
     /// Inheritance and partitioning: direct children and parents by OID.
     children: HashMap<u32, Vec<u32>>,
     parents: HashMap<u32, Vec<u32>>,
+    /// Tables linked by a foreign key, in both directions, by OID.
+    foreign_keys: HashMap<u32, Vec<u32>>,
 }
 
 impl Catalog {
@@ -160,7 +162,28 @@ impl Catalog {
             functions,
             children,
             parents,
+            foreign_keys: HashMap::new(),
         }
+    }
+
+    /// Adds the (referencing, referenced) table pairs of foreign keys.
+    pub fn with_foreign_keys(mut self, pairs: &[(u32, u32)]) -> Self {
+        for &(from, to) in pairs {
+            if from != to {
+                self.foreign_keys.entry(from).or_default().push(to);
+                self.foreign_keys.entry(to).or_default().push(from);
+            }
+        }
+        self
+    }
+
+    /// Tables a foreign key links `oid` to, either way: a write to `oid` is checked
+    /// against them (or cascades to them).
+    pub fn foreign_key_links(&self, oid: u32) -> &[u32] {
+        self.foreign_keys
+            .get(&oid)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// Every table reachable through `links` from `oid` (not `oid` itself).

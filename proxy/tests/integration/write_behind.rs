@@ -416,3 +416,35 @@ async fn a_ledger_ahead_of_the_journal_stops_the_start_with_the_reason() {
         "4"
     );
 }
+
+#[tokio::test]
+async fn a_write_through_table_linked_by_a_foreign_key_waits_for_the_deferred_one() {
+    // `wt_child` is not deferred; its foreign key reads `wb`, whose insert is pending.
+    // Run at once, the child's INSERT would fail with 23503 although the parent was
+    // acknowledged before it; the DELETE of the parent must likewise come after.
+    let ctx = builder("1h")
+        .before_proxy(
+            "CREATE TABLE public.wt_child (id int PRIMARY KEY, \
+                 parent int NOT NULL REFERENCES public.wb (id) ON DELETE CASCADE);",
+        )
+        .start()
+        .await;
+    let proxy = ctx.proxy_client().await;
+    tag(&proxy, "INSERT INTO wb (id, v) VALUES (1, 'p')").await;
+    assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM wb"), "0", "pending");
+    assert_eq!(
+        tag(&proxy, "INSERT INTO wt_child (id, parent) VALUES (10, 1)").await,
+        1
+    );
+    assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM wb"), "1");
+    // The other way: a pending deferred DELETE of the parent, then a write-through
+    // insert of a child that would only fail once that DELETE is applied.
+    tag(&proxy, "INSERT INTO wb (id, v) VALUES (2, 'q')").await;
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    tag(&proxy, "DELETE FROM wb WHERE id = 2").await;
+    let err = proxy
+        .simple_query("INSERT INTO wt_child (id, parent) VALUES (20, 2)")
+        .await
+        .expect_err("the parent is deleted before it");
+    assert_eq!(err.code().map(|c| c.code()), Some("23503"), "{err:?}");
+}

@@ -198,6 +198,39 @@ impl Caching {
         Disposition::Consumed
     }
 
+    /// Deferred tables a write in `analysis` reaches beyond its own tables: those a
+    /// foreign key links a written table to (its checks and actions read and write
+    /// them), and, with `true`, any table (a written table has triggers or rules).
+    /// Only a write that runs upstream needs them applied first.
+    fn linked(&self, analysis: &Analysis) -> (Vec<String>, bool) {
+        let (Some(w), Some(catalog)) = (&self.writes, self.routing_catalog()) else {
+            return (Vec::new(), false);
+        };
+        let mut out: Vec<String> = Vec::new();
+        let mut all = false;
+        for stmt in &analysis.statements {
+            if !matches!(
+                stmt.kind,
+                Kind::Write | Kind::Truncate { .. } | Kind::Ddl { .. }
+            ) {
+                continue;
+            }
+            for rel in stmt.writes.iter().chain(&stmt.ddl_targets) {
+                for r in catalog.resolve(rel.schema.as_deref(), &rel.name) {
+                    all |= r.write_side_effects;
+                    for oid in catalog.foreign_key_links(r.oid) {
+                        if let Some(name) = w.tables().name_of(*oid)
+                            && !out.iter().any(|n| n == name)
+                        {
+                            out.push(name.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        (out, all)
+    }
+
     /// The deferred tables `analysis` touches (read, written, or altered), by name;
     /// `all` when it may touch anything (unanalysed, unknown side effects, DDL without
     /// named targets).
@@ -282,7 +315,14 @@ impl Caching {
                 }
             }
         }
-        if touched.is_empty() && !all {
+        let mut linked = Vec::new();
+        let mut linked_all = false;
+        for a in analyses {
+            let (l, every) = self.linked(a);
+            linked_all |= every;
+            linked.extend(l);
+        }
+        if touched.is_empty() && !all && linked.is_empty() && !linked_all {
             return None;
         }
         if let (Some(single), [analysis]) = (single, analyses)
@@ -381,10 +421,10 @@ impl Caching {
                     .all(|s| matches!(s.kind, Kind::Select | Kind::OtherRead | Kind::Empty))
         });
         let set = w.tables();
-        let names: Vec<String> = if all {
+        let names: Vec<String> = if all || linked_all {
             set.names().cloned().collect()
         } else {
-            touched
+            touched.into_iter().chain(linked).collect()
         };
         let mut target = None::<u64>;
         let mut strong = HashSet::new();
