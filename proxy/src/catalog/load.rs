@@ -65,12 +65,7 @@ pub async fn load(client: &Client) -> Result<Catalog, tokio_postgres::Error> {
         });
     }
 
-    let view_deps: Vec<(u32, u32)> = client
-        .query(VIEW_DEPS, &[])
-        .await?
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    let view_deps = oid_pairs(client, VIEW_DEPS).await?;
 
     let mut functions: HashMap<String, FunctionInfo> = HashMap::new();
     for row in client.query(FUNCTIONS, &[]).await? {
@@ -100,24 +95,24 @@ pub async fn load(client: &Client) -> Result<Catalog, tokio_postgres::Error> {
         }
     }
 
-    let inherits: Vec<(u32, u32)> = client
-        .query(INHERITS, &[])
-        .await?
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    let inherits = oid_pairs(client, INHERITS).await?;
 
-    let foreign_keys: Vec<(u32, u32)> = client
-        .query(FOREIGN_KEYS, &[])
-        .await?
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    let foreign_keys = oid_pairs(client, FOREIGN_KEYS).await?;
 
     Ok(
         Catalog::new(relations, &view_deps, volatile_views, functions, &inherits)
             .with_foreign_keys(&foreign_keys),
     )
+}
+
+/// The (OID, OID) rows of `sql`.
+async fn oid_pairs(client: &Client, sql: &str) -> Result<Vec<(u32, u32)>, tokio_postgres::Error> {
+    Ok(client
+        .query(sql, &[])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect())
 }
 
 /// A view definition reads no clock or user and calls only immutable functions.
