@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use spillway::config::Config;
-use spillway::config::reload::Applies;
+use spillway::config::reload::{Applies, leaves_of};
 use spillway_policies::TableConfig;
 
 /// The table name that stands for any in `tables."s.t".key`.
@@ -72,37 +72,6 @@ fn full_config() -> Config {
         },
     );
     c
-}
-
-/// Leaf keys of a serialized config, dotted; table entries as `tables."s.t".key`.
-fn leaves(value: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {
-    match value {
-        Value::Object(map) => {
-            for (k, v) in map {
-                let key = if prefix == "tables" {
-                    format!("{prefix}.\"{k}\"")
-                } else if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                leaves(v, &key, out);
-            }
-        }
-        leaf => {
-            out.insert(prefix.to_owned(), leaf.clone());
-        }
-    }
-}
-
-fn leaves_of(config: &Config) -> BTreeMap<String, Value> {
-    let mut out = BTreeMap::new();
-    leaves(
-        &serde_json::to_value(config).expect("config serializes"),
-        "",
-        &mut out,
-    );
-    out
 }
 
 /// `key = value` as TOML in its section: `server.listen` → `[server]`,
