@@ -14,6 +14,7 @@ pub mod arith;
 pub mod coalesce;
 pub mod plan;
 pub mod record;
+pub mod replay;
 
 pub use coalesce::coalesce;
 pub use plan::{Group, GroupKind, TableMeta, plan_batch};

@@ -203,7 +203,7 @@ pub fn key_of(op: &RowOp, meta: &TableMeta) -> Result<Vec<Option<String>>, PlanE
     }
 }
 
-fn checked_cast(v: &Val) -> Result<Option<String>, PlanError> {
+pub(crate) fn checked_cast(v: &Val) -> Result<Option<String>, PlanError> {
     match &v.cast {
         None => Ok(None),
         Some(c) if safe_type(c) => Ok(Some(c.clone())),
@@ -363,7 +363,7 @@ impl Builder {
 
 /// `expr` (text) converted like the client's value: its own cast first, then the
 /// column's type.
-fn convert(expr: &str, cast: Option<&str>, column_type: &str) -> String {
+pub(crate) fn convert(expr: &str, cast: Option<&str>, column_type: &str) -> String {
     match cast {
         Some(c) => format!("{expr}::{c}::{column_type}"),
         None => format!("{expr}::{column_type}"),

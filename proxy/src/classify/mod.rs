@@ -138,10 +138,14 @@ pub enum TxCommand {
         isolation: Option<Isolation>,
         read_only: bool,
     },
-    /// COMMIT / END, also `AND CHAIN` (which starts a new transaction at once).
-    Commit,
+    /// COMMIT / END; `chain`: `AND CHAIN` (which starts a new transaction at once).
+    Commit {
+        chain: bool,
+    },
     /// ROLLBACK / ABORT, also `AND CHAIN`.
-    Rollback,
+    Rollback {
+        chain: bool,
+    },
     Savepoint,
     Release,
     RollbackTo,

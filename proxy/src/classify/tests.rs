@@ -210,7 +210,11 @@ fn analysis_shapes() {
     });
     assert_eq!(
         kinds,
-        [&begin, &Kind::Write, &Kind::Transaction(TxCommand::Commit)]
+        [
+            &begin,
+            &Kind::Write,
+            &Kind::Transaction(TxCommand::Commit { chain: false })
+        ]
     );
     assert_eq!(names(&multi.statements[1].writes), ["t"]);
     assert!(multi.single().is_none() && multi.writes_anything() && !multi.is_cacheable_shape());

@@ -214,7 +214,18 @@ pub fn execute(body: &[u8]) -> Option<Execute<'_>> {
 pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
 pub const BIND_COMPLETE: &[u8] = b"2\0\0\0\x04";
 
-/// ReadyForQuery with transaction status `status` (b'I', b'T' or b'E').
+/// A simple Query carrying `sql`, for requests spillway sends upstream itself (a held
+/// transaction's replay). `sql` has no NUL byte (it is built from checked parts).
+pub fn query_message(sql: &str) -> Vec<u8> {
+    let len = u32::try_from(4 + sql.len() + 1).unwrap_or(u32::MAX);
+    let mut m = Vec::with_capacity(1 + 4 + sql.len() + 1);
+    m.push(QUERY);
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(sql.as_bytes());
+    m.push(0);
+    m
+}
+
 /// CommandComplete with `tag`, for answers spillway gives itself.
 pub fn command_complete(tag: &str) -> Vec<u8> {
     let len = u32::try_from(4 + tag.len() + 1).unwrap_or(u32::MAX);
@@ -247,6 +258,7 @@ pub fn parameter_description(raw: &[u8]) -> Option<Vec<u8>> {
     Some(m)
 }
 
+/// ReadyForQuery with transaction status `status` (b'I', b'T' or b'E').
 pub fn ready_for_query(status: u8) -> [u8; 6] {
     [b'Z', 0, 0, 0, 5, status]
 }

@@ -17,6 +17,10 @@ impl SqlState {
     pub const INSUFFICIENT_RESOURCES: SqlState = SqlState("53000");
     /// Deferred writes with `row_counts = "exact"`: the key exists already.
     pub const UNIQUE_VIOLATION: SqlState = SqlState("23505");
+    /// A statement in a transaction that already failed.
+    pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
+    /// A held transaction whose answers no longer hold (retryable).
+    pub const SERIALIZATION_FAILURE: SqlState = SqlState("40001");
     /// Deferred writes: the journal or the flush worker stopped.
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
     /// Admin console: a role not in `admin.users`.

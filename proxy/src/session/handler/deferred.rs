@@ -33,7 +33,7 @@ use crate::protocol::sqlstate::SqlState;
 use crate::writes::convert::{self, Bound, Verb};
 use crate::writes::service::{DeferError, Outcome, WriteService};
 
-type Slot<T> = Arc<Mutex<Option<Result<T, DeferError>>>>;
+pub(super) type Slot<T> = Arc<Mutex<Option<Result<T, DeferError>>>>;
 
 /// A request's only statement, as far as deferring it goes.
 pub(super) struct Single<'a> {
@@ -64,16 +64,18 @@ pub(super) enum Waiting {
     Barrier {
         slot: Slot<()>,
     },
+    /// A held transaction's statement, COMMIT, or move upstream (`held.rs`).
+    Held(super::held::Wait),
 }
 
-fn take<T>(slot: &Slot<T>) -> Option<Result<T, DeferError>> {
+pub(super) fn take<T>(slot: &Slot<T>) -> Option<Result<T, DeferError>> {
     match slot.lock() {
         Ok(mut s) => s.take(),
         Err(poisoned) => poisoned.into_inner().take(),
     }
 }
 
-fn put<T>(slot: &Slot<T>, value: Result<T, DeferError>) {
+pub(super) fn put<T>(slot: &Slot<T>, value: Result<T, DeferError>) {
     match slot.lock() {
         Ok(mut s) => *s = Some(value),
         Err(poisoned) => *poisoned.into_inner() = Some(value),
@@ -86,6 +88,7 @@ impl Caching {
     /// must run write-through after all).
     pub(super) fn resume(&mut self, tag: u8, out: &mut Out<'_>) -> Option<Disposition> {
         match self.waiting.take()? {
+            Waiting::Held(wait) => self.resume_held(wait, tag, out),
             Waiting::Barrier { slot } => match take(&slot) {
                 Some(Ok(())) | None => {
                     self.barrier_passed = true;
@@ -150,7 +153,7 @@ impl Caching {
 
     /// An extended cycle answered here: its held messages are done; a Parse of the
     /// unnamed statement in it is now the client's (parsed upstream lazily).
-    fn finish_local_cycle(&mut self, unnamed: Option<Arc<Stmt>>) {
+    pub(super) fn finish_local_cycle(&mut self, unnamed: Option<Arc<Stmt>>) {
         self.held.clear();
         self.held_bytes = 0;
         self.portals.remove("");
@@ -304,6 +307,13 @@ impl Caching {
         out: &mut Out<'_>,
     ) -> Option<Disposition> {
         let w = self.writes.clone()?;
+        if self.held_tx.is_some() {
+            return Some(self.route_held(analyses, single, out));
+        }
+        let mut single = single;
+        if let Some(d) = self.try_hold(analyses, &mut single, out) {
+            return Some(d);
+        }
         let mut touched = Vec::new();
         let mut all = false;
         for a in analyses {
@@ -469,7 +479,7 @@ impl Caching {
     }
 
     /// The deferred table and row operations of `analysis`, or why it is not deferred.
-    fn deferrable(
+    pub(super) fn deferrable(
         &self,
         analysis: &Analysis,
         bound: &Bound,
@@ -484,7 +494,8 @@ impl Caching {
             Some(Err(reason)) => return Err(reason),
             None => return Err("not_a_deferrable_write"),
         };
-        if out.state.tx_status != b'I' || !self.tracker.is_quiet() {
+        // A held transaction's statements are decided like autocommit ones (held.rs).
+        if (out.state.tx_status != b'I' && self.held_tx.is_none()) || !self.tracker.is_quiet() {
             return Err("in_transaction");
         }
         if !self.key.usable() {

@@ -46,9 +46,7 @@ impl Caching {
         let forwarding_now = if self.cycle_upstream {
             tag == frontend::EXECUTE
         } else {
-            matches!(tag, frontend::FLUSH | frontend::CLOSE)
-                || self.held_bytes + msg.len() > MAX_HELD_BYTES
-                || self.held.len() >= MAX_HELD
+            self.would_forward(tag, msg.len())
         };
         if forwarding_now && let Some(d) = self.route_forwarding(tag, msg, out) {
             return d;
@@ -74,6 +72,14 @@ impl Caching {
             self.forward_held(out);
         }
         Disposition::Consumed
+    }
+
+    /// Whether message `tag` of `len` bytes would go upstream at once instead of being
+    /// held for its Sync.
+    pub(super) fn would_forward(&self, tag: u8, len: usize) -> bool {
+        matches!(tag, frontend::FLUSH | frontend::CLOSE)
+            || self.held_bytes + len > MAX_HELD_BYTES
+            || self.held.len() >= MAX_HELD
     }
 
     /// Sends every held message upstream; the rest of the cycle follows directly.

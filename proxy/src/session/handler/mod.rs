@@ -20,6 +20,7 @@
 mod deferred;
 mod detached;
 mod extended;
+mod held;
 mod settings;
 mod tracker;
 
@@ -148,6 +149,12 @@ struct Caching {
     detached: bool,
     /// The session ran LISTEN: it must not outlive its upstream connection.
     listened: bool,
+    /// A transaction spillway answers itself so far (`held.rs`).
+    held_tx: Option<held::HeldTx>,
+    /// Answers to the internal query in flight (a held transaction's replay).
+    replay_log: Option<held::ReplayLog>,
+    /// Signalled at the internal query's ReadyForQuery.
+    internal_done: Arc<tokio::sync::Notify>,
 }
 
 /// How a request sent upstream is counted in the latency histogram.
@@ -208,6 +215,9 @@ impl Handler {
                 quiet: Arc::new(tokio::sync::Notify::new()),
                 detached: false,
                 listened: false,
+                held_tx: None,
+                replay_log: None,
+                internal_done: Arc::new(tokio::sync::Notify::new()),
             })),
         }
     }
@@ -284,6 +294,9 @@ use std::future::Future;
 impl Caching {
     fn on_frontend(&mut self, tag: u8, msg: &[u8], out: &mut Out<'_>) -> Disposition {
         if let Some(done) = self.resume(tag, out) {
+            return done;
+        }
+        if let Some(done) = self.on_held_frontend(tag, msg.len(), out) {
             return done;
         }
         if self.tracker.is_desynced() {
@@ -447,6 +460,10 @@ impl Caching {
         if was_waiting && !self.tracker.awaits_answers() {
             self.quiet.notify_one();
         }
+        if step.internal {
+            self.on_internal(tag, msg);
+            return false;
+        }
         for prepared in self.tracker.confirmed.drain(..) {
             match prepared {
                 tracker::Prepared::Named(name, stmt) => {
@@ -545,6 +562,7 @@ impl Caching {
             .is_some_and(|w| self.own_seq > w.applied());
         self.key.usable()
             && !own_pending
+            && self.held_tx.is_none()
             && match state.tx_status {
                 b'I' => true,
                 b'T' => !self.tx_wrote && !self.tx_snapshot,

@@ -118,6 +118,9 @@ pub enum Expect {
     /// The client ended a COPY FROM STDIN (CopyDone/CopyFail) before PostgreSQL's
     /// CopyInResponse was seen: Syncs after this marker count again.
     CopyEnd,
+    /// A simple Query spillway sent itself (a held transaction's replay, or its
+    /// ROLLBACK): every answer up to and including its ReadyForQuery is swallowed.
+    Internal,
 }
 
 impl Expect {
@@ -137,6 +140,8 @@ pub struct Step {
     pub error: bool,
     /// The id of the request that ReadyForQuery ended.
     pub ready_id: Option<u64>,
+    /// The message answers an [`Expect::Internal`] request.
+    pub internal: bool,
 }
 
 #[derive(Default)]
@@ -264,6 +269,13 @@ impl Tracker {
             return step;
         };
         match (head, tag) {
+            (Expect::Internal, _) => {
+                step.swallow = true;
+                step.internal = true;
+                if tag == b'Z' {
+                    self.queue.pop_front();
+                }
+            }
             (Expect::Ready { fill, id, .. }, b'Z') => {
                 if let Some(f) = fill.take() {
                     drop(f); // completed at CommandComplete, or abandoned

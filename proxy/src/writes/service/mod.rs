@@ -38,14 +38,17 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::{Notify, oneshot, watch};
 
 use super::apply::{self, ApplyError, LedgerKey};
-use super::convert::{Converted, Verb};
+use super::convert::Verb;
 use super::tables::DeferredTable;
 use table_set::InFlight;
 pub use table_set::{TableSet, TablesChange};
 
 mod checks;
+mod defer;
 mod flusher;
 mod table_set;
+
+pub use defer::{Applied, Known, TxOutcome, TxStatement};
 
 use checks::{CHECK_CONNECTIONS, Privileges};
 
@@ -92,6 +95,11 @@ pub enum DeferError {
     /// The check connection cannot reach PostgreSQL (down, restarting): retryable.
     #[error("PostgreSQL is unreachable, the deferred write cannot be checked: {0}")]
     Unreachable(String),
+    /// A held transaction's statements no longer have the row counts its client was
+    /// given (another session wrote the same keys meanwhile): nothing is written, the
+    /// transaction is rolled back, the client may retry it.
+    #[error("could not serialize access: {0}")]
+    Diverged(String),
 }
 
 impl DeferError {
@@ -101,6 +109,7 @@ impl DeferError {
             DeferError::Full { .. } | DeferError::Journal(JournalError::Full { .. }) => "53000",
             DeferError::Duplicate { .. } => "23505",
             DeferError::Upstream(_) | DeferError::Unreachable(_) => "08006",
+            DeferError::Diverged(_) => "40001",
             _ => "XX000",
         }
     }
@@ -142,20 +151,16 @@ const FORGOTTEN_LIMIT: usize = 4096;
 
 impl State {
     /// Whether a decision taken now has an answer for `key` of `table`: its pending
-    /// writes (the overlay), or a point read in `upstream` that began at `since` and was
-    /// not overtaken by writes to the key applied (and forgotten) in the meantime.
-    fn answered(
-        &self,
-        table: &str,
-        key: &[String],
-        since: u64,
-        upstream: &HashMap<Vec<String>, bool>,
-    ) -> bool {
+    /// writes (the overlay), or a point read in `known` that was not overtaken by
+    /// writes to the key applied (and forgotten) since it began.
+    fn answered(&self, table: &str, key: &[String], known: &Known) -> bool {
         let slot = (table.to_owned(), key.to_vec());
-        self.keys.contains_key(&slot)
-            || (upstream.contains_key(key)
-                && since >= self.forgotten_floor
-                && self.forgotten.get(&slot).is_none_or(|g| *g <= since))
+        if self.keys.contains_key(&slot) {
+            return true;
+        }
+        known.get(&slot).is_some_and(|(_, since)| {
+            *since >= self.forgotten_floor && self.forgotten.get(&slot).is_none_or(|g| *g <= *since)
+        })
     }
 }
 
@@ -205,13 +210,15 @@ pub struct WriteService {
 }
 
 /// A deferred statement's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     /// The journal record, or `None` when nothing was written (an UPDATE/DELETE of a
     /// key that does not exist, with exact row counts).
     pub seq: Option<u64>,
     /// The row count for the command tag.
     pub rows: usize,
+    /// Per operation of the statement, in order: whether it writes a row.
+    pub applied: Vec<bool>,
 }
 
 impl WriteService {
@@ -289,170 +296,12 @@ impl WriteService {
         }
     }
 
-    /// Decides and journals a deferrable statement of role `user` on `table`; returns
-    /// once its record is durable and pending (or at once when it writes nothing).
-    ///
-    /// With `row_counts = "exact"` the answer comes from which keys exist: pending
-    /// writes first (the key overlay), PostgreSQL otherwise (a point read). The
-    /// decision and the overlay update happen under one lock, so two sessions cannot
-    /// both insert one key; the overlay is reverted if the append fails.
-    pub async fn defer(
-        self: &Arc<Self>,
-        user: &str,
-        table: &str,
-        converted: Converted,
-    ) -> Result<Outcome, DeferError> {
-        if let Some(cause) = self.poisoned.get() {
-            return Err(DeferError::Stopped(cause.clone()));
-        }
-        // Counted in flight until its record is pending: a reload that moves the table
-        // off deferral waits for it before it flushes the table.
-        let (t, inflight) = self.enter(table)?;
-        let t = &*t;
-        if !self.permitted(user, t, converted.verb).await? {
-            return Err(DeferError::NotPermitted {
-                user: user.to_owned(),
-                table: table.to_owned(),
-                verb: converted.verb,
-            });
-        }
-        let exact = t.config.row_counts == spillway_policies::RowCounts::Exact;
-        self.wait_for_room(t).await?;
-        // Decide, and reserve the keys, atomically.
-        let mut ops = Vec::with_capacity(converted.ops.len());
-        let mut reserved: Vec<(Vec<String>, Option<KeyState>)> = Vec::new();
-        let rows;
-        {
-            // Point reads for keys without pending writes, before taking the lock. A
-            // key whose pending writes are applied meanwhile leaves the overlay: then
-            // neither answer holds (no point read, or one older than those writes), and
-            // the keys are looked at again.
-            let mut upstream = HashMap::new();
-            let mut state = loop {
-                let since = self.state().generation;
-                upstream.clear();
-                if exact {
-                    for key in &converted.keys {
-                        let pending = self
-                            .state()
-                            .keys
-                            .contains_key(&(table.to_owned(), key.clone()));
-                        if !pending && !upstream.contains_key(key) {
-                            let exists = self.exists_upstream(t, key).await?;
-                            upstream.insert(key.clone(), exists);
-                        }
-                    }
-                }
-                let state = self.state();
-                if !exact
-                    || converted
-                        .keys
-                        .iter()
-                        .all(|key| state.answered(table, key, since, &upstream))
-                {
-                    break state;
-                }
-            };
-            let mut seen: HashMap<&Vec<String>, bool> = HashMap::new();
-            let mut count = 0;
-            for (op, key) in converted.ops.iter().zip(&converted.keys) {
-                let slot = (table.to_owned(), key.clone());
-                let before = seen.get(key).copied().or_else(|| {
-                    state
-                        .keys
-                        .get(&slot)
-                        .map(|k| k.exists)
-                        .or_else(|| upstream.get(key).copied())
-                });
-                let exists_now = match (converted.verb, exact, before) {
-                    (Verb::Insert, true, Some(true)) => {
-                        // Nothing reserved yet for this statement's earlier rows is
-                        // kept: the whole statement fails, like in PostgreSQL.
-                        drop(state);
-                        return Err(DeferError::Duplicate {
-                            constraint: t.pkey_name.clone(),
-                            detail: format!(
-                                "Key ({})=({}) already exists.",
-                                t.meta.key.join(", "),
-                                key.join(", ")
-                            ),
-                        });
-                    }
-                    (Verb::Insert, _, _) => true,
-                    (Verb::Update, true, Some(false) | None) => continue,
-                    (Verb::Delete, true, Some(false) | None) => continue,
-                    (Verb::Update, _, _) => true,
-                    (Verb::Delete, _, _) => false,
-                };
-                seen.insert(key, exists_now);
-                count += 1;
-                ops.push(op.clone());
-            }
-            rows = count;
-            if !ops.is_empty() {
-                for key in seen.keys() {
-                    let slot = (table.to_owned(), (*key).clone());
-                    let old = state.keys.get(&slot).copied();
-                    let exists = seen.get(key).copied().unwrap_or(true);
-                    if old.is_none() {
-                        state.tables.entry(table.to_owned()).or_default().dirty_keys += 1;
-                    }
-                    let entry = state
-                        .keys
-                        .entry(slot)
-                        .or_insert(KeyState { pending: 0, exists });
-                    entry.pending += 1;
-                    entry.exists = exists;
-                    reserved.push(((*key).clone(), old));
-                }
-            }
-        }
-        if ops.is_empty() {
-            return Ok(Outcome { seq: None, rows });
-        }
-        let record = Record { ops };
-        let assumed = (!exact).then(|| table.to_owned());
-        let result = self.append(record, inflight, assumed).await;
-        if result.is_err() {
-            // Undone on the live entry, not by restoring the snapshot: the flusher may
-            // have applied the key's earlier writes meanwhile (or another session
-            // reserved it too). A key left with nothing pending is forgotten, so the
-            // next decision reads it again.
-            let mut state = self.state();
-            for (key, old) in reserved {
-                let slot = (table.to_owned(), key);
-                let Some(entry) = state.keys.get_mut(&slot) else {
-                    continue;
-                };
-                entry.pending = entry.pending.saturating_sub(1);
-                if entry.pending > 0 {
-                    if let Some(k) = old.filter(|k| k.pending == entry.pending) {
-                        // Nothing else touched the key: its answer is the one before.
-                        entry.exists = k.exists;
-                    }
-                    continue;
-                }
-                state.keys.remove(&slot);
-                state.generation += 1;
-                let generation = state.generation;
-                state.forgotten.insert(slot, generation);
-                if let Some(s) = state.tables.get_mut(table) {
-                    s.dirty_keys = s.dirty_keys.saturating_sub(1);
-                }
-            }
-        }
-        Ok(Outcome {
-            seq: Some(result?),
-            rows,
-        })
-    }
-
     /// Journals `record`; returns once it is durable and pending.
     async fn append(
         self: &Arc<Self>,
         record: Record,
-        inflight: InFlight,
-        assumed: Option<String>,
+        inflight: Vec<InFlight>,
+        assumed: Vec<String>,
     ) -> Result<u64, DeferError> {
         let payload = Bytes::from(
             record
@@ -469,7 +318,7 @@ impl WriteService {
                 let mut state = this.state();
                 // Under the lock that makes the record pending: the flusher never sees
                 // it without knowing how it was acknowledged.
-                if let Some(table) = assumed {
+                for table in assumed {
                     let at = state.assumed_through.entry(table).or_default();
                     *at = (*at).max(seq);
                 }

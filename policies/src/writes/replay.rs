@@ -1,0 +1,180 @@
+//! A held transaction's row operations as plain SQL statements, one per operation, for
+//! replaying them upstream inside the client's transaction when it cannot stay
+//! deferred (SPEC §6). Each statement's command tag is what the client was told for
+//! that operation (one row, or none for a key that did not exist).
+//!
+//! Invariants: values are rendered as SQL string literals (`'…'`, quotes doubled;
+//! the session runs with `standard_conforming_strings = on`, checked before a
+//! statement is deferred) converted like the flusher converts them (the client's cast,
+//! then the column's type); identifiers are quoted; casts are checked plain type names.
+
+use super::plan::{PlanError, TableMeta, checked_cast, convert, ident};
+use super::record::{AssignOp, RowOp, Val};
+
+/// `'text'` (or `NULL`) converted to `column_type` like the client's value.
+fn value(v: &Val, column_type: &str) -> Result<String, PlanError> {
+    let cast = checked_cast(v)?;
+    let literal = match &v.text {
+        Some(t) => format!("'{}'", t.replace('\'', "''")),
+        None => "NULL".to_owned(),
+    };
+    Ok(convert(&literal, cast.as_deref(), column_type))
+}
+
+fn column_type<'a>(meta: &'a TableMeta, column: &str) -> Result<&'a str, PlanError> {
+    meta.types
+        .get(column)
+        .map(String::as_str)
+        .ok_or_else(|| PlanError::UnknownColumn {
+            table: meta.name.clone(),
+            column: column.to_owned(),
+        })
+}
+
+/// `key1 = v1 AND …` for an UPDATE/DELETE of `key` (in primary-key order).
+fn key_predicate(meta: &TableMeta, key: &[Val]) -> Result<String, PlanError> {
+    if key.len() != meta.key.len() || key.iter().any(|v| v.text.is_none()) {
+        return Err(PlanError::KeyMissing(meta.name.clone()));
+    }
+    let parts: Result<Vec<String>, PlanError> = meta
+        .key
+        .iter()
+        .zip(key)
+        .map(|(c, v)| {
+            Ok(format!(
+                "{} = {}",
+                ident(c),
+                value(v, column_type(meta, c)?)?
+            ))
+        })
+        .collect();
+    Ok(parts?.join(" AND "))
+}
+
+/// One statement applying `op` to its table, as the client's statement would have.
+pub fn statement(op: &RowOp, meta: &TableMeta) -> Result<String, PlanError> {
+    let table = format!("{}.{}", ident(&meta.schema), ident(&meta.table));
+    match op {
+        RowOp::Insert {
+            columns, values, ..
+        } => {
+            let cols: Vec<String> = columns.iter().map(|c| ident(c)).collect();
+            let vals: Result<Vec<String>, PlanError> = columns
+                .iter()
+                .zip(values)
+                .map(|(c, v)| value(v, column_type(meta, c)?))
+                .collect();
+            Ok(format!(
+                "INSERT INTO {table} ({}) VALUES ({})",
+                cols.join(", "),
+                vals?.join(", ")
+            ))
+        }
+        RowOp::Update { key, set, .. } => {
+            let assigns: Result<Vec<String>, PlanError> = set
+                .iter()
+                .map(|a| {
+                    let col = ident(&a.column);
+                    let v = value(&a.value, column_type(meta, &a.column)?)?;
+                    Ok(match a.op {
+                        AssignOp::Set => format!("{col} = {v}"),
+                        AssignOp::Add => format!("{col} = {col} + {v}"),
+                        AssignOp::Sub => format!("{col} = {col} - {v}"),
+                    })
+                })
+                .collect();
+            Ok(format!(
+                "UPDATE ONLY {table} SET {} WHERE {}",
+                assigns?.join(", "),
+                key_predicate(meta, key)?
+            ))
+        }
+        RowOp::Delete { key, .. } => Ok(format!(
+            "DELETE FROM ONLY {table} WHERE {}",
+            key_predicate(meta, key)?
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writes::record::Assign;
+    use std::collections::HashMap;
+
+    fn meta() -> TableMeta {
+        TableMeta {
+            name: "public.t".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            key: vec!["id".into()],
+            types: HashMap::from([
+                ("id".to_owned(), "bigint".to_owned()),
+                ("v".to_owned(), "text".to_owned()),
+                ("n".to_owned(), "integer".to_owned()),
+            ]),
+            coalesce: false,
+        }
+    }
+
+    #[test]
+    fn operations_render_as_the_statements_they_replay() {
+        let m = meta();
+        let insert = RowOp::Insert {
+            table: "public.t".into(),
+            columns: vec!["id".into(), "v".into()],
+            values: vec![Val::plain(Some("1")), Val::plain(Some("it's"))],
+        };
+        assert_eq!(
+            statement(&insert, &m).expect("renders"),
+            "INSERT INTO \"public\".\"t\" (\"id\", \"v\") VALUES ('1'::bigint, 'it''s'::text)"
+        );
+        let update = RowOp::Update {
+            table: "public.t".into(),
+            key: vec![Val::plain(Some("1"))],
+            set: vec![
+                Assign {
+                    column: "n".into(),
+                    op: AssignOp::Add,
+                    value: Val {
+                        text: Some("2".into()),
+                        cast: Some("int8".into()),
+                    },
+                },
+                Assign {
+                    column: "v".into(),
+                    op: AssignOp::Set,
+                    value: Val::plain(None),
+                },
+            ],
+        };
+        assert_eq!(
+            statement(&update, &m).expect("renders"),
+            "UPDATE ONLY \"public\".\"t\" SET \"n\" = \"n\" + '2'::int8::integer, \
+             \"v\" = NULL::text WHERE \"id\" = '1'::bigint"
+        );
+        let delete = RowOp::Delete {
+            table: "public.t".into(),
+            key: vec![Val::plain(Some("1"))],
+        };
+        assert_eq!(
+            statement(&delete, &m).expect("renders"),
+            "DELETE FROM ONLY \"public\".\"t\" WHERE \"id\" = '1'::bigint"
+        );
+        // A cast that is not a plain type name, an unknown column: refused.
+        let bad = RowOp::Delete {
+            table: "public.t".into(),
+            key: vec![Val {
+                text: Some("1".into()),
+                cast: Some("int); DROP TABLE t; --".into()),
+            }],
+        };
+        assert!(statement(&bad, &m).is_err());
+        let unknown = RowOp::Insert {
+            table: "public.t".into(),
+            columns: vec!["nope".into()],
+            values: vec![Val::plain(Some("1"))],
+        };
+        assert!(statement(&unknown, &m).is_err());
+    }
+}

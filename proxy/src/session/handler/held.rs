@@ -1,0 +1,735 @@
+//! Held transactions (SPEC §6): a `BEGIN` in a session with deferred tables is
+//! answered by spillway and not sent upstream. While the transaction holds only
+//! deferrable statements, each is answered locally (its row count decided like an
+//! autocommit deferred write's, with the transaction's own earlier statements
+//! counted); COMMIT journals them as one record, ROLLBACK just forgets them, neither
+//! with an upstream round trip.
+//!
+//! Anything else inside the transaction (a read, a statement that is not deferrable,
+//! a savepoint, a prepare, a FunctionCall) makes spillway leave the held state: a
+//! barrier on the held tables, then `BEGIN` and the held statements replayed upstream
+//! as one internal simple Query whose answers are swallowed, then the message goes on
+//! as in any upstream transaction. If the replay's row counts differ from those the
+//! client was given (or it fails), the upstream transaction is rolled back and the
+//! client gets 40001 with the transaction failed (it must ROLLBACK, and may retry).
+//!
+//! Invariants:
+//! - Nothing goes upstream while a transaction is held (every path that would send a
+//!   message first leaves the held state), so every ReadyForQuery the client sees
+//!   carries the status of the transaction it believes in.
+//! - A held transaction is journaled whole at COMMIT, or not at all; the answers the
+//!   client got are re-checked then ([`crate::writes::service::DeferError::Diverged`]).
+//! - A failed held transaction answers 25P02 to everything until ROLLBACK or COMMIT
+//!   (which both answer ROLLBACK), as PostgreSQL does.
+//! - Held statements are bounded ([`MAX_HELD_STATEMENTS`]); beyond that the
+//!   transaction is replayed upstream.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+use super::deferred::{Slot, Waiting, put, take};
+use super::tracker::Expect;
+use super::{Caching, Disposition, Out, Stmt};
+use crate::cache::Effects;
+use crate::classify::{Analysis, Isolation, Kind, TxCommand};
+use crate::protocol::backend::{self, Severity};
+use crate::protocol::frontend;
+use crate::protocol::sqlstate::SqlState;
+use crate::writes::convert::Verb;
+use crate::writes::service::{Applied, DeferError, Known, TxOutcome, TxStatement};
+
+/// More statements than this in one held transaction: it is replayed upstream (the
+/// decision at each statement re-reads every earlier one, and memory stays bounded).
+pub(super) const MAX_HELD_STATEMENTS: usize = 256;
+
+/// A transaction spillway answers itself so far.
+pub(super) struct HeldTx {
+    /// `BEGIN …` as replayed upstream.
+    begin: &'static str,
+    stmts: Vec<TxStatement>,
+    /// Per statement, the SQL of each operation (replayed when the transaction moves
+    /// upstream) and its verb.
+    replay: Vec<(Vec<String>, Verb)>,
+    /// What each statement's client was told: per operation, whether it wrote a row.
+    applied: Applied,
+    known: Known,
+    /// A statement failed: only ROLLBACK or COMMIT end it.
+    failed: bool,
+    /// An error ended the extended cycle before its Sync: its messages are discarded
+    /// until the Sync.
+    discarding: bool,
+    started: Instant,
+}
+
+/// What a Blocked message in a held transaction waits for.
+pub(super) enum Wait {
+    /// A deferrable statement's decision ([`crate::writes::service::WriteService::preview`]).
+    Statement {
+        slot: Slot<(Applied, Known)>,
+        stmt: TxStatement,
+        replay: Vec<String>,
+        before: BytesMut,
+        unnamed: Option<Arc<Stmt>>,
+    },
+    /// COMMIT's journal append.
+    Commit {
+        slot: Slot<TxOutcome>,
+        before: BytesMut,
+        unnamed: Option<Arc<Stmt>>,
+    },
+    /// The held tables' pending writes, before the replay.
+    Barrier { slot: Slot<()> },
+    /// The internal replay query's answers.
+    Replaying,
+    /// The internal ROLLBACK after a failed replay; then the client gets `error`.
+    RollingBack { error: String },
+}
+
+/// The answers to the internal query in flight.
+#[derive(Default)]
+pub(super) struct ReplayLog {
+    expected: Vec<String>,
+    tags: Vec<String>,
+    error: Option<String>,
+}
+
+/// `BEGIN …` for a transaction spillway may hold: READ COMMITTED (or below, which
+/// PostgreSQL runs as READ COMMITTED), read-write.
+fn holdable(analysis: &Analysis) -> Option<&'static str> {
+    let [stmt] = analysis.statements.as_slice() else {
+        return None;
+    };
+    match &stmt.kind {
+        Kind::Transaction(TxCommand::Begin {
+            isolation,
+            read_only: false,
+        }) => match isolation {
+            None => Some("BEGIN"),
+            Some(Isolation::ReadCommitted) => Some("BEGIN ISOLATION LEVEL READ COMMITTED"),
+            Some(Isolation::ReadUncommitted) => Some("BEGIN ISOLATION LEVEL READ UNCOMMITTED"),
+            Some(_) => None,
+        },
+        _ => None,
+    }
+}
+
+fn tx_command(analyses: &[&Analysis]) -> Option<TxCommand> {
+    let [analysis] = analyses else {
+        return None;
+    };
+    match analysis.statements.as_slice() {
+        [s] => match &s.kind {
+            Kind::Transaction(c) => Some(c.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+impl Caching {
+    /// A BEGIN this session may hold: answered here, nothing sent upstream. `tag` is
+    /// the message being answered (Query, or the Sync of an extended cycle).
+    pub(super) fn try_hold(
+        &mut self,
+        analyses: &[&Analysis],
+        single: &mut Option<super::deferred::Single<'_>>,
+        out: &mut Out<'_>,
+    ) -> Option<Disposition> {
+        let [analysis] = analyses else {
+            return None;
+        };
+        let begin = holdable(analysis)?;
+        let w = self.writes.as_ref()?;
+        let param = |name: &str| out.state.params.get(name).map(String::as_str);
+        if self.detached
+            || out.state.tx_status != b'I'
+            || !self.tracker.is_quiet()
+            || self.tracker.is_desynced()
+            || !self.key.usable()
+            || self.key.default_snapshot_isolation
+            || w.health().is_err()
+            || param("client_encoding") != Some("UTF8")
+            || param("standard_conforming_strings") != Some("on")
+        {
+            return None;
+        }
+        let single = single.take()?;
+        self.held_tx = Some(HeldTx {
+            begin,
+            stmts: Vec::new(),
+            replay: Vec::new(),
+            applied: Vec::new(),
+            known: Known::new(),
+            failed: false,
+            discarding: false,
+            started: Instant::now(),
+        });
+        let tag = if single.extended {
+            frontend::SYNC
+        } else {
+            frontend::QUERY
+        };
+        Some(self.answer_held(
+            tag,
+            single.before,
+            &frontend::command_complete("BEGIN"),
+            b'T',
+            single.unnamed,
+            out,
+        ))
+    }
+
+    /// A Query or extended cycle while a transaction is held: answered here (a
+    /// deferrable statement, COMMIT, ROLLBACK), or the transaction moves upstream
+    /// first.
+    pub(super) fn route_held(
+        &mut self,
+        analyses: &[&Analysis],
+        single: Option<super::deferred::Single<'_>>,
+        out: &mut Out<'_>,
+    ) -> Disposition {
+        let Some(held) = self.held_tx.as_ref() else {
+            return Disposition::Consumed;
+        };
+        let failed = held.failed;
+        let empty = held.stmts.is_empty();
+        let full = held.stmts.len() >= MAX_HELD_STATEMENTS;
+        let command = single.as_ref().and_then(|_| tx_command(analyses));
+        let Some(single) = single else {
+            return if failed {
+                self.aborted(frontend::SYNC, None, out)
+            } else {
+                self.leave_held(out)
+            };
+        };
+        let tag = if single.extended {
+            frontend::SYNC
+        } else {
+            frontend::QUERY
+        };
+        match command {
+            Some(TxCommand::Rollback { chain: false }) => {
+                self.held_tx = None;
+                return self.answer_held(
+                    tag,
+                    single.before,
+                    &frontend::command_complete("ROLLBACK"),
+                    b'I',
+                    single.unnamed,
+                    out,
+                );
+            }
+            Some(TxCommand::Commit { chain: false }) if failed || empty => {
+                self.held_tx = None;
+                let done = if failed { "ROLLBACK" } else { "COMMIT" };
+                return self.answer_held(
+                    tag,
+                    single.before,
+                    &frontend::command_complete(done),
+                    b'I',
+                    single.unnamed,
+                    out,
+                );
+            }
+            Some(TxCommand::Commit { chain: false }) => return self.commit_held(single),
+            _ if failed => {
+                return self.aborted(tag, single.unnamed, out);
+            }
+            _ => {}
+        }
+        let [analysis] = analyses else {
+            return self.leave_held(out);
+        };
+        if full {
+            return self.leave_held(out);
+        }
+        let Ok((table, converted)) = self.deferrable(analysis, single.bound, out) else {
+            return self.leave_held(out);
+        };
+        let Some(w) = self.writes.clone() else {
+            return self.leave_held(out);
+        };
+        let replay: Option<Vec<String>> = {
+            let set = w.tables();
+            set.deferring(&table).and_then(|t| {
+                let meta = &t.meta;
+                converted
+                    .ops
+                    .iter()
+                    .map(|op| spillway_policies::writes::replay::statement(op, meta).ok())
+                    .collect()
+            })
+        };
+        let Some(replay) = replay else {
+            return self.leave_held(out);
+        };
+        let stmt = TxStatement { table, converted };
+        let mut stmts = held.stmts.clone();
+        stmts.push(stmt.clone());
+        let mut known = held.known.clone();
+        let slot: Slot<(Applied, Known)> = Arc::new(Mutex::new(None));
+        let fut_slot = slot.clone();
+        let user = self.user.clone();
+        self.wait = Some(Box::pin(async move {
+            let r = w.preview(&user, &stmts, &mut known).await;
+            put(&fut_slot, r.map(|a| (a, known)));
+        }));
+        self.waiting = Some(Waiting::Held(Wait::Statement {
+            slot,
+            stmt,
+            replay,
+            before: single.before,
+            unnamed: single.unnamed,
+        }));
+        Disposition::Blocked
+    }
+
+    /// Starts COMMIT of the held transaction: its statements as one record.
+    fn commit_held(&mut self, single: super::deferred::Single<'_>) -> Disposition {
+        let (Some(held), Some(w)) = (self.held_tx.as_ref(), self.writes.clone()) else {
+            return Disposition::Consumed;
+        };
+        let stmts = held.stmts.clone();
+        let expected = held.applied.clone();
+        let known = held.known.clone();
+        let slot: Slot<TxOutcome> = Arc::new(Mutex::new(None));
+        let fut_slot = slot.clone();
+        let user = self.user.clone();
+        self.wait = Some(Box::pin(async move {
+            let r = w.defer_tx(&user, stmts, Some(expected), known).await;
+            put(&fut_slot, r);
+        }));
+        self.waiting = Some(Waiting::Held(Wait::Commit {
+            slot,
+            before: single.before,
+            unnamed: single.unnamed,
+        }));
+        Disposition::Blocked
+    }
+
+    /// Moves the held transaction upstream before the current message goes on: a
+    /// barrier on the held tables, then the replay (the message is offered again
+    /// after each step; see [`Caching::resume_held`]).
+    pub(super) fn leave_held(&mut self, out: &mut Out<'_>) -> Disposition {
+        if self.detached {
+            return Disposition::NeedsUpstream;
+        }
+        let (Some(held), Some(w)) = (self.held_tx.as_ref(), self.writes.clone()) else {
+            return Disposition::Consumed;
+        };
+        let tables: Vec<&str> = held.stmts.iter().map(|s| s.table.as_str()).collect();
+        if let Some(target) = w.barrier_target(tables).filter(|t| *t > w.applied()) {
+            let slot: Slot<()> = Arc::new(Mutex::new(None));
+            let fut_slot = slot.clone();
+            self.wait = Some(Box::pin(async move {
+                let r = w.wait_applied(target).await;
+                put(&fut_slot, r);
+            }));
+            self.waiting = Some(Waiting::Held(Wait::Barrier { slot }));
+            return Disposition::Blocked;
+        }
+        self.start_replay(out)
+    }
+
+    /// Sends `BEGIN` and the held statements upstream as one internal Query.
+    fn start_replay(&mut self, out: &mut Out<'_>) -> Disposition {
+        let Some(held) = self.held_tx.as_ref() else {
+            return Disposition::Consumed;
+        };
+        let mut sql = String::from(held.begin);
+        let mut expected = vec!["BEGIN".to_owned()];
+        for ((statements, verb), flags) in held.replay.iter().zip(&held.applied) {
+            for (s, wrote) in statements.iter().zip(flags) {
+                sql.push_str(";\n");
+                sql.push_str(s);
+                expected.push(verb.tag(usize::from(*wrote)));
+            }
+        }
+        tracing::debug!(
+            statements = held.stmts.len(),
+            "held transaction moves upstream"
+        );
+        self.replay_log = Some(ReplayLog {
+            expected,
+            ..ReplayLog::default()
+        });
+        self.send_internal(&sql, Wait::Replaying, out)
+    }
+
+    fn send_internal(&mut self, sql: &str, wait: Wait, out: &mut Out<'_>) -> Disposition {
+        out.state.on_frontend(frontend::QUERY);
+        out.upstream
+            .extend_from_slice(&frontend::query_message(sql));
+        self.tracker.push(Expect::Internal);
+        self.metrics.upstream_statements.increment(1);
+        let done = self.internal_done.clone();
+        self.wait = Some(Box::pin(async move { done.notified().await }));
+        self.waiting = Some(Waiting::Held(wait));
+        Disposition::Blocked
+    }
+
+    /// A backend message answering the internal query.
+    pub(super) fn on_internal(&mut self, tag: u8, msg: Option<&[u8]>) {
+        let log = self.replay_log.get_or_insert_with(ReplayLog::default);
+        match (tag, msg) {
+            (b'C', Some(m)) => {
+                let body = frontend::body(m);
+                let text = body.strip_suffix(b"\0").unwrap_or(body);
+                log.tags.push(String::from_utf8_lossy(text).into_owned());
+            }
+            (b'E', Some(m)) => {
+                log.error = Some(match backend::parse_error_fields(frontend::body(m)) {
+                    Ok(f) => format!("{} ({})", f.message, f.code),
+                    Err(_) => "an error".to_owned(),
+                });
+            }
+            (b'E', None) => log.error = Some("an error".to_owned()),
+            (b'Z', _) => self.internal_done.notify_one(),
+            _ => {}
+        }
+    }
+
+    /// A re-offered message after a held transaction's wait.
+    pub(super) fn resume_held(
+        &mut self,
+        wait: Wait,
+        tag: u8,
+        out: &mut Out<'_>,
+    ) -> Option<Disposition> {
+        match wait {
+            Wait::Statement {
+                slot,
+                stmt,
+                replay,
+                before,
+                unnamed,
+            } => match take(&slot) {
+                Some(Ok((applied, known))) => {
+                    let flags = applied.last().cloned().unwrap_or_default();
+                    let rows = flags.iter().filter(|a| **a).count();
+                    let verb = stmt.converted.verb;
+                    if let Some(held) = self.held_tx.as_mut() {
+                        held.stmts.push(stmt);
+                        held.replay.push((replay, verb));
+                        held.applied.push(flags);
+                        held.known = known;
+                    }
+                    Some(self.answer_held(
+                        tag,
+                        before,
+                        &frontend::command_complete(&verb.tag(rows)),
+                        b'T',
+                        unnamed,
+                        out,
+                    ))
+                }
+                // The role may not write it, or a reload took its table off deferral:
+                // the statement runs upstream, where PostgreSQL answers it.
+                Some(Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_))) | None => {
+                    Some(self.leave_held(out))
+                }
+                Some(Err(e)) => {
+                    if let Some(held) = self.held_tx.as_mut() {
+                        held.failed = true;
+                    }
+                    Some(self.held_error(tag, &e, before, unnamed, b'E', out))
+                }
+            },
+            Wait::Commit {
+                slot,
+                before,
+                unnamed,
+            } => match take(&slot) {
+                Some(Ok(outcome)) => {
+                    let held = self.held_tx.take();
+                    if let (Some(held), Some(seq)) = (&held, outcome.seq) {
+                        self.note_committed(held, seq);
+                    }
+                    Some(self.answer_held(
+                        tag,
+                        before,
+                        &frontend::command_complete("COMMIT"),
+                        b'I',
+                        unnamed,
+                        out,
+                    ))
+                }
+                Some(Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_))) | None => {
+                    Some(self.leave_held(out))
+                }
+                Some(Err(e)) => {
+                    // COMMIT failed: the transaction is over, nothing was written.
+                    self.held_tx = None;
+                    Some(self.held_error(tag, &e, before, unnamed, b'I', out))
+                }
+            },
+            Wait::Barrier { slot } => match take(&slot) {
+                Some(Ok(())) | None => Some(self.start_replay(out)),
+                Some(Err(e)) => {
+                    if let Some(held) = self.held_tx.as_mut() {
+                        held.failed = true;
+                    }
+                    Some(self.held_error(tag, &e, BytesMut::new(), None, b'E', out))
+                }
+            },
+            Wait::Replaying => {
+                let log = self.replay_log.take().unwrap_or_default();
+                let problem = match (&log.error, log.tags == log.expected) {
+                    (Some(e), _) => Some(format!("replayed upstream, it failed: {e}")),
+                    (None, false) => Some(format!(
+                        "replayed upstream, its statements answered {:?} where the client \
+                         was told {:?}",
+                        log.tags, log.expected
+                    )),
+                    (None, true) => None,
+                };
+                match problem {
+                    None => {
+                        self.now_upstream();
+                        // The message goes on, in the upstream transaction.
+                        None
+                    }
+                    Some(problem) => {
+                        tracing::warn!(%problem, "held transaction diverged; rolled back");
+                        let error = format!(
+                            "could not serialize access: the deferred transaction had to \
+                             move to PostgreSQL and {problem}; the transaction is rolled back"
+                        );
+                        Some(self.send_internal("ROLLBACK", Wait::RollingBack { error }, out))
+                    }
+                }
+            }
+            Wait::RollingBack { error } => {
+                self.replay_log = None;
+                if let Some(held) = self.held_tx.as_mut() {
+                    held.failed = true;
+                }
+                Some(self.held_answer_error(
+                    tag,
+                    SqlState::SERIALIZATION_FAILURE,
+                    &error,
+                    None,
+                    BytesMut::new(),
+                    None,
+                    b'E',
+                    out,
+                ))
+            }
+        }
+    }
+
+    /// The replay succeeded: the transaction is PostgreSQL's now, with its writes.
+    fn now_upstream(&mut self) {
+        let Some(held) = self.held_tx.take() else {
+            return;
+        };
+        let Some(w) = &self.writes else {
+            return;
+        };
+        let tables: Vec<u32> = {
+            let set = w.tables();
+            held.stmts
+                .iter()
+                .filter_map(|s| set.oid_of(&s.table))
+                .collect()
+        };
+        if !tables.is_empty() {
+            let effects = Effects {
+                tables,
+                ..Effects::default()
+            };
+            self.record_effects(&effects, false);
+        }
+    }
+
+    /// Bookkeeping for a held transaction journaled as record `seq`.
+    fn note_committed(&mut self, held: &HeldTx, seq: u64) {
+        self.own_seq = self.own_seq.max(seq);
+        self.metrics.deferred.record(held.started.elapsed());
+        let Some(w) = &self.writes else {
+            return;
+        };
+        let set = w.tables();
+        let mut oids = Vec::new();
+        for s in &held.stmts {
+            if let Some(oid) = set.oid_of(&s.table) {
+                oids.push(oid);
+            }
+            let policy = set
+                .deferring(&s.table)
+                .map_or("write-behind", |t| t.config.policy.as_str());
+            metrics::counter!(
+                crate::metrics::CLIENT_WRITES,
+                "table" => s.table.clone(),
+                "policy" => policy
+            )
+            .increment(1);
+        }
+        drop(set);
+        self.db.versions.bump_tables(oids);
+    }
+
+    /// 25P02 for a statement in a failed held transaction.
+    fn aborted(&mut self, tag: u8, unnamed: Option<Arc<Stmt>>, out: &mut Out<'_>) -> Disposition {
+        self.held_answer_error(
+            tag,
+            SqlState::IN_FAILED_SQL_TRANSACTION,
+            "current transaction is aborted, commands ignored until end of transaction block",
+            None,
+            BytesMut::new(),
+            unnamed,
+            b'E',
+            out,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn held_error(
+        &mut self,
+        tag: u8,
+        err: &DeferError,
+        before: BytesMut,
+        unnamed: Option<Arc<Stmt>>,
+        status: u8,
+        out: &mut Out<'_>,
+    ) -> Disposition {
+        let code = match err.sqlstate() {
+            "53000" => SqlState::INSUFFICIENT_RESOURCES,
+            "23505" => SqlState::UNIQUE_VIOLATION,
+            "08006" => SqlState::CONNECTION_FAILURE,
+            "40001" => SqlState::SERIALIZATION_FAILURE,
+            _ => SqlState::INTERNAL_ERROR,
+        };
+        let detail = match err {
+            DeferError::Duplicate { detail, .. } => Some(detail.as_str()),
+            _ => None,
+        };
+        self.held_answer_error(
+            tag,
+            code,
+            &err.to_string(),
+            detail,
+            before,
+            unnamed,
+            status,
+            out,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn held_answer_error(
+        &mut self,
+        tag: u8,
+        code: SqlState,
+        message: &str,
+        detail: Option<&str>,
+        before: BytesMut,
+        unnamed: Option<Arc<Stmt>>,
+        status: u8,
+        out: &mut Out<'_>,
+    ) -> Disposition {
+        let msg = match detail {
+            Some(d) => backend::error_response_with_detail(Severity::Error, code, message, d),
+            None => backend::error_response(Severity::Error, code, message),
+        };
+        self.answer_held(tag, before, &msg, status, unnamed, out)
+    }
+
+    /// Answers the message `tag` with `before` and `body`: a Query or the Sync ending
+    /// an extended cycle also with ReadyForQuery(`status`); any other message (a Flush
+    /// or Close that would have gone upstream) only with an error, after which the
+    /// cycle's messages are discarded until its Sync, as PostgreSQL does.
+    #[allow(clippy::too_many_arguments)]
+    fn answer_held(
+        &mut self,
+        tag: u8,
+        before: BytesMut,
+        body: &[u8],
+        status: u8,
+        unnamed: Option<Arc<Stmt>>,
+        out: &mut Out<'_>,
+    ) -> Disposition {
+        out.state.on_frontend(tag);
+        out.client.extend_from_slice(&before);
+        out.client.extend_from_slice(body);
+        match tag {
+            frontend::QUERY | frontend::SYNC => {
+                let rfq = frontend::ready_for_query(status);
+                out.client.extend_from_slice(&rfq);
+                out.state.on_backend(rfq[0], &rfq[5..]);
+                if tag == frontend::SYNC {
+                    self.finish_local_cycle(unnamed);
+                } else {
+                    self.forget_unnamed();
+                }
+            }
+            _ => {
+                self.held.clear();
+                self.held_bytes = 0;
+                if let Some(h) = self.held_tx.as_mut() {
+                    h.discarding = true;
+                }
+            }
+        }
+        self.barrier_passed = false;
+        self.no_defer = false;
+        Disposition::Consumed
+    }
+
+    /// Called first for every frontend message while a transaction is held: `Some`
+    /// when the message is answered (or discarded) here, or must wait for the
+    /// transaction to move upstream.
+    pub(super) fn on_held_frontend(
+        &mut self,
+        tag: u8,
+        msg_len: usize,
+        out: &mut Out<'_>,
+    ) -> Option<Disposition> {
+        let held = self.held_tx.as_ref()?;
+        match tag {
+            frontend::PARSE
+            | frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::EXECUTE
+            | frontend::CLOSE
+            | frontend::FLUSH
+            | frontend::SYNC
+                if held.discarding =>
+            {
+                out.state.on_frontend(tag);
+                if tag == frontend::SYNC {
+                    if let Some(h) = self.held_tx.as_mut() {
+                        h.discarding = false;
+                    }
+                    let rfq = frontend::ready_for_query(b'E');
+                    out.client.extend_from_slice(&rfq);
+                    out.state.on_backend(rfq[0], &rfq[5..]);
+                }
+                Some(Disposition::Consumed)
+            }
+            // Held until their Sync decides (`route_held`), unless they would go
+            // upstream now.
+            frontend::PARSE | frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE
+                if !self.would_forward(tag, msg_len) =>
+            {
+                None
+            }
+            // Extended messages held before a Query would go upstream with it.
+            frontend::QUERY if !self.held.is_empty() => Some(if held.failed {
+                self.aborted(tag, None, out)
+            } else {
+                self.leave_held(out)
+            }),
+            frontend::SYNC | frontend::QUERY => None,
+            // PostgreSQL would roll the transaction back: nothing to do.
+            b'X' => {
+                self.held_tx = None;
+                None
+            }
+            _ if held.failed => Some(self.aborted(tag, None, out)),
+            _ => Some(self.leave_held(out)),
+        }
+    }
+}
