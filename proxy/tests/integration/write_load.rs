@@ -8,6 +8,11 @@
 //! [`verify`] then checks PostgreSQL against that record: every acknowledged write
 //! applied exactly once, an unknown one at most once, a refused one never.
 //!
+//! With transactions on ([`Load::start_with_transactions`]), some writes are a client
+//! transaction instead — `BEGIN`, two inserts, an increment, `COMMIT` — whose rows
+//! carry its group name (`v = 'g…'`): [`verify`] checks each group is there whole or
+//! not at all, and [`partial_groups`] can check that while the load runs.
+//!
 //! A client keeps its session for as long as the session is open — an error that
 //! leaves it open (a refusal, or a retryable ERROR 08006 from a detached session
 //! while PostgreSQL is down) is followed by the next write on the same session — and
@@ -97,6 +102,8 @@ pub struct Tally {
     pub sessions_by_phase: [u64; PHASES],
     /// Answers that are wrong in themselves (a row count other than the rows written).
     pub anomalies: Vec<String>,
+    /// The keys of each transaction acknowledged or left unknown.
+    pub groups: Vec<Vec<i64>>,
 }
 
 impl Tally {
@@ -139,6 +146,7 @@ impl Tally {
         }
         self.stalls += other.stalls;
         self.anomalies.extend(other.anomalies);
+        self.groups.extend(other.groups);
     }
 }
 
@@ -155,6 +163,15 @@ pub struct Load {
 impl Load {
     /// Starts `workers` clients against spillway on `port`, seeded by `seed`.
     pub fn start(workers: usize, seed: u64, port: u16) -> Load {
+        Self::start_inner(workers, seed, port, false)
+    }
+
+    /// Like [`Load::start`], with client transactions among the writes.
+    pub fn start_with_transactions(workers: usize, seed: u64, port: u16) -> Load {
+        Self::start_inner(workers, seed, port, true)
+    }
+
+    fn start_inner(workers: usize, seed: u64, port: u16, transactions: bool) -> Load {
         let port = Arc::new(AtomicU16::new(port));
         let phase = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -169,6 +186,7 @@ impl Load {
                     next_key: 0,
                     live: Vec::new(),
                     tally: Tally::default(),
+                    transactions,
                 };
                 tokio::spawn(worker.run())
             })
@@ -206,12 +224,15 @@ struct Worker {
     /// Keys this worker inserted (acknowledged) and has not tried to delete.
     live: Vec<i64>,
     tally: Tally,
+    transactions: bool,
 }
 
 enum Op {
     Insert(Vec<i64>),
     Increment(i32),
     Delete(i64),
+    /// BEGIN; two inserts; an increment; COMMIT.
+    Tx([i64; 2], i32),
 }
 
 impl Worker {
@@ -284,7 +305,10 @@ impl Worker {
     /// session is then given up even if it looks open).
     async fn one_write(&mut self, client: &Client, prepared: &Prepared) -> bool {
         let roll = self.rng.random_range(0..100);
-        let op = if roll < 10 && !self.live.is_empty() {
+        let op = if self.transactions && roll >= 90 {
+            let keys = [self.fresh_key(), self.fresh_key()];
+            Op::Tx(keys, self.rng.random_range(1..=COUNTERS))
+        } else if roll < 10 && !self.live.is_empty() {
             let i = self.rng.random_range(0..self.live.len());
             Op::Delete(self.live.swap_remove(i))
         } else if roll < 55 {
@@ -343,6 +367,8 @@ impl Worker {
                 t.acked_records += 1;
                 let expected = match op {
                     Op::Insert(keys) => keys.len() as u64,
+                    // The COMMIT's tag (send checks each statement's).
+                    Op::Tx(..) => 0,
                     Op::Increment(_) | Op::Delete(_) => 1,
                 };
                 if rows != expected {
@@ -357,6 +383,12 @@ impl Worker {
                         t.acked_inserts.extend(keys);
                         self.live.extend(keys);
                     }
+                    // Never deleted later: the group stays whole or absent.
+                    Op::Tx(keys, c) => {
+                        t.acked_inserts.extend(keys);
+                        *t.acked_increments.entry(*c).or_default() += 1;
+                        t.groups.push(keys.to_vec());
+                    }
                     Op::Increment(c) => *t.acked_increments.entry(*c).or_default() += 1,
                     Op::Delete(k) => {
                         t.acked_deletes.insert(*k);
@@ -367,6 +399,11 @@ impl Worker {
                 t.unknown_statements += 1;
                 match op {
                     Op::Insert(keys) => t.unknown_inserts.extend(keys),
+                    Op::Tx(keys, c) => {
+                        t.unknown_inserts.extend(keys);
+                        *t.unknown_increments.entry(*c).or_default() += 1;
+                        t.groups.push(keys.to_vec());
+                    }
                     Op::Increment(c) => *t.unknown_increments.entry(*c).or_default() += 1,
                     Op::Delete(k) => {
                         t.unknown_deletes.insert(*k);
@@ -375,6 +412,7 @@ impl Worker {
             }
             Answer::Refused => match op {
                 Op::Insert(keys) => t.refused_inserts.extend(keys),
+                Op::Tx(keys, _) => t.refused_inserts.extend(keys),
                 Op::Increment(_) => {}
                 // Refused: the row is still there, and may be deleted later.
                 Op::Delete(k) => self.live.push(*k),
@@ -394,6 +432,7 @@ fn describe(op: &Op) -> String {
         Op::Insert(keys) => format!("INSERT of {keys:?}"),
         Op::Increment(c) => format!("increment of counter {c}"),
         Op::Delete(k) => format!("DELETE of {k}"),
+        Op::Tx(keys, c) => format!("transaction of {keys:?} and counter {c}"),
     }
 }
 
@@ -413,6 +452,9 @@ async fn send(
     worker: i32,
     simple: bool,
 ) -> Result<u64, tokio_postgres::Error> {
+    if let Op::Tx(keys, c) = op {
+        return send_tx(client, prepared, *keys, *c, worker, simple).await;
+    }
     if simple {
         let sql = match op {
             Op::Insert(keys) => {
@@ -427,6 +469,7 @@ async fn send(
             }
             Op::Increment(c) => format!("UPDATE load_counters SET n = n + 1 WHERE id = {c}"),
             Op::Delete(k) => format!("DELETE FROM load_rows WHERE id = {k}"),
+            Op::Tx(..) => unreachable!("sent by send_tx"),
         };
         let msgs = client.simple_query(&sql).await?;
         Ok(msgs
@@ -456,8 +499,79 @@ async fn send(
             },
             Op::Increment(c) => client.execute(&prepared.increment, &[&1i64, c]).await,
             Op::Delete(k) => client.execute(&prepared.delete, &[k]).await,
+            Op::Tx(..) => unreachable!("sent by send_tx"),
         }
     }
+}
+
+/// A client transaction: BEGIN, two inserts of group `g<first key>`, an increment,
+/// COMMIT; each statement's row count checked. After an error that leaves the session
+/// open, ROLLBACK ends the transaction so the session goes on.
+async fn send_tx(
+    client: &Client,
+    prepared: &Prepared,
+    keys: [i64; 2],
+    counter: i32,
+    worker: i32,
+    simple: bool,
+) -> Result<u64, tokio_postgres::Error> {
+    let group = format!("g{}", keys[0]);
+    let body = async {
+        client.simple_query("BEGIN").await?;
+        for k in keys {
+            let rows = if simple {
+                let sql = format!(
+                    "INSERT INTO load_rows (id, worker, v) VALUES ({k}, {worker}, '{group}')"
+                );
+                simple_rows(&client.simple_query(&sql).await?)
+            } else {
+                client
+                    .execute(&prepared.insert1, &[&k, &worker, &group])
+                    .await?
+            };
+            assert_eq!(rows, 1, "insert of {k} in a transaction");
+        }
+        let rows = if simple {
+            let sql = format!("UPDATE load_counters SET n = n + 1 WHERE id = {counter}");
+            simple_rows(&client.simple_query(&sql).await?)
+        } else {
+            client
+                .execute(&prepared.increment, &[&1i64, &counter])
+                .await?
+        };
+        assert_eq!(rows, 1, "increment of {counter} in a transaction");
+        client.simple_query("COMMIT").await?;
+        Ok(0)
+    };
+    let result: Result<u64, tokio_postgres::Error> = body.await;
+    if let Err(e) = &result
+        && e.as_db_error().is_some_and(|db| !ends_session(db))
+    {
+        let _ = client.simple_query("ROLLBACK").await;
+    }
+    result
+}
+
+fn simple_rows(msgs: &[SimpleQueryMessage]) -> u64 {
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(u64::MAX)
+}
+
+/// Groups present in part (some of their rows, not all), read directly: never
+/// anything but empty, whenever it is read.
+pub async fn partial_groups(direct: &Client) -> Vec<String> {
+    direct
+        .query(
+            "SELECT v FROM load_rows WHERE v LIKE 'g%' GROUP BY v HAVING count(*) <> 2",
+            &[],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        .unwrap_or_default()
 }
 
 /// What PostgreSQL holds compared with what the clients were told.
@@ -477,6 +591,8 @@ pub struct Verdict {
     pub last_seq: u64,
     pub epoch: u64,
     pub ledger_rows: usize,
+    /// Transactions present in part.
+    pub partial: u64,
     pub details: Vec<String>,
 }
 
@@ -510,6 +626,16 @@ pub fn verify(ctx: &Context, tally: &Tally) -> Verdict {
             v.details.push(format!(
                 "row {k} present but never acknowledged nor unknown (refused: {})",
                 tally.refused_inserts.contains(k)
+            ));
+        }
+    }
+    for g in &tally.groups {
+        let n = g.iter().filter(|k| present.contains(k)).count();
+        if n != 0 && n != g.len() {
+            v.partial += 1;
+            v.details.push(format!(
+                "transaction {g:?}: {n} of {} rows present",
+                g.len()
             ));
         }
     }
