@@ -36,7 +36,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
 use super::conn::{Conn, READ_CHUNK};
-use super::handler::{Disposition, Handler, Out};
+use super::handler::{Delivery, Disposition, Handler, Out};
 use super::signal::{Phase, Subscription};
 use super::state::ProtocolState;
 use super::{End, GaugeGuard};
@@ -368,10 +368,17 @@ impl Relay {
                 // PostgreSQL closes right after its FATAL; whatever follows is moot.
                 return Ok(Some(cause));
             }
-            let deliver = self.handler.on_backend(h.tag, msg);
-            self.state.on_backend(h.tag, &msg[Header::SIZE..]);
-            if deliver {
-                self.to_client.extend_from_slice(msg);
+            match self.handler.on_backend(h.tag, msg) {
+                Delivery::Pass => {
+                    self.state.on_backend(h.tag, &msg[Header::SIZE..]);
+                    self.to_client.extend_from_slice(msg);
+                }
+                Delivery::Swallow => self.state.on_backend(h.tag, &msg[Header::SIZE..]),
+                Delivery::Status(status) => {
+                    let rfq = crate::protocol::frontend::ready_for_query(status);
+                    self.state.on_backend(rfq[0], &rfq[Header::SIZE..]);
+                    self.to_client.extend_from_slice(&rfq);
+                }
             }
             inbuf.advance(h.total_len);
         }

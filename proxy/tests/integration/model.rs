@@ -17,6 +17,12 @@
 //!   ON CONFLICT) run write-through after a barrier, in order with the deferred ones;
 //! - two sessions writing one key of the exact table at the same moment get the
 //!   answers of one of the two serial orders;
+//! - client transactions on the exact table (`BEGIN`, one to four writes, then COMMIT,
+//!   ROLLBACK, a read that moves the transaction upstream before COMMIT, or SIGKILL
+//!   before COMMIT) get the answers of the writes applied in order to the state the
+//!   transaction sees; a failed statement fails the rest (25P02); a committed held
+//!   transaction is one journal record, a rolled-back or killed one none, and one
+//!   moved upstream commits there without a record;
 //! - back-pressure: with `max_pending = 1` (`when_full = "block"`) a write to a full
 //!   table waits for the flush worker and still gets the model's answer;
 //! - reads through spillway (whole table, point, aggregate) from any session equal the
@@ -481,6 +487,13 @@ enum Op {
         session: usize,
         table: Option<Table>,
     },
+    /// A client transaction on the exact table; see [`TxEnd`].
+    Tx {
+        session: usize,
+        mode: Mode,
+        writes: Vec<Write>,
+        end: TxEnd,
+    },
     /// SIGKILL spillway and start it again.
     Crash,
     /// Terminate backends: see [`Kill`].
@@ -495,6 +508,18 @@ enum Op {
         writes: Vec<(usize, Mode, Table, Write)>,
         crash: bool,
     },
+}
+
+/// How a generated transaction ends.
+#[derive(Debug, Clone, Copy)]
+enum TxEnd {
+    Commit,
+    Rollback,
+    /// A read of the table inside the transaction (spillway replays it upstream),
+    /// then COMMIT (upstream).
+    ReadThenCommit,
+    /// SIGKILL spillway before COMMIT: nothing of the transaction may survive.
+    Crash,
 }
 
 /// Whose PostgreSQL backends an upstream failure terminates.
@@ -643,7 +668,20 @@ fn pick_mode(g: &mut Gen) -> Mode {
 /// the same sequence.
 fn generate(g: &mut Gen) -> Op {
     match g.rng.random_range(0..100) {
-        0..52 => Op::Write {
+        0..6 => Op::Tx {
+            session: g.rng.random_range(0..SESSIONS),
+            mode: pick_mode(g),
+            writes: (0..g.rng.random_range(1..=4))
+                .map(|_| generate_write(g))
+                .collect(),
+            end: match g.rng.random_range(0..10) {
+                0..5 => TxEnd::Commit,
+                5..7 => TxEnd::Rollback,
+                7..9 => TxEnd::ReadThenCommit,
+                _ => TxEnd::Crash,
+            },
+        },
+        6..52 => Op::Write {
             session: g.rng.random_range(0..SESSIONS),
             mode: pick_mode(g),
             table: pick_table(g),
@@ -942,7 +980,20 @@ impl Session {
                         .unwrap_or(u64::MAX)
                 }),
             Mode::Prepared => {
-                let stmt = self.statement(sql).await?;
+                let stmt = match self.prepared.get(sql) {
+                    Some(s) => s.clone(),
+                    None => match within("prepare", self.client.prepare(sql)).await? {
+                        Ok(s) => {
+                            self.prepared.insert(sql.to_owned(), s.clone());
+                            s
+                        }
+                        // Refused at prepare (in a failed transaction: 25P02).
+                        Err(e) => match e.code() {
+                            Some(code) => return Ok(Answer::Error(code.code().to_owned())),
+                            None => return Err(format!("prepare {sql}: {e:?}")),
+                        },
+                    },
+                };
                 within(sql, self.client.execute(&stmt, &refs)).await?
             }
             Mode::OneShot => within(sql, self.client.execute(sql, &refs)).await?,
@@ -988,6 +1039,9 @@ struct Stats {
     refused_23505: usize,
     zero_rows: usize,
     pairs: usize,
+    transactions: usize,
+    /// Transactions spillway held to the end (answered and journaled by spillway).
+    held_commits: usize,
     reads: usize,
     flushes: usize,
     crashes: usize,
@@ -1072,6 +1126,12 @@ impl Run {
                 }
             }
             Op::Flush { session, table } => self.flush(session, table).await,
+            Op::Tx {
+                session,
+                mode,
+                writes,
+                end,
+            } => self.transaction(session, mode, &writes, end).await,
             Op::Crash => {
                 self.note("crash: SIGKILL, restart".to_owned());
                 self.crash().await;
@@ -1151,6 +1211,88 @@ impl Run {
                 "write {sql} {params:?}: spillway answered {answer:?}, the model {want:?}"
             )),
             Err(e) => self.fail(e),
+        }
+    }
+
+    /// Runs `sql` (BEGIN, COMMIT, ROLLBACK) in `session`; any answer but success fails.
+    async fn control(&mut self, session: usize, mode: Mode, sql: &str) {
+        let got = self.sessions[session].write(mode, sql, &[]).await;
+        self.note(format!("s{session} {mode:?} {sql} -> {got:?}"));
+        match got {
+            Ok(Answer::Rows(_)) => {}
+            Ok(other) => self.fail(format!("{sql} answered {other:?}")),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    async fn transaction(&mut self, session: usize, mode: Mode, writes: &[Write], end: TxEnd) {
+        let table = Table::Exact;
+        self.stats.transactions += 1;
+        self.control(session, mode, "BEGIN").await;
+        // The transaction's view: the model with its own writes applied in order.
+        let mut inside = self.model.clone();
+        let mut failed = false;
+        let mut wrote = false;
+        for w in writes {
+            let (sql, params) = w.statement(table);
+            let got = self.sessions[session].write(mode, &sql, &params).await;
+            let want = if failed {
+                Answer::Error("25P02".to_owned())
+            } else {
+                inside.write(table, w)
+            };
+            self.note(format!(
+                "s{session} {mode:?} (in transaction) {sql} {params:?} -> {got:?} (model {want:?})"
+            ));
+            match (&want, &got) {
+                (Answer::Error(_), _) => failed = true,
+                (Answer::Rows(n), _) if *n > 0 => wrote = true,
+                _ => {}
+            }
+            match got {
+                Ok(answer) if answer == want => {}
+                Ok(answer) => self.fail(format!(
+                    "write {sql} {params:?} in a transaction: spillway answered {answer:?}, \
+                     the model {want:?}"
+                )),
+                Err(e) => self.fail(e),
+            }
+        }
+        match end {
+            TxEnd::Crash => {
+                self.note("crash before COMMIT: SIGKILL, restart".to_owned());
+                self.crash().await;
+            }
+            TxEnd::Rollback => self.control(session, mode, "ROLLBACK").await,
+            _ if failed => self.control(session, mode, "COMMIT").await,
+            TxEnd::Commit => {
+                self.control(session, mode, "COMMIT").await;
+                // One record for the whole transaction, if it wrote anything.
+                let records = self.model.records + u64::from(wrote);
+                let by_table = self.model.records_by_table[table.index()] + u64::from(wrote);
+                self.model.tables = inside.tables;
+                self.model.records = records;
+                self.model.records_by_table[table.index()] = by_table;
+                self.stats.held_commits += 1;
+            }
+            TxEnd::ReadThenCommit => {
+                let (sql, params) = Read::All.statement(table);
+                let got = self.sessions[session].read(mode, &sql, &params).await;
+                let want = inside.read(table, Read::All);
+                self.note(format!(
+                    "s{session} {mode:?} (in transaction) {sql} -> {got:?}"
+                ));
+                match got {
+                    Ok(rows) if rows == want => {}
+                    Ok(rows) => self.fail(format!(
+                        "read inside a transaction\n  got:  {rows:?}\n  want: {want:?}"
+                    )),
+                    Err(e) => self.fail(e),
+                }
+                self.control(session, mode, "COMMIT").await;
+                // Committed upstream, as a direct transaction: no journal record.
+                self.model.tables = inside.tables;
+            }
         }
     }
 

@@ -308,7 +308,7 @@ impl Caching {
     ) -> Option<Disposition> {
         let w = self.writes.clone()?;
         if self.held_tx.is_some() {
-            return Some(self.route_held(analyses, single, out));
+            return self.route_held(analyses, single, out);
         }
         let mut single = single;
         if let Some(d) = self.try_hold(analyses, &mut single, out) {

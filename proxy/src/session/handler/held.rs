@@ -184,25 +184,48 @@ impl Caching {
     /// A Query or extended cycle while a transaction is held: answered here (a
     /// deferrable statement, COMMIT, ROLLBACK), or the transaction moves upstream
     /// first.
+    /// `None`: the cycle goes upstream as it is (Parse, Describe, Close only; its
+    /// ReadyForQuery gets the held transaction's status, see [`Self::held_cycle_answer`]).
     pub(super) fn route_held(
         &mut self,
         analyses: &[&Analysis],
         single: Option<super::deferred::Single<'_>>,
         out: &mut Out<'_>,
-    ) -> Disposition {
-        let Some(held) = self.held_tx.as_ref() else {
-            return Disposition::Consumed;
-        };
+    ) -> Option<Disposition> {
+        let held = self.held_tx.as_ref()?;
+        if self.tracker.awaits_answers() {
+            // A local answer must not overtake the answers still to come.
+            let quiet = self.quiet.clone();
+            self.wait = Some(Box::pin(async move { quiet.notified().await }));
+            return Some(Disposition::Blocked);
+        }
         let failed = held.failed;
+        Some(self.route_held_quiet(analyses, single, failed, out)?)
+    }
+
+    fn route_held_quiet(
+        &mut self,
+        analyses: &[&Analysis],
+        single: Option<super::deferred::Single<'_>>,
+        failed: bool,
+        out: &mut Out<'_>,
+    ) -> Option<Disposition> {
+        let held = self.held_tx.as_ref()?;
         let empty = held.stmts.is_empty();
         let full = held.stmts.len() >= MAX_HELD_STATEMENTS;
         let command = single.as_ref().and_then(|_| tx_command(analyses));
         let Some(single) = single else {
-            return if failed {
+            // In a failed transaction PostgreSQL still prepares the statements that
+            // end it.
+            if self.neutral_cycle() && (!failed || self.prepares_only_exits()) {
+                self.held_cycles.push_back(self.tracker.next_ready_index());
+                return None;
+            }
+            return Some(if failed {
                 self.aborted(frontend::SYNC, None, out)
             } else {
                 self.leave_held(out)
-            };
+            });
         };
         let tag = if single.extended {
             frontend::SYNC
@@ -212,44 +235,44 @@ impl Caching {
         match command {
             Some(TxCommand::Rollback { chain: false }) => {
                 self.held_tx = None;
-                return self.answer_held(
+                return Some(self.answer_held(
                     tag,
                     single.before,
                     &frontend::command_complete("ROLLBACK"),
                     b'I',
                     single.unnamed,
                     out,
-                );
+                ));
             }
             Some(TxCommand::Commit { chain: false }) if failed || empty => {
                 self.held_tx = None;
                 let done = if failed { "ROLLBACK" } else { "COMMIT" };
-                return self.answer_held(
+                return Some(self.answer_held(
                     tag,
                     single.before,
                     &frontend::command_complete(done),
                     b'I',
                     single.unnamed,
                     out,
-                );
+                ));
             }
-            Some(TxCommand::Commit { chain: false }) => return self.commit_held(single),
+            Some(TxCommand::Commit { chain: false }) => return Some(self.commit_held(single)),
             _ if failed => {
-                return self.aborted(tag, single.unnamed, out);
+                return Some(self.aborted(tag, single.unnamed, out));
             }
             _ => {}
         }
         let [analysis] = analyses else {
-            return self.leave_held(out);
+            return Some(self.leave_held(out));
         };
         if full {
-            return self.leave_held(out);
+            return Some(self.leave_held(out));
         }
         let Ok((table, converted)) = self.deferrable(analysis, single.bound, out) else {
-            return self.leave_held(out);
+            return Some(self.leave_held(out));
         };
         let Some(w) = self.writes.clone() else {
-            return self.leave_held(out);
+            return Some(self.leave_held(out));
         };
         let replay: Option<Vec<String>> = {
             let set = w.tables();
@@ -263,7 +286,7 @@ impl Caching {
             })
         };
         let Some(replay) = replay else {
-            return self.leave_held(out);
+            return Some(self.leave_held(out));
         };
         let stmt = TxStatement { table, converted };
         let mut stmts = held.stmts.clone();
@@ -283,7 +306,68 @@ impl Caching {
             before: single.before,
             unnamed: single.unnamed,
         }));
-        Disposition::Blocked
+        Some(Disposition::Blocked)
+    }
+
+    /// The held cycle only prepares, describes or closes statements: PostgreSQL answers
+    /// it the same outside the transaction, so it may go upstream as it is.
+    fn neutral_cycle(&self) -> bool {
+        !self.held.is_empty()
+            && self.held.iter().all(|m| match m[0] {
+                frontend::PARSE | frontend::CLOSE => true,
+                frontend::DESCRIBE => {
+                    frontend::target(frontend::body(m)).is_some_and(|t| t.kind == b'S')
+                }
+                _ => false,
+            })
+    }
+
+    /// Every Parse held parses COMMIT or ROLLBACK (allowed in a failed transaction).
+    fn prepares_only_exits(&self) -> bool {
+        self.held
+            .iter()
+            .filter(|m| m[0] == frontend::PARSE)
+            .all(|m| {
+                frontend::parse(frontend::body(m)).is_some_and(|p| {
+                    let analysis = self.cache.classifier.classify(p.sql);
+                    matches!(
+                        analysis.statements.as_slice(),
+                        [s] if matches!(
+                            s.kind,
+                            Kind::Transaction(
+                                TxCommand::Commit { .. }
+                                    | TxCommand::Rollback { .. }
+                                    | TxCommand::RollbackTo
+                            )
+                        )
+                    )
+                })
+            })
+    }
+
+    /// For a backend message: the transaction status its ReadyForQuery must carry if
+    /// it ends a cycle sent while the transaction is held (`T`, or `E` when the cycle
+    /// failed: PostgreSQL would have failed the transaction, and so does spillway).
+    pub(super) fn held_cycle_answer(&mut self, step: &super::tracker::Step) -> Option<u8> {
+        if self.held_cycles.is_empty() {
+            return None;
+        }
+        if step.error {
+            self.held_cycle_failed = true;
+        }
+        let id = step.ready_id?;
+        if self.held_cycles.front() != Some(&id) {
+            return None;
+        }
+        self.held_cycles.pop_front();
+        let failed = std::mem::take(&mut self.held_cycle_failed);
+        match self.held_tx.as_mut() {
+            Some(h) => {
+                h.failed |= failed;
+                Some(if h.failed { b'E' } else { b'T' })
+            }
+            None => None,
+        }
     }
 
     /// Starts COMMIT of the held transaction: its statements as one record.
@@ -684,7 +768,7 @@ impl Caching {
     pub(super) fn on_held_frontend(
         &mut self,
         tag: u8,
-        msg_len: usize,
+        msg: &[u8],
         out: &mut Out<'_>,
     ) -> Option<Disposition> {
         let held = self.held_tx.as_ref()?;
@@ -712,9 +796,17 @@ impl Caching {
             // Held until their Sync decides (`route_held`), unless they would go
             // upstream now.
             frontend::PARSE | frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE
-                if !self.would_forward(tag, msg_len) =>
+                if !self.would_forward(tag, msg.len()) =>
             {
                 None
+            }
+            // A Close is held too (it would go upstream at once otherwise): a cycle of
+            // Parse, Describe and Close may go upstream whole at its Sync.
+            frontend::CLOSE if !self.would_forward(frontend::PARSE, msg.len()) => {
+                out.state.on_frontend(tag);
+                self.held.push(bytes::Bytes::copy_from_slice(msg));
+                self.held_bytes += msg.len();
+                Some(Disposition::Consumed)
             }
             // Extended messages held before a Query would go upstream with it.
             frontend::QUERY if !self.held.is_empty() => Some(if held.failed {

@@ -71,6 +71,17 @@ pub struct Out<'a> {
     pub state: &'a mut ProtocolState,
 }
 
+/// What becomes of one backend message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    Pass,
+    /// Not for the client (the answer to a request spillway sent itself).
+    Swallow,
+    /// A ReadyForQuery delivered with this transaction status instead of PostgreSQL's
+    /// (a request sent while spillway holds the client's transaction: `held.rs`).
+    Status(u8),
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Disposition {
     Consumed,
@@ -155,6 +166,11 @@ struct Caching {
     replay_log: Option<held::ReplayLog>,
     /// Signalled at the internal query's ReadyForQuery.
     internal_done: Arc<tokio::sync::Notify>,
+    /// Ready ids of cycles sent upstream while a transaction is held (Parse, Describe,
+    /// Close only): their ReadyForQuery carries the held transaction's status.
+    held_cycles: VecDeque<u64>,
+    /// One of them failed (the held transaction fails with it).
+    held_cycle_failed: bool,
 }
 
 /// How a request sent upstream is counted in the latency histogram.
@@ -218,6 +234,8 @@ impl Handler {
                 held_tx: None,
                 replay_log: None,
                 internal_done: Arc::new(tokio::sync::Notify::new()),
+                held_cycles: VecDeque::new(),
+                held_cycle_failed: false,
             })),
         }
     }
@@ -252,10 +270,10 @@ impl Handler {
         }
     }
 
-    /// One whole backend message; false when it must not reach the client.
-    pub fn on_backend(&mut self, tag: u8, msg: &[u8]) -> bool {
+    /// One whole backend message, and what becomes of it.
+    pub fn on_backend(&mut self, tag: u8, msg: &[u8]) -> Delivery {
         match self.caching.as_deref_mut() {
-            None => true,
+            None => Delivery::Pass,
             Some(c) => c.on_backend(tag, Some(msg)),
         }
     }
@@ -296,7 +314,7 @@ impl Caching {
         if let Some(done) = self.resume(tag, out) {
             return done;
         }
-        if let Some(done) = self.on_held_frontend(tag, msg.len(), out) {
+        if let Some(done) = self.on_held_frontend(tag, msg, out) {
             return done;
         }
         if self.tracker.is_desynced() {
@@ -451,7 +469,7 @@ impl Caching {
         }
     }
 
-    fn on_backend(&mut self, tag: u8, msg: Option<&[u8]>) -> bool {
+    fn on_backend(&mut self, tag: u8, msg: Option<&[u8]>) -> Delivery {
         let was_waiting = self.tracker.awaits_answers();
         let step = match msg {
             Some(m) => self.tracker.on_message(tag, m),
@@ -462,8 +480,9 @@ impl Caching {
         }
         if step.internal {
             self.on_internal(tag, msg);
-            return false;
+            return Delivery::Swallow;
         }
+        let held_status = self.held_cycle_answer(&step);
         for prepared in self.tracker.confirmed.drain(..) {
             match prepared {
                 tracker::Prepared::Named(name, stmt) => {
@@ -486,7 +505,7 @@ impl Caching {
             self.db.invalidate(&self.pending, &self.cache.versions);
         }
         if step.ready {
-            let status = msg.and_then(|m| m.get(5).copied());
+            let status = held_status.or_else(|| msg.and_then(|m| m.get(5).copied()));
             if let Some(id) = step.ready_id {
                 self.settle_deferred(id, status);
                 while let Some(&(t, started, path)) = self.timings.front() {
@@ -536,7 +555,11 @@ impl Caching {
                 }
             }
         }
-        !step.swallow
+        match held_status {
+            _ if step.swallow => Delivery::Swallow,
+            Some(status) => Delivery::Status(status),
+            None => Delivery::Pass,
+        }
     }
 
     fn decide(&self, analysis: &Analysis) -> Decision {
