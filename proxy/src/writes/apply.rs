@@ -13,7 +13,8 @@
 //! - A record (one statement or one client transaction) is never split: bisection
 //!   stops at a record, and a failing record is dead-lettered whole.
 //! - An UPDATE or DELETE whose key is not there at apply time is a dead letter
-//!   (SQLSTATE 02000), never silently dropped.
+//!   (SQLSTATE 02000), never silently dropped; in a record of several operations (a
+//!   client transaction) the whole record is then a dead letter, none of it applied.
 //! - Write-back tables' operations are folded per key for the first attempt only; when
 //!   that attempt meets a data error, the batch is bisected as journaled, so dead
 //!   letters and record atomicity are the same for both deferred policies.
@@ -164,8 +165,12 @@ pub async fn apply_batch(
             .any(|op| tables.get(op.table()).is_some_and(|m| m.coalesce))
     });
     // A coalesced operation whose key was missing would dead-letter a fold of several
-    // records: those are judged one by one instead.
-    if failed.is_some() || (folded && !applied.dead_letters.is_empty()) {
+    // records, and one in a record of several operations (a client transaction) would
+    // leave the rest of it applied: those are judged one by one instead.
+    if failed.is_some()
+        || (!applied.dead_letters.is_empty()
+            && (folded || splits_a_record(batch, &applied.dead_letters)))
+    {
         // Start over with bisection: savepoints isolate the records PostgreSQL refuses.
         // It works on the records as journaled, not coalesced, so a record is still
         // applied or refused whole and its dead letter names what the client sent.
@@ -307,38 +312,51 @@ async fn bisect(
                 break;
             }
         }
-        match failure {
-            None => {
-                exec(conn, "RELEASE SAVEPOINT spillway_part").await?;
-                applied.statements += part_applied.statements;
-                applied.rows += part_applied.rows;
-                applied.dead_letters.extend(part_applied.dead_letters);
+        let split = failure.is_none() && splits_a_record(part, &part_applied.dead_letters);
+        if failure.is_none() && !split {
+            exec(conn, "RELEASE SAVEPOINT spillway_part").await?;
+            applied.statements += part_applied.statements;
+            applied.rows += part_applied.rows;
+            applied.dead_letters.extend(part_applied.dead_letters);
+            continue;
+        }
+        exec(conn, "ROLLBACK TO SAVEPOINT spillway_part").await?;
+        exec(conn, "RELEASE SAVEPOINT spillway_part").await?;
+        if let [(seq, record)] = part {
+            let (sqlstate, message) = match &failure {
+                Some(e) => describe_error(e),
+                None => (
+                    NO_ROW.to_owned(),
+                    "no row with this key when the write was applied; the other writes \
+                     of its transaction are not applied either"
+                        .to_owned(),
+                ),
+            };
+            for op in &record.ops {
+                applied.dead_letters.push(DeadLetter {
+                    seq: *seq,
+                    table: op.table().to_owned(),
+                    statement: op.describe(),
+                    parameters: op.parameters(),
+                    sqlstate: sqlstate.clone(),
+                    message: message.clone(),
+                });
             }
-            Some(e) => {
-                exec(conn, "ROLLBACK TO SAVEPOINT spillway_part").await?;
-                exec(conn, "RELEASE SAVEPOINT spillway_part").await?;
-                if let [(seq, record)] = part {
-                    let (sqlstate, message) = describe_error(&e);
-                    for op in &record.ops {
-                        applied.dead_letters.push(DeadLetter {
-                            seq: *seq,
-                            table: op.table().to_owned(),
-                            statement: op.describe(),
-                            parameters: op.parameters(),
-                            sqlstate: sqlstate.clone(),
-                            message: message.clone(),
-                        });
-                    }
-                } else {
-                    let (first, second) = part.split_at(part.len() / 2);
-                    // Stack: the first half must run first.
-                    todo.push(second);
-                    todo.push(first);
-                }
-            }
+        } else {
+            let (first, second) = part.split_at(part.len() / 2);
+            // Stack: the first half must run first.
+            todo.push(second);
+            todo.push(first);
         }
     }
     Ok(())
+}
+
+/// Whether a missing key (a dead letter) belongs to a record of several operations:
+/// applying the rest of that record would split a client transaction.
+fn splits_a_record(part: &[(u64, Arc<Record>)], dead: &[DeadLetter]) -> bool {
+    dead.iter()
+        .any(|d| part.iter().any(|(seq, r)| *seq == d.seq && r.ops.len() > 1))
 }
 
 fn describe_error(e: &sqlx::Error) -> (String, String) {

@@ -18,6 +18,7 @@ const TABLES: &str = "\
     CREATE TABLE public.tx_items (order_id bigint NOT NULL REFERENCES public.tx_orders (id), \
         line int NOT NULL, qty int NOT NULL, PRIMARY KEY (order_id, line)); \
     CREATE TABLE public.tx_counters (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0); \
+    CREATE TABLE public.tx_loose (id int PRIMARY KEY, v text); \
     INSERT INTO public.tx_counters SELECT g, 0 FROM generate_series(1, 20) g;";
 
 /// Orders and items write-behind, counters write-back; nothing is flushed unless a
@@ -27,7 +28,8 @@ fn builder() -> ContextBuilder {
         "[flush]\ninterval = \"1h\"\n\
          [tables.\"public.tx_orders\"]\npolicy = \"write-behind\"\n\
          [tables.\"public.tx_items\"]\npolicy = \"write-behind\"\n\
-         [tables.\"public.tx_counters\"]\npolicy = \"write-back\"\n",
+         [tables.\"public.tx_counters\"]\npolicy = \"write-back\"\n\
+         [tables.\"public.tx_loose\"]\npolicy = \"write-behind\"\nrow_counts = \"assumed\"\n",
     )
 }
 
@@ -402,5 +404,42 @@ async fn sqlx_transactions_are_held_and_applied() {
     assert_eq!(
         direct_rows(&ctx, "SELECT n FROM tx_counters WHERE id = 6"),
         "4"
+    );
+}
+
+#[tokio::test]
+async fn a_transaction_refused_in_part_at_apply_time_is_dead_lettered_whole() {
+    let ctx = builder().start().await;
+    let proxy = ctx.proxy_client().await;
+    // Assumed row counts: the UPDATE of a key that does not exist is acknowledged,
+    // and found missing only when applied.
+    tag(&proxy, "BEGIN").await;
+    tag(&proxy, "INSERT INTO tx_loose (id, v) VALUES (1, 'a')").await;
+    assert_eq!(
+        tag(&proxy, "UPDATE tx_loose SET v = 'b' WHERE id = 2").await,
+        1
+    );
+    tag(&proxy, "INSERT INTO tx_loose (id, v) VALUES (3, 'c')").await;
+    tag(&proxy, "COMMIT").await;
+    // An autocommit write after it is applied as ever.
+    tag(&proxy, "INSERT INTO tx_loose (id, v) VALUES (4, 'd')").await;
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct_rows(
+            &ctx,
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM tx_loose"
+        ),
+        "4",
+        "none of the refused transaction was applied"
+    );
+    assert_eq!(
+        direct_rows(
+            &ctx,
+            "SELECT string_agg(sqlstate || ' ' || statement, '; ' ORDER BY id) \
+             FROM spillway.dead_letters"
+        ),
+        "02000 INSERT INTO public.tx_loose (id, v); \
+         02000 UPDATE public.tx_loose SET v = ? WHERE <key> = ?; \
+         02000 INSERT INTO public.tx_loose (id, v)"
     );
 }

@@ -95,6 +95,12 @@ pub(super) struct ReplayLog {
     error: Option<String>,
 }
 
+/// Counts a held transaction's end (`committed`, `rolled_back`, `upstream`,
+/// `diverged`).
+fn ended(outcome: &'static str) {
+    metrics::counter!(crate::metrics::TRANSACTIONS, "outcome" => outcome).increment(1);
+}
+
 /// `BEGIN …` for a transaction spillway may hold: READ COMMITTED (or below, which
 /// PostgreSQL runs as READ COMMITTED), read-write.
 fn holdable(analysis: &Analysis) -> Option<&'static str> {
@@ -235,6 +241,7 @@ impl Caching {
         match command {
             Some(TxCommand::Rollback { chain: false }) => {
                 self.held_tx = None;
+                ended("rolled_back");
                 return Some(self.answer_held(
                     tag,
                     single.before,
@@ -246,6 +253,7 @@ impl Caching {
             }
             Some(TxCommand::Commit { chain: false }) if failed || empty => {
                 self.held_tx = None;
+                ended(if failed { "rolled_back" } else { "committed" });
                 let done = if failed { "ROLLBACK" } else { "COMMIT" };
                 return Some(self.answer_held(
                     tag,
@@ -527,6 +535,7 @@ impl Caching {
                 unnamed,
             } => match take(&slot) {
                 Some(Ok(outcome)) => {
+                    ended("committed");
                     let held = self.held_tx.take();
                     if let (Some(held), Some(seq)) = (&held, outcome.seq) {
                         self.note_committed(held, seq);
@@ -546,6 +555,11 @@ impl Caching {
                 Some(Err(e)) => {
                     // COMMIT failed: the transaction is over, nothing was written.
                     self.held_tx = None;
+                    ended(if matches!(e, DeferError::Diverged(_)) {
+                        "diverged"
+                    } else {
+                        "rolled_back"
+                    });
                     Some(self.held_error(tag, &e, before, unnamed, b'I', out))
                 }
             },
@@ -576,6 +590,7 @@ impl Caching {
                         None
                     }
                     Some(problem) => {
+                        ended("diverged");
                         tracing::warn!(%problem, "held transaction diverged; rolled back");
                         let error = format!(
                             "could not serialize access: the deferred transaction had to \
@@ -609,6 +624,7 @@ impl Caching {
         let Some(held) = self.held_tx.take() else {
             return;
         };
+        ended("upstream");
         let Some(w) = &self.writes else {
             return;
         };
