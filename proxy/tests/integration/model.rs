@@ -1068,6 +1068,20 @@ struct Run {
 impl Run {
     /// Prints the log of operations and fails the test with the seed.
     fn fail(&self, msg: impl Display) -> ! {
+        // Why a write may have gone upstream: the log's lines about it, and the
+        // fallback and held-transaction counters of the current process.
+        for l in self.ctx.proxy.logs().lines().filter(|l| l.contains("upstream")) {
+            eprintln!("PROXY {l}");
+        }
+        let addr = self.ctx.proxy.metrics_addr();
+        let text = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().expect("rt").block_on(crate::metrics::scrape(addr))
+        })
+        .join()
+        .unwrap_or_default();
+        for l in text.lines().filter(|l| l.contains("held_trans") || l.contains("fallbacks")) {
+            eprintln!("METRIC {l}");
+        }
         eprintln!("--- model log, seed {} ---", self.seed);
         for line in &self.log {
             eprintln!("{line}");
@@ -1079,7 +1093,8 @@ impl Run {
     }
 
     fn note(&mut self, line: String) {
-        self.log.push(format!("{:4} {line}", self.step));
+        // With the model's journal position, to line the log up with sequence numbers.
+        self.log.push(format!("{:4} r{} {line}", self.step, self.model.records));
     }
 
     async fn connect_sessions(&mut self) {
@@ -1184,6 +1199,26 @@ impl Run {
             None => TABLES.to_vec(),
         };
         self.check_postgres(&tables, "after SPILLWAY FLUSH").await;
+        if table.is_none() {
+            self.check_ledger("after SPILLWAY FLUSH").await;
+        }
+    }
+
+    /// After a flush of everything: the ledger is at the model's last record (one per
+    /// acknowledged deferrable write or held transaction that changes something).
+    async fn check_ledger(&mut self, when: &str) {
+        let sql = "SELECT last_seq FROM spillway.flush_ledger";
+        let ledger: Vec<i64> = match self.direct.query(sql, &[]).await {
+            Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+            Err(e) => self.fail(format!("{sql}: {e:?}")),
+        };
+        let want = i64::try_from(self.model.records).expect("small");
+        if ledger != [want] {
+            self.fail(format!(
+                "{when}: flush ledger at {ledger:?}, the model journaled {want} records \
+                 (a write ran write-through, or a record was journaled twice)"
+            ));
+        }
     }
 
     async fn write(&mut self, session: usize, mode: Mode, table: Table, write: &Write) {

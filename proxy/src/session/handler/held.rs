@@ -148,6 +148,13 @@ impl Caching {
         };
         let begin = holdable(analysis)?;
         let w = self.writes.as_ref()?;
+        if self.tracker.awaits_answers() && out.state.tx_status == b'I' && !self.detached {
+            // Pipelined behind requests still unanswered (a driver's Close and Sync of
+            // a statement it dropped): whether it may be held is known once they are.
+            let quiet = self.quiet.clone();
+            self.wait = Some(Box::pin(async move { quiet.notified().await }));
+            return Some(Disposition::Blocked);
+        }
         let param = |name: &str| out.state.params.get(name).map(String::as_str);
         if self.detached
             || out.state.tx_status != b'I'
@@ -439,7 +446,7 @@ impl Caching {
                 expected.push(verb.tag(usize::from(*wrote)));
             }
         }
-        tracing::debug!(
+        tracing::info!(
             statements = held.stmts.len(),
             "held transaction moves upstream"
         );
