@@ -23,6 +23,7 @@ mod outage;
 mod packaging;
 mod protocol;
 mod reload;
+mod returning;
 mod triggers;
 mod write_back;
 mod write_behind;

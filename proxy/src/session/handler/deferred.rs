@@ -25,12 +25,13 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use spillway_policies::Consistency;
 
-use super::{Caching, Disposition, Out, Stmt};
+use super::{Caching, Disposition, Out, Stmt, returning};
 use crate::classify::{Analysis, Kind};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::frontend;
 use crate::protocol::sqlstate::SqlState;
 use crate::writes::convert::{self, Bound, Verb};
+use crate::writes::returning::Returning;
 use crate::writes::service::{DeferError, Outcome, WriteService};
 
 type Slot<T> = Arc<Mutex<Option<Result<T, DeferError>>>>;
@@ -60,6 +61,8 @@ pub(super) enum Waiting {
         started: std::time::Instant,
         table_name: String,
         policy: &'static str,
+        /// Rows answered for RETURNING (see `returning.rs`).
+        returning: Option<Returning>,
     },
     Barrier {
         slot: Slot<()>,
@@ -106,6 +109,7 @@ impl Caching {
                 started,
                 table_name,
                 policy,
+                returning,
             } => match take(&slot) {
                 Some(Ok(outcome)) => {
                     self.metrics.deferred.record(started.elapsed());
@@ -120,6 +124,12 @@ impl Caching {
                         self.db.versions.bump_tables([table]);
                     }
                     out.state.on_frontend(tag);
+                    let before = returning::answers(
+                        returning.as_ref(),
+                        before,
+                        extended,
+                        Some(outcome.rows),
+                    );
                     out.client.extend_from_slice(&before);
                     out.client
                         .extend_from_slice(&frontend::command_complete(&verb.tag(outcome.rows)));
@@ -138,6 +148,7 @@ impl Caching {
                     None
                 }
                 Some(Err(e)) => {
+                    let before = returning::answers(returning.as_ref(), before, extended, None);
                     let d = self.fail(tag, &e, before, out);
                     if extended {
                         self.finish_local_cycle(unnamed);
@@ -339,7 +350,8 @@ impl Caching {
                 return Some(Disposition::Blocked);
             }
             match self.deferrable(analysis, single.bound, out) {
-                Ok((table, converted)) => {
+                Ok((table, mut converted)) => {
+                    let returning = converted.returning.take();
                     let slot: Slot<Outcome> = Arc::new(Mutex::new(None));
                     let verb = converted.verb;
                     let tables = w.tables();
@@ -366,6 +378,7 @@ impl Caching {
                         started: std::time::Instant::now(),
                         table_name,
                         policy,
+                        returning,
                     });
                     return Some(Disposition::Blocked);
                 }
@@ -570,6 +583,12 @@ impl Caching {
                                         values,
                                         binary,
                                         types,
+                                        result_formats: b
+                                            .result_formats
+                                            .chunks_exact(2)
+                                            .map(|c| i16::from_be_bytes([c[0], c[1]]))
+                                            .collect(),
+                                        max_rows: 0,
                                     },
                                 ));
                             }
@@ -607,7 +626,8 @@ impl Caching {
                 },
                 frontend::EXECUTE => match frontend::execute(body) {
                     Some(e) if e.portal.is_empty() && bound.is_some() => {
-                        if let Some((stmt, _)) = &bound {
+                        if let Some((stmt, b)) = &mut bound {
+                            b.max_rows = e.max_rows;
                             if executed.iter().any(|s| Arc::ptr_eq(s, stmt)) {
                                 simple_shape = false;
                             }

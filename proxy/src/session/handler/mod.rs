@@ -20,6 +20,7 @@
 mod deferred;
 mod detached;
 mod extended;
+mod returning;
 mod settings;
 mod tracker;
 
