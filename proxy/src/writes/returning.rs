@@ -87,6 +87,28 @@ impl Returning {
     }
 }
 
+#[cfg(test)]
+impl Returning {
+    /// One int4 column `id` (table OID 1, attnum 1) with Bind format `format`, and two
+    /// rows, 1 and 2.
+    pub(crate) fn for_tests(format: i16) -> Self {
+        let column = Column {
+            name: "id".into(),
+            attnum: 1,
+            type_oid: INT4,
+            typlen: 4,
+            typmod: -1,
+        };
+        let value = |v: i64| Some(Known::Int(v).encode(INT4, format == 1));
+        Self {
+            fields: vec![("id".into(), column)],
+            table_oid: 1,
+            formats: vec![format],
+            rows: vec![vec![value(1)], vec![value(2)]],
+        }
+    }
+}
+
 /// A value spillway knows exactly, as PostgreSQL stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Known {

@@ -76,6 +76,68 @@ mod tests {
     use super::*;
     use crate::protocol::frontend;
 
+    /// The tags of `buf`'s messages, and the format code of its RowDescriptions.
+    fn shape(buf: &[u8]) -> (String, Vec<u8>) {
+        let mut tags = String::new();
+        let mut formats = Vec::new();
+        let mut rest = buf;
+        while let Some(m) = next_message(rest) {
+            tags.push(char::from(m[0]));
+            if m[0] == b'T' {
+                // One field: the format code is the last two bytes.
+                formats.push(m[m.len() - 1]);
+            }
+            rest = &rest[m.len()..];
+        }
+        assert!(rest.is_empty(), "trailing bytes");
+        (tags, formats)
+    }
+
+    fn before(parts: &[&[u8]]) -> BytesMut {
+        BytesMut::from(parts.concat().as_slice())
+    }
+
+    #[test]
+    fn answers_take_postgres_order() {
+        let r = Returning::for_tests(1);
+        let describe_statement: &[u8] = b"t\0\0\0\x06\0\0";
+        // Describe of the portal: the Bind's (binary) format.
+        let portal = before(&[
+            frontend::PARSE_COMPLETE,
+            frontend::BIND_COMPLETE,
+            frontend::NO_DATA,
+        ]);
+        let out = answers(Some(&r), portal.clone(), true, Some(2));
+        assert_eq!(shape(&out), ("12TDD".into(), vec![1]));
+        // Describe of the statement: format 0, whatever the Bind says.
+        let statement = before(&[
+            frontend::PARSE_COMPLETE,
+            describe_statement,
+            frontend::NO_DATA,
+            frontend::BIND_COMPLETE,
+        ]);
+        let out = answers(Some(&r), statement, true, Some(1));
+        assert_eq!(shape(&out), ("1tT2D".into(), vec![0]));
+        // No Describe: rows only; an error: the Describe answers only.
+        let out = answers(Some(&r), before(&[frontend::BIND_COMPLETE]), true, Some(2));
+        assert_eq!(shape(&out).0, "2DD");
+        let out = answers(Some(&r), portal, true, None);
+        assert_eq!(shape(&out), ("12T".into(), vec![1]));
+        // Simple Query: RowDescription (text) even for no row; nothing on an error.
+        assert_eq!(
+            shape(&answers(Some(&r), BytesMut::new(), false, Some(0))),
+            ("T".into(), vec![0])
+        );
+        assert_eq!(
+            shape(&answers(Some(&r), BytesMut::new(), false, Some(2))).0,
+            "TDD"
+        );
+        assert!(answers(Some(&r), BytesMut::new(), false, None).is_empty());
+        // Without RETURNING: untouched.
+        let plain = before(&[frontend::BIND_COMPLETE, frontend::NO_DATA]);
+        assert_eq!(answers(None, plain.clone(), true, Some(1)), plain);
+    }
+
     #[test]
     fn messages_are_split_by_their_length() {
         let mut buf = BytesMut::new();
