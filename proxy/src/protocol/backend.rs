@@ -1,4 +1,5 @@
-//! Backend messages spillway builds itself (errors, key data, SASL offers) and the few
+//! Backend messages spillway builds itself (errors, key data, SASL offers, the result
+//! sets of the admin console and of RETURNING answered for deferred writes) and the few
 //! it inspects on the way through (errors, ReadyForQuery, BackendKeyData,
 //! Authentication, ParameterStatus).
 //!
@@ -140,6 +141,59 @@ pub fn row_description(columns: &[(&str, ColumnType)]) -> Bytes {
         })
         .collect();
     encode(&RowDescription::new(fields))
+}
+
+/// One RowDescription field as PostgreSQL describes a table column: its table's OID
+/// and attribute number, type OID, `typlen`, `atttypmod`, and format code (0 text,
+/// 1 binary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field<'a> {
+    pub name: &'a str,
+    pub table_oid: u32,
+    pub attnum: i16,
+    pub type_oid: u32,
+    pub typlen: i16,
+    pub typmod: i32,
+    pub format: i16,
+}
+
+/// RowDescription of table columns.
+pub fn row_description_of(fields: &[Field<'_>]) -> Bytes {
+    let fields = fields
+        .iter()
+        .map(|f| {
+            // An OID is unsigned on the wire; pgwire's field is i32 (same four bytes).
+            FieldDescription::new(
+                f.name.to_owned(),
+                i32::from_be_bytes(f.table_oid.to_be_bytes()),
+                f.attnum,
+                f.type_oid,
+                f.typlen,
+                f.typmod,
+                f.format,
+            )
+        })
+        .collect();
+    encode(&RowDescription::new(fields))
+}
+
+/// DataRow of values already in their wire format (text or binary); `None` is NULL.
+pub fn data_row_raw(values: &[Option<&[u8]>]) -> Bytes {
+    use bytes::BufMut;
+    let mut data = BytesMut::new();
+    for value in values {
+        match value {
+            Some(v) => {
+                data.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                data.put_slice(v);
+            }
+            None => data.put_i32(-1),
+        }
+    }
+    encode(&DataRow::new(
+        data,
+        i16::try_from(values.len()).unwrap_or(i16::MAX),
+    ))
 }
 
 /// DataRow of text values; `None` is SQL NULL.
@@ -320,6 +374,67 @@ mod tests {
             Some(12)
         );
         assert_eq!(&empty_query_response()[..], b"I\0\0\0\x04");
+    }
+
+    #[test]
+    fn table_column_messages_round_trip() {
+        use pgwire::messages::DecodeContext;
+        let ctx = DecodeContext::default();
+        let desc = row_description_of(&[
+            Field {
+                name: "id",
+                table_oid: 16384,
+                attnum: 1,
+                type_oid: 23,
+                typlen: 4,
+                typmod: -1,
+                format: 1,
+            },
+            Field {
+                name: "v",
+                table_oid: 16384,
+                attnum: 3,
+                type_oid: 1043,
+                typlen: -1,
+                typmod: 14,
+                format: 0,
+            },
+        ]);
+        let fields = RowDescription::decode(&mut BytesMut::from(&desc[..]), &ctx)
+            .expect("decodes")
+            .expect("whole")
+            .fields;
+        let got: Vec<_> = fields
+            .iter()
+            .map(|f| {
+                (
+                    f.name.as_str(),
+                    f.table_id,
+                    f.column_id,
+                    f.type_id,
+                    f.type_size,
+                    f.type_modifier,
+                    f.format_code,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("id", 16384, 1, 23, 4, -1, 1),
+                ("v", 16384, 3, 1043, -1, 14, 0)
+            ]
+        );
+
+        let row = data_row_raw(&[Some(&7i32.to_be_bytes()), None, Some(b"")]);
+        let decoded = DataRow::decode(&mut BytesMut::from(&row[..]), &ctx)
+            .expect("decodes")
+            .expect("whole");
+        assert_eq!(decoded.field_count, 3);
+        assert_eq!(
+            &decoded.data[..],
+            b"\0\0\0\x04\0\0\0\x07\xff\xff\xff\xff\0\0\0\0"
+        );
     }
 
     #[test]

@@ -213,6 +213,7 @@ pub fn execute(body: &[u8]) -> Option<Execute<'_>> {
 
 pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
 pub const BIND_COMPLETE: &[u8] = b"2\0\0\0\x04";
+pub const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 
 /// A simple Query carrying `sql`, for requests spillway sends upstream itself (a held
 /// transaction's replay). `sql` has no NUL byte (it is built from checked parts).

@@ -2,11 +2,13 @@
 //! operations a journal record holds, checked against the deferred table: the key is
 //! exactly the primary key, columns exist, arithmetic is on numeric columns, values
 //! have a text form, casts are plain type names. Anything else is a fallback reason
-//! (the statement then runs write-through after a barrier).
+//! (the statement then runs write-through after a barrier). A RETURNING list is
+//! answered from the same values (`returning.rs`) or is a fallback reason too.
 
 use spillway_policies::writes::{Assign as RecAssign, AssignOp, RowOp, Val};
 
 use super::params::{self, canonical_key, is_numeric};
+use super::returning::{self, Returning};
 use super::tables::DeferredTable;
 use crate::classify::{Assign, Operand, Value, WriteShape};
 
@@ -19,6 +21,10 @@ pub struct Bound {
     pub binary: Vec<bool>,
     /// Declared parameter types from Parse (0 = unspecified).
     pub types: Vec<u32>,
+    /// Result format codes of the Bind, as sent (none = all text).
+    pub result_formats: Vec<i16>,
+    /// The Execute's row limit (0 = none).
+    pub max_rows: i32,
 }
 
 /// What the client is told once the record is durable.
@@ -40,16 +46,29 @@ impl Verb {
     }
 }
 
-/// A deferrable statement: its operations and, per operation, its canonical key.
+/// A deferrable statement: its operations and, per operation, its canonical key; and
+/// its RETURNING answer, which whoever acknowledges the statement must send (or not
+/// defer it).
 #[derive(Debug, Clone)]
 pub struct Converted {
     pub verb: Verb,
     pub ops: Vec<RowOp>,
     pub keys: Vec<Vec<String>>,
+    pub returning: Option<Returning>,
 }
 
 /// Converts `shape` on `table` (already resolved) with `bound` parameters.
 pub fn convert(
+    shape: &WriteShape,
+    table: &DeferredTable,
+    bound: &Bound,
+) -> Result<Converted, &'static str> {
+    let mut converted = operations(shape, table, bound)?;
+    converted.returning = returning::answer(shape, table, bound, &converted.ops)?;
+    Ok(converted)
+}
+
+fn operations(
     shape: &WriteShape,
     table: &DeferredTable,
     bound: &Bound,
@@ -176,6 +195,7 @@ pub fn convert(
                 verb: Verb::Insert,
                 ops,
                 keys,
+                returning: None,
             })
         }
         WriteShape::Update { set, key, .. } => {
@@ -208,6 +228,7 @@ pub fn convert(
                     set: assigns,
                 }],
                 keys: vec![canon],
+                returning: None,
             })
         }
         WriteShape::Delete { key, .. } => {
@@ -219,6 +240,7 @@ pub fn convert(
                     key: key_vals,
                 }],
                 keys: vec![canon],
+                returning: None,
             })
         }
     }

@@ -1,6 +1,7 @@
 //! The write side of the deferred policies (SPEC §6) as the proxy runs it: the
 //! deferred tables checked against the catalog at startup ([`tables`]), statements
-//! turned into journal records ([`convert`], [`params`]), the journal, pending state
+//! turned into journal records ([`convert`], [`params`]) and their RETURNING answered
+//! from the statement's own values ([`returning`]), the journal, pending state
 //! and flush worker ([`service`]; which tables are deferred and how a reload changes
 //! that: `service/table_set.rs`), rate-limited fallback log lines ([`fallbacks`]), the exactly-once application of records upstream
 //! ([`apply`]), and startup/shutdown ([`start`]).
@@ -13,6 +14,7 @@ pub mod apply;
 pub mod convert;
 pub mod fallbacks;
 pub mod params;
+pub mod returning;
 pub mod service;
 pub mod start;
 pub mod tables;

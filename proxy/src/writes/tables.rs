@@ -4,7 +4,8 @@
 //! keys (either side) or rules, whose effects depend on the order of different keys,
 //! which write-back's folding does not keep. Loaded on the flush connection; the
 //! result feeds the flush planner (`TableMeta`) and the statement checks of the write
-//! path (key columns, column types).
+//! path (key columns, column types, and the column facts a RowDescription of a
+//! RETURNING answered locally gives).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -31,6 +32,22 @@ pub struct DeferredTable {
     /// `SELECT EXISTS (… WHERE key = $1 …)` with text parameters: the point read of
     /// `row_counts = "exact"`.
     pub exists_sql: String,
+    /// Every column in table order (`RETURNING *`), as a RowDescription describes it.
+    pub columns: Vec<Column>,
+    /// A BEFORE ROW trigger or a rule may change (or replace) the row a write stores,
+    /// so a RETURNING answered from the statement's own values could be wrong.
+    pub rewrites_rows: bool,
+}
+
+/// A column as `pg_attribute`/`pg_type` give it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub attnum: i16,
+    pub type_oid: u32,
+    /// `pg_type.typlen` (-1 variable, -2 C string).
+    pub typlen: i16,
+    pub typmod: i32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,8 +144,10 @@ pub async fn load(
         let columns = sqlx::query(
             "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
                     a.atttypid::int8, a.atttypmod, a.attnotnull, \
-                    (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') \
+                    (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''), \
+                    a.attnum, t.typlen \
              FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
              WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped \
              ORDER BY a.attnum",
         )
@@ -154,6 +173,7 @@ pub async fn load(
         let mut typmods = HashMap::new();
         let mut required = Vec::new();
         let mut not_null = Vec::new();
+        let mut described = Vec::with_capacity(columns.len());
         for c in &columns {
             let column: String = c.try_get(0)?;
             let ty: String = c.try_get(1)?;
@@ -161,6 +181,13 @@ pub async fn load(
             let typmod: i32 = c.try_get(3)?;
             let notnull: bool = c.try_get(4)?;
             let has_default: bool = c.try_get(5)?;
+            described.push(Column {
+                name: column.clone(),
+                attnum: c.try_get(6)?,
+                type_oid: u32::try_from(ty_oid).unwrap_or(0),
+                typlen: c.try_get(7)?,
+                typmod,
+            });
             if notnull {
                 not_null.push(column.clone());
                 if !has_default {
@@ -175,6 +202,17 @@ pub async fn load(
             .iter()
             .map(|r| r.try_get::<String, _>(0))
             .collect::<Result<Vec<_>, _>>()?;
+        // tgtype bits: 1 = ROW, 2 = BEFORE (INSTEAD OF is for views only).
+        let rewrites_rows: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
+                            WHERE tgrelid = $1::int8::oid AND NOT tgisinternal \
+                              AND tgtype::int & 3 = 3) \
+                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite \
+                            WHERE ev_class = $1::int8::oid AND rulename <> '_RETURN')",
+        )
+        .bind(oid)
+        .fetch_one(&mut *conn)
+        .await?;
         let pkey_name: String = sqlx::query_scalar(
             "SELECT conname::text FROM pg_catalog.pg_constraint \
              WHERE conrelid = $1::int8::oid AND contype = 'p'",
@@ -213,6 +251,8 @@ pub async fn load(
                 required,
                 pkey_name,
                 exists_sql,
+                columns: described,
+                rewrites_rows,
             },
         );
     }

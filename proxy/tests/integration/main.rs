@@ -23,6 +23,7 @@ mod outage;
 mod packaging;
 mod protocol;
 mod reload;
+mod returning;
 mod transactions;
 mod triggers;
 mod write_back;

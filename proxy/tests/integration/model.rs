@@ -1070,16 +1070,27 @@ impl Run {
     fn fail(&self, msg: impl Display) -> ! {
         // Why a write may have gone upstream: the log's lines about it, and the
         // fallback and held-transaction counters of the current process.
-        for l in self.ctx.proxy.logs().lines().filter(|l| l.contains("upstream")) {
+        for l in self
+            .ctx
+            .proxy
+            .logs()
+            .lines()
+            .filter(|l| l.contains("upstream"))
+        {
             eprintln!("PROXY {l}");
         }
         let addr = self.ctx.proxy.metrics_addr();
         let text = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new().expect("rt").block_on(crate::metrics::scrape(addr))
+            tokio::runtime::Runtime::new()
+                .expect("rt")
+                .block_on(crate::metrics::scrape(addr))
         })
         .join()
         .unwrap_or_default();
-        for l in text.lines().filter(|l| l.contains("held_trans") || l.contains("fallbacks")) {
+        for l in text
+            .lines()
+            .filter(|l| l.contains("held_trans") || l.contains("fallbacks"))
+        {
             eprintln!("METRIC {l}");
         }
         eprintln!("--- model log, seed {} ---", self.seed);
@@ -1094,7 +1105,8 @@ impl Run {
 
     fn note(&mut self, line: String) {
         // With the model's journal position, to line the log up with sequence numbers.
-        self.log.push(format!("{:4} r{} {line}", self.step, self.model.records));
+        self.log
+            .push(format!("{:4} r{} {line}", self.step, self.model.records));
     }
 
     async fn connect_sessions(&mut self) {

@@ -372,15 +372,35 @@ async fn a_failed_statement_fails_the_held_transaction_until_rollback() {
     assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM tx_orders"), "0");
 }
 
+async fn held_outcome(ctx: &Context, outcome: &str) -> f64 {
+    sample(
+        &scrape(ctx.proxy.metrics_addr()).await,
+        "spillway_held_transactions_total",
+        &format!("outcome=\"{outcome}\""),
+    )
+}
+
 #[tokio::test]
-async fn sqlx_transactions_are_held_and_applied() {
+async fn sqlx_writes_and_transactions_are_deferred_and_held() {
     use sqlx::Connection;
     let ctx = builder().start().await;
     let mut conn = sqlx::PgConnection::connect(&ctx.proxy_url())
         .await
         .expect("connect");
+    // sqlx closes the unnamed portal after each Execute (Bind, Execute, Close, Sync):
+    // still one deferrable statement.
+    let insert = "INSERT INTO tx_orders (id, customer, status) VALUES ($1, $2, $3)";
+    sqlx::query(insert)
+        .bind(59i64)
+        .bind(1i64)
+        .bind("autocommit")
+        .execute(&mut conn)
+        .await
+        .expect("insert");
+    assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM tx_orders"), "0");
+    let before = upstream_statements(&ctx).await;
     let mut tx = conn.begin().await.expect("begin");
-    sqlx::query("INSERT INTO tx_orders (id, customer, status) VALUES ($1, $2, $3)")
+    sqlx::query(insert)
         .bind(60i64)
         .bind(1i64)
         .bind("sqlx")
@@ -395,15 +415,63 @@ async fn sqlx_transactions_are_held_and_applied() {
         .expect("update");
     assert_eq!(done.rows_affected(), 1);
     tx.commit().await.expect("commit");
+    assert_eq!(held_outcome(&ctx, "committed").await, 1.0);
+    assert_eq!(upstream_statements(&ctx).await, before);
+    assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM tx_orders"), "0");
     let proxy = ctx.proxy_client().await;
     tag(&proxy, "SPILLWAY FLUSH").await;
     assert_eq!(
-        direct_rows(&ctx, "SELECT status FROM tx_orders WHERE id = 60"),
-        "sqlx"
+        direct_rows(
+            &ctx,
+            "SELECT string_agg(id || ':' || status, ',' ORDER BY id) FROM tx_orders"
+        ),
+        "59:autocommit,60:sqlx"
     );
     assert_eq!(
         direct_rows(&ctx, "SELECT n FROM tx_counters WHERE id = 6"),
         "4"
+    );
+}
+
+#[tokio::test]
+async fn returning_of_supplied_values_is_answered_inside_a_held_transaction() {
+    let ctx = builder().start().await;
+    let mut proxy = ctx.proxy_client().await;
+    let tx = proxy.transaction().await.expect("begin");
+    let row = tx
+        .query_one(
+            "INSERT INTO tx_orders (id, customer, status) VALUES ($1, $2, $3) RETURNING id, status",
+            &[&70i64, &3i64, &"ret"],
+        )
+        .await
+        .expect("insert returning");
+    assert_eq!(row.get::<_, i64>(0), 70);
+    assert_eq!(row.get::<_, String>(1), "ret");
+    let rows = tx
+        .query(
+            "UPDATE tx_orders SET status = $2 WHERE id = $1 RETURNING id, status",
+            &[&70i64, &"changed"],
+        )
+        .await
+        .expect("update returning");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, String>(1), "changed");
+    // A key that does not exist: no row, as PostgreSQL would return.
+    let none = tx
+        .query(
+            "UPDATE tx_orders SET status = $2 WHERE id = $1 RETURNING id",
+            &[&71i64, &"x"],
+        )
+        .await
+        .expect("update returning");
+    assert!(none.is_empty());
+    tx.commit().await.expect("commit");
+    assert_eq!(held_outcome(&ctx, "committed").await, 1.0);
+    assert_eq!(held_outcome(&ctx, "upstream").await, 0.0);
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct_rows(&ctx, "SELECT id, status FROM tx_orders"),
+        "70|changed"
     );
 }
 

@@ -22,6 +22,10 @@
 //!   values' types are is for the caller, which has the catalog. Bind parameter
 //!   values (which may be `'now'`, or NULL) are the caller's too.
 //! - Names are as PostgreSQL folds them (pg_query already folds unquoted identifiers).
+//! - A RETURNING list is accepted only when every item is a plain column of the
+//!   target (optionally qualified by its name or alias, optionally renamed) or `*`;
+//!   whether the statement supplies those columns' values is for the caller
+//!   (`writes/returning.rs`), which knows the table's columns.
 //!
 //! It is not: a validator. Statements PostgreSQL would reject (a VALUES row wider than
 //! the column list, a column assigned twice) are `Err` here and left for PostgreSQL
@@ -35,7 +39,7 @@ use std::mem::size_of;
 use pg_query::NodeEnum;
 use pg_query::protobuf::{
     AExpr, AExprKind, BoolExprType, ColumnRef, DeleteStmt, InsertStmt, Node, OverridingKind,
-    RangeVar, ResTarget, SelectStmt, UpdateStmt,
+    RangeVar, ResTarget, ReturningClause, SelectStmt, UpdateStmt,
 };
 
 use super::RelName;
@@ -84,7 +88,18 @@ pub enum Assign {
     Sub(Value),
 }
 
-/// A deferrable INSERT/UPDATE/DELETE as its text gives it.
+/// One item of an accepted RETURNING list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Returned {
+    /// `*` (or `t.*`): every column of the table, in the table's order.
+    All,
+    /// A column of the target, answered under `name` (its alias, else the column's
+    /// own name, as PostgreSQL names it).
+    Column { column: String, name: String },
+}
+
+/// A deferrable INSERT/UPDATE/DELETE as its text gives it. `returning` is empty
+/// without a RETURNING clause.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteShape {
     /// `INSERT INTO t (c1, c2, …) VALUES (…), (…)`: every row as wide as `columns`.
@@ -92,6 +107,7 @@ pub enum WriteShape {
         table: RelName,
         columns: Vec<String>,
         rows: Vec<Vec<Value>>,
+        returning: Vec<Returned>,
     },
     /// `UPDATE [ONLY] t SET … WHERE k1 = v AND k2 = v`; `only` records `ONLY`
     /// (inheritance children untouched), which a rewritten statement must keep.
@@ -100,12 +116,14 @@ pub enum WriteShape {
         only: bool,
         set: Vec<(String, Assign)>,
         key: Vec<(String, Value)>,
+        returning: Vec<Returned>,
     },
     /// `DELETE FROM [ONLY] t WHERE k1 = v AND …`.
     Delete {
         table: RelName,
         only: bool,
         key: Vec<(String, Value)>,
+        returning: Vec<Returned>,
     },
 }
 
@@ -124,9 +142,7 @@ fn insert(s: &InsertStmt) -> Result<WriteShape, &'static str> {
     if s.with_clause.is_some() {
         return Err(r::WITH_CLAUSE);
     }
-    if s.returning_clause.is_some() {
-        return Err(r::RETURNING);
-    }
+    let returning = returning(s.returning_clause.as_ref(), s.relation.as_ref())?;
     if s.on_conflict_clause.is_some() {
         return Err(r::ON_CONFLICT);
     }
@@ -168,6 +184,7 @@ fn insert(s: &InsertStmt) -> Result<WriteShape, &'static str> {
         table: target.table,
         columns,
         rows,
+        returning,
     })
 }
 
@@ -175,9 +192,7 @@ fn update(s: &UpdateStmt) -> Result<WriteShape, &'static str> {
     if s.with_clause.is_some() {
         return Err(r::WITH_CLAUSE);
     }
-    if s.returning_clause.is_some() {
-        return Err(r::RETURNING);
-    }
+    let returning = returning(s.returning_clause.as_ref(), s.relation.as_ref())?;
     if !s.from_clause.is_empty() {
         return Err(r::FROM_OR_USING);
     }
@@ -205,6 +220,7 @@ fn update(s: &UpdateStmt) -> Result<WriteShape, &'static str> {
         table: target.table,
         set,
         key,
+        returning,
     })
 }
 
@@ -212,9 +228,7 @@ fn delete(s: &DeleteStmt) -> Result<WriteShape, &'static str> {
     if s.with_clause.is_some() {
         return Err(r::WITH_CLAUSE);
     }
-    if s.returning_clause.is_some() {
-        return Err(r::RETURNING);
-    }
+    let returning = returning(s.returning_clause.as_ref(), s.relation.as_ref())?;
     if !s.using_clause.is_empty() {
         return Err(r::FROM_OR_USING);
     }
@@ -224,7 +238,77 @@ fn delete(s: &DeleteStmt) -> Result<WriteShape, &'static str> {
         only: target.only,
         table: target.table,
         key,
+        returning,
     })
+}
+
+/// The items of a RETURNING clause, when each is `*` or a plain column of the target;
+/// anything else (an expression, a function, `old.`/`new.` or `WITH (OLD AS …)`) is
+/// [`r::RETURNING`].
+fn returning(
+    clause: Option<&ReturningClause>,
+    rel: Option<&RangeVar>,
+) -> Result<Vec<Returned>, &'static str> {
+    let Some(clause) = clause else {
+        return Ok(Vec::new());
+    };
+    if !clause.options.is_empty() || clause.exprs.is_empty() {
+        return Err(r::RETURNING);
+    }
+    let target = Target::of(rel).map_err(|_| r::RETURNING)?;
+    let mut out = Vec::with_capacity(clause.exprs.len());
+    for item in &clause.exprs {
+        let Some(NodeEnum::ResTarget(item)) = item.node.as_ref() else {
+            return Err(r::RETURNING);
+        };
+        if !item.indirection.is_empty() {
+            return Err(r::RETURNING);
+        }
+        let Some(NodeEnum::ColumnRef(col)) = node(item.val.as_deref()) else {
+            return Err(r::RETURNING);
+        };
+        // `old` and `new` name the row before and after the write (PostgreSQL 18),
+        // whatever the table is called.
+        let qualified_old_new = col.fields.len() > 1
+            && matches!(
+                col.fields.first().and_then(|f| f.node.as_ref()),
+                Some(NodeEnum::String(s)) if s.sval == "old" || s.sval == "new"
+            );
+        if qualified_old_new {
+            return Err(r::RETURNING);
+        }
+        let star = matches!(
+            col.fields.last().and_then(|f| f.node.as_ref()),
+            Some(NodeEnum::AStar(_))
+        );
+        if star {
+            let qualifier_ok = match col.fields.as_slice() {
+                [_] => true,
+                [q, _] => match (q.node.as_ref(), target.alias) {
+                    (Some(NodeEnum::String(q)), Some(alias)) => q.sval == alias,
+                    (Some(NodeEnum::String(q)), None) => q.sval == target.table.name,
+                    _ => false,
+                },
+                _ => false,
+            };
+            if !qualifier_ok {
+                return Err(r::RETURNING);
+            }
+            out.push(Returned::All);
+            continue;
+        }
+        let column = target.column(col).map_err(|_| r::RETURNING)?;
+        let name = if item.name.is_empty() {
+            column.to_owned()
+        } else {
+            item.name.clone()
+        };
+        out.push(Returned::Column {
+            column: column.to_owned(),
+            name,
+        });
+    }
+    Ok(out)
 }
 
 /// The WHERE of an UPDATE/DELETE, which must exist and not be `CURRENT OF`.
@@ -441,6 +525,15 @@ fn binary_operator(e: &AExpr) -> Option<&str> {
 }
 
 impl WriteShape {
+    /// The RETURNING list (empty without one).
+    pub fn returning(&self) -> &[Returned] {
+        match self {
+            Self::Insert { returning, .. }
+            | Self::Update { returning, .. }
+            | Self::Delete { returning, .. } => returning,
+        }
+    }
+
     pub fn table(&self) -> &RelName {
         match self {
             Self::Insert { table, .. }
@@ -458,13 +551,26 @@ impl WriteShape {
                 .map(|(c, v)| size_of::<(String, Value)>() + c.len() + v.heap_bytes())
                 .sum::<usize>()
         };
+        let returned = |list: &[Returned]| {
+            list.iter()
+                .map(|item| {
+                    size_of::<Returned>()
+                        + match item {
+                            Returned::All => 0,
+                            Returned::Column { column, name } => column.len() + name.len(),
+                        }
+                })
+                .sum::<usize>()
+        };
         match self {
             Self::Insert {
                 table,
                 columns,
                 rows,
+                returning,
             } => {
                 rel(table)
+                    + returned(returning)
                     + columns
                         .iter()
                         .map(|c| size_of::<String>() + c.len())
@@ -481,9 +587,14 @@ impl WriteShape {
                         .sum::<usize>()
             }
             Self::Update {
-                table, set, key, ..
+                table,
+                set,
+                key,
+                returning,
+                ..
             } => {
                 rel(table)
+                    + returned(returning)
                     + named(key)
                     + set
                         .iter()
@@ -493,7 +604,12 @@ impl WriteShape {
                         })
                         .sum::<usize>()
             }
-            Self::Delete { table, key, .. } => rel(table) + named(key),
+            Self::Delete {
+                table,
+                key,
+                returning,
+                ..
+            } => rel(table) + named(key) + returned(returning),
         }
     }
 }

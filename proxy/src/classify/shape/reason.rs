@@ -5,7 +5,9 @@
 
 /// `WITH …` before the statement (a CTE may hide a write or a volatile read).
 pub const WITH_CLAUSE: &str = "with_clause";
-/// `RETURNING …` (its values may be unknown until the row is written).
+/// `RETURNING …` of something other than plain columns of the target or `*` (an
+/// expression, a function, `old.`/`new.`): its values may be unknown until the row
+/// is written.
 pub const RETURNING: &str = "returning";
 /// `INSERT … ON CONFLICT`.
 pub const ON_CONFLICT: &str = "on_conflict";

@@ -51,6 +51,7 @@ fn ins(table: &str, columns: &[&str], rows: Vec<Vec<Value>>) -> WriteShape {
         table: rel(table),
         columns: columns.iter().map(|c| (*c).to_owned()).collect(),
         rows,
+        returning: Vec::new(),
     }
 }
 
@@ -64,6 +65,7 @@ fn upd(table: &str, set: Vec<(&str, Assign)>, key: Vec<(&str, Value)>) -> WriteS
         only: false,
         set: named(set),
         key: named(key),
+        returning: Vec::new(),
     }
 }
 
@@ -72,6 +74,7 @@ fn del(table: &str, key: Vec<(&str, Value)>) -> WriteShape {
         table: rel(table),
         only: false,
         key: named(key),
+        returning: Vec::new(),
     }
 }
 
@@ -235,6 +238,7 @@ fn accepted_updates_and_deletes() {
             only: true,
             set: named(vec![("v", Set(lit("1")))]),
             key: named(vec![("id", lit("2"))]),
+            returning: Vec::new(),
         })
     );
     assert_eq!(
@@ -243,7 +247,49 @@ fn accepted_updates_and_deletes() {
             table: rel("t"),
             only: true,
             key: named(vec![("id", lit("2"))]),
+            returning: Vec::new(),
         })
+    );
+}
+
+#[test]
+fn returning_lists_of_plain_columns_are_kept() {
+    let col = |column: &str, name: &str| Returned::Column {
+        column: column.to_owned(),
+        name: name.to_owned(),
+    };
+    let cases: Vec<(&str, Vec<Returned>)> = vec![
+        (
+            "INSERT INTO t (id, v) VALUES (1, 'a') RETURNING id, v AS w",
+            vec![col("id", "id"), col("v", "w")],
+        ),
+        (
+            "INSERT INTO t (id) VALUES (1) RETURNING *, t.id",
+            vec![Returned::All, col("id", "id")],
+        ),
+        (
+            "UPDATE s.t AS x SET v = 1 WHERE id = 2 RETURNING x.*, x.v",
+            vec![Returned::All, col("v", "v")],
+        ),
+        (
+            "DELETE FROM t WHERE id = 1 RETURNING \"Id\", id",
+            vec![col("Id", "Id"), col("id", "id")],
+        ),
+    ];
+    for (sql, expected) in cases {
+        let got = shape(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(got.returning(), expected.as_slice(), "{sql}");
+    }
+    // The rest of the shape is as without RETURNING.
+    let mut with = ins("t", &["id"], vec![vec![lit("1")]]);
+    if let WriteShape::Insert { returning, .. } = &mut with {
+        returning.push(Returned::All);
+    }
+    assert_eq!(shape("INSERT INTO t (id) VALUES (1) RETURNING *"), Ok(with));
+    // Clauses checked after RETURNING still disqualify.
+    assert_eq!(
+        shape("INSERT INTO t (id) VALUES (1) ON CONFLICT DO NOTHING RETURNING id"),
+        Err(reason::ON_CONFLICT)
     );
 }
 
@@ -253,10 +299,20 @@ fn rejected_forms() {
     #[rustfmt::skip]
     let cases: &[(&str, &str)] = &[
         // Statement clauses.
-        ("INSERT INTO t (id) VALUES (1) RETURNING id", r::RETURNING),
-        ("INSERT INTO t (id) VALUES (1) RETURNING *", r::RETURNING),
-        ("UPDATE t SET v = 1 WHERE id = 1 RETURNING v", r::RETURNING),
+        ("INSERT INTO t (id) VALUES (1) RETURNING id + 1", r::RETURNING),
+        ("INSERT INTO t (id) VALUES (1) RETURNING now()", r::RETURNING),
+        ("INSERT INTO t (id) VALUES (1) RETURNING id::text", r::RETURNING),
+        ("INSERT INTO t (id) VALUES (1) RETURNING 1", r::RETURNING),
+        ("INSERT INTO t (id) VALUES (1) RETURNING u.id", r::RETURNING),
+        ("INSERT INTO t (id) VALUES (1) RETURNING u.*", r::RETURNING),
+        ("INSERT INTO t AS x (id) VALUES (1) RETURNING t.id", r::RETURNING),
+        ("UPDATE t SET v = 1 WHERE id = 1 RETURNING v[1]", r::RETURNING),
+        ("UPDATE t SET v = 1 WHERE id = 1 RETURNING (SELECT 1)", r::RETURNING),
+        ("UPDATE t SET v = 1 WHERE id = 1 RETURNING new.v", r::RETURNING),
         ("DELETE FROM t WHERE id = 1 RETURNING old.*", r::RETURNING),
+        ("DELETE FROM t WHERE id = 1 RETURNING WITH (OLD AS o) id", r::RETURNING),
+        // An unknown RETURNING outranks the clauses after it.
+        ("INSERT INTO t (id) VALUES (1) ON CONFLICT DO NOTHING RETURNING f(id)", r::RETURNING),
         ("INSERT INTO t (id) VALUES (1) ON CONFLICT DO NOTHING", r::ON_CONFLICT),
         ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = excluded.v", r::ON_CONFLICT),
         ("INSERT INTO t (id) OVERRIDING SYSTEM VALUE VALUES (1)", r::OVERRIDING),

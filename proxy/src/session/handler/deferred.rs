@@ -25,12 +25,13 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use spillway_policies::Consistency;
 
-use super::{Caching, Disposition, Out, Stmt};
+use super::{Caching, Disposition, Out, Stmt, returning};
 use crate::classify::{Analysis, Kind};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::frontend;
 use crate::protocol::sqlstate::SqlState;
 use crate::writes::convert::{self, Bound, Verb};
+use crate::writes::returning::Returning;
 use crate::writes::service::{DeferError, Outcome, WriteService};
 
 pub(super) type Slot<T> = Arc<Mutex<Option<Result<T, DeferError>>>>;
@@ -40,6 +41,9 @@ pub(super) struct Single<'a> {
     pub bound: &'a Bound,
     /// Answers an extended cycle gives before the command tag.
     pub before: BytesMut,
+    /// Answers it gives after the command tag (CloseComplete of the unnamed portal
+    /// the cycle closes, as sqlx does).
+    pub after: BytesMut,
     pub extended: bool,
     pub unnamed: Option<Arc<Stmt>>,
 }
@@ -52,6 +56,8 @@ pub(super) enum Waiting {
         table: u32,
         /// Answers that precede the command tag (ParseComplete, BindComplete, NoData).
         before: BytesMut,
+        /// Answers that follow it (CloseComplete).
+        after: BytesMut,
         /// The statement came in an extended cycle (the held messages are answered).
         extended: bool,
         /// The unnamed statement that cycle parsed (answered locally).
@@ -60,6 +66,8 @@ pub(super) enum Waiting {
         started: std::time::Instant,
         table_name: String,
         policy: &'static str,
+        /// Rows answered for RETURNING (see `returning.rs`).
+        returning: Option<Returning>,
     },
     Barrier {
         slot: Slot<()>,
@@ -104,11 +112,13 @@ impl Caching {
                 verb,
                 table,
                 before,
+                after,
                 extended,
                 unnamed,
                 started,
                 table_name,
                 policy,
+                returning,
             } => match take(&slot) {
                 Some(Ok(outcome)) => {
                     self.metrics.deferred.record(started.elapsed());
@@ -123,9 +133,16 @@ impl Caching {
                         self.db.versions.bump_tables([table]);
                     }
                     out.state.on_frontend(tag);
+                    let before = returning::answers(
+                        returning.as_ref(),
+                        before,
+                        extended,
+                        Some(outcome.rows),
+                    );
                     out.client.extend_from_slice(&before);
                     out.client
                         .extend_from_slice(&frontend::command_complete(&verb.tag(outcome.rows)));
+                    out.client.extend_from_slice(&after);
                     self.answer_ready(out);
                     if extended {
                         self.finish_local_cycle(unnamed);
@@ -141,6 +158,7 @@ impl Caching {
                     None
                 }
                 Some(Err(e)) => {
+                    let before = returning::answers(returning.as_ref(), before, extended, None);
                     let d = self.fail(tag, &e, before, out);
                     if extended {
                         self.finish_local_cycle(unnamed);
@@ -349,7 +367,8 @@ impl Caching {
                 return Some(Disposition::Blocked);
             }
             match self.deferrable(analysis, single.bound, out) {
-                Ok((table, converted)) => {
+                Ok((table, mut converted)) => {
+                    let returning = converted.returning.take();
                     let slot: Slot<Outcome> = Arc::new(Mutex::new(None));
                     let verb = converted.verb;
                     let tables = w.tables();
@@ -371,11 +390,13 @@ impl Caching {
                         verb,
                         table: oid,
                         before: single.before,
+                        after: single.after,
                         extended: single.extended,
                         unnamed: single.unnamed,
                         started: std::time::Instant::now(),
                         table_name,
                         policy,
+                        returning,
                     });
                     return Some(Disposition::Blocked);
                 }
@@ -540,6 +561,7 @@ impl Caching {
         let mut unnamed = self.unnamed_client.clone();
         let mut parsed = None;
         let mut before = BytesMut::new();
+        let mut after = BytesMut::new();
         let mut bound: Option<(Arc<Stmt>, Bound)> = None;
         let mut executed: Vec<Arc<Stmt>> = Vec::new();
         let mut simple_shape = true;
@@ -581,6 +603,12 @@ impl Caching {
                                         values,
                                         binary,
                                         types,
+                                        result_formats: b
+                                            .result_formats
+                                            .chunks_exact(2)
+                                            .map(|c| i16::from_be_bytes([c[0], c[1]]))
+                                            .collect(),
+                                        max_rows: 0,
                                     },
                                 ));
                             }
@@ -618,7 +646,8 @@ impl Caching {
                 },
                 frontend::EXECUTE => match frontend::execute(body) {
                     Some(e) if e.portal.is_empty() && bound.is_some() => {
-                        if let Some((stmt, _)) = &bound {
+                        if let Some((stmt, b)) = &mut bound {
+                            b.max_rows = e.max_rows;
                             if executed.iter().any(|s| Arc::ptr_eq(s, stmt)) {
                                 simple_shape = false;
                             }
@@ -632,6 +661,14 @@ impl Caching {
                         }
                     }
                     None => simple_shape = false,
+                },
+                // The unnamed portal closed after its Execute (sqlx): CloseComplete
+                // follows the command tag.
+                frontend::CLOSE => match frontend::target(body) {
+                    Some(t) if t.kind == b'P' && t.name.is_empty() && !executed.is_empty() => {
+                        after.extend_from_slice(frontend::CLOSE_COMPLETE);
+                    }
+                    _ => simple_shape = false,
                 },
                 _ => simple_shape = false,
             }
@@ -654,6 +691,7 @@ impl Caching {
             (Some((_, b)), true) => Some(Single {
                 bound: b,
                 before,
+                after,
                 extended: true,
                 unnamed: parsed,
             }),

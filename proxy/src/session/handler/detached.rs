@@ -36,7 +36,6 @@ use crate::catalog::Catalog;
 use crate::protocol::frontend;
 
 const TERMINATE: u8 = b'X';
-const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 
 impl Handler {
     /// Whether the session may outlive its upstream connection now: the handler
@@ -95,7 +94,7 @@ impl Caching {
                         }
                     }
                     out.state.on_frontend(tag);
-                    out.client.extend_from_slice(CLOSE_COMPLETE);
+                    out.client.extend_from_slice(frontend::CLOSE_COMPLETE);
                     return Disposition::Consumed;
                 }
             }

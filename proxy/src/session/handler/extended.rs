@@ -7,9 +7,10 @@
 //! whole cycle goes upstream in order, with the client's unnamed statement parsed
 //! there first if it was only ever answered locally, and misses are captured.
 //!
-//! A Flush, a Close or too many held bytes sends the cycle upstream at once (a client
-//! waiting on a Flush must get its answers); the rest of that cycle then follows
-//! message by message.
+//! A Flush or too many held bytes sends the cycle upstream at once (a client waiting
+//! on a Flush must get its answers); the rest of that cycle then follows message by
+//! message. A Close is held like the rest: PostgreSQL answers nothing before a Sync or
+//! Flush either, so holding it changes no answer the client can see.
 //!
 //! Named statements are always prepared upstream (their names share PostgreSQL's
 //! namespace with SQL PREPARE); only the unnamed one is answered locally, and it is
@@ -65,9 +66,7 @@ impl Caching {
         out.state.on_frontend(tag);
         self.held.push(Bytes::copy_from_slice(msg));
         self.held_bytes += msg.len();
-        if matches!(tag, frontend::FLUSH | frontend::CLOSE)
-            || self.held_bytes > MAX_HELD_BYTES
-            || self.held.len() > MAX_HELD
+        if tag == frontend::FLUSH || self.held_bytes > MAX_HELD_BYTES || self.held.len() > MAX_HELD
         {
             self.forward_held(out);
         }
@@ -77,7 +76,7 @@ impl Caching {
     /// Whether message `tag` of `len` bytes would go upstream at once instead of being
     /// held for its Sync.
     pub(super) fn would_forward(&self, tag: u8, len: usize) -> bool {
-        matches!(tag, frontend::FLUSH | frontend::CLOSE)
+        tag == frontend::FLUSH
             || self.held_bytes + len > MAX_HELD_BYTES
             || self.held.len() >= MAX_HELD
     }

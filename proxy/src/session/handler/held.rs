@@ -31,13 +31,14 @@ use bytes::BytesMut;
 
 use super::deferred::{Slot, Waiting, put, take};
 use super::tracker::Expect;
-use super::{Caching, Disposition, Out, Stmt};
+use super::{Caching, Disposition, Out, Stmt, returning};
 use crate::cache::Effects;
 use crate::classify::{Analysis, Isolation, Kind, TxCommand};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::frontend;
 use crate::protocol::sqlstate::SqlState;
 use crate::writes::convert::Verb;
+use crate::writes::returning::Returning;
 use crate::writes::service::{Applied, DeferError, Known, TxOutcome, TxStatement};
 
 /// More statements than this in one held transaction: it is replayed upstream (the
@@ -71,12 +72,17 @@ pub(super) enum Wait {
         stmt: TxStatement,
         replay: Vec<String>,
         before: BytesMut,
+        /// Answers after the command tag (CloseComplete).
+        after: BytesMut,
         unnamed: Option<Arc<Stmt>>,
+        /// Rows answered for RETURNING (`returning.rs`).
+        returning: Option<Returning>,
     },
     /// COMMIT's journal append.
     Commit {
         slot: Slot<TxOutcome>,
         before: BytesMut,
+        after: BytesMut,
         unnamed: Option<Arc<Stmt>>,
     },
     /// The held tables' pending writes, before the replay.
@@ -119,6 +125,14 @@ fn holdable(analysis: &Analysis) -> Option<&'static str> {
         },
         _ => None,
     }
+}
+
+/// A command tag followed by the cycle's answers after it.
+fn with_after(complete: &[u8], after: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(complete.len() + after.len());
+    m.extend_from_slice(complete);
+    m.extend_from_slice(after);
+    m
 }
 
 fn tx_command(analyses: &[&Analysis]) -> Option<TxCommand> {
@@ -187,7 +201,7 @@ impl Caching {
         Some(self.answer_held(
             tag,
             single.before,
-            &frontend::command_complete("BEGIN"),
+            &with_after(&frontend::command_complete("BEGIN"), &single.after),
             b'T',
             single.unnamed,
             out,
@@ -252,7 +266,7 @@ impl Caching {
                 return Some(self.answer_held(
                     tag,
                     single.before,
-                    &frontend::command_complete("ROLLBACK"),
+                    &with_after(&frontend::command_complete("ROLLBACK"), &single.after),
                     b'I',
                     single.unnamed,
                     out,
@@ -265,7 +279,7 @@ impl Caching {
                 return Some(self.answer_held(
                     tag,
                     single.before,
-                    &frontend::command_complete(done),
+                    &with_after(&frontend::command_complete(done), &single.after),
                     b'I',
                     single.unnamed,
                     out,
@@ -283,9 +297,10 @@ impl Caching {
         if full {
             return Some(self.leave_held(out));
         }
-        let Ok((table, converted)) = self.deferrable(analysis, single.bound, out) else {
+        let Ok((table, mut converted)) = self.deferrable(analysis, single.bound, out) else {
             return Some(self.leave_held(out));
         };
+        let returning = converted.returning.take();
         let Some(w) = self.writes.clone() else {
             return Some(self.leave_held(out));
         };
@@ -319,7 +334,9 @@ impl Caching {
             stmt,
             replay,
             before: single.before,
+            after: single.after,
             unnamed: single.unnamed,
+            returning,
         }));
         Some(Disposition::Blocked)
     }
@@ -403,6 +420,7 @@ impl Caching {
         self.waiting = Some(Waiting::Held(Wait::Commit {
             slot,
             before: single.before,
+            after: single.after,
             unnamed: single.unnamed,
         }));
         Disposition::Blocked
@@ -503,7 +521,9 @@ impl Caching {
                 stmt,
                 replay,
                 before,
+                after,
                 unnamed,
+                returning,
             } => match take(&slot) {
                 Some(Ok((applied, known))) => {
                     let flags = applied.last().cloned().unwrap_or_default();
@@ -515,10 +535,16 @@ impl Caching {
                         held.applied.push(flags);
                         held.known = known;
                     }
+                    let before = returning::answers(
+                        returning.as_ref(),
+                        before,
+                        tag == frontend::SYNC,
+                        Some(rows),
+                    );
                     Some(self.answer_held(
                         tag,
                         before,
-                        &frontend::command_complete(&verb.tag(rows)),
+                        &with_after(&frontend::command_complete(&verb.tag(rows)), &after),
                         b'T',
                         unnamed,
                         out,
@@ -533,12 +559,15 @@ impl Caching {
                     if let Some(held) = self.held_tx.as_mut() {
                         held.failed = true;
                     }
+                    let before =
+                        returning::answers(returning.as_ref(), before, tag == frontend::SYNC, None);
                     Some(self.held_error(tag, &e, before, unnamed, b'E', out))
                 }
             },
             Wait::Commit {
                 slot,
                 before,
+                after,
                 unnamed,
             } => match take(&slot) {
                 Some(Ok(outcome)) => {
@@ -550,7 +579,7 @@ impl Caching {
                     Some(self.answer_held(
                         tag,
                         before,
-                        &frontend::command_complete("COMMIT"),
+                        &with_after(&frontend::command_complete("COMMIT"), &after),
                         b'I',
                         unnamed,
                         out,
@@ -818,18 +847,14 @@ impl Caching {
             }
             // Held until their Sync decides (`route_held`), unless they would go
             // upstream now.
-            frontend::PARSE | frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE
+            frontend::PARSE
+            | frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::EXECUTE
+            | frontend::CLOSE
                 if !self.would_forward(tag, msg.len()) =>
             {
                 None
-            }
-            // A Close is held too (it would go upstream at once otherwise): a cycle of
-            // Parse, Describe and Close may go upstream whole at its Sync.
-            frontend::CLOSE if !self.would_forward(frontend::PARSE, msg.len()) => {
-                out.state.on_frontend(tag);
-                self.held.push(bytes::Bytes::copy_from_slice(msg));
-                self.held_bytes += msg.len();
-                Some(Disposition::Consumed)
             }
             // Extended messages held before a Query would go upstream with it.
             frontend::QUERY if !self.held.is_empty() => Some(if held.failed {

@@ -21,6 +21,7 @@ mod deferred;
 mod detached;
 mod extended;
 mod held;
+mod returning;
 mod settings;
 mod tracker;
 
@@ -414,6 +415,7 @@ impl Caching {
             let single = deferred::Single {
                 bound: &Bound::default(),
                 before: BytesMut::new(),
+                after: BytesMut::new(),
                 extended: false,
                 unnamed: None,
             };
