@@ -20,6 +20,7 @@
 mod deferred;
 mod detached;
 mod extended;
+mod flush;
 mod held;
 mod returning;
 mod settings;
@@ -407,7 +408,7 @@ impl Caching {
             self.forget_unnamed();
             return Disposition::Consumed;
         }
-        if let Some(table) = spillway_flush(sql) {
+        if let Some(table) = flush::spillway_flush(sql) {
             return self.flush_command(table.as_deref(), out);
         }
         let analysis = self.cache.classifier.classify(sql);
@@ -712,42 +713,6 @@ impl Caching {
         }
     }
 
-    /// `SPILLWAY FLUSH [table]`: returns once every write acknowledged before it (to
-    /// `table`, or to any table) is applied upstream.
-    fn flush_command(&mut self, table: Option<&str>, out: &mut Out<'_>) -> Disposition {
-        // Answered here: only once the answers to earlier requests (a pipelined Close
-        // and Sync, say) went out, or the client would read them in the wrong order.
-        if self.tracker.awaits_answers() {
-            let quiet = self.quiet.clone();
-            self.wait = Some(Box::pin(async move { quiet.notified().await }));
-            return Disposition::Blocked;
-        }
-        if !std::mem::take(&mut self.barrier_passed)
-            && let Some(w) = self.writes.clone()
-        {
-            let target = match table {
-                Some(t) => {
-                    let name = if t.contains('.') {
-                        t.to_owned()
-                    } else {
-                        format!("public.{t}")
-                    };
-                    w.barrier_target([name.as_str()])
-                }
-                None => Some(w.highest()),
-            };
-            if let Some(target) = target.filter(|t| *t > w.applied()) {
-                return self.barrier(w, target);
-            }
-        }
-        out.state.on_frontend(frontend::QUERY);
-        out.client
-            .extend_from_slice(&frontend::command_complete("SPILLWAY FLUSH"));
-        self.answer_ready(out);
-        self.forget_unnamed();
-        Disposition::Consumed
-    }
-
     /// The version counters a fill of `cacheable` depends on, read now.
     fn capture(&self, cacheable: &Cacheable) -> Deps {
         let tables: Vec<Arc<Version>> = cacheable
@@ -787,22 +752,6 @@ impl Caching {
         self.unnamed_pending = false;
         self.portals.remove("");
     }
-}
-
-/// `SPILLWAY FLUSH [table]` (case-insensitive, optional semicolon): `Some(None)` for
-/// every table, `Some(Some(name))` for one.
-fn spillway_flush(sql: &str) -> Option<Option<String>> {
-    let mut words = sql.trim().trim_end_matches(';').split_whitespace();
-    let first = words.next()?;
-    let second = words.next()?;
-    if !first.eq_ignore_ascii_case("spillway") || !second.eq_ignore_ascii_case("flush") {
-        return None;
-    }
-    let table = words.next().map(str::to_owned);
-    if words.next().is_some() {
-        return None;
-    }
-    Some(table)
 }
 
 /// A session command waiting for its request's ReadyForQuery.

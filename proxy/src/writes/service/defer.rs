@@ -40,6 +40,12 @@ pub struct TxStatement {
 /// generation when the read began).
 pub type Known = HashMap<(String, Vec<String>), (bool, u64)>;
 
+/// (table, canonical key): a key of the overlay.
+type Slot = (String, Vec<String>);
+
+/// Keys a deferral reserved in the overlay, with their state before it.
+type Reserved = Vec<(Slot, Option<KeyState>)>;
+
 /// Per statement, per operation: whether it writes a row.
 pub type Applied = Vec<Vec<bool>>;
 
@@ -130,7 +136,7 @@ impl WriteService {
         for t in tables.values() {
             self.wait_for_room(t).await?;
         }
-        let mut reserved: Vec<((String, Vec<String>), Option<KeyState>)> = Vec::new();
+        let mut reserved: Reserved = Vec::new();
         let decision = {
             let mut state = self.lock_answered(&stmts, &tables, &mut known).await?;
             let decision = match decide(&state, &stmts, &tables, &known) {
@@ -298,7 +304,7 @@ impl WriteService {
     /// restoring a snapshot: the flusher may have applied the key's earlier writes
     /// meanwhile (or another session reserved it too). A key left with nothing
     /// pending is forgotten, so the next decision reads it again.
-    fn unreserve(&self, reserved: Vec<((String, Vec<String>), Option<KeyState>)>) {
+    fn unreserve(&self, reserved: Reserved) {
         let mut state = self.state();
         for (slot, old) in reserved {
             let Some(entry) = state.keys.get_mut(&slot) else {

@@ -29,10 +29,12 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
+mod replay;
+
+pub(in crate::session::handler) use replay::ReplayLog;
+
 use super::deferred::{Slot, Waiting, put, take};
-use super::tracker::Expect;
 use super::{Caching, Disposition, Out, Stmt, returning};
-use crate::cache::Effects;
 use crate::classify::{Analysis, Isolation, Kind, TxCommand};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::frontend;
@@ -69,7 +71,7 @@ pub(super) enum Wait {
     /// A deferrable statement's decision ([`crate::writes::service::WriteService::preview`]).
     Statement {
         slot: Slot<(Applied, Known)>,
-        stmt: TxStatement,
+        stmt: Box<TxStatement>,
         replay: Vec<String>,
         before: BytesMut,
         /// Answers after the command tag (CloseComplete).
@@ -91,14 +93,6 @@ pub(super) enum Wait {
     Replaying,
     /// The internal ROLLBACK after a failed replay; then the client gets `error`.
     RollingBack { error: String },
-}
-
-/// The answers to the internal query in flight.
-#[derive(Default)]
-pub(super) struct ReplayLog {
-    expected: Vec<String>,
-    tags: Vec<String>,
-    error: Option<String>,
 }
 
 /// Counts a held transaction's end (`committed`, `rolled_back`, `upstream`,
@@ -227,7 +221,7 @@ impl Caching {
             return Some(Disposition::Blocked);
         }
         let failed = held.failed;
-        Some(self.route_held_quiet(analyses, single, failed, out)?)
+        self.route_held_quiet(analyses, single, failed, out)
     }
 
     fn route_held_quiet(
@@ -331,7 +325,7 @@ impl Caching {
         }));
         self.waiting = Some(Waiting::Held(Wait::Statement {
             slot,
-            stmt,
+            stmt: Box::new(stmt),
             replay,
             before: single.before,
             after: single.after,
@@ -426,88 +420,6 @@ impl Caching {
         Disposition::Blocked
     }
 
-    /// Moves the held transaction upstream before the current message goes on: a
-    /// barrier on the held tables, then the replay (the message is offered again
-    /// after each step; see [`Caching::resume_held`]).
-    pub(super) fn leave_held(&mut self, out: &mut Out<'_>) -> Disposition {
-        if self.detached {
-            return Disposition::NeedsUpstream;
-        }
-        let (Some(held), Some(w)) = (self.held_tx.as_ref(), self.writes.clone()) else {
-            return Disposition::Consumed;
-        };
-        let tables: Vec<&str> = held.stmts.iter().map(|s| s.table.as_str()).collect();
-        if let Some(target) = w.barrier_target(tables).filter(|t| *t > w.applied()) {
-            let slot: Slot<()> = Arc::new(Mutex::new(None));
-            let fut_slot = slot.clone();
-            self.wait = Some(Box::pin(async move {
-                let r = w.wait_applied(target).await;
-                put(&fut_slot, r);
-            }));
-            self.waiting = Some(Waiting::Held(Wait::Barrier { slot }));
-            return Disposition::Blocked;
-        }
-        self.start_replay(out)
-    }
-
-    /// Sends `BEGIN` and the held statements upstream as one internal Query.
-    fn start_replay(&mut self, out: &mut Out<'_>) -> Disposition {
-        let Some(held) = self.held_tx.as_ref() else {
-            return Disposition::Consumed;
-        };
-        let mut sql = String::from(held.begin);
-        let mut expected = vec!["BEGIN".to_owned()];
-        for ((statements, verb), flags) in held.replay.iter().zip(&held.applied) {
-            for (s, wrote) in statements.iter().zip(flags) {
-                sql.push_str(";\n");
-                sql.push_str(s);
-                expected.push(verb.tag(usize::from(*wrote)));
-            }
-        }
-        tracing::info!(
-            statements = held.stmts.len(),
-            "held transaction moves upstream"
-        );
-        self.replay_log = Some(ReplayLog {
-            expected,
-            ..ReplayLog::default()
-        });
-        self.send_internal(&sql, Wait::Replaying, out)
-    }
-
-    fn send_internal(&mut self, sql: &str, wait: Wait, out: &mut Out<'_>) -> Disposition {
-        out.state.on_frontend(frontend::QUERY);
-        out.upstream
-            .extend_from_slice(&frontend::query_message(sql));
-        self.tracker.push(Expect::Internal);
-        self.metrics.upstream_statements.increment(1);
-        let done = self.internal_done.clone();
-        self.wait = Some(Box::pin(async move { done.notified().await }));
-        self.waiting = Some(Waiting::Held(wait));
-        Disposition::Blocked
-    }
-
-    /// A backend message answering the internal query.
-    pub(super) fn on_internal(&mut self, tag: u8, msg: Option<&[u8]>) {
-        let log = self.replay_log.get_or_insert_with(ReplayLog::default);
-        match (tag, msg) {
-            (b'C', Some(m)) => {
-                let body = frontend::body(m);
-                let text = body.strip_suffix(b"\0").unwrap_or(body);
-                log.tags.push(String::from_utf8_lossy(text).into_owned());
-            }
-            (b'E', Some(m)) => {
-                log.error = Some(match backend::parse_error_fields(frontend::body(m)) {
-                    Ok(f) => format!("{} ({})", f.message, f.code),
-                    Err(_) => "an error".to_owned(),
-                });
-            }
-            (b'E', None) => log.error = Some("an error".to_owned()),
-            (b'Z', _) => self.internal_done.notify_one(),
-            _ => {}
-        }
-    }
-
     /// A re-offered message after a held transaction's wait.
     pub(super) fn resume_held(
         &mut self,
@@ -530,7 +442,7 @@ impl Caching {
                     let rows = flags.iter().filter(|a| **a).count();
                     let verb = stmt.converted.verb;
                     if let Some(held) = self.held_tx.as_mut() {
-                        held.stmts.push(stmt);
+                        held.stmts.push(*stmt);
                         held.replay.push((replay, verb));
                         held.applied.push(flags);
                         held.known = known;
@@ -588,6 +500,11 @@ impl Caching {
                 Some(Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_))) | None => {
                     Some(self.leave_held(out))
                 }
+                // A table full with `when_full = "write-through"`: the transaction is
+                // committed upstream instead.
+                Some(Err(DeferError::Full { table, .. })) if self.overflows_upstream(&table) => {
+                    Some(self.leave_held(out))
+                }
                 Some(Err(e)) => {
                     // COMMIT failed: the transaction is over, nothing was written.
                     self.held_tx = None;
@@ -608,76 +525,18 @@ impl Caching {
                     Some(self.held_error(tag, &e, BytesMut::new(), None, b'E', out))
                 }
             },
-            Wait::Replaying => {
-                let log = self.replay_log.take().unwrap_or_default();
-                let problem = match (&log.error, log.tags == log.expected) {
-                    (Some(e), _) => Some(format!("replayed upstream, it failed: {e}")),
-                    (None, false) => Some(format!(
-                        "replayed upstream, its statements answered {:?} where the client \
-                         was told {:?}",
-                        log.tags, log.expected
-                    )),
-                    (None, true) => None,
-                };
-                match problem {
-                    None => {
-                        self.now_upstream();
-                        // The message goes on, in the upstream transaction.
-                        None
-                    }
-                    Some(problem) => {
-                        ended("diverged");
-                        tracing::warn!(%problem, "held transaction diverged; rolled back");
-                        let error = format!(
-                            "could not serialize access: the deferred transaction had to \
-                             move to PostgreSQL and {problem}; the transaction is rolled back"
-                        );
-                        Some(self.send_internal("ROLLBACK", Wait::RollingBack { error }, out))
-                    }
-                }
-            }
-            Wait::RollingBack { error } => {
-                self.replay_log = None;
-                if let Some(held) = self.held_tx.as_mut() {
-                    held.failed = true;
-                }
-                Some(self.held_answer_error(
-                    tag,
-                    SqlState::SERIALIZATION_FAILURE,
-                    &error,
-                    None,
-                    BytesMut::new(),
-                    None,
-                    b'E',
-                    out,
-                ))
-            }
+            Wait::Replaying => self.replayed(out),
+            Wait::RollingBack { error } => Some(self.rolled_back(tag, &error, out)),
         }
     }
 
-    /// The replay succeeded: the transaction is PostgreSQL's now, with its writes.
-    fn now_upstream(&mut self) {
-        let Some(held) = self.held_tx.take() else {
-            return;
-        };
-        ended("upstream");
-        let Some(w) = &self.writes else {
-            return;
-        };
-        let tables: Vec<u32> = {
-            let set = w.tables();
-            held.stmts
-                .iter()
-                .filter_map(|s| set.oid_of(&s.table))
-                .collect()
-        };
-        if !tables.is_empty() {
-            let effects = Effects {
-                tables,
-                ..Effects::default()
-            };
-            self.record_effects(&effects, false);
-        }
+    /// Whether `table` runs its writes write-through when full.
+    fn overflows_upstream(&self, table: &str) -> bool {
+        self.writes.as_ref().is_some_and(|w| {
+            w.tables()
+                .deferring(table)
+                .is_some_and(|t| t.config.when_full == spillway_policies::WhenFull::WriteThrough)
+        })
     }
 
     /// Bookkeeping for a held transaction journaled as record `seq`.

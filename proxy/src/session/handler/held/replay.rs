@@ -1,0 +1,194 @@
+//! Moving a held transaction upstream: a barrier on the held tables, then `BEGIN` and
+//! the held statements as one internal simple Query ([`Expect::Internal`]: its answers
+//! are swallowed and compared with what the client was told), then the message that
+//! caused it goes on in PostgreSQL's transaction. A replay whose row counts differ, or
+//! that fails, is rolled back upstream (another internal query) and the client gets
+//! 40001 with its transaction failed.
+//!
+//! Invariant: the internal query is sent only when nothing else is outstanding
+//! upstream (a held transaction sends nothing else), so its answers are the next ones.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+
+use super::super::deferred::{Slot, Waiting, put};
+use super::super::tracker::Expect;
+use super::super::{Caching, Disposition, Out};
+use super::{Wait, ended};
+use crate::cache::Effects;
+use crate::protocol::backend;
+use crate::protocol::frontend;
+use crate::protocol::sqlstate::SqlState;
+
+/// The answers to the internal query in flight.
+#[derive(Default)]
+pub(in crate::session::handler) struct ReplayLog {
+    expected: Vec<String>,
+    tags: Vec<String>,
+    error: Option<String>,
+}
+
+impl Caching {
+    /// Moves the held transaction upstream before the current message goes on: a
+    /// barrier on the held tables, then the replay (the message is offered again
+    /// after each step; see [`Caching::resume_held`]).
+    pub(in crate::session::handler) fn leave_held(&mut self, out: &mut Out<'_>) -> Disposition {
+        if self.detached {
+            return Disposition::NeedsUpstream;
+        }
+        let (Some(held), Some(w)) = (self.held_tx.as_ref(), self.writes.clone()) else {
+            return Disposition::Consumed;
+        };
+        let tables: Vec<&str> = held.stmts.iter().map(|s| s.table.as_str()).collect();
+        if let Some(target) = w.barrier_target(tables).filter(|t| *t > w.applied()) {
+            let slot: Slot<()> = Arc::new(Mutex::new(None));
+            let fut_slot = slot.clone();
+            self.wait = Some(Box::pin(async move {
+                let r = w.wait_applied(target).await;
+                put(&fut_slot, r);
+            }));
+            self.waiting = Some(Waiting::Held(Wait::Barrier { slot }));
+            return Disposition::Blocked;
+        }
+        self.start_replay(out)
+    }
+
+    /// Sends `BEGIN` and the held statements upstream as one internal Query.
+    pub(super) fn start_replay(&mut self, out: &mut Out<'_>) -> Disposition {
+        let Some(held) = self.held_tx.as_ref() else {
+            return Disposition::Consumed;
+        };
+        let mut sql = String::from(held.begin);
+        let mut expected = vec!["BEGIN".to_owned()];
+        for ((statements, verb), flags) in held.replay.iter().zip(&held.applied) {
+            for (s, wrote) in statements.iter().zip(flags) {
+                sql.push_str(";\n");
+                sql.push_str(s);
+                expected.push(verb.tag(usize::from(*wrote)));
+            }
+        }
+        tracing::info!(
+            statements = held.stmts.len(),
+            "held transaction moves upstream"
+        );
+        self.replay_log = Some(ReplayLog {
+            expected,
+            ..ReplayLog::default()
+        });
+        self.send_internal(&sql, Wait::Replaying, out)
+    }
+
+    fn send_internal(&mut self, sql: &str, wait: Wait, out: &mut Out<'_>) -> Disposition {
+        out.state.on_frontend(frontend::QUERY);
+        out.upstream
+            .extend_from_slice(&frontend::query_message(sql));
+        self.tracker.push(Expect::Internal);
+        self.metrics.upstream_statements.increment(1);
+        let done = self.internal_done.clone();
+        self.wait = Some(Box::pin(async move { done.notified().await }));
+        self.waiting = Some(Waiting::Held(wait));
+        Disposition::Blocked
+    }
+
+    /// A backend message answering the internal query.
+    pub(in crate::session::handler) fn on_internal(&mut self, tag: u8, msg: Option<&[u8]>) {
+        let log = self.replay_log.get_or_insert_with(ReplayLog::default);
+        match (tag, msg) {
+            (b'C', Some(m)) => {
+                let body = frontend::body(m);
+                let text = body.strip_suffix(b"\0").unwrap_or(body);
+                log.tags.push(String::from_utf8_lossy(text).into_owned());
+            }
+            (b'E', Some(m)) => {
+                log.error = Some(match backend::parse_error_fields(frontend::body(m)) {
+                    Ok(f) => format!("{} ({})", f.message, f.code),
+                    Err(_) => "an error".to_owned(),
+                });
+            }
+            (b'E', None) => log.error = Some("an error".to_owned()),
+            (b'Z', _) => self.internal_done.notify_one(),
+            _ => {}
+        }
+    }
+
+    /// The replay succeeded: the transaction is PostgreSQL's now, with its writes.
+    fn now_upstream(&mut self) {
+        let Some(held) = self.held_tx.take() else {
+            return;
+        };
+        ended("upstream");
+        let Some(w) = &self.writes else {
+            return;
+        };
+        let tables: Vec<u32> = {
+            let set = w.tables();
+            held.stmts
+                .iter()
+                .filter_map(|s| set.oid_of(&s.table))
+                .collect()
+        };
+        // The held writes are now the client's own upstream writes.
+        for s in &held.stmts {
+            metrics::counter!(
+                crate::metrics::CLIENT_WRITES,
+                "table" => s.table.clone(),
+                "policy" => "write-through"
+            )
+            .increment(1);
+        }
+        if !tables.is_empty() {
+            let effects = Effects {
+                tables,
+                ..Effects::default()
+            };
+            self.record_effects(&effects, false);
+        }
+    }
+
+    /// The internal replay query answered: the transaction goes on upstream (`None`:
+    /// the message is processed as in any upstream transaction), or it diverged and is
+    /// rolled back there first.
+    pub(super) fn replayed(&mut self, out: &mut Out<'_>) -> Option<Disposition> {
+        let log = self.replay_log.take().unwrap_or_default();
+        let problem = match (&log.error, log.tags == log.expected) {
+            (Some(e), _) => Some(format!("replayed upstream, it failed: {e}")),
+            (None, false) => Some(format!(
+                "replayed upstream, its statements answered {:?} where the client \
+                 was told {:?}",
+                log.tags, log.expected
+            )),
+            (None, true) => None,
+        };
+        let Some(problem) = problem else {
+            self.now_upstream();
+            return None;
+        };
+        ended("diverged");
+        tracing::warn!(%problem, "held transaction diverged; rolled back");
+        let error = format!(
+            "could not serialize access: the deferred transaction had to move to \
+             PostgreSQL and {problem}; the transaction is rolled back"
+        );
+        Some(self.send_internal("ROLLBACK", Wait::RollingBack { error }, out))
+    }
+
+    /// The diverged transaction is rolled back upstream: the client gets 40001 and the
+    /// transaction is failed until it ends.
+    pub(super) fn rolled_back(&mut self, tag: u8, error: &str, out: &mut Out<'_>) -> Disposition {
+        self.replay_log = None;
+        if let Some(held) = self.held_tx.as_mut() {
+            held.failed = true;
+        }
+        self.held_answer_error(
+            tag,
+            SqlState::SERIALIZATION_FAILURE,
+            error,
+            None,
+            BytesMut::new(),
+            None,
+            b'E',
+            out,
+        )
+    }
+}
