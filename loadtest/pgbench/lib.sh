@@ -108,6 +108,7 @@ listen = "127.0.0.1:$SW_PORT"
 url = "postgres://bench@127.0.0.1:$PG_PORT/postgres?sslmode=disable"
 [journal]
 dir = "$WORK/journal-$1"
+${JOURNAL_EXTRA:-}
 [metrics]
 listen = "127.0.0.1:$metrics_port"
 [log]
