@@ -16,6 +16,7 @@ mod detached;
 mod differential;
 mod docs;
 mod flush_apply;
+mod held_wire;
 mod lifecycle;
 mod metrics;
 mod model;

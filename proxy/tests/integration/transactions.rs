@@ -23,7 +23,7 @@ const TABLES: &str = "\
 
 /// Orders and items write-behind, counters write-back; nothing is flushed unless a
 /// barrier or `SPILLWAY FLUSH` asks.
-fn builder() -> ContextBuilder {
+pub fn builder() -> ContextBuilder {
     Context::builder().before_proxy(TABLES).section(
         "[flush]\ninterval = \"1h\"\n\
          [tables.\"public.tx_orders\"]\npolicy = \"write-behind\"\n\

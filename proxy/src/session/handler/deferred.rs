@@ -530,6 +530,10 @@ impl Caching {
         {
             return Err("session_settings");
         }
+        // PostgreSQL refuses the write (25006); it says so itself.
+        if param("default_transaction_read_only") == Some("on") {
+            return Err("read_only");
+        }
         if !stmt.functions.is_empty() || stmt.sql_value_function {
             return Err("function");
         }
@@ -562,6 +566,7 @@ impl Caching {
         let mut parsed = None;
         let mut before = BytesMut::new();
         let mut after = BytesMut::new();
+        let mut named_here: Vec<(String, Arc<Stmt>)> = Vec::new();
         let mut bound: Option<(Arc<Stmt>, Bound)> = None;
         let mut executed: Vec<Arc<Stmt>> = Vec::new();
         let mut simple_shape = true;
@@ -577,14 +582,23 @@ impl Caching {
                         parsed = Some(stmt);
                         before.extend_from_slice(frontend::PARSE_COMPLETE);
                     }
-                    _ => simple_shape = false,
+                    // A named statement prepared and executed in one cycle (pgjdbc's
+                    // first server-side run): not deferred, but what it executes must
+                    // still get its barrier.
+                    Some(p) => {
+                        simple_shape = false;
+                        let stmt = self.statement(&p, m, None);
+                        named_here.push((p.name.to_owned(), stmt));
+                    }
+                    None => simple_shape = false,
                 },
                 frontend::BIND => match frontend::bind(body) {
                     Some(b) => {
                         let stmt = if b.statement.is_empty() {
                             unnamed.clone()
                         } else {
-                            self.named.get(b.statement).cloned()
+                            named_in(&named_here, b.statement)
+                                .or_else(|| self.named.get(b.statement).cloned())
                         };
                         let params = frontend::bind_params(b.params_and_formats);
                         match (stmt, params) {
@@ -712,21 +726,28 @@ impl Caching {
         self.writes.as_ref()?;
         let mut executed: Vec<Arc<Stmt>> = Vec::new();
         let mut unnamed = self.unnamed_client.clone();
+        let mut named_here: Vec<(String, Arc<Stmt>)> = Vec::new();
         let held = std::mem::take(&mut self.held);
         for m in held.iter().map(|b| &b[..]).chain(std::iter::once(msg)) {
             let body = frontend::body(m);
             match m[0] {
-                frontend::PARSE => {
-                    if let Some(p) = frontend::parse(body).filter(|p| p.name.is_empty()) {
+                frontend::PARSE => match frontend::parse(body) {
+                    Some(p) if p.name.is_empty() => {
                         unnamed = Some(self.statement(&p, m, unnamed.as_ref()));
                     }
-                }
+                    Some(p) => {
+                        let stmt = self.statement(&p, m, None);
+                        named_here.push((p.name.to_owned(), stmt));
+                    }
+                    None => {}
+                },
                 frontend::BIND => {
                     if let Some(b) = frontend::bind(body) {
                         let stmt = if b.statement.is_empty() {
                             unnamed.clone()
                         } else {
-                            self.named.get(b.statement).cloned()
+                            named_in(&named_here, b.statement)
+                                .or_else(|| self.named.get(b.statement).cloned())
                         };
                         executed.extend(stmt);
                     }
@@ -749,4 +770,13 @@ impl Caching {
         let refs: Vec<&Analysis> = analyses.iter().map(AsRef::as_ref).collect();
         self.route_writes(&refs, None, out)
     }
+}
+
+/// The statement a Parse earlier in the same cycle named `name` (the latest one).
+fn named_in(parsed: &[(String, Arc<Stmt>)], name: &str) -> Option<Arc<Stmt>> {
+    parsed
+        .iter()
+        .rev()
+        .find(|(n, _)| n == name)
+        .map(|(_, s)| s.clone())
 }

@@ -105,6 +105,17 @@ impl WriteService {
         let tables = self.deferring(stmts)?;
         self.check_privileges(user, stmts, &tables).await?;
         let state = self.lock_answered(stmts, &tables, known).await?;
+        // A key an earlier statement inserted was written by another session since: the
+        // earlier answer no longer holds (not this statement's duplicate key).
+        if let [earlier @ .., _] = stmts
+            && !earlier.is_empty()
+            && let Err(DeferError::Duplicate { detail, .. }) =
+                decide(&state, earlier, &tables, known)
+        {
+            return Err(DeferError::Diverged(format!(
+                "another session wrote a key this transaction inserted ({detail})"
+            )));
+        }
         Ok(decide(&state, stmts, &tables, known)?.applied)
     }
 

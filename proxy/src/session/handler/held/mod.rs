@@ -43,9 +43,12 @@ use crate::writes::convert::Verb;
 use crate::writes::returning::Returning;
 use crate::writes::service::{Applied, DeferError, Known, TxOutcome, TxStatement};
 
-/// More statements than this in one held transaction: it is replayed upstream (the
-/// decision at each statement re-reads every earlier one, and memory stays bounded).
+/// More statements, row operations or replay bytes than these in one held transaction:
+/// it is replayed upstream (the decision at each statement re-decides every earlier
+/// one under the write service's lock, and memory stays bounded).
 pub(super) const MAX_HELD_STATEMENTS: usize = 256;
+const MAX_HELD_OPS: usize = 4096;
+const MAX_HELD_BYTES: usize = 1024 * 1024;
 
 /// A transaction spillway answers itself so far.
 pub(super) struct HeldTx {
@@ -58,6 +61,9 @@ pub(super) struct HeldTx {
     /// What each statement's client was told: per operation, whether it wrote a row.
     applied: Applied,
     known: Known,
+    /// Row operations and replay SQL bytes held (bounded, see [`MAX_HELD_OPS`]).
+    ops: usize,
+    bytes: usize,
     /// A statement failed: only ROLLBACK or COMMIT end it.
     failed: bool,
     /// An error ended the extended cycle before its Sync: its messages are discarded
@@ -173,6 +179,7 @@ impl Caching {
             || w.health().is_err()
             || param("client_encoding") != Some("UTF8")
             || param("standard_conforming_strings") != Some("on")
+            || param("default_transaction_read_only") == Some("on")
         {
             return None;
         }
@@ -183,6 +190,8 @@ impl Caching {
             replay: Vec::new(),
             applied: Vec::new(),
             known: Known::new(),
+            ops: 0,
+            bytes: 0,
             failed: false,
             discarding: false,
             started: Instant::now(),
@@ -233,9 +242,23 @@ impl Caching {
     ) -> Option<Disposition> {
         let held = self.held_tx.as_ref()?;
         let empty = held.stmts.is_empty();
-        let full = held.stmts.len() >= MAX_HELD_STATEMENTS;
+        let full = held.stmts.len() >= MAX_HELD_STATEMENTS
+            || held.ops >= MAX_HELD_OPS
+            || held.bytes >= MAX_HELD_BYTES;
         let command = single.as_ref().and_then(|_| tx_command(analyses));
         let Some(single) = single else {
+            if self.held.is_empty() {
+                // A Sync alone: ReadyForQuery with the held status.
+                let status = if failed { b'E' } else { b'T' };
+                return Some(self.answer_held(
+                    frontend::SYNC,
+                    BytesMut::new(),
+                    &[],
+                    status,
+                    None,
+                    out,
+                ));
+            }
             // In a failed transaction PostgreSQL still prepares the statements that
             // end it.
             if self.neutral_cycle() && (!failed || self.prepares_only_exits()) {
@@ -403,7 +426,10 @@ impl Caching {
         };
         let stmts = held.stmts.clone();
         let expected = held.applied.clone();
-        let known = held.known.clone();
+        // Keys are read again: a write that did not pass through the key overlay (a
+        // write-through write of another session, another application) may have
+        // changed them since the transaction read them.
+        let known = Known::new();
         let slot: Slot<TxOutcome> = Arc::new(Mutex::new(None));
         let fut_slot = slot.clone();
         let user = self.user.clone();
@@ -442,6 +468,8 @@ impl Caching {
                     let rows = flags.iter().filter(|a| **a).count();
                     let verb = stmt.converted.verb;
                     if let Some(held) = self.held_tx.as_mut() {
+                        held.ops += replay.len();
+                        held.bytes += replay.iter().map(String::len).sum::<usize>();
                         held.stmts.push(*stmt);
                         held.replay.push((replay, verb));
                         held.applied.push(flags);
@@ -650,14 +678,14 @@ impl Caching {
         out.client.extend_from_slice(&before);
         out.client.extend_from_slice(body);
         match tag {
-            frontend::QUERY | frontend::SYNC => {
+            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL => {
                 let rfq = frontend::ready_for_query(status);
                 out.client.extend_from_slice(&rfq);
                 out.state.on_backend(rfq[0], &rfq[5..]);
-                if tag == frontend::SYNC {
-                    self.finish_local_cycle(unnamed);
-                } else {
-                    self.forget_unnamed();
+                match tag {
+                    frontend::SYNC => self.finish_local_cycle(unnamed),
+                    frontend::QUERY => self.forget_unnamed(),
+                    _ => {}
                 }
             }
             _ => {
@@ -683,52 +711,68 @@ impl Caching {
         out: &mut Out<'_>,
     ) -> Option<Disposition> {
         let held = self.held_tx.as_ref()?;
-        match tag {
+        let extended = matches!(
+            tag,
+            frontend::PARSE
+                | frontend::BIND
+                | frontend::DESCRIBE
+                | frontend::EXECUTE
+                | frontend::CLOSE
+                | frontend::FLUSH
+                | frontend::SYNC
+        );
+        let failed = held.failed;
+        let discarding = held.discarding;
+        let malformed = tag == frontend::QUERY && frontend::query(frontend::body(msg)).is_none();
+        // Held until their Sync decides (`route_held`), unless they would go upstream
+        // now; a Query or Sync is decided by `route_held` too.
+        let goes_on = match tag {
+            _ if extended && discarding => false,
             frontend::PARSE
             | frontend::BIND
             | frontend::DESCRIBE
             | frontend::EXECUTE
-            | frontend::CLOSE
-            | frontend::FLUSH
-            | frontend::SYNC
-                if held.discarding =>
-            {
-                out.state.on_frontend(tag);
-                if tag == frontend::SYNC {
-                    if let Some(h) = self.held_tx.as_mut() {
-                        h.discarding = false;
-                    }
-                    let rfq = frontend::ready_for_query(b'E');
-                    out.client.extend_from_slice(&rfq);
-                    out.state.on_backend(rfq[0], &rfq[5..]);
-                }
-                Some(Disposition::Consumed)
-            }
-            // Held until their Sync decides (`route_held`), unless they would go
-            // upstream now.
-            frontend::PARSE
-            | frontend::BIND
-            | frontend::DESCRIBE
-            | frontend::EXECUTE
-            | frontend::CLOSE
-                if !self.would_forward(tag, msg.len()) =>
-            {
-                None
-            }
-            // Extended messages held before a Query would go upstream with it.
-            frontend::QUERY if !self.held.is_empty() => Some(if held.failed {
-                self.aborted(tag, None, out)
-            } else {
-                self.leave_held(out)
-            }),
-            frontend::SYNC | frontend::QUERY => None,
+            | frontend::CLOSE => !self.would_forward(tag, msg.len()),
+            frontend::QUERY => self.held.is_empty() && !malformed,
+            frontend::SYNC => true,
+            // A Flush with nothing held asks for nothing.
+            frontend::FLUSH => self.held.is_empty(),
             // PostgreSQL would roll the transaction back: nothing to do.
             b'X' => {
                 self.held_tx = None;
-                None
+                return None;
             }
-            _ if held.failed => Some(self.aborted(tag, None, out)),
-            _ => Some(self.leave_held(out)),
+            _ => false,
+        };
+        if goes_on {
+            if tag == frontend::FLUSH {
+                out.state.on_frontend(tag);
+                return Some(Disposition::Consumed);
+            }
+            return None;
         }
+        if self.tracker.awaits_answers() {
+            // Answered here below: not before the answers still to come.
+            let quiet = self.quiet.clone();
+            self.wait = Some(Box::pin(async move { quiet.notified().await }));
+            return Some(Disposition::Blocked);
+        }
+        if extended && discarding {
+            out.state.on_frontend(tag);
+            if tag == frontend::SYNC {
+                if let Some(h) = self.held_tx.as_mut() {
+                    h.discarding = false;
+                }
+                let rfq = frontend::ready_for_query(b'E');
+                out.client.extend_from_slice(&rfq);
+                out.state.on_backend(rfq[0], &rfq[5..]);
+            }
+            return Some(Disposition::Consumed);
+        }
+        Some(if failed {
+            self.aborted(tag, None, out)
+        } else {
+            self.leave_held(out)
+        })
     }
 }

@@ -80,6 +80,11 @@ impl Caching {
     }
 
     fn send_internal(&mut self, sql: &str, wait: Wait, out: &mut Out<'_>) -> Disposition {
+        // A simple Query drops PostgreSQL's unnamed statement and portal: the client's
+        // unnamed statement is parsed there again before its next use.
+        self.unnamed_upstream = None;
+        self.unnamed_pending = self.unnamed_client.is_some();
+        self.portals.remove("");
         out.state.on_frontend(frontend::QUERY);
         out.upstream
             .extend_from_slice(&frontend::query_message(sql));

@@ -1,0 +1,102 @@
+//! Held transactions at the wire level (sequences drivers produce in pieces): a Sync
+//! alone, a cycle that only prepares and describes, an unnamed statement executed
+//! after the transaction moved upstream, and a named statement prepared and executed
+//! in one cycle (pgjdbc), which must still wait for the pending writes it may touch.
+
+use crate::context::{DB, USER};
+use crate::metrics::{sample, scrape};
+use crate::transactions::builder;
+use crate::wire::{self, Msg, Raw, tags};
+use crate::write_behind::{direct_rows, tag};
+
+fn status(msgs: &[Msg]) -> u8 {
+    msgs.last()
+        .filter(|m| m.tag == b'Z')
+        .and_then(|m| m.body.first().copied())
+        .unwrap_or(0)
+}
+
+fn describe_statement(name: &str) -> Vec<u8> {
+    let mut body = vec![b'S'];
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    wire::msg(b'D', &body)
+}
+
+#[tokio::test]
+async fn wire_sequences_inside_a_held_transaction() {
+    let ctx = builder().start().await;
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    raw.send(&wire::query("BEGIN")).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("CZ", b'T'));
+    // A Sync alone: the held status, nothing else.
+    raw.send(&wire::sync()).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("Z", b'T'));
+    // Prepare and describe only: PostgreSQL answers, with the held status.
+    let mut cycle = wire::parse("", "SELECT 41 + 1");
+    cycle.extend_from_slice(&describe_statement(""));
+    cycle.extend_from_slice(&wire::sync());
+    raw.send(&cycle).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("1tTZ", b'T'));
+    // Executing it moves the transaction upstream; the replay's simple Query dropped
+    // PostgreSQL's unnamed statement, so spillway parses it there again.
+    let mut cycle = wire::bind("", "", &[]);
+    cycle.extend_from_slice(&wire::execute("", 0));
+    cycle.extend_from_slice(&wire::sync());
+    raw.send(&cycle).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!(
+        (tags(&msgs).as_str(), status(&msgs)),
+        ("2DCZ", b'T'),
+        "{msgs:?}"
+    );
+    raw.send(&wire::query("COMMIT")).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("CZ", b'I'));
+    let text = scrape(ctx.proxy.metrics_addr()).await;
+    assert_eq!(
+        sample(
+            &text,
+            "spillway_held_transactions_total",
+            "outcome=\"upstream\""
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_named_statement_prepared_and_run_in_one_cycle_waits_for_pending_writes() {
+    let ctx = builder().start().await;
+    let proxy = ctx.proxy_client().await;
+    tag(
+        &proxy,
+        "INSERT INTO tx_orders (id, customer, status) VALUES (80, 1, 'new')",
+    )
+    .await;
+    assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM tx_orders"), "0");
+    // Not deferrable (a predicate beyond the key): it runs upstream, after the
+    // pending INSERT it would otherwise miss.
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    let mut cycle = wire::parse(
+        "S_1",
+        "UPDATE tx_orders SET status = 'seen' WHERE id = 80 AND customer > 0",
+    );
+    cycle.extend_from_slice(&wire::bind("", "S_1", &[]));
+    cycle.extend_from_slice(&wire::execute("", 0));
+    cycle.extend_from_slice(&wire::sync());
+    raw.send(&cycle).await;
+    let msgs = raw.until(b'Z').await;
+    let complete = msgs.iter().find(|m| m.tag == b'C').map(|m| {
+        String::from_utf8_lossy(&m.body)
+            .trim_end_matches('\0')
+            .to_owned()
+    });
+    assert_eq!(complete.as_deref(), Some("UPDATE 1"), "{msgs:?}");
+    assert_eq!(
+        direct_rows(&ctx, "SELECT status FROM tx_orders WHERE id = 80"),
+        "seen"
+    );
+}
