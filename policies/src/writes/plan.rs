@@ -4,7 +4,9 @@
 //! of a `text[]` parameter and converted by PostgreSQL with the column's type.
 //!
 //! Invariants:
-//! - Order is kept: groups are formed from consecutive operations only, and a group
+//! - Order is kept: groups are formed from consecutive operations only (in journal
+//!   order, or table by table for a batch of INSERTs where that cannot change the
+//!   outcome: [`super::order`]), and a group
 //!   never holds two operations on the same key (a set-based UPDATE with two source
 //!   rows for one target row applies only one of them), so applying the groups in
 //!   order equals applying the operations one by one.
@@ -32,6 +34,11 @@ pub struct TableMeta {
     /// Write-back: the flusher folds the table's operations per key
     /// ([`super::coalesce`]) instead of applying them one by one.
     pub coalesce: bool,
+    /// No triggers and no rules: its INSERTs may be planned apart from other tables'
+    /// ([`super::order`]).
+    pub plain: bool,
+    /// Its foreign keys (the tables it references).
+    pub parents: Vec<super::order::ForeignKey>,
 }
 
 impl TableMeta {
@@ -90,22 +97,23 @@ pub fn plan_batch(
     tables: &HashMap<String, TableMeta>,
 ) -> Result<Vec<Group>, PlanError> {
     let mut groups: Vec<Builder> = Vec::new();
-    for (ri, record) in records.iter().enumerate() {
-        for (oi, op) in record.ops.iter().enumerate() {
-            let meta = tables
-                .get(op.table())
-                .ok_or_else(|| PlanError::UnknownTable(op.table().to_owned()))?;
-            let shape = Shape::of(op, meta)?;
-            let key = key_of(op, meta)?;
-            let joins = groups
-                .last()
-                .is_some_and(|g| g.shape == shape && !g.keys.contains(&key));
-            if !joins {
-                groups.push(Builder::new(shape));
-            }
-            if let Some(g) = groups.last_mut() {
-                g.push(op, key, (ri, oi));
-            }
+    for (ri, oi) in super::order::plan_order(records, tables) {
+        let Some(op) = records.get(ri).and_then(|r| r.ops.get(oi)) else {
+            continue;
+        };
+        let meta = tables
+            .get(op.table())
+            .ok_or_else(|| PlanError::UnknownTable(op.table().to_owned()))?;
+        let shape = Shape::of(op, meta)?;
+        let key = key_of(op, meta)?;
+        let joins = groups
+            .last()
+            .is_some_and(|g| g.shape == shape && !g.keys.contains(&key));
+        if !joins {
+            groups.push(Builder::new(shape));
+        }
+        if let Some(g) = groups.last_mut() {
+            g.push(op, key, (ri, oi));
         }
     }
     groups
@@ -402,6 +410,8 @@ mod tests {
                     .map(|(c, t)| (c.to_owned(), t.to_owned()))
                     .collect(),
                     coalesce: false,
+                    plain: true,
+                    parents: Vec::new(),
                 },
             );
         }

@@ -114,6 +114,8 @@ mod tests {
                 ("n".to_owned(), "integer".to_owned()),
             ]),
             coalesce: false,
+            plain: true,
+            parents: Vec::new(),
         }
     }
 

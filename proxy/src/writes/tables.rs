@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use spillway_policies::writes::TableMeta;
+use spillway_policies::writes::order::ForeignKey;
 use spillway_policies::writes::plan::ident;
 use spillway_policies::{TableConfig, TableName};
 use sqlx::{PgConnection, Row};
@@ -213,6 +214,18 @@ pub async fn load(
         .bind(oid)
         .fetch_one(&mut *conn)
         .await?;
+        // Any trigger (not the internal ones of foreign keys) or rule: its INSERTs keep
+        // journal order relative to other tables' (`policies::writes::order`).
+        let plain: bool = sqlx::query_scalar(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
+                                WHERE tgrelid = $1::int8::oid AND NOT tgisinternal) \
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite \
+                                WHERE ev_class = $1::int8::oid AND rulename <> '_RETURN')",
+        )
+        .bind(oid)
+        .fetch_one(&mut *conn)
+        .await?;
+        let parents = foreign_keys(conn, oid).await?;
         let pkey_name: String = sqlx::query_scalar(
             "SELECT conname::text FROM pg_catalog.pg_constraint \
              WHERE conrelid = $1::int8::oid AND contype = 'p'",
@@ -244,6 +257,8 @@ pub async fn load(
                     key,
                     types,
                     coalesce: config.policy == spillway_policies::Policy::WriteBack,
+                    plain,
+                    parents,
                 },
                 type_oids,
                 typmods,
@@ -257,4 +272,34 @@ pub async fn load(
         );
     }
     Ok(out)
+}
+
+/// The foreign keys of table `oid`: the referenced table (`schema.name`), its columns
+/// and the referenced columns, in constraint order.
+async fn foreign_keys(conn: &mut PgConnection, oid: i64) -> Result<Vec<ForeignKey>, TableError> {
+    let rows = sqlx::query(
+        "SELECT pn.nspname::text || '.' || pc.relname::text, \
+                ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, i) \
+                      JOIN pg_catalog.pg_attribute a \
+                        ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.i), \
+                ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(n, i) \
+                      JOIN pg_catalog.pg_attribute a \
+                        ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.i) \
+         FROM pg_catalog.pg_constraint c \
+         JOIN pg_catalog.pg_class pc ON pc.oid = c.confrelid \
+         JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace \
+         WHERE c.conrelid = $1::int8::oid AND c.contype = 'f' ORDER BY c.conname",
+    )
+    .bind(oid)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ForeignKey {
+                parent: r.try_get(0)?,
+                columns: r.try_get(1)?,
+                references: r.try_get(2)?,
+            })
+        })
+        .collect()
 }

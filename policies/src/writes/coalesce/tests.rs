@@ -23,6 +23,8 @@ fn metas(coalesce: bool) -> HashMap<String, TableMeta> {
                 .map(|(c, t)| (c.to_owned(), t.to_owned()))
                 .collect(),
                 coalesce: coalesce && name == "public.c",
+                plain: true,
+                parents: Vec::new(),
             },
         );
     }

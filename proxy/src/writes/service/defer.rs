@@ -301,12 +301,17 @@ impl WriteService {
                 }
                 continue;
             }
-            for (table, key) in missing {
+            // Side by side, on as many check connections as are free: a transaction's
+            // COMMIT reads every key it wrote outside the overlay.
+            let reads = missing.iter().map(|(table, key)| async move {
                 let t = tables
-                    .get(&table)
+                    .get(table)
                     .ok_or_else(|| DeferError::NotDeferred(table.clone()))?;
-                let exists = self.exists_upstream(t, &key).await?;
-                known.insert((table, key), (exists, since));
+                self.exists_upstream(t, key).await
+            });
+            let answers = futures_util::future::join_all(reads).await;
+            for (slot, exists) in missing.into_iter().zip(answers) {
+                known.insert(slot, (exists?, since));
             }
         }
     }
