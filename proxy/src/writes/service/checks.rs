@@ -114,6 +114,16 @@ impl WriteService {
         Ok(ok)
     }
 
+    /// The answer [`Self::permitted`] would give without asking PostgreSQL, if it has
+    /// a fresh one.
+    pub(super) fn permitted_now(&self, user: &str, t: &DeferredTable, verb: Verb) -> Option<bool> {
+        let k = (user.to_owned(), t.meta.name.clone(), verb);
+        self.privileges_map()
+            .get(&k)
+            .filter(|(_, at)| at.elapsed() < PRIVILEGE_TTL)
+            .map(|(ok, _)| *ok)
+    }
+
     fn privileges_map(&self) -> std::sync::MutexGuard<'_, Privileges> {
         match self.privileges.lock() {
             Ok(m) => m,

@@ -105,18 +105,35 @@ impl WriteService {
         let tables = self.deferring(stmts)?;
         self.check_privileges(user, stmts, &tables).await?;
         let state = self.lock_answered(stmts, &tables, known).await?;
-        // A key an earlier statement inserted was written by another session since: the
-        // earlier answer no longer holds (not this statement's duplicate key).
-        if let [earlier @ .., _] = stmts
-            && !earlier.is_empty()
-            && let Err(DeferError::Duplicate { detail, .. }) =
-                decide(&state, earlier, &tables, known)
-        {
-            return Err(DeferError::Diverged(format!(
-                "another session wrote a key this transaction inserted ({detail})"
-            )));
+        decide_preview(&state, stmts, &tables, known)
+    }
+
+    /// [`Self::preview`] without waiting: `None` when it would need PostgreSQL (a
+    /// privilege or a key it has no answer for), so the caller awaits `preview`.
+    pub fn preview_now(
+        &self,
+        user: &str,
+        stmts: &[TxStatement],
+        known: &Known,
+    ) -> Option<Result<Applied, DeferError>> {
+        if let Some(cause) = self.poisoned.get() {
+            return Some(Err(DeferError::Stopped(cause.clone())));
         }
-        Ok(decide(&state, stmts, &tables, known)?.applied)
+        let tables = match self.deferring(stmts) {
+            Ok(t) => t,
+            Err(e) => return Some(Err(e)),
+        };
+        for s in stmts {
+            let t = tables.get(&s.table)?;
+            if !self.permitted_now(user, t, s.converted.verb)? {
+                return None;
+            }
+        }
+        let state = self.state();
+        if !Self::unanswered(&state, stmts, &tables, known).is_empty() {
+            return None;
+        }
+        Some(decide_preview(&state, stmts, &tables, known))
     }
 
     /// Decides and journals `stmts` as one record (a held transaction at COMMIT, or
@@ -344,6 +361,26 @@ impl WriteService {
             }
         }
     }
+}
+
+/// A held transaction's decision for its last statement (and those before it).
+fn decide_preview(
+    state: &State,
+    stmts: &[TxStatement],
+    tables: &HashMap<String, Arc<DeferredTable>>,
+    known: &Known,
+) -> Result<Applied, DeferError> {
+    // A key an earlier statement inserted was written by another session since: the
+    // earlier answer no longer holds (not this statement's duplicate key).
+    if let [earlier @ .., _] = stmts
+        && !earlier.is_empty()
+        && let Err(DeferError::Duplicate { detail, .. }) = decide(state, earlier, tables, known)
+    {
+        return Err(DeferError::Diverged(format!(
+            "another session wrote a key this transaction inserted ({detail})"
+        )));
+    }
+    Ok(decide(state, stmts, tables, known)?.applied)
 }
 
 /// What `stmts` write given `state` and `known` (every exact key answered): per
