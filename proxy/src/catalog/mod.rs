@@ -97,6 +97,8 @@ pub struct Catalog {
     parents: HashMap<u32, Vec<u32>>,
     /// Tables linked by a foreign key, in both directions, by OID.
     foreign_keys: HashMap<u32, Vec<u32>>,
+    /// Referencing table → the tables its foreign keys reference.
+    referenced: HashMap<u32, Vec<u32>>,
 }
 
 impl Catalog {
@@ -163,6 +165,7 @@ impl Catalog {
             children,
             parents,
             foreign_keys: HashMap::new(),
+            referenced: HashMap::new(),
         }
     }
 
@@ -172,9 +175,19 @@ impl Catalog {
             if from != to {
                 self.foreign_keys.entry(from).or_default().push(to);
                 self.foreign_keys.entry(to).or_default().push(from);
+                self.referenced.entry(from).or_default().push(to);
             }
         }
         self
+    }
+
+    /// Tables `oid`'s foreign keys reference: their writes may change `oid` through the
+    /// keys' ON DELETE / ON UPDATE actions.
+    pub fn foreign_key_parents(&self, oid: u32) -> &[u32] {
+        self.referenced
+            .get(&oid)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// Tables a foreign key links `oid` to, either way: a write to `oid` is checked

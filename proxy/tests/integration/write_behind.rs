@@ -447,4 +447,21 @@ async fn a_write_through_table_linked_by_a_foreign_key_waits_for_the_deferred_on
         .await
         .expect_err("the parent is deleted before it");
     assert_eq!(err.code().map(|c| c.code()), Some("23503"), "{err:?}");
+    // A read of the child: a pending DELETE of its parent cascades to it when applied,
+    // so the read waits for it (strong consistency) and sees the child gone.
+    tag(&proxy, "DELETE FROM wb WHERE id = 1").await;
+    assert_eq!(
+        direct_rows(&ctx, "SELECT count(*) FROM wt_child"),
+        "1",
+        "pending"
+    );
+    let rows = proxy
+        .simple_query("SELECT count(*) FROM wt_child")
+        .await
+        .expect("select");
+    let count = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(count.as_deref(), Some("0"));
 }

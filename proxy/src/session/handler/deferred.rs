@@ -291,6 +291,12 @@ impl Caching {
                         for r in c.resolve(rel.schema.as_deref(), &rel.name) {
                             let mut oids = vec![r.oid];
                             let _ = c.read_dependencies(r, &mut oids);
+                            // Pending writes to a table one of these references change
+                            // them when applied (ON DELETE / ON UPDATE actions).
+                            let read = oids.clone();
+                            for oid in read {
+                                oids.extend_from_slice(c.foreign_key_parents(oid));
+                            }
                             for oid in oids {
                                 if let Some(name) = w.tables().name_of(oid)
                                     && !out.iter().any(|n| n == name)
