@@ -1,7 +1,8 @@
 //! Held transactions at the wire level (sequences drivers produce in pieces): a Sync
 //! alone, a cycle that only prepares and describes, an unnamed statement executed
 //! after the transaction moved upstream, and a named statement prepared and executed
-//! in one cycle (pgjdbc), which must still wait for the pending writes it may touch.
+//! in one cycle (pgjdbc), which must still wait for the pending writes it may touch;
+//! and `SPILLWAY FLUSH` sent as one unnamed extended cycle.
 
 use crate::context::{DB, USER};
 use crate::metrics::{sample, scrape};
@@ -99,4 +100,25 @@ async fn a_named_statement_prepared_and_run_in_one_cycle_waits_for_pending_write
         direct_rows(&ctx, "SELECT status FROM tx_orders WHERE id = 80"),
         "seen"
     );
+}
+
+#[tokio::test]
+async fn spillway_flush_in_one_unnamed_extended_cycle() {
+    let ctx = builder().start().await;
+    let proxy = ctx.proxy_client().await;
+    tag(
+        &proxy,
+        "INSERT INTO tx_orders (id, customer, status) VALUES (90, 1, 'x')",
+    )
+    .await;
+    assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM tx_orders"), "0");
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    let mut cycle = wire::parse("", "SPILLWAY FLUSH");
+    cycle.extend_from_slice(&wire::bind("", "", &[]));
+    cycle.extend_from_slice(&wire::execute("", 0));
+    cycle.extend_from_slice(&wire::sync());
+    raw.send(&cycle).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!(tags(&msgs), "12CZ", "{msgs:?}");
+    assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM tx_orders"), "1");
 }

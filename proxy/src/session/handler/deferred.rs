@@ -717,6 +717,22 @@ impl Caching {
             }),
             _ => None,
         };
+        // `SPILLWAY FLUSH` sent in the extended protocol: answered here, like the
+        // simple Query (PostgreSQL would not parse it). Its unnamed statement exists
+        // only here; executing it again without a new Parse gets PostgreSQL's error.
+        if let (Some(single), [stmt]) = (single.as_ref(), executed.as_slice())
+            && single.bound.values.is_empty()
+            && let Some(table) = super::flush::spillway_flush(&stmt.sql)
+        {
+            let single = Single {
+                bound: single.bound,
+                before: single.before.clone(),
+                after: single.after.clone(),
+                extended: true,
+                unnamed: single.unnamed.clone(),
+            };
+            return Some(self.flush_command(table.as_deref(), Some(single), out));
+        }
         self.route_writes(&refs, single, out)
     }
 

@@ -4,13 +4,21 @@
 //! Invariant: answered only once the answers to earlier requests went out (the client
 //! would read them in the wrong order otherwise).
 
+use super::deferred::Single;
 use super::{Caching, Disposition, Out};
 use crate::protocol::frontend;
 
 impl Caching {
     /// `SPILLWAY FLUSH [table]`: returns once every write acknowledged before it (to
-    /// `table`, or to any table) is applied upstream.
-    pub(super) fn flush_command(&mut self, table: Option<&str>, out: &mut Out<'_>) -> Disposition {
+    /// `table`, or to any table) is applied upstream. `cycle`: sent as an extended
+    /// cycle (unnamed Parse, Bind, Execute, Sync), with its answers before and after the
+    /// command tag; `None` for a simple Query.
+    pub(super) fn flush_command(
+        &mut self,
+        table: Option<&str>,
+        cycle: Option<Single<'_>>,
+        out: &mut Out<'_>,
+    ) -> Disposition {
         // Answered here: only once the answers to earlier requests (a pipelined Close
         // and Sync, say) went out, or the client would read them in the wrong order.
         if self.tracker.awaits_answers() {
@@ -36,11 +44,24 @@ impl Caching {
                 return self.barrier(w, target);
             }
         }
-        out.state.on_frontend(frontend::QUERY);
-        out.client
-            .extend_from_slice(&frontend::command_complete("SPILLWAY FLUSH"));
-        self.answer_ready(out);
-        self.forget_unnamed();
+        let complete = frontend::command_complete("SPILLWAY FLUSH");
+        match cycle {
+            None => {
+                out.state.on_frontend(frontend::QUERY);
+                out.client.extend_from_slice(&complete);
+                self.answer_ready(out);
+                self.forget_unnamed();
+            }
+            Some(c) => {
+                out.state.on_frontend(frontend::SYNC);
+                out.client.extend_from_slice(&c.before);
+                out.client.extend_from_slice(&complete);
+                out.client.extend_from_slice(&c.after);
+                self.answer_ready(out);
+                self.finish_local_cycle(c.unnamed);
+            }
+        }
+        self.no_defer = false;
         Disposition::Consumed
     }
 }

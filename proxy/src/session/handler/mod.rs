@@ -409,7 +409,7 @@ impl Caching {
             return Disposition::Consumed;
         }
         if let Some(table) = flush::spillway_flush(sql) {
-            return self.flush_command(table.as_deref(), out);
+            return self.flush_command(table.as_deref(), None, out);
         }
         let analysis = self.cache.classifier.classify(sql);
         if self.writes.is_some() {
