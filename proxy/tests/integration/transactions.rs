@@ -568,3 +568,38 @@ async fn interleaved_transactions_are_applied_table_by_table_without_changing_th
         "late"
     );
 }
+
+#[tokio::test]
+async fn a_write_through_write_of_another_session_makes_commit_read_again() {
+    let ctx = builder().start().await;
+    let a = ctx.proxy_client().await;
+    let b = ctx.proxy_client().await;
+    tag(&a, "BEGIN").await;
+    // Key 5 exists (a point read): UPDATE 1.
+    assert_eq!(
+        tag(&a, "UPDATE tx_counters SET n = n + 1 WHERE id = 5").await,
+        1
+    );
+    // Another session deletes it through spillway, write-through (a predicate beyond
+    // the key): the key overlay never sees it.
+    assert_eq!(
+        tag(&b, "DELETE FROM tx_counters WHERE id = 5 AND n >= 0").await,
+        1
+    );
+    // COMMIT reads key 5 again: the answer the client got no longer holds.
+    assert_eq!(error_code(&a, "COMMIT").await, "40001");
+    tag(&a, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct_rows(&ctx, "SELECT count(*) FROM spillway.dead_letters"),
+        "0"
+    );
+    // Without such a write, COMMIT trusts the transaction's reads (no read again).
+    tag(&a, "BEGIN").await;
+    tag(&a, "UPDATE tx_counters SET n = n + 1 WHERE id = 6").await;
+    tag(&a, "COMMIT").await;
+    tag(&a, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct_rows(&ctx, "SELECT n FROM tx_counters WHERE id = 6"),
+        "1"
+    );
+}

@@ -173,6 +173,9 @@ struct Caching {
     held_cycles: VecDeque<u64>,
     /// One of them failed (the held transaction fails with it).
     held_cycle_failed: bool,
+    /// A write forwarded in this request or transaction may touch deferred tables
+    /// outside the key overlay (noted again at its CommandComplete/ReadyForQuery).
+    outside_pending: bool,
 }
 
 /// How a request sent upstream is counted in the latency histogram.
@@ -238,6 +241,7 @@ impl Handler {
                 internal_done: Arc::new(tokio::sync::Notify::new()),
                 held_cycles: VecDeque::new(),
                 held_cycle_failed: false,
+                outside_pending: false,
             })),
         }
     }
@@ -507,6 +511,12 @@ impl Caching {
         if (tag == b'C' || step.ready) && !self.pending.is_empty() {
             self.db.invalidate(&self.pending, &self.cache.versions);
         }
+        if (tag == b'C' || step.ready)
+            && self.outside_pending
+            && let Some(w) = &self.writes
+        {
+            w.note_outside_write();
+        }
         if step.ready {
             let status = held_status.or_else(|| msg.and_then(|m| m.get(5).copied()));
             if let Some(id) = step.ready_id {
@@ -550,6 +560,7 @@ impl Caching {
                     (None, _) => false,
                 };
                 if status == Some(b'I') {
+                    self.outside_pending = false;
                     self.pending = Effects::default();
                     self.tx_wrote = false;
                     self.tx_snapshot = false;
@@ -702,6 +713,26 @@ impl Caching {
             // DO, CALL, EXECUTE, FunctionCall, user-defined volatile functions: may
             // SET, SET ROLE or create temporary objects out of sight.
             self.key.lose_track("statement with unknown side effects");
+        }
+        if let Some(w) = &self.writes
+            && (effects.hidden_session_changes || effects.database || effects.everything || {
+                // The tables written, and those their foreign keys' actions reach.
+                let set = w.tables();
+                let catalog = self.routing_catalog();
+                effects.tables.iter().any(|o| {
+                    set.name_of(*o).is_some()
+                        || catalog.as_ref().is_some_and(|c| {
+                            c.foreign_key_links(*o)
+                                .iter()
+                                .any(|l| set.name_of(*l).is_some())
+                        })
+                })
+            })
+        {
+            // Held transactions read such keys again at COMMIT; noted again when the
+            // write completes (`on_backend`), so a read that overlapped it is too.
+            w.note_outside_write();
+            self.outside_pending = true;
         }
         if effects.is_empty() {
             return;

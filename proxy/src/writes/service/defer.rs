@@ -37,8 +37,9 @@ pub struct TxStatement {
 }
 
 /// Point-read answers already known: (table, key) → (the row exists, the overlay
-/// generation when the read began).
-pub type Known = HashMap<(String, Vec<String>), (bool, u64)>;
+/// generation when the read began, the count of outside writes then: see
+/// [`WriteService::note_outside_write`]).
+pub type Known = HashMap<(String, Vec<String>), (bool, u64, u64)>;
 
 /// (table, canonical key): a key of the overlay.
 type Slot = (String, Vec<String>);
@@ -304,6 +305,7 @@ impl WriteService {
         known: &mut Known,
     ) -> Result<std::sync::MutexGuard<'_, State>, DeferError> {
         loop {
+            let outside = self.outside_writes();
             let (since, missing) = {
                 let state = self.state();
                 (
@@ -328,7 +330,7 @@ impl WriteService {
             });
             let answers = futures_util::future::join_all(reads).await;
             for (slot, exists) in missing.into_iter().zip(answers) {
-                known.insert(slot, (exists?, since));
+                known.insert(slot, (exists?, since, outside));
             }
         }
     }
@@ -409,7 +411,7 @@ fn decide(
                 .get(&slot)
                 .copied()
                 .or_else(|| state.keys.get(&slot).map(|k| k.exists))
-                .or_else(|| known.get(&slot).map(|(e, _)| *e));
+                .or_else(|| known.get(&slot).map(|(e, _, _)| *e));
             let exists_now = match (verb, exact, before) {
                 (Verb::Insert, true, Some(true)) => {
                     return Err(DeferError::Duplicate {

@@ -158,7 +158,7 @@ impl State {
         if self.keys.contains_key(&slot) {
             return true;
         }
-        known.get(&slot).is_some_and(|(_, since)| {
+        known.get(&slot).is_some_and(|(_, since, _)| {
             *since >= self.forgotten_floor && self.forgotten.get(&slot).is_none_or(|g| *g <= *since)
         })
     }
@@ -194,6 +194,10 @@ pub struct WriteService {
     wanted: AtomicU64,
     /// Set once when the flusher stops for good.
     poisoned: OnceLock<String>,
+    /// Counts writes spillway forwarded to PostgreSQL that may touch deferred tables
+    /// outside the key overlay (write-through fallbacks, DDL, unknown side effects): a
+    /// held transaction's point reads taken before one are read again at COMMIT.
+    outside: AtomicU64,
     /// `[flush]`, swapped by a reload.
     flush: ArcSwap<FlushConfig>,
     url: String,
@@ -273,6 +277,7 @@ impl WriteService {
             wake: Notify::new(),
             wanted: AtomicU64::new(0),
             poisoned: OnceLock::new(),
+            outside: AtomicU64::new(0),
             flush: ArcSwap::from_pointee(flush),
             url,
             privileges: Mutex::new(HashMap::new()),
@@ -358,6 +363,17 @@ impl WriteService {
             let mut applied = self.applied.subscribe();
             let _ = tokio::time::timeout(Duration::from_millis(20), applied.changed()).await;
         }
+    }
+
+    /// A session forwards (or finished) a write that may touch deferred tables outside
+    /// the key overlay.
+    pub fn note_outside_write(&self) {
+        self.outside.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many such writes so far (see [`Self::note_outside_write`]).
+    pub fn outside_writes(&self) -> u64 {
+        self.outside.load(Ordering::Acquire)
     }
 
     /// The highest sequence number applied upstream.

@@ -432,10 +432,13 @@ impl Caching {
         };
         let stmts = held.stmts.clone();
         let expected = held.applied.clone();
-        // Keys are read again: a write that did not pass through the key overlay (a
-        // write-through write of another session, another application) may have
-        // changed them since the transaction read them.
-        let known = Known::new();
+        // Keys are read again if a write that does not pass through the key overlay
+        // (another session's write-through write, DDL, unknown side effects) was sent
+        // since the transaction read them. Writes of other applications are not seen:
+        // the same window an autocommit deferred write has after its point read.
+        let now = w.outside_writes();
+        let mut known = held.known.clone();
+        known.retain(|_, (_, _, outside)| *outside == now);
         let slot: Slot<TxOutcome> = Arc::new(Mutex::new(None));
         let fut_slot = slot.clone();
         let user = self.user.clone();
