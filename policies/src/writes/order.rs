@@ -53,6 +53,21 @@ fn by_table(
     journal: &[(usize, usize)],
 ) -> Option<Vec<(usize, usize)>> {
     let op = |&(ri, oi): &(usize, usize)| records.get(ri).and_then(|r| r.ops.get(oi));
+    // The INSERTs into `table`: journal position, columns, values.
+    let inserts = |table: &str| {
+        journal
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, p)| match op(p) {
+                Some(RowOp::Insert {
+                    table: t,
+                    columns,
+                    values,
+                }) if t == table => Some((i, columns, values)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
     // Inserts only, into plain tables; the tables in order of first appearance.
     let mut order: Vec<&str> = Vec::new();
     for p in journal {
@@ -95,29 +110,14 @@ fn by_table(
         {
             let parent = tables.get(&fk.parent)?;
             let mut last: HashMap<Vec<String>, usize> = HashMap::new();
-            for (i, p) in journal.iter().enumerate() {
-                if let Some(RowOp::Insert {
-                    table,
-                    columns,
-                    values,
-                }) = op(p)
-                    && *table == fk.parent
-                {
-                    let v = values_of(columns, values, &fk.references, parent)?;
-                    // NULL in a referenced column: no child can match it.
-                    if let Some(v) = v {
-                        last.insert(v, i);
-                    }
+            for (i, columns, values) in inserts(&fk.parent) {
+                // NULL in a referenced column: no child can match it.
+                if let Some(v) = values_of(columns, values, &fk.references, parent)? {
+                    last.insert(v, i);
                 }
             }
-            for (i, p) in journal.iter().enumerate() {
-                if let Some(RowOp::Insert {
-                    table,
-                    columns,
-                    values,
-                }) = op(p)
-                    && table == t
-                    && let Some(v) = values_of(columns, values, &fk.columns, meta)?
+            for (i, columns, values) in inserts(t) {
+                if let Some(v) = values_of(columns, values, &fk.columns, meta)?
                     && last.get(&v).is_some_and(|j| *j > i)
                 {
                     return None;

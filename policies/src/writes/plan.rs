@@ -48,7 +48,7 @@ impl TableMeta {
         format!("ONLY {}.{}", ident(&self.schema), ident(&self.table))
     }
 
-    fn type_of(&self, column: &str) -> Result<&str, PlanError> {
+    pub(crate) fn type_of(&self, column: &str) -> Result<&str, PlanError> {
         self.types
             .get(column)
             .map(String::as_str)

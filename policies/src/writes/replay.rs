@@ -21,16 +21,6 @@ fn value(v: &Val, column_type: &str) -> Result<String, PlanError> {
     Ok(convert(&literal, cast.as_deref(), column_type))
 }
 
-fn column_type<'a>(meta: &'a TableMeta, column: &str) -> Result<&'a str, PlanError> {
-    meta.types
-        .get(column)
-        .map(String::as_str)
-        .ok_or_else(|| PlanError::UnknownColumn {
-            table: meta.name.clone(),
-            column: column.to_owned(),
-        })
-}
-
 /// `key1 = v1 AND …` for an UPDATE/DELETE of `key` (in primary-key order).
 fn key_predicate(meta: &TableMeta, key: &[Val]) -> Result<String, PlanError> {
     if key.len() != meta.key.len() || key.iter().any(|v| v.text.is_none()) {
@@ -40,13 +30,7 @@ fn key_predicate(meta: &TableMeta, key: &[Val]) -> Result<String, PlanError> {
         .key
         .iter()
         .zip(key)
-        .map(|(c, v)| {
-            Ok(format!(
-                "{} = {}",
-                ident(c),
-                value(v, column_type(meta, c)?)?
-            ))
-        })
+        .map(|(c, v)| Ok(format!("{} = {}", ident(c), value(v, meta.type_of(c)?)?)))
         .collect();
     Ok(parts?.join(" AND "))
 }
@@ -62,7 +46,7 @@ pub fn statement(op: &RowOp, meta: &TableMeta) -> Result<String, PlanError> {
             let vals: Result<Vec<String>, PlanError> = columns
                 .iter()
                 .zip(values)
-                .map(|(c, v)| value(v, column_type(meta, c)?))
+                .map(|(c, v)| value(v, meta.type_of(c)?))
                 .collect();
             Ok(format!(
                 "INSERT INTO {table} ({}) VALUES ({})",
@@ -75,7 +59,7 @@ pub fn statement(op: &RowOp, meta: &TableMeta) -> Result<String, PlanError> {
                 .iter()
                 .map(|a| {
                     let col = ident(&a.column);
-                    let v = value(&a.value, column_type(meta, &a.column)?)?;
+                    let v = value(&a.value, meta.type_of(&a.column)?)?;
                     Ok(match a.op {
                         AssignOp::Set => format!("{col} = {v}"),
                         AssignOp::Add => format!("{col} = {col} + {v}"),

@@ -19,6 +19,14 @@ pub const SYNC: u8 = b'S';
 pub const FLUSH: u8 = b'H';
 pub const FUNCTION_CALL: u8 = b'F';
 
+/// A message of the extended query protocol (held by the handler until its Sync).
+pub fn is_extended(tag: u8) -> bool {
+    matches!(
+        tag,
+        PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | FLUSH | SYNC
+    )
+}
+
 /// Byte-level cursor over a message body.
 struct Reader<'a>(&'a [u8]);
 

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use spillway_policies::writes::{Group, GroupKind, Record, TableMeta, coalesce, plan_batch};
+use spillway_policies::writes::{Group, GroupKind, Record, RowOp, TableMeta, coalesce, plan_batch};
 use sqlx::{Connection, PgConnection, Row};
 
 /// SQLSTATE recorded for an UPDATE/DELETE whose key had no row when applied.
@@ -67,6 +67,20 @@ pub struct DeadLetter {
     pub parameters: Vec<Option<String>>,
     pub sqlstate: String,
     pub message: String,
+}
+
+impl DeadLetter {
+    /// Operation `op` of record `seq`, refused with `sqlstate` and `message`.
+    fn of(seq: u64, op: &RowOp, sqlstate: &str, message: &str) -> Self {
+        Self {
+            seq,
+            table: op.table().to_owned(),
+            statement: op.describe(),
+            parameters: op.parameters(),
+            sqlstate: sqlstate.to_owned(),
+            message: message.to_owned(),
+        }
+    }
 }
 
 /// What a committed batch did.
@@ -268,14 +282,12 @@ async fn run_group(
                 if let Some((seq, record)) = batch.get(*ri)
                     && let Some(op) = record.ops.get(*oi)
                 {
-                    applied.dead_letters.push(DeadLetter {
-                        seq: *seq,
-                        table: op.table().to_owned(),
-                        statement: op.describe(),
-                        parameters: op.parameters(),
-                        sqlstate: NO_ROW.to_owned(),
-                        message: "no row with this key when the write was applied".to_owned(),
-                    });
+                    applied.dead_letters.push(DeadLetter::of(
+                        *seq,
+                        op,
+                        NO_ROW,
+                        "no row with this key when the write was applied",
+                    ));
                 }
             }
         }
@@ -333,14 +345,9 @@ async fn bisect(
                 ),
             };
             for op in &record.ops {
-                applied.dead_letters.push(DeadLetter {
-                    seq: *seq,
-                    table: op.table().to_owned(),
-                    statement: op.describe(),
-                    parameters: op.parameters(),
-                    sqlstate: sqlstate.clone(),
-                    message: message.clone(),
-                });
+                applied
+                    .dead_letters
+                    .push(DeadLetter::of(*seq, op, &sqlstate, &message));
             }
         } else {
             let (first, second) = part.split_at(part.len() / 2);

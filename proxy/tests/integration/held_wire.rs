@@ -17,13 +17,6 @@ fn status(msgs: &[Msg]) -> u8 {
         .unwrap_or(0)
 }
 
-fn describe_statement(name: &str) -> Vec<u8> {
-    let mut body = vec![b'S'];
-    body.extend_from_slice(name.as_bytes());
-    body.push(0);
-    wire::msg(b'D', &body)
-}
-
 #[tokio::test]
 async fn wire_sequences_inside_a_held_transaction() {
     let ctx = builder().start().await;
@@ -37,7 +30,7 @@ async fn wire_sequences_inside_a_held_transaction() {
     assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("Z", b'T'));
     // Prepare and describe only: PostgreSQL answers, with the held status.
     let mut cycle = wire::parse("", "SELECT 41 + 1");
-    cycle.extend_from_slice(&describe_statement(""));
+    cycle.extend_from_slice(&wire::describe_statement(""));
     cycle.extend_from_slice(&wire::sync());
     raw.send(&cycle).await;
     let msgs = raw.until(b'Z').await;

@@ -1598,18 +1598,7 @@ impl Run {
             }
             self.fail(msg);
         }
-        let sql = "SELECT last_seq FROM spillway.flush_ledger";
-        let ledger: Vec<i64> = match self.direct.query(sql, &[]).await {
-            Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
-            Err(e) => self.fail(format!("{sql}: {e:?}")),
-        };
-        let want = i64::try_from(self.model.records).expect("small");
-        if ledger != [want] {
-            self.fail(format!(
-                "flush ledger at {ledger:?}, the model journaled {want} records \
-                 (a write ran write-through, or a record was journaled twice)"
-            ));
-        }
+        self.check_ledger("at the end").await;
         self.stats.dead_letters = dead.len();
         self.stats.records = self.model.records;
     }

@@ -5,13 +5,12 @@
 //! PostgreSQL only at `SPILLWAY FLUSH`). RETURNING of values the statement does not
 //! supply runs write-through with PostgreSQL's own answer, counted as a fallback.
 
-use bytes::BufMut;
 use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::types::Type;
 
 use crate::context::{Context, DB, USER};
 use crate::metrics::{sample, scrape};
-use crate::wire::{self, Msg, Raw};
+use crate::wire::{self, Msg, Raw, tags};
 
 const TABLE: &str = "CREATE TABLE public.rt (id int PRIMARY KEY, u uuid, t text, b bool, \
                      s smallint, big bigint, vc varchar(10), n int NOT NULL DEFAULT 0, \
@@ -32,50 +31,6 @@ async fn start() -> Context {
         )
         .start()
         .await
-}
-
-fn cstr(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(s.as_bytes());
-    out.push(0);
-}
-
-/// Bind of the unnamed statement with text parameters and these result formats.
-fn bind(params: &[Option<&str>], results: &[i16]) -> Vec<u8> {
-    let mut b = Vec::new();
-    cstr(&mut b, "");
-    cstr(&mut b, "");
-    b.put_i16(0);
-    b.put_i16(params.len() as i16);
-    for p in params {
-        match p {
-            Some(v) => {
-                b.put_i32(v.len() as i32);
-                b.extend_from_slice(v.as_bytes());
-            }
-            None => b.put_i32(-1),
-        }
-    }
-    b.put_i16(results.len() as i16);
-    for r in results {
-        b.put_i16(*r);
-    }
-    wire::msg(b'B', &b)
-}
-
-/// Parse of the unnamed statement declaring its parameter types.
-fn parse_typed(sql: &str, types: &[u32]) -> Vec<u8> {
-    let mut b = Vec::new();
-    cstr(&mut b, "");
-    cstr(&mut b, sql);
-    b.put_i16(types.len() as i16);
-    for t in types {
-        b.put_u32(*t);
-    }
-    wire::msg(b'P', &b)
-}
-
-fn describe_statement() -> Vec<u8> {
-    wire::msg(b'D', b"S\0")
 }
 
 /// Sends `request` to spillway and, inside BEGIN … ROLLBACK, to PostgreSQL; returns
@@ -104,10 +59,6 @@ async fn same(proxy: &mut Raw, direct: &mut Raw, request: &[Vec<u8>]) -> Vec<Msg
         "an error answer proves nothing here: {ours:?}"
     );
     ours
-}
-
-fn tags(msgs: &[Msg]) -> String {
-    wire::tags(msgs)
 }
 
 fn upstream(ctx: &Context, sql: &str) -> String {
@@ -157,7 +108,9 @@ async fn returning_of_supplied_values_is_answered_like_postgres_without_upstream
         &mut direct,
         &[
             wire::parse("", insert_some),
-            bind(
+            wire::bind_formats(
+                "",
+                "",
                 &[
                     Some("3"),
                     Some("x"),
@@ -180,12 +133,13 @@ async fn returning_of_supplied_values_is_answered_like_postgres_without_upstream
         &mut proxy,
         &mut direct,
         &[
-            parse_typed(
+            wire::parse_typed(
+                "",
                 "INSERT INTO rt (id, vc) VALUES ($1, $2) RETURNING vc, id",
                 &[23, 1043],
             ),
-            describe_statement(),
-            bind(&[Some("4"), Some("ab  ")], &[1]),
+            wire::describe_statement(""),
+            wire::bind_formats("", "", &[Some("4"), Some("ab  ")], &[1]),
             wire::execute("", 0),
             wire::sync(),
         ],
@@ -214,7 +168,7 @@ async fn returning_of_supplied_values_is_answered_like_postgres_without_upstream
         &mut direct,
         &[
             wire::parse("", duplicate),
-            bind(&[Some("3")], &[]),
+            wire::bind_formats("", "", &[Some("3")], &[]),
             wire::describe_portal(""),
             wire::execute("", 0),
             wire::sync(),
@@ -249,7 +203,7 @@ async fn returning_of_supplied_values_is_answered_like_postgres_without_upstream
         &mut direct,
         &[
             wire::parse("", "DELETE FROM rt WHERE id = $1 RETURNING id AS gone"),
-            bind(&[Some("98")], &[]),
+            wire::bind_formats("", "", &[Some("98")], &[]),
             wire::describe_portal(""),
             wire::execute("", 0),
             wire::sync(),
@@ -283,7 +237,7 @@ async fn returning_of_supplied_values_is_answered_like_postgres_without_upstream
         .send(
             &[
                 wire::parse("", "INSERT INTO rt (id) VALUES (20), (21) RETURNING id"),
-                bind(&[], &[]),
+                wire::bind_formats("", "", &[], &[]),
                 wire::execute("", 1),
                 wire::sync(),
             ]

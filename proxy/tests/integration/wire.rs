@@ -73,15 +73,28 @@ pub fn query(sql: &str) -> Vec<u8> {
 }
 
 pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    parse_typed(name, sql, &[])
+}
+
+/// Parse declaring the parameters' type OIDs.
+pub fn parse_typed(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
     let mut b = Vec::new();
     cstr(&mut b, name);
     cstr(&mut b, sql);
-    b.put_i16(0);
+    b.put_i16(types.len() as i16);
+    for t in types {
+        b.put_u32(*t);
+    }
     msg(b'P', &b)
 }
 
 /// Bind with text-format parameters (`None` = NULL) and text results.
 pub fn bind(portal: &str, stmt: &str, params: &[Option<&str>]) -> Vec<u8> {
+    bind_formats(portal, stmt, params, &[])
+}
+
+/// Bind with text-format parameters and these result format codes.
+pub fn bind_formats(portal: &str, stmt: &str, params: &[Option<&str>], results: &[i16]) -> Vec<u8> {
     let mut b = Vec::new();
     cstr(&mut b, portal);
     cstr(&mut b, stmt);
@@ -96,8 +109,17 @@ pub fn bind(portal: &str, stmt: &str, params: &[Option<&str>]) -> Vec<u8> {
             None => b.put_i32(-1),
         }
     }
-    b.put_i16(0);
+    b.put_i16(results.len() as i16);
+    for r in results {
+        b.put_i16(*r);
+    }
     msg(b'B', &b)
+}
+
+pub fn describe_statement(name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    cstr(&mut b, name);
+    msg(b'D', &b)
 }
 
 pub fn describe_portal(portal: &str) -> Vec<u8> {

@@ -720,18 +720,14 @@ impl Caching {
         // `SPILLWAY FLUSH` sent in the extended protocol: answered here, like the
         // simple Query (PostgreSQL would not parse it). Its unnamed statement exists
         // only here; executing it again without a new Parse gets PostgreSQL's error.
-        if let (Some(single), [stmt]) = (single.as_ref(), executed.as_slice())
-            && single.bound.values.is_empty()
-            && let Some(table) = super::flush::spillway_flush(&stmt.sql)
-        {
-            let single = Single {
-                bound: single.bound,
-                before: single.before.clone(),
-                after: single.after.clone(),
-                extended: true,
-                unnamed: single.unnamed.clone(),
-            };
-            return Some(self.flush_command(table.as_deref(), Some(single), out));
+        let flush = match (&single, executed.as_slice()) {
+            (Some(s), [stmt]) if s.bound.values.is_empty() => {
+                super::flush::spillway_flush(&stmt.sql)
+            }
+            _ => None,
+        };
+        if let Some(table) = flush {
+            return Some(self.flush_command(table.as_deref(), single, out));
         }
         self.route_writes(&refs, single, out)
     }

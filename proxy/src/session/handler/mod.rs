@@ -336,13 +336,7 @@ impl Caching {
             return Disposition::Consumed;
         }
         match tag {
-            frontend::PARSE
-            | frontend::BIND
-            | frontend::DESCRIBE
-            | frontend::EXECUTE
-            | frontend::CLOSE
-            | frontend::FLUSH
-            | frontend::SYNC => self.on_extended(tag, msg, out),
+            t if frontend::is_extended(t) => self.on_extended(tag, msg, out),
             frontend::QUERY => {
                 self.forward_held(out);
                 self.on_query(msg, out)

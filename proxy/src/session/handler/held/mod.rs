@@ -15,14 +15,16 @@
 //!
 //! Invariants:
 //! - Nothing goes upstream while a transaction is held (every path that would send a
-//!   message first leaves the held state), so every ReadyForQuery the client sees
-//!   carries the status of the transaction it believes in.
+//!   message first leaves the held state), except cycles that only Parse, Describe or
+//!   Close, whose ReadyForQuery is given the held status; so every ReadyForQuery the
+//!   client sees carries the status of the transaction it believes in.
+//! - Local answers are produced only when nothing is outstanding upstream.
 //! - A held transaction is journaled whole at COMMIT, or not at all; the answers the
 //!   client got are re-checked then ([`crate::writes::service::DeferError::Diverged`]).
 //! - A failed held transaction answers 25P02 to everything until ROLLBACK or COMMIT
 //!   (which both answer ROLLBACK), as PostgreSQL does.
-//! - Held statements are bounded ([`MAX_HELD_STATEMENTS`]); beyond that the
-//!   transaction is replayed upstream.
+//! - Held statements are bounded ([`MAX_HELD_STATEMENTS`], and operations and replay
+//!   bytes); beyond that the transaction is replayed upstream.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -46,7 +48,7 @@ use crate::writes::service::{Applied, DeferError, Known, TxOutcome, TxStatement}
 /// More statements, row operations or replay bytes than these in one held transaction:
 /// it is replayed upstream (the decision at each statement re-decides every earlier
 /// one under the write service's lock, and memory stays bounded).
-pub(super) const MAX_HELD_STATEMENTS: usize = 256;
+const MAX_HELD_STATEMENTS: usize = 256;
 const MAX_HELD_OPS: usize = 4096;
 const MAX_HELD_BYTES: usize = 1024 * 1024;
 
@@ -720,16 +722,7 @@ impl Caching {
         out: &mut Out<'_>,
     ) -> Option<Disposition> {
         let held = self.held_tx.as_ref()?;
-        let extended = matches!(
-            tag,
-            frontend::PARSE
-                | frontend::BIND
-                | frontend::DESCRIBE
-                | frontend::EXECUTE
-                | frontend::CLOSE
-                | frontend::FLUSH
-                | frontend::SYNC
-        );
+        let extended = frontend::is_extended(tag);
         let failed = held.failed;
         let discarding = held.discarding;
         let malformed = tag == frontend::QUERY && frontend::query(frontend::body(msg)).is_none();
