@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use spillway::throwaway::ThrowawayPostgres;
+use spillway::ops::throwaway::ThrowawayPostgres;
 
 const BIN: &str = env!("CARGO_BIN_EXE_spillway-loadtest");
 

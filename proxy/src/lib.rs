@@ -4,27 +4,28 @@
 //! wire protocol and upstream connections. What happens to data (cache, write
 //! policies, journal) lives in `spillway-policies`. See `ARCHITECTURE.md` for the map.
 //!
+//! The folders follow the data path, and each layer uses only the layers below it
+//! (checked by `tests/layers.rs`):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | operations | [`ops`]: listener and wiring, admin console, `/metrics`, reload, demo |
+//! | sessions | [`session`]: startup, the relay loop, the handler |
+//! | write path | [`write`]: deferred tables, statements → records, the flush worker's PostgreSQL side |
+//! | read path | [`read`]: statement classification, the catalog, the read cache |
+//! | plumbing | [`net`]: streams, TLS, upstream connections, cancel keys, workers, shutdown signals |
+//! | foundations | [`protocol`], [`config`], [`metrics`], [`error`] |
+//!
 //! It is not: a connection pooler. Every client session gets its own upstream
 //! connection (session mode), so session state always behaves exactly as on a direct
 //! connection.
 
-pub mod admin;
-pub mod cache;
-pub mod cancel;
-pub mod catalog;
-pub mod classify;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod metrics;
+pub mod net;
+pub mod ops;
 pub mod protocol;
-pub mod reload;
-pub mod schema;
-pub mod server;
+pub mod read;
 pub mod session;
-pub mod stream;
-pub mod throwaway;
-pub mod tls;
-pub mod upstream;
-pub mod workers;
-pub mod writes;
+pub mod write;

@@ -9,10 +9,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use spillway::config::{Config, LogConfig, LogFormat};
-use spillway::demo::Demo;
-use spillway::reload::{LogLevelSetter, ReloadSource};
-use spillway::schema;
-use spillway::server::{Server, ServerError};
+use spillway::ops::demo::Demo;
+use spillway::ops::reload::{LogLevelSetter, ReloadSource};
+use spillway::ops::server::{Server, ServerError};
+use spillway::write::schema;
 use spillway_policies::TableName;
 use tokio_util::sync::CancellationToken;
 
@@ -80,7 +80,7 @@ fn main() -> ExitCode {
             match Config::load(config.as_deref())
                 .map_err(anyhow::Error::from)
                 .and_then(|c| {
-                    spillway::server::check_files(&c)?;
+                    spillway::ops::server::check_files(&c)?;
                     Ok(c)
                 }) {
                 Ok(c) => {
@@ -166,7 +166,7 @@ fn hash_password() -> ExitCode {
     }
     println!(
         "{}",
-        spillway::admin::scram::Verifier::from_password(password)
+        spillway::protocol::scram::Verifier::from_password(password)
     );
     ExitCode::SUCCESS
 }
@@ -258,7 +258,7 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // The main runtime accepts connections and runs housekeeping; sessions run on the
-    // per-core workers (see `spillway::workers`), so one thread is enough here.
+    // per-core workers (see `spillway::net::workers`), so one thread is enough here.
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -302,8 +302,10 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     let _ = writeln!(
         out,
         "  direct:           psql {}",
-        demo.postgres
-            .url(spillway::demo::DEMO_USER, spillway::demo::DEMO_DATABASE)
+        demo.postgres.url(
+            spillway::ops::demo::DEMO_USER,
+            spillway::ops::demo::DEMO_DATABASE
+        )
     );
     let _ = writeln!(out, "Press Ctrl-C to stop; everything is removed on exit.");
     let _ = out.flush();
@@ -317,7 +319,7 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
 /// outcome).
 fn reload_on_hangup(
     mut hangup: tokio::signal::unix::Signal,
-    reloader: std::sync::Arc<spillway::reload::Reloader>,
+    reloader: std::sync::Arc<spillway::ops::reload::Reloader>,
 ) {
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {

@@ -12,6 +12,7 @@
 
 pub mod arith;
 pub mod coalesce;
+pub mod meta;
 pub mod order;
 pub mod plan;
 pub mod record;

@@ -22,17 +22,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::plan::TableMeta;
+pub use super::meta::ForeignKey;
+use super::meta::TableMeta;
 use super::record::{Record, RowOp, Val};
-
-/// A foreign key of a deferred table: its columns reference `references` of `parent`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForeignKey {
-    /// `schema.name` of the referenced table.
-    pub parent: String,
-    pub columns: Vec<String>,
-    pub references: Vec<String>,
-}
 
 /// The (record, operation) positions of `records` in the order to plan them.
 pub fn plan_order(records: &[&Record], tables: &HashMap<String, TableMeta>) -> Vec<(usize, usize)> {

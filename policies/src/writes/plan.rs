@@ -18,28 +18,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+pub use super::meta::{ForeignKey, TableMeta};
 use super::record::{AssignOp, Record, RowOp, Val};
-
-/// What the flusher needs to know about a deferred table (from the catalog).
-#[derive(Debug, Clone)]
-pub struct TableMeta {
-    /// `schema.name`, as in the config and in records.
-    pub name: String,
-    pub schema: String,
-    pub table: String,
-    /// Primary-key columns, in key order.
-    pub key: Vec<String>,
-    /// Every column's type as `format_type` spells it.
-    pub types: HashMap<String, String>,
-    /// Write-back: the flusher folds the table's operations per key
-    /// ([`super::coalesce`]) instead of applying them one by one.
-    pub coalesce: bool,
-    /// No triggers and no rules: its INSERTs may be planned apart from other tables'
-    /// ([`super::order`]).
-    pub plain: bool,
-    /// Its foreign keys (the tables it references).
-    pub parents: Vec<super::order::ForeignKey>,
-}
 
 impl TableMeta {
     /// `ONLY "schema"."table"`: deferred tables have no inheritance children (checked

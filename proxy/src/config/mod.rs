@@ -152,11 +152,11 @@ pub struct AdminConfig {
 impl AdminConfig {
     /// The verifier logins are checked against; `None` without a password. A
     /// plain password gets a fresh random salt each time.
-    pub fn verifier(&self) -> Option<crate::admin::scram::Verifier> {
+    pub fn verifier(&self) -> Option<crate::protocol::scram::Verifier> {
         let secret = self.password.as_ref()?.expose();
         Some(
-            crate::admin::scram::Verifier::parse(secret)
-                .unwrap_or_else(|| crate::admin::scram::Verifier::from_password(secret)),
+            crate::protocol::scram::Verifier::parse(secret)
+                .unwrap_or_else(|| crate::protocol::scram::Verifier::from_password(secret)),
         )
     }
 }
@@ -343,7 +343,7 @@ impl AdminConfig {
             }
             Some(p)
                 if p.expose().starts_with("SCRAM-SHA-256$")
-                    && crate::admin::scram::Verifier::parse(p.expose()).is_none() =>
+                    && crate::protocol::scram::Verifier::parse(p.expose()).is_none() =>
             {
                 Err(ValidationError::new(
                     "admin.password",

@@ -1,6 +1,6 @@
 //! Which config keys a hot reload applies and which take effect at restart: the single
 //! source of truth for the reload column of `docs/configuration.md` (a test compares
-//! them) and for what `crate::reload` does.
+//! them) and for what `crate::ops::reload` does.
 //!
 //! Invariant: [`effective`] takes from the new config exactly the keys
 //! [`applies`] calls [`Applies::Reload`], and everything else from the old one (a unit

@@ -9,10 +9,13 @@
 //!
 //! Message types spillway does not need to understand are never decoded: they are
 //! framed by their length and passed through byte for byte (SPEC §3, "Framing").
+//! The SCRAM-SHA-256 server exchange and PostgreSQL-format verifiers ([`scram`]) are here
+//! for the same reason: message contents, no I/O.
 
 pub mod backend;
 pub mod frame;
 pub mod frontend;
+pub mod scram;
 pub mod sqlstate;
 pub mod startup;
 

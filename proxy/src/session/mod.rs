@@ -15,10 +15,9 @@
 //!   [`relay::STREAM_THRESHOLD`] or more, of any type, is streamed, never held whole.
 //! - Every way a session ends is logged exactly once, in [`serve`].
 
-pub(crate) mod conn;
+pub mod clients;
 pub mod handler;
 pub mod relay;
-pub mod signal;
 pub(crate) mod startup;
 pub mod state;
 
@@ -29,13 +28,14 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::error::SessionError;
-use crate::stream::Stream;
-use crate::upstream::{Canceller, Connector};
-use conn::Conn;
-pub use signal::ShutdownSignals;
+use crate::net::cancel::CancelRegistry;
+use crate::net::conn::Conn;
+pub use crate::net::signal::ShutdownSignals;
+use crate::net::stream::Stream;
+use crate::net::upstream::{Canceller, Connector};
+use crate::protocol::startup::StartupMessage;
 
 /// What every session shares. Read-only after start, except the cancel registry and
 /// what a reload swaps (behind `reload`, the cache and the write service).
@@ -46,14 +46,35 @@ pub struct Shared {
     pub tls: Option<TlsAcceptor>,
     pub signals: Arc<ShutdownSignals>,
     /// The read cache; `None` when `cache.enabled = false`.
-    pub cache: Option<Arc<crate::cache::ReadCache>>,
+    pub cache: Option<Arc<crate::read::cache::ReadCache>>,
     /// Deferred tables and the database they are in; `None` when no table has a
     /// deferred policy.
-    pub writes: Option<(Arc<crate::writes::service::WriteService>, String)>,
+    pub writes: Option<(Arc<crate::write::service::WriteService>, String)>,
     /// Sessions past startup, for the admin console's `SHOW CLIENTS`.
-    pub clients: Arc<crate::admin::Clients>,
-    /// The config in force (`config` is the one spillway started with) and hot reload.
-    pub reload: Arc<crate::reload::Reloader>,
+    pub clients: Arc<clients::Clients>,
+    /// The admin console (`ops::admin`), when `admin.users` is set: connections that
+    /// log in to it are handed over after their startup packet.
+    pub console: Option<Arc<dyn Console>>,
+}
+
+/// The boxed future a [`Console`] returns.
+pub type ConsoleFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, SessionError>> + Send + 'a>>;
+
+/// Where connections for the admin console go. The session layer only recognises
+/// them and hands them over; what the console answers is `ops::admin`'s.
+pub trait Console: Send + Sync {
+    /// Whether this startup packet logs in to the console, not to PostgreSQL.
+    fn is_console(&self, startup: &StartupMessage) -> bool;
+    /// Authenticates the console login (inside the startup timeout).
+    fn login<'a>(&'a self, client: &'a mut Conn, user: &'a str) -> ConsoleFuture<'a, ()>;
+    /// Serves the logged-in console session until it ends.
+    fn serve<'a>(
+        &'a self,
+        client: Conn,
+        startup: &'a StartupMessage,
+        peer: SocketAddr,
+    ) -> ConsoleFuture<'a, End>;
 }
 
 impl Shared {
@@ -143,8 +164,8 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<End, S
     let (upstream, state, cancel_key, startup) = match established {
         startup::Established::Done(end) => return Ok(end),
         // Outside the startup timeout: a console session lasts as long as its client.
-        startup::Established::Admin(startup) => {
-            return crate::admin::serve(client, shared, &startup, peer).await;
+        startup::Established::Admin(console, startup) => {
+            return console.serve(client, &startup, peer).await;
         }
         startup::Established::Session {
             upstream,

@@ -35,17 +35,17 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
-use super::conn::{Conn, READ_CHUNK};
 use super::handler::{Delivery, Disposition, Handler, Out};
-use super::signal::{Phase, Subscription};
 use super::state::ProtocolState;
 use super::{End, GaugeGuard};
-use crate::cancel::CancelRegistry;
 use crate::error::SessionError;
+use crate::net::cancel::CancelRegistry;
+use crate::net::conn::{Conn, READ_CHUNK};
+use crate::net::signal::{Phase, Subscription};
+use crate::net::stream::Stream;
+use crate::net::upstream::Canceller;
 use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
-use crate::stream::Stream;
-use crate::upstream::Canceller;
 
 /// Output buffered toward one side before spillway stops reading from the other.
 pub const WINDOW: usize = 256 * 1024;

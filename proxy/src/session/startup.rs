@@ -11,20 +11,20 @@
 
 use bytes::Bytes;
 
-use super::conn::{Conn, read_client_frame, read_upstream_frame};
 use super::state::ProtocolState;
 use super::{End, Shared};
-use crate::cancel::{CancelKey, UpstreamKey};
 use crate::error::SessionError;
+use crate::net::cancel::{CancelKey, UpstreamKey};
+use crate::net::conn::{Conn, read_client_frame, read_upstream_frame};
+use crate::net::stream::Stream;
 use crate::protocol::ProtocolError;
 use crate::protocol::backend::{self, AUTH_SASL};
 use crate::protocol::startup::{self, StartupMessage, StartupPacket};
-use crate::stream::Stream;
 
 pub enum Established {
     Done(End),
     /// A login to the admin console succeeded: the session is spillway's own.
-    Admin(Box<StartupMessage>),
+    Admin(std::sync::Arc<dyn super::Console>, Box<StartupMessage>),
     Session {
         upstream: Conn,
         state: ProtocolState,
@@ -41,9 +41,9 @@ pub async fn establish(client: &mut Conn, shared: &Shared) -> Result<Established
     let span = tracing::Span::current();
     span.record("user", startup.user());
     span.record("database", startup.database());
-    if crate::admin::is_console(&shared.config.admin, &startup) {
-        crate::admin::login(client, &shared.config.admin, startup.user()).await?;
-        return Ok(Established::Admin(Box::new(startup)));
+    if let Some(console) = shared.console.as_ref().filter(|c| c.is_console(&startup)) {
+        console.login(client, startup.user()).await?;
+        return Ok(Established::Admin(console.clone(), Box::new(startup)));
     }
 
     let mut upstream = Conn::new(shared.connector.connect().await?);

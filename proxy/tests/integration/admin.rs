@@ -251,13 +251,13 @@ async fn console_refuses_other_roles_and_wrong_passwords() {
     );
     let stored = ctx.psql_direct("SELECT rolpassword FROM pg_authid WHERE rolname = 'pgmade'");
     let verifier =
-        spillway::admin::scram::Verifier::parse(stored.trim()).expect("PostgreSQL's verifier");
+        spillway::protocol::scram::Verifier::parse(stored.trim()).expect("PostgreSQL's verifier");
     let mut client = postgres_protocol::authentication::sasl::ScramSha256::new(
         b"pencil",
         postgres_protocol::authentication::sasl::ChannelBinding::unsupported(),
     );
     let (exchange, server_first) =
-        spillway::admin::scram::Exchange::start(&verifier, client.message()).expect("first");
+        spillway::protocol::scram::Exchange::start(&verifier, client.message()).expect("first");
     client.update(server_first.as_bytes()).expect("update");
     let server_final = exchange.finish(client.message()).expect("proof accepted");
     client

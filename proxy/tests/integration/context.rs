@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use spillway::throwaway::{Builder as PgBuilder, ThrowawayPostgres};
+use spillway::ops::throwaway::{Builder as PgBuilder, ThrowawayPostgres};
 
 pub const USER: &str = "spillway";
 pub const DB: &str = "postgres";

@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use spillway::schema;
-use spillway::throwaway::ThrowawayPostgres;
-use spillway::writes::apply::{self, ApplyError, LedgerKey};
+use spillway::ops::throwaway::ThrowawayPostgres;
+use spillway::write::apply::{self, ApplyError, LedgerKey};
+use spillway::write::schema;
 use spillway_policies::writes::{Assign, AssignOp, Record, RowOp, TableMeta, Val};
 use sqlx::{Connection, PgConnection};
 
@@ -46,7 +46,7 @@ async fn start() -> (ThrowawayPostgres, PgConnection, HashMap<String, TableMeta>
             )
         })
         .collect();
-    for (name, t) in spillway::writes::tables::load(&mut conn, &configured)
+    for (name, t) in spillway::write::tables::load(&mut conn, &configured)
         .await
         .expect("deferred tables load")
     {
@@ -327,7 +327,7 @@ async fn deferred_tables_without_a_key_or_with_row_security_are_refused() {
         )]
         .into_iter()
         .collect();
-        let err = spillway::writes::tables::load(&mut conn, &configured)
+        let err = spillway::write::tables::load(&mut conn, &configured)
             .await
             .expect_err(table)
             .to_string();

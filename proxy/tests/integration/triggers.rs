@@ -7,7 +7,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use spillway::throwaway::ThrowawayPostgres;
+use spillway::ops::throwaway::ThrowawayPostgres;
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 

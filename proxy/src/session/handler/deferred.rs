@@ -26,13 +26,13 @@ use bytes::BytesMut;
 use spillway_policies::Consistency;
 
 use super::{Caching, Disposition, Out, Stmt, returning};
-use crate::classify::{Analysis, Kind};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::frontend;
 use crate::protocol::sqlstate::SqlState;
-use crate::writes::convert::{self, Bound, Verb};
-use crate::writes::returning::Returning;
-use crate::writes::service::{DeferError, Outcome, WriteService};
+use crate::read::classify::{Analysis, Kind};
+use crate::write::convert::{self, Bound, Verb};
+use crate::write::returning::Returning;
+use crate::write::service::{DeferError, Outcome, WriteService};
 
 pub(super) type Slot<T> = Arc<Mutex<Option<Result<T, DeferError>>>>;
 

@@ -32,8 +32,8 @@
 use std::sync::Arc;
 
 use super::{Caching, Disposition, Handler, Out};
-use crate::catalog::Catalog;
 use crate::protocol::frontend;
+use crate::read::catalog::Catalog;
 
 const TERMINATE: u8 = b'X';
 

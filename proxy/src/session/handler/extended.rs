@@ -24,8 +24,8 @@ use tokio::sync::futures::OwnedNotified;
 
 use super::tracker::{Expect, Fill, Prepared};
 use super::{Caching, Disposition, Out, Stmt};
-use crate::cache::Effects;
 use crate::protocol::frontend;
+use crate::read::cache::Effects;
 
 /// Held messages beyond these bounds go upstream without waiting for their Sync.
 const MAX_HELD_BYTES: usize = 256 * 1024;

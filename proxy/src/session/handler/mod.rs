@@ -37,12 +37,12 @@ use spillway_policies::cache::{Deps, Lookup, Version};
 use tokio::sync::futures::OwnedNotified;
 
 use super::state::ProtocolState;
-use crate::cache::{Cacheable, DbState, Decision, Effects, ReadCache, decide};
-use crate::classify::{Analysis, DiscardTarget, Isolation, Kind, SessionCommand, TxCommand};
 use crate::metrics::SessionMetrics;
 use crate::protocol::frontend;
-use crate::writes::convert::Bound;
-use crate::writes::service::WriteService;
+use crate::read::cache::{Cacheable, DbState, Decision, Effects, ReadCache, decide};
+use crate::read::classify::{Analysis, DiscardTarget, Isolation, Kind, SessionCommand, TxCommand};
+use crate::write::convert::Bound;
+use crate::write::service::WriteService;
 use settings::KeyContext;
 use tracker::{Expect, Fill, Tracker};
 

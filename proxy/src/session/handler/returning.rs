@@ -17,7 +17,7 @@
 
 use bytes::BytesMut;
 
-use crate::writes::returning::Returning;
+use crate::write::returning::Returning;
 
 /// `before` (the answers preceding the command tag or error) for a statement whose
 /// RETURNING is `returning`; `written`: the rows the write reported, or `None` when

@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::classify::SessionCommand;
+use crate::read::classify::SessionCommand;
 
 /// ParameterStatus names that are part of the key.
 const REPORTED: [&str; 5] = [
@@ -154,7 +154,7 @@ impl KeyContext {
                 }
             }
             SessionCommand::Role => self.bypass = Some("role changed"),
-            SessionCommand::Discard(crate::classify::DiscardTarget::All) if certain => {
+            SessionCommand::Discard(crate::read::classify::DiscardTarget::All) if certain => {
                 // DISCARD ALL cannot run in a transaction block; it restores the role
                 // and every setting to the session's defaults.
                 self.set.clear();
@@ -236,7 +236,7 @@ mod tests {
         c.apply(&SessionCommand::Role, true);
         assert!(!c.usable());
         c.apply(
-            &SessionCommand::Discard(crate::classify::DiscardTarget::All),
+            &SessionCommand::Discard(crate::read::classify::DiscardTarget::All),
             true,
         );
         assert!(c.usable());

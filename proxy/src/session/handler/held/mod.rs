@@ -20,7 +20,7 @@
 //!   client sees carries the status of the transaction it believes in.
 //! - Local answers are produced only when nothing is outstanding upstream.
 //! - A held transaction is journaled whole at COMMIT, or not at all; the answers the
-//!   client got are re-checked then ([`crate::writes::service::DeferError::Diverged`]).
+//!   client got are re-checked then ([`crate::write::service::DeferError::Diverged`]).
 //! - A failed held transaction answers 25P02 to everything until ROLLBACK or COMMIT
 //!   (which both answer ROLLBACK), as PostgreSQL does.
 //! - Held statements are bounded ([`MAX_HELD_STATEMENTS`], and operations and replay
@@ -37,13 +37,13 @@ pub(in crate::session::handler) use replay::ReplayLog;
 
 use super::deferred::{Slot, Waiting, put, take};
 use super::{Caching, Disposition, Out, Stmt, returning};
-use crate::classify::{Analysis, Isolation, Kind, TxCommand};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::frontend;
 use crate::protocol::sqlstate::SqlState;
-use crate::writes::convert::Verb;
-use crate::writes::returning::Returning;
-use crate::writes::service::{Applied, DeferError, Known, TxOutcome, TxStatement};
+use crate::read::classify::{Analysis, Isolation, Kind, TxCommand};
+use crate::write::convert::Verb;
+use crate::write::returning::Returning;
+use crate::write::service::{Applied, DeferError, Known, TxOutcome, TxStatement};
 
 /// More statements, row operations or replay bytes than these in one held transaction:
 /// it is replayed upstream (the decision at each statement re-decides every earlier
@@ -76,7 +76,7 @@ pub(super) struct HeldTx {
 
 /// What a Blocked message in a held transaction waits for.
 pub(super) enum Wait {
-    /// A deferrable statement's decision ([`crate::writes::service::WriteService::preview`]).
+    /// A deferrable statement's decision ([`crate::write::service::WriteService::preview`]).
     Statement {
         slot: Slot<(Applied, Known)>,
         stmt: Box<TxStatement>,

@@ -16,10 +16,10 @@ use super::super::deferred::{Slot, Waiting, put};
 use super::super::tracker::Expect;
 use super::super::{Caching, Disposition, Out};
 use super::{Wait, ended};
-use crate::cache::Effects;
 use crate::protocol::backend;
 use crate::protocol::frontend;
 use crate::protocol::sqlstate::SqlState;
+use crate::read::cache::Effects;
 
 /// The answers to the internal query in flight.
 #[derive(Default)]

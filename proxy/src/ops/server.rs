@@ -18,13 +18,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::error::SessionError;
+use crate::net::cancel::CancelRegistry;
+use crate::net::tls;
+use crate::net::upstream::Connector;
+use crate::net::workers::Workers;
 use crate::session::{self, Shared, ShutdownSignals};
-use crate::tls;
-use crate::upstream::Connector;
-use crate::workers::Workers;
 
 /// Time sessions get after `terminate` to deliver their 57P01 and close.
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
@@ -38,7 +38,7 @@ pub enum ServerError {
     #[error("cannot start session workers: {0}")]
     Workers(std::io::Error),
     #[error(transparent)]
-    Writes(#[from] crate::writes::start::WritesStartError),
+    Writes(#[from] crate::write::start::WritesStartError),
     #[error("cannot serve metrics on {addr}: {error}")]
     Metrics {
         addr: SocketAddr,
@@ -63,8 +63,9 @@ pub fn check_files(config: &Config) -> Result<(), ServerError> {
 pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
+    reload: Arc<crate::ops::reload::Reloader>,
     /// The flush worker and its journal, when some table is deferred.
-    writes: Option<crate::writes::start::Running>,
+    writes: Option<crate::write::start::Running>,
     /// Stops the metrics endpoint.
     metrics: Option<CancellationToken>,
     permits: Arc<Semaphore>,
@@ -81,7 +82,7 @@ impl Server {
     /// config from it again.
     pub async fn bind_with(
         config: Config,
-        source: Option<crate::reload::ReloadSource>,
+        source: Option<crate::ops::reload::ReloadSource>,
     ) -> Result<Server, ServerError> {
         config.validate()?;
         let target = config.backend_target()?;
@@ -102,18 +103,18 @@ impl Server {
         let workers = Workers::start(config.server.workers, config.server.pin_workers)
             .map_err(ServerError::Workers)?;
         tracing::debug!(workers = workers.len(), "session workers started");
-        let cache = crate::cache::ReadCache::new(
+        let cache = crate::read::cache::ReadCache::new(
             &config,
             connector.clone(),
             tokio::runtime::Handle::current(),
         );
         // Before the first session: the journal's unapplied records go upstream first.
-        let writes = crate::writes::start::start(&config, cache.as_ref()).await?;
+        let writes = crate::write::start::start(&config, cache.as_ref()).await?;
         if !config.admin.users.is_empty() {
             // The console's SHOW STATS reads the recorder even without metrics.listen.
             crate::metrics::install();
         }
-        let metrics = crate::metrics::start(
+        let metrics = crate::ops::http::start(
             &config,
             cache.clone(),
             writes.as_ref().map(|w| w.service.clone()),
@@ -124,28 +125,44 @@ impl Server {
             addr: config.metrics.listen.unwrap_or(addr),
             error,
         })?;
-        let reload = Arc::new(crate::reload::Reloader::new(
+        let reload = Arc::new(crate::ops::reload::Reloader::new(
             config.clone(),
             source,
             cache.clone(),
             writes.as_ref().map(|w| w.service.clone()),
         ));
+        let config = Arc::new(config);
+        let writes_shared = writes
+            .as_ref()
+            .map(|w| (w.service.clone(), w.database.clone()));
+        let clients: Arc<crate::session::clients::Clients> = Arc::default();
+        let signals = Arc::new(ShutdownSignals::default());
+        let console: Option<Arc<dyn session::Console>> =
+            (!config.admin.users.is_empty()).then(|| {
+                Arc::new(crate::ops::admin::Console {
+                    config: config.clone(),
+                    cache: cache.clone(),
+                    writes: writes_shared.clone(),
+                    clients: clients.clone(),
+                    signals: signals.clone(),
+                    reload: reload.clone(),
+                }) as Arc<dyn session::Console>
+            });
         let shared = Arc::new(Shared {
-            reload,
-            writes: writes
-                .as_ref()
-                .map(|w| (w.service.clone(), w.database.clone())),
+            console,
+            writes: writes_shared,
             cache,
-            config: Arc::new(config),
+            config,
             connector,
             cancel: Arc::new(CancelRegistry::default()),
             tls,
-            signals: Arc::new(ShutdownSignals::default()),
-            clients: Arc::default(),
+            signals,
+            clients,
         });
         Ok(Server {
             listener,
             shared,
+            reload,
             writes,
             metrics,
             permits,
@@ -154,8 +171,8 @@ impl Server {
     }
 
     /// Applies reloads to this server (SIGHUP in `main`, the console's `RELOAD`).
-    pub fn reloader(&self) -> Arc<crate::reload::Reloader> {
-        self.shared.reload.clone()
+    pub fn reloader(&self) -> Arc<crate::ops::reload::Reloader> {
+        self.reload.clone()
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

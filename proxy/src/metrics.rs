@@ -8,8 +8,6 @@
 //! set when a scrape arrives, from the owners of that state, so no background task
 //! keeps them up to date.
 
-pub mod http;
-
 use std::sync::OnceLock;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -165,84 +163,6 @@ fn describe() {
     );
 }
 
-/// Sets the metrics that mirror state (cache counters and size, pending writes,
-/// journal) from their owners; called before a scrape or a console `SHOW` renders.
-pub fn refresh(
-    cache: Option<&crate::cache::ReadCache>,
-    writes: Option<&crate::writes::service::WriteService>,
-) {
-    if let Some(c) = cache {
-        c.results.sync();
-        let s = c.results.stats();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        metrics::counter!(CACHE_HITS).absolute(load(&s.hits));
-        metrics::counter!(CACHE_MISSES).absolute(load(&s.misses));
-        metrics::counter!(CACHE_EVICTIONS).absolute(load(&s.evicted) + load(&s.expired));
-        #[allow(clippy::cast_precision_loss)]
-        {
-            metrics::gauge!(CACHE_BYTES).set(c.results.weighted_bytes() as f64);
-            metrics::gauge!(CACHE_ENTRIES).set(c.results.entry_count() as f64);
-        }
-    }
-    if let Some(w) = writes {
-        w.export_gauges();
-    }
-}
-
-/// Binds `metrics.listen` and serves the endpoint until the returned token is
-/// cancelled; `None` when `metrics.listen` is unset.
-pub async fn start(
-    config: &crate::config::Config,
-    cache: Option<std::sync::Arc<crate::cache::ReadCache>>,
-    writes: Option<std::sync::Arc<crate::writes::service::WriteService>>,
-    connector: crate::upstream::Connector,
-) -> Result<Option<tokio_util::sync::CancellationToken>, std::io::Error> {
-    use std::sync::Arc;
-
-    let Some(addr) = config.metrics.listen else {
-        return Ok(None);
-    };
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    let Some(handle) = install() else {
-        tracing::warn!("another metrics recorder is installed; /metrics serves only its own");
-        return Ok(None);
-    };
-    tracing::info!(addr = %local, "metrics endpoint on {local}");
-    let (refresh_cache, refresh_writes) = (cache.clone(), writes.clone());
-    let on_scrape = Box::new(move || refresh(refresh_cache.as_deref(), refresh_writes.as_deref()));
-    let ready_writes = writes;
-    let ready: http::ReadyCheck = Box::new(move || {
-        let writes = ready_writes.clone();
-        let connector = connector.clone();
-        Box::pin(async move {
-            if let Some(w) = &writes {
-                w.health()?;
-            }
-            // Upstream reachable: a TCP connect (no session) within a second.
-            let target = (connector.target.host.clone(), connector.target.port);
-            match tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                tokio::net::TcpStream::connect(target),
-            )
-            .await
-            {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(format!("PostgreSQL unreachable: {e}")),
-                Err(_) => Err("PostgreSQL unreachable: connect timed out".to_owned()),
-            }
-        })
-    });
-    let endpoint = Arc::new(http::Endpoint {
-        handle,
-        refresh: on_scrape,
-        ready,
-    });
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(http::serve(listener, endpoint, stop.clone()));
-    Ok(Some(stop))
-}
-
 /// Handles a session records into, created once per session (a registry lookup per
 /// metric then, none per message).
 pub struct SessionMetrics {
@@ -278,7 +198,7 @@ mod tests {
     /// Every `"spillway_…"` name declared in this file is in [`ALL`], once.
     #[test]
     fn all_lists_every_name() {
-        let source = include_str!("mod.rs");
+        let source = include_str!("metrics.rs");
         let declared: Vec<&str> = source
             .lines()
             .filter(|l| l.starts_with("pub const ") && l.contains(": &str = \"spillway_"))

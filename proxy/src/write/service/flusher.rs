@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{FLUSH_APP, FORGOTTEN_LIMIT, MAX_BACKOFF, WriteService, connect_as};
-use crate::writes::apply::{self, ApplyError, LedgerKey};
+use crate::write::apply::{self, ApplyError, LedgerKey};
 
 impl WriteService {
     /// The flush worker: runs until `shutdown`, then drains what it can within

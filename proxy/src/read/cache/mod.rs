@@ -23,10 +23,10 @@ use spillway_policies::cache::{DbVersions, Registry, ResultCache};
 use spillway_policies::{CacheConfig, Invalidation};
 use tokio::sync::Notify;
 
-use crate::catalog::Catalog;
-use crate::classify::{Classifier, ClassifierLimits};
 use crate::config::Config;
-use crate::upstream::Connector;
+use crate::net::upstream::Connector;
+use crate::read::catalog::Catalog;
+use crate::read::classify::{Classifier, ClassifierLimits};
 pub use decide::{Cacheable, Decision, Effects, TableSettings};
 
 pub struct ReadCache {

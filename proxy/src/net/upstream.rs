@@ -8,11 +8,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::cancel::UpstreamKey;
 use crate::config::{BackendTarget, SslMode};
 use crate::error::SessionError;
+use crate::net::cancel::UpstreamKey;
+use crate::net::stream::Stream;
 use crate::protocol::startup::{CANCEL_REQUEST_CODE, SSL_REQUEST_CODE};
-use crate::stream::Stream;
 
 /// Cancels whatever one upstream session is running, as a client's CancelRequest
 /// would. Used when nobody is left to receive the answer.

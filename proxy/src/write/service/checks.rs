@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use sqlx::PgConnection;
 
 use super::{CHECKS_APP, DeferError, WriteService, apply, connect_as};
-use crate::writes::convert::Verb;
-use crate::writes::tables::DeferredTable;
+use crate::write::convert::Verb;
+use crate::write::tables::DeferredTable;
 
 /// Privilege answers by (role, table, verb), with when they were asked.
 pub(super) type Privileges = HashMap<(String, String, Verb), (bool, Instant)>;

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
+use super::Console;
 use crate::protocol::backend::ColumnType;
 use crate::protocol::sqlstate::SqlState;
-use crate::session::Shared;
 
 /// The help text of an unknown command.
 pub const USAGE: &str = "SHOW STATS | SHOW CACHE | SHOW TABLES | SHOW PENDING | SHOW CLIENTS | \
@@ -64,7 +64,7 @@ fn unquote(name: &str) -> String {
 }
 
 /// Answers `command` from spillway's state.
-pub async fn execute(command: Command, shared: &Shared) -> Reply {
+pub async fn execute(command: Command, shared: &Console) -> Reply {
     match command {
         Command::ShowStats => show_stats(shared),
         Command::ShowCache => show_cache(shared),
@@ -80,7 +80,7 @@ pub async fn execute(command: Command, shared: &Shared) -> Reply {
 /// `RELOAD`: answers once the reload finished (tables leaving a deferred policy
 /// flushed), with one row per changed key and when it takes effect; or the error that
 /// rejected the whole reload.
-async fn reload(shared: &Shared) -> Reply {
+async fn reload(shared: &Console) -> Reply {
     match shared.reload.reload().await {
         Ok(done) => Reply::Rows {
             columns: vec![
@@ -113,11 +113,11 @@ struct Sample {
 
 /// Every sample `/metrics` would serve now (state gauges refreshed first); empty when
 /// another metrics recorder is installed.
-fn samples(shared: &Shared) -> Vec<Sample> {
+fn samples(shared: &Console) -> Vec<Sample> {
     let Some(handle) = crate::metrics::install() else {
         return Vec::new();
     };
-    crate::metrics::refresh(
+    crate::ops::http::refresh(
         shared.cache.as_deref(),
         shared.writes.as_ref().map(|(w, _)| w.as_ref()),
     );
@@ -149,7 +149,7 @@ fn seconds(d: Duration) -> Option<String> {
 }
 
 /// Every counter and gauge of `/metrics`, and each histogram's count and sum.
-fn show_stats(shared: &Shared) -> Reply {
+fn show_stats(shared: &Console) -> Reply {
     let rows = samples(shared)
         .into_iter()
         .filter(|s| !s.name.ends_with("_bucket"))
@@ -166,7 +166,7 @@ fn show_stats(shared: &Shared) -> Reply {
     }
 }
 
-fn show_cache(shared: &Shared) -> Reply {
+fn show_cache(shared: &Console) -> Reply {
     let columns = vec![
         ("enabled", ColumnType::Bool),
         ("entries", ColumnType::Int8),
@@ -223,7 +223,7 @@ fn show_cache(shared: &Shared) -> Reply {
 }
 
 /// Pending count and oldest age per deferred table.
-fn pending(shared: &Shared) -> std::collections::HashMap<String, (usize, Option<Duration>)> {
+fn pending(shared: &Console) -> std::collections::HashMap<String, (usize, Option<Duration>)> {
     shared
         .writes
         .as_ref()
@@ -236,7 +236,7 @@ fn pending(shared: &Shared) -> std::collections::HashMap<String, (usize, Option<
         .unwrap_or_default()
 }
 
-fn show_tables(shared: &Shared) -> Reply {
+fn show_tables(shared: &Console) -> Reply {
     let pending = pending(shared);
     let samples = samples(shared);
     let fallbacks = |table: &str| -> f64 {
@@ -302,7 +302,7 @@ fn when_full(w: spillway_policies::WhenFull) -> &'static str {
     }
 }
 
-fn show_pending(shared: &Shared) -> Reply {
+fn show_pending(shared: &Console) -> Reply {
     let columns = vec![
         ("table", ColumnType::Text),
         ("pending", ColumnType::Int8),
@@ -347,7 +347,7 @@ fn show_pending(shared: &Shared) -> Reply {
     }
 }
 
-fn show_clients(shared: &Shared) -> Reply {
+fn show_clients(shared: &Console) -> Reply {
     let rows = shared
         .clients
         .list()
@@ -384,7 +384,7 @@ fn show_clients(shared: &Shared) -> Reply {
 
 /// Waits until every write acknowledged before it (of `table`, or of all deferred
 /// tables) is applied, like `SPILLWAY FLUSH`.
-async fn flush(shared: &Shared, table: Option<&str>) -> Reply {
+async fn flush(shared: &Console, table: Option<&str>) -> Reply {
     let Some((writes, _)) = &shared.writes else {
         return match table {
             Some(t) => not_deferred(t),
@@ -418,7 +418,7 @@ fn not_deferred(table: &str) -> Reply {
 
 /// `schema.name` or a bare name that matches exactly one deferred table.
 fn resolve_deferred(
-    writes: &crate::writes::service::WriteService,
+    writes: &crate::write::service::WriteService,
     table: &str,
 ) -> Result<String, Reply> {
     let (schema, name) = match table.split_once('.') {
@@ -437,7 +437,7 @@ fn resolve_deferred(
 
 /// Drops cached results of `table` in every database the cache serves; a database
 /// whose catalog is not loaded loses all its entries (the name cannot be resolved).
-fn invalidate(shared: &Shared, table: &str) -> Reply {
+fn invalidate(shared: &Console, table: &str) -> Reply {
     let Some(cache) = &shared.cache else {
         return Reply::Error(
             SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::server::{Server, ServerError};
-use crate::throwaway::{ThrowawayError, ThrowawayPostgres};
+use crate::ops::server::{Server, ServerError};
+use crate::ops::throwaway::{ThrowawayError, ThrowawayPostgres};
 
 pub const DEMO_DATABASE: &str = "demo";
 pub const DEMO_USER: &str = "spillway";

@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use super::{DbState, ReadCache};
-use crate::catalog::{self, Catalog};
-use crate::upstream::Connector;
+use crate::net::upstream::Connector;
+use crate::read::catalog::{self, Catalog};
 
 /// Notification channel the triggers installed by `spillway install-triggers` use.
 pub const CHANNEL: &str = "spillway_invalidate";

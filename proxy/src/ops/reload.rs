@@ -24,12 +24,12 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use sqlx::Connection;
 
-use crate::cache::ReadCache;
 use crate::config::reload::{Applies, applies, changed_keys, effective};
 use crate::config::{Config, ConfigError};
 use crate::protocol::sqlstate::SqlState;
-use crate::writes::service::{DeferError, TablesChange, WriteService};
-use crate::writes::tables::{self, TableError};
+use crate::read::cache::ReadCache;
+use crate::write::service::{DeferError, TablesChange, WriteService};
+use crate::write::tables::{self, TableError};
 
 /// Installs a new `log.level` filter in the running subscriber.
 pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;

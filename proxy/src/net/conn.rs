@@ -5,8 +5,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::SessionError;
+use crate::net::stream::Stream;
 use crate::protocol::frame;
-use crate::stream::Stream;
 
 /// Initial read-buffer capacity; buffers grow to the largest message seen.
 pub const READ_CHUNK: usize = 16 * 1024;

@@ -30,11 +30,11 @@
 use bytes::{Bytes, BytesMut};
 use spillway_policies::writes::{AssignOp, RowOp};
 
-use super::convert::Bound;
+use super::params::Bound;
 use super::params::{BOOL, INT2, INT4, INT8, TEXT, UUID, VARCHAR, canonical_key};
 use super::tables::{Column, DeferredTable};
-use crate::classify::{Returned, WriteShape};
 use crate::protocol::backend::{self, Field};
+use crate::read::classify::{Returned, WriteShape};
 
 /// Fallback reason: a RETURNING value that is not supplied by the statement, or not
 /// known exactly as PostgreSQL would output it.

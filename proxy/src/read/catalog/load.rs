@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use tokio_postgres::Client;
 
 use super::{Catalog, FunctionInfo, RelKind, Relation, Volatility};
-use crate::classify;
+use crate::read::classify;
 
 const RELATIONS: &str = "
 SELECT c.oid, n.nspname, c.relname, c.relkind::text, c.relpersistence = 't',

@@ -96,3 +96,82 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     *r.status_mut() = status;
     r
 }
+
+/// Sets the metrics that mirror state (cache counters and size, pending writes,
+/// journal) from their owners; called before a scrape or a console `SHOW` renders.
+pub fn refresh(
+    cache: Option<&crate::read::cache::ReadCache>,
+    writes: Option<&crate::write::service::WriteService>,
+) {
+    if let Some(c) = cache {
+        c.results.sync();
+        let s = c.results.stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!(crate::metrics::CACHE_HITS).absolute(load(&s.hits));
+        metrics::counter!(crate::metrics::CACHE_MISSES).absolute(load(&s.misses));
+        metrics::counter!(crate::metrics::CACHE_EVICTIONS)
+            .absolute(load(&s.evicted) + load(&s.expired));
+        #[allow(clippy::cast_precision_loss)]
+        {
+            metrics::gauge!(crate::metrics::CACHE_BYTES).set(c.results.weighted_bytes() as f64);
+            metrics::gauge!(crate::metrics::CACHE_ENTRIES).set(c.results.entry_count() as f64);
+        }
+    }
+    if let Some(w) = writes {
+        w.export_gauges();
+    }
+}
+
+/// Binds `metrics.listen` and serves the endpoint until the returned token is
+/// cancelled; `None` when `metrics.listen` is unset.
+pub async fn start(
+    config: &crate::config::Config,
+    cache: Option<std::sync::Arc<crate::read::cache::ReadCache>>,
+    writes: Option<std::sync::Arc<crate::write::service::WriteService>>,
+    connector: crate::net::upstream::Connector,
+) -> Result<Option<tokio_util::sync::CancellationToken>, std::io::Error> {
+    use std::sync::Arc;
+
+    let Some(addr) = config.metrics.listen else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let Some(handle) = crate::metrics::install() else {
+        tracing::warn!("another metrics recorder is installed; /metrics serves only its own");
+        return Ok(None);
+    };
+    tracing::info!(addr = %local, "metrics endpoint on {local}");
+    let (refresh_cache, refresh_writes) = (cache.clone(), writes.clone());
+    let on_scrape = Box::new(move || refresh(refresh_cache.as_deref(), refresh_writes.as_deref()));
+    let ready_writes = writes;
+    let ready: ReadyCheck = Box::new(move || {
+        let writes = ready_writes.clone();
+        let connector = connector.clone();
+        Box::pin(async move {
+            if let Some(w) = &writes {
+                w.health()?;
+            }
+            // Upstream reachable: a TCP connect (no session) within a second.
+            let target = (connector.target.host.clone(), connector.target.port);
+            match tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                tokio::net::TcpStream::connect(target),
+            )
+            .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("PostgreSQL unreachable: {e}")),
+                Err(_) => Err("PostgreSQL unreachable: connect timed out".to_owned()),
+            }
+        })
+    });
+    let endpoint = Arc::new(Endpoint {
+        handle,
+        refresh: on_scrape,
+        ready,
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(serve(listener, endpoint, stop.clone()));
+    Ok(Some(stop))
+}

@@ -7,25 +7,11 @@
 
 use spillway_policies::writes::{Assign as RecAssign, AssignOp, RowOp, Val};
 
+pub use super::params::Bound;
 use super::params::{self, canonical_key, is_numeric};
 use super::returning::{self, Returning};
 use super::tables::DeferredTable;
-use crate::classify::{Assign, Operand, Value, WriteShape};
-
-/// Bound parameters of one Execute (or none for a simple Query).
-#[derive(Debug, Default, Clone)]
-pub struct Bound {
-    /// Wire values; `None` is NULL.
-    pub values: Vec<Option<Vec<u8>>>,
-    /// Per parameter: binary format.
-    pub binary: Vec<bool>,
-    /// Declared parameter types from Parse (0 = unspecified).
-    pub types: Vec<u32>,
-    /// Result format codes of the Bind, as sent (none = all text).
-    pub result_formats: Vec<i16>,
-    /// The Execute's row limit (0 = none).
-    pub max_rows: i32,
-}
+use crate::read::classify::{Assign, Operand, Value, WriteShape};
 
 /// What the client is told once the record is durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

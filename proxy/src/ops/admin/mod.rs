@@ -17,23 +17,30 @@
 //! state (cache, write service, client list, metrics) and, for FLUSH and INVALIDATE,
 //! calls the same operations sessions use.
 
-mod clients;
 pub mod commands;
-pub mod scram;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::config::AdminConfig;
+use std::sync::Arc;
+
+use crate::config::{AdminConfig, Config};
 use crate::error::SessionError;
+use crate::net::conn::Conn;
+use crate::net::signal::Phase;
+use crate::net::signal::ShutdownSignals;
+use crate::net::stream::Stream;
+use crate::ops::reload::Reloader;
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::frame;
 use crate::protocol::frontend;
+use crate::protocol::scram;
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::StartupMessage;
-use crate::session::signal::Phase;
-use crate::session::{End, Shared};
-use crate::stream::Stream;
-pub use clients::{ClientInfo, Clients, Registration};
+use crate::read::cache::ReadCache;
+use crate::session::ConsoleFuture;
+use crate::session::End;
+pub use crate::session::clients::{ClientInfo, Clients, Registration};
+use crate::write::service::WriteService;
 use commands::Reply;
 
 /// The database name that reaches the console.
@@ -45,11 +52,48 @@ pub fn is_console(admin: &AdminConfig, startup: &StartupMessage) -> bool {
     !admin.users.is_empty() && startup.database() == DATABASE
 }
 
+/// What the console reads and acts on: the state sessions share, and the reloader.
+pub struct Console {
+    pub config: Arc<Config>,
+    pub cache: Option<Arc<ReadCache>>,
+    /// The write service and its database, as sessions have it.
+    pub writes: Option<(Arc<WriteService>, String)>,
+    pub clients: Arc<Clients>,
+    pub signals: Arc<ShutdownSignals>,
+    /// The config in force and hot reload (`RELOAD`, `SHOW TABLES`).
+    pub reload: Arc<Reloader>,
+}
+
+impl Console {
+    fn max_message_bytes(&self) -> usize {
+        usize::try_from(self.config.server.max_message_bytes.as_u64()).unwrap_or(usize::MAX)
+    }
+}
+
+impl crate::session::Console for Console {
+    fn is_console(&self, startup: &StartupMessage) -> bool {
+        is_console(&self.config.admin, startup)
+    }
+
+    fn login<'a>(&'a self, client: &'a mut Conn, user: &'a str) -> ConsoleFuture<'a, ()> {
+        Box::pin(login(client, &self.config.admin, user))
+    }
+
+    fn serve<'a>(
+        &'a self,
+        client: Conn,
+        startup: &'a StartupMessage,
+        peer: std::net::SocketAddr,
+    ) -> ConsoleFuture<'a, End> {
+        Box::pin(serve(client, self, startup, peer))
+    }
+}
+
 /// Authenticates a console login on `client`: FATAL 28000 for a role not in
 /// `admin.users`, 28P01 for a wrong password. Sends AuthenticationOk on success; the
 /// rest of the greeting is [`serve`]'s.
 pub async fn login(
-    client: &mut crate::session::conn::Conn,
+    client: &mut crate::net::conn::Conn,
     admin: &AdminConfig,
     user: &str,
 ) -> Result<(), SessionError> {
@@ -115,10 +159,10 @@ fn scram_error(err: scram::ScramError, wrong: &dyn Fn() -> SessionError) -> Sess
 
 /// The body of the client's next message, which must be a PasswordMessage ('p').
 async fn read_password_message(
-    client: &mut crate::session::conn::Conn,
+    client: &mut crate::net::conn::Conn,
     limit: usize,
 ) -> Result<Bytes, SessionError> {
-    let msg = crate::session::conn::read_client_frame(client, limit).await?;
+    let msg = crate::net::conn::read_client_frame(client, limit).await?;
     if msg.first() != Some(&b'p') {
         return Err(malformed("expected a SASL response"));
     }
@@ -127,8 +171,8 @@ async fn read_password_message(
 
 /// Runs a logged-in console session until the client leaves or spillway shuts down.
 pub async fn serve(
-    mut client: crate::session::conn::Conn,
-    shared: &Shared,
+    mut client: crate::net::conn::Conn,
+    shared: &Console,
     startup: &StartupMessage,
     peer: std::net::SocketAddr,
 ) -> Result<End, SessionError> {
@@ -220,7 +264,7 @@ pub async fn serve(
 }
 
 /// Runs each `;`-separated statement of a simple Query, stopping at the first error.
-async fn run_query(text: &str, shared: &Shared, out: &mut BytesMut) {
+async fn run_query(text: &str, shared: &Console, out: &mut BytesMut) {
     let statements: Vec<&str> = text
         .split(';')
         .map(str::trim)
@@ -263,7 +307,7 @@ fn error(code: SqlState, message: &str) -> Bytes {
 
 /// The next whole client message, or `None` at a clean end of the connection.
 async fn next_message(
-    client: &mut crate::session::conn::Conn,
+    client: &mut crate::net::conn::Conn,
     limit: usize,
 ) -> Result<Option<Bytes>, SessionError> {
     loop {
@@ -282,7 +326,7 @@ async fn next_message(
     }
 }
 
-async fn phase_at_least(signals: &crate::session::signal::Subscription, min: Phase) -> Phase {
+async fn phase_at_least(signals: &crate::net::signal::Subscription, min: Phase) -> Phase {
     std::future::poll_fn(|cx| {
         let phase = signals.poll_phase(cx);
         if phase >= min {

@@ -9,6 +9,21 @@
 
 use std::fmt::Write as _;
 
+/// Bound parameters of one Execute (or none for a simple Query).
+#[derive(Debug, Default, Clone)]
+pub struct Bound {
+    /// Wire values; `None` is NULL.
+    pub values: Vec<Option<Vec<u8>>>,
+    /// Per parameter: binary format.
+    pub binary: Vec<bool>,
+    /// Declared parameter types from Parse (0 = unspecified).
+    pub types: Vec<u32>,
+    /// Result format codes of the Bind, as sent (none = all text).
+    pub result_formats: Vec<i16>,
+    /// The Execute's row limit (0 = none).
+    pub max_rows: i32,
+}
+
 pub const BOOL: u32 = 16;
 pub const BYTEA: u32 = 17;
 pub const NAME: u32 = 19;

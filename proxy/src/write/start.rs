@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::service::{StartError, WriteService};
 use super::tables::{self, TableError};
-use crate::cache::ReadCache;
 use crate::config::Config;
-use crate::schema::{self, SchemaError};
+use crate::read::cache::ReadCache;
+use crate::write::schema::{self, SchemaError};
 
 /// How long startup waits for the first catalog snapshot of the backend database.
 const CATALOG_WAIT: Duration = Duration::from_secs(10);

@@ -31,7 +31,7 @@ use spillway_policies::writes::TableMeta;
 use spillway_policies::{Consistency, FlushConfig, TableConfig};
 
 use super::{DeferError, WriteService};
-use crate::writes::tables::DeferredTable;
+use crate::write::tables::DeferredTable;
 
 /// The deferred tables at one moment.
 #[derive(Default)]

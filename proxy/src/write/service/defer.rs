@@ -25,8 +25,8 @@ use spillway_policies::writes::{Record, RowOp};
 
 use super::table_set::InFlight;
 use super::{DeferError, KeyState, Outcome, State, WriteService};
-use crate::writes::convert::{Converted, Verb};
-use crate::writes::tables::DeferredTable;
+use crate::write::convert::{Converted, Verb};
+use crate::write::tables::DeferredTable;
 
 /// One statement of a held transaction (or an autocommit statement alone).
 #[derive(Debug, Clone)]

@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::catalog::{Catalog, Volatility};
-use crate::classify::{Analysis, Kind, RelName, Statement, TxCommand};
+use crate::read::catalog::{Catalog, Volatility};
+use crate::read::classify::{Analysis, Kind, RelName, Statement, TxCommand};
 
 /// Per-table cache settings: `tables."schema.name".cache` and `.ttl`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -251,8 +251,8 @@ fn write_targets(names: &[RelName], catalog: Option<&Catalog>, effects: &mut Eff
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::tests::sample;
-    use crate::classify::analyze;
+    use crate::read::catalog::tests::sample;
+    use crate::read::classify::analyze;
 
     fn settings() -> TableSettings {
         let mut s = TableSettings {

@@ -15,6 +15,7 @@ pub mod convert;
 pub mod fallbacks;
 pub mod params;
 pub mod returning;
+pub mod schema;
 pub mod service;
 pub mod start;
 pub mod tables;
