@@ -37,9 +37,41 @@ impl SqlState {
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
     /// Admin console: `RELOAD` of a configuration that is invalid or refused.
     pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
+    /// Not sent by spillway: PostgreSQL's refusal of new sessions while it starts,
+    /// stops or recovers, which tells a detaching session that PostgreSQL is gone.
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
+
+    /// Every code above, for [`SqlState::of`].
+    const ALL: [SqlState; 19] = [
+        Self::PROTOCOL_VIOLATION,
+        Self::CONNECTION_FAILURE,
+        Self::FEATURE_NOT_SUPPORTED,
+        Self::PROGRAM_LIMIT_EXCEEDED,
+        Self::TOO_MANY_CONNECTIONS,
+        Self::ADMIN_SHUTDOWN,
+        Self::INSUFFICIENT_RESOURCES,
+        Self::UNIQUE_VIOLATION,
+        Self::IN_FAILED_SQL_TRANSACTION,
+        Self::SERIALIZATION_FAILURE,
+        Self::INTERNAL_ERROR,
+        Self::INVALID_AUTHORIZATION,
+        Self::INVALID_PASSWORD,
+        Self::SYNTAX_ERROR,
+        Self::UNDEFINED_TABLE,
+        Self::AMBIGUOUS,
+        Self::OBJECT_NOT_IN_PREREQUISITE_STATE,
+        Self::CONFIG_FILE_ERROR,
+        Self::CANNOT_CONNECT_NOW,
+    ];
 
     pub fn code(&self) -> &'static str {
         self.0
+    }
+
+    /// The code spelled `code`, if it is one of these: where a code arrives as text
+    /// (a lower layer's error, PostgreSQL's ErrorResponse), it becomes a type once, here.
+    pub fn of(code: &str) -> Option<SqlState> {
+        Self::ALL.into_iter().find(|s| s.0 == code)
     }
 
     /// Class 08 (connection), 40 (rollback), 53 (resources) and 57 (operator
@@ -65,5 +97,13 @@ mod tests {
         assert!(SqlState::ADMIN_SHUTDOWN.is_transient());
         assert!(SqlState::PROTOCOL_VIOLATION.is_transient());
         assert!(!SqlState::FEATURE_NOT_SUPPORTED.is_transient());
+    }
+
+    #[test]
+    fn every_code_is_found_by_its_text() {
+        for s in SqlState::ALL {
+            assert_eq!(SqlState::of(s.code()), Some(s));
+        }
+        assert_eq!(SqlState::of("00000"), None);
     }
 }

@@ -1,0 +1,380 @@
+//! Deferred tables in a session (SPEC §6): a deferrable autocommit statement on a
+//! write-behind/write-back table is journaled and acknowledged by spillway; anything
+//! else that touches such a table while it has pending writes first waits for them to
+//! be applied upstream (a barrier), as its table's `consistency` requires.
+//!
+//! Both are waits of the message ([`Wait`]): the journal's acknowledgement comes back
+//! as a [`Resume::Ack`] and is answered here ([`Caching::acknowledged`]); a barrier
+//! comes back as [`Resume::Passed`] and the message is routed on without another. This
+//! is where a write enters the write service's facade: [`WriteService::defer`],
+//! [`WriteService::wait_applied`].
+//!
+//! Invariants:
+//! - A statement is deferred only alone in its request, in autocommit, with nothing
+//!   outstanding upstream (a deferrable statement behind unanswered requests waits
+//!   for their answers, then is decided), when spillway can resolve its table to
+//!   exactly one deferred table and its values to text; everything else is a fallback
+//!   (write-through after a barrier).
+//! - A barrier is waited for once per routing of a message (`wait.rs`).
+//! - The cache entries of a table are invalidated when a deferred write to it is
+//!   acknowledged (and again when it is applied, by the flusher).
+
+mod tables;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use spillway_policies::Consistency;
+
+use super::answer::{Reply, Single, refusal};
+use super::statements::Unnamed;
+use super::wait::{Ack, Resume, Wait};
+use super::{Caching, Disposition};
+use crate::protocol::frontend;
+use crate::read::classify::{Analysis, Kind};
+use crate::session::state::Outbox;
+use crate::write::convert::{self, Bound, Converted};
+use crate::write::service::{DeferError, WriteService};
+pub(super) use tables::Fallback;
+use tables::Touch;
+
+/// The deferred tables of the session's database, and what the session deferred.
+pub struct Deferral {
+    pub service: Arc<WriteService>,
+    /// Sequence number of this session's latest deferred write (`consistency =
+    /// "session"`, and read-your-writes: no hits or fills until it is applied).
+    pub own_seq: u64,
+    /// The session's role, for privilege checks of deferred writes.
+    pub user: String,
+}
+
+impl Deferral {
+    pub fn new(service: Arc<WriteService>, user: &str) -> Self {
+        Self {
+            service,
+            own_seq: 0,
+            user: user.to_owned(),
+        }
+    }
+}
+
+impl Caching {
+    /// Routes a request with deferred tables in mind: `Some` when it is answered here
+    /// or must first wait (the message is then Blocked), `None` to go on upstream.
+    /// `single`: the request's only statement, with its bound parameters and answer.
+    pub(super) fn route_writes(
+        &mut self,
+        analyses: &[&Analysis],
+        single: Option<Single<'_>>,
+        out: &mut Outbox,
+    ) -> Option<Disposition> {
+        let w = self.writes.as_ref()?.service.clone();
+        if self.tx.held.is_some() {
+            return self.route_held(analyses, single, out);
+        }
+        let mut single = single;
+        if let Some(d) = self.try_hold(analyses, &mut single, out) {
+            return Some(d);
+        }
+        let catalog = self.routing_catalog();
+        let touch = Touch::of(&w.tables(), catalog.as_deref(), analyses);
+        if touch.is_empty() {
+            return None;
+        }
+        let mut full = false;
+        if let (Some(single), [analysis]) = (single, analyses)
+            && !self.wait.write_through()
+        {
+            // Pipelined behind requests still unanswered (a client's Close + Sync, say),
+            // whether it runs in autocommit is not known yet: wait for their answers
+            // rather than run write-through.
+            if self.tracker.awaits_answers()
+                && matches!(analysis.statements.as_slice(), [s] if matches!(s.shape, Some(Ok(_))))
+            {
+                self.wait = Wait::quiet(&self.quiet, self.wait.carry());
+                return Some(Disposition::Blocked);
+            }
+            match self.deferrable(analysis, single.bound, out) {
+                Ok((table, converted)) => return Some(self.defer(w, table, converted, single)),
+                Err(reason) => {
+                    full = reason == Fallback::Full;
+                    // Counted once per message (a re-offer after the barrier is the
+                    // same write).
+                    if !self.wait.passed_barrier() {
+                        for table in tables::written(analysis, &touch.tables) {
+                            note_fallback(&w, table, reason);
+                        }
+                    }
+                }
+            }
+        }
+        if self.wait.passed_barrier() {
+            return None;
+        }
+        let target = self.barrier_target(&w, analyses, touch)?;
+        if self.link.detached {
+            // The barrier would only precede a trip upstream that cannot happen.
+            return Some(Disposition::NeedsUpstream);
+        }
+        let write_through = full || self.wait.write_through();
+        Some(self.barrier(target, write_through))
+    }
+
+    /// The sequence number that must be applied before the request goes upstream,
+    /// if one is not yet. Reads may skip the barrier as their tables' consistency
+    /// allows; writes, DDL and anything unknown never do.
+    fn barrier_target(
+        &self,
+        w: &WriteService,
+        analyses: &[&Analysis],
+        touch: Touch,
+    ) -> Option<u64> {
+        let read_only = analyses.iter().all(|a| {
+            !a.unanalysed
+                && a.statements
+                    .iter()
+                    .all(|s| matches!(s.kind, Kind::Select | Kind::OtherRead | Kind::Empty))
+        });
+        let set = w.tables();
+        let names: Vec<String> = if touch.all || touch.linked_all {
+            set.names().cloned().collect()
+        } else {
+            touch.tables.into_iter().chain(touch.linked).collect()
+        };
+        let own_seq = self.writes.as_ref().map_or(0, |d| d.own_seq);
+        let mut target = None::<u64>;
+        let mut strong = HashSet::new();
+        for name in &names {
+            match (read_only, set.consistency(name)) {
+                (true, Consistency::Bounded) => {}
+                (true, Consistency::Session) => {
+                    if own_seq > w.applied() {
+                        target = Some(target.unwrap_or(0).max(own_seq));
+                    }
+                }
+                _ => {
+                    strong.insert(name.as_str());
+                }
+            }
+        }
+        if let Some(t) = w.barrier_target(strong.iter().copied()) {
+            target = Some(target.unwrap_or(0).max(t));
+        }
+        target.filter(|t| *t > w.applied())
+    }
+
+    /// Blocks the current message until `target` is applied upstream; then it goes
+    /// on without another barrier (`write_through`: and is not deferred).
+    pub(super) fn barrier(&mut self, target: u64, write_through: bool) -> Disposition {
+        let Some(w) = self.writes.as_ref().map(|d| d.service.clone()) else {
+            return Disposition::Consumed;
+        };
+        let filled = self.wait.filled();
+        self.wait = Wait::on(async move {
+            match w.wait_applied(target).await {
+                Ok(()) => Resume::Passed {
+                    filled,
+                    write_through,
+                },
+                Err(e) => Resume::BarrierFailed(e),
+            }
+        });
+        Disposition::Blocked
+    }
+
+    /// A barrier failed (the flusher stopped): the message is answered with the error.
+    pub(super) fn barrier_failed(
+        &mut self,
+        tag: u8,
+        err: &DeferError,
+        out: &mut Outbox,
+    ) -> Disposition {
+        out.error(&refusal(err));
+        if tag == frontend::SYNC {
+            self.cycle.clear();
+        }
+        out.ready_now();
+        Disposition::Consumed
+    }
+
+    /// Journals a deferrable statement: the message waits for the acknowledgement.
+    fn defer(
+        &mut self,
+        w: Arc<WriteService>,
+        table: String,
+        mut converted: Converted,
+        single: Single<'_>,
+    ) -> Disposition {
+        let mut answer = single.answer;
+        answer.returning = converted.returning.take();
+        let verb = converted.verb;
+        let (oid, policy) = {
+            let set = w.tables();
+            let policy = set
+                .deferring(&table)
+                .map_or("write-behind", |t| t.config.policy.as_str());
+            (set.oid_of(&table).unwrap_or(0), policy)
+        };
+        let user = self
+            .writes
+            .as_ref()
+            .map(|d| d.user.clone())
+            .unwrap_or_default();
+        let started = Instant::now();
+        self.wait = Wait::on(async move {
+            let outcome = w.defer(&user, &table, converted).await;
+            Resume::Ack(Box::new(Ack {
+                outcome,
+                verb,
+                table: oid,
+                table_name: table,
+                policy,
+                answer,
+                started,
+            }))
+        });
+        Disposition::Blocked
+    }
+
+    /// The journal's answer to a deferred write: acknowledged or refused here, or
+    /// (`None`) the write runs write-through after all.
+    pub(super) fn acknowledged(&mut self, ack: Ack, out: &mut Outbox) -> Option<Disposition> {
+        let extended = ack.answer.extended;
+        let unnamed = match ack.outcome {
+            Ok(outcome) => {
+                self.timing.metrics.deferred.record(ack.started.elapsed());
+                metrics::counter!(
+                    crate::metrics::CLIENT_WRITES,
+                    "table" => ack.table_name,
+                    "policy" => ack.policy
+                )
+                .increment(1);
+                if let Some(seq) = outcome.seq {
+                    if let Some(d) = self.writes.as_mut() {
+                        d.own_seq = d.own_seq.max(seq);
+                    }
+                    self.db.versions.bump_tables([ack.table]);
+                }
+                let tag = ack.verb.tag(outcome.rows);
+                let unnamed = ack.answer.send(
+                    Reply::Done {
+                        tag: &tag,
+                        rows: outcome.rows,
+                    },
+                    out.tx_status(),
+                    out,
+                );
+                if !extended {
+                    self.stmts.unnamed = Unnamed::NONE;
+                }
+                unnamed
+            }
+            // The role may not write it, or a reload took its table off deferral: it
+            // runs write-through (after its barrier), and PostgreSQL answers it.
+            Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_)) => {
+                self.wait = Wait::Resumed(Resume::WriteThrough);
+                return None;
+            }
+            Err(e) => ack
+                .answer
+                .send(Reply::Error(&refusal(&e)), out.tx_status(), out),
+        };
+        if extended {
+            self.finish_cycle(unnamed);
+        }
+        Some(Disposition::Consumed)
+    }
+
+    /// The deferred table and row operations of `analysis`, or why it is not deferred.
+    pub(super) fn deferrable(
+        &self,
+        analysis: &Analysis,
+        bound: &Bound,
+        out: &Outbox,
+    ) -> Result<(String, Converted), Fallback> {
+        let because = Fallback::Because;
+        let w = &self.writes.as_ref().ok_or(because("not_deferred"))?.service;
+        let [stmt] = analysis.statements.as_slice() else {
+            return Err(because("multiple_statements"));
+        };
+        let shape = match &stmt.shape {
+            Some(Ok(shape)) => shape,
+            Some(Err(reason)) => return Err(because(reason)),
+            None => return Err(because("not_a_deferrable_write")),
+        };
+        // A held transaction's statements are decided like autocommit ones (held/).
+        if (out.tx_status() != b'I' && self.tx.held.is_none()) || !self.tracker.quiet {
+            return Err(because("in_transaction"));
+        }
+        if !self.key.usable() {
+            return Err(because("session_state"));
+        }
+        // Literal text and bytes mean what the flusher's connection reads them as only
+        // with these settings (UTF-8, backslashes literal in '…').
+        let params = &out.state().params;
+        let param = |name: &str| params.get(name).map(String::as_str);
+        if param("client_encoding") != Some("UTF8")
+            || param("standard_conforming_strings") != Some("on")
+        {
+            return Err(because("session_settings"));
+        }
+        // PostgreSQL refuses the write (25006); it says so itself.
+        if param("default_transaction_read_only") == Some("on") {
+            return Err(because("read_only"));
+        }
+        if !stmt.functions.is_empty() || stmt.sql_value_function {
+            return Err(because("function"));
+        }
+        let catalog = self
+            .routing_catalog()
+            .ok_or(because("catalog_not_loaded"))?;
+        let rel = shape.table();
+        let set = w.tables();
+        let name = tables::target(&set, &catalog, rel.schema.as_deref(), &rel.name)?.to_owned();
+        // Reads of other tables (none in a deferrable shape) would need their own rules.
+        // A table a reload is moving off deferral runs write-through from now on.
+        let table = set.deferring(&name).ok_or(because("policy_reloading"))?;
+        if table.config.when_full == spillway_policies::WhenFull::WriteThrough && w.is_full(&name) {
+            return Err(Fallback::Full);
+        }
+        let converted = convert::convert(shape, table, bound).map_err(because)?;
+        Ok((name, converted))
+    }
+
+    /// Whether `analysis` is a write spillway may answer itself, for an extended cycle
+    /// deciding whether to wait for its Sync: a deferrable shape on a deferred table.
+    pub(super) fn may_defer(&self, analysis: &Analysis) -> bool {
+        let (Some(w), [stmt]) = (&self.writes, analysis.statements.as_slice()) else {
+            return false;
+        };
+        let Some(Ok(shape)) = &stmt.shape else {
+            return false;
+        };
+        let rel = shape.table();
+        let set = w.service.tables();
+        match self.routing_catalog() {
+            Some(catalog) => {
+                tables::target(&set, &catalog, rel.schema.as_deref(), &rel.name).is_ok()
+            }
+            None => !set.names_like(rel.schema.as_deref(), &rel.name).is_empty(),
+        }
+    }
+}
+
+/// Counts a write that runs write-through instead of being deferred.
+fn note_fallback(w: &WriteService, table: &str, reason: Fallback) {
+    w.fallbacks.note(table, reason.label());
+    metrics::counter!(
+        crate::metrics::FALLBACKS,
+        "table" => table.to_owned(),
+        "reason" => reason.label()
+    )
+    .increment(1);
+    metrics::counter!(
+        crate::metrics::CLIENT_WRITES,
+        "table" => table.to_owned(),
+        "policy" => "write-through"
+    )
+    .increment(1);
+}
