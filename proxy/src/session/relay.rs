@@ -41,18 +41,16 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio_util::io::poll_read_buf;
+use bytes::{Buf, Bytes};
+use tokio::io::AsyncWriteExt;
 
 use super::End;
 use super::handler::{Delivery, Disposition, Handler};
 use super::lease::Lease;
 use super::state::{Outbox, ProtocolState};
 use crate::error::SessionError;
-use crate::net::conn::{Conn, READ_CHUNK};
+use crate::net::conn::{Conn, poll_drain, shrink_if_idle, write_out};
 use crate::net::signal::{Phase, Subscription};
-use crate::net::stream::Stream;
 use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
 
@@ -62,9 +60,6 @@ pub const WINDOW: usize = 256 * 1024;
 pub const STREAM_THRESHOLD: usize = 256 * 1024;
 /// PostgreSQL never sends a message over 1 GiB; anything longer is a broken upstream.
 const MAX_BACKEND_MESSAGE: usize = 0x4000_0000;
-/// A buffer that grew past this for one large message is replaced once it is empty,
-/// so a session does not keep a peak-sized allocation for its whole life.
-const SHRINK_ABOVE: usize = 4 * WINDOW;
 /// How long closing words (a final error, a Terminate) may take to deliver.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -114,6 +109,12 @@ struct Progress {
 enum Read {
     Data,
     Eof,
+}
+
+impl Read {
+    fn of(data: bool) -> Self {
+        if data { Read::Data } else { Read::Eof }
+    }
 }
 
 impl Relay {
@@ -294,8 +295,8 @@ impl Relay {
             && !self.out.client_terminated()
             && !self.handler.is_blocked()
         {
-            match poll_read(&mut self.client, cx) {
-                Poll::Ready(Ok(r)) => progress.client = Some(r),
+            match self.client.poll_fill(cx) {
+                Poll::Ready(Ok(data)) => progress.client = Some(Read::of(data)),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::ClientIo(e))),
                 Poll::Pending => {}
             }
@@ -303,8 +304,8 @@ impl Relay {
         if self.out.to_client().len() < WINDOW
             && let Some(server) = self.lease.server()
         {
-            match poll_read(server, cx) {
-                Poll::Ready(Ok(r)) => progress.upstream = Some(r),
+            match server.poll_fill(cx) {
+                Poll::Ready(Ok(data)) => progress.upstream = Some(Read::of(data)),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::UpstreamIo(e))),
                 Poll::Pending => {}
             }
@@ -565,57 +566,5 @@ fn describe_error(body: &[u8]) -> String {
     match backend::parse_error_fields(body) {
         Ok(f) => format!("{} ({})", f.message, f.code),
         Err(_) => "a FATAL error".to_owned(),
-    }
-}
-
-/// Replaces an empty buffer that grew for one large message with a small one.
-fn shrink_if_idle(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > SHRINK_ABOVE {
-        *buf = BytesMut::with_capacity(READ_CHUNK);
-    }
-}
-
-async fn write_out(stream: &mut Stream, buf: &mut BytesMut) -> io::Result<()> {
-    if buf.is_empty() {
-        return Ok(());
-    }
-    stream.write_all(buf).await?;
-    buf.clear();
-    stream.flush().await
-}
-
-fn poll_read(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<Read>> {
-    conn.inbuf.reserve(READ_CHUNK);
-    let room = conn.inbuf.capacity() - conn.inbuf.len();
-    match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.inbuf) {
-        Poll::Ready(Ok(0)) => Poll::Ready(Ok(Read::Eof)),
-        Poll::Ready(Ok(n)) => {
-            // A short read took everything there was: skip the EAGAIN round trip.
-            if n < room {
-                conn.stream.note_drained();
-            }
-            Poll::Ready(Ok(Read::Data))
-        }
-        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-        Poll::Pending => Poll::Pending,
-    }
-}
-
-/// Writes as much of `buf` as the socket takes now. `Pending` is not an error: the
-/// waker is registered and the rest goes out on a later poll.
-fn poll_drain(stream: &mut Stream, buf: &mut BytesMut, cx: &mut Context<'_>) -> io::Result<()> {
-    while !buf.is_empty() {
-        match Pin::new(&mut *stream).poll_write(cx, buf) {
-            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-            Poll::Ready(Ok(n)) => buf.advance(n),
-            Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => return Ok(()),
-        }
-    }
-    shrink_if_idle(buf);
-    // TLS keeps written plaintext in its session until flushed; TCP's flush is a no-op.
-    match Pin::new(stream).poll_flush(cx) {
-        Poll::Ready(Err(e)) => Err(e),
-        _ => Ok(()),
     }
 }

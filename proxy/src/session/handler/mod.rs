@@ -42,6 +42,7 @@ mod deferred;
 mod detached;
 mod effects;
 mod extended;
+mod fill;
 mod flush;
 mod held;
 mod query;

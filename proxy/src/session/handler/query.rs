@@ -11,9 +11,10 @@ use std::time::Instant;
 use spillway_policies::cache::Lookup;
 
 use super::answer::{Answer, Single};
+use super::fill::Fill;
 use super::flush::spillway_flush;
 use super::statements::Unnamed;
-use super::tracker::{Expect, Fill};
+use super::tracker::Expect;
 use super::upstream::Path;
 use super::wait::Wait;
 use super::{Caching, Disposition};

@@ -25,73 +25,12 @@
 //!   change; the hit path reads it (and [`Tracker::desynced`]) as a field.
 
 use std::collections::VecDeque;
-use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use spillway_policies::cache::{CachedResult, Deps, FillTicket};
+use bytes::Bytes;
 
+use super::fill::Fill;
 use super::statements::Prepared;
 use crate::protocol::backend;
-
-/// A result being captured for the cache.
-pub struct Fill {
-    pub ticket: FillTicket,
-    pub deps: Deps,
-    pub ttl: Duration,
-    pub row_description: Option<Bytes>,
-    pub body: BytesMut,
-}
-
-impl Fill {
-    pub fn new(ticket: FillTicket, deps: Deps, ttl: Duration) -> Box<Self> {
-        Box::new(Self {
-            ticket,
-            deps,
-            ttl,
-            row_description: None,
-            body: BytesMut::new(),
-        })
-    }
-
-    /// Stores the result if it ends with a SELECT's CommandComplete (anything else means
-    /// the statement upstream was not the one the key names: never cache that).
-    fn finish(mut self, complete: Option<&[u8]>) {
-        match complete {
-            Some(m) if m.get(5..12) == Some(b"SELECT ".as_slice()) && self.push(m) => {
-                self.complete();
-            }
-            Some(m) if m.get(5..12) != Some(b"SELECT ".as_slice()) => {
-                tracing::warn!("a cached statement's result did not end as a SELECT; not stored");
-            }
-            _ => self.ticket.abandon_too_large(),
-        }
-    }
-
-    /// Appends a message; false (and the fill is to be dropped) once over the limit.
-    fn push(&mut self, msg: &[u8]) -> bool {
-        if self.body.len() + msg.len() > self.ticket.max_entry_bytes() {
-            return false;
-        }
-        self.body.extend_from_slice(msg);
-        true
-    }
-
-    fn complete(self) {
-        let Fill {
-            ticket,
-            deps,
-            ttl,
-            row_description,
-            body,
-        } = self;
-        ticket.complete(CachedResult {
-            row_description,
-            body: body.freeze(),
-            deps,
-            ttl,
-        });
-    }
-}
 
 pub enum Expect {
     /// Query, FunctionCall or Sync: everything up to and including ReadyForQuery.
@@ -449,8 +388,9 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spillway_policies::cache::{Lookup, ResultCache};
+    use spillway_policies::cache::{Deps, Lookup, ResultCache};
     use std::sync::Arc;
+    use std::time::Duration;
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut m = vec![tag];

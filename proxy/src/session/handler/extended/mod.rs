@@ -31,8 +31,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use spillway_policies::cache::{FillTicket, Lookup};
 
+use super::fill::Fill;
 use super::statements::Stmt;
-use super::tracker::{Expect, Fill};
+use super::tracker::Expect;
 use super::{Caching, Disposition};
 use crate::protocol::frontend;
 use crate::read::cache::Effects;
@@ -58,6 +59,9 @@ pub struct Cycle {
     fills: bool,
     /// Fill prepared at a Bind for the Execute of that portal.
     pub next_fill: Option<Box<Fill>>,
+    /// Named statements the cycle parsed upstream, maybe not confirmed yet: what a
+    /// later Bind in the cycle executes, for its barrier.
+    named: Vec<(String, Arc<Stmt>)>,
     /// What the held messages get from the cache, while every one of them may.
     local: Option<Local>,
     /// Whether the held messages may still be one statement spillway answers itself.
@@ -73,6 +77,13 @@ impl Cycle {
         self.shape = Shape::default();
     }
 
+    /// The cycle's Sync went upstream: the next cycle starts.
+    fn synced(&mut self) {
+        self.upstream = false;
+        self.fills = false;
+        self.named.clear();
+    }
+
     fn hold(&mut self, msg: &[u8]) {
         self.held.push(Bytes::copy_from_slice(msg));
         self.held_bytes += msg.len();
@@ -82,8 +93,8 @@ impl Cycle {
 impl Caching {
     pub(super) fn on_extended(&mut self, tag: u8, msg: &[u8], out: &mut Outbox) -> Disposition {
         if self.cycle.upstream {
-            // An Execute in a cycle already upstream first gets its barrier.
-            if tag == frontend::EXECUTE
+            // A Bind or Execute in a cycle already upstream first gets its barrier.
+            if matches!(tag, frontend::BIND | frontend::EXECUTE)
                 && let Some(d) = self.route_forwarding(tag, msg, out)
             {
                 return d;
@@ -91,8 +102,7 @@ impl Caching {
             let fills = self.cycle.fills;
             self.send_extended(msg, true, out, fills, &mut None);
             if tag == frontend::SYNC {
-                self.cycle.upstream = false;
-                self.cycle.fills = false;
+                self.cycle.synced();
             }
             return Disposition::Consumed;
         }
@@ -190,6 +200,7 @@ impl Caching {
         }
         self.cycle.clear();
         self.send_extended(msg, true, out, false, &mut None);
+        self.cycle.synced();
         Disposition::Consumed
     }
 
@@ -209,6 +220,9 @@ impl Caching {
             frontend::PARSE => match frontend::parse(body) {
                 Some(p) => {
                     let stmt = self.statement(&p, msg, self.stmts.client_unnamed());
+                    if !p.name.is_empty() {
+                        self.cycle.named.push((p.name.to_owned(), stmt.clone()));
+                    }
                     Expect::Parse {
                         swallow: false,
                         prepared: Some(self.stmts.parse_forwarded(p.name, stmt)),

@@ -296,8 +296,8 @@ impl Caching {
     }
 
     /// Before extended-protocol messages go upstream without waiting for their Sync
-    /// (a Flush, too much held, a message spillway cannot answer, or an Execute in a
-    /// cycle already upstream): a barrier when what they execute touches deferred
+    /// (a Flush, too much held, a message spillway cannot answer, or a Bind or Execute
+    /// in a cycle already upstream): a barrier when what they execute touches deferred
     /// tables with pending writes.
     pub(super) fn route_forwarding(
         &mut self,
@@ -308,7 +308,8 @@ impl Caching {
         self.writes.as_ref()?;
         let mut executed: Vec<Arc<Stmt>> = Vec::new();
         let mut unnamed = self.stmts.client_unnamed().cloned();
-        let mut named_here: Vec<(String, Arc<Stmt>)> = Vec::new();
+        // Those the cycle parsed upstream already, and those it still holds.
+        let mut named_here: Vec<(String, Arc<Stmt>)> = self.cycle.named.clone();
         let held = std::mem::take(&mut self.cycle.held);
         for m in held.iter().map(|b| &b[..]).chain(std::iter::once(msg)) {
             let body = frontend::body(m);
