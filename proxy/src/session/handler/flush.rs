@@ -75,3 +75,24 @@ pub(super) fn spillway_flush(sql: &str) -> Option<Option<String>> {
     }
     Some(table)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::spillway_flush;
+    use crate::read::classify::analyze;
+
+    #[test]
+    fn flush_commands_are_recognised_and_are_not_sql() {
+        for (sql, table) in [
+            ("SPILLWAY FLUSH", None),
+            ("spillway flush public.t;", Some("public.t")),
+            ("  SPILLWAY   FLUSH t ", Some("t")),
+        ] {
+            assert_eq!(spillway_flush(sql), Some(table.map(str::to_owned)), "{sql}");
+            // The simple Query checks them only once the classifier refused the text.
+            assert!(analyze(sql).unanalysed, "{sql}");
+        }
+        assert_eq!(spillway_flush("SELECT 1"), None);
+        assert_eq!(spillway_flush("SPILLWAY FLUSH a b"), None);
+    }
+}

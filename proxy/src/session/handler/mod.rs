@@ -260,32 +260,14 @@ impl Caching {
         // well-formed Query, so equal bytes are that Query.
         let sql = msg.get(5..)?.strip_suffix(&[0])?;
         let status = out.tx_status();
-        let tx = &self.tx;
-        let allowed = self.tracker.quiet
+        if !(self.tracker.quiet
             && !self.tracker.desynced
             && self.cycle.held.is_empty()
-            && self.key.bypass.is_none()
-            && !self.key.local_override
-            && tx.held.is_none()
-            && match status {
-                b'I' => true,
-                b'T' => !tx.wrote && !tx.snapshot,
-                _ => false,
-            }
-            // The session's own deferred writes must be read (read-your-writes).
-            && self
-                .writes
-                .as_ref()
-                .is_none_or(|w| w.own_seq <= w.service.applied());
-        if !allowed {
+            && self.reads_allowed(status))
+        {
             return None;
         }
-        let key = &mut self.key;
-        key.scratch.clear();
-        key.scratch.extend_from_slice(&key.prefix);
-        key.scratch.push(b'Q');
-        key.scratch.extend_from_slice(sql);
-        let hit = self.cache.results.get(&key.scratch)?;
+        let hit = self.cache.results.get(query_key(&mut self.key, sql))?;
         let rd = hit.row_description.as_ref()?;
         out.answer(rd);
         out.answer(&hit.body);
@@ -301,31 +283,32 @@ impl Caching {
     /// held transaction, then by type.
     fn route(&mut self, msg: &[u8], out: &mut Outbox) -> Disposition {
         let tag = msg[0];
-        if let Some(resume) = self.wait.take_outcome()
+        if matches!(self.wait, Wait::Resumed(_))
+            && let Some(resume) = self.wait.take_outcome()
             && let Some(done) = self.resume(resume, tag, out)
         {
             return done;
         }
-        if let Some(done) = self.on_held_frontend(tag, msg, out) {
+        if self.tx.held.is_some()
+            && let Some(done) = self.on_held_frontend(tag, msg, out)
+        {
             return done;
         }
         if self.tracker.desynced {
             return self.forward_desynced(msg, out);
         }
+        if frontend::is_extended(tag) {
+            return self.on_extended(tag, msg, out);
+        }
+        if !self.cycle.held.is_empty() {
+            // A message outside the extended protocol ends what was held: it goes
+            // upstream first, in order.
+            self.forward_held(out);
+        }
         match tag {
-            t if frontend::is_extended(t) => self.on_extended(tag, msg, out),
-            frontend::QUERY => {
-                self.forward_held(out);
-                self.on_query(msg, out)
-            }
-            frontend::FUNCTION_CALL => {
-                self.forward_held(out);
-                self.on_function_call(msg, out)
-            }
-            _ => {
-                self.forward_held(out);
-                self.forward_other(msg, out)
-            }
+            frontend::QUERY => self.on_query(msg, out),
+            frontend::FUNCTION_CALL => self.on_function_call(msg, out),
+            _ => self.forward_other(msg, out),
         }
     }
 
@@ -343,14 +326,23 @@ impl Caching {
         }
     }
 
-    /// Reads may be served from or stored into the cache in the current state (the
-    /// same conditions as [`Caching::hit`], for the other paths).
+    /// Reads may be served from or stored into the cache at transaction status
+    /// `status`: the settings are followed, the transaction allows it (see `tx.rs`),
+    /// and the session's own deferred writes are applied (read-your-writes).
     fn reads_allowed(&self, status: u8) -> bool {
-        let own_pending = self
-            .writes
-            .as_ref()
-            .is_some_and(|w| w.own_seq > w.service.applied());
-        self.key.usable() && !own_pending && self.tx.allows_reads(status)
+        let tx = &self.tx;
+        self.key.bypass.is_none()
+            && !self.key.local_override
+            && tx.held.is_none()
+            && match status {
+                b'I' => true,
+                b'T' => !tx.wrote && !tx.snapshot,
+                _ => false,
+            }
+            && self
+                .writes
+                .as_ref()
+                .is_none_or(|w| w.own_seq <= w.service.applied())
     }
 
     fn decide(&self, analysis: &Analysis) -> Decision {
@@ -391,4 +383,14 @@ impl Caching {
             self.stmts.parsed_locally(stmt);
         }
     }
+}
+
+/// The cache key of a simple Query of `sql`, built in the key's reused buffer (here,
+/// beside the hit path that uses it on every Query, rather than in `settings.rs`).
+fn query_key<'k>(key: &'k mut KeyContext, sql: &[u8]) -> &'k [u8] {
+    key.scratch.clear();
+    key.scratch.extend_from_slice(&key.prefix);
+    key.scratch.push(b'Q');
+    key.scratch.extend_from_slice(sql);
+    &key.scratch
 }

@@ -38,11 +38,14 @@ impl Caching {
             return self.forward_query(msg, None, started, out);
         };
         let key = (self.reads_allowed(out.tx_status()) && self.tracker.quiet)
-            .then(|| self.key.key(b'Q', &[sql.as_bytes()]).to_vec());
-        if let Some(table) = spillway_flush(sql) {
+            .then(|| super::query_key(&mut self.key, sql.as_bytes()).to_vec());
+        let analysis = self.cache.classifier.classify(sql);
+        // Not SQL, so PostgreSQL's parser (and the classifier) refuse it.
+        if analysis.unanalysed
+            && let Some(table) = spillway_flush(sql)
+        {
             return self.flush_command(table.as_deref(), Answer::query(), out);
         }
-        let analysis = self.cache.classifier.classify(sql);
         if self.writes.is_some() {
             let bound = Bound::default();
             let single = Single {

@@ -5,7 +5,8 @@
 //!
 //! Invariants:
 //! - A transaction that wrote, or runs at REPEATABLE READ or SERIALIZABLE, neither hits
-//!   nor fills until it ends ([`Tx::allows_reads`]); nor does a held one.
+//!   nor fills until it ends; nor does a held one (the handler's `reads_allowed` reads
+//!   these fields on every request).
 //! - Everything here but the held transaction ends with the transaction: when nothing
 //!   is outstanding upstream and PostgreSQL reports status `I` ([`Tx::ended`]).
 
@@ -40,17 +41,6 @@ pub struct Tx {
 }
 
 impl Tx {
-    /// Results may be served from or stored into the cache at transaction status
-    /// `status` (the hit path reads the same fields itself).
-    pub fn allows_reads(&self, status: u8) -> bool {
-        self.held.is_none()
-            && match status {
-                b'I' => true,
-                b'T' => !self.wrote && !self.snapshot,
-                _ => false,
-            }
-    }
-
     /// The transaction is over (status `I` with nothing outstanding).
     pub fn ended(&mut self) {
         self.outside = false;

@@ -1,7 +1,10 @@
 //! Deferred tables in a session (SPEC §6): a deferrable autocommit statement on a
 //! write-behind/write-back table is journaled and acknowledged by spillway; anything
 //! else that touches such a table while it has pending writes first waits for them to
-//! be applied upstream (a barrier), as its table's `consistency` requires.
+//! be applied upstream (a barrier), as its table's `consistency` requires. Which
+//! deferred tables a statement touches is resolved through the catalog (views and
+//! partitions to their base tables, foreign keys to the tables their actions reach),
+//! or by name alone without one; whatever may touch anything touches every one.
 //!
 //! Both are waits of the message ([`Wait`]): the journal's acknowledgement comes back
 //! as a [`Resume::Ack`] and is answered here ([`Caching::acknowledged`]); a barrier
@@ -19,8 +22,6 @@
 //! - The cache entries of a table are invalidated when a deferred write to it is
 //!   acknowledged (and again when it is applied, by the flusher).
 
-mod tables;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,12 +33,12 @@ use super::statements::Unnamed;
 use super::wait::{Ack, Resume, Wait};
 use super::{Caching, Disposition};
 use crate::protocol::frontend;
+use crate::read::catalog::Catalog;
+use crate::read::classify::TxCommand;
 use crate::read::classify::{Analysis, Kind};
 use crate::session::state::Outbox;
 use crate::write::convert::{self, Bound, Converted};
-use crate::write::service::{DeferError, WriteService};
-pub(super) use tables::Fallback;
-use tables::Touch;
+use crate::write::service::{DeferError, TableSet, WriteService};
 
 /// The deferred tables of the session's database, and what the session deferred.
 pub struct Deferral {
@@ -74,7 +75,10 @@ impl Caching {
             return self.route_held(analyses, single, out);
         }
         let mut single = single;
-        if let Some(d) = self.try_hold(analyses, &mut single, out) {
+        if let [a] = analyses
+            && matches!(a.statements.as_slice(), [s] if matches!(s.kind, Kind::Transaction(TxCommand::Begin { .. })))
+            && let Some(d) = self.try_hold(analyses, &mut single, out)
+        {
             return Some(d);
         }
         let catalog = self.routing_catalog();
@@ -102,7 +106,7 @@ impl Caching {
                     // Counted once per message (a re-offer after the barrier is the
                     // same write).
                     if !self.wait.passed_barrier() {
-                        for table in tables::written(analysis, &touch.tables) {
+                        for table in written(analysis, &touch.tables) {
                             note_fallback(&w, table, reason);
                         }
                     }
@@ -307,7 +311,7 @@ impl Caching {
         if (out.tx_status() != b'I' && self.tx.held.is_none()) || !self.tracker.quiet {
             return Err(because("in_transaction"));
         }
-        if !self.key.usable() {
+        if self.key.bypass.is_some() || self.key.local_override {
             return Err(because("session_state"));
         }
         // Literal text and bytes mean what the flusher's connection reads them as only
@@ -331,7 +335,7 @@ impl Caching {
             .ok_or(because("catalog_not_loaded"))?;
         let rel = shape.table();
         let set = w.tables();
-        let name = tables::target(&set, &catalog, rel.schema.as_deref(), &rel.name)?.to_owned();
+        let name = target(&set, &catalog, rel.schema.as_deref(), &rel.name)?.to_owned();
         // Reads of other tables (none in a deferrable shape) would need their own rules.
         // A table a reload is moving off deferral runs write-through from now on.
         let table = set.deferring(&name).ok_or(because("policy_reloading"))?;
@@ -354,9 +358,7 @@ impl Caching {
         let rel = shape.table();
         let set = w.service.tables();
         match self.routing_catalog() {
-            Some(catalog) => {
-                tables::target(&set, &catalog, rel.schema.as_deref(), &rel.name).is_ok()
-            }
+            Some(catalog) => target(&set, &catalog, rel.schema.as_deref(), &rel.name).is_ok(),
             None => !set.names_like(rel.schema.as_deref(), &rel.name).is_empty(),
         }
     }
@@ -377,4 +379,172 @@ fn note_fallback(w: &WriteService, table: &str, reason: Fallback) {
         "policy" => "write-through"
     )
     .increment(1);
+}
+
+/// The deferred tables a request touches, and those a write that runs upstream
+/// reaches beyond them.
+#[derive(Default)]
+struct Touch {
+    /// Read, written or altered, by name.
+    tables: Vec<String>,
+    /// It may touch any table (unanalysed, unknown side effects, DDL without named
+    /// targets).
+    all: bool,
+    /// Those a foreign key links a written table to (its checks and actions read and
+    /// write them).
+    linked: Vec<String>,
+    /// A written table has triggers or rules: it may reach any table.
+    linked_all: bool,
+}
+
+impl Touch {
+    fn of(set: &TableSet, catalog: Option<&Catalog>, analyses: &[&Analysis]) -> Self {
+        let mut touch = Touch::default();
+        for a in analyses {
+            touched(set, catalog, a, &mut touch);
+        }
+        if let Some(catalog) = catalog {
+            for a in analyses {
+                linked(set, catalog, a, &mut touch);
+            }
+        }
+        touch
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tables.is_empty() && !self.all && self.linked.is_empty() && !self.linked_all
+    }
+}
+
+fn push(out: &mut Vec<String>, name: &str) {
+    if !out.iter().any(|n| n == name) {
+        out.push(name.to_owned());
+    }
+}
+
+/// The deferred tables `analysis` touches (read, written, or altered).
+fn touched(set: &TableSet, catalog: Option<&Catalog>, analysis: &Analysis, touch: &mut Touch) {
+    if analysis.unanalysed {
+        touch.all = true;
+        return;
+    }
+    for stmt in &analysis.statements {
+        // A user-defined volatile function (or one spillway does not know) may
+        // write any table; so may DO, CALL and the like.
+        let may_write_anything = stmt.functions.iter().any(|f| {
+            catalog
+                .and_then(|c| c.function(&f.name))
+                .is_none_or(|info| info.user_volatile)
+        });
+        if matches!(stmt.kind, Kind::Unknown) || may_write_anything {
+            touch.all = true;
+        }
+        if matches!(stmt.kind, Kind::Ddl { .. }) && stmt.ddl_targets.is_empty() {
+            touch.all = true;
+        }
+        for rel in stmt
+            .reads
+            .iter()
+            .chain(&stmt.writes)
+            .chain(&stmt.ddl_targets)
+        {
+            match catalog {
+                Some(c) => {
+                    for r in c.resolve(rel.schema.as_deref(), &rel.name) {
+                        let mut oids = vec![r.oid];
+                        let _ = c.read_dependencies(r, &mut oids);
+                        // Pending writes to a table one of these references change
+                        // them when applied (ON DELETE / ON UPDATE actions).
+                        let read = oids.clone();
+                        for oid in read {
+                            oids.extend_from_slice(c.foreign_key_parents(oid));
+                        }
+                        for oid in oids {
+                            if let Some(name) = set.name_of(oid) {
+                                push(&mut touch.tables, name);
+                            }
+                        }
+                    }
+                }
+                // No catalog: match deferred tables by name alone.
+                None => {
+                    for name in set.names_like(rel.schema.as_deref(), &rel.name) {
+                        push(&mut touch.tables, &name);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The deferred tables a write in `analysis` reaches beyond its own tables. Only a
+/// write that runs upstream needs them applied first.
+fn linked(set: &TableSet, catalog: &Catalog, analysis: &Analysis, touch: &mut Touch) {
+    for stmt in &analysis.statements {
+        if !matches!(
+            stmt.kind,
+            Kind::Write | Kind::Truncate { .. } | Kind::Ddl { .. }
+        ) {
+            continue;
+        }
+        for rel in stmt.writes.iter().chain(&stmt.ddl_targets) {
+            for r in catalog.resolve(rel.schema.as_deref(), &rel.name) {
+                touch.linked_all |= r.write_side_effects;
+                for oid in catalog.foreign_key_links(r.oid) {
+                    if let Some(name) = set.name_of(*oid) {
+                        push(&mut touch.linked, name);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The deferred tables among `touched` that `analysis` writes (for the fallback
+/// counters), by the last part of their names.
+fn written<'a>(analysis: &Analysis, touched: &'a [String]) -> Vec<&'a String> {
+    analysis
+        .statements
+        .iter()
+        .filter(|s| matches!(s.kind, Kind::Write | Kind::Truncate { .. }))
+        .flat_map(|s| s.writes.iter())
+        .filter_map(|rel| {
+            touched
+                .iter()
+                .find(|t| t.ends_with(&format!(".{}", rel.name)))
+        })
+        .collect()
+}
+
+/// The one deferred table a write's shape names, if it resolves to exactly one.
+fn target<'a>(
+    set: &'a TableSet,
+    catalog: &Catalog,
+    schema: Option<&str>,
+    name: &str,
+) -> Result<&'a str, Fallback> {
+    let candidates = catalog.resolve(schema, name);
+    let [relation] = candidates.as_slice() else {
+        return Err(Fallback::Because("ambiguous_table"));
+    };
+    set.name_of(relation.oid)
+        .ok_or(Fallback::Because("not_deferred"))
+}
+
+/// Why a write that looked deferrable runs write-through (its metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The table is full and `when_full = "write-through"`: the barrier before it
+    /// makes room, but the write runs upstream.
+    Full,
+    Because(&'static str),
+}
+
+impl Fallback {
+    pub fn label(self) -> &'static str {
+        match self {
+            Fallback::Full => "full",
+            Fallback::Because(reason) => reason,
+        }
+    }
 }
