@@ -342,7 +342,7 @@ impl Caching {
             && self
                 .writes
                 .as_ref()
-                .is_none_or(|w| w.own_seq <= w.service.applied())
+                .is_none_or(|w| w.own_seq == 0 || w.own_seq <= w.service.applied())
     }
 
     fn decide(&self, analysis: &Analysis) -> Decision {
