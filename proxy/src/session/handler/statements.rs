@@ -231,3 +231,66 @@ impl Statements {
         self.unnamed.portal = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stmt(sql: &str) -> Arc<Stmt> {
+        Arc::new(Stmt {
+            sql: sql.into(),
+            param_types: Box::new([]),
+            analysis: Arc::new(crate::read::classify::analyze(sql)),
+            parse_msg: Bytes::copy_from_slice(sql.as_bytes()),
+        })
+    }
+
+    #[test]
+    fn the_unnamed_statement_on_both_sides() {
+        let mut s = Statements::new();
+        // Answered locally: the client's alone, parsed upstream before its next use,
+        // once.
+        s.parsed_locally(stmt("SELECT 1"));
+        assert!(s.take_pending_parse().is_some());
+        assert!(s.take_pending_parse().is_none());
+        // Forwarded and confirmed: both sides agree, nothing to parse again.
+        let a = stmt("SELECT 2");
+        let Prepared::Unnamed(confirmed) = s.parse_forwarded("", a.clone()) else {
+            panic!("unnamed");
+        };
+        s.confirmed(Prepared::Unnamed(confirmed));
+        s.settle();
+        assert!(s.take_pending_parse().is_none());
+        s.parsed_locally(stmt("SELECT 2"));
+        assert!(
+            s.take_pending_parse().is_none(),
+            "the same text is PostgreSQL's"
+        );
+        // spillway's own query replaces PostgreSQL's: parsed again.
+        s.internal_query();
+        assert!(s.take_pending_parse().is_some());
+        // A simple Query replaces both, and the portal.
+        s.bind_forwarded("", Some(a));
+        assert!(s.portal("").is_some());
+        s.unnamed = Unnamed::NONE;
+        assert!(s.portal("").is_none() && s.client_unnamed().is_none());
+    }
+
+    #[test]
+    fn named_statements_and_portals() {
+        let mut s = Statements::new();
+        let p = s.parse_forwarded("s1", stmt("SELECT 3"));
+        assert!(s.named("s1").is_none(), "not before PostgreSQL confirms it");
+        s.confirmed(p);
+        assert!(s.statement("s1").is_some());
+        s.bind_forwarded("p1", s.named("s1").cloned());
+        assert!(s.portal("p1").is_some());
+        s.transaction_ended();
+        assert!(s.portal("p1").is_none());
+        s.closed(b'S', "s1");
+        assert!(s.named("s1").is_none());
+        s.confirmed(Prepared::Named("s2".into(), stmt("SELECT 4")));
+        s.forget_all();
+        assert!(s.named("s2").is_none());
+    }
+}

@@ -202,3 +202,51 @@ impl Wait {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_finished_wait_says_how_the_message_goes_on() {
+        let mut w = Wait::on(async {
+            Resume::Passed {
+                filled: true,
+                write_through: false,
+            }
+        });
+        assert!(w.is_pending());
+        std::future::poll_fn(|cx| w.poll(cx)).await;
+        assert!(!w.is_pending());
+        assert!(w.passed_barrier() && w.filled() && !w.write_through());
+        // It only steers the routing: nothing to answer with.
+        assert!(w.take_outcome().is_none());
+        assert!(matches!(
+            w.carry(),
+            Resume::Passed {
+                filled: true,
+                write_through: false
+            }
+        ));
+        // An outcome is taken once, and the message is fresh again.
+        let mut w = Wait::Resumed(Resume::BarrierFailed(DeferError::Stopped("x".into())));
+        assert!(matches!(w.take_outcome(), Some(Resume::BarrierFailed(_))));
+        assert!(matches!(w, Wait::Fresh));
+        assert!(w.take_outcome().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_quiet_wait_carries_what_the_message_went_through() {
+        let quiet = Arc::new(Notify::new());
+        let w = Wait::Resumed(Resume::WriteThrough);
+        let mut next = Wait::quiet(&quiet, w.carry());
+        quiet.notify_one();
+        std::future::poll_fn(|cx| next.poll(cx)).await;
+        assert!(next.write_through() && !next.passed_barrier());
+        // A fresh message waited for nothing.
+        assert!(matches!(
+            Wait::Fresh.carry(),
+            Resume::Again { filled: false }
+        ));
+    }
+}

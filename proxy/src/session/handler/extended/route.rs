@@ -47,7 +47,14 @@ impl Shape {
         if self.impossible || c.writes.is_none() {
             return false;
         }
-        match self.bound.as_ref().or(self.parsed.as_ref()) {
+        // The statement bound, else the one parsed, else the client's unnamed one (a
+        // Describe of it may come first).
+        match self
+            .bound
+            .as_ref()
+            .or(self.parsed.as_ref())
+            .or(c.stmts.client_unnamed())
+        {
             Some(stmt) => c.answers_itself(&stmt.analysis, &stmt.sql),
             None => true,
         }
