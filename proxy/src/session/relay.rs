@@ -53,6 +53,7 @@ use crate::net::conn::{Conn, poll_drain, shrink_if_idle, write_out};
 use crate::net::signal::{Phase, Subscription};
 use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
+use crate::protocol::sqlstate::SqlState;
 
 /// Output buffered toward one side before spillway stops reading from the other.
 pub const WINDOW: usize = 256 * 1024;
@@ -556,9 +557,8 @@ fn idle_upstream(state: &ProtocolState, handler: &Handler) -> bool {
 /// detached session reports later; `None` for any other FATAL (relayed as ever).
 fn detaching_fatal(body: &[u8]) -> Option<String> {
     let fields = backend::parse_error_fields(body).ok()?;
-    let detaches = matches!(fields.code.as_str(), "57P01" | "57P02" | "57P03")
-        || fields.code.starts_with("08");
-    detaches.then(|| format!("PostgreSQL: {} ({})", fields.message, fields.code))
+    SqlState::ends_connection(&fields.code)
+        .then(|| format!("PostgreSQL: {} ({})", fields.message, fields.code))
 }
 
 /// "message (SQLSTATE)" of an ErrorResponse body, for the log.

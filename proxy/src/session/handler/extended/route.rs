@@ -8,6 +8,11 @@
 //! to the deferred-write routing (`deferred/`, `held/`, `flush.rs`). Messages that go
 //! upstream before their Sync first get the barrier what they execute needs
 //! ([`Caching::route_forwarding`]).
+//!
+//! Invariants: [`Shape`] says "possible" whenever `route_cycle` could answer the cycle
+//! (it may say so of cycles that then go upstream at their Sync, never the reverse);
+//! nothing a cycle executes reaches PostgreSQL before the barrier its tables need,
+//! named statements parsed earlier in the cycle included.
 
 use std::sync::Arc;
 

@@ -1,6 +1,10 @@
 //! A held transaction's steps finishing: a statement decided (answered here, or the
 //! transaction moves upstream), COMMIT journaled (or refused: 40001 when an answer no
 //! longer holds), the barrier before a replay, the replay and its rollback.
+//!
+//! Invariants: a step's outcome answers only the message that waited for it; a
+//! statement joins the held transaction only with the answer its client gets; after
+//! a COMMIT that failed, nothing is held and nothing was journaled.
 
 use super::super::answer::{Answer, Reply, Single, refusal};
 use super::super::wait::{Held, Resume, Wait};
