@@ -17,7 +17,7 @@
 //! | the extended protocol: holding, answering from the cache, forwarding, routing a cycle | `extended/` |
 //! | what a forwarded statement means for settings, transaction, cache | `effects.rs` |
 //! | what each backend message means (fills, confirmations, invalidation) | `upstream.rs` |
-//! | deferred writes and barriers | `deferred/` |
+//! | deferred writes and barriers | `deferred.rs` |
 //! | held transactions | `held/` |
 //! | `SPILLWAY FLUSH` | `flush.rs` |
 //! | a detached session | `detached.rs` |

@@ -1,5 +1,5 @@
 //! A simple Query that is not a fresh hit: `SPILLWAY FLUSH`, a deferred write or a
-//! barrier (`deferred/`, `held/`), a coalesced miss, or forwarded upstream with a
+//! barrier (`deferred.rs`, `held/`), a coalesced miss, or forwarded upstream with a
 //! fill when its result may be cached; and the other messages that go upstream as
 //! they are (FunctionCall, COPY data, Terminate, and what spillway does not read).
 //!

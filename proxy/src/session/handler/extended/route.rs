@@ -5,7 +5,7 @@
 //! a `BEGIN` it may hold, or `SPILLWAY FLUSH`. [`Shape`] follows that as the messages
 //! arrive, so a cycle that cannot be one goes upstream at once; at its Sync,
 //! [`Caching::route_cycle`] builds the statement's parameters and answers and hands it
-//! to the deferred-write routing (`deferred/`, `held/`, `flush.rs`). Messages that go
+//! to the deferred-write routing (`deferred.rs`, `held/`, `flush.rs`). Messages that go
 //! upstream before their Sync first get the barrier what they execute needs
 //! ([`Caching::route_forwarding`]).
 //!
