@@ -2,16 +2,55 @@
 //! the client sees.
 //!
 //! Every error knows which side caused it (client, upstream, or spillway itself) and
-//! whether retrying could help; [`SessionError::to_client`] is the only place an error
-//! becomes an ErrorResponse, so SQLSTATEs stay consistent.
+//! whether retrying could help. [`ClientError::encode`] is the only place an error of
+//! spillway's becomes an ErrorResponse, always with a typed [`SqlState`]: the FATAL that
+//! ends a session ([`SessionError::to_client`]), the ERROR a deferred write or a held
+//! transaction is answered with, and the admin console's errors all go through it, so
+//! SQLSTATEs stay consistent. PostgreSQL's own errors are relayed untouched.
 
 use std::io;
 
 use bytes::Bytes;
 
 use crate::protocol::ProtocolError;
-use crate::protocol::backend::{Severity, error_response};
+use crate::protocol::backend::{Severity, error_response, error_response_with_detail};
 use crate::protocol::sqlstate::SqlState;
+
+/// An error spillway answers a client with itself: an ERROR the session survives (a
+/// refused deferred write, a failed held transaction, a console command) or the FATAL
+/// that ends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientError {
+    pub severity: Severity,
+    pub code: SqlState,
+    pub message: String,
+    pub detail: Option<String>,
+}
+
+impl ClientError {
+    /// An ERROR: the request fails, the session goes on.
+    pub fn error(code: SqlState, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Error,
+            code,
+            message: message.into(),
+            detail: None,
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// The ErrorResponse: the one place an error of spillway's becomes wire bytes.
+    pub fn encode(&self) -> Bytes {
+        match &self.detail {
+            Some(d) => error_response_with_detail(self.severity, self.code, &self.message, d),
+            None => error_response(self.severity, self.code, &self.message),
+        }
+    }
+}
 
 /// Which party a failure is attributed to (for logs and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,11 +150,15 @@ impl SessionError {
     pub fn to_client(&self) -> Option<Bytes> {
         match self {
             SessionError::ClientIo(_) | SessionError::ClientTls(_) => None,
-            other => Some(error_response(
-                Severity::Fatal,
-                other.sqlstate(),
-                &other.to_string(),
-            )),
+            other => Some(
+                ClientError {
+                    severity: Severity::Fatal,
+                    code: other.sqlstate(),
+                    message: other.to_string(),
+                    detail: None,
+                }
+                .encode(),
+            ),
         }
     }
 }

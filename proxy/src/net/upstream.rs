@@ -1,5 +1,6 @@
 //! Opening connections to PostgreSQL: TCP with a timeout, `TCP_NODELAY`, keepalive, and
-//! TLS per the backend URL's `sslmode`. Also forwards CancelRequests.
+//! TLS per the backend URL's `sslmode`. Also forwards CancelRequests, and probes
+//! whether PostgreSQL accepts sessions at all (a session whose backend ended asks).
 
 use std::time::Duration;
 
@@ -11,7 +12,10 @@ use tokio_rustls::TlsConnector;
 use crate::config::{BackendTarget, SslMode};
 use crate::error::SessionError;
 use crate::net::cancel::UpstreamKey;
+use crate::net::conn::{Conn, read_upstream_frame};
 use crate::net::stream::Stream;
+use crate::protocol::backend;
+use crate::protocol::sqlstate::SqlState;
 use crate::protocol::startup::{CANCEL_REQUEST_CODE, SSL_REQUEST_CODE};
 
 /// Cancels whatever one upstream session is running, as a client's CancelRequest
@@ -125,5 +129,29 @@ impl Connector {
         let mut sink = [0u8; 64];
         let _ = tokio::time::timeout(self.connect_timeout, stream.read(&mut sink)).await;
         Ok(())
+    }
+
+    /// Whether PostgreSQL accepts sessions now: connects, sends `startup` and reads
+    /// the first answer. Unreachable, silent for the connect timeout, or refusing with
+    /// 57P03 (starting up, shutting down, in recovery): `false`. Anything else, an
+    /// authentication request or another refusal (too many clients, say), means a
+    /// postmaster is there to answer: `true`. The probe connection is dropped unused.
+    pub async fn accepts_sessions(&self, startup: &[u8]) -> bool {
+        let probe = async {
+            let mut conn = Conn::new(self.connect().await.ok()?);
+            conn.send(startup).await.ok()?;
+            let (tag, msg) = read_upstream_frame(&mut conn).await.ok()?;
+            if tag != backend::ERROR_RESPONSE {
+                return Some(true);
+            }
+            let fields = backend::parse_error_fields(&msg[5..]).ok()?;
+            Some(SqlState::of(&fields.code) != Some(SqlState::CANNOT_CONNECT_NOW))
+        };
+        // The connect has its own timeout; the answer gets as long again.
+        tokio::time::timeout(self.connect_timeout * 2, probe)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false)
     }
 }

@@ -1,14 +1,16 @@
 //! One client session, from the first byte to the close.
 //!
 //! Three seams (HOUSE_STYLE): bytes (`conn::Conn`, the event loop in [`relay`]),
-//! protocol state ([`state::ProtocolState`], which only ever sees messages), and the
-//! handler deciding where each message goes (today: always upstream; the cache and
-//! write policies plug in at `relay::Relay::on_frontend`). The state machine never
-//! knows where an answer came from.
+//! protocol state ([`state::ProtocolState`], which only ever sees messages, fed by the
+//! [`state::Outbox`]), and the [`handler`] deciding where each message goes (the cache
+//! and the write policies). The state machine never knows where an answer came from.
+//! The upstream connection is the session's by a [`lease::Lease`], not owned.
 //!
 //! Invariants:
-//! - A session holds exactly one upstream connection, opened after the client's
-//!   StartupMessage and closed when the session ends (session mode).
+//! - A session holds a lease on exactly one upstream connection, opened after the
+//!   client's StartupMessage and closed when the session ends (session mode), or
+//!   earlier when it ends while the session is idle and PostgreSQL is unreachable
+//!   (the session detaches).
 //! - Per session, spillway buffers one client message of at most
 //!   `server.max_message_bytes` (64 KiB before authentication; held twice while it is
 //!   queued) plus a fixed window per direction ([`relay::WINDOW`]); a backend message of
@@ -17,6 +19,7 @@
 
 pub mod clients;
 pub mod handler;
+pub mod lease;
 pub mod relay;
 pub(crate) mod startup;
 pub mod state;
@@ -34,7 +37,7 @@ use crate::net::cancel::CancelRegistry;
 use crate::net::conn::Conn;
 pub use crate::net::signal::ShutdownSignals;
 use crate::net::stream::Stream;
-use crate::net::upstream::{Canceller, Connector};
+use crate::net::upstream::Connector;
 use crate::protocol::startup::StartupMessage;
 
 /// What every session shares. Read-only after start, except the cancel registry and
@@ -174,8 +177,13 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<End, S
             startup,
         } => (upstream, state, cancel_key, startup),
     };
-    // Held by the relay: a detached session drops it with its upstream connection.
-    let upstream_gauge = GaugeGuard::new(crate::metrics::UPSTREAM_CONNECTIONS);
+    let lease = lease::Lease::new(
+        upstream,
+        shared.connector.clone(),
+        shared.cancel.clone(),
+        &cancel_key,
+        &startup,
+    );
     let _listed = shared.clients.register(
         peer,
         startup.user(),
@@ -191,32 +199,12 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<End, S
                 .as_ref()
                 .filter(|(_, db)| db == startup.database())
                 .map(|(w, _)| w.clone()),
-            startup.database(),
-            startup.user(),
-            &startup.params,
+            &startup,
+            &state,
         ),
         None => handler::Handler::passthrough(),
     };
-    let canceller = shared
-        .cancel
-        .lookup(cancel_key.pid, &cancel_key.secret)
-        .map(|key| Canceller {
-            connector: shared.connector.clone(),
-            key,
-        });
-    let mut relay = relay::Relay::new(
-        client,
-        upstream,
-        state,
-        shared.max_message_bytes(),
-        canceller,
-        handler,
-        relay::Attachment {
-            cancel: shared.cancel.clone(),
-            client_pid: cancel_key.pid,
-            gauge: upstream_gauge,
-        },
-    );
+    let mut relay = relay::Relay::new(client, lease, state, shared.max_message_bytes(), handler);
     relay.run(&shared.signals.subscribe()).await
 }
 

@@ -9,43 +9,51 @@
 //! serves fine. Here every read and write is polled in one `poll_io`, so whichever side
 //! can make progress does.
 //!
+//! The relay owns the client connection and the [`Outbox`]; it borrows the server
+//! connection through the session's [`Lease`]. Every whole client message is offered to
+//! the handler, every whole backend message too, and what they produce goes into the
+//! outbox, which feeds the protocol state machine.
+//!
 //! Memory bound per session: output toward each side is capped by [`WINDOW`] (a side
 //! is not read while the other side's output is over it); a client message is buffered
 //! whole up to `server.max_message_bytes`; a backend message of [`STREAM_THRESHOLD`]
 //! bytes or more that spillway does not need to inspect is streamed through as it
 //! arrives instead of being buffered whole.
 //!
-//! Detached sessions: when the upstream connection ends (PostgreSQL's FATAL 57P01,
-//! 57P02, 57P03 or class 08, an EOF, an I/O error) while nothing is outstanding
-//! there — no request sent and unanswered, no transaction, no COPY; messages the
-//! handler holds or a deferred write awaiting its ack never went upstream — it is not
-//! ended: the FATAL is swallowed (logged once), the upstream socket is dropped, and the
-//! handler answers what needs no upstream (`handler/detached.rs`). The first
-//! message that needs PostgreSQL ends the session with FATAL 08006 after the answers
+//! When the server connection ends while nothing is outstanding there (no request sent
+//! and unanswered, no transaction, no COPY; messages the handler holds or a deferred
+//! write awaiting its ack never went upstream):
+//! - with PostgreSQL's FATAL saying the server or the connection goes away (57P01,
+//!   57P02, 57P03, class 08), the relay asks whether PostgreSQL still accepts sessions
+//!   ([`Lease::probe`]), reading nothing meanwhile. If it does, this backend alone was
+//!   ended (`pg_terminate_backend`): the FATAL is relayed and the session ends, as on
+//!   a direct connection. If it does not (stopping, restarting, unreachable), the FATAL
+//!   is swallowed (logged once) and the session detaches;
+//! - without a word (EOF, an I/O error: a crashed backend, a lost link), it detaches.
+//!
+//! A detached session's handler answers what needs no upstream (`handler/detached.rs`);
+//! the first message that needs PostgreSQL ends it with FATAL 08006 after the answers
 //! already queued. With a request outstanding, the upstream's end is relayed as ever.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio_util::io::poll_read_buf;
+use bytes::{Buf, Bytes};
+use tokio::io::AsyncWriteExt;
 
-use super::handler::{Delivery, Disposition, Handler, Out};
-use super::state::ProtocolState;
-use super::{End, GaugeGuard};
+use super::End;
+use super::handler::{Delivery, Disposition, Handler};
+use super::lease::Lease;
+use super::state::{Outbox, ProtocolState};
 use crate::error::SessionError;
-use crate::net::cancel::CancelRegistry;
-use crate::net::conn::{Conn, READ_CHUNK};
+use crate::net::conn::{Conn, poll_drain, shrink_if_idle, write_out};
 use crate::net::signal::{Phase, Subscription};
-use crate::net::stream::Stream;
-use crate::net::upstream::Canceller;
 use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
+use crate::protocol::sqlstate::SqlState;
 
 /// Output buffered toward one side before spillway stops reading from the other.
 pub const WINDOW: usize = 256 * 1024;
@@ -53,9 +61,6 @@ pub const WINDOW: usize = 256 * 1024;
 pub const STREAM_THRESHOLD: usize = 256 * 1024;
 /// PostgreSQL never sends a message over 1 GiB; anything longer is a broken upstream.
 const MAX_BACKEND_MESSAGE: usize = 0x4000_0000;
-/// A buffer that grew past this for one large message is replaced once it is empty,
-/// so a session does not keep a peak-sized allocation for its whole life.
-const SHRINK_ABOVE: usize = 4 * WINDOW;
 /// How long closing words (a final error, a Terminate) may take to deliver.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -63,37 +68,34 @@ const TERMINATE: &[u8] = b"X\0\0\0\x04";
 
 pub struct Relay {
     client: Conn,
-    upstream: Conn,
-    to_client: BytesMut,
-    to_upstream: BytesMut,
-    state: ProtocolState,
+    /// The server connection, borrowed through the session's lease on it.
+    lease: Lease,
+    out: Outbox,
     max_message: usize,
     /// Bytes of a large backend message still to pass through unframed.
     streaming: usize,
-    /// Stops a running query whose client is gone (disconnect, shutdown).
-    canceller: Option<Canceller>,
     /// Decides where each frontend message goes (cache or upstream).
     handler: Handler,
-    /// What changes when the session detaches.
-    attachment: Attachment,
-    /// Set once the session is detached: how its upstream connection ended.
-    detached: Option<String>,
+    /// PostgreSQL ended the idle session's backend with a FATAL; whether the session
+    /// detaches or ends with it depends on the probe.
+    ending: Option<Ending>,
+    /// PostgreSQL's FATAL relayed to the client, for the log line of the session's end.
+    server_fatal: Option<String>,
 }
 
-/// The session's ties to its upstream connection that outlive the socket.
-pub struct Attachment {
-    /// The registry holding the session's client-facing cancel key, and its pid: the
-    /// key is marked detached with the session.
-    pub cancel: Arc<CancelRegistry>,
-    pub client_pid: i32,
-    /// `spillway_upstream_connections` while attached, `spillway_detached_sessions`
-    /// once detached.
-    pub gauge: GaugeGuard,
+/// A FATAL that may detach the session, while the relay asks whether PostgreSQL still
+/// accepts sessions.
+struct Ending {
+    fatal: Bytes,
+    cause: String,
+    probe: Pin<Box<dyn Future<Output = bool> + Send>>,
 }
 
 enum Step {
     Io(Result<Progress, SessionError>),
     Terminate,
+    /// The probe answered: PostgreSQL accepts sessions (`true`) or not.
+    Probed(bool),
 }
 
 #[derive(Default)]
@@ -110,28 +112,29 @@ enum Read {
     Eof,
 }
 
+impl Read {
+    fn of(data: bool) -> Self {
+        if data { Read::Data } else { Read::Eof }
+    }
+}
+
 impl Relay {
     pub fn new(
         client: Conn,
-        upstream: Conn,
+        lease: Lease,
         state: ProtocolState,
         max_message: usize,
-        canceller: Option<Canceller>,
         handler: Handler,
-        attachment: Attachment,
     ) -> Self {
         Self {
             client,
-            upstream,
-            to_client: BytesMut::with_capacity(READ_CHUNK),
-            to_upstream: BytesMut::with_capacity(READ_CHUNK),
-            state,
+            lease,
+            out: Outbox::new(state),
             max_message,
             streaming: 0,
-            canceller,
             handler,
-            attachment,
-            detached: None,
+            ending: None,
+            server_fatal: None,
         }
     }
 
@@ -139,12 +142,13 @@ impl Relay {
         // Bytes that arrived in the same reads as the end of startup: upstream's (a
         // notice or FATAL right behind ReadyForQuery) and the client's (requests
         // pipelined behind its authentication answer, possibly a Terminate).
-        if !self.upstream.inbuf.is_empty()
+        if self.lease.server().is_some_and(|s| !s.inbuf.is_empty())
             && let Err(err) = self.on_upstream_data()
         {
             return self.close_with(err).await;
         }
         if !self.client.inbuf.is_empty()
+            && self.ending.is_none()
             && let Err(err) = self.on_client_data()
         {
             return self.close_with(err).await;
@@ -154,12 +158,29 @@ impl Relay {
                 Phase::Terminating => Poll::Ready(Step::Terminate),
                 // Answers still queued for the client go out before the 57P01
                 // (close_with appends after them), so idle is the only condition.
-                Phase::Draining if self.state.is_idle() => Poll::Ready(Step::Terminate),
-                _ => self.poll_io(cx).map(Step::Io),
+                Phase::Draining if self.out.state().is_idle() => Poll::Ready(Step::Terminate),
+                _ => {
+                    if let Some(ending) = self.ending.as_mut()
+                        && let Poll::Ready(up) = ending.probe.as_mut().poll(cx)
+                    {
+                        return Poll::Ready(Step::Probed(up));
+                    }
+                    self.poll_io(cx).map(Step::Io)
+                }
             })
             .await;
             let progress = match step {
                 Step::Terminate => return self.close_with(SessionError::Shutdown).await,
+                Step::Probed(true) => return self.ended_by_postgres().await,
+                Step::Probed(false) => {
+                    if let Some(ending) = self.ending.take() {
+                        self.detach(ending.cause);
+                    }
+                    Progress {
+                        client: (!self.client.inbuf.is_empty()).then_some(Read::Data),
+                        ..Progress::default()
+                    }
+                }
                 Step::Io(Ok(p)) => p,
                 Step::Io(Err(SessionError::UpstreamIo(e))) if self.can_detach() => {
                     self.detach(format!("upstream connection lost: {e}"));
@@ -185,6 +206,10 @@ impl Relay {
                 Some(Read::Eof) => return self.upstream_closed().await,
                 None => {}
             }
+            if self.ending.is_some() {
+                // Nothing is taken from the client until the probe says what happens.
+                continue;
+            }
             if progress.unblocked
                 && let Err(err) = self.on_client_data()
             {
@@ -199,9 +224,9 @@ impl Relay {
                 Some(Read::Eof) => return self.client_closed().await,
                 None => {}
             }
-            if self.detached.is_some() && self.state.client_terminated {
+            if self.lease.is_lost() && self.out.client_terminated() {
                 // Nobody upstream to wait for: the Terminate ends the session now.
-                self.to_upstream.clear();
+                self.out.to_upstream().clear();
                 self.flush_for_close().await;
                 return Ok(End::ClientClosed);
             }
@@ -213,60 +238,75 @@ impl Relay {
     /// sent nothing upstream that awaits an answer (an extended cycle it still holds,
     /// or a deferred write waiting for its journal ack, never went there).
     fn can_detach(&self) -> bool {
-        self.detached.is_none()
-            && !self.state.upstream_fatal
+        !self.lease.is_lost()
+            && self.ending.is_none()
+            && !self.out.state().upstream_fatal
             && self.streaming == 0
-            && idle_upstream(&self.state, &self.handler)
+            && idle_upstream(self.out.state(), &self.handler)
     }
 
     /// Goes on without the upstream connection: see the module documentation.
     fn detach(&mut self, cause: String) {
         tracing::info!(%cause, "upstream connection ended while the session was idle; session detached (serving deferred writes and cache hits until it needs PostgreSQL)");
         self.handler.detach();
-        self.upstream.stream = Stream::Detached;
-        self.upstream.inbuf.clear();
-        self.to_upstream.clear();
-        // Nothing left upstream to cancel.
-        self.canceller = None;
-        self.attachment.cancel.detach(self.attachment.client_pid);
-        self.detached = Some(cause);
-        self.attachment.gauge = GaugeGuard::new(crate::metrics::DETACHED_SESSIONS);
+        self.out.to_upstream().clear();
+        self.lease.lose(cause);
+    }
+
+    /// The probe found PostgreSQL accepting sessions: the idle session's backend was
+    /// ended on its own (an operator, a timeout). Its FATAL goes to the client, which
+    /// learns of it as it would directly, and the session ends.
+    async fn ended_by_postgres(&mut self) -> Result<End, SessionError> {
+        if let Some(ending) = self.ending.take() {
+            tracing::info!(cause = %ending.cause, "PostgreSQL ended the idle session's backend and still accepts sessions; its error is relayed and the session ends");
+            self.out.relay(&ending.fatal);
+        }
+        self.out.to_upstream().clear();
+        self.flush_for_close().await;
+        Ok(End::UpstreamFatal)
     }
 
     /// Writes what can be written, then reads from whichever side may be read.
-    /// Ready once at least one read produced bytes or EOF.
+    /// Ready once at least one read produced bytes or EOF. While a probe runs, only
+    /// writes go on.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Progress, SessionError>> {
-        let attached = self.detached.is_none();
-        if attached && let Err(e) = poll_drain(&mut self.upstream.stream, &mut self.to_upstream, cx)
+        let probing = self.ending.is_some();
+        if let Some(server) = self.lease.server()
+            && let Err(e) = poll_drain(&mut server.stream, self.out.to_upstream(), cx)
         {
             return Poll::Ready(Err(SessionError::UpstreamIo(e)));
         }
-        if let Err(e) = poll_drain(&mut self.client.stream, &mut self.to_client, cx) {
+        if let Err(e) = poll_drain(&mut self.client.stream, self.out.to_client(), cx) {
             return Poll::Ready(Err(SessionError::ClientIo(e)));
         }
         let mut progress = Progress::default();
+        if probing {
+            return Poll::Pending;
+        }
         if self.handler.is_blocked() && self.handler.poll_unblocked(cx).is_ready() {
             progress.unblocked = true;
         }
         // After Terminate the client has nothing more to say; answers to what it sent
         // before still flow until PostgreSQL closes, as on a direct connection. While
         // the handler holds a message back, nothing more is read behind it.
-        // Answers from the cache land in `to_client` without any upstream traffic, so
-        // the client is read only while both windows have room.
-        if self.to_upstream.len() < WINDOW
-            && self.to_client.len() < WINDOW
-            && !self.state.client_terminated
+        // Answers from the cache land in the client's queue without any upstream
+        // traffic, so the client is read only while both windows have room.
+        if self.out.to_upstream().len() < WINDOW
+            && self.out.to_client().len() < WINDOW
+            && !self.out.client_terminated()
             && !self.handler.is_blocked()
         {
-            match poll_read(&mut self.client, cx) {
-                Poll::Ready(Ok(r)) => progress.client = Some(r),
+            match self.client.poll_fill(cx) {
+                Poll::Ready(Ok(data)) => progress.client = Some(Read::of(data)),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::ClientIo(e))),
                 Poll::Pending => {}
             }
         }
-        if attached && self.to_client.len() < WINDOW {
-            match poll_read(&mut self.upstream, cx) {
-                Poll::Ready(Ok(r)) => progress.upstream = Some(r),
+        if self.out.to_client().len() < WINDOW
+            && let Some(server) = self.lease.server()
+        {
+            match server.poll_fill(cx) {
+                Poll::Ready(Ok(data)) => progress.upstream = Some(Read::of(data)),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::UpstreamIo(e))),
                 Poll::Pending => {}
             }
@@ -287,26 +327,27 @@ impl Relay {
                     .reserve(h.total_len - self.client.inbuf.len());
                 break;
             }
-            let mut out = Out {
-                upstream: &mut self.to_upstream,
-                client: &mut self.to_client,
-                state: &mut self.state,
-            };
             let msg = &self.client.inbuf[..h.total_len];
-            match self.handler.on_frontend(msg, &mut out) {
-                Disposition::Consumed => {}
-                Disposition::Blocked => break,
+            self.out.offer(h.tag);
+            match self.handler.on_frontend(msg, &mut self.out) {
+                Disposition::Consumed => self.out.take(),
+                Disposition::Blocked => {
+                    self.out.withdraw();
+                    break;
+                }
                 Disposition::NeedsUpstream => {
+                    self.out.withdraw();
                     return Err(SessionError::UpstreamLost {
                         cause: self
-                            .detached
-                            .clone()
-                            .unwrap_or_else(|| "not connected".to_owned()),
+                            .lease
+                            .lost_cause()
+                            .unwrap_or("not connected")
+                            .to_owned(),
                     });
                 }
             }
             self.client.inbuf.advance(h.total_len);
-            if self.state.client_terminated {
+            if self.out.client_terminated() {
                 break;
             }
         }
@@ -316,20 +357,28 @@ impl Relay {
 
     /// Frames backend messages toward the client, streaming large ones.
     fn on_upstream_data(&mut self) -> Result<(), SessionError> {
-        if let Some(cause) = self.on_backend_messages()? {
-            self.detach(cause);
+        if let Some((cause, fatal)) = self.on_backend_messages()? {
+            tracing::debug!(%cause, "the idle session's backend ended; asking whether PostgreSQL accepts sessions");
+            self.ending = Some(Ending {
+                fatal,
+                cause,
+                probe: Box::pin(self.lease.probe()),
+            });
         }
         Ok(())
     }
 
-    /// [`Relay::on_upstream_data`]'s loop; `Some(cause)` when PostgreSQL ended an
-    /// idle session with a FATAL the session survives (swallowed, not relayed).
-    fn on_backend_messages(&mut self) -> Result<Option<String>, SessionError> {
-        let inbuf = &mut self.upstream.inbuf;
+    /// [`Relay::on_upstream_data`]'s loop; `Some((cause, FATAL))` when PostgreSQL
+    /// ended an idle session with a FATAL the session may survive (not relayed yet).
+    fn on_backend_messages(&mut self) -> Result<Option<(String, Bytes)>, SessionError> {
+        let Some(server) = self.lease.server() else {
+            return Ok(None);
+        };
+        let inbuf = &mut server.inbuf;
         loop {
             if self.streaming > 0 {
                 let n = self.streaming.min(inbuf.len());
-                self.to_client.extend_from_slice(&inbuf[..n]);
+                self.out.stream(&inbuf[..n]);
                 inbuf.advance(n);
                 self.streaming -= n;
                 if self.streaming > 0 {
@@ -353,32 +402,31 @@ impl Relay {
                 if h.tag == backend::ERROR_RESPONSE
                     && backend::prefix_is_fatal(&inbuf[Header::SIZE..])
                 {
-                    self.state.upstream_fatal = true;
+                    self.out.streamed_fatal();
+                    self.server_fatal = Some("a FATAL error too large to hold".to_owned());
                 }
                 self.handler.on_backend_streamed(h.tag);
                 self.streaming = h.total_len;
                 continue;
             }
             let msg = &inbuf[..h.total_len];
-            if h.tag == backend::ERROR_RESPONSE
-                && backend::prefix_is_fatal(&msg[Header::SIZE..])
-                && idle_upstream(&self.state, &self.handler)
-                && let Some(cause) = detaching_fatal(&msg[Header::SIZE..])
-            {
-                // PostgreSQL closes right after its FATAL; whatever follows is moot.
-                return Ok(Some(cause));
+            let fatal =
+                h.tag == backend::ERROR_RESPONSE && backend::prefix_is_fatal(&msg[Header::SIZE..]);
+            if fatal {
+                if idle_upstream(self.out.state(), &self.handler)
+                    && let Some(cause) = detaching_fatal(&msg[Header::SIZE..])
+                {
+                    // PostgreSQL closes right after its FATAL; whatever follows is moot.
+                    let fatal = Bytes::copy_from_slice(msg);
+                    inbuf.clear();
+                    return Ok(Some((cause, fatal)));
+                }
+                self.server_fatal = Some(describe_error(&msg[Header::SIZE..]));
             }
             match self.handler.on_backend(h.tag, msg) {
-                Delivery::Pass => {
-                    self.state.on_backend(h.tag, &msg[Header::SIZE..]);
-                    self.to_client.extend_from_slice(msg);
-                }
-                Delivery::Swallow => self.state.on_backend(h.tag, &msg[Header::SIZE..]),
-                Delivery::Status(status) => {
-                    let rfq = crate::protocol::frontend::ready_for_query(status);
-                    self.state.on_backend(rfq[0], &rfq[Header::SIZE..]);
-                    self.to_client.extend_from_slice(&rfq);
-                }
+                Delivery::Pass => self.out.relay(msg),
+                Delivery::Swallow => self.out.swallow(msg),
+                Delivery::Status(status) => self.out.ready(status),
             }
             inbuf.advance(h.total_len);
         }
@@ -387,23 +435,29 @@ impl Relay {
     }
 
     async fn upstream_closed(&mut self) -> Result<End, SessionError> {
-        if !self.state.client_terminated {
+        let state = self.out.state();
+        if !state.client_terminated {
             // Why the session was not detached instead.
             tracing::debug!(
-                awaiting_ready = self.state.awaiting_ready,
-                unsynced = self.state.unsynced,
-                tx_status = %char::from(self.state.tx_status),
+                awaiting_ready = state.awaiting_ready,
+                unsynced = state.unsynced,
+                tx_status = %char::from(state.tx_status),
                 handler_idle = self.handler.can_detach(),
-                fatal = self.state.upstream_fatal,
+                fatal = state.upstream_fatal,
                 "upstream connection ended while the session was busy"
             );
         }
-        if self.state.client_terminated {
+        if state.client_terminated {
             // PostgreSQL closed because the client said Terminate.
             self.flush_for_close().await;
             Ok(End::ClientClosed)
-        } else if self.state.upstream_fatal {
-            // PostgreSQL said why it is closing; that error is already queued.
+        } else if state.upstream_fatal {
+            // PostgreSQL said why it is closing (a timeout, an operator, a shutdown):
+            // its error, already queued, is the client's answer. Not spillway's error.
+            tracing::info!(
+                error = self.server_fatal.as_deref().unwrap_or("a FATAL error"),
+                "PostgreSQL ended the session"
+            );
             self.flush_for_close().await;
             Ok(End::UpstreamFatal)
         } else {
@@ -412,11 +466,11 @@ impl Relay {
     }
 
     async fn client_closed(&mut self) -> Result<End, SessionError> {
-        let cut_short = !self.client.inbuf.is_empty() || !self.state.is_idle();
+        let cut_short = !self.client.inbuf.is_empty() || !self.out.state().is_idle();
         self.cancel_running_query();
         // Complete requests already queued go upstream, as they would have on a
         // direct connection; only a partial message (still in inbuf) is dropped.
-        self.to_upstream.extend_from_slice(TERMINATE);
+        self.out.release(TERMINATE);
         self.flush_for_close().await;
         if cut_short {
             Err(SessionError::ClientIo(io::Error::new(
@@ -432,10 +486,8 @@ impl Relay {
     /// than let PostgreSQL finish it (a direct connection's backend would only notice
     /// the client is gone when it next writes).
     fn cancel_running_query(&mut self) {
-        if self.state.awaiting_ready > 0
-            && let Some(canceller) = self.canceller.take()
-        {
-            canceller.spawn();
+        if self.out.state().awaiting_ready > 0 {
+            self.lease.cancel_running();
         }
     }
 
@@ -446,25 +498,25 @@ impl Relay {
         if client_broken || matches!(err, SessionError::Shutdown) {
             self.cancel_running_query();
         }
-        let upstream_broken = self.detached.is_some()
+        let upstream_broken = self.lease.is_lost()
             || matches!(
                 err,
                 SessionError::UpstreamIo(_) | SessionError::UpstreamClosed
             );
         if client_broken {
-            self.to_client.clear();
+            self.out.to_client().clear();
         } else if self.streaming > 0 {
             // Part of a large message may already be on the wire: an ErrorResponse now
             // would be read as the rest of it. Deliver what is queued and just close;
             // the client sees the connection end mid-message, as it would directly.
         } else if let Some(msg) = err.to_client() {
             // Whatever else was queued is delivered first.
-            self.to_client.extend_from_slice(&msg);
+            self.out.relay(&msg);
         }
         if upstream_broken {
-            self.to_upstream.clear();
+            self.out.to_upstream().clear();
         } else {
-            self.to_upstream.extend_from_slice(TERMINATE);
+            self.out.release(TERMINATE);
         }
         self.flush_for_close().await;
         Err(err)
@@ -474,12 +526,10 @@ impl Relay {
     /// hold back the other's final words), then closes both, within [`CLOSE_GRACE`].
     async fn flush_for_close(&mut self) {
         let Relay {
-            client,
-            upstream,
-            to_client,
-            to_upstream,
-            ..
+            client, lease, out, ..
         } = self;
+        let upstream = lease.conn_for_close();
+        let (to_client, to_upstream) = out.queues();
         let to_upstream = async {
             let _ = write_out(&mut upstream.stream, to_upstream).await;
             let _ = upstream.stream.shutdown().await;
@@ -507,59 +557,14 @@ fn idle_upstream(state: &ProtocolState, handler: &Handler) -> bool {
 /// detached session reports later; `None` for any other FATAL (relayed as ever).
 fn detaching_fatal(body: &[u8]) -> Option<String> {
     let fields = backend::parse_error_fields(body).ok()?;
-    let detaches = matches!(fields.code.as_str(), "57P01" | "57P02" | "57P03")
-        || fields.code.starts_with("08");
-    detaches.then(|| format!("PostgreSQL: {} ({})", fields.message, fields.code))
+    SqlState::ends_connection(&fields.code)
+        .then(|| format!("PostgreSQL: {} ({})", fields.message, fields.code))
 }
 
-/// Replaces an empty buffer that grew for one large message with a small one.
-fn shrink_if_idle(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > SHRINK_ABOVE {
-        *buf = BytesMut::with_capacity(READ_CHUNK);
-    }
-}
-
-async fn write_out(stream: &mut Stream, buf: &mut BytesMut) -> io::Result<()> {
-    if buf.is_empty() {
-        return Ok(());
-    }
-    stream.write_all(buf).await?;
-    buf.clear();
-    stream.flush().await
-}
-
-fn poll_read(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<Read>> {
-    conn.inbuf.reserve(READ_CHUNK);
-    let room = conn.inbuf.capacity() - conn.inbuf.len();
-    match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.inbuf) {
-        Poll::Ready(Ok(0)) => Poll::Ready(Ok(Read::Eof)),
-        Poll::Ready(Ok(n)) => {
-            // A short read took everything there was: skip the EAGAIN round trip.
-            if n < room {
-                conn.stream.note_drained();
-            }
-            Poll::Ready(Ok(Read::Data))
-        }
-        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-        Poll::Pending => Poll::Pending,
-    }
-}
-
-/// Writes as much of `buf` as the socket takes now. `Pending` is not an error: the
-/// waker is registered and the rest goes out on a later poll.
-fn poll_drain(stream: &mut Stream, buf: &mut BytesMut, cx: &mut Context<'_>) -> io::Result<()> {
-    while !buf.is_empty() {
-        match Pin::new(&mut *stream).poll_write(cx, buf) {
-            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-            Poll::Ready(Ok(n)) => buf.advance(n),
-            Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => return Ok(()),
-        }
-    }
-    shrink_if_idle(buf);
-    // TLS keeps written plaintext in its session until flushed; TCP's flush is a no-op.
-    match Pin::new(stream).poll_flush(cx) {
-        Poll::Ready(Err(e)) => Err(e),
-        _ => Ok(()),
+/// "message (SQLSTATE)" of an ErrorResponse body, for the log.
+fn describe_error(body: &[u8]) -> String {
+    match backend::parse_error_fields(body) {
+        Ok(f) => format!("{} ({})", f.message, f.code),
+        Err(_) => "a FATAL error".to_owned(),
     }
 }

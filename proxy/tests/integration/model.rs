@@ -34,8 +34,8 @@
 //!   checks keys for exact row counts, and of the client sessions) are terminated,
 //!   idle or in the middle of a batch (held there by a statement trigger that waits for
 //!   an advisory lock the test holds); the worker retries, nothing is lost or applied
-//!   twice; sessions that lost their backend while idle are detached by spillway
-//!   (they could go on writing; the model does not follow them) and are replaced.
+//!   twice; sessions that lost their backend while idle get PostgreSQL's FATAL (it
+//!   still accepts sessions, so spillway does not detach them) and are replaced.
 //!
 //! At the end PostgreSQL's rows, `spillway.dead_letters` (row for row, with journal
 //! sequence numbers) and the ledger's last sequence number (one record per
@@ -1173,11 +1173,9 @@ impl Run {
                 self.note(format!("terminate backends of {apps}: {killed}"));
                 self.stats.upstream_kills += 1;
                 if let Kill::Sessions = kill {
-                    // The sessions were idle, so spillway detaches them instead of
-                    // ending them: a later operation on one could be acknowledged
-                    // (deferred) or end it (08006), depending on when its 57P01
-                    // arrived. Every operation from here on goes to a new session;
-                    // the old ones end with their clients.
+                    // The sessions were idle and PostgreSQL still accepts sessions,
+                    // so spillway relays their 57P01 and ends them, as PostgreSQL
+                    // would. Every operation from here on goes to a new session.
                     self.connect_sessions().await;
                 }
             }

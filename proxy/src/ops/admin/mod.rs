@@ -24,13 +24,13 @@ use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 
 use crate::config::{AdminConfig, Config};
-use crate::error::SessionError;
+use crate::error::{ClientError, SessionError};
 use crate::net::conn::Conn;
 use crate::net::signal::Phase;
 use crate::net::signal::ShutdownSignals;
 use crate::net::stream::Stream;
 use crate::ops::reload::Reloader;
-use crate::protocol::backend::{self, Severity};
+use crate::protocol::backend;
 use crate::protocol::frame;
 use crate::protocol::frontend;
 use crate::protocol::scram;
@@ -302,7 +302,7 @@ async fn run_query(text: &str, shared: &Console, out: &mut BytesMut) {
 }
 
 fn error(code: SqlState, message: &str) -> Bytes {
-    backend::error_response(Severity::Error, code, message)
+    ClientError::error(code, message).encode()
 }
 
 /// The next whole client message, or `None` at a clean end of the connection.

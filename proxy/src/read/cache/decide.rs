@@ -103,7 +103,16 @@ impl Effects {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub cacheable: Result<Cacheable, &'static str>,
+    /// The refusal names a relation or function the catalog snapshot does not know:
+    /// the snapshot may be behind (reloaded at most once a second).
+    pub catalog_behind: bool,
     pub effects: Effects,
+}
+
+/// Why [`cacheable`] refuses: a name the catalog does not know, or anything else.
+enum Refused {
+    Unknown(&'static str),
+    Not(&'static str),
 }
 
 pub fn decide(analysis: &Analysis, catalog: Option<&Catalog>, tables: &TableSettings) -> Decision {
@@ -112,31 +121,41 @@ pub fn decide(analysis: &Analysis, catalog: Option<&Catalog>, tables: &TableSett
         effects.database = tables.invalidate_on_unknown;
         return Decision {
             cacheable: Err("statement not analysed"),
+            catalog_behind: false,
             effects,
         };
     }
     for stmt in &analysis.statements {
         statement_effects(stmt, catalog, tables, &mut effects);
     }
-    let cacheable = match (analysis.statements.as_slice(), catalog) {
-        _ if !analysis.is_cacheable_shape() => Err("not a plain SELECT"),
-        (_, None) => Err("catalog not loaded"),
+    let refused = match (analysis.statements.as_slice(), catalog) {
+        _ if !analysis.is_cacheable_shape() => Err(Refused::Not("not a plain SELECT")),
+        (_, None) => Err(Refused::Not("catalog not loaded")),
         ([stmt], Some(catalog)) => cacheable(stmt, catalog, tables),
-        _ => Err("not a single statement"),
+        _ => Err(Refused::Not("not a single statement")),
     };
-    Decision { cacheable, effects }
+    let (cacheable, catalog_behind) = match refused {
+        Ok(c) => (Ok(c), false),
+        Err(Refused::Unknown(why)) => (Err(why), true),
+        Err(Refused::Not(why)) => (Err(why), false),
+    };
+    Decision {
+        cacheable,
+        catalog_behind,
+        effects,
+    }
 }
 
 fn cacheable(
     stmt: &Statement,
     catalog: &Catalog,
     settings: &TableSettings,
-) -> Result<Cacheable, &'static str> {
+) -> Result<Cacheable, Refused> {
     for f in &stmt.functions {
         match catalog.function(&f.name) {
-            None => return Err("unknown function"),
+            None => return Err(Refused::Unknown("unknown function")),
             Some(info) if info.worst != Volatility::Immutable => {
-                return Err("non-immutable function");
+                return Err(Refused::Not("non-immutable function"));
             }
             Some(_) => {}
         }
@@ -145,12 +164,12 @@ fn cacheable(
     for name in &stmt.reads {
         let rels = catalog.resolve(name.schema.as_deref(), &name.name);
         if rels.is_empty() {
-            return Err("unknown relation");
+            return Err(Refused::Unknown("unknown relation"));
         }
         for rel in rels {
             catalog
                 .read_dependencies(rel, &mut deps)
-                .map_err(|why| why.as_str())?;
+                .map_err(|why| Refused::Not(why.as_str()))?;
         }
     }
     deps.sort_unstable();
@@ -158,11 +177,11 @@ fn cacheable(
     let mut ttl = settings.default_ttl;
     for oid in &deps {
         let Some(rel) = catalog.relation_by_oid(*oid) else {
-            return Err("unknown relation");
+            return Err(Refused::Unknown("unknown relation"));
         };
         let (cache, table_ttl) = settings.lookup(&rel.schema, &rel.name);
         if !cache {
-            return Err("cache disabled for a table");
+            return Err(Refused::Not("cache disabled for a table"));
         }
         ttl = ttl.min(table_ttl);
     }
@@ -325,6 +344,14 @@ mod tests {
             .cacheable,
             Err("cache disabled for a table")
         );
+    }
+
+    #[test]
+    fn unknown_names_say_the_catalog_may_be_behind() {
+        assert!(run("SELECT * FROM nope").catalog_behind);
+        assert!(run("SELECT no_such_function() FROM accounts").catalog_behind);
+        assert!(!run("SELECT now() FROM accounts").catalog_behind);
+        assert!(!run("SELECT * FROM secrets").catalog_behind);
     }
 
     #[test]

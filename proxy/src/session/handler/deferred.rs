@@ -1,11 +1,16 @@
 //! Deferred tables in a session (SPEC §6): a deferrable autocommit statement on a
 //! write-behind/write-back table is journaled and acknowledged by spillway; anything
 //! else that touches such a table while it has pending writes first waits for them to
-//! be applied upstream (a barrier), as its table's `consistency` requires.
+//! be applied upstream (a barrier), as its table's `consistency` requires. Which
+//! deferred tables a statement touches is resolved through the catalog (views and
+//! partitions to their base tables, foreign keys to the tables their actions reach),
+//! or by name alone without one; whatever may touch anything touches every one.
 //!
-//! Both waits use the handler's Blocked mechanism: the message stays with the relay,
-//! the wait runs as the handler's future, and the re-offered message finds the result
-//! here ([`Caching::resume`]). Nothing behind it is read meanwhile, so order holds.
+//! Both are waits of the message ([`Wait`]): the journal's acknowledgement comes back
+//! as a [`Resume::Ack`] and is answered here ([`Caching::acknowledged`]); a barrier
+//! comes back as [`Resume::Passed`] and the message is routed on without another. This
+//! is where a write enters the write service's facade: [`WriteService::defer`],
+//! [`WriteService::wait_applied`].
 //!
 //! Invariants:
 //! - A statement is deferred only alone in its request, in autocommit, with nothing
@@ -13,354 +18,77 @@
 //!   for their answers, then is decided), when spillway can resolve its table to
 //!   exactly one deferred table and its values to text; everything else is a fallback
 //!   (write-through after a barrier).
-//! - A barrier is waited for once per message: the re-offered message goes on even if
-//!   newer writes arrived meanwhile (they are concurrent with it), so a busy table
-//!   cannot starve a reader.
+//! - A barrier is waited for once per routing of a message (`wait.rs`).
 //! - The cache entries of a table are invalidated when a deferred write to it is
 //!   acknowledged (and again when it is applied, by the flusher).
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Instant;
 
-use bytes::BytesMut;
 use spillway_policies::Consistency;
 
-use super::{Caching, Disposition, Out, Stmt, returning};
-use crate::protocol::backend::{self, Severity};
+use super::answer::{Reply, Single, refusal};
+use super::statements::Unnamed;
+use super::wait::{Ack, Resume, Wait};
+use super::{Caching, Disposition};
 use crate::protocol::frontend;
-use crate::protocol::sqlstate::SqlState;
+use crate::read::catalog::Catalog;
+use crate::read::classify::TxCommand;
 use crate::read::classify::{Analysis, Kind};
-use crate::write::convert::{self, Bound, Verb};
-use crate::write::returning::Returning;
-use crate::write::service::{DeferError, Outcome, WriteService};
+use crate::session::state::Outbox;
+use crate::write::convert::{self, Bound, Converted};
+use crate::write::service::{DeferError, TableSet, WriteService};
 
-pub(super) type Slot<T> = Arc<Mutex<Option<Result<T, DeferError>>>>;
-
-/// A request's only statement, as far as deferring it goes.
-pub(super) struct Single<'a> {
-    pub bound: &'a Bound,
-    /// Answers an extended cycle gives before the command tag.
-    pub before: BytesMut,
-    /// Answers it gives after the command tag (CloseComplete of the unnamed portal
-    /// the cycle closes, as sqlx does).
-    pub after: BytesMut,
-    pub extended: bool,
-    pub unnamed: Option<Arc<Stmt>>,
+/// The deferred tables of the session's database, and what the session deferred.
+pub struct Deferral {
+    pub service: Arc<WriteService>,
+    /// Sequence number of this session's latest deferred write (`consistency =
+    /// "session"`, and read-your-writes: no hits or fills until it is applied).
+    pub own_seq: u64,
+    /// The session's role, for privilege checks of deferred writes.
+    pub user: String,
 }
 
-/// What a Blocked message is waiting for.
-pub(super) enum Waiting {
-    Ack {
-        slot: Slot<Outcome>,
-        verb: Verb,
-        table: u32,
-        /// Answers that precede the command tag (ParseComplete, BindComplete, NoData).
-        before: BytesMut,
-        /// Answers that follow it (CloseComplete).
-        after: BytesMut,
-        /// The statement came in an extended cycle (the held messages are answered).
-        extended: bool,
-        /// The unnamed statement that cycle parsed (answered locally).
-        unnamed: Option<Arc<Stmt>>,
-        /// For the `deferred` latency histogram and the write counter.
-        started: std::time::Instant,
-        table_name: String,
-        policy: &'static str,
-        /// Rows answered for RETURNING (see `returning.rs`).
-        returning: Option<Returning>,
-    },
-    Barrier {
-        slot: Slot<()>,
-    },
-    /// A held transaction's statement, COMMIT, or move upstream (`held.rs`).
-    Held(super::held::Wait),
-}
-
-pub(super) fn take<T>(slot: &Slot<T>) -> Option<Result<T, DeferError>> {
-    match slot.lock() {
-        Ok(mut s) => s.take(),
-        Err(poisoned) => poisoned.into_inner().take(),
-    }
-}
-
-pub(super) fn put<T>(slot: &Slot<T>, value: Result<T, DeferError>) {
-    match slot.lock() {
-        Ok(mut s) => *s = Some(value),
-        Err(poisoned) => *poisoned.into_inner() = Some(value),
+impl Deferral {
+    pub fn new(service: Arc<WriteService>, user: &str) -> Self {
+        Self {
+            service,
+            own_seq: 0,
+            user: user.to_owned(),
+        }
     }
 }
 
 impl Caching {
-    /// A re-offered message after a deferred ack or a barrier. `Some` when the message
-    /// is answered here; `None` to process it normally (barrier passed, or the write
-    /// must run write-through after all).
-    pub(super) fn resume(&mut self, tag: u8, out: &mut Out<'_>) -> Option<Disposition> {
-        match self.waiting.take()? {
-            Waiting::Held(wait) => self.resume_held(wait, tag, out),
-            Waiting::Barrier { slot } => match take(&slot) {
-                Some(Ok(())) | None => {
-                    self.barrier_passed = true;
-                    None
-                }
-                Some(Err(e)) => {
-                    self.barrier_passed = false;
-                    Some(self.fail(tag, &e, BytesMut::new(), out))
-                }
-            },
-            Waiting::Ack {
-                slot,
-                verb,
-                table,
-                before,
-                after,
-                extended,
-                unnamed,
-                started,
-                table_name,
-                policy,
-                returning,
-            } => match take(&slot) {
-                Some(Ok(outcome)) => {
-                    self.metrics.deferred.record(started.elapsed());
-                    metrics::counter!(
-                        crate::metrics::CLIENT_WRITES,
-                        "table" => table_name,
-                        "policy" => policy
-                    )
-                    .increment(1);
-                    if let Some(seq) = outcome.seq {
-                        self.own_seq = self.own_seq.max(seq);
-                        self.db.versions.bump_tables([table]);
-                    }
-                    out.state.on_frontend(tag);
-                    let before = returning::answers(
-                        returning.as_ref(),
-                        before,
-                        extended,
-                        Some(outcome.rows),
-                    );
-                    out.client.extend_from_slice(&before);
-                    out.client
-                        .extend_from_slice(&frontend::command_complete(&verb.tag(outcome.rows)));
-                    out.client.extend_from_slice(&after);
-                    self.answer_ready(out);
-                    if extended {
-                        self.finish_local_cycle(unnamed);
-                    } else {
-                        self.forget_unnamed();
-                    }
-                    Some(Disposition::Consumed)
-                }
-                Some(Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_))) | None => {
-                    // Run it write-through (after its barrier): PostgreSQL answers as
-                    // it would directly.
-                    self.no_defer = true;
-                    None
-                }
-                Some(Err(e)) => {
-                    let before = returning::answers(returning.as_ref(), before, extended, None);
-                    let d = self.fail(tag, &e, before, out);
-                    if extended {
-                        self.finish_local_cycle(unnamed);
-                    }
-                    Some(d)
-                }
-            },
-        }
-    }
-
-    /// An extended cycle answered here: its held messages are done; a Parse of the
-    /// unnamed statement in it is now the client's (parsed upstream lazily).
-    pub(super) fn finish_local_cycle(&mut self, unnamed: Option<Arc<Stmt>>) {
-        self.held.clear();
-        self.held_bytes = 0;
-        self.portals.remove("");
-        if let Some(stmt) = unnamed {
-            self.unnamed_pending = !self
-                .unnamed_upstream
-                .as_ref()
-                .is_some_and(|u| u.same_as(&stmt));
-            self.unnamed_client = Some(stmt);
-        }
-    }
-
-    /// Answers the re-offered request with `err` (after `before`) and ReadyForQuery.
-    fn fail(
-        &mut self,
-        tag: u8,
-        err: &DeferError,
-        before: BytesMut,
-        out: &mut Out<'_>,
-    ) -> Disposition {
-        out.state.on_frontend(tag);
-        out.client.extend_from_slice(&before);
-        let code = match err.sqlstate() {
-            "53000" => SqlState::INSUFFICIENT_RESOURCES,
-            "23505" => SqlState::UNIQUE_VIOLATION,
-            "08006" => SqlState::CONNECTION_FAILURE,
-            _ => SqlState::INTERNAL_ERROR,
-        };
-        let mut msg = backend::error_response(Severity::Error, code, &err.to_string()).to_vec();
-        if let DeferError::Duplicate { detail, .. } = err {
-            msg = backend::error_response_with_detail(
-                Severity::Error,
-                code,
-                &err.to_string(),
-                detail,
-            )
-            .to_vec();
-        }
-        out.client.extend_from_slice(&msg);
-        if tag == frontend::SYNC {
-            self.held.clear();
-            self.held_bytes = 0;
-        }
-        self.answer_ready(out);
-        Disposition::Consumed
-    }
-
-    /// Deferred tables a write in `analysis` reaches beyond its own tables: those a
-    /// foreign key links a written table to (its checks and actions read and write
-    /// them), and, with `true`, any table (a written table has triggers or rules).
-    /// Only a write that runs upstream needs them applied first.
-    fn linked(&self, analysis: &Analysis) -> (Vec<String>, bool) {
-        let (Some(w), Some(catalog)) = (&self.writes, self.routing_catalog()) else {
-            return (Vec::new(), false);
-        };
-        let mut out: Vec<String> = Vec::new();
-        let mut all = false;
-        for stmt in &analysis.statements {
-            if !matches!(
-                stmt.kind,
-                Kind::Write | Kind::Truncate { .. } | Kind::Ddl { .. }
-            ) {
-                continue;
-            }
-            for rel in stmt.writes.iter().chain(&stmt.ddl_targets) {
-                for r in catalog.resolve(rel.schema.as_deref(), &rel.name) {
-                    all |= r.write_side_effects;
-                    for oid in catalog.foreign_key_links(r.oid) {
-                        if let Some(name) = w.tables().name_of(*oid)
-                            && !out.iter().any(|n| n == name)
-                        {
-                            out.push(name.to_owned());
-                        }
-                    }
-                }
-            }
-        }
-        (out, all)
-    }
-
-    /// The deferred tables `analysis` touches (read, written, or altered), by name;
-    /// `all` when it may touch anything (unanalysed, unknown side effects, DDL without
-    /// named targets).
-    fn touched(&self, analysis: &Analysis) -> (Vec<String>, bool) {
-        let Some(w) = &self.writes else {
-            return (Vec::new(), false);
-        };
-        if analysis.unanalysed {
-            return (Vec::new(), true);
-        }
-        let catalog = self.routing_catalog();
-        let mut out: Vec<String> = Vec::new();
-        let mut all = false;
-        for stmt in &analysis.statements {
-            // A user-defined volatile function (or one spillway does not know) may
-            // write any table; so may DO, CALL and the like.
-            let may_write_anything = stmt.functions.iter().any(|f| {
-                catalog
-                    .as_ref()
-                    .and_then(|c| c.function(&f.name))
-                    .is_none_or(|info| info.user_volatile)
-            });
-            if matches!(stmt.kind, Kind::Unknown) || may_write_anything {
-                all = true;
-            }
-            if matches!(stmt.kind, Kind::Ddl { .. }) && stmt.ddl_targets.is_empty() {
-                all = true;
-            }
-            for rel in stmt
-                .reads
-                .iter()
-                .chain(&stmt.writes)
-                .chain(&stmt.ddl_targets)
-            {
-                match &catalog {
-                    Some(c) => {
-                        for r in c.resolve(rel.schema.as_deref(), &rel.name) {
-                            let mut oids = vec![r.oid];
-                            let _ = c.read_dependencies(r, &mut oids);
-                            // Pending writes to a table one of these references change
-                            // them when applied (ON DELETE / ON UPDATE actions).
-                            let read = oids.clone();
-                            for oid in read {
-                                oids.extend_from_slice(c.foreign_key_parents(oid));
-                            }
-                            for oid in oids {
-                                if let Some(name) = w.tables().name_of(oid)
-                                    && !out.iter().any(|n| n == name)
-                                {
-                                    out.push(name.to_owned());
-                                }
-                            }
-                        }
-                    }
-                    // No catalog: match deferred tables by name alone.
-                    None => {
-                        for name in w.tables().names_like(rel.schema.as_deref(), &rel.name) {
-                            if !out.contains(&name) {
-                                out.push(name);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        (out, all)
-    }
-
-    /// Routes a request with deferred tables in mind: `Some` when it is deferred or
-    /// must first wait for a barrier (the message is then Blocked), `None` to go on.
-    /// `single`: the request's only statement, with its bound parameters, and the
-    /// answers an extended cycle gives before its command tag.
+    /// Routes a request with deferred tables in mind: `Some` when it is answered here
+    /// or must first wait (the message is then Blocked), `None` to go on upstream.
+    /// `single`: the request's only statement, with its bound parameters and answer.
     pub(super) fn route_writes(
         &mut self,
         analyses: &[&Analysis],
         single: Option<Single<'_>>,
-        out: &mut Out<'_>,
+        out: &mut Outbox,
     ) -> Option<Disposition> {
-        let w = self.writes.clone()?;
-        if self.held_tx.is_some() {
+        let w = self.writes.as_ref()?.service.clone();
+        if self.tx.held.is_some() {
             return self.route_held(analyses, single, out);
         }
         let mut single = single;
-        if let Some(d) = self.try_hold(analyses, &mut single, out) {
+        if let [a] = analyses
+            && matches!(a.statements.as_slice(), [s] if matches!(s.kind, Kind::Transaction(TxCommand::Begin { .. })))
+            && let Some(d) = self.try_hold(analyses, &mut single, out)
+        {
             return Some(d);
         }
-        let mut touched = Vec::new();
-        let mut all = false;
-        for a in analyses {
-            let (t, every) = self.touched(a);
-            all |= every;
-            for name in t {
-                if !touched.contains(&name) {
-                    touched.push(name);
-                }
-            }
-        }
-        let mut linked = Vec::new();
-        let mut linked_all = false;
-        for a in analyses {
-            let (l, every) = self.linked(a);
-            linked_all |= every;
-            linked.extend(l);
-        }
-        if touched.is_empty() && !all && linked.is_empty() && !linked_all {
+        let catalog = self.routing_catalog();
+        let touch = Touch::of(&w.tables(), catalog.as_deref(), analyses);
+        if touch.is_empty() {
             return None;
         }
+        let mut full = false;
         if let (Some(single), [analysis]) = (single, analyses)
-            && !self.no_defer
+            && !self.wait.write_through()
         {
             // Pipelined behind requests still unanswered (a client's Close + Sync, say),
             // whether it runs in autocommit is not known yet: wait for their answers
@@ -368,89 +96,44 @@ impl Caching {
             if self.tracker.awaits_answers()
                 && matches!(analysis.statements.as_slice(), [s] if matches!(s.shape, Some(Ok(_))))
             {
-                let quiet = self.quiet.clone();
-                self.wait = Some(Box::pin(async move { quiet.notified().await }));
+                self.wait = Wait::quiet(&self.quiet, self.wait.carry());
                 return Some(Disposition::Blocked);
             }
             match self.deferrable(analysis, single.bound, out) {
-                Ok((table, mut converted)) => {
-                    let returning = converted.returning.take();
-                    let slot: Slot<Outcome> = Arc::new(Mutex::new(None));
-                    let verb = converted.verb;
-                    let tables = w.tables();
-                    let oid = tables.oid_of(&table).unwrap_or(0);
-                    let policy = tables
-                        .deferring(&table)
-                        .map_or("write-behind", |t| t.config.policy.as_str());
-                    drop(tables);
-                    let fut_slot = slot.clone();
-                    let user = self.user.clone();
-                    let service = w.clone();
-                    let table_name = table.clone();
-                    self.wait = Some(Box::pin(async move {
-                        let r = service.defer(&user, &table, converted).await;
-                        put(&fut_slot, r);
-                    }));
-                    self.waiting = Some(Waiting::Ack {
-                        slot,
-                        verb,
-                        table: oid,
-                        before: single.before,
-                        after: single.after,
-                        extended: single.extended,
-                        unnamed: single.unnamed,
-                        started: std::time::Instant::now(),
-                        table_name,
-                        policy,
-                        returning,
-                    });
-                    return Some(Disposition::Blocked);
-                }
+                Ok((table, converted)) => return Some(self.defer(w, table, converted, single)),
                 Err(reason) => {
-                    // `when_full = "write-through"`: the barrier below makes room, but
-                    // the decision stands for this write.
-                    if reason == "full" {
-                        self.no_defer = true;
-                    }
-                    let writes_to: Vec<&String> = analysis
-                        .statements
-                        .iter()
-                        .filter(|s| matches!(s.kind, Kind::Write | Kind::Truncate { .. }))
-                        .flat_map(|s| s.writes.iter())
-                        .filter_map(|rel| {
-                            touched
-                                .iter()
-                                .find(|t| t.ends_with(&format!(".{}", rel.name)))
-                        })
-                        .collect();
+                    full = reason == Fallback::Full;
                     // Counted once per message (a re-offer after the barrier is the
                     // same write).
-                    if !self.barrier_passed {
-                        for table in writes_to {
-                            w.fallbacks.note(table, reason);
-                            metrics::counter!(
-                                crate::metrics::FALLBACKS,
-                                "table" => table.clone(),
-                                "reason" => reason
-                            )
-                            .increment(1);
-                            metrics::counter!(
-                                crate::metrics::CLIENT_WRITES,
-                                "table" => table.clone(),
-                                "policy" => "write-through"
-                            )
-                            .increment(1);
+                    if !self.wait.passed_barrier() {
+                        for table in written(analysis, &touch.tables) {
+                            note_fallback(&w, table, reason);
                         }
                     }
                 }
             }
         }
-        if std::mem::take(&mut self.barrier_passed) {
-            self.no_defer = false;
+        if self.wait.passed_barrier() {
             return None;
         }
-        // Reads may skip the barrier as the tables' consistency allows; writes, DDL
-        // and anything unknown never do.
+        let target = self.barrier_target(&w, analyses, touch)?;
+        if self.link.detached {
+            // The barrier would only precede a trip upstream that cannot happen.
+            return Some(Disposition::NeedsUpstream);
+        }
+        let write_through = full || self.wait.write_through();
+        Some(self.barrier(target, write_through))
+    }
+
+    /// The sequence number that must be applied before the request goes upstream,
+    /// if one is not yet. Reads may skip the barrier as their tables' consistency
+    /// allows; writes, DDL and anything unknown never do.
+    fn barrier_target(
+        &self,
+        w: &WriteService,
+        analyses: &[&Analysis],
+        touch: Touch,
+    ) -> Option<u64> {
         let read_only = analyses.iter().all(|a| {
             !a.unanalysed
                 && a.statements
@@ -458,20 +141,20 @@ impl Caching {
                     .all(|s| matches!(s.kind, Kind::Select | Kind::OtherRead | Kind::Empty))
         });
         let set = w.tables();
-        let names: Vec<String> = if all || linked_all {
+        let names: Vec<String> = if touch.all || touch.linked_all {
             set.names().cloned().collect()
         } else {
-            touched.into_iter().chain(linked).collect()
+            touch.tables.into_iter().chain(touch.linked).collect()
         };
+        let own_seq = self.writes.as_ref().map_or(0, |d| d.own_seq);
         let mut target = None::<u64>;
         let mut strong = HashSet::new();
         for name in &names {
-            let consistency = set.consistency(name);
-            match (read_only, consistency) {
+            match (read_only, set.consistency(name)) {
                 (true, Consistency::Bounded) => {}
                 (true, Consistency::Session) => {
-                    if self.own_seq > w.applied() {
-                        target = Some(target.unwrap_or(0).max(self.own_seq));
+                    if own_seq > w.applied() {
+                        target = Some(target.unwrap_or(0).max(own_seq));
                     }
                 }
                 _ => {
@@ -482,27 +165,129 @@ impl Caching {
         if let Some(t) = w.barrier_target(strong.iter().copied()) {
             target = Some(target.unwrap_or(0).max(t));
         }
-        let Some(target) = target.filter(|t| *t > w.applied()) else {
-            self.no_defer = false;
-            return None;
-        };
-        if self.detached {
-            // The barrier would only precede a trip upstream that cannot happen.
-            return Some(Disposition::NeedsUpstream);
-        }
-        Some(self.barrier(w, target))
+        target.filter(|t| *t > w.applied())
     }
 
-    /// Blocks the current message until `target` is applied upstream.
-    pub(super) fn barrier(&mut self, w: Arc<WriteService>, target: u64) -> Disposition {
-        let slot: Slot<()> = Arc::new(Mutex::new(None));
-        let fut_slot = slot.clone();
-        self.wait = Some(Box::pin(async move {
-            let r = w.wait_applied(target).await;
-            put(&fut_slot, r);
-        }));
-        self.waiting = Some(Waiting::Barrier { slot });
+    /// Blocks the current message until `target` is applied upstream; then it goes
+    /// on without another barrier (`write_through`: and is not deferred).
+    pub(super) fn barrier(&mut self, target: u64, write_through: bool) -> Disposition {
+        let Some(w) = self.writes.as_ref().map(|d| d.service.clone()) else {
+            return Disposition::Consumed;
+        };
+        let filled = self.wait.filled();
+        self.wait = Wait::on(async move {
+            match w.wait_applied(target).await {
+                Ok(()) => Resume::Passed {
+                    filled,
+                    write_through,
+                },
+                Err(e) => Resume::BarrierFailed(e),
+            }
+        });
         Disposition::Blocked
+    }
+
+    /// A barrier failed (the flusher stopped): the message is answered with the error.
+    pub(super) fn barrier_failed(
+        &mut self,
+        tag: u8,
+        err: &DeferError,
+        out: &mut Outbox,
+    ) -> Disposition {
+        out.error(&refusal(err));
+        if tag == frontend::SYNC {
+            self.cycle.clear();
+        }
+        out.ready_now();
+        Disposition::Consumed
+    }
+
+    /// Journals a deferrable statement: the message waits for the acknowledgement.
+    fn defer(
+        &mut self,
+        w: Arc<WriteService>,
+        table: String,
+        mut converted: Converted,
+        single: Single<'_>,
+    ) -> Disposition {
+        let mut answer = single.answer;
+        answer.returning = converted.returning.take();
+        let verb = converted.verb;
+        let (oid, policy) = {
+            let set = w.tables();
+            let policy = set
+                .deferring(&table)
+                .map_or("write-behind", |t| t.config.policy.as_str());
+            (set.oid_of(&table).unwrap_or(0), policy)
+        };
+        let user = self
+            .writes
+            .as_ref()
+            .map(|d| d.user.clone())
+            .unwrap_or_default();
+        let started = Instant::now();
+        self.wait = Wait::on(async move {
+            let outcome = w.defer(&user, &table, converted).await;
+            Resume::Ack(Box::new(Ack {
+                outcome,
+                verb,
+                table: oid,
+                table_name: table,
+                policy,
+                answer,
+                started,
+            }))
+        });
+        Disposition::Blocked
+    }
+
+    /// The journal's answer to a deferred write: acknowledged or refused here, or
+    /// (`None`) the write runs write-through after all.
+    pub(super) fn acknowledged(&mut self, ack: Ack, out: &mut Outbox) -> Option<Disposition> {
+        let extended = ack.answer.extended;
+        let unnamed = match ack.outcome {
+            Ok(outcome) => {
+                self.timing.metrics.deferred.record(ack.started.elapsed());
+                metrics::counter!(
+                    crate::metrics::CLIENT_WRITES,
+                    "table" => ack.table_name,
+                    "policy" => ack.policy
+                )
+                .increment(1);
+                if let Some(seq) = outcome.seq {
+                    if let Some(d) = self.writes.as_mut() {
+                        d.own_seq = d.own_seq.max(seq);
+                    }
+                    self.db.versions.bump_tables([ack.table]);
+                }
+                let tag = ack.verb.tag(outcome.rows);
+                let unnamed = ack.answer.send(
+                    Reply::Done {
+                        tag: &tag,
+                        rows: outcome.rows,
+                    },
+                    out.tx_status(),
+                    out,
+                );
+                if !extended {
+                    self.stmts.unnamed = Unnamed::NONE;
+                }
+                unnamed
+            }
+            // The role may not write it, or a reload took its table off deferral: it
+            // runs write-through (after its barrier), and PostgreSQL answers it.
+            Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_)) => {
+                self.wait = Wait::Resumed(Resume::WriteThrough);
+                return None;
+            }
+            Err(e) => ack
+                .answer
+                .send(Reply::Error(&refusal(&e)), out.tx_status(), out),
+        };
+        if extended {
+            self.finish_cycle(unnamed);
+        }
+        Some(Disposition::Consumed)
     }
 
     /// The deferred table and row operations of `analysis`, or why it is not deferred.
@@ -510,291 +295,256 @@ impl Caching {
         &self,
         analysis: &Analysis,
         bound: &Bound,
-        out: &Out<'_>,
-    ) -> Result<(String, convert::Converted), &'static str> {
-        let w = self.writes.as_ref().ok_or("not_deferred")?;
+        out: &Outbox,
+    ) -> Result<(String, Converted), Fallback> {
+        let because = Fallback::Because;
+        let w = &self.writes.as_ref().ok_or(because("not_deferred"))?.service;
         let [stmt] = analysis.statements.as_slice() else {
-            return Err("multiple_statements");
+            return Err(because("multiple_statements"));
         };
         let shape = match &stmt.shape {
             Some(Ok(shape)) => shape,
-            Some(Err(reason)) => return Err(reason),
-            None => return Err("not_a_deferrable_write"),
+            Some(Err(reason)) => return Err(because(reason)),
+            None => return Err(because("not_a_deferrable_write")),
         };
-        // A held transaction's statements are decided like autocommit ones (held.rs).
-        if (out.state.tx_status != b'I' && self.held_tx.is_none()) || !self.tracker.is_quiet() {
-            return Err("in_transaction");
+        // A held transaction's statements are decided like autocommit ones (held/).
+        if (out.tx_status() != b'I' && self.tx.held.is_none()) || !self.tracker.quiet {
+            return Err(because("in_transaction"));
         }
-        if !self.key.usable() {
-            return Err("session_state");
+        if self.key.bypass.is_some() || self.key.local_override {
+            return Err(because("session_state"));
         }
         // Literal text and bytes mean what the flusher's connection reads them as only
         // with these settings (UTF-8, backslashes literal in '…').
-        let param = |name: &str| out.state.params.get(name).map(String::as_str);
+        let params = &out.state().params;
+        let param = |name: &str| params.get(name).map(String::as_str);
         if param("client_encoding") != Some("UTF8")
             || param("standard_conforming_strings") != Some("on")
         {
-            return Err("session_settings");
+            return Err(because("session_settings"));
         }
         // PostgreSQL refuses the write (25006); it says so itself.
         if param("default_transaction_read_only") == Some("on") {
-            return Err("read_only");
+            return Err(because("read_only"));
         }
         if !stmt.functions.is_empty() || stmt.sql_value_function {
-            return Err("function");
+            return Err(because("function"));
         }
-        let catalog = self.routing_catalog().ok_or("catalog_not_loaded")?;
+        let catalog = self
+            .routing_catalog()
+            .ok_or(because("catalog_not_loaded"))?;
         let rel = shape.table();
-        let candidates = catalog.resolve(rel.schema.as_deref(), &rel.name);
-        let [relation] = candidates.as_slice() else {
-            return Err("ambiguous_table");
-        };
         let set = w.tables();
-        let name = set.name_of(relation.oid).ok_or("not_deferred")?.to_owned();
+        let name = target(&set, &catalog, rel.schema.as_deref(), &rel.name)?.to_owned();
         // Reads of other tables (none in a deferrable shape) would need their own rules.
         // A table a reload is moving off deferral runs write-through from now on.
-        let table = set.deferring(&name).ok_or("policy_reloading")?;
+        let table = set.deferring(&name).ok_or(because("policy_reloading"))?;
         if table.config.when_full == spillway_policies::WhenFull::WriteThrough && w.is_full(&name) {
-            return Err("full");
+            return Err(Fallback::Full);
         }
-        let converted = convert::convert(shape, table, bound)?;
+        let converted = convert::convert(shape, table, bound).map_err(because)?;
         Ok((name, converted))
     }
-}
 
-impl Caching {
-    /// At a Sync that ends a held cycle: defers the cycle when it is one deferrable
-    /// statement ([Parse] Bind [Describe portal] Execute, unnamed), or holds it for a
-    /// barrier when it touches deferred tables with pending writes.
-    pub(super) fn route_cycle(&mut self, out: &mut Out<'_>) -> Option<Disposition> {
-        self.writes.as_ref()?;
-        let mut unnamed = self.unnamed_client.clone();
-        let mut parsed = None;
-        let mut before = BytesMut::new();
-        let mut after = BytesMut::new();
-        let mut named_here: Vec<(String, Arc<Stmt>)> = Vec::new();
-        let mut bound: Option<(Arc<Stmt>, Bound)> = None;
-        let mut executed: Vec<Arc<Stmt>> = Vec::new();
-        let mut simple_shape = true;
-        let mut described: Option<Arc<Stmt>> = None;
-        let held = std::mem::take(&mut self.held);
-        for m in &held {
-            let body = frontend::body(m);
-            match m[0] {
-                frontend::PARSE => match frontend::parse(body) {
-                    Some(p) if p.name.is_empty() => {
-                        let stmt = self.statement(&p, m, unnamed.as_ref());
-                        unnamed = Some(stmt.clone());
-                        parsed = Some(stmt);
-                        before.extend_from_slice(frontend::PARSE_COMPLETE);
-                    }
-                    // A named statement prepared and executed in one cycle (pgjdbc's
-                    // first server-side run): not deferred, but what it executes must
-                    // still get its barrier.
-                    Some(p) => {
-                        simple_shape = false;
-                        let stmt = self.statement(&p, m, None);
-                        named_here.push((p.name.to_owned(), stmt));
-                    }
-                    None => simple_shape = false,
-                },
-                frontend::BIND => match frontend::bind(body) {
-                    Some(b) => {
-                        let stmt = if b.statement.is_empty() {
-                            unnamed.clone()
-                        } else {
-                            named_in(&named_here, b.statement)
-                                .or_else(|| self.named.get(b.statement).cloned())
-                        };
-                        let params = frontend::bind_params(b.params_and_formats);
-                        match (stmt, params) {
-                            (Some(stmt), Some(params))
-                                if b.portal.is_empty() && bound.is_none() =>
-                            {
-                                let types = frontend::param_type_oids(&stmt.param_types);
-                                let (binary, values) = params
-                                    .into_iter()
-                                    .map(|(bin, v)| (bin, v.map(<[u8]>::to_vec)))
-                                    .unzip();
-                                before.extend_from_slice(frontend::BIND_COMPLETE);
-                                bound = Some((
-                                    stmt,
-                                    Bound {
-                                        values,
-                                        binary,
-                                        types,
-                                        result_formats: b
-                                            .result_formats
-                                            .chunks_exact(2)
-                                            .map(|c| i16::from_be_bytes([c[0], c[1]]))
-                                            .collect(),
-                                        max_rows: 0,
-                                    },
-                                ));
-                            }
-                            (Some(stmt), _) => {
-                                simple_shape = false;
-                                executed.push(stmt);
-                            }
-                            (None, _) => simple_shape = false,
-                        }
-                    }
-                    None => simple_shape = false,
-                },
-                frontend::DESCRIBE => match frontend::target(body) {
-                    Some(t) if t.kind == b'P' && t.name.is_empty() && bound.is_some() => {
-                        before.extend_from_slice(frontend::NO_DATA);
-                    }
-                    // The unnamed statement with every parameter type declared
-                    // (tokio-postgres's `query_typed`): PostgreSQL would describe
-                    // exactly those types, provided Bind gives as many values (checked
-                    // below), and a deferrable write returns no rows.
-                    Some(t) if t.kind == b'S' && t.name.is_empty() => {
-                        match unnamed
-                            .as_ref()
-                            .and_then(|s| frontend::parameter_description(&s.param_types))
-                        {
-                            Some(description) => {
-                                before.extend_from_slice(&description);
-                                before.extend_from_slice(frontend::NO_DATA);
-                                described = unnamed.clone();
-                            }
-                            None => simple_shape = false,
-                        }
-                    }
-                    _ => simple_shape = false,
-                },
-                frontend::EXECUTE => match frontend::execute(body) {
-                    Some(e) if e.portal.is_empty() && bound.is_some() => {
-                        if let Some((stmt, b)) = &mut bound {
-                            b.max_rows = e.max_rows;
-                            if executed.iter().any(|s| Arc::ptr_eq(s, stmt)) {
-                                simple_shape = false;
-                            }
-                            executed.push(stmt.clone());
-                        }
-                    }
-                    Some(e) => {
-                        simple_shape = false;
-                        if let Some(stmt) = self.portals.get(e.portal) {
-                            executed.push(stmt.clone());
-                        }
-                    }
-                    None => simple_shape = false,
-                },
-                // The unnamed portal closed after its Execute (sqlx): CloseComplete
-                // follows the command tag.
-                frontend::CLOSE => match frontend::target(body) {
-                    Some(t) if t.kind == b'P' && t.name.is_empty() && !executed.is_empty() => {
-                        after.extend_from_slice(frontend::CLOSE_COMPLETE);
-                    }
-                    _ => simple_shape = false,
-                },
-                _ => simple_shape = false,
-            }
-        }
-        self.held = held;
-        if let Some(d) = &described {
-            // The statement described must be the one executed, with one value per
-            // declared type (else PostgreSQL would answer differently, or refuse).
-            let declared = d.param_types.len() / 4;
-            if !bound
-                .as_ref()
-                .is_some_and(|(s, b)| Arc::ptr_eq(s, d) && b.values.len() == declared)
-            {
-                simple_shape = false;
-            }
-        }
-        let analyses: Vec<Arc<Analysis>> = executed.iter().map(|s| s.analysis.clone()).collect();
-        let refs: Vec<&Analysis> = analyses.iter().map(AsRef::as_ref).collect();
-        let single = match (&bound, simple_shape && executed.len() == 1) {
-            (Some((_, b)), true) => Some(Single {
-                bound: b,
-                before,
-                after,
-                extended: true,
-                unnamed: parsed,
-            }),
-            _ => None,
+    /// Whether `analysis` is a write spillway may answer itself, for an extended cycle
+    /// deciding whether to wait for its Sync: a deferrable shape on a deferred table.
+    pub(super) fn may_defer(&self, analysis: &Analysis) -> bool {
+        let (Some(w), [stmt]) = (&self.writes, analysis.statements.as_slice()) else {
+            return false;
         };
-        // `SPILLWAY FLUSH` sent in the extended protocol: answered here, like the
-        // simple Query (PostgreSQL would not parse it). Its unnamed statement exists
-        // only here; executing it again without a new Parse gets PostgreSQL's error.
-        let flush = match (&single, executed.as_slice()) {
-            (Some(s), [stmt]) if s.bound.values.is_empty() => {
-                super::flush::spillway_flush(&stmt.sql)
-            }
-            _ => None,
+        let Some(Ok(shape)) = &stmt.shape else {
+            return false;
         };
-        if let Some(table) = flush {
-            return Some(self.flush_command(table.as_deref(), single, out));
+        let rel = shape.table();
+        let set = w.service.tables();
+        match self.routing_catalog() {
+            Some(catalog) => target(&set, &catalog, rel.schema.as_deref(), &rel.name).is_ok(),
+            None => !set.names_like(rel.schema.as_deref(), &rel.name).is_empty(),
         }
-        self.route_writes(&refs, single, out)
-    }
-
-    /// Before extended-protocol messages go upstream without waiting for their Sync
-    /// (a Flush or Close, too much held, or an Execute in a cycle already upstream):
-    /// a barrier when what they execute touches deferred tables with pending writes.
-    pub(super) fn route_forwarding(
-        &mut self,
-        tag: u8,
-        msg: &[u8],
-        out: &mut Out<'_>,
-    ) -> Option<Disposition> {
-        self.writes.as_ref()?;
-        let mut executed: Vec<Arc<Stmt>> = Vec::new();
-        let mut unnamed = self.unnamed_client.clone();
-        let mut named_here: Vec<(String, Arc<Stmt>)> = Vec::new();
-        let held = std::mem::take(&mut self.held);
-        for m in held.iter().map(|b| &b[..]).chain(std::iter::once(msg)) {
-            let body = frontend::body(m);
-            match m[0] {
-                frontend::PARSE => match frontend::parse(body) {
-                    Some(p) if p.name.is_empty() => {
-                        unnamed = Some(self.statement(&p, m, unnamed.as_ref()));
-                    }
-                    Some(p) => {
-                        let stmt = self.statement(&p, m, None);
-                        named_here.push((p.name.to_owned(), stmt));
-                    }
-                    None => {}
-                },
-                frontend::BIND => {
-                    if let Some(b) = frontend::bind(body) {
-                        let stmt = if b.statement.is_empty() {
-                            unnamed.clone()
-                        } else {
-                            named_in(&named_here, b.statement)
-                                .or_else(|| self.named.get(b.statement).cloned())
-                        };
-                        executed.extend(stmt);
-                    }
-                }
-                frontend::EXECUTE if tag == frontend::EXECUTE && self.cycle_upstream => {
-                    if let Some(stmt) =
-                        frontend::execute(body).and_then(|e| self.portals.get(e.portal))
-                    {
-                        executed.push(stmt.clone());
-                    }
-                }
-                _ => {}
-            }
-        }
-        self.held = held;
-        if executed.is_empty() {
-            return None;
-        }
-        let analyses: Vec<Arc<Analysis>> = executed.iter().map(|s| s.analysis.clone()).collect();
-        let refs: Vec<&Analysis> = analyses.iter().map(AsRef::as_ref).collect();
-        self.route_writes(&refs, None, out)
     }
 }
 
-/// The statement a Parse earlier in the same cycle named `name` (the latest one).
-fn named_in(parsed: &[(String, Arc<Stmt>)], name: &str) -> Option<Arc<Stmt>> {
-    parsed
+/// Counts a write that runs write-through instead of being deferred.
+fn note_fallback(w: &WriteService, table: &str, reason: Fallback) {
+    w.fallbacks.note(table, reason.label());
+    metrics::counter!(
+        crate::metrics::FALLBACKS,
+        "table" => table.to_owned(),
+        "reason" => reason.label()
+    )
+    .increment(1);
+    metrics::counter!(
+        crate::metrics::CLIENT_WRITES,
+        "table" => table.to_owned(),
+        "policy" => "write-through"
+    )
+    .increment(1);
+}
+
+/// The deferred tables a request touches, and those a write that runs upstream
+/// reaches beyond them.
+#[derive(Default)]
+struct Touch {
+    /// Read, written or altered, by name.
+    tables: Vec<String>,
+    /// It may touch any table (unanalysed, unknown side effects, DDL without named
+    /// targets).
+    all: bool,
+    /// Those a foreign key links a written table to (its checks and actions read and
+    /// write them).
+    linked: Vec<String>,
+    /// A written table has triggers or rules: it may reach any table.
+    linked_all: bool,
+}
+
+impl Touch {
+    fn of(set: &TableSet, catalog: Option<&Catalog>, analyses: &[&Analysis]) -> Self {
+        let mut touch = Touch::default();
+        for a in analyses {
+            touched(set, catalog, a, &mut touch);
+        }
+        if let Some(catalog) = catalog {
+            for a in analyses {
+                linked(set, catalog, a, &mut touch);
+            }
+        }
+        touch
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tables.is_empty() && !self.all && self.linked.is_empty() && !self.linked_all
+    }
+}
+
+fn push(out: &mut Vec<String>, name: &str) {
+    if !out.iter().any(|n| n == name) {
+        out.push(name.to_owned());
+    }
+}
+
+/// The deferred tables `analysis` touches (read, written, or altered).
+fn touched(set: &TableSet, catalog: Option<&Catalog>, analysis: &Analysis, touch: &mut Touch) {
+    if analysis.unanalysed {
+        touch.all = true;
+        return;
+    }
+    for stmt in &analysis.statements {
+        // A user-defined volatile function (or one spillway does not know) may
+        // write any table; so may DO, CALL and the like.
+        let may_write_anything = stmt.functions.iter().any(|f| {
+            catalog
+                .and_then(|c| c.function(&f.name))
+                .is_none_or(|info| info.user_volatile)
+        });
+        if matches!(stmt.kind, Kind::Unknown) || may_write_anything {
+            touch.all = true;
+        }
+        if matches!(stmt.kind, Kind::Ddl { .. }) && stmt.ddl_targets.is_empty() {
+            touch.all = true;
+        }
+        for rel in stmt
+            .reads
+            .iter()
+            .chain(&stmt.writes)
+            .chain(&stmt.ddl_targets)
+        {
+            match catalog {
+                Some(c) => {
+                    for r in c.resolve(rel.schema.as_deref(), &rel.name) {
+                        let mut oids = vec![r.oid];
+                        let _ = c.read_dependencies(r, &mut oids);
+                        // Pending writes to a table one of these references change
+                        // them when applied (ON DELETE / ON UPDATE actions).
+                        let read = oids.clone();
+                        for oid in read {
+                            oids.extend_from_slice(c.foreign_key_parents(oid));
+                        }
+                        for oid in oids {
+                            if let Some(name) = set.name_of(oid) {
+                                push(&mut touch.tables, name);
+                            }
+                        }
+                    }
+                }
+                // No catalog: match deferred tables by name alone.
+                None => {
+                    for name in set.names_like(rel.schema.as_deref(), &rel.name) {
+                        push(&mut touch.tables, &name);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The deferred tables a write in `analysis` reaches beyond its own tables. Only a
+/// write that runs upstream needs them applied first.
+fn linked(set: &TableSet, catalog: &Catalog, analysis: &Analysis, touch: &mut Touch) {
+    for stmt in &analysis.statements {
+        if !matches!(
+            stmt.kind,
+            Kind::Write | Kind::Truncate { .. } | Kind::Ddl { .. }
+        ) {
+            continue;
+        }
+        for rel in stmt.writes.iter().chain(&stmt.ddl_targets) {
+            for r in catalog.resolve(rel.schema.as_deref(), &rel.name) {
+                touch.linked_all |= r.write_side_effects;
+                for oid in catalog.foreign_key_links(r.oid) {
+                    if let Some(name) = set.name_of(*oid) {
+                        push(&mut touch.linked, name);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The deferred tables among `touched` that `analysis` writes (for the fallback
+/// counters), by the last part of their names.
+fn written<'a>(analysis: &Analysis, touched: &'a [String]) -> Vec<&'a String> {
+    analysis
+        .statements
         .iter()
-        .rev()
-        .find(|(n, _)| n == name)
-        .map(|(_, s)| s.clone())
+        .filter(|s| matches!(s.kind, Kind::Write | Kind::Truncate { .. }))
+        .flat_map(|s| s.writes.iter())
+        .filter_map(|rel| {
+            touched
+                .iter()
+                .find(|t| t.ends_with(&format!(".{}", rel.name)))
+        })
+        .collect()
+}
+
+/// The one deferred table a write's shape names, if it resolves to exactly one.
+fn target<'a>(
+    set: &'a TableSet,
+    catalog: &Catalog,
+    schema: Option<&str>,
+    name: &str,
+) -> Result<&'a str, Fallback> {
+    let candidates = catalog.resolve(schema, name);
+    let [relation] = candidates.as_slice() else {
+        return Err(Fallback::Because("ambiguous_table"));
+    };
+    set.name_of(relation.oid)
+        .ok_or(Fallback::Because("not_deferred"))
+}
+
+/// Why a write that looked deferrable runs write-through (its metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The table is full and `when_full = "write-through"`: the barrier before it
+    /// makes room, but the write runs upstream.
+    Full,
+    Because(&'static str),
+}
+
+impl Fallback {
+    pub fn label(self) -> &'static str {
+        match self {
+            Fallback::Full => "full",
+            Fallback::Because(reason) => reason,
+        }
+    }
 }

@@ -4,30 +4,31 @@
 //! Invariant: answered only once the answers to earlier requests went out (the client
 //! would read them in the wrong order otherwise).
 
-use super::deferred::Single;
-use super::{Caching, Disposition, Out};
-use crate::protocol::frontend;
+use super::answer::{Answer, Reply};
+use super::statements::Unnamed;
+use super::wait::Wait;
+use super::{Caching, Disposition};
+use crate::session::state::Outbox;
 
 impl Caching {
-    /// `SPILLWAY FLUSH [table]`: returns once every write acknowledged before it (to
-    /// `table`, or to any table) is applied upstream. `cycle`: sent as an extended
-    /// cycle (unnamed Parse, Bind, Execute, Sync), with its answers before and after the
-    /// command tag; `None` for a simple Query.
+    /// `SPILLWAY FLUSH [table]`: answered once every write acknowledged before it (to
+    /// `table`, or to any table) is applied upstream. `answer`: a simple Query's, or an
+    /// extended cycle's (unnamed Parse, Bind, Execute, Sync) with its answers before and
+    /// after the command tag.
     pub(super) fn flush_command(
         &mut self,
         table: Option<&str>,
-        cycle: Option<Single<'_>>,
-        out: &mut Out<'_>,
+        answer: Answer,
+        out: &mut Outbox,
     ) -> Disposition {
         // Answered here: only once the answers to earlier requests (a pipelined Close
         // and Sync, say) went out, or the client would read them in the wrong order.
         if self.tracker.awaits_answers() {
-            let quiet = self.quiet.clone();
-            self.wait = Some(Box::pin(async move { quiet.notified().await }));
+            self.wait = Wait::quiet(&self.quiet, self.wait.carry());
             return Disposition::Blocked;
         }
-        if !std::mem::take(&mut self.barrier_passed)
-            && let Some(w) = self.writes.clone()
+        if !self.wait.passed_barrier()
+            && let Some(w) = self.writes.as_ref().map(|d| d.service.clone())
         {
             let target = match table {
                 Some(t) => {
@@ -41,27 +42,20 @@ impl Caching {
                 None => Some(w.highest()),
             };
             if let Some(target) = target.filter(|t| *t > w.applied()) {
-                return self.barrier(w, target);
+                return self.barrier(target, false);
             }
         }
-        let complete = frontend::command_complete("SPILLWAY FLUSH");
-        match cycle {
-            None => {
-                out.state.on_frontend(frontend::QUERY);
-                out.client.extend_from_slice(&complete);
-                self.answer_ready(out);
-                self.forget_unnamed();
-            }
-            Some(c) => {
-                out.state.on_frontend(frontend::SYNC);
-                out.client.extend_from_slice(&c.before);
-                out.client.extend_from_slice(&complete);
-                out.client.extend_from_slice(&c.after);
-                self.answer_ready(out);
-                self.finish_local_cycle(c.unnamed);
-            }
+        let extended = answer.extended;
+        let reply = Reply::Done {
+            tag: "SPILLWAY FLUSH",
+            rows: 0,
+        };
+        let unnamed = answer.send(reply, out.tx_status(), out);
+        if extended {
+            self.finish_cycle(unnamed);
+        } else {
+            self.stmts.unnamed = Unnamed::NONE;
         }
-        self.no_defer = false;
         Disposition::Consumed
     }
 }
@@ -80,4 +74,25 @@ pub(super) fn spillway_flush(sql: &str) -> Option<Option<String>> {
         return None;
     }
     Some(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spillway_flush;
+    use crate::read::classify::analyze;
+
+    #[test]
+    fn flush_commands_are_recognised_and_are_not_sql() {
+        for (sql, table) in [
+            ("SPILLWAY FLUSH", None),
+            ("spillway flush public.t;", Some("public.t")),
+            ("  SPILLWAY   FLUSH t ", Some("t")),
+        ] {
+            assert_eq!(spillway_flush(sql), Some(table.map(str::to_owned)), "{sql}");
+            // The simple Query checks them only once the classifier refused the text.
+            assert!(analyze(sql).unanalysed, "{sql}");
+        }
+        assert_eq!(spillway_flush("SELECT 1"), None);
+        assert_eq!(spillway_flush("SPILLWAY FLUSH a b"), None);
+    }
 }

@@ -1,7 +1,7 @@
 //! The wire answer of a deferred write with RETURNING (SPEC §6): where the
 //! RowDescription and DataRows go among the answers an acknowledged statement gets.
 //!
-//! `deferred.rs` builds an extended cycle's answers before the command tag as if the
+//! The extended cycle's answers before the command tag are built as if the
 //! statement returned no rows (ParseComplete, BindComplete, ParameterDescription,
 //! NoData); this module turns them into what PostgreSQL sends for a row-returning
 //! statement, without knowing anything else of the cycle:
@@ -23,18 +23,15 @@ use crate::write::returning::Returning;
 /// RETURNING is `returning`; `written`: the rows the write reported, or `None` when
 /// it failed.
 pub(super) fn answers(
-    returning: Option<&Returning>,
-    before: BytesMut,
+    returning: &Returning,
+    before: &[u8],
     extended: bool,
     written: Option<usize>,
 ) -> BytesMut {
-    let Some(returning) = returning else {
-        return before;
-    };
     let mut out = BytesMut::with_capacity(before.len() + 64);
     if extended {
         let mut previous = 0u8;
-        let mut rest = &before[..];
+        let mut rest = before;
         while let Some(msg) = next_message(rest) {
             rest = &rest[msg.len()..];
             match msg[0] {
@@ -47,10 +44,10 @@ pub(super) fn answers(
             previous = msg[0];
         }
         // Not a sequence of messages: left as built (never the case for answers
-        // `deferred.rs` builds).
+        // the session builds).
         out.extend_from_slice(rest);
     } else {
-        out.extend_from_slice(&before);
+        out.extend_from_slice(before);
         if written.is_some() {
             out.extend_from_slice(&returning.row_description(false));
         }
@@ -107,7 +104,7 @@ mod tests {
             frontend::BIND_COMPLETE,
             frontend::NO_DATA,
         ]);
-        let out = answers(Some(&r), portal.clone(), true, Some(2));
+        let out = answers(&r, &portal, true, Some(2));
         assert_eq!(shape(&out), ("12TDD".into(), vec![1]));
         // Describe of the statement: format 0, whatever the Bind says.
         let statement = before(&[
@@ -116,26 +113,20 @@ mod tests {
             frontend::NO_DATA,
             frontend::BIND_COMPLETE,
         ]);
-        let out = answers(Some(&r), statement, true, Some(1));
+        let out = answers(&r, &statement, true, Some(1));
         assert_eq!(shape(&out), ("1tT2D".into(), vec![0]));
         // No Describe: rows only; an error: the Describe answers only.
-        let out = answers(Some(&r), before(&[frontend::BIND_COMPLETE]), true, Some(2));
+        let out = answers(&r, &before(&[frontend::BIND_COMPLETE]), true, Some(2));
         assert_eq!(shape(&out).0, "2DD");
-        let out = answers(Some(&r), portal, true, None);
+        let out = answers(&r, &portal, true, None);
         assert_eq!(shape(&out), ("12T".into(), vec![1]));
         // Simple Query: RowDescription (text) even for no row; nothing on an error.
         assert_eq!(
-            shape(&answers(Some(&r), BytesMut::new(), false, Some(0))),
+            shape(&answers(&r, &[], false, Some(0))),
             ("T".into(), vec![0])
         );
-        assert_eq!(
-            shape(&answers(Some(&r), BytesMut::new(), false, Some(2))).0,
-            "TDD"
-        );
-        assert!(answers(Some(&r), BytesMut::new(), false, None).is_empty());
-        // Without RETURNING: untouched.
-        let plain = before(&[frontend::BIND_COMPLETE, frontend::NO_DATA]);
-        assert_eq!(answers(None, plain.clone(), true, Some(1)), plain);
+        assert_eq!(shape(&answers(&r, &[], false, Some(2))).0, "TDD");
+        assert!(answers(&r, &[], false, None).is_empty());
     }
 
     #[test]

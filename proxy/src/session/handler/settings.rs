@@ -15,9 +15,12 @@
 //!
 //! A SET alone in its request but sent behind requests still unanswered upstream (a
 //! driver pipelining) is applied at its own ReadyForQuery: status idle means it ran in
-//! autocommit (the handler's `Deferred`).
+//! autocommit ([`KeyContext::settle`]).
+//!
+//! Invariant: [`KeyContext::prefix`] is rebuilt by every change of what it is made of,
+//! so the hit path reads it as a field, without a call or an allocation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::read::classify::SessionCommand;
 
@@ -33,16 +36,36 @@ const REPORTED: [&str; 5] = [
 pub struct KeyContext {
     /// Database, user and startup parameters: fixed for the session.
     base: Vec<u8>,
+    /// The [`REPORTED`] settings, as PostgreSQL last reported them.
+    reported: [String; REPORTED.len()],
     /// Settings changed by the session's own SET statements (lowercase names).
     set: BTreeMap<String, String>,
-    prefix: Vec<u8>,
-    dirty: bool,
+    /// The key prefix for the current settings. Read-only outside this file.
+    pub prefix: Vec<u8>,
+    /// Where a request's key is built (the prefix, then the request), reused.
+    pub scratch: Vec<u8>,
     /// Set for good: role change, set_config, or a SET spillway could not follow.
     pub bypass: Option<&'static str>,
     /// SET LOCAL in the current transaction.
     pub local_override: bool,
     /// Default isolation for new transactions is above READ COMMITTED.
     pub default_snapshot_isolation: bool,
+    /// A request containing SET/RESET is outstanding.
+    in_flight: bool,
+    /// One of them was applied as certain (autocommit, alone).
+    certain: bool,
+    /// Session commands forwarded behind outstanding requests, in order: whether they
+    /// ran in autocommit is known only at their own ReadyForQuery.
+    waiting: VecDeque<Waiting>,
+}
+
+/// A session command waiting for its request's ReadyForQuery.
+struct Waiting {
+    command: SessionCommand,
+    /// Tracker index of the ReadyForQuery that ends its request.
+    ready: u64,
+    /// Another statement joined its request, or a request failed: not certain.
+    spoiled: bool,
 }
 
 fn put(buf: &mut Vec<u8>, s: &str) {
@@ -51,7 +74,13 @@ fn put(buf: &mut Vec<u8>, s: &str) {
 }
 
 impl KeyContext {
-    pub fn new(database: &str, user: &str, startup: &[(String, String)]) -> Self {
+    /// `reported`: the ParameterStatus values PostgreSQL sent during startup.
+    pub fn new(
+        database: &str,
+        user: &str,
+        startup: &[(String, String)],
+        reported: &BTreeMap<String, String>,
+    ) -> Self {
         let mut base = Vec::with_capacity(128);
         put(&mut base, database);
         put(&mut base, user);
@@ -64,40 +93,55 @@ impl KeyContext {
             put(&mut base, k);
             put(&mut base, v);
         }
-        Self {
+        let mut key = Self {
             base,
+            reported: REPORTED.map(|name| reported.get(name).cloned().unwrap_or_default()),
             set: BTreeMap::new(),
             prefix: Vec::new(),
-            dirty: true,
+            scratch: Vec::new(),
             bypass: None,
             local_override: false,
             default_snapshot_isolation: false,
+            in_flight: false,
+            certain: false,
+            waiting: VecDeque::new(),
+        };
+        key.rebuild();
+        key
+    }
+
+    /// PostgreSQL reported `name = value` (ParameterStatus).
+    pub fn report(&mut self, name: &str, value: &str) {
+        if let Some(i) = REPORTED.iter().position(|r| *r == name)
+            && self.reported[i] != value
+        {
+            value.clone_into(&mut self.reported[i]);
+            self.rebuild();
         }
     }
 
-    /// A reported parameter may have changed.
-    pub fn parameters_changed(&mut self) {
-        self.dirty = true;
+    fn rebuild(&mut self) {
+        self.prefix.clear();
+        self.prefix.extend_from_slice(&self.base);
+        for value in &self.reported {
+            put(&mut self.prefix, value);
+        }
+        for (k, v) in &self.set {
+            put(&mut self.prefix, k);
+            put(&mut self.prefix, v);
+        }
     }
 
-    /// The key prefix for the current settings.
-    pub fn prefix(&mut self, reported: &BTreeMap<String, String>) -> &[u8] {
-        if self.dirty {
-            self.prefix.clear();
-            self.prefix.extend_from_slice(&self.base);
-            for name in REPORTED {
-                put(
-                    &mut self.prefix,
-                    reported.get(name).map_or("", String::as_str),
-                );
-            }
-            for (k, v) in &self.set {
-                put(&mut self.prefix, k);
-                put(&mut self.prefix, v);
-            }
-            self.dirty = false;
+    /// The key of a request: the prefix, `kind`, then `parts` (built in
+    /// [`KeyContext::scratch`]).
+    pub fn key(&mut self, kind: u8, parts: &[&[u8]]) -> &[u8] {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&self.prefix);
+        self.scratch.push(kind);
+        for p in parts {
+            self.scratch.extend_from_slice(p);
         }
-        &self.prefix
+        &self.scratch
     }
 
     /// Whether results may be shared at all right now (transaction rules aside).
@@ -130,10 +174,10 @@ impl KeyContext {
                     self.bypass = Some("setting changed inside a transaction");
                 } else if value.eq_ignore_ascii_case("default") {
                     self.set.remove(name);
-                    self.dirty = true;
+                    self.rebuild();
                 } else {
                     self.set.insert(name.clone(), value.clone());
-                    self.dirty = true;
+                    self.rebuild();
                 }
             }
             SessionCommand::Reset { name } => {
@@ -141,7 +185,7 @@ impl KeyContext {
                     self.bypass = Some("setting changed inside a transaction");
                 } else {
                     self.set.remove(name);
-                    self.dirty = true;
+                    self.rebuild();
                 }
             }
             SessionCommand::ResetAll => {
@@ -150,7 +194,7 @@ impl KeyContext {
                 } else {
                     self.set.clear();
                     self.default_snapshot_isolation = false;
-                    self.dirty = true;
+                    self.rebuild();
                 }
             }
             SessionCommand::Role => self.bypass = Some("role changed"),
@@ -160,7 +204,7 @@ impl KeyContext {
                 self.set.clear();
                 self.default_snapshot_isolation = false;
                 self.bypass = None;
-                self.dirty = true;
+                self.rebuild();
             }
             _ => {}
         }
@@ -175,6 +219,69 @@ impl KeyContext {
     pub fn transaction_ended(&mut self) {
         self.local_override = false;
     }
+
+    /// A session command goes upstream in a request. `certain`: it runs alone in
+    /// autocommit (applied now as exact); `behind`: not certain only because requests
+    /// are still outstanding, so its own ReadyForQuery (id `behind`) decides.
+    pub fn forwarded(&mut self, cmd: &SessionCommand, certain: bool, behind: Option<u64>) {
+        self.in_flight = true;
+        self.certain |= certain;
+        match behind {
+            Some(ready) => self.waiting.push_back(Waiting {
+                command: cmd.clone(),
+                ready,
+                spoiled: false,
+            }),
+            None => self.apply(cmd, certain),
+        }
+    }
+
+    /// Another statement joins the request whose ReadyForQuery has id `open`: its
+    /// waiting commands can no longer be taken as autocommit.
+    pub fn shared_request(&mut self, open: u64) {
+        for w in self.waiting.iter_mut().filter(|w| w.ready == open) {
+            w.spoiled = true;
+        }
+    }
+
+    /// A request failed: if it changed settings, they are not known any more.
+    pub fn request_failed(&mut self) {
+        if self.in_flight {
+            self.lose_track("a request that changed settings failed");
+            for w in &mut self.waiting {
+                w.spoiled = true;
+            }
+        }
+    }
+
+    /// Commands whose requests ended with the request `done` (ids grow in send
+    /// order), with `status` (`None`: unknown).
+    pub fn settle(&mut self, done: u64, status: Option<u8>) {
+        while self.waiting.front().is_some_and(|w| w.ready <= done) {
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            // Alone in a request that left the session idle, without error: it ran
+            // in autocommit (a session command cannot end a transaction block). Its
+            // own request's ReadyForQuery only: a later one says nothing about it.
+            let certain = !w.spoiled && w.ready == done && status == Some(b'I');
+            self.apply(&w.command, certain);
+        }
+    }
+
+    /// A ReadyForQuery reported a transaction block: a setting applied as certain
+    /// ran in it after all (a BEGIN pipelined in the same cycle) and may be rolled back.
+    pub fn in_transaction_after_all(&mut self) {
+        if self.certain {
+            self.lose_track("a setting changed in what became a transaction");
+        }
+    }
+
+    /// Nothing is outstanding upstream: no settings in flight any more.
+    pub fn quiet(&mut self) {
+        self.in_flight = false;
+        self.certain = false;
+    }
 }
 
 fn snapshot_isolation(value: &str) -> bool {
@@ -187,7 +294,12 @@ mod tests {
     use super::*;
 
     fn ctx() -> KeyContext {
-        KeyContext::new("app", "alice", &[("user".into(), "alice".into())])
+        KeyContext::new(
+            "app",
+            "alice",
+            &[("user".into(), "alice".into())],
+            &BTreeMap::new(),
+        )
     }
 
     fn set(name: &str, value: &str, local: bool) -> SessionCommand {
@@ -201,15 +313,15 @@ mod tests {
     #[test]
     fn reported_and_set_values_change_the_prefix() {
         let mut c = ctx();
-        let mut params = BTreeMap::new();
-        params.insert("TimeZone".to_owned(), "UTC".to_owned());
-        let a = c.prefix(&params).to_vec();
-        params.insert("TimeZone".to_owned(), "Europe/Paris".to_owned());
-        c.parameters_changed();
-        let b = c.prefix(&params).to_vec();
+        c.report("TimeZone", "UTC");
+        let a = c.prefix.clone();
+        c.report("TimeZone", "Europe/Paris");
+        let b = c.prefix.clone();
         assert_ne!(a, b);
+        c.report("application_name", "x");
+        assert_eq!(c.prefix, b, "not part of the key");
         c.apply(&set("search_path", "a", false), true);
-        let d = c.prefix(&params).to_vec();
+        let d = c.prefix.clone();
         assert_ne!(b, d);
         c.apply(
             &SessionCommand::Reset {
@@ -217,17 +329,18 @@ mod tests {
             },
             true,
         );
-        assert_eq!(c.prefix(&params), &b[..]);
+        assert_eq!(c.prefix, b);
+        assert_eq!(c.key(b'Q', &[b"SELECT 1"]), [&b[..], b"QSELECT 1"].concat());
     }
 
     #[test]
     fn roles_and_users_and_databases_differ() {
         let p = BTreeMap::new();
-        let mut a = KeyContext::new("app", "alice", &[]);
-        let mut b = KeyContext::new("app", "bob", &[]);
-        let mut c = KeyContext::new("other", "alice", &[]);
-        assert_ne!(a.prefix(&p), b.prefix(&p));
-        assert_ne!(a.prefix(&p).to_vec(), c.prefix(&p).to_vec());
+        let a = KeyContext::new("app", "alice", &[], &p);
+        let b = KeyContext::new("app", "bob", &[], &p);
+        let c = KeyContext::new("other", "alice", &[], &p);
+        assert_ne!(a.prefix, b.prefix);
+        assert_ne!(a.prefix, c.prefix);
     }
 
     #[test]
@@ -251,6 +364,24 @@ mod tests {
         assert!(c.usable());
         c.apply(&set("search_path", "a", false), false);
         c.transaction_ended();
+        assert!(!c.usable());
+    }
+
+    #[test]
+    fn a_command_behind_others_waits_for_its_own_ready() {
+        let mut c = ctx();
+        c.forwarded(&set("search_path", "a", false), false, Some(3));
+        assert_eq!(c.prefix, ctx().prefix, "not applied yet");
+        c.settle(2, Some(b'I'));
+        assert_eq!(c.prefix, ctx().prefix, "an earlier request's ready");
+        c.settle(3, Some(b'I'));
+        assert!(c.usable());
+        assert_ne!(c.prefix, ctx().prefix, "applied as certain");
+        // Spoiled by a statement joining its request: not certain, bypass for good.
+        let mut c = ctx();
+        c.forwarded(&set("search_path", "a", false), false, Some(1));
+        c.shared_request(1);
+        c.settle(1, Some(b'I'));
         assert!(!c.usable());
     }
 

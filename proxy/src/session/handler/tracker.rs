@@ -12,85 +12,25 @@
 //! and ones pushed later are not pushed until that Sync); NoticeResponse,
 //! ParameterStatus and NotificationResponse can arrive at any time and answer nothing.
 //!
-//! Invariant: if a message does not fit the queue, the tracker is *desynced*: it drops
-//! every expectation and fill, and stays desynced (the session then passes everything
-//! through uncached) — a wrong guess about which rows belong to which key must never
-//! reach the cache.
+//! A FATAL from PostgreSQL with nothing outstanding (an idle-in-transaction timeout,
+//! an operator ending the backend, a shutdown) answers no request either: PostgreSQL
+//! closes the connection right after it, and the relay reports it.
+//!
+//! Invariants:
+//! - If a message does not fit the queue, the tracker is *desynced*: it drops every
+//!   expectation and fill, and stays desynced (the session then passes everything
+//!   through uncached) — a wrong guess about which rows belong to which key must never
+//!   reach the cache.
+//! - [`Tracker::quiet`] is kept equal to "nothing queued and nothing skipped" by every
+//!   change; the hit path reads it (and [`Tracker::desynced`]) as a field.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use spillway_policies::cache::{CachedResult, Deps, FillTicket};
+use bytes::Bytes;
 
-use super::Stmt;
-
-/// A result being captured for the cache.
-pub struct Fill {
-    pub ticket: FillTicket,
-    pub deps: Deps,
-    pub ttl: Duration,
-    pub row_description: Option<Bytes>,
-    pub body: BytesMut,
-}
-
-impl Fill {
-    pub fn new(ticket: FillTicket, deps: Deps, ttl: Duration) -> Box<Self> {
-        Box::new(Self {
-            ticket,
-            deps,
-            ttl,
-            row_description: None,
-            body: BytesMut::new(),
-        })
-    }
-
-    /// Stores the result if it ends with a SELECT's CommandComplete (anything else means
-    /// the statement upstream was not the one the key names: never cache that).
-    fn finish(mut self, complete: Option<&[u8]>) {
-        match complete {
-            Some(m) if m.get(5..12) == Some(b"SELECT ".as_slice()) && self.push(m) => {
-                self.complete();
-            }
-            Some(m) if m.get(5..12) != Some(b"SELECT ".as_slice()) => {
-                tracing::warn!("a cached statement's result did not end as a SELECT; not stored");
-            }
-            _ => self.ticket.abandon_too_large(),
-        }
-    }
-
-    /// Appends a message; false (and the fill is to be dropped) once over the limit.
-    fn push(&mut self, msg: &[u8]) -> bool {
-        if self.body.len() + msg.len() > self.ticket.max_entry_bytes() {
-            return false;
-        }
-        self.body.extend_from_slice(msg);
-        true
-    }
-
-    fn complete(self) {
-        let Fill {
-            ticket,
-            deps,
-            ttl,
-            row_description,
-            body,
-        } = self;
-        ticket.complete(CachedResult {
-            row_description,
-            body: body.freeze(),
-            deps,
-            ttl,
-        });
-    }
-}
-
-/// What a prepared statement becomes once PostgreSQL confirms its Parse.
-pub enum Prepared {
-    Named(String, Arc<Stmt>),
-    Unnamed(Arc<Stmt>),
-}
+use super::fill::Fill;
+use super::statements::Prepared;
+use crate::protocol::backend;
 
 pub enum Expect {
     /// Query, FunctionCall or Sync: everything up to and including ReadyForQuery.
@@ -144,15 +84,19 @@ pub struct Step {
     pub internal: bool,
 }
 
-#[derive(Default)]
 pub struct Tracker {
+    /// Nothing is outstanding upstream: a local answer cannot overtake anything.
+    /// Read-only outside this file.
+    pub quiet: bool,
+    /// A backend message did not fit: nothing is tracked any more. Read-only outside
+    /// this file.
+    pub desynced: bool,
     queue: VecDeque<Expect>,
     /// An extended-protocol error happened and no Sync was queued yet: PostgreSQL
     /// ignores everything until the next Sync.
     skipping: bool,
     /// RowDescription captured by a portal Describe, for the next Execute's fill.
     described: Option<Bytes>,
-    desynced: bool,
     /// An extended-protocol COPY FROM STDIN is open: forwarded Syncs are ignored by
     /// PostgreSQL until the client's CopyDone/CopyFail.
     copy_in: bool,
@@ -164,13 +108,28 @@ pub struct Tracker {
     pub confirmed: Vec<Prepared>,
 }
 
+impl Default for Tracker {
+    fn default() -> Self {
+        Self {
+            quiet: true,
+            desynced: false,
+            queue: VecDeque::new(),
+            skipping: false,
+            described: None,
+            copy_in: false,
+            readies_pushed: 0,
+            confirmed: Vec::new(),
+        }
+    }
+}
+
 impl Tracker {
-    /// Nothing is outstanding upstream: a local answer cannot overtake anything.
-    pub fn is_quiet(&self) -> bool {
-        self.queue.is_empty() && !self.skipping
+    /// Keeps [`Tracker::quiet`] true to the queue after a change.
+    fn settle(&mut self) {
+        self.quiet = self.queue.is_empty() && !self.skipping;
     }
 
-    /// Answers are still to come from upstream (unlike [`Tracker::is_quiet`], false
+    /// Answers are still to come from upstream (unlike [`Tracker::quiet`], false
     /// while PostgreSQL discards messages until a Sync: no answer will come then).
     pub fn awaits_answers(&self) -> bool {
         !self.queue.is_empty()
@@ -194,10 +153,6 @@ impl Tracker {
                 *prepared = None;
             }
         }
-    }
-
-    pub fn is_desynced(&self) -> bool {
-        self.desynced
     }
 
     /// PostgreSQL will discard the messages forwarded now (until a Sync).
@@ -224,6 +179,7 @@ impl Tracker {
             self.readies_pushed += 1;
         }
         self.queue.push_back(expect);
+        self.settle();
     }
 
     /// The id the next enqueued request ending in ReadyForQuery will have.
@@ -243,16 +199,21 @@ impl Tracker {
             // CopyInResponse not seen yet (or this is no extended COPY at all).
             self.queue.push_back(Expect::CopyEnd);
         }
+        self.settle();
     }
 
     /// Steps one whole backend message (`msg` includes tag and length).
     pub fn on_message(&mut self, tag: u8, msg: &[u8]) -> Step {
-        self.step(tag, Some(msg))
+        let step = self.step(tag, Some(msg));
+        self.settle();
+        step
     }
 
     /// Steps a message too large to hold; any fill it belongs to is abandoned.
     pub fn on_streamed(&mut self, tag: u8) -> Step {
-        self.step(tag, None)
+        let step = self.step(tag, None);
+        self.settle();
+        step
     }
 
     fn step(&mut self, tag: u8, msg: Option<&[u8]>) -> Step {
@@ -265,7 +226,13 @@ impl Tracker {
             self.queue.pop_front();
         }
         let Some(head) = self.queue.front_mut() else {
-            self.desync(tag);
+            // PostgreSQL ends the session on its own (a timeout, an operator, a
+            // shutdown): expected, and the connection closes right after.
+            let fatal = tag == b'E'
+                && msg.is_some_and(|m| backend::prefix_is_fatal(m.get(5..).unwrap_or_default()));
+            if !fatal {
+                self.desync(tag);
+            }
             return step;
         };
         match (head, tag) {
@@ -421,7 +388,9 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spillway_policies::cache::{Lookup, ResultCache};
+    use spillway_policies::cache::{Deps, Lookup, ResultCache};
+    use std::sync::Arc;
+    use std::time::Duration;
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut m = vec![tag];
@@ -470,7 +439,7 @@ mod tests {
             assert!(!feed(&mut t, tag, body).ready);
         }
         assert!(feed(&mut t, b'Z', b"I").ready);
-        assert!(t.is_quiet());
+        assert!(t.quiet);
         let hit = cache.get(b"k").expect("stored");
         assert_eq!(
             hit.row_description.as_deref(),
@@ -497,7 +466,7 @@ mod tests {
         let step = feed(&mut t, b'E', b"SERROR\0");
         assert!(step.error);
         assert!(feed(&mut t, b'Z', b"I").ready);
-        assert!(t.is_quiet());
+        assert!(t.quiet);
         assert!(cache.get(b"k").is_none());
         // The waiter-less fill was abandoned: the key can be led again.
         assert!(matches!(cache.lookup(b"k"), Lookup::Lead(_)));
@@ -519,7 +488,7 @@ mod tests {
             id: 0,
         });
         assert!(feed(&mut t, b'Z', b"E").ready);
-        assert!(t.is_quiet());
+        assert!(t.quiet);
     }
 
     #[test]
@@ -574,8 +543,39 @@ mod tests {
         let mut t = Tracker::default();
         t.push(Expect::Bind);
         feed(&mut t, b'1', b"");
-        assert!(t.is_desynced());
+        assert!(t.desynced);
         t.push(Expect::Bind);
-        assert!(t.is_quiet(), "nothing is tracked once desynced");
+        assert!(t.quiet, "nothing is tracked once desynced");
+    }
+
+    #[test]
+    fn a_fatal_with_nothing_outstanding_is_no_surprise() {
+        let mut t = Tracker::default();
+        feed(&mut t, b'E', b"SFATAL\0VFATAL\0C25P03\0Mtimeout\0\0");
+        assert!(!t.desynced);
+        // Any other message out of nowhere is.
+        feed(&mut t, b'E', b"SERROR\0VERROR\0C42601\0Mx\0\0");
+        assert!(t.desynced);
+    }
+
+    #[test]
+    fn quiet_follows_the_queue() {
+        let mut t = Tracker::default();
+        assert!(t.quiet);
+        t.push(Expect::Parse {
+            swallow: false,
+            prepared: None,
+        });
+        assert!(!t.quiet);
+        feed(&mut t, b'E', b"SERROR\0");
+        assert!(!t.quiet, "skipping to the Sync");
+        t.push(Expect::Ready {
+            sync: true,
+            fill: None,
+            id: 0,
+        });
+        assert!(!t.quiet);
+        feed(&mut t, b'Z', b"I");
+        assert!(t.quiet);
     }
 }

@@ -31,21 +31,24 @@
 //! the column list, a column assigned twice) are `Err` here and left for PostgreSQL
 //! to reject when the statement runs upstream.
 //!
-//! Layout: this file reads the statements, `value` reads values and casts, `reason`
-//! holds the labels.
+//! Layout: this file reads the statements, `target` what refers to the target table
+//! (columns, deltas, key equalities), `value` reads values and casts, `reason` holds
+//! the labels.
 
 use std::mem::size_of;
 
 use pg_query::NodeEnum;
 use pg_query::protobuf::{
-    AExpr, AExprKind, BoolExprType, ColumnRef, DeleteStmt, InsertStmt, Node, OverridingKind,
-    RangeVar, ResTarget, ReturningClause, SelectStmt, UpdateStmt,
+    DeleteStmt, InsertStmt, Node, OverridingKind, RangeVar, ResTarget, ReturningClause, SelectStmt,
+    UpdateStmt,
 };
 
 use super::RelName;
-use value::{diagnose, node, value};
+use target::Target;
+use value::{node, value};
 
 pub mod reason;
+mod target;
 mod value;
 
 #[cfg(test)]
@@ -320,142 +323,6 @@ fn filter(where_clause: Option<&Node>) -> Result<&NodeEnum, &'static str> {
     }
 }
 
-/// The target relation and the names its columns may be qualified with.
-struct Target<'a> {
-    table: RelName,
-    /// `UPDATE t AS x`: then only `x.col` (or plain `col`) refers to it, as in
-    /// PostgreSQL, where the alias hides the table's name.
-    alias: Option<&'a str>,
-    schema: &'a str,
-    only: bool,
-}
-
-impl<'a> Target<'a> {
-    fn of(rel: Option<&'a RangeVar>) -> Result<Self, &'static str> {
-        let rel = rel
-            .filter(|r| !r.relname.is_empty())
-            .ok_or(r::UNSUPPORTED)?;
-        Ok(Self {
-            table: RelName::new(Some(&rel.schemaname), &rel.relname),
-            alias: rel
-                .alias
-                .as_ref()
-                .map(|a| a.aliasname.as_str())
-                .filter(|a| !a.is_empty()),
-            schema: &rel.schemaname,
-            only: !rel.inh,
-        })
-    }
-
-    /// The column a reference names, if it names one of the target's columns.
-    fn column<'n>(&self, col: &'n ColumnRef) -> Result<&'n str, &'static str> {
-        let mut parts = Vec::with_capacity(col.fields.len());
-        for field in &col.fields {
-            match field.node.as_ref() {
-                Some(NodeEnum::String(s)) => parts.push(s.sval.as_str()),
-                // `t.*` and anything else is not one column.
-                _ => return Err(r::COLUMN_REFERENCE),
-            }
-        }
-        let qualifier_ok = |q: &str| match self.alias {
-            Some(alias) => q == alias,
-            None => q == self.table.name,
-        };
-        match parts.as_slice() {
-            [name] => Ok(name),
-            [q, name] if qualifier_ok(q) => Ok(name),
-            // `schema.table.col` only when the target was written with that schema:
-            // matching an unqualified target would need the search_path.
-            [s, q, name] if self.alias.is_none() && !self.schema.is_empty() => {
-                if *s == self.schema && *q == self.table.name {
-                    Ok(name)
-                } else {
-                    Err(r::COLUMN_REFERENCE)
-                }
-            }
-            _ => Err(r::COLUMN_REFERENCE),
-        }
-    }
-
-    /// `SET column = val`: a value, or the column plus/minus a value.
-    fn assign(&self, column: &str, val: Option<&NodeEnum>) -> Result<Assign, &'static str> {
-        match value(val, r::SET_EXPRESSION) {
-            Err(r::SET_EXPRESSION) => {}
-            plain => return plain.map(Assign::Set),
-        }
-        let Some(NodeEnum::AExpr(e)) = val else {
-            return Err(r::SET_EXPRESSION);
-        };
-        let (Some(op), Some(left), Some(right)) = (
-            binary_operator(e),
-            node(e.lexpr.as_deref()),
-            node(e.rexpr.as_deref()),
-        ) else {
-            return Err(diagnose(val, r::SET_EXPRESSION));
-        };
-        let is_self = |n: &NodeEnum| -> Result<bool, &'static str> {
-            match n {
-                NodeEnum::ColumnRef(c) => Ok(self.column(c)? == column),
-                _ => Ok(false),
-            }
-        };
-        // `c - v`, `c + v` and `v + c`; never `v - c`, which is not a delta.
-        let (delta, add) = match op {
-            "+" if is_self(left)? => (right, true),
-            "+" if is_self(right)? => (left, true),
-            "-" if is_self(left)? => (right, false),
-            _ => return Err(diagnose(val, r::SET_EXPRESSION)),
-        };
-        let delta = value(Some(delta), r::SET_EXPRESSION)?;
-        Ok(if add {
-            Assign::Add(delta)
-        } else {
-            Assign::Sub(delta)
-        })
-    }
-
-    /// The key of `WHERE k1 = v AND k2 = v …` (ANDs nested any way, either side order).
-    fn key(&self, filter: &NodeEnum) -> Result<Vec<(String, Value)>, &'static str> {
-        let mut conjuncts = Vec::new();
-        flatten_and(filter, &mut conjuncts);
-        let mut key: Vec<(String, Value)> = Vec::with_capacity(conjuncts.len());
-        for conjunct in conjuncts {
-            let (column, val) = self.equality(conjunct)?;
-            if key.iter().any(|(c, _)| c == column) {
-                return Err(r::DUPLICATE_COLUMN);
-            }
-            if val.operand == Operand::Literal(None) {
-                return Err(r::NULL_KEY);
-            }
-            key.push((column.to_owned(), val));
-        }
-        Ok(key)
-    }
-
-    /// One `col = value` (or `value = col`) conjunct.
-    fn equality<'n>(&self, conjunct: &'n NodeEnum) -> Result<(&'n str, Value), &'static str> {
-        let not_key = || diagnose(Some(conjunct), r::WHERE_NOT_KEY_EQUALITY);
-        let NodeEnum::AExpr(e) = conjunct else {
-            return Err(not_key());
-        };
-        let (Some("="), Some(left), Some(right)) = (
-            binary_operator(e),
-            node(e.lexpr.as_deref()),
-            node(e.rexpr.as_deref()),
-        ) else {
-            return Err(not_key());
-        };
-        let (col, other) = match (left, right) {
-            (NodeEnum::ColumnRef(_), NodeEnum::ColumnRef(_)) => return Err(not_key()),
-            (NodeEnum::ColumnRef(c), other) | (other, NodeEnum::ColumnRef(c)) => (c, other),
-            _ => return Err(not_key()),
-        };
-        let column = self.column(col)?;
-        let val = value(Some(other), r::WHERE_NOT_KEY_EQUALITY)?;
-        Ok((column, val))
-    }
-}
-
 /// The name of an INSERT column or SET target, which must be a plain column.
 fn target_column(target: &ResTarget) -> Result<String, &'static str> {
     if !target.indirection.is_empty() {
@@ -493,35 +360,6 @@ fn is_plain_values(s: &SelectStmt) -> bool {
         && s.having_clause.is_none()
         && s.window_clause.is_empty()
         && s.distinct_clause.is_empty()
-}
-
-/// `c1 AND (c2 AND c3)` → `[c1, c2, c3]`; anything else is one conjunct.
-fn flatten_and<'n>(filter: &'n NodeEnum, out: &mut Vec<&'n NodeEnum>) {
-    match filter {
-        NodeEnum::BoolExpr(b) if b.boolop == BoolExprType::AndExpr as i32 => {
-            for arg in &b.args {
-                match arg.node.as_ref() {
-                    Some(arg) => flatten_and(arg, out),
-                    None => out.push(filter),
-                }
-            }
-        }
-        other => out.push(other),
-    }
-}
-
-/// The operator of a plain binary `l op r` (unqualified, both operands present).
-fn binary_operator(e: &AExpr) -> Option<&str> {
-    if e.kind != AExprKind::AexprOp as i32 || e.lexpr.is_none() || e.rexpr.is_none() {
-        return None;
-    }
-    match e.name.as_slice() {
-        [only] => match only.node.as_ref() {
-            Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
-            _ => None,
-        },
-        _ => None,
-    }
 }
 
 impl WriteShape {

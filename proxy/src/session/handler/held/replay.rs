@@ -8,55 +8,44 @@
 //! Invariant: the internal query is sent only when nothing else is outstanding
 //! upstream (a held transaction sends nothing else), so its answers are the next ones.
 
-use std::sync::{Arc, Mutex};
-
-use bytes::BytesMut;
-
-use super::super::deferred::{Slot, Waiting, put};
+use super::super::answer::{Answer, Reply};
 use super::super::tracker::Expect;
-use super::super::{Caching, Disposition, Out};
-use super::{Wait, ended};
+use super::super::tx::ReplayLog;
+use super::super::wait::{Held, Resume, Wait};
+use super::super::{Caching, Disposition};
+use super::ended;
+use crate::error::ClientError;
 use crate::protocol::backend;
 use crate::protocol::frontend;
 use crate::protocol::sqlstate::SqlState;
 use crate::read::cache::Effects;
-
-/// The answers to the internal query in flight.
-#[derive(Default)]
-pub(in crate::session::handler) struct ReplayLog {
-    expected: Vec<String>,
-    tags: Vec<String>,
-    error: Option<String>,
-}
+use crate::session::state::Outbox;
 
 impl Caching {
     /// Moves the held transaction upstream before the current message goes on: a
     /// barrier on the held tables, then the replay (the message is offered again
     /// after each step; see [`Caching::resume_held`]).
-    pub(in crate::session::handler) fn leave_held(&mut self, out: &mut Out<'_>) -> Disposition {
-        if self.detached {
+    pub(in super::super) fn leave_held(&mut self, out: &mut Outbox) -> Disposition {
+        if self.link.detached {
             return Disposition::NeedsUpstream;
         }
-        let (Some(held), Some(w)) = (self.held_tx.as_ref(), self.writes.clone()) else {
+        let (Some(held), Some(d)) = (self.tx.held.as_ref(), self.writes.as_ref()) else {
             return Disposition::Consumed;
         };
+        let w = d.service.clone();
         let tables: Vec<&str> = held.stmts.iter().map(|s| s.table.as_str()).collect();
         if let Some(target) = w.barrier_target(tables).filter(|t| *t > w.applied()) {
-            let slot: Slot<()> = Arc::new(Mutex::new(None));
-            let fut_slot = slot.clone();
-            self.wait = Some(Box::pin(async move {
-                let r = w.wait_applied(target).await;
-                put(&fut_slot, r);
-            }));
-            self.waiting = Some(Waiting::Held(Wait::Barrier { slot }));
+            self.wait = Wait::on(async move {
+                Resume::Held(Box::new(Held::Barrier(w.wait_applied(target).await)))
+            });
             return Disposition::Blocked;
         }
         self.start_replay(out)
     }
 
     /// Sends `BEGIN` and the held statements upstream as one internal Query.
-    pub(super) fn start_replay(&mut self, out: &mut Out<'_>) -> Disposition {
-        let Some(held) = self.held_tx.as_ref() else {
+    pub(super) fn start_replay(&mut self, out: &mut Outbox) -> Disposition {
+        let Some(held) = self.tx.held.as_ref() else {
             return Disposition::Consumed;
         };
         let mut sql = String::from(held.begin);
@@ -72,33 +61,31 @@ impl Caching {
             statements = held.stmts.len(),
             "held transaction moves upstream"
         );
-        self.replay_log = Some(ReplayLog {
+        self.tx.replay = Some(ReplayLog {
             expected,
             ..ReplayLog::default()
         });
-        self.send_internal(&sql, Wait::Replaying, out)
+        self.send_internal(&sql, Held::Replayed, out)
     }
 
-    fn send_internal(&mut self, sql: &str, wait: Wait, out: &mut Out<'_>) -> Disposition {
+    fn send_internal(&mut self, sql: &str, then: Held, out: &mut Outbox) -> Disposition {
         // A simple Query drops PostgreSQL's unnamed statement and portal: the client's
         // unnamed statement is parsed there again before its next use.
-        self.unnamed_upstream = None;
-        self.unnamed_pending = self.unnamed_client.is_some();
-        self.portals.remove("");
-        out.state.on_frontend(frontend::QUERY);
-        out.upstream
-            .extend_from_slice(&frontend::query_message(sql));
+        self.stmts.internal_query();
+        out.internal_query(&frontend::query_message(sql));
         self.tracker.push(Expect::Internal);
-        self.metrics.upstream_statements.increment(1);
+        self.timing.metrics.upstream_statements.increment(1);
         let done = self.internal_done.clone();
-        self.wait = Some(Box::pin(async move { done.notified().await }));
-        self.waiting = Some(Waiting::Held(wait));
+        self.wait = Wait::on(async move {
+            done.notified().await;
+            Resume::Held(Box::new(then))
+        });
         Disposition::Blocked
     }
 
     /// A backend message answering the internal query.
-    pub(in crate::session::handler) fn on_internal(&mut self, tag: u8, msg: Option<&[u8]>) {
-        let log = self.replay_log.get_or_insert_with(ReplayLog::default);
+    pub(in super::super) fn on_internal(&mut self, tag: u8, msg: Option<&[u8]>) {
+        let log = self.tx.replay.get_or_insert_with(ReplayLog::default);
         match (tag, msg) {
             (b'C', Some(m)) => {
                 let body = frontend::body(m);
@@ -119,15 +106,15 @@ impl Caching {
 
     /// The replay succeeded: the transaction is PostgreSQL's now, with its writes.
     fn now_upstream(&mut self) {
-        let Some(held) = self.held_tx.take() else {
+        let Some(held) = self.tx.held.take() else {
             return;
         };
         ended("upstream");
-        let Some(w) = &self.writes else {
+        let Some(d) = &self.writes else {
             return;
         };
         let tables: Vec<u32> = {
-            let set = w.tables();
+            let set = d.service.tables();
             held.stmts
                 .iter()
                 .filter_map(|s| set.oid_of(&s.table))
@@ -154,8 +141,8 @@ impl Caching {
     /// The internal replay query answered: the transaction goes on upstream (`None`:
     /// the message is processed as in any upstream transaction), or it diverged and is
     /// rolled back there first.
-    pub(super) fn replayed(&mut self, out: &mut Out<'_>) -> Option<Disposition> {
-        let log = self.replay_log.take().unwrap_or_default();
+    pub(super) fn replayed(&mut self, out: &mut Outbox) -> Option<Disposition> {
+        let log = self.tx.replay.take().unwrap_or_default();
         let problem = match (&log.error, log.tags == log.expected) {
             (Some(e), _) => Some(format!("replayed upstream, it failed: {e}")),
             (None, false) => Some(format!(
@@ -175,25 +162,17 @@ impl Caching {
             "could not serialize access: the deferred transaction had to move to \
              PostgreSQL and {problem}; the transaction is rolled back"
         );
-        Some(self.send_internal("ROLLBACK", Wait::RollingBack { error }, out))
+        Some(self.send_internal("ROLLBACK", Held::RolledBack { error }, out))
     }
 
     /// The diverged transaction is rolled back upstream: the client gets 40001 and the
     /// transaction is failed until it ends.
-    pub(super) fn rolled_back(&mut self, tag: u8, error: &str, out: &mut Out<'_>) -> Disposition {
-        self.replay_log = None;
-        if let Some(held) = self.held_tx.as_mut() {
+    pub(super) fn rolled_back(&mut self, tag: u8, error: &str, out: &mut Outbox) -> Disposition {
+        self.tx.replay = None;
+        if let Some(held) = self.tx.held.as_mut() {
             held.failed = true;
         }
-        self.held_answer_error(
-            tag,
-            SqlState::SERIALIZATION_FAILURE,
-            error,
-            None,
-            BytesMut::new(),
-            None,
-            b'E',
-            out,
-        )
+        let error = ClientError::error(SqlState::SERIALIZATION_FAILURE, error);
+        self.answer_held(tag, Answer::default(), Reply::Error(&error), b'E', out)
     }
 }

@@ -1,0 +1,278 @@
+//! An extended cycle answered from the cache: every Execute a hit on the unnamed
+//! portal. The answers are gathered as the messages arrive ([`Caching::step_local`]):
+//! Parse of the unnamed statement (ParseComplete), Bind of the unnamed portal to a
+//! cacheable statement whose key is stored (BindComplete), Describe of that portal
+//! (the stored RowDescription), Execute of it without a row limit (the stored rows and
+//! command tag). At the Sync they go out with ReadyForQuery ([`Caching::plan_at_sync`]).
+//!
+//! A Bind whose key is missing either waits for another session already filling it
+//! (decided at the Sync: waiting pays only when it is the cycle's one query) or leads
+//! the fill itself, and then the cycle goes upstream at once.
+//!
+//! Invariant: a cycle is answered here only with nothing outstanding upstream and reads
+//! allowed, checked at every message; a plan built before a wait is built again after.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use spillway_policies::cache::{CachedResult, FillTicket, Lookup};
+use tokio::sync::futures::OwnedNotified;
+
+use super::super::Caching;
+use super::super::statements::Stmt;
+use crate::protocol::frontend;
+use crate::session::state::Outbox;
+
+/// The cache's answers to the messages held so far.
+pub struct Local {
+    answers: BytesMut,
+    /// The unnamed statement as the cycle left it (starting from the client's).
+    unnamed: Option<Arc<Stmt>>,
+    unnamed_changed: bool,
+    /// The entry bound to the unnamed portal, for its Describe and Execute.
+    bound: Option<Arc<CachedResult>>,
+    hits: u64,
+    binds: u32,
+    /// Another session is filling a key bound here, and how many Binds the cycle had
+    /// up to that one.
+    waiting: Option<(OwnedNotified, u32)>,
+}
+
+/// One message's part in the plan.
+enum Step {
+    Ok,
+    /// Missing, another session fills it.
+    Wait(OwnedNotified),
+    /// Missing, and this session leads its fill (key, ticket).
+    Lead(Vec<u8>, FillTicket),
+    No,
+}
+
+/// What the Sync does with a held cycle.
+pub enum AtSync {
+    /// Answered from the cache.
+    Answered,
+    /// Waits for another session's fill, then plans again.
+    Wait(OwnedNotified),
+    /// Goes upstream, with the lead ticket of its first miss if it took one.
+    Forward(Option<(Vec<u8>, FillTicket)>),
+}
+
+impl Local {
+    fn new(unnamed: Option<Arc<Stmt>>) -> Self {
+        Self {
+            answers: BytesMut::new(),
+            unnamed,
+            unnamed_changed: false,
+            bound: None,
+            hits: 0,
+            binds: 0,
+            waiting: None,
+        }
+    }
+
+    /// The unnamed statement as the cycle left it so far.
+    pub fn unnamed(&self) -> Option<&Arc<Stmt>> {
+        self.unnamed.as_ref()
+    }
+}
+
+impl Caching {
+    /// The plan with `msg` added: `None` once the cycle cannot be answered from the
+    /// cache, with the lead ticket of the miss that decided it, if any. `parsed`: the
+    /// statement `msg` parses, if it is a Parse.
+    pub(super) fn step_local(
+        &mut self,
+        msg: &[u8],
+        parsed: Option<&(String, Arc<Stmt>)>,
+        status: u8,
+    ) -> (Option<Local>, Option<(Vec<u8>, FillTicket)>) {
+        if !(self.tracker.quiet && self.reads_allowed(status)) {
+            return (None, None);
+        }
+        let mut plan = match self.cycle.local.take() {
+            Some(p) => p,
+            None if self.cycle.held.is_empty() => Local::new(self.stmts.client_unnamed().cloned()),
+            // An earlier message of the cycle already ruled the cache out.
+            None => return (None, None),
+        };
+        match self.step(&mut plan, msg, parsed.map(|(_, s)| s)) {
+            Step::Ok => (Some(plan), None),
+            Step::Wait(notified) => {
+                plan.waiting = Some((notified, plan.binds));
+                (Some(plan), None)
+            }
+            Step::Lead(key, ticket) => (None, Some((key, ticket))),
+            Step::No => (None, None),
+        }
+    }
+
+    /// At the Sync of a held cycle, with nothing outstanding and reads allowed: the
+    /// cycle answered from the cache, a wait for another session's fill, or upstream.
+    pub(super) fn plan_at_sync(&mut self, out: &mut Outbox) -> AtSync {
+        let started = Instant::now();
+        let plan = match self.cycle.local.take() {
+            // Built as the messages came, and nothing waited since.
+            Some(plan) if !self.wait.filled() => plan,
+            _ => match self.replan() {
+                Ok(plan) => plan,
+                Err(forward) => return forward,
+            },
+        };
+        if let Some((notified, binds)) = plan.waiting {
+            // Waiting only pays when this is the cycle's one query.
+            if binds <= 1 && !self.wait.filled() && out.tx_status() == b'I' {
+                return AtSync::Wait(notified);
+            }
+            return AtSync::Forward(None);
+        }
+        if plan.hits == 0 {
+            // Nothing served from the cache: a lone Parse must be checked upstream.
+            return AtSync::Forward(None);
+        }
+        out.answer(&plan.answers);
+        out.ready_now();
+        if plan.unnamed_changed
+            && let Some(stmt) = plan.unnamed
+        {
+            self.stmts.parsed_locally(stmt);
+        }
+        for _ in 0..plan.hits {
+            self.cache.results.record_hit();
+            self.timing.metrics.hit.record(started.elapsed());
+        }
+        self.cycle.clear();
+        AtSync::Answered
+    }
+
+    /// The plan of the held messages from the start (after a wait, or when the
+    /// messages were held for another reason); `Err` with the decision when it fails.
+    fn replan(&mut self) -> Result<Local, AtSync> {
+        let mut plan = Local::new(self.stmts.client_unnamed().cloned());
+        let held = std::mem::take(&mut self.cycle.held);
+        let mut verdict = Ok(());
+        for m in &held {
+            match self.step(&mut plan, m, None) {
+                Step::Ok => {}
+                Step::Wait(notified) => {
+                    plan.waiting = Some((notified, plan.binds));
+                    break;
+                }
+                Step::Lead(key, ticket) => {
+                    verdict = Err(AtSync::Forward(Some((key, ticket))));
+                    break;
+                }
+                Step::No => {
+                    verdict = Err(AtSync::Forward(None));
+                    break;
+                }
+            }
+        }
+        self.cycle.held = held;
+        verdict.map(|()| plan)
+    }
+
+    /// `msg`'s part in `plan`. After a wait began, only whether the message could
+    /// still be answered from the cache counts (the plan is built again after it).
+    fn step(&mut self, plan: &mut Local, msg: &[u8], parsed: Option<&Arc<Stmt>>) -> Step {
+        let body = frontend::body(msg);
+        let waiting = plan.waiting.is_some();
+        let ok = match msg[0] {
+            frontend::PARSE => match frontend::parse(body) {
+                Some(p) if p.name.is_empty() => {
+                    let stmt = match parsed {
+                        Some(s) => s.clone(),
+                        None => self.statement(&p, msg, plan.unnamed.as_ref()),
+                    };
+                    plan.unnamed = Some(stmt);
+                    plan.unnamed_changed = true;
+                    plan.answers.extend_from_slice(frontend::PARSE_COMPLETE);
+                    true
+                }
+                _ => false,
+            },
+            frontend::BIND if waiting => frontend::bind(body).is_some_and(|b| {
+                b.portal.is_empty()
+                    && self
+                        .bound_statement(plan, b.statement)
+                        .is_some_and(|s| s.analysis.is_cacheable_shape())
+            }),
+            frontend::BIND => {
+                plan.binds += 1;
+                return match frontend::bind(body) {
+                    Some(b) if b.portal.is_empty() => {
+                        self.bind_step(plan, b.statement, b.params_and_formats)
+                    }
+                    _ => Step::No,
+                };
+            }
+            frontend::DESCRIBE if waiting => {
+                frontend::target(body).is_some_and(|t| t.kind == b'P' && t.name.is_empty())
+            }
+            frontend::DESCRIBE => match (frontend::target(body), &plan.bound) {
+                (Some(t), Some(hit)) if t.kind == b'P' && t.name.is_empty() => {
+                    match &hit.row_description {
+                        Some(rd) => {
+                            plan.answers.extend_from_slice(rd);
+                            true
+                        }
+                        None => false,
+                    }
+                }
+                _ => false,
+            },
+            frontend::EXECUTE if waiting => {
+                frontend::execute(body).is_some_and(|e| e.portal.is_empty() && e.max_rows == 0)
+            }
+            frontend::EXECUTE => match (frontend::execute(body), plan.bound.take()) {
+                (Some(e), Some(hit)) if e.portal.is_empty() && e.max_rows == 0 => {
+                    plan.answers.extend_from_slice(&hit.body);
+                    plan.hits += 1;
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if ok { Step::Ok } else { Step::No }
+    }
+
+    /// A Bind of the unnamed portal to `statement`: a hit, or the miss that decides.
+    fn bind_step(&mut self, plan: &mut Local, statement: &str, params: &[u8]) -> Step {
+        let Some(stmt) = self.bound_statement(plan, statement) else {
+            return Step::No;
+        };
+        let Some(key) = self.extended_key(&stmt, params) else {
+            return Step::No;
+        };
+        if let Some(hit) = self.cache.results.get(&key) {
+            plan.bound = Some(hit);
+            plan.answers.extend_from_slice(frontend::BIND_COMPLETE);
+            return Step::Ok;
+        }
+        // A miss: only a cacheable statement may lead a fill.
+        if self.decide(&stmt.analysis).cacheable.is_err() {
+            return Step::No;
+        }
+        match self.cache.results.lookup(&key) {
+            Lookup::Hit(hit) => {
+                plan.bound = Some(hit);
+                plan.answers.extend_from_slice(frontend::BIND_COMPLETE);
+                Step::Ok
+            }
+            Lookup::Lead(ticket) => Step::Lead(key, ticket),
+            Lookup::Wait(notified) => Step::Wait(notified),
+        }
+    }
+
+    /// The statement a Bind in the cycle names: its unnamed one as the cycle left it,
+    /// or one PostgreSQL confirmed.
+    fn bound_statement(&self, plan: &Local, statement: &str) -> Option<Arc<Stmt>> {
+        if statement.is_empty() {
+            plan.unnamed.clone()
+        } else {
+            self.stmts.named(statement).cloned()
+        }
+    }
+}

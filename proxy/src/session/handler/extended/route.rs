@@ -1,0 +1,377 @@
+//! Routing an extended cycle with deferred tables in mind.
+//!
+//! A cycle spillway may answer itself is one statement: [Parse] Bind [Describe]
+//! Execute [Close], on the unnamed portal, of a deferrable write on a deferred table,
+//! a `BEGIN` it may hold, or `SPILLWAY FLUSH`. [`Shape`] follows that as the messages
+//! arrive, so a cycle that cannot be one goes upstream at once; at its Sync,
+//! [`Caching::route_cycle`] builds the statement's parameters and answers and hands it
+//! to the deferred-write routing (`deferred.rs`, `held/`, `flush.rs`). Messages that go
+//! upstream before their Sync first get the barrier what they execute needs
+//! ([`Caching::route_forwarding`]).
+//!
+//! Invariants: [`Shape`] says "possible" whenever `route_cycle` could answer the cycle
+//! (it may say so of cycles that then go upstream at their Sync, never the reverse);
+//! nothing a cycle executes reaches PostgreSQL before the barrier its tables need,
+//! named statements parsed earlier in the cycle included.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::super::answer::{Answer, Single};
+use super::super::flush::spillway_flush;
+use super::super::held::holdable;
+use super::super::statements::Stmt;
+use super::super::{Caching, Disposition};
+use crate::protocol::frontend;
+use crate::read::classify::Analysis;
+use crate::session::state::Outbox;
+use crate::write::convert::Bound;
+
+/// Whether the held messages may still be one statement spillway answers itself.
+#[derive(Default, Clone)]
+pub struct Shape {
+    impossible: bool,
+    /// The unnamed statement as the cycle parsed it.
+    parsed: Option<Arc<Stmt>>,
+    /// The statement bound to the unnamed portal.
+    bound: Option<Arc<Stmt>>,
+    executed: bool,
+}
+
+impl Shape {
+    pub fn impossible() -> Self {
+        Self {
+            impossible: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the cycle so far may still be answered here (`possible` of `c`).
+    pub fn possible(&self, c: &Caching) -> bool {
+        if self.impossible || c.writes.is_none() {
+            return false;
+        }
+        // The statement bound, else the one parsed, else the client's unnamed one (a
+        // Describe of it may come first).
+        match self
+            .bound
+            .as_ref()
+            .or(self.parsed.as_ref())
+            .or(c.stmts.client_unnamed())
+        {
+            Some(stmt) => c.answers_itself(&stmt.analysis, &stmt.sql),
+            None => true,
+        }
+    }
+}
+
+impl Caching {
+    /// A statement spillway may answer in an extended cycle of its own.
+    fn answers_itself(&self, analysis: &Analysis, sql: &str) -> bool {
+        self.may_defer(analysis) || holdable(analysis).is_some() || spillway_flush(sql).is_some()
+    }
+
+    /// The shape with `msg` added. `parsed`: the statement `msg` parses, if a Parse.
+    pub(super) fn step_shape(&self, msg: &[u8], parsed: Option<&(String, Arc<Stmt>)>) -> Shape {
+        if self.writes.is_none() {
+            return Shape::impossible();
+        }
+        let mut s = if self.cycle.held.is_empty() {
+            Shape::default()
+        } else {
+            self.cycle.shape.clone()
+        };
+        if s.impossible {
+            return s;
+        }
+        let unnamed = |s: &Shape| {
+            s.parsed
+                .clone()
+                .or_else(|| self.stmts.client_unnamed().cloned())
+        };
+        let body = frontend::body(msg);
+        let ok = match msg[0] {
+            frontend::PARSE => match parsed {
+                Some((name, stmt)) if name.is_empty() => {
+                    s.parsed = Some(stmt.clone());
+                    true
+                }
+                _ => false,
+            },
+            frontend::BIND => match frontend::bind(body) {
+                Some(b)
+                    if b.portal.is_empty()
+                        && s.bound.is_none()
+                        && frontend::bind_params(b.params_and_formats).is_some() =>
+                {
+                    let stmt = if b.statement.is_empty() {
+                        unnamed(&s)
+                    } else {
+                        self.stmts.named(b.statement).cloned()
+                    };
+                    s.bound = stmt;
+                    s.bound.is_some()
+                }
+                _ => false,
+            },
+            frontend::DESCRIBE => match frontend::target(body) {
+                Some(t) if t.kind == b'P' && t.name.is_empty() => s.bound.is_some(),
+                Some(t) if t.kind == b'S' && t.name.is_empty() => unnamed(&s)
+                    .is_some_and(|st| frontend::parameter_description(&st.param_types).is_some()),
+                _ => false,
+            },
+            frontend::EXECUTE => match frontend::execute(body) {
+                Some(e) if e.portal.is_empty() && s.bound.is_some() && !s.executed => {
+                    s.executed = true;
+                    true
+                }
+                _ => false,
+            },
+            frontend::CLOSE => frontend::target(body)
+                .is_some_and(|t| t.kind == b'P' && t.name.is_empty() && s.executed),
+            _ => false,
+        };
+        if ok { s } else { Shape::impossible() }
+    }
+
+    /// At a Sync that ends a held cycle: defers the cycle when it is one deferrable
+    /// statement ([Parse] Bind [Describe portal] Execute, unnamed), or holds it for a
+    /// barrier when it touches deferred tables with pending writes.
+    pub(in super::super) fn route_cycle(&mut self, out: &mut Outbox) -> Option<Disposition> {
+        self.writes.as_ref()?;
+        let mut unnamed = self.stmts.client_unnamed().cloned();
+        let mut parsed = None;
+        let mut before = BytesMut::new();
+        let mut after = BytesMut::new();
+        let mut named_here: Vec<(String, Arc<Stmt>)> = Vec::new();
+        let mut bound: Option<(Arc<Stmt>, Bound)> = None;
+        let mut executed: Vec<Arc<Stmt>> = Vec::new();
+        let mut simple_shape = true;
+        let mut described: Option<Arc<Stmt>> = None;
+        let held = std::mem::take(&mut self.cycle.held);
+        for m in &held {
+            let body = frontend::body(m);
+            match m[0] {
+                frontend::PARSE => match frontend::parse(body) {
+                    Some(p) if p.name.is_empty() => {
+                        let stmt = self.statement(&p, m, unnamed.as_ref());
+                        unnamed = Some(stmt.clone());
+                        parsed = Some(stmt);
+                        before.extend_from_slice(frontend::PARSE_COMPLETE);
+                    }
+                    // A named statement prepared and executed in one cycle (pgjdbc's
+                    // first server-side run): not deferred, but what it executes must
+                    // still get its barrier.
+                    Some(p) => {
+                        simple_shape = false;
+                        let stmt = self.statement(&p, m, None);
+                        named_here.push((p.name.to_owned(), stmt));
+                    }
+                    None => simple_shape = false,
+                },
+                frontend::BIND => match frontend::bind(body) {
+                    Some(b) => {
+                        let stmt = if b.statement.is_empty() {
+                            unnamed.clone()
+                        } else {
+                            named_in(&named_here, b.statement)
+                                .or_else(|| self.stmts.named(b.statement).cloned())
+                        };
+                        let params = frontend::bind_params(b.params_and_formats);
+                        match (stmt, params) {
+                            (Some(stmt), Some(params))
+                                if b.portal.is_empty() && bound.is_none() =>
+                            {
+                                let types = frontend::param_type_oids(&stmt.param_types);
+                                let (binary, values) = params
+                                    .into_iter()
+                                    .map(|(bin, v)| (bin, v.map(<[u8]>::to_vec)))
+                                    .unzip();
+                                before.extend_from_slice(frontend::BIND_COMPLETE);
+                                bound = Some((
+                                    stmt,
+                                    Bound {
+                                        values,
+                                        binary,
+                                        types,
+                                        result_formats: b
+                                            .result_formats
+                                            .chunks_exact(2)
+                                            .map(|c| i16::from_be_bytes([c[0], c[1]]))
+                                            .collect(),
+                                        max_rows: 0,
+                                    },
+                                ));
+                            }
+                            (Some(stmt), _) => {
+                                simple_shape = false;
+                                executed.push(stmt);
+                            }
+                            (None, _) => simple_shape = false,
+                        }
+                    }
+                    None => simple_shape = false,
+                },
+                frontend::DESCRIBE => match frontend::target(body) {
+                    Some(t) if t.kind == b'P' && t.name.is_empty() && bound.is_some() => {
+                        before.extend_from_slice(frontend::NO_DATA);
+                    }
+                    // The unnamed statement with every parameter type declared
+                    // (tokio-postgres's `query_typed`): PostgreSQL would describe
+                    // exactly those types, provided Bind gives as many values (checked
+                    // below), and a deferrable write returns no rows.
+                    Some(t) if t.kind == b'S' && t.name.is_empty() => {
+                        match unnamed
+                            .as_ref()
+                            .and_then(|s| frontend::parameter_description(&s.param_types))
+                        {
+                            Some(description) => {
+                                before.extend_from_slice(&description);
+                                before.extend_from_slice(frontend::NO_DATA);
+                                described = unnamed.clone();
+                            }
+                            None => simple_shape = false,
+                        }
+                    }
+                    _ => simple_shape = false,
+                },
+                frontend::EXECUTE => match frontend::execute(body) {
+                    Some(e) if e.portal.is_empty() && bound.is_some() => {
+                        if let Some((stmt, b)) = &mut bound {
+                            b.max_rows = e.max_rows;
+                            if executed.iter().any(|s| Arc::ptr_eq(s, stmt)) {
+                                simple_shape = false;
+                            }
+                            executed.push(stmt.clone());
+                        }
+                    }
+                    Some(e) => {
+                        simple_shape = false;
+                        if let Some(stmt) = self.stmts.portal(e.portal) {
+                            executed.push(stmt.clone());
+                        }
+                    }
+                    None => simple_shape = false,
+                },
+                // The unnamed portal closed after its Execute (sqlx): CloseComplete
+                // follows the command tag.
+                frontend::CLOSE => match frontend::target(body) {
+                    Some(t) if t.kind == b'P' && t.name.is_empty() && !executed.is_empty() => {
+                        after.extend_from_slice(frontend::CLOSE_COMPLETE);
+                    }
+                    _ => simple_shape = false,
+                },
+                _ => simple_shape = false,
+            }
+        }
+        self.cycle.held = held;
+        if let Some(d) = &described {
+            // The statement described must be the one executed, with one value per
+            // declared type (else PostgreSQL would answer differently, or refuse).
+            let declared = d.param_types.len() / 4;
+            if !bound
+                .as_ref()
+                .is_some_and(|(s, b)| Arc::ptr_eq(s, d) && b.values.len() == declared)
+            {
+                simple_shape = false;
+            }
+        }
+        let analyses: Vec<Arc<Analysis>> = executed.iter().map(|s| s.analysis.clone()).collect();
+        let refs: Vec<&Analysis> = analyses.iter().map(AsRef::as_ref).collect();
+        let single = match (&bound, simple_shape && executed.len() == 1) {
+            (Some((_, b)), true) => Some(Single {
+                bound: b,
+                answer: Answer {
+                    before,
+                    after,
+                    extended: true,
+                    unnamed: parsed,
+                    returning: None,
+                },
+            }),
+            _ => None,
+        };
+        // `SPILLWAY FLUSH` sent in the extended protocol: answered here, like the
+        // simple Query (PostgreSQL would not parse it). Its unnamed statement exists
+        // only here; executing it again without a new Parse gets PostgreSQL's error.
+        let flush = match (&single, executed.as_slice()) {
+            (Some(s), [stmt]) if s.bound.values.is_empty() => spillway_flush(&stmt.sql),
+            _ => None,
+        };
+        match (flush, single) {
+            (Some(table), Some(single)) => {
+                Some(self.flush_command(table.as_deref(), single.answer, out))
+            }
+            (_, single) => self.route_writes(&refs, single, out),
+        }
+    }
+
+    /// Before extended-protocol messages go upstream without waiting for their Sync
+    /// (a Flush, too much held, a message spillway cannot answer, or a Bind or Execute
+    /// in a cycle already upstream): a barrier when what they execute touches deferred
+    /// tables with pending writes.
+    pub(super) fn route_forwarding(
+        &mut self,
+        tag: u8,
+        msg: &[u8],
+        out: &mut Outbox,
+    ) -> Option<Disposition> {
+        self.writes.as_ref()?;
+        let mut executed: Vec<Arc<Stmt>> = Vec::new();
+        let mut unnamed = self.stmts.client_unnamed().cloned();
+        // Those the cycle parsed upstream already, and those it still holds.
+        let mut named_here: Vec<(String, Arc<Stmt>)> = self.cycle.named.clone();
+        let held = std::mem::take(&mut self.cycle.held);
+        for m in held.iter().map(|b| &b[..]).chain(std::iter::once(msg)) {
+            let body = frontend::body(m);
+            match m[0] {
+                frontend::PARSE => match frontend::parse(body) {
+                    Some(p) if p.name.is_empty() => {
+                        unnamed = Some(self.statement(&p, m, unnamed.as_ref()));
+                    }
+                    Some(p) => {
+                        let stmt = self.statement(&p, m, None);
+                        named_here.push((p.name.to_owned(), stmt));
+                    }
+                    None => {}
+                },
+                frontend::BIND => {
+                    if let Some(b) = frontend::bind(body) {
+                        let stmt = if b.statement.is_empty() {
+                            unnamed.clone()
+                        } else {
+                            named_in(&named_here, b.statement)
+                                .or_else(|| self.stmts.named(b.statement).cloned())
+                        };
+                        executed.extend(stmt);
+                    }
+                }
+                frontend::EXECUTE if tag == frontend::EXECUTE && self.cycle.upstream => {
+                    if let Some(stmt) =
+                        frontend::execute(body).and_then(|e| self.stmts.portal(e.portal))
+                    {
+                        executed.push(stmt.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.cycle.held = held;
+        if executed.is_empty() {
+            return None;
+        }
+        let analyses: Vec<Arc<Analysis>> = executed.iter().map(|s| s.analysis.clone()).collect();
+        let refs: Vec<&Analysis> = analyses.iter().map(AsRef::as_ref).collect();
+        self.route_writes(&refs, None, out)
+    }
+}
+
+/// The statement a Parse earlier in the same cycle named `name` (the latest one).
+fn named_in(parsed: &[(String, Arc<Stmt>)], name: &str) -> Option<Arc<Stmt>> {
+    parsed
+        .iter()
+        .rev()
+        .find(|(n, _)| n == name)
+        .map(|(_, s)| s.clone())
+}

@@ -1,0 +1,168 @@
+//! A held transaction's steps finishing: a statement decided (answered here, or the
+//! transaction moves upstream), COMMIT journaled (or refused: 40001 when an answer no
+//! longer holds), the barrier before a replay, the replay and its rollback.
+//!
+//! Invariants: a step's outcome answers only the message that waited for it; a
+//! statement joins the held transaction only with the answer its client gets; after
+//! a COMMIT that failed, nothing is held and nothing was journaled.
+
+use super::super::answer::{Answer, Reply, Single, refusal};
+use super::super::wait::{Held, Resume, Wait};
+use super::super::{Caching, Disposition};
+use super::ended;
+use crate::session::state::Outbox;
+use crate::write::service::DeferError;
+
+impl Caching {
+    /// Starts COMMIT of the held transaction: its statements as one record.
+    pub(super) fn commit_held(&mut self, single: Single<'_>) -> Disposition {
+        let (Some(held), Some(d)) = (self.tx.held.as_ref(), self.writes.as_ref()) else {
+            return Disposition::Consumed;
+        };
+        let w = d.service.clone();
+        let user = d.user.clone();
+        let stmts = held.stmts.clone();
+        let expected = held.applied.clone();
+        // Keys are read again if a write that does not pass through the key overlay
+        // (another session's write-through write, DDL, unknown side effects) was sent
+        // since the transaction read them. Writes of other applications are not seen:
+        // the same window an autocommit deferred write has after its point read.
+        let now = w.outside_writes();
+        let mut known = held.known.clone();
+        known.retain(|_, (_, _, outside)| *outside == now);
+        let answer = single.answer;
+        self.wait = Wait::on(async move {
+            let outcome = w.defer_tx(&user, stmts, Some(expected), known).await;
+            Resume::Held(Box::new(Held::Commit { outcome, answer }))
+        });
+        Disposition::Blocked
+    }
+
+    /// The message offered again after a held transaction's step: `Some` when it is
+    /// answered here, `None` to route it on (in the transaction now upstream).
+    pub(in super::super) fn resume_held(
+        &mut self,
+        step: Held,
+        tag: u8,
+        out: &mut Outbox,
+    ) -> Option<Disposition> {
+        match step {
+            Held::Statement {
+                outcome,
+                stmt,
+                replay,
+                answer,
+            } => match outcome {
+                Ok((applied, known)) => {
+                    let flags = applied.last().cloned().unwrap_or_default();
+                    let rows = flags.iter().filter(|a| **a).count();
+                    let verb = stmt.converted.verb;
+                    if let Some(held) = self.tx.held.as_mut() {
+                        held.ops += replay.len();
+                        held.bytes += replay.iter().map(String::len).sum::<usize>();
+                        held.stmts.push(*stmt);
+                        held.replay.push((replay, verb));
+                        held.applied.push(flags);
+                        held.known = known;
+                    }
+                    let tag_text = verb.tag(rows);
+                    let reply = Reply::Done {
+                        tag: &tag_text,
+                        rows,
+                    };
+                    Some(self.answer_held(tag, answer, reply, b'T', out))
+                }
+                // The role may not write it, or a reload took its table off deferral:
+                // the statement runs upstream, where PostgreSQL answers it.
+                Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_)) => {
+                    Some(self.leave_held(out))
+                }
+                Err(e) => {
+                    if let Some(held) = self.tx.held.as_mut() {
+                        held.failed = true;
+                    }
+                    Some(self.answer_held(tag, answer, Reply::Error(&refusal(&e)), b'E', out))
+                }
+            },
+            Held::Commit { outcome, answer } => match outcome {
+                Ok(outcome) => {
+                    ended("committed");
+                    let held = self.tx.held.take();
+                    if let (Some(held), Some(seq)) = (&held, outcome.seq) {
+                        self.note_committed(held, seq);
+                    }
+                    let reply = Reply::Done {
+                        tag: "COMMIT",
+                        rows: 0,
+                    };
+                    Some(self.answer_held(tag, answer, reply, b'I', out))
+                }
+                Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_)) => {
+                    Some(self.leave_held(out))
+                }
+                // A table full with `when_full = "write-through"`: the transaction is
+                // committed upstream instead.
+                Err(DeferError::Full { table, .. }) if self.overflows_upstream(&table) => {
+                    Some(self.leave_held(out))
+                }
+                Err(e) => {
+                    // COMMIT failed: the transaction is over, nothing was written.
+                    self.tx.held = None;
+                    ended(if matches!(e, DeferError::Diverged(_)) {
+                        "diverged"
+                    } else {
+                        "rolled_back"
+                    });
+                    Some(self.answer_held(tag, answer, Reply::Error(&refusal(&e)), b'I', out))
+                }
+            },
+            Held::Barrier(Ok(())) => Some(self.start_replay(out)),
+            Held::Barrier(Err(e)) => {
+                if let Some(held) = self.tx.held.as_mut() {
+                    held.failed = true;
+                }
+                let reply = Reply::Error(&refusal(&e));
+                Some(self.answer_held(tag, Answer::default(), reply, b'E', out))
+            }
+            Held::Replayed => self.replayed(out),
+            Held::RolledBack { error } => Some(self.rolled_back(tag, &error, out)),
+        }
+    }
+
+    /// Whether `table` runs its writes write-through when full.
+    fn overflows_upstream(&self, table: &str) -> bool {
+        self.writes.as_ref().is_some_and(|d| {
+            d.service
+                .tables()
+                .deferring(table)
+                .is_some_and(|t| t.config.when_full == spillway_policies::WhenFull::WriteThrough)
+        })
+    }
+
+    /// Bookkeeping for a held transaction journaled as record `seq`.
+    fn note_committed(&mut self, held: &super::super::tx::HeldTx, seq: u64) {
+        self.timing.metrics.deferred.record(held.started.elapsed());
+        let Some(d) = self.writes.as_mut() else {
+            return;
+        };
+        d.own_seq = d.own_seq.max(seq);
+        let set = d.service.tables();
+        let mut oids = Vec::new();
+        for s in &held.stmts {
+            if let Some(oid) = set.oid_of(&s.table) {
+                oids.push(oid);
+            }
+            let policy = set
+                .deferring(&s.table)
+                .map_or("write-behind", |t| t.config.policy.as_str());
+            metrics::counter!(
+                crate::metrics::CLIENT_WRITES,
+                "table" => s.table.clone(),
+                "policy" => policy
+            )
+            .increment(1);
+        }
+        drop(set);
+        self.db.versions.bump_tables(oids);
+    }
+}
