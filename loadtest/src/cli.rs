@@ -138,6 +138,13 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub verify_timeout: Duration,
 
+    /// PID of a local PostgreSQL postmaster (first line of its postmaster.pid): report
+    /// PostgreSQL's CPU time per operation for each target, from /proc. Each round
+    /// then ends with `SPILLWAY FLUSH` through the target (PostgreSQL refuses it), so
+    /// deferred writes are applied, and counted, before the round's closing sample.
+    #[arg(long, value_name = "PID")]
+    pub pg_pid: Option<u32>,
+
     /// Progress display: a bar on a terminal, plain lines otherwise (`auto`).
     #[arg(long, value_enum, default_value_t = ProgressKind::Auto)]
     pub progress: ProgressKind,

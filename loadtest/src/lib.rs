@@ -27,6 +27,7 @@ pub mod cli;
 pub mod db;
 pub mod link;
 pub mod metrics;
+pub mod pgcpu;
 pub mod plan;
 pub mod progress;
 pub mod report;

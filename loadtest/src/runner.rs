@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::cli::Mode;
 use crate::db::{OpError, Session};
 use crate::metrics::{self, Accumulator, Figures, Snapshot};
+use crate::pgcpu::{self, PgCpu};
 use crate::plan::{self, Latency, Phase};
 use crate::progress::Progress;
 use crate::scenario::Scenario;
@@ -48,6 +49,8 @@ pub struct RunSpec {
     pub mode: Mode,
     pub seed: u64,
     pub verify_timeout: Duration,
+    /// PostgreSQL's CPU per operation is measured per round when set (`--pg-pid`).
+    pub pg_cpu: Option<PgCpu>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -84,6 +87,9 @@ pub struct RoundResult {
     pub seconds: f64,
     pub tps: f64,
     pub latency_ms: Latency,
+    /// PostgreSQL's CPU time in the round (and until the target's deferred writes
+    /// were applied) per operation, µs; `None` unless `--pg-pid`.
+    pub pg_cpu_us_per_op: Option<f64>,
 }
 
 /// The correctness pass, through one target.
@@ -209,6 +215,8 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
         .map(|t| t.metrics.as_deref().map(Accumulator::new))
         .collect();
 
+    // Whether a target still answers `SPILLWAY FLUSH` (PostgreSQL does not).
+    let mut settles = vec![true; n];
     let schedule = plan::schedule(n, spec.rounds as usize, !spec.warmup.is_zero());
     for phase in schedule {
         let ti = phase.target();
@@ -226,6 +234,7 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
             Some(acc) => read_metrics(acc).await,
             None => None,
         };
+        let cpu_before = spec.pg_cpu.filter(|_| measured).and_then(|c| c.sample());
         let (ws, results) = run_phase(
             std::mem::take(&mut workers[ti]),
             target,
@@ -237,6 +246,13 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
         )
         .await;
         workers[ti] = ws;
+        let cpu = match (spec.pg_cpu, cpu_before) {
+            (Some(c), Some(before)) => {
+                settle(&workers[ti], &mut settles[ti]).await;
+                c.sample().map(|after| before.until(after))
+            }
+            _ => None,
+        };
         let mut phase_hist = plan::new_histogram();
         let (mut ops, mut errs) = (0, 0);
         for r in &results {
@@ -261,6 +277,7 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
                     seconds,
                     tps: plan::tps(ops, seconds).unwrap_or(0.0),
                     latency_ms: Latency::from_micros(&phase_hist),
+                    pg_cpu_us_per_op: cpu.and_then(|c| pgcpu::per_op_micros(c, ops)),
                 });
                 if let (Some(acc), Some(before)) = (accs[ti].as_mut(), before)
                     && let Some(after) = read_metrics(acc).await
@@ -333,6 +350,18 @@ async fn read_metrics(acc: &mut Accumulator) -> Option<Snapshot> {
             acc.fail(e);
             None
         }
+    }
+}
+
+/// Before the closing CPU sample: lets a spillway target apply what it acknowledged,
+/// through the first connection still open.
+async fn settle(workers: &[Worker], asks: &mut bool) {
+    if !*asks {
+        return;
+    }
+    if let Some(s) = workers.iter().find_map(|w| w.session.as_ref()) {
+        let flushed = tokio::time::timeout(Duration::from_secs(30), pgcpu::settle(s)).await;
+        *asks = matches!(flushed, Ok(true));
     }
 }
 
