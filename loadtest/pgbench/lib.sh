@@ -33,7 +33,8 @@ bench_cleanup() {
   if [ -f "$WORK/link.log" ]; then tail -1 "$WORK/link.log" >&2; fi
   if [ -f "$WORK/pgbouncer.pid" ]; then kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true; fi
   as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$WORK"
+  # BENCH_KEEP=1 keeps the logs and configs for a look after a failure.
+  if [ -n "${BENCH_KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 
 start_postgres() { # scale [noinit]; DURABLE=1 keeps PostgreSQL's synchronous_commit = on
@@ -124,8 +125,8 @@ start_link() { # rtt
 }
 
 start_spillway() { # name [extra TOML] -> sets SW_PORT and SW_METRICS (its /metrics URL)
-  # SPILLWAY_BIN_<name> (e.g. SPILLWAY_BIN_old) runs another binary under that name.
-  local bin_var="SPILLWAY_BIN_$1"
+  # BENCH_BIN_<name> (e.g. BENCH_BIN_old) runs another binary under that name.
+  local bin_var="BENCH_BIN_$1"
   local bin=${!bin_var:-$SPILLWAY_BIN}
   SW_PORT=$(free_port)
   local metrics_port
