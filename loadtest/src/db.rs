@@ -6,15 +6,23 @@
 //!   trip (`query_typed_raw`), as most drivers do by default;
 //! - `prepared`: each statement prepared once per session (named), then Bind/Execute.
 //!
-//! A [`Session`] owns its connection task; dropping the session ends the connection.
+//! A [`Session`] owns its connection; dropping the session ends it.
+//!
+//! The load generator's own CPU per operation caps every ratio it reports on shared
+//! cores, so the per-operation path is kept lean: tokio-postgres' connection future is
+//! polled inside the session's own task, next to the request (no second task, no
+//! wake-up across tasks or threads per message), and prepared statements are found by
+//! the address of their `&'static str` text, not by hashing it.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 
 use futures_util::{TryStreamExt, pin_mut};
-use tokio::task::JoinHandle;
+use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage, Statement};
+use tokio_postgres::{Client, Config, Connection, NoTls, SimpleQueryMessage, Socket, Statement};
 
 use crate::cli::Mode;
 
@@ -113,94 +121,81 @@ impl From<tokio_postgres::Error> for OpError {
     }
 }
 
+type Conn = Pin<Box<Connection<Socket, NoTlsStream>>>;
+
+/// The connection future, polled by whoever awaits a request; `None` once it ended
+/// (dropping it makes every later request fail as closed instead of waiting).
+struct Link(Option<Conn>);
+
+impl Link {
+    /// Awaits `request` while driving the connection that carries it.
+    async fn drive<F: Future>(&mut self, request: F) -> F::Output {
+        pin_mut!(request);
+        std::future::poll_fn(|cx| {
+            // The request first: it queues its messages, which the connection then
+            // writes in the same poll.
+            if let Poll::Ready(out) = request.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            if let Some(conn) = self.0.as_mut()
+                && conn.as_mut().poll(cx).is_ready()
+            {
+                // Ended or failed: the request sees a closed connection.
+                self.0 = None;
+                return request.as_mut().poll(cx);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 /// One connection in one protocol mode.
 pub struct Session {
     client: Client,
     mode: Mode,
-    prepared: HashMap<&'static str, Statement>,
-    conn: JoinHandle<()>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.conn.abort();
-    }
+    /// Keyed by the address of the statement's text (`Stmt::sql` is `'static`).
+    prepared: Vec<(&'static str, Statement)>,
+    link: Link,
 }
 
 impl Session {
     /// Connects without TLS (`sslmode=prefer` falls back to plain; `require` fails).
     pub async fn connect(config: &Config, mode: Mode) -> Result<Session, tokio_postgres::Error> {
         let (client, connection) = config.connect(NoTls).await?;
-        let conn = tokio::spawn(async move {
-            // Its error surfaces as `is_closed` on the next statement.
-            let _ = connection.await;
-        });
         Ok(Session {
             client,
             mode,
-            prepared: HashMap::new(),
-            conn,
+            prepared: Vec::new(),
+            link: Link(Some(Box::pin(connection))),
         })
     }
 
     pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
+        self.link.0.is_none() || self.client.is_closed()
     }
 
     /// Runs one statement of a scenario in this session's mode.
     pub async fn run(&mut self, stmt: &Stmt, params: &[Param]) -> Result<Outcome, OpError> {
-        match self.mode {
-            Mode::Simple => self.run_simple(stmt, params).await,
-            Mode::Extended => {
-                let typed = params
-                    .iter()
-                    .zip(stmt.types.iter())
-                    .map(|(p, t)| (p.as_sql(), t.clone()));
-                let stream = self.client.query_typed_raw(stmt.sql, typed).await?;
-                collect(stream, stmt.text_result).await
-            }
-            Mode::Prepared => {
-                let statement = match self.prepared.get(stmt.sql) {
-                    Some(s) => s.clone(),
-                    None => {
-                        let s = self.client.prepare_typed(stmt.sql, stmt.types).await?;
-                        self.prepared.insert(stmt.sql, s.clone());
-                        s
-                    }
-                };
-                let stream = self
-                    .client
-                    .query_raw(&statement, params.iter().map(Param::as_sql))
-                    .await?;
-                collect(stream, stmt.text_result).await
-            }
-        }
-    }
-
-    async fn run_simple(&self, stmt: &Stmt, params: &[Param]) -> Result<Outcome, OpError> {
-        let sql = inline_params(stmt.sql, params);
-        let mut out = Outcome::default();
-        for m in self.client.simple_query(&sql).await? {
-            match m {
-                SimpleQueryMessage::Row(row) if out.text.is_none() && stmt.text_result => {
-                    out.text = row.get(0).map(str::to_owned);
-                }
-                SimpleQueryMessage::CommandComplete(n) => out.rows = n,
-                _ => {}
-            }
-        }
-        Ok(out)
+        let (client, mode) = (&self.client, self.mode);
+        let prepared = &mut self.prepared;
+        self.link
+            .drive(run_on(client, mode, prepared, stmt, params))
+            .await
     }
 
     /// Plain SQL in the simple protocol, whatever the mode (setup, checks).
-    pub async fn batch(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
-        self.client.batch_execute(sql).await
+    pub async fn batch(&mut self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        let client = &self.client;
+        self.link.drive(client.batch_execute(sql)).await
     }
 
     /// The rows of a simple-protocol query as text, whatever the mode (setup, checks).
-    pub async fn text_rows(&self, sql: &str) -> Result<Vec<Vec<Option<String>>>, OpError> {
+    pub async fn text_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, OpError> {
+        let client = &self.client;
+        let messages = self.link.drive(client.simple_query(sql)).await?;
         let mut rows = Vec::new();
-        for m in self.client.simple_query(sql).await? {
+        for m in messages {
             if let SimpleQueryMessage::Row(row) = m {
                 rows.push(
                     (0..row.len())
@@ -211,6 +206,61 @@ impl Session {
         }
         Ok(rows)
     }
+}
+
+async fn run_on(
+    client: &Client,
+    mode: Mode,
+    prepared: &mut Vec<(&'static str, Statement)>,
+    stmt: &Stmt,
+    params: &[Param],
+) -> Result<Outcome, OpError> {
+    {
+        match mode {
+            Mode::Simple => run_simple(client, stmt, params).await,
+            Mode::Extended => {
+                let typed = params
+                    .iter()
+                    .zip(stmt.types.iter())
+                    .map(|(p, t)| (p.as_sql(), t.clone()));
+                let stream = client.query_typed_raw(stmt.sql, typed).await?;
+                collect(stream, stmt.text_result).await
+            }
+            Mode::Prepared => {
+                let found = prepared
+                    .iter()
+                    .find(|(sql, _)| std::ptr::eq(*sql, stmt.sql))
+                    .map(|(_, s)| s.clone());
+                let statement = match found {
+                    Some(s) => s,
+                    None => {
+                        let s = client.prepare_typed(stmt.sql, stmt.types).await?;
+                        prepared.push((stmt.sql, s.clone()));
+                        s
+                    }
+                };
+                let stream = client
+                    .query_raw(&statement, params.iter().map(Param::as_sql))
+                    .await?;
+                collect(stream, stmt.text_result).await
+            }
+        }
+    }
+}
+
+async fn run_simple(client: &Client, stmt: &Stmt, params: &[Param]) -> Result<Outcome, OpError> {
+    let sql = inline_params(stmt.sql, params);
+    let mut out = Outcome::default();
+    for m in client.simple_query(&sql).await? {
+        match m {
+            SimpleQueryMessage::Row(row) if out.text.is_none() && stmt.text_result => {
+                out.text = row.get(0).map(str::to_owned);
+            }
+            SimpleQueryMessage::CommandComplete(n) => out.rows = n,
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 async fn collect(stream: tokio_postgres::RowStream, want_text: bool) -> Result<Outcome, OpError> {

@@ -128,7 +128,7 @@ impl PgCpu {
 /// PostgreSQL: `SPILLWAY FLUSH` through spillway waits for every acknowledged write to
 /// be applied. PostgreSQL itself refuses the statement (a syntax error, cheap); then
 /// `false`, and the caller stops asking that target.
-pub async fn settle(session: &Session) -> bool {
+pub async fn settle(session: &mut Session) -> bool {
     session.batch("SPILLWAY FLUSH").await.is_ok()
 }
 

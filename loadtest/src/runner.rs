@@ -151,8 +151,8 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
     let mut checkers = Vec::new();
     let mut datasets = Vec::new();
     for t in &spec.targets {
-        let s = t.connect(Mode::Simple).await?;
-        datasets.push(t.dataset(&s, scenario).await?);
+        let mut s = t.connect(Mode::Simple).await?;
+        datasets.push(t.dataset(&mut s, scenario).await?);
         checkers.push(s);
     }
     // Targets that read the same dataset id share tables, key counter and baseline.
@@ -164,7 +164,7 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
             baselines.push(baselines[first]);
             continue;
         }
-        let base = verify::baseline(scenario, &checkers[i])
+        let base = verify::baseline(scenario, &mut checkers[i])
             .await
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -248,7 +248,7 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
         workers[ti] = ws;
         let cpu = match (spec.pg_cpu, cpu_before) {
             (Some(c), Some(before)) => {
-                settle(&workers[ti], &mut settles[ti]).await;
+                settle(&mut workers[ti], &mut settles[ti]).await;
                 c.sample().map(|after| before.until(after))
             }
             _ => None,
@@ -355,11 +355,11 @@ async fn read_metrics(acc: &mut Accumulator) -> Option<Snapshot> {
 
 /// Before the closing CPU sample: lets a spillway target apply what it acknowledged,
 /// through the first connection still open.
-async fn settle(workers: &[Worker], asks: &mut bool) {
+async fn settle(workers: &mut [Worker], asks: &mut bool) {
     if !*asks {
         return;
     }
-    if let Some(s) = workers.iter().find_map(|w| w.session.as_ref()) {
+    if let Some(s) = workers.iter_mut().find_map(|w| w.session.as_mut()) {
         let flushed = tokio::time::timeout(Duration::from_secs(30), pgcpu::settle(s)).await;
         *asks = matches!(flushed, Ok(true));
     }
@@ -451,35 +451,49 @@ async fn drive(
         r.error_total += 1;
         live.errors.fetch_add(1, Ordering::Relaxed);
     };
-    while tokio::time::Instant::now() < deadline {
+    // One timer for the whole phase, not one per operation (registering a timer costs
+    // more than a cached answer), and two clock reads per operation: the load
+    // generator's own CPU per operation caps every ratio it reports.
+    let grace = tokio::time::sleep_until(deadline + GRACE);
+    tokio::pin!(grace);
+    let end = deadline.into_std();
+    // Successful operations not yet added to the shared progress counter.
+    let mut unreported = 0u64;
+    let mut now = Instant::now();
+    while now < end {
         let mut session = match w.session.take() {
             Some(s) if !s.is_closed() => s,
             _ => match tokio::time::timeout_at(deadline, target.connect(mode)).await {
-                Ok(Ok(s)) => s,
+                Ok(Ok(s)) => {
+                    now = Instant::now();
+                    s
+                }
                 Ok(Err(e)) => {
                     fail(&mut r, &OpError::check("connect", e.to_string()));
                     tokio::time::sleep_until(
                         deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)),
                     )
                     .await;
+                    now = Instant::now();
                     continue;
                 }
                 Err(_) => break,
             },
         };
-        let start = Instant::now();
-        let step = tokio::time::timeout_at(
-            deadline + GRACE,
-            ops::step(workload, &mut w.generator, &mut session),
-        )
-        .await;
-        let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let start = now;
+        let step = tokio::select! {
+            biased;
+            step = ops::step(workload, &mut w.generator, &mut session) => Some(step),
+            () = &mut grace => None,
+        };
+        now = Instant::now();
+        let micros = u64::try_from((now - start).as_micros()).unwrap_or(u64::MAX);
         let step = match step {
-            Ok(step) => {
+            Some(step) => {
                 w.session = Some(session);
                 step
             }
-            Err(_) => Step {
+            None => Step {
                 write: workload
                     .scenario
                     .writes()
@@ -494,18 +508,23 @@ async fn drive(
         if let Some((effect, applied)) = step.write {
             r.ledger.record(effect, applied);
         }
-        if tokio::time::Instant::now() > deadline {
+        if now > end {
             break;
         }
         match step.error {
             None => {
                 r.ops += 1;
                 r.histogram.saturating_record(micros.max(1));
-                live.ops.fetch_add(1, Ordering::Relaxed);
+                unreported += 1;
+                if unreported == 32 {
+                    live.ops.fetch_add(unreported, Ordering::Relaxed);
+                    unreported = 0;
+                }
             }
             Some(e) => fail(&mut r, &e),
         }
     }
+    live.ops.fetch_add(unreported, Ordering::Relaxed);
     r
 }
 
@@ -532,8 +551,8 @@ async fn check_target(
     let until = Instant::now() + timeout;
     loop {
         let attempt = tokio::time::timeout(timeout + GRACE, async {
-            let s = t.connect(Mode::Simple).await.map_err(|e| e.to_string())?;
-            verify::check(scenario, &s, base, ledger)
+            let mut s = t.connect(Mode::Simple).await.map_err(|e| e.to_string())?;
+            verify::check(scenario, &mut s, base, ledger)
                 .await
                 .map_err(|e| format!("{} ({})", e.message, e.code))
         })

@@ -20,7 +20,7 @@ pub async fn setup(
     scale: u32,
     progress: Progress,
 ) -> anyhow::Result<()> {
-    let s = target.connect(Mode::Simple).await?;
+    let mut s = target.connect(Mode::Simple).await?;
     let fail = |what: &str, e: tokio_postgres::Error| {
         let detail = e
             .as_db_error()

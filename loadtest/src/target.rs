@@ -79,7 +79,7 @@ impl Target {
     }
 
     /// The dataset id and scale of `scenario`'s tables on this target.
-    pub async fn dataset(&self, s: &Session, scenario: Scenario) -> anyhow::Result<Dataset> {
+    pub async fn dataset(&self, s: &mut Session, scenario: Scenario) -> anyhow::Result<Dataset> {
         let group = scenario.group();
         let rows = s
             .text_rows(&format!(
