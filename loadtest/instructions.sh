@@ -18,18 +18,18 @@
 #   postgres   the backend process of a point SELECT, simple, prepared, extended
 #   generators pgbench and spillway-loadtest, point-read, prepared, 8 clients: the
 #              client's own cost per request, which caps every ratio it reports on
-#              shared cores (spillway-loadtest runs for -g and 2x-g seconds; its
-#              report counts the operations)
+#              shared cores; both run against a spillway whose /metrics counts the
+#              requests of a -g second window cut out of the running client
 #
 # Usage: loadtest/instructions.sh [-n requests] [-g seconds] [-o "spillway pgbouncer postgres generators"]
 # Env:   SPILLWAY_BIN, LOADTEST_BIN (default: target/release/…, rebuilt when not set)
 #        SPILLWAY_PG_BIN (directory with initdb/pg_ctl/postgres)
-# Needs valgrind (callgrind_control, vgdb), strace, pgbench, psql, python3, bc.
+# Needs valgrind (callgrind_control, vgdb), strace, pgbench, psql, python3, bc, curl.
 # Takes a few minutes at the default -n 2000; everything stays on 127.0.0.1 and stops.
 set -euo pipefail
 shopt -s inherit_errexit
 
-N=2000 GEN_SECONDS=5 ONLY="spillway pgbouncer postgres generators"
+N=2000 GEN_SECONDS=10 ONLY="spillway pgbouncer postgres generators"
 while getopts "n:g:o:h" opt; do
   case $opt in
     n) N=$OPTARG ;; g) GEN_SECONDS=$OPTARG ;; o) ONLY=$OPTARG ;;
@@ -212,42 +212,59 @@ if want pgbouncer && start_pgbouncer; then
 fi
 
 if want generators; then
-  echo "load generators (point-read, prepared, 8 clients)..." >&2
+  # Both generators run the same way: against a native spillway (cache on), whose
+  # /metrics counts every request it answers (hits + misses), for minutes; a window
+  # of -g seconds is cut out of the running process (callgrind zero/dump, strace
+  # attach/detach), and its count divides the instructions or calls. Start-up and
+  # connection set-up stay outside the window.
+  echo "load generators (point-read, prepared, 8 clients, ${GEN_SECONDS}s windows)..." >&2
+  start_spillway gen ""
+  GEN_PORT=$SW_PORT GEN_METRICS=$SW_METRICS
+  wait_up "$GEN_PORT" 20
+  answered() { # requests spillway answered so far
+    curl -s "$GEN_METRICS" | awk '/^spillway_cache_(hits|misses)_total/ {n += $NF} END {printf "%d\n", n}'
+  }
   # The binary itself: /usr/bin/pgbench is a wrapper script on Debian.
-  pgb=("$PG_BIN/pgbench" -h 127.0.0.1 -p "$PG_PORT" -U bench -n -M prepared -c 8 -j 2
-    -f "$ROOT/loadtest/pgbench/scenarios/point-read.sql" -D scale=1)
-  lt=("$LOADTEST_BIN" run -s point-read -t "direct=$DIRECT_URL" -c 8 --threads 2 --rounds 1
-    --warmup 0s --mode prepared --progress none --seed 1)
-  cg_run() { # output-file command... -> instructions of the whole run
-    local out=$1
+  pgb=("$PG_BIN/pgbench" -h 127.0.0.1 -p "$GEN_PORT" -U bench -n -M prepared -c 8 -j 2 -T 600
+    -f "$ROOT/loadtest/pgbench/scenarios/point-read.sql" -D scale=1 postgres)
+  lt=("$LOADTEST_BIN" run -s point-read -t "direct=postgres://bench@127.0.0.1:$GEN_PORT/postgres"
+    -c 8 --threads 2 --rounds 1 --warmup 0s --duration 600s --mode prepared --progress none
+    --seed 1 --out "$WORK/lt")
+  generator() { # name command... : one row
+    local name=$1 pid a0 a1 b0 b1 ir calls
     shift
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >"$WORK/client.log" 2>&1 ||
-      { cat "$WORK/client.log" >&2; return 1; }
-    cg_total "$out"
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg/$name.%p" "$@" >"$WORK/$name.log" 2>&1 &
+    pid=$!
+    sleep 5 # connected and running
+    cg_ctl -z "$pid" >/dev/null 2>&1
+    a0=$(answered)
+    sleep "$GEN_SECONDS"
+    a1=$(answered)
+    cg_ctl -d "$pid" >/dev/null 2>&1
+    # shellcheck disable=SC2012 # names are ours
+    ir=$(cg_total "$(ls -t "$WORK/cg/$name.$pid."* | head -1)")
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    "$@" >"$WORK/$name.log" 2>&1 &
+    pid=$!
+    sleep 3
+    strace -c -f -q -p "$pid" -o "$WORK/strace.out" &
+    local s=$!
+    sleep 0.5
+    b0=$(answered)
+    sleep "$GEN_SECONDS"
+    b1=$(answered)
+    kill -INT "$s"
+    wait "$s" 2>/dev/null || true
+    calls=$(awk '$NF == "total" {print $4}' "$WORK/strace.out")
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    row "$name" "point-read, prepared, 8 clients" "$(printf '%.0f' "$(echo "$ir / ($a1 - $a0)" | bc -l)")" \
+      "$(printf '%.1f' "$(echo "$calls / ($b1 - $b0)" | bc -l)")"
+    echo "  ($name: $((a1 - a0)) requests under callgrind, $((b1 - b0)) under strace)" >&2
   }
-  strace_run() { # command... -> its system calls, all threads
-    strace -c -f -q -o "$WORK/strace.out" "$@" >"$WORK/client.log" 2>&1 ||
-      { cat "$WORK/client.log" >&2; return 1; }
-    awk '$NF == "total" {print $4}' "$WORK/strace.out"
-  }
-  lt_ops() { python3 -c 'import json,sys,glob; print(json.load(open(glob.glob(sys.argv[1] + "/*/report.json")[0]))["targets"][0]["ops"])' "$1"; }
-  t1=$((N / 8)) t2=$((2 * N / 8))
-  a=$(cg_run "$WORK/cg/pgb1.out" "${pgb[@]}" -t "$t1" postgres)
-  b=$(cg_run "$WORK/cg/pgb2.out" "${pgb[@]}" -t "$t2" postgres)
-  sa=$(strace_run "${pgb[@]}" -t "$t1" postgres)
-  sb=$(strace_run "${pgb[@]}" -t "$t2" postgres)
-  row pgbench "point-read, prepared, 8 clients" "$(printf '%.0f' "$(per "$a" "$b" $((8 * (t2 - t1))))")" \
-    "$(per "$sa" "$sb" $((8 * (t2 - t1))))"
-  # spillway-loadtest runs for a time, not a count: its report says how many operations.
-  a=$(cg_run "$WORK/cg/lt1.out" "${lt[@]}" --duration "${GEN_SECONDS}s" --out "$WORK/lt1")
-  b=$(cg_run "$WORK/cg/lt2.out" "${lt[@]}" --duration "$((2 * GEN_SECONDS))s" --out "$WORK/lt2")
-  oa=$(lt_ops "$WORK/lt1") ob=$(lt_ops "$WORK/lt2")
-  sa=$(strace_run "${lt[@]}" --duration "${GEN_SECONDS}s" --out "$WORK/lt3")
-  sb=$(strace_run "${lt[@]}" --duration "$((2 * GEN_SECONDS))s" --out "$WORK/lt4")
-  sa_ops=$(lt_ops "$WORK/lt3") sb_ops=$(lt_ops "$WORK/lt4")
-  row spillway-loadtest "point-read, prepared, 8 clients" "$(printf '%.0f' "$(per "$a" "$b" $((ob - oa)))")" \
-    "$(per "$sa" "$sb" $((sb_ops - sa_ops)))"
-  echo "  (spillway-loadtest: $oa and $ob operations under callgrind, $sa_ops and $sb_ops under strace)" >&2
+  generator pgbench "${pgb[@]}"
+  generator spillway-loadtest "${lt[@]}"
 fi
 
 if want postgres; then
