@@ -35,3 +35,4 @@ pub mod runner;
 pub mod scenario;
 pub mod setup;
 pub mod target;
+pub mod wire;
