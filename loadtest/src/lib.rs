@@ -8,7 +8,8 @@
 //! It also carries [`link`], a TCP relay that adds a round trip, so that the same
 //! comparisons can put PostgreSQL behind a modelled network.
 //!
-//! It is a real client over the wire only (tokio-postgres): it never links spillway
+//! It is a real client over the wire only ([`wire`], its own small client on
+//! postgres-protocol, ADR 0017): it never links spillway
 //! and never looks behind a target's back except through the same SQL any client
 //! could send.
 //!
