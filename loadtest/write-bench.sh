@@ -8,26 +8,32 @@
 # The report includes spillway's /metrics deltas: upstream statements per client
 # write, flush batches and rows (the flush worker's apply rate).
 #
+# -L RTT puts PostgreSQL behind `spillway-loadtest link` adding that round trip (e.g.
+# 1ms) for both paths: client -> link -> PostgreSQL against client -> spillway -> link
+# -> PostgreSQL (spillway's service, check and flush connections go through it too).
+# Every report gives PostgreSQL's CPU time per client operation for both targets
+# (spillway-loadtest --pg-pid): what spillway spares the database.
+#
 # -J interval runs the journal with fsync = "interval" (a bounded loss window: compare
 # it with -F, where PostgreSQL does not wait for its disk either); -A gives the
 # write-behind tables row_counts = "assumed" (no point reads; for keys the
 # application knows are new, such as client-generated ids).
 #
 # Usage: loadtest/write-bench.sh [-d duration] [-w warmup] [-r rounds] [-c clients]
-#                                [-m mode] [-S "scenario ..."] [-F] [-J fsync] [-A]
+#                                [-m mode] [-S "scenario ..."] [-F] [-J fsync] [-A] [-L rtt]
 # Env:   SPILLWAY_BIN, LOADTEST_BIN (default: target/release/…, rebuilt when not set)
 #        SPILLWAY_PG_BIN (directory with initdb/pg_ctl)
 # Writes loadtest-results/ as spillway-loadtest does; prints each report.
 set -euo pipefail
 
-DURATION=5s WARMUP=3s ROUNDS=3 CLIENTS=8 MODE=prepared FAST=0 FSYNC=always ASSUMED=0
+DURATION=5s WARMUP=3s ROUNDS=3 CLIENTS=8 MODE=prepared FAST=0 FSYNC=always ASSUMED=0 RTT=""
 SCENARIOS="write-update write-insert hot-counters orm-tx"
-while getopts "d:w:r:c:m:S:FJ:Ah" opt; do
+while getopts "d:w:r:c:m:S:FJ:AL:h" opt; do
   case $opt in
     d) DURATION=$OPTARG ;; w) WARMUP=$OPTARG ;; r) ROUNDS=$OPTARG ;; c) CLIENTS=$OPTARG ;;
     m) MODE=$OPTARG ;; S) SCENARIOS=$OPTARG ;; F) FAST=1 ;;
-    J) FSYNC=$OPTARG ;; A) ASSUMED=1 ;;
-    *) sed -n '2,21p' "$0"; exit 2 ;;
+    J) FSYNC=$OPTARG ;; A) ASSUMED=1 ;; L) RTT=$OPTARG ;;
+    *) sed -n '2,27p' "$0"; exit 2 ;;
   esac
 done
 
@@ -37,18 +43,17 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 for s in $SCENARIOS; do
   scenario_group "$s" >/dev/null || { echo "unknown scenario $s; known: $SCENARIOS_ALL" >&2; exit 2; }
 done
-if [ -z "${LOADTEST_BIN:-}" ]; then
-  echo "building spillway-loadtest (release)..." >&2
-  (cd "$ROOT" && cargo build --release -p spillway-loadtest >&2)
-  LOADTEST_BIN=$ROOT/target/release/spillway-loadtest
-fi
+need_loadtest
 
 bench_init
 [ "$FAST" = 1 ] || DURABLE=1
 start_postgres 1 noinit
-DIRECT="postgres://bench@127.0.0.1:$PG_PORT/postgres?sslmode=disable"
+# Tables are created without the link (it would only slow the setup down).
 # shellcheck disable=SC2086 # a list of names
-"$LOADTEST_BIN" setup --target "$DIRECT" --scale 1 $(for s in $SCENARIOS; do printf -- '-s %s ' "$s"; done) >&2
+"$LOADTEST_BIN" setup --target "postgres://bench@127.0.0.1:$PG_PORT/postgres?sslmode=disable" \
+  --scale 1 --config-out "$WORK/tables.toml" $(for s in $SCENARIOS; do printf -- '-s %s ' "$s"; done) >&2
+if [ -n "$RTT" ]; then start_link "$RTT"; fi
+DIRECT="postgres://bench@127.0.0.1:${UPSTREAM_PORT:-$PG_PORT}/postgres?sslmode=disable"
 JOURNAL_EXTRA="fsync = \"$FSYNC\""
 # shellcheck disable=SC2086
 TABLES_TOML=$(scenario_tables_toml $SCENARIOS)
@@ -59,10 +64,15 @@ start_spillway spillway "$TABLES_TOML"
 wait_ready "$SW_PORT"
 SPILLWAY="postgres://bench@127.0.0.1:$SW_PORT/postgres"
 echo "PostgreSQL synchronous_commit = $([ "$FAST" = 1 ] && echo off || echo on);" \
-  "spillway journal.fsync = $FSYNC$([ "$ASSUMED" = 1 ] && echo ', write-behind row_counts = assumed'); $CLIENTS clients, $ROUNDS rounds of $DURATION, mode $MODE" >&2
+  "spillway journal.fsync = $FSYNC$([ "$ASSUMED" = 1 ] && echo ', write-behind row_counts = assumed'); $CLIENTS clients, $ROUNDS rounds of $DURATION, mode $MODE${RTT:+, PostgreSQL behind a $RTT round trip};" \
+  "load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
-for s in $SCENARIOS; do
-  "$LOADTEST_BIN" run --scenario "$s" --target direct="$DIRECT" --target spillway="$SPILLWAY" \
-    --metrics spillway="$SW_METRICS" --clients "$CLIENTS" --rounds "$ROUNDS" \
-    --duration "$DURATION" --warmup "$WARMUP" --mode "$MODE" --seed 1
-done
+# One run of every scenario: a summary table at the end, PostgreSQL's CPU per
+# operation per target in every report (--pg-pid).
+# shellcheck disable=SC2046 # a list of flags
+"$LOADTEST_BIN" run $(for s in $SCENARIOS; do printf -- '--scenario %s ' "$s"; done) \
+  --target direct="$DIRECT" --target spillway="$SPILLWAY" \
+  --metrics spillway="$SW_METRICS" --clients "$CLIENTS" --rounds "$ROUNDS" \
+  --duration "$DURATION" --warmup "$WARMUP" --mode "$MODE" --seed 1 \
+  --pg-pid "$(head -1 "$WORK/data/postmaster.pid")"
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2

@@ -9,18 +9,23 @@
 # spillway with its default config (cache on) plus the table config the scenarios
 # expect (loadtest/config/), or without it if this spillway build refuses it.
 #
+# -L RTT puts PostgreSQL behind `spillway-loadtest link` adding that round trip (e.g.
+# 1ms): pgbench's direct connections, spillway's and PgBouncer's all go through it.
+#
 # Usage: loadtest/pgbench/compare.sh [-T seconds] [-c clients] [-r rounds] [-s scale]
 #                                    [-M "simple prepared"] [-S "scenario ..." | -S all]
+#                                    [-L rtt]
 # Env:   SPILLWAY_BIN (default: target/release/spillway, rebuilt first when not set)
+#        LOADTEST_BIN (for -L; default: target/release/spillway-loadtest, rebuilt)
 #        SPILLWAY_PG_BIN (directory with initdb/pg_ctl; default: newest /usr/lib/postgresql/*/bin)
 set -euo pipefail
 
-DURATION=10 CLIENTS=8 ROUNDS=3 SCALE=10 MODES="simple prepared" SCENARIOS=""
-while getopts "T:c:r:s:M:S:h" opt; do
+DURATION=10 CLIENTS=8 ROUNDS=3 SCALE=10 MODES="simple prepared" SCENARIOS="" RTT=""
+while getopts "T:c:r:s:M:S:L:h" opt; do
   case $opt in
     T) DURATION=$OPTARG ;; c) CLIENTS=$OPTARG ;; r) ROUNDS=$OPTARG ;;
-    s) SCALE=$OPTARG ;; M) MODES=$OPTARG ;; S) SCENARIOS=$OPTARG ;;
-    *) sed -n '2,16p' "$0"; exit 2 ;;
+    s) SCALE=$OPTARG ;; M) MODES=$OPTARG ;; S) SCENARIOS=$OPTARG ;; L) RTT=$OPTARG ;;
+    *) sed -n '2,21p' "$0"; exit 2 ;;
   esac
 done
 JOBS=$(( CLIENTS < 2 ? CLIENTS : 2 ))
@@ -37,6 +42,7 @@ done
 bench_init
 if [ -z "$SCENARIOS" ]; then
   start_postgres "$SCALE"
+  if [ -n "$RTT" ]; then start_link "$RTT"; fi
   # Pass-through is what pgbench -S measures here: the read cache stays off.
   start_spillway spillway "[cache]
 enabled = false"
@@ -45,6 +51,7 @@ else
   start_postgres "$SCALE" noinit
   # shellcheck disable=SC2086 # a list of names
   setup_scenarios "$SCALE" $SCENARIOS
+  if [ -n "$RTT" ]; then start_link "$RTT"; fi
   # shellcheck disable=SC2086
   TABLES=$(scenario_tables_toml $SCENARIOS)
   printf '[backend]\nurl = "postgres://bench@127.0.0.1:%s/postgres"\n%s\n' "$PG_PORT" "$TABLES" > "$WORK/check.toml"
@@ -56,7 +63,7 @@ else
   start_spillway spillway "$TABLES"
   WORKLOADS=$SCENARIOS
 fi
-TARGETS="direct:$PG_PORT spillway:$SW_PORT"
+TARGETS="direct:${UPSTREAM_PORT:-$PG_PORT} spillway:$SW_PORT"
 if start_pgbouncer; then
   TARGETS="$TARGETS pgbouncer:$PB_PORT"
 else
@@ -71,7 +78,7 @@ run_pgbench() { # port mode seconds workload -> tps
     awk '/^tps = / {print $3; exit}'
 }
 
-echo "pgbench, $CLIENTS clients, ${DURATION}s per run, $ROUNDS rounds, scale $SCALE, $(nproc) cores"
+echo "pgbench, $CLIENTS clients, ${DURATION}s per run, $ROUNDS rounds, scale $SCALE, $(nproc) cores${RTT:+, PostgreSQL behind a $RTT round trip}, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 declare -A RESULTS
 for w in $WORKLOADS; do
   for mode in $MODES; do

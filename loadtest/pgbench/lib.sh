@@ -29,9 +29,12 @@ bench_init() {
 bench_cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  # The link's closing line: how late its chunks left, how much it queued.
+  if [ -f "$WORK/link.log" ]; then tail -1 "$WORK/link.log" >&2; fi
   if [ -f "$WORK/pgbouncer.pid" ]; then kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true; fi
   as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$WORK"
+  # BENCH_KEEP=1 keeps the logs and configs for a look after a failure.
+  if [ -n "${BENCH_KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 
 start_postgres() { # scale [noinit]; DURABLE=1 keeps PostgreSQL's synchronous_commit = on
@@ -96,7 +99,36 @@ scenario_tables_toml() { # scenario... : the table config they expect, each grou
   done
 }
 
+need_loadtest() { # sets LOADTEST_BIN, building it unless given
+  if [ -z "${LOADTEST_BIN:-}" ]; then
+    echo "building spillway-loadtest (release)..." >&2
+    (cd "$ROOT" && cargo build --release -p spillway-loadtest >&2)
+    LOADTEST_BIN=$ROOT/target/release/spillway-loadtest
+  fi
+}
+
+# PostgreSQL across a modelled network (-L): every path to PostgreSQL, direct clients
+# and spillway's or PgBouncer's own connections alike, goes through one link that
+# adds RTT. Sets LINK_PORT and UPSTREAM_PORT (what clients and proxies connect to).
+start_link() { # rtt
+  need_loadtest
+  LINK_PORT=$(free_port)
+  "$LOADTEST_BIN" link --listen "127.0.0.1:$LINK_PORT" --to "127.0.0.1:$PG_PORT" --rtt "$1" \
+    2>"$WORK/link.log" &
+  PIDS+=($!)
+  for _ in $(seq 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$LINK_PORT") 2>/dev/null && break
+    sleep 0.1
+  done
+  UPSTREAM_PORT=$LINK_PORT
+  echo "PostgreSQL behind a link adding a $1 round trip (127.0.0.1:$LINK_PORT)" >&2
+}
+
 start_spillway() { # name [extra TOML] -> sets SW_PORT and SW_METRICS (its /metrics URL)
+  # BENCH_BIN_<name> (e.g. BENCH_BIN_old) runs another binary under that name; SW_DB
+  # names the database of backend.url (default postgres).
+  local bin_var="BENCH_BIN_$1"
+  local bin=${!bin_var:-$SPILLWAY_BIN}
   SW_PORT=$(free_port)
   local metrics_port
   metrics_port=$(free_port)
@@ -105,7 +137,7 @@ start_spillway() { # name [extra TOML] -> sets SW_PORT and SW_METRICS (its /metr
 [server]
 listen = "127.0.0.1:$SW_PORT"
 [backend]
-url = "postgres://bench@127.0.0.1:$PG_PORT/postgres?sslmode=disable"
+url = "postgres://bench@127.0.0.1:${UPSTREAM_PORT:-$PG_PORT}/${SW_DB:-postgres}?sslmode=disable"
 [journal]
 dir = "$WORK/journal-$1"
 ${JOURNAL_EXTRA:-}
@@ -115,7 +147,7 @@ listen = "127.0.0.1:$metrics_port"
 level = "warn"
 ${2:-}
 CONF
-  "$SPILLWAY_BIN" run --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
+  "$bin" run --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
   PIDS+=($!)
 }
 
@@ -124,7 +156,7 @@ start_pgbouncer() { # -> sets PB_PORT, or returns 1 when not installed
   PB_PORT=$(free_port)
   cat > "$WORK/pgbouncer.ini" <<CONF
 [databases]
-postgres = host=127.0.0.1 port=$PG_PORT
+postgres = host=127.0.0.1 port=${UPSTREAM_PORT:-$PG_PORT}
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $PB_PORT

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 
 use crate::cli::{RunArgs, resolve_metrics};
+use crate::pgcpu::PgCpu;
 use crate::progress::Progress;
 use crate::report::{self, Report, markdown};
 use crate::runner::{self, RunSpec};
@@ -34,6 +35,7 @@ pub async fn run(args: RunArgs, threads: u32) -> anyhow::Result<ExitCode> {
         .collect();
     let scenarios = args.scenario_list();
     let seed = args.seed.unwrap_or_else(rand::random);
+    let pg_cpu = args.pg_pid.map(PgCpu::new).transpose()?;
     if args.setup {
         setup::setup(&targets[0], &scenarios, args.scale, progress).await?;
     }
@@ -69,6 +71,7 @@ pub async fn run(args: RunArgs, threads: u32) -> anyhow::Result<ExitCode> {
             mode: args.mode,
             seed,
             verify_timeout: args.verify_timeout,
+            pg_cpu,
         };
         let outcome = runner::run(spec, progress)
             .await

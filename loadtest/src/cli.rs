@@ -34,6 +34,43 @@ pub enum Command {
     Setup(SetupArgs),
     /// List the scenarios, their tables and the spillway table config each expects.
     Scenarios,
+    /// Relay TCP to another address with an added round trip (a network link in user
+    /// space), until stopped (SIGINT/SIGTERM) or for --duration.
+    Link(LinkArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LinkArgs {
+    /// Address to accept connections on, e.g. 127.0.0.1:15432.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+
+    /// Address to relay each connection to, e.g. 127.0.0.1:5432.
+    #[arg(long, value_name = "ADDR")]
+    pub to: std::net::SocketAddr,
+
+    /// Round trip added: each direction holds the bytes for half of it (e.g. 1ms,
+    /// 200us, 0s).
+    #[arg(long, value_parser = parse_duration)]
+    pub rtt: Duration,
+
+    /// Each chunk's one-way delay is drawn from rtt/2 ± jitter/2; never reorders.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub jitter: Duration,
+
+    /// Bytes held per direction of a connection before the link stops reading from
+    /// the sender (back-pressure, never a drop).
+    #[arg(long, default_value = "1048576", value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub buffer: u64,
+
+    /// Stop by itself after this long (default: until SIGINT/SIGTERM).
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub duration: Option<Duration>,
+
+    /// Worker threads (default 1: the link should take as little CPU from the
+    /// measured processes as it can).
+    #[arg(long, default_value = "1", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub threads: u32,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +137,13 @@ pub struct RunArgs {
     /// acknowledged).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub verify_timeout: Duration,
+
+    /// PID of a local PostgreSQL postmaster (first line of its postmaster.pid): report
+    /// PostgreSQL's CPU time per operation for each target, from /proc. Each round
+    /// then ends with `SPILLWAY FLUSH` through the target (PostgreSQL refuses it), so
+    /// deferred writes are applied, and counted, before the round's closing sample.
+    #[arg(long, value_name = "PID")]
+    pub pg_pid: Option<u32>,
 
     /// Progress display: a bar on a terminal, plain lines otherwise (`auto`).
     #[arg(long, value_enum, default_value_t = ProgressKind::Auto)]

@@ -2,19 +2,22 @@
 //! classification of errors by SQLSTATE.
 //!
 //! - `simple`: one Query message with the parameters written as literals;
-//! - `extended`: Parse/Bind/Describe/Execute/Sync on the unnamed statement, one round
-//!   trip (`query_typed_raw`), as most drivers do by default;
+//! - `extended`: Parse/Bind/Describe(statement)/Execute/Sync on the unnamed statement,
+//!   one round trip, as tokio-postgres' `query_typed` and most drivers do;
 //! - `prepared`: each statement prepared once per session (named), then Bind/Execute.
 //!
-//! A [`Session`] owns its connection task; dropping the session ends the connection.
+//! Parameters and results travel in binary, as tokio-postgres sends them. A
+//! [`Session`] owns its connection ([`crate::wire`]); dropping it closes it.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use futures_util::{TryStreamExt, pin_mut};
-use tokio::task::JoinHandle;
-use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage, Statement};
+use bytes::{BufMut, BytesMut};
+use postgres_protocol::IsNull;
+use postgres_protocol::message::frontend;
+use tokio_postgres::Config;
+use tokio_postgres::types::Type;
+
+use crate::wire::{Fail, Wire, columns, first_column, tag_rows};
 
 use crate::cli::Mode;
 
@@ -38,14 +41,6 @@ pub enum Param {
 }
 
 impl Param {
-    fn as_sql(&self) -> &(dyn ToSql + Sync) {
-        match self {
-            Param::Int(v) => v,
-            Param::Int4(v) => v,
-            Param::Text(v) => v,
-        }
-    }
-
     fn write_literal(&self, out: &mut String) {
         match self {
             Param::Int(v) => {
@@ -92,21 +87,17 @@ impl OpError {
     }
 }
 
-impl From<tokio_postgres::Error> for OpError {
-    fn from(e: tokio_postgres::Error) -> OpError {
-        match e.as_db_error() {
-            Some(db) => OpError {
-                code: db.code().code().to_owned(),
-                message: db.message().to_owned(),
+impl From<Fail> for OpError {
+    fn from(e: Fail) -> OpError {
+        match e {
+            Fail::Db { code, message } => OpError {
+                code,
+                message,
                 ambiguous: false,
             },
-            None => OpError {
-                code: if e.is_closed() {
-                    "connection".to_owned()
-                } else {
-                    "client".to_owned()
-                },
-                message: e.to_string(),
+            Fail::Broken(message) => OpError {
+                code: "connection".to_owned(),
+                message,
                 ambiguous: true,
             },
         }
@@ -115,116 +106,166 @@ impl From<tokio_postgres::Error> for OpError {
 
 /// One connection in one protocol mode.
 pub struct Session {
-    client: Client,
+    wire: Wire,
     mode: Mode,
-    prepared: HashMap<&'static str, Statement>,
-    conn: JoinHandle<()>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.conn.abort();
-    }
+    /// Named statements of this session, keyed by the address of their text
+    /// (`Stmt::sql` is `'static`): no hashing per operation.
+    prepared: Vec<(&'static str, String)>,
 }
 
 impl Session {
-    /// Connects without TLS (`sslmode=prefer` falls back to plain; `require` fails).
-    pub async fn connect(config: &Config, mode: Mode) -> Result<Session, tokio_postgres::Error> {
-        let (client, connection) = config.connect(NoTls).await?;
-        let conn = tokio::spawn(async move {
-            // Its error surfaces as `is_closed` on the next statement.
-            let _ = connection.await;
-        });
+    /// Connects without TLS (`sslmode=prefer` goes plain; `require` fails).
+    pub async fn connect(config: &Config, mode: Mode) -> Result<Session, Fail> {
         Ok(Session {
-            client,
+            wire: Wire::connect(config).await?,
             mode,
-            prepared: HashMap::new(),
-            conn,
+            prepared: Vec::new(),
         })
     }
 
     pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
+        self.wire.is_broken()
     }
 
     /// Runs one statement of a scenario in this session's mode.
     pub async fn run(&mut self, stmt: &Stmt, params: &[Param]) -> Result<Outcome, OpError> {
+        let buf = &mut self.wire.wbuf;
         match self.mode {
-            Mode::Simple => self.run_simple(stmt, params).await,
+            Mode::Simple => frontend::query(&inline_params(stmt.sql, params), buf)
+                .map_err(|e| OpError::check("client", e.to_string()))?,
             Mode::Extended => {
-                let typed = params
-                    .iter()
-                    .zip(stmt.types.iter())
-                    .map(|(p, t)| (p.as_sql(), t.clone()));
-                let stream = self.client.query_typed_raw(stmt.sql, typed).await?;
-                collect(stream, stmt.text_result).await
+                // What tokio-postgres' query_typed sends: Parse, Bind, Describe of the
+                // statement, Execute, Sync.
+                encode_parse("", stmt, buf)?;
+                encode_bind("", params, buf)?;
+                encode(frontend::describe(b'S', "", buf))?;
+                encode_execute(buf)?;
             }
             Mode::Prepared => {
-                let statement = match self.prepared.get(stmt.sql) {
-                    Some(s) => s.clone(),
-                    None => {
-                        let s = self.client.prepare_typed(stmt.sql, stmt.types).await?;
-                        self.prepared.insert(stmt.sql, s.clone());
-                        s
-                    }
+                let name = match self
+                    .prepared
+                    .iter()
+                    .find(|(sql, _)| std::ptr::eq(*sql, stmt.sql))
+                {
+                    Some((_, name)) => name.clone(),
+                    None => self.prepare(stmt).await?,
                 };
-                let stream = self
-                    .client
-                    .query_raw(&statement, params.iter().map(Param::as_sql))
-                    .await?;
-                collect(stream, stmt.text_result).await
+                let buf = &mut self.wire.wbuf;
+                encode_bind(&name, params, buf)?;
+                encode_execute(buf)?;
             }
         }
-    }
-
-    async fn run_simple(&self, stmt: &Stmt, params: &[Param]) -> Result<Outcome, OpError> {
-        let sql = inline_params(stmt.sql, params);
+        self.wire.flush().await?;
         let mut out = Outcome::default();
-        for m in self.client.simple_query(&sql).await? {
-            match m {
-                SimpleQueryMessage::Row(row) if out.text.is_none() && stmt.text_result => {
-                    out.text = row.get(0).map(str::to_owned);
+        let (mut returned, mut tagged) = (0u64, None);
+        let want_text = stmt.text_result;
+        self.wire
+            .until_ready(|tag, body| {
+                if tag == b'D' {
+                    if returned == 0 && want_text {
+                        out.text = first_column(body)
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .map(str::to_owned);
+                    }
+                    returned += 1;
+                } else {
+                    tagged = tag_rows(body);
                 }
-                SimpleQueryMessage::CommandComplete(n) => out.rows = n,
-                _ => {}
-            }
-        }
+            })
+            .await?;
+        out.rows = tagged.unwrap_or(returned);
         Ok(out)
     }
 
+    /// Parses `stmt` as a named statement of this session (once).
+    async fn prepare(&mut self, stmt: &Stmt) -> Result<String, OpError> {
+        let name = format!("lt{}", self.prepared.len());
+        let buf = &mut self.wire.wbuf;
+        encode_parse(&name, stmt, buf)?;
+        encode(frontend::describe(b'S', &name, buf))?;
+        frontend::sync(buf);
+        self.wire.flush().await?;
+        self.wire.until_ready(|_, _| {}).await?;
+        self.prepared.push((stmt.sql, name.clone()));
+        Ok(name)
+    }
+
     /// Plain SQL in the simple protocol, whatever the mode (setup, checks).
-    pub async fn batch(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
-        self.client.batch_execute(sql).await
+    pub async fn batch(&mut self, sql: &str) -> Result<(), Fail> {
+        frontend::query(sql, &mut self.wire.wbuf).map_err(|e| Fail::Broken(e.to_string()))?;
+        self.wire.flush().await?;
+        self.wire.until_ready(|_, _| {}).await
     }
 
     /// The rows of a simple-protocol query as text, whatever the mode (setup, checks).
-    pub async fn text_rows(&self, sql: &str) -> Result<Vec<Vec<Option<String>>>, OpError> {
+    pub async fn text_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, OpError> {
+        frontend::query(sql, &mut self.wire.wbuf)
+            .map_err(|e| OpError::check("client", e.to_string()))?;
+        self.wire.flush().await?;
         let mut rows = Vec::new();
-        for m in self.client.simple_query(sql).await? {
-            if let SimpleQueryMessage::Row(row) = m {
-                rows.push(
-                    (0..row.len())
-                        .map(|i| row.get(i).map(str::to_owned))
-                        .collect(),
-                );
-            }
-        }
+        self.wire
+            .until_ready(|tag, body| {
+                if tag == b'D' {
+                    rows.push(
+                        columns(body)
+                            .into_iter()
+                            .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+                            .collect(),
+                    );
+                }
+            })
+            .await?;
         Ok(rows)
     }
 }
 
-async fn collect(stream: tokio_postgres::RowStream, want_text: bool) -> Result<Outcome, OpError> {
-    pin_mut!(stream);
-    let mut out = Outcome::default();
-    let mut returned = 0u64;
-    while let Some(row) = stream.try_next().await? {
-        if returned == 0 && want_text {
-            out.text = row.try_get::<_, Option<String>>(0).ok().flatten();
-        }
-        returned += 1;
-    }
-    out.rows = stream.rows_affected().unwrap_or(returned);
-    Ok(out)
+fn encode(r: std::io::Result<()>) -> Result<(), OpError> {
+    r.map_err(|e| OpError::check("client", e.to_string()))
+}
+
+fn encode_parse(name: &str, stmt: &Stmt, buf: &mut BytesMut) -> Result<(), OpError> {
+    encode(frontend::parse(
+        name,
+        stmt.sql,
+        stmt.types.iter().map(Type::oid),
+        buf,
+    ))
+}
+
+/// Bind of the unnamed portal: every parameter and every result column binary, as
+/// tokio-postgres sends them.
+fn encode_bind(statement: &str, params: &[Param], buf: &mut BytesMut) -> Result<(), OpError> {
+    frontend::bind(
+        "",
+        statement,
+        params.iter().map(|_| 1),
+        params,
+        |p, buf| {
+            match p {
+                Param::Int(v) => buf.put_i64(*v),
+                Param::Int4(v) => buf.put_i32(*v),
+                Param::Text(v) => buf.put_slice(v.as_bytes()),
+            }
+            Ok(IsNull::No)
+        },
+        Some(1),
+        buf,
+    )
+    .map_err(|e| {
+        OpError::check(
+            "client",
+            match e {
+                frontend::BindError::Conversion(e) => e.to_string(),
+                frontend::BindError::Serialization(e) => e.to_string(),
+            },
+        )
+    })
+}
+
+fn encode_execute(buf: &mut BytesMut) -> Result<(), OpError> {
+    encode(frontend::execute("", 0, buf))?;
+    frontend::sync(buf);
+    Ok(())
 }
 
 /// `sql` with each `$n` replaced by the literal of `params[n-1]` (simple protocol).

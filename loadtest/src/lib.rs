@@ -5,7 +5,11 @@
 //! SQLSTATE, spillway's own metrics, and a correctness check of what the writes left
 //! behind — as Markdown, JSON and a plot.
 //!
-//! It is a real client over the wire only (tokio-postgres): it never links spillway
+//! It also carries [`link`], a TCP relay that adds a round trip, so that the same
+//! comparisons can put PostgreSQL behind a modelled network.
+//!
+//! It is a real client over the wire only ([`wire`], its own small client on
+//! postgres-protocol, ADR 0017): it never links spillway
 //! and never looks behind a target's back except through the same SQL any client
 //! could send.
 //!
@@ -16,12 +20,15 @@
 //! arithmetic), [`scenario`] (workloads, schemas, expected spillway config,
 //! correctness checks), [`db`] (one client session in a protocol mode), [`runner`]
 //! (phases, workers, deadlines), [`progress`], [`metrics`] (Prometheus text from
-//! spillway), [`report`] (JSON, Markdown, plot), [`setup`].
+//! spillway), [`report`] (JSON, Markdown, plot), [`setup`], [`link`] (the link
+//! emulator).
 
 pub mod app;
 pub mod cli;
 pub mod db;
+pub mod link;
 pub mod metrics;
+pub mod pgcpu;
 pub mod plan;
 pub mod progress;
 pub mod report;
@@ -29,3 +36,4 @@ pub mod runner;
 pub mod scenario;
 pub mod setup;
 pub mod target;
+pub mod wire;

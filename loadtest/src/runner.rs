@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::cli::Mode;
 use crate::db::{OpError, Session};
 use crate::metrics::{self, Accumulator, Figures, Snapshot};
+use crate::pgcpu::{self, PgCpu};
 use crate::plan::{self, Latency, Phase};
 use crate::progress::Progress;
 use crate::scenario::Scenario;
@@ -48,6 +49,8 @@ pub struct RunSpec {
     pub mode: Mode,
     pub seed: u64,
     pub verify_timeout: Duration,
+    /// PostgreSQL's CPU per operation is measured per round when set (`--pg-pid`).
+    pub pg_cpu: Option<PgCpu>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -84,6 +87,9 @@ pub struct RoundResult {
     pub seconds: f64,
     pub tps: f64,
     pub latency_ms: Latency,
+    /// PostgreSQL's CPU time in the round (and until the target's deferred writes
+    /// were applied) per operation, µs; `None` unless `--pg-pid`.
+    pub pg_cpu_us_per_op: Option<f64>,
 }
 
 /// The correctness pass, through one target.
@@ -145,8 +151,8 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
     let mut checkers = Vec::new();
     let mut datasets = Vec::new();
     for t in &spec.targets {
-        let s = t.connect(Mode::Simple).await?;
-        datasets.push(t.dataset(&s, scenario).await?);
+        let mut s = t.connect(Mode::Simple).await?;
+        datasets.push(t.dataset(&mut s, scenario).await?);
         checkers.push(s);
     }
     // Targets that read the same dataset id share tables, key counter and baseline.
@@ -158,7 +164,7 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
             baselines.push(baselines[first]);
             continue;
         }
-        let base = verify::baseline(scenario, &checkers[i])
+        let base = verify::baseline(scenario, &mut checkers[i])
             .await
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -209,6 +215,8 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
         .map(|t| t.metrics.as_deref().map(Accumulator::new))
         .collect();
 
+    // Whether a target still answers `SPILLWAY FLUSH` (PostgreSQL does not).
+    let mut settles = vec![true; n];
     let schedule = plan::schedule(n, spec.rounds as usize, !spec.warmup.is_zero());
     for phase in schedule {
         let ti = phase.target();
@@ -226,6 +234,7 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
             Some(acc) => read_metrics(acc).await,
             None => None,
         };
+        let cpu_before = spec.pg_cpu.filter(|_| measured).and_then(|c| c.sample());
         let (ws, results) = run_phase(
             std::mem::take(&mut workers[ti]),
             target,
@@ -237,6 +246,13 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
         )
         .await;
         workers[ti] = ws;
+        let cpu = match (spec.pg_cpu, cpu_before) {
+            (Some(c), Some(before)) => {
+                settle(&mut workers[ti], &mut settles[ti]).await;
+                c.sample().map(|after| before.until(after))
+            }
+            _ => None,
+        };
         let mut phase_hist = plan::new_histogram();
         let (mut ops, mut errs) = (0, 0);
         for r in &results {
@@ -261,6 +277,7 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
                     seconds,
                     tps: plan::tps(ops, seconds).unwrap_or(0.0),
                     latency_ms: Latency::from_micros(&phase_hist),
+                    pg_cpu_us_per_op: cpu.and_then(|c| pgcpu::per_op_micros(c, ops)),
                 });
                 if let (Some(acc), Some(before)) = (accs[ti].as_mut(), before)
                     && let Some(after) = read_metrics(acc).await
@@ -333,6 +350,18 @@ async fn read_metrics(acc: &mut Accumulator) -> Option<Snapshot> {
             acc.fail(e);
             None
         }
+    }
+}
+
+/// Before the closing CPU sample: lets a spillway target apply what it acknowledged,
+/// through the first connection still open.
+async fn settle(workers: &mut [Worker], asks: &mut bool) {
+    if !*asks {
+        return;
+    }
+    if let Some(s) = workers.iter_mut().find_map(|w| w.session.as_mut()) {
+        let flushed = tokio::time::timeout(Duration::from_secs(30), pgcpu::settle(s)).await;
+        *asks = matches!(flushed, Ok(true));
     }
 }
 
@@ -422,35 +451,49 @@ async fn drive(
         r.error_total += 1;
         live.errors.fetch_add(1, Ordering::Relaxed);
     };
-    while tokio::time::Instant::now() < deadline {
+    // One timer for the whole phase, not one per operation (registering a timer costs
+    // more than a cached answer), and two clock reads per operation: the load
+    // generator's own CPU per operation caps every ratio it reports.
+    let grace = tokio::time::sleep_until(deadline + GRACE);
+    tokio::pin!(grace);
+    let end = deadline.into_std();
+    // Successful operations not yet added to the shared progress counter.
+    let mut unreported = 0u64;
+    let mut now = Instant::now();
+    while now < end {
         let mut session = match w.session.take() {
             Some(s) if !s.is_closed() => s,
             _ => match tokio::time::timeout_at(deadline, target.connect(mode)).await {
-                Ok(Ok(s)) => s,
+                Ok(Ok(s)) => {
+                    now = Instant::now();
+                    s
+                }
                 Ok(Err(e)) => {
                     fail(&mut r, &OpError::check("connect", e.to_string()));
                     tokio::time::sleep_until(
                         deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)),
                     )
                     .await;
+                    now = Instant::now();
                     continue;
                 }
                 Err(_) => break,
             },
         };
-        let start = Instant::now();
-        let step = tokio::time::timeout_at(
-            deadline + GRACE,
-            ops::step(workload, &mut w.generator, &mut session),
-        )
-        .await;
-        let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let start = now;
+        let step = tokio::select! {
+            biased;
+            step = ops::step(workload, &mut w.generator, &mut session) => Some(step),
+            () = &mut grace => None,
+        };
+        now = Instant::now();
+        let micros = u64::try_from((now - start).as_micros()).unwrap_or(u64::MAX);
         let step = match step {
-            Ok(step) => {
+            Some(step) => {
                 w.session = Some(session);
                 step
             }
-            Err(_) => Step {
+            None => Step {
                 write: workload
                     .scenario
                     .writes()
@@ -465,18 +508,23 @@ async fn drive(
         if let Some((effect, applied)) = step.write {
             r.ledger.record(effect, applied);
         }
-        if tokio::time::Instant::now() > deadline {
+        if now > end {
             break;
         }
         match step.error {
             None => {
                 r.ops += 1;
                 r.histogram.saturating_record(micros.max(1));
-                live.ops.fetch_add(1, Ordering::Relaxed);
+                unreported += 1;
+                if unreported == 32 {
+                    live.ops.fetch_add(unreported, Ordering::Relaxed);
+                    unreported = 0;
+                }
             }
             Some(e) => fail(&mut r, &e),
         }
     }
+    live.ops.fetch_add(unreported, Ordering::Relaxed);
     r
 }
 
@@ -503,8 +551,8 @@ async fn check_target(
     let until = Instant::now() + timeout;
     loop {
         let attempt = tokio::time::timeout(timeout + GRACE, async {
-            let s = t.connect(Mode::Simple).await.map_err(|e| e.to_string())?;
-            verify::check(scenario, &s, base, ledger)
+            let mut s = t.connect(Mode::Simple).await.map_err(|e| e.to_string())?;
+            verify::check(scenario, &mut s, base, ledger)
                 .await
                 .map_err(|e| format!("{} ({})", e.message, e.code))
         })

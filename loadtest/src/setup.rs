@@ -20,13 +20,9 @@ pub async fn setup(
     scale: u32,
     progress: Progress,
 ) -> anyhow::Result<()> {
-    let s = target.connect(Mode::Simple).await?;
-    let fail = |what: &str, e: tokio_postgres::Error| {
-        let detail = e
-            .as_db_error()
-            .map(|d| format!("{} ({})", d.message(), d.code().code()))
-            .unwrap_or_else(|| e.to_string());
-        anyhow!("target {} ({}): {what}: {detail}", target.name, target.url)
+    let mut s = target.connect(Mode::Simple).await?;
+    let fail = |what: &str, e: crate::wire::Fail| {
+        anyhow!("target {} ({}): {what}: {e}", target.name, target.url)
     };
     s.batch(META_SQL)
         .await

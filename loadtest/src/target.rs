@@ -56,22 +56,7 @@ impl Target {
         }
     }
 
-    fn connect_error(&self, e: &tokio_postgres::Error) -> String {
-        let cause = match e.as_db_error() {
-            Some(db) => format!("{} ({})", db.message(), db.code().code()),
-            None => {
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(e);
-                while let Some(s) = source {
-                    let s_text = s.to_string();
-                    if !text.contains(&s_text) {
-                        text = format!("{text}: {s_text}");
-                    }
-                    source = s.source();
-                }
-                text
-            }
-        };
+    fn connect_error(&self, cause: &crate::wire::Fail) -> String {
         format!(
             "target {} ({}): cannot connect: {cause}. Is it running and reachable?",
             self.name, self.url
@@ -79,7 +64,7 @@ impl Target {
     }
 
     /// The dataset id and scale of `scenario`'s tables on this target.
-    pub async fn dataset(&self, s: &Session, scenario: Scenario) -> anyhow::Result<Dataset> {
+    pub async fn dataset(&self, s: &mut Session, scenario: Scenario) -> anyhow::Result<Dataset> {
         let group = scenario.group();
         let rows = s
             .text_rows(&format!(

@@ -72,6 +72,28 @@ pub fn render(r: &Report) -> String {
         "\nRatios are the median of the per-round ratios; percentiles need at least {} samples.\n",
         crate::plan::MIN_SAMPLES
     );
+    if r.targets.iter().any(|t| t.pg_cpu_us_per_op.is_some()) {
+        let base = r.targets.first().and_then(|t| t.pg_cpu_us_per_op);
+        let figures: Vec<String> = r
+            .targets
+            .iter()
+            .map(|t| {
+                let share = match (t.pg_cpu_us_per_op, base) {
+                    (Some(x), Some(b)) if b > 0.0 && t.name != r.baseline => {
+                        format!(" ({:.2}× of {})", x / b, r.baseline)
+                    }
+                    _ => String::new(),
+                };
+                format!("{} {} µs{share}", t.name, num(t.pg_cpu_us_per_op, 1))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "PostgreSQL CPU per operation (median of rounds; its processes' time from /proc, \
+             each round until the target's deferred writes were applied): {}.\n",
+            figures.join(", ")
+        );
+    }
 
     // Per round.
     let _ = write!(out, "| round |");
@@ -218,9 +240,16 @@ pub fn summary(reports: &[Report]) -> String {
     for t in &first.targets {
         let _ = write!(out, " {} p50 ms |", t.name);
     }
+    let cpu = reports
+        .iter()
+        .any(|r| r.targets.iter().any(|t| t.pg_cpu_us_per_op.is_some()));
+    let cpu_columns = if cpu { first.targets.len() } else { 0 };
+    for t in first.targets.iter().take(cpu_columns) {
+        let _ = write!(out, " {} PG CPU µs/op |", t.name);
+    }
     let _ = writeln!(out, " errors | correctness |");
     let _ = write!(out, "|---|---|");
-    for _ in 0..first.ratios.len() + first.targets.len() {
+    for _ in 0..first.ratios.len() + first.targets.len() + cpu_columns {
         let _ = write!(out, "---:|");
     }
     let _ = writeln!(out, "---:|---|");
@@ -236,6 +265,9 @@ pub fn summary(reports: &[Report]) -> String {
         }
         for t in &r.targets {
             let _ = write!(out, " {} |", num(t.latency_ms.p50, 3));
+        }
+        for t in r.targets.iter().take(cpu_columns) {
+            let _ = write!(out, " {} |", num(t.pg_cpu_us_per_op, 1));
         }
         let errors: u64 = r.targets.iter().map(|t| t.error_total).sum();
         let verdict = match r.correctness_ok {

@@ -72,6 +72,8 @@ pub struct TargetReport {
     pub dataset: DatasetInfo,
     pub rounds: Vec<RoundResult>,
     pub median_tps: Option<f64>,
+    /// Median over the rounds of PostgreSQL's CPU per operation, µs (`--pg-pid`).
+    pub pg_cpu_us_per_op: Option<f64>,
     /// Successful operations in the measured rounds.
     pub ops: u64,
     pub error_total: u64,
@@ -131,6 +133,12 @@ impl Report {
                         scale: r.dataset.scale,
                     },
                     median_tps: plan::median(&tps),
+                    pg_cpu_us_per_op: plan::median(
+                        &r.rounds
+                            .iter()
+                            .filter_map(|x| x.pg_cpu_us_per_op)
+                            .collect::<Vec<_>>(),
+                    ),
                     ops: r.rounds.iter().map(|x| x.ops).sum(),
                     error_total: r.rounds.iter().map(|x| x.errors).sum(),
                     rounds: r.rounds.clone(),
@@ -270,6 +278,7 @@ mod tests {
             mode: Mode::Prepared,
             seed: 42,
             verify_timeout: Duration::from_secs(10),
+            pg_cpu: None,
         };
         let one = |scale: f64, metrics: Figures| {
             let mut h = plan::new_histogram();
@@ -298,6 +307,7 @@ mod tests {
                         seconds: 5.0,
                         tps: (1000 + 20 * r) as f64 / scale,
                         latency_ms: Latency::from_micros(&h),
+                        pg_cpu_us_per_op: None,
                     })
                     .collect(),
                 histogram: h,
@@ -404,6 +414,35 @@ mod tests {
             t.histogram = plan::new_histogram();
         }
         Report::new(&small, 1).write(dir.path()).expect("written");
+    }
+
+    #[test]
+    fn postgres_cpu_per_operation_is_reported_when_measured() {
+        let plain = Report::new(&outcome(3), 2);
+        assert!(!markdown::render(&plain).contains("PostgreSQL CPU"));
+        assert!(!markdown::summary(&[plain]).contains("PG CPU"));
+        let mut o = outcome(3);
+        for (t, per_op) in o.targets.iter_mut().zip([100.0, 25.0]) {
+            for (i, r) in t.rounds.iter_mut().enumerate() {
+                r.pg_cpu_us_per_op = Some(per_op + i as f64);
+            }
+        }
+        let report = Report::new(&o, 2);
+        let value = serde_json::to_value(&report).expect("serialises");
+        assert_eq!(validate(&value), Vec::<String>::new());
+        assert_eq!(value["targets"][0]["pg_cpu_us_per_op"], 101.0);
+        assert_eq!(value["targets"][1]["rounds"][2]["pg_cpu_us_per_op"], 27.0);
+        let md = markdown::render(&report);
+        assert!(
+            md.contains("direct 101.0 µs, spillway 26.0 µs (0.26× of direct)"),
+            "{md}"
+        );
+        let summary = markdown::summary(&[report]);
+        assert!(
+            summary.contains("direct PG CPU µs/op | spillway PG CPU µs/op |"),
+            "{summary}"
+        );
+        assert!(summary.contains("| 101.0 | 26.0 |"), "{summary}");
     }
 
     #[test]

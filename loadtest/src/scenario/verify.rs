@@ -119,17 +119,17 @@ fn kind(s: Scenario) -> Option<Kind> {
 }
 
 async fn in_snapshot<T>(
-    s: &Session,
-    body: impl AsyncFnOnce(&Session) -> Result<T, OpError>,
+    s: &mut Session,
+    body: impl AsyncFnOnce(&mut Session) -> Result<T, OpError>,
 ) -> Result<T, OpError> {
     s.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
-    let r = body(s).await;
+    let r = body(&mut *s).await;
     let _ = s.batch("COMMIT").await;
     r
 }
 
-async fn scalar(s: &Session, sql: &str) -> Result<i64, OpError> {
+async fn scalar(s: &mut Session, sql: &str) -> Result<i64, OpError> {
     let rows = s.text_rows(sql).await?;
     let value = rows.first().and_then(|r| r.first()).cloned().flatten();
     value
@@ -140,7 +140,7 @@ async fn scalar(s: &Session, sql: &str) -> Result<i64, OpError> {
 }
 
 /// Reads the baseline (`Baseline::default()` for read-only scenarios).
-pub async fn baseline(scenario: Scenario, s: &Session) -> Result<Baseline, OpError> {
+pub async fn baseline(scenario: Scenario, s: &mut Session) -> Result<Baseline, OpError> {
     match kind(scenario) {
         None => Ok(Baseline::default()),
         Some(Kind::Sum { table, column }) => {
@@ -160,7 +160,7 @@ pub async fn baseline(scenario: Scenario, s: &Session) -> Result<Baseline, OpErr
 /// shares this data.
 pub async fn check(
     scenario: Scenario,
-    s: &Session,
+    s: &mut Session,
     base: Baseline,
     ledger: &Ledger,
 ) -> Result<Vec<CheckItem>, OpError> {

@@ -1,0 +1,130 @@
+//! The benchmark scripts run end to end and produce their report, with PostgreSQL
+//! behind the link (`-L`): `write-bench.sh` (PostgreSQL's CPU per operation for both
+//! targets, the summary) and `pgbench/compare.sh`. Short rounds on loopback; nothing is
+//! asserted about speed, only that the runs happen and say what they measured.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const LOADTEST: &str = env!("CARGO_BIN_EXE_spillway-loadtest");
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The spillway binary of the same build, built if this test runs alone.
+fn spillway() -> PathBuf {
+    let bin = Path::new(LOADTEST)
+        .parent()
+        .expect("bin dir")
+        .join("spillway");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "spillway", "--bin", "spillway"])
+            .current_dir(root())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building spillway");
+    }
+    bin
+}
+
+fn script(path: &str, args: &[&str], cwd: &Path) -> Output {
+    Command::new("bash")
+        .arg(root().join(path))
+        .args(args)
+        .env("SPILLWAY_BIN", spillway())
+        .env("LOADTEST_BIN", LOADTEST)
+        .env_remove("RUST_LOG")
+        .current_dir(cwd)
+        .output()
+        .expect("bash runs")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn write_bench_behind_the_link_reports_postgres_cpu_per_operation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = [
+        "-d",
+        "500ms",
+        "-w",
+        "0s",
+        "-r",
+        "1",
+        "-c",
+        "2",
+        "-L",
+        "1ms",
+        "-S",
+        "write-update orm-tx",
+    ];
+    let out = script("loadtest/write-bench.sh", &args, dir.path());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("behind a link adding a 1ms round trip"),
+        "{stderr}"
+    );
+    // The link's closing line: it carried connections.
+    let link = stderr
+        .lines()
+        .find(|l| l.contains("link: stopped;"))
+        .unwrap_or_else(|| panic!("no closing line from the link:\n{stderr}"));
+    assert!(!link.contains("stopped; 0 connections"), "{link}");
+    assert!(stdout.contains("## Summary"), "{stdout}");
+    assert!(
+        stdout.contains("direct PG CPU µs/op | spillway PG CPU µs/op |"),
+        "{stdout}"
+    );
+    let mut reports = 0;
+    for entry in std::fs::read_dir(dir.path().join("loadtest-results")).expect("results") {
+        let path = entry.expect("entry").path().join("report.json");
+        if !path.is_file() {
+            continue;
+        }
+        reports += 1;
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        assert_eq!(json["correctness_ok"], true, "{}", path.display());
+        for t in json["targets"].as_array().expect("targets") {
+            assert!(
+                t["pg_cpu_us_per_op"].as_f64().is_some_and(|x| x >= 0.0),
+                "{}: {}",
+                path.display(),
+                t["pg_cpu_us_per_op"]
+            );
+        }
+    }
+    assert_eq!(reports, 2);
+}
+
+#[test]
+fn compare_behind_the_link_prints_its_ratios() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = [
+        "-T", "1", "-r", "1", "-s", "1", "-M", "prepared", "-L", "500us",
+    ];
+    let out = script("loadtest/pgbench/compare.sh", &args, dir.path());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("PostgreSQL behind a 500us round trip"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("select-only    prepared   spillway/direct = "),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("=failed"), "{stdout}");
+}
