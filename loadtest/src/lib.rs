@@ -9,7 +9,7 @@
 //! comparisons can put PostgreSQL behind a modelled network.
 //!
 //! It is a real client over the wire only ([`wire`], its own small client on
-//! postgres-protocol, ADR 0017): it never links spillway
+//! postgres-protocol, ADR 0019): it never links spillway
 //! and never looks behind a target's back except through the same SQL any client
 //! could send.
 //!
