@@ -13,35 +13,12 @@ use super::returning::{self, Returning};
 use super::tables::DeferredTable;
 use crate::read::classify::{Assign, Operand, Value, WriteShape};
 
-/// What the client is told once the record is durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Verb {
-    Insert,
-    Update,
-    Delete,
-}
-
-impl Verb {
-    /// The command tag PostgreSQL gives for `rows` rows.
-    pub fn tag(self, rows: usize) -> String {
-        match self {
-            Verb::Insert => format!("INSERT 0 {rows}"),
-            Verb::Update => format!("UPDATE {rows}"),
-            Verb::Delete => format!("DELETE {rows}"),
-        }
-    }
-}
+pub use spillway_policies::engine::Verb;
 
 /// A deferrable statement: its operations and, per operation, its canonical key; and
 /// its RETURNING answer, which whoever acknowledges the statement must send (or not
 /// defer it).
-#[derive(Debug, Clone)]
-pub struct Converted {
-    pub verb: Verb,
-    pub ops: Vec<RowOp>,
-    pub keys: Vec<Vec<String>>,
-    pub returning: Option<Returning>,
-}
+pub type Converted = spillway_policies::engine::Converted<Returning>;
 
 /// Converts `shape` on `table` (already resolved) with `bound` parameters.
 pub fn convert(

@@ -32,9 +32,9 @@ use spillway_policies::writes::{AssignOp, RowOp};
 
 use super::params::Bound;
 use super::params::{BOOL, INT2, INT4, INT8, TEXT, UUID, VARCHAR, canonical_key};
-use super::tables::{Column, DeferredTable};
 use crate::protocol::backend::{self, Field};
 use crate::read::classify::{Returned, WriteShape};
+use spillway_policies::engine::{Column, DeferredTable};
 
 /// Fallback reason: a RETURNING value that is not supplied by the statement, or not
 /// known exactly as PostgreSQL would output it.

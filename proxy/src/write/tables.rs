@@ -9,47 +9,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+pub use spillway_policies::engine::{Column, DeferredTable};
 use spillway_policies::writes::TableMeta;
 use spillway_policies::writes::order::ForeignKey;
 use spillway_policies::writes::plan::ident;
 use spillway_policies::{TableConfig, TableName};
 use sqlx::{PgConnection, Row};
-
-/// A deferred table: its policy and its catalog facts.
-#[derive(Debug, Clone)]
-pub struct DeferredTable {
-    pub oid: u32,
-    pub config: TableConfig,
-    pub meta: TableMeta,
-    /// Column → type OID, for decoding binary parameters.
-    pub type_oids: HashMap<String, u32>,
-    /// Column → `atttypmod` (length limits of varchar/bpchar).
-    pub typmods: HashMap<String, i32>,
-    /// NOT NULL columns, and those of them an INSERT must give (no default).
-    pub not_null: Vec<String>,
-    pub required: Vec<String>,
-    /// The primary-key constraint's name, for 23505 errors spillway reports itself.
-    pub pkey_name: String,
-    /// `SELECT EXISTS (… WHERE key = $1 …)` with text parameters: the point read of
-    /// `row_counts = "exact"`.
-    pub exists_sql: String,
-    /// Every column in table order (`RETURNING *`), as a RowDescription describes it.
-    pub columns: Vec<Column>,
-    /// A BEFORE ROW trigger or a rule may change (or replace) the row a write stores,
-    /// so a RETURNING answered from the statement's own values could be wrong.
-    pub rewrites_rows: bool,
-}
-
-/// A column as `pg_attribute`/`pg_type` give it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Column {
-    pub name: String,
-    pub attnum: i16,
-    pub type_oid: u32,
-    /// `pg_type.typlen` (-1 variable, -2 C string).
-    pub typlen: i16,
-    pub typmod: i32,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
