@@ -19,11 +19,9 @@
 //! - The cache entries of a table are invalidated when a deferred write to it is
 //!   acknowledged (and again when it is applied, by the flusher).
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use spillway_policies::Consistency;
 
 use super::{Caching, Disposition, Out, Stmt, returning};
 use crate::protocol::backend::{self, Severity};
@@ -463,26 +461,8 @@ impl Caching {
         } else {
             touched.into_iter().chain(linked).collect()
         };
-        let mut target = None::<u64>;
-        let mut strong = HashSet::new();
-        for name in &names {
-            let consistency = set.consistency(name);
-            match (read_only, consistency) {
-                (true, Consistency::Bounded) => {}
-                (true, Consistency::Session) => {
-                    if self.own_seq > w.applied() {
-                        target = Some(target.unwrap_or(0).max(self.own_seq));
-                    }
-                }
-                _ => {
-                    strong.insert(name.as_str());
-                }
-            }
-        }
-        if let Some(t) = w.barrier_target(strong.iter().copied()) {
-            target = Some(target.unwrap_or(0).max(t));
-        }
-        let Some(target) = target.filter(|t| *t > w.applied()) else {
+        let Some(target) = w.barrier(names.iter().map(String::as_str), read_only, self.own_seq)
+        else {
             self.no_defer = false;
             return None;
         };
