@@ -102,8 +102,35 @@ impl Effects {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
+    /// The result's dependencies, or why it is not cacheable (a label for logs).
     pub cacheable: Result<Cacheable, &'static str>,
+    /// Not cacheable because the snapshot does not know a relation or function the
+    /// statement uses: it may be behind (created since it was loaded), so the caller
+    /// has it reloaded in the background.
+    pub unknown_name: bool,
     pub effects: Effects,
+}
+
+/// Why [`cacheable`] refused.
+struct Refused {
+    reason: &'static str,
+    unknown_name: bool,
+}
+
+impl Refused {
+    fn because(reason: &'static str) -> Self {
+        Self {
+            reason,
+            unknown_name: false,
+        }
+    }
+
+    fn unknown(reason: &'static str) -> Self {
+        Self {
+            reason,
+            unknown_name: true,
+        }
+    }
 }
 
 pub fn decide(analysis: &Analysis, catalog: Option<&Catalog>, tables: &TableSettings) -> Decision {
@@ -112,31 +139,40 @@ pub fn decide(analysis: &Analysis, catalog: Option<&Catalog>, tables: &TableSett
         effects.database = tables.invalidate_on_unknown;
         return Decision {
             cacheable: Err("statement not analysed"),
+            unknown_name: false,
             effects,
         };
     }
     for stmt in &analysis.statements {
         statement_effects(stmt, catalog, tables, &mut effects);
     }
-    let cacheable = match (analysis.statements.as_slice(), catalog) {
-        _ if !analysis.is_cacheable_shape() => Err("not a plain SELECT"),
-        (_, None) => Err("catalog not loaded"),
-        ([stmt], Some(catalog)) => cacheable(stmt, catalog, tables),
-        _ => Err("not a single statement"),
+    let refused = |reason| (Err(reason), false);
+    let (cacheable, unknown_name) = match (analysis.statements.as_slice(), catalog) {
+        _ if !analysis.is_cacheable_shape() => refused("not a plain SELECT"),
+        (_, None) => refused("catalog not loaded"),
+        ([stmt], Some(catalog)) => match cacheable(stmt, catalog, tables) {
+            Ok(c) => (Ok(c), false),
+            Err(r) => (Err(r.reason), r.unknown_name),
+        },
+        _ => refused("not a single statement"),
     };
-    Decision { cacheable, effects }
+    Decision {
+        cacheable,
+        unknown_name,
+        effects,
+    }
 }
 
 fn cacheable(
     stmt: &Statement,
     catalog: &Catalog,
     settings: &TableSettings,
-) -> Result<Cacheable, &'static str> {
+) -> Result<Cacheable, Refused> {
     for f in &stmt.functions {
         match catalog.function(&f.name) {
-            None => return Err("unknown function"),
+            None => return Err(Refused::unknown("unknown function")),
             Some(info) if info.worst != Volatility::Immutable => {
-                return Err("non-immutable function");
+                return Err(Refused::because("non-immutable function"));
             }
             Some(_) => {}
         }
@@ -145,12 +181,12 @@ fn cacheable(
     for name in &stmt.reads {
         let rels = catalog.resolve(name.schema.as_deref(), &name.name);
         if rels.is_empty() {
-            return Err("unknown relation");
+            return Err(Refused::unknown("unknown relation"));
         }
         for rel in rels {
             catalog
                 .read_dependencies(rel, &mut deps)
-                .map_err(|why| why.as_str())?;
+                .map_err(|why| Refused::because(why.as_str()))?;
         }
     }
     deps.sort_unstable();
@@ -158,11 +194,11 @@ fn cacheable(
     let mut ttl = settings.default_ttl;
     for oid in &deps {
         let Some(rel) = catalog.relation_by_oid(*oid) else {
-            return Err("unknown relation");
+            return Err(Refused::unknown("unknown relation"));
         };
         let (cache, table_ttl) = settings.lookup(&rel.schema, &rel.name);
         if !cache {
-            return Err("cache disabled for a table");
+            return Err(Refused::because("cache disabled for a table"));
         }
         ttl = ttl.min(table_ttl);
     }
@@ -325,6 +361,14 @@ mod tests {
             .cacheable,
             Err("cache disabled for a table")
         );
+    }
+
+    #[test]
+    fn unknown_names_ask_for_a_catalog_reload() {
+        assert!(run("SELECT * FROM nope").unknown_name);
+        assert!(run("SELECT nope_fn() FROM accounts").unknown_name);
+        assert!(!run("SELECT now() FROM accounts").unknown_name);
+        assert!(!run("SELECT * FROM secrets").unknown_name);
     }
 
     #[test]
