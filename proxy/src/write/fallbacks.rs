@@ -107,12 +107,6 @@ impl Fallback {
     }
 }
 
-impl From<Fallback> for &'static str {
-    fn from(reason: Fallback) -> Self {
-        reason.label()
-    }
-}
-
 /// At most one line per table and reason in this period.
 pub const INTERVAL: Duration = Duration::from_secs(10);
 
@@ -127,7 +121,8 @@ pub struct FallbackLog {
 impl FallbackLog {
     /// Notes one fallback of `table` for `reason`; logs it unless a line for the same
     /// pair was logged less than [`INTERVAL`] ago.
-    pub fn note(&self, table: &str, reason: &'static str) {
+    pub fn note(&self, table: &str, reason: Fallback) {
+        let reason = reason.label();
         if let Some(suppressed) = self.note_at(table, reason, Instant::now()) {
             tracing::info!(
                 %table, reason, suppressed,

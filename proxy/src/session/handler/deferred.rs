@@ -29,6 +29,7 @@ use crate::protocol::frontend;
 use crate::protocol::sqlstate::SqlState;
 use crate::read::classify::{Analysis, Kind};
 use crate::write::convert::{self, Bound, Verb};
+use crate::write::fallbacks::Fallback;
 use crate::write::returning::Returning;
 use crate::write::service::{DeferError, Outcome, WriteService};
 
@@ -407,7 +408,7 @@ impl Caching {
                 Err(reason) => {
                     // `when_full = "write-through"`: the barrier below makes room, but
                     // the decision stands for this write.
-                    if reason == "full" {
+                    if reason == Fallback::Full {
                         self.no_defer = true;
                     }
                     let writes_to: Vec<&String> = analysis
@@ -429,7 +430,7 @@ impl Caching {
                             metrics::counter!(
                                 crate::metrics::FALLBACKS,
                                 "table" => table.clone(),
-                                "reason" => reason
+                                "reason" => reason.label()
                             )
                             .increment(1);
                             metrics::counter!(
@@ -491,22 +492,22 @@ impl Caching {
         analysis: &Analysis,
         bound: &Bound,
         out: &Out<'_>,
-    ) -> Result<(String, convert::Converted), &'static str> {
-        let w = self.writes.as_ref().ok_or("not_deferred")?;
+    ) -> Result<(String, convert::Converted), Fallback> {
+        let w = self.writes.as_ref().ok_or(Fallback::NotDeferred)?;
         let [stmt] = analysis.statements.as_slice() else {
-            return Err("multiple_statements");
+            return Err(Fallback::MultipleStatements);
         };
         let shape = match &stmt.shape {
             Some(Ok(shape)) => shape,
-            Some(Err(reason)) => return Err(reason),
-            None => return Err("not_a_deferrable_write"),
+            Some(Err(reason)) => return Err(Fallback::Shape(reason)),
+            None => return Err(Fallback::NotADeferrableWrite),
         };
         // A held transaction's statements are decided like autocommit ones (held.rs).
         if (out.state.tx_status != b'I' && self.held_tx.is_none()) || !self.tracker.is_quiet() {
-            return Err("in_transaction");
+            return Err(Fallback::InTransaction);
         }
         if !self.key.usable() {
-            return Err("session_state");
+            return Err(Fallback::SessionState);
         }
         // Literal text and bytes mean what the flusher's connection reads them as only
         // with these settings (UTF-8, backslashes literal in '…').
@@ -514,28 +515,31 @@ impl Caching {
         if param("client_encoding") != Some("UTF8")
             || param("standard_conforming_strings") != Some("on")
         {
-            return Err("session_settings");
+            return Err(Fallback::SessionSettings);
         }
         // PostgreSQL refuses the write (25006); it says so itself.
         if param("default_transaction_read_only") == Some("on") {
-            return Err("read_only");
+            return Err(Fallback::ReadOnly);
         }
         if !stmt.functions.is_empty() || stmt.sql_value_function {
-            return Err("function");
+            return Err(Fallback::Function);
         }
-        let catalog = self.routing_catalog().ok_or("catalog_not_loaded")?;
+        let catalog = self.routing_catalog().ok_or(Fallback::CatalogNotLoaded)?;
         let rel = shape.table();
         let candidates = catalog.resolve(rel.schema.as_deref(), &rel.name);
         let [relation] = candidates.as_slice() else {
-            return Err("ambiguous_table");
+            return Err(Fallback::AmbiguousTable);
         };
         let set = w.tables();
-        let name = set.name_of(relation.oid).ok_or("not_deferred")?.to_owned();
+        let name = set
+            .name_of(relation.oid)
+            .ok_or(Fallback::NotDeferred)?
+            .to_owned();
         // Reads of other tables (none in a deferrable shape) would need their own rules.
         // A table a reload is moving off deferral runs write-through from now on.
-        let table = set.deferring(&name).ok_or("policy_reloading")?;
+        let table = set.deferring(&name).ok_or(Fallback::PolicyReloading)?;
         if table.config.when_full == spillway_policies::WhenFull::WriteThrough && w.is_full(&name) {
-            return Err("full");
+            return Err(Fallback::Full);
         }
         let converted = convert::convert(shape, table, bound)?;
         Ok((name, converted))

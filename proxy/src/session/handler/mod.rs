@@ -573,10 +573,7 @@ impl Caching {
     fn decide(&self, analysis: &Analysis) -> Decision {
         let catalog = self.db.catalog();
         let decision = decide::decide(analysis, catalog.as_deref(), &self.cache.settings());
-        if matches!(
-            decision.cacheable,
-            Err("unknown relation" | "unknown function")
-        ) {
+        if decision.unknown_name {
             self.db.catalog_behind();
         }
         decision
