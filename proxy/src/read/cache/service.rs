@@ -1,22 +1,20 @@
-//! One service connection per database the cache serves: it loads the catalog
-//! snapshot, reloads it on request (DDL, unknown names) and periodically, and with
-//! `cache.invalidation = "notify"` LISTENs on `spillway_invalidate`, bumping the
-//! version of each table an external writer changed.
+//! One service connection per database the cache serves (sqlx, ADR 0018): it loads
+//! the catalog snapshot, reloads it on request (DDL, unknown names) and periodically,
+//! and with `cache.invalidation = "notify"` LISTENs on `spillway_invalidate` (a
+//! `PgListener`), bumping the version of each table an external writer changed.
 //!
 //! Invariant: while the connection is down the database has no catalog (nothing is
 //! served or stored), and in notify mode every entry of the database is invalidated on
 //! loss, since notifications sent meanwhile are gone. Reconnects back off up to
 //! [`MAX_BACKOFF`]; the task lives as long as the runtime it was spawned on.
 
-use std::future::poll_fn;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use spillway_policies::Invalidation;
-use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Acquire, PgConnection};
 
 use super::{DbState, ReadCache};
 use crate::net::upstream::Connector;
@@ -24,13 +22,12 @@ use crate::read::catalog::{self, Catalog};
 
 /// Notification channel the triggers installed by `spillway install-triggers` use.
 pub const CHANNEL: &str = "spillway_invalidate";
+/// `application_name` of the service connections' backends.
+pub const SERVICE_APP: &str = "spillway cache service";
 /// External DDL is not announced; a periodic reload bounds how long it goes unseen.
 const RELOAD_EVERY: Duration = Duration::from_secs(60);
 const MIN_RELOAD_GAP: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Notifications buffered between the connection task and the service loop; one that
-/// does not fit invalidates the whole database instead.
-const NOTIFY_QUEUE: usize = 4096;
 
 pub struct Spawner {
     pub runtime: tokio::runtime::Handle,
@@ -40,20 +37,21 @@ pub struct Spawner {
 
 impl Spawner {
     pub fn spawn(&self, cache: Arc<ReadCache>, db: Arc<DbState>) {
-        let connector = self.connector.clone();
+        let timeout = self.connector.connect_timeout;
         let url = self.url.clone();
         self.runtime
-            .spawn(async move { run(cache, db, connector, url).await });
+            .spawn(async move { run(cache, db, url, timeout).await });
     }
 }
 
-async fn run(cache: Arc<ReadCache>, db: Arc<DbState>, connector: Connector, url: String) {
+async fn run(cache: Arc<ReadCache>, db: Arc<DbState>, url: String, timeout: Duration) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match connect(&connector, &url, &db).await {
-            Ok((client, notifications)) => {
+        match Service::connect(&url, &db.name, timeout).await {
+            Ok(mut service) => {
                 backoff = Duration::from_millis(100);
-                let reason = serve(&cache, &db, &client, notifications).await;
+                let reason = serve(&cache, &db, &mut service.listener).await;
+                service.close().await;
                 tracing::warn!(database = %db.name, %reason, "cache service connection lost; database served uncached until it is back");
             }
             Err(reason) => {
@@ -70,67 +68,63 @@ async fn run(cache: Arc<ReadCache>, db: Arc<DbState>, connector: Connector, url:
     }
 }
 
-async fn connect(
-    connector: &Connector,
-    url: &str,
-    db: &DbState,
-) -> Result<(Client, mpsc::Receiver<String>), String> {
-    let database = db.name.as_str();
-    // A notification that does not fit the queue invalidates the whole database.
-    let overflow = db.versions.clone();
-    let mut config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
-    // TLS, if any, is already negotiated by the connector.
-    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-    config.dbname(database);
-    config.application_name("spillway cache service");
-    let stream = connector.connect().await.map_err(|e| e.to_string())?;
-    let (client, mut connection) = config
-        .connect_raw(stream, NoTls)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (tx, rx) = mpsc::channel(NOTIFY_QUEUE);
-    tokio::spawn(async move {
-        while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
-            match msg {
-                Ok(AsyncMessage::Notification(n)) => {
-                    // Never wait here: the service loop may itself be waiting for a
-                    // query answer that only this task can read.
-                    match tx.try_send(n.payload().to_owned()) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => overflow.bump_all(),
-                        Err(mpsc::error::TrySendError::Closed(_)) => return,
-                    }
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::debug!(%err, "cache service connection ended");
-                    return;
-                }
-            }
-        }
-    });
-    Ok((client, rx))
+/// The service connection of one database: a one-connection pool (what sqlx's
+/// `PgListener` is built on), held by the listener.
+struct Service {
+    pool: PgPool,
+    listener: PgListener,
+}
+
+impl Service {
+    /// Connects to `database` with `url`'s host, credentials and TLS settings, within
+    /// `timeout`.
+    async fn connect(url: &str, database: &str, timeout: Duration) -> Result<Self, String> {
+        let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| e.to_string())?;
+        let options = options.database(database).application_name(SERVICE_APP);
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(timeout)
+            .test_before_acquire(false)
+            .connect_with(options);
+        let pool = tokio::time::timeout(timeout, pool)
+            .await
+            .map_err(|_| format!("no connection within {timeout:?}"))?
+            .map_err(|e| e.to_string())?;
+        let mut listener = PgListener::connect_with(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        // A lost connection is reported (and handled here), never reopened silently:
+        // notifications sent meanwhile are gone.
+        listener.eager_reconnect(false);
+        listener.ignore_pool_close_event(true);
+        Ok(Self { pool, listener })
+    }
+
+    /// Closes the connection (Terminate), and returns once it is closed.
+    async fn close(self) {
+        drop(self.listener);
+        self.pool.close().await;
+    }
 }
 
 /// Runs until the connection fails; returns why.
-async fn serve(
-    cache: &ReadCache,
-    db: &DbState,
-    client: &Client,
-    mut notifications: mpsc::Receiver<String>,
-) -> String {
+async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> String {
     if cache.invalidation == Invalidation::Notify
-        && let Err(err) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await
+        && let Err(err) = listener.listen(CHANNEL).await
     {
         return err.to_string();
     }
-    if let Err(err) = reload(db, client).await {
+    if let Err(err) = reload(db, listener).await {
         return err.to_string();
     }
     loop {
         tokio::select! {
-            payload = notifications.recv() => match payload {
-                Some(payload) => match (payload.parse::<u32>(), db.catalog()) {
+            // Cancel-safe: a message is consumed only once it is whole.
+            received = listener.try_recv() => match received {
+                Ok(Some(n)) => match (n.payload().parse::<u32>(), db.catalog()) {
                     // The trigger names the table the statement targeted; its parents
                     // and partitions change with it.
                     (Ok(oid), Some(catalog)) => {
@@ -140,7 +134,8 @@ async fn serve(
                     }
                     _ => db.versions.bump_all(),
                 },
-                None => return "connection closed".to_owned(),
+                Ok(None) => return "connection closed".to_owned(),
+                Err(err) => return err.to_string(),
             },
             () = db.refresh.notified() => {
                 // A snapshot that exists but lacks a name is refreshed at most once
@@ -149,12 +144,12 @@ async fn serve(
                 if db.catalog().is_some() {
                     tokio::time::sleep(MIN_RELOAD_GAP).await;
                 }
-                if let Err(err) = reload(db, client).await {
+                if let Err(err) = reload(db, listener).await {
                     return err.to_string();
                 }
             }
             () = tokio::time::sleep(RELOAD_EVERY) => {
-                if let Err(err) = reload(db, client).await {
+                if let Err(err) = reload(db, listener).await {
                     return err.to_string();
                 }
             }
@@ -162,10 +157,11 @@ async fn serve(
     }
 }
 
-async fn reload(db: &DbState, client: &Client) -> Result<(), tokio_postgres::Error> {
+async fn reload(db: &DbState, listener: &mut PgListener) -> Result<(), sqlx::Error> {
     loop {
         let generation = db.generation.load(Ordering::SeqCst);
-        let catalog: Catalog = catalog::load::load(client).await?;
+        let conn: &mut PgConnection = listener.acquire().await?;
+        let catalog: Catalog = catalog::load::load(conn).await?;
         let relations = catalog.relation_count();
         // DDL acknowledged while loading: this snapshot may predate it; load again.
         if db.install(Arc::new(catalog), generation) {
