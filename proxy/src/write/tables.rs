@@ -135,7 +135,10 @@ async fn describe(
             plain,
             parents,
         },
-        type_oids: columns.iter().map(|c| (c.name.clone(), c.type_oid)).collect(),
+        type_oids: columns
+            .iter()
+            .map(|c| (c.name.clone(), c.type_oid))
+            .collect(),
         typmods: columns.iter().map(|c| (c.name.clone(), c.typmod)).collect(),
         not_null,
         required,

@@ -9,19 +9,29 @@
 //! their version counters say (DDL and a lost LISTEN connection bump the epoch).
 //! Only deferred-write routing looks past a lost connection, at the last snapshot DDL
 //! has not invalidated ([`DbState::last_trusted_catalog`]).
+//!
+//! A database's service connection lives while someone holds a [`DbLease`] on it
+//! (each session on it, and the write side on the backend database), and a few
+//! seconds more (`service.rs`); [`ReadCache::release_databases`] closes it before a
+//! statement that needs the database to itself (`DROP DATABASE`, the template of
+//! `CREATE DATABASE`) goes upstream.
 
 pub mod decide;
 mod service;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Deref;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::task::{Context, Poll};
 
 use arc_swap::{ArcSwap, Guard};
 
 use spillway_policies::cache::{DbVersions, Registry, ResultCache};
 use spillway_policies::{CacheConfig, Invalidation};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
 use crate::config::Config;
 use crate::net::upstream::Connector;
@@ -57,6 +67,92 @@ pub struct DbState {
     /// Bumped whenever the catalog is known to have changed; a snapshot whose load
     /// began before the latest bump is discarded, not installed.
     generation: AtomicU64,
+    /// Who uses the database, and what its service task is doing. Lock held only to
+    /// read or update it, never across `.await`.
+    control: Mutex<Control>,
+    /// Tells the service task that `control` changed (leases, a release request).
+    wake: Notify,
+}
+
+/// The service task's bookkeeping.
+#[derive(Default)]
+struct Control {
+    /// Leases held: sessions on the database, and the write side on its own.
+    leases: usize,
+    /// Leases taken so far: a new one ends the hold after a release.
+    taken: u64,
+    task: Task,
+    /// Release requests waiting for the connection to close.
+    releases: Vec<oneshot::Sender<()>>,
+}
+
+/// What the database's service task is doing.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Task {
+    /// None runs; the next lease starts one.
+    #[default]
+    Stopped,
+    /// Connected, or trying to be.
+    Running,
+    /// Its connection was released for a statement that needs the database to
+    /// itself; it stays closed for a while unless a new lease comes.
+    Released,
+}
+
+/// What the service task should do now (`service.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    Serve,
+    /// Nobody holds a lease.
+    Idle,
+    /// A release is requested.
+    Release,
+}
+
+/// A use of a database's state: while any lease is held its service connection stays
+/// (see the module docs).
+pub struct DbLease {
+    db: Arc<DbState>,
+}
+
+impl Deref for DbLease {
+    type Target = DbState;
+
+    fn deref(&self) -> &DbState {
+        &self.db
+    }
+}
+
+/// Completes once the service connections a release asked to close are closed.
+pub struct Released(Vec<oneshot::Receiver<()>>);
+
+impl Future for Released {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        while let Some(closed) = self.0.last_mut() {
+            match Pin::new(closed).poll(cx) {
+                // Closed, or its task is gone (then so is the connection).
+                Poll::Ready(_) => {
+                    self.0.pop();
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+impl Drop for DbLease {
+    fn drop(&mut self) {
+        let mut c = self.db.control();
+        c.leases = c.leases.saturating_sub(1);
+        let idle = c.leases == 0;
+        drop(c);
+        if idle {
+            self.db.wake.notify_one();
+        }
+    }
 }
 
 impl DbState {
@@ -108,6 +204,89 @@ impl DbState {
         self.set_catalog(None);
         self.set_last_trusted(None);
         self.refresh.notify_one();
+    }
+
+    fn control(&self) -> MutexGuard<'_, Control> {
+        match self.control.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Takes a lease; true when no service task runs and the caller must start one.
+    fn lease(&self) -> bool {
+        let mut c = self.control();
+        c.leases += 1;
+        c.taken += 1;
+        match c.task {
+            Task::Stopped => {
+                c.task = Task::Running;
+                true
+            }
+            Task::Released => {
+                drop(c);
+                self.wake.notify_one();
+                false
+            }
+            Task::Running => false,
+        }
+    }
+
+    /// Asks the running service task to close its connection; `None` when none runs.
+    fn request_release(&self) -> Option<oneshot::Receiver<()>> {
+        let mut c = self.control();
+        if c.task != Task::Running {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        c.releases.push(tx);
+        drop(c);
+        self.wake.notify_one();
+        Some(rx)
+    }
+
+    /// What the service task should do now.
+    pub(crate) fn want(&self) -> Want {
+        let c = self.control();
+        if !c.releases.is_empty() {
+            Want::Release
+        } else if c.leases == 0 {
+            Want::Idle
+        } else {
+            Want::Serve
+        }
+    }
+
+    /// The connection is closed: answers the release requests and holds it closed.
+    /// Returns the leases taken so far (a later one ends the hold).
+    pub(crate) fn released(&self) -> u64 {
+        let mut c = self.control();
+        c.task = Task::Released;
+        for tx in c.releases.drain(..) {
+            let _ = tx.send(());
+        }
+        c.taken
+    }
+
+    /// Leases taken so far.
+    pub(crate) fn taken(&self) -> u64 {
+        self.control().taken
+    }
+
+    /// The service task goes on (true), or ends because nobody holds a lease.
+    pub(crate) fn carry_on(&self) -> bool {
+        let mut c = self.control();
+        if c.leases == 0 && c.releases.is_empty() {
+            c.task = Task::Stopped;
+            return false;
+        }
+        c.task = Task::Running;
+        true
+    }
+
+    /// Waits until `control` changes.
+    pub(crate) async fn changed(&self) {
+        self.wake.notified().await;
     }
 
     /// A name the snapshot does not know: reload in the background, keep serving.
@@ -184,31 +363,88 @@ impl ReadCache {
 
     /// Every database sessions have used so far (the admin console's INVALIDATE).
     pub fn databases(&self) -> Vec<Arc<DbState>> {
+        self.dbs().values().cloned().collect()
+    }
+
+    fn dbs(&self) -> MutexGuard<'_, HashMap<String, Arc<DbState>>> {
         match self.dbs.lock() {
-            Ok(d) => d.values().cloned().collect(),
-            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    /// The state of database `name`; the first call starts its service connection.
-    pub fn database(self: &Arc<Self>, name: &str) -> Arc<DbState> {
-        let mut dbs = match self.dbs.lock() {
-            Ok(d) => d,
-            Err(poisoned) => poisoned.into_inner(),
+    /// A lease on database `name`'s state (a session's); starts its service connection
+    /// unless it runs.
+    pub fn lease(self: &Arc<Self>, name: &str) -> DbLease {
+        let db = {
+            let mut dbs = self.dbs();
+            dbs.entry(name.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(DbState {
+                        name: name.to_owned(),
+                        versions: self.versions.database(name),
+                        catalog: RwLock::new(None),
+                        last_trusted: RwLock::new(None),
+                        refresh: Notify::new(),
+                        generation: AtomicU64::new(0),
+                        control: Mutex::new(Control::default()),
+                        wake: Notify::new(),
+                    })
+                })
+                .clone()
         };
-        if let Some(db) = dbs.get(name) {
-            return db.clone();
+        if db.lease() {
+            self.service.spawn(self.clone(), db.clone());
         }
-        let db = Arc::new(DbState {
-            name: name.to_owned(),
-            versions: self.versions.database(name),
-            catalog: RwLock::new(None),
-            last_trusted: RwLock::new(None),
-            refresh: Notify::new(),
-            generation: AtomicU64::new(0),
-        });
-        dbs.insert(name.to_owned(), db.clone());
-        self.service.spawn(self.clone(), db.clone());
+        DbLease { db }
+    }
+
+    /// The state of database `name`, served for the rest of the process: a lease that
+    /// is never given back (the write side's backend database).
+    pub fn database(self: &Arc<Self>, name: &str) -> Arc<DbState> {
+        let lease = self.lease(name);
+        let db = lease.db.clone();
+        std::mem::forget(lease);
         db
+    }
+
+    /// Closes database `name`'s service connection; the returned future completes
+    /// once it is closed. `None` when it has none open (or in the making). Afterwards
+    /// it stays closed for a while unless a session takes a new lease (`service.rs`).
+    pub fn release_database(&self, name: &str) -> Option<Released> {
+        let db = self.dbs().get(name).cloned()?;
+        let closed = db.request_release()?;
+        Some(Released(vec![closed]))
+    }
+
+    /// Before the statements of `sqls` go upstream: closes the service connections of
+    /// the databases they need to themselves (`DROP DATABASE`, the template of `CREATE
+    /// DATABASE`, `ALTER DATABASE … RENAME`), which PostgreSQL would otherwise find
+    /// in use. The future completes once they are closed; `None` when none is open.
+    pub fn release_databases<'a>(
+        &self,
+        sqls: impl IntoIterator<Item = &'a str>,
+    ) -> Option<Released> {
+        let mut closing = Vec::new();
+        for sql in sqls {
+            // Cheap first: nearly every statement never says it.
+            if !sql
+                .as_bytes()
+                .windows(8)
+                .any(|w| w.eq_ignore_ascii_case(b"database"))
+            {
+                continue;
+            }
+            let analysis = self.classifier.classify(sql);
+            for name in analysis.statements.iter().flat_map(|s| &s.vacated) {
+                closing.extend(
+                    self.release_database(name)
+                        .map(|r| r.0)
+                        .into_iter()
+                        .flatten(),
+                );
+            }
+        }
+        (!closing.is_empty()).then_some(Released(closing))
     }
 }

@@ -3,10 +3,17 @@
 //! and with `cache.invalidation = "notify"` LISTENs on `spillway_invalidate` (a
 //! `PgListener`), bumping the version of each table an external writer changed.
 //!
+//! The task runs while the database is leased (sessions on it, the write side on its
+//! own): [`IDLE_RELEASE`] after the last lease is dropped it closes the connection and
+//! ends, and the next lease starts a new one, so spillway never keeps a database
+//! nobody uses (or one that was dropped) busy. A release
+//! ([`super::ReadCache::release_databases`]) closes the connection at once and keeps
+//! it closed for [`RELEASE_HOLD`] unless a session takes a new lease.
+//!
 //! Invariant: while the connection is down the database has no catalog (nothing is
-//! served or stored), and in notify mode every entry of the database is invalidated on
-//! loss, since notifications sent meanwhile are gone. Reconnects back off up to
-//! [`MAX_BACKOFF`]; the task lives as long as the runtime it was spawned on.
+//! served or stored), and in notify mode every entry of the database is invalidated
+//! whenever it closes, since notifications sent meanwhile are gone. Reconnects back
+//! off up to [`MAX_BACKOFF`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,7 +23,9 @@ use spillway_policies::Invalidation;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Acquire, PgConnection};
 
-use super::{DbState, ReadCache};
+use tokio::time::Instant;
+
+use super::{DbState, ReadCache, Want};
 use crate::net::upstream::Connector;
 use crate::read::catalog::{self, Catalog};
 
@@ -28,6 +37,14 @@ pub const SERVICE_APP: &str = "spillway cache service";
 const RELOAD_EVERY: Duration = Duration::from_secs(60);
 const MIN_RELOAD_GAP: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a database nobody uses keeps its service connection: short enough that a
+/// `DROP DATABASE` sent elsewhere right after the last session left succeeds
+/// (PostgreSQL waits up to 5 s for other sessions to go), long enough that a client
+/// connecting per request does not reload the catalog every time.
+const IDLE_RELEASE: Duration = Duration::from_secs(3);
+/// How long a released connection stays closed unless a session takes a new lease:
+/// the statement that asked for the release runs meanwhile.
+const RELEASE_HOLD: Duration = Duration::from_secs(10);
 
 pub struct Spawner {
     pub runtime: tokio::runtime::Handle,
@@ -47,24 +64,71 @@ impl Spawner {
 async fn run(cache: Arc<ReadCache>, db: Arc<DbState>, url: String, timeout: Duration) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match Service::connect(&url, &db.name, timeout).await {
-            Ok(mut service) => {
-                backoff = Duration::from_millis(100);
-                let reason = serve(&cache, &db, &mut service.listener).await;
-                service.close().await;
-                tracing::warn!(database = %db.name, %reason, "cache service connection lost; database served uncached until it is back");
-            }
-            Err(reason) => {
-                tracing::warn!(database = %db.name, %reason, "cache service connection failed; retrying");
-            }
-        }
+        let exit = match db.want() {
+            Want::Serve => match Service::connect(&url, &db.name, timeout).await {
+                Ok(mut service) => {
+                    backoff = Duration::from_millis(100);
+                    let exit = serve(&cache, &db, &mut service.listener).await;
+                    // Closed before anyone is told: a DROP DATABASE waits for this.
+                    service.close().await;
+                    exit
+                }
+                Err(reason) => {
+                    tracing::warn!(database = %db.name, %reason, "cache service connection failed; retrying");
+                    Exit::Lost
+                }
+            },
+            Want::Idle => Exit::Idle,
+            Want::Release => Exit::Released,
+        };
         db.set_catalog(None);
         if cache.invalidation == Invalidation::Notify {
-            // Writes by others were not heard meanwhile.
+            // Writes by others are not heard while it is closed.
             db.versions.bump_all();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        match exit {
+            Exit::Lost => {
+                // Leases and release requests are looked at again after the pause.
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = db.changed() => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Exit::Idle => {}
+            Exit::Released => hold(&db).await,
+        }
+        if !db.carry_on() {
+            tracing::debug!(database = %db.name, "no session uses the database; its cache service connection is closed");
+            return;
+        }
+    }
+}
+
+/// Why [`serve`] returned.
+enum Exit {
+    /// The connection was lost (or could not be opened).
+    Lost,
+    /// Nobody held a lease for [`IDLE_RELEASE`].
+    Idle,
+    /// A statement needs the database to itself ([`super::ReadCache::release_databases`]).
+    Released,
+}
+
+/// After a release: the connection stays closed for [`RELEASE_HOLD`] (the statement
+/// that asked for it is running), unless a session takes a new lease meanwhile.
+async fn hold(db: &DbState) {
+    let taken = db.released();
+    let until = tokio::time::Instant::now() + RELEASE_HOLD;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => return,
+            () = db.changed() => {
+                if db.taken() != taken || db.want() == Want::Idle {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -110,17 +174,37 @@ impl Service {
     }
 }
 
-/// Runs until the connection fails; returns why.
-async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> String {
+/// Runs until the connection fails, nobody uses the database for [`IDLE_RELEASE`], or
+/// a release is requested; returns which.
+async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> Exit {
+    if db.want() == Want::Release {
+        return Exit::Released;
+    }
     if cache.invalidation == Invalidation::Notify
         && let Err(err) = listener.listen(CHANNEL).await
     {
-        return err.to_string();
+        return lost(db, &err.to_string());
     }
     if let Err(err) = reload(db, listener).await {
-        return err.to_string();
+        return lost(db, &err.to_string());
     }
+    let mut reload_at = Instant::now() + RELOAD_EVERY;
+    let mut idle_since: Option<Instant> = None;
     loop {
+        let idle_until = match db.want() {
+            Want::Release => return Exit::Released,
+            Want::Idle => {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= IDLE_RELEASE {
+                    return Exit::Idle;
+                }
+                since + IDLE_RELEASE
+            }
+            Want::Serve => {
+                idle_since = None;
+                reload_at
+            }
+        };
         tokio::select! {
             // Cancel-safe: a message is consumed only once it is whole.
             received = listener.try_recv() => match received {
@@ -134,8 +218,8 @@ async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> St
                     }
                     _ => db.versions.bump_all(),
                 },
-                Ok(None) => return "connection closed".to_owned(),
-                Err(err) => return err.to_string(),
+                Ok(None) => return lost(db, "connection closed"),
+                Err(err) => return lost(db, &err.to_string()),
             },
             () = db.refresh.notified() => {
                 // A snapshot that exists but lacks a name is refreshed at most once
@@ -145,16 +229,27 @@ async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> St
                     tokio::time::sleep(MIN_RELOAD_GAP).await;
                 }
                 if let Err(err) = reload(db, listener).await {
-                    return err.to_string();
+                    return lost(db, &err.to_string());
                 }
+                reload_at = Instant::now() + RELOAD_EVERY;
             }
-            () = tokio::time::sleep(RELOAD_EVERY) => {
+            () = tokio::time::sleep_until(reload_at) => {
                 if let Err(err) = reload(db, listener).await {
-                    return err.to_string();
+                    return lost(db, &err.to_string());
                 }
+                reload_at = Instant::now() + RELOAD_EVERY;
             }
+            // Leases or a release request changed; the idle period may be over.
+            () = db.changed() => {}
+            () = tokio::time::sleep_until(idle_until) => {}
         }
     }
+}
+
+/// Logs a lost connection.
+fn lost(db: &DbState, reason: &str) -> Exit {
+    tracing::warn!(database = %db.name, %reason, "cache service connection lost; database served uncached until it is back");
+    Exit::Lost
 }
 
 async fn reload(db: &DbState, listener: &mut PgListener) -> Result<(), sqlx::Error> {

@@ -69,12 +69,10 @@ pub async fn relation(
 
 /// Whether the table has inheritance children (or partitions).
 pub async fn has_children(conn: &mut PgConnection, table: u32) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits WHERE inhparent = $1)",
-    )
-    .bind(oid(table))
-    .fetch_one(&mut *conn)
-    .await
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits WHERE inhparent = $1)")
+        .bind(oid(table))
+        .fetch_one(&mut *conn)
+        .await
 }
 
 /// What makes the table's writes order-sensitive across keys, if anything: `"a
