@@ -95,6 +95,12 @@ impl Caching {
 
     fn on_sync(&mut self, msg: &[u8], out: &mut Out<'_>) -> Disposition {
         let started = std::time::Instant::now();
+        let parsed = self.held.iter().filter(|m| m[0] == frontend::PARSE);
+        let sqls = parsed.filter_map(|m| frontend::parse(frontend::body(m)).map(|p| p.sql));
+        if let Some(closed) = self.cache.release_databases(sqls) {
+            self.wait = Some(Box::pin(closed));
+            return Disposition::Blocked;
+        }
         if let Some(d) = self.route_cycle(out) {
             return d;
         }

@@ -39,7 +39,7 @@ use tokio::sync::futures::OwnedNotified;
 use super::state::ProtocolState;
 use crate::metrics::SessionMetrics;
 use crate::protocol::frontend;
-use crate::read::cache::{Cacheable, DbState, Decision, Effects, ReadCache, decide};
+use crate::read::cache::{Cacheable, DbLease, Decision, Effects, ReadCache, decide};
 use crate::read::classify::{Analysis, DiscardTarget, Isolation, Kind, SessionCommand, TxCommand};
 use crate::write::convert::Bound;
 use crate::write::service::WriteService;
@@ -104,7 +104,7 @@ pub struct Handler {
 
 struct Caching {
     cache: Arc<ReadCache>,
-    db: Arc<DbState>,
+    db: DbLease,
     key: KeyContext,
     tracker: Tracker,
     /// Named statements PostgreSQL confirmed.
@@ -200,7 +200,7 @@ impl Handler {
         user: &str,
         startup: &[(String, String)],
     ) -> Self {
-        let db = cache.database(database);
+        let db = cache.lease(database);
         Self {
             upstream_statements: metrics::Counter::noop(),
             caching: Some(Box::new(Caching {
@@ -408,6 +408,11 @@ impl Caching {
         }
         if let Some(table) = flush::spillway_flush(sql) {
             return self.flush_command(table.as_deref(), None, out);
+        }
+        // DROP DATABASE and the like: spillway's own connection must not be in the way.
+        if let Some(closed) = self.cache.release_databases([sql]) {
+            self.wait = Some(Box::pin(closed));
+            return Disposition::Blocked;
         }
         let analysis = self.cache.classifier.classify(sql);
         if self.writes.is_some() {
