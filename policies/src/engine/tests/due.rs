@@ -112,8 +112,15 @@ async fn a_waiter_makes_a_flush_due_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_satisfied_waiter_does_not_flush_later_writes_early() {
     let h = Harness::new(one(Policy::WriteBehind), flush_config());
+    // The flush worker is held up until the waiter is waiting, so the waiter really
+    // asks for sequence number 1 (and is then satisfied).
+    h.set_open(false);
     h.defer("t", insert("t", 1)).await;
-    let _ = h.engine.wait_applied(1).await;
+    let engine = h.engine.clone();
+    let waiter = tokio::spawn(async move { engine.wait_applied(1).await });
+    after(1).await;
+    h.set_open(true);
+    assert!(matches!(waiter.await, Ok(Ok(()))));
     h.defer("t", insert("t", 2)).await;
     after(50).await;
     assert_eq!(h.batches(), vec![vec![1]], "the later write went early");

@@ -120,10 +120,12 @@ async fn preview_now_needs_every_answer_at_hand() {
         .rows
         .insert(("public.t".to_owned(), vec!["1".to_owned()]));
     let mut known = Known::new();
+    // The privilege is known from another key's statement; key 1 is not read yet.
+    preview(&h, &[stmt("t", update("t", 2))], &mut known).await;
     let tx = vec![stmt("t", update("t", 1))];
     assert!(
         h.engine.preview_now(USER, &tx, &known).is_none(),
-        "nothing known yet"
+        "key 1 not read yet"
     );
     preview(&h, &tx, &mut known).await;
     let now = h.engine.preview_now(USER, &tx, &known);
