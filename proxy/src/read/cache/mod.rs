@@ -1,7 +1,8 @@
 //! The read cache as the proxy runs it: the shared result store and version counters
 //! (from `spillway-policies`), the statement classifier, and per database the catalog
-//! snapshot and its service connection. Sessions hold an `Arc<ReadCache>` and one
-//! [`DbState`]; the per-session protocol work is in `session::handler`.
+//! snapshot and its service connection. Sessions hold an `Arc<ReadCache>` and a
+//! [`DbLease`] on their database's [`DbState`]; the per-session protocol work is in
+//! `session::handler`.
 //!
 //! Invariant: a database whose catalog is not loaded (first use, after DDL, while its
 //! service connection is down) stores nothing new: [`DbState::catalog`] is `None` and
@@ -12,32 +13,31 @@
 //!
 //! A database's service connection lives while someone holds a [`DbLease`] on it
 //! (each session on it, and the write side on the backend database), and a few
-//! seconds more (`service.rs`); [`ReadCache::release_databases`] closes it before a
+//! seconds more (`lease.rs`, `service.rs`); [`ReadCache::release_databases`] closes it before a
 //! statement that needs the database to itself (`DROP DATABASE`, the template of
 //! `CREATE DATABASE`) goes upstream.
 
 pub mod decide;
+mod lease;
 mod service;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::ops::Deref;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::task::{Context, Poll};
 
 use arc_swap::{ArcSwap, Guard};
 
 use spillway_policies::cache::{DbVersions, Registry, ResultCache};
 use spillway_policies::{CacheConfig, Invalidation};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::net::upstream::Connector;
 use crate::read::catalog::Catalog;
 use crate::read::classify::{Classifier, ClassifierLimits};
 pub use decide::{Cacheable, Decision, Effects, TableSettings};
+use lease::{Control, Want};
+pub use lease::{DbLease, Released};
 
 pub struct ReadCache {
     pub results: Arc<ResultCache>,
@@ -72,87 +72,6 @@ pub struct DbState {
     control: Mutex<Control>,
     /// Tells the service task that `control` changed (leases, a release request).
     wake: Notify,
-}
-
-/// The service task's bookkeeping.
-#[derive(Default)]
-struct Control {
-    /// Leases held: sessions on the database, and the write side on its own.
-    leases: usize,
-    /// Leases taken so far: a new one ends the hold after a release.
-    taken: u64,
-    task: Task,
-    /// Release requests waiting for the connection to close.
-    releases: Vec<oneshot::Sender<()>>,
-}
-
-/// What the database's service task is doing.
-#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Task {
-    /// None runs; the next lease starts one.
-    #[default]
-    Stopped,
-    /// Connected, or trying to be.
-    Running,
-    /// Its connection was released for a statement that needs the database to
-    /// itself; it stays closed for a while unless a new lease comes.
-    Released,
-}
-
-/// What the service task should do now (`service.rs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Want {
-    Serve,
-    /// Nobody holds a lease.
-    Idle,
-    /// A release is requested.
-    Release,
-}
-
-/// A use of a database's state: while any lease is held its service connection stays
-/// (see the module docs).
-pub struct DbLease {
-    db: Arc<DbState>,
-}
-
-impl Deref for DbLease {
-    type Target = DbState;
-
-    fn deref(&self) -> &DbState {
-        &self.db
-    }
-}
-
-/// Completes once the service connections a release asked to close are closed.
-pub struct Released(Vec<oneshot::Receiver<()>>);
-
-impl Future for Released {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        while let Some(closed) = self.0.last_mut() {
-            match Pin::new(closed).poll(cx) {
-                // Closed, or its task is gone (then so is the connection).
-                Poll::Ready(_) => {
-                    self.0.pop();
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(())
-    }
-}
-
-impl Drop for DbLease {
-    fn drop(&mut self) {
-        let mut c = self.db.control();
-        c.leases = c.leases.saturating_sub(1);
-        let idle = c.leases == 0;
-        drop(c);
-        if idle {
-            self.db.wake.notify_one();
-        }
-    }
 }
 
 impl DbState {
@@ -204,89 +123,6 @@ impl DbState {
         self.set_catalog(None);
         self.set_last_trusted(None);
         self.refresh.notify_one();
-    }
-
-    fn control(&self) -> MutexGuard<'_, Control> {
-        match self.control.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        }
-    }
-
-    /// Takes a lease; true when no service task runs and the caller must start one.
-    fn lease(&self) -> bool {
-        let mut c = self.control();
-        c.leases += 1;
-        c.taken += 1;
-        match c.task {
-            Task::Stopped => {
-                c.task = Task::Running;
-                true
-            }
-            Task::Released => {
-                drop(c);
-                self.wake.notify_one();
-                false
-            }
-            Task::Running => false,
-        }
-    }
-
-    /// Asks the running service task to close its connection; `None` when none runs.
-    fn request_release(&self) -> Option<oneshot::Receiver<()>> {
-        let mut c = self.control();
-        if c.task != Task::Running {
-            return None;
-        }
-        let (tx, rx) = oneshot::channel();
-        c.releases.push(tx);
-        drop(c);
-        self.wake.notify_one();
-        Some(rx)
-    }
-
-    /// What the service task should do now.
-    pub(crate) fn want(&self) -> Want {
-        let c = self.control();
-        if !c.releases.is_empty() {
-            Want::Release
-        } else if c.leases == 0 {
-            Want::Idle
-        } else {
-            Want::Serve
-        }
-    }
-
-    /// The connection is closed: answers the release requests and holds it closed.
-    /// Returns the leases taken so far (a later one ends the hold).
-    pub(crate) fn released(&self) -> u64 {
-        let mut c = self.control();
-        c.task = Task::Released;
-        for tx in c.releases.drain(..) {
-            let _ = tx.send(());
-        }
-        c.taken
-    }
-
-    /// Leases taken so far.
-    pub(crate) fn taken(&self) -> u64 {
-        self.control().taken
-    }
-
-    /// The service task goes on (true), or ends because nobody holds a lease.
-    pub(crate) fn carry_on(&self) -> bool {
-        let mut c = self.control();
-        if c.leases == 0 && c.releases.is_empty() {
-            c.task = Task::Stopped;
-            return false;
-        }
-        c.task = Task::Running;
-        true
-    }
-
-    /// Waits until `control` changes.
-    pub(crate) async fn changed(&self) {
-        self.wake.notified().await;
     }
 
     /// A name the snapshot does not know: reload in the background, keep serving.
