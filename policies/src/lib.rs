@@ -6,11 +6,14 @@
 //! a fake sink.
 //!
 //! It owns the configuration of those subsystems (`config`), the read cache (`cache`),
-//! the durable write journal (`journal`) and deferred writes as data (`writes`: journal
-//! records and set-based flush statements).
+//! the durable write journal (`journal`), deferred writes as data (`writes`: journal
+//! records and set-based flush statements) and the write-policy engine (`engine`:
+//! pending writes, decisions, due rules, back-pressure, barriers, the flush loop),
+//! which reaches PostgreSQL through `engine::upstream`'s traits.
 
 pub mod cache;
 pub mod config;
+pub mod engine;
 pub mod journal;
 pub mod writes;
 

@@ -3,6 +3,9 @@
 //! last_seq) and runs the batch's set-based statements. A statement PostgreSQL refuses
 //! for its data is isolated by bisection under savepoints; the records that fail land
 //! in `spillway.dead_letters` in the same transaction as the rest of the batch.
+//! [`PgSink`] is the flush worker's connection as the engine's `Sink`: it opens it on
+//! demand (`application_name` [`FLUSH_APP`]), claims the ledger, applies batches, and
+//! counts what they did in the metrics.
 //!
 //! Invariants:
 //! - A batch commits whole (ledger advance, applied records, dead letters) or not at
@@ -21,74 +24,103 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
-use spillway_policies::writes::{Group, GroupKind, Record, RowOp, TableMeta, coalesce, plan_batch};
+pub use spillway_policies::engine::{ApplyError, DeadLetter, Flushed, LedgerKey};
+use spillway_policies::engine::{Batch, Sink};
+use spillway_policies::writes::{Group, GroupKind, Record, TableMeta, coalesce, plan_batch};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, Row};
 
 /// SQLSTATE recorded for an UPDATE/DELETE whose key had no row when applied.
 pub const NO_ROW: &str = "02000";
 
-/// Which ledger row this worker owns.
-#[derive(Debug, Clone)]
-pub struct LedgerKey {
-    pub journal_id: String,
-    pub epoch: u64,
+/// `application_name` of the flush worker's backend, so that an operator (or a test)
+/// can tell it apart in `pg_stat_activity`.
+pub const FLUSH_APP: &str = "spillway flush";
+
+/// Connects to `url` with `application_name` set to `name`.
+pub async fn connect_as(url: &str, name: &str) -> Result<PgConnection, sqlx::Error> {
+    let options: PgConnectOptions = url.parse()?;
+    PgConnection::connect_with(&options.application_name(name)).await
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// Connection trouble, serialization failure, shutdown of PostgreSQL, lack of
-    /// resources: retry the same batch later.
-    #[error("transient error applying a batch: {0}")]
-    Transient(sqlx::Error),
-    /// The ledger row is not at the expected point: another process took this journal
-    /// over (a newer epoch) or the ledger was changed by hand. Stop flushing.
-    #[error(
-        "flush ledger for journal {journal_id} is not at epoch {epoch}, seq {expected}: \
-         another spillway owns this journal, or the ledger was changed; flushing stopped"
-    )]
-    Fenced {
-        journal_id: String,
-        epoch: u64,
-        expected: u64,
-    },
-    /// A record cannot even be planned (table no longer configured, unsafe cast):
-    /// the flusher cannot make progress without losing it.
-    #[error("journal record {seq} cannot be applied: {reason}")]
-    Unplannable { seq: u64, reason: String },
+/// A driver error as the engine's retryable failure.
+fn transient(e: sqlx::Error) -> ApplyError {
+    ApplyError::Transient(e.to_string())
 }
 
-/// A record PostgreSQL refused, as stored in `spillway.dead_letters`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    pub seq: u64,
-    pub table: String,
-    pub statement: String,
-    pub parameters: Vec<Option<String>>,
-    pub sqlstate: String,
-    pub message: String,
+/// The flush worker's connection (`engine::Sink`): opened on demand, dropped after a
+/// transient failure.
+pub struct PgSink {
+    url: String,
+    conn: Option<PgConnection>,
 }
 
-impl DeadLetter {
-    /// Operation `op` of record `seq`, refused with `sqlstate` and `message`.
-    fn of(seq: u64, op: &RowOp, sqlstate: &str, message: &str) -> Self {
-        Self {
-            seq,
-            table: op.table().to_owned(),
-            statement: op.describe(),
-            parameters: op.parameters(),
-            sqlstate: sqlstate.to_owned(),
-            message: message.to_owned(),
-        }
+impl PgSink {
+    pub fn new(url: String) -> Self {
+        Self { url, conn: None }
+    }
+
+    fn conn(&mut self) -> Result<&mut PgConnection, ApplyError> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| ApplyError::Transient("not connected".to_owned()))
     }
 }
 
-/// What a committed batch did.
-#[derive(Debug, Default)]
-pub struct Applied {
-    pub statements: usize,
-    pub rows: usize,
-    pub dead_letters: Vec<DeadLetter>,
+impl Sink for PgSink {
+    async fn connect(&mut self) -> Result<(), ApplyError> {
+        if self.conn.is_none() {
+            self.conn = Some(connect_as(&self.url, FLUSH_APP).await.map_err(transient)?);
+        }
+        Ok(())
+    }
+
+    fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
+    async fn claim(&mut self, ledger: &LedgerKey) -> Result<u64, ApplyError> {
+        claim_ledger(self.conn()?, ledger).await
+    }
+
+    async fn apply(
+        &mut self,
+        ledger: &LedgerKey,
+        applied_through: u64,
+        batch: &Batch,
+        tables: &HashMap<String, TableMeta>,
+    ) -> Result<Flushed, ApplyError> {
+        let started = Instant::now();
+        let result = apply_batch(self.conn()?, ledger, applied_through, batch, tables).await;
+        match &result {
+            Ok(done) => count_applied(done, started),
+            Err(ApplyError::Transient(_)) => {
+                metrics::counter!(crate::metrics::FLUSH_RETRIES).increment(1);
+            }
+            Err(_) => {}
+        }
+        result
+    }
+}
+
+/// Metrics and log lines of a committed batch (inside its `flush_batch` span).
+fn count_applied(done: &Flushed, started: Instant) {
+    use crate::metrics as m;
+    metrics::counter!(m::FLUSH_BATCHES).increment(1);
+    metrics::counter!(m::FLUSH_ROWS).increment(u64::try_from(done.rows).unwrap_or(u64::MAX));
+    metrics::counter!(m::UPSTREAM_STATEMENTS)
+        .increment(u64::try_from(done.statements).unwrap_or(u64::MAX));
+    metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed());
+    for d in &done.dead_letters {
+        metrics::counter!(m::DEAD_LETTERS, "table" => d.table.clone()).increment(1);
+        tracing::error!(
+            seq = d.seq, table = %d.table, sqlstate = %d.sqlstate,
+            message = %d.message, statement = %d.statement,
+            "deferred write refused upstream; stored in spillway.dead_letters"
+        );
+    }
 }
 
 /// Whether an error is worth retrying unchanged (SPEC §6: classes 08, 40, 53, 57; and
@@ -124,10 +156,10 @@ pub async fn claim_ledger(conn: &mut PgConnection, key: &LedgerKey) -> Result<u6
     .bind(epoch)
     .fetch_optional(&mut *conn)
     .await
-    .map_err(ApplyError::Transient)?;
+    .map_err(transient)?;
     match row {
         Some(r) => {
-            let seq: i64 = r.try_get(0).map_err(ApplyError::Transient)?;
+            let seq: i64 = r.try_get(0).map_err(transient)?;
             Ok(u64::try_from(seq).unwrap_or(0))
         }
         None => Err(ApplyError::Fenced {
@@ -146,9 +178,9 @@ pub async fn apply_batch(
     applied_through: u64,
     batch: &[(u64, Arc<Record>)],
     tables: &HashMap<String, TableMeta>,
-) -> Result<Applied, ApplyError> {
+) -> Result<Flushed, ApplyError> {
     let Some(last) = batch.last().map(|(seq, _)| *seq) else {
-        return Ok(Applied::default());
+        return Ok(Flushed::default());
     };
     // The fast path: the whole batch as set-based statements, write-back tables'
     // operations folded per key first (the ledger still moves to `last`).
@@ -158,15 +190,15 @@ pub async fn apply_batch(
         seq: batch.first().map_or(0, |(s, _)| *s),
         reason: e.to_string(),
     })?;
-    let mut tx = conn.begin().await.map_err(ApplyError::Transient)?;
+    let mut tx = conn.begin().await.map_err(transient)?;
     durable_commit(&mut tx).await?;
     advance_ledger(&mut tx, key, applied_through, last).await?;
-    let mut applied = Applied::default();
+    let mut applied = Flushed::default();
     let mut failed = None;
     for group in &groups {
         match run_group(&mut tx, group, &coalesced, &mut applied).await {
             Ok(()) => {}
-            Err(e) if is_transient(&e) => return Err(ApplyError::Transient(e)),
+            Err(e) if is_transient(&e) => return Err(transient(e)),
             Err(e) => {
                 failed = Some(e);
                 break;
@@ -188,18 +220,18 @@ pub async fn apply_batch(
         // Start over with bisection: savepoints isolate the records PostgreSQL refuses.
         // It works on the records as journaled, not coalesced, so a record is still
         // applied or refused whole and its dead letter names what the client sent.
-        tx.rollback().await.map_err(ApplyError::Transient)?;
-        let mut tx = conn.begin().await.map_err(ApplyError::Transient)?;
+        tx.rollback().await.map_err(transient)?;
+        let mut tx = conn.begin().await.map_err(transient)?;
         durable_commit(&mut tx).await?;
         advance_ledger(&mut tx, key, applied_through, last).await?;
-        applied = Applied::default();
+        applied = Flushed::default();
         bisect(&mut tx, batch, tables, &mut applied).await?;
         record_dead_letters(&mut tx, key, &applied.dead_letters).await?;
-        tx.commit().await.map_err(ApplyError::Transient)?;
+        tx.commit().await.map_err(transient)?;
         return Ok(applied);
     }
     record_dead_letters(&mut tx, key, &applied.dead_letters).await?;
-    tx.commit().await.map_err(ApplyError::Transient)?;
+    tx.commit().await.map_err(transient)?;
     Ok(applied)
 }
 
@@ -233,7 +265,7 @@ async fn advance_ledger(
     .bind(as_i64(to))
     .execute(&mut *conn)
     .await
-    .map_err(ApplyError::Transient)?;
+    .map_err(transient)?;
     if done.rows_affected() == 1 {
         Ok(())
     } else {
@@ -251,7 +283,7 @@ async fn run_group(
     conn: &mut PgConnection,
     group: &Group,
     batch: &[(u64, Arc<Record>)],
-    applied: &mut Applied,
+    applied: &mut Flushed,
 ) -> Result<(), sqlx::Error> {
     let mut query = sqlx::query(&group.sql);
     // Owned binds: borrowed ones make this future fail rustc's higher-ranked `Send`
@@ -301,7 +333,7 @@ async fn bisect(
     conn: &mut PgConnection,
     batch: &[(u64, Arc<Record>)],
     tables: &HashMap<String, TableMeta>,
-    applied: &mut Applied,
+    applied: &mut Flushed,
 ) -> Result<(), ApplyError> {
     // An explicit stack instead of recursion: async recursion needs boxing, and the
     // order of the parts must stay the batch's order.
@@ -313,12 +345,12 @@ async fn bisect(
             reason: e.to_string(),
         })?;
         exec(conn, "SAVEPOINT spillway_part").await?;
-        let mut part_applied = Applied::default();
+        let mut part_applied = Flushed::default();
         let mut failure = None;
         for group in &groups {
             if let Err(e) = run_group(conn, group, part, &mut part_applied).await {
                 if is_transient(&e) {
-                    return Err(ApplyError::Transient(e));
+                    return Err(transient(e));
                 }
                 failure = Some(e);
                 break;
@@ -382,7 +414,7 @@ async fn exec(conn: &mut PgConnection, sql: &str) -> Result<(), ApplyError> {
         .execute(&mut *conn)
         .await
         .map(|_| ())
-        .map_err(ApplyError::Transient)
+        .map_err(transient)
 }
 
 async fn record_dead_letters(
@@ -405,7 +437,7 @@ async fn record_dead_letters(
         .bind(d.message.clone())
         .execute(&mut *conn)
         .await
-        .map_err(ApplyError::Transient)?;
+        .map_err(transient)?;
     }
     Ok(())
 }

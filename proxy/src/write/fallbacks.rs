@@ -1,16 +1,111 @@
-//! Rate-limited log lines for fallbacks: a write to a deferred table that runs
-//! write-through instead (in a transaction, an unsupported shape, a full table…). A
-//! busy application can fall back thousands of times a second; the counter
-//! (`spillway_write_fallbacks_total`) counts each one, the log says it at most once per
-//! table and reason per [`INTERVAL`], with how many it left out since its last line.
+//! Fallbacks: a write to a deferred table that runs write-through instead (in a
+//! transaction, an unsupported shape, a full table…). [`Fallback`] says why, and is a
+//! metric label (`reason="…"` of `spillway_write_fallbacks_total`); [`FallbackLog`]
+//! rate-limits the log lines: a busy application can fall back thousands of times a
+//! second; the counter counts each one, the log says it at most once per table and
+//! reason per [`INTERVAL`], with how many it left out since its last line.
 //!
-//! Invariant: the std `Mutex` is held only to update one entry, never across `.await`;
-//! the map is bounded by tables × reasons (both bounded sets: configured tables and
-//! the fixed reason labels).
+//! Invariants: a reason's label never changes (dashboards use it); the std `Mutex` is
+//! held only to update one entry, never across `.await`; the map is bounded by tables
+//! × reasons (both bounded sets: configured tables and the fixed reason labels).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Why a write to a deferred table runs write-through instead of being deferred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fallback {
+    /// The classifier found no deferrable shape (`read/classify/shape/reason.rs`).
+    Shape(&'static str),
+    /// A parameter or key value spillway cannot carry as text (`params.rs`:
+    /// `binary_parameter_type`, `parameter_value`, `key_type`).
+    Value(&'static str),
+    /// A value the client cast.
+    Cast,
+    /// A date, time or interval value (its text depends on session settings).
+    DatetimeValue,
+    /// A parameter declared with a type other than its column's.
+    ParameterType,
+    /// `'now'`, `'today'`… for a date/time column.
+    ClockLiteral,
+    /// A value PostgreSQL would refuse for its column.
+    InvalidValue,
+    NullInNotNullColumn,
+    /// The WHERE is not exactly the primary key.
+    WhereNotPrimaryKey,
+    NullKey,
+    UnknownColumn,
+    /// An INSERT without a NOT NULL column that has no default.
+    RequiredColumnMissing,
+    /// An INSERT without a key column.
+    KeyNotGiven,
+    /// An UPDATE of a key column.
+    KeyUpdate,
+    ArithmeticOnNonNumeric,
+    /// A RETURNING value not supplied by the statement or not known exactly.
+    ReturningUnknown,
+    /// Execute limits the rows below what a RETURNING write returns.
+    ReturningRowLimit,
+    /// The table is not deferred (or the session's deferred tables are another
+    /// database's).
+    NotDeferred,
+    MultipleStatements,
+    NotADeferrableWrite,
+    /// In a transaction block (not a held one), or behind unanswered requests.
+    InTransaction,
+    /// The session's settings or role are not followed (its key is unusable).
+    SessionState,
+    /// `client_encoding` or `standard_conforming_strings` not as the flusher's.
+    SessionSettings,
+    /// `default_transaction_read_only = on`: PostgreSQL refuses the write itself.
+    ReadOnly,
+    /// A function or SQL value function in the statement.
+    Function,
+    CatalogNotLoaded,
+    /// The name denotes more than one relation.
+    AmbiguousTable,
+    /// A reload is moving the table off a deferred policy.
+    PolicyReloading,
+    /// `max_pending` reached with `when_full = "write-through"`.
+    Full,
+}
+
+impl Fallback {
+    /// The metric label (`reason="…"`), as documented in `docs/operations.md`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Fallback::Shape(reason) | Fallback::Value(reason) => reason,
+            Fallback::Cast => "cast",
+            Fallback::DatetimeValue => "datetime_value",
+            Fallback::ParameterType => "parameter_type",
+            Fallback::ClockLiteral => "clock_literal",
+            Fallback::InvalidValue => "invalid_value",
+            Fallback::NullInNotNullColumn => "null_in_not_null_column",
+            Fallback::WhereNotPrimaryKey => "where_not_primary_key",
+            Fallback::NullKey => "null_key",
+            Fallback::UnknownColumn => "unknown_column",
+            Fallback::RequiredColumnMissing => "required_column_missing",
+            Fallback::KeyNotGiven => "key_not_given",
+            Fallback::KeyUpdate => "key_update",
+            Fallback::ArithmeticOnNonNumeric => "arithmetic_on_non_numeric",
+            Fallback::ReturningUnknown => "returning_unknown",
+            Fallback::ReturningRowLimit => "returning_row_limit",
+            Fallback::NotDeferred => "not_deferred",
+            Fallback::MultipleStatements => "multiple_statements",
+            Fallback::NotADeferrableWrite => "not_a_deferrable_write",
+            Fallback::InTransaction => "in_transaction",
+            Fallback::SessionState => "session_state",
+            Fallback::SessionSettings => "session_settings",
+            Fallback::ReadOnly => "read_only",
+            Fallback::Function => "function",
+            Fallback::CatalogNotLoaded => "catalog_not_loaded",
+            Fallback::AmbiguousTable => "ambiguous_table",
+            Fallback::PolicyReloading => "policy_reloading",
+            Fallback::Full => "full",
+        }
+    }
+}
 
 /// At most one line per table and reason in this period.
 pub const INTERVAL: Duration = Duration::from_secs(10);
@@ -26,7 +121,8 @@ pub struct FallbackLog {
 impl FallbackLog {
     /// Notes one fallback of `table` for `reason`; logs it unless a line for the same
     /// pair was logged less than [`INTERVAL`] ago.
-    pub fn note(&self, table: &str, reason: &'static str) {
+    pub fn note(&self, table: &str, reason: Fallback) {
+        let reason = reason.label();
         if let Some(suppressed) = self.note_at(table, reason, Instant::now()) {
             tracing::info!(
                 %table, reason, suppressed,

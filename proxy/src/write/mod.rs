@@ -1,16 +1,19 @@
 //! The write side of the deferred policies (SPEC §6) as the proxy runs it: the
 //! deferred tables checked against the catalog at startup ([`tables`]), statements
 //! turned into journal records ([`convert`], [`params`]) and their RETURNING answered
-//! from the statement's own values ([`returning`]), the journal, pending state
-//! and flush worker ([`service`]; which tables are deferred and how a reload changes
-//! that: `service/table_set.rs`), rate-limited fallback log lines ([`fallbacks`]), the exactly-once application of records upstream
-//! ([`apply`]), and startup/shutdown ([`start`]).
+//! from the statement's own values ([`returning`]), the facade the session handler
+//! calls ([`service`]), rate-limited fallback log lines ([`fallbacks`]), the
+//! exactly-once application of records upstream ([`apply`]: the engine's `Sink`), the
+//! check connections ([`checks`]: the engine's `Checks`), and startup/shutdown
+//! ([`start`]).
 //!
-//! The data model (records, set-based plans) is in `spillway_policies::writes`; this
-//! module owns the PostgreSQL side: catalog queries, the ledger compare-and-set, dead
-//! letters.
+//! The rules (pending state, decisions, due rules, back-pressure, barriers, the flush
+//! loop) are the engine's, in `spillway_policies::engine`; the data model (records,
+//! set-based plans) is in `spillway_policies::writes`. This module owns the
+//! PostgreSQL side: catalog checks, the ledger compare-and-set, dead letters.
 
 pub mod apply;
+pub mod checks;
 pub mod convert;
 pub mod fallbacks;
 pub mod params;

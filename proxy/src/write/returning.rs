@@ -30,18 +30,19 @@
 use bytes::{Bytes, BytesMut};
 use spillway_policies::writes::{AssignOp, RowOp};
 
+use super::fallbacks::Fallback;
 use super::params::Bound;
 use super::params::{BOOL, INT2, INT4, INT8, TEXT, UUID, VARCHAR, canonical_key};
-use super::tables::{Column, DeferredTable};
 use crate::protocol::backend::{self, Field};
 use crate::read::classify::{Returned, WriteShape};
+use spillway_policies::engine::{Column, DeferredTable};
 
 /// Fallback reason: a RETURNING value that is not supplied by the statement, or not
 /// known exactly as PostgreSQL would output it.
-pub const UNKNOWN: &str = "returning_unknown";
+pub const UNKNOWN: Fallback = Fallback::ReturningUnknown;
 /// Fallback reason: Execute limits the rows below what the write returns (PostgreSQL
 /// would suspend the portal).
-pub const ROW_LIMIT: &str = "returning_row_limit";
+pub const ROW_LIMIT: Fallback = Fallback::ReturningRowLimit;
 
 /// A RETURNING answer: the columns, their result formats, and per row operation the
 /// encoded values.
@@ -228,7 +229,7 @@ pub fn answer(
     table: &DeferredTable,
     bound: &Bound,
     ops: &[RowOp],
-) -> Result<Option<Returning>, &'static str> {
+) -> Result<Option<Returning>, Fallback> {
     let items = shape.returning();
     if items.is_empty() {
         return Ok(None);

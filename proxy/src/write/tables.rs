@@ -2,54 +2,21 @@
 //! write-behind/write-back table must exist, be an ordinary table, have a primary key,
 //! and not use row-level security (SPEC §6); a write-back table must not have foreign
 //! keys (either side) or rules, whose effects depend on the order of different keys,
-//! which write-back's folding does not keep. Loaded on the flush connection; the
-//! result feeds the flush planner (`TableMeta`) and the statement checks of the write
-//! path (key columns, column types, and the column facts a RowDescription of a
-//! RETURNING answered locally gives).
+//! which write-back's folding does not keep. The facts come from the read layer's
+//! catalog reader (`read/catalog/tables.rs`); the result feeds the flush planner
+//! (`TableMeta`) and the statement checks of the write path (key columns, column
+//! types, and the column facts a RowDescription of a RETURNING answered locally
+//! gives).
 
 use std::collections::{BTreeMap, HashMap};
 
+pub use spillway_policies::engine::{Column, DeferredTable};
 use spillway_policies::writes::TableMeta;
-use spillway_policies::writes::order::ForeignKey;
 use spillway_policies::writes::plan::ident;
-use spillway_policies::{TableConfig, TableName};
-use sqlx::{PgConnection, Row};
+use spillway_policies::{Policy, TableConfig, TableName};
+use sqlx::PgConnection;
 
-/// A deferred table: its policy and its catalog facts.
-#[derive(Debug, Clone)]
-pub struct DeferredTable {
-    pub oid: u32,
-    pub config: TableConfig,
-    pub meta: TableMeta,
-    /// Column → type OID, for decoding binary parameters.
-    pub type_oids: HashMap<String, u32>,
-    /// Column → `atttypmod` (length limits of varchar/bpchar).
-    pub typmods: HashMap<String, i32>,
-    /// NOT NULL columns, and those of them an INSERT must give (no default).
-    pub not_null: Vec<String>,
-    pub required: Vec<String>,
-    /// The primary-key constraint's name, for 23505 errors spillway reports itself.
-    pub pkey_name: String,
-    /// `SELECT EXISTS (… WHERE key = $1 …)` with text parameters: the point read of
-    /// `row_counts = "exact"`.
-    pub exists_sql: String,
-    /// Every column in table order (`RETURNING *`), as a RowDescription describes it.
-    pub columns: Vec<Column>,
-    /// A BEFORE ROW trigger or a rule may change (or replace) the row a write stores,
-    /// so a RETURNING answered from the statement's own values could be wrong.
-    pub rewrites_rows: bool,
-}
-
-/// A column as `pg_attribute`/`pg_type` give it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Column {
-    pub name: String,
-    pub attnum: i16,
-    pub type_oid: u32,
-    /// `pg_type.typlen` (-1 variable, -2 C string).
-    pub typlen: i16,
-    pub typmod: i32,
-}
+use crate::read::catalog::tables as catalog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -92,214 +59,120 @@ pub async fn load(
 ) -> Result<HashMap<String, DeferredTable>, TableError> {
     let mut out = HashMap::new();
     for (name, config) in tables.iter().filter(|(_, c)| c.policy.is_deferred()) {
-        let row = sqlx::query(
-            "SELECT c.oid::int8, c.relkind::text, c.relrowsecurity \
-             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relname = $2",
-        )
-        .bind(&name.schema)
-        .bind(&name.name)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some(row) = row else {
-            return Err(TableError::Missing(name.clone()));
-        };
-        let oid: i64 = row.try_get(0)?;
-        let relkind: String = row.try_get(1)?;
-        let rls: bool = row.try_get(2)?;
-        if relkind != "r" {
-            return Err(TableError::NotATable(name.clone(), relkind));
-        }
-        if rls {
-            return Err(TableError::RowSecurity(name.clone(), config.policy));
-        }
-        let children: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits WHERE inhparent = $1::int8::oid)",
-        )
-        .bind(oid)
-        .fetch_one(&mut *conn)
-        .await?;
-        if children {
-            return Err(TableError::Inherited(name.clone(), config.policy));
-        }
-        if config.policy == spillway_policies::Policy::WriteBack {
-            // Foreign keys in either direction (their actions and checks see rows in the
-            // order the flusher applies them) and rules.
-            let found: Option<String> = sqlx::query_scalar(
-                "SELECT CASE \
-                   WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_constraint \
-                                WHERE contype = 'f' \
-                                  AND (conrelid = $1::int8::oid OR confrelid = $1::int8::oid)) \
-                     THEN 'a foreign key' \
-                   WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite \
-                                WHERE ev_class = $1::int8::oid AND rulename <> '_RETURN') \
-                     THEN 'a rule' END",
-            )
-            .bind(oid)
-            .fetch_one(&mut *conn)
-            .await?;
-            if let Some(what) = found {
-                return Err(TableError::OrderSensitive(name.clone(), what));
-            }
-        }
-        let columns = sqlx::query(
-            "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
-                    a.atttypid::int8, a.atttypmod, a.attnotnull, \
-                    (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''), \
-                    a.attnum, t.typlen \
-             FROM pg_catalog.pg_attribute a \
-             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
-             WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped \
-             ORDER BY a.attnum",
-        )
-        .bind(oid)
-        .fetch_all(&mut *conn)
-        .await?;
-        let key_rows = sqlx::query(
-            "SELECT a.attname::text \
-             FROM pg_catalog.pg_index i \
-             CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, pos) \
-             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = $1::int8::oid AND i.indisprimary \
-             ORDER BY k.pos",
-        )
-        .bind(oid)
-        .fetch_all(&mut *conn)
-        .await?;
-        if key_rows.is_empty() {
-            return Err(TableError::NoPrimaryKey(name.clone(), config.policy));
-        }
-        let mut types = HashMap::new();
-        let mut type_oids = HashMap::new();
-        let mut typmods = HashMap::new();
-        let mut required = Vec::new();
-        let mut not_null = Vec::new();
-        let mut described = Vec::with_capacity(columns.len());
-        for c in &columns {
-            let column: String = c.try_get(0)?;
-            let ty: String = c.try_get(1)?;
-            let ty_oid: i64 = c.try_get(2)?;
-            let typmod: i32 = c.try_get(3)?;
-            let notnull: bool = c.try_get(4)?;
-            let has_default: bool = c.try_get(5)?;
-            described.push(Column {
-                name: column.clone(),
-                attnum: c.try_get(6)?,
-                type_oid: u32::try_from(ty_oid).unwrap_or(0),
-                typlen: c.try_get(7)?,
-                typmod,
-            });
-            if notnull {
-                not_null.push(column.clone());
-                if !has_default {
-                    required.push(column.clone());
-                }
-            }
-            typmods.insert(column.clone(), typmod);
-            type_oids.insert(column.clone(), u32::try_from(ty_oid).unwrap_or(0));
-            types.insert(column, ty);
-        }
-        let key = key_rows
-            .iter()
-            .map(|r| r.try_get::<String, _>(0))
-            .collect::<Result<Vec<_>, _>>()?;
-        // tgtype bits: 1 = ROW, 2 = BEFORE (INSTEAD OF is for views only).
-        let rewrites_rows: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
-                            WHERE tgrelid = $1::int8::oid AND NOT tgisinternal \
-                              AND tgtype::int & 3 = 3) \
-                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite \
-                            WHERE ev_class = $1::int8::oid AND rulename <> '_RETURN')",
-        )
-        .bind(oid)
-        .fetch_one(&mut *conn)
-        .await?;
-        // Any trigger (not the internal ones of foreign keys) or rule: its INSERTs keep
-        // journal order relative to other tables' (`policies::writes::order`).
-        let plain: bool = sqlx::query_scalar(
-            "SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
-                                WHERE tgrelid = $1::int8::oid AND NOT tgisinternal) \
-                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite \
-                                WHERE ev_class = $1::int8::oid AND rulename <> '_RETURN')",
-        )
-        .bind(oid)
-        .fetch_one(&mut *conn)
-        .await?;
-        let parents = foreign_keys(conn, oid).await?;
-        let pkey_name: String = sqlx::query_scalar(
-            "SELECT conname::text FROM pg_catalog.pg_constraint \
-             WHERE conrelid = $1::int8::oid AND contype = 'p'",
-        )
-        .bind(oid)
-        .fetch_one(&mut *conn)
-        .await?;
-        let mut conditions = Vec::with_capacity(key.len());
-        for (i, k) in key.iter().enumerate() {
-            let ty = types.get(k).map_or("text", String::as_str);
-            conditions.push(format!("{} = ${}::text::{ty}", ident(k), i + 1));
-        }
-        let exists_sql = format!(
-            "SELECT EXISTS (SELECT 1 FROM {}.{} WHERE {})",
-            ident(&name.schema),
-            ident(&name.name),
-            conditions.join(" AND ")
-        );
-        let qualified = name.to_string();
-        out.insert(
-            qualified.clone(),
-            DeferredTable {
-                oid: u32::try_from(oid).unwrap_or(0),
-                config: config.clone(),
-                meta: TableMeta {
-                    name: qualified,
-                    schema: name.schema.clone(),
-                    table: name.name.clone(),
-                    key,
-                    types,
-                    coalesce: config.policy == spillway_policies::Policy::WriteBack,
-                    plain,
-                    parents,
-                },
-                type_oids,
-                typmods,
-                not_null,
-                required,
-                pkey_name,
-                exists_sql,
-                columns: described,
-                rewrites_rows,
-            },
-        );
+        let oid = check(conn, name, config).await?;
+        let table = describe(conn, name, config, oid).await?;
+        out.insert(name.to_string(), table);
     }
     Ok(out)
 }
 
-/// The foreign keys of table `oid`: the referenced table (`schema.name`), its columns
-/// and the referenced columns, in constraint order.
-async fn foreign_keys(conn: &mut PgConnection, oid: i64) -> Result<Vec<ForeignKey>, TableError> {
-    let rows = sqlx::query(
-        "SELECT pn.nspname::text || '.' || pc.relname::text, \
-                ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, i) \
-                      JOIN pg_catalog.pg_attribute a \
-                        ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.i), \
-                ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(n, i) \
-                      JOIN pg_catalog.pg_attribute a \
-                        ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.i) \
-         FROM pg_catalog.pg_constraint c \
-         JOIN pg_catalog.pg_class pc ON pc.oid = c.confrelid \
-         JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace \
-         WHERE c.conrelid = $1::int8::oid AND c.contype = 'f' ORDER BY c.conname",
-    )
-    .bind(oid)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(ForeignKey {
-                parent: r.try_get(0)?,
-                columns: r.try_get(1)?,
-                references: r.try_get(2)?,
+/// The checks every deferred table must pass (SPEC §6); its OID.
+async fn check(
+    conn: &mut PgConnection,
+    name: &TableName,
+    config: &TableConfig,
+) -> Result<u32, TableError> {
+    let Some(rel) = catalog::relation(conn, &name.schema, &name.name).await? else {
+        return Err(TableError::Missing(name.clone()));
+    };
+    if rel.relkind != "r" {
+        return Err(TableError::NotATable(name.clone(), rel.relkind));
+    }
+    if rel.row_security {
+        return Err(TableError::RowSecurity(name.clone(), config.policy));
+    }
+    if catalog::has_children(conn, rel.oid).await? {
+        return Err(TableError::Inherited(name.clone(), config.policy));
+    }
+    if config.policy == Policy::WriteBack
+        && let Some(what) = catalog::order_sensitive(conn, rel.oid).await?
+    {
+        return Err(TableError::OrderSensitive(name.clone(), what));
+    }
+    Ok(rel.oid)
+}
+
+/// What the write path needs of a checked table.
+async fn describe(
+    conn: &mut PgConnection,
+    name: &TableName,
+    config: &TableConfig,
+    oid: u32,
+) -> Result<DeferredTable, TableError> {
+    let columns = catalog::columns(conn, oid).await?;
+    let (key, pkey_name) = catalog::primary_key(conn, oid).await?;
+    let Some(pkey_name) = pkey_name.filter(|_| !key.is_empty()) else {
+        return Err(TableError::NoPrimaryKey(name.clone(), config.policy));
+    };
+    let (rewrites_rows, plain) = catalog::triggers_and_rules(conn, oid).await?;
+    let parents = catalog::foreign_keys(conn, oid).await?;
+    let types: HashMap<String, String> = columns
+        .iter()
+        .map(|c| (c.name.clone(), c.type_name.clone()))
+        .collect();
+    let not_null: Vec<String> = columns
+        .iter()
+        .filter(|c| c.not_null)
+        .map(|c| c.name.clone())
+        .collect();
+    let required = columns
+        .iter()
+        .filter(|c| c.not_null && !c.has_default)
+        .map(|c| c.name.clone())
+        .collect();
+    let exists_sql = exists_sql(name, &key, &types);
+    let qualified = name.to_string();
+    Ok(DeferredTable {
+        oid,
+        config: config.clone(),
+        meta: TableMeta {
+            name: qualified,
+            schema: name.schema.clone(),
+            table: name.name.clone(),
+            key,
+            types,
+            coalesce: config.policy == Policy::WriteBack,
+            plain,
+            parents,
+        },
+        type_oids: columns
+            .iter()
+            .map(|c| (c.name.clone(), c.type_oid))
+            .collect(),
+        typmods: columns.iter().map(|c| (c.name.clone(), c.typmod)).collect(),
+        not_null,
+        required,
+        pkey_name,
+        exists_sql,
+        columns: columns
+            .into_iter()
+            .map(|c| Column {
+                name: c.name,
+                attnum: c.attnum,
+                type_oid: c.type_oid,
+                typlen: c.typlen,
+                typmod: c.typmod,
             })
+            .collect(),
+        rewrites_rows,
+    })
+}
+
+/// `SELECT EXISTS (… WHERE key = $1 …)` with text parameters cast to the key's types:
+/// the point read of `row_counts = "exact"`.
+fn exists_sql(name: &TableName, key: &[String], types: &HashMap<String, String>) -> String {
+    let conditions: Vec<String> = key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let ty = types.get(k).map_or("text", String::as_str);
+            format!("{} = ${}::text::{ty}", ident(k), i + 1)
         })
-        .collect()
+        .collect();
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM {}.{} WHERE {})",
+        ident(&name.schema),
+        ident(&name.name),
+        conditions.join(" AND ")
+    )
 }

@@ -11,6 +11,7 @@ mod bad_input;
 mod cache;
 mod clients;
 mod crash;
+mod databases;
 mod demo;
 mod detached;
 mod differential;

@@ -1,7 +1,8 @@
 //! The read cache as the proxy runs it: the shared result store and version counters
 //! (from `spillway-policies`), the statement classifier, and per database the catalog
-//! snapshot and its service connection. Sessions hold an `Arc<ReadCache>` and one
-//! [`DbState`]; the per-session protocol work is in `session::handler`.
+//! snapshot and its service connection. Sessions hold an `Arc<ReadCache>` and a
+//! [`DbLease`] on their database's [`DbState`]; the per-session protocol work is in
+//! `session::handler`.
 //!
 //! Invariant: a database whose catalog is not loaded (first use, after DDL, while its
 //! service connection is down) stores nothing new: [`DbState::catalog`] is `None` and
@@ -9,13 +10,20 @@
 //! their version counters say (DDL and a lost LISTEN connection bump the epoch).
 //! Only deferred-write routing looks past a lost connection, at the last snapshot DDL
 //! has not invalidated ([`DbState::last_trusted_catalog`]).
+//!
+//! A database's service connection lives while someone holds a [`DbLease`] on it
+//! (each session on it, and the write side on the backend database), and a few
+//! seconds more (`lease.rs`, `service.rs`); [`ReadCache::release_databases`] closes it before a
+//! statement that needs the database to itself (`DROP DATABASE`, the template of
+//! `CREATE DATABASE`) goes upstream.
 
 pub mod decide;
+mod lease;
 mod service;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use arc_swap::{ArcSwap, Guard};
 
@@ -28,6 +36,8 @@ use crate::net::upstream::Connector;
 use crate::read::catalog::Catalog;
 use crate::read::classify::{Classifier, ClassifierLimits};
 pub use decide::{Cacheable, Decision, Effects, TableSettings};
+use lease::{Control, Want};
+pub use lease::{DbLease, Released};
 
 pub struct ReadCache {
     pub results: Arc<ResultCache>,
@@ -57,6 +67,11 @@ pub struct DbState {
     /// Bumped whenever the catalog is known to have changed; a snapshot whose load
     /// began before the latest bump is discarded, not installed.
     generation: AtomicU64,
+    /// Who uses the database, and what its service task is doing. Lock held only to
+    /// read or update it, never across `.await`.
+    control: Mutex<Control>,
+    /// Tells the service task that `control` changed (leases, a release request).
+    wake: Notify,
 }
 
 impl DbState {
@@ -184,31 +199,88 @@ impl ReadCache {
 
     /// Every database sessions have used so far (the admin console's INVALIDATE).
     pub fn databases(&self) -> Vec<Arc<DbState>> {
+        self.dbs().values().cloned().collect()
+    }
+
+    fn dbs(&self) -> MutexGuard<'_, HashMap<String, Arc<DbState>>> {
         match self.dbs.lock() {
-            Ok(d) => d.values().cloned().collect(),
-            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    /// The state of database `name`; the first call starts its service connection.
-    pub fn database(self: &Arc<Self>, name: &str) -> Arc<DbState> {
-        let mut dbs = match self.dbs.lock() {
-            Ok(d) => d,
-            Err(poisoned) => poisoned.into_inner(),
+    /// A lease on database `name`'s state (a session's); starts its service connection
+    /// unless it runs.
+    pub fn lease(self: &Arc<Self>, name: &str) -> DbLease {
+        let db = {
+            let mut dbs = self.dbs();
+            dbs.entry(name.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(DbState {
+                        name: name.to_owned(),
+                        versions: self.versions.database(name),
+                        catalog: RwLock::new(None),
+                        last_trusted: RwLock::new(None),
+                        refresh: Notify::new(),
+                        generation: AtomicU64::new(0),
+                        control: Mutex::new(Control::default()),
+                        wake: Notify::new(),
+                    })
+                })
+                .clone()
         };
-        if let Some(db) = dbs.get(name) {
-            return db.clone();
+        if db.lease() {
+            self.service.spawn(self.clone(), db.clone());
         }
-        let db = Arc::new(DbState {
-            name: name.to_owned(),
-            versions: self.versions.database(name),
-            catalog: RwLock::new(None),
-            last_trusted: RwLock::new(None),
-            refresh: Notify::new(),
-            generation: AtomicU64::new(0),
-        });
-        dbs.insert(name.to_owned(), db.clone());
-        self.service.spawn(self.clone(), db.clone());
+        DbLease { db }
+    }
+
+    /// The state of database `name`, served for the rest of the process: a lease that
+    /// is never given back (the write side's backend database).
+    pub fn database(self: &Arc<Self>, name: &str) -> Arc<DbState> {
+        let lease = self.lease(name);
+        let db = lease.db.clone();
+        std::mem::forget(lease);
         db
+    }
+
+    /// Closes database `name`'s service connection; the returned future completes
+    /// once it is closed. `None` when it has none open (or in the making). Afterwards
+    /// it stays closed for a while unless a session takes a new lease (`service.rs`).
+    pub fn release_database(&self, name: &str) -> Option<Released> {
+        let db = self.dbs().get(name).cloned()?;
+        let closed = db.request_release()?;
+        Some(Released(vec![closed]))
+    }
+
+    /// Before the statements of `sqls` go upstream: closes the service connections of
+    /// the databases they need to themselves (`DROP DATABASE`, the template of `CREATE
+    /// DATABASE`, `ALTER DATABASE … RENAME`), which PostgreSQL would otherwise find
+    /// in use. The future completes once they are closed; `None` when none is open.
+    pub fn release_databases<'a>(
+        &self,
+        sqls: impl IntoIterator<Item = &'a str>,
+    ) -> Option<Released> {
+        let mut closing = Vec::new();
+        for sql in sqls {
+            // Cheap first: nearly every statement never says it.
+            if !sql
+                .as_bytes()
+                .windows(8)
+                .any(|w| w.eq_ignore_ascii_case(b"database"))
+            {
+                continue;
+            }
+            let analysis = self.classifier.classify(sql);
+            for name in analysis.statements.iter().flat_map(|s| &s.vacated) {
+                closing.extend(
+                    self.release_database(name)
+                        .map(|r| r.0)
+                        .into_iter()
+                        .flatten(),
+                );
+            }
+        }
+        (!closing.is_empty()).then_some(Released(closing))
     }
 }

@@ -1,36 +1,50 @@
-//! One service connection per database the cache serves: it loads the catalog
-//! snapshot, reloads it on request (DDL, unknown names) and periodically, and with
-//! `cache.invalidation = "notify"` LISTENs on `spillway_invalidate`, bumping the
-//! version of each table an external writer changed.
+//! One service connection per database the cache serves (sqlx, ADR 0018): it loads
+//! the catalog snapshot, reloads it on request (DDL, unknown names) and periodically,
+//! and with `cache.invalidation = "notify"` LISTENs on `spillway_invalidate` (a
+//! `PgListener`), bumping the version of each table an external writer changed.
+//!
+//! The task runs while the database is leased (sessions on it, the write side on its
+//! own): [`IDLE_RELEASE`] after the last lease is dropped it closes the connection and
+//! ends, and the next lease starts a new one, so spillway never keeps a database
+//! nobody uses (or one that was dropped) busy. A release
+//! ([`super::ReadCache::release_databases`]) closes the connection at once and keeps
+//! it closed for [`RELEASE_HOLD`] unless a session takes a new lease.
 //!
 //! Invariant: while the connection is down the database has no catalog (nothing is
-//! served or stored), and in notify mode every entry of the database is invalidated on
-//! loss, since notifications sent meanwhile are gone. Reconnects back off up to
-//! [`MAX_BACKOFF`]; the task lives as long as the runtime it was spawned on.
+//! served or stored), and in notify mode every entry of the database is invalidated
+//! whenever it closes, since notifications sent meanwhile are gone. Reconnects back
+//! off up to [`MAX_BACKOFF`].
 
-use std::future::poll_fn;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use spillway_policies::Invalidation;
-use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Acquire, PgConnection};
 
-use super::{DbState, ReadCache};
+use tokio::time::Instant;
+
+use super::{DbState, ReadCache, Want};
 use crate::net::upstream::Connector;
 use crate::read::catalog::{self, Catalog};
 
 /// Notification channel the triggers installed by `spillway install-triggers` use.
 pub const CHANNEL: &str = "spillway_invalidate";
+/// `application_name` of the service connections' backends.
+pub const SERVICE_APP: &str = "spillway cache service";
 /// External DDL is not announced; a periodic reload bounds how long it goes unseen.
 const RELOAD_EVERY: Duration = Duration::from_secs(60);
 const MIN_RELOAD_GAP: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Notifications buffered between the connection task and the service loop; one that
-/// does not fit invalidates the whole database instead.
-const NOTIFY_QUEUE: usize = 4096;
+/// How long a database nobody uses keeps its service connection: short enough that a
+/// `DROP DATABASE` sent elsewhere right after the last session left succeeds
+/// (PostgreSQL waits up to 5 s for other sessions to go), long enough that a client
+/// connecting per request does not reload the catalog every time.
+const IDLE_RELEASE: Duration = Duration::from_secs(3);
+/// How long a released connection stays closed unless a session takes a new lease:
+/// the statement that asked for the release runs meanwhile.
+const RELEASE_HOLD: Duration = Duration::from_secs(10);
 
 pub struct Spawner {
     pub runtime: tokio::runtime::Handle,
@@ -40,97 +54,161 @@ pub struct Spawner {
 
 impl Spawner {
     pub fn spawn(&self, cache: Arc<ReadCache>, db: Arc<DbState>) {
-        let connector = self.connector.clone();
+        let timeout = self.connector.connect_timeout;
         let url = self.url.clone();
         self.runtime
-            .spawn(async move { run(cache, db, connector, url).await });
+            .spawn(async move { run(cache, db, url, timeout).await });
     }
 }
 
-async fn run(cache: Arc<ReadCache>, db: Arc<DbState>, connector: Connector, url: String) {
+async fn run(cache: Arc<ReadCache>, db: Arc<DbState>, url: String, timeout: Duration) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match connect(&connector, &url, &db).await {
-            Ok((client, notifications)) => {
-                backoff = Duration::from_millis(100);
-                let reason = serve(&cache, &db, &client, notifications).await;
-                tracing::warn!(database = %db.name, %reason, "cache service connection lost; database served uncached until it is back");
-            }
-            Err(reason) => {
-                tracing::warn!(database = %db.name, %reason, "cache service connection failed; retrying");
-            }
-        }
+        let exit = match db.want() {
+            Want::Serve => match Service::connect(&url, &db.name, timeout).await {
+                Ok(mut service) => {
+                    backoff = Duration::from_millis(100);
+                    let exit = serve(&cache, &db, &mut service.listener).await;
+                    // Closed before anyone is told: a DROP DATABASE waits for this.
+                    service.close().await;
+                    exit
+                }
+                Err(reason) => {
+                    tracing::warn!(database = %db.name, %reason, "cache service connection failed; retrying");
+                    Exit::Lost
+                }
+            },
+            Want::Idle => Exit::Idle,
+            Want::Release => Exit::Released,
+        };
         db.set_catalog(None);
         if cache.invalidation == Invalidation::Notify {
-            // Writes by others were not heard meanwhile.
+            // Writes by others are not heard while it is closed.
             db.versions.bump_all();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        match exit {
+            Exit::Lost => {
+                // Leases and release requests are looked at again after the pause.
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = db.changed() => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Exit::Idle => {}
+            Exit::Released => hold(&db).await,
+        }
+        if !db.carry_on() {
+            tracing::debug!(database = %db.name, "no session uses the database; its cache service connection is closed");
+            return;
+        }
     }
 }
 
-async fn connect(
-    connector: &Connector,
-    url: &str,
-    db: &DbState,
-) -> Result<(Client, mpsc::Receiver<String>), String> {
-    let database = db.name.as_str();
-    // A notification that does not fit the queue invalidates the whole database.
-    let overflow = db.versions.clone();
-    let mut config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
-    // TLS, if any, is already negotiated by the connector.
-    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-    config.dbname(database);
-    config.application_name("spillway cache service");
-    let stream = connector.connect().await.map_err(|e| e.to_string())?;
-    let (client, mut connection) = config
-        .connect_raw(stream, NoTls)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (tx, rx) = mpsc::channel(NOTIFY_QUEUE);
-    tokio::spawn(async move {
-        while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
-            match msg {
-                Ok(AsyncMessage::Notification(n)) => {
-                    // Never wait here: the service loop may itself be waiting for a
-                    // query answer that only this task can read.
-                    match tx.try_send(n.payload().to_owned()) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => overflow.bump_all(),
-                        Err(mpsc::error::TrySendError::Closed(_)) => return,
-                    }
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::debug!(%err, "cache service connection ended");
+/// Why [`serve`] returned.
+enum Exit {
+    /// The connection was lost (or could not be opened).
+    Lost,
+    /// Nobody held a lease for [`IDLE_RELEASE`].
+    Idle,
+    /// A statement needs the database to itself ([`super::ReadCache::release_databases`]).
+    Released,
+}
+
+/// After a release: the connection stays closed for [`RELEASE_HOLD`] (the statement
+/// that asked for it is running), unless a session takes a new lease meanwhile.
+async fn hold(db: &DbState) {
+    let taken = db.released();
+    let until = tokio::time::Instant::now() + RELEASE_HOLD;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => return,
+            () = db.changed() => {
+                if db.taken() != taken || db.want() == Want::Idle {
                     return;
                 }
             }
         }
-    });
-    Ok((client, rx))
+    }
 }
 
-/// Runs until the connection fails; returns why.
-async fn serve(
-    cache: &ReadCache,
-    db: &DbState,
-    client: &Client,
-    mut notifications: mpsc::Receiver<String>,
-) -> String {
+/// The service connection of one database: a one-connection pool (what sqlx's
+/// `PgListener` is built on), held by the listener.
+struct Service {
+    pool: PgPool,
+    listener: PgListener,
+}
+
+impl Service {
+    /// Connects to `database` with `url`'s host, credentials and TLS settings, within
+    /// `timeout`.
+    async fn connect(url: &str, database: &str, timeout: Duration) -> Result<Self, String> {
+        let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| e.to_string())?;
+        let options = options.database(database).application_name(SERVICE_APP);
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(timeout)
+            .test_before_acquire(false)
+            .connect_with(options);
+        let pool = tokio::time::timeout(timeout, pool)
+            .await
+            .map_err(|_| format!("no connection within {timeout:?}"))?
+            .map_err(|e| e.to_string())?;
+        let mut listener = PgListener::connect_with(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        // A lost connection is reported (and handled here), never reopened silently:
+        // notifications sent meanwhile are gone.
+        listener.eager_reconnect(false);
+        listener.ignore_pool_close_event(true);
+        Ok(Self { pool, listener })
+    }
+
+    /// Closes the connection (Terminate), and returns once it is closed.
+    async fn close(self) {
+        drop(self.listener);
+        self.pool.close().await;
+    }
+}
+
+/// Runs until the connection fails, nobody uses the database for [`IDLE_RELEASE`], or
+/// a release is requested; returns which.
+async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> Exit {
+    if db.want() == Want::Release {
+        return Exit::Released;
+    }
     if cache.invalidation == Invalidation::Notify
-        && let Err(err) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await
+        && let Err(err) = listener.listen(CHANNEL).await
     {
-        return err.to_string();
+        return lost(db, &err.to_string());
     }
-    if let Err(err) = reload(db, client).await {
-        return err.to_string();
+    if let Err(err) = reload(db, listener).await {
+        return lost(db, &err.to_string());
     }
+    let mut reload_at = Instant::now() + RELOAD_EVERY;
+    let mut idle_since: Option<Instant> = None;
     loop {
+        let idle_until = match db.want() {
+            Want::Release => return Exit::Released,
+            Want::Idle => {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= IDLE_RELEASE {
+                    return Exit::Idle;
+                }
+                since + IDLE_RELEASE
+            }
+            Want::Serve => {
+                idle_since = None;
+                reload_at
+            }
+        };
         tokio::select! {
-            payload = notifications.recv() => match payload {
-                Some(payload) => match (payload.parse::<u32>(), db.catalog()) {
+            // Cancel-safe: a message is consumed only once it is whole.
+            received = listener.try_recv() => match received {
+                Ok(Some(n)) => match (n.payload().parse::<u32>(), db.catalog()) {
                     // The trigger names the table the statement targeted; its parents
                     // and partitions change with it.
                     (Ok(oid), Some(catalog)) => {
@@ -140,7 +218,8 @@ async fn serve(
                     }
                     _ => db.versions.bump_all(),
                 },
-                None => return "connection closed".to_owned(),
+                Ok(None) => return lost(db, "connection closed"),
+                Err(err) => return lost(db, &err.to_string()),
             },
             () = db.refresh.notified() => {
                 // A snapshot that exists but lacks a name is refreshed at most once
@@ -149,23 +228,35 @@ async fn serve(
                 if db.catalog().is_some() {
                     tokio::time::sleep(MIN_RELOAD_GAP).await;
                 }
-                if let Err(err) = reload(db, client).await {
-                    return err.to_string();
+                if let Err(err) = reload(db, listener).await {
+                    return lost(db, &err.to_string());
                 }
+                reload_at = Instant::now() + RELOAD_EVERY;
             }
-            () = tokio::time::sleep(RELOAD_EVERY) => {
-                if let Err(err) = reload(db, client).await {
-                    return err.to_string();
+            () = tokio::time::sleep_until(reload_at) => {
+                if let Err(err) = reload(db, listener).await {
+                    return lost(db, &err.to_string());
                 }
+                reload_at = Instant::now() + RELOAD_EVERY;
             }
+            // Leases or a release request changed; the idle period may be over.
+            () = db.changed() => {}
+            () = tokio::time::sleep_until(idle_until) => {}
         }
     }
 }
 
-async fn reload(db: &DbState, client: &Client) -> Result<(), tokio_postgres::Error> {
+/// Logs a lost connection.
+fn lost(db: &DbState, reason: &str) -> Exit {
+    tracing::warn!(database = %db.name, %reason, "cache service connection lost; database served uncached until it is back");
+    Exit::Lost
+}
+
+async fn reload(db: &DbState, listener: &mut PgListener) -> Result<(), sqlx::Error> {
     loop {
         let generation = db.generation.load(Ordering::SeqCst);
-        let catalog: Catalog = catalog::load::load(client).await?;
+        let conn: &mut PgConnection = listener.acquire().await?;
+        let catalog: Catalog = catalog::load::load(conn).await?;
         let relations = catalog.relation_count();
         // DDL acknowledged while loading: this snapshot may predate it; load again.
         if db.install(Arc::new(catalog), generation) {

@@ -1,10 +1,12 @@
-//! Loads a [`Catalog`] snapshot over a service connection: three catalog queries plus
-//! one `pg_get_viewdef` per user view, which the classifier reads to find functions
-//! and SQL value functions that `pg_depend` does not record.
+//! Loads a [`Catalog`] snapshot over a service connection (sqlx): the relations, view
+//! dependencies, functions' volatility, inheritance and foreign-key pairs, plus every
+//! user view's `pg_get_viewdef`, which the classifier reads to find functions and SQL
+//! value functions that `pg_depend` does not record.
 
 use std::collections::{HashMap, HashSet};
 
-use tokio_postgres::Client;
+use sqlx::postgres::types::Oid;
+use sqlx::{PgConnection, Row};
 
 use super::{Catalog, FunctionInfo, RelKind, Relation, Volatility};
 use crate::read::classify;
@@ -43,10 +45,32 @@ const FUNCTIONS: &str = "
 SELECT p.proname, p.provolatile::text, n.nspname = 'pg_catalog'
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace";
 
-pub async fn load(client: &Client) -> Result<Catalog, tokio_postgres::Error> {
+/// One snapshot of the connection's database.
+pub async fn load(conn: &mut PgConnection) -> Result<Catalog, sqlx::Error> {
+    let relations = relations(conn).await?;
+    let view_deps = oid_pairs(conn, VIEW_DEPS).await?;
+    let functions = functions(conn).await?;
+    let mut volatile_views = HashSet::new();
+    for row in sqlx::query(VIEW_DEFS).fetch_all(&mut *conn).await? {
+        let oid: Oid = row.try_get(0)?;
+        let def: Option<String> = row.try_get(1)?;
+        let immutable = def.is_some_and(|def| definition_is_immutable(&def, &functions));
+        if !immutable {
+            volatile_views.insert(oid.0);
+        }
+    }
+    let inherits = oid_pairs(conn, INHERITS).await?;
+    let foreign_keys = oid_pairs(conn, FOREIGN_KEYS).await?;
+    Ok(
+        Catalog::new(relations, &view_deps, volatile_views, functions, &inherits)
+            .with_foreign_keys(&foreign_keys),
+    )
+}
+
+async fn relations(conn: &mut PgConnection) -> Result<Vec<Relation>, sqlx::Error> {
     let mut relations = Vec::new();
-    for row in client.query(RELATIONS, &[]).await? {
-        let kind = match row.get::<_, &str>(3) {
+    for row in sqlx::query(RELATIONS).fetch_all(&mut *conn).await? {
+        let kind = match row.try_get::<&str, _>(3)? {
             "r" | "p" => RelKind::Table,
             "v" => RelKind::View,
             "m" => RelKind::MaterializedView,
@@ -54,29 +78,32 @@ pub async fn load(client: &Client) -> Result<Catalog, tokio_postgres::Error> {
             _ => RelKind::Foreign,
         };
         relations.push(Relation {
-            oid: row.get(0),
-            schema: row.get(1),
-            name: row.get(2),
+            oid: row.try_get::<Oid, _>(0)?.0,
+            schema: row.try_get(1)?,
+            name: row.try_get(2)?,
             kind,
-            temp: row.get(4),
-            system: row.get(5),
-            row_security: row.get(6),
-            write_side_effects: row.get(7),
+            temp: row.try_get(4)?,
+            system: row.try_get(5)?,
+            row_security: row.try_get(6)?,
+            write_side_effects: row.try_get(7)?,
         });
     }
+    Ok(relations)
+}
 
-    let view_deps = oid_pairs(client, VIEW_DEPS).await?;
-
+/// Every function name's worst volatility, and whether a user-defined overload is
+/// volatile.
+async fn functions(conn: &mut PgConnection) -> Result<HashMap<String, FunctionInfo>, sqlx::Error> {
     let mut functions: HashMap<String, FunctionInfo> = HashMap::new();
-    for row in client.query(FUNCTIONS, &[]).await? {
-        let volatility = match row.get::<_, &str>(1) {
+    for row in sqlx::query(FUNCTIONS).fetch_all(&mut *conn).await? {
+        let volatility = match row.try_get::<&str, _>(1)? {
             "i" => Volatility::Immutable,
             "s" => Volatility::Stable,
             _ => Volatility::Volatile,
         };
-        let builtin: bool = row.get(2);
+        let builtin: bool = row.try_get(2)?;
         let entry = functions
-            .entry(row.get::<_, String>(0))
+            .entry(row.try_get::<String, _>(0)?)
             .or_insert(FunctionInfo {
                 worst: Volatility::Immutable,
                 user_volatile: false,
@@ -84,35 +111,17 @@ pub async fn load(client: &Client) -> Result<Catalog, tokio_postgres::Error> {
         entry.worst = entry.worst.max(volatility);
         entry.user_volatile |= volatility == Volatility::Volatile && !builtin;
     }
-
-    let mut volatile_views = HashSet::new();
-    for row in client.query(VIEW_DEFS, &[]).await? {
-        let oid: u32 = row.get(0);
-        let def: Option<&str> = row.get(1);
-        let immutable = def.is_some_and(|def| definition_is_immutable(def, &functions));
-        if !immutable {
-            volatile_views.insert(oid);
-        }
-    }
-
-    let inherits = oid_pairs(client, INHERITS).await?;
-
-    let foreign_keys = oid_pairs(client, FOREIGN_KEYS).await?;
-
-    Ok(
-        Catalog::new(relations, &view_deps, volatile_views, functions, &inherits)
-            .with_foreign_keys(&foreign_keys),
-    )
+    Ok(functions)
 }
 
 /// The (OID, OID) rows of `sql`.
-async fn oid_pairs(client: &Client, sql: &str) -> Result<Vec<(u32, u32)>, tokio_postgres::Error> {
-    Ok(client
-        .query(sql, &[])
+async fn oid_pairs(conn: &mut PgConnection, sql: &str) -> Result<Vec<(u32, u32)>, sqlx::Error> {
+    sqlx::query(sql)
+        .fetch_all(&mut *conn)
         .await?
         .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect())
+        .map(|row| Ok((row.try_get::<Oid, _>(0)?.0, row.try_get::<Oid, _>(1)?.0)))
+        .collect()
 }
 
 /// A view definition reads no clock or user and calls only immutable functions.

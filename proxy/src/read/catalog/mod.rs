@@ -9,8 +9,13 @@
 //! session's search_path decides which one PostgreSQL uses; so a read depends on all of
 //! them and a write invalidates all of them. A function name is as volatile as its
 //! most volatile overload in any schema.
+//!
+//! Every catalog query spillway runs is in this module's two readers: [`load`] (the
+//! snapshot) and [`tables`] (one table's facts, for the write side's checks of its
+//! deferred tables).
 
 pub mod load;
+pub mod tables;
 
 use std::collections::HashMap;
 

@@ -119,7 +119,33 @@ fn statement(node: &NodeEnum) -> Result<Statement, TreeError> {
     if !explain_analyze {
         st.shape = shape::of(node);
     }
+    st.vacated = vacated(node);
     Ok(st)
+}
+
+/// The databases a statement needs no other session connected to (see
+/// [`Statement::vacated`]).
+fn vacated(node: &NodeEnum) -> Vec<String> {
+    match node {
+        NodeEnum::DropdbStmt(s) => vec![s.dbname.clone()],
+        NodeEnum::RenameStmt(r) if r.rename_type == ObjectType::ObjectDatabase as i32 => {
+            vec![r.subname.clone()]
+        }
+        NodeEnum::CreatedbStmt(s) => {
+            let named = s.options.iter().find_map(|o| match o.node.as_ref()? {
+                NodeEnum::DefElem(d) if d.defname == "template" => {
+                    match d.arg.as_ref().and_then(|a| a.node.as_ref()) {
+                        Some(NodeEnum::String(t)) => Some(t.sval.clone()),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            });
+            // `TEMPLATE DEFAULT`, or none given: template1.
+            vec![named.unwrap_or_else(|| "template1".to_owned())]
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// `ANALYZE` given and not explicitly false (`EXPLAIN (ANALYZE off)`). When unsure,

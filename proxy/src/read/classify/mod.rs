@@ -84,6 +84,10 @@ pub struct Statement {
     /// writes included (MERGE, COPY FROM, a SELECT with a data-modifying CTE, EXPLAIN
     /// ANALYZE of a write), which are never deferrable either.
     pub shape: Option<Result<WriteShape, &'static str>>,
+    /// Databases the statement needs no other session connected to (PostgreSQL
+    /// refuses it otherwise): `DROP DATABASE d`, `ALTER DATABASE d RENAME`, and the
+    /// template of `CREATE DATABASE` (`template1` unless another is named).
+    pub vacated: Vec<String>,
 }
 
 /// A relation name as written (schema only when qualified; a catalog prefix is dropped).
@@ -276,6 +280,7 @@ impl Statement {
             sql_value_function: false,
             locking: false,
             shape: None,
+            vacated: Vec::new(),
         }
     }
 
@@ -295,6 +300,7 @@ impl Statement {
         };
         size_of::<Self>()
             + kind_text
+            + self.vacated.iter().map(String::len).sum::<usize>()
             + rels
                 .map(|r| {
                     size_of::<RelName>() + r.name.len() + r.schema.as_ref().map_or(0, String::len)

@@ -242,3 +242,29 @@ fn deep_trees_are_unanalysed() {
     let flat: Vec<String> = (0..500).map(|i| format!("a = {i}")).collect();
     assert!(!analyze(&format!("SELECT 1 FROM t WHERE {}", flat.join(" OR "))).unanalysed);
 }
+
+#[test]
+fn statements_that_need_a_database_to_themselves_name_it() {
+    assert_eq!(one("DROP DATABASE IF EXISTS scratch").vacated, ["scratch"]);
+    assert_eq!(
+        one("DROP DATABASE \"Mixed\" WITH (FORCE)").vacated,
+        ["Mixed"]
+    );
+    assert_eq!(one("ALTER DATABASE a RENAME TO b").vacated, ["a"]);
+    assert_eq!(one("CREATE DATABASE c TEMPLATE tmpl").vacated, ["tmpl"]);
+    assert_eq!(
+        one("CREATE DATABASE c WITH TEMPLATE = 'tmpl'").vacated,
+        ["tmpl"]
+    );
+    assert_eq!(one("CREATE DATABASE c").vacated, ["template1"]);
+    assert_eq!(
+        one("CREATE DATABASE c TEMPLATE DEFAULT").vacated,
+        ["template1"]
+    );
+    assert!(
+        one("ALTER DATABASE a SET work_mem = '1MB'")
+            .vacated
+            .is_empty()
+    );
+    assert!(one("SELECT 1").vacated.is_empty());
+}

@@ -22,11 +22,8 @@
 //! - The cache entries of a table are invalidated when a deferred write to it is
 //!   acknowledged (and again when it is applied, by the flusher).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
-
-use spillway_policies::Consistency;
 
 use super::answer::{Reply, Single, refusal};
 use super::statements::Unnamed;
@@ -38,6 +35,7 @@ use crate::read::classify::TxCommand;
 use crate::read::classify::{Analysis, Kind};
 use crate::session::state::Outbox;
 use crate::write::convert::{self, Bound, Converted};
+use crate::write::fallbacks::Fallback;
 use crate::write::service::{DeferError, TableSet, WriteService};
 
 /// The deferred tables of the session's database, and what the session deferred.
@@ -147,25 +145,7 @@ impl Caching {
             touch.tables.into_iter().chain(touch.linked).collect()
         };
         let own_seq = self.writes.as_ref().map_or(0, |d| d.own_seq);
-        let mut target = None::<u64>;
-        let mut strong = HashSet::new();
-        for name in &names {
-            match (read_only, set.consistency(name)) {
-                (true, Consistency::Bounded) => {}
-                (true, Consistency::Session) => {
-                    if own_seq > w.applied() {
-                        target = Some(target.unwrap_or(0).max(own_seq));
-                    }
-                }
-                _ => {
-                    strong.insert(name.as_str());
-                }
-            }
-        }
-        if let Some(t) = w.barrier_target(strong.iter().copied()) {
-            target = Some(target.unwrap_or(0).max(t));
-        }
-        target.filter(|t| *t > w.applied())
+        w.barrier(names.iter().map(String::as_str), read_only, own_seq)
     }
 
     /// Blocks the current message until `target` is applied upstream; then it goes
@@ -297,22 +277,21 @@ impl Caching {
         bound: &Bound,
         out: &Outbox,
     ) -> Result<(String, Converted), Fallback> {
-        let because = Fallback::Because;
-        let w = &self.writes.as_ref().ok_or(because("not_deferred"))?.service;
+        let w = &self.writes.as_ref().ok_or(Fallback::NotDeferred)?.service;
         let [stmt] = analysis.statements.as_slice() else {
-            return Err(because("multiple_statements"));
+            return Err(Fallback::MultipleStatements);
         };
         let shape = match &stmt.shape {
             Some(Ok(shape)) => shape,
-            Some(Err(reason)) => return Err(because(reason)),
-            None => return Err(because("not_a_deferrable_write")),
+            Some(Err(reason)) => return Err(Fallback::Shape(reason)),
+            None => return Err(Fallback::NotADeferrableWrite),
         };
         // A held transaction's statements are decided like autocommit ones (held/).
         if (out.tx_status() != b'I' && self.tx.held.is_none()) || !self.tracker.quiet {
-            return Err(because("in_transaction"));
+            return Err(Fallback::InTransaction);
         }
         if self.key.bypass.is_some() || self.key.local_override {
-            return Err(because("session_state"));
+            return Err(Fallback::SessionState);
         }
         // Literal text and bytes mean what the flusher's connection reads them as only
         // with these settings (UTF-8, backslashes literal in '…').
@@ -321,28 +300,26 @@ impl Caching {
         if param("client_encoding") != Some("UTF8")
             || param("standard_conforming_strings") != Some("on")
         {
-            return Err(because("session_settings"));
+            return Err(Fallback::SessionSettings);
         }
         // PostgreSQL refuses the write (25006); it says so itself.
         if param("default_transaction_read_only") == Some("on") {
-            return Err(because("read_only"));
+            return Err(Fallback::ReadOnly);
         }
         if !stmt.functions.is_empty() || stmt.sql_value_function {
-            return Err(because("function"));
+            return Err(Fallback::Function);
         }
-        let catalog = self
-            .routing_catalog()
-            .ok_or(because("catalog_not_loaded"))?;
+        let catalog = self.routing_catalog().ok_or(Fallback::CatalogNotLoaded)?;
         let rel = shape.table();
         let set = w.tables();
         let name = target(&set, &catalog, rel.schema.as_deref(), &rel.name)?.to_owned();
         // Reads of other tables (none in a deferrable shape) would need their own rules.
         // A table a reload is moving off deferral runs write-through from now on.
-        let table = set.deferring(&name).ok_or(because("policy_reloading"))?;
+        let table = set.deferring(&name).ok_or(Fallback::PolicyReloading)?;
         if table.config.when_full == spillway_policies::WhenFull::WriteThrough && w.is_full(&name) {
             return Err(Fallback::Full);
         }
-        let converted = convert::convert(shape, table, bound).map_err(because)?;
+        let converted = convert::convert(shape, table, bound)?;
         Ok((name, converted))
     }
 
@@ -366,7 +343,7 @@ impl Caching {
 
 /// Counts a write that runs write-through instead of being deferred.
 fn note_fallback(w: &WriteService, table: &str, reason: Fallback) {
-    w.fallbacks.note(table, reason.label());
+    w.fallbacks.note(table, reason);
     metrics::counter!(
         crate::metrics::FALLBACKS,
         "table" => table.to_owned(),
@@ -525,26 +502,7 @@ fn target<'a>(
 ) -> Result<&'a str, Fallback> {
     let candidates = catalog.resolve(schema, name);
     let [relation] = candidates.as_slice() else {
-        return Err(Fallback::Because("ambiguous_table"));
+        return Err(Fallback::AmbiguousTable);
     };
-    set.name_of(relation.oid)
-        .ok_or(Fallback::Because("not_deferred"))
-}
-
-/// Why a write that looked deferrable runs write-through (its metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fallback {
-    /// The table is full and `when_full = "write-through"`: the barrier before it
-    /// makes room, but the write runs upstream.
-    Full,
-    Because(&'static str),
-}
-
-impl Fallback {
-    pub fn label(self) -> &'static str {
-        match self {
-            Fallback::Full => "full",
-            Fallback::Because(reason) => reason,
-        }
-    }
+    set.name_of(relation.oid).ok_or(Fallback::NotDeferred)
 }

@@ -64,7 +64,7 @@ use tokio::sync::Notify;
 
 use crate::protocol::frontend;
 use crate::protocol::startup::StartupMessage;
-use crate::read::cache::{Cacheable, DbState, Decision, ReadCache, decide};
+use crate::read::cache::{Cacheable, DbLease, Decision, ReadCache, Released, decide};
 use crate::read::catalog::Catalog;
 use crate::read::classify::Analysis;
 use crate::session::state::Outbox;
@@ -111,7 +111,9 @@ pub struct Handler {
 /// A session with the read cache on.
 struct Caching {
     cache: Arc<ReadCache>,
-    db: Arc<DbState>,
+    /// A lease on the database's shared state: its service connection lives while
+    /// some session holds one (`read/cache/lease.rs`).
+    db: DbLease,
     key: KeyContext,
     tracker: Tracker,
     stmts: Statements,
@@ -147,7 +149,7 @@ impl Handler {
         startup: &StartupMessage,
         state: &crate::session::state::ProtocolState,
     ) -> Self {
-        let db = cache.database(startup.database());
+        let db = cache.lease(startup.database());
         let reported: &BTreeMap<String, String> = &state.params;
         Self {
             upstream_statements: metrics::Counter::noop(),
@@ -343,6 +345,16 @@ impl Caching {
                 .writes
                 .as_ref()
                 .is_none_or(|w| w.own_seq == 0 || w.own_seq <= w.service.applied())
+    }
+
+    /// Blocks the message until spillway's service connections it would be in the
+    /// way of are closed; offered again, it finds none open and goes on.
+    fn wait_released(&mut self, closed: Released) -> Disposition {
+        self.wait = Wait::on(async move {
+            closed.await;
+            wait::Resume::Again { filled: false }
+        });
+        Disposition::Blocked
     }
 
     fn decide(&self, analysis: &Analysis) -> Decision {

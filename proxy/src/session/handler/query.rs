@@ -39,6 +39,10 @@ impl Caching {
         };
         let key = (self.reads_allowed(out.tx_status()) && self.tracker.quiet)
             .then(|| super::query_key(&mut self.key, sql.as_bytes()).to_vec());
+        // DROP DATABASE and the like: spillway's own connection must not be in the way.
+        if let Some(closed) = self.cache.release_databases([sql]) {
+            return self.wait_released(closed);
+        }
         let analysis = self.cache.classifier.classify(sql);
         // Not SQL, so PostgreSQL's parser (and the classifier) refuse it.
         if analysis.unanalysed

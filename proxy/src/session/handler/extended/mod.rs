@@ -37,6 +37,7 @@ use super::tracker::Expect;
 use super::{Caching, Disposition};
 use crate::protocol::frontend;
 use crate::read::cache::Effects;
+use crate::read::cache::Released;
 use crate::session::state::Outbox;
 use local::Local;
 use route::Shape;
@@ -93,6 +94,9 @@ impl Cycle {
 impl Caching {
     pub(super) fn on_extended(&mut self, tag: u8, msg: &[u8], out: &mut Outbox) -> Disposition {
         if self.cycle.upstream {
+            if let Some(closed) = self.release_before(std::iter::once(msg)) {
+                return self.wait_released(closed);
+            }
             // A Bind or Execute in a cycle already upstream first gets its barrier.
             if matches!(tag, frontend::BIND | frontend::EXECUTE)
                 && let Some(d) = self.route_forwarding(tag, msg, out)
@@ -110,6 +114,9 @@ impl Caching {
             return self.on_sync(msg, out);
         }
         if self.would_forward(tag, msg.len()) {
+            if let Some(closed) = self.release_before(self.held_and(msg)) {
+                return self.wait_released(closed);
+            }
             // A client waiting on a Flush must get its answers.
             if let Some(d) = self.route_forwarding(tag, msg, out) {
                 return d;
@@ -134,6 +141,9 @@ impl Caching {
             return Disposition::Consumed;
         }
         // Nothing here can answer this cycle: it goes upstream now, this message too.
+        if let Some(closed) = self.release_before(self.held_and(msg)) {
+            return self.wait_released(closed);
+        }
         self.cycle.local = None;
         self.cycle.shape = Shape::impossible();
         if let Some(d) = self.route_forwarding(tag, msg, out) {
@@ -172,7 +182,29 @@ impl Caching {
         self.cycle.fills = false;
     }
 
+    /// The held messages, then `msg`.
+    fn held_and<'a>(&'a self, msg: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.cycle
+            .held
+            .iter()
+            .map(|m| &m[..])
+            .chain(std::iter::once(msg))
+    }
+
+    /// Before `msgs` go upstream: a Parse of a statement that needs a database to
+    /// itself (DROP DATABASE, a CREATE DATABASE's template) waits until spillway's
+    /// service connection to that database is closed (`ReadCache::release_databases`).
+    fn release_before<'a>(&self, msgs: impl Iterator<Item = &'a [u8]>) -> Option<Released> {
+        let sqls = msgs
+            .filter(|m| m[0] == frontend::PARSE)
+            .filter_map(|m| frontend::parse(frontend::body(m)).map(|p| p.sql));
+        self.cache.release_databases(sqls)
+    }
+
     fn on_sync(&mut self, msg: &[u8], out: &mut Outbox) -> Disposition {
+        if let Some(closed) = self.release_before(self.cycle.held.iter().map(|m| &m[..])) {
+            return self.wait_released(closed);
+        }
         if let Some(d) = self.route_cycle(out) {
             return d;
         }

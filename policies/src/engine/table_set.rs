@@ -1,18 +1,17 @@
-//! Which tables the [`WriteService`] defers, as one immutable [`TableSet`] behind an
-//! `ArcSwap`, and how a reload changes it (SPEC §7: "leaving a deferred policy
-//! flushes first").
+//! Which tables the engine defers, as one immutable [`TableSet`] behind an `ArcSwap`,
+//! and how a reload changes it (SPEC §7: "leaving a deferred policy flushes first").
 //!
 //! Sessions and the flusher read the set with one atomic load and never lock it; a
 //! reload builds a new set and swaps it in. A reload runs in two steps:
 //!
-//! 1. [`WriteService::begin_reload`] installs the new set with every table that leaves
+//! 1. [`Engine::begin_reload`] installs the new set with every table that leaves
 //!    deferral still in it, marked *leaving*: no new write to it is deferred, but
 //!    anything that touches it waits for its pending writes first (a strong barrier),
 //!    exactly as for a deferred table.
-//! 2. [`WriteService::drain_leaving`] waits until no deferral of a leaving table is in
+//! 2. [`Engine::drain_leaving`] waits until no deferral of a leaving table is in
 //!    flight (decided but not yet pending) and everything pending up to then is applied
-//!    upstream; [`WriteService::finish_reload`] then drops the leaving tables, and
-//!    their statements run write-through with nothing of theirs still pending.
+//!    upstream; [`Engine::finish_reload`] then drops the leaving tables, and their
+//!    statements run write-through with nothing of theirs still pending.
 //!
 //! Invariants:
 //! - A table's write is deferred only while the table is in the set and not leaving;
@@ -27,11 +26,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use spillway_policies::writes::TableMeta;
-use spillway_policies::{Consistency, FlushConfig, TableConfig};
-
-use super::{DeferError, WriteService};
-use crate::write::tables::DeferredTable;
+use super::table::DeferredTable;
+use super::{Checks, DeferError, Engine, Log};
+use crate::writes::TableMeta;
+use crate::{Consistency, FlushConfig, Policy, TableConfig};
 
 /// The deferred tables at one moment.
 #[derive(Default)]
@@ -62,6 +60,15 @@ impl TableSet {
         self.metas.insert(name.clone(), t.meta.clone());
         self.oids.insert(name.clone(), t.oid);
         self.tables.insert(name, t);
+    }
+
+    /// A set with the same history (`metas`, `oids`) and no tables yet.
+    fn successor(&self) -> Self {
+        TableSet {
+            metas: self.metas.clone(),
+            oids: self.oids.clone(),
+            ..TableSet::default()
+        }
     }
 
     /// The table if writes to it are deferred now (not when it is leaving deferral).
@@ -105,9 +112,15 @@ impl TableSet {
         self.oids.get(name).copied()
     }
 
+    /// Whether `table` is write-back (its operations fold per key at flush).
+    pub fn coalesces(&self, table: &str) -> bool {
+        self.metas.get(table).is_some_and(|m| m.coalesce)
+    }
+
     /// How long the flusher may sleep: `interval`, or less when a table with
-    /// `consistency = "bounded"` promises a shorter `max_staleness`.
-    pub(super) fn tick(&self, flush: &FlushConfig) -> Duration {
+    /// `consistency = "bounded"` promises a shorter `max_staleness` (its readers skip
+    /// barriers, so the flusher is what bounds how old their view can be).
+    pub fn tick(&self, flush: &FlushConfig) -> Duration {
         self.tables
             .iter()
             .filter(|(n, t)| {
@@ -127,7 +140,7 @@ pub struct TablesChange {
     pub entering: HashMap<String, DeferredTable>,
 }
 
-impl WriteService {
+impl<C: Checks, L: Log> Engine<C, L> {
     /// Names of the deferred tables (not those leaving deferral).
     pub fn deferred_names(&self) -> Vec<String> {
         let set = self.tables.load();
@@ -140,16 +153,12 @@ impl WriteService {
 
     /// Step 1 of a reload: installs the new set, with tables that leave deferral
     /// marked leaving; returns their names and the set that was in force before
-    /// (for [`WriteService::restore`]).
+    /// (for [`Engine::restore`]).
     pub fn begin_reload(&self, change: TablesChange) -> (Vec<String>, Arc<TableSet>) {
         // The state lock orders this swap against `enter` (see the module invariants).
         let state = self.state();
         let old = self.tables.load_full();
-        let mut next = TableSet {
-            metas: old.metas.clone(),
-            oids: old.oids.clone(),
-            ..TableSet::default()
-        };
+        let mut next = old.successor();
         let mut leaving = Vec::new();
         for (name, t) in &old.tables {
             match change.configs.get(name) {
@@ -159,7 +168,7 @@ impl WriteService {
                     // Between write-behind and write-back: records still pending are
                     // applied under the new policy (the reload made sure they were all
                     // acknowledged with exact row counts, see `reload.rs`).
-                    t.meta.coalesce = config.policy == spillway_policies::Policy::WriteBack;
+                    t.meta.coalesce = config.policy == Policy::WriteBack;
                     next.insert(name.clone(), Arc::new(t));
                 }
                 None => {
@@ -215,11 +224,7 @@ impl WriteService {
     pub fn finish_reload(&self) {
         let _state = self.state();
         let old = self.tables.load_full();
-        let mut next = TableSet {
-            metas: old.metas.clone(),
-            oids: old.oids.clone(),
-            ..TableSet::default()
-        };
+        let mut next = old.successor();
         for (name, t) in &old.tables {
             if !old.leaving.contains(name) {
                 next.insert(name.clone(), t.clone());
@@ -245,7 +250,7 @@ impl WriteService {
     pub(super) fn enter(
         self: &Arc<Self>,
         table: &str,
-    ) -> Result<(Arc<DeferredTable>, InFlight), DeferError> {
+    ) -> Result<(Arc<DeferredTable>, InFlight<C, L>), DeferError> {
         let mut state = self.state();
         let Some(t) = self.tables.load().deferring(table).cloned() else {
             return Err(DeferError::NotDeferred(table.to_owned()));
@@ -254,7 +259,7 @@ impl WriteService {
         Ok((
             t,
             InFlight {
-                service: self.clone(),
+                engine: self.clone(),
                 table: table.to_owned(),
             },
         ))
@@ -263,14 +268,14 @@ impl WriteService {
 
 /// One deferral of a table between its decision and its record being pending (or
 /// given up); a reload waits for these before it flushes a table leaving deferral.
-pub(super) struct InFlight {
-    service: Arc<WriteService>,
+pub struct InFlight<C: Checks, L: Log> {
+    engine: Arc<Engine<C, L>>,
     table: String,
 }
 
-impl Drop for InFlight {
+impl<C: Checks, L: Log> Drop for InFlight<C, L> {
     fn drop(&mut self) {
-        let mut state = self.service.state();
+        let mut state = self.engine.state();
         if let Some(n) = state.inflight.get_mut(&self.table) {
             *n = n.saturating_sub(1);
         }

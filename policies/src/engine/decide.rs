@@ -1,0 +1,158 @@
+//! Deciding what deferred statements write, without journaling anything: per
+//! operation whether it writes a row (exact row counts, SPEC §6) and the key overlay's
+//! state afterwards. With `row_counts = "exact"` a key's existence comes from the
+//! transaction's own earlier statements first, then pending writes (the overlay), then
+//! PostgreSQL (a point read, in [`Known`]); with `"assumed"` every operation counts.
+//!
+//! Invariants:
+//! - An INSERT of a key that exists is a duplicate (23505) for the whole decision, as a
+//!   statement error aborts a transaction in PostgreSQL.
+//! - In a held transaction, a key an earlier statement inserted that another session
+//!   wrote since is a divergence (40001), not this statement's duplicate.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::DeferError;
+use super::state::{Known, Slot, State};
+use super::table::{DeferredTable, Verb};
+use crate::RowCounts;
+use crate::writes::RowOp;
+
+/// A deferrable statement: its operations and, per operation, its canonical key. `R`
+/// is what the proxy answers RETURNING with; the engine never reads it.
+#[derive(Debug, Clone)]
+pub struct Converted<R = ()> {
+    pub verb: Verb,
+    pub ops: Vec<RowOp>,
+    pub keys: Vec<Vec<String>>,
+    pub returning: Option<R>,
+}
+
+/// One statement of a held transaction (or an autocommit statement alone).
+#[derive(Debug, Clone)]
+pub struct TxStatement<R = ()> {
+    /// `schema.name` of its deferred table.
+    pub table: String,
+    pub converted: Converted<R>,
+}
+
+/// Per statement, per operation: whether it writes a row.
+pub type Applied = Vec<Vec<bool>>;
+
+/// A deferred statement's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The journal record, or `None` when nothing was written (an UPDATE/DELETE of a
+    /// key that does not exist, with exact row counts).
+    pub seq: Option<u64>,
+    /// The row count for the command tag.
+    pub rows: usize,
+    /// Per operation of the statement, in order: whether it writes a row.
+    pub applied: Vec<bool>,
+}
+
+/// A held transaction's answer at COMMIT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxOutcome {
+    /// The journal record, or `None` when nothing was written.
+    pub seq: Option<u64>,
+    pub applied: Applied,
+}
+
+/// What a run of statements writes.
+pub(super) struct Decision {
+    pub applied: Applied,
+    pub ops: Vec<RowOp>,
+    /// Whether each key written exists once the operations are applied.
+    pub after: HashMap<Slot, bool>,
+}
+
+pub(super) type Tables = HashMap<String, Arc<DeferredTable>>;
+
+pub(super) fn exact(t: &DeferredTable) -> bool {
+    t.config.row_counts == RowCounts::Exact
+}
+
+/// A held transaction's decision for its last statement (and those before it).
+pub(super) fn decide_preview<R>(
+    state: &State,
+    stmts: &[TxStatement<R>],
+    tables: &Tables,
+    known: &Known,
+) -> Result<Applied, DeferError> {
+    // A key an earlier statement inserted was written by another session since: the
+    // earlier answer no longer holds (not this statement's duplicate key).
+    if let [earlier @ .., _] = stmts
+        && !earlier.is_empty()
+        && let Err(DeferError::Duplicate { detail, .. }) = decide(state, earlier, tables, known)
+    {
+        return Err(DeferError::Diverged(format!(
+            "another session wrote a key this transaction inserted ({detail})"
+        )));
+    }
+    Ok(decide(state, stmts, tables, known)?.applied)
+}
+
+/// What `stmts` write given `state` and `known` (every exact key answered): per
+/// operation whether it writes, the operations that do, and each written key's
+/// existence afterwards.
+pub(super) fn decide<R>(
+    state: &State,
+    stmts: &[TxStatement<R>],
+    tables: &Tables,
+    known: &Known,
+) -> Result<Decision, DeferError> {
+    let mut after: HashMap<Slot, bool> = HashMap::new();
+    let mut applied = Vec::with_capacity(stmts.len());
+    let mut ops = Vec::new();
+    for s in stmts {
+        let t = tables
+            .get(&s.table)
+            .ok_or_else(|| DeferError::NotDeferred(s.table.clone()))?;
+        let exact = exact(t);
+        let verb = s.converted.verb;
+        let mut flags = Vec::with_capacity(s.converted.ops.len());
+        for (op, key) in s.converted.ops.iter().zip(&s.converted.keys) {
+            let slot = (s.table.clone(), key.clone());
+            let before = after
+                .get(&slot)
+                .copied()
+                .or_else(|| state.keys.get(&slot).map(|k| k.exists))
+                .or_else(|| known.get(&slot).map(|(e, _, _)| *e));
+            let exists_now = match (verb, exact, before) {
+                (Verb::Insert, true, Some(true)) => {
+                    return Err(duplicate(t, key));
+                }
+                (Verb::Insert, _, _) => true,
+                (Verb::Update | Verb::Delete, true, Some(false) | None) => {
+                    flags.push(false);
+                    continue;
+                }
+                (Verb::Update, _, _) => true,
+                (Verb::Delete, _, _) => false,
+            };
+            after.insert(slot, exists_now);
+            flags.push(true);
+            ops.push(op.clone());
+        }
+        applied.push(flags);
+    }
+    Ok(Decision {
+        applied,
+        ops,
+        after,
+    })
+}
+
+/// 23505 as PostgreSQL words it for `key` of `t`.
+fn duplicate(t: &DeferredTable, key: &[String]) -> DeferError {
+    DeferError::Duplicate {
+        constraint: t.pkey_name.clone(),
+        detail: format!(
+            "Key ({})=({}) already exists.",
+            t.meta.key.join(", "),
+            key.join(", ")
+        ),
+    }
+}

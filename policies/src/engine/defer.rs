@@ -1,0 +1,319 @@
+//! Journaling deferred statements: an autocommit statement alone, or a held client
+//! transaction (its statements in order) as one record (SPEC §6); and deciding a held
+//! transaction's statement without journaling it ([`Engine::preview`]).
+//!
+//! Invariants:
+//! - The decision and the overlay update happen under one lock, so two sessions
+//!   cannot both insert one key; the overlay is undone on the live entries if the
+//!   append fails.
+//! - A transaction is journaled as one record, so the flusher applies it whole, in
+//!   one upstream transaction, or not at all.
+//! - A held transaction is journaled only if every statement still has the row counts
+//!   its client was given ([`DeferError::Diverged`] otherwise): never a silent
+//!   divergence.
+//! - [`Engine::preview`] decides without reserving or journaling anything.
+
+use std::collections::HashMap;
+use std::sync::{Arc, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::decide::{self, Applied, Converted, Outcome, Tables, TxOutcome, TxStatement, exact};
+use super::state::{Known, Slot, State};
+use super::table::Verb;
+use super::table_set::InFlight;
+use super::{Checks, DeferError, Engine, Log};
+use crate::writes::Record;
+
+impl<C: Checks, L: Log> Engine<C, L> {
+    /// Decides and journals a deferrable statement of role `user` on `table`; returns
+    /// once its record is durable and pending (or at once when it writes nothing).
+    pub async fn defer<R: Send + Sync>(
+        self: &Arc<Self>,
+        user: &str,
+        table: &str,
+        converted: Converted<R>,
+    ) -> Result<Outcome, DeferError> {
+        let stmt = TxStatement {
+            table: table.to_owned(),
+            converted,
+        };
+        let out = self.defer_tx(user, vec![stmt], None, Known::new()).await?;
+        let applied = out.applied.into_iter().next().unwrap_or_default();
+        Ok(Outcome {
+            seq: out.seq,
+            rows: applied.iter().filter(|a| **a).count(),
+            applied,
+        })
+    }
+
+    /// The row operations `stmts` would write now, per statement and operation,
+    /// without reserving or journaling anything (a held transaction's statement).
+    /// `known` keeps the point reads for the next call and for COMMIT.
+    pub async fn preview<R: Send + Sync>(
+        self: &Arc<Self>,
+        user: &str,
+        stmts: &[TxStatement<R>],
+        known: &mut Known,
+    ) -> Result<Applied, DeferError> {
+        if let Some(cause) = self.poisoned.get() {
+            return Err(DeferError::Stopped(cause.clone()));
+        }
+        let tables = self.deferring(stmts)?;
+        self.check_privileges(user, stmts, &tables).await?;
+        let state = self.lock_answered(stmts, &tables, known).await?;
+        decide::decide_preview(&state, stmts, &tables, known)
+    }
+
+    /// [`Self::preview`] without waiting: `None` when it would need PostgreSQL (a
+    /// privilege or a key it has no answer for), so the caller awaits `preview`.
+    pub fn preview_now<R>(
+        &self,
+        user: &str,
+        stmts: &[TxStatement<R>],
+        known: &Known,
+    ) -> Option<Result<Applied, DeferError>> {
+        if let Some(cause) = self.poisoned.get() {
+            return Some(Err(DeferError::Stopped(cause.clone())));
+        }
+        let tables = match self.deferring(stmts) {
+            Ok(t) => t,
+            Err(e) => return Some(Err(e)),
+        };
+        for s in stmts {
+            let t = tables.get(&s.table)?;
+            if !self.permitted_now(user, t, s.converted.verb)? {
+                return None;
+            }
+        }
+        let state = self.state();
+        if !unanswered(&state, stmts, &tables, known).is_empty() {
+            return None;
+        }
+        Some(decide::decide_preview(&state, stmts, &tables, known))
+    }
+
+    /// Decides and journals `stmts` as one record (a held transaction at COMMIT, or
+    /// one autocommit statement). `expected`: the answers the client was given; the
+    /// record is journaled only if the decision now is the same.
+    pub async fn defer_tx<R: Send + Sync>(
+        self: &Arc<Self>,
+        user: &str,
+        stmts: Vec<TxStatement<R>>,
+        expected: Option<Applied>,
+        mut known: Known,
+    ) -> Result<TxOutcome, DeferError> {
+        if let Some(cause) = self.poisoned.get() {
+            return Err(DeferError::Stopped(cause.clone()));
+        }
+        // Counted in flight until its record is pending: a reload that moves a table
+        // off deferral waits for it before it flushes the table.
+        let mut inflight: Vec<InFlight<C, L>> = Vec::new();
+        let mut tables: Tables = HashMap::new();
+        for s in &stmts {
+            if !tables.contains_key(&s.table) {
+                let (t, guard) = self.enter(&s.table)?;
+                tables.insert(s.table.clone(), t);
+                inflight.push(guard);
+            }
+        }
+        self.check_privileges(user, &stmts, &tables).await?;
+        for t in tables.values() {
+            self.wait_for_room(t).await?;
+        }
+        let (decision, reserved) = {
+            let mut state = self.lock_answered(&stmts, &tables, &mut known).await?;
+            let decision = match decide::decide(&state, &stmts, &tables, &known) {
+                // The client was told its INSERT succeeded: that no longer holds.
+                Err(DeferError::Duplicate { detail, .. }) if expected.is_some() => {
+                    return Err(DeferError::Diverged(format!(
+                        "another session wrote the same key before COMMIT ({detail}); \
+                         nothing of the transaction was written"
+                    )));
+                }
+                other => other?,
+            };
+            if let Some(expected) = expected
+                && expected != decision.applied
+            {
+                return Err(DeferError::Diverged(
+                    "the row counts of the deferred transaction changed before COMMIT \
+                     (another session wrote the same keys); nothing was written"
+                        .to_owned(),
+                ));
+            }
+            let reserved = if decision.ops.is_empty() {
+                Vec::new()
+            } else {
+                state.reserve(&decision.after)
+            };
+            (decision, reserved)
+        };
+        if decision.ops.is_empty() {
+            return Ok(TxOutcome {
+                seq: None,
+                applied: decision.applied,
+            });
+        }
+        let mut assumed: Vec<String> = tables
+            .values()
+            .filter(|t| !exact(t))
+            .map(|t| t.meta.name.clone())
+            .collect();
+        assumed.sort_unstable();
+        let record = Record { ops: decision.ops };
+        let result = self.append(record, inflight, assumed).await;
+        if result.is_err() {
+            self.state().unreserve(reserved);
+        }
+        Ok(TxOutcome {
+            seq: Some(result?),
+            applied: decision.applied,
+        })
+    }
+
+    /// Journals `record`; returns once it is durable and pending.
+    async fn append(
+        self: &Arc<Self>,
+        record: Record,
+        inflight: Vec<InFlight<C, L>>,
+        assumed: Vec<String>,
+    ) -> Result<u64, DeferError> {
+        let payload = Bytes::from(
+            record
+                .encode()
+                .map_err(|e| DeferError::Encode(e.to_string()))?,
+        );
+        let (tx, rx) = oneshot::channel();
+        let this = self.clone();
+        let record = Arc::new(record);
+        // Spawned: see the module invariants of `engine`.
+        tokio::spawn(async move {
+            let result = this.log.append(payload).await;
+            if let Ok(seq) = result {
+                let mut state = this.state();
+                // Under the lock that makes the record pending: the flusher never sees
+                // it without knowing how it was acknowledged.
+                for table in assumed {
+                    let at = state.assumed_through.entry(table).or_default();
+                    *at = (*at).max(seq);
+                }
+                state.note_pending(seq, record);
+                drop(state);
+                if this.until_due().is_zero() {
+                    this.wake.notify_one();
+                }
+            }
+            // Pending (or failed) now, whether or not the client still waits.
+            drop(inflight);
+            let _ = tx.send(result);
+        });
+        match rx.await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(DeferError::Stopped("journal task ended".to_owned())),
+        }
+    }
+
+    /// The deferred tables of `stmts` now, or the first that is not deferred.
+    fn deferring<R>(&self, stmts: &[TxStatement<R>]) -> Result<Tables, DeferError> {
+        let set = self.tables.load();
+        let mut tables = HashMap::new();
+        for s in stmts {
+            let t = set
+                .deferring(&s.table)
+                .ok_or_else(|| DeferError::NotDeferred(s.table.clone()))?;
+            tables.insert(s.table.clone(), t.clone());
+        }
+        Ok(tables)
+    }
+
+    async fn check_privileges<R>(
+        &self,
+        user: &str,
+        stmts: &[TxStatement<R>],
+        tables: &Tables,
+    ) -> Result<(), DeferError> {
+        let mut checked: Vec<(&str, Verb)> = Vec::new();
+        for s in stmts {
+            let verb = s.converted.verb;
+            if checked.contains(&(s.table.as_str(), verb)) {
+                continue;
+            }
+            let t = tables
+                .get(&s.table)
+                .ok_or_else(|| DeferError::NotDeferred(s.table.clone()))?;
+            if !self.permitted(user, t, verb).await? {
+                return Err(DeferError::NotPermitted {
+                    user: user.to_owned(),
+                    table: s.table.clone(),
+                    verb,
+                });
+            }
+            checked.push((s.table.as_str(), verb));
+        }
+        Ok(())
+    }
+
+    /// Point reads for the keys nothing answers yet, then the state locked with an
+    /// answer for every key. A key whose pending writes are applied meanwhile leaves
+    /// the overlay: then neither answer holds (no point read, or one older than those
+    /// writes), and it is read again.
+    async fn lock_answered<R>(
+        &self,
+        stmts: &[TxStatement<R>],
+        tables: &Tables,
+        known: &mut Known,
+    ) -> Result<MutexGuard<'_, State>, DeferError> {
+        loop {
+            let outside = self.outside_writes();
+            let (since, missing) = {
+                let state = self.state();
+                (state.generation, unanswered(&state, stmts, tables, known))
+            };
+            if missing.is_empty() {
+                let state = self.state();
+                if unanswered(&state, stmts, tables, known).is_empty() {
+                    return Ok(state);
+                }
+                continue;
+            }
+            // Side by side: a transaction's COMMIT reads every key it wrote outside
+            // the overlay.
+            let reads = missing.iter().map(|(table, key)| async move {
+                let t = tables
+                    .get(table)
+                    .ok_or_else(|| DeferError::NotDeferred(table.clone()))?;
+                self.checks.exists(t, key).await.map_err(DeferError::from)
+            });
+            let answers = futures_util::future::join_all(reads).await;
+            for (slot, exists) in missing.into_iter().zip(answers) {
+                known.insert(slot, (exists?, since, outside));
+            }
+        }
+    }
+}
+
+/// The keys of exact-count tables in `stmts` that neither the overlay nor `known`
+/// answers in `state`.
+fn unanswered<R>(
+    state: &State,
+    stmts: &[TxStatement<R>],
+    tables: &Tables,
+    known: &Known,
+) -> Vec<Slot> {
+    let mut missing: Vec<Slot> = Vec::new();
+    for s in stmts {
+        if !tables.get(&s.table).is_some_and(|t| exact(t)) {
+            continue;
+        }
+        for key in &s.converted.keys {
+            if !state.answered(&s.table, key, known)
+                && !missing.iter().any(|(t, k)| *t == s.table && k == key)
+            {
+                missing.push((s.table.clone(), key.clone()));
+            }
+        }
+    }
+    missing
+}

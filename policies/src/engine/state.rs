@@ -1,0 +1,214 @@
+//! The engine's mutable state, behind one lock: pending records by sequence number,
+//! per-table counts, and the key overlay (whether each key with pending writes exists
+//! once they are applied), with the bookkeeping that tells a point read taken before a
+//! key's writes were applied from one taken after.
+//!
+//! Invariants:
+//! - A key is in the overlay exactly while some pending record writes it (`pending`
+//!   counts them); when its last one is applied it is forgotten, and the forgetting
+//!   gets a new `generation`.
+//! - `acked_at` and `pending` hold the same sequence numbers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::writes::Record;
+
+/// (table, canonical key): a key of the overlay.
+pub type Slot = (String, Vec<String>);
+
+/// Point-read answers already known: (table, key) → (the row exists, the overlay
+/// generation when the read began, the count of outside writes then: see
+/// [`super::Engine::note_outside_write`]).
+pub type Known = HashMap<Slot, (bool, u64, u64)>;
+
+/// How many forgotten keys [`State::forgotten`] remembers before it starts over.
+pub const FORGOTTEN_LIMIT: usize = 4096;
+
+#[derive(Default)]
+pub struct State {
+    /// Durable records not yet applied, by sequence number.
+    pub pending: BTreeMap<u64, Arc<Record>>,
+    /// When each pending record became pending: the lowest sequence number's is the
+    /// age that makes a flush due (`flush.interval`), also while more keep arriving.
+    pub acked_at: BTreeMap<u64, Instant>,
+    /// Per table, the highest sequence number acknowledged with `row_counts =
+    /// "assumed"`, and the highest replayed at start (acknowledged under a config no
+    /// longer known): write-back never folds those records (see `may_fold`), because
+    /// folding relies on every operation having been valid when acknowledged.
+    pub assumed_through: HashMap<String, u64>,
+    pub replayed_through: u64,
+    /// Pending record count and the oldest pending acknowledgement, per table.
+    pub tables: HashMap<String, TableState>,
+    /// Highest sequence number in `pending` so far.
+    pub highest: u64,
+    /// Keys with pending writes: whether the row exists once they are applied. The
+    /// existence answer for such a key comes from here, never from PostgreSQL (which
+    /// does not have those writes yet).
+    pub keys: HashMap<Slot, KeyState>,
+    /// Counts the keys the overlay forgot (their pending writes all applied).
+    pub generation: u64,
+    /// When each key was last forgotten (a `generation`), up to [`FORGOTTEN_LIMIT`]
+    /// keys; forgettings before `forgotten_floor` are no longer known one by one.
+    pub forgotten: HashMap<Slot, u64>,
+    pub forgotten_floor: u64,
+    /// Deferrals per table decided but not yet pending or given up (`InFlight`).
+    pub inflight: HashMap<String, usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyState {
+    pub pending: u32,
+    pub exists: bool,
+}
+
+#[derive(Default, Clone, Copy)]
+pub struct TableState {
+    pub pending: usize,
+    pub oldest: Option<Instant>,
+    /// Keys in the overlay (write-back's dirty keys, bounded by `flush.max_dirty_keys`).
+    pub dirty_keys: usize,
+}
+
+/// Keys a deferral reserved in the overlay, with their state before it.
+pub type Reserved = Vec<(Slot, Option<KeyState>)>;
+
+impl State {
+    /// Whether a decision taken now has an answer for `key` of `table`: its pending
+    /// writes (the overlay), or a point read in `known` that was not overtaken by
+    /// writes to the key applied (and forgotten) since it began.
+    pub fn answered(&self, table: &str, key: &[String], known: &Known) -> bool {
+        let slot = (table.to_owned(), key.to_vec());
+        if self.keys.contains_key(&slot) {
+            return true;
+        }
+        known.get(&slot).is_some_and(|(_, since, _)| {
+            *since >= self.forgotten_floor && self.forgotten.get(&slot).is_none_or(|g| *g <= *since)
+        })
+    }
+
+    /// A durable record becomes pending.
+    pub fn note_pending(&mut self, seq: u64, record: Arc<Record>) {
+        let now = Instant::now();
+        for t in record.tables() {
+            let s = self.tables.entry(t.to_owned()).or_default();
+            s.pending += 1;
+            s.oldest.get_or_insert(now);
+        }
+        self.highest = self.highest.max(seq);
+        self.pending.insert(seq, record);
+        self.acked_at.insert(seq, now);
+    }
+
+    /// Records that each key of `after` has one more pending write, existing or not
+    /// once it is applied; returns what to undo if the record never becomes pending.
+    pub fn reserve(&mut self, after: &HashMap<Slot, bool>) -> Reserved {
+        let mut reserved = Vec::with_capacity(after.len());
+        for (slot, exists) in after {
+            let old = self.keys.get(slot).copied();
+            if old.is_none() {
+                self.tables.entry(slot.0.clone()).or_default().dirty_keys += 1;
+            }
+            let entry = self.keys.entry(slot.clone()).or_insert(KeyState {
+                pending: 0,
+                exists: *exists,
+            });
+            entry.pending += 1;
+            entry.exists = *exists;
+            reserved.push((slot.clone(), old));
+        }
+        reserved
+    }
+
+    /// Undoes reservations of an append that failed, on the live entries, not by
+    /// restoring a snapshot: the flusher may have applied the key's earlier writes
+    /// meanwhile (or another session reserved it too). A key left with nothing
+    /// pending is forgotten, so the next decision reads it again.
+    pub fn unreserve(&mut self, reserved: Reserved) {
+        for (slot, old) in reserved {
+            let Some(entry) = self.keys.get_mut(&slot) else {
+                continue;
+            };
+            entry.pending = entry.pending.saturating_sub(1);
+            if entry.pending > 0 {
+                if let Some(k) = old.filter(|k| k.pending == entry.pending) {
+                    // Nothing else touched the key: its answer is the one before.
+                    entry.exists = k.exists;
+                }
+                continue;
+            }
+            self.forget(slot);
+        }
+    }
+
+    /// The key's last pending write is gone: out of the overlay, with a generation.
+    fn forget(&mut self, slot: Slot) {
+        self.keys.remove(&slot);
+        if let Some(s) = self.tables.get_mut(&slot.0) {
+            s.dirty_keys = s.dirty_keys.saturating_sub(1);
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        self.forgotten.insert(slot, generation);
+    }
+
+    /// Removes applied records from `pending` (`key_of` gives an operation's
+    /// canonical key); returns the tables they wrote.
+    pub fn finish(
+        &mut self,
+        batch: &[(u64, Arc<Record>)],
+        key_of: impl Fn(&crate::writes::RowOp) -> Option<Vec<String>>,
+    ) -> Vec<String> {
+        let mut tables = Vec::new();
+        for (seq, record) in batch {
+            self.acked_at.remove(seq);
+            if self.pending.remove(seq).is_none() {
+                continue;
+            }
+            for op in &record.ops {
+                if let Some(key) = key_of(op) {
+                    let slot = (op.table().to_owned(), key);
+                    if let Some(k) = self.keys.get_mut(&slot) {
+                        k.pending = k.pending.saturating_sub(1);
+                        if k.pending == 0 {
+                            self.forget(slot);
+                        }
+                    }
+                }
+            }
+            for t in record.tables() {
+                if let Some(s) = self.tables.get_mut(t) {
+                    s.pending = s.pending.saturating_sub(1);
+                    if s.pending == 0 {
+                        s.oldest = None;
+                    }
+                }
+                if !tables.iter().any(|x: &String| x == t) {
+                    tables.push(t.to_owned());
+                }
+            }
+        }
+        if self.forgotten.len() > FORGOTTEN_LIMIT {
+            self.forgotten.clear();
+            self.forgotten_floor = self.generation;
+        }
+        // A table that still has pending records: its oldest is not known exactly
+        // without a scan, but no older than the oldest pending record of all, which
+        // keeps its reported age an upper bound (the flush itself is timed by
+        // `acked_at`).
+        let oldest_left = self.acked_at.first_key_value().map(|(_, at)| *at);
+        for s in self.tables.values_mut() {
+            if s.pending > 0 {
+                s.oldest = oldest_left.or(s.oldest).or_else(|| Some(Instant::now()));
+            }
+        }
+        tables
+    }
+
+    /// Pending records of `table`.
+    pub fn pending_of(&self, table: &str) -> usize {
+        self.tables.get(table).map_or(0, |s| s.pending)
+    }
+}

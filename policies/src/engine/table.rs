@@ -1,0 +1,74 @@
+//! A deferred table as the engine and the proxy's write path see it: its policy
+//! (`[tables."schema.name"]`) and the catalog facts the proxy loaded at startup or at
+//! a reload. Plain data: the proxy fills it from PostgreSQL's catalog, the engine only
+//! reads it.
+
+use std::collections::HashMap;
+
+use crate::TableConfig;
+use crate::writes::TableMeta;
+
+/// What a deferred statement does to its rows; decides the privilege it needs and the
+/// command tag its client gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verb {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Verb {
+    /// The command tag PostgreSQL gives for `rows` rows.
+    pub fn tag(self, rows: usize) -> String {
+        match self {
+            Verb::Insert => format!("INSERT 0 {rows}"),
+            Verb::Update => format!("UPDATE {rows}"),
+            Verb::Delete => format!("DELETE {rows}"),
+        }
+    }
+
+    /// The table privilege PostgreSQL checks for it.
+    pub fn privilege(self) -> &'static str {
+        match self {
+            Verb::Insert => "INSERT",
+            Verb::Update => "UPDATE",
+            Verb::Delete => "DELETE",
+        }
+    }
+}
+
+/// A deferred table: its policy and its catalog facts.
+#[derive(Debug, Clone)]
+pub struct DeferredTable {
+    pub oid: u32,
+    pub config: TableConfig,
+    pub meta: TableMeta,
+    /// Column → type OID, for decoding binary parameters.
+    pub type_oids: HashMap<String, u32>,
+    /// Column → `atttypmod` (length limits of varchar/bpchar).
+    pub typmods: HashMap<String, i32>,
+    /// NOT NULL columns, and those of them an INSERT must give (no default).
+    pub not_null: Vec<String>,
+    pub required: Vec<String>,
+    /// The primary-key constraint's name, for 23505 errors spillway reports itself.
+    pub pkey_name: String,
+    /// `SELECT EXISTS (… WHERE key = $1 …)` with text parameters: the point read of
+    /// `row_counts = "exact"`.
+    pub exists_sql: String,
+    /// Every column in table order (`RETURNING *`), as a RowDescription describes it.
+    pub columns: Vec<Column>,
+    /// A BEFORE ROW trigger or a rule may change (or replace) the row a write stores,
+    /// so a RETURNING answered from the statement's own values could be wrong.
+    pub rewrites_rows: bool,
+}
+
+/// A column as `pg_attribute`/`pg_type` give it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub attnum: i16,
+    pub type_oid: u32,
+    /// `pg_type.typlen` (-1 variable, -2 C string).
+    pub typlen: i16,
+    pub typmod: i32,
+}

@@ -1,0 +1,528 @@
+//! Tests of the engine on a paused clock (`start_paused`), against an in-memory
+//! PostgreSQL ([`Db`]: rows by key, the ledger row, the batches applied, scripted
+//! faults) reached through [`MemorySink`] and [`FakeChecks`], and an in-memory journal
+//! ([`MemoryLog`]) whose appends can be held back (a gap) or left not yet durable.
+//!
+//! Every test's doc comment names the mutation of the rule it checks that makes it
+//! fail ("Mutation: …").
+
+mod barrier;
+mod counts;
+mod due;
+mod flush;
+mod held;
+mod reload;
+mod room;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::upstream::{ApplyError, Batch, CheckError, Checks, Flushed, LedgerKey, Log, Sink};
+use super::{Converted, DeferredTable, Engine, Verb};
+use crate::journal::JournalError;
+use crate::writes::{Assign, AssignOp, RowOp, TableMeta, Val};
+use crate::{FlushConfig, Policy, TableConfig};
+
+/// A fault the next `apply` meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Fails before anything is committed.
+    Transient,
+    /// Commits, then the answer is lost.
+    LostCommit,
+}
+
+/// PostgreSQL as the engine's traits see it.
+#[derive(Default)]
+pub struct Db {
+    /// Keys whose rows exist, per table.
+    pub rows: HashSet<(String, Vec<String>)>,
+    /// `spillway.flush_ledger`'s row: (epoch, last_seq).
+    pub ledger: Option<(u64, u64)>,
+    /// The sequence numbers of each committed batch, in order.
+    pub batches: Vec<Vec<u64>>,
+    /// When each `apply` was called.
+    pub attempts: Vec<Instant>,
+    pub faults: VecDeque<Fault>,
+    pub claims: usize,
+    pub connects: usize,
+    /// Privilege answers by (role, table, verb); absent means granted.
+    pub grants: HashMap<(String, String, Verb), bool>,
+    pub privilege_checks: usize,
+    pub point_reads: usize,
+    /// Checks fail with `Unreachable` while set.
+    pub unreachable: bool,
+    /// Dead letters of every batch.
+    pub dead: Vec<u64>,
+    /// Per `apply`: whether any table was planned folded (write-back).
+    pub folded: Vec<bool>,
+}
+
+pub type SharedDb = Arc<Mutex<Db>>;
+
+pub fn lock(db: &SharedDb) -> MutexGuard<'_, Db> {
+    match db.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// The canonical key `op` writes (`id` is the only key column of the test tables).
+fn key(op: &RowOp) -> (String, Vec<String>) {
+    let text = |v: &Val| v.text.clone().unwrap_or_default();
+    let k = match op {
+        RowOp::Insert { values, .. } => values.first().map(text),
+        RowOp::Update { key, .. } | RowOp::Delete { key, .. } => key.first().map(text),
+    };
+    (op.table().to_owned(), k.into_iter().collect())
+}
+
+/// The flush worker's PostgreSQL.
+pub struct MemorySink {
+    pub db: SharedDb,
+    /// `apply` waits while this says `false` (a stalled flush worker).
+    pub open: watch::Receiver<bool>,
+    connected: bool,
+}
+
+impl Sink for MemorySink {
+    async fn connect(&mut self) -> Result<(), ApplyError> {
+        if !self.connected {
+            lock(&self.db).connects += 1;
+            self.connected = true;
+        }
+        Ok(())
+    }
+
+    fn disconnect(&mut self) {
+        self.connected = false;
+    }
+
+    async fn claim(&mut self, ledger: &LedgerKey) -> Result<u64, ApplyError> {
+        let mut db = lock(&self.db);
+        db.claims += 1;
+        match db.ledger {
+            Some((epoch, _)) if epoch > ledger.epoch => Err(fenced(ledger, 0)),
+            Some((_, last)) => {
+                db.ledger = Some((ledger.epoch, last));
+                Ok(last)
+            }
+            None => {
+                db.ledger = Some((ledger.epoch, 0));
+                Ok(0)
+            }
+        }
+    }
+
+    async fn apply(
+        &mut self,
+        ledger: &LedgerKey,
+        applied_through: u64,
+        batch: &Batch,
+        tables: &HashMap<String, TableMeta>,
+    ) -> Result<Flushed, ApplyError> {
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|o| *o).await;
+        let mut db = lock(&self.db);
+        db.attempts.push(Instant::now());
+        db.folded.push(tables.values().any(|m| m.coalesce));
+        let fault = db.faults.pop_front();
+        if fault == Some(Fault::Transient) {
+            return Err(ApplyError::Transient("connection reset".to_owned()));
+        }
+        if db.ledger != Some((ledger.epoch, applied_through)) {
+            return Err(fenced(ledger, applied_through));
+        }
+        let mut done = Flushed::default();
+        for (seq, record) in batch {
+            // A record whose UPDATE/DELETE finds no row is a dead letter, whole.
+            let mut rows = db.rows.clone();
+            let mut ok = true;
+            for op in &record.ops {
+                let k = key(op);
+                ok &= match op {
+                    RowOp::Insert { .. } => rows.insert(k),
+                    RowOp::Update { .. } => rows.contains(&k),
+                    RowOp::Delete { .. } => rows.remove(&k),
+                };
+            }
+            if ok {
+                db.rows = rows;
+                done.rows += record.ops.len();
+            } else {
+                db.dead.push(*seq);
+            }
+            done.statements += 1;
+        }
+        let last = batch.last().map_or(applied_through, |(s, _)| *s);
+        db.ledger = Some((ledger.epoch, last));
+        db.batches.push(batch.iter().map(|(s, _)| *s).collect());
+        if fault == Some(Fault::LostCommit) {
+            return Err(ApplyError::Transient("answer to COMMIT lost".to_owned()));
+        }
+        Ok(done)
+    }
+}
+
+fn fenced(ledger: &LedgerKey, expected: u64) -> ApplyError {
+    ApplyError::Fenced {
+        journal_id: ledger.journal_id.clone(),
+        epoch: ledger.epoch,
+        expected,
+    }
+}
+
+/// The session side's PostgreSQL.
+pub struct FakeChecks {
+    pub db: SharedDb,
+}
+
+impl Checks for FakeChecks {
+    fn privilege(
+        &self,
+        user: &str,
+        table: &DeferredTable,
+        verb: Verb,
+    ) -> impl Future<Output = Result<bool, CheckError>> + Send {
+        let mut db = lock(&self.db);
+        db.privilege_checks += 1;
+        let answer = if db.unreachable {
+            Err(CheckError::Unreachable("connection refused".to_owned()))
+        } else {
+            let k = (user.to_owned(), table.meta.name.clone(), verb);
+            Ok(db.grants.get(&k).copied().unwrap_or(true))
+        };
+        std::future::ready(answer)
+    }
+
+    fn exists(
+        &self,
+        table: &DeferredTable,
+        key: &[String],
+    ) -> impl Future<Output = Result<bool, CheckError>> + Send {
+        let mut db = lock(&self.db);
+        db.point_reads += 1;
+        let answer = if db.unreachable {
+            Err(CheckError::Unreachable("connection refused".to_owned()))
+        } else {
+            Ok(db.rows.contains(&(table.meta.name.clone(), key.to_vec())))
+        };
+        std::future::ready(answer)
+    }
+}
+
+/// A journal in memory: sequence numbers in append order, durable at once unless
+/// `lag` is set; an append whose number is held completes only when released.
+#[derive(Default)]
+pub struct MemoryLog {
+    next: AtomicU64,
+    durable: AtomicU64,
+    pub lag: AtomicBool,
+    /// Appends fail with `Full` (`journal.max_bytes`) while set.
+    pub full: AtomicBool,
+    held: Mutex<HashMap<u64, Arc<Notify>>>,
+    pub confirmed: AtomicU64,
+}
+
+impl MemoryLog {
+    /// The append that gets `seq` completes only after [`Self::release`].
+    pub fn hold(&self, seq: u64) {
+        self.gate(seq);
+    }
+
+    pub fn release(&self, seq: u64) {
+        self.gate(seq).notify_one();
+    }
+
+    fn gate(&self, seq: u64) -> Arc<Notify> {
+        let mut held = match self.held.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        held.entry(seq).or_default().clone()
+    }
+
+    fn gate_if_held(&self, seq: u64) -> Option<Arc<Notify>> {
+        let held = match self.held.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        held.get(&seq).cloned()
+    }
+
+    /// Everything appended so far becomes durable.
+    pub fn sync(&self) {
+        self.durable
+            .fetch_max(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Log for MemoryLog {
+    async fn append(&self, _payload: Bytes) -> Result<u64, JournalError> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(JournalError::Full {
+                bytes: 10,
+                max_bytes: 10,
+            });
+        }
+        let seq = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+        if !self.lag.load(Ordering::SeqCst) {
+            self.durable.fetch_max(seq, Ordering::SeqCst);
+        }
+        if let Some(gate) = self.gate_if_held(seq) {
+            gate.notified().await;
+        }
+        Ok(seq)
+    }
+
+    async fn confirm(&self, seq: u64) -> Result<(), JournalError> {
+        self.confirmed.fetch_max(seq, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn durable_seq(&self) -> u64 {
+        self.durable.load(Ordering::SeqCst)
+    }
+
+    fn is_poisoned(&self) -> bool {
+        false
+    }
+
+    fn id(&self) -> String {
+        "test-journal".to_owned()
+    }
+
+    fn epoch(&self) -> u64 {
+        1
+    }
+}
+
+pub type TestEngine = Engine<FakeChecks, MemoryLog>;
+
+/// A table `public.<name>` keyed by `id`, with an integer column `v`.
+pub fn table(
+    name: &str,
+    policy: Policy,
+    configure: impl FnOnce(&mut TableConfig),
+) -> DeferredTable {
+    let mut config = TableConfig {
+        policy,
+        ..TableConfig::default()
+    };
+    configure(&mut config);
+    let qualified = format!("public.{name}");
+    DeferredTable {
+        oid: 1000 + u32::try_from(name.len()).unwrap_or(0) * 7 + u32::from(name.as_bytes()[0]),
+        meta: TableMeta {
+            name: qualified,
+            schema: "public".to_owned(),
+            table: name.to_owned(),
+            key: vec!["id".to_owned()],
+            types: [("id", "integer"), ("v", "integer")]
+                .into_iter()
+                .map(|(c, t)| (c.to_owned(), t.to_owned()))
+                .collect(),
+            coalesce: policy == Policy::WriteBack,
+            plain: true,
+            parents: Vec::new(),
+        },
+        config,
+        type_oids: HashMap::new(),
+        typmods: HashMap::new(),
+        not_null: Vec::new(),
+        required: Vec::new(),
+        pkey_name: format!("{name}_pkey"),
+        exists_sql: String::new(),
+        columns: Vec::new(),
+        rewrites_rows: false,
+    }
+}
+
+pub fn insert(table: &str, id: u32) -> Converted {
+    Converted {
+        verb: Verb::Insert,
+        ops: vec![RowOp::Insert {
+            table: format!("public.{table}"),
+            columns: vec!["id".to_owned(), "v".to_owned()],
+            values: vec![Val::plain(Some(&id.to_string())), Val::plain(Some("1"))],
+        }],
+        keys: vec![vec![id.to_string()]],
+        returning: None,
+    }
+}
+
+pub fn update(table: &str, id: u32) -> Converted {
+    Converted {
+        verb: Verb::Update,
+        ops: vec![RowOp::Update {
+            table: format!("public.{table}"),
+            key: vec![Val::plain(Some(&id.to_string()))],
+            set: vec![Assign {
+                column: "v".to_owned(),
+                op: AssignOp::Set,
+                value: Val::plain(Some("2")),
+            }],
+        }],
+        keys: vec![vec![id.to_string()]],
+        returning: None,
+    }
+}
+
+pub fn delete(table: &str, id: u32) -> Converted {
+    Converted {
+        verb: Verb::Delete,
+        ops: vec![RowOp::Delete {
+            table: format!("public.{table}"),
+            key: vec![Val::plain(Some(&id.to_string()))],
+        }],
+        keys: vec![vec![id.to_string()]],
+        returning: None,
+    }
+}
+
+/// An engine over tables, a database with `rows`, and its flush worker.
+pub struct Harness {
+    pub engine: Arc<TestEngine>,
+    pub db: SharedDb,
+    pub open: watch::Sender<bool>,
+    pub stop: CancellationToken,
+    pub flusher: Option<JoinHandle<()>>,
+    /// Tables passed to `on_applied`, per batch.
+    pub invalidated: Arc<Mutex<Vec<Vec<String>>>>,
+}
+
+pub const USER: &str = "app";
+
+/// The default `[flush]` of the tests: a 100 ms interval, big batches.
+pub fn flush_config() -> FlushConfig {
+    FlushConfig {
+        interval: Duration::from_millis(100),
+        batch_size: 1000,
+        max_dirty_keys: 1000,
+    }
+}
+
+impl Harness {
+    pub fn new(tables: Vec<DeferredTable>, flush: FlushConfig) -> Self {
+        Self::with_recovered(tables, flush, Vec::new())
+    }
+
+    /// Starts with journal records `recovered` (sequence numbers from 1) not in the
+    /// ledger.
+    pub fn with_recovered(
+        tables: Vec<DeferredTable>,
+        flush: FlushConfig,
+        recovered: Vec<crate::writes::Record>,
+    ) -> Self {
+        let db: SharedDb = Arc::new(Mutex::new(Db {
+            ledger: Some((1, 0)),
+            ..Db::default()
+        }));
+        let log = MemoryLog::default();
+        let mut journal = Vec::new();
+        for (i, r) in recovered.iter().enumerate() {
+            let seq = u64::try_from(i).unwrap_or(0) + 1;
+            let payload = Bytes::from(r.encode().unwrap_or_default());
+            journal.push(crate::journal::Record { seq, payload });
+        }
+        log.next.store(journal.len() as u64, Ordering::SeqCst);
+        log.sync();
+        let tables = tables
+            .into_iter()
+            .map(|t| (t.meta.name.clone(), t))
+            .collect();
+        let checks = FakeChecks { db: db.clone() };
+        let engine = match Engine::start(log, journal, 0, tables, flush, checks) {
+            Ok(e) => e,
+            Err(e) => panic!("engine start: {e}"),
+        };
+        let (open, _) = watch::channel(true);
+        let mut h = Self {
+            engine,
+            db,
+            open,
+            stop: CancellationToken::new(),
+            flusher: None,
+            invalidated: Arc::default(),
+        };
+        h.start_flusher();
+        h
+    }
+
+    /// Runs the flush worker (again, after [`Self::stop_flusher`]).
+    pub fn start_flusher(&mut self) {
+        let sink = MemorySink {
+            db: self.db.clone(),
+            open: self.open.subscribe(),
+            connected: false,
+        };
+        self.stop = CancellationToken::new();
+        let invalidated = self.invalidated.clone();
+        let on_applied = move |tables: &[String]| {
+            if let Ok(mut v) = invalidated.lock() {
+                v.push(tables.to_vec());
+            }
+        };
+        let run = self
+            .engine
+            .clone()
+            .run_flusher(sink, self.stop.clone(), on_applied);
+        self.flusher = Some(tokio::spawn(run));
+    }
+
+    /// Stops the flush worker; returns once it ended.
+    pub async fn stop_flusher(&mut self) {
+        self.stop.cancel();
+        if let Some(f) = self.flusher.take() {
+            let _ = f.await;
+        }
+    }
+
+    pub fn db(&self) -> MutexGuard<'_, Db> {
+        lock(&self.db)
+    }
+
+    /// The batches committed so far.
+    pub fn batches(&self) -> Vec<Vec<u64>> {
+        self.db().batches.clone()
+    }
+
+    pub fn log(&self) -> &MemoryLog {
+        self.engine.log()
+    }
+
+    /// Defers one statement as role [`USER`]; panics on an error.
+    pub async fn defer(&self, table: &str, c: Converted) -> super::Outcome {
+        match self.engine.defer(USER, &format!("public.{table}"), c).await {
+            Ok(o) => o,
+            Err(e) => panic!("defer on {table}: {e}"),
+        }
+    }
+
+    /// Stalls (`false`) or lets go (`true`) the flush worker's next `apply`.
+    pub fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+}
+
+/// Sleeps `ms` of paused time (the runtime runs everything due meanwhile).
+pub async fn after(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// A statement of a held transaction on `public.<table>`.
+pub fn stmt(table: &str, c: Converted) -> super::TxStatement {
+    super::TxStatement {
+        table: format!("public.{table}"),
+        converted: c,
+    }
+}

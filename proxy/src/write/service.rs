@@ -1,0 +1,249 @@
+//! `WriteService`: the deferred-write side of the backend database as the session
+//! handler, the admin console, the reloader and `/metrics` use it. A thin facade over
+//! the write-policy engine (`spillway_policies::engine`: pending records, the key
+//! overlay, decisions, due rules, back-pressure, barriers, the flush loop), which it
+//! runs with the journal and spillway's sqlx connections: [`PgChecks`] (privileges and
+//! point reads) and [`PgSink`] (the flush worker's batches and ledger).
+//!
+//! It adds what is the proxy's: the ledger claim at start, metrics gauges, and the
+//! rate-limited fallback log lines. Every rule is the engine's.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::Guard;
+use spillway_policies::FlushConfig;
+use spillway_policies::engine::{self, LedgerKey};
+use spillway_policies::journal::Journal;
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+
+use super::apply::{self, PgSink};
+use super::checks::PgChecks;
+use super::fallbacks::FallbackLog;
+use super::returning::Returning;
+
+pub use engine::{
+    Applied, ApplyError, DeferError, DeferredTable, Known, Outcome, TableSet, TablesChange,
+    TxOutcome,
+};
+
+pub use super::convert::Converted;
+/// One statement of a held transaction.
+pub type TxStatement = engine::TxStatement<Returning>;
+
+/// The engine as the proxy runs it.
+type Engine = engine::Engine<PgChecks, Journal>;
+
+pub struct WriteService {
+    engine: Arc<Engine>,
+    /// `backend.url`: the flush worker connects with it.
+    url: String,
+    /// Rate-limited log lines of writes that ran write-through instead.
+    pub fallbacks: FallbackLog,
+}
+
+/// Why the write side cannot start on this journal and ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Ledger(#[from] ApplyError),
+    #[error(transparent)]
+    Journal(#[from] engine::StartError),
+}
+
+impl WriteService {
+    /// Claims the journal's ledger row on `conn`, then starts the engine: the
+    /// recovered records the ledger does not hold become pending (the flusher replays
+    /// them first).
+    pub async fn start(
+        journal: Journal,
+        recovered: Vec<spillway_policies::journal::Record>,
+        tables: HashMap<String, DeferredTable>,
+        flush: FlushConfig,
+        url: String,
+        conn: &mut PgConnection,
+    ) -> Result<Arc<Self>, StartError> {
+        let key = LedgerKey {
+            journal_id: journal.id().to_string(),
+            epoch: journal.epoch(),
+        };
+        let applied = apply::claim_ledger(conn, &key).await?;
+        let checks = PgChecks::new(url.clone());
+        let engine = Engine::start(journal, recovered, applied, tables, flush, checks)?;
+        Ok(Arc::new(Self {
+            engine,
+            url,
+            fallbacks: FallbackLog::default(),
+        }))
+    }
+
+    /// The flush worker: runs until `shutdown`, then drains what it can (the caller
+    /// bounds that; the rest stays journaled). `on_applied` gets the tables of every
+    /// applied batch before its barrier opens.
+    pub async fn run_flusher(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+        on_applied: impl Fn(&[String]),
+    ) {
+        let sink = PgSink::new(self.url.clone());
+        self.engine
+            .clone()
+            .run_flusher(sink, shutdown, on_applied)
+            .await;
+    }
+
+    /// The deferred tables now (one atomic load; hold it briefly).
+    pub fn tables(&self) -> Guard<Arc<TableSet>> {
+        self.engine.tables()
+    }
+
+    /// Decides and journals a deferrable statement of role `user` on `table`; returns
+    /// once its record is durable and pending (or at once when it writes nothing).
+    pub async fn defer(
+        &self,
+        user: &str,
+        table: &str,
+        converted: Converted,
+    ) -> Result<Outcome, DeferError> {
+        self.engine.defer(user, table, converted).await
+    }
+
+    /// What a held transaction's `stmts` would write now, without journaling.
+    pub async fn preview(
+        &self,
+        user: &str,
+        stmts: &[TxStatement],
+        known: &mut Known,
+    ) -> Result<Applied, DeferError> {
+        self.engine.preview(user, stmts, known).await
+    }
+
+    /// [`Self::preview`] without waiting, when nothing needs PostgreSQL.
+    pub fn preview_now(
+        &self,
+        user: &str,
+        stmts: &[TxStatement],
+        known: &Known,
+    ) -> Option<Result<Applied, DeferError>> {
+        self.engine.preview_now(user, stmts, known)
+    }
+
+    /// A held transaction's statements as one record, if the answers its client was
+    /// given (`expected`) still hold.
+    pub async fn defer_tx(
+        &self,
+        user: &str,
+        stmts: Vec<TxStatement>,
+        expected: Option<Applied>,
+        known: Known,
+    ) -> Result<TxOutcome, DeferError> {
+        self.engine.defer_tx(user, stmts, expected, known).await
+    }
+
+    /// A session forwards (or finished) a write that may touch deferred tables outside
+    /// the key overlay.
+    pub fn note_outside_write(&self) {
+        self.engine.note_outside_write();
+    }
+
+    /// How many such writes so far.
+    pub fn outside_writes(&self) -> u64 {
+        self.engine.outside_writes()
+    }
+
+    /// The highest sequence number applied upstream.
+    pub fn applied(&self) -> u64 {
+        self.engine.applied()
+    }
+
+    /// The highest sequence number acknowledged so far (`SPILLWAY FLUSH`).
+    pub fn highest(&self) -> u64 {
+        self.engine.highest()
+    }
+
+    /// Whether `table` is at its `max_pending` (for `when_full = "write-through"`).
+    pub fn is_full(&self, table: &str) -> bool {
+        self.engine.is_full(table)
+    }
+
+    /// The sequence number a barrier on `tables` must wait for, if any of them has
+    /// pending writes.
+    pub fn barrier_target<'a>(&self, tables: impl IntoIterator<Item = &'a str>) -> Option<u64> {
+        self.engine.barrier_target(tables)
+    }
+
+    /// What a request touching `tables` must wait for, as their `consistency` says
+    /// (`reads_only`: it only reads; `own_seq`: the session's latest deferred write).
+    pub fn barrier<'a>(
+        &self,
+        tables: impl IntoIterator<Item = &'a str>,
+        reads_only: bool,
+        own_seq: u64,
+    ) -> Option<u64> {
+        self.engine.barrier(tables, reads_only, own_seq)
+    }
+
+    /// Returns once everything up to `seq` is applied upstream.
+    pub async fn wait_applied(&self, seq: u64) -> Result<(), DeferError> {
+        self.engine.wait_applied(seq).await
+    }
+
+    /// Why deferred writes cannot be served, if they cannot.
+    pub fn health(&self) -> Result<(), String> {
+        self.engine.health()
+    }
+
+    /// Pending record count and age of the oldest, per table (metrics, console).
+    pub fn pending_by_table(&self) -> Vec<(String, usize, Option<Duration>)> {
+        self.engine.pending_by_table()
+    }
+
+    /// Names of the deferred tables (not those leaving deferral).
+    pub fn deferred_names(&self) -> Vec<String> {
+        self.engine.deferred_names()
+    }
+
+    /// Reload step 1: the new table set, tables leaving deferral marked leaving.
+    pub fn begin_reload(&self, change: TablesChange) -> (Vec<String>, Arc<TableSet>) {
+        self.engine.begin_reload(change)
+    }
+
+    /// Reload step 2: the leaving tables' deferrals in flight and pending writes done.
+    pub async fn drain_leaving(&self, leaving: &[String]) -> Result<(), DeferError> {
+        self.engine.drain_leaving(leaving).await
+    }
+
+    /// Reload step 3: the leaving tables gone from the set.
+    pub fn finish_reload(&self) {
+        self.engine.finish_reload();
+    }
+
+    /// Puts back the set of before a reload that could not finish.
+    pub fn restore(&self, set: Arc<TableSet>) {
+        self.engine.restore(set);
+    }
+
+    /// Installs new `[flush]` settings.
+    pub fn set_flush(&self, flush: FlushConfig) {
+        self.engine.set_flush(flush);
+    }
+
+    /// Sets the pending-write and journal gauges (called when a scrape arrives).
+    #[allow(clippy::cast_precision_loss)]
+    pub fn export_gauges(&self) {
+        use crate::metrics as m;
+        for (table, pending, age) in self.pending_by_table() {
+            metrics::gauge!(m::PENDING_WRITES, "table" => table.clone()).set(pending as f64);
+            metrics::gauge!(m::PENDING_OLDEST_AGE, "table" => table)
+                .set(age.map_or(0.0, |a| a.as_secs_f64()));
+        }
+        let journal = self.engine.log();
+        metrics::gauge!(m::JOURNAL_BYTES).set(journal.bytes() as f64);
+        let stats = journal.stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!(m::JOURNAL_FSYNCS).absolute(load(&stats.fsyncs));
+        metrics::counter!(m::JOURNAL_FSYNC_MICROS).absolute(load(&stats.fsync_micros));
+    }
+}
