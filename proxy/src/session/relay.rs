@@ -82,10 +82,11 @@ pub struct Relay {
 
 /// The session's ties to its upstream connection that outlive the socket.
 pub struct Attachment {
-    /// The registry holding the session's client-facing cancel key, and its pid: the
-    /// key is marked detached with the session.
+    /// The registry holding the session's client-facing cancel key, and the key's pid
+    /// and entry: the key is marked detached with the session.
     pub cancel: Arc<CancelRegistry>,
     pub client_pid: i32,
+    pub cancel_id: crate::net::cancel::EntryId,
     /// `spillway_upstream_connections` while attached, `spillway_detached_sessions`
     /// once detached.
     pub gauge: GaugeGuard,
@@ -228,7 +229,9 @@ impl Relay {
         self.to_upstream.clear();
         // Nothing left upstream to cancel.
         self.canceller = None;
-        self.attachment.cancel.detach(self.attachment.client_pid);
+        self.attachment
+            .cancel
+            .detach(self.attachment.client_pid, self.attachment.cancel_id);
         self.detached = Some(cause);
         self.attachment.gauge = GaugeGuard::new(crate::metrics::DETACHED_SESSIONS);
     }

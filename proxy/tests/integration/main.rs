@@ -15,6 +15,7 @@ mod demo;
 mod detached;
 mod differential;
 mod docs;
+mod drivers;
 mod flush_apply;
 mod held_wire;
 mod lifecycle;
