@@ -15,7 +15,9 @@ try:
     psycopg.connect(url, sslmode="prefer").close()
     out["psycopg"] = "connected"
 except psycopg.Error as e:
-    out["psycopg"] = "%s %s" % (type(e).__name__, e.sqlstate)
+    # libpq keeps no SQLSTATE for a refused connection, only the server's message.
+    said = "too many" if "too many client" in str(e) else repr(str(e))
+    out["psycopg"] = "%s %s" % (type(e).__name__, said)
 
 
 async def with_asyncpg():

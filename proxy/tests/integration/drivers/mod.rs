@@ -10,7 +10,9 @@
 //! makes it, never skips it.
 
 mod backend_pid;
+mod refusal;
 mod startup;
+mod type_cache;
 
 use std::path::PathBuf;
 use std::process::Stdio;
