@@ -15,7 +15,12 @@ async fn over_limit(ctx: &Context) -> serde_json::Value {
     let _first = Raw::startup(ctx.proxy.addr, USER, DB).await;
     let _second = Raw::startup(ctx.proxy.addr, USER, DB).await;
     let (through, _) = urls(ctx);
-    run(Lang::Python, "over_limit.py", &[&through.replace("?sslmode=disable", "")]).await
+    run(
+        Lang::Python,
+        "over_limit.py",
+        &[&through.replace("?sslmode=disable", "")],
+    )
+    .await
 }
 
 #[tokio::test]

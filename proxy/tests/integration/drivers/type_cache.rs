@@ -59,7 +59,10 @@ async fn observe(client: &tokio_postgres::Client, other: &tokio_postgres::Client
         ("ALTER TYPE typ1 ADD ATTRIBUTE c text", client),
         ("ALTER TYPE typ1 DROP ATTRIBUTE x", other),
         ("ALTER TYPE typ1 RENAME ATTRIBUTE y TO z", client),
-        ("ALTER DOMAIN dom1 ADD CONSTRAINT positive CHECK (VALUE > 0)", other),
+        (
+            "ALTER DOMAIN dom1 ADD CONSTRAINT positive CHECK (VALUE > 0)",
+            other,
+        ),
     ];
     for (ddl, by) in changes {
         if !ddl.is_empty() {
@@ -74,10 +77,12 @@ async fn observe(client: &tokio_postgres::Client, other: &tokio_postgres::Client
                 .simple_query("SELECT row_to_json(t)::text AS b FROM tab1 t")
                 .await
                 .map(|m| column_b(&m).join(","));
-            let prep = client
-                .query(&prepared, &[])
-                .await
-                .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join(","));
+            let prep = client.query(&prepared, &[]).await.map(|rows| {
+                rows.iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            });
             seen.push(format!(
                 "after {ddl:?}: {:?} {:?} {:?}",
                 simple.map_err(|e| e.to_string()),
