@@ -31,6 +31,9 @@ for p in "$@"; do
                 stub psql; stub pgbench; touch "$MACHINE/postgres-user" ;;
     python3) stub python3 ;;
     python3-venv) touch "$MACHINE/venv-module" ;;
+    gcc) stub cc ;;
+    ca-certificates) mkdir -p "$SPILLWAY_SETUP_ROOT/etc/ssl/certs"
+                     touch "$SPILLWAY_SETUP_ROOT/etc/ssl/certs/ca-certificates.crt" ;;
     nodejs) stub node ;;
     npm) stub npm ;;
   esac
@@ -106,6 +109,12 @@ impl Machine {
         );
         m.write_bin("id", ID);
         m.write_bin("stub", STUB);
+        // What a working Rust toolchain brings along: a C compiler to link with, and
+        // the CA certificates cargo fetches crates with.
+        m.write_bin("cc", STUB);
+        let certs = m.root().join("etc/ssl/certs");
+        std::fs::create_dir_all(&certs).expect("certs dir");
+        std::fs::write(certs.join("ca-certificates.crt"), "").expect("ca file");
         m
     }
 
@@ -264,6 +273,22 @@ fn test_installs_python_node_and_the_pinned_drivers_once() {
     let (ok, _, log) = m.setup("test", 0);
     assert!(ok);
     assert_eq!(Machine::installs(&log), ["python3-venv"], "{log:?}");
+}
+
+#[test]
+fn a_bare_machine_also_gets_a_c_compiler_and_ca_certificates() {
+    let m = Machine::fresh();
+    std::fs::remove_file(m.bin().join("cc")).expect("remove cc");
+    std::fs::remove_file(m.root().join("etc/ssl/certs/ca-certificates.crt")).expect("rm ca");
+    let (ok, out, log) = m.setup("demo", 0);
+    assert!(ok, "{out}");
+    assert_eq!(
+        Machine::installs(&log),
+        ["ca-certificates gcc libc6-dev libclang-dev postgresql"],
+        "{log:?}"
+    );
+    let (ok, _, log) = m.setup("demo", 0);
+    assert!(ok && log.is_empty(), "{log:?}");
 }
 
 #[test]
