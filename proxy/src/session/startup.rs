@@ -5,9 +5,9 @@
 //! PostgreSQL verbatim and every authentication message is relayed, so whatever
 //! PostgreSQL accepts (trust, password, md5, SCRAM-SHA-256) works and spillway stores
 //! no application password. Two messages are rewritten on the way: BackendKeyData
-//! (the pid stays PostgreSQL's, the secret becomes spillway's, see `net::cancel`) and AuthenticationSASL (channel-binding
-//! mechanisms are withdrawn: the client's TLS channel ends at spillway, so binding to
-//! it could never verify upstream).
+//! (the pid stays PostgreSQL's, the secret becomes spillway's, see `net::cancel`) and
+//! AuthenticationSASL (channel-binding mechanisms are withdrawn: the client's TLS
+//! channel ends at spillway, so binding to it could never verify upstream).
 
 use bytes::Bytes;
 
