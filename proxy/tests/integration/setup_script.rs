@@ -32,6 +32,9 @@ for p in "$@"; do
     python3) stub python3 ;;
     python3-venv) touch "$MACHINE/venv-module" ;;
     gcc) stub cc ;;
+    procps) mkdir -p "$SPILLWAY_SETUP_ROOT/usr/bin"
+            touch "$SPILLWAY_SETUP_ROOT/usr/bin/kill"
+            chmod +x "$SPILLWAY_SETUP_ROOT/usr/bin/kill" ;;
     ca-certificates) mkdir -p "$SPILLWAY_SETUP_ROOT/etc/ssl/certs"
                      touch "$SPILLWAY_SETUP_ROOT/etc/ssl/certs/ca-certificates.crt" ;;
     nodejs) stub node ;;
@@ -115,7 +118,17 @@ impl Machine {
         let certs = m.root().join("etc/ssl/certs");
         std::fs::create_dir_all(&certs).expect("certs dir");
         std::fs::write(certs.join("ca-certificates.crt"), "").expect("ca file");
+        m.put_kill();
         m
+    }
+
+    /// kill(1), from procps, which Debian's standard images have.
+    fn put_kill(&self) {
+        let dir = self.root().join("usr/bin");
+        std::fs::create_dir_all(&dir).expect("usr/bin");
+        std::fs::write(dir.join("kill"), "").expect("kill");
+        std::fs::set_permissions(dir.join("kill"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod kill");
     }
 
     fn root(&self) -> PathBuf {
@@ -289,6 +302,17 @@ fn a_bare_machine_also_gets_a_c_compiler_and_ca_certificates() {
     );
     let (ok, _, log) = m.setup("demo", 0);
     assert!(ok && log.is_empty(), "{log:?}");
+    // A minimal image (debootstrap's minbase) has no kill(1), which the tests run.
+    std::fs::remove_file(m.root().join("usr/bin/kill")).expect("rm kill");
+    let (ok, _, log) = m.setup("demo", 0);
+    assert!(ok && log.is_empty(), "the demo does not need it: {log:?}");
+    let (ok, _, log) = m.setup("test", 0);
+    assert!(ok);
+    assert_eq!(
+        Machine::installs(&log),
+        ["nodejs npm procps python3 python3-venv"],
+        "{log:?}"
+    );
 }
 
 #[test]
