@@ -146,10 +146,13 @@ impl SessionError {
     }
 
     /// The FATAL ErrorResponse to send before closing, or `None` when the client
-    /// connection itself is broken and nothing can be delivered.
+    /// connection itself is broken and nothing can be delivered, or when PostgreSQL
+    /// would close without a word.
     pub fn to_client(&self) -> Option<Bytes> {
         match self {
             SessionError::ClientIo(_) | SessionError::ClientTls(_) => None,
+            // Answered with silence, as PostgreSQL does (it only logs it).
+            SessionError::Protocol(ProtocolError::BadStartupLength) => None,
             other => Some(
                 ClientError {
                     severity: Severity::Fatal,

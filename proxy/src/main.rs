@@ -297,17 +297,7 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     // Written with errors ignored: a demo whose stdout reader went away (a closed pipe)
     // keeps serving instead of dying on println!'s panic.
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "spillway demo is ready.");
-    let _ = writeln!(out, "  through spillway: psql {}", demo.url());
-    let _ = writeln!(
-        out,
-        "  direct:           psql {}",
-        demo.postgres.url(
-            spillway::ops::demo::DEMO_USER,
-            spillway::ops::demo::DEMO_DATABASE
-        )
-    );
-    let _ = writeln!(out, "Press Ctrl-C to stop; everything is removed on exit.");
+    let _ = out.write_all(demo.instructions().as_bytes());
     let _ = out.flush();
     drop(out);
     tracing::info!(addr = %demo.addr, "listening on {}", demo.addr);

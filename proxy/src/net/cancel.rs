@@ -1,12 +1,20 @@
-//! The map from the BackendKeyData spillway issues to clients to the upstream key of
-//! the session behind it, so a CancelRequest (which arrives on a fresh connection) can
-//! be forwarded to the right PostgreSQL backend.
+//! The map from the BackendKeyData spillway gives clients to the upstream key of the
+//! session behind it, so a CancelRequest (which arrives on a fresh connection) can be
+//! forwarded to the right PostgreSQL backend.
+//!
+//! The pid a client sees is PostgreSQL's own (so `pg_stat_activity`,
+//! `pg_terminate_backend` and the pid in a NotificationResponse mean what they say);
+//! only the secret is spillway's, so a cancel can reach PostgreSQL only through
+//! spillway's check. Pids are not unique here: a detached session keeps the pid of a
+//! backend that is gone, which PostgreSQL may hand to a new one, so a pid holds a list
+//! of entries and a CancelRequest must match one of them by secret.
 //!
 //! Lock: one std `Mutex` around a `HashMap`; it is held only for an insert, remove or
 //! lookup, never across `.await`. Invariant: an entry lives exactly as long as its
 //! [`CancelKey`] guard, which the session owns.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -19,82 +27,114 @@ pub struct UpstreamKey {
     pub secret: Bytes,
 }
 
+/// One registered session, among those that share its pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryId(u64);
+
+struct Entry {
+    id: EntryId,
+    /// The secret the client was given.
+    secret: Bytes,
+    /// `None` once the session detached from its upstream connection: nothing left to
+    /// cancel there.
+    upstream: Option<UpstreamKey>,
+}
+
 #[derive(Default)]
 pub struct CancelRegistry {
-    /// Client pid → (client secret, upstream key; `None` once the session detached
-    /// from its upstream connection: nothing left to cancel there).
-    entries: Mutex<HashMap<i32, (Bytes, Option<UpstreamKey>)>>,
+    /// Client-facing (= upstream) pid → the live sessions with that pid.
+    entries: Mutex<HashMap<i32, Vec<Entry>>>,
+    next_id: AtomicU64,
 }
 
 /// Removes its entry from the registry when dropped.
 pub struct CancelKey {
     registry: Arc<CancelRegistry>,
+    pub id: EntryId,
     pub pid: i32,
     pub secret: Bytes,
 }
 
 impl Drop for CancelKey {
     fn drop(&mut self) {
-        self.registry
+        let mut entries = self
+            .registry
             .entries
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.pid);
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(list) = entries.get_mut(&self.pid) {
+            list.retain(|e| e.id != self.id);
+            if list.is_empty() {
+                entries.remove(&self.pid);
+            }
+        }
     }
 }
 
 impl CancelRegistry {
-    /// Issues a fresh client-facing key for `upstream`. The secret has the same length
-    /// as the upstream one, so it fits the protocol version the session negotiated.
+    /// Issues the client-facing key for `upstream`: PostgreSQL's pid and a fresh random
+    /// secret of the upstream secret's length, so it fits the protocol version the
+    /// session negotiated.
     pub fn register(self: &Arc<Self>, upstream: UpstreamKey) -> CancelKey {
-        let mut rng = rand::rng();
         let mut secret = vec![0u8; upstream.secret.len().max(4)];
-        rng.fill(&mut secret[..]);
+        rand::rng().fill(&mut secret[..]);
         let secret = Bytes::from(secret);
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let pid = loop {
-            // Positive, like real backend pids, and unique among live sessions.
-            let pid = rng.random_range(1..i32::MAX);
-            if !entries.contains_key(&pid) {
-                break pid;
-            }
-        };
-        entries.insert(pid, (secret.clone(), Some(upstream)));
-        drop(entries);
+        let id = EntryId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let pid = upstream.pid;
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(pid)
+            .or_default()
+            .push(Entry {
+                id,
+                secret: secret.clone(),
+                upstream: Some(upstream),
+            });
         CancelKey {
             registry: Arc::clone(self),
+            id,
             pid,
             secret,
         }
     }
 
-    /// The upstream key for a client's CancelRequest, if pid and secret both match.
+    /// The upstream key for a client's CancelRequest, if pid and secret both match a
+    /// session that still has its upstream connection.
     pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<UpstreamKey> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let (ours, upstream) = entries.get(&pid)?;
-        if constant_time_eq(ours, secret) {
-            upstream.clone()
-        } else {
-            None
+        // Every entry is compared, so the time taken does not tell which one matched.
+        let mut found = None;
+        for entry in entries.get(&pid)? {
+            if constant_time_eq(&entry.secret, secret) {
+                found = entry.upstream.clone();
+            }
         }
+        found
     }
 
-    /// The session behind `pid` lost its upstream connection but lives on (detached):
+    /// The session behind `id` lost its upstream connection but lives on (detached):
     /// its cancel requests are ignored from now on, as for an unknown key (the
-    /// upstream pid may belong to another backend after a restart). The entry, and so
-    /// the pid, stays reserved until the session's [`CancelKey`] is dropped.
-    pub fn detach(&self, pid: i32) {
+    /// upstream pid may belong to another backend after a restart). The entry stays
+    /// until the session's [`CancelKey`] is dropped.
+    pub fn detach(&self, pid: i32, id: EntryId) {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, upstream)) = entries.get_mut(&pid) {
-            *upstream = None;
+        if let Some(entry) = entries
+            .get_mut(&pid)
+            .and_then(|list| list.iter_mut().find(|e| e.id == id))
+        {
+            entry.upstream = None;
         }
     }
 
+    /// Live sessions registered.
     pub fn len(&self) -> usize {
         self.entries
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .len()
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -110,34 +150,56 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn register_lookup_and_drop() {
-        let reg = Arc::new(CancelRegistry::default());
-        let up = UpstreamKey {
-            pid: 99,
-            secret: Bytes::from_static(&[1, 2, 3, 4]),
-        };
-        let key = reg.register(up.clone());
-        assert_eq!(key.secret.len(), 4);
-        assert_eq!(reg.lookup(key.pid, &key.secret), Some(up));
-        assert_eq!(reg.lookup(key.pid, &[0, 0, 0, 0]), None);
-        let pid = key.pid;
-        drop(key);
-        assert!(reg.is_empty());
-        assert_eq!(reg.lookup(pid, &[1, 2, 3, 4]), None);
+    fn upstream(pid: i32, secret: &'static [u8]) -> UpstreamKey {
+        UpstreamKey {
+            pid,
+            secret: Bytes::from_static(secret),
+        }
     }
 
     #[test]
-    fn a_detached_session_keeps_its_pid_but_cancels_nothing() {
+    fn register_lookup_and_drop() {
         let reg = Arc::new(CancelRegistry::default());
-        let key = reg.register(UpstreamKey {
-            pid: 7,
-            secret: Bytes::from_static(&[1, 2, 3, 4]),
-        });
-        reg.detach(key.pid);
-        assert_eq!(reg.lookup(key.pid, &key.secret), None);
-        assert_eq!(reg.len(), 1, "the pid stays reserved");
+        let up = upstream(99, &[1, 2, 3, 4]);
+        let key = reg.register(up.clone());
+        assert_eq!(key.pid, 99, "the client sees PostgreSQL's pid");
+        assert_eq!(key.secret.len(), 4);
+        assert_ne!(key.secret, up.secret, "but never PostgreSQL's secret");
+        assert_eq!(reg.lookup(key.pid, &key.secret), Some(up.clone()));
+        assert_eq!(reg.lookup(key.pid, &up.secret), None);
+        assert_eq!(reg.lookup(key.pid, &[0, 0, 0, 0]), None);
+        let pid = key.pid;
+        let secret = key.secret.clone();
         drop(key);
+        assert!(reg.is_empty());
+        assert_eq!(reg.lookup(pid, &secret), None);
+    }
+
+    #[test]
+    fn a_detached_session_keeps_its_entry_but_cancels_nothing() {
+        let reg = Arc::new(CancelRegistry::default());
+        let key = reg.register(upstream(7, &[1, 2, 3, 4]));
+        reg.detach(key.pid, key.id);
+        assert_eq!(reg.lookup(key.pid, &key.secret), None);
+        assert_eq!(reg.len(), 1, "the entry stays until the session ends");
+        drop(key);
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn sessions_sharing_a_pid_are_told_apart_by_secret() {
+        // A detached session keeps the pid of a backend PostgreSQL has since reused.
+        let reg = Arc::new(CancelRegistry::default());
+        let old = reg.register(upstream(42, &[1, 1, 1, 1]));
+        reg.detach(old.pid, old.id);
+        let new_up = upstream(42, &[2, 2, 2, 2]);
+        let new = reg.register(new_up.clone());
+        assert_eq!(reg.lookup(42, &new.secret), Some(new_up.clone()));
+        assert_eq!(reg.lookup(42, &old.secret), None);
+        drop(old);
+        assert_eq!(reg.lookup(42, &new.secret), Some(new_up));
+        assert_eq!(reg.len(), 1);
+        drop(new);
         assert!(reg.is_empty());
     }
 

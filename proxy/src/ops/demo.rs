@@ -1,7 +1,11 @@
 //! `spillway demo`: a throwaway PostgreSQL with a small schema, spillway in front of
-//! it, and the URL to connect with. Everything is removed on Ctrl-C.
+//! it with each write policy on one table, the admin console and `/metrics`, and what
+//! to try ([`Demo::instructions`]). Everything is removed on Ctrl-C.
+//!
+//! Invariant: every command the instructions print runs as printed (a test follows
+//! them with psql and checks that each does what its comment says).
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 
 use tokio_util::sync::CancellationToken;
 
@@ -11,6 +15,29 @@ use crate::ops::throwaway::{ThrowawayError, ThrowawayPostgres};
 
 pub const DEMO_DATABASE: &str = "demo";
 pub const DEMO_USER: &str = "spillway";
+/// The admin console's login in the demo (a throwaway, so a fixed password is fine).
+pub const DEMO_ADMIN: &str = "admin";
+pub const DEMO_ADMIN_PASSWORD: &str = "demo";
+/// The port `/metrics` gets when it is free and the demo listens on its default
+/// port, 6432 (the metrics port the README's config example uses).
+const METRICS_PORT: u16 = 9187;
+const DEFAULT_PORT: u16 = 6432;
+/// Long enough to look at a deferred write before the flusher applies it.
+const FLUSH_INTERVAL_SECS: u64 = 10;
+
+/// The three policies, one table each (README, "Write-behind" and "Write-back"):
+/// `accounts` is read through the cache and written through; `events` (it has a
+/// foreign key, which write-back refuses) is write-behind; `counters` is write-back.
+const DEMO_TABLES: &str = "
+[tables.\"public.accounts\"]
+policy = \"write-through\"
+cache = true
+[tables.\"public.events\"]
+policy = \"write-behind\"
+[tables.\"public.counters\"]
+policy = \"write-back\"
+row_counts = \"exact\"
+";
 
 /// The demo schema: a keyed table, an append-mostly table with a foreign key, and a
 /// counter table — the shapes the write policies care about.
@@ -50,6 +77,8 @@ pub struct Demo {
     pub postgres: ThrowawayPostgres,
     pub server: Server,
     pub addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics: SocketAddr,
 }
 
 impl Demo {
@@ -60,11 +89,15 @@ impl Demo {
         postgres.psql("postgres", &format!("CREATE DATABASE {DEMO_DATABASE}"))?;
         postgres.psql(DEMO_DATABASE, DEMO_SCHEMA)?;
         let journal = postgres.dir().join("spillway-data");
+        let metrics = metrics_addr(listen);
         let config_for = |listen: SocketAddr| {
             Config::from_toml_str(&format!(
                 "[server]\nlisten = \"{listen}\"\nshutdown_timeout = \"5s\"\n\
-                 [metrics]\nlisten = \"127.0.0.1:0\"\n\
-                 [backend]\nurl = \"{}\"\n[journal]\ndir = \"{}\"\n",
+                 [metrics]\nlisten = \"{metrics}\"\n\
+                 [backend]\nurl = \"{}\"\n[journal]\ndir = \"{}\"\n\
+                 [flush]\ninterval = \"{FLUSH_INTERVAL_SECS}s\"\n\
+                 [admin]\nusers = [\"{DEMO_ADMIN}\"]\npassword = \"{DEMO_ADMIN_PASSWORD}\"\n\
+                 {DEMO_TABLES}",
                 postgres.url(DEMO_USER, DEMO_DATABASE),
                 journal.display()
             ))
@@ -85,6 +118,7 @@ impl Demo {
             postgres,
             server,
             addr,
+            metrics,
         })
     }
 
@@ -96,6 +130,58 @@ impl Demo {
         )
     }
 
+    /// The console's URL (user, password and database `spillway` included).
+    pub fn console_url(&self) -> String {
+        format!(
+            "postgres://{DEMO_ADMIN}:{DEMO_ADMIN_PASSWORD}@{}:{}/spillway",
+            self.addr.ip(),
+            self.addr.port()
+        )
+    }
+
+    /// What the demo prints once it is up: where to connect, and what to try. Each
+    /// `psql` line runs as printed; its comment says what it shows.
+    pub fn instructions(&self) -> String {
+        let through = self.url();
+        let direct = self.postgres.url(DEMO_USER, DEMO_DATABASE);
+        let console = self.console_url();
+        let metrics = format!("http://{}/metrics", self.metrics);
+        let read = "SELECT name, balance FROM accounts WHERE id = 42";
+        let applied = "SELECT (SELECT n FROM counters WHERE id = 1) AS n, \
+                       (SELECT count(*) FROM events WHERE id = 5001) AS events";
+        let wait = FLUSH_INTERVAL_SECS;
+        format!(
+            "spillway demo is ready.\n\
+             \x20 through spillway: psql {through}\n\
+             \x20 direct:           psql {direct}\n\
+             \x20 admin console:    psql {console}\n\
+             \x20 metrics:          {metrics}\n\
+             \n\
+             Tables (database {DEMO_DATABASE}): accounts is write-through and cached, \
+             events write-behind, counters write-back.\n\
+             \n\
+             Try this:\n\
+             1. A cached read, twice: the second answer comes from spillway's memory \
+             (spillway_cache_hits_total on {metrics} goes up).\n\
+             \x20   psql \"{through}\" -c \"{read}\"\n\
+             \x20   psql \"{through}\" -c \"{read}\"\n\
+             2. Deferred writes, acknowledged from spillway's journal and applied to \
+             PostgreSQL within {wait} s:\n\
+             \x20   psql \"{through}\" -c \"UPDATE counters SET n = n + 1 WHERE id = 1\"   # UPDATE 1 (write-back)\n\
+             \x20   psql \"{through}\" -c \"INSERT INTO events (id, account_id, kind) VALUES (5001, 42, 'demo')\"   # INSERT 0 1 (write-behind)\n\
+             \x20   psql \"{direct}\" -c \"{applied}\"   # directly: 0 and 0, not applied yet\n\
+             3. Apply pending writes now:\n\
+             \x20   psql \"{through}\" -c \"SPILLWAY FLUSH\"\n\
+             \x20   psql \"{direct}\" -c \"{applied}\"   # directly: now 1 and 1\n\
+             4. The admin console (user {DEMO_ADMIN}, password {DEMO_ADMIN_PASSWORD}): \
+             each table's policy, then the cache's hits.\n\
+             \x20   psql \"{console}\" -c \"SHOW TABLES\"\n\
+             \x20   psql \"{console}\" -c \"SHOW CACHE\"\n\
+             \n\
+             Press Ctrl-C to stop; everything is removed on exit.\n"
+        )
+    }
+
     /// Serves until `shutdown`, then stops spillway and PostgreSQL.
     pub async fn run(self, shutdown: CancellationToken) {
         let Demo {
@@ -104,4 +190,18 @@ impl Demo {
         server.run(shutdown).await;
         drop(postgres);
     }
+}
+
+/// `/metrics` on the listen address's host: with the default listen address, port
+/// 9187 when it is free; else (and for any other listen address, as tests and second
+/// demos use) a free port, found by binding it: the moment between that and
+/// spillway's bind is a race a demo can live with.
+fn metrics_addr(listen: SocketAddr) -> SocketAddr {
+    let ip = listen.ip();
+    let preferred = (listen.port() == DEFAULT_PORT).then_some(METRICS_PORT);
+    preferred
+        .into_iter()
+        .chain([0])
+        .find_map(|port| TcpListener::bind((ip, port)).ok()?.local_addr().ok())
+        .unwrap_or(SocketAddr::new(ip, 0))
 }

@@ -7,7 +7,10 @@
 //!
 //! Invariant: at most `max_client_conn` sessions hold a permit; a client over the limit
 //! is answered 53300 (like PostgreSQL's "too many clients") instead of queueing
-//! invisibly in the accept backlog.
+//! invisibly in the accept backlog. As in PostgreSQL the refusal answers the startup
+//! packet, after the SSLRequest (or CancelRequest) before it was dealt with as usual;
+//! at most [`refusal_bound`] refusals negotiate at once, and beyond that a client gets
+//! the 53300 as soon as it is accepted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,7 +72,15 @@ pub struct Server {
     /// Stops the metrics endpoint.
     metrics: Option<CancellationToken>,
     permits: Arc<Semaphore>,
+    /// Refused clients whose startup negotiation is still running.
+    refusals: Arc<Semaphore>,
     workers: Workers,
+}
+
+/// How many refused clients may be in their startup negotiation at once: each holds a
+/// socket and, with TLS, a handshake's state for up to `server.startup_timeout`.
+pub fn refusal_bound(max_client_conn: usize) -> usize {
+    max_client_conn.max(1024)
 }
 
 impl Server {
@@ -100,6 +111,7 @@ impl Server {
             .await
             .map_err(|error| ServerError::Bind { addr, error })?;
         let permits = Arc::new(Semaphore::new(config.server.max_client_conn));
+        let refusals = Arc::new(Semaphore::new(refusal_bound(config.server.max_client_conn)));
         let workers = Workers::start(config.server.workers, config.server.pin_workers)
             .map_err(ServerError::Workers)?;
         tracing::debug!(workers = workers.len(), "session workers started");
@@ -166,6 +178,7 @@ impl Server {
             writes,
             metrics,
             permits,
+            refusals,
             workers,
         })
     }
@@ -235,6 +248,10 @@ impl Server {
         };
         let shared = Arc::clone(&self.shared);
         let permit = Arc::clone(&self.permits).try_acquire_owned();
+        let refusal = match permit {
+            Ok(_) => None,
+            Err(_) => Some(Arc::clone(&self.refusals).try_acquire_owned()),
+        };
         let session = tracker.track_future(async move {
             let tcp = match TcpStream::from_std(std_tcp) {
                 Ok(t) => t,
@@ -249,8 +266,11 @@ impl Server {
                     drop(permit);
                 }
                 Err(_) => {
-                    let limit = shared.config.server.max_client_conn;
-                    session::refuse(tcp, SessionError::TooManyClients(limit)).await;
+                    let err = SessionError::TooManyClients(shared.config.server.max_client_conn);
+                    match refusal {
+                        Some(Ok(_negotiating)) => session::refuse(tcp, &shared, err).await,
+                        _ => session::refuse_at_once(tcp, err).await,
+                    }
                 }
             }
         });

@@ -18,6 +18,13 @@ pub enum ProtocolError {
     TooLarge { tag: char, len: usize, limit: usize },
     #[error("invalid startup packet: {0}")]
     BadStartup(&'static str),
+    /// A startup packet whose length word is out of range (a cancel request included),
+    /// or that is not PostgreSQL at all (an HTTP request reads as a huge length).
+    /// PostgreSQL only logs it and closes without a word, so the client gets nothing.
+    #[error("invalid length of startup packet")]
+    BadStartupLength,
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
     #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.x")]
     UnsupportedVersion { major: u16, minor: u16 },
     #[error("malformed {what} message")]
@@ -30,6 +37,7 @@ impl ProtocolError {
         match self {
             ProtocolError::TooLarge { .. } => SqlState::PROGRAM_LIMIT_EXCEEDED,
             ProtocolError::UnsupportedVersion { .. } => SqlState::FEATURE_NOT_SUPPORTED,
+            ProtocolError::NoUser => SqlState::INVALID_AUTHORIZATION,
             _ => SqlState::PROTOCOL_VIOLATION,
         }
     }

@@ -76,21 +76,25 @@ impl StartupMessage {
 }
 
 /// Parses one startup-phase packet off the front of `buf`.
+///
+/// Errors are PostgreSQL's for the same bytes (`ProcessStartupPacket`): a length out of
+/// range is [`ProtocolError::BadStartupLength`] (closed without a word), a version other
+/// than 3.x is 0A000, a bad layout 08P01, no user 28000.
 pub fn parse(buf: &mut BytesMut) -> Result<Option<StartupPacket>, ProtocolError> {
     if buf.len() < 8 {
-        // A packet that cannot even hold its length and code is either incomplete or,
-        // if its announced length is below 8, garbage.
+        // A packet that cannot even hold its length and code is incomplete, unless its
+        // length word is already out of range.
         if buf.len() >= 4 {
             let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-            if len < 8 {
-                return Err(ProtocolError::BadStartup("length below 8"));
+            if len < 8 || len as usize > MAX_STARTUP_PACKET {
+                return Err(ProtocolError::BadStartupLength);
             }
         }
         return Ok(None);
     }
     let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
     if len < 8 || len as usize > MAX_STARTUP_PACKET {
-        return Err(ProtocolError::BadStartup("length out of range"));
+        return Err(ProtocolError::BadStartupLength);
     }
     let len = len as usize;
     if buf.len() < len {
@@ -100,11 +104,12 @@ pub fn parse(buf: &mut BytesMut) -> Result<Option<StartupPacket>, ProtocolError>
     let code = i32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
     let body = &raw[8..];
     match code {
-        SSL_REQUEST_CODE if body.is_empty() => Ok(Some(StartupPacket::SslRequest)),
-        GSSENC_REQUEST_CODE if body.is_empty() => Ok(Some(StartupPacket::GssEncRequest)),
+        // PostgreSQL does not look at the length of these two.
+        SSL_REQUEST_CODE => Ok(Some(StartupPacket::SslRequest)),
+        GSSENC_REQUEST_CODE => Ok(Some(StartupPacket::GssEncRequest)),
         CANCEL_REQUEST_CODE => {
             if body.len() < 8 || body.len() > 4 + 256 {
-                return Err(ProtocolError::BadStartup("cancel request of wrong size"));
+                return Err(ProtocolError::BadStartupLength);
             }
             let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
             Ok(Some(StartupPacket::CancelRequest {
@@ -113,15 +118,9 @@ pub fn parse(buf: &mut BytesMut) -> Result<Option<StartupPacket>, ProtocolError>
             }))
         }
         _ => {
-            let major = (code >> 16) as u16;
-            let minor = (code & 0xffff) as u16;
+            let (major, minor) = version(code);
             if major != 3 {
-                // Everything that is not a 3.x startup is either protocol 2 (which no
-                // supported PostgreSQL speaks any more) or not PostgreSQL at all.
-                if (1..=2).contains(&major) {
-                    return Err(ProtocolError::UnsupportedVersion { major, minor });
-                }
-                return Err(ProtocolError::BadStartup("not a PostgreSQL startup packet"));
+                return Err(ProtocolError::UnsupportedVersion { major, minor });
             }
             let params = parse_params(body)?;
             Ok(Some(StartupPacket::Startup(StartupMessage {
@@ -134,12 +133,20 @@ pub fn parse(buf: &mut BytesMut) -> Result<Option<StartupPacket>, ProtocolError>
     }
 }
 
+/// A protocol code as (major, minor); also how PostgreSQL names an SSLRequest or
+/// GSSENCRequest it no longer expects ("unsupported frontend protocol 1234.5679").
+pub fn version(code: i32) -> (u16, u16) {
+    ((code >> 16) as u16, (code & 0xffff) as u16)
+}
+
 fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, ProtocolError> {
     let mut params = Vec::new();
     loop {
         match body.first() {
             None => return Err(ProtocolError::BadStartup("parameters not terminated")),
-            Some(0) => break,
+            // PostgreSQL wants the terminator to be the packet's last byte.
+            Some(0) if body.len() == 1 => break,
+            Some(0) => return Err(ProtocolError::BadStartup("bytes after the terminator")),
             Some(_) => {
                 let k = get_cstr(&mut body, "startup parameter")?;
                 let v = get_cstr(&mut body, "startup parameter")?;
@@ -147,10 +154,8 @@ fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, ProtocolError>
             }
         }
     }
-    if !params.iter().any(|(k, _)| k == "user") {
-        return Err(ProtocolError::BadStartup(
-            "no PostgreSQL user name specified in startup packet",
-        ));
+    if !params.iter().any(|(k, v)| k == "user" && !v.is_empty()) {
+        return Err(ProtocolError::NoUser);
     }
     Ok(params)
 }
@@ -201,8 +206,47 @@ mod tests {
 
     #[test]
     fn http_request_is_not_postgres() {
+        // "GET " read as a length is far over the limit: closed without a word.
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]);
-        assert!(parse(&mut buf).is_err());
+        assert_eq!(parse(&mut buf), Err(ProtocolError::BadStartupLength));
+    }
+
+    #[test]
+    fn lengths_out_of_range_are_unanswered() {
+        for bytes in [
+            &b"X\0\0\0\x04"[..],
+            &b"\0\0\0\x04"[..],
+            &b"\0\0\0\x07\0\x03\0"[..],
+            &b"\0\0\x27\x11\0\x03\0\0"[..],
+            &b"\0\0\0\x0c\x04\xd2\x16\x2e\0\0\0\x07"[..],
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            assert_eq!(
+                parse(&mut buf),
+                Err(ProtocolError::BadStartupLength),
+                "{bytes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_major_versions_are_unsupported() {
+        let mut buf = BytesMut::from(&b"\0\0\0\x08\0\x04\0\0"[..]);
+        assert_eq!(
+            parse(&mut buf),
+            Err(ProtocolError::UnsupportedVersion { major: 4, minor: 0 })
+        );
+    }
+
+    #[test]
+    fn bytes_after_the_terminator_are_refused() {
+        let mut raw = StartupMessage::build(&[("user", "alice")]).to_vec();
+        raw.push(b'x');
+        let len = raw.len() as i32;
+        raw[..4].copy_from_slice(&len.to_be_bytes());
+        let mut buf = BytesMut::from(&raw[..]);
+        let err = parse(&mut buf).expect_err("trailing byte");
+        assert_eq!(err.sqlstate().code(), "08P01");
     }
 
     #[test]
@@ -221,8 +265,11 @@ mod tests {
 
     #[test]
     fn missing_user_is_rejected() {
-        let raw = StartupMessage::build(&[("database", "x")]);
-        let mut buf = BytesMut::from(&raw[..]);
-        assert!(parse(&mut buf).is_err());
+        for params in [&[("database", "x")][..], &[("user", ""), ("database", "x")]] {
+            let raw = StartupMessage::build(params);
+            let mut buf = BytesMut::from(&raw[..]);
+            let err = parse(&mut buf).expect_err("no user");
+            assert_eq!(err.sqlstate().code(), "28000", "{params:?}");
+        }
     }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::GaugeGuard;
-use crate::net::cancel::{CancelKey, CancelRegistry};
+use crate::net::cancel::{CancelKey, CancelRegistry, EntryId};
 use crate::net::conn::Conn;
 use crate::net::stream::Stream;
 use crate::net::upstream::{Canceller, Connector};
@@ -41,8 +41,10 @@ pub struct Lease {
     /// Cancels a query still running when nobody is left to read its answer.
     canceller: Option<Canceller>,
     cancel: Arc<CancelRegistry>,
-    /// The session's client-facing pid in the cancel registry.
+    /// The session's client-facing pid in the cancel registry, and its entry there
+    /// (several sessions may share a pid: PostgreSQL reuses a detached one's).
     client_pid: i32,
+    cancel_id: EntryId,
     /// `spillway_upstream_connections` while held, `spillway_detached_sessions` after.
     gauge: GaugeGuard,
     connector: Connector,
@@ -70,6 +72,7 @@ impl Lease {
             canceller,
             cancel,
             client_pid: key.pid,
+            cancel_id: key.id,
             gauge: GaugeGuard::new(crate::metrics::UPSTREAM_CONNECTIONS),
             connector,
             probe_startup: StartupMessage::build(&[
@@ -106,7 +109,7 @@ impl Lease {
         self.conn.stream = Stream::Detached;
         self.conn.inbuf.clear();
         self.canceller = None;
-        self.cancel.detach(self.client_pid);
+        self.cancel.detach(self.client_pid, self.cancel_id);
         self.lost = Some(cause);
         self.gauge = GaugeGuard::new(crate::metrics::DETACHED_SESSIONS);
     }

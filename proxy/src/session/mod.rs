@@ -222,8 +222,33 @@ async fn report(client: &mut Conn, err: SessionError) -> SessionError {
     err
 }
 
-/// Refuses a connection before its session starts (e.g. over the client limit).
-pub(crate) async fn refuse(tcp: TcpStream, err: SessionError) {
-    let err = report(&mut Conn::new(Stream::Plain(tcp)), err).await;
+/// Refuses a connection before its session starts (over the client limit) the way
+/// PostgreSQL does: the startup negotiation runs as for any session (an SSLRequest is
+/// answered, TLS set up, a CancelRequest forwarded), and `err` is the answer to the
+/// StartupMessage. Bounded by `server.startup_timeout` like a session's startup.
+pub(crate) async fn refuse(tcp: TcpStream, shared: &Shared, err: SessionError) {
+    let mut client = Conn::new(Stream::Plain(tcp));
+    let timeout = shared.config.server.startup_timeout;
+    let err = match tokio::time::timeout(timeout, startup::negotiate(&mut client, shared)).await {
+        Ok(Ok(Some(_))) => report(&mut client, err).await,
+        // A CancelRequest, handled as for any connection.
+        Ok(Ok(None)) => return,
+        Ok(Err(other)) => {
+            let other = report(&mut client, other).await;
+            tracing::info!(error = %other, "client over the limit ended before its startup packet");
+            return;
+        }
+        Err(_) => {
+            report(&mut client, SessionError::StartupTimeout(timeout)).await;
+            return;
+        }
+    };
     tracing::warn!(error = %err, sqlstate = %err.sqlstate(), "client refused");
+}
+
+/// Refuses a connection at once, without reading from it: for when even the
+/// refusals in negotiation are over their bound.
+pub(crate) async fn refuse_at_once(tcp: TcpStream, err: SessionError) {
+    let err = report(&mut Conn::new(Stream::Plain(tcp)), err).await;
+    tracing::warn!(error = %err, sqlstate = %err.sqlstate(), "client refused without negotiation");
 }

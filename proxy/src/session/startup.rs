@@ -5,9 +5,9 @@
 //! PostgreSQL verbatim and every authentication message is relayed, so whatever
 //! PostgreSQL accepts (trust, password, md5, SCRAM-SHA-256) works and spillway stores
 //! no application password. Two messages are rewritten on the way: BackendKeyData
-//! (spillway issues its own key, see `cancel`) and AuthenticationSASL (channel-binding
-//! mechanisms are withdrawn: the client's TLS channel ends at spillway, so binding to
-//! it could never verify upstream).
+//! (the pid stays PostgreSQL's, the secret becomes spillway's, see `net::cancel`) and
+//! AuthenticationSASL (channel-binding mechanisms are withdrawn: the client's TLS
+//! channel ends at spillway, so binding to it could never verify upstream).
 
 use bytes::Bytes;
 
@@ -56,11 +56,19 @@ pub async fn establish(client: &mut Conn, shared: &Shared) -> Result<Established
 
 /// Handles SSLRequest/GSSENCRequest/CancelRequest until a StartupMessage arrives.
 /// Returns `None` when the connection was a CancelRequest.
-async fn negotiate(
+///
+/// Also run for a client refused over `server.max_client_conn`, which, as with
+/// PostgreSQL, gets its SSLRequest answered and its cancel forwarded before the
+/// refusal.
+pub(super) async fn negotiate(
     client: &mut Conn,
     shared: &Shared,
 ) -> Result<Option<StartupMessage>, SessionError> {
+    // As in PostgreSQL: one SSLRequest and one GSSENCRequest, SSL after a refused GSS,
+    // GSS only after a refused SSL; a request that may not come any more is read as
+    // a startup packet of an unsupported protocol version.
     let mut ssl_done = false;
+    let mut gss_done = false;
     loop {
         let packet = match startup::parse(&mut client.inbuf)? {
             Some(p) => p,
@@ -75,7 +83,12 @@ async fn negotiate(
         };
         match packet {
             StartupPacket::SslRequest if ssl_done => {
-                return Err(ProtocolError::BadStartup("SSLRequest after SSL negotiation").into());
+                let (major, minor) = startup::version(startup::SSL_REQUEST_CODE);
+                return Err(ProtocolError::UnsupportedVersion { major, minor }.into());
+            }
+            StartupPacket::GssEncRequest if gss_done => {
+                let (major, minor) = startup::version(startup::GSSENC_REQUEST_CODE);
+                return Err(ProtocolError::UnsupportedVersion { major, minor }.into());
             }
             StartupPacket::SslRequest => {
                 ssl_done = true;
@@ -99,11 +112,13 @@ async fn negotiate(
                             .await
                             .map_err(SessionError::ClientTls)?;
                         client.stream = Stream::ServerTls(Box::new(tls));
+                        gss_done = true;
                     }
                     None => client.send(b"N").await.map_err(SessionError::ClientIo)?,
                 }
             }
             StartupPacket::GssEncRequest => {
+                gss_done = true;
                 client.send(b"N").await.map_err(SessionError::ClientIo)?;
             }
             StartupPacket::CancelRequest { pid, secret } => {

@@ -77,7 +77,7 @@ fn stderr(out: &Output) -> String {
 }
 
 /// A self-signed certificate and key as PEM files in their own directory.
-struct Certs {
+pub(crate) struct Certs {
     cert: PathBuf,
     key: PathBuf,
     // Removed on drop; declare a `Certs` before the context that uses it.
@@ -87,7 +87,7 @@ struct Certs {
 impl Certs {
     /// `owner`: (uid, gid) to hand the directory and files to (PostgreSQL insists
     /// that its key file belongs to the user it runs as and is mode 0600).
-    fn generate(owner: Option<(u32, u32)>) -> Certs {
+    pub(crate) fn generate(owner: Option<(u32, u32)>) -> Certs {
         let ck = rcgen::generate_simple_self_signed(vec![
             "localhost".to_owned(),
             "127.0.0.1".to_owned(),
@@ -114,7 +114,7 @@ impl Certs {
         }
     }
 
-    fn server_lines(&self) -> String {
+    pub(crate) fn server_lines(&self) -> String {
         format!(
             "tls_cert = \"{}\"\ntls_key = \"{}\"",
             self.cert.display(),

@@ -1,6 +1,7 @@
 //! Integration tests: a real PostgreSQL (started by the test) and the real spillway
-//! binary. One test binary with modules, so the suite links once. `docs` and
-//! `packaging` need no server: they read the operator docs and the `docker/` files.
+//! binary. One test binary with modules, so the suite links once. `docs`,
+//! `packaging` and `setup_script` need no server: they read the operator docs and the
+//! `docker/` files, and run `.ci/setup` on a simulated machine.
 
 mod context;
 mod wire;
@@ -27,6 +28,8 @@ mod packaging;
 mod protocol;
 mod reload;
 mod returning;
+mod session_defects;
+mod setup_script;
 mod transactions;
 mod triggers;
 mod write_back;

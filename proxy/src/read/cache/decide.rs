@@ -372,4 +372,39 @@ mod tests {
         assert!(ddl.database && ddl.catalog_changed && !ddl.everything);
         assert!(run("ALTER ROLE bob SET search_path = a").effects.everything);
     }
+
+    #[test]
+    fn ddl_on_types_domains_functions_and_views_invalidates_the_database() {
+        // A table's rows change shape or value without a write to it (issue 18:
+        // asyncpg's type-cache scenarios); spillway does not track which tables use
+        // which type, domain, function or view, so the whole database goes.
+        for ddl in [
+            "ALTER TYPE typ1 ADD ATTRIBUTE c text",
+            "ALTER TYPE typ1 DROP ATTRIBUTE x",
+            "ALTER TYPE typ1 RENAME ATTRIBUTE y TO z",
+            "ALTER TYPE typ1 ALTER ATTRIBUTE y TYPE bigint",
+            "ALTER TYPE mood ADD VALUE 'meh'",
+            "ALTER TYPE mood RENAME VALUE 'meh' TO 'fine'",
+            "DROP TYPE typ1 CASCADE",
+            "CREATE TYPE typ2 AS (a int)",
+            "ALTER DOMAIN dom1 ADD CONSTRAINT positive CHECK (VALUE > 0)",
+            "ALTER DOMAIN dom1 SET DEFAULT 1",
+            "DROP DOMAIN dom1 CASCADE",
+            "CREATE OR REPLACE FUNCTION f(int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1'",
+            "ALTER FUNCTION f(int) STABLE",
+            "DROP FUNCTION f(int)",
+            "CREATE OR REPLACE VIEW richer AS SELECT 1 AS x",
+            "ALTER VIEW richer RENAME COLUMN x TO y",
+            "DROP VIEW richer",
+            "CREATE OR REPLACE RULE r AS ON SELECT TO t DO INSTEAD SELECT 1",
+            "CREATE CAST (int AS text) WITH INOUT",
+            "ALTER OPERATOR + (int, int) SET (RESTRICT = NONE)",
+        ] {
+            let effects = run(ddl).effects;
+            assert!(
+                effects.database && effects.catalog_changed,
+                "{ddl}: {effects:?}"
+            );
+        }
+    }
 }
