@@ -196,9 +196,17 @@ async fn bytes_are_never_reordered_or_dropped_either_way() {
     for c in clients {
         c.await.expect("client task").expect("stream intact");
     }
-    // Both directions of every connection, with the 8-byte ids.
-    let bytes = link.stats.bytes.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(bytes, 24 * (2 * LEN as u64 + 8));
+    // Both directions of every connection, with the 8-byte ids. The link counts a
+    // chunk after its write returns, which may be after the peer read it: wait for
+    // the count to settle (bounded).
+    let expected = 24 * (2 * LEN as u64 + 8);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut bytes = link.stats.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    while bytes < expected && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        bytes = link.stats.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    }
+    assert_eq!(bytes, expected);
 }
 
 async fn echo_server() -> SocketAddr {

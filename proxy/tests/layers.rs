@@ -430,7 +430,6 @@ fn no_import_circles_between_modules() {
 }
 
 #[test]
-#[ignore = "fails until write/service moves into policies (issue 12); run with --ignored"]
 fn no_file_over_the_line_limit() {
     let mut files = Vec::new();
     for dir in src_dirs() {
