@@ -12,6 +12,7 @@
 //! which reaches PostgreSQL through `engine::upstream`'s traits.
 
 pub mod cache;
+pub mod changes;
 pub mod config;
 pub mod engine;
 pub mod journal;
