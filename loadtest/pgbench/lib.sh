@@ -126,7 +126,8 @@ start_link() { # rtt
 
 start_spillway() { # name [extra TOML] -> sets SW_PORT and SW_METRICS (its /metrics URL)
   # BENCH_BIN_<name> (e.g. BENCH_BIN_old) runs another binary under that name; SW_DB
-  # names the database of backend.url (default postgres).
+  # names the database of backend.url (default postgres); SERVER_EXTRA goes into its
+  # [server] table.
   local bin_var="BENCH_BIN_$1"
   local bin=${!bin_var:-$SPILLWAY_BIN}
   SW_PORT=$(free_port)
@@ -136,6 +137,7 @@ start_spillway() { # name [extra TOML] -> sets SW_PORT and SW_METRICS (its /metr
   cat > "$WORK/$1.toml" <<CONF
 [server]
 listen = "127.0.0.1:$SW_PORT"
+${SERVER_EXTRA:-}
 [backend]
 url = "postgres://bench@127.0.0.1:${UPSTREAM_PORT:-$PG_PORT}/${SW_DB:-postgres}?sslmode=disable"
 [journal]

@@ -187,3 +187,54 @@ fn sweep_over_two_round_trips_writes_its_tables_and_plots() {
         assert!(svg.contains("<polyline"), "{plot} has no line");
     }
 }
+
+#[test]
+fn storm_is_served_or_refused_with_53300_and_spillway_stays_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = script(
+        "loadtest/storm.sh",
+        &["-n", "300", "-l", "40", "-v", "150"],
+        dir.path(),
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("storm.py JSON");
+    let outcomes = json["outcomes"].as_object().expect("outcomes");
+    // Exactly the limit served, every other connection refused as PostgreSQL refuses.
+    assert_eq!(
+        outcomes.get("served").and_then(|v| v.as_u64()),
+        Some(40),
+        "{json}"
+    );
+    assert_eq!(
+        outcomes.get("refused:53300").and_then(|v| v.as_u64()),
+        Some(260),
+        "{json}"
+    );
+    assert_eq!(outcomes.len(), 2, "{json}");
+    assert_eq!(json["fresh_client"], "served", "{json}");
+    assert!(
+        json["rss_kib"]["peak"].as_u64().is_some_and(|k| k > 0),
+        "{json}"
+    );
+}
+
+#[test]
+fn a_short_soak_samples_and_checks_every_round() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = script(
+        "loadtest/soak.sh",
+        &["-t", "16", "-r", "4s", "-R", "5", "-w", "0"],
+        dir.path(),
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let start = stdout.find('{').expect("summary JSON");
+    let json: serde_json::Value = serde_json::from_str(&stdout[start..]).expect("summary");
+    assert!(json["samples"].as_u64().is_some_and(|n| n >= 1), "{json}");
+    // Five loads, each at least one round, each with its correctness check.
+    assert!(json["runs"].as_u64().is_some_and(|n| n >= 5), "{json}");
+    assert_eq!(json["correctness_failed"], 0, "{json}");
+    assert!(json["reconnects"].as_u64().is_some_and(|n| n > 0), "{json}");
+    assert_eq!(json["failures"], serde_json::json!([]), "{json}");
+}
