@@ -169,6 +169,27 @@ async def storm(args):
     }
 
 
+async def storms(args):
+    """`--storms` storms one after the other: memory after each shows whether what a
+    storm took is reused (bounded) or grows per storm."""
+    runs = [await storm(args) for _ in range(args.storms)]
+    result = dict(runs[-1])
+    result["storms"] = args.storms
+    result["rss_kib_after_each"] = [r["rss_kib"]["after"] for r in runs]
+    result["rss_kib"] = {
+        "before": runs[0]["rss_kib"]["before"],
+        "peak": max((r["rss_kib"]["peak"] or 0) for r in runs) or None,
+        "after": runs[-1]["rss_kib"]["after"],
+    }
+    merged = {}
+    for r in runs:
+        for k, v in r["outcomes"].items():
+            merged[k] = merged.get(k, 0) + v
+    result["outcomes"] = merged
+    result["fresh_client"] = "served" if all(r["fresh_client"] == "served" for r in runs) else "not served"
+    return result
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
@@ -181,12 +202,13 @@ def main():
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--settle", type=float, default=3.0)
     p.add_argument("--pid", type=int, help="spillway's process id, for RSS")
+    p.add_argument("--storms", type=int, default=1, help="storms one after the other")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = args.connections + 256
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
-    result = asyncio.run(storm(args))
+    result = asyncio.run(storms(args))
     print(json.dumps(result, sort_keys=True))
     bad = {k: v for k, v in result["outcomes"].items() if k not in ("served", "refused:53300")}
     sys.exit(1 if bad or result["fresh_client"] != "served" else 0)

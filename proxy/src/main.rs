@@ -73,6 +73,11 @@ enum Command {
     },
 }
 
+/// jemalloc, whose decay returns what a connection storm took once it has passed;
+/// glibc's per-thread arenas kept it (ADR 0022).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
