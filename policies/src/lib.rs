@@ -19,6 +19,7 @@ pub mod journal;
 pub mod writes;
 
 pub use config::{
-    CacheConfig, Consistency, FlushConfig, FsyncMode, Invalidation, JournalConfig, Policy,
+    CacheConfig, Consistency, FlushConfig, FsyncMode, Invalidation, JournalConfig, KeyIndexConfig,
+    Policy,
     RowCounts, TableConfig, TableName, WhenFull,
 };

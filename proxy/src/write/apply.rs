@@ -103,6 +103,14 @@ impl Sink for PgSink {
         }
         result
     }
+
+    async fn wal_position(&mut self) -> Result<Option<u64>, ApplyError> {
+        let lsn: i64 = sqlx::query_scalar(super::checks::WAL_POSITION)
+            .fetch_one(self.conn()?)
+            .await
+            .map_err(transient)?;
+        Ok(u64::try_from(lsn).ok())
+    }
 }
 
 /// Metrics and log lines of a committed batch (inside its `flush_batch` span).
