@@ -20,6 +20,5 @@ pub mod writes;
 
 pub use config::{
     CacheConfig, Consistency, FlushConfig, FsyncMode, Invalidation, JournalConfig, KeyIndexConfig,
-    Policy,
-    RowCounts, TableConfig, TableName, WhenFull,
+    Policy, RowCounts, TableConfig, TableName, WhenFull,
 };

@@ -91,7 +91,8 @@ pub(super) fn decide_preview<R>(
     // earlier answer no longer holds (not this statement's duplicate key).
     if let [earlier @ .., _] = stmts
         && !earlier.is_empty()
-        && let Err(DeferError::Duplicate { detail, .. }) = decide(state, indexed, earlier, tables, known)
+        && let Err(DeferError::Duplicate { detail, .. }) =
+            decide(state, indexed, earlier, tables, known)
     {
         return Err(DeferError::Diverged(format!(
             "another session wrote a key this transaction inserted ({detail})"

@@ -95,7 +95,9 @@ impl<C: Checks, L: Log> Engine<C, L> {
         if !unanswered(&state, &indexed, stmts, &tables, known).is_empty() {
             return None;
         }
-        Some(decide::decide_preview(&state, &indexed, stmts, &tables, known))
+        Some(decide::decide_preview(
+            &state, &indexed, stmts, &tables, known,
+        ))
     }
 
     /// Decides and journals `stmts` as one record (a held transaction at COMMIT, or
@@ -316,7 +318,12 @@ impl<C: Checks, L: Log> Engine<C, L> {
 /// What the key index answers now for the keys of exact-count tables in `stmts` that
 /// the overlay does not (under the state lock: a key's applied writes reach the index
 /// before they leave the overlay).
-fn indexed<R>(state: &State, keys: &KeyIndex, stmts: &[TxStatement<R>], tables: &Tables) -> Indexed {
+fn indexed<R>(
+    state: &State,
+    keys: &KeyIndex,
+    stmts: &[TxStatement<R>],
+    tables: &Tables,
+) -> Indexed {
     let mut wanted: Vec<Slot> = Vec::new();
     for s in stmts {
         if !tables.get(&s.table).is_some_and(|t| exact(t)) {

@@ -84,9 +84,11 @@ impl<C: Checks, L: Log> Engine<C, L> {
         }
         let mut out = Vec::with_capacity(answers.len());
         for rx in answers {
-            out.push(rx.await.unwrap_or_else(|_| {
-                Err(CheckError::Unreachable("point read ended".to_owned()))
-            }));
+            out.push(
+                rx.await.unwrap_or_else(|_| {
+                    Err(CheckError::Unreachable("point read ended".to_owned()))
+                }),
+            );
         }
         out
     }
@@ -148,7 +150,12 @@ impl<C: Checks, L: Log> Engine<C, L> {
                 (answers, 1 + keys.len() as u64)
             }
             Ok(_) => (
-                vec![Err(CheckError::Failed("point read answered the wrong number of keys".to_owned())); keys.len()],
+                vec![
+                    Err(CheckError::Failed(
+                        "point read answered the wrong number of keys".to_owned()
+                    ));
+                    keys.len()
+                ],
                 1,
             ),
             Err(e) => (vec![Err(e); keys.len()], 1),

@@ -19,9 +19,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use spillway_policies::engine::{
-    CheckError, Checks, Chunk, Cursor, DeferredTable, KeyKind, Verb,
-};
+use spillway_policies::engine::{CheckError, Checks, Chunk, Cursor, DeferredTable, KeyKind, Verb};
 use spillway_policies::writes::plan::ident;
 use sqlx::{PgConnection, Row};
 
@@ -223,9 +221,7 @@ impl Checks for PgChecks {
         let guard = self.loader.lock().await;
         let lsn: i64 = self
             .run(guard, KEYS_APP, |conn| {
-                Box::pin(async move {
-                    sqlx::query_scalar(WAL_POSITION).fetch_one(conn).await
-                })
+                Box::pin(async move { sqlx::query_scalar(WAL_POSITION).fetch_one(conn).await })
             })
             .await?;
         u64::try_from(lsn).map_err(|_| CheckError::Failed(format!("WAL position {lsn}")))

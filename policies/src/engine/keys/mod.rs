@@ -245,7 +245,10 @@ impl KeyIndex {
     }
 
     /// [`Self::lookup`] of each slot, under one lock: the answered ones.
-    pub fn lookup_many(&self, slots: Vec<(String, Vec<String>)>) -> HashMap<(String, Vec<String>), bool> {
+    pub fn lookup_many(
+        &self,
+        slots: Vec<(String, Vec<String>)>,
+    ) -> HashMap<(String, Vec<String>), bool> {
         if slots.is_empty() {
             return HashMap::new();
         }
@@ -432,14 +435,15 @@ impl Index {
         };
         if total > max && t.has_data() {
             tracing::warn!(
-                table, bytes = t.bytes, max_bytes = max,
+                table,
+                bytes = t.bytes,
+                max_bytes = max,
                 "key index over key_index.max_bytes: the table's exact row counts use point reads"
             );
             t.reset(Phase::OverBound);
             return;
         }
-        if t.phase == Phase::Loading
-            && t.load.end.is_some_and(|e| position.is_some_and(|p| p >= e))
+        if t.phase == Phase::Loading && t.load.end.is_some_and(|e| position.is_some_and(|p| p >= e))
         {
             t.phase = Phase::Ready;
             t.touched = HashSet::new();

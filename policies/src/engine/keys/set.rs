@@ -386,7 +386,10 @@ mod tests {
         }
         let mut x: u128 = 12345;
         for _ in 0..40_000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) % 70_000;
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407)
+                % 70_000;
             if x % 3 == 1 {
                 s.remove(&uuid(x));
                 model.remove(&x);

@@ -69,8 +69,7 @@ impl ChangeSink for KeyIndex {
             .tables
             .iter()
             .filter(|(name, t)| {
-                changed.contains(name.as_str())
-                    || (t.phase == Phase::Loading && t.load.chunks_done)
+                changed.contains(name.as_str()) || (t.phase == Phase::Loading && t.load.chunks_done)
             })
             .map(|(name, _)| name.clone())
             .collect();

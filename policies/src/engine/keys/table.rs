@@ -10,8 +10,8 @@ use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
-use super::set::{Cursor, Key, KeyKind, KeySet};
 use super::Phase;
+use super::set::{Cursor, Key, KeyKind, KeySet};
 use crate::engine::table::DeferredTable;
 use crate::{KeyIndexConfig, RowCounts};
 
@@ -162,4 +162,3 @@ impl TableIndex {
         self.bytes = self.set.as_ref().map_or(0, KeySet::bytes) + aux;
     }
 }
-

@@ -88,7 +88,9 @@ async fn ready(h: &Harness) -> CancellationToken {
     let stop = start_loader(h);
     after(1).await;
     let lsn = h.db().lsn;
-    h.engine.key_index().committed(&commit(lsn, false, Vec::new()));
+    h.engine
+        .key_index()
+        .committed(&commit(lsn, false, Vec::new()));
     assert_eq!(phase(h), Phase::Ready);
     stop
 }
@@ -168,7 +170,11 @@ async fn the_load_reads_chunks_after_the_cursor() {
     };
     h.engine.configure_keys(DATABASE, &config);
     let _loader = ready(&h).await;
-    assert_eq!(h.db().chunks, 8, "50 keys, 7 a chunk: 8 chunks, the last short");
+    assert_eq!(
+        h.db().chunks,
+        8,
+        "50 keys, 7 a chunk: 8 chunks, the last short"
+    );
     assert_eq!(h.engine.key_stats().first().map(|s| s.keys), Some(50));
 }
 
@@ -331,7 +337,10 @@ async fn a_held_transaction_needs_no_point_read() {
     let _loader = ready(&h).await;
     // The role's privilege is asked once (previews without waiting need it known).
     let mut known = Known::new();
-    let first = h.engine.preview(USER, &[stmt("t", update("t", 5))], &mut known).await;
+    let first = h
+        .engine
+        .preview(USER, &[stmt("t", update("t", 5))], &mut known)
+        .await;
     assert!(first.is_ok(), "{first:?}");
     let stmts = vec![stmt("t", update("t", 7)), stmt("t", update("t", 77))];
     let answer = h.engine.preview_now(USER, &stmts, &Known::new());
@@ -359,7 +368,11 @@ async fn concurrent_point_reads_are_batched() {
         assert!(matches!(w.await, Ok(Ok(o)) if o.rows == 1));
     }
     assert_eq!(reads(&h), 10);
-    assert!(h.db().point_read_queries <= 2, "{}", h.db().point_read_queries);
+    assert!(
+        h.db().point_read_queries <= 2,
+        "{}",
+        h.db().point_read_queries
+    );
     let counts = h.engine.point_read_counts();
     assert_eq!(counts.first().map(|c| (c.1, c.2 <= 2)), Some((10, true)));
 }

@@ -10,7 +10,7 @@ use crate::protocol::sqlstate::SqlState;
 
 /// The help text of an unknown command.
 pub const USAGE: &str = "SHOW STATS | SHOW CACHE | SHOW TABLES | SHOW PENDING | SHOW CLIENTS | \
-                         FLUSH [table] | INVALIDATE table | RELOAD";
+                         SHOW KEYS | FLUSH [table] | INVALIDATE table | RELOAD";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -19,6 +19,8 @@ pub enum Command {
     ShowTables,
     ShowPending,
     ShowClients,
+    /// The key index and point reads per deferred table (`keys.rs`).
+    ShowKeys,
     /// Every deferred table, or one.
     Flush(Option<String>),
     Invalidate(String),
@@ -48,6 +50,7 @@ pub fn parse(statement: &str) -> Result<Command, String> {
         (["SHOW", "TABLES"], _) => Ok(Command::ShowTables),
         (["SHOW", "PENDING"], _) => Ok(Command::ShowPending),
         (["SHOW", "CLIENTS"], _) => Ok(Command::ShowClients),
+        (["SHOW", "KEYS"], _) => Ok(Command::ShowKeys),
         (["FLUSH"], _) => Ok(Command::Flush(None)),
         (["FLUSH", _], [_, table]) => Ok(Command::Flush(Some(unquote(table)))),
         (["INVALIDATE", _], [_, table]) => Ok(Command::Invalidate(unquote(table))),
@@ -71,6 +74,7 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::ShowTables => show_tables(shared),
         Command::ShowPending => show_pending(shared),
         Command::ShowClients => show_clients(shared),
+        Command::ShowKeys => super::keys::show_keys(shared),
         Command::Flush(table) => flush(shared, table.as_deref()).await,
         Command::Invalidate(table) => invalidate(shared, &table),
         Command::Reload => reload(shared).await,
@@ -510,6 +514,7 @@ mod tests {
             Ok(Command::Invalidate("Sales.Items".to_owned()))
         );
         assert_eq!(parse("RELOAD"), Ok(Command::Reload));
+        assert_eq!(parse("show keys"), Ok(Command::ShowKeys));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The admin console: a client that connects to database `spillway` talks to spillway
-//! itself, not to PostgreSQL, and gets `SHOW STATS | CACHE | TABLES | PENDING | CLIENTS`,
+//! itself, not to PostgreSQL, and gets `SHOW STATS | CACHE | TABLES | PENDING | CLIENTS |
+//! KEYS`,
 //! `FLUSH [table]`, `INVALIDATE table` and `RELOAD` answered as ordinary result sets
 //! (SPEC §7).
 //!
@@ -18,6 +19,7 @@
 //! calls the same operations sessions use.
 
 pub mod commands;
+mod keys;
 
 use bytes::{Bytes, BytesMut};
 
