@@ -221,17 +221,16 @@ impl Checks for PgChecks {
         let guard = self.loader.lock().await;
         let lsn: i64 = self
             .run(guard, KEYS_APP, |conn| {
-                Box::pin(async move { sqlx::query_scalar(WAL_POSITION).fetch_one(conn).await })
+                Box::pin(async move {
+                    sqlx::query_scalar(apply::WAL_POSITION)
+                        .fetch_one(conn)
+                        .await
+                })
             })
             .await?;
         u64::try_from(lsn).map_err(|_| CheckError::Failed(format!("WAL position {lsn}")))
     }
 }
-
-/// PostgreSQL's WAL insert position as a number: at or past the end of every commit
-/// record written so far (also those visible before their WAL is flushed).
-pub const WAL_POSITION: &str =
-    "SELECT (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_catalog.pg_lsn)::int8";
 
 /// `keys` (one entry per key column each) as one array per key column.
 fn transpose(keys: &[Vec<String>], columns: usize) -> Vec<Vec<String>> {

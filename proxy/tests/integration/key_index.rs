@@ -134,9 +134,9 @@ async fn key_index_memory_and_load_time() {
             "CREATE TABLE public.big_int (id bigint PRIMARY KEY); \
              INSERT INTO public.big_int SELECT generate_series(1, 10000000); \
              CREATE TABLE public.big_uuid (id uuid PRIMARY KEY); \
-             INSERT INTO public.big_uuid SELECT gen_random_uuid() FROM generate_series(1, 1000000); \
-             VACUUM ANALYZE public.big_int, public.big_uuid;",
+             INSERT INTO public.big_uuid SELECT gen_random_uuid() FROM generate_series(1, 1000000);",
         )
+        .before_proxy("VACUUM ANALYZE public.big_int, public.big_uuid")
         .section(
             "[tables.\"public.big_int\"]\npolicy = \"write-behind\"\n\
              [tables.\"public.big_uuid\"]\npolicy = \"write-behind\"\n",

@@ -48,7 +48,7 @@ mod stream;
 mod table;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -56,9 +56,8 @@ use tokio::time::Instant;
 pub use set::{Chunk, Cursor, Key, KeyKind};
 
 use super::table_set::TableSet;
-use super::upstream::Batch;
 use crate::KeyIndexConfig;
-use crate::writes::RowOp;
+use crate::writes::{Record, RowOp};
 use set::KeySet;
 use table::{Pin, TableIndex};
 
@@ -271,7 +270,7 @@ impl KeyIndex {
     /// position is wanted then ([`Self::positioned`]).
     pub fn applied(
         &self,
-        batch: &Batch,
+        batch: &[(u64, Arc<Record>)],
         dead: Option<&HashSet<u64>>,
         key_of: impl Fn(&RowOp) -> Option<Vec<String>>,
     ) -> Option<u64> {

@@ -9,6 +9,19 @@ use crate::KeyIndexConfig;
 use crate::changes::{Change, ChangeSink, Commit, TableRef};
 use crate::engine::{DeferError, Known, Phase};
 
+/// The in-memory PostgreSQL's side of the key index and point reads.
+#[derive(Debug, Default)]
+pub struct KeyDb {
+    /// Queries that made point reads.
+    pub point_read_queries: usize,
+    /// How long a point-read query takes (a round trip).
+    pub read_delay: Duration,
+    /// Key-index chunks read.
+    pub chunks: usize,
+    /// The WAL position: grows by 10 with every committed batch.
+    pub lsn: u64,
+}
+
 fn slow() -> FlushConfig {
     FlushConfig {
         interval: Duration::from_secs(3600),
@@ -87,7 +100,7 @@ async fn ready(h: &Harness) -> CancellationToken {
     h.engine.key_index().resumed(DATABASE);
     let stop = start_loader(h);
     after(1).await;
-    let lsn = h.db().lsn;
+    let lsn = h.db().keys.lsn;
     h.engine
         .key_index()
         .committed(&commit(lsn, false, Vec::new()));
@@ -127,7 +140,7 @@ async fn without_the_stream_every_key_is_a_point_read() {
     assert_eq!(phase(&h), Phase::Untrusted);
     assert_eq!(rows(&h, update("t", 7)).await, 1);
     assert_eq!(reads(&h), 1);
-    assert_eq!(h.db().chunks, 0, "nothing loaded");
+    assert_eq!(h.db().keys.chunks, 0, "nothing loaded");
 }
 
 /// A table whose index is loading, or loaded but not yet passed by the stream (a
@@ -137,14 +150,14 @@ async fn without_the_stream_every_key_is_a_point_read() {
 #[tokio::test(start_paused = true)]
 async fn a_loading_table_uses_point_reads() {
     let h = harness();
-    h.db().lsn = 100;
+    h.db().keys.lsn = 100;
     h.engine.key_index().resumed(DATABASE);
     assert_eq!(phase(&h), Phase::Loading);
     assert_eq!(rows(&h, update("t", 1)).await, 1);
     assert_eq!(reads(&h), 1);
     let _loader = start_loader(&h);
     after(1).await;
-    assert_eq!(h.db().chunks, 1);
+    assert_eq!(h.db().keys.chunks, 1);
     assert_eq!(phase(&h), Phase::Loading, "the stream has not passed 100");
     h.engine
         .key_index()
@@ -171,7 +184,7 @@ async fn the_load_reads_chunks_after_the_cursor() {
     h.engine.configure_keys(DATABASE, &config);
     let _loader = ready(&h).await;
     assert_eq!(
-        h.db().chunks,
+        h.db().keys.chunks,
         8,
         "50 keys, 7 a chunk: 8 chunks, the last short"
     );
@@ -291,14 +304,14 @@ async fn an_older_change_does_not_undo_an_own_write() {
     assert_eq!(rows(&h, insert("t", 500)).await, 1);
     let _ = h.engine.wait_applied(1).await;
     after(1).await;
-    let first = h.db().lsn;
+    let first = h.db().keys.lsn;
     // Committed before spillway's batch, delivered after it was applied.
     sink.committed(&commit(first - 5, false, vec![del(500)]));
     assert_eq!(rows(&h, update("t", 500)).await, 1);
     assert_eq!(reads(&h), 1, "the key was unknown: read");
     let _ = h.engine.wait_applied(2).await;
     after(1).await;
-    let second = h.db().lsn;
+    let second = h.db().keys.lsn;
     sink.committed(&commit(first, true, vec![ins(500)]));
     assert_eq!(rows(&h, delete("t", 500)).await, 1);
     let _ = h.engine.wait_applied(3).await;
@@ -307,7 +320,7 @@ async fn an_older_change_does_not_undo_an_own_write() {
     sink.committed(&commit(second, true, vec![ins(500)]));
     assert_eq!(rows(&h, update("t", 500)).await, 0);
     // Past the batches' positions: another writer's insert is newer, and counts.
-    let later = h.db().lsn + 10;
+    let later = h.db().keys.lsn + 10;
     sink.committed(&commit(later, false, vec![ins(500)]));
     h.db().rows.insert(row(500));
     assert_eq!(rows(&h, update("t", 500)).await, 1);
@@ -357,7 +370,7 @@ async fn a_held_transaction_needs_no_point_read() {
 #[tokio::test(start_paused = true)]
 async fn concurrent_point_reads_are_batched() {
     let h = harness();
-    h.db().read_delay = Duration::from_millis(1);
+    h.db().keys.read_delay = Duration::from_millis(1);
     let writes: Vec<_> = (1..=10)
         .map(|id| {
             let engine = h.engine.clone();
@@ -369,9 +382,9 @@ async fn concurrent_point_reads_are_batched() {
     }
     assert_eq!(reads(&h), 10);
     assert!(
-        h.db().point_read_queries <= 2,
+        h.db().keys.point_read_queries <= 2,
         "{}",
-        h.db().point_read_queries
+        h.db().keys.point_read_queries
     );
     let counts = h.engine.point_read_counts();
     assert_eq!(counts.first().map(|c| (c.1, c.2 <= 2)), Some((10, true)));

@@ -64,13 +64,8 @@ pub struct Db {
     pub privilege_checks: usize,
     /// Keys point-read, and the queries that read them.
     pub point_reads: usize,
-    pub point_read_queries: usize,
-    /// How long a point-read query takes (a round trip).
-    pub read_delay: Duration,
-    /// Key-index chunks read.
-    pub chunks: usize,
-    /// The WAL position: grows by 10 with every committed batch.
-    pub lsn: u64,
+    /// Point-read queries, chunks, the WAL position (`keys.rs`).
+    pub keys: keys::KeyDb,
     /// Checks fail with `Unreachable` while set.
     pub unreachable: bool,
     /// Dead letters of every batch.
@@ -181,7 +176,7 @@ impl Sink for MemorySink {
         }
         let last = batch.last().map_or(applied_through, |(s, _)| *s);
         db.ledger = Some((ledger.epoch, last));
-        db.lsn += 10;
+        db.keys.lsn += 10;
         db.batches.push(batch.iter().map(|(s, _)| *s).collect());
         if fault == Some(Fault::LostCommit) {
             return Err(ApplyError::Transient("answer to COMMIT lost".to_owned()));
@@ -190,7 +185,7 @@ impl Sink for MemorySink {
     }
 
     async fn wal_position(&mut self) -> Result<Option<u64>, ApplyError> {
-        Ok(Some(lock(&self.db).lsn))
+        Ok(Some(lock(&self.db).keys.lsn))
     }
 }
 
@@ -234,13 +229,13 @@ impl Checks for FakeChecks {
         let name = table.meta.name.clone();
         let keys = keys.to_vec();
         async move {
-            let delay = lock(&db).read_delay;
+            let delay = lock(&db).keys.read_delay;
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
             let mut db = lock(&db);
             db.point_reads += keys.len();
-            db.point_read_queries += 1;
+            db.keys.point_read_queries += 1;
             if db.unreachable {
                 return Err(CheckError::Unreachable("connection refused".to_owned()));
             }
@@ -259,7 +254,7 @@ impl Checks for FakeChecks {
         limit: usize,
     ) -> impl Future<Output = Result<Chunk, CheckError>> + Send {
         let mut db = lock(&self.db);
-        db.chunks += 1;
+        db.keys.chunks += 1;
         let answer = if db.unreachable {
             Err(CheckError::Unreachable("connection refused".to_owned()))
         } else {
@@ -282,7 +277,7 @@ impl Checks for FakeChecks {
     }
 
     fn wal_position(&self) -> impl Future<Output = Result<u64, CheckError>> + Send {
-        std::future::ready(Ok(lock(&self.db).lsn))
+        std::future::ready(Ok(lock(&self.db).keys.lsn))
     }
 }
 

@@ -74,7 +74,7 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::ShowTables => show_tables(shared),
         Command::ShowPending => show_pending(shared),
         Command::ShowClients => show_clients(shared),
-        Command::ShowKeys => super::keys::show_keys(shared),
+        Command::ShowKeys => show_keys(shared),
         Command::Flush(table) => flush(shared, table.as_deref()).await,
         Command::Invalidate(table) => invalidate(shared, &table),
         Command::Reload => reload(shared).await,
@@ -283,6 +283,51 @@ fn show_tables(shared: &Console) -> Reply {
             ("pending", ColumnType::Int8),
             ("oldest_pending_age", ColumnType::Float8),
             ("fallbacks", ColumnType::Int8),
+        ],
+        rows,
+        tag: "SHOW",
+    }
+}
+
+/// `SHOW KEYS`: each deferred table's key index (state, keys, estimated bytes, why
+/// it is off) and its point reads so far (keys read, and the queries that read them:
+/// fewer queries than keys is batching at work).
+fn show_keys(shared: &Console) -> Reply {
+    let rows = shared
+        .writes
+        .as_ref()
+        .map(|(w, _)| {
+            let reads: std::collections::HashMap<String, (u64, u64)> = w
+                .point_read_counts()
+                .into_iter()
+                .map(|(t, keys, queries)| (t, (keys, queries)))
+                .collect();
+            w.key_stats()
+                .into_iter()
+                .map(|s| {
+                    let (keys, queries) = reads.get(&s.table).copied().unwrap_or((0, 0));
+                    vec![
+                        Some(s.table),
+                        Some(s.phase.as_str().to_owned()),
+                        Some(s.keys.to_string()),
+                        Some(s.bytes.to_string()),
+                        Some(keys.to_string()),
+                        Some(queries.to_string()),
+                        s.off.map(str::to_owned),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Reply::Rows {
+        columns: vec![
+            ("table", ColumnType::Text),
+            ("state", ColumnType::Text),
+            ("keys", ColumnType::Int8),
+            ("bytes", ColumnType::Int8),
+            ("point_reads", ColumnType::Int8),
+            ("point_read_queries", ColumnType::Int8),
+            ("off_because", ColumnType::Text),
         ],
         rows,
         tag: "SHOW",

@@ -19,7 +19,6 @@
 //! calls the same operations sessions use.
 
 pub mod commands;
-mod keys;
 
 use bytes::{Bytes, BytesMut};
 
