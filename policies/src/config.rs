@@ -117,6 +117,31 @@ impl Default for FlushConfig {
     }
 }
 
+/// `[key_index]`: which primary keys exist in each deferred table, so that exact row
+/// counts (`row_counts = "exact"`) need no point read. It is loaded and trusted only
+/// while the change stream follows the database (`engine::keys`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyIndexConfig {
+    /// Off: every key that has no pending write is a point read.
+    pub enabled: bool,
+    /// Bound on the memory of every table's index together; a table whose index would
+    /// pass it keeps point reads.
+    pub max_bytes: ByteSize,
+    /// Keys read per query while loading a table's index (keyset pagination).
+    pub chunk_rows: usize,
+}
+
+impl Default for KeyIndexConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: ByteSize::mib(256),
+            chunk_rows: 20_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
@@ -316,6 +341,18 @@ impl FlushConfig {
             return Err(ValidationError::new(
                 "flush.max_dirty_keys",
                 "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl KeyIndexConfig {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if !(1..=1_000_000).contains(&self.chunk_rows) {
+            return Err(ValidationError::new(
+                "key_index.chunk_rows",
+                "must be between 1 and 1000000",
             ));
         }
         Ok(())

@@ -36,6 +36,12 @@ pub const DEAD_LETTERS: &str = "spillway_dead_letters_total";
 pub const JOURNAL_BYTES: &str = "spillway_journal_bytes";
 pub const JOURNAL_FSYNCS: &str = "spillway_journal_fsyncs_total";
 pub const JOURNAL_FSYNC_MICROS: &str = "spillway_journal_fsync_microseconds_total";
+// The key index and point reads of `row_counts = "exact"`.
+pub const POINT_READS: &str = "spillway_point_reads_total";
+pub const POINT_READ_QUERIES: &str = "spillway_point_read_queries_total";
+pub const KEY_INDEX_KEYS: &str = "spillway_key_index_keys";
+pub const KEY_INDEX_BYTES: &str = "spillway_key_index_bytes";
+pub const KEY_INDEX_STATE: &str = "spillway_key_index_state";
 // Connections.
 pub const CLIENT_CONNECTIONS: &str = "spillway_client_connections";
 pub const UPSTREAM_CONNECTIONS: &str = "spillway_upstream_connections";
@@ -43,7 +49,7 @@ pub const DETACHED_SESSIONS: &str = "spillway_detached_sessions";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 28] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -64,6 +70,11 @@ pub const ALL: [&str; 23] = [
     JOURNAL_BYTES,
     JOURNAL_FSYNCS,
     JOURNAL_FSYNC_MICROS,
+    POINT_READS,
+    POINT_READ_QUERIES,
+    KEY_INDEX_KEYS,
+    KEY_INDEX_BYTES,
+    KEY_INDEX_STATE,
     CLIENT_CONNECTIONS,
     UPSTREAM_CONNECTIONS,
     DETACHED_SESSIONS,
@@ -151,6 +162,25 @@ fn describe() {
         JOURNAL_FSYNC_MICROS,
         Unit::Microseconds,
         "Time spent in journal fsyncs"
+    );
+    describe_counter!(
+        POINT_READS,
+        "Keys of exact-count deferred tables read from PostgreSQL (point reads), by table"
+    );
+    describe_counter!(
+        POINT_READ_QUERIES,
+        "Queries that made those point reads (one per batch of waiting keys), by table"
+    );
+    describe_gauge!(KEY_INDEX_KEYS, "Keys held by the key index, by table");
+    describe_gauge!(
+        KEY_INDEX_BYTES,
+        Unit::Bytes,
+        "Estimated memory of the key index, by table"
+    );
+    describe_gauge!(
+        KEY_INDEX_STATE,
+        "1 for the key index's state of a table (off, untrusted, loading, ready, \
+         over_bound), 0 for the others"
     );
     describe_gauge!(CLIENT_CONNECTIONS, "Client sessions open");
     describe_gauge!(

@@ -70,6 +70,11 @@ pub(super) struct Decision {
 
 pub(super) type Tables = HashMap<String, Arc<DeferredTable>>;
 
+/// The key index's answers for a decision's keys, taken once under the state lock
+/// (`defer.rs::indexed`), so that the keys found answered are decided with the same
+/// answers even if the index stops answering meanwhile (the stream is lost).
+pub(super) type Indexed = HashMap<Slot, bool>;
+
 pub(super) fn exact(t: &DeferredTable) -> bool {
     t.config.row_counts == RowCounts::Exact
 }
@@ -77,6 +82,7 @@ pub(super) fn exact(t: &DeferredTable) -> bool {
 /// A held transaction's decision for its last statement (and those before it).
 pub(super) fn decide_preview<R>(
     state: &State,
+    indexed: &Indexed,
     stmts: &[TxStatement<R>],
     tables: &Tables,
     known: &Known,
@@ -85,13 +91,14 @@ pub(super) fn decide_preview<R>(
     // earlier answer no longer holds (not this statement's duplicate key).
     if let [earlier @ .., _] = stmts
         && !earlier.is_empty()
-        && let Err(DeferError::Duplicate { detail, .. }) = decide(state, earlier, tables, known)
+        && let Err(DeferError::Duplicate { detail, .. }) =
+            decide(state, indexed, earlier, tables, known)
     {
         return Err(DeferError::Diverged(format!(
             "another session wrote a key this transaction inserted ({detail})"
         )));
     }
-    Ok(decide(state, stmts, tables, known)?.applied)
+    Ok(decide(state, indexed, stmts, tables, known)?.applied)
 }
 
 /// What `stmts` write given `state` and `known` (every exact key answered): per
@@ -99,6 +106,7 @@ pub(super) fn decide_preview<R>(
 /// existence afterwards.
 pub(super) fn decide<R>(
     state: &State,
+    indexed: &Indexed,
     stmts: &[TxStatement<R>],
     tables: &Tables,
     known: &Known,
@@ -119,6 +127,7 @@ pub(super) fn decide<R>(
                 .get(&slot)
                 .copied()
                 .or_else(|| state.keys.get(&slot).map(|k| k.exists))
+                .or_else(|| indexed.get(&slot).copied())
                 .or_else(|| known.get(&slot).map(|(e, _, _)| *e));
             let exists_now = match (verb, exact, before) {
                 (Verb::Insert, true, Some(true)) => {

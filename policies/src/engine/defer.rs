@@ -19,7 +19,10 @@ use std::sync::{Arc, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::decide::{self, Applied, Converted, Outcome, Tables, TxOutcome, TxStatement, exact};
+use super::decide::{
+    self, Applied, Converted, Indexed, Outcome, Tables, TxOutcome, TxStatement, exact,
+};
+use super::keys::KeyIndex;
 use super::state::{Known, Slot, State};
 use super::table::Verb;
 use super::table_set::InFlight;
@@ -62,8 +65,8 @@ impl<C: Checks, L: Log> Engine<C, L> {
         }
         let tables = self.deferring(stmts)?;
         self.check_privileges(user, stmts, &tables).await?;
-        let state = self.lock_answered(stmts, &tables, known).await?;
-        decide::decide_preview(&state, stmts, &tables, known)
+        let (state, indexed) = self.lock_answered(stmts, &tables, known).await?;
+        decide::decide_preview(&state, &indexed, stmts, &tables, known)
     }
 
     /// [`Self::preview`] without waiting: `None` when it would need PostgreSQL (a
@@ -88,10 +91,13 @@ impl<C: Checks, L: Log> Engine<C, L> {
             }
         }
         let state = self.state();
-        if !unanswered(&state, stmts, &tables, known).is_empty() {
+        let indexed = indexed(&state, &self.keys, stmts, &tables);
+        if !unanswered(&state, &indexed, stmts, &tables, known).is_empty() {
             return None;
         }
-        Some(decide::decide_preview(&state, stmts, &tables, known))
+        Some(decide::decide_preview(
+            &state, &indexed, stmts, &tables, known,
+        ))
     }
 
     /// Decides and journals `stmts` as one record (a held transaction at COMMIT, or
@@ -123,8 +129,8 @@ impl<C: Checks, L: Log> Engine<C, L> {
             self.wait_for_room(t).await?;
         }
         let (decision, reserved) = {
-            let mut state = self.lock_answered(&stmts, &tables, &mut known).await?;
-            let decision = match decide::decide(&state, &stmts, &tables, &known) {
+            let (mut state, indexed) = self.lock_answered(&stmts, &tables, &mut known).await?;
+            let decision = match decide::decide(&state, &indexed, &stmts, &tables, &known) {
                 // The client was told its INSERT succeeded: that no longer holds.
                 Err(DeferError::Duplicate { detail, .. }) if expected.is_some() => {
                     return Err(DeferError::Diverged(format!(
@@ -258,46 +264,86 @@ impl<C: Checks, L: Log> Engine<C, L> {
     /// Point reads for the keys nothing answers yet, then the state locked with an
     /// answer for every key. A key whose pending writes are applied meanwhile leaves
     /// the overlay: then neither answer holds (no point read, or one older than those
-    /// writes), and it is read again.
+    /// writes), and it is read again (or answered by the key index, which took the
+    /// applied writes before the overlay let go of them).
     async fn lock_answered<R>(
-        &self,
+        self: &Arc<Self>,
         stmts: &[TxStatement<R>],
         tables: &Tables,
         known: &mut Known,
-    ) -> Result<MutexGuard<'_, State>, DeferError> {
+    ) -> Result<(MutexGuard<'_, State>, Indexed), DeferError> {
         loop {
             let outside = self.outside_writes();
             let (since, missing) = {
                 let state = self.state();
-                (state.generation, unanswered(&state, stmts, tables, known))
+                let indexed = indexed(&state, &self.keys, stmts, tables);
+                (
+                    state.generation,
+                    unanswered(&state, &indexed, stmts, tables, known),
+                )
             };
             if missing.is_empty() {
                 let state = self.state();
-                if unanswered(&state, stmts, tables, known).is_empty() {
-                    return Ok(state);
+                let indexed = indexed(&state, &self.keys, stmts, tables);
+                if unanswered(&state, &indexed, stmts, tables, known).is_empty() {
+                    return Ok((state, indexed));
                 }
                 continue;
             }
-            // Side by side: a transaction's COMMIT reads every key it wrote outside
-            // the overlay.
-            let reads = missing.iter().map(|(table, key)| async move {
+            // Per table, every missing key in one batched read; tables side by side
+            // (a transaction's COMMIT reads every key it wrote outside the overlay).
+            let mut by_table: Vec<(&String, Vec<Vec<String>>)> = Vec::new();
+            for (table, key) in &missing {
+                match by_table.iter_mut().find(|(t, _)| *t == table) {
+                    Some((_, keys)) => keys.push(key.clone()),
+                    None => by_table.push((table, vec![key.clone()])),
+                }
+            }
+            let reads = by_table.iter().map(|(table, keys)| async move {
                 let t = tables
-                    .get(table)
-                    .ok_or_else(|| DeferError::NotDeferred(table.clone()))?;
-                self.checks.exists(t, key).await.map_err(DeferError::from)
+                    .get(*table)
+                    .ok_or_else(|| DeferError::NotDeferred((*table).clone()))?;
+                Ok::<_, DeferError>(self.read_keys(t, keys).await)
             });
             let answers = futures_util::future::join_all(reads).await;
-            for (slot, exists) in missing.into_iter().zip(answers) {
-                known.insert(slot, (exists?, since, outside));
+            for ((table, keys), answers) in by_table.iter().zip(answers) {
+                for (key, exists) in keys.iter().zip(answers?) {
+                    known.insert(((*table).clone(), key.clone()), (exists?, since, outside));
+                }
             }
         }
     }
 }
 
-/// The keys of exact-count tables in `stmts` that neither the overlay nor `known`
-/// answers in `state`.
+/// What the key index answers now for the keys of exact-count tables in `stmts` that
+/// the overlay does not (under the state lock: a key's applied writes reach the index
+/// before they leave the overlay).
+fn indexed<R>(
+    state: &State,
+    keys: &KeyIndex,
+    stmts: &[TxStatement<R>],
+    tables: &Tables,
+) -> Indexed {
+    let mut wanted: Vec<Slot> = Vec::new();
+    for s in stmts {
+        if !tables.get(&s.table).is_some_and(|t| exact(t)) {
+            continue;
+        }
+        for key in &s.converted.keys {
+            let slot = (s.table.clone(), key.clone());
+            if !state.keys.contains_key(&slot) && !wanted.contains(&slot) {
+                wanted.push(slot);
+            }
+        }
+    }
+    keys.lookup_many(wanted)
+}
+
+/// The keys of exact-count tables in `stmts` that neither the overlay, the key index
+/// (`indexed`) nor `known` answers in `state`.
 fn unanswered<R>(
     state: &State,
+    indexed: &Indexed,
     stmts: &[TxStatement<R>],
     tables: &Tables,
     known: &Known,
@@ -309,6 +355,7 @@ fn unanswered<R>(
         }
         for key in &s.converted.keys {
             if !state.answered(&s.table, key, known)
+                && !indexed.contains_key(&(s.table.clone(), key.clone()))
                 && !missing.iter().any(|(t, k)| *t == s.table && k == key)
             {
                 missing.push((s.table.clone(), key.clone()));

@@ -161,6 +161,9 @@ impl<C: Checks, L: Log> Engine<C, L> {
         };
         if at > self.applied() {
             let batch = self.take_through(at);
+            // Which of its records PostgreSQL refused is not known: their keys are
+            // unknown to the key index until something settles them.
+            self.keys.applied(&batch, None, |op| self.key_of(op));
             self.applied_through(&batch, at, on_applied).await;
         }
         Ok(())
@@ -215,9 +218,23 @@ impl<C: Checks, L: Log> Engine<C, L> {
                 through = last, elapsed = ?started.elapsed(), "flush batch applied"
             );
         }
+        // The key index takes the batch's writes before the overlay lets go of them.
+        let dead: HashSet<u64> = done.dead_letters.iter().map(|d| d.seq).collect();
+        let pinned = self.keys.applied(batch, Some(&dead), |op| self.key_of(op));
         self.applied_through(batch, last, on_applied)
             .instrument(span)
             .await;
+        if let Some(id) = pinned {
+            // After the barrier opened: nobody waits for this round trip.
+            match sink.wal_position().await {
+                Ok(Some(lsn)) => self.keys.positioned(id, lsn),
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::debug!(%err, "reading the WAL position after a batch");
+                    sink.disconnect();
+                }
+            }
+        }
         Ok(())
     }
 

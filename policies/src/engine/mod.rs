@@ -36,7 +36,9 @@ pub mod decide;
 pub mod defer;
 pub mod due;
 pub mod flusher;
+pub mod keys;
 pub mod privileges;
+pub mod reads;
 pub mod room;
 pub mod state;
 pub mod table;
@@ -59,6 +61,7 @@ use crate::journal::JournalError;
 use crate::writes::{Record, RowOp};
 
 pub use decide::{Applied, Converted, Outcome, TxOutcome, TxStatement};
+pub use keys::{Chunk, Cursor, KeyIndex, KeyKind, KeyStats, Phase};
 pub use privileges::PRIVILEGE_TTL;
 pub use state::Known;
 pub use table::{Column, DeferredTable, Verb};
@@ -68,6 +71,7 @@ pub use upstream::{
 };
 
 use privileges::Privileges;
+use reads::PointReads;
 use state::State;
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +191,11 @@ pub struct Engine<C, L> {
     checks: C,
     /// Privilege answers per (role, table, verb) (`privileges.rs`).
     privileges: Mutex<Privileges>,
+    /// Which keys exist in each deferred table, while the change stream follows
+    /// (`keys/`); asked after the overlay, before a point read.
+    keys: Arc<KeyIndex>,
+    /// Point reads waiting per table, read together (`reads.rs`).
+    reads: PointReads,
 }
 
 impl<C: Checks, L: Log> Engine<C, L> {
@@ -236,7 +245,29 @@ impl<C: Checks, L: Log> Engine<C, L> {
             flush: ArcSwap::from_pointee(flush),
             checks,
             privileges: Mutex::new(HashMap::new()),
+            keys: Arc::new(KeyIndex::default()),
+            reads: PointReads::default(),
         }))
+    }
+
+    /// The key index: the change stream's sink for the write side (`ChangeSink`).
+    pub fn key_index(&self) -> &Arc<KeyIndex> {
+        &self.keys
+    }
+
+    /// Sets the key index's database (whose commits count) and `[key_index]`.
+    pub fn configure_keys(&self, database: &str, config: &crate::KeyIndexConfig) {
+        self.keys.configure(database, config, &self.tables.load());
+    }
+
+    /// Each deferred table's key index (console, metrics).
+    pub fn key_stats(&self) -> Vec<KeyStats> {
+        self.keys.stats()
+    }
+
+    /// Keys read by point reads and the queries that read them, per table.
+    pub fn point_read_counts(&self) -> Vec<(String, u64, u64)> {
+        self.reads.counts()
     }
 
     /// The deferred tables now (one atomic load; hold it briefly).

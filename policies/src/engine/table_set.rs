@@ -183,6 +183,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
         }
         self.tables.store(Arc::new(next));
         drop(state);
+        self.keys.sync(&self.tables.load());
         // Bounded tables may have changed: the flusher recomputes its sleep.
         self.wake.notify_one();
         (leaving, old)
@@ -231,12 +232,14 @@ impl<C: Checks, L: Log> Engine<C, L> {
             }
         }
         self.tables.store(Arc::new(next));
+        self.keys.sync(&self.tables.load());
     }
 
     /// Puts back the set of before a reload that could not finish.
     pub fn restore(&self, set: Arc<TableSet>) {
         let _state = self.state();
         self.tables.store(set);
+        self.keys.sync(&self.tables.load());
         self.wake.notify_one();
     }
 

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::keys::{Chunk, Cursor, KeyKind};
 use super::table::{DeferredTable, Verb};
 use crate::journal::{Journal, JournalError};
 use crate::writes::{Record, RowOp, TableMeta};
@@ -108,6 +109,12 @@ pub trait Sink {
         batch: &Batch,
         tables: &HashMap<String, TableMeta>,
     ) -> impl Future<Output = Result<Flushed, ApplyError>>;
+    /// PostgreSQL's WAL position now (flushed), after the last batch committed: the key
+    /// index releases the batch's keys once the change stream passes it. `None` when
+    /// this sink cannot tell.
+    fn wal_position(&mut self) -> impl Future<Output = Result<Option<u64>, ApplyError>> {
+        std::future::ready(Ok(None))
+    }
 }
 
 /// A check's failure: PostgreSQL unreachable for now (connection loss, shutting down,
@@ -118,8 +125,9 @@ pub enum CheckError {
     Failed(String),
 }
 
-/// The session side's questions to PostgreSQL: may a role write a table, does a key
-/// exist. Their futures run inside session tasks, so they are `Send`.
+/// The session side's questions to PostgreSQL: may a role write a table, do keys
+/// exist, which keys a table has (the key index's loader). Their futures run inside
+/// session tasks, so they are `Send`.
 pub trait Checks: Send + Sync + 'static {
     /// Whether `user` holds the privilege `verb` needs on `table` (UPDATE and DELETE
     /// by key also need SELECT, as in PostgreSQL).
@@ -129,12 +137,24 @@ pub trait Checks: Send + Sync + 'static {
         table: &DeferredTable,
         verb: Verb,
     ) -> impl Future<Output = Result<bool, CheckError>> + Send;
-    /// Whether the row with (canonical) `key` exists upstream now.
-    fn exists(
+    /// Whether the rows with (canonical) `keys` exist upstream now, in their order: the
+    /// point reads of `row_counts = "exact"`, in one query (`reads.rs` batches them).
+    fn exists_many(
         &self,
         table: &DeferredTable,
-        key: &[String],
-    ) -> impl Future<Output = Result<bool, CheckError>> + Send;
+        keys: &[Vec<String>],
+    ) -> impl Future<Output = Result<Vec<bool>, CheckError>> + Send;
+    /// Up to `limit` keys of `table` after `after` (from the first without), in key
+    /// order, each read in a short statement of its own: loading the key index.
+    fn key_chunk(
+        &self,
+        table: &DeferredTable,
+        kind: KeyKind,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Chunk, CheckError>> + Send;
+    /// PostgreSQL's WAL position now (flushed), on the connection `key_chunk` uses.
+    fn wal_position(&self) -> impl Future<Output = Result<u64, CheckError>> + Send;
 }
 
 /// The durable journal as the engine uses it.

@@ -18,8 +18,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 use spillway_policies::config::{
-    CacheConfig, FlushConfig, JournalConfig, TableConfig, TableName, ValidationError,
-    validate_tables,
+    CacheConfig, FlushConfig, JournalConfig, KeyIndexConfig, TableConfig, TableName,
+    ValidationError, validate_tables,
 };
 
 pub use load::{ConfigError, DEFAULT_CONFIG_FILE, ENV_PREFIX};
@@ -32,6 +32,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub journal: JournalConfig,
     pub flush: FlushConfig,
+    pub key_index: KeyIndexConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
@@ -257,6 +258,7 @@ impl Config {
         self.cache.validate()?;
         self.journal.validate()?;
         self.flush.validate()?;
+        self.key_index.validate()?;
         self.table_policies()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ValidationError::new("log.level", e.to_string()))?;

@@ -140,6 +140,10 @@ mod tests {
             interval = "7ms"
             batch_size = 7
             max_dirty_keys = 7
+            [key_index]
+            enabled = false
+            max_bytes = "7MiB"
+            chunk_rows = 7
             [metrics]
             listen = "127.0.0.1:7002"
             [log]

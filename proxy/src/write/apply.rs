@@ -69,6 +69,11 @@ impl PgSink {
     }
 }
 
+/// PostgreSQL's WAL insert position as a number: at or past the end of every commit
+/// record written so far (also those visible before their WAL is flushed).
+pub const WAL_POSITION: &str =
+    "SELECT (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_catalog.pg_lsn)::int8";
+
 impl Sink for PgSink {
     async fn connect(&mut self) -> Result<(), ApplyError> {
         if self.conn.is_none() {
@@ -102,6 +107,14 @@ impl Sink for PgSink {
             Err(_) => {}
         }
         result
+    }
+
+    async fn wal_position(&mut self) -> Result<Option<u64>, ApplyError> {
+        let lsn: i64 = sqlx::query_scalar(WAL_POSITION)
+            .fetch_one(self.conn()?)
+            .await
+            .map_err(transient)?;
+        Ok(u64::try_from(lsn).ok())
     }
 }
 

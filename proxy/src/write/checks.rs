@@ -1,7 +1,10 @@
 //! [`PgChecks`]: the engine's questions on the write path (`engine::Checks`), asked on
 //! a few check connections of their own (`application_name` [`CHECKS_APP`]): whether
-//! a role may write a table (`has_table_privilege`, by OID) and whether a key exists
-//! (the point reads of `row_counts = "exact"`). How long answers are reused is the
+//! a role may write a table (`has_table_privilege`, by OID) and whether keys exist
+//! (the point reads of `row_counts = "exact"`, many keys in one query: the engine
+//! batches them); and, on a connection of its own ([`KEYS_APP`]), the key index's
+//! loading queries (keyset pagination in key order, one short statement a chunk, so
+//! no lock is held for long) and the WAL position. How long answers are reused is the
 //! engine's rule (`engine/privileges.rs`).
 //!
 //! Invariants:
@@ -16,14 +19,18 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use spillway_policies::engine::{CheckError, Checks, DeferredTable, Verb};
-use sqlx::PgConnection;
+use spillway_policies::engine::{CheckError, Checks, Chunk, Cursor, DeferredTable, KeyKind, Verb};
+use spillway_policies::writes::plan::ident;
+use sqlx::{PgConnection, Row};
 
 use super::apply::{self, connect_as};
 
 /// `application_name` of the check connections' backends, so that an operator (or a
 /// test) can tell them apart in `pg_stat_activity`.
 pub const CHECKS_APP: &str = "spillway checks";
+
+/// `application_name` of the key index loader's connection.
+pub const KEYS_APP: &str = "spillway keys";
 
 /// How long opening a check connection may take.
 const CHECK_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -38,10 +45,14 @@ pub struct PgChecks {
     url: String,
     /// [`CHECK_CONNECTIONS`] slots, each connected on first use: concurrent point
     /// reads of different sessions run side by side instead of queueing on one.
-    slots: Vec<tokio::sync::Mutex<Option<PgConnection>>>,
+    slots: Vec<Slot>,
     /// Where the next check that finds every slot busy waits.
     next: AtomicUsize,
+    /// The key index loader's connection (one loader, one query at a time).
+    loader: Slot,
 }
+
+type Slot = tokio::sync::Mutex<Option<PgConnection>>;
 
 /// A check connection's failure: unreachable for now, or an answer.
 fn unreachable_or_failed(e: &sqlx::Error) -> CheckError {
@@ -71,6 +82,7 @@ impl PgChecks {
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
             next: AtomicUsize::new(0),
+            loader: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -80,7 +92,7 @@ impl PgChecks {
         f: impl for<'c> Fn(&'c mut PgConnection) -> Query<'c, T>,
     ) -> Result<T, CheckError> {
         // A free slot if there is one, else the next in turn.
-        let mut guard = match self.slots.iter().find_map(|m| m.try_lock().ok()) {
+        let guard = match self.slots.iter().find_map(|m| m.try_lock().ok()) {
             Some(guard) => guard,
             None => {
                 let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
@@ -90,10 +102,21 @@ impl PgChecks {
                 }
             }
         };
+        self.run(guard, CHECKS_APP, f).await
+    }
+
+    /// Runs `f` on the connection behind `guard` (named `app`), connecting (once more
+    /// after a failure).
+    async fn run<T>(
+        &self,
+        mut guard: tokio::sync::MutexGuard<'_, Option<PgConnection>>,
+        app: &str,
+        f: impl for<'c> Fn(&'c mut PgConnection) -> Query<'c, T>,
+    ) -> Result<T, CheckError> {
         for attempt in 0..2 {
             if guard.is_none() {
                 let connected =
-                    tokio::time::timeout(CHECK_CONNECT_TIMEOUT, connect_as(&self.url, CHECKS_APP))
+                    tokio::time::timeout(CHECK_CONNECT_TIMEOUT, connect_as(&self.url, app))
                         .await
                         .map_err(|_| {
                             CheckError::Unreachable(format!(
@@ -145,20 +168,204 @@ impl Checks for PgChecks {
         .await
     }
 
-    async fn exists(&self, table: &DeferredTable, key: &[String]) -> Result<bool, CheckError> {
-        let sql = table.exists_sql.clone();
-        let key = key.to_vec();
-        self.check(|conn| {
-            let sql = sql.clone();
-            let key = key.clone();
-            Box::pin(async move {
-                let mut q = sqlx::query_scalar::<_, bool>(&sql);
-                for k in key {
-                    q = q.bind(k);
-                }
-                q.fetch_one(conn).await
+    async fn exists_many(
+        &self,
+        table: &DeferredTable,
+        keys: &[Vec<String>],
+    ) -> Result<Vec<bool>, CheckError> {
+        let sql = exists_many_sql(table);
+        let columns = transpose(keys, table.meta.key.len());
+        let found: Vec<i64> = self
+            .check(|conn| {
+                let sql = sql.clone();
+                let columns = columns.clone();
+                Box::pin(async move {
+                    let mut q = sqlx::query_scalar::<_, i64>(&sql);
+                    for c in columns {
+                        q = q.bind(c);
+                    }
+                    q.fetch_all(conn).await
+                })
             })
+            .await?;
+        let mut exists = vec![false; keys.len()];
+        for n in found {
+            // Ordinals count from 1.
+            if let Some(e) = usize::try_from(n - 1).ok().and_then(|i| exists.get_mut(i)) {
+                *e = true;
+            }
+        }
+        Ok(exists)
+    }
+
+    async fn key_chunk(
+        &self,
+        table: &DeferredTable,
+        kind: KeyKind,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Chunk, CheckError> {
+        let sql = chunk_sql(table, kind, after.is_some());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let after = after.cloned();
+        let guard = self.loader.lock().await;
+        self.run(guard, KEYS_APP, |conn| {
+            let sql = sql.clone();
+            let after = after.clone();
+            Box::pin(async move { read_chunk(conn, &sql, kind, after, limit).await })
         })
         .await
     }
+
+    async fn wal_position(&self) -> Result<u64, CheckError> {
+        let guard = self.loader.lock().await;
+        let lsn: i64 = self
+            .run(guard, KEYS_APP, |conn| {
+                Box::pin(async move {
+                    sqlx::query_scalar(apply::WAL_POSITION)
+                        .fetch_one(conn)
+                        .await
+                })
+            })
+            .await?;
+        u64::try_from(lsn).map_err(|_| CheckError::Failed(format!("WAL position {lsn}")))
+    }
+}
+
+/// `keys` (one entry per key column each) as one array per key column.
+fn transpose(keys: &[Vec<String>], columns: usize) -> Vec<Vec<String>> {
+    (0..columns)
+        .map(|i| {
+            keys.iter()
+                .map(|k| k.get(i).cloned().unwrap_or_default())
+                .collect()
+        })
+        .collect()
+}
+
+/// `table` as `"schema"."name"`, and each key column with its type.
+fn key_columns(table: &DeferredTable) -> (String, Vec<(String, &str)>) {
+    let name = format!("{}.{}", ident(&table.meta.schema), ident(&table.meta.table));
+    let cols = table
+        .meta
+        .key
+        .iter()
+        .map(|k| {
+            let ty = table.meta.types.get(k).map_or("text", String::as_str);
+            (ident(k), ty)
+        })
+        .collect();
+    (name, cols)
+}
+
+/// The batched point read: the ordinals (from 1) of the keys, given as one text array
+/// per key column and cast as the single point read casts them, whose row exists.
+fn exists_many_sql(table: &DeferredTable) -> String {
+    let (name, cols) = key_columns(table);
+    let arrays: Vec<String> = (1..=cols.len()).map(|i| format!("${i}::text[]")).collect();
+    let aliases: Vec<String> = (1..=cols.len()).map(|i| format!("k{i}")).collect();
+    let conditions: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (c, ty))| format!("t.{c} = u.k{}::{ty}", i + 1))
+        .collect();
+    format!(
+        "SELECT u.n FROM unnest({}) WITH ORDINALITY AS u({}, n) \
+         WHERE EXISTS (SELECT 1 FROM ONLY {name} AS t WHERE {})",
+        arrays.join(", "),
+        aliases.join(", "),
+        conditions.join(" AND ")
+    )
+}
+
+/// One chunk of the key index's load, in key order, after the cursor (`after`): an
+/// index range scan of the primary key that stops at the limit (the last parameter).
+fn chunk_sql(table: &DeferredTable, kind: KeyKind, after: bool) -> String {
+    let (name, cols) = key_columns(table);
+    let order: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
+    let (select, cursor) = match (kind, cols.as_slice()) {
+        (KeyKind::Int, [(c, _)]) => (format!("{c}::int8"), format!("{c} > $1::int8")),
+        (KeyKind::Uuid, [(c, _)]) => (
+            format!("pg_catalog.uuid_send({c})"),
+            format!("{c} > pg_catalog.encode($1::bytea, 'hex')::uuid"),
+        ),
+        _ => {
+            let select: Vec<String> = order.iter().map(|c| format!("{c}::text")).collect();
+            let params: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .map(|(i, (_, ty))| format!("${}::text::{ty}", i + 1))
+                .collect();
+            (
+                select.join(", "),
+                format!("({}) > ({})", order.join(", "), params.join(", ")),
+            )
+        }
+    };
+    let limit = if after {
+        match kind {
+            KeyKind::Int | KeyKind::Uuid => 2,
+            KeyKind::Text => cols.len() + 1,
+        }
+    } else {
+        1
+    };
+    let filter = if after {
+        format!(" WHERE {cursor}")
+    } else {
+        String::new()
+    };
+    format!(
+        "SELECT {select} FROM ONLY {name}{filter} ORDER BY {} LIMIT ${limit}",
+        order.join(", ")
+    )
+}
+
+/// Runs a chunk query of `kind`.
+async fn read_chunk(
+    conn: &mut PgConnection,
+    sql: &str,
+    kind: KeyKind,
+    after: Option<Cursor>,
+    limit: i64,
+) -> Result<Chunk, sqlx::Error> {
+    let mut q = sqlx::query(sql);
+    match after {
+        Some(Cursor::Int(v)) => q = q.bind(v),
+        Some(Cursor::Uuid(v)) => q = q.bind(v.to_be_bytes().to_vec()),
+        Some(Cursor::Text(cols)) => {
+            for c in cols {
+                q = q.bind(c);
+            }
+        }
+        None => {}
+    }
+    let rows = q.bind(limit).fetch_all(conn).await?;
+    Ok(match kind {
+        KeyKind::Int => Chunk::Int(
+            rows.iter()
+                .map(|r| r.try_get::<i64, _>(0))
+                .collect::<Result<_, _>>()?,
+        ),
+        KeyKind::Uuid => Chunk::Uuid(
+            rows.iter()
+                .map(|r| {
+                    let bytes: Vec<u8> = r.try_get(0)?;
+                    let bytes: [u8; 16] = bytes.try_into().map_err(|_| {
+                        sqlx::Error::Decode("uuid_send gave other than 16 bytes".into())
+                    })?;
+                    Ok(u128::from_be_bytes(bytes))
+                })
+                .collect::<Result<_, sqlx::Error>>()?,
+        ),
+        KeyKind::Text => Chunk::Text(
+            rows.iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| r.try_get::<String, _>(i))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    })
 }

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::Guard;
-use spillway_policies::FlushConfig;
-use spillway_policies::engine::{self, LedgerKey};
+use spillway_policies::engine::{self, KeyIndex, KeyStats, LedgerKey};
 use spillway_policies::journal::Journal;
+use spillway_policies::{FlushConfig, KeyIndexConfig};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
@@ -230,6 +230,33 @@ impl WriteService {
         self.engine.set_flush(flush);
     }
 
+    /// The key index of the deferred tables: the change stream's sink for the write
+    /// side (register it with the replication task; until the stream calls
+    /// `resumed`, the index is untrusted and exact counts use point reads).
+    pub fn key_index(&self) -> Arc<KeyIndex> {
+        self.engine.key_index().clone()
+    }
+
+    /// Sets the database whose commits the key index takes, and `[key_index]`.
+    pub fn configure_keys(&self, database: &str, config: &KeyIndexConfig) {
+        self.engine.configure_keys(database, config);
+    }
+
+    /// Loads the key index's tables as they need it (in chunks), until `shutdown`.
+    pub async fn run_key_loader(self: Arc<Self>, shutdown: CancellationToken) {
+        self.engine.clone().run_key_loader(shutdown).await;
+    }
+
+    /// Each deferred table's key index (console, metrics).
+    pub fn key_stats(&self) -> Vec<KeyStats> {
+        self.engine.key_stats()
+    }
+
+    /// Keys read by point reads and the queries that read them, per table.
+    pub fn point_read_counts(&self) -> Vec<(String, u64, u64)> {
+        self.engine.point_read_counts()
+    }
+
     /// Sets the pending-write and journal gauges (called when a scrape arrives).
     #[allow(clippy::cast_precision_loss)]
     pub fn export_gauges(&self) {
@@ -245,5 +272,18 @@ impl WriteService {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         metrics::counter!(m::JOURNAL_FSYNCS).absolute(load(&stats.fsyncs));
         metrics::counter!(m::JOURNAL_FSYNC_MICROS).absolute(load(&stats.fsync_micros));
+        for (table, keys, queries) in self.point_read_counts() {
+            metrics::counter!(m::POINT_READS, "table" => table.clone()).absolute(keys);
+            metrics::counter!(m::POINT_READ_QUERIES, "table" => table).absolute(queries);
+        }
+        for s in self.key_stats() {
+            metrics::gauge!(m::KEY_INDEX_KEYS, "table" => s.table.clone()).set(s.keys as f64);
+            metrics::gauge!(m::KEY_INDEX_BYTES, "table" => s.table.clone()).set(s.bytes as f64);
+            for phase in engine::Phase::ALL {
+                let on = if phase == s.phase { 1.0 } else { 0.0 };
+                metrics::gauge!(m::KEY_INDEX_STATE, "table" => s.table.clone(), "state" => phase.as_str())
+                    .set(on);
+            }
+        }
     }
 }

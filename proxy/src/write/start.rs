@@ -1,7 +1,9 @@
 //! Bringing the deferred-write side up at startup and down at shutdown: schema
 //! migrations, the deferred tables checked against the catalog, the journal opened
-//! (recovery), the ledger claimed, the flush worker started, and the journal records
-//! the ledger does not hold replayed before any session is served.
+//! (recovery), the ledger claimed, the flush worker started, the key index's loader
+//! started (it loads nothing until the change stream follows the database: serving
+//! never waits for it), and the journal records the ledger does not hold replayed
+//! before any session is served.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,6 +104,7 @@ pub async fn start(
         tracing::debug!(%err, "closing the startup connection");
     }
     let database = database_of(&url);
+    service.configure_keys(&database, &config.key_index);
     let db = cache.database(&database);
     let stop = CancellationToken::new();
     // The flush worker runs on its own thread and runtime: its upstream I/O never
@@ -128,6 +131,17 @@ pub async fn start(
             runtime.block_on(worker_service.run_flusher(worker_stop, on_applied));
             let _ = done.send(());
         })
+        .map_err(|e| WritesStartError::Task(e.to_string()))?;
+    // The key index's loader on a thread of its own too: a table's first load reads
+    // every key, and neither sessions nor flushes wait for it.
+    let loader = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| WritesStartError::Task(e.to_string()))?;
+    let (loader_service, loader_stop) = (service.clone(), stop.clone());
+    std::thread::Builder::new()
+        .name("spillway-keys".to_owned())
+        .spawn(move || loader.block_on(loader_service.run_key_loader(loader_stop)))
         .map_err(|e| WritesStartError::Task(e.to_string()))?;
     // Deferral resolves table names with the cache's catalog snapshot; without it
     // every write would fall back to write-through, so the first is awaited here.
@@ -158,6 +172,12 @@ pub async fn start(
 }
 
 impl Running {
+    /// The write side's change-stream sink (the key index): the replication task
+    /// hands it every committed transaction of [`Running::database`].
+    pub fn change_sink(&self) -> Arc<dyn spillway_policies::changes::ChangeSink> {
+        self.service.key_index()
+    }
+
     /// Stops the flush worker after it applied what it can within `deadline`; the rest
     /// stays journaled for the next start.
     pub async fn stop(self, deadline: Duration) {

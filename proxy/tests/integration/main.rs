@@ -20,6 +20,7 @@ mod docs;
 mod drivers;
 mod flush_apply;
 mod held_wire;
+mod key_index;
 mod lifecycle;
 mod metrics;
 mod model;

@@ -11,6 +11,7 @@ mod counts;
 mod due;
 mod flush;
 mod held;
+mod keys;
 mod reload;
 mod room;
 
@@ -26,7 +27,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::upstream::{ApplyError, Batch, CheckError, Checks, Flushed, LedgerKey, Log, Sink};
+use super::keys::{Chunk, Cursor, KeyKind};
+use super::upstream::{
+    ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, Log, Sink,
+};
 use super::{Converted, DeferredTable, Engine, Verb};
 use crate::journal::JournalError;
 use crate::writes::{Assign, AssignOp, RowOp, TableMeta, Val};
@@ -58,7 +62,10 @@ pub struct Db {
     /// Privilege answers by (role, table, verb); absent means granted.
     pub grants: HashMap<(String, String, Verb), bool>,
     pub privilege_checks: usize,
+    /// Keys point-read, and the queries that read them.
     pub point_reads: usize,
+    /// Point-read queries, chunks, the WAL position (`keys.rs`).
+    pub keys: keys::KeyDb,
     /// Checks fail with `Unreachable` while set.
     pub unreachable: bool,
     /// Dead letters of every batch.
@@ -160,16 +167,25 @@ impl Sink for MemorySink {
                 done.rows += record.ops.len();
             } else {
                 db.dead.push(*seq);
+                if let Some(op) = record.ops.first() {
+                    done.dead_letters
+                        .push(DeadLetter::of(*seq, op, "02000", "no row for the key"));
+                }
             }
             done.statements += 1;
         }
         let last = batch.last().map_or(applied_through, |(s, _)| *s);
         db.ledger = Some((ledger.epoch, last));
+        db.keys.lsn += 10;
         db.batches.push(batch.iter().map(|(s, _)| *s).collect());
         if fault == Some(Fault::LostCommit) {
             return Err(ApplyError::Transient("answer to COMMIT lost".to_owned()));
         }
         Ok(done)
+    }
+
+    async fn wal_position(&mut self) -> Result<Option<u64>, ApplyError> {
+        Ok(Some(lock(&self.db).keys.lsn))
     }
 }
 
@@ -204,19 +220,64 @@ impl Checks for FakeChecks {
         std::future::ready(answer)
     }
 
-    fn exists(
+    fn exists_many(
         &self,
         table: &DeferredTable,
-        key: &[String],
-    ) -> impl Future<Output = Result<bool, CheckError>> + Send {
+        keys: &[Vec<String>],
+    ) -> impl Future<Output = Result<Vec<bool>, CheckError>> + Send {
+        let db = self.db.clone();
+        let name = table.meta.name.clone();
+        let keys = keys.to_vec();
+        async move {
+            let delay = lock(&db).keys.read_delay;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let mut db = lock(&db);
+            db.point_reads += keys.len();
+            db.keys.point_read_queries += 1;
+            if db.unreachable {
+                return Err(CheckError::Unreachable("connection refused".to_owned()));
+            }
+            Ok(keys
+                .into_iter()
+                .map(|k| db.rows.contains(&(name.clone(), k)))
+                .collect())
+        }
+    }
+
+    fn key_chunk(
+        &self,
+        table: &DeferredTable,
+        _kind: KeyKind,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Chunk, CheckError>> + Send {
         let mut db = lock(&self.db);
-        db.point_reads += 1;
+        db.keys.chunks += 1;
         let answer = if db.unreachable {
             Err(CheckError::Unreachable("connection refused".to_owned()))
         } else {
-            Ok(db.rows.contains(&(table.meta.name.clone(), key.to_vec())))
+            let after = match after {
+                Some(Cursor::Int(v)) => Some(*v),
+                _ => None,
+            };
+            let mut ids: Vec<i64> = db
+                .rows
+                .iter()
+                .filter(|(t, _)| *t == table.meta.name)
+                .filter_map(|(_, k)| k.first()?.parse().ok())
+                .filter(|id| after.is_none_or(|a| *id > a))
+                .collect();
+            ids.sort_unstable();
+            ids.truncate(limit);
+            Ok(Chunk::Int(ids))
         };
         std::future::ready(answer)
+    }
+
+    fn wal_position(&self) -> impl Future<Output = Result<u64, CheckError>> + Send {
+        std::future::ready(Ok(lock(&self.db).keys.lsn))
     }
 }
 
@@ -336,7 +397,10 @@ pub fn table(
             parents: Vec::new(),
         },
         config,
-        type_oids: HashMap::new(),
+        type_oids: [("id", 23), ("v", 23)]
+            .into_iter()
+            .map(|(c, t)| (c.to_owned(), t))
+            .collect(),
         typmods: HashMap::new(),
         not_null: Vec::new(),
         required: Vec::new(),
@@ -401,6 +465,8 @@ pub struct Harness {
 }
 
 pub const USER: &str = "app";
+/// The database the engine's key index follows.
+pub const DATABASE: &str = "app";
 
 /// The default `[flush]` of the tests: a 100 ms interval, big batches.
 pub fn flush_config() -> FlushConfig {
@@ -445,6 +511,7 @@ impl Harness {
             Ok(e) => e,
             Err(e) => panic!("engine start: {e}"),
         };
+        engine.configure_keys(DATABASE, &crate::KeyIndexConfig::default());
         let (open, _) = watch::channel(true);
         let mut h = Self {
             engine,

@@ -10,7 +10,7 @@ use crate::protocol::sqlstate::SqlState;
 
 /// The help text of an unknown command.
 pub const USAGE: &str = "SHOW STATS | SHOW CACHE | SHOW TABLES | SHOW PENDING | SHOW CLIENTS | \
-                         FLUSH [table] | INVALIDATE table | RELOAD";
+                         SHOW KEYS | FLUSH [table] | INVALIDATE table | RELOAD";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -19,6 +19,8 @@ pub enum Command {
     ShowTables,
     ShowPending,
     ShowClients,
+    /// The key index and point reads per deferred table (`keys.rs`).
+    ShowKeys,
     /// Every deferred table, or one.
     Flush(Option<String>),
     Invalidate(String),
@@ -48,6 +50,7 @@ pub fn parse(statement: &str) -> Result<Command, String> {
         (["SHOW", "TABLES"], _) => Ok(Command::ShowTables),
         (["SHOW", "PENDING"], _) => Ok(Command::ShowPending),
         (["SHOW", "CLIENTS"], _) => Ok(Command::ShowClients),
+        (["SHOW", "KEYS"], _) => Ok(Command::ShowKeys),
         (["FLUSH"], _) => Ok(Command::Flush(None)),
         (["FLUSH", _], [_, table]) => Ok(Command::Flush(Some(unquote(table)))),
         (["INVALIDATE", _], [_, table]) => Ok(Command::Invalidate(unquote(table))),
@@ -71,6 +74,7 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::ShowTables => show_tables(shared),
         Command::ShowPending => show_pending(shared),
         Command::ShowClients => show_clients(shared),
+        Command::ShowKeys => show_keys(shared),
         Command::Flush(table) => flush(shared, table.as_deref()).await,
         Command::Invalidate(table) => invalidate(shared, &table),
         Command::Reload => reload(shared).await,
@@ -279,6 +283,51 @@ fn show_tables(shared: &Console) -> Reply {
             ("pending", ColumnType::Int8),
             ("oldest_pending_age", ColumnType::Float8),
             ("fallbacks", ColumnType::Int8),
+        ],
+        rows,
+        tag: "SHOW",
+    }
+}
+
+/// `SHOW KEYS`: each deferred table's key index (state, keys, estimated bytes, why
+/// it is off) and its point reads so far (keys read, and the queries that read them:
+/// fewer queries than keys is batching at work).
+fn show_keys(shared: &Console) -> Reply {
+    let rows = shared
+        .writes
+        .as_ref()
+        .map(|(w, _)| {
+            let reads: std::collections::HashMap<String, (u64, u64)> = w
+                .point_read_counts()
+                .into_iter()
+                .map(|(t, keys, queries)| (t, (keys, queries)))
+                .collect();
+            w.key_stats()
+                .into_iter()
+                .map(|s| {
+                    let (keys, queries) = reads.get(&s.table).copied().unwrap_or((0, 0));
+                    vec![
+                        Some(s.table),
+                        Some(s.phase.as_str().to_owned()),
+                        Some(s.keys.to_string()),
+                        Some(s.bytes.to_string()),
+                        Some(keys.to_string()),
+                        Some(queries.to_string()),
+                        s.off.map(str::to_owned),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Reply::Rows {
+        columns: vec![
+            ("table", ColumnType::Text),
+            ("state", ColumnType::Text),
+            ("keys", ColumnType::Int8),
+            ("bytes", ColumnType::Int8),
+            ("point_reads", ColumnType::Int8),
+            ("point_read_queries", ColumnType::Int8),
+            ("off_because", ColumnType::Text),
         ],
         rows,
         tag: "SHOW",
@@ -510,6 +559,7 @@ mod tests {
             Ok(Command::Invalidate("Sales.Items".to_owned()))
         );
         assert_eq!(parse("RELOAD"), Ok(Command::Reload));
+        assert_eq!(parse("show keys"), Ok(Command::ShowKeys));
     }
 
     #[test]

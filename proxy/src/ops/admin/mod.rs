@@ -1,5 +1,6 @@
 //! The admin console: a client that connects to database `spillway` talks to spillway
-//! itself, not to PostgreSQL, and gets `SHOW STATS | CACHE | TABLES | PENDING | CLIENTS`,
+//! itself, not to PostgreSQL, and gets `SHOW STATS | CACHE | TABLES | PENDING | CLIENTS |
+//! KEYS`,
 //! `FLUSH [table]`, `INVALIDATE table` and `RELOAD` answered as ordinary result sets
 //! (SPEC §7).
 //!
