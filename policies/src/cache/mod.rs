@@ -329,7 +329,7 @@ mod tests {
         let t = db.table(1);
         let cache = ResultCache::new(1 << 20, 1 << 16);
         let ticket = lead(&cache, b"k");
-        let deps = Deps::capture([db.epoch(), t.any()]);
+        let deps = Deps::capture([db.epoch(), &t]);
         db.bump_tables([1]); // a write lands while the read is upstream
         assert!(!ticket.complete(result(b"old", deps)));
         assert!(cache.get(b"k").is_none());
@@ -341,7 +341,7 @@ mod tests {
         let reg = Registry::default();
         let db = reg.database("app");
         let cache = ResultCache::new(1 << 20, 1 << 16);
-        let deps = Deps::capture([db.epoch(), db.table(5).any()]);
+        let deps = Deps::capture([db.epoch(), &db.table(5)]);
         assert!(lead(&cache, b"k").complete(result(b"v", deps)));
         assert!(cache.get(b"k").is_some());
         db.bump_tables([5]);

@@ -116,8 +116,13 @@ impl DbVersions {
         &self.epoch
     }
 
+    /// What a result reading table `oid` as a whole depends on (its `any` counter).
+    pub fn table(&self, oid: u32) -> Arc<Version> {
+        self.table_versions(oid).any.clone()
+    }
+
     /// The counters of table `oid`, created on first use.
-    pub fn table(&self, oid: u32) -> Arc<TableVersions> {
+    pub fn table_versions(&self, oid: u32) -> Arc<TableVersions> {
         if let Ok(map) = self.tables.read()
             && let Some(v) = map.get(&oid)
         {
@@ -136,14 +141,14 @@ impl DbVersions {
     /// acknowledged).
     pub fn bump_tables(&self, oids: impl IntoIterator<Item = u32>) {
         for oid in oids {
-            self.table(oid).bump_whole();
+            self.table_versions(oid).bump_whole();
             self.tables_bumped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// A write to the row of table `oid` with this key.
     pub fn bump_key<S: AsRef<str>>(&self, oid: u32, key: &[S]) {
-        self.table(oid).bump_key(key);
+        self.table_versions(oid).bump_key(key);
         self.keys_bumped.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -274,7 +279,7 @@ mod tests {
         let reg = Registry::default();
         let db = reg.database("app");
         let t = db.table(42);
-        let deps = Deps::capture([db.epoch(), t.any()]);
+        let deps = Deps::capture([db.epoch(), &t]);
         assert!(deps.is_current());
         db.bump_tables([7]);
         assert!(deps.is_current(), "another table does not matter");
@@ -286,7 +291,7 @@ mod tests {
     fn epoch_covers_every_table() {
         let reg = Registry::default();
         let db = reg.database("app");
-        let deps = Deps::capture([db.epoch(), db.table(1).any()]);
+        let deps = Deps::capture([db.epoch(), &db.table(1)]);
         reg.bump_everything();
         assert!(!deps.is_current());
     }
@@ -315,7 +320,7 @@ mod tests {
     fn a_point_read_depends_on_its_key_only() {
         let reg = Registry::default();
         let db = reg.database("app");
-        let t = db.table(5);
+        let t = db.table_versions(5);
         let (k1, k2) = keys_in_two_stripes();
         let mut point = Deps::capture([db.epoch()]);
         point.add_key(&t, &[&k1]);
@@ -331,7 +336,7 @@ mod tests {
     fn a_write_with_unknown_keys_invalidates_point_reads() {
         let reg = Registry::default();
         let db = reg.database("app");
-        let t = db.table(5);
+        let t = db.table_versions(5);
         let mut point = Deps::capture([db.epoch()]);
         point.add_key(&t, &["1"]);
         db.bump_tables([5]);

@@ -210,6 +210,7 @@ fn show_cache(shared: &Console) -> Reply {
                 text(match cache.invalidation {
                     spillway_policies::Invalidation::Ttl => "ttl",
                     spillway_policies::Invalidation::Notify => "notify",
+                    spillway_policies::Invalidation::Replication => "replication",
                 }),
                 text(cache.databases().len()),
             ]
