@@ -42,6 +42,8 @@ pub enum ServerError {
     Workers(std::io::Error),
     #[error(transparent)]
     Writes(#[from] crate::write::start::WritesStartError),
+    #[error("cache.invalidation = \"replication\": {0}")]
+    Replication(#[from] crate::read::cache::stream::setup::SetupError),
     #[error("cannot serve metrics on {addr}: {error}")]
     Metrics {
         addr: SocketAddr,
@@ -115,6 +117,15 @@ impl Server {
         let workers = Workers::start(config.server.workers, config.server.pin_workers)
             .map_err(ServerError::Workers)?;
         tracing::debug!(workers = workers.len(), "session workers started");
+        if config.cache.enabled
+            && config.cache.invalidation == spillway_policies::Invalidation::Replication
+        {
+            crate::read::cache::stream::setup::check_backend(
+                &config.backend.url,
+                &config.replication,
+            )
+            .await?;
+        }
         let cache = crate::read::cache::ReadCache::new(
             &config,
             connector.clone(),

@@ -10,7 +10,7 @@ use crate::protocol::sqlstate::SqlState;
 
 /// The help text of an unknown command.
 pub const USAGE: &str = "SHOW STATS | SHOW CACHE | SHOW TABLES | SHOW PENDING | SHOW CLIENTS | \
-                         FLUSH [table] | INVALIDATE table | RELOAD";
+                         SHOW REPLICATION | FLUSH [table] | INVALIDATE table | RELOAD";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -19,6 +19,7 @@ pub enum Command {
     ShowTables,
     ShowPending,
     ShowClients,
+    ShowReplication,
     /// Every deferred table, or one.
     Flush(Option<String>),
     Invalidate(String),
@@ -48,6 +49,7 @@ pub fn parse(statement: &str) -> Result<Command, String> {
         (["SHOW", "TABLES"], _) => Ok(Command::ShowTables),
         (["SHOW", "PENDING"], _) => Ok(Command::ShowPending),
         (["SHOW", "CLIENTS"], _) => Ok(Command::ShowClients),
+        (["SHOW", "REPLICATION"], _) => Ok(Command::ShowReplication),
         (["FLUSH"], _) => Ok(Command::Flush(None)),
         (["FLUSH", _], [_, table]) => Ok(Command::Flush(Some(unquote(table)))),
         (["INVALIDATE", _], [_, table]) => Ok(Command::Invalidate(unquote(table))),
@@ -71,6 +73,7 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::ShowTables => show_tables(shared),
         Command::ShowPending => show_pending(shared),
         Command::ShowClients => show_clients(shared),
+        Command::ShowReplication => super::replication::show(shared),
         Command::Flush(table) => flush(shared, table.as_deref()).await,
         Command::Invalidate(table) => invalidate(shared, &table),
         Command::Reload => reload(shared).await,

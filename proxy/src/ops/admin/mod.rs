@@ -1,5 +1,5 @@
 //! The admin console: a client that connects to database `spillway` talks to spillway
-//! itself, not to PostgreSQL, and gets `SHOW STATS | CACHE | TABLES | PENDING | CLIENTS`,
+//! itself, not to PostgreSQL, and gets `SHOW STATS | CACHE | TABLES | PENDING | CLIENTS | REPLICATION`,
 //! `FLUSH [table]`, `INVALIDATE table` and `RELOAD` answered as ordinary result sets
 //! (SPEC §7).
 //!
@@ -18,6 +18,7 @@
 //! calls the same operations sessions use.
 
 pub mod commands;
+mod replication;
 
 use bytes::{Bytes, BytesMut};
 

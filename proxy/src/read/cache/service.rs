@@ -193,7 +193,7 @@ async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> Ex
     if let Some(f) = &mut follower {
         // Before the catalog: nothing is served from the cache until the slot is
         // drained (changes made while spillway was away are applied first).
-        if let Err(err) = follow(cache, db, listener, f, None).await {
+        if let Err(err) = follow(cache, db, listener, f).await {
             return lost(db, &err.to_string());
         }
     }
@@ -273,9 +273,8 @@ async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> Ex
     }
 }
 
-/// One round of the change stream; a failure that may have skipped changes drops the
-/// database's cache, and one that needs a new slot position gets it here (the catalog
-/// stays installed: the epoch bump and the drained, recreated slot keep it exact).
+/// One round of the change stream (a failure that needs a new slot position gets it,
+/// see [`follow`]).
 async fn poll(
     cache: &ReadCache,
     db: &DbState,
@@ -284,33 +283,44 @@ async fn poll(
 ) -> Result<bool, StreamError> {
     let conn: &mut PgConnection = listener.acquire().await?;
     match f.poll(conn, db, &cache.sinks).await {
-        Ok(more) => Ok(more),
         Err(err) if err.resets_slot() => {
-            stream::lost(db, &cache.sinks);
-            db.stream.resets.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(database = %db.name, slot = %f.slot, reason = %err, "change stream reset: the database's cached entries are dropped and the slot recreated at the current position");
-            follow(cache, db, listener, f, Some(&err)).await?;
+            reset(cache, db, conn, f, &err).await?;
             Ok(false)
         }
-        Err(err) => Err(err),
+        other => other,
     }
 }
 
-/// (Re)starts following: the checks, the slot recreated after `reset`, the slot
-/// drained.
+/// (Re)starts following: the checks, the slot drained (recreated first when it is
+/// gone, undecodable or over its bound). The catalog may stay installed across a
+/// reset: the epoch bumps and the drained, recreated slot keep it exact.
 async fn follow(
     cache: &ReadCache,
     db: &DbState,
     listener: &mut PgListener,
     f: &mut Follower,
-    reset: Option<&StreamError>,
 ) -> Result<(), StreamError> {
     let conn: &mut PgConnection = listener.acquire().await?;
-    if let Some(err) = reset {
-        f.recover(conn, err).await?;
+    match f.start(conn, db, &cache.sinks, cache.replication.create).await {
+        Err(err) if err.resets_slot() => reset(cache, db, conn, f, &err).await,
+        other => other,
     }
-    f.start(conn, db, &cache.sinks, cache.replication.create)
-        .await
+}
+
+/// Drops the database's cache, recreates the slot at the current position, follows
+/// from there; logged once per reset with its reason.
+async fn reset(
+    cache: &ReadCache,
+    db: &DbState,
+    conn: &mut PgConnection,
+    f: &mut Follower,
+    err: &StreamError,
+) -> Result<(), StreamError> {
+    stream::lost(db, &cache.sinks);
+    db.stream.resets.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(database = %db.name, slot = %f.slot, reason = %err, "change stream reset: the database's cached entries are dropped and the slot recreated at the current position");
+    f.recover(conn, err).await?;
+    f.start(conn, db, &cache.sinks, cache.replication.create).await
 }
 
 /// Logs a lost connection (or change stream): once per distinct reason in a row.

@@ -103,9 +103,6 @@ pub struct Status {
     pub confirmed_lsn: AtomicU64,
     /// Slot positions recreated (dropped slot, bound, undecodable message).
     pub resets: AtomicU64,
-    /// Invalidations by key and by table.
-    pub row_invalidations: AtomicU64,
-    pub table_invalidations: AtomicU64,
     /// The last failure logged (a repeated one is logged once).
     last_failure: Mutex<String>,
 }
@@ -122,6 +119,26 @@ impl Status {
         }
         reason.clone_into(&mut last);
         true
+    }
+
+    /// Sets the `spillway_replication_*` metrics of database `name`.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn export(&self, name: &str) {
+        use crate::metrics as m;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let db = name.to_owned();
+        metrics::gauge!(m::REPLICATION_FOLLOWING, "database" => db.clone())
+            .set(f64::from(u8::from(self.following.load(Ordering::Relaxed))));
+        metrics::counter!(m::REPLICATION_COMMITS, "database" => db.clone())
+            .absolute(load(&self.commits));
+        metrics::counter!(m::REPLICATION_RESETS, "database" => db.clone())
+            .absolute(load(&self.resets));
+        metrics::gauge!(m::REPLICATION_LAG_BYTES, "database" => db.clone())
+            .set(load(&self.lag_bytes) as f64);
+        metrics::gauge!(m::REPLICATION_LAG_SECONDS, "database" => db.clone())
+            .set(load(&self.lag_micros) as f64 / 1e6);
+        metrics::gauge!(m::REPLICATION_RETAINED_WAL, "database" => db)
+            .set(load(&self.retained_bytes) as f64);
     }
 
     fn clear_failure(&self) {
@@ -373,16 +390,12 @@ fn apply(db: &DbState, commit: &Commit) {
         };
         if keys.is_empty() {
             db.versions.bump_tables(targets.iter().copied());
-            db.stream
-                .table_invalidations
-                .fetch_add(1, Ordering::Relaxed);
         } else {
             for &oid in &targets {
                 for key in &keys {
                     db.versions.bump_key(oid, key);
                 }
             }
-            db.stream.row_invalidations.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -10,6 +10,8 @@
 
 use sqlx::{PgConnection, Row};
 
+use crate::config::ReplicationConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error(
@@ -177,4 +179,67 @@ pub async fn drop_publication(conn: &mut PgConnection, publication: &str) -> Res
         .await
         .map_err(q("dropping the publication"))?;
     Ok(existed)
+}
+
+/// Connects to the backend database of `url` (sqlx, like the service connections).
+async fn connect(url: &str) -> Result<(PgConnection, String), SetupError> {
+    use sqlx::ConnectOptions;
+    let options: sqlx::postgres::PgConnectOptions =
+        url.parse().map_err(q("parsing backend.url"))?;
+    let database = options
+        .get_database()
+        .map(str::to_owned)
+        .or_else(|| options.get_username().to_owned().into())
+        .unwrap_or_default();
+    let conn = options
+        .application_name("spillway replication setup")
+        .connect()
+        .await
+        .map_err(q("connecting to PostgreSQL"))?;
+    Ok((conn, database))
+}
+
+/// At start: the backend database can be followed (created what is missing when
+/// `replication.create`). Errors name the fix.
+pub async fn check_backend(url: &str, config: &ReplicationConfig) -> Result<(), SetupError> {
+    let (mut conn, database) = connect(url).await?;
+    check(&mut conn, &config.publication, &config.slot_for(&database), config.create).await
+}
+
+/// `spillway migrate` with replication: the publication and the backend database's
+/// slot; what already exists is kept. Returns what was created.
+pub async fn create_backend(url: &str, config: &ReplicationConfig) -> Result<Vec<String>, SetupError> {
+    let (mut conn, database) = connect(url).await?;
+    let slot = config.slot_for(&database);
+    check(&mut conn, &config.publication, &slot, false)
+        .await
+        .or_else(|e| match e {
+            SetupError::NoPublication(_) | SetupError::NoSlot(_) => Ok(()),
+            e => Err(e),
+        })?;
+    let mut created = Vec::new();
+    if !exists(&mut conn, "SELECT 1 FROM pg_publication WHERE pubname = $1", &config.publication).await? {
+        create_publication(&mut conn, &config.publication).await?;
+        created.push(format!("publication {}", config.publication));
+    }
+    if !exists(&mut conn, "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &slot).await? {
+        create_slot(&mut conn, &slot).await?;
+        created.push(format!("replication slot {slot}"));
+    }
+    Ok(created)
+}
+
+/// `spillway drop-replication`: the backend database's slot and the publication.
+/// Returns what was dropped.
+pub async fn drop_backend(url: &str, config: &ReplicationConfig) -> Result<Vec<String>, SetupError> {
+    let (mut conn, database) = connect(url).await?;
+    let slot = config.slot_for(&database);
+    let mut dropped = Vec::new();
+    if drop_slot(&mut conn, &slot).await? {
+        dropped.push(format!("replication slot {slot}"));
+    }
+    if drop_publication(&mut conn, &config.publication).await? {
+        dropped.push(format!("publication {}", config.publication));
+    }
+    Ok(dropped)
 }
