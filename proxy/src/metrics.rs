@@ -117,7 +117,10 @@ fn describe() {
         REPLICATION_FOLLOWING,
         "1 while the database's change stream follows its slot (replication mode)"
     );
-    describe_counter!(REPLICATION_COMMITS, "Committed transactions applied from the change stream");
+    describe_counter!(
+        REPLICATION_COMMITS,
+        "Committed transactions applied from the change stream"
+    );
     describe_gauge!(
         REPLICATION_LAG_BYTES,
         Unit::Bytes,

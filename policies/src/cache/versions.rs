@@ -195,7 +195,9 @@ impl Registry {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.values().map(|db| db.invalidations()).fold((0, 0), |(k, t), (dk, dt)| (k + dk, t + dt))
+        map.values()
+            .map(|db| db.invalidations())
+            .fold((0, 0), |(k, t), (dk, dt)| (k + dk, t + dt))
     }
 
     /// Cluster-wide change (roles, `ALTER SYSTEM`, a lost invalidation feed).
@@ -327,7 +329,10 @@ mod tests {
         let whole = Deps::capture([db.epoch(), t.any()]);
         db.bump_key(5, &[&k2]);
         assert!(point.is_current(), "another key's write leaves it current");
-        assert!(!whole.is_current(), "a read of the whole table is invalidated");
+        assert!(
+            !whole.is_current(),
+            "a read of the whole table is invalidated"
+        );
         db.bump_key(5, &[&k1]);
         assert!(!point.is_current(), "its own key's write invalidates it");
     }

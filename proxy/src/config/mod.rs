@@ -76,7 +76,8 @@ impl ReplicationConfig {
         let ident = |s: &str| {
             !s.is_empty()
                 && s.len() <= 40
-                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         };
         if !ident(&self.publication) {
             return Err(ValidationError::new(
@@ -110,7 +111,11 @@ impl ReplicationConfig {
         let mut name = format!("{}_", self.slot);
         name.extend(database.chars().map(|c| {
             let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '_' }
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '_'
+            }
         }));
         name.truncate(63);
         name

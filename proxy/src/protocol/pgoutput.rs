@@ -325,13 +325,16 @@ mod tests {
     }
 
     fn tuple_bytes(values: &[Option<&str>]) -> Vec<u8> {
-        let mut b = u16::try_from(values.len()).unwrap().to_be_bytes().to_vec();
+        let mut b = u16::try_from(values.len())
+            .expect("test input")
+            .to_be_bytes()
+            .to_vec();
         for v in values {
             match v {
                 None => b.push(b'n'),
                 Some(s) => {
                     b.push(b't');
-                    b.extend(u32::try_from(s.len()).unwrap().to_be_bytes());
+                    b.extend(u32::try_from(s.len()).expect("test input").to_be_bytes());
                     b.extend(s.as_bytes());
                 }
             }
@@ -341,11 +344,14 @@ mod tests {
 
     #[test]
     fn decodes_a_relation() {
-        let Message::Relation(rel) = decode(&relation_bytes()).unwrap() else {
+        let Message::Relation(rel) = decode(&relation_bytes()).expect("test input") else {
             panic!("not a relation");
         };
         assert_eq!(rel.oid, 16_384);
-        assert_eq!((rel.schema.as_str(), rel.name.as_str()), ("public", "items"));
+        assert_eq!(
+            (rel.schema.as_str(), rel.name.as_str()),
+            ("public", "items")
+        );
         assert_eq!(rel.replica_identity, b'd');
         assert!(rel.columns[0].key && !rel.columns[1].key);
         assert_eq!(rel.columns[1].name, "name");
@@ -358,7 +364,7 @@ mod tests {
         ins.push(b'N');
         ins.extend(tuple_bytes(&[Some("1"), Some("a")]));
         assert_eq!(
-            decode(&ins).unwrap(),
+            decode(&ins).expect("test input"),
             Message::Insert {
                 rel: 7,
                 new: vec![Value::Text("1".into()), Value::Text("a".into())]
@@ -370,7 +376,12 @@ mod tests {
         upd.extend(tuple_bytes(&[Some("1"), None]));
         upd.push(b'N');
         upd.extend(tuple_bytes(&[Some("2"), Some("b")]));
-        let Message::Update { old: Some(Old::Key(old)), new, .. } = decode(&upd).unwrap() else {
+        let Message::Update {
+            old: Some(Old::Key(old)),
+            new,
+            ..
+        } = decode(&upd).expect("test input")
+        else {
             panic!("not an update with its old key");
         };
         assert_eq!(old[0], Value::Text("1".into()));
@@ -379,13 +390,22 @@ mod tests {
         del.extend(7u32.to_be_bytes());
         del.push(b'K');
         del.extend(tuple_bytes(&[Some("2"), None]));
-        assert!(matches!(decode(&del).unwrap(), Message::Delete { rel: 7, old: Old::Key(_) }));
+        assert!(matches!(
+            decode(&del).expect("test input"),
+            Message::Delete {
+                rel: 7,
+                old: Old::Key(_)
+            }
+        ));
         let mut tr = vec![b'T'];
         tr.extend(2u32.to_be_bytes());
         tr.push(0);
         tr.extend(7u32.to_be_bytes());
         tr.extend(8u32.to_be_bytes());
-        assert_eq!(decode(&tr).unwrap(), Message::Truncate { rels: vec![7, 8] });
+        assert_eq!(
+            decode(&tr).expect("test input"),
+            Message::Truncate { rels: vec![7, 8] }
+        );
     }
 
     #[test]
@@ -395,8 +415,12 @@ mod tests {
         b.extend(5i64.to_be_bytes());
         b.extend(9u32.to_be_bytes());
         assert_eq!(
-            decode(&b).unwrap(),
-            Message::Begin { final_lsn: 100, commit_time: 5, xid: 9 }
+            decode(&b).expect("test input"),
+            Message::Begin {
+                final_lsn: 100,
+                commit_time: 5,
+                xid: 9
+            }
         );
         let mut c = vec![b'C', 0];
         c.extend(100u64.to_be_bytes());
@@ -404,11 +428,15 @@ mod tests {
         c.extend(5i64.to_be_bytes());
         let mut buf = BytesMut::from(&c[..]);
         assert_eq!(
-            parse(&mut buf).unwrap(),
-            Some(Message::Commit { lsn: 100, end_lsn: 120, commit_time: 5 })
+            parse(&mut buf).expect("test input"),
+            Some(Message::Commit {
+                lsn: 100,
+                end_lsn: 120,
+                commit_time: 5
+            })
         );
         assert!(buf.is_empty());
-        assert_eq!(parse(&mut buf).unwrap(), None);
+        assert_eq!(parse(&mut buf).expect("test input"), None);
     }
 
     #[test]
@@ -438,7 +466,10 @@ mod tests {
         let mut t = vec![b'T'];
         t.extend(u32::MAX.to_be_bytes());
         t.push(0);
-        assert_eq!(decode(&t), Err(PgOutputError::Truncated("truncate relations")));
+        assert_eq!(
+            decode(&t),
+            Err(PgOutputError::Truncated("truncate relations"))
+        );
         let mut i = vec![b'I'];
         i.extend(1u32.to_be_bytes());
         i.push(b'N');

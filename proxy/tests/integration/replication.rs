@@ -14,7 +14,12 @@ const SLOT: &str = "spillway_postgres";
 
 async fn start(extra: &str) -> Context {
     Context::builder()
-        .pg(|b| b.conf("wal_level = logical"))
+        // Logical decoding reads flushed WAL only: with the throwaway's
+        // synchronous_commit = off a commit waits for the WAL writer (up to 600 ms).
+        .pg(|b| {
+            b.conf("wal_level = logical")
+                .conf("synchronous_commit = on")
+        })
         .section(REPLICATION)
         .section(extra)
         .before_proxy(
@@ -58,13 +63,20 @@ where
         if read().await {
             return since.elapsed();
         }
-        assert!(since.elapsed() < Duration::from_secs(5), "change not seen within 5s");
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "change not seen within 5s"
+        );
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
 }
@@ -82,24 +94,53 @@ async fn psql_writes_are_seen_through_the_cache() {
         let next = format!("r{round}");
         let t = Instant::now();
         ctx.pg
-            .psql(DB, &format!("UPDATE items SET v = '{next}' WHERE id = {id}"))
+            .psql(
+                DB,
+                &format!("UPDATE items SET v = '{next}' WHERE id = {id}"),
+            )
             .expect("psql update");
         let after = t.elapsed();
-        lags.push(until(Instant::now(), || async { value(&client, id).await.as_deref() == Some(next.as_str()) }).await + after.min(Duration::ZERO));
+        let _ = after;
+        lags.push(
+            until(Instant::now(), || async {
+                value(&client, id).await.as_deref() == Some(next.as_str())
+            })
+            .await,
+        );
     }
-    let hits = metric(&scrape(ctx.proxy.metrics_addr()).await, "spillway_cache_hits_total");
-    assert!(hits >= 40.0, "reads were served from the cache ({hits} hits)");
+    let hits = metric(
+        &scrape(ctx.proxy.metrics_addr()).await,
+        "spillway_cache_hits_total",
+    );
+    assert!(
+        hits >= 40.0,
+        "reads were served from the cache ({hits} hits)"
+    );
     // INSERT, DELETE, TRUNCATE, each after the count was cached.
     assert_eq!(count(&client).await, 100);
     assert_eq!(count(&client).await, 100);
-    ctx.pg.psql(DB, "INSERT INTO items VALUES (101, 'new')").expect("insert");
+    ctx.pg
+        .psql(DB, "INSERT INTO items VALUES (101, 'new')")
+        .expect("insert");
     lags.push(until(Instant::now(), || async { count(&client).await == 101 }).await);
     assert_eq!(value(&client, 101).await.as_deref(), Some("new"));
-    ctx.pg.psql(DB, "DELETE FROM items WHERE id = 101").expect("delete");
-    lags.push(until(Instant::now(), || async { value(&client, 101).await.is_none() }).await);
+    ctx.pg
+        .psql(DB, "DELETE FROM items WHERE id = 101")
+        .expect("delete");
+    lags.push(
+        until(Instant::now(), || async {
+            value(&client, 101).await.is_none()
+        })
+        .await,
+    );
     assert_eq!(value(&client, 5).await.as_deref(), Some("r24"));
     ctx.pg.psql(DB, "TRUNCATE items").expect("truncate");
-    lags.push(until(Instant::now(), || async { value(&client, 5).await.is_none() }).await);
+    lags.push(
+        until(Instant::now(), || async {
+            value(&client, 5).await.is_none()
+        })
+        .await,
+    );
     assert_eq!(count(&client).await, 0);
     lags.sort();
     println!(
@@ -110,9 +151,18 @@ async fn psql_writes_are_seen_through_the_cache() {
         lags.len()
     );
     let text = scrape(ctx.proxy.metrics_addr()).await;
-    assert!(metric(&text, "spillway_replication_commits_total") >= 43.0, "{text}");
-    assert!(metric(&text, "spillway_invalidations_total{scope=\"row\"}") >= 42.0, "{text}");
-    assert!(metric(&text, "spillway_invalidations_total{scope=\"table\"}") >= 1.0, "{text}");
+    assert!(
+        metric(&text, "spillway_replication_commits_total") >= 43.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "spillway_invalidations_total{scope=\"row\"}") >= 42.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "spillway_invalidations_total{scope=\"table\"}") >= 1.0,
+        "{text}"
+    );
     // The slot is confirmed up to the last change.
     let confirmed = ctx
         .pg
@@ -135,7 +185,10 @@ async fn changes_while_stopped_are_applied_before_any_cached_read() {
     }
     ctx.proxy.kill();
     ctx.pg
-        .psql(DB, "UPDATE items SET v = 'while stopped' WHERE id = 1; DELETE FROM items WHERE id = 2")
+        .psql(
+            DB,
+            "UPDATE items SET v = 'while stopped' WHERE id = 1; DELETE FROM items WHERE id = 2",
+        )
         .expect("update while stopped");
     ctx.restart_proxy();
     let client = ctx.proxy_client().await;
@@ -165,31 +218,51 @@ async fn a_dropped_slot_and_a_postgresql_restart_are_survived() {
     })
     .await;
     assert!(dropped, "slot dropped");
-    ctx.pg.psql(DB, "UPDATE items SET v = 'after drop' WHERE id = 3").expect("update");
-    until(Instant::now(), || async { value(&client, 3).await.as_deref() == Some("after drop") }).await;
+    ctx.pg
+        .psql(DB, "UPDATE items SET v = 'after drop' WHERE id = 3")
+        .expect("update");
+    until(Instant::now(), || async {
+        value(&client, 3).await.as_deref() == Some("after drop")
+    })
+    .await;
     let recreated = eventually(Duration::from_secs(5), || {
         ctx.pg
-            .psql(DB, &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{SLOT}'"))
+            .psql(
+                DB,
+                &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{SLOT}'"),
+            )
             .is_ok_and(|s| s.trim() == "1")
     })
     .await;
     assert!(recreated, "slot recreated");
-    assert!(ctx.proxy.logs().contains("change stream reset"), "{}", ctx.proxy.logs());
+    assert!(
+        ctx.proxy.logs().contains("change stream reset"),
+        "{}",
+        ctx.proxy.logs()
+    );
     // Cached again, then PostgreSQL restarts.
     assert_eq!(value(&client, 3).await.as_deref(), Some("after drop"));
     drop(client);
     ctx.pg.stop().expect("pg stop");
     ctx.pg.start().expect("pg start");
-    ctx.pg.psql(DB, "UPDATE items SET v = 'after restart' WHERE id = 3").expect("update");
+    ctx.pg
+        .psql(DB, "UPDATE items SET v = 'after restart' WHERE id = 3")
+        .expect("update");
     let mut seen = false;
     for _ in 0..100 {
         if let Ok((client, conn)) =
             tokio_postgres::connect(&ctx.proxy_config(), tokio_postgres::NoTls).await
         {
             tokio::spawn(conn);
-            if let Ok(Some(row)) = client.query_opt("SELECT v FROM items WHERE id = $1", &[&3i32]).await {
+            if let Ok(Some(row)) = client
+                .query_opt("SELECT v FROM items WHERE id = $1", &[&3i32])
+                .await
+            {
                 let v: String = row.get(0);
-                assert_ne!(v, "after drop", "a stale entry was served after the restart");
+                assert_ne!(
+                    v, "after drop",
+                    "a stale entry was served after the restart"
+                );
                 if v == "after restart" {
                     seen = true;
                     break;
@@ -215,12 +288,18 @@ async fn the_retained_wal_bound_recreates_the_slot() {
         .pg
         .psql(DB, &format!("SELECT pg_current_wal_lsn() - restart_lsn > 1048576 FROM pg_replication_slots WHERE slot_name = '{SLOT}'"))
         .expect("slot");
-    assert_eq!(retained_before.trim(), "t", "the filler went past the bound");
+    assert_eq!(
+        retained_before.trim(),
+        "t",
+        "the filler went past the bound"
+    );
     ctx.restart_proxy();
     let client = ctx.proxy_client().await;
     assert_eq!(value(&client, 1).await.as_deref(), Some("v1"));
     let ok = eventually(Duration::from_secs(5), || {
-        ctx.proxy.logs().contains("over replication.max_retained_wal")
+        ctx.proxy
+            .logs()
+            .contains("over replication.max_retained_wal")
     })
     .await;
     assert!(ok, "{}", ctx.proxy.logs());
@@ -256,11 +335,23 @@ async fn start_errors_name_the_fix() {
     assert!(log.contains("ALTER ROLE plain REPLICATION"), "{log}");
     // A publication that leaves a table out, with creation off.
     ctx.pg
-        .psql(DB, "CREATE TABLE other (id int PRIMARY KEY); CREATE PUBLICATION spillway FOR TABLE t")
+        .psql(
+            DB,
+            "CREATE TABLE other (id int PRIMARY KEY); CREATE PUBLICATION spillway FOR TABLE t",
+        )
         .expect("partial publication");
     let log = ctx
-        .try_another_proxy(&format!("{REPLICATION}\n[replication]\ncreate = false"), &[])
+        .try_another_proxy(
+            &format!("{REPLICATION}\n[replication]\ncreate = false"),
+            &[],
+        )
         .expect_err("refused with a partial publication");
-    assert!(log.contains("does not cover cached tables public.other"), "{log}");
-    assert!(log.contains("ALTER PUBLICATION spillway ADD TABLE"), "{log}");
+    assert!(
+        log.contains("does not cover cached tables public.other"),
+        "{log}"
+    );
+    assert!(
+        log.contains("ALTER PUBLICATION spillway ADD TABLE"),
+        "{log}"
+    );
 }

@@ -32,7 +32,14 @@ pub fn show(shared: &Console) -> Reply {
                 let lag = load(&s.lag_micros) as f64 / 1e6;
                 vec![
                     Some(db.name.clone()),
-                    Some(if s.following.load(Ordering::Relaxed) { "t" } else { "f" }.to_owned()),
+                    Some(
+                        if s.following.load(Ordering::Relaxed) {
+                            "t"
+                        } else {
+                            "f"
+                        }
+                        .to_owned(),
+                    ),
                     Some(cache.replication.slot_for(&db.name)),
                     Some(lsn_text(load(&s.confirmed_lsn))),
                     Some(load(&s.lag_bytes).to_string()),

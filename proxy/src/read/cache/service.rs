@@ -206,7 +206,15 @@ async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> Ex
     let mut idle_since: Option<Instant> = None;
     loop {
         let idle_until = match db.want() {
-            Want::Release => return Exit::Released,
+            Want::Release => {
+                if let Some(f) = follower.as_ref().filter(|_| cache.replication.create) {
+                    // The statement that asked may be a DROP DATABASE, which a slot
+                    // on the database would block; the slot is recreated (and the
+                    // cache dropped) when the database is served again.
+                    drop_slot(db, listener, &f.slot).await;
+                }
+                return Exit::Released;
+            }
             Want::Idle => {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= IDLE_RELEASE {
@@ -301,7 +309,10 @@ async fn follow(
     f: &mut Follower,
 ) -> Result<(), StreamError> {
     let conn: &mut PgConnection = listener.acquire().await?;
-    match f.start(conn, db, &cache.sinks, cache.replication.create).await {
+    match f
+        .start(conn, db, &cache.sinks, cache.replication.create)
+        .await
+    {
         Err(err) if err.resets_slot() => reset(cache, db, conn, f, &err).await,
         other => other,
     }
@@ -320,7 +331,20 @@ async fn reset(
     db.stream.resets.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(database = %db.name, slot = %f.slot, reason = %err, "change stream reset: the database's cached entries are dropped and the slot recreated at the current position");
     f.recover(conn, err).await?;
-    f.start(conn, db, &cache.sinks, cache.replication.create).await
+    f.start(conn, db, &cache.sinks, cache.replication.create)
+        .await
+}
+
+async fn drop_slot(db: &DbState, listener: &mut PgListener, slot: &str) {
+    let dropped = match listener.acquire().await {
+        Ok(conn) => stream::setup::drop_slot(conn, slot)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(reason) = dropped {
+        tracing::warn!(database = %db.name, slot, %reason, "could not drop the database's replication slot before releasing it");
+    }
 }
 
 /// Logs a lost connection (or change stream): once per distinct reason in a row.

@@ -268,7 +268,7 @@ mod tests {
                     commit_time: 0,
                 },
             )
-            .unwrap()
+            .expect("test input")
         {
             Step::Commit { commit, .. } => commit,
             other => panic!("{other:?}"),
@@ -281,9 +281,15 @@ mod tests {
         // Columns b, x, a; the key is (a, b).
         let r = rel(5, "public", "t", &[("b", true), ("x", false), ("a", true)]);
         a.relation(&r, Some(&["a".to_owned(), "b".to_owned()]));
-        a.push("db", begin()).unwrap();
-        a.push("db", Message::Insert { rel: 5, new: vec![t("2"), t("x"), t("1")] })
-            .unwrap();
+        a.push("db", begin()).expect("test input");
+        a.push(
+            "db",
+            Message::Insert {
+                rel: 5,
+                new: vec![t("2"), t("x"), t("1")],
+            },
+        )
+        .expect("test input");
         a.push(
             "db",
             Message::Update {
@@ -292,16 +298,23 @@ mod tests {
                 new: vec![t("2"), t("y"), t("1")],
             },
         )
-        .unwrap();
-        a.push("db", Message::Truncate { rels: vec![5] }).unwrap();
+        .expect("test input");
+        a.push("db", Message::Truncate { rels: vec![5] })
+            .expect("test input");
         let c = commit(&mut a);
         assert_eq!(c.lsn, 10);
         assert!(!c.own);
-        let table = TableRef { oid: 5, name: "public.t".into() };
+        let table = TableRef {
+            oid: 5,
+            name: "public.t".into(),
+        };
         assert_eq!(
             c.changes,
             vec![
-                Change::Insert { table: table.clone(), key: vec!["1".into(), "2".into()] },
+                Change::Insert {
+                    table: table.clone(),
+                    key: vec!["1".into(), "2".into()]
+                },
                 Change::Update {
                     table: table.clone(),
                     key: vec!["1".into(), "2".into()],
@@ -317,27 +330,74 @@ mod tests {
         let mut a = Assembler::default();
         a.relation(&rel(6, "public", "nokey", &[("a", false)]), None);
         // Replica identity on another index than the key.
-        a.relation(&rel(7, "public", "other", &[("a", true), ("b", false)]), Some(&["b".to_owned()]));
-        a.push("db", begin()).unwrap();
-        a.push("db", Message::Insert { rel: 6, new: vec![t("1")] }).unwrap();
-        a.push("db", Message::Delete { rel: 7, old: Old::Key(vec![t("1"), Value::Null]) })
-            .unwrap();
-        a.push("db", Message::Insert { rel: 99, new: vec![t("1")] }).unwrap();
+        a.relation(
+            &rel(7, "public", "other", &[("a", true), ("b", false)]),
+            Some(&["b".to_owned()]),
+        );
+        a.push("db", begin()).expect("test input");
+        a.push(
+            "db",
+            Message::Insert {
+                rel: 6,
+                new: vec![t("1")],
+            },
+        )
+        .expect("test input");
+        a.push(
+            "db",
+            Message::Delete {
+                rel: 7,
+                old: Old::Key(vec![t("1"), Value::Null]),
+            },
+        )
+        .expect("test input");
+        a.push(
+            "db",
+            Message::Insert {
+                rel: 99,
+                new: vec![t("1")],
+            },
+        )
+        .expect("test input");
         let c = commit(&mut a);
-        assert!(c.changes.iter().all(|c| matches!(c, Change::Table { .. })), "{c:?}");
+        assert!(
+            c.changes.iter().all(|c| matches!(c, Change::Table { .. })),
+            "{c:?}"
+        );
     }
 
     #[test]
     fn ledger_marks_own_flushes_and_order_is_checked() {
         let mut a = Assembler::default();
-        a.relation(&rel(8, "spillway", "flush_ledger", &[("id", true)]), Some(&["id".to_owned()]));
+        a.relation(
+            &rel(8, "spillway", "flush_ledger", &[("id", true)]),
+            Some(&["id".to_owned()]),
+        );
         assert_eq!(
-            a.push("db", Message::Insert { rel: 8, new: vec![t("1")] }).unwrap_err(),
+            a.push(
+                "db",
+                Message::Insert {
+                    rel: 8,
+                    new: vec![t("1")]
+                }
+            )
+            .expect_err("test input"),
             AssembleError::Outside("Insert")
         );
-        a.push("db", begin()).unwrap();
-        assert_eq!(a.push("db", begin()).unwrap_err(), AssembleError::NestedBegin);
-        a.push("db", Message::Update { rel: 8, old: None, new: vec![t("1")] }).unwrap();
+        a.push("db", begin()).expect("test input");
+        assert_eq!(
+            a.push("db", begin()).expect_err("test input"),
+            AssembleError::NestedBegin
+        );
+        a.push(
+            "db",
+            Message::Update {
+                rel: 8,
+                old: None,
+                new: vec![t("1")],
+            },
+        )
+        .expect("test input");
         assert!(commit(&mut a).own);
     }
 }

@@ -28,9 +28,9 @@ use spillway_policies::changes::{Change, ChangeSink, Commit};
 use sqlx::{PgConnection, Row};
 use tokio::time::Instant;
 
+use super::DbState;
 use crate::config::ReplicationConfig;
 use crate::protocol::pgoutput;
-use super::DbState;
 use assemble::{Assembler, Step};
 
 /// Changes asked for per call; a call stops at the end of the transaction that
@@ -50,7 +50,9 @@ pub enum StreamError {
     Decode { lsn: String, reason: String },
     #[error("replication slot {0} does not exist (dropped by an operator?)")]
     SlotMissing(String),
-    #[error("replication slot {slot} holds back {bytes} bytes of WAL, over replication.max_retained_wal")]
+    #[error(
+        "replication slot {slot} holds back {bytes} bytes of WAL, over replication.max_retained_wal"
+    )]
     Retained { slot: String, bytes: u64 },
     #[error("{0}")]
     Setup(#[from] setup::SetupError),
@@ -247,7 +249,11 @@ impl Follower {
                 reason,
             };
             let msg = pgoutput::decode(&data).map_err(|e| bad(e.to_string()))?;
-            match self.asm.push(&db.name, msg).map_err(|e| bad(e.to_string()))? {
+            match self
+                .asm
+                .push(&db.name, msg)
+                .map_err(|e| bad(e.to_string()))?
+            {
                 Step::Nothing => {}
                 Step::Relation(rel) => {
                     let pk = self.primary_key(conn, rel.oid).await?;

@@ -78,14 +78,26 @@ pub async fn check(
     if !allowed {
         return Err(SetupError::Privilege(role));
     }
-    if !exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = $1", publication).await? {
+    if !exists(
+        conn,
+        "SELECT 1 FROM pg_publication WHERE pubname = $1",
+        publication,
+    )
+    .await?
+    {
         if !create {
             return Err(SetupError::NoPublication(publication.to_owned()));
         }
         create_publication(conn, publication).await?;
     }
     coverage(conn, publication).await?;
-    if !exists(conn, "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", slot).await? {
+    if !exists(
+        conn,
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+        slot,
+    )
+    .await?
+    {
         if !create {
             return Err(SetupError::NoSlot(slot.to_owned()));
         }
@@ -94,7 +106,11 @@ pub async fn check(
     Ok(())
 }
 
-async fn exists(conn: &mut PgConnection, sql: &'static str, name: &str) -> Result<bool, SetupError> {
+async fn exists(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    name: &str,
+) -> Result<bool, SetupError> {
     Ok(sqlx::query(sql)
         .bind(name)
         .fetch_optional(&mut *conn)
@@ -134,11 +150,18 @@ pub async fn coverage(conn: &mut PgConnection, publication: &str) -> Result<(), 
     })
 }
 
-pub async fn create_publication(conn: &mut PgConnection, publication: &str) -> Result<(), SetupError> {
-    sqlx::query(&format!("CREATE PUBLICATION \"{publication}\" FOR ALL TABLES"))
-        .execute(&mut *conn)
-        .await
-        .map_err(q("creating the publication (FOR ALL TABLES needs a superuser)"))?;
+pub async fn create_publication(
+    conn: &mut PgConnection,
+    publication: &str,
+) -> Result<(), SetupError> {
+    sqlx::query(&format!(
+        "CREATE PUBLICATION \"{publication}\" FOR ALL TABLES"
+    ))
+    .execute(&mut *conn)
+    .await
+    .map_err(q(
+        "creating the publication (FOR ALL TABLES needs a superuser)",
+    ))?;
     tracing::info!(publication, "publication created");
     Ok(())
 }
@@ -172,8 +195,16 @@ pub async fn drop_slot(conn: &mut PgConnection, slot: &str) -> Result<bool, Setu
 }
 
 /// Drops the publication when it exists; true when it did.
-pub async fn drop_publication(conn: &mut PgConnection, publication: &str) -> Result<bool, SetupError> {
-    let existed = exists(conn, "SELECT 1 FROM pg_publication WHERE pubname = $1", publication).await?;
+pub async fn drop_publication(
+    conn: &mut PgConnection,
+    publication: &str,
+) -> Result<bool, SetupError> {
+    let existed = exists(
+        conn,
+        "SELECT 1 FROM pg_publication WHERE pubname = $1",
+        publication,
+    )
+    .await?;
     sqlx::query(&format!("DROP PUBLICATION IF EXISTS \"{publication}\""))
         .execute(&mut *conn)
         .await
@@ -203,12 +234,21 @@ async fn connect(url: &str) -> Result<(PgConnection, String), SetupError> {
 /// `replication.create`). Errors name the fix.
 pub async fn check_backend(url: &str, config: &ReplicationConfig) -> Result<(), SetupError> {
     let (mut conn, database) = connect(url).await?;
-    check(&mut conn, &config.publication, &config.slot_for(&database), config.create).await
+    check(
+        &mut conn,
+        &config.publication,
+        &config.slot_for(&database),
+        config.create,
+    )
+    .await
 }
 
 /// `spillway migrate` with replication: the publication and the backend database's
 /// slot; what already exists is kept. Returns what was created.
-pub async fn create_backend(url: &str, config: &ReplicationConfig) -> Result<Vec<String>, SetupError> {
+pub async fn create_backend(
+    url: &str,
+    config: &ReplicationConfig,
+) -> Result<Vec<String>, SetupError> {
     let (mut conn, database) = connect(url).await?;
     let slot = config.slot_for(&database);
     check(&mut conn, &config.publication, &slot, false)
@@ -218,11 +258,23 @@ pub async fn create_backend(url: &str, config: &ReplicationConfig) -> Result<Vec
             e => Err(e),
         })?;
     let mut created = Vec::new();
-    if !exists(&mut conn, "SELECT 1 FROM pg_publication WHERE pubname = $1", &config.publication).await? {
+    if !exists(
+        &mut conn,
+        "SELECT 1 FROM pg_publication WHERE pubname = $1",
+        &config.publication,
+    )
+    .await?
+    {
         create_publication(&mut conn, &config.publication).await?;
         created.push(format!("publication {}", config.publication));
     }
-    if !exists(&mut conn, "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &slot).await? {
+    if !exists(
+        &mut conn,
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+        &slot,
+    )
+    .await?
+    {
         create_slot(&mut conn, &slot).await?;
         created.push(format!("replication slot {slot}"));
     }
@@ -231,7 +283,10 @@ pub async fn create_backend(url: &str, config: &ReplicationConfig) -> Result<Vec
 
 /// `spillway drop-replication`: the backend database's slot and the publication.
 /// Returns what was dropped.
-pub async fn drop_backend(url: &str, config: &ReplicationConfig) -> Result<Vec<String>, SetupError> {
+pub async fn drop_backend(
+    url: &str,
+    config: &ReplicationConfig,
+) -> Result<Vec<String>, SetupError> {
     let (mut conn, database) = connect(url).await?;
     let slot = config.slot_for(&database);
     let mut dropped = Vec::new();
