@@ -73,7 +73,14 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::ShowTables => show_tables(shared),
         Command::ShowPending => show_pending(shared),
         Command::ShowClients => show_clients(shared),
-        Command::ShowReplication => super::replication::show(shared),
+        Command::ShowReplication => {
+            let (columns, rows) = super::replication::show(shared);
+            Reply::Rows {
+                columns,
+                rows,
+                tag: "SHOW",
+            }
+        }
         Command::Flush(table) => flush(shared, table.as_deref()).await,
         Command::Invalidate(table) => invalidate(shared, &table),
         Command::Reload => reload(shared).await,

@@ -5,11 +5,12 @@
 use std::sync::atomic::Ordering;
 
 use super::Console;
-use super::commands::Reply;
 use crate::protocol::backend::ColumnType;
 use crate::read::cache::stream::lsn_text;
 
-pub fn show(shared: &Console) -> Reply {
+/// The columns and rows (`commands.rs` makes them a reply).
+#[allow(clippy::type_complexity)]
+pub fn show(shared: &Console) -> (Vec<(&'static str, ColumnType)>, Vec<Vec<Option<String>>>) {
     let columns = vec![
         ("database", ColumnType::Text),
         ("following", ColumnType::Bool),
@@ -52,9 +53,5 @@ pub fn show(shared: &Console) -> Reply {
             .collect(),
         _ => Vec::new(),
     };
-    Reply::Rows {
-        columns,
-        rows,
-        tag: "SHOW",
-    }
+    (columns, rows)
 }
