@@ -164,7 +164,7 @@ pub struct Follower {
     asm: Assembler,
     /// Primary-key column names per relation OID, in key order (`None`: no key).
     pks: HashMap<u32, Option<Vec<String>>>,
-    /// The server's WAL position at the last call that found nothing newer.
+    /// The server's WAL flush position when the last complete round began.
     seen_wal: u64,
     check_at: Instant,
 }
@@ -214,7 +214,9 @@ impl Follower {
             self.check(conn, db).await?;
             self.check_at = Instant::now() + CHECK_EVERY;
         }
-        let wal: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0')::int8")
+        // The flush position: decoding reads flushed WAL only, so a commit written but
+        // not yet flushed (synchronous_commit = off) must not count as seen.
+        let wal: i64 = sqlx::query_scalar("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8")
             .fetch_one(&mut *conn)
             .await?;
         let wal = u64::try_from(wal).unwrap_or(0);
