@@ -19,8 +19,12 @@
 # write-behind tables row_counts = "assumed" (no point reads; for keys the
 # application knows are new, such as client-generated ids).
 #
+# -R runs spillway with cache.invalidation = "replication" (PostgreSQL with wal_level =
+# logical; the environment variable INVALIDATION=replication does the same for the
+# other scripts using pgbench/lib.sh).
+#
 # Usage: loadtest/write-bench.sh [-d duration] [-w warmup] [-r rounds] [-c clients]
-#                                [-m mode] [-S "scenario ..."] [-F] [-J fsync] [-A] [-L rtt]
+#                                [-m mode] [-S "scenario ..."] [-F] [-J fsync] [-A] [-L rtt] [-R]
 # Env:   SPILLWAY_BIN, LOADTEST_BIN (default: target/release/…, rebuilt when not set)
 #        SPILLWAY_PG_BIN (directory with initdb/pg_ctl)
 # Writes loadtest-results/ as spillway-loadtest does; prints each report.
@@ -28,12 +32,12 @@ set -euo pipefail
 
 DURATION=5s WARMUP=3s ROUNDS=3 CLIENTS=8 MODE=prepared FAST=0 FSYNC=always ASSUMED=0 RTT=""
 SCENARIOS="write-update write-insert hot-counters orm-tx"
-while getopts "d:w:r:c:m:S:FJ:AL:h" opt; do
+while getopts "d:w:r:c:m:S:FJ:AL:Rh" opt; do
   case $opt in
     d) DURATION=$OPTARG ;; w) WARMUP=$OPTARG ;; r) ROUNDS=$OPTARG ;; c) CLIENTS=$OPTARG ;;
     m) MODE=$OPTARG ;; S) SCENARIOS=$OPTARG ;; F) FAST=1 ;;
-    J) FSYNC=$OPTARG ;; A) ASSUMED=1 ;; L) RTT=$OPTARG ;;
-    *) sed -n '2,27p' "$0"; exit 2 ;;
+    J) FSYNC=$OPTARG ;; A) ASSUMED=1 ;; L) RTT=$OPTARG ;; R) INVALIDATION=replication ;;
+    *) sed -n '2,31p' "$0"; exit 2 ;;
   esac
 done
 

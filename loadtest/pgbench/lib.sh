@@ -47,6 +47,10 @@ CONF
   if [ "${DURABLE:-0}" != 1 ]; then
     echo "synchronous_commit = off" >> "$WORK/data/postgresql.conf"
   fi
+  # INVALIDATION=replication: spillway follows the logical replication stream.
+  if [ "${INVALIDATION:-}" = replication ]; then
+    echo "wal_level = logical" >> "$WORK/data/postgresql.conf"
+  fi
   as_pg "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w \
     -o "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1" start >/dev/null
   [ "${2:-}" = noinit ] && return 0
@@ -147,6 +151,7 @@ ${JOURNAL_EXTRA:-}
 listen = "127.0.0.1:$metrics_port"
 [log]
 level = "warn"
+$([ -n "${INVALIDATION:-}" ] && printf '[cache]\ninvalidation = "%s"\n' "$INVALIDATION")
 ${2:-}
 CONF
   "$bin" run --config "$WORK/$1.toml" 2>"$WORK/$1.log" &

@@ -59,6 +59,9 @@ pub enum Invalidation {
     Ttl,
     /// Triggers NOTIFY `spillway_invalidate` on writes by anyone.
     Notify,
+    /// PostgreSQL's logical replication (pgoutput) reports every committed change;
+    /// settings in `[replication]`.
+    Replication,
 }
 
 /// `[journal]`: the local write-ahead journal for deferred writes.

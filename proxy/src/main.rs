@@ -12,6 +12,7 @@ use spillway::config::{Config, LogConfig, LogFormat};
 use spillway::ops::demo::Demo;
 use spillway::ops::reload::{LogLevelSetter, ReloadSource};
 use spillway::ops::server::{Server, ServerError};
+use spillway::read::cache::stream::setup;
 use spillway::write::schema;
 use spillway_policies::TableName;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +63,12 @@ enum Command {
         /// Remove the trigger instead of installing it.
         #[arg(long)]
         drop: bool,
+    },
+    /// Drop the change stream's replication slot of the backend database and the
+    /// publication (`cache.invalidation = "replication"`; `migrate` creates them).
+    DropReplication {
+        #[arg(long, short, env = "SPILLWAY_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Print a SCRAM-SHA-256 verifier for `admin.password`; reads the password from
     /// the first line of standard input.
@@ -149,6 +156,14 @@ fn main() -> ExitCode {
             let install = install_triggers(&config, &tables, drop);
             finish(runtime().and_then(|rt| rt.block_on(install)))
         }
+        Command::DropReplication { config } => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let _ = init_tracing(&config.log);
+            finish(runtime().and_then(|rt| rt.block_on(drop_replication(&config))))
+        }
         Command::HashPassword => hash_password(),
         Command::Demo { listen } => {
             let _ = init_tracing(&LogConfig::default());
@@ -194,6 +209,11 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     for version in &applied {
         println!("applied migration {version} ({})", describe(*version));
     }
+    if config.cache.invalidation == spillway_policies::Invalidation::Replication {
+        for what in setup::create_backend(&config.backend.url, &config.replication).await? {
+            println!("created {what}");
+        }
+    }
     let latest = schema::MIGRATOR
         .iter()
         .map(|m| m.version)
@@ -202,6 +222,19 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     println!(
         "{} applied; schema spillway is at version {latest} on {}",
         count(applied.len(), "migration", "migrations"),
+        config.backend.redacted_url()
+    );
+    Ok(())
+}
+
+async fn drop_replication(config: &Config) -> anyhow::Result<()> {
+    let dropped = setup::drop_backend(&config.backend.url, &config.replication).await?;
+    for what in &dropped {
+        println!("dropped {what}");
+    }
+    println!(
+        "done: {} dropped ({})",
+        count(dropped.len(), "object", "objects"),
         config.backend.redacted_url()
     );
     Ok(())

@@ -47,9 +47,17 @@ pub const CLIENT_CONNECTIONS: &str = "spillway_client_connections";
 pub const UPSTREAM_CONNECTIONS: &str = "spillway_upstream_connections";
 pub const DETACHED_SESSIONS: &str = "spillway_detached_sessions";
 
+pub const INVALIDATIONS: &str = "spillway_invalidations_total";
+pub const REPLICATION_FOLLOWING: &str = "spillway_replication_following";
+pub const REPLICATION_COMMITS: &str = "spillway_replication_commits_total";
+pub const REPLICATION_LAG_BYTES: &str = "spillway_replication_lag_bytes";
+pub const REPLICATION_LAG_SECONDS: &str = "spillway_replication_lag_seconds";
+pub const REPLICATION_RETAINED_WAL: &str = "spillway_replication_retained_wal_bytes";
+pub const REPLICATION_RESETS: &str = "spillway_replication_resets_total";
+
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 28] = [
+pub const ALL: [&str; 35] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -78,6 +86,13 @@ pub const ALL: [&str; 28] = [
     CLIENT_CONNECTIONS,
     UPSTREAM_CONNECTIONS,
     DETACHED_SESSIONS,
+    INVALIDATIONS,
+    REPLICATION_FOLLOWING,
+    REPLICATION_COMMITS,
+    REPLICATION_LAG_BYTES,
+    REPLICATION_LAG_SECONDS,
+    REPLICATION_RETAINED_WAL,
+    REPLICATION_RESETS,
 ];
 
 /// The histograms among [`ALL`]: Prometheus exports them as `<name>_bucket`,
@@ -105,6 +120,37 @@ pub fn install() -> Option<PrometheusHandle> {
 }
 
 fn describe() {
+    describe_counter!(
+        INVALIDATIONS,
+        "Cache invalidations by scope: row (a write with known keys) or table"
+    );
+    describe_gauge!(
+        REPLICATION_FOLLOWING,
+        "1 while the database's change stream follows its slot (replication mode)"
+    );
+    describe_counter!(
+        REPLICATION_COMMITS,
+        "Committed transactions applied from the change stream"
+    );
+    describe_gauge!(
+        REPLICATION_LAG_BYTES,
+        Unit::Bytes,
+        "WAL between the server's position and the slot's confirmed position"
+    );
+    describe_gauge!(
+        REPLICATION_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the last applied commit when it was applied (0 when caught up)"
+    );
+    describe_gauge!(
+        REPLICATION_RETAINED_WAL,
+        Unit::Bytes,
+        "WAL the database's slot holds back"
+    );
+    describe_counter!(
+        REPLICATION_RESETS,
+        "Slot positions recreated (dropped slot, retained-WAL bound, undecodable message)"
+    );
     describe_counter!(CACHE_HITS, "Requests answered from the read cache");
     describe_counter!(CACHE_MISSES, "Cacheable requests that went upstream");
     describe_counter!(

@@ -29,7 +29,7 @@ use moka::notification::RemovalCause;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
-pub use versions::{DbVersions, Deps, Registry, Version};
+pub use versions::{DbVersions, Deps, Registry, STRIPES, TableVersions, Version, stripe_of};
 
 /// Fixed per-entry overhead counted by the weigher (moka's node, the Arc, the deps).
 const ENTRY_OVERHEAD: usize = 160;

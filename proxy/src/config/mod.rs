@@ -36,7 +36,91 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    pub replication: ReplicationConfig,
     pub tables: BTreeMap<String, TableConfig>,
+}
+
+/// `[replication]`: the change stream of `cache.invalidation = "replication"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Publication the stream reads (`FOR ALL TABLES` when spillway creates it).
+    pub publication: String,
+    /// Slot name prefix: database `d` is followed through slot `<slot>_<d>`
+    /// (lower-cased, other characters than `[a-z0-9_]` as `_`).
+    pub slot: String,
+    /// Create the publication and the slot at start (and in each database served)
+    /// when they are missing; otherwise `spillway migrate` creates them.
+    pub create: bool,
+    /// WAL a slot may hold back; past it the database's cache is dropped and the slot
+    /// moved to the current position.
+    pub max_retained_wal: ByteSize,
+    /// How often the slot is asked for new changes.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            publication: "spillway".to_owned(),
+            slot: "spillway".to_owned(),
+            create: true,
+            max_retained_wal: ByteSize::gib(1),
+            poll_interval: Duration::from_millis(10),
+        }
+    }
+}
+
+impl ReplicationConfig {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let ident = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 40
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        if !ident(&self.publication) {
+            return Err(ValidationError::new(
+                "replication.publication",
+                "must be 1 to 40 characters of a-z, 0-9 and _",
+            ));
+        }
+        if !ident(&self.slot) {
+            return Err(ValidationError::new(
+                "replication.slot",
+                "must be 1 to 40 characters of a-z, 0-9 and _",
+            ));
+        }
+        if self.poll_interval.is_zero() || self.poll_interval > Duration::from_secs(10) {
+            return Err(ValidationError::new(
+                "replication.poll_interval",
+                "must be above zero and at most 10s",
+            ));
+        }
+        if self.max_retained_wal.as_u64() < 1024 * 1024 {
+            return Err(ValidationError::new(
+                "replication.max_retained_wal",
+                "must be at least 1MiB",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The slot that follows `database`.
+    pub fn slot_for(&self, database: &str) -> String {
+        let mut name = format!("{}_", self.slot);
+        name.extend(database.chars().map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '_'
+            }
+        }));
+        name.truncate(63);
+        name
+    }
 }
 
 /// `[server]`: the client-facing listener and session limits.
@@ -263,6 +347,7 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ValidationError::new("log.level", e.to_string()))?;
         self.admin.validate()?;
+        self.replication.validate()?;
         Ok(())
     }
 

@@ -152,6 +152,12 @@ mod tests {
             [admin]
             users = ["ops"]
             password = "secret"
+            [replication]
+            publication = "p7"
+            slot = "s7"
+            create = false
+            max_retained_wal = "7MiB"
+            poll_interval = "7ms"
             [tables."public.t"]
             ttl = "7s"
         "#;

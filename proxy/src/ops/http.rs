@@ -116,6 +116,14 @@ pub fn refresh(
             metrics::gauge!(crate::metrics::CACHE_BYTES).set(c.results.weighted_bytes() as f64);
             metrics::gauge!(crate::metrics::CACHE_ENTRIES).set(c.results.entry_count() as f64);
         }
+        let (rows, tables) = c.versions.invalidations();
+        metrics::counter!(crate::metrics::INVALIDATIONS, "scope" => "row").absolute(rows);
+        metrics::counter!(crate::metrics::INVALIDATIONS, "scope" => "table").absolute(tables);
+        if c.invalidation == spillway_policies::Invalidation::Replication {
+            for db in c.databases() {
+                db.stream.export(&db.name);
+            }
+        }
     }
     if let Some(w) = writes {
         w.export_gauges();

@@ -42,6 +42,8 @@ pub enum ServerError {
     Workers(std::io::Error),
     #[error(transparent)]
     Writes(#[from] crate::write::start::WritesStartError),
+    #[error("cache.invalidation = \"replication\": {0}")]
+    Replication(#[from] crate::read::cache::stream::setup::SetupError),
     #[error("cannot serve metrics on {addr}: {error}")]
     Metrics {
         addr: SocketAddr,
@@ -118,6 +120,15 @@ impl Server {
         let workers = Workers::start(config.server.workers, config.server.pin_workers)
             .map_err(ServerError::Workers)?;
         tracing::debug!(workers = workers.len(), "session workers started");
+        if config.cache.enabled
+            && config.cache.invalidation == spillway_policies::Invalidation::Replication
+        {
+            crate::read::cache::stream::setup::check_backend(
+                &config.backend.url,
+                &config.replication,
+            )
+            .await?;
+        }
         let cache = crate::read::cache::ReadCache::new(
             &config,
             connector.clone(),
@@ -125,6 +136,11 @@ impl Server {
         );
         // Before the first session: the journal's unapplied records go upstream first.
         let writes = crate::write::start::start(&config, cache.as_ref()).await?;
+        // The key index follows the change stream of the deferred tables' database
+        // (it answers exact row counts only while that stream follows, ADR 0023).
+        if let (Some(cache), Some(w)) = (cache.as_ref(), writes.as_ref()) {
+            cache.add_change_sink(w.change_sink());
+        }
         if !config.admin.users.is_empty() {
             // The console's SHOW STATS reads the recorder even without metrics.listen.
             crate::metrics::install();

@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod frame;
 pub mod frontend;
+pub mod pgoutput;
 pub mod scram;
 pub mod sqlstate;
 pub mod startup;

@@ -133,6 +133,20 @@ impl Context {
         Self::builder().start().await
     }
 
+    /// Starts a second spillway with this context's config plus `extra` TOML and the
+    /// environment `env`; its log when it refuses to start (it is stopped at once when
+    /// it does start).
+    pub fn try_another_proxy(&self, extra: &str, env: &[(&str, &str)]) -> Result<(), String> {
+        let config = format!("{}\n{extra}\n", self.config);
+        let env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .cloned()
+            .chain(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())))
+            .collect();
+        Proxy::try_spawn(&self.pg, &config, &env).map(drop)
+    }
+
     /// The config spillway was started with (as written to its file).
     pub fn config_text(&self) -> &str {
         &self.config

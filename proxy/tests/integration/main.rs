@@ -28,6 +28,7 @@ mod outage;
 mod packaging;
 mod protocol;
 mod reload;
+mod replication;
 mod returning;
 mod session_defects;
 mod setup_script;

@@ -10,7 +10,7 @@ use crate::protocol::sqlstate::SqlState;
 
 /// The help text of an unknown command.
 pub const USAGE: &str = "SHOW STATS | SHOW CACHE | SHOW TABLES | SHOW PENDING | SHOW CLIENTS | \
-                         SHOW KEYS | FLUSH [table] | INVALIDATE table | RELOAD";
+                         SHOW KEYS | SHOW REPLICATION | FLUSH [table] | INVALIDATE table | RELOAD";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -21,6 +21,7 @@ pub enum Command {
     ShowClients,
     /// The key index and point reads per deferred table (`keys.rs`).
     ShowKeys,
+    ShowReplication,
     /// Every deferred table, or one.
     Flush(Option<String>),
     Invalidate(String),
@@ -51,6 +52,7 @@ pub fn parse(statement: &str) -> Result<Command, String> {
         (["SHOW", "PENDING"], _) => Ok(Command::ShowPending),
         (["SHOW", "CLIENTS"], _) => Ok(Command::ShowClients),
         (["SHOW", "KEYS"], _) => Ok(Command::ShowKeys),
+        (["SHOW", "REPLICATION"], _) => Ok(Command::ShowReplication),
         (["FLUSH"], _) => Ok(Command::Flush(None)),
         (["FLUSH", _], [_, table]) => Ok(Command::Flush(Some(unquote(table)))),
         (["INVALIDATE", _], [_, table]) => Ok(Command::Invalidate(unquote(table))),
@@ -75,6 +77,14 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::ShowPending => show_pending(shared),
         Command::ShowClients => show_clients(shared),
         Command::ShowKeys => show_keys(shared),
+        Command::ShowReplication => {
+            let (columns, rows) = super::replication::show(shared);
+            Reply::Rows {
+                columns,
+                rows,
+                tag: "SHOW",
+            }
+        }
         Command::Flush(table) => flush(shared, table.as_deref()).await,
         Command::Invalidate(table) => invalidate(shared, &table),
         Command::Reload => reload(shared).await,
@@ -214,6 +224,7 @@ fn show_cache(shared: &Console) -> Reply {
                 text(match cache.invalidation {
                     spillway_policies::Invalidation::Ttl => "ttl",
                     spillway_policies::Invalidation::Notify => "notify",
+                    spillway_policies::Invalidation::Replication => "replication",
                 }),
                 text(cache.databases().len()),
             ]

@@ -1,6 +1,6 @@
 //! The admin console: a client that connects to database `spillway` talks to spillway
 //! itself, not to PostgreSQL, and gets `SHOW STATS | CACHE | TABLES | PENDING | CLIENTS |
-//! KEYS`,
+//! KEYS | REPLICATION`,
 //! `FLUSH [table]`, `INVALIDATE table` and `RELOAD` answered as ordinary result sets
 //! (SPEC §7).
 //!
@@ -19,6 +19,7 @@
 //! calls the same operations sessions use.
 
 pub mod commands;
+mod replication;
 
 use bytes::{Bytes, BytesMut};
 

@@ -20,6 +20,7 @@
 pub mod decide;
 mod lease;
 mod service;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +48,10 @@ pub struct ReadCache {
     /// one atomic load per decision.
     tables: ArcSwap<TableSettings>,
     pub invalidation: Invalidation,
+    /// `[replication]`, read by each database's service task in replication mode.
+    pub replication: crate::config::ReplicationConfig,
+    /// The change stream's consumers besides the cache ([`ReadCache::add_change_sink`]).
+    pub sinks: stream::Sinks,
     dbs: Mutex<HashMap<String, Arc<DbState>>>,
     service: service::Spawner,
 }
@@ -55,6 +60,8 @@ pub struct ReadCache {
 pub struct DbState {
     pub name: String,
     pub versions: Arc<DbVersions>,
+    /// The change stream's state (replication mode).
+    pub stream: stream::Status,
     /// `None` while no trustworthy snapshot exists. Lock held only to clone the Arc.
     catalog: RwLock<Option<Arc<Catalog>>>,
     /// The latest snapshot installed, kept when the service connection is lost and
@@ -169,6 +176,8 @@ impl ReadCache {
             classifier: Classifier::new(limits),
             tables: ArcSwap::from_pointee(tables),
             invalidation: cache.invalidation,
+            replication: config.replication.clone(),
+            sinks: stream::Sinks::default(),
             dbs: Mutex::new(HashMap::new()),
             service: service::Spawner {
                 runtime,
@@ -176,6 +185,16 @@ impl ReadCache {
                 url: config.backend.url.clone(),
             },
         }))
+    }
+
+    /// Registers a consumer of the change stream (`cache.invalidation =
+    /// "replication"`): every committed transaction of every database followed is
+    /// handed to it after the cache applied it and before the slot's position moves
+    /// past it; `lost`/`resumed` when a database's stream stops and follows again.
+    /// Register before the first session (a sink added later misses earlier commits
+    /// and is told nothing about them).
+    pub fn add_change_sink(&self, sink: Arc<dyn spillway_policies::changes::ChangeSink>) {
+        self.sinks.add(sink);
     }
 
     /// The per-table cache settings now.
@@ -219,6 +238,7 @@ impl ReadCache {
                     Arc::new(DbState {
                         name: name.to_owned(),
                         versions: self.versions.database(name),
+                        stream: stream::Status::default(),
                         catalog: RwLock::new(None),
                         last_trusted: RwLock::new(None),
                         refresh: Notify::new(),

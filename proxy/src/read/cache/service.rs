@@ -25,6 +25,7 @@ use sqlx::{Acquire, PgConnection};
 
 use tokio::time::Instant;
 
+use super::stream::{self, Follower, StreamError};
 use super::{DbState, ReadCache, Want};
 use crate::net::upstream::Connector;
 use crate::read::catalog::{self, Catalog};
@@ -82,7 +83,9 @@ async fn run(cache: Arc<ReadCache>, db: Arc<DbState>, url: String, timeout: Dura
             Want::Release => Exit::Released,
         };
         db.set_catalog(None);
-        if cache.invalidation == Invalidation::Notify {
+        if cache.invalidation == Invalidation::Replication {
+            stream::lost(&db, &cache.sinks);
+        } else if cache.invalidation == Invalidation::Notify {
             // Writes by others are not heard while it is closed.
             db.versions.bump_all();
         }
@@ -185,14 +188,33 @@ async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> Ex
     {
         return lost(db, &err.to_string());
     }
+    let mut follower = (cache.invalidation == Invalidation::Replication)
+        .then(|| Follower::new(&cache.replication, &db.name));
+    if let Some(f) = &mut follower {
+        // Before the catalog: nothing is served from the cache until the slot is
+        // drained (changes made while spillway was away are applied first).
+        if let Err(err) = follow(cache, db, listener, f).await {
+            return lost(db, &err.to_string());
+        }
+    }
     if let Err(err) = reload(db, listener).await {
         return lost(db, &err.to_string());
     }
+    let poll_every = cache.replication.poll_interval;
+    let mut poll_at = Instant::now();
     let mut reload_at = Instant::now() + RELOAD_EVERY;
     let mut idle_since: Option<Instant> = None;
     loop {
         let idle_until = match db.want() {
-            Want::Release => return Exit::Released,
+            Want::Release => {
+                if let Some(f) = follower.as_ref().filter(|_| cache.replication.create) {
+                    // The statement that asked may be a DROP DATABASE, which a slot
+                    // on the database would block; the slot is recreated (and the
+                    // cache dropped) when the database is served again.
+                    drop_slot(db, listener, &f.slot).await;
+                }
+                return Exit::Released;
+            }
             Want::Idle => {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= IDLE_RELEASE {
@@ -205,9 +227,11 @@ async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> Ex
                 reload_at
             }
         };
+        let mut poll_now = false;
         tokio::select! {
+            () = tokio::time::sleep_until(poll_at), if follower.is_some() => poll_now = true,
             // Cancel-safe: a message is consumed only once it is whole.
-            received = listener.try_recv() => match received {
+            received = listener.try_recv(), if follower.is_none() => match received {
                 Ok(Some(n)) => match (n.payload().parse::<u32>(), db.catalog()) {
                     // The trigger names the table the statement targeted; its parents
                     // and partitions change with it.
@@ -243,12 +267,93 @@ async fn serve(cache: &ReadCache, db: &DbState, listener: &mut PgListener) -> Ex
             () = db.changed() => {}
             () = tokio::time::sleep_until(idle_until) => {}
         }
+        if let (true, Some(f)) = (poll_now, &mut follower) {
+            let more = match poll(cache, db, listener, f).await {
+                Ok(more) => more,
+                Err(err) => return lost(db, &err.to_string()),
+            };
+            poll_at = if more {
+                Instant::now()
+            } else {
+                Instant::now() + poll_every
+            };
+        }
     }
 }
 
-/// Logs a lost connection.
+/// One round of the change stream (a failure that needs a new slot position gets it,
+/// see [`follow`]).
+async fn poll(
+    cache: &ReadCache,
+    db: &DbState,
+    listener: &mut PgListener,
+    f: &mut Follower,
+) -> Result<bool, StreamError> {
+    let conn: &mut PgConnection = listener.acquire().await?;
+    match f.poll(conn, db, &cache.sinks).await {
+        Err(err) if err.resets_slot() => {
+            reset(cache, db, conn, f, &err).await?;
+            Ok(false)
+        }
+        other => other,
+    }
+}
+
+/// (Re)starts following: the checks, the slot drained (recreated first when it is
+/// gone, undecodable or over its bound). The catalog may stay installed across a
+/// reset: the epoch bumps and the drained, recreated slot keep it exact.
+async fn follow(
+    cache: &ReadCache,
+    db: &DbState,
+    listener: &mut PgListener,
+    f: &mut Follower,
+) -> Result<(), StreamError> {
+    let conn: &mut PgConnection = listener.acquire().await?;
+    match f
+        .start(conn, db, &cache.sinks, cache.replication.create)
+        .await
+    {
+        Err(err) if err.resets_slot() => reset(cache, db, conn, f, &err).await,
+        other => other,
+    }
+}
+
+/// Drops the database's cache, recreates the slot at the current position, follows
+/// from there; logged once per reset with its reason.
+async fn reset(
+    cache: &ReadCache,
+    db: &DbState,
+    conn: &mut PgConnection,
+    f: &mut Follower,
+    err: &StreamError,
+) -> Result<(), StreamError> {
+    stream::lost(db, &cache.sinks);
+    db.stream.resets.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(database = %db.name, slot = %f.slot, reason = %err, "change stream reset: the database's cached entries are dropped and the slot recreated at the current position");
+    f.recover(conn, err).await?;
+    f.start(conn, db, &cache.sinks, cache.replication.create)
+        .await
+}
+
+async fn drop_slot(db: &DbState, listener: &mut PgListener, slot: &str) {
+    let dropped = match listener.acquire().await {
+        Ok(conn) => stream::setup::drop_slot(conn, slot)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(reason) = dropped {
+        tracing::warn!(database = %db.name, slot, %reason, "could not drop the database's replication slot before releasing it");
+    }
+}
+
+/// Logs a lost connection (or change stream): once per distinct reason in a row.
 fn lost(db: &DbState, reason: &str) -> Exit {
-    tracing::warn!(database = %db.name, %reason, "cache service connection lost; database served uncached until it is back");
+    if db.stream.note_failure(reason) {
+        tracing::warn!(database = %db.name, %reason, "cache service connection lost; database served uncached until it is back");
+    } else {
+        tracing::debug!(database = %db.name, %reason, "cache service connection still failing");
+    }
     Exit::Lost
 }
 
