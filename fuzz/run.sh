@@ -24,8 +24,11 @@ for t in "${TARGETS[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t" "work/$t"
   # A working copy of the corpus grows while fuzzing; the seeds in corpus/ stay small.
   log="work/$t.log"
+  # -jobs > 1 sends libFuzzer's output to fuzz-N.log files; with one job it stays in $log.
+  parallel=()
+  [ "$JOBS" -gt 1 ] && parallel=(-jobs="$JOBS" -workers="$JOBS")
   if cargo +nightly fuzz run -O "$t" "work/$t" "corpus/$t" -- \
-      -max_total_time="$SECONDS_EACH" -jobs="$JOBS" -workers="$JOBS" \
+      -max_total_time="$SECONDS_EACH" "${parallel[@]}" \
       -artifact_prefix="artifacts/$t/" -rss_limit_mb=2048 -max_len=65536 >"$log" 2>&1; then
     result=clean
   else

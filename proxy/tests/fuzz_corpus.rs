@@ -93,3 +93,8 @@ fn write_journal_seeds() {
     std::fs::write(out.join("three-records"), &bytes[..end]).expect("write seed");
     std::fs::write(out.join("torn-tail"), &bytes[..end.saturating_sub(7)]).expect("write seed");
 }
+
+#[test]
+fn pgoutput_seeds() {
+    replay("pgoutput", targets::pgoutput);
+}
