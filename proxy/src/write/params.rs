@@ -178,8 +178,9 @@ pub fn canonical_key(text: &str, type_oid: u32) -> Result<String, &'static str> 
 
 /// Whether PostgreSQL's input function for `type_oid` (with `typmod`) accepts `text`,
 /// for the types where spillway can tell without asking: integers (with their range),
-/// floats, numeric, bool, uuid, and the length of varchar/bpchar. Other types: true
-/// (a value PostgreSQL refuses later becomes a dead letter).
+/// floats (their range), numeric (with its precision), bool, uuid, json/jsonb,
+/// bytea, and the length of varchar/bpchar. Other types: true; only the types of
+/// `types::validated` are deferred.
 pub fn accepts(text: &str, type_oid: u32, typmod: i32) -> bool {
     let t = text.trim();
     match type_oid {
@@ -188,12 +189,14 @@ pub fn accepts(text: &str, type_oid: u32, typmod: i32) -> bool {
         INT8 => t.parse::<i64>().is_ok(),
         FLOAT4 | FLOAT8 => {
             let l = t.to_ascii_lowercase();
-            t.parse::<f64>().is_ok_and(f64::is_finite)
+            t.parse::<f64>()
+                .is_ok_and(|v| float_in_range(t, v, type_oid == FLOAT4))
                 || matches!(
                     l.as_str(),
                     "nan" | "infinity" | "+infinity" | "-infinity" | "inf" | "+inf" | "-inf"
                 )
         }
+        NUMERIC if typmod > 4 => is_decimal(t) && fits_numeric(t, typmod),
         NUMERIC => {
             let l = t.to_ascii_lowercase();
             matches!(l.as_str(), "nan" | "infinity" | "+infinity" | "-infinity") || is_decimal(t)
@@ -203,6 +206,14 @@ pub fn accepts(text: &str, type_oid: u32, typmod: i32) -> bool {
             "t" | "true" | "y" | "yes" | "on" | "1" | "f" | "false" | "n" | "no" | "off" | "0"
         ),
         UUID => canonical_key(t, UUID).is_ok(),
+        // PostgreSQL's JSON grammar is RFC 8259's; jsonb also refuses \u0000 and
+        // numbers beyond numeric's range (serde_json refuses those beyond f64's:
+        // such values fall back, PostgreSQL decides).
+        JSON | JSONB => {
+            serde_json::from_str::<serde_json::Value>(text).is_ok()
+                && !(type_oid == JSONB && text.to_ascii_lowercase().contains("\\u0000"))
+        }
+        BYTEA => is_bytea(text),
         // typmod = max characters + 4 (VARHDRSZ); -1 when unlimited. bpchar pads.
         VARCHAR | BPCHAR if typmod > 4 => {
             let max = usize::try_from(typmod - 4).unwrap_or(usize::MAX);
@@ -215,6 +226,77 @@ pub fn accepts(text: &str, type_oid: u32, typmod: i32) -> bool {
         }
         _ => true,
     }
+}
+
+/// bytea's text input: `\x` and pairs of hex digits, or the escape format (a
+/// backslash only doubled or before three octal digits).
+fn is_bytea(text: &str) -> bool {
+    if let Some(hex) = text.strip_prefix("\\x") {
+        // PostgreSQL also skips whitespace between pairs; such text falls back.
+        return hex.len() % 2 == 0 && hex.chars().all(|c| c.is_ascii_hexdigit());
+    }
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if b.get(i + 1) == Some(&b'\\') {
+                i += 2;
+            } else if matches!(
+                b.get(i + 1..i + 4),
+                Some([b'0'..=b'3', b'0'..=b'7', b'0'..=b'7'])
+            ) {
+                i += 4;
+            } else {
+                return false;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
+/// Whether a plain decimal (no exponent) fits numeric(p, s) after rounding to `s`
+/// digits; conservative (a value that might carry into one more digit does not).
+fn fits_numeric(t: &str, typmod: i32) -> bool {
+    let Ok(m) = u32::try_from(typmod - 4) else {
+        return false;
+    };
+    let (p, s) = ((m >> 16) as usize, (m & 0xffff) as usize);
+    if t.contains(['e', 'E']) || s > p {
+        return false;
+    }
+    let t = t.strip_prefix(['+', '-']).unwrap_or(t);
+    let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+    let int = int.trim_start_matches('0');
+    let room = p - s;
+    if int.len() > room {
+        return false;
+    }
+    // Rounding may carry into a new integer digit only when every kept digit is 9.
+    let kept_nines = int.chars().chain(frac.chars().take(s)).all(|c| c == '9');
+    let rounds_up = frac.chars().nth(s).is_some_and(|c| c >= '5');
+    !(int.len() == room && kept_nines && rounds_up)
+}
+
+/// Whether PostgreSQL's float input keeps `v` (read from `t`): it refuses overflow
+/// and underflow to zero; subnormal results are refused here too (conservatively).
+fn float_in_range(t: &str, v: f64, single: bool) -> bool {
+    let a = v.abs();
+    if !v.is_finite() || (single && a > f64::from(f32::MAX)) {
+        return false;
+    }
+    let min = if single {
+        f64::from(f32::MIN_POSITIVE)
+    } else {
+        f64::MIN_POSITIVE
+    };
+    let zero_text = !t
+        .split(['e', 'E'])
+        .next()
+        .unwrap_or("")
+        .contains(['1', '2', '3', '4', '5', '6', '7', '8', '9']);
+    if a == 0.0 { zero_text } else { a >= min }
 }
 
 /// `[+-]digits[.digits][e[+-]digits]` (also `.5`, `5.`).

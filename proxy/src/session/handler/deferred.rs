@@ -35,6 +35,7 @@ use crate::read::classify::TxCommand;
 use crate::read::classify::{Analysis, Kind};
 use crate::session::state::Outbox;
 use crate::write::convert::{self, Bound, Converted};
+use crate::write::datetime::Settings;
 use crate::write::fallbacks::Fallback;
 use crate::write::service::{DeferError, TableSet, WriteService};
 
@@ -281,11 +282,11 @@ impl Caching {
         let [stmt] = analysis.statements.as_slice() else {
             return Err(Fallback::MultipleStatements);
         };
-        let shape = match &stmt.shape {
-            Some(Ok(shape)) => shape,
-            Some(Err(reason)) => return Err(Fallback::Shape(reason)),
-            None => return Err(Fallback::NotADeferrableWrite),
-        };
+        // The statement's own reasons come first (the metrics say what would make it
+        // deferrable, also when it moves a held transaction upstream); the session's
+        // last.
+        let time_zone = out.state().params.get("TimeZone").map(String::as_str);
+        let converted = self.convertible(stmt, w, bound, time_zone)?;
         // A held transaction's statements are decided like autocommit ones (held/).
         if (out.tx_status() != b'I' && self.tx.held.is_none()) || !self.tracker.quiet {
             return Err(Fallback::InTransaction);
@@ -306,6 +307,23 @@ impl Caching {
         if param("default_transaction_read_only") == Some("on") {
             return Err(Fallback::ReadOnly);
         }
+        Ok(converted)
+    }
+
+    /// The statement's own part of [`Self::deferrable`]: its table resolved to one
+    /// deferred table, its values converted.
+    fn convertible(
+        &self,
+        stmt: &crate::read::classify::Statement,
+        w: &WriteService,
+        bound: &Bound,
+        out_params_time_zone: Option<&str>,
+    ) -> Result<(String, Converted), Fallback> {
+        let shape = match &stmt.shape {
+            Some(Ok(shape)) => shape,
+            Some(Err(reason)) => return Err(Fallback::Shape(reason)),
+            None => return Err(Fallback::NotADeferrableWrite),
+        };
         if !stmt.functions.is_empty() || stmt.sql_value_function {
             return Err(Fallback::Function);
         }
@@ -319,7 +337,10 @@ impl Caching {
         if table.config.when_full == spillway_policies::WhenFull::WriteThrough && w.is_full(&name) {
             return Err(Fallback::Full);
         }
-        let converted = convert::convert(shape, table, bound)?;
+        let settings = Settings {
+            time_zone: out_params_time_zone,
+        };
+        let converted = convert::convert(shape, table, bound, settings)?;
         Ok((name, converted))
     }
 

@@ -69,8 +69,8 @@ def dump(conn, seen, names):
     with conn.cursor() as cur:
         for table, key in TABLES.items():
             cur.execute(f"SELECT * FROM {table} ORDER BY {key}")
-            names = [d.name for d in cur.description]
-            out[table] = [dict(zip(names, row)) for row in cur.fetchall()]
+            cols = [d.name for d in cur.description]
+            out[table] = [dict(zip(cols, row)) for row in cur.fetchall()]
     for table, columns in SERVER_TIMES.items():
         for column in columns:
             told = seen.get(f"{table}.{column}", {})

@@ -40,7 +40,9 @@ async fn shop() -> Context {
         .section(&config)
         .start()
         .await;
-    ctx.pg.psql("direct", SCHEMA).expect("schema of the direct copy");
+    ctx.pg
+        .psql("direct", SCHEMA)
+        .expect("schema of the direct copy");
     ctx
 }
 
@@ -87,9 +89,8 @@ fn counts(metrics: &str) -> Counts {
 /// and returns the deferred share.
 async fn run_shop(lang: Lang, script: &str) -> f64 {
     let ctx = shop().await;
-    let url = |port: u16, db: &str| {
-        format!("postgresql://{USER}@127.0.0.1:{port}/{db}?sslmode=disable")
-    };
+    let url =
+        |port: u16, db: &str| format!("postgresql://{USER}@127.0.0.1:{port}/{db}?sslmode=disable");
     let through = run(lang, script, &[&url(ctx.proxy.addr.port(), DB)]).await;
     let direct = run(lang, script, &[&url(ctx.pg.port(), "direct")]).await;
     let c = counts(&scrape(ctx.proxy.metrics_addr()).await);
@@ -119,5 +120,11 @@ async fn run_shop(lang: Lang, script: &str) -> f64 {
 #[tokio::test]
 async fn sqlalchemy_shop() {
     let share = run_shop(Lang::Python, "shop_sqlalchemy.py").await;
+    assert!(share >= 0.0, "{share}");
+}
+
+#[tokio::test]
+async fn django_shop() {
+    let share = run_shop(Lang::Python, "shop_django.py").await;
     assert!(share >= 0.0, "{share}");
 }
