@@ -75,10 +75,24 @@ fn insert(
     if table.required.iter().any(|r| !columns.contains(r)) {
         return Err(Fallback::RequiredColumnMissing);
     }
+    // Columns left to a `now()` default get the statement's clock, as PostgreSQL
+    // would have evaluated it then (not the flush's).
+    let filled: Vec<&String> = table
+        .clock_defaults
+        .iter()
+        .filter(|c| !columns.contains(c))
+        .collect();
+    let now = match (filled.is_empty(), settings.now) {
+        (true, _) => None,
+        (false, Some(t)) => Some(datetime::utc_text(t).ok_or(Fallback::ClockDefault)?),
+        (false, None) => return Err(Fallback::ClockDefault),
+    };
+    let mut all_columns = columns.to_vec();
+    all_columns.extend(filled.iter().map(|c| (*c).clone()));
     let mut ops = Vec::with_capacity(rows.len());
     let mut keys = Vec::with_capacity(rows.len());
     for row in rows {
-        let mut values = Vec::with_capacity(row.len());
+        let mut values = Vec::with_capacity(all_columns.len());
         for (c, v) in columns.iter().zip(row) {
             values.push(value(v, c, table, bound, settings)?);
         }
@@ -99,9 +113,15 @@ fn insert(
             }
             key.push(canon);
         }
+        for _ in &filled {
+            values.push(Val {
+                text: now.clone(),
+                cast: None,
+            });
+        }
         ops.push(RowOp::Insert {
             table: table.meta.name.clone(),
-            columns: columns.to_vec(),
+            columns: all_columns.clone(),
             values,
         });
         keys.push(key);

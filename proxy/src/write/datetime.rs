@@ -12,11 +12,32 @@
 //! beyond microseconds (which PostgreSQL rounds) are not converted. Anything else is
 //! `None`: the statement runs write-through and PostgreSQL converts (or refuses) it.
 
-/// The session settings a conversion reads.
+/// The session settings a conversion reads, and the statement's clock.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings<'a> {
     /// `TimeZone` as PostgreSQL reported it (ParameterStatus).
     pub time_zone: Option<&'a str>,
+    /// `now()` of the statement's transaction when spillway knows it exactly (an
+    /// autocommit statement: the moment it is decided), else `None`.
+    pub now: Option<std::time::SystemTime>,
+}
+
+/// `t` as canonical timestamptz text (UTC, microseconds, `+00`).
+pub fn utc_text(t: std::time::SystemTime) -> Option<String> {
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    let secs = i64::try_from(d.as_secs()).ok()?;
+    let (date, rem) = (
+        civil_from_days(secs.div_euclid(86_400))?,
+        secs.rem_euclid(86_400),
+    );
+    let rem = u32::try_from(rem).ok()?;
+    let tm = Time {
+        h: rem / 3600,
+        mi: rem / 60 % 60,
+        s: rem % 60,
+        us: d.subsec_micros(),
+    };
+    Some(format!("{} {}+00", date.text(), tm.text()))
 }
 
 pub const DATE: u32 = 1082;
@@ -249,10 +270,21 @@ mod tests {
 
     const UTC: Settings<'static> = Settings {
         time_zone: Some("Etc/UTC"),
+        now: None,
     };
     const BERLIN: Settings<'static> = Settings {
         time_zone: Some("Europe/Berlin"),
+        now: None,
     };
+
+    #[test]
+    fn now_as_utc_text() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_711_840_500_250_001);
+        assert_eq!(
+            utc_text(t).as_deref(),
+            Some("2024-03-30 23:15:00.250001+00")
+        );
+    }
 
     #[test]
     fn iso_values_get_one_spelling() {

@@ -124,6 +124,25 @@ impl Caching {
         Some(self.barrier(target, write_through))
     }
 
+    /// Counts each write to a deferred table of an extended cycle with several
+    /// Executes (a pipelined batch), once per cycle (not again when it is re-offered
+    /// after its barrier).
+    pub(super) fn note_pipelined(&self, analyses: &[&Analysis]) {
+        let Some(w) = self.writes.as_ref().map(|d| &d.service) else {
+            return;
+        };
+        if analyses.len() < 2 || self.wait.passed_barrier() {
+            return;
+        }
+        let catalog = self.routing_catalog();
+        let touch = Touch::of(&w.tables(), catalog.as_deref(), analyses);
+        for analysis in analyses {
+            for table in written(analysis, &touch.tables) {
+                note_fallback(w, table, Fallback::Pipelined);
+            }
+        }
+    }
+
     /// The sequence number that must be applied before the request goes upstream,
     /// if one is not yet. Reads may skip the barrier as their tables' consistency
     /// allows; writes, DDL and anything unknown never do.
@@ -337,8 +356,11 @@ impl Caching {
         if table.config.when_full == spillway_policies::WhenFull::WriteThrough && w.is_full(&name) {
             return Err(Fallback::Full);
         }
+        // An autocommit statement's transaction starts now; a held one's started at
+        // its BEGIN, a time spillway does not keep exactly.
         let settings = Settings {
             time_zone: out_params_time_zone,
+            now: self.tx.held.is_none().then(std::time::SystemTime::now),
         };
         let converted = convert::convert(shape, table, bound, settings)?;
         Ok((name, converted))

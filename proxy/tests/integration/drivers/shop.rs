@@ -128,3 +128,9 @@ async fn django_shop() {
     let share = run_shop(Lang::Python, "shop_django.py").await;
     assert!(share >= 0.0, "{share}");
 }
+
+#[tokio::test]
+async fn knex_shop() {
+    let share = run_shop(Lang::Node, "shop_knex.js").await;
+    assert!(share >= 0.0, "{share}");
+}

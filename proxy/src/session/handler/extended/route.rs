@@ -303,7 +303,12 @@ impl Caching {
             (Some(table), Some(single)) => {
                 Some(self.flush_command(table.as_deref(), single.answer, out))
             }
-            (_, single) => self.route_writes(&refs, single, out),
+            (_, single) => {
+                if single.is_none() {
+                    self.note_pipelined(&refs);
+                }
+                self.route_writes(&refs, single, out)
+            }
         }
     }
 
