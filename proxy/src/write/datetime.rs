@@ -22,6 +22,51 @@ pub struct Settings<'a> {
     pub now: Option<std::time::SystemTime>,
 }
 
+/// PostgreSQL's epoch (2000-01-01) in days since 1970-01-01.
+const PG_EPOCH_DAYS: i64 = 10_957;
+
+/// A binary date (days since 2000-01-01) as canonical text.
+pub fn from_binary_date(days: i32) -> Option<String> {
+    match days {
+        i32::MAX => Some("infinity".to_owned()),
+        i32::MIN => Some("-infinity".to_owned()),
+        d => Some(civil_from_days(i64::from(d) + PG_EPOCH_DAYS)?.text()),
+    }
+}
+
+/// A binary time, timestamp or timestamptz (microseconds; since 2000-01-01 UTC for
+/// the last two) as canonical text.
+pub fn from_binary(us: i64, type_oid: u32) -> Option<String> {
+    if type_oid == TIME {
+        let us = u64::try_from(us).ok().filter(|u| *u <= 86_400_000_000)?;
+        let secs = u32::try_from(us / 1_000_000).ok()?;
+        let tm = Time {
+            h: secs / 3600,
+            mi: secs / 60 % 60,
+            s: secs % 60,
+            us: u32::try_from(us % 1_000_000).ok()?,
+        };
+        return Some(tm.text());
+    }
+    match us {
+        i64::MAX => return Some("infinity".to_owned()),
+        i64::MIN => return Some("-infinity".to_owned()),
+        _ => {}
+    }
+    let secs = us.div_euclid(1_000_000);
+    let micros = u32::try_from(us.rem_euclid(1_000_000)).ok()?;
+    let date = civil_from_days(secs.div_euclid(86_400) + PG_EPOCH_DAYS)?;
+    let rem = u32::try_from(secs.rem_euclid(86_400)).ok()?;
+    let tm = Time {
+        h: rem / 3600,
+        mi: rem / 60 % 60,
+        s: rem % 60,
+        us: micros,
+    };
+    let zone = if type_oid == TIMESTAMPTZ { "+00" } else { "" };
+    Some(format!("{} {}{zone}", date.text(), tm.text()))
+}
+
 /// `t` as canonical timestamptz text (UTC, microseconds, `+00`).
 pub fn utc_text(t: std::time::SystemTime) -> Option<String> {
     let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;

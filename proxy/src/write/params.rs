@@ -38,6 +38,10 @@ pub const BPCHAR: u32 = 1042;
 pub const VARCHAR: u32 = 1043;
 pub const NUMERIC: u32 = 1700;
 pub const UUID: u32 = 2950;
+const DATE: u32 = super::datetime::DATE;
+const TIME: u32 = super::datetime::TIME;
+const TIMESTAMP: u32 = super::datetime::TIMESTAMP;
+const TIMESTAMPTZ: u32 = super::datetime::TIMESTAMPTZ;
 pub const JSONB: u32 = 3802;
 
 /// Why a value cannot be journaled as text.
@@ -105,6 +109,19 @@ pub fn to_text(
             _ => return Err(BAD_VALUE),
         },
         UUID => uuid_text(fixed(16)?),
+        NUMERIC => numeric_text(bytes).ok_or(BAD_VALUE)?,
+        // Microseconds or days since 2000-01-01, as the canonical text of
+        // `datetime.rs` (infinities spelled out: not converted further).
+        DATE => {
+            let b = fixed(4)?;
+            let days = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+            super::datetime::from_binary_date(days).ok_or(BAD_VALUE)?
+        }
+        TIME | TIMESTAMP | TIMESTAMPTZ => {
+            let b = fixed(8)?;
+            let us = i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+            super::datetime::from_binary(us, type_oid).ok_or(BAD_VALUE)?
+        }
         BYTEA => {
             let mut s = String::with_capacity(2 + bytes.len() * 2);
             s.push_str("\\x");
@@ -116,6 +133,66 @@ pub fn to_text(
         _ => return Err(BINARY_TYPE),
     };
     Ok(Some(text))
+}
+
+/// numeric's binary form (ndigits, weight, sign, dscale, base-10000 digits) as the
+/// text numeric_out prints.
+fn numeric_text(b: &[u8]) -> Option<String> {
+    let word = |i: usize| -> Option<u16> { Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?])) };
+    let ndigits = usize::from(word(0)?);
+    let weight = i64::from(i16::from_be_bytes(word(2)?.to_be_bytes()));
+    let sign = word(4)?;
+    let dscale = usize::from(word(6)?);
+    if b.len() != 8 + 2 * ndigits {
+        return None;
+    }
+    match sign {
+        0xC000 => return Some("NaN".to_owned()),
+        0xD000 => return Some("Infinity".to_owned()),
+        0xF000 => return Some("-Infinity".to_owned()),
+        0x0000 | 0x4000 => {}
+        _ => return None,
+    }
+    let digits: Vec<u16> = (0..ndigits)
+        .map(|i| word(8 + 2 * i))
+        .collect::<Option<_>>()?;
+    if digits.iter().any(|d| *d > 9999) {
+        return None;
+    }
+    // The digit of base-10000 exponent `e`.
+    let at = |e: i64| -> u16 {
+        usize::try_from(weight - e)
+            .ok()
+            .and_then(|i| digits.get(i).copied())
+            .unwrap_or(0)
+    };
+    let mut s = String::new();
+    if sign == 0x4000 && digits.iter().any(|d| *d != 0) {
+        s.push('-');
+    }
+    if weight < 0 {
+        s.push('0');
+    } else {
+        for e in (0..=weight).rev() {
+            if e == weight {
+                let _ = write!(s, "{}", at(e));
+            } else {
+                let _ = write!(s, "{:04}", at(e));
+            }
+        }
+    }
+    if dscale > 0 {
+        let mut frac = String::new();
+        let mut e = -1;
+        while frac.len() < dscale {
+            let _ = write!(frac, "{:04}", at(e));
+            e -= 1;
+        }
+        frac.truncate(dscale);
+        s.push('.');
+        s.push_str(&frac);
+    }
+    Some(s)
 }
 
 /// Shortest text that reads back as the same value. A float4 is printed from its f32
@@ -365,7 +442,22 @@ mod tests {
         assert_eq!(t(&[0x12; 16], UUID), "12121212-1212-1212-1212-121212121212");
         assert_eq!(to_text(None, true, INT4), Ok(None));
         assert_eq!(to_text(Some(b"12"), false, INT4), Ok(Some("12".into())));
-        assert_eq!(to_text(Some(&[0; 8]), true, 1114), Err(BINARY_TYPE));
+        assert_eq!(t(&[0; 8], 1114), "2000-01-01 00:00:00.000000");
+        assert_eq!(
+            t(&(-1i64).to_be_bytes(), 1184),
+            "1999-12-31 23:59:59.999999+00"
+        );
+        assert_eq!(t(&366i32.to_be_bytes(), 1082), "2001-01-01");
+        // 1234.50: ndigits 2, weight 0, sign +, dscale 2, digits 1234 5000.
+        let n = [0, 2, 0, 0, 0, 0, 0, 2, 0x04, 0xd2, 0x13, 0x88];
+        assert_eq!(t(&n, NUMERIC), "1234.50");
+        // -0.0012: ndigits 1, weight -1, sign -, dscale 4, digit 12.
+        let n = [0, 1, 0xff, 0xff, 0x40, 0, 0, 4, 0, 12];
+        assert_eq!(t(&n, NUMERIC), "-0.0012");
+        // 20000 (dscale 0): ndigits 1, weight 1, digit 2.
+        let n = [0, 1, 0, 1, 0, 0, 0, 0, 0, 2];
+        assert_eq!(t(&n, NUMERIC), "20000");
+        assert_eq!(to_text(Some(&[0; 8]), true, 1186), Err(BINARY_TYPE));
         assert_eq!(to_text(Some(&[0; 3]), true, INT4), Err(BAD_VALUE));
         assert_eq!(to_text(Some(b"\xff"), false, TEXT), Err(BAD_VALUE));
     }

@@ -119,18 +119,21 @@ async fn run_shop(lang: Lang, script: &str) -> f64 {
 
 #[tokio::test]
 async fn sqlalchemy_shop() {
+    // Part 1 defers none of its writes yet: executemany (pipelined), identity keys
+    // and RETURNING of server defaults stand in the way (issue 13); the contents are
+    // still the direct run's.
     let share = run_shop(Lang::Python, "shop_sqlalchemy.py").await;
-    assert!(share >= 0.0, "{share}");
+    assert!((0.0..=1.0).contains(&share), "{share}");
 }
 
 #[tokio::test]
 async fn django_shop() {
     let share = run_shop(Lang::Python, "shop_django.py").await;
-    assert!(share >= 0.0, "{share}");
+    assert!(share >= 0.04, "{share}");
 }
 
 #[tokio::test]
 async fn knex_shop() {
     let share = run_shop(Lang::Node, "shop_knex.js").await;
-    assert!(share >= 0.0, "{share}");
+    assert!(share >= 0.15, "{share}");
 }
