@@ -57,6 +57,9 @@ pub enum Fallback {
     /// One of several Executes in one extended-protocol cycle (a pipelined batch:
     /// psycopg's executemany), which PostgreSQL runs as one implicit transaction.
     Pipelined,
+    /// An extended-protocol cycle forwarded before its Sync (a Flush, a named portal,
+    /// more than spillway holds).
+    Forwarded,
     NotADeferrableWrite,
     /// In a transaction block (not a held one), or behind unanswered requests.
     InTransaction,
@@ -101,6 +104,7 @@ impl Fallback {
             Fallback::NotDeferred => "not_deferred",
             Fallback::MultipleStatements => "multiple_statements",
             Fallback::Pipelined => "pipelined",
+            Fallback::Forwarded => "forwarded",
             Fallback::NotADeferrableWrite => "not_a_deferrable_write",
             Fallback::InTransaction => "in_transaction",
             Fallback::SessionState => "session_state",

@@ -143,6 +143,34 @@ impl Caching {
         }
     }
 
+    /// Counts each write to a deferred table that Executes forwarded upstream before
+    /// their cycle's Sync run (a shape spillway cannot defer, a Flush, a named
+    /// portal), with the statement's shape reason, once (not again when the message is
+    /// re-offered after its barrier).
+    pub(super) fn note_forwarded(&self, executed: &[&Analysis]) {
+        let Some(w) = self.writes.as_ref().map(|d| &d.service) else {
+            return;
+        };
+        if executed.is_empty() || self.wait.passed_barrier() {
+            return;
+        }
+        let catalog = self.routing_catalog();
+        let touch = Touch::of(&w.tables(), catalog.as_deref(), executed);
+        for analysis in executed {
+            let reason = match analysis.statements.as_slice() {
+                [s] => match &s.shape {
+                    Some(Err(reason)) => Fallback::Shape(reason),
+                    _ if executed.len() > 1 => Fallback::Pipelined,
+                    _ => Fallback::Forwarded,
+                },
+                _ => Fallback::MultipleStatements,
+            };
+            for table in written(analysis, &touch.tables) {
+                note_fallback(w, table, reason);
+            }
+        }
+    }
+
     /// The sequence number that must be applied before the request goes upstream,
     /// if one is not yet. Reads may skip the barrier as their tables' consistency
     /// allows; writes, DDL and anything unknown never do.
