@@ -41,7 +41,7 @@ start_postgres() { # scale [noinit]; DURABLE=1 keeps PostgreSQL's synchronous_co
   PG_PORT=$(free_port)
   as_pg "$PG_BIN/initdb" -D "$WORK/data" -U bench --auth=trust -N -E UTF8 --locale=C >/dev/null
   cat >> "$WORK/data/postgresql.conf" <<CONF
-max_connections = 100
+max_connections = ${PG_MAX_CONNECTIONS:-100}
 shared_buffers = 256MB
 CONF
   if [ "${DURABLE:-0}" != 1 ]; then
@@ -164,8 +164,8 @@ unix_socket_dir =
 auth_type = trust
 auth_file = $WORK/userlist.txt
 pool_mode = session
-max_client_conn = 200
-default_pool_size = 50
+max_client_conn = ${PB_MAX_CLIENTS:-200}
+default_pool_size = ${PB_POOL_SIZE:-50}
 logfile = $WORK/pgbouncer.log
 pidfile = $WORK/pgbouncer.pid
 CONF

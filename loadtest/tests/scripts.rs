@@ -128,3 +128,62 @@ fn compare_behind_the_link_prints_its_ratios() {
     );
     assert!(!stdout.contains("=failed"), "{stdout}");
 }
+
+#[test]
+fn sweep_over_two_round_trips_writes_its_tables_and_plots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = dir.path().join("sweep");
+    let out_arg = out_dir.to_str().expect("utf-8 path");
+    let args = [
+        "-R",
+        "0 500us",
+        "-c",
+        "2",
+        "-M",
+        "prepared",
+        "-S",
+        "point-read write-update",
+        "-d",
+        "300ms",
+        "-w",
+        "0s",
+        "-r",
+        "1",
+        "-o",
+        out_arg,
+    ];
+    let mut cmd = Command::new("bash");
+    cmd.arg(root().join("loadtest/sweep.sh"))
+        .args(args)
+        .env("SPILLWAY_BIN", spillway())
+        .env("LOADTEST_BIN", LOADTEST)
+        .env("PREFILL", "300ms")
+        .env_remove("RUST_LOG")
+        .current_dir(dir.path());
+    let out = cmd.output().expect("bash runs");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(!stderr.contains("failed (exit"), "{stderr}");
+    assert!(!stderr.contains("prefill of"), "{stderr}");
+    let md = std::fs::read_to_string(out_dir.join("sweep.md")).expect("sweep.md");
+    // One row per round trip for each scenario, the pass-through columns for point-read.
+    for row in [
+        "| prepared | 2 | 0 |",
+        "| prepared | 2 | 500us |",
+        "### point-read",
+        "### write-update",
+        "pass-through / PgBouncer",
+    ] {
+        assert!(md.contains(row), "{row} missing:\n{md}");
+    }
+    assert!(!md.contains("correctness check failed"), "{md}");
+    assert_eq!(md.matches("| prepared | 2 |").count(), 4, "{md}");
+    // Latency needs 200 samples per point: point-read has them even in short rounds.
+    for plot in [
+        "point-read-prepared-c2-latency.svg",
+        "write-update-prepared-c2-tps.svg",
+    ] {
+        let svg = std::fs::read_to_string(out_dir.join("plots").join(plot)).expect("plot");
+        assert!(svg.contains("<polyline"), "{plot} has no line");
+    }
+}

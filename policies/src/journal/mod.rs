@@ -72,6 +72,21 @@ pub use meta::JournalId;
 use crate::config::{FsyncMode, JournalConfig};
 use writer::{Command, Writer};
 
+/// Recovery of the segment files in `dir` on their own, as [`Journal::open`] runs it
+/// (torn tails cut, a first segment created when there is none), without the lock, the
+/// meta file or the writer thread: the fuzz target of recovery (`fuzz/`) feeds it
+/// arbitrary segment bytes. Returns how many records were recovered.
+#[doc(hidden)]
+pub fn recover_segments(dir: &std::path::Path, strict: bool) -> Result<usize, JournalError> {
+    segment::recover(dir, strict).map(|scan| scan.records.len())
+}
+
+/// Name of the segment file whose first record is `first_seq` (for the fuzz target).
+#[doc(hidden)]
+pub fn segment_path(dir: &std::path::Path, first_seq: u64) -> PathBuf {
+    segment::path(dir, first_seq)
+}
+
 /// Commands (appends, confirms) waiting for the writer thread.
 pub const QUEUE_CAPACITY: usize = 4096;
 /// Largest payload `append` accepts.

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every fuzz target (or those named) under libFuzzer for SECONDS each (default
+# 60) and prints, per target, executions, coverage and whether it found anything.
+# Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`). Findings
+# land in fuzz/artifacts/<target>/; add one to fuzz/corpus/<target>/ once fixed, and
+# proxy/tests/fuzz_corpus.rs replays it in the ordinary suite from then on.
+#
+# Usage: fuzz/run.sh [-t SECONDS] [-j JOBS] [target ...]
+set -euo pipefail
+SECONDS_EACH=60 JOBS=1
+while getopts "t:j:h" opt; do
+  case $opt in
+    t) SECONDS_EACH=$OPTARG ;; j) JOBS=$OPTARG ;;
+    *) sed -n '2,9p' "$0"; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+cd "$(dirname "$0")"
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || mapfile -t TARGETS < <(cargo +nightly fuzz list)
+cargo +nightly fuzz build -O >&2
+status=0
+for t in "${TARGETS[@]}"; do
+  mkdir -p "corpus/$t" "artifacts/$t" "work/$t"
+  # A working copy of the corpus grows while fuzzing; the seeds in corpus/ stay small.
+  log="work/$t.log"
+  if cargo +nightly fuzz run -O "$t" "work/$t" "corpus/$t" -- \
+      -max_total_time="$SECONDS_EACH" -jobs="$JOBS" -workers="$JOBS" \
+      -artifact_prefix="artifacts/$t/" -rss_limit_mb=2048 -max_len=65536 >"$log" 2>&1; then
+    result=clean
+  else
+    result="FOUND something (see fuzz/$log and fuzz/artifacts/$t/)"
+    status=1
+  fi
+  done_line=$(grep -E '^#[0-9]+ +DONE' "$log" | tail -1 || true)
+  [ -n "$done_line" ] || done_line=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
+  printf '%-10s %s: %s\n' "$t" "$result" "$done_line"
+done
+exit $status
