@@ -7,11 +7,13 @@
 
 use spillway_policies::writes::{Assign as RecAssign, AssignOp, RowOp, Val};
 
+use super::datetime::{self, Settings};
 use super::fallbacks::Fallback;
 pub use super::params::Bound;
 use super::params::{self, canonical_key, is_numeric};
 use super::returning::{self, Returning};
 use super::tables::DeferredTable;
+use super::types;
 use crate::read::classify::{Assign, Operand, Value, WriteShape};
 
 pub use spillway_policies::engine::Verb;
@@ -26,8 +28,9 @@ pub fn convert(
     shape: &WriteShape,
     table: &DeferredTable,
     bound: &Bound,
+    settings: Settings<'_>,
 ) -> Result<Converted, Fallback> {
-    let mut converted = operations(shape, table, bound)?;
+    let mut converted = operations(shape, table, bound, settings)?;
     converted.returning = returning::answer(shape, table, bound, &converted.ops)?;
     Ok(converted)
 }
@@ -36,12 +39,13 @@ fn operations(
     shape: &WriteShape,
     table: &DeferredTable,
     bound: &Bound,
+    settings: Settings<'_>,
 ) -> Result<Converted, Fallback> {
     match shape {
-        WriteShape::Insert { columns, rows, .. } => insert(columns, rows, table, bound),
-        WriteShape::Update { set, key, .. } => update(set, key, table, bound),
+        WriteShape::Insert { columns, rows, .. } => insert(columns, rows, table, bound, settings),
+        WriteShape::Update { set, key, .. } => update(set, key, table, bound, settings),
         WriteShape::Delete { key, .. } => {
-            let (key_vals, canon) = key_values(key, table, bound)?;
+            let (key_vals, canon) = key_values(key, table, bound, settings)?;
             Ok(Converted {
                 verb: Verb::Delete,
                 ops: vec![RowOp::Delete {
@@ -61,6 +65,7 @@ fn insert(
     rows: &[Vec<Value>],
     table: &DeferredTable,
     bound: &Bound,
+    settings: Settings<'_>,
 ) -> Result<Converted, Fallback> {
     for c in columns {
         if !table.meta.types.contains_key(c) {
@@ -70,12 +75,26 @@ fn insert(
     if table.required.iter().any(|r| !columns.contains(r)) {
         return Err(Fallback::RequiredColumnMissing);
     }
+    // Columns left to a `now()` default get the statement's clock, as PostgreSQL
+    // would have evaluated it then (not the flush's).
+    let filled: Vec<&String> = table
+        .clock_defaults
+        .iter()
+        .filter(|c| !columns.contains(c))
+        .collect();
+    let now = match (filled.is_empty(), settings.now) {
+        (true, _) => None,
+        (false, Some(t)) => Some(datetime::utc_text(t).ok_or(Fallback::ClockDefault)?),
+        (false, None) => return Err(Fallback::ClockDefault),
+    };
+    let mut all_columns = columns.to_vec();
+    all_columns.extend(filled.iter().map(|c| (*c).clone()));
     let mut ops = Vec::with_capacity(rows.len());
     let mut keys = Vec::with_capacity(rows.len());
     for row in rows {
-        let mut values = Vec::with_capacity(row.len());
+        let mut values = Vec::with_capacity(all_columns.len());
         for (c, v) in columns.iter().zip(row) {
-            values.push(value(v, c, table, bound)?);
+            values.push(value(v, c, table, bound, settings)?);
         }
         let mut key = Vec::with_capacity(table.meta.key.len());
         for k in &table.meta.key {
@@ -94,9 +113,15 @@ fn insert(
             }
             key.push(canon);
         }
+        for _ in &filled {
+            values.push(Val {
+                text: now.clone(),
+                cast: None,
+            });
+        }
         ops.push(RowOp::Insert {
             table: table.meta.name.clone(),
-            columns: columns.to_vec(),
+            columns: all_columns.clone(),
             values,
         });
         keys.push(key);
@@ -115,8 +140,9 @@ fn update(
     key: &[(String, Value)],
     table: &DeferredTable,
     bound: &Bound,
+    settings: Settings<'_>,
 ) -> Result<Converted, Fallback> {
-    let (key_vals, canon) = key_values(key, table, bound)?;
+    let (key_vals, canon) = key_values(key, table, bound, settings)?;
     let mut assigns = Vec::with_capacity(set.len());
     for (column, a) in set {
         let oid = *table.type_oids.get(column).ok_or(Fallback::UnknownColumn)?;
@@ -134,7 +160,7 @@ fn update(
         assigns.push(RecAssign {
             column: column.clone(),
             op,
-            value: value(v, column, table, bound)?,
+            value: value(v, column, table, bound, settings)?,
         });
     }
     Ok(Converted {
@@ -155,6 +181,7 @@ fn key_values(
     pairs: &[(String, Value)],
     table: &DeferredTable,
     bound: &Bound,
+    settings: Settings<'_>,
 ) -> Result<(Vec<Val>, Vec<String>), Fallback> {
     if pairs.len() != table.meta.key.len() {
         return Err(Fallback::WhereNotPrimaryKey);
@@ -166,7 +193,7 @@ fn key_values(
             .iter()
             .find(|(c, _)| c == k)
             .ok_or(Fallback::WhereNotPrimaryKey)?;
-        let val = value(v, k, table, bound)?;
+        let val = value(v, k, table, bound, settings)?;
         let text = val.text.as_deref().ok_or(Fallback::NullKey)?;
         let oid = table.type_oids.get(k).copied().unwrap_or(0);
         let c = canonical_key(text, oid).map_err(Fallback::Value)?;
@@ -181,56 +208,101 @@ fn key_values(
 }
 
 /// One value for `column`: a literal or a Bind parameter, as PostgreSQL text.
-fn value(v: &Value, column: &str, table: &DeferredTable, bound: &Bound) -> Result<Val, Fallback> {
-    // A client cast is an explicit conversion (it may truncate or round where the
-    // column's assignment would refuse), and its result is not validated here: such
-    // statements run write-through.
-    if v.cast.is_some() {
-        return Err(Fallback::Cast);
-    }
+///
+/// A value reaches its column through up to three types: the parameter's (declared
+/// at Parse, else the cast's or the column's, as PostgreSQL infers it), the client's
+/// cast, and the column's assignment. Each step is accepted only where PostgreSQL's
+/// conversion keeps the value exactly ([`types::step`]), the text is checked against
+/// every type it passes through, and date/time text is put in its canonical form.
+fn value(
+    v: &Value,
+    column: &str,
+    table: &DeferredTable,
+    bound: &Bound,
+    settings: Settings<'_>,
+) -> Result<Val, Fallback> {
     let column_oid = table.type_oids.get(column).copied().unwrap_or(0);
-    // Text of dates, times and intervals depends on the session's TimeZone, DateStyle
-    // and IntervalStyle, which the flusher's connection does not share.
-    if params::is_datetime_type(column_oid) {
-        return Err(Fallback::DatetimeValue);
-    }
-    let text = match &v.operand {
-        Operand::Literal(t) => t.clone(),
-        Operand::Param(n) => parameter(usize::from(*n), column_oid, bound)?,
+    let typmod = table.typmods.get(column).copied().unwrap_or(-1);
+    let cast = match &v.cast {
+        Some(c) => Some(
+            types::cast(c)
+                .filter(|c| c.keeps(column_oid, typmod))
+                .ok_or(Fallback::Cast)?,
+        ),
+        None => None,
     };
-    // Values PostgreSQL would refuse run write-through, so the client gets
-    // PostgreSQL's own error instead of an acknowledgement and a dead letter.
-    if let Some(t) = &text {
-        let typmod = table.typmods.get(column).copied().unwrap_or(-1);
-        if !params::accepts(t, column_oid, typmod) {
+    if !types::validated(column_oid) {
+        return Err(Fallback::Value(types::VALUE_TYPE));
+    }
+    // The type the value is read in first.
+    let (text, first) = match &v.operand {
+        Operand::Literal(t) => (t.clone(), cast.map_or(column_oid, |c| c.oid)),
+        Operand::Param(n) => parameter(usize::from(*n), cast, column_oid, bound)?,
+    };
+    let Some(mut text) = text else {
+        if table.not_null.iter().any(|c| c == column) {
+            return Err(Fallback::NullInNotNullColumn);
+        }
+        return Ok(Val {
+            text: None,
+            cast: None,
+        });
+    };
+    // 'now', 'today'… read the clock when PostgreSQL converts them: at apply time,
+    // not when the client wrote. Not deferrable.
+    if (params::is_clock_type(first) || params::is_clock_type(column_oid))
+        && params::is_clock_word(&text)
+    {
+        return Err(Fallback::ClockLiteral);
+    }
+    let mut chain = vec![(first, -1)];
+    if let Some(c) = cast {
+        chain.push((c.oid, c.typmod));
+    }
+    chain.push((column_oid, typmod));
+    for pair in chain.windows(2) {
+        let ((from, _), (to, to_mod)) = (pair[0], pair[1]);
+        if !types::step(from, to) {
+            return Err(if v.cast.is_some() {
+                Fallback::Cast
+            } else {
+                Fallback::ParameterType
+            });
+        }
+        if params::is_datetime_type(to) {
+            text = datetime::canonical(&text, from, to, settings).ok_or(Fallback::DatetimeValue)?;
+            continue;
+        }
+        // Values PostgreSQL would refuse run write-through, so the client gets
+        // PostgreSQL's own error instead of an acknowledgement and a dead letter.
+        if !params::accepts(&text, from, -1) || !params::accepts(&text, to, to_mod) {
             return Err(Fallback::InvalidValue);
         }
     }
-    if text.is_none() && table.not_null.iter().any(|c| c == column) {
-        return Err(Fallback::NullInNotNullColumn);
-    }
-    Ok(Val { text, cast: None })
+    Ok(Val {
+        text: Some(text),
+        cast: None,
+    })
 }
 
-/// Bind parameter `$n` as text for a column of type `column_oid`.
-fn parameter(n: usize, column_oid: u32, bound: &Bound) -> Result<Option<String>, Fallback> {
+/// Bind parameter `$n` as text, and the type PostgreSQL reads it in: declared at
+/// Parse, else inferred from the cast around it or the column it is assigned to.
+fn parameter(
+    n: usize,
+    cast: Option<types::Cast>,
+    column_oid: u32,
+    bound: &Bound,
+) -> Result<(Option<String>, u32), Fallback> {
     let bad = Fallback::Value(params::BAD_VALUE);
     let i = n.checked_sub(1).ok_or(bad)?;
     let raw = bound.values.get(i).ok_or(bad)?;
     let declared = bound.types.get(i).copied().unwrap_or(0);
-    // An undeclared parameter used as a column's value takes the column's type
-    // (PostgreSQL infers it so); a cast decides nothing here because the client sent
-    // the value in the parameter's own type. A declared type other than the column's
-    // would be converted by PostgreSQL's own rules (or refused at Parse): not deferred.
-    if declared != 0 && declared != column_oid {
-        return Err(Fallback::ParameterType);
-    }
+    let oid = match (declared, cast) {
+        (0, Some(c)) => c.oid,
+        (0, None) => column_oid,
+        (d, _) => d,
+    };
     let binary = bound.binary.get(i).copied().unwrap_or(false);
-    let text = params::to_text(raw.as_deref(), binary, column_oid).map_err(Fallback::Value)?;
-    // 'now', 'today'… read the clock when PostgreSQL converts them: at apply time, not
-    // when the client wrote. Not deferrable.
-    if params::is_clock_type(column_oid) && text.as_deref().is_some_and(params::is_clock_word) {
-        return Err(Fallback::ClockLiteral);
-    }
-    Ok(text)
+    let text = params::to_text(raw.as_deref(), binary, oid).map_err(Fallback::Value)?;
+    Ok((text, oid))
 }

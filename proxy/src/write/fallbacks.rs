@@ -29,6 +29,9 @@ pub enum Fallback {
     ParameterType,
     /// `'now'`, `'today'`… for a date/time column.
     ClockLiteral,
+    /// An INSERT leaving out a `now()` column in a transaction spillway holds (its
+    /// start time is not the statement's).
+    ClockDefault,
     /// A value PostgreSQL would refuse for its column.
     InvalidValue,
     NullInNotNullColumn,
@@ -51,6 +54,12 @@ pub enum Fallback {
     /// database's).
     NotDeferred,
     MultipleStatements,
+    /// One of several Executes in one extended-protocol cycle (a pipelined batch:
+    /// psycopg's executemany), which PostgreSQL runs as one implicit transaction.
+    Pipelined,
+    /// An extended-protocol cycle forwarded before its Sync (a Flush, a named portal,
+    /// more than spillway holds).
+    Forwarded,
     NotADeferrableWrite,
     /// In a transaction block (not a held one), or behind unanswered requests.
     InTransaction,
@@ -80,6 +89,7 @@ impl Fallback {
             Fallback::DatetimeValue => "datetime_value",
             Fallback::ParameterType => "parameter_type",
             Fallback::ClockLiteral => "clock_literal",
+            Fallback::ClockDefault => "clock_default",
             Fallback::InvalidValue => "invalid_value",
             Fallback::NullInNotNullColumn => "null_in_not_null_column",
             Fallback::WhereNotPrimaryKey => "where_not_primary_key",
@@ -93,6 +103,8 @@ impl Fallback {
             Fallback::ReturningRowLimit => "returning_row_limit",
             Fallback::NotDeferred => "not_deferred",
             Fallback::MultipleStatements => "multiple_statements",
+            Fallback::Pipelined => "pipelined",
+            Fallback::Forwarded => "forwarded",
             Fallback::NotADeferrableWrite => "not_a_deferrable_write",
             Fallback::InTransaction => "in_transaction",
             Fallback::SessionState => "session_state",

@@ -1,6 +1,7 @@
 //! The write side of the deferred policies (SPEC §6) as the proxy runs it: the
 //! deferred tables checked against the catalog at startup ([`tables`]), statements
-//! turned into journal records ([`convert`], [`params`]) and their RETURNING answered
+//! turned into journal records ([`convert`], [`params`], [`types`] for casts and
+//! declared types, [`datetime`] for date/time values) and their RETURNING answered
 //! from the statement's own values ([`returning`]), the facade the session handler
 //! calls ([`service`]), rate-limited fallback log lines ([`fallbacks`]), the
 //! exactly-once application of records upstream ([`apply`]: the engine's `Sink`), the
@@ -15,6 +16,7 @@
 pub mod apply;
 pub mod checks;
 pub mod convert;
+pub mod datetime;
 pub mod fallbacks;
 pub mod params;
 pub mod returning;
@@ -22,3 +24,4 @@ pub mod schema;
 pub mod service;
 pub mod start;
 pub mod tables;
+pub mod types;

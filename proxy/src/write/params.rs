@@ -38,6 +38,10 @@ pub const BPCHAR: u32 = 1042;
 pub const VARCHAR: u32 = 1043;
 pub const NUMERIC: u32 = 1700;
 pub const UUID: u32 = 2950;
+const DATE: u32 = super::datetime::DATE;
+const TIME: u32 = super::datetime::TIME;
+const TIMESTAMP: u32 = super::datetime::TIMESTAMP;
+const TIMESTAMPTZ: u32 = super::datetime::TIMESTAMPTZ;
 pub const JSONB: u32 = 3802;
 
 /// Why a value cannot be journaled as text.
@@ -105,6 +109,19 @@ pub fn to_text(
             _ => return Err(BAD_VALUE),
         },
         UUID => uuid_text(fixed(16)?),
+        NUMERIC => numeric_text(bytes).ok_or(BAD_VALUE)?,
+        // Microseconds or days since 2000-01-01, as the canonical text of
+        // `datetime.rs` (infinities spelled out: not converted further).
+        DATE => {
+            let b = fixed(4)?;
+            let days = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+            super::datetime::from_binary_date(days).ok_or(BAD_VALUE)?
+        }
+        TIME | TIMESTAMP | TIMESTAMPTZ => {
+            let b = fixed(8)?;
+            let us = i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+            super::datetime::from_binary(us, type_oid).ok_or(BAD_VALUE)?
+        }
         BYTEA => {
             let mut s = String::with_capacity(2 + bytes.len() * 2);
             s.push_str("\\x");
@@ -116,6 +133,66 @@ pub fn to_text(
         _ => return Err(BINARY_TYPE),
     };
     Ok(Some(text))
+}
+
+/// numeric's binary form (ndigits, weight, sign, dscale, base-10000 digits) as the
+/// text numeric_out prints.
+fn numeric_text(b: &[u8]) -> Option<String> {
+    let word = |i: usize| -> Option<u16> { Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?])) };
+    let ndigits = usize::from(word(0)?);
+    let weight = i64::from(i16::from_be_bytes(word(2)?.to_be_bytes()));
+    let sign = word(4)?;
+    let dscale = usize::from(word(6)?);
+    if b.len() != 8 + 2 * ndigits {
+        return None;
+    }
+    match sign {
+        0xC000 => return Some("NaN".to_owned()),
+        0xD000 => return Some("Infinity".to_owned()),
+        0xF000 => return Some("-Infinity".to_owned()),
+        0x0000 | 0x4000 => {}
+        _ => return None,
+    }
+    let digits: Vec<u16> = (0..ndigits)
+        .map(|i| word(8 + 2 * i))
+        .collect::<Option<_>>()?;
+    if digits.iter().any(|d| *d > 9999) {
+        return None;
+    }
+    // The digit of base-10000 exponent `e`.
+    let at = |e: i64| -> u16 {
+        usize::try_from(weight - e)
+            .ok()
+            .and_then(|i| digits.get(i).copied())
+            .unwrap_or(0)
+    };
+    let mut s = String::new();
+    if sign == 0x4000 && digits.iter().any(|d| *d != 0) {
+        s.push('-');
+    }
+    if weight < 0 {
+        s.push('0');
+    } else {
+        for e in (0..=weight).rev() {
+            if e == weight {
+                let _ = write!(s, "{}", at(e));
+            } else {
+                let _ = write!(s, "{:04}", at(e));
+            }
+        }
+    }
+    if dscale > 0 {
+        let mut frac = String::new();
+        let mut e = -1;
+        while frac.len() < dscale {
+            let _ = write!(frac, "{:04}", at(e));
+            e -= 1;
+        }
+        frac.truncate(dscale);
+        s.push('.');
+        s.push_str(&frac);
+    }
+    Some(s)
 }
 
 /// Shortest text that reads back as the same value. A float4 is printed from its f32
@@ -178,8 +255,9 @@ pub fn canonical_key(text: &str, type_oid: u32) -> Result<String, &'static str> 
 
 /// Whether PostgreSQL's input function for `type_oid` (with `typmod`) accepts `text`,
 /// for the types where spillway can tell without asking: integers (with their range),
-/// floats, numeric, bool, uuid, and the length of varchar/bpchar. Other types: true
-/// (a value PostgreSQL refuses later becomes a dead letter).
+/// floats (their range), numeric (with its precision), bool, uuid, json/jsonb,
+/// bytea, and the length of varchar/bpchar. Other types: true; only the types of
+/// `types::validated` are deferred.
 pub fn accepts(text: &str, type_oid: u32, typmod: i32) -> bool {
     let t = text.trim();
     match type_oid {
@@ -188,12 +266,14 @@ pub fn accepts(text: &str, type_oid: u32, typmod: i32) -> bool {
         INT8 => t.parse::<i64>().is_ok(),
         FLOAT4 | FLOAT8 => {
             let l = t.to_ascii_lowercase();
-            t.parse::<f64>().is_ok_and(f64::is_finite)
+            t.parse::<f64>()
+                .is_ok_and(|v| float_in_range(t, v, type_oid == FLOAT4))
                 || matches!(
                     l.as_str(),
                     "nan" | "infinity" | "+infinity" | "-infinity" | "inf" | "+inf" | "-inf"
                 )
         }
+        NUMERIC if typmod > 4 => is_decimal(t) && fits_numeric(t, typmod),
         NUMERIC => {
             let l = t.to_ascii_lowercase();
             matches!(l.as_str(), "nan" | "infinity" | "+infinity" | "-infinity") || is_decimal(t)
@@ -203,6 +283,14 @@ pub fn accepts(text: &str, type_oid: u32, typmod: i32) -> bool {
             "t" | "true" | "y" | "yes" | "on" | "1" | "f" | "false" | "n" | "no" | "off" | "0"
         ),
         UUID => canonical_key(t, UUID).is_ok(),
+        // PostgreSQL's JSON grammar is RFC 8259's; jsonb also refuses \u0000 and
+        // numbers beyond numeric's range (serde_json refuses those beyond f64's:
+        // such values fall back, PostgreSQL decides).
+        JSON | JSONB => {
+            serde_json::from_str::<serde_json::Value>(text).is_ok()
+                && !(type_oid == JSONB && text.to_ascii_lowercase().contains("\\u0000"))
+        }
+        BYTEA => is_bytea(text),
         // typmod = max characters + 4 (VARHDRSZ); -1 when unlimited. bpchar pads.
         VARCHAR | BPCHAR if typmod > 4 => {
             let max = usize::try_from(typmod - 4).unwrap_or(usize::MAX);
@@ -215,6 +303,77 @@ pub fn accepts(text: &str, type_oid: u32, typmod: i32) -> bool {
         }
         _ => true,
     }
+}
+
+/// bytea's text input: `\x` and pairs of hex digits, or the escape format (a
+/// backslash only doubled or before three octal digits).
+fn is_bytea(text: &str) -> bool {
+    if let Some(hex) = text.strip_prefix("\\x") {
+        // PostgreSQL also skips whitespace between pairs; such text falls back.
+        return hex.len() % 2 == 0 && hex.chars().all(|c| c.is_ascii_hexdigit());
+    }
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if b.get(i + 1) == Some(&b'\\') {
+                i += 2;
+            } else if matches!(
+                b.get(i + 1..i + 4),
+                Some([b'0'..=b'3', b'0'..=b'7', b'0'..=b'7'])
+            ) {
+                i += 4;
+            } else {
+                return false;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
+/// Whether a plain decimal (no exponent) fits numeric(p, s) after rounding to `s`
+/// digits; conservative (a value that might carry into one more digit does not).
+fn fits_numeric(t: &str, typmod: i32) -> bool {
+    let Ok(m) = u32::try_from(typmod - 4) else {
+        return false;
+    };
+    let (p, s) = ((m >> 16) as usize, (m & 0xffff) as usize);
+    if t.contains(['e', 'E']) || s > p {
+        return false;
+    }
+    let t = t.strip_prefix(['+', '-']).unwrap_or(t);
+    let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+    let int = int.trim_start_matches('0');
+    let room = p - s;
+    if int.len() > room {
+        return false;
+    }
+    // Rounding may carry into a new integer digit only when every kept digit is 9.
+    let kept_nines = int.chars().chain(frac.chars().take(s)).all(|c| c == '9');
+    let rounds_up = frac.chars().nth(s).is_some_and(|c| c >= '5');
+    !(int.len() == room && kept_nines && rounds_up)
+}
+
+/// Whether PostgreSQL's float input keeps `v` (read from `t`): it refuses overflow
+/// and underflow to zero; subnormal results are refused here too (conservatively).
+fn float_in_range(t: &str, v: f64, single: bool) -> bool {
+    let a = v.abs();
+    if !v.is_finite() || (single && a > f64::from(f32::MAX)) {
+        return false;
+    }
+    let min = if single {
+        f64::from(f32::MIN_POSITIVE)
+    } else {
+        f64::MIN_POSITIVE
+    };
+    let zero_text = !t
+        .split(['e', 'E'])
+        .next()
+        .unwrap_or("")
+        .contains(['1', '2', '3', '4', '5', '6', '7', '8', '9']);
+    if a == 0.0 { zero_text } else { a >= min }
 }
 
 /// `[+-]digits[.digits][e[+-]digits]` (also `.5`, `5.`).
@@ -283,7 +442,22 @@ mod tests {
         assert_eq!(t(&[0x12; 16], UUID), "12121212-1212-1212-1212-121212121212");
         assert_eq!(to_text(None, true, INT4), Ok(None));
         assert_eq!(to_text(Some(b"12"), false, INT4), Ok(Some("12".into())));
-        assert_eq!(to_text(Some(&[0; 8]), true, 1114), Err(BINARY_TYPE));
+        assert_eq!(t(&[0; 8], 1114), "2000-01-01 00:00:00.000000");
+        assert_eq!(
+            t(&(-1i64).to_be_bytes(), 1184),
+            "1999-12-31 23:59:59.999999+00"
+        );
+        assert_eq!(t(&366i32.to_be_bytes(), 1082), "2001-01-01");
+        // 1234.50: ndigits 2, weight 0, sign +, dscale 2, digits 1234 5000.
+        let n = [0, 2, 0, 0, 0, 0, 0, 2, 0x04, 0xd2, 0x13, 0x88];
+        assert_eq!(t(&n, NUMERIC), "1234.50");
+        // -0.0012: ndigits 1, weight -1, sign -, dscale 4, digit 12.
+        let n = [0, 1, 0xff, 0xff, 0x40, 0, 0, 4, 0, 12];
+        assert_eq!(t(&n, NUMERIC), "-0.0012");
+        // 20000 (dscale 0): ndigits 1, weight 1, digit 2.
+        let n = [0, 1, 0, 1, 0, 0, 0, 0, 0, 2];
+        assert_eq!(t(&n, NUMERIC), "20000");
+        assert_eq!(to_text(Some(&[0; 8]), true, 1186), Err(BINARY_TYPE));
         assert_eq!(to_text(Some(&[0; 3]), true, INT4), Err(BAD_VALUE));
         assert_eq!(to_text(Some(b"\xff"), false, TEXT), Err(BAD_VALUE));
     }

@@ -115,9 +115,27 @@ async fn describe(
         .filter(|c| c.not_null)
         .map(|c| c.name.clone())
         .collect();
+    // Also those whose default is not a constant (`now()`, `nextval(…)`…): left out,
+    // it would be evaluated when the flusher applies the row, not when the client
+    // wrote it.
+    let clock_defaults: Vec<String> = columns
+        .iter()
+        .filter(|c| {
+            c.type_oid == super::datetime::TIMESTAMPTZ
+                && c.default_expr
+                    .as_deref()
+                    .is_some_and(|e| matches!(e, "now()" | "CURRENT_TIMESTAMP"))
+        })
+        .map(|c| c.name.clone())
+        .collect();
     let required = columns
         .iter()
-        .filter(|c| c.not_null && !c.has_default)
+        .filter(|c| {
+            (c.not_null && !c.has_default)
+                || c.default_expr
+                    .as_deref()
+                    .is_some_and(|e| !constant_default(e) && !clock_defaults.contains(&c.name))
+        })
         .map(|c| c.name.clone())
         .collect();
     let exists_sql = exists_sql(name, &key, &types);
@@ -142,6 +160,7 @@ async fn describe(
         typmods: columns.iter().map(|c| (c.name.clone(), c.typmod)).collect(),
         not_null,
         required,
+        clock_defaults,
         pkey_name,
         exists_sql,
         columns: columns
@@ -175,4 +194,65 @@ fn exists_sql(name: &TableName, key: &[String], types: &HashMap<String, String>)
         ident(&name.name),
         conditions.join(" AND ")
     )
+}
+
+/// Whether a default expression (as `pg_get_expr` prints it) is a constant, maybe
+/// cast: `0`, `true`, `'new'::order_status`, `NULL::text`, `(-1)`. Anything else may
+/// read the clock, a sequence or the session.
+fn constant_default(expr: &str) -> bool {
+    let e = expr.trim();
+    let e = e
+        .strip_prefix('(')
+        .and_then(|x| x.strip_suffix(')'))
+        .unwrap_or(e);
+    let (value, ty) = match e.split_once("::") {
+        Some((v, t)) => (v, Some(t)),
+        None => (e, None),
+    };
+    let plain_type = ty.is_none_or(|t| {
+        t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || " _.\"[]".contains(c))
+    });
+    let value_ok = match value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+        Some(inner) => {
+            !inner.replace("''", "").contains('\'') && !crate::write::params::is_clock_word(inner)
+        }
+        None => {
+            let v = value.strip_prefix('-').unwrap_or(value);
+            (!v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+                || matches!(value, "true" | "false" | "NULL")
+        }
+    };
+    plain_type && value_ok
+}
+
+#[cfg(test)]
+mod default_tests {
+    use super::constant_default;
+
+    #[test]
+    fn only_constant_defaults() {
+        for e in [
+            "0",
+            "true",
+            "'new'::order_status",
+            "NULL::text",
+            "(-1)",
+            "'a''b'::text",
+            "1.5",
+        ] {
+            assert!(constant_default(e), "{e}");
+        }
+        for e in [
+            "now()",
+            "CURRENT_TIMESTAMP",
+            "nextval('s'::regclass)",
+            "'now'::text",
+            "gen_random_uuid()",
+            "(1 + 2)",
+            "'a'::text || 'b'::text",
+        ] {
+            assert!(!constant_default(e), "{e}");
+        }
+    }
 }

@@ -9,6 +9,7 @@ mod wire;
 mod admin;
 mod auth_tls;
 mod bad_input;
+mod bad_values;
 mod cache;
 mod clients;
 mod crash;

@@ -404,6 +404,7 @@ pub fn table(
         typmods: HashMap::new(),
         not_null: Vec::new(),
         required: Vec::new(),
+        clock_defaults: Vec::new(),
         pkey_name: format!("{name}_pkey"),
         exists_sql: String::new(),
         columns: Vec::new(),

@@ -36,6 +36,9 @@ pub struct ColumnFacts {
     pub attnum: i16,
     /// `pg_type.typlen` (-1 variable, -2 C string).
     pub typlen: i16,
+    /// The column's default expression as `pg_get_expr` prints it (not for identity
+    /// or generated columns).
+    pub default_expr: Option<String>,
 }
 
 fn oid(relation: u32) -> Oid {
@@ -102,7 +105,11 @@ pub async fn columns(conn: &mut PgConnection, table: u32) -> Result<Vec<ColumnFa
         "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
                 a.atttypid, a.atttypmod, a.attnotnull, \
                 (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''), \
-                a.attnum, t.typlen \
+                a.attnum, t.typlen, \
+                (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid) \
+                 FROM pg_catalog.pg_attrdef d \
+                 WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum \
+                   AND a.attgenerated = '') \
          FROM pg_catalog.pg_attribute a \
          JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
          WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
@@ -122,6 +129,7 @@ pub async fn columns(conn: &mut PgConnection, table: u32) -> Result<Vec<ColumnFa
                 has_default: c.try_get(5)?,
                 attnum: c.try_get(6)?,
                 typlen: c.try_get(7)?,
+                default_expr: c.try_get(8)?,
             })
         })
         .collect()

@@ -106,6 +106,7 @@ fn statement(node: &NodeEnum) -> Result<Statement, TreeError> {
             .for_each(|t| push_unique(&mut st.ddl_targets, t));
         st.functions = facts.functions;
         st.sql_value_function = facts.sql_value_function;
+        st.set_config = facts.set_config;
         st.locking = facts.locking;
         if facts.dml && matches!(st.kind, Kind::Select | Kind::OtherRead) {
             st.kind = Kind::Write;

@@ -72,6 +72,9 @@ pub struct Statement {
     /// functions and SQL-syntax functions pg_query spells `pg_catalog.*`, e.g.
     /// `EXTRACT`), plus TABLESAMPLE methods, as written.
     pub functions: Vec<FuncName>,
+    /// Per `set_config()` call: the setting it names (lowercase), when a string
+    /// constant does.
+    pub set_config: Vec<Option<String>>,
     /// A SQL value function (CURRENT_DATE, CURRENT_TIMESTAMP, LOCALTIME, CURRENT_USER,
     /// SESSION_USER, CURRENT_ROLE, CURRENT_SCHEMA, CURRENT_CATALOG, USER …) appears —
     /// or a string constant such as `'now'` / `'today'` that date/time input turns
@@ -277,6 +280,7 @@ impl Statement {
             writes: Vec::new(),
             ddl_targets: Vec::new(),
             functions: Vec::new(),
+            set_config: Vec::new(),
             sql_value_function: false,
             locking: false,
             shape: None,

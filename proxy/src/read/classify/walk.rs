@@ -34,6 +34,9 @@ pub(super) struct Facts {
     pub writes: Vec<RelName>,
     pub ddl_targets: Vec<RelName>,
     pub functions: Vec<FuncName>,
+    /// Per `set_config()` call: the setting it names, lowercase, when that is a
+    /// string constant.
+    pub set_config: Vec<Option<String>>,
     pub sql_value_function: bool,
     pub locking: bool,
     /// An INSERT/UPDATE/DELETE/MERGE appears somewhere (top level or nested).
@@ -97,7 +100,10 @@ impl<'t> Walker<'t> {
                 self.facts.locking = true;
                 return;
             }
-            "FuncCall" => self.function(field(fields, "funcname")),
+            "FuncCall" => {
+                self.function(field(fields, "funcname"));
+                self.set_config(fields);
+            }
             // TABLESAMPLE methods are functions too (BERNOULLI/SYSTEM are volatile).
             "RangeTableSample" => self.function(field(fields, "method")),
             "SqlValueFunction" => self.facts.sql_value_function = true,
@@ -181,6 +187,33 @@ impl<'t> Walker<'t> {
     }
 
     /// Records a function named by a list of `String` nodes (`[catalog.]schema.name`).
+    /// A FuncCall that may be `set_config(name, …)`: notes the setting it names.
+    fn set_config(&mut self, fields: &'t [(&'static str, Tree)]) {
+        let names: Vec<&str> = match field(fields, "funcname") {
+            Some(Tree::Seq(parts)) => parts
+                .iter()
+                .filter_map(|p| p.field("sval").and_then(Tree::as_str))
+                .collect(),
+            _ => return,
+        };
+        if !matches!(
+            names.as_slice(),
+            ["set_config"] | ["pg_catalog", "set_config"]
+        ) {
+            return;
+        }
+        let setting = match field(fields, "args") {
+            Some(Tree::Seq(args)) => args
+                .first()
+                .and_then(|a| a.field("val"))
+                .and_then(|v| v.field("sval"))
+                .and_then(Tree::as_str)
+                .map(str::to_ascii_lowercase),
+            _ => None,
+        };
+        self.facts.set_config.push(setting);
+    }
+
     fn function(&mut self, names: Option<&'t Tree>) {
         let Some(Tree::Seq(parts)) = names else {
             return;

@@ -35,6 +35,7 @@ use crate::read::classify::TxCommand;
 use crate::read::classify::{Analysis, Kind};
 use crate::session::state::Outbox;
 use crate::write::convert::{self, Bound, Converted};
+use crate::write::datetime::Settings;
 use crate::write::fallbacks::Fallback;
 use crate::write::service::{DeferError, TableSet, WriteService};
 
@@ -121,6 +122,53 @@ impl Caching {
         }
         let write_through = full || self.wait.write_through();
         Some(self.barrier(target, write_through))
+    }
+
+    /// Counts each write to a deferred table of an extended cycle with several
+    /// Executes (a pipelined batch), once per cycle (not again when it is re-offered
+    /// after its barrier).
+    pub(super) fn note_pipelined(&self, analyses: &[&Analysis]) {
+        let Some(w) = self.writes.as_ref().map(|d| &d.service) else {
+            return;
+        };
+        if analyses.len() < 2 || self.wait.passed_barrier() {
+            return;
+        }
+        let catalog = self.routing_catalog();
+        let touch = Touch::of(&w.tables(), catalog.as_deref(), analyses);
+        for analysis in analyses {
+            for table in written(analysis, &touch.tables) {
+                note_fallback(w, table, Fallback::Pipelined);
+            }
+        }
+    }
+
+    /// Counts each write to a deferred table that Executes forwarded upstream before
+    /// their cycle's Sync run (a shape spillway cannot defer, a Flush, a named
+    /// portal), with the statement's shape reason, once (not again when the message is
+    /// re-offered after its barrier).
+    pub(super) fn note_forwarded(&self, executed: &[&Analysis]) {
+        let Some(w) = self.writes.as_ref().map(|d| &d.service) else {
+            return;
+        };
+        if executed.is_empty() || self.wait.passed_barrier() {
+            return;
+        }
+        let catalog = self.routing_catalog();
+        let touch = Touch::of(&w.tables(), catalog.as_deref(), executed);
+        for analysis in executed {
+            let reason = match analysis.statements.as_slice() {
+                [s] => match &s.shape {
+                    Some(Err(reason)) => Fallback::Shape(reason),
+                    _ if executed.len() > 1 => Fallback::Pipelined,
+                    _ => Fallback::Forwarded,
+                },
+                _ => Fallback::MultipleStatements,
+            };
+            for table in written(analysis, &touch.tables) {
+                note_fallback(w, table, reason);
+            }
+        }
     }
 
     /// The sequence number that must be applied before the request goes upstream,
@@ -281,11 +329,11 @@ impl Caching {
         let [stmt] = analysis.statements.as_slice() else {
             return Err(Fallback::MultipleStatements);
         };
-        let shape = match &stmt.shape {
-            Some(Ok(shape)) => shape,
-            Some(Err(reason)) => return Err(Fallback::Shape(reason)),
-            None => return Err(Fallback::NotADeferrableWrite),
-        };
+        // The statement's own reasons come first (the metrics say what would make it
+        // deferrable, also when it moves a held transaction upstream); the session's
+        // last.
+        let time_zone = out.state().params.get("TimeZone").map(String::as_str);
+        let converted = self.convertible(stmt, w, bound, time_zone)?;
         // A held transaction's statements are decided like autocommit ones (held/).
         if (out.tx_status() != b'I' && self.tx.held.is_none()) || !self.tracker.quiet {
             return Err(Fallback::InTransaction);
@@ -306,6 +354,23 @@ impl Caching {
         if param("default_transaction_read_only") == Some("on") {
             return Err(Fallback::ReadOnly);
         }
+        Ok(converted)
+    }
+
+    /// The statement's own part of [`Self::deferrable`]: its table resolved to one
+    /// deferred table, its values converted.
+    fn convertible(
+        &self,
+        stmt: &crate::read::classify::Statement,
+        w: &WriteService,
+        bound: &Bound,
+        out_params_time_zone: Option<&str>,
+    ) -> Result<(String, Converted), Fallback> {
+        let shape = match &stmt.shape {
+            Some(Ok(shape)) => shape,
+            Some(Err(reason)) => return Err(Fallback::Shape(reason)),
+            None => return Err(Fallback::NotADeferrableWrite),
+        };
         if !stmt.functions.is_empty() || stmt.sql_value_function {
             return Err(Fallback::Function);
         }
@@ -319,7 +384,13 @@ impl Caching {
         if table.config.when_full == spillway_policies::WhenFull::WriteThrough && w.is_full(&name) {
             return Err(Fallback::Full);
         }
-        let converted = convert::convert(shape, table, bound)?;
+        // An autocommit statement's transaction starts now; a held one's started at
+        // its BEGIN, a time spillway does not keep exactly.
+        let settings = Settings {
+            time_zone: out_params_time_zone,
+            now: self.tx.held.is_none().then(std::time::SystemTime::now),
+        };
+        let converted = convert::convert(shape, table, bound, settings)?;
         Ok((name, converted))
     }
 

@@ -80,7 +80,19 @@ impl Caching {
                 }
                 _ => {}
             }
-            if stmt.functions.iter().any(|f| f.name == "set_config") {
+            // Settings PostgreSQL reports (ParameterStatus, also when a transaction
+            // rolls them back) are followed exactly whoever changes them.
+            let reported = |s: &Option<String>| {
+                s.as_deref()
+                    .is_some_and(|s| matches!(s, "timezone" | "datestyle" | "intervalstyle"))
+            };
+            let unseen = stmt.set_config.len()
+                < stmt
+                    .functions
+                    .iter()
+                    .filter(|f| f.name == "set_config")
+                    .count();
+            if unseen || !stmt.set_config.iter().all(reported) {
                 self.key.lose_track("set_config() called");
             }
         }

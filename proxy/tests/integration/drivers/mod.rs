@@ -11,6 +11,7 @@
 
 mod backend_pid;
 mod refusal;
+mod shop;
 mod smoke;
 mod startup;
 mod type_cache;

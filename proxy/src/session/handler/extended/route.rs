@@ -303,7 +303,12 @@ impl Caching {
             (Some(table), Some(single)) => {
                 Some(self.flush_command(table.as_deref(), single.answer, out))
             }
-            (_, single) => self.route_writes(&refs, single, out),
+            (_, single) => {
+                if single.is_none() {
+                    self.note_pipelined(&refs);
+                }
+                self.route_writes(&refs, single, out)
+            }
         }
     }
 
@@ -322,6 +327,9 @@ impl Caching {
         let mut unnamed = self.stmts.client_unnamed().cloned();
         // Those the cycle parsed upstream already, and those it still holds.
         let mut named_here: Vec<(String, Arc<Stmt>)> = self.cycle.named.clone();
+        // What each Execute going upstream runs, for the fallback counters.
+        let mut ran: Vec<Arc<Stmt>> = Vec::new();
+        let mut bound_unnamed: Option<Arc<Stmt>> = None;
         let held = std::mem::take(&mut self.cycle.held);
         for m in held.iter().map(|b| &b[..]).chain(std::iter::once(msg)) {
             let body = frontend::body(m);
@@ -344,14 +352,24 @@ impl Caching {
                             named_in(&named_here, b.statement)
                                 .or_else(|| self.stmts.named(b.statement).cloned())
                         };
+                        if b.portal.is_empty() {
+                            bound_unnamed.clone_from(&stmt);
+                        }
                         executed.extend(stmt);
                     }
                 }
-                frontend::EXECUTE if tag == frontend::EXECUTE && self.cycle.upstream => {
-                    if let Some(stmt) =
-                        frontend::execute(body).and_then(|e| self.stmts.portal(e.portal))
-                    {
-                        executed.push(stmt.clone());
+                frontend::EXECUTE => {
+                    let portal = frontend::execute(body).map(|e| e.portal);
+                    let stmt = match portal {
+                        Some("") if bound_unnamed.is_some() => bound_unnamed.clone(),
+                        Some(p) => self.stmts.portal(p).cloned(),
+                        None => None,
+                    };
+                    if let Some(stmt) = stmt {
+                        if tag == frontend::EXECUTE && self.cycle.upstream {
+                            executed.push(stmt.clone());
+                        }
+                        ran.push(stmt);
                     }
                 }
                 _ => {}
@@ -361,6 +379,8 @@ impl Caching {
         if executed.is_empty() {
             return None;
         }
+        let ran: Vec<&Analysis> = ran.iter().map(|s| s.analysis.as_ref()).collect();
+        self.note_forwarded(&ran);
         let analyses: Vec<Arc<Analysis>> = executed.iter().map(|s| s.analysis.clone()).collect();
         let refs: Vec<&Analysis> = analyses.iter().map(AsRef::as_ref).collect();
         self.route_writes(&refs, None, out)

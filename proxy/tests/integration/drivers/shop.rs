@@ -1,0 +1,139 @@
+//! Three shop applications on real ORMs (issue 13): SQLAlchemy 2 on psycopg 3, Django
+//! 5.2, knex 3 on node-postgres. Each writes users, products with a version column,
+//! orders and order lines, counters (upserts), sessions with jsonb and timestamps, bulk
+//! inserts and deletes, to tables under write-behind and write-back; once through
+//! spillway (database `postgres`) and once directly (a copy, database `direct`).
+//!
+//! Checked: the final contents are the direct run's (timestamps as the client read
+//! them; server-made ones against what the client was told), and the share of writes
+//! to deferred tables that spillway deferred, with every fallback reason's count
+//! printed.
+
+use std::collections::BTreeMap;
+
+use super::{Lang, run};
+use crate::context::{Context, DB, USER};
+use crate::metrics::scrape;
+
+const SCHEMA: &str = include_str!("../../drivers/python/shop_schema.sql");
+
+/// The deferred tables and their policies.
+const POLICIES: [(&str, &str); 6] = [
+    ("users", "write-behind"),
+    ("products", "write-behind"),
+    ("orders", "write-behind"),
+    ("order_lines", "write-behind"),
+    ("counters", "write-back"),
+    ("sessions", "write-back"),
+];
+
+async fn shop() -> Context {
+    let mut config = String::new();
+    for (table, policy) in POLICIES {
+        config.push_str(&format!(
+            "[tables.\"public.{table}\"]\npolicy = \"{policy}\"\n"
+        ));
+    }
+    let ctx = Context::builder()
+        .before_proxy(SCHEMA)
+        .before_proxy("CREATE DATABASE direct")
+        .section(&config)
+        .start()
+        .await;
+    ctx.pg
+        .psql("direct", SCHEMA)
+        .expect("schema of the direct copy");
+    ctx
+}
+
+/// Writes to the deferred tables per policy label, and fallbacks per reason, from
+/// spillway's `/metrics`.
+struct Counts {
+    deferred: f64,
+    total: f64,
+    reasons: BTreeMap<String, f64>,
+}
+
+fn counts(metrics: &str) -> Counts {
+    let mut c = Counts {
+        deferred: 0.0,
+        total: 0.0,
+        reasons: BTreeMap::new(),
+    };
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let value: f64 = value.parse().unwrap_or(0.0);
+        let label = |name: &str| {
+            series
+                .split(['{', ',', '}'])
+                .find_map(|p| p.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_owned())
+        };
+        if series.starts_with("spillway_client_writes_total{") {
+            c.total += value;
+            if label("policy").is_some_and(|p| p != "write-through") {
+                c.deferred += value;
+            }
+        } else if series.starts_with("spillway_fallbacks_total{")
+            && let Some(reason) = label("reason")
+        {
+            *c.reasons.entry(reason).or_default() += value;
+        }
+    }
+    c
+}
+
+/// Runs `script` through spillway and directly, compares the final contents, prints
+/// and returns the deferred share.
+async fn run_shop(lang: Lang, script: &str) -> f64 {
+    let ctx = shop().await;
+    let url =
+        |port: u16, db: &str| format!("postgresql://{USER}@127.0.0.1:{port}/{db}?sslmode=disable");
+    let through = run(lang, script, &[&url(ctx.proxy.addr.port(), DB)]).await;
+    let direct = run(lang, script, &[&url(ctx.pg.port(), "direct")]).await;
+    let c = counts(&scrape(ctx.proxy.metrics_addr()).await);
+    let share = if c.total > 0.0 {
+        c.deferred / c.total
+    } else {
+        0.0
+    };
+    println!(
+        "{script}: {} of {} writes to deferred tables deferred ({:.1}%); fallbacks by \
+         reason: {:?}",
+        c.deferred,
+        c.total,
+        share * 100.0,
+        c.reasons
+    );
+    for (table, rows) in direct.as_object().expect("tables") {
+        assert_eq!(
+            through[table], *rows,
+            "{script}: table {table} differs from the direct run"
+        );
+    }
+    assert_eq!(through, direct);
+    share
+}
+
+#[tokio::test]
+async fn sqlalchemy_shop() {
+    // Part 1 defers none of its writes yet: executemany (pipelined), identity keys
+    // and RETURNING of server defaults stand in the way (issue 13); the contents are
+    // still the direct run's.
+    let share = run_shop(Lang::Python, "shop_sqlalchemy.py").await;
+    assert!((0.0..=1.0).contains(&share), "{share}");
+}
+
+#[tokio::test]
+async fn django_shop() {
+    let share = run_shop(Lang::Python, "shop_django.py").await;
+    assert!(share >= 0.04, "{share}");
+}
+
+#[tokio::test]
+async fn knex_shop() {
+    let share = run_shop(Lang::Node, "shop_knex.js").await;
+    assert!(share >= 0.10, "{share}");
+}
