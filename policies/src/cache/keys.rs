@@ -8,7 +8,8 @@
 //!
 //! Invariants:
 //! - A key's hash depends only on its bytes, never on how they were split into parts:
-//!   [`KeyStream`] feeds the hasher whole 8-byte words whatever the part boundaries.
+//!   [`KeyStream`] feeds the hasher whole 64-byte blocks whatever the part boundaries,
+//!   then the rest and the length.
 //! - Keys are equal only when their bytes are (the hash only finds candidates).
 //! - The hasher is seeded at random per cache: clients choose statements and
 //!   parameters, so bucket collisions must not be theirs to choose.
@@ -24,17 +25,19 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 #[derive(Clone, Debug)]
 pub struct KeyStream {
     hasher: DefaultHasher,
-    /// Bytes not yet fed as a whole word (`pending` of them, little-endian).
-    word: u64,
-    pending: u32,
+    /// Bytes not yet hashed: the hasher is fed whole blocks only.
+    block: [u8; BLOCK],
+    pending: usize,
     len: u64,
 }
+
+const BLOCK: usize = 64;
 
 impl KeyStream {
     pub(super) fn new(seed: &RandomState) -> Self {
         Self {
             hasher: seed.build_hasher(),
-            word: 0,
+            block: [0; BLOCK],
             pending: 0,
             len: 0,
         }
@@ -42,36 +45,22 @@ impl KeyStream {
 
     pub fn write(&mut self, mut bytes: &[u8]) {
         self.len += bytes.len() as u64;
-        while self.pending != 0 && !bytes.is_empty() {
-            self.word |= u64::from(bytes[0]) << (8 * self.pending);
-            self.pending += 1;
-            bytes = &bytes[1..];
-            if self.pending == 8 {
-                self.hasher.write_u64(self.word);
-                self.word = 0;
+        while !bytes.is_empty() {
+            let n = (BLOCK - self.pending).min(bytes.len());
+            self.block[self.pending..self.pending + n].copy_from_slice(&bytes[..n]);
+            self.pending += n;
+            bytes = &bytes[n..];
+            if self.pending == BLOCK {
+                self.hasher.write(&self.block);
                 self.pending = 0;
             }
         }
-        if self.pending != 0 {
-            // Every byte went into the word still pending.
-            return;
-        }
-        let mut words = bytes.chunks_exact(8);
-        for w in &mut words {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(w);
-            self.hasher.write_u64(u64::from_le_bytes(b));
-        }
-        for (i, byte) in words.remainder().iter().enumerate() {
-            self.word |= u64::from(*byte) << (8 * i);
-        }
-        self.pending = u32::try_from(words.remainder().len()).unwrap_or(0);
     }
 
     /// The hash of everything written.
     pub fn finish(&self) -> u64 {
         let mut h = self.hasher.clone();
-        h.write_u64(self.word);
+        h.write(&self.block[..self.pending]);
         h.write_u64(self.len);
         h.finish()
     }
@@ -128,6 +117,10 @@ impl<'a> KeyParts<'a> {
 /// Either kind of key, as the cache's map looks one up.
 pub trait KeyLike {
     fn key_hash(&self) -> u64;
+    /// The key's bytes when they are in one piece (a built key).
+    fn contiguous(&self) -> Option<&[u8]>;
+    /// Whether the key's bytes are `bytes`.
+    fn is(&self, bytes: &[u8]) -> bool;
     /// Part `i` of the key's bytes (`None` past the last).
     fn part(&self, i: usize) -> Option<&[u8]>;
     fn key_len(&self) -> usize;
@@ -136,6 +129,12 @@ pub trait KeyLike {
 impl KeyLike for Key {
     fn key_hash(&self) -> u64 {
         self.hash
+    }
+    fn contiguous(&self) -> Option<&[u8]> {
+        Some(&self.bytes)
+    }
+    fn is(&self, bytes: &[u8]) -> bool {
+        self.bytes[..] == *bytes
     }
     fn part(&self, i: usize) -> Option<&[u8]> {
         (i == 0).then_some(&self.bytes[..])
@@ -148,6 +147,18 @@ impl KeyLike for Key {
 impl KeyLike for KeyParts<'_> {
     fn key_hash(&self) -> u64 {
         self.hash
+    }
+    fn contiguous(&self) -> Option<&[u8]> {
+        None
+    }
+    fn is(&self, mut bytes: &[u8]) -> bool {
+        for p in self.parts {
+            match bytes.strip_prefix(*p) {
+                Some(rest) => bytes = rest,
+                None => return false,
+            }
+        }
+        bytes.is_empty()
     }
     fn part(&self, i: usize) -> Option<&[u8]> {
         self.parts.get(i).copied()
@@ -195,7 +206,12 @@ impl Hash for dyn KeyLike + '_ {
 
 impl PartialEq for dyn KeyLike + '_ {
     fn eq(&self, other: &Self) -> bool {
-        self.key_hash() == other.key_hash() && same_bytes(self, other)
+        self.key_hash() == other.key_hash()
+            && match (self.contiguous(), other.contiguous()) {
+                (Some(a), _) => other.is(a),
+                (None, Some(b)) => self.is(b),
+                (None, None) => same_bytes(self, other),
+            }
     }
 }
 
@@ -253,7 +269,16 @@ mod tests {
         let seed = RandomState::new();
         let bytes: Vec<u8> = (0..=255u8).cycle().take(300).collect();
         let whole = Key::new(KeyStream::new(&seed), &bytes);
-        for cuts in [[0, 1], [3, 17], [8, 16], [7, 299], [150, 150], [0, 300]] {
+        for cuts in [
+            [0, 1],
+            [3, 17],
+            [8, 16],
+            [63, 65],
+            [64, 128],
+            [7, 299],
+            [150, 150],
+            [0, 300],
+        ] {
             let parts = [
                 &bytes[..cuts[0]],
                 &bytes[cuts[0]..cuts[1]],
@@ -266,6 +291,9 @@ mod tests {
             let view = KeyParts::new(s.finish(), &parts);
             assert_eq!(view.key_hash(), whole.key_hash(), "cut at {cuts:?}");
             assert!(same_bytes(&view, &whole));
+            assert!(view.is(&bytes) && whole.is(&bytes));
+            let (a, b): (&dyn KeyLike, &dyn KeyLike) = (&view, &whole);
+            assert!(a == b && b == a);
             assert_eq!(view.to_vec(), bytes);
         }
     }
@@ -284,6 +312,8 @@ mod tests {
         assert_ne!(short.key_hash(), zero.key_hash());
         let parts: [&[u8]; 3] = [b"a", b"", b"bd"];
         assert!(!same_bytes(&KeyParts::new(0, &parts), &a));
+        assert!(!KeyParts::new(0, &parts).is(b"abdd"));
+        assert!(!KeyParts::new(0, &parts).is(b"ab"));
         assert!(same_bytes(&KeyParts::new(0, &parts), &b));
     }
 }
