@@ -293,7 +293,8 @@ mod tests {
             assert!(same_bytes(&view, &whole));
             assert!(view.is(&bytes) && whole.is(&bytes));
             let (a, b): (&dyn KeyLike, &dyn KeyLike) = (&view, &whole);
-            assert!(a == b && b == a);
+            assert!(a == b, "parts against a built key");
+            assert!(b == a, "a built key against parts");
             assert_eq!(view.to_vec(), bytes);
         }
     }
