@@ -75,3 +75,25 @@ impl Fill {
         });
     }
 }
+
+/// What the Describes since the last Bind answered, for that portal's fill.
+#[derive(Default)]
+pub struct Described {
+    /// The portal's RowDescription.
+    pub portal: Option<Bytes>,
+    /// The statement's ParameterDescription, until its RowDescription or NoData.
+    pub parameters: Option<Bytes>,
+    /// The statement's ParameterDescription and RowDescription (or NoData).
+    pub statement: Option<Bytes>,
+}
+
+impl Described {
+    pub fn hand_to(&mut self, fill: &mut Fill) {
+        if fill.row_description.is_none() {
+            fill.row_description = self.portal.take();
+        }
+        if fill.statement.is_none() {
+            fill.statement = self.statement.take();
+        }
+    }
+}

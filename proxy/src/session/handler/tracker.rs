@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 
-use super::fill::Fill;
+use super::fill::{Described, Fill};
 use super::statements::Prepared;
 use crate::protocol::backend;
 
@@ -65,28 +65,6 @@ pub enum Expect {
     /// A simple Query spillway sent itself (a held transaction's replay, or its
     /// ROLLBACK): every answer up to and including its ReadyForQuery is swallowed.
     Internal,
-}
-
-/// What the Describes since the last Bind answered, for that portal's fill.
-#[derive(Default)]
-struct Described {
-    /// The portal's RowDescription.
-    portal: Option<Bytes>,
-    /// The statement's ParameterDescription, until its RowDescription or NoData.
-    parameters: Option<Bytes>,
-    /// The statement's ParameterDescription and RowDescription (or NoData).
-    statement: Option<Bytes>,
-}
-
-impl Described {
-    fn hand_to(&mut self, fill: &mut Fill) {
-        if fill.row_description.is_none() {
-            fill.row_description = self.portal.take();
-        }
-        if fill.statement.is_none() {
-            fill.statement = self.statement.take();
-        }
-    }
 }
 
 impl Expect {
