@@ -16,9 +16,11 @@
 //!   session gone) wakes the waiters when its [`FillTicket`] drops.
 //! - Inserting never fails a query: an entry the cache cannot take is simply not kept.
 
+mod keys;
 mod versions;
 
 use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +31,7 @@ use moka::notification::RemovalCause;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
+pub use keys::{Key, KeyLike, KeyParts, KeyStream};
 pub use versions::{DbVersions, Deps, Registry, STRIPES, TableVersions, Version, stripe_of};
 
 /// Fixed per-entry overhead counted by the weigher (moka's node, the Arc, the deps).
@@ -41,6 +44,10 @@ pub struct CachedResult {
     /// the fill saw one (a simple query always does; an extended Execute only if the
     /// client asked for a portal Describe).
     pub row_description: Option<Bytes>,
+    /// ParameterDescription and RowDescription (text formats) as PostgreSQL answered a
+    /// Describe of the statement, when the fill saw one (tokio-postgres's
+    /// `query_typed` describes the statement, not the portal).
+    pub statement: Option<Bytes>,
     /// DataRow messages followed by the CommandComplete.
     pub body: Bytes,
     /// Versions the result was computed against.
@@ -50,9 +57,10 @@ pub struct CachedResult {
 }
 
 impl CachedResult {
-    fn weight(&self, key: &[u8]) -> u32 {
+    fn weight(&self, key: &Key) -> u32 {
         let bytes = key.len()
             + self.row_description.as_ref().map_or(0, Bytes::len)
+            + self.statement.as_ref().map_or(0, Bytes::len)
             + self.body.len()
             + self.deps.len() * 16
             + ENTRY_OVERHEAD;
@@ -89,28 +97,26 @@ pub struct CacheStats {
 }
 
 pub struct ResultCache {
-    entries: moka::sync::Cache<Box<[u8]>, Arc<CachedResult>>,
+    entries: moka::sync::Cache<Key, Arc<CachedResult>, keys::BuildPrehashed>,
     /// Keys being filled, and how to wake those waiting for them. A std mutex: held
     /// only for a map operation, never across an await.
-    inflight: Mutex<HashMap<Box<[u8]>, Arc<Notify>>>,
+    inflight: Mutex<HashMap<Key, Arc<Notify>>>,
+    /// Every key's hash starts here (`keys.rs`).
+    seed: RandomState,
     max_entry_bytes: usize,
     stats: Arc<CacheStats>,
 }
 
-// moka passes `&K`, and K is a boxed slice.
-#[allow(clippy::borrowed_box)]
-fn weigh(key: &Box<[u8]>, value: &Arc<CachedResult>) -> u32 {
+fn weigh(key: &Key, value: &Arc<CachedResult>) -> u32 {
     value.weight(key)
 }
 
 struct PerEntryTtl;
 
-impl Expiry<Box<[u8]>, Arc<CachedResult>> for PerEntryTtl {
-    // The trait fixes `&K`, and K is a boxed slice.
-    #[allow(clippy::borrowed_box)]
+impl Expiry<Key, Arc<CachedResult>> for PerEntryTtl {
     fn expire_after_create(
         &self,
-        _key: &Box<[u8]>,
+        _key: &Key,
         value: &Arc<CachedResult>,
         _created_at: Instant,
     ) -> Option<Duration> {
@@ -134,10 +140,11 @@ impl ResultCache {
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             })
-            .build();
+            .build_with_hasher(keys::BuildPrehashed::default());
         Arc::new(Self {
             entries,
             inflight: Mutex::new(HashMap::new()),
+            seed: RandomState::new(),
             max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
             stats,
         })
@@ -151,8 +158,32 @@ impl ResultCache {
         self.max_entry_bytes
     }
 
+    /// A hash state to begin a key with: a session continues it with its key prefix
+    /// and keeps it, so that a hit hashes only the rest ([`KeyParts`]).
+    pub fn stream(&self) -> KeyStream {
+        KeyStream::new(&self.seed)
+    }
+
+    /// `bytes` as a key of this cache.
+    pub fn key(&self, bytes: &[u8]) -> Key {
+        Key::new(self.stream(), bytes)
+    }
+
     /// A current entry, without registering a fill.
     pub fn get(&self, key: &[u8]) -> Option<Arc<CachedResult>> {
+        self.get_key(&self.key(key))
+    }
+
+    /// A current entry under a key not built (the hit path), without registering a fill.
+    pub fn get_parts(&self, key: &KeyParts<'_>) -> Option<Arc<CachedResult>> {
+        self.current(key)
+    }
+
+    fn get_key(&self, key: &Key) -> Option<Arc<CachedResult>> {
+        self.current(key)
+    }
+
+    fn current(&self, key: &dyn KeyLike) -> Option<Arc<CachedResult>> {
         let entry = self.entries.get(key)?;
         if entry.deps.is_current() {
             Some(entry)
@@ -167,7 +198,8 @@ impl ResultCache {
     /// Counts a miss when it returns [`Lookup::Lead`]; hits are counted by the caller
     /// when it actually serves one ([`ResultCache::record_hit`]).
     pub fn lookup(self: &Arc<Self>, key: &[u8]) -> Lookup {
-        if let Some(hit) = self.get(key) {
+        let key = self.key(key);
+        if let Some(hit) = self.get_key(&key) {
             return Lookup::Hit(hit);
         }
         let Ok(mut inflight) = self.inflight.lock() else {
@@ -175,19 +207,19 @@ impl ResultCache {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Lookup::Lead(FillTicket::detached(self.clone(), key));
         };
-        if let Some(notify) = inflight.get(key) {
+        if let Some(notify) = inflight.get(&key) {
             return Lookup::Wait(notify.clone().notified_owned());
         }
         // The leader may have stored its result between our get and taking the lock.
-        if let Some(hit) = self.get(key) {
+        if let Some(hit) = self.get_key(&key) {
             return Lookup::Hit(hit);
         }
         let notify = Arc::new(Notify::new());
-        inflight.insert(key.into(), notify.clone());
+        inflight.insert(key.clone(), notify.clone());
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         Lookup::Lead(FillTicket {
             cache: self.clone(),
-            key: key.into(),
+            key,
             notify: Some(notify),
         })
     }
@@ -216,8 +248,10 @@ impl ResultCache {
         self.entries.run_pending_tasks();
     }
 
-    fn store(&self, key: Box<[u8]>, result: CachedResult) -> bool {
-        let size = result.row_description.as_ref().map_or(0, Bytes::len) + result.body.len();
+    fn store(&self, key: Key, result: CachedResult) -> bool {
+        let size = result.row_description.as_ref().map_or(0, Bytes::len)
+            + result.statement.as_ref().map_or(0, Bytes::len)
+            + result.body.len();
         if size > self.max_entry_bytes {
             self.stats
                 .rejected_too_large
@@ -233,7 +267,7 @@ impl ResultCache {
         true
     }
 
-    fn finish(&self, key: &[u8], notify: &Notify) {
+    fn finish(&self, key: &Key, notify: &Notify) {
         if let Ok(mut inflight) = self.inflight.lock() {
             inflight.remove(key);
         }
@@ -245,22 +279,22 @@ impl ResultCache {
 /// abandons the fill and wakes the waiters, who then look again.
 pub struct FillTicket {
     cache: Arc<ResultCache>,
-    key: Box<[u8]>,
+    key: Key,
     /// `None` when coalescing was unavailable (nobody waits on this fill).
     notify: Option<Arc<Notify>>,
 }
 
 impl FillTicket {
-    fn detached(cache: Arc<ResultCache>, key: &[u8]) -> Self {
+    fn detached(cache: Arc<ResultCache>, key: Key) -> Self {
         Self {
             cache,
-            key: key.into(),
+            key,
             notify: None,
         }
     }
 
     pub fn key(&self) -> &[u8] {
-        &self.key
+        self.key.bytes()
     }
 
     pub fn max_entry_bytes(&self) -> usize {
@@ -296,6 +330,7 @@ mod tests {
     fn result(body: &'static [u8], deps: Deps) -> CachedResult {
         CachedResult {
             row_description: Some(Bytes::from_static(b"T...")),
+            statement: None,
             body: Bytes::from_static(body),
             deps,
             ttl: Duration::from_secs(60),
@@ -391,6 +426,7 @@ mod tests {
             let t = lead(&cache, &i.to_be_bytes());
             t.complete(CachedResult {
                 row_description: None,
+                statement: None,
                 body: body.clone(),
                 deps: Deps::default(),
                 ttl: Duration::from_secs(60),

@@ -1,5 +1,5 @@
-//! A result being captured for the cache: the RowDescription and the rows of one
-//! statement's answer, as PostgreSQL sent them, with the version counters read before
+//! A result being captured for the cache: the RowDescription (and what a Describe of
+//! the statement answered, if the cycle had one) and the rows of one statement's answer, as PostgreSQL sent them, with the version counters read before
 //! the statement went upstream.
 //!
 //! Invariants: a result is stored only when it ends with a SELECT's CommandComplete
@@ -17,6 +17,8 @@ pub struct Fill {
     pub deps: Deps,
     pub ttl: Duration,
     pub row_description: Option<Bytes>,
+    /// ParameterDescription and RowDescription of a Describe of the statement.
+    pub statement: Option<Bytes>,
     pub body: BytesMut,
 }
 
@@ -27,6 +29,7 @@ impl Fill {
             deps,
             ttl,
             row_description: None,
+            statement: None,
             body: BytesMut::new(),
         })
     }
@@ -60,13 +63,37 @@ impl Fill {
             deps,
             ttl,
             row_description,
+            statement,
             body,
         } = self;
         ticket.complete(CachedResult {
             row_description,
+            statement,
             body: body.freeze(),
             deps,
             ttl,
         });
+    }
+}
+
+/// What the Describes since the last Bind answered, for that portal's fill.
+#[derive(Default)]
+pub struct Described {
+    /// The portal's RowDescription.
+    pub portal: Option<Bytes>,
+    /// The statement's ParameterDescription, until its RowDescription or NoData.
+    pub parameters: Option<Bytes>,
+    /// The statement's ParameterDescription and RowDescription (or NoData).
+    pub statement: Option<Bytes>,
+}
+
+impl Described {
+    pub fn hand_to(&mut self, fill: &mut Fill) {
+        if fill.row_description.is_none() {
+            fill.row_description = self.portal.take();
+        }
+        if fill.statement.is_none() {
+            fill.statement = self.statement.take();
+        }
     }
 }

@@ -8,8 +8,8 @@
 //!
 //! This file holds the session's state, the dispatch of each message, and the whole
 //! hit path of a simple Query ([`Caching::hit`]): a cached SELECT is answered here,
-//! reading the other parts' state as fields, with one key built in a reused buffer and
-//! one cache lookup. Everything else is routed to its concern:
+//! reading the other parts' state as fields, with one cache lookup under a key hashed
+//! from the session's prefix hash and the Query's bytes, never built. Everything else is routed to its concern:
 //!
 //! | concern | file |
 //! |---|---|
@@ -150,6 +150,7 @@ impl Handler {
         state: &crate::session::state::ProtocolState,
     ) -> Self {
         let db = cache.lease(startup.database());
+        let seed = cache.results.stream();
         let reported: &BTreeMap<String, String> = &state.params;
         Self {
             upstream_statements: metrics::Counter::noop(),
@@ -161,6 +162,7 @@ impl Handler {
                     startup.user(),
                     &startup.params,
                     reported,
+                    seed,
                 ),
                 tracker: Tracker::default(),
                 stmts: Statements::new(),
@@ -252,7 +254,7 @@ impl Caching {
 
     /// A simple Query answered from the cache, or `None` to route it. The whole hit
     /// path: every condition is read from the session's parts directly, the key is
-    /// built in a reused buffer from the Query's bytes as sent, and one lookup serves.
+    /// the prefix and the Query's bytes as sent, looked up without being built.
     fn hit(&mut self, msg: &[u8], out: &mut Outbox) -> Option<Disposition> {
         if msg[0] != frontend::QUERY {
             return None;
@@ -269,7 +271,7 @@ impl Caching {
         {
             return None;
         }
-        let hit = self.cache.results.get(query_key(&mut self.key, sql))?;
+        let hit = self.key.get(&self.cache.results, b'Q', &[sql])?;
         let rd = hit.row_description.as_ref()?;
         out.answer(rd);
         out.answer(&hit.body);
@@ -397,8 +399,8 @@ impl Caching {
     }
 }
 
-/// The cache key of a simple Query of `sql`, built in the key's reused buffer (here,
-/// beside the hit path that uses it on every Query, rather than in `settings.rs`).
+/// The cache key of a simple Query of `sql`, built in the key's reused buffer (a miss
+/// leads its fill under it; [`Caching::hit`] looks the same bytes up unbuilt).
 fn query_key<'k>(key: &'k mut KeyContext, sql: &[u8]) -> &'k [u8] {
     key.scratch.clear();
     key.scratch.extend_from_slice(&key.prefix);

@@ -17,12 +17,19 @@
 //! driver pipelining) is applied at its own ReadyForQuery: status idle means it ran in
 //! autocommit ([`KeyContext::settle`]).
 //!
-//! Invariant: [`KeyContext::prefix`] is rebuilt by every change of what it is made of,
-//! so the hit path reads it as a field, without a call or an allocation.
+//! Invariant: [`KeyContext::prefix`] and its hash state are rebuilt by every change of
+//! what it is made of, so the hit path reads them as fields, and hashes only its
+//! request's own bytes, without building the key or allocating.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use spillway_policies::cache::{CachedResult, KeyParts, KeyStream, ResultCache};
 
 use crate::read::classify::SessionCommand;
+
+/// The most parts a request adds to its key ([`KeyContext::get`]).
+pub const MAX_PARTS: usize = 6;
 
 /// ParameterStatus names that are part of the key.
 const REPORTED: [&str; 5] = [
@@ -42,8 +49,12 @@ pub struct KeyContext {
     set: BTreeMap<String, String>,
     /// The key prefix for the current settings. Read-only outside this file.
     pub prefix: Vec<u8>,
-    /// Where a request's key is built (the prefix, then the request), reused.
+    /// Where a request's key is built (the prefix, then the request), reused: only
+    /// a miss builds its key.
     pub scratch: Vec<u8>,
+    /// The cache's hash state with nothing written, and with [`KeyContext::prefix`].
+    seed: KeyStream,
+    prefix_hash: KeyStream,
     /// Set for good: role change, set_config, or a SET spillway could not follow.
     pub bypass: Option<&'static str>,
     /// SET LOCAL in the current transaction.
@@ -74,12 +85,14 @@ fn put(buf: &mut Vec<u8>, s: &str) {
 }
 
 impl KeyContext {
-    /// `reported`: the ParameterStatus values PostgreSQL sent during startup.
+    /// `reported`: the ParameterStatus values PostgreSQL sent during startup; `seed`:
+    /// the cache's key hash state ([`ResultCache::stream`]).
     pub fn new(
         database: &str,
         user: &str,
         startup: &[(String, String)],
         reported: &BTreeMap<String, String>,
+        seed: KeyStream,
     ) -> Self {
         let mut base = Vec::with_capacity(128);
         put(&mut base, database);
@@ -99,6 +112,8 @@ impl KeyContext {
             set: BTreeMap::new(),
             prefix: Vec::new(),
             scratch: Vec::new(),
+            prefix_hash: seed.clone(),
+            seed,
             bypass: None,
             local_override: false,
             default_snapshot_isolation: false,
@@ -130,6 +145,24 @@ impl KeyContext {
             put(&mut self.prefix, k);
             put(&mut self.prefix, v);
         }
+        self.prefix_hash = self.seed.clone();
+        self.prefix_hash.write(&self.prefix);
+    }
+
+    /// The entry under the key [`KeyContext::key`] would build of `kind` and `parts`
+    /// (at most [`MAX_PARTS`]), looked up without building it.
+    pub fn get(&self, cache: &ResultCache, kind: u8, parts: &[&[u8]]) -> Option<Arc<CachedResult>> {
+        let kind = [kind];
+        let mut all: [&[u8]; MAX_PARTS + 2] = [&[]; MAX_PARTS + 2];
+        all[0] = &self.prefix;
+        all[1] = &kind;
+        let n = parts.len().min(MAX_PARTS);
+        all[2..2 + n].copy_from_slice(&parts[..n]);
+        let mut hash = self.prefix_hash.clone();
+        for p in &all[1..2 + n] {
+            hash.write(p);
+        }
+        cache.get_parts(&KeyParts::new(hash.finish(), &all[..2 + n]))
     }
 
     /// The key of a request: the prefix, `kind`, then `parts` (built in
@@ -293,13 +326,51 @@ fn snapshot_isolation(value: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn seed() -> KeyStream {
+        ResultCache::new(1 << 20, 1 << 16).stream()
+    }
+
     fn ctx() -> KeyContext {
         KeyContext::new(
             "app",
             "alice",
             &[("user".into(), "alice".into())],
             &BTreeMap::new(),
+            seed(),
         )
+    }
+
+    #[test]
+    fn a_key_is_found_without_being_built() {
+        use spillway_policies::cache::{Deps, Lookup};
+        let cache = ResultCache::new(1 << 20, 1 << 16);
+        let mut c = KeyContext::new("app", "alice", &[], &BTreeMap::new(), cache.stream());
+        c.report("TimeZone", "UTC");
+        let parts: [&[u8]; 3] = [b"SELECT $1", b"\0\0\0\x17", b"params"];
+        let built = c.key(b'X', &parts).to_vec();
+        let Lookup::Lead(ticket) = cache.lookup(&built) else {
+            panic!("a new key leads its fill");
+        };
+        assert!(ticket.complete(CachedResult {
+            row_description: None,
+            statement: None,
+            body: bytes::Bytes::from_static(b"rows"),
+            deps: Deps::default(),
+            ttl: std::time::Duration::from_secs(60),
+        }));
+        let hit = c.get(&cache, b'X', &parts).expect("found by its parts");
+        assert_eq!(&hit.body[..], b"rows");
+        // Other bytes, or the same bytes cut elsewhere but another kind, miss.
+        assert!(c.get(&cache, b'Q', &parts).is_none());
+        assert!(
+            c.get(&cache, b'X', &[b"SELECT $1", b"\0\0\0\x17"])
+                .is_none()
+        );
+        let cut: [&[u8]; 2] = [b"SELECT $1\0\0", b"\0\x17params"];
+        assert!(c.get(&cache, b'X', &cut).is_some(), "only the bytes count");
+        // A setting the key is made of changes it.
+        c.report("TimeZone", "Europe/Paris");
+        assert!(c.get(&cache, b'X', &parts).is_none());
     }
 
     fn set(name: &str, value: &str, local: bool) -> SessionCommand {
@@ -336,9 +407,9 @@ mod tests {
     #[test]
     fn roles_and_users_and_databases_differ() {
         let p = BTreeMap::new();
-        let a = KeyContext::new("app", "alice", &[], &p);
-        let b = KeyContext::new("app", "bob", &[], &p);
-        let c = KeyContext::new("other", "alice", &[], &p);
+        let a = KeyContext::new("app", "alice", &[], &p, seed());
+        let b = KeyContext::new("app", "bob", &[], &p, seed());
+        let c = KeyContext::new("other", "alice", &[], &p, seed());
         assert_ne!(a.prefix, b.prefix);
         assert_ne!(a.prefix, c.prefix);
     }

@@ -26,9 +26,9 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
-use super::fill::Fill;
+use super::fill::{Described, Fill};
 use super::statements::Prepared;
 use crate::protocol::backend;
 
@@ -46,7 +46,11 @@ pub enum Expect {
         prepared: Option<Prepared>,
     },
     Bind,
-    DescribeStatement,
+    /// `capture`: keep ParameterDescription and RowDescription for the fill of the
+    /// Execute that follows (the statement described is the one its portal runs).
+    DescribeStatement {
+        capture: bool,
+    },
     /// `capture`: keep the RowDescription for the fill of the Execute that follows.
     DescribePortal {
         capture: bool,
@@ -95,8 +99,8 @@ pub struct Tracker {
     /// An extended-protocol error happened and no Sync was queued yet: PostgreSQL
     /// ignores everything until the next Sync.
     skipping: bool,
-    /// RowDescription captured by a portal Describe, for the next Execute's fill.
-    described: Option<Bytes>,
+    /// Descriptions captured by a Describe, for the next Execute's fill.
+    described: Described,
     /// An extended-protocol COPY FROM STDIN is open: forwarded Syncs are ignored by
     /// PostgreSQL until the client's CopyDone/CopyFail.
     copy_in: bool,
@@ -115,7 +119,7 @@ impl Default for Tracker {
             desynced: false,
             queue: VecDeque::new(),
             skipping: false,
-            described: None,
+            described: Described::default(),
             copy_in: false,
             readies_pushed: 0,
             confirmed: Vec::new(),
@@ -249,7 +253,7 @@ impl Tracker {
                 }
                 step.ready_id = Some(*id);
                 self.queue.pop_front();
-                self.described = None;
+                self.described = Described::default();
                 step.ready = true;
             }
             (Expect::Ready { fill, .. }, b'E') => {
@@ -283,43 +287,53 @@ impl Tracker {
             }
             (Expect::Bind, b'2') => {
                 // A new portal: any earlier portal's description is not this one's.
-                self.described = None;
+                self.described = Described::default();
                 self.queue.pop_front();
             }
             (Expect::Close, b'3') => {
                 self.queue.pop_front();
             }
-            (Expect::DescribeStatement, b't') => {}
-            (Expect::DescribeStatement, b'T' | b'n') => {
+            (Expect::DescribeStatement { capture }, b't') => {
+                self.described.parameters = match (*capture, msg) {
+                    (true, Some(m)) => Some(Bytes::copy_from_slice(m)),
+                    _ => None,
+                };
+            }
+            (Expect::DescribeStatement { capture }, b'T' | b'n') => {
+                self.described.statement = match (*capture, self.described.parameters.take(), msg) {
+                    (true, Some(t), Some(m)) => {
+                        let mut both = BytesMut::with_capacity(t.len() + m.len());
+                        both.extend_from_slice(&t);
+                        both.extend_from_slice(m);
+                        Some(both.freeze())
+                    }
+                    _ => None,
+                };
                 self.queue.pop_front();
             }
             (Expect::DescribePortal { capture }, b'T' | b'n') => {
-                self.described = match (*capture, tag, msg) {
+                self.described.portal = match (*capture, tag, msg) {
                     (true, b'T', Some(m)) => Some(Bytes::copy_from_slice(m)),
                     _ => None,
                 };
                 self.queue.pop_front();
             }
             (Expect::Execute { fill }, b'D') => {
-                if let Some(f) = fill.as_mut()
-                    && f.row_description.is_none()
-                {
-                    f.row_description = self.described.take();
+                if let Some(f) = fill.as_mut() {
+                    self.described.hand_to(f);
                 }
                 Self::capture_row(fill, msg);
             }
             (Expect::Execute { fill }, b'C') => {
                 if let Some(mut f) = fill.take() {
-                    if f.row_description.is_none() {
-                        f.row_description = self.described.take();
-                    }
+                    self.described.hand_to(&mut f);
                     (*f).finish(msg);
                 }
-                self.described = None;
+                self.described = Described::default();
                 self.queue.pop_front();
             }
             (Expect::Execute { .. }, b'I' | b's') => {
-                self.described = None;
+                self.described = Described::default();
                 self.queue.pop_front();
             }
             // COPY FROM STDIN inside an Execute: PostgreSQL ignores every Sync it
@@ -355,7 +369,7 @@ impl Tracker {
                     self.queue.pop_front();
                 }
                 self.skipping = self.queue.is_empty();
-                self.described = None;
+                self.described = Described::default();
             }
             _ => self.desync(tag),
         }
@@ -380,7 +394,7 @@ impl Tracker {
         );
         self.desynced = true;
         self.queue.clear();
-        self.described = None;
+        self.described = Described::default();
         self.skipping = false;
     }
 }

@@ -91,3 +91,70 @@ async fn errors_are_relayed_every_time_and_never_cached() {
         assert_eq!(tags(&ok), "12TDCZ", "the session is usable after errors");
     }
 }
+
+/// tokio-postgres's `query_typed`: Parse of the unnamed statement with its parameter
+/// types, Bind with binary results, Describe of the *statement*, Execute, Sync.
+fn typed_cycle(sql: &str, param: &str) -> Vec<u8> {
+    [
+        wire::parse_typed("", sql, &[23]),
+        wire::bind_formats("", "", &[Some(param)], &[1]),
+        wire::describe_statement(""),
+        wire::execute("", 0),
+        wire::sync(),
+    ]
+    .concat()
+}
+
+#[tokio::test]
+async fn a_described_statement_cycle_hits_with_postgres_answer() {
+    let (ctx, direct) = start(Context::builder(), "").await;
+    let mut proxy = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    let mut pg = Raw::startup(direct_addr(&ctx), USER, DB).await;
+    let sql = "SELECT id, v, n FROM t WHERE id <= $1 ORDER BY id";
+
+    let first = answer(&mut proxy, &typed_cycle(sql, "2")).await;
+    assert_eq!(tags(&first), "12tTDDCZ", "{first:?}");
+    assert_eq!(first, answer(&mut pg, &typed_cycle(sql, "2")).await);
+
+    let hit = wait_for_cached(
+        async || answer(&mut proxy, &typed_cycle(sql, "2")).await,
+        async || answer(&mut pg, &typed_cycle(sql, "2")).await,
+        &direct,
+        "UPDATE t SET n = n + 1 WHERE id = 1",
+    )
+    .await;
+    // ParseComplete, BindComplete, ParameterDescription, RowDescription (text
+    // formats), the command tag and ReadyForQuery are PostgreSQL's, byte for byte.
+    let now = answer(&mut pg, &typed_cycle(sql, "2")).await;
+    assert_eq!(tags(&hit), tags(&now), "hit {hit:?}\npostgres {now:?}");
+    for (i, (h, p)) in hit.iter().zip(&now).enumerate() {
+        if h.tag != b'D' {
+            assert_eq!(h, p, "message {i} of a hit differs from PostgreSQL's");
+        }
+    }
+    for i in 0..3 {
+        let again = answer(&mut proxy, &typed_cycle(sql, "2")).await;
+        assert_eq!(again, hit, "hit {i} is not byte-identical to the first hit");
+    }
+
+    // The statement described is not the one the portal runs (parsed again after the
+    // Bind): PostgreSQL describes the new one, and so does spillway.
+    let other = "SELECT v FROM t WHERE id = $1";
+    let reparsed = [
+        wire::parse_typed("", sql, &[23]),
+        wire::bind_formats("", "", &[Some("2")], &[1]),
+        wire::parse_typed("", other, &[23]),
+        wire::describe_statement(""),
+        wire::execute("", 0),
+        wire::sync(),
+    ]
+    .concat();
+    let got = answer(&mut proxy, &reparsed).await;
+    let want = answer(&mut pg, &reparsed).await;
+    assert_eq!(tags(&got), "121tTDDCZ", "{got:?}");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        if g.tag != b'D' {
+            assert_eq!(g, w, "message {i} differs from PostgreSQL's: {got:?}");
+        }
+    }
+}

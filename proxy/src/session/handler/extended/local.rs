@@ -2,8 +2,9 @@
 //! portal. The answers are gathered as the messages arrive ([`Caching::step_local`]):
 //! Parse of the unnamed statement (ParseComplete), Bind of the unnamed portal to a
 //! cacheable statement whose key is stored (BindComplete), Describe of that portal
-//! (the stored RowDescription), Execute of it without a row limit (the stored rows and
-//! command tag). At the Sync they go out with ReadyForQuery ([`Caching::plan_at_sync`]).
+//! (the stored RowDescription) or of the unnamed statement it runs (the stored
+//! ParameterDescription and RowDescription, as PostgreSQL described it when the entry
+//! was filled), Execute of it without a row limit (the stored rows and command tag). At the Sync they go out with ReadyForQuery ([`Caching::plan_at_sync`]).
 //!
 //! A Bind whose key is missing either waits for another session already filling it
 //! (decided at the Sync: waiting pays only when it is the cycle's one query) or leads
@@ -32,6 +33,9 @@ pub struct Local {
     unnamed_changed: bool,
     /// The entry bound to the unnamed portal, for its Describe and Execute.
     bound: Option<Arc<CachedResult>>,
+    /// The unnamed portal runs the unnamed statement as it is now: a Describe of the
+    /// statement answers with the entry's description of it.
+    bound_unnamed: bool,
     hits: u64,
     binds: u32,
     /// Another session is filling a key bound here, and how many Binds the cycle had
@@ -60,12 +64,14 @@ pub enum AtSync {
 }
 
 impl Local {
-    fn new(unnamed: Option<Arc<Stmt>>) -> Self {
+    /// `answers`: an empty buffer to gather them in (the last plan's, reused).
+    fn new(unnamed: Option<Arc<Stmt>>, answers: BytesMut) -> Self {
         Self {
-            answers: BytesMut::new(),
+            answers,
             unnamed,
             unnamed_changed: false,
             bound: None,
+            bound_unnamed: false,
             hits: 0,
             binds: 0,
             waiting: None,
@@ -75,6 +81,11 @@ impl Local {
     /// The unnamed statement as the cycle left it so far.
     pub fn unnamed(&self) -> Option<&Arc<Stmt>> {
         self.unnamed.as_ref()
+    }
+
+    /// A Bind in the plan bound a cacheable read (the cycle is no write of its own).
+    pub fn binds_a_read(&self) -> bool {
+        self.binds > 0
     }
 }
 
@@ -93,7 +104,10 @@ impl Caching {
         }
         let mut plan = match self.cycle.local.take() {
             Some(p) => p,
-            None if self.cycle.held.is_empty() => Local::new(self.stmts.client_unnamed().cloned()),
+            None if self.cycle.held.is_empty() => Local::new(
+                self.stmts.client_unnamed().cloned(),
+                std::mem::take(&mut self.cycle.spare),
+            ),
             // An earlier message of the cycle already ruled the cache out.
             None => return (None, None),
         };
@@ -131,10 +145,41 @@ impl Caching {
             // Nothing served from the cache: a lone Parse must be checked upstream.
             return AtSync::Forward(None);
         }
+        self.answer_plan(plan, started, out);
+        AtSync::Answered
+    }
+
+    /// At the Sync, before any write routing: a plan built as the messages came, every
+    /// Execute a hit, nothing waited for, is answered now. A hit goes nowhere upstream,
+    /// so no barrier applies to it (as to a simple Query's hit), and a cycle that binds
+    /// a cacheable read is never a write spillway answers itself.
+    pub(super) fn answer_planned(&mut self, out: &mut Outbox) -> bool {
+        let started = Instant::now();
+        let ready = self
+            .cycle
+            .local
+            .as_ref()
+            .is_some_and(|p| p.hits > 0 && p.waiting.is_none())
+            && !self.wait.filled()
+            && self.tracker.quiet
+            && self.reads_allowed(out.tx_status());
+        match self.cycle.local.take() {
+            Some(plan) if ready => {
+                self.answer_plan(plan, started, out);
+                true
+            }
+            plan => {
+                self.cycle.local = plan;
+                false
+            }
+        }
+    }
+
+    fn answer_plan(&mut self, mut plan: Local, started: Instant, out: &mut Outbox) {
         out.answer(&plan.answers);
         out.ready_now();
         if plan.unnamed_changed
-            && let Some(stmt) = plan.unnamed
+            && let Some(stmt) = plan.unnamed.take()
         {
             self.stmts.parsed_locally(stmt);
         }
@@ -143,13 +188,14 @@ impl Caching {
             self.timing.metrics.hit.record(started.elapsed());
         }
         self.cycle.clear();
-        AtSync::Answered
+        plan.answers.clear();
+        self.cycle.spare = plan.answers;
     }
 
     /// The plan of the held messages from the start (after a wait, or when the
     /// messages were held for another reason); `Err` with the decision when it fails.
     fn replan(&mut self) -> Result<Local, AtSync> {
-        let mut plan = Local::new(self.stmts.client_unnamed().cloned());
+        let mut plan = Local::new(self.stmts.client_unnamed().cloned(), BytesMut::new());
         let held = std::mem::take(&mut self.cycle.held);
         let mut verdict = Ok(());
         for m in &held {
@@ -187,6 +233,7 @@ impl Caching {
                     };
                     plan.unnamed = Some(stmt);
                     plan.unnamed_changed = true;
+                    plan.bound_unnamed = false;
                     plan.answers.extend_from_slice(frontend::PARSE_COMPLETE);
                     true
                 }
@@ -200,6 +247,7 @@ impl Caching {
             }),
             frontend::BIND => {
                 plan.binds += 1;
+                plan.bound_unnamed = false;
                 return match frontend::bind(body) {
                     Some(b) if b.portal.is_empty() => {
                         self.bind_step(plan, b.statement, b.params_and_formats)
@@ -207,21 +255,26 @@ impl Caching {
                     _ => Step::No,
                 };
             }
-            frontend::DESCRIBE if waiting => {
-                frontend::target(body).is_some_and(|t| t.kind == b'P' && t.name.is_empty())
-            }
-            frontend::DESCRIBE => match (frontend::target(body), &plan.bound) {
-                (Some(t), Some(hit)) if t.kind == b'P' && t.name.is_empty() => {
-                    match &hit.row_description {
-                        Some(rd) => {
-                            plan.answers.extend_from_slice(rd);
-                            true
-                        }
-                        None => false,
+            frontend::DESCRIBE if waiting => frontend::target(body).is_some_and(|t| {
+                t.name.is_empty() && (t.kind == b'P' || (t.kind == b'S' && plan.bound_unnamed))
+            }),
+            frontend::DESCRIBE => {
+                let described = match (frontend::target(body), &plan.bound) {
+                    (Some(t), Some(hit)) if t.kind == b'P' && t.name.is_empty() => {
+                        hit.row_description.as_ref()
                     }
-                }
-                _ => false,
-            },
+                    (Some(t), Some(hit))
+                        if t.kind == b'S' && t.name.is_empty() && plan.bound_unnamed =>
+                    {
+                        hit.statement.as_ref()
+                    }
+                    _ => None,
+                };
+                described.is_some_and(|d| {
+                    plan.answers.extend_from_slice(d);
+                    true
+                })
+            }
             frontend::EXECUTE if waiting => {
                 frontend::execute(body).is_some_and(|e| e.portal.is_empty() && e.max_rows == 0)
             }
@@ -243,21 +296,23 @@ impl Caching {
         let Some(stmt) = self.bound_statement(plan, statement) else {
             return Step::No;
         };
-        let Some(key) = self.extended_key(&stmt, params) else {
-            return Step::No;
-        };
-        if let Some(hit) = self.cache.results.get(&key) {
+        if let Some(hit) = self.extended_get(&stmt, params) {
             plan.bound = Some(hit);
+            plan.bound_unnamed = statement.is_empty();
             plan.answers.extend_from_slice(frontend::BIND_COMPLETE);
             return Step::Ok;
         }
-        // A miss: only a cacheable statement may lead a fill.
+        // A miss: only a cacheable statement may lead a fill, under the key built.
         if self.decide(&stmt.analysis).cacheable.is_err() {
             return Step::No;
         }
+        let Some(key) = self.extended_key(&stmt, params) else {
+            return Step::No;
+        };
         match self.cache.results.lookup(&key) {
             Lookup::Hit(hit) => {
                 plan.bound = Some(hit);
+                plan.bound_unnamed = statement.is_empty();
                 plan.answers.extend_from_slice(frontend::BIND_COMPLETE);
                 Step::Ok
             }

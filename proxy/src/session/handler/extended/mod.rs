@@ -28,8 +28,8 @@ mod route;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use spillway_policies::cache::{FillTicket, Lookup};
+use bytes::{Bytes, BytesMut};
+use spillway_policies::cache::{CachedResult, FillTicket, Lookup};
 
 use super::fill::Fill;
 use super::statements::Stmt;
@@ -45,6 +45,8 @@ use route::Shape;
 /// Held messages beyond these bounds go upstream without waiting for their Sync.
 const MAX_HELD_BYTES: usize = 256 * 1024;
 const MAX_HELD: usize = 64;
+/// The least the held-message arena grows by.
+const ARENA_BYTES: usize = 8 * 1024;
 
 /// The extended-protocol cycle being received, until its Sync.
 #[derive(Default)]
@@ -60,6 +62,9 @@ pub struct Cycle {
     fills: bool,
     /// Fill prepared at a Bind for the Execute of that portal.
     pub next_fill: Option<Box<Fill>>,
+    /// That Bind bound the unnamed statement, not parsed again since: a Describe of it
+    /// describes what the fill's Execute runs.
+    fill_unnamed: bool,
     /// Named statements the cycle parsed upstream, maybe not confirmed yet: what a
     /// later Bind in the cycle executes, for its barrier.
     named: Vec<(String, Arc<Stmt>)>,
@@ -67,6 +72,12 @@ pub struct Cycle {
     local: Option<Local>,
     /// Whether the held messages may still be one statement spillway answers itself.
     shape: Shape,
+    /// Where held messages are copied: one buffer reused cycle after cycle (the held
+    /// `Bytes` are views of it), so holding a message allocates nothing once it is
+    /// large enough.
+    arena: BytesMut,
+    /// The buffer of the last plan answered, reused by the next one.
+    spare: BytesMut,
 }
 
 impl Cycle {
@@ -86,7 +97,12 @@ impl Cycle {
     }
 
     fn hold(&mut self, msg: &[u8]) {
-        self.held.push(Bytes::copy_from_slice(msg));
+        if self.arena.capacity() < msg.len() {
+            // Reclaims the whole buffer once the views of the last cycle are dropped.
+            self.arena.reserve(msg.len().max(ARENA_BYTES));
+        }
+        self.arena.extend_from_slice(msg);
+        self.held.push(self.arena.split().freeze());
         self.held_bytes += msg.len();
     }
 }
@@ -133,7 +149,12 @@ impl Caching {
         let status = out.tx_status();
         let parsed = self.parsed(msg);
         let (local, lead) = self.step_local(msg, parsed.as_ref(), status);
-        let shape = self.step_shape(msg, parsed.as_ref());
+        let shape = if local.as_ref().is_some_and(Local::binds_a_read) {
+            // A cacheable read is bound: never one statement spillway answers itself.
+            Shape::impossible()
+        } else {
+            self.step_shape(msg, parsed.as_ref())
+        };
         if local.is_some() || shape.possible(self) {
             self.cycle.local = local;
             self.cycle.shape = shape;
@@ -205,6 +226,9 @@ impl Caching {
         if let Some(closed) = self.release_before(self.cycle.held.iter().map(|m| &m[..])) {
             return self.wait_released(closed);
         }
+        if self.answer_planned(out) {
+            return Disposition::Consumed;
+        }
         if let Some(d) = self.route_cycle(out) {
             return d;
         }
@@ -252,7 +276,9 @@ impl Caching {
             frontend::PARSE => match frontend::parse(body) {
                 Some(p) => {
                     let stmt = self.statement(&p, msg, self.stmts.client_unnamed());
-                    if !p.name.is_empty() {
+                    if p.name.is_empty() {
+                        self.cycle.fill_unnamed = false;
+                    } else {
                         self.cycle.named.push((p.name.to_owned(), stmt.clone()));
                     }
                     Expect::Parse {
@@ -267,6 +293,7 @@ impl Caching {
             },
             frontend::BIND => {
                 self.cycle.next_fill = None;
+                self.cycle.fill_unnamed = false;
                 if let Some(b) = frontend::bind(body) {
                     if b.statement.is_empty() {
                         self.inject_unnamed(out);
@@ -279,6 +306,7 @@ impl Caching {
                     {
                         self.cycle.next_fill =
                             self.prepare_fill(&stmt, b.params_and_formats, ticket);
+                        self.cycle.fill_unnamed = b.statement.is_empty();
                     }
                 }
                 Expect::Bind
@@ -288,12 +316,16 @@ impl Caching {
                     if t.name.is_empty() {
                         self.inject_unnamed(out);
                     }
-                    Expect::DescribeStatement
+                    Expect::DescribeStatement {
+                        capture: t.name.is_empty()
+                            && self.cycle.fill_unnamed
+                            && self.cycle.next_fill.is_some(),
+                    }
                 }
                 Some(t) => Expect::DescribePortal {
                     capture: t.name.is_empty() && self.cycle.next_fill.is_some(),
                 },
-                None => Expect::DescribeStatement,
+                None => Expect::DescribeStatement { capture: false },
             },
             frontend::EXECUTE => self.execute_forwarded(body, out),
             frontend::CLOSE => {
@@ -390,23 +422,19 @@ impl Caching {
         if !stmt.analysis.is_cacheable_shape() {
             return None;
         }
-        let sql_len = u32::try_from(stmt.sql.len())
-            .unwrap_or(u32::MAX)
-            .to_be_bytes();
-        let types_len = u32::try_from(stmt.param_types.len())
-            .unwrap_or(u32::MAX)
-            .to_be_bytes();
-        let key = self.key.key(
-            b'X',
-            &[
-                &sql_len,
-                stmt.sql.as_bytes(),
-                &types_len,
-                &stmt.param_types,
-                params,
-            ],
-        );
-        Some(key.to_vec())
+        let lens = key_lengths(stmt);
+        Some(self.key.key(b'X', &key_parts(stmt, params, &lens)).to_vec())
+    }
+
+    /// The entry under the key [`Caching::extended_key`] builds, looked up without
+    /// building it (`None` too when the statement is not cacheable).
+    fn extended_get(&self, stmt: &Stmt, params: &[u8]) -> Option<Arc<CachedResult>> {
+        if !stmt.analysis.is_cacheable_shape() {
+            return None;
+        }
+        let lens = key_lengths(stmt);
+        self.key
+            .get(&self.cache.results, b'X', &key_parts(stmt, params, &lens))
     }
 
     /// The statement a Parse message defines (`None`: not a Parse, or malformed).
@@ -446,6 +474,24 @@ impl Caching {
             parse_msg: Bytes::copy_from_slice(msg),
         })
     }
+}
+
+/// The lengths of a statement's text and parameter types, as its key spells them.
+fn key_lengths(stmt: &Stmt) -> [[u8; 4]; 2] {
+    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes();
+    [len(stmt.sql.len()), len(stmt.param_types.len())]
+}
+
+/// An Execute's key after the prefix: the statement (text, parameter types, each
+/// after its length) and the Bind's parameters and formats.
+fn key_parts<'a>(stmt: &'a Stmt, params: &'a [u8], lens: &'a [[u8; 4]; 2]) -> [&'a [u8]; 5] {
+    [
+        &lens[0],
+        stmt.sql.as_bytes(),
+        &lens[1],
+        &stmt.param_types,
+        params,
+    ]
 }
 
 /// Queues `msg` upstream: the message being handled is seen by the state machine now,
