@@ -35,7 +35,7 @@ for t in "${TARGETS[@]}"; do
     result="FOUND something (see fuzz/$log and fuzz/artifacts/$t/)"
     status=1
   fi
-  done_line=$(grep -E '^#[0-9]+ +DONE' "$log" | tail -1 || true)
+  done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1 || true)
   [ -n "$done_line" ] || done_line=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
   printf '%-10s %s: %s\n' "$t" "$result" "$done_line"
 done
