@@ -191,3 +191,64 @@ async fn key_index_memory_and_load_time() {
         );
     }
 }
+
+/// With the change stream the index loads, becomes `ready`, and exact counts need no
+/// point read for keys it knows: present ones count 1, absent ones 0, all from the
+/// index. (The write side may start the database's stream before its sink is
+/// registered, and `ReadCache::add_change_sink` then reports the stream as resumed;
+/// this test's start does not hit that order, `loadtest/write-bench.sh -R` did.)
+#[tokio::test]
+async fn with_the_change_stream_the_index_answers_and_writes_need_no_point_read() {
+    let ctx = builder()
+        .pg(|b| {
+            b.conf("wal_level = logical")
+                .conf("synchronous_commit = on")
+        })
+        .section("[cache]\ninvalidation = \"replication\"\n")
+        .start()
+        .await;
+    let client = ctx.proxy_client().await;
+    // The index is ready once the stream passed the WAL position read after its load,
+    // which takes a commit after it: other writers' commits, here a direct one.
+    let direct = ctx.direct_client().await;
+    direct
+        .batch_execute("CREATE TABLE public.tick (n int)")
+        .await
+        .expect("tick table");
+    let table = "table=\"public.ki\"";
+    let ready = format!("{table},state=\"ready\"");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // A session keeps the database's stream followed.
+        client.simple_query("SELECT 1").await.expect("probe");
+        direct
+            .batch_execute("INSERT INTO public.tick VALUES (1)")
+            .await
+            .expect("tick");
+        let text = scrape(ctx.proxy.metrics_addr()).await;
+        if sample(&text, "spillway_key_index_state", &ready) == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "index never ready:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = sample(
+        &scrape(ctx.proxy.metrics_addr()).await,
+        "spillway_point_reads_total",
+        table,
+    );
+    for id in [1, 2, 50, ROWS, ROWS + 1, 5000] {
+        let n = tag(
+            &client,
+            &format!("UPDATE public.ki SET v = 2 WHERE id = {id}"),
+        )
+        .await;
+        assert_eq!(n, u64::from(id <= ROWS), "UPDATE of key {id}");
+    }
+    let after = sample(
+        &scrape(ctx.proxy.metrics_addr()).await,
+        "spillway_point_reads_total",
+        table,
+    );
+    assert_eq!(after, before, "point reads with the index ready");
+}

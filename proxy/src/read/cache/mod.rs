@@ -193,8 +193,23 @@ impl ReadCache {
     /// past it; `lost`/`resumed` when a database's stream stops and follows again.
     /// Register before the first session (a sink added later misses earlier commits
     /// and is told nothing about them).
+    ///
+    /// A database whose stream already follows (the write side's start may have used
+    /// it before its sink existed) is reported to the new sink as `resumed` at once:
+    /// it takes every commit from here on, so nothing it derives from then on misses
+    /// a change. This call may run beside the stream's own; a sink told `resumed`
+    /// twice rebuilds twice.
     pub fn add_change_sink(&self, sink: Arc<dyn spillway_policies::changes::ChangeSink>) {
-        self.sinks.add(sink);
+        self.sinks.add(sink.clone());
+        for db in self.databases() {
+            if db
+                .stream
+                .following
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                sink.resumed(&db.name);
+            }
+        }
     }
 
     /// The per-table cache settings now.
