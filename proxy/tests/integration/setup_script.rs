@@ -112,9 +112,11 @@ impl Machine {
         );
         m.write_bin("id", ID);
         m.write_bin("stub", STUB);
-        // What a working Rust toolchain brings along: a C compiler to link with, and
-        // the CA certificates cargo fetches crates with.
+        // What a working Rust toolchain brings along: a C compiler to link with (and
+        // make, as build-essential has it), and the CA certificates cargo fetches
+        // crates with.
         m.write_bin("cc", STUB);
+        m.write_bin("make", STUB);
         let certs = m.root().join("etc/ssl/certs");
         std::fs::create_dir_all(&certs).expect("certs dir");
         std::fs::write(certs.join("ca-certificates.crt"), "").expect("ca file");
