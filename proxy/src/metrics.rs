@@ -36,6 +36,7 @@ pub const DEAD_LETTERS: &str = "spillway_dead_letters_total";
 pub const JOURNAL_BYTES: &str = "spillway_journal_bytes";
 pub const JOURNAL_FSYNCS: &str = "spillway_journal_fsyncs_total";
 pub const JOURNAL_FSYNC_MICROS: &str = "spillway_journal_fsync_microseconds_total";
+pub const JOURNAL_REFUSALS: &str = "spillway_journal_refusals_total";
 // The key index and point reads of `row_counts = "exact"`.
 pub const POINT_READS: &str = "spillway_point_reads_total";
 pub const POINT_READ_QUERIES: &str = "spillway_point_read_queries_total";
@@ -57,7 +58,7 @@ pub const REPLICATION_RESETS: &str = "spillway_replication_resets_total";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 35] = [
+pub const ALL: [&str; 36] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -78,6 +79,7 @@ pub const ALL: [&str; 35] = [
     JOURNAL_BYTES,
     JOURNAL_FSYNCS,
     JOURNAL_FSYNC_MICROS,
+    JOURNAL_REFUSALS,
     POINT_READS,
     POINT_READ_QUERIES,
     KEY_INDEX_KEYS,
@@ -204,6 +206,10 @@ fn describe() {
     describe_counter!(DEAD_LETTERS, "Deferred writes refused upstream, by table");
     describe_gauge!(JOURNAL_BYTES, Unit::Bytes, "Bytes of the journal on disk");
     describe_counter!(JOURNAL_FSYNCS, "Journal fsync calls");
+    describe_counter!(
+        JOURNAL_REFUSALS,
+        "Appends the journal refused for lack of room: reason full (journal.max_bytes) or no_space (its disk)"
+    );
     describe_counter!(
         JOURNAL_FSYNC_MICROS,
         Unit::Microseconds,

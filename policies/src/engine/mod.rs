@@ -111,15 +111,25 @@ pub enum DeferError {
 }
 
 impl DeferError {
-    /// 53000 (insufficient resources) for back-pressure, XX000 otherwise.
+    /// 53000 (insufficient resources) for back-pressure, 53100 (disk full) when the
+    /// journal's disk is, XX000 otherwise.
     pub fn sqlstate(&self) -> &'static str {
         match self {
             DeferError::Full { .. } | DeferError::Journal(JournalError::Full { .. }) => "53000",
+            DeferError::Journal(JournalError::NoSpace { .. }) => "53100",
             DeferError::Duplicate { .. } => "23505",
             DeferError::Upstream(_) | DeferError::Unreachable(_) => "08006",
             DeferError::Diverged(_) => "40001",
             _ => "XX000",
         }
+    }
+}
+
+impl DeferError {
+    /// The journal has no room (`journal.max_bytes` or its disk): a table with
+    /// `when_full = "write-through"` runs the statement upstream instead.
+    pub fn journal_out_of_room(&self) -> bool {
+        matches!(self, DeferError::Journal(e) if e.is_out_of_room())
     }
 }
 

@@ -2,7 +2,7 @@
 //! to a client answer.
 //!
 //! Invariant: an error that means "the journal can no longer promise durability"
-//! (`Poisoned`) is never turned into a retry; only `Full` is retryable.
+//! (`Poisoned`) is never turned into a retry; only `Full` and `NoSpace` are retryable.
 
 use std::io;
 use std::path::PathBuf;
@@ -38,6 +38,15 @@ pub enum JournalError {
     /// The journal holds `journal.max_bytes` or more; the caller applies `when_full`.
     #[error("journal is full: {bytes} bytes held, journal.max_bytes is {max_bytes}")]
     Full { bytes: u64, max_bytes: u64 },
+    /// The journal's disk has no room for the next preallocation or segment (ENOSPC,
+    /// EDQUOT, EFBIG). Nothing of the failed appends was written and the journal stays
+    /// usable: the same append succeeds once space returns.
+    #[error("journal: no space left on the journal's disk ({op} {}): {detail}", path.display())]
+    NoSpace {
+        op: &'static str,
+        path: PathBuf,
+        detail: Arc<str>,
+    },
     #[error("journal record of {len} bytes exceeds the limit of {max} bytes")]
     TooLarge { len: usize, max: usize },
     /// A write or fsync failed earlier. After a failed fsync the kernel may have dropped
@@ -63,9 +72,33 @@ impl JournalError {
         }
     }
 
-    /// Whether the same append may succeed later without anyone intervening: only when
-    /// the journal was full (the flusher frees space as it confirms).
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, JournalError::Full { .. })
+    pub(crate) fn no_space(op: &'static str, path: impl Into<PathBuf>, e: &io::Error) -> Self {
+        JournalError::NoSpace {
+            op,
+            path: path.into(),
+            detail: e.to_string().into(),
+        }
     }
+
+    /// Whether the same append may succeed later without anyone intervening: only when
+    /// the journal or its disk was full (the flusher frees space as it confirms, an
+    /// operator frees the disk).
+    pub fn is_retryable(&self) -> bool {
+        self.is_out_of_room()
+    }
+
+    /// `journal.max_bytes` reached or the disk full: the table's `when_full` applies.
+    pub fn is_out_of_room(&self) -> bool {
+        matches!(
+            self,
+            JournalError::Full { .. } | JournalError::NoSpace { .. }
+        )
+    }
+}
+
+/// Whether an I/O error means the disk (or the process's share of it) is full, as
+/// opposed to failing: such a failure before a frame is written poisons nothing.
+pub(crate) fn is_no_space(e: &io::Error) -> bool {
+    use io::ErrorKind::{FileTooLarge, QuotaExceeded, StorageFull};
+    matches!(e.kind(), StorageFull | QuotaExceeded | FileTooLarge)
 }

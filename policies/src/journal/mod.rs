@@ -41,7 +41,9 @@
 //!   refuses (`Corrupt`) damage that is not one (see `segment`). Records already in the
 //!   ledger may be among them: the ledger, not the journal, is the authority.
 //! - **Poison.** After a failed write or fsync every later append fails with
-//!   `Poisoned`; reopening recovers what is really on disk.
+//!   `Poisoned`; reopening recovers what is really on disk. A full disk is not a
+//!   failure: appends fail with `NoSpace` (nothing of them written) until space
+//!   returns, then succeed again without a restart.
 //! - **Bounds.** The command queue holds [`QUEUE_CAPACITY`] commands; when it is full
 //!   `append` waits for a slot (the caller's own `block_timeout` bounds the wait).
 //!   `append` fails fast with `Full` once [`Journal::bytes`] reaches
@@ -133,6 +135,8 @@ pub struct JournalStats {
     pub bytes_written: AtomicU64,
     /// Appends refused with `Full`.
     pub full: AtomicU64,
+    /// Groups refused with `NoSpace` (the disk was full).
+    pub no_space: AtomicU64,
     pub segments_removed: AtomicU64,
 }
 
@@ -237,7 +241,12 @@ impl Journal {
             _lock: lock,
             buf: Vec::new(),
         };
-        writer.prepare_segment()?;
+        match writer.prepare_segment() {
+            // A full disk at start: the journal opens, and appends say `NoSpace` until
+            // space returns (the first commit grows the segment then).
+            Ok(()) | Err(JournalError::NoSpace { .. }) => {}
+            Err(e) => return Err(e),
+        }
         std::thread::Builder::new()
             .name("spillway-journal".into())
             .spawn(move || writer.run(rt, rx))

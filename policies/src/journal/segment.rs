@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
+use super::error::is_no_space;
 use super::format::{self, Decoded};
 use super::meta::sync_dir;
 use super::{JournalError, Record, TornTail};
@@ -78,9 +79,19 @@ pub fn create(dir: &Path, first_seq: u64) -> Result<(File, Segment), JournalErro
         .write(true)
         .open(&path)
         .map_err(|e| JournalError::io("create", &path, e))?;
-    file.write_all(&format::encode_segment_header(first_seq))
+    if let Err(e) = file
+        .write_all(&format::encode_segment_header(first_seq))
         .and_then(|()| file.sync_all())
-        .map_err(|e| JournalError::io("write header", &path, e))?;
+    {
+        // A full disk leaves no half-made segment behind for the next attempt (which
+        // uses the same name) or for recovery to trip over.
+        if is_no_space(&e) {
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(JournalError::no_space("create", &path, &e));
+        }
+        return Err(JournalError::io("write header", &path, e));
+    }
     sync_dir(dir)?;
     let segment = Segment {
         path,

@@ -18,6 +18,8 @@ pub struct Faults {
     pub fail_write: AtomicBool,
     /// The next fsync fails.
     pub fail_sync: AtomicBool,
+    /// While set, every growth of a segment finds the disk full.
+    pub disk_full: AtomicBool,
     /// While set, the writer holds the command it just received, so that others queue
     /// up behind it.
     pub paused: AtomicBool,
@@ -432,6 +434,42 @@ async fn failed_write_poisons_and_reopen_recovers_what_was_durable() {
     assert_eq!(seqs(&recovery), vec![1, 2]);
     assert!(recovery.torn.is_some(), "the half frame is cut off");
     assert_eq!(journal.append(payload(3)).await.expect("append"), 3);
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_appends_without_poisoning_and_they_resume_when_space_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = open(dir.path());
+    append_n(&journal, 1, 3).await;
+    let faults = &journal.shared.faults;
+    faults.disk_full.store(true, Ordering::SeqCst);
+    // Appends go on into space already grown; the first that needs more is refused.
+    let mut last = 3;
+    let err = loop {
+        match journal.append(payload(last + 1)).await {
+            Ok(seq) => {
+                assert_eq!(seq, last + 1);
+                last = seq;
+                assert!(last < 200, "the segment never needed to grow");
+            }
+            Err(err) => break err,
+        }
+    };
+    assert!(matches!(err, JournalError::NoSpace { .. }), "{err}");
+    assert!(err.is_retryable() && err.is_out_of_room());
+    assert!(!journal.is_poisoned());
+    assert_eq!(journal.durable_seq(), last);
+    // Still full: still refused, and no sequence number is used up.
+    let again = journal.append(payload(last + 1)).await.expect_err("full");
+    assert!(matches!(again, JournalError::NoSpace { .. }), "{again}");
+    assert_eq!(journal.stats().no_space.load(Ordering::Relaxed), 2);
+
+    faults.disk_full.store(false, Ordering::SeqCst);
+    append_n(&journal, last + 1, last + 30).await;
+    journal.close().await.expect("close");
+    let (_, recovery) = reopen_when_released(dir.path()).await;
+    assert_eq!(seqs(&recovery), (1..=last + 30).collect::<Vec<_>>());
+    assert!(recovery.torn.is_none(), "nothing half-written");
 }
 
 #[tokio::test]

@@ -15,6 +15,11 @@
 //! - Sequence numbers are assigned here, in queue order, without gaps.
 //! - After any write or fsync error the journal is poisoned: the group in flight and
 //!   every later command fail with `Poisoned`. Nothing is retried (see `JournalError`).
+//!   The one exception is a full disk before a frame is written (growing the active
+//!   segment, creating or growing the next one): the group fails with `NoSpace`,
+//!   the file is cut back to what it held, and the next group tries again, so the
+//!   journal resumes by itself once space returns. A frame is only ever written into
+//!   space already grown, so a full disk never leaves half a frame.
 //! - A segment is synced before the next one is created, and the new one (header,
 //!   directory entry) is durable before any frame goes into it.
 //! - Frames are written into space preallocated with written zeros
@@ -41,6 +46,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use super::error::is_no_space;
 use super::segment::{self, Segment};
 use super::{FsyncMode, JournalError, Shared};
 
@@ -182,7 +188,14 @@ impl Writer {
         if needed > self.active_segment.file_len
             && let Err(e) = self.preallocate(needed)
         {
-            let err = self.poison("preallocating", &e);
+            // Nothing of the frame is written yet: a full disk refuses this group and
+            // the next one tries again; any other failure poisons.
+            let err = if is_no_space(&e) {
+                self.shared.stats.no_space.fetch_add(1, Ordering::Relaxed);
+                JournalError::no_space("preallocating", &self.active_segment.path, &e)
+            } else {
+                self.poison("preallocating", &e)
+            };
             return fail_all(group, &err);
         }
         if let Err(e) = self.write_frame() {
@@ -219,7 +232,8 @@ impl Writer {
         }
         if self.active_segment.data_len >= self.segment_bytes {
             // Before the replies, so that a caller sees the rotation done. A failure
-            // poisons later appends; these records are durable, so they still succeed.
+            // poisons later appends (a full disk does not: the next commit tries again);
+            // these records are durable, so they still succeed.
             let _ = self.rotate();
         }
         self.shared
@@ -238,18 +252,49 @@ impl Writer {
         let step = PREALLOCATE_BYTES.min(self.segment_bytes);
         let path = self.active_segment.path.clone();
         if self.active_segment.file_len < self.active_segment.data_len + step {
-            let sync = self.mode != FsyncMode::Never;
             self.preallocate(self.active_segment.data_len + step)
-                .and_then(|()| if sync { self.active.sync_all() } else { Ok(()) })
-                .map_err(|e| JournalError::io("preallocate", &path, e))?;
+                .map_err(|e| {
+                    if is_no_space(&e) {
+                        JournalError::no_space("preallocate", &path, &e)
+                    } else {
+                        JournalError::io("preallocate", &path, e)
+                    }
+                })?;
+            if self.mode != FsyncMode::Never {
+                self.active
+                    .sync_all()
+                    .map_err(|e| JournalError::io("sync", &path, e))?;
+            }
         }
         Ok(())
     }
 
     /// Grows the active segment with written zeros to at least `needed` bytes, leaving
-    /// the file position at the end of the data.
+    /// the file position at the end of the data. On failure the file is cut back to
+    /// its length before (so a full disk gets back what a partial growth took) and
+    /// the position is the end of the data again.
     fn preallocate(&mut self, needed: u64) -> io::Result<()> {
+        let grown = self.grow(needed);
+        if grown.is_err() {
+            let _ = self.active.set_len(self.active_segment.file_len);
+        }
+        self.active
+            .seek(SeekFrom::Start(self.active_segment.data_len))?;
+        let target = grown?;
+        self.shared
+            .bytes
+            .fetch_add(target - self.active_segment.file_len, Ordering::Relaxed);
+        self.active_segment.file_len = target;
+        Ok(())
+    }
+
+    /// Writes the zeros of [`Self::preallocate`]; returns the new file length.
+    fn grow(&mut self, needed: u64) -> io::Result<u64> {
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        #[cfg(test)]
+        if self.shared.faults.disk_full.load(Ordering::SeqCst) {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
         let step = PREALLOCATE_BYTES.min(self.segment_bytes);
         let target = needed.max(self.active_segment.file_len + step);
         self.active
@@ -260,13 +305,7 @@ impl Writer {
             self.active.write_all(&ZEROS[..n])?;
             at += n as u64;
         }
-        self.active
-            .seek(SeekFrom::Start(self.active_segment.data_len))?;
-        self.shared
-            .bytes
-            .fetch_add(target - self.active_segment.file_len, Ordering::Relaxed);
-        self.active_segment.file_len = target;
-        Ok(())
+        Ok(target)
     }
 
     fn write_frame(&mut self) -> io::Result<()> {
@@ -328,6 +367,8 @@ impl Writer {
         }
         let (file, segment) = match segment::create(&self.dir, self.next_seq) {
             Ok(created) => created,
+            // Nothing changed: the active segment stays, the next commit tries again.
+            Err(err @ JournalError::NoSpace { .. }) => return Err(err),
             Err(err) => {
                 let cause: Arc<str> = format!("starting a new segment: {err}").into();
                 let _ = self.shared.poisoned.set(cause);
@@ -349,6 +390,10 @@ impl Writer {
         }
         self.sealed.push_back(sealed);
         if let Err(err) = self.prepare_segment() {
+            // Without room the new segment has only its header; a commit grows it.
+            if matches!(err, JournalError::NoSpace { .. }) {
+                return Err(err);
+            }
             let cause: Arc<str> = format!("preparing a new segment: {err}").into();
             let _ = self.shared.poisoned.set(cause);
             return Err(err);
@@ -414,14 +459,21 @@ fn drain_group(
 
 fn fail_all(group: Vec<(Bytes, oneshot::Sender<Result<u64, JournalError>>)>, err: &JournalError) {
     for (_, reply) in group {
-        let _ = reply.send(Err(clone_poison(err)));
+        let _ = reply.send(Err(clone_failure(err)));
     }
 }
 
-fn clone_poison(err: &JournalError) -> JournalError {
+/// The error for each member of a failed group: a full disk as itself, anything else
+/// as the poison it caused.
+fn clone_failure(err: &JournalError) -> JournalError {
     match err {
         JournalError::Poisoned { cause } => JournalError::Poisoned {
             cause: cause.clone(),
+        },
+        JournalError::NoSpace { op, path, detail } => JournalError::NoSpace {
+            op,
+            path: path.clone(),
+            detail: detail.clone(),
         },
         other => JournalError::Poisoned {
             cause: other.to_string().into(),

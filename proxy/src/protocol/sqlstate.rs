@@ -15,6 +15,9 @@ impl SqlState {
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
     /// Deferred writes: back-pressure (`when_full`, `journal.max_bytes`).
     pub const INSUFFICIENT_RESOURCES: SqlState = SqlState("53000");
+    /// Deferred writes: the journal's disk is full (`when_full` other than
+    /// `write-through`).
+    pub const DISK_FULL: SqlState = SqlState("53100");
     /// Deferred writes with `row_counts = "exact"`: the key exists already.
     pub const UNIQUE_VIOLATION: SqlState = SqlState("23505");
     /// A statement in a transaction that already failed.
@@ -44,7 +47,7 @@ impl SqlState {
     pub const CRASH_SHUTDOWN: SqlState = SqlState("57P02");
 
     /// Every code above, for [`SqlState::of`].
-    const ALL: [SqlState; 20] = [
+    const ALL: [SqlState; 21] = [
         Self::PROTOCOL_VIOLATION,
         Self::CONNECTION_FAILURE,
         Self::FEATURE_NOT_SUPPORTED,
@@ -52,6 +55,7 @@ impl SqlState {
         Self::TOO_MANY_CONNECTIONS,
         Self::ADMIN_SHUTDOWN,
         Self::INSUFFICIENT_RESOURCES,
+        Self::DISK_FULL,
         Self::UNIQUE_VIOLATION,
         Self::IN_FAILED_SQL_TRANSACTION,
         Self::SERIALIZATION_FAILURE,

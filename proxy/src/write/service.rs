@@ -272,6 +272,9 @@ impl WriteService {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         metrics::counter!(m::JOURNAL_FSYNCS).absolute(load(&stats.fsyncs));
         metrics::counter!(m::JOURNAL_FSYNC_MICROS).absolute(load(&stats.fsync_micros));
+        metrics::counter!(m::JOURNAL_REFUSALS, "reason" => "full").absolute(load(&stats.full));
+        metrics::counter!(m::JOURNAL_REFUSALS, "reason" => "no_space")
+            .absolute(load(&stats.no_space));
         for (table, keys, queries) in self.point_read_counts() {
             metrics::counter!(m::POINT_READS, "table" => table.clone()).absolute(keys);
             metrics::counter!(m::POINT_READ_QUERIES, "table" => table).absolute(queries);

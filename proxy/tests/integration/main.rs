@@ -17,6 +17,7 @@ mod databases;
 mod demo;
 mod detached;
 mod differential;
+mod disk_full;
 mod docs;
 mod drivers;
 mod flush_apply;

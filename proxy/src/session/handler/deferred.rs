@@ -308,6 +308,12 @@ impl Caching {
                 self.wait = Wait::Resumed(Resume::WriteThrough);
                 return None;
             }
+            // The journal (or its disk) is full and the table says `write-through`:
+            // nothing was journaled, so PostgreSQL runs it after its barrier.
+            Err(e) if e.journal_out_of_room() && self.overflows_upstream(&ack.table_name) => {
+                self.wait = Wait::Resumed(Resume::WriteThrough);
+                return None;
+            }
             Err(e) => ack
                 .answer
                 .send(Reply::Error(&refusal(&e)), out.tx_status(), out),
@@ -316,6 +322,16 @@ impl Caching {
             self.finish_cycle(unnamed);
         }
         Some(Disposition::Consumed)
+    }
+
+    /// Whether `table` runs its writes write-through when full (`when_full`).
+    pub(super) fn overflows_upstream(&self, table: &str) -> bool {
+        self.writes.as_ref().is_some_and(|d| {
+            d.service
+                .tables()
+                .deferring(table)
+                .is_some_and(|t| t.config.when_full == spillway_policies::WhenFull::WriteThrough)
+        })
     }
 
     /// The deferred table and row operations of `analysis`, or why it is not deferred.

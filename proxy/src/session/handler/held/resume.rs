@@ -105,6 +105,11 @@ impl Caching {
                 Err(DeferError::Full { table, .. }) if self.overflows_upstream(&table) => {
                     Some(self.leave_held(out))
                 }
+                // The journal or its disk is full and every table the transaction
+                // writes says `write-through`.
+                Err(e) if e.journal_out_of_room() && self.held_overflows_upstream() => {
+                    Some(self.leave_held(out))
+                }
                 Err(e) => {
                     // COMMIT failed: the transaction is over, nothing was written.
                     self.tx.held = None;
@@ -129,14 +134,13 @@ impl Caching {
         }
     }
 
-    /// Whether `table` runs its writes write-through when full.
-    fn overflows_upstream(&self, table: &str) -> bool {
-        self.writes.as_ref().is_some_and(|d| {
-            d.service
-                .tables()
-                .deferring(table)
-                .is_some_and(|t| t.config.when_full == spillway_policies::WhenFull::WriteThrough)
-        })
+    /// Whether every table the held transaction writes runs its writes write-through
+    /// when full.
+    fn held_overflows_upstream(&self) -> bool {
+        self.tx
+            .held
+            .as_ref()
+            .is_some_and(|h| h.stmts.iter().all(|s| self.overflows_upstream(&s.table)))
     }
 
     /// Bookkeeping for a held transaction journaled as record `seq`.
