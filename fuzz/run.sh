@@ -5,20 +5,26 @@
 # land in fuzz/artifacts/<target>/; add one to fuzz/corpus/<target>/ once fixed, and
 # proxy/tests/fuzz_corpus.rs replays it in the ordinary suite from then on.
 #
-# Usage: fuzz/run.sh [-t SECONDS] [-j JOBS] [target ...]
+# -n runs the targets as last built, without building (cargo fuzz run rebuilds from
+# the working tree before each target, so edits made during a long run would change,
+# or break, the targets that follow).
+#
+# Usage: fuzz/run.sh [-t SECONDS] [-j JOBS] [-n] [target ...]
 set -euo pipefail
-SECONDS_EACH=60 JOBS=1
-while getopts "t:j:h" opt; do
+SECONDS_EACH=60 JOBS=1 BUILD=1
+while getopts "t:j:nh" opt; do
   case $opt in
-    t) SECONDS_EACH=$OPTARG ;; j) JOBS=$OPTARG ;;
-    *) sed -n '2,9p' "$0"; exit 2 ;;
+    t) SECONDS_EACH=$OPTARG ;; j) JOBS=$OPTARG ;; n) BUILD=0 ;;
+    *) sed -n '2,13p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
 cd "$(dirname "$0")"
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || mapfile -t TARGETS < <(cargo +nightly fuzz list)
-cargo +nightly fuzz build -O >&2
+[ "$BUILD" = 0 ] || cargo +nightly fuzz build -O >&2
+bin=target/x86_64-unknown-linux-gnu/release
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_odr_violation=0}
 status=0
 for t in "${TARGETS[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t" "work/$t"
@@ -27,7 +33,7 @@ for t in "${TARGETS[@]}"; do
   # -jobs > 1 sends libFuzzer's output to fuzz-N.log files; with one job it stays in $log.
   parallel=()
   [ "$JOBS" -gt 1 ] && parallel=(-jobs="$JOBS" -workers="$JOBS")
-  if cargo +nightly fuzz run -O "$t" "work/$t" "corpus/$t" -- \
+  if "$bin/$t" "work/$t" "corpus/$t" \
       -max_total_time="$SECONDS_EACH" "${parallel[@]}" \
       -artifact_prefix="artifacts/$t/" -rss_limit_mb=2048 -max_len=65536 >"$log" 2>&1; then
     result=clean
