@@ -15,6 +15,10 @@
 //!   link slows the sender down, it never drops.
 //! - A half-close is relayed (after the queued bytes); an error on either side of a
 //!   connection closes both.
+//! - Faults, for tests that drive the link in process ([`Faults`]): while stalled,
+//!   nothing is written on in either direction (bytes read meanwhile wait, up to the
+//!   buffer; the stall ends with them in order); a cut closes every open connection
+//!   at once, both sides, and new ones are relayed as before.
 
 pub mod clock;
 
@@ -27,7 +31,7 @@ use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 pub use clock::Clock;
 
@@ -103,6 +107,40 @@ impl Stats {
     }
 }
 
+/// Faults a test injects into a running link: a stall (the link holds every byte
+/// until it ends) and a cut (every open connection closed). Cheap to clone.
+#[derive(Clone)]
+pub struct Faults {
+    stalled: watch::Sender<bool>,
+    /// Bumped by every cut; a connection ends when it changes.
+    cuts: watch::Sender<u64>,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            stalled: watch::Sender::new(false),
+            cuts: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Faults {
+    /// Holds every byte from now until [`Faults::resume`].
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
+    }
+
+    /// Closes every connection open now, both sides, without relaying what they hold.
+    pub fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
+    }
+}
+
 /// Accepts on `listener` and relays each connection until `stop` completes; then
 /// every connection is closed.
 pub async fn serve(
@@ -110,6 +148,18 @@ pub async fn serve(
     config: LinkConfig,
     clock: Clock,
     stats: Arc<Stats>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    serve_with_faults(listener, config, clock, stats, Faults::default(), stop).await;
+}
+
+/// [`serve`], with faults injected through `faults`.
+pub async fn serve_with_faults(
+    listener: TcpListener,
+    config: LinkConfig,
+    clock: Clock,
+    stats: Arc<Stats>,
+    faults: Faults,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let config = Arc::new(config);
@@ -122,7 +172,13 @@ pub async fn serve(
                 Ok((client, _)) => {
                     let (config, clock, stats) =
                         (Arc::clone(&config), clock.clone(), Arc::clone(&stats));
-                    tasks.spawn(async move { connection(client, &config, &clock, &stats).await });
+                    let (stalled, mut cuts) = (faults.stalled.subscribe(), faults.cuts.subscribe());
+                    tasks.spawn(async move {
+                        tokio::select! {
+                            () = connection(client, &config, &clock, &stats, stalled) => {}
+                            _ = cuts.changed() => {}
+                        }
+                    });
                 }
                 // Out of descriptors and the like: wait a little rather than spin.
                 Err(e) => {
@@ -137,7 +193,13 @@ pub async fn serve(
     tasks.shutdown().await;
 }
 
-async fn connection(client: TcpStream, config: &LinkConfig, clock: &Clock, stats: &Stats) {
+async fn connection(
+    client: TcpStream,
+    config: &LinkConfig,
+    clock: &Clock,
+    stats: &Stats,
+    stalled: watch::Receiver<bool>,
+) {
     stats.connections.fetch_add(1, Ordering::Relaxed);
     let server = match TcpStream::connect(config.to).await {
         Ok(s) => s,
@@ -155,8 +217,15 @@ async fn connection(client: TcpStream, config: &LinkConfig, clock: &Clock, stats
     let (server_read, server_write) = server.into_split();
     // The first error ends both directions (dropping the sockets closes them).
     let _ = tokio::try_join!(
-        direction(client_read, server_write, config, clock, stats),
-        direction(server_read, client_write, config, clock, stats),
+        direction(
+            client_read,
+            server_write,
+            config,
+            clock,
+            stats,
+            stalled.clone()
+        ),
+        direction(server_read, client_write, config, clock, stats, stalled),
     );
 }
 
@@ -173,6 +242,7 @@ async fn direction(
     config: &LinkConfig,
     clock: &Clock,
     stats: &Stats,
+    mut stalled: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let chunk = READ_CHUNK.min(config.buffer).max(1);
     let budget = Semaphore::new(config.buffer.max(chunk));
@@ -214,6 +284,11 @@ async fn direction(
     let write = async {
         while let Some(c) = rx.recv().await {
             clock.sleep_until(c.at).await;
+            if *stalled.borrow() {
+                // Held until the stall ends; the sender side is never dropped while the
+                // link runs, so an error here only means the link is stopping.
+                let _ = stalled.wait_for(|s| !s).await;
+            }
             let late = u64::try_from(c.at.elapsed().as_nanos()).unwrap_or(u64::MAX);
             to.write_all(&c.bytes).await?;
             let n = c.bytes.len();

@@ -24,6 +24,7 @@ mod flush_apply;
 mod held_wire;
 mod key_index;
 mod lifecycle;
+mod link_faults;
 mod metrics;
 mod model;
 mod outage;
