@@ -2,6 +2,14 @@
 //! targets' own bodies (`fuzz/src/lib.rs`) on the stable toolchain: every seed, and
 //! every finding added to a corpus as a regression seed, runs in the ordinary suite.
 //! libFuzzer itself runs with `fuzz/run.sh` (nightly, cargo-fuzz).
+//!
+//! `smoke`: the short fuzz run of every target that CI makes (issue 18), on stable and
+//! without coverage guidance: for a few seconds per target (`SPILLWAY_FUZZ_SMOKE_SECS`,
+//! default 8), inputs mutated from the seeds (bit flips, byte and length-field
+//! changes, cuts, insertions, splices of two seeds) from a seed that changes per run
+//! and is printed. A panic fails the test, names the seed and saves the input under
+//! `fuzz/artifacts/<target>/` to be replayed with libFuzzer or added to the corpus.
+//! It finds shallow faults in what changed; the coverage-guided runs stay `run.sh`'s.
 
 #[path = "../../fuzz/src/lib.rs"]
 #[allow(dead_code)]
@@ -21,6 +29,109 @@ fn corpus(target: &str) -> Vec<PathBuf> {
     files.sort();
     assert!(!files.is_empty(), "no seeds in {}", dir.display());
     files
+}
+
+/// A target's body.
+type Body = fn(&[u8]);
+
+/// The target bodies, by corpus name.
+const TARGETS: [(&str, Body); 6] = [
+    ("startup", targets::startup),
+    ("messages", targets::messages),
+    ("classify", targets::classify),
+    ("journal", targets::journal),
+    ("config", targets::config),
+    ("pgoutput", targets::pgoutput),
+];
+
+/// One input derived from the seeds.
+fn mutate(rng: &mut impl rand::Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
+    let mut data = seeds[rng.random_range(0..seeds.len())].clone();
+    for _ in 0..rng.random_range(1..=4) {
+        let len = data.len();
+        match rng.random_range(0..7) {
+            0 if len > 0 => {
+                let i = rng.random_range(0..len);
+                data[i] ^= 1 << rng.random_range(0..8);
+            }
+            1 if len > 0 => {
+                let i = rng.random_range(0..len);
+                data[i] = *[0u8, 0xff, 0x7f, 0x80, b'\'', b'(', b'$']
+                    .get(rng.random_range(0..7))
+                    .unwrap_or(&0);
+            }
+            // A length or count field: four bytes set to an edge value.
+            2 if len >= 4 => {
+                let i = rng.random_range(0..=len - 4);
+                let v: u32 = *[0u32, 1, 3, 4, 5, 0x7fff_ffff, 0xffff_ffff, 1 << 30]
+                    .get(rng.random_range(0..8))
+                    .unwrap_or(&0);
+                data[i..i + 4].copy_from_slice(&v.to_be_bytes());
+            }
+            3 if len > 0 => data.truncate(rng.random_range(0..len)),
+            4 => {
+                let at = rng.random_range(0..=len);
+                let n = rng.random_range(1..=16);
+                let bytes: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+                data.splice(at..at, bytes);
+            }
+            5 if len > 0 => {
+                let (a, b) = (rng.random_range(0..len), rng.random_range(0..len));
+                let (lo, hi) = (a.min(b), a.max(b));
+                let copy = data[lo..=hi].to_vec();
+                data.splice(hi..hi, copy);
+            }
+            _ => {
+                let other = &seeds[rng.random_range(0..seeds.len())];
+                let cut = rng.random_range(0..=data.len());
+                let from = rng.random_range(0..=other.len());
+                data.truncate(cut);
+                data.extend_from_slice(&other[from..]);
+            }
+        }
+    }
+    data
+}
+
+#[test]
+fn smoke() {
+    use rand::SeedableRng;
+    let secs: u64 = std::env::var("SPILLWAY_FUZZ_SMOKE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let seed: u64 = std::env::var("SPILLWAY_FUZZ_SMOKE_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("fuzz smoke: seed {seed} (SPILLWAY_FUZZ_SMOKE_SEED), {secs} s per target");
+    // The targets' own panics are what this looks for; keep their messages short.
+    for (target, run) in TARGETS {
+        let seeds: Vec<Vec<u8>> = corpus(target)
+            .iter()
+            .map(|p| std::fs::read(p).expect("read seed"))
+            .collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ target.len() as u64);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let mut runs = 0u64;
+        while std::time::Instant::now() < until {
+            let data = mutate(&mut rng, &seeds);
+            if std::panic::catch_unwind(|| run(&data)).is_err() {
+                let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../fuzz/artifacts")
+                    .join(target);
+                let _ = std::fs::create_dir_all(&dir);
+                let path = dir.join(format!("smoke-{seed}-{runs}"));
+                let _ = std::fs::write(&path, &data);
+                panic!(
+                    "{target}: input {runs} of seed {seed} panics; saved as {}",
+                    path.display()
+                );
+            }
+            runs += 1;
+        }
+        eprintln!("fuzz smoke: {target}: {runs} inputs, none panicked");
+    }
 }
 
 fn replay(target: &str, run: fn(&[u8])) {
