@@ -32,6 +32,7 @@ mod packaging;
 mod protocol;
 mod reload;
 mod replication;
+mod replication_faults;
 mod returning;
 mod session_defects;
 mod setup_script;

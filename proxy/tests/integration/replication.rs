@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use crate::context::{Context, DB, eventually};
 use crate::metrics::scrape;
 
-const REPLICATION: &str = "[cache]\ninvalidation = \"replication\"\nttl = \"1h\"";
+pub(super) const REPLICATION: &str = "[cache]\ninvalidation = \"replication\"\nttl = \"1h\"";
 const SLOT: &str = "spillway_postgres";
 
-async fn start(extra: &str) -> Context {
+pub(super) async fn start(extra: &str) -> Context {
     Context::builder()
         // Logical decoding reads flushed WAL only: with the throwaway's
         // synchronous_commit = off a commit waits for the WAL writer (up to 600 ms).
@@ -30,7 +30,7 @@ async fn start(extra: &str) -> Context {
         .await
 }
 
-async fn value(client: &tokio_postgres::Client, id: i32) -> Option<String> {
+pub(super) async fn value(client: &tokio_postgres::Client, id: i32) -> Option<String> {
     client
         .query_opt("SELECT v FROM items WHERE id = $1", &[&id])
         .await
@@ -46,7 +46,7 @@ async fn count(client: &tokio_postgres::Client) -> i64 {
         .get(0)
 }
 
-fn metric(text: &str, name: &str) -> f64 {
+pub(super) fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -54,7 +54,7 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 /// Reads through spillway until `done` holds; the time from `since`.
-async fn until<F, Fut>(since: Instant, mut read: F) -> Duration
+pub(super) async fn until<F, Fut>(since: Instant, mut read: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

@@ -10,9 +10,14 @@
 //!   every sink took it: a crash or a lost connection in between replays it.
 //! - A failure that may have skipped changes (a lost connection, an undecodable
 //!   message, a slot dropped by an operator, the retained-WAL bound, a publication
-//!   that stopped covering a table) drops every cached entry of the database (an
-//!   epoch bump) and tells the sinks ([`ChangeSink::lost`]) before anything else is
-//!   served; the database is served uncached until the stream follows again.
+//!   that stopped covering a table or publishing an action) drops every cached entry
+//!   of the database (an epoch bump) and tells the sinks ([`ChangeSink::lost`])
+//!   before anything else is served; the database is served uncached until the
+//!   stream follows again.
+//! - Changes are applied only up to a WAL position read together with the
+//!   publication's definition, and only while that definition is the one last
+//!   checked whole: an ALTER PUBLICATION is noticed at the first round after it,
+//!   before a change it left out could be taken for "nothing happened".
 //! - After a (re)connect the slot is drained before the catalog is installed, so
 //!   changes made while spillway was stopped are applied before any cached read.
 
@@ -167,6 +172,8 @@ pub struct Follower {
     /// The server's WAL flush position when the last complete round began.
     seen_wal: u64,
     check_at: Instant,
+    /// The publication's definition when it was last checked whole (see `poll`).
+    publication_sig: Option<String>,
 }
 
 impl Follower {
@@ -179,6 +186,7 @@ impl Follower {
             pks: HashMap::new(),
             seen_wal: 0,
             check_at: Instant::now(),
+            publication_sig: None,
         }
     }
 
@@ -215,10 +223,29 @@ impl Follower {
             self.check_at = Instant::now() + CHECK_EVERY;
         }
         // The flush position: decoding reads flushed WAL only, so a commit written but
-        // not yet flushed (synchronous_commit = off) must not count as seen.
-        let wal: i64 = sqlx::query_scalar("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8")
-            .fetch_one(&mut *conn)
-            .await?;
+        // not yet flushed (synchronous_commit = off) must not count as seen. With it,
+        // in the same round trip, the publication's definition: an ALTER PUBLICATION
+        // (a table dropped from it, `publish` narrowed) takes effect for changes after
+        // its commit, so a definition unchanged since the last whole check, read
+        // before the changes up to `wal` are peeked, means they were all published.
+        let (wal, sig): (i64, Option<String>) = sqlx::query_as(
+            "SELECT (pg_current_wal_flush_lsn() - '0/0')::int8, \
+                    (SELECT concat_ws(':', p.xmin, p.puballtables, p.pubinsert, p.pubupdate, \
+                                      p.pubdelete, p.pubtruncate, \
+                                      (SELECT count(*) || '/' || coalesce(max(r.xmin::text), '') \
+                                       FROM pg_publication_rel r WHERE r.prpubid = p.oid)) \
+                     FROM pg_publication p WHERE p.pubname = $1)",
+        )
+        .bind(&self.publication)
+        .fetch_one(&mut *conn)
+        .await?;
+        if sig != self.publication_sig {
+            // Altered (or first seen): checked whole before anything more is trusted.
+            self.publication_sig = None;
+            self.check(conn, db).await?;
+            self.check_at = Instant::now() + CHECK_EVERY;
+            self.publication_sig = sig;
+        }
         let wal = u64::try_from(wal).unwrap_or(0);
         if wal == self.seen_wal {
             db.stream.lag_bytes.store(0, Ordering::Relaxed);
@@ -227,11 +254,13 @@ impl Follower {
         }
         let rows = sqlx::query(
             "SELECT (lsn - '0/0')::int8 AS lsn, data FROM pg_logical_slot_peek_binary_changes(\
-             $1, NULL, $2, 'proto_version', '1', 'publication_names', $3)",
+             $1, ('0/0'::pg_lsn + $4::int8), $2, 'proto_version', '1', 'publication_names', $3)",
         )
         .bind(&self.slot)
         .bind(BATCH_CHANGES)
         .bind(&self.publication)
+        // Only transactions committed before the definition above was read.
+        .bind(i64::try_from(wal).unwrap_or(i64::MAX))
         .fetch_all(&mut *conn)
         .await
         .map_err(|e| match &e {

@@ -44,6 +44,14 @@ pub enum SetupError {
         publication: String,
         tables: Vec<String>,
     },
+    #[error(
+        "publication {publication} does not publish {missing}: ALTER PUBLICATION \
+         {publication} SET (publish = 'insert, update, delete, truncate')"
+    )]
+    NotPublishing {
+        publication: String,
+        missing: String,
+    },
     #[error("{what}: {error}")]
     Query {
         what: &'static str,
@@ -123,6 +131,33 @@ async fn exists(
 /// changes published: an unlogged table or one left out of the publication is an
 /// error (its writes would never be seen).
 pub async fn coverage(conn: &mut PgConnection, publication: &str) -> Result<(), SetupError> {
+    let actions: Option<(bool, bool, bool, bool)> = sqlx::query_as(
+        "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication \
+         WHERE pubname = $1",
+    )
+    .bind(publication)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(q("reading the publication"))?;
+    let Some((insert, update, delete, truncate)) = actions else {
+        return Err(SetupError::NoPublication(publication.to_owned()));
+    };
+    let missing: Vec<&str> = [
+        (insert, "insert"),
+        (update, "update"),
+        (delete, "delete"),
+        (truncate, "truncate"),
+    ]
+    .into_iter()
+    .filter(|(on, _)| !on)
+    .map(|(_, action)| action)
+    .collect();
+    if !missing.is_empty() {
+        return Err(SetupError::NotPublishing {
+            publication: publication.to_owned(),
+            missing: missing.join(", "),
+        });
+    }
     let rows = sqlx::query(
         "SELECT format('%I.%I', n.nspname, c.relname) AS name FROM pg_class c \
          JOIN pg_namespace n ON n.oid = c.relnamespace \
