@@ -27,6 +27,7 @@ mod metrics;
 mod model;
 mod outage;
 mod packaging;
+mod pooling;
 mod protocol;
 mod reload;
 mod replication;

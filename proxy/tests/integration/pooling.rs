@@ -1,0 +1,301 @@
+//! Transaction pooling (ADR 0025): spillway authenticates clients itself with the
+//! credentials of `auth.file` and leases pooled server connections per transaction.
+//! Many clients share a pool of two; wrong passwords and unknown roles get 28P01; an
+//! exhausted pool gets 53300 after `pool.queue_timeout`; a server connection that dies
+//! mid-transaction fails only its own client. A new client connecting while
+//! PostgreSQL is stopped is authenticated by spillway and gets its deferred writes
+//! acknowledged, applied once when PostgreSQL is back.
+
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+
+use crate::context::{Context, DB, connect};
+
+/// The role the pooled clients use, its password, and PostgreSQL's hba for it.
+const ROLE: &str = "app";
+const PASSWORD: &str = "apppw";
+
+struct Pooled {
+    ctx: Context,
+    _dir: tempfile::TempDir,
+}
+
+impl Pooled {
+    fn conninfo(&self, user: &str, password: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={DB}",
+            self.ctx.proxy.addr.port()
+        )
+    }
+
+    async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.conninfo(ROLE, PASSWORD)).await
+    }
+
+    /// Server connections of the pool in `pg_stat_activity`.
+    async fn pool_backends(&self) -> i64 {
+        let direct = self.ctx.direct_client().await;
+        direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 \
+                 AND application_name = 'spillway pool'",
+                &[&ROLE],
+            )
+            .await
+            .expect("count backends")
+            .get(0)
+    }
+}
+
+/// spillway with role `app` in transaction mode (pool of `size`), its password in the
+/// auth file, and PostgreSQL asking that role for SCRAM.
+async fn start(size: u32, extra_pool: &str, auth_line: &str) -> Pooled {
+    start_with(size, extra_pool, auth_line, "").await
+}
+
+/// [`start`] with more config sections (`extra`, whole sections).
+async fn start_with(size: u32, extra_pool: &str, auth_line: &str, extra: &str) -> Pooled {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("userlist.txt");
+    std::fs::write(&file, format!("; pooled roles\n{auth_line}\n")).expect("auth file");
+    let ctx = Context::builder()
+        .pg(|b| b.hba(&format!("host all {ROLE} 127.0.0.1/32 scram-sha-256")))
+        .before_proxy(&format!(
+            "SET password_encryption = 'scram-sha-256';
+             CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
+             CREATE TABLE pooled_t (id int PRIMARY KEY, v int NOT NULL);
+             GRANT ALL ON pooled_t TO {ROLE};"
+        ))
+        .section(&format!(
+            "[pool]\n{extra_pool}\n[pool.users.{ROLE}]\nmode = \"transaction\"\nsize = {size}\n\
+             [auth]\nfile = \"{}\"\n{extra}\n",
+            file.display()
+        ))
+        .start()
+        .await;
+    Pooled { ctx, _dir: dir }
+}
+
+fn plain_line() -> String {
+    format!("\"{ROLE}\" \"{PASSWORD}\"")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_share_a_pool_of_two_and_transactions_stay_whole() {
+    let p = start(2, "", &plain_line()).await;
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(p.client().await);
+    }
+    assert!(
+        p.pool_backends().await <= 2,
+        "12 idle pooled clients hold at most the pool's 2 server connections"
+    );
+    let work = clients.iter().enumerate().map(|(i, c)| async move {
+        for round in 0..5 {
+            let id = (i * 100 + round) as i32;
+            c.simple_query("BEGIN").await.expect("begin");
+            c.simple_query(&format!("INSERT INTO pooled_t VALUES ({id}, 1)"))
+                .await
+                .expect("insert");
+            c.simple_query(&format!("UPDATE pooled_t SET v = v + 1 WHERE id = {id}"))
+                .await
+                .expect("update");
+            c.simple_query("COMMIT").await.expect("commit");
+            // Outside a transaction: one statement per lease.
+            let rows = c
+                .simple_query(&format!("SELECT v FROM pooled_t WHERE id = {id}"))
+                .await
+                .expect("select");
+            let v = rows.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            });
+            assert_eq!(v.as_deref(), Some("2"), "client {i} round {round}");
+        }
+    });
+    futures_util::future::join_all(work).await;
+    let direct = p.ctx.direct_client().await;
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM pooled_t WHERE v = 2", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 60, "every committed transaction applied once");
+    let backends = p.pool_backends().await;
+    assert!(
+        (1..=2).contains(&backends),
+        "the pool's connections: {backends}"
+    );
+    // A rolled-back transaction leaves nothing behind for the next lease.
+    let c = &clients[0];
+    c.simple_query("BEGIN").await.expect("begin");
+    c.simple_query("INSERT INTO pooled_t VALUES (-1, 0)")
+        .await
+        .expect("insert");
+    c.simple_query("ROLLBACK").await.expect("rollback");
+    let rows = clients[1]
+        .simple_query("SELECT count(*) FROM pooled_t WHERE id = -1")
+        .await
+        .expect("select");
+    assert!(
+        matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("0"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_and_unknown_role_both_get_28p01() {
+    // The auth file holds a SCRAM verifier: spillway checks clients against it.
+    let verifier = spillway::protocol::scram::Verifier::from_password(PASSWORD).to_string();
+    let p = start(2, "", &format!("\"{ROLE}\" \"{verifier}\"")).await;
+    for (user, password) in [(ROLE, "wrong"), ("nobody", "whatever")] {
+        let err = tokio_postgres::connect(&p.conninfo(user, password), tokio_postgres::NoTls)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{user} logged in with a wrong password"));
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INVALID_PASSWORD),
+            "{user}: {err}"
+        );
+        let db = err.as_db_error().expect("a server error");
+        assert_eq!(
+            db.message(),
+            format!("password authentication failed for user \"{user}\""),
+            "the same words whether the role exists or not"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_pool_gets_53300_after_the_queue_timeout() {
+    let p = start(1, "queue_timeout = \"300ms\"", &plain_line()).await;
+    let holder = p.client().await;
+    let waiter = p.client().await;
+    holder.simple_query("BEGIN").await.expect("begin");
+    holder
+        .simple_query("SELECT 1")
+        .await
+        .expect("the transaction holds the only connection");
+    let err = waiter
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("no connection comes free");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
+    assert!(err.to_string().contains("pool.queue_timeout"), "{err}");
+    // The holder's lease was never touched.
+    holder.simple_query("COMMIT").await.expect("commit");
+    let again = p.client().await;
+    again
+        .simple_query("SELECT 1")
+        .await
+        .expect("a free connection again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connection_dying_mid_transaction_fails_only_its_client() {
+    let p = start(2, "", &plain_line()).await;
+    let victim = p.client().await;
+    let bystander = p.client().await;
+    victim.simple_query("BEGIN").await.expect("begin");
+    let rows = victim
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .expect("pid");
+    let pid = match &rows[1] {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).expect("pid").to_owned(),
+        other => panic!("{other:?}"),
+    };
+    bystander
+        .simple_query("BEGIN")
+        .await
+        .expect("bystander begin");
+    bystander
+        .simple_query("INSERT INTO pooled_t VALUES (7, 7)")
+        .await
+        .expect("bystander insert");
+    p.ctx
+        .direct_client()
+        .await
+        .simple_query(&format!("SELECT pg_terminate_backend({pid})"))
+        .await
+        .expect("terminate");
+    let err = victim
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("its server connection is gone");
+    assert!(err.code().is_some() || err.is_closed(), "{err}");
+    bystander
+        .simple_query("COMMIT")
+        .await
+        .expect("bystander commits");
+    let direct = p.ctx.direct_client().await;
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM pooled_t WHERE id = 7", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 1);
+    // A new client is served by the pool as before.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        p.client()
+            .await
+            .simple_query("SELECT 1")
+            .await
+            .expect("served");
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_client_during_an_outage_gets_its_deferred_writes_applied_once() {
+    let mut p = start_with(
+        2,
+        "",
+        &plain_line(),
+        "[flush]\ninterval = \"1h\"\n\
+         [tables.\"public.pooled_t\"]\npolicy = \"write-behind\"\nrow_counts = \"assumed\"\n",
+    )
+    .await;
+    // Before the outage: the role's privileges are known (reused while PostgreSQL is
+    // unreachable) and the pool has met its server.
+    let before = p.client().await;
+    crate::write_behind::tag(&before, "INSERT INTO pooled_t (id, v) VALUES (1, 1)").await;
+    drop(before);
+    tokio::task::block_in_place(|| p.ctx.pg.stop_fast()).expect("stop PostgreSQL");
+
+    let during = tokio::time::timeout(Duration::from_secs(20), p.client())
+        .await
+        .expect("a new client is authenticated by spillway while PostgreSQL is down");
+    for id in 2..=4 {
+        let n = tokio::time::timeout(
+            Duration::from_secs(20),
+            during.simple_query(&format!("INSERT INTO pooled_t (id, v) VALUES ({id}, 1)")),
+        )
+        .await
+        .expect("acknowledged in time")
+        .expect("a deferred write is acknowledged during the outage");
+        assert!(
+            n.iter()
+                .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(1))),
+            "{id}"
+        );
+    }
+    // Anything that needs PostgreSQL fails this session only.
+    let err = during
+        .simple_query("SELECT now()")
+        .await
+        .expect_err("PostgreSQL is down");
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
+
+    tokio::task::block_in_place(|| p.ctx.pg.start()).expect("start PostgreSQL");
+    let after = p.client().await;
+    crate::write_behind::tag(&after, "SPILLWAY FLUSH").await;
+    let rows = crate::write_behind::direct_rows(
+        &p.ctx,
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM pooled_t",
+    );
+    assert_eq!(rows, "1,2,3,4", "every acknowledged write applied once");
+}
