@@ -1,6 +1,7 @@
 //! Server connections shared by sessions in transaction mode: one [`Pool`] per
 //! (database, user), each at most `pool.size` connections, logged in with a password
-//! spillway holds (auth file), kept idle between leases.
+//! spillway holds (auth file) or, where it holds only a SCRAM verifier, with the keys
+//! a client's SCRAM proof revealed (passthrough), kept idle between leases.
 //!
 //! A session asks for a connection with [`Pool::acquire`] when it has something for
 //! PostgreSQL, and gives it back with [`Leased::release`] at ReadyForQuery `I`. Waiting
@@ -32,6 +33,7 @@ use crate::net::cancel::UpstreamKey;
 use crate::net::conn::{Conn, read_upstream_frame};
 use crate::net::upstream::Connector;
 use crate::protocol::backend;
+use crate::protocol::scram::{ClientExchange, ScramKeys};
 use crate::protocol::startup::StartupMessage;
 
 /// `application_name` of pooled server connections.
@@ -53,9 +55,9 @@ impl Pools {
         }
     }
 
-    /// The pool of `database` and `user`, created on first use; `password` is what
-    /// its connections log in with (`None`: none known, only trust would work).
-    pub fn get(&self, database: &str, user: &str, password: Option<&str>) -> Arc<Pool> {
+    /// The pool of `database` and `user`, created on first use; `secret` is what its
+    /// connections log in with (`None`: nothing new; a password is kept over keys).
+    pub fn get(&self, database: &str, user: &str, secret: Option<PoolSecret>) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
         let pool = pools
             .entry((database.to_owned(), user.to_owned()))
@@ -64,7 +66,7 @@ impl Pools {
                 Arc::new(Pool {
                     database: database.to_owned(),
                     user: user.to_owned(),
-                    password: Mutex::new(None),
+                    secret: Mutex::new(None),
                     permits: Arc::new(Semaphore::new(size)),
                     idle: Mutex::new(Vec::new()),
                     params: Mutex::new(None),
@@ -79,8 +81,14 @@ impl Pools {
                 })
             })
             .clone();
-        if let Some(p) = password {
-            *pool.password.lock().unwrap_or_else(PoisonError::into_inner) = Some(p.to_owned());
+        if let Some(new) = secret {
+            let mut held = pool.secret.lock().unwrap_or_else(PoisonError::into_inner);
+            if !matches!(
+                (&*held, &new),
+                (Some(PoolSecret::Password(_)), PoolSecret::Scram(_))
+            ) {
+                *held = Some(new);
+            }
         }
         pool
     }
@@ -105,10 +113,19 @@ pub struct PoolStats {
     pub waiting: usize,
 }
 
+/// What a pool's connections log in with.
+#[derive(Clone)]
+pub enum PoolSecret {
+    /// The password (auth file): cleartext, md5 or SCRAM, as PostgreSQL asks.
+    Password(String),
+    /// SCRAM passthrough: the keys a client's proof revealed (only a verifier held).
+    Scram(ScramKeys),
+}
+
 pub struct Pool {
     database: String,
     user: String,
-    password: Mutex<Option<String>>,
+    secret: Mutex<Option<PoolSecret>>,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<Server>>,
     /// The ParameterStatus a connection of this pool reported at login.
@@ -248,12 +265,12 @@ impl Pool {
         conn.send(&startup)
             .await
             .map_err(SessionError::UpstreamIo)?;
-        let password = self
-            .password
+        let secret = self
+            .secret
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let (key, params) = login(&mut conn, &self.user, password.as_deref()).await?;
+        let (key, params) = login(&mut conn, &self.user, secret.as_ref()).await?;
         *self.params.lock().unwrap_or_else(PoisonError::into_inner) = Some(params);
         self.open.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::POOL_SERVER_CONNECTIONS).increment(1.0);
@@ -347,25 +364,36 @@ async fn reset(conn: &mut Conn, query: &str) -> Result<(), SessionError> {
     }
 }
 
+/// SCRAM with the password (postgres-protocol's client) or with a client's keys.
+enum ScramClient {
+    Password(postgres_protocol::authentication::sasl::ScramSha256),
+    Keys(ClientExchange),
+}
+
 /// The login exchange on a new server connection, up to ReadyForQuery: cleartext,
-/// md5 and SCRAM-SHA-256 with `password`. Returns the backend's key and parameters.
+/// md5 and SCRAM-SHA-256 with a password, SCRAM-SHA-256 with a client's keys.
+/// Returns the backend's key and parameters.
 async fn login(
     conn: &mut Conn,
     user: &str,
-    password: Option<&str>,
+    secret: Option<&PoolSecret>,
 ) -> Result<(UpstreamKey, Vec<(String, String)>), SessionError> {
+    let password = match secret {
+        Some(PoolSecret::Password(p)) => Some(p.as_str()),
+        _ => None,
+    };
     use postgres_protocol::authentication::sasl;
     use postgres_protocol::message::frontend;
     let refused = |message: String| SessionError::PoolLogin { message };
     let need_password = || {
         password.ok_or_else(|| {
             refused(format!(
-                "PostgreSQL asks a password for role \"{user}\" and spillway holds none in \
-                 plain text (auth.file)"
+                "PostgreSQL asks role \"{user}\" for a password method other than SCRAM and \
+                 spillway holds no plain-text password for it (auth.file)"
             ))
         })
     };
-    let mut scram: Option<sasl::ScramSha256> = None;
+    let mut scram: Option<ScramClient> = None;
     let mut key = None;
     let mut params = Vec::new();
     loop {
@@ -400,21 +428,40 @@ async fn login(
                             .map_err(SessionError::UpstreamIo)?;
                     }
                     10 => {
-                        let s = sasl::ScramSha256::new(
-                            need_password()?.as_bytes(),
-                            sasl::ChannelBinding::unsupported(),
-                        );
-                        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)
+                        let (client, first) = match secret {
+                            Some(PoolSecret::Scram(keys)) => {
+                                let (x, first) = ClientExchange::start(keys.clone());
+                                (ScramClient::Keys(x), first.into_bytes())
+                            }
+                            _ => {
+                                let s = sasl::ScramSha256::new(
+                                    need_password()?.as_bytes(),
+                                    sasl::ChannelBinding::unsupported(),
+                                );
+                                let first = s.message().to_vec();
+                                (ScramClient::Password(s), first)
+                            }
+                        };
+                        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, &first, &mut out)
                             .map_err(SessionError::UpstreamIo)?;
-                        scram = Some(s);
+                        scram = Some(client);
                     }
                     11 => {
                         let s = scram.as_mut().ok_or(SessionError::UpstreamProtocol {
                             tag: 'R',
                             phase: "pool login (SASL continue)",
                         })?;
-                        s.update(data).map_err(|e| refused(e.to_string()))?;
-                        frontend::sasl_response(s.message(), &mut out)
+                        let answer = match s {
+                            ScramClient::Password(s) => {
+                                s.update(data).map_err(|e| refused(e.to_string()))?;
+                                s.message().to_vec()
+                            }
+                            ScramClient::Keys(x) => x
+                                .update(data)
+                                .map_err(|e| refused(e.to_string()))?
+                                .into_bytes(),
+                        };
+                        frontend::sasl_response(&answer, &mut out)
                             .map_err(SessionError::UpstreamIo)?;
                     }
                     12 => {
@@ -422,7 +469,14 @@ async fn login(
                             tag: 'R',
                             phase: "pool login (SASL final)",
                         })?;
-                        s.finish(data).map_err(|e| refused(e.to_string()))?;
+                        match s {
+                            ScramClient::Password(s) => {
+                                s.finish(data).map_err(|e| refused(e.to_string()))?;
+                            }
+                            ScramClient::Keys(x) => {
+                                x.finish(data).map_err(|e| refused(e.to_string()))?;
+                            }
+                        }
                         continue;
                     }
                     other => {

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::config::pool::{AuthConfig, AuthFile, Credential, PoolConfig, PoolMode};
 use crate::error::SessionError;
 use crate::net::conn::{Conn, read_client_frame};
-use crate::net::pool::{Pool, Pools};
+use crate::net::pool::{Pool, PoolSecret, Pools};
 use crate::net::upstream::Connector;
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::{backend, frontend, scram};
@@ -126,12 +126,13 @@ impl Pooling {
         user: &str,
     ) -> Result<(Arc<Pool>, Vec<(String, String)>), SessionError> {
         let credential = self.credential(database, user).await?;
-        authenticate(client, user, credential.as_ref()).await?;
-        let password = match &credential {
-            Some(Credential::Plain(p)) => Some(p.as_str()),
+        let keys = authenticate(client, user, credential.as_ref()).await?;
+        let secret = match (&credential, keys) {
+            (Some(Credential::Plain(p)), _) => Some(PoolSecret::Password(p.clone())),
+            (_, Some(keys)) => Some(PoolSecret::Scram(keys)),
             _ => None,
         };
-        let pool = self.pools.get(database, user, password);
+        let pool = self.pools.get(database, user, secret);
         // The greeting carries the server's parameters; while PostgreSQL cannot be
         // reached the session still starts (deferred writes and cache hits).
         if let Err(err) = pool.warm().await {
@@ -150,12 +151,13 @@ impl Pooling {
 }
 
 /// The exchange with the client: SCRAM-SHA-256 against a verifier (a plain password
-/// becomes one), md5 against an md5 hash. `None`: unknown role.
+/// becomes one), md5 against an md5 hash. `None`: unknown role. Returns the keys a
+/// SCRAM proof against a stored verifier revealed (for SCRAM passthrough).
 async fn authenticate(
     client: &mut Conn,
     user: &str,
     credential: Option<&Credential>,
-) -> Result<(), SessionError> {
+) -> Result<Option<scram::ScramKeys>, SessionError> {
     let wrong = || SessionError::AuthRefused {
         code: SqlState::INVALID_PASSWORD,
         message: format!("password authentication failed for user \"{user}\""),
@@ -163,7 +165,7 @@ async fn authenticate(
     match credential {
         Some(Credential::Md5(hash)) => md5_exchange(client, hash)
             .await?
-            .then_some(())
+            .then_some(None)
             .ok_or_else(wrong),
         other => {
             let verifier = match other {
@@ -172,11 +174,9 @@ async fn authenticate(
                 // Unknown role: an exchange nothing can pass, then the same 28P01.
                 _ => scram::Verifier::from_password(&random_password()),
             };
-            let ok = scram_exchange(client, &verifier).await?;
-            if ok && other.is_some() {
-                Ok(())
-            } else {
-                Err(wrong())
+            match scram_exchange(client, &verifier).await? {
+                Some(keys) if other.is_some() => Ok(Some(keys)),
+                _ => Err(wrong()),
             }
         }
     }
@@ -188,11 +188,12 @@ fn random_password() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SCRAM-SHA-256 as PostgreSQL runs it; `false` for a wrong proof.
+/// SCRAM-SHA-256 as PostgreSQL runs it; the keys the proof revealed, `None` for a
+/// wrong proof.
 async fn scram_exchange(
     client: &mut Conn,
     verifier: &scram::Verifier,
-) -> Result<bool, SessionError> {
+) -> Result<Option<scram::ScramKeys>, SessionError> {
     client
         .send(&backend::authentication_sasl(vec![
             scram::MECHANISM.to_owned(),
@@ -208,7 +209,7 @@ async fn scram_exchange(
     let (exchange, server_first) = match scram::Exchange::start(verifier, data) {
         Ok(x) => x,
         Err(scram::ScramError::Malformed(what)) => return Err(malformed(what)),
-        Err(scram::ScramError::WrongPassword) => return Ok(false),
+        Err(scram::ScramError::WrongPassword) => return Ok(None),
     };
     client
         .send(&backend::authentication_sasl_continue(
@@ -217,17 +218,17 @@ async fn scram_exchange(
         .await
         .map_err(SessionError::ClientIo)?;
     let response = password_message(client).await?;
-    match exchange.finish(&response) {
-        Ok(server_final) => {
+    match exchange.finish_with_keys(&response) {
+        Ok((server_final, keys)) => {
             let mut out = BytesMut::new();
             out.extend_from_slice(&backend::authentication_sasl_final(
                 server_final.into_bytes(),
             ));
             out.extend_from_slice(&backend::authentication_ok());
             client.send(&out).await.map_err(SessionError::ClientIo)?;
-            Ok(true)
+            Ok(Some(keys))
         }
-        Err(scram::ScramError::WrongPassword) => Ok(false),
+        Err(scram::ScramError::WrongPassword) => Ok(None),
         Err(scram::ScramError::Malformed(what)) => Err(malformed(what)),
     }
 }

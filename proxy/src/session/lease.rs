@@ -70,7 +70,26 @@ struct Pooled {
     leased: Option<Leased>,
     /// A wait for a connection, while one runs.
     acquiring: Option<Acquiring>,
+    /// Named protocol-level statements the client prepared and has not closed: they
+    /// live on the leased connection only, so the session keeps it (pinned).
+    statements: std::collections::HashSet<String>,
+    /// The client ran SQL whose effect outlives its transaction on that connection
+    /// (LISTEN, PREPARE, a temporary table, a `WITH HOLD` cursor, a session advisory
+    /// lock): pinned until the session ends.
+    pinned: bool,
 }
+
+/// Statements whose effect outlives the transaction on the server connection, by the
+/// start of their text (lower case, after leading blanks). Crude on purpose: a false
+/// positive only pins a session, never breaks one.
+const PINNING_SQL: [&str; 6] = [
+    "listen",
+    "prepare",
+    "create temp",
+    "create temporary",
+    "declare",
+    "select pg_advisory_lock",
+];
 
 impl Lease {
     /// The lease on `conn`, the connection the session authenticated on; `key` is
@@ -123,6 +142,8 @@ impl Lease {
                 pool,
                 leased: None,
                 acquiring: None,
+                statements: std::collections::HashSet::new(),
+                pinned: false,
             })),
         }
     }
@@ -171,8 +192,51 @@ impl Lease {
         Poll::Ready(Ok(()))
     }
 
-    /// Transaction mode: the session is idle; the connection goes back to the pool.
+    /// Transaction mode: notes what a client message means for pinning (named
+    /// statements prepared and closed, SQL whose effect outlives the transaction).
+    pub fn observe(&mut self, msg: &[u8]) {
+        use crate::protocol::frontend;
+        let Some(p) = self.pooled.as_deref_mut() else {
+            return;
+        };
+        let body = frontend::body(msg);
+        match msg[0] {
+            frontend::PARSE => {
+                if let Some(parse) = frontend::parse(body).filter(|p| !p.name.is_empty()) {
+                    p.statements.insert(parse.name.to_owned());
+                }
+            }
+            frontend::CLOSE => {
+                if let Some(t) = frontend::target(body).filter(|t| t.kind == b'S') {
+                    p.statements.remove(t.name);
+                }
+            }
+            frontend::QUERY if !p.pinned => {
+                let sql = frontend::query(body).unwrap_or_default();
+                let head: String = sql.trim_start().chars().take(32).collect();
+                let head = head.to_ascii_lowercase();
+                if PINNING_SQL.iter().any(|k| head.starts_with(k))
+                    || head.contains("with hold")
+                    || sql.to_ascii_lowercase().contains("pg_advisory_lock(")
+                {
+                    tracing::debug!("session pinned to its server connection by its SQL");
+                    p.pinned = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Transaction mode: the session is idle; the connection goes back to the pool,
+    /// unless the session is pinned to it (named statements, session-level state).
     pub fn release(&mut self) {
+        if self
+            .pooled
+            .as_deref()
+            .is_some_and(|p| p.pinned || !p.statements.is_empty())
+        {
+            return;
+        }
         if let Some(leased) = self.pooled.as_deref_mut().and_then(|p| p.leased.take()) {
             self.canceller = None;
             self.cancel.attach(self.client_pid, self.cancel_id, None);

@@ -80,8 +80,7 @@ pub struct Relay {
     ending: Option<Ending>,
     /// PostgreSQL's FATAL relayed to the client, for the log line of the session's end.
     server_fatal: Option<String>,
-    /// Transaction mode: the client sent Terminate (never forwarded: the server
-    /// connection is the pool's).
+    /// Transaction mode: the client sent Terminate (never forwarded to a pool's).
     pooled_terminated: bool,
 }
 
@@ -370,6 +369,7 @@ impl Relay {
                 break;
             }
             let msg = &self.client.inbuf[..h.total_len];
+            self.lease.observe(msg);
             self.out.offer(h.tag);
             match self.handler.on_frontend(msg, &mut self.out) {
                 Disposition::Consumed => self.out.take(),

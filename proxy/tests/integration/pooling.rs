@@ -51,11 +51,18 @@ impl Pooled {
 /// spillway with role `app` in transaction mode (pool of `size`), its password in the
 /// auth file, and PostgreSQL asking that role for SCRAM.
 async fn start(size: u32, extra_pool: &str, auth_line: &str) -> Pooled {
-    start_with(size, extra_pool, auth_line, "").await
+    start_with(size, extra_pool, auth_line, "", PASSWORD).await
 }
 
-/// [`start`] with more config sections (`extra`, whole sections).
-async fn start_with(size: u32, extra_pool: &str, auth_line: &str, extra: &str) -> Pooled {
+/// [`start`] with more config sections (`extra`, whole sections) and what PostgreSQL
+/// stores as the role's password (a password, or a SCRAM verifier as is).
+async fn start_with(
+    size: u32,
+    extra_pool: &str,
+    auth_line: &str,
+    extra: &str,
+    role_password: &str,
+) -> Pooled {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("userlist.txt");
     std::fs::write(&file, format!("; pooled roles\n{auth_line}\n")).expect("auth file");
@@ -63,7 +70,7 @@ async fn start_with(size: u32, extra_pool: &str, auth_line: &str, extra: &str) -
         .pg(|b| b.hba(&format!("host all {ROLE} 127.0.0.1/32 scram-sha-256")))
         .before_proxy(&format!(
             "SET password_encryption = 'scram-sha-256';
-             CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
+             CREATE ROLE {ROLE} LOGIN PASSWORD '{role_password}';
              CREATE TABLE pooled_t (id int PRIMARY KEY, v int NOT NULL);
              GRANT ALL ON pooled_t TO {ROLE};"
         ))
@@ -145,10 +152,11 @@ async fn many_clients_share_a_pool_of_two_and_transactions_stay_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_password_and_unknown_role_both_get_28p01() {
-    // The auth file holds a SCRAM verifier: spillway checks clients against it.
+async fn wrong_password_and_unknown_role_both_get_28p01_and_a_verifier_passes_through() {
+    // The auth file holds the SCRAM verifier PostgreSQL holds: spillway checks clients
+    // against it and logs its pool in with the keys the client's proof revealed.
     let verifier = spillway::protocol::scram::Verifier::from_password(PASSWORD).to_string();
-    let p = start(2, "", &format!("\"{ROLE}\" \"{verifier}\"")).await;
+    let p = start_with(2, "", &format!("\"{ROLE}\" \"{verifier}\""), "", &verifier).await;
     for (user, password) in [(ROLE, "wrong"), ("nobody", "whatever")] {
         let err = tokio_postgres::connect(&p.conninfo(user, password), tokio_postgres::NoTls)
             .await
@@ -166,6 +174,14 @@ async fn wrong_password_and_unknown_role_both_get_28p01() {
             "the same words whether the role exists or not"
         );
     }
+    let client = p.client().await;
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query("INSERT INTO pooled_t VALUES (1, 1)")
+        .await
+        .expect("through a pool logged in by SCRAM passthrough");
+    client.simple_query("COMMIT").await.expect("commit");
+    assert!(p.pool_backends().await >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,6 +273,7 @@ async fn a_new_client_during_an_outage_gets_its_deferred_writes_applied_once() {
         &plain_line(),
         "[flush]\ninterval = \"1h\"\n\
          [tables.\"public.pooled_t\"]\npolicy = \"write-behind\"\nrow_counts = \"assumed\"\n",
+        PASSWORD,
     )
     .await;
     // Before the outage: the role's privileges are known (reused while PostgreSQL is
@@ -298,4 +315,37 @@ async fn a_new_client_during_an_outage_gets_its_deferred_writes_applied_once() {
         "SELECT string_agg(id::text, ',' ORDER BY id) FROM pooled_t",
     );
     assert_eq!(rows, "1,2,3,4", "every acknowledged write applied once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_prepared_statements_pin_the_session_until_closed() {
+    let p = start(1, "queue_timeout = \"300ms\"", &plain_line()).await;
+    let preparer = p.client().await;
+    let other = p.client().await;
+    let stmt = preparer
+        .prepare("SELECT $1::int + 1")
+        .await
+        .expect("prepare");
+    // Used in later cycles: the statement is still on the connection it was
+    // prepared on, because the session keeps that connection.
+    for i in 0..3 {
+        let row = preparer.query_one(&stmt, &[&i]).await.expect("execute");
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+    }
+    let err = other
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the only connection is pinned");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
+    // Closing the statement (tokio-postgres sends Close when it is dropped) unpins.
+    drop(stmt);
+    preparer
+        .simple_query("SELECT 1")
+        .await
+        .expect("after close");
+    let third = p.client().await;
+    tokio::time::timeout(Duration::from_secs(10), third.simple_query("SELECT 1"))
+        .await
+        .expect("in time")
+        .expect("the connection is the pool's again");
 }
