@@ -156,7 +156,15 @@ async fn wrong_password_and_unknown_role_both_get_28p01_and_a_verifier_passes_th
     // The auth file holds the SCRAM verifier PostgreSQL holds: spillway checks clients
     // against it and logs its pool in with the keys the client's proof revealed.
     let verifier = spillway::protocol::scram::Verifier::from_password(PASSWORD).to_string();
-    let p = start_with(2, "", &format!("\"{ROLE}\" \"{verifier}\""), "", &verifier).await;
+    // Every role in transaction mode, so that an unknown one is spillway's to refuse.
+    let p = start_with(
+        2,
+        "mode = \"transaction\"",
+        &format!("\"{ROLE}\" \"{verifier}\""),
+        "",
+        &verifier,
+    )
+    .await;
     for (user, password) in [(ROLE, "wrong"), ("nobody", "whatever")] {
         let err = tokio_postgres::connect(&p.conninfo(user, password), tokio_postgres::NoTls)
             .await
@@ -199,7 +207,13 @@ async fn exhausted_pool_gets_53300_after_the_queue_timeout() {
         .await
         .expect_err("no connection comes free");
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
-    assert!(err.to_string().contains("pool.queue_timeout"), "{err}");
+    let message = err.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("pool.queue_timeout")),
+        "{message:?}"
+    );
     // The holder's lease was never touched.
     holder.simple_query("COMMIT").await.expect("commit");
     let again = p.client().await;
