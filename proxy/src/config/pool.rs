@@ -291,12 +291,12 @@ mod tests {
         let f = parse_auth_file(
             "; comment\n\"alice\" \"pa\"\"ss\"\n\"bob\" \"md5AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"\n\n\"carol\" \"\" extra\n",
         )
-        .unwrap();
+        .expect("works");
         assert_eq!(f["alice"], Credential::Plain("pa\"ss".into()));
         assert_eq!(f["bob"], Credential::Md5("a".repeat(32)));
         assert_eq!(f["carol"], Credential::Plain(String::new()));
-        assert_eq!(parse_auth_file("alice pw").unwrap_err().0, 1);
-        assert_eq!(parse_auth_file("\n\"a\" \"b").unwrap_err().0, 2);
+        assert_eq!(parse_auth_file("alice pw").expect_err("refused").0, 1);
+        assert_eq!(parse_auth_file("\n\"a\" \"b").expect_err("refused").0, 2);
     }
 
     #[test]

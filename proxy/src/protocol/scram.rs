@@ -349,16 +349,16 @@ mod tests {
         let keys = keys_for(&v, "s3cret");
         // spillway as the client, against a server holding the same verifier.
         let (mut ours, first) = ClientExchange::start(keys);
-        let (server, server_first) = Exchange::start(&v, first.as_bytes()).unwrap();
-        let client_final = ours.update(server_first.as_bytes()).unwrap();
-        let server_final = server.finish(client_final.as_bytes()).unwrap();
+        let (server, server_first) = Exchange::start(&v, first.as_bytes()).expect("works");
+        let client_final = ours.update(server_first.as_bytes()).expect("works");
+        let server_final = server.finish(client_final.as_bytes()).expect("works");
         assert_eq!(ours.finish(server_final.as_bytes()), Ok(()));
         assert!(ours.finish(b"v=AAAA").is_err());
         // Another verifier for the same password (another salt) does not accept them.
         let other = Verifier::from_password("s3cret");
         let (mut ours, first) = ClientExchange::start(keys_for(&v, "s3cret"));
-        let (server, server_first) = Exchange::start(&other, first.as_bytes()).unwrap();
-        let client_final = ours.update(server_first.as_bytes()).unwrap();
+        let (server, server_first) = Exchange::start(&other, first.as_bytes()).expect("works");
+        let client_final = ours.update(server_first.as_bytes()).expect("works");
         assert_eq!(
             server.finish(client_final.as_bytes()),
             Err(ScramError::WrongPassword)
@@ -368,9 +368,12 @@ mod tests {
     /// The keys a login with `password` against `v` reveals.
     fn keys_for(v: &Verifier, password: &str) -> ScramKeys {
         let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-        let (exchange, server_first) = Exchange::start(v, client.message()).unwrap();
-        client.update(server_first.as_bytes()).unwrap();
-        exchange.finish_with_keys(client.message()).unwrap().1
+        let (exchange, server_first) = Exchange::start(v, client.message()).expect("works");
+        client.update(server_first.as_bytes()).expect("works");
+        exchange
+            .finish_with_keys(client.message())
+            .expect("works")
+            .1
     }
 
     #[test]
