@@ -25,6 +25,10 @@ use crate::net::upstream::Connector;
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::{backend, frontend, scram};
 
+/// Largest PasswordMessage accepted (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH, 65535,
+/// plus the header), as for relayed authentication.
+const MAX_PASSWORD_MESSAGE: usize = 65_535 + 5;
+
 /// Everything transaction mode needs: the pools and the credentials.
 pub struct Pooling {
     pub pools: Pools,
@@ -263,7 +267,7 @@ fn malformed(what: &'static str) -> SessionError {
 
 /// The body of the client's next message, which must be a PasswordMessage ('p').
 async fn password_message(client: &mut Conn) -> Result<bytes::Bytes, SessionError> {
-    let msg = read_client_frame(client, super::startup::MAX_AUTH_MESSAGE).await?;
+    let msg = read_client_frame(client, MAX_PASSWORD_MESSAGE).await?;
     if msg[0] != b'p' {
         return Err(malformed("expected a password message"));
     }
