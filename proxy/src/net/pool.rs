@@ -120,6 +120,9 @@ pub enum PoolSecret {
     Password(String),
     /// SCRAM passthrough: the keys a client's proof revealed (only a verifier held).
     Scram(ScramKeys),
+    /// md5 passthrough: the hex of md5(password || user) (only an md5 hash held),
+    /// which is all PostgreSQL's md5 method needs.
+    Md5(String),
 }
 
 pub struct Pool {
@@ -333,6 +336,15 @@ impl Leased {
     }
 }
 
+/// PostgreSQL's md5 answer from the stored hash: `md5` + hex(md5(hash hex || salt)).
+pub fn md5_answer(hash: &str, salt: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    let mut md5 = Md5::new();
+    md5.update(hash.as_bytes());
+    md5.update(salt);
+    format!("md5{:x}", md5.finalize())
+}
+
 /// Whether an idle connection is still usable: nothing may have arrived on it (a
 /// FATAL, as PostgreSQL sends when it shuts down, or the end of the stream).
 fn still_open(conn: &mut Conn) -> bool {
@@ -412,6 +424,18 @@ async fn login(
                     0 => continue,
                     3 => frontend::password_message(need_password()?.as_bytes(), &mut out)
                         .map_err(SessionError::UpstreamIo)?,
+                    5 if matches!(secret, Some(PoolSecret::Md5(_))) => {
+                        let (Some(PoolSecret::Md5(hash)), Some(salt)) = (secret, data.get(..4))
+                        else {
+                            return Err(SessionError::UpstreamProtocol {
+                                tag: 'R',
+                                phase: "pool login (md5 salt)",
+                            });
+                        };
+                        let answer = md5_answer(hash, salt);
+                        frontend::password_message(answer.as_bytes(), &mut out)
+                            .map_err(SessionError::UpstreamIo)?;
+                    }
                     5 => {
                         let salt: [u8; 4] = data.get(..4).and_then(|s| s.try_into().ok()).ok_or(
                             SessionError::UpstreamProtocol {

@@ -13,7 +13,6 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use md5::{Digest, Md5};
 use rand::Rng;
 
 use crate::config::Config;
@@ -133,6 +132,7 @@ impl Pooling {
         let keys = authenticate(client, user, credential.as_ref()).await?;
         let secret = match (&credential, keys) {
             (Some(Credential::Plain(p)), _) => Some(PoolSecret::Password(p.clone())),
+            (Some(Credential::Md5(h)), _) => Some(PoolSecret::Md5(h.clone())),
             (_, Some(keys)) => Some(PoolSecret::Scram(keys)),
             _ => None,
         };
@@ -247,11 +247,7 @@ async fn md5_exchange(client: &mut Conn, hash: &str) -> Result<bool, SessionErro
     client.send(&msg).await.map_err(SessionError::ClientIo)?;
     let answer = password_message(client).await?;
     let answer = answer.strip_suffix(&[0]).unwrap_or(&answer);
-    let mut md5 = Md5::new();
-    md5.update(hash.as_bytes());
-    md5.update(salt);
-    let expected = format!("md5{:x}", md5.finalize());
-    let ok = answer == expected.as_bytes();
+    let ok = answer == crate::net::pool::md5_answer(hash, &salt).as_bytes();
     if ok {
         client
             .send(&backend::authentication_ok())

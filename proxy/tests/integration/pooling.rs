@@ -67,7 +67,8 @@ async fn start_with(
     let file = dir.path().join("userlist.txt");
     std::fs::write(&file, format!("; pooled roles\n{auth_line}\n")).expect("auth file");
     let ctx = Context::builder()
-        .pg(|b| b.hba(&format!("host all {ROLE} 127.0.0.1/32 scram-sha-256")))
+        // md5: PostgreSQL asks SCRAM where it stores a verifier, md5 where a hash.
+        .pg(|b| b.hba(&format!("host all {ROLE} 127.0.0.1/32 md5")))
         .before_proxy(&format!(
             "SET password_encryption = 'scram-sha-256';
              CREATE ROLE {ROLE} LOGIN PASSWORD '{role_password}';
@@ -362,4 +363,115 @@ async fn named_prepared_statements_pin_the_session_until_closed() {
         .await
         .expect("in time")
         .expect("the connection is the pool's again");
+}
+
+/// md5 + md5("apppw" || "app"): the auth file's md5 form of the role's password.
+const MD5_HASH: &str = "md5f44ca69ffd2494f6d3e571acf7a949aa";
+
+/// pgbench through spillway as the pooled role; its output (stdout and stderr).
+fn pgbench(p: &Pooled, args: &[&str]) -> String {
+    let port = p.ctx.proxy.addr.port().to_string();
+    let out = std::process::Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", ROLE])
+        .args(args)
+        .arg(DB)
+        .env("PGPASSWORD", PASSWORD)
+        .env("PGPASSFILE", "/dev/null")
+        .output()
+        .expect("run pgbench");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
+/// pgbench with many clients on a pool of 20, the TPC-B-like script and `-S`, in the
+/// simple and the extended protocol (`-M prepared` pins each client: see ADR 0025),
+/// logging in with md5 against the auth file's md5 hash (and the pool by md5
+/// passthrough, as PostgreSQL stores the same hash): no failed transaction, never
+/// more than 20 server connections, every TPC-B transaction's history row applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_with_many_clients_on_a_pool_of_twenty() {
+    let p = start_with(
+        20,
+        "queue_timeout = \"60s\"",
+        &format!("\"{ROLE}\" \"{MD5_HASH}\""),
+        "",
+        MD5_HASH,
+    )
+    .await;
+    let init = std::process::Command::new("pgbench")
+        .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1"])
+        .args([
+            "-p",
+            &p.ctx.pg.port().to_string(),
+            "-U",
+            p.ctx.pg.superuser(),
+            DB,
+        ])
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success(), "{init:?}");
+    p.ctx.psql_direct(&format!(
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO {ROLE}"
+    ));
+    let clients = "500";
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let conninfo = p.ctx.direct_config();
+        tokio::spawn(async move {
+            let direct = connect(&conninfo).await;
+            let mut most = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n: i64 = direct
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                        &[&ROLE],
+                    )
+                    .await
+                    .expect("count")
+                    .get(0);
+                most = most.max(n);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            most
+        })
+    };
+    for (mode, script) in [
+        ("simple", None),
+        ("extended", None),
+        ("extended", Some("-S")),
+    ] {
+        let mut args = vec!["-M", mode, "-c", clients, "-j", "2", "-t", "4", "-n"];
+        args.extend(script);
+        let out = tokio::task::block_in_place(|| pgbench(&p, &args));
+        assert!(
+            out.contains("number of failed transactions: 0"),
+            "{mode} {script:?}:\n{out}"
+        );
+        assert!(
+            out.contains("number of transactions actually processed: 2000/2000"),
+            "{mode} {script:?}:\n{out}"
+        );
+        if script.is_none() {
+            let history: i64 = p
+                .ctx
+                .psql_direct("SELECT count(*) FROM pgbench_history")
+                .trim()
+                .parse()
+                .expect("count");
+            assert_eq!(history, 2000, "every committed transaction applied once");
+            p.ctx.psql_direct("TRUNCATE pgbench_history");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = sampler.await.expect("sampler");
+    assert!(
+        (1..=20).contains(&most),
+        "at most the pool's 20 backends for 500 clients: {most}"
+    );
 }
