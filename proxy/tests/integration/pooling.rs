@@ -475,3 +475,70 @@ async fn pgbench_with_many_clients_on_a_pool_of_twenty() {
         "at most the pool's 20 backends for 500 clients: {most}"
     );
 }
+
+/// spillway with role `app` in transaction mode and no auth file: verifiers come from
+/// `auth.query` run as `auth_user`.
+async fn start_with_auth_query(auth_user: &str) -> Context {
+    Context::builder()
+        .pg(|b| b.hba(&format!("host all {ROLE} 127.0.0.1/32 scram-sha-256")))
+        .before_proxy(&format!(
+            "SET password_encryption = 'scram-sha-256';
+             CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';"
+        ))
+        .section(&format!(
+            "[pool.users.{ROLE}]\nmode = \"transaction\"\n[auth]\nuser = \"{auth_user}\"\n"
+        ))
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_query_fetches_the_verifier_and_a_missing_auth_user_is_a_clear_fatal() {
+    // auth.user is the backend URL's role: the verifier comes from pg_authid and the
+    // pool logs in by SCRAM passthrough.
+    let ctx = start_with_auth_query(crate::context::USER).await;
+    let conninfo = |password: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={ROLE} password={password} dbname={DB}",
+            ctx.proxy.addr.port()
+        )
+    };
+    let client = connect(&conninfo(PASSWORD)).await;
+    let rows = client
+        .simple_query("SELECT current_user")
+        .await
+        .expect("query");
+    assert!(
+        matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some(ROLE))
+    );
+    let err = tokio_postgres::connect(&conninfo("wrong"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("a wrong password is refused");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
+    drop(ctx);
+
+    let ctx = start_with_auth_query("ghost").await;
+    let err = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user={ROLE} password={PASSWORD} dbname={DB}",
+            ctx.proxy.addr.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("nobody can be checked without the auth.user role");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
+    let message = err.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("auth.query") && m.contains("\"ghost\"")),
+        "{message:?}"
+    );
+}
