@@ -38,7 +38,8 @@ pub struct PoolConfig {
     pub mode: PoolMode,
     /// Server connections per (database, user) pool in transaction mode.
     pub size: u32,
-    /// Server connections per database over all its pools; 0: no cap.
+    /// Server connections per database over all its pools; 0: no cap. Not enforced
+    /// yet (issue 16): only each pool's `size` caps today.
     pub max_db_connections: u32,
     /// How long a request waits for a server connection before 53300.
     #[serde(with = "humantime_serde")]
