@@ -98,6 +98,17 @@ pub enum SessionError {
     TooManyClients(usize),
     #[error("terminating connection due to administrator command")]
     Shutdown,
+    /// Transaction mode: no server connection came free within `pool.queue_timeout`.
+    #[error("no server connection free within pool.queue_timeout ({0:?}); the pool is exhausted")]
+    PoolTimeout(std::time::Duration),
+    /// Transaction mode: a pooled server connection could not log in.
+    #[error("spillway could not log in to PostgreSQL for the pool: {message}")]
+    PoolLogin { message: String },
+    /// spillway authenticates the client itself (transaction mode) and refused it:
+    /// 28P01 for a wrong password or unknown role (PostgreSQL does not tell them apart),
+    /// 28000 when spillway cannot look the role up (`auth.query`).
+    #[error("{message}")]
+    AuthRefused { code: SqlState, message: String },
     /// The admin console refused a login (28000 role not allowed, 28P01 password).
     #[error("{message}")]
     AdminRefused { code: SqlState, message: String },
@@ -110,14 +121,18 @@ impl SessionError {
             | SessionError::StartupTimeout(_)
             | SessionError::ClientTls(_)
             | SessionError::ClientIo(_)
-            | SessionError::AdminRefused { .. } => Side::Client,
+            | SessionError::AdminRefused { .. }
+            | SessionError::AuthRefused { .. } => Side::Client,
             SessionError::UpstreamConnect { .. }
             | SessionError::UpstreamIo(_)
             | SessionError::UpstreamClosed
             | SessionError::UpstreamLost { .. }
             | SessionError::UpstreamMalformed(_)
-            | SessionError::UpstreamProtocol { .. } => Side::Upstream,
-            SessionError::TooManyClients(_) | SessionError::Shutdown => Side::Spillway,
+            | SessionError::UpstreamProtocol { .. }
+            | SessionError::PoolLogin { .. } => Side::Upstream,
+            SessionError::TooManyClients(_)
+            | SessionError::Shutdown
+            | SessionError::PoolTimeout(_) => Side::Spillway,
         }
     }
 
@@ -136,7 +151,11 @@ impl SessionError {
             }
             SessionError::TooManyClients(_) => SqlState::TOO_MANY_CONNECTIONS,
             SessionError::Shutdown => SqlState::ADMIN_SHUTDOWN,
-            SessionError::AdminRefused { code, .. } => *code,
+            SessionError::AdminRefused { code, .. } | SessionError::AuthRefused { code, .. } => {
+                *code
+            }
+            SessionError::PoolTimeout(_) => SqlState::TOO_MANY_CONNECTIONS,
+            SessionError::PoolLogin { .. } => SqlState::CONNECTION_FAILURE,
         }
     }
 

@@ -16,9 +16,12 @@
 //! | plumbing | [`net`]: streams, TLS, upstream connections, cancel keys, workers, shutdown signals |
 //! | foundations | [`protocol`], [`config`], [`metrics`], [`error`] |
 //!
-//! It is not: a connection pooler. Every client session gets its own upstream
-//! connection (session mode), so session state always behaves exactly as on a direct
-//! connection.
+//! By default every client session gets its own upstream connection (session mode),
+//! so session state behaves exactly as on a direct connection. Transaction mode
+//! (`pool.mode`, ADR 0025) makes it a transaction pooler for the databases and users
+//! configured so: spillway authenticates those clients itself and leases a pooled
+//! server connection per transaction; session state that outlives a transaction
+//! (named prepared statements, SET, LISTEN) is not carried across leases yet.
 
 pub mod config;
 pub mod error;

@@ -55,10 +55,15 @@ pub const REPLICATION_LAG_BYTES: &str = "spillway_replication_lag_bytes";
 pub const REPLICATION_LAG_SECONDS: &str = "spillway_replication_lag_seconds";
 pub const REPLICATION_RETAINED_WAL: &str = "spillway_replication_retained_wal_bytes";
 pub const REPLICATION_RESETS: &str = "spillway_replication_resets_total";
+// Transaction pooling.
+pub const POOL_SERVER_CONNECTIONS: &str = "spillway_pool_server_connections";
+pub const POOL_LEASES: &str = "spillway_pool_leases_total";
+pub const POOL_WAIT_SECONDS: &str = "spillway_pool_wait_seconds";
+pub const POOL_WAIT_TIMEOUTS: &str = "spillway_pool_wait_timeouts_total";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 36] = [
+pub const ALL: [&str; 40] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -95,11 +100,15 @@ pub const ALL: [&str; 36] = [
     REPLICATION_LAG_SECONDS,
     REPLICATION_RETAINED_WAL,
     REPLICATION_RESETS,
+    POOL_SERVER_CONNECTIONS,
+    POOL_LEASES,
+    POOL_WAIT_SECONDS,
+    POOL_WAIT_TIMEOUTS,
 ];
 
 /// The histograms among [`ALL`]: Prometheus exports them as `<name>_bucket`,
 /// `<name>_sum` and `<name>_count`.
-pub const HISTOGRAMS: [&str; 2] = [QUERY_DURATION, FLUSH_DURATION];
+pub const HISTOGRAMS: [&str; 3] = [QUERY_DURATION, FLUSH_DURATION, POOL_WAIT_SECONDS];
 
 /// Histogram buckets in seconds: 10 µs to 10 s, real buckets (not summaries).
 const BUCKETS: [f64; 16] = [

@@ -1,6 +1,7 @@
 //! spillway's configuration: `spillway.toml` plus `SPILLWAY_` environment overrides.
 //!
-//! The proxy owns `[server]`, `[backend]`, `[metrics]` and `[log]`; the data-side
+//! The proxy owns `[server]`, `[backend]`, `[metrics]`, `[log]`, `[admin]`,
+//! `[replication]`, `[pool]` and `[auth]` (`pool.rs`); the data-side
 //! sections come from `spillway_policies::config`. Config is plain data passed
 //! explicitly to whoever needs it — there is no global.
 //!
@@ -8,6 +9,7 @@
 //! every load, so a `Config` that exists is a valid one.
 
 mod load;
+pub mod pool;
 pub mod reload;
 
 use std::collections::BTreeMap;
@@ -37,6 +39,8 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub replication: ReplicationConfig,
+    pub pool: pool::PoolConfig,
+    pub auth: pool::AuthConfig,
     pub tables: BTreeMap<String, TableConfig>,
 }
 
@@ -348,6 +352,7 @@ impl Config {
             .map_err(|e| ValidationError::new("log.level", e.to_string()))?;
         self.admin.validate()?;
         self.replication.validate()?;
+        self.pool.validate(&self.auth)?;
         Ok(())
     }
 

@@ -85,7 +85,7 @@ fn leaves(value: &Value, prefix: &str, out: &mut std::collections::BTreeMap<Stri
     match value {
         Value::Object(map) => {
             for (k, v) in map {
-                let key = if prefix == "tables" {
+                let key = if matches!(prefix, "tables" | "pool.databases" | "pool.users") {
                     format!("{prefix}.\"{k}\"")
                 } else if prefix.is_empty() {
                     k.clone()
@@ -158,6 +158,24 @@ mod tests {
             create = false
             max_retained_wal = "7MiB"
             poll_interval = "7ms"
+            [pool]
+            mode = "transaction"
+            size = 7
+            max_db_connections = 7
+            queue_timeout = "7s"
+            idle_timeout = "7s"
+            lifetime = "7s"
+            reset_query = "DISCARD ALL"
+            [pool.databases.d]
+            mode = "session"
+            size = 7
+            [pool.users.u]
+            mode = "session"
+            size = 7
+            [auth]
+            file = "users.txt"
+            user = "auth"
+            query = "SELECT 1"
             [tables."public.t"]
             ttl = "7s"
         "#;

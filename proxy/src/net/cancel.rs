@@ -40,6 +40,10 @@ struct Entry {
     upstream: Option<UpstreamKey>,
 }
 
+/// Client-facing pids of pooled sessions: `POOLED_PID_BASE` up to `+ POOLED_PIDS`.
+const POOLED_PID_BASE: u64 = 1 << 30;
+const POOLED_PIDS: u64 = 1 << 30;
+
 #[derive(Default)]
 pub struct CancelRegistry {
     /// Client-facing (= upstream) pid → the live sessions with that pid.
@@ -96,6 +100,46 @@ impl CancelRegistry {
             id,
             pid,
             secret,
+        }
+    }
+
+    /// Issues a client-facing key for a pooled session (transaction mode), which has no
+    /// server connection of its own: a pid of spillway's (above any Linux pid), a
+    /// random 4-byte secret, and no upstream key until [`CancelRegistry::attach`].
+    pub fn register_pooled(self: &Arc<Self>) -> CancelKey {
+        let mut secret = vec![0u8; 4];
+        rand::rng().fill(&mut secret[..]);
+        let secret = Bytes::from(secret);
+        let id = EntryId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        // Pids of 2^30 and above: Linux's pid_max is at most 2^22.
+        let pid = i32::try_from(POOLED_PID_BASE + id.0 % POOLED_PIDS).unwrap_or(i32::MAX);
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(pid)
+            .or_default()
+            .push(Entry {
+                id,
+                secret: secret.clone(),
+                upstream: None,
+            });
+        CancelKey {
+            registry: Arc::clone(self),
+            id,
+            pid,
+            secret,
+        }
+    }
+
+    /// A pooled session leased a server connection (`Some`, its key) or returned it
+    /// (`None`): cancels go to whichever connection it leases now.
+    pub fn attach(&self, pid: i32, id: EntryId, upstream: Option<UpstreamKey>) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = entries
+            .get_mut(&pid)
+            .and_then(|list| list.iter_mut().find(|e| e.id == id))
+        {
+            entry.upstream = upstream;
         }
     }
 

@@ -1,6 +1,7 @@
 //! Plumbing every session uses and none of it decides anything about data: client and
 //! upstream byte streams ([`stream`], [`conn`]), TLS ([`tls`]), upstream connections
-//! and cancel forwarding ([`upstream`]), the cancel-key registry ([`cancel`]), the
+//! and cancel forwarding ([`upstream`]), server connections pooled in transaction
+//! mode ([`pool`]), the cancel-key registry ([`cancel`]), the
 //! session worker threads ([`workers`]) and the shutdown signal sessions watch
 //! ([`signal`]).
 //!
@@ -8,6 +9,7 @@
 
 pub mod cancel;
 pub mod conn;
+pub mod pool;
 pub mod signal;
 pub mod stream;
 pub mod tls;

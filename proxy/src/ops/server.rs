@@ -49,6 +49,8 @@ pub enum ServerError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    #[error("auth.file: {0}")]
+    AuthFile(String),
     #[error("cannot listen on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
@@ -168,6 +170,8 @@ impl Server {
             .map(|w| (w.service.clone(), w.database.clone()));
         let clients: Arc<crate::session::clients::Clients> = Arc::default();
         let signals = Arc::new(ShutdownSignals::default());
+        let pooling = crate::session::auth::Pooling::new(&config, connector.clone())
+            .map_err(ServerError::AuthFile)?;
         let console: Option<Arc<dyn session::Console>> =
             (!config.admin.users.is_empty()).then(|| {
                 Arc::new(crate::ops::admin::Console {
@@ -177,9 +181,11 @@ impl Server {
                     clients: clients.clone(),
                     signals: signals.clone(),
                     reload: reload.clone(),
+                    pooling: pooling.clone(),
                 }) as Arc<dyn session::Console>
             });
         let shared = Arc::new(Shared {
+            pooling,
             console,
             writes: writes_shared,
             cache,

@@ -332,6 +332,23 @@ pub fn parse_parameter_status(mut body: &[u8]) -> Result<(String, String), Proto
     Ok((name, value))
 }
 
+/// For a FATAL that says the server or the connection is going away (57P01 admin
+/// shutdown, 57P02 crash shutdown, 57P03 cannot connect now, class 08), the cause a
+/// detached session reports later; `None` for any other FATAL (relayed as ever).
+pub fn detaching_fatal(body: &[u8]) -> Option<String> {
+    let fields = parse_error_fields(body).ok()?;
+    crate::protocol::sqlstate::SqlState::ends_connection(&fields.code)
+        .then(|| format!("PostgreSQL: {} ({})", fields.message, fields.code))
+}
+
+/// "message (SQLSTATE)" of an ErrorResponse body, for the log.
+pub fn describe_error(body: &[u8]) -> String {
+    match parse_error_fields(body) {
+        Ok(f) => format!("{} ({})", f.message, f.code),
+        Err(_) => "a FATAL error".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

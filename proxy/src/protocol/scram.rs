@@ -1,5 +1,6 @@
 //! SCRAM-SHA-256 (RFC 5802, RFC 7677) on the server side, for the admin console's
-//! login: the verifier in PostgreSQL's format
+//! login and pooled clients', and the client side with the keys a client's proof
+//! revealed (SCRAM passthrough for pooled server connections): the verifier in PostgreSQL's format
 //! (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, as in `pg_authid`) and
 //! the exchange as a state machine over message contents, with no I/O.
 //!
@@ -161,6 +162,15 @@ impl<'a> Exchange<'a> {
     /// Checks client-final-message (`c=…,r=…,p=<proof>`); returns the
     /// server-final-message (`v=<signature>`) when the proof matches.
     pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
+        self.finish_with_keys(client_final)
+            .map(|(server_final, _)| server_final)
+    }
+
+    /// [`Exchange::finish`], also returning the keys the client's proof revealed (its
+    /// ClientKey, which hashes to the verifier's StoredKey): with them spillway can
+    /// log in to PostgreSQL as that client where PostgreSQL holds the same verifier
+    /// (SCRAM passthrough, as PgBouncer 1.22+ does), without ever knowing the password.
+    pub fn finish_with_keys(self, client_final: &[u8]) -> Result<(String, ScramKeys), ScramError> {
         let text =
             std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof) = text
@@ -198,7 +208,90 @@ impl<'a> Exchange<'a> {
             return Err(ScramError::WrongPassword);
         }
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", BASE64.encode(server_signature)))
+        Ok((
+            format!("v={}", BASE64.encode(server_signature)),
+            ScramKeys {
+                client_key,
+                server_key: self.verifier.server_key,
+            },
+        ))
+    }
+}
+
+/// What a successful exchange revealed: enough to log in as the client where the same
+/// verifier is stored. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramKeys {
+    client_key: [u8; 32],
+    server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(redacted)")
+    }
+}
+
+/// The client side of SCRAM-SHA-256 with [`ScramKeys`] instead of a password.
+pub struct ClientExchange {
+    keys: ScramKeys,
+    client_first_bare: String,
+    /// The server signature expected in server-final, once client-final is sent.
+    expected: Option<[u8; 32]>,
+}
+
+impl ClientExchange {
+    /// The exchange and its client-first-message (`n,,n=,r=<nonce>`).
+    pub fn start(keys: ScramKeys) -> (Self, String) {
+        let nonce: [u8; NONCE_BYTES] = rand::random();
+        let client_first_bare = format!("n=,r={}", BASE64.encode(nonce));
+        let first = format!("n,,{client_first_bare}");
+        (
+            Self {
+                keys,
+                client_first_bare,
+                expected: None,
+            },
+            first,
+        )
+    }
+
+    /// Answers server-first (`r=…,s=…,i=…`) with client-final (`c=biws,r=…,p=…`).
+    pub fn update(&mut self, server_first: &[u8]) -> Result<String, ScramError> {
+        let text =
+            std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let nonce = attribute(text, 'r').ok_or(ScramError::Malformed("no server nonce"))?;
+        let ours = attribute(&self.client_first_bare, 'r').unwrap_or_default();
+        if !nonce.starts_with(ours) || nonce.len() <= ours.len() {
+            return Err(ScramError::Malformed("server nonce does not extend ours"));
+        }
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("{},{text},{without_proof}", self.client_first_bare);
+        let stored_key: [u8; 32] = Sha256::digest(self.keys.client_key).into();
+        let signature = hmac(&stored_key, auth_message.as_bytes());
+        let mut proof = [0u8; 32];
+        for (p, (k, s)) in proof
+            .iter_mut()
+            .zip(self.keys.client_key.iter().zip(signature.iter()))
+        {
+            *p = k ^ s;
+        }
+        self.expected = Some(hmac(&self.keys.server_key, auth_message.as_bytes()));
+        Ok(format!("{without_proof},p={}", BASE64.encode(proof)))
+    }
+
+    /// Checks server-final (`v=<signature>`): the server holds the same verifier.
+    pub fn finish(&self, server_final: &[u8]) -> Result<(), ScramError> {
+        let text =
+            std::str::from_utf8(server_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let signature: [u8; 32] = attribute(text, 'v')
+            .and_then(|v| BASE64.decode(v).ok())
+            .and_then(|v| v.try_into().ok())
+            .ok_or(ScramError::Malformed("no server signature"))?;
+        match &self.expected {
+            Some(expected) if constant_time_eq(expected, &signature) => Ok(()),
+            _ => Err(ScramError::WrongPassword),
+        }
     }
 }
 
@@ -248,6 +341,39 @@ mod tests {
     fn right_password_logs_in_and_the_server_is_verified() {
         let v = Verifier::from_password("s3cret");
         assert_eq!(login(&v, "s3cret"), Ok(()));
+    }
+
+    #[test]
+    fn keys_from_a_login_log_in_again_without_the_password() {
+        let v = Verifier::from_password("s3cret");
+        let keys = keys_for(&v, "s3cret");
+        // spillway as the client, against a server holding the same verifier.
+        let (mut ours, first) = ClientExchange::start(keys);
+        let (server, server_first) = Exchange::start(&v, first.as_bytes()).expect("works");
+        let client_final = ours.update(server_first.as_bytes()).expect("works");
+        let server_final = server.finish(client_final.as_bytes()).expect("works");
+        assert_eq!(ours.finish(server_final.as_bytes()), Ok(()));
+        assert!(ours.finish(b"v=AAAA").is_err());
+        // Another verifier for the same password (another salt) does not accept them.
+        let other = Verifier::from_password("s3cret");
+        let (mut ours, first) = ClientExchange::start(keys_for(&v, "s3cret"));
+        let (server, server_first) = Exchange::start(&other, first.as_bytes()).expect("works");
+        let client_final = ours.update(server_first.as_bytes()).expect("works");
+        assert_eq!(
+            server.finish(client_final.as_bytes()),
+            Err(ScramError::WrongPassword)
+        );
+    }
+
+    /// The keys a login with `password` against `v` reveals.
+    fn keys_for(v: &Verifier, password: &str) -> ScramKeys {
+        let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+        let (exchange, server_first) = Exchange::start(v, client.message()).expect("works");
+        client.update(server_first.as_bytes()).expect("works");
+        exchange
+            .finish_with_keys(client.message())
+            .expect("works")
+            .1
     }
 
     #[test]

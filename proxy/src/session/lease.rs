@@ -1,11 +1,13 @@
 //! The session's lease on a PostgreSQL server connection.
 //!
 //! A session does not own its server connection: it holds a lease on one, and the relay
-//! borrows the connection through the lease ([`Lease::server`]). In session mode
-//! (the only mode today) the lease is taken at startup, with the connection the
-//! client authenticated on, and held until the session ends, or until the connection
-//! is lost while the session is idle (the session then detaches, ADR 0014). Pooling
-//! would grant and take back leases per transaction without changing the relay.
+//! borrows the connection through the lease ([`Lease::server`]). In session mode the
+//! lease is taken at startup, with the connection the client authenticated on, and
+//! held until the session ends, or until the connection is lost while the session is
+//! idle (the session then detaches, ADR 0014). In transaction mode (ADR 0025) the
+//! lease starts empty: the relay takes a server connection from the pool when
+//! something is to go upstream ([`Lease::poll_acquire`]) and gives it back when the
+//! session is idle again ([`Lease::release`]).
 //!
 //! What belongs to the lease rather than to the socket: the cancel key's upstream half
 //! (spillway's client-facing key maps to nothing once the lease is lost), the canceller
@@ -13,19 +15,25 @@
 //! PostgreSQL still accepts sessions at all ([`Lease::probe`]).
 //!
 //! Invariants:
-//! - Once lost, a lease is never taken again (spillway keeps no password to
-//!   authenticate a new connection for the client).
+//! - Session mode: once lost, a lease is never taken again (spillway keeps no password
+//!   to authenticate a new connection for the client).
 //! - The cancel registry maps the session's key to the upstream key exactly while the
-//!   lease is held.
+//!   lease is held (in transaction mode: to the connection leased now, if any).
+//! - Transaction mode: a pooled connection goes back to its pool only through
+//!   [`Lease::release`]; dropped any other way it is closed.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
 use super::GaugeGuard;
+use crate::error::SessionError;
 use crate::net::cancel::{CancelKey, CancelRegistry, EntryId};
 use crate::net::conn::Conn;
+use crate::net::pool::{Leased, Pool};
 use crate::net::stream::Stream;
 use crate::net::upstream::{Canceller, Connector};
 use crate::protocol::startup::StartupMessage;
@@ -45,12 +53,43 @@ pub struct Lease {
     /// (several sessions may share a pid: PostgreSQL reuses a detached one's).
     client_pid: i32,
     cancel_id: EntryId,
-    /// `spillway_upstream_connections` while held, `spillway_detached_sessions` after.
-    gauge: GaugeGuard,
+    /// `spillway_upstream_connections` while held, `spillway_detached_sessions` after;
+    /// none in transaction mode (the pool counts its connections).
+    gauge: Option<GaugeGuard>,
     connector: Connector,
     /// A startup packet for [`Lease::probe`]: the session's role and database.
     probe_startup: Bytes,
+    /// Transaction mode: the pool and what is leased from it now.
+    pooled: Option<Box<Pooled>>,
 }
+
+type Acquiring = Pin<Box<dyn Future<Output = Result<Leased, SessionError>> + Send>>;
+
+struct Pooled {
+    pool: Arc<Pool>,
+    leased: Option<Leased>,
+    /// A wait for a connection, while one runs.
+    acquiring: Option<Acquiring>,
+    /// Named protocol-level statements the client prepared and has not closed: they
+    /// live on the leased connection only, so the session keeps it (pinned).
+    statements: std::collections::HashSet<String>,
+    /// The client ran SQL whose effect outlives its transaction on that connection
+    /// (LISTEN, PREPARE, a temporary table, a `WITH HOLD` cursor, a session advisory
+    /// lock): pinned until the session ends.
+    pinned: bool,
+}
+
+/// Statements whose effect outlives the transaction on the server connection, by the
+/// start of their text (lower case, after leading blanks). Crude on purpose: a false
+/// positive only pins a session, never breaks one.
+const PINNING_SQL: [&str; 6] = [
+    "listen",
+    "prepare",
+    "create temp",
+    "create temporary",
+    "declare",
+    "select pg_advisory_lock",
+];
 
 impl Lease {
     /// The lease on `conn`, the connection the session authenticated on; `key` is
@@ -73,24 +112,150 @@ impl Lease {
             cancel,
             client_pid: key.pid,
             cancel_id: key.id,
-            gauge: GaugeGuard::new(crate::metrics::UPSTREAM_CONNECTIONS),
+            gauge: Some(GaugeGuard::new(crate::metrics::UPSTREAM_CONNECTIONS)),
             connector,
-            probe_startup: StartupMessage::build(&[
-                ("user", startup.user()),
-                ("database", startup.database()),
-                ("application_name", PROBE_APP),
-            ]),
+            probe_startup: probe_startup(startup),
+            pooled: None,
+        }
+    }
+
+    /// An empty lease on connections of `pool` (transaction mode); `key` is the cancel
+    /// key spillway made for the client.
+    pub fn pooled(
+        pool: Arc<Pool>,
+        connector: Connector,
+        cancel: Arc<CancelRegistry>,
+        key: &CancelKey,
+        startup: &StartupMessage,
+    ) -> Self {
+        Self {
+            conn: Conn::new(Stream::Detached),
+            lost: None,
+            canceller: None,
+            cancel,
+            client_pid: key.pid,
+            cancel_id: key.id,
+            gauge: None,
+            connector,
+            probe_startup: probe_startup(startup),
+            pooled: Some(Box::new(Pooled {
+                pool,
+                leased: None,
+                acquiring: None,
+                statements: std::collections::HashSet::new(),
+                pinned: false,
+            })),
         }
     }
 
     /// The server connection, while the lease is held.
     pub fn server(&mut self) -> Option<&mut Conn> {
-        self.lost.is_none().then_some(&mut self.conn)
+        match self.pooled.as_deref_mut() {
+            Some(p) => p.leased.as_mut().and_then(Leased::conn),
+            None => self.lost.is_none().then_some(&mut self.conn),
+        }
+    }
+
+    /// Transaction mode: server connections are leased per transaction.
+    pub fn is_pooled(&self) -> bool {
+        self.pooled.is_some()
+    }
+
+    /// Transaction mode: takes a server connection from the pool (waiting up to
+    /// `pool.queue_timeout`). Ready at once when one is leased already.
+    pub fn poll_acquire(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SessionError>> {
+        let Some(p) = self.pooled.as_deref_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        if p.leased.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        let pool = p.pool.clone();
+        let acquiring = p
+            .acquiring
+            .get_or_insert_with(|| Box::pin(async move { pool.acquire().await }));
+        let leased = match acquiring.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r,
+        };
+        p.acquiring = None;
+        let leased = leased?;
+        if let Some(key) = leased.key() {
+            self.cancel
+                .attach(self.client_pid, self.cancel_id, Some(key.clone()));
+            self.canceller = Some(Canceller {
+                connector: self.connector.clone(),
+                key: key.clone(),
+            });
+        }
+        p.leased = Some(leased);
+        Poll::Ready(Ok(()))
+    }
+
+    /// Transaction mode: notes what a client message means for pinning (named
+    /// statements prepared and closed, SQL whose effect outlives the transaction).
+    pub fn observe(&mut self, msg: &[u8]) {
+        use crate::protocol::frontend;
+        let Some(p) = self.pooled.as_deref_mut() else {
+            return;
+        };
+        let body = frontend::body(msg);
+        match msg[0] {
+            frontend::PARSE => {
+                if let Some(parse) = frontend::parse(body).filter(|p| !p.name.is_empty()) {
+                    p.statements.insert(parse.name.to_owned());
+                }
+            }
+            frontend::CLOSE => {
+                if let Some(t) = frontend::target(body).filter(|t| t.kind == b'S') {
+                    p.statements.remove(t.name);
+                }
+            }
+            frontend::QUERY if !p.pinned => {
+                let sql = frontend::query(body).unwrap_or_default();
+                let head: String = sql.trim_start().chars().take(32).collect();
+                let head = head.to_ascii_lowercase();
+                if PINNING_SQL.iter().any(|k| head.starts_with(k))
+                    || head.contains("with hold")
+                    || sql.to_ascii_lowercase().contains("pg_advisory_lock(")
+                {
+                    tracing::debug!("session pinned to its server connection by its SQL");
+                    p.pinned = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Transaction mode: the session is idle; the connection goes back to the pool,
+    /// unless the session is pinned to it (named statements, session-level state).
+    pub fn release(&mut self) {
+        if self
+            .pooled
+            .as_deref()
+            .is_some_and(|p| p.pinned || !p.statements.is_empty())
+        {
+            return;
+        }
+        if let Some(leased) = self.pooled.as_deref_mut().and_then(|p| p.leased.take()) {
+            self.canceller = None;
+            self.cancel.attach(self.client_pid, self.cancel_id, None);
+            leased.release();
+        }
     }
 
     /// The connection, held or not, for the last words on close (a lost one's writes
-    /// go nowhere).
+    /// go nowhere). In transaction mode a leased connection still busy is closed with
+    /// the session; an idle one was released before.
     pub fn conn_for_close(&mut self) -> &mut Conn {
+        if let Some(conn) = self
+            .pooled
+            .as_deref_mut()
+            .and_then(|p| p.leased.as_mut())
+            .and_then(Leased::conn)
+        {
+            return conn;
+        }
         &mut self.conn
     }
 
@@ -106,12 +271,21 @@ impl Lease {
     /// The connection is gone: drop it, leave nothing to cancel, count the session as
     /// detached.
     pub fn lose(&mut self, cause: String) {
+        if let Some(p) = self.pooled.as_deref_mut() {
+            // The pooled connection closes with its lease; the session leases another
+            // when it next needs one.
+            tracing::debug!(%cause, "pooled server connection lost");
+            p.leased = None;
+            self.canceller = None;
+            self.cancel.attach(self.client_pid, self.cancel_id, None);
+            return;
+        }
         self.conn.stream = Stream::Detached;
         self.conn.inbuf.clear();
         self.canceller = None;
         self.cancel.detach(self.client_pid, self.cancel_id);
         self.lost = Some(cause);
-        self.gauge = GaugeGuard::new(crate::metrics::DETACHED_SESSIONS);
+        self.gauge = Some(GaugeGuard::new(crate::metrics::DETACHED_SESSIONS));
     }
 
     /// Cancels what runs upstream (once): nobody will read its answer.
@@ -129,4 +303,13 @@ impl Lease {
         let startup = self.probe_startup.clone();
         async move { connector.accepts_sessions(&startup).await }
     }
+}
+
+/// A startup packet for [`Lease::probe`]: the session's role and database.
+fn probe_startup(startup: &StartupMessage) -> Bytes {
+    StartupMessage::build(&[
+        ("user", startup.user()),
+        ("database", startup.database()),
+        ("application_name", PROBE_APP),
+    ])
 }

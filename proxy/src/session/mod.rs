@@ -17,6 +17,7 @@
 //!   [`relay::STREAM_THRESHOLD`] or more, of any type, is streamed, never held whole.
 //! - Every way a session ends is logged exactly once, in [`serve`].
 
+pub mod auth;
 pub mod clients;
 pub mod handler;
 pub mod lease;
@@ -58,6 +59,9 @@ pub struct Shared {
     /// The admin console (`ops::admin`), when `admin.users` is set: connections that
     /// log in to it are handed over after their startup packet.
     pub console: Option<Arc<dyn Console>>,
+    /// Transaction mode's pools and credentials (`auth.rs`), when some database or
+    /// user is in transaction mode.
+    pub pooling: Option<Arc<auth::Pooling>>,
 }
 
 /// The boxed future a [`Console`] returns.
@@ -164,7 +168,7 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<End, S
             Ok(Err(err)) => return Err(report(&mut client, err).await),
             Err(_) => return Err(report(&mut client, SessionError::StartupTimeout(timeout)).await),
         };
-    let (upstream, state, cancel_key, startup) = match established {
+    let (lease, state, _cancel_key, startup) = match established {
         startup::Established::Done(end) => return Ok(end),
         // Outside the startup timeout: a console session lasts as long as its client.
         startup::Established::Admin(console, startup) => {
@@ -175,15 +179,32 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<End, S
             state,
             cancel_key,
             startup,
-        } => (upstream, state, cancel_key, startup),
+        } => {
+            let lease = lease::Lease::new(
+                upstream,
+                shared.connector.clone(),
+                shared.cancel.clone(),
+                &cancel_key,
+                &startup,
+            );
+            (lease, state, cancel_key, startup)
+        }
+        startup::Established::Pooled {
+            pool,
+            state,
+            cancel_key,
+            startup,
+        } => {
+            let lease = lease::Lease::pooled(
+                pool,
+                shared.connector.clone(),
+                shared.cancel.clone(),
+                &cancel_key,
+                &startup,
+            );
+            (lease, state, cancel_key, startup)
+        }
     };
-    let lease = lease::Lease::new(
-        upstream,
-        shared.connector.clone(),
-        shared.cancel.clone(),
-        &cancel_key,
-        &startup,
-    );
     let _listed = shared.clients.register(
         peer,
         startup.user(),

@@ -53,7 +53,6 @@ use crate::net::conn::{Conn, poll_drain, shrink_if_idle, write_out};
 use crate::net::signal::{Phase, Subscription};
 use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
-use crate::protocol::sqlstate::SqlState;
 
 /// Output buffered toward one side before spillway stops reading from the other.
 pub const WINDOW: usize = 256 * 1024;
@@ -81,6 +80,8 @@ pub struct Relay {
     ending: Option<Ending>,
     /// PostgreSQL's FATAL relayed to the client, for the log line of the session's end.
     server_fatal: Option<String>,
+    /// Transaction mode: the client sent Terminate (never forwarded to a pool's).
+    pooled_terminated: bool,
 }
 
 /// A FATAL that may detach the session, while the relay asks whether PostgreSQL still
@@ -135,6 +136,7 @@ impl Relay {
             handler,
             ending: None,
             server_fatal: None,
+            pooled_terminated: false,
         }
     }
 
@@ -224,6 +226,13 @@ impl Relay {
                 Some(Read::Eof) => return self.client_closed().await,
                 None => {}
             }
+            if self.pooled_terminated {
+                self.release_if_idle();
+                self.out.to_upstream().clear();
+                self.flush_for_close().await;
+                return Ok(End::ClientClosed);
+            }
+            self.release_if_idle();
             if self.lease.is_lost() && self.out.client_terminated() {
                 // Nobody upstream to wait for: the Terminate ends the session now.
                 self.out.to_upstream().clear();
@@ -239,10 +248,31 @@ impl Relay {
     /// or a deferred write waiting for its journal ack, never went there).
     fn can_detach(&self) -> bool {
         !self.lease.is_lost()
+            && !self.lease.is_pooled()
             && self.ending.is_none()
             && !self.out.state().upstream_fatal
             && self.streaming == 0
             && idle_upstream(self.out.state(), &self.handler)
+    }
+
+    /// Transaction mode: gives the server connection back to the pool once the session
+    /// is idle upstream (ReadyForQuery `I` with nothing outstanding, nothing queued or
+    /// streaming, no extended cycle half sent).
+    fn release_if_idle(&mut self) {
+        if !self.lease.is_pooled() || self.streaming > 0 || self.ending.is_some() {
+            return;
+        }
+        let state = self.out.state();
+        let idle = state.awaiting_ready == 0
+            && state.tx_status == b'I'
+            && !state.upstream_fatal
+            && self.handler.can_release(state.unsynced);
+        if idle
+            && self.out.to_upstream().is_empty()
+            && self.lease.server().is_some_and(|s| s.inbuf.is_empty())
+        {
+            self.lease.release();
+        }
     }
 
     /// Goes on without the upstream connection: see the module documentation.
@@ -271,6 +301,12 @@ impl Relay {
     /// writes go on.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Progress, SessionError>> {
         let probing = self.ending.is_some();
+        if self.lease.is_pooled() && !self.out.to_upstream().is_empty() {
+            match self.lease.poll_acquire(cx) {
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+            }
+        }
         if let Some(server) = self.lease.server()
             && let Err(e) = poll_drain(&mut server.stream, self.out.to_upstream(), cx)
         {
@@ -327,7 +363,13 @@ impl Relay {
                     .reserve(h.total_len - self.client.inbuf.len());
                 break;
             }
+            if h.tag == TERMINATE[0] && self.lease.is_pooled() {
+                self.client.inbuf.advance(h.total_len);
+                self.pooled_terminated = true;
+                break;
+            }
             let msg = &self.client.inbuf[..h.total_len];
+            self.lease.observe(msg);
             self.out.offer(h.tag);
             match self.handler.on_frontend(msg, &mut self.out) {
                 Disposition::Consumed => self.out.take(),
@@ -414,14 +456,14 @@ impl Relay {
                 h.tag == backend::ERROR_RESPONSE && backend::prefix_is_fatal(&msg[Header::SIZE..]);
             if fatal {
                 if idle_upstream(self.out.state(), &self.handler)
-                    && let Some(cause) = detaching_fatal(&msg[Header::SIZE..])
+                    && let Some(cause) = backend::detaching_fatal(&msg[Header::SIZE..])
                 {
                     // PostgreSQL closes right after its FATAL; whatever follows is moot.
                     let fatal = Bytes::copy_from_slice(msg);
                     inbuf.clear();
                     return Ok(Some((cause, fatal)));
                 }
-                self.server_fatal = Some(describe_error(&msg[Header::SIZE..]));
+                self.server_fatal = Some(backend::describe_error(&msg[Header::SIZE..]));
             }
             match self.handler.on_backend(h.tag, msg) {
                 Delivery::Pass => self.out.relay(msg),
@@ -469,8 +511,13 @@ impl Relay {
         let cut_short = !self.client.inbuf.is_empty() || !self.out.state().is_idle();
         self.cancel_running_query();
         // Complete requests already queued go upstream, as they would have on a
-        // direct connection; only a partial message (still in inbuf) is dropped.
-        self.out.release(TERMINATE);
+        // direct connection; only a partial message (still in inbuf) is dropped. A
+        // pool's connection gets no Terminate: it is released if idle, else closed.
+        if self.lease.is_pooled() {
+            self.release_if_idle();
+        } else {
+            self.out.release(TERMINATE);
+        }
         self.flush_for_close().await;
         if cut_short {
             Err(SessionError::ClientIo(io::Error::new(
@@ -498,7 +545,7 @@ impl Relay {
         if client_broken || matches!(err, SessionError::Shutdown) {
             self.cancel_running_query();
         }
-        let upstream_broken = self.lease.is_lost()
+        let upstream_broken = self.lease.server().is_none()
             || matches!(
                 err,
                 SessionError::UpstreamIo(_) | SessionError::UpstreamClosed
@@ -550,21 +597,4 @@ fn idle_upstream(state: &ProtocolState, handler: &Handler) -> bool {
         && state.awaiting_ready == 0
         && state.tx_status == b'I'
         && handler.can_detach()
-}
-
-/// For a FATAL that says the server or the connection is going away (57P01 admin
-/// shutdown, 57P02 crash shutdown, 57P03 cannot connect now, class 08), the cause a
-/// detached session reports later; `None` for any other FATAL (relayed as ever).
-fn detaching_fatal(body: &[u8]) -> Option<String> {
-    let fields = backend::parse_error_fields(body).ok()?;
-    SqlState::ends_connection(&fields.code)
-        .then(|| format!("PostgreSQL: {} ({})", fields.message, fields.code))
-}
-
-/// "message (SQLSTATE)" of an ErrorResponse body, for the log.
-fn describe_error(body: &[u8]) -> String {
-    match backend::parse_error_fields(body) {
-        Ok(f) => format!("{} ({})", f.message, f.code),
-        Err(_) => "a FATAL error".to_owned(),
-    }
 }

@@ -1,13 +1,15 @@
 //! The startup phase: TLS/GSS negotiation, CancelRequest handling, and the relayed
 //! authentication exchange.
 //!
-//! spillway never authenticates application users itself: the StartupMessage goes to
+//! In session mode spillway never authenticates application users itself: the StartupMessage goes to
 //! PostgreSQL verbatim and every authentication message is relayed, so whatever
 //! PostgreSQL accepts (trust, password, md5, SCRAM-SHA-256) works and spillway stores
 //! no application password. Two messages are rewritten on the way: BackendKeyData
 //! (the pid stays PostgreSQL's, the secret becomes spillway's, see `net::cancel`) and
 //! AuthenticationSASL (channel-binding mechanisms are withdrawn: the client's TLS
-//! channel ends at spillway, so binding to it could never verify upstream).
+//! channel ends at spillway, so binding to it could never verify upstream). In
+//! transaction mode (`pool.mode`) spillway authenticates the client itself (`auth.rs`)
+//! and greets it without any server connection.
 
 use bytes::Bytes;
 
@@ -31,6 +33,14 @@ pub enum Established {
         cancel_key: CancelKey,
         startup: Box<StartupMessage>,
     },
+    /// Transaction mode: spillway authenticated the client; server connections are
+    /// leased from `pool` as needed.
+    Pooled {
+        pool: std::sync::Arc<crate::net::pool::Pool>,
+        state: ProtocolState,
+        cancel_key: CancelKey,
+        startup: Box<StartupMessage>,
+    },
 }
 
 /// Runs the startup phase on `client` (which may be upgraded to TLS on the way).
@@ -45,6 +55,13 @@ pub async fn establish(client: &mut Conn, shared: &Shared) -> Result<Established
         console.login(client, startup.user()).await?;
         return Ok(Established::Admin(console.clone(), Box::new(startup)));
     }
+    if let Some(pooling) = shared
+        .pooling
+        .as_ref()
+        .filter(|p| p.is_pooled(startup.database(), startup.user()))
+    {
+        return greet_pooled(client, shared, pooling, startup).await;
+    }
 
     let mut upstream = Conn::new(shared.connector.connect().await?);
     upstream
@@ -52,6 +69,40 @@ pub async fn establish(client: &mut Conn, shared: &Shared) -> Result<Established
         .await
         .map_err(SessionError::UpstreamIo)?;
     authenticate(client, upstream, shared, startup).await
+}
+
+/// Transaction mode: spillway authenticates the client (`auth.rs`) and greets it with
+/// the pool's server parameters and a cancel key of its own; no server connection is
+/// the session's.
+async fn greet_pooled(
+    client: &mut Conn,
+    shared: &Shared,
+    pooling: &super::auth::Pooling,
+    startup: StartupMessage,
+) -> Result<Established, SessionError> {
+    let (pool, params) = pooling
+        .login(client, startup.database(), startup.user())
+        .await?;
+    let cancel_key = shared.cancel.register_pooled();
+    let mut state = ProtocolState::default();
+    let mut out = bytes::BytesMut::new();
+    for (name, value) in &params {
+        let msg = backend::parameter_status(name, value);
+        state.on_backend(backend::PARAMETER_STATUS, &msg[5..]);
+        out.extend_from_slice(&msg);
+    }
+    out.extend_from_slice(&backend::backend_key_data(
+        cancel_key.pid,
+        &cancel_key.secret,
+    ));
+    out.extend_from_slice(&crate::protocol::frontend::ready_for_query(b'I'));
+    client.send(&out).await.map_err(SessionError::ClientIo)?;
+    Ok(Established::Pooled {
+        pool,
+        state,
+        cancel_key,
+        startup: Box::new(startup),
+    })
 }
 
 /// Handles SSLRequest/GSSENCRequest/CancelRequest until a StartupMessage arrives.

@@ -64,6 +64,16 @@ fn full_config() -> Config {
     let mut c = Config::default();
     c.server.tls_cert = Some("cert.pem".into());
     c.server.tls_key = Some("key.pem".into());
+    c.pool.reset_query = Some("DISCARD ALL".into());
+    c.pool
+        .databases
+        .insert("db".into(), spillway::config::pool::PoolOverride::default());
+    c.pool.users.insert(
+        "role".into(),
+        spillway::config::pool::PoolOverride::default(),
+    );
+    c.auth.file = Some("users.txt".into());
+    c.auth.user = Some("auth".into());
     c.tables.insert(
         ANY_TABLE.to_owned(),
         TableConfig {

@@ -29,6 +29,7 @@ mod metrics;
 mod model;
 mod outage;
 mod packaging;
+mod pooling;
 mod protocol;
 mod reload;
 mod replication;

@@ -10,7 +10,8 @@ use crate::protocol::sqlstate::SqlState;
 
 /// The help text of an unknown command.
 pub const USAGE: &str = "SHOW STATS | SHOW CACHE | SHOW TABLES | SHOW PENDING | SHOW CLIENTS | \
-                         SHOW KEYS | SHOW REPLICATION | FLUSH [table] | INVALIDATE table | RELOAD";
+                         SHOW KEYS | SHOW REPLICATION | SHOW POOLS | FLUSH [table] | INVALIDATE table | \
+                         RELOAD";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -22,6 +23,7 @@ pub enum Command {
     /// The key index and point reads per deferred table (`keys.rs`).
     ShowKeys,
     ShowReplication,
+    ShowPools,
     /// Every deferred table, or one.
     Flush(Option<String>),
     Invalidate(String),
@@ -53,6 +55,7 @@ pub fn parse(statement: &str) -> Result<Command, String> {
         (["SHOW", "CLIENTS"], _) => Ok(Command::ShowClients),
         (["SHOW", "KEYS"], _) => Ok(Command::ShowKeys),
         (["SHOW", "REPLICATION"], _) => Ok(Command::ShowReplication),
+        (["SHOW", "POOLS"], _) => Ok(Command::ShowPools),
         (["FLUSH"], _) => Ok(Command::Flush(None)),
         (["FLUSH", _], [_, table]) => Ok(Command::Flush(Some(unquote(table)))),
         (["INVALIDATE", _], [_, table]) => Ok(Command::Invalidate(unquote(table))),
@@ -77,8 +80,12 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::ShowPending => show_pending(shared),
         Command::ShowClients => show_clients(shared),
         Command::ShowKeys => show_keys(shared),
-        Command::ShowReplication => {
-            let (columns, rows) = super::replication::show(shared);
+        Command::ShowReplication | Command::ShowPools => {
+            let (columns, rows) = if command == Command::ShowPools {
+                super::pools::show(shared)
+            } else {
+                super::replication::show(shared)
+            };
             Reply::Rows {
                 columns,
                 rows,

@@ -19,6 +19,7 @@
 //! calls the same operations sessions use.
 
 pub mod commands;
+mod pools;
 mod replication;
 
 use bytes::{Bytes, BytesMut};
@@ -64,6 +65,8 @@ pub struct Console {
     pub signals: Arc<ShutdownSignals>,
     /// The config in force and hot reload (`RELOAD`, `SHOW TABLES`).
     pub reload: Arc<Reloader>,
+    /// Transaction mode's pools (`SHOW POOLS`).
+    pub pooling: Option<Arc<crate::session::auth::Pooling>>,
 }
 
 impl Console {

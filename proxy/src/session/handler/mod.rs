@@ -227,6 +227,17 @@ impl Handler {
         self.caching.as_deref().is_some_and(Caching::can_detach)
     }
 
+    /// Transaction mode: whether the server connection may go back to the pool now,
+    /// as far as the handler knows (nothing it sent awaits an answer, no extended
+    /// cycle half forwarded). `unsynced`: the protocol state's, which is all a
+    /// pass-through session has to go by.
+    pub fn can_release(&self, unsynced: bool) -> bool {
+        match self.caching.as_deref() {
+            None => !unsynced,
+            Some(c) => c.tracker.quiet && !c.tracker.desynced && !c.cycle.upstream,
+        }
+    }
+
     /// From now on nothing goes upstream (`detached.rs`).
     pub fn detach(&mut self) {
         if let Some(c) = self.caching.as_deref_mut() {

@@ -1,0 +1,556 @@
+//! Server connections shared by sessions in transaction mode: one [`Pool`] per
+//! (database, user), each at most `pool.size` connections, logged in with a password
+//! spillway holds (auth file) or, where it holds only a SCRAM verifier, with the keys
+//! a client's SCRAM proof revealed (passthrough), kept idle between leases.
+//!
+//! A session asks for a connection with [`Pool::acquire`] when it has something for
+//! PostgreSQL, and gives it back with [`Leased::release`] at ReadyForQuery `I`. Waiting
+//! is bounded by `pool.queue_timeout` (then 53300). Nothing here reads what flows on a
+//! leased connection: the session decides when the connection is idle.
+//!
+//! Invariants:
+//! - At most `size` connections of a pool exist at once, leased or idle (a semaphore
+//!   permit travels with each lease, and idle connections hold none but count
+//!   against the pool through `open`).
+//! - A connection goes back idle only when its session saw it idle; a connection whose
+//!   lease ended any other way (the session ended mid-transaction, an I/O error) is
+//!   closed, so no other client ever sees its state.
+//! - Idle connections older than `pool.lifetime` or idle longer than
+//!   `pool.idle_timeout` are closed when next looked at, never handed out.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::pool::PoolConfig;
+use crate::error::SessionError;
+use crate::net::cancel::UpstreamKey;
+use crate::net::conn::{Conn, read_upstream_frame};
+use crate::net::upstream::Connector;
+use crate::protocol::backend;
+use crate::protocol::scram::{ClientExchange, ScramKeys};
+use crate::protocol::startup::StartupMessage;
+
+/// `application_name` of pooled server connections.
+const POOL_APP: &str = "spillway pool";
+
+/// Every pool, by (database, user).
+pub struct Pools {
+    config: PoolConfig,
+    connector: Connector,
+    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+}
+
+impl Pools {
+    pub fn new(config: PoolConfig, connector: Connector) -> Self {
+        Self {
+            config,
+            connector,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pool of `database` and `user`, created on first use; `secret` is what its
+    /// connections log in with (`None`: nothing new; a password is kept over keys).
+    pub fn get(&self, database: &str, user: &str, secret: Option<PoolSecret>) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        let pool = pools
+            .entry((database.to_owned(), user.to_owned()))
+            .or_insert_with(|| {
+                let size = self.config.size_for(database, user) as usize;
+                Arc::new(Pool {
+                    database: database.to_owned(),
+                    user: user.to_owned(),
+                    secret: Mutex::new(None),
+                    permits: Arc::new(Semaphore::new(size)),
+                    idle: Mutex::new(Vec::new()),
+                    params: Mutex::new(None),
+                    connector: self.connector.clone(),
+                    queue_timeout: self.config.queue_timeout,
+                    idle_timeout: self.config.idle_timeout,
+                    lifetime: self.config.lifetime,
+                    reset_query: self.config.reset_query.clone(),
+                    size,
+                    open: AtomicUsize::new(0),
+                    waiting: AtomicUsize::new(0),
+                })
+            })
+            .clone();
+        if let Some(new) = secret {
+            let mut held = pool.secret.lock().unwrap_or_else(PoisonError::into_inner);
+            if !matches!(
+                (&*held, &new),
+                (Some(PoolSecret::Password(_)), PoolSecret::Scram(_))
+            ) {
+                *held = Some(new);
+            }
+        }
+        pool
+    }
+
+    /// A snapshot of every pool, for the console.
+    pub fn stats(&self) -> Vec<PoolStats> {
+        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<PoolStats> = pools.values().map(|p| p.stats()).collect();
+        out.sort_by(|a, b| (&a.database, &a.user).cmp(&(&b.database, &b.user)));
+        out
+    }
+}
+
+/// What `SHOW POOLS` shows of one pool.
+#[derive(Debug, Clone)]
+pub struct PoolStats {
+    pub database: String,
+    pub user: String,
+    pub size: usize,
+    pub open: usize,
+    pub idle: usize,
+    pub waiting: usize,
+}
+
+/// What a pool's connections log in with.
+#[derive(Clone)]
+pub enum PoolSecret {
+    /// The password (auth file): cleartext, md5 or SCRAM, as PostgreSQL asks.
+    Password(String),
+    /// SCRAM passthrough: the keys a client's proof revealed (only a verifier held).
+    Scram(ScramKeys),
+    /// md5 passthrough: the hex of md5(password || user) (only an md5 hash held),
+    /// which is all PostgreSQL's md5 method needs.
+    Md5(String),
+}
+
+pub struct Pool {
+    database: String,
+    user: String,
+    secret: Mutex<Option<PoolSecret>>,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<Server>>,
+    /// The ParameterStatus a connection of this pool reported at login.
+    params: Mutex<Option<Vec<(String, String)>>>,
+    connector: Connector,
+    queue_timeout: Duration,
+    idle_timeout: Duration,
+    lifetime: Duration,
+    reset_query: Option<String>,
+    size: usize,
+    /// Connections open (leased or idle).
+    open: AtomicUsize,
+    waiting: AtomicUsize,
+}
+
+/// One server connection of a pool.
+pub struct Server {
+    pub conn: Conn,
+    pub key: UpstreamKey,
+    created: Instant,
+    idle_since: Instant,
+}
+
+/// A server connection leased to one session. Dropped without
+/// [`Leased::release`], the connection is closed.
+pub struct Leased {
+    /// `None` only once released.
+    server: Option<Server>,
+    pool: Arc<Pool>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        if self.server.take().is_some() {
+            // Not released: the connection closes with its lease.
+            self.pool.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::POOL_SERVER_CONNECTIONS).decrement(1.0);
+    }
+}
+
+impl Pool {
+    /// A server connection for one transaction: an idle one, or a new one while the
+    /// pool has room; waits up to `pool.queue_timeout` for one to come back.
+    pub async fn acquire(self: &Arc<Self>) -> Result<Leased, SessionError> {
+        let started = Instant::now();
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit =
+            tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        metrics::histogram!(crate::metrics::POOL_WAIT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        let permit = match permit {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                metrics::counter!(crate::metrics::POOL_WAIT_TIMEOUTS).increment(1);
+                return Err(SessionError::PoolTimeout(self.queue_timeout));
+            }
+        };
+        let server = match self.take_idle() {
+            Some(server) => server,
+            None => self.connect().await?,
+        };
+        metrics::counter!(crate::metrics::POOL_LEASES).increment(1);
+        Ok(Leased {
+            server: Some(server),
+            pool: self.clone(),
+            permit: Some(permit),
+        })
+    }
+
+    fn take_idle(&self) -> Option<Server> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(mut server) = idle.pop() {
+            if server.idle_since.elapsed() < self.idle_timeout
+                && server.created.elapsed() < self.lifetime
+                && still_open(&mut server.conn)
+            {
+                return Some(server);
+            }
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        None
+    }
+
+    /// The ParameterStatus a client of this pool is greeted with: a connection's, or
+    /// `None` when no connection could be made yet.
+    pub fn params(&self) -> Option<Vec<(String, String)>> {
+        self.params
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes sure the pool knows its server's parameters: opens one connection (kept
+    /// idle) if none was ever made. An error means PostgreSQL cannot be reached or
+    /// refused the login.
+    pub async fn warm(self: &Arc<Self>) -> Result<(), SessionError> {
+        if self.params().is_some() {
+            return Ok(());
+        }
+        let leased = self.acquire().await?;
+        leased.release();
+        Ok(())
+    }
+
+    fn stats(&self) -> PoolStats {
+        PoolStats {
+            database: self.database.clone(),
+            user: self.user.clone(),
+            size: self.size,
+            open: self.open.load(Ordering::Relaxed),
+            idle: self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+            waiting: self.waiting.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Opens and logs in a new server connection.
+    async fn connect(&self) -> Result<Server, SessionError> {
+        let mut conn = Conn::new(self.connector.connect().await?);
+        let startup = StartupMessage::build(&[
+            ("user", &self.user),
+            ("database", &self.database),
+            ("application_name", POOL_APP),
+            ("client_encoding", "UTF8"),
+        ]);
+        conn.send(&startup)
+            .await
+            .map_err(SessionError::UpstreamIo)?;
+        let secret = self
+            .secret
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let (key, params) = login(&mut conn, &self.user, secret.as_ref()).await?;
+        *self.params.lock().unwrap_or_else(PoisonError::into_inner) = Some(params);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::POOL_SERVER_CONNECTIONS).increment(1.0);
+        let now = Instant::now();
+        Ok(Server {
+            conn,
+            key,
+            created: now,
+            idle_since: now,
+        })
+    }
+
+    fn put_idle(&self, mut server: Server) {
+        if server.created.elapsed() >= self.lifetime {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        server.idle_since = Instant::now();
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(server);
+    }
+}
+
+impl Leased {
+    /// The leased connection.
+    pub fn conn(&mut self) -> Option<&mut Conn> {
+        self.server.as_mut().map(|s| &mut s.conn)
+    }
+
+    /// PostgreSQL's key of the leased connection, for cancel requests.
+    pub fn key(&self) -> Option<&UpstreamKey> {
+        self.server.as_ref().map(|s| &s.key)
+    }
+
+    /// The session saw the connection idle (ReadyForQuery `I`, nothing outstanding):
+    /// it goes back to the pool, after `pool.reset_query` when one is set. (Dropping
+    /// a lease instead closes its connection.)
+    pub fn release(mut self) {
+        let (Some(mut server), Some(permit)) = (self.server.take(), self.permit.take()) else {
+            return;
+        };
+        let pool = self.pool.clone();
+        match pool.reset_query.clone() {
+            None => pool.put_idle(server),
+            Some(query) => {
+                // The permit stays taken until the reset is done: nobody may lease
+                // the connection before.
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    if reset(&mut server.conn, &query).await.is_ok() {
+                        pool.put_idle(server);
+                    } else {
+                        pool.open.fetch_sub(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// PostgreSQL's md5 answer from the stored hash: `md5` + hex(md5(hash hex || salt)).
+pub fn md5_answer(hash: &str, salt: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    let mut md5 = Md5::new();
+    md5.update(hash.as_bytes());
+    md5.update(salt);
+    format!("md5{:x}", md5.finalize())
+}
+
+/// Whether an idle connection is still usable: nothing may have arrived on it (a
+/// FATAL, as PostgreSQL sends when it shuts down, or the end of the stream).
+fn still_open(conn: &mut Conn) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    conn.inbuf.is_empty() && conn.poll_fill(&mut cx).is_pending()
+}
+
+/// Runs `query` (simple protocol) and reads to its ReadyForQuery; an error answer
+/// or a transaction left open counts as failure.
+async fn reset(conn: &mut Conn, query: &str) -> Result<(), SessionError> {
+    let mut msg = BytesMut::new();
+    postgres_protocol::message::frontend::query(query, &mut msg)
+        .map_err(SessionError::UpstreamIo)?;
+    conn.send(&msg).await.map_err(SessionError::UpstreamIo)?;
+    let mut failed = false;
+    loop {
+        let (tag, body) = read_upstream_frame(conn).await?;
+        match tag {
+            backend::ERROR_RESPONSE => failed = true,
+            backend::READY_FOR_QUERY => {
+                if failed || backend::ready_for_query_status(&body[5..]) != Some(b'I') {
+                    let _ = conn.stream.shutdown().await;
+                    return Err(SessionError::UpstreamClosed);
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// SCRAM with the password (postgres-protocol's client) or with a client's keys.
+enum ScramClient {
+    Password(postgres_protocol::authentication::sasl::ScramSha256),
+    Keys(ClientExchange),
+}
+
+/// The login exchange on a new server connection, up to ReadyForQuery: cleartext,
+/// md5 and SCRAM-SHA-256 with a password, SCRAM-SHA-256 with a client's keys.
+/// Returns the backend's key and parameters.
+async fn login(
+    conn: &mut Conn,
+    user: &str,
+    secret: Option<&PoolSecret>,
+) -> Result<(UpstreamKey, Vec<(String, String)>), SessionError> {
+    let password = match secret {
+        Some(PoolSecret::Password(p)) => Some(p.as_str()),
+        _ => None,
+    };
+    use postgres_protocol::authentication::sasl;
+    use postgres_protocol::message::frontend;
+    let refused = |message: String| SessionError::PoolLogin { message };
+    let need_password = || {
+        password.ok_or_else(|| {
+            refused(format!(
+                "PostgreSQL asks role \"{user}\" for a password method other than SCRAM and \
+                 spillway holds no plain-text password for it (auth.file)"
+            ))
+        })
+    };
+    let mut scram: Option<ScramClient> = None;
+    let mut key = None;
+    let mut params = Vec::new();
+    loop {
+        let (tag, msg) = read_upstream_frame(conn).await?;
+        let body = &msg[5..];
+        let mut out = BytesMut::new();
+        match tag {
+            backend::AUTHENTICATION => {
+                let code =
+                    backend::authentication_code(body).ok_or(SessionError::UpstreamProtocol {
+                        tag: 'R',
+                        phase: "pool login",
+                    })?;
+                let data = &body[4..];
+                match code {
+                    0 => continue,
+                    3 => frontend::password_message(need_password()?.as_bytes(), &mut out)
+                        .map_err(SessionError::UpstreamIo)?,
+                    5 if matches!(secret, Some(PoolSecret::Md5(_))) => {
+                        let (Some(PoolSecret::Md5(hash)), Some(salt)) = (secret, data.get(..4))
+                        else {
+                            return Err(SessionError::UpstreamProtocol {
+                                tag: 'R',
+                                phase: "pool login (md5 salt)",
+                            });
+                        };
+                        let answer = md5_answer(hash, salt);
+                        frontend::password_message(answer.as_bytes(), &mut out)
+                            .map_err(SessionError::UpstreamIo)?;
+                    }
+                    5 => {
+                        let salt: [u8; 4] = data.get(..4).and_then(|s| s.try_into().ok()).ok_or(
+                            SessionError::UpstreamProtocol {
+                                tag: 'R',
+                                phase: "pool login (md5 salt)",
+                            },
+                        )?;
+                        let hash = postgres_protocol::authentication::md5_hash(
+                            user.as_bytes(),
+                            need_password()?.as_bytes(),
+                            salt,
+                        );
+                        frontend::password_message(hash.as_bytes(), &mut out)
+                            .map_err(SessionError::UpstreamIo)?;
+                    }
+                    10 => {
+                        let (client, first) = match secret {
+                            Some(PoolSecret::Scram(keys)) => {
+                                let (x, first) = ClientExchange::start(keys.clone());
+                                (ScramClient::Keys(x), first.into_bytes())
+                            }
+                            _ => {
+                                let s = sasl::ScramSha256::new(
+                                    need_password()?.as_bytes(),
+                                    sasl::ChannelBinding::unsupported(),
+                                );
+                                let first = s.message().to_vec();
+                                (ScramClient::Password(s), first)
+                            }
+                        };
+                        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, &first, &mut out)
+                            .map_err(SessionError::UpstreamIo)?;
+                        scram = Some(client);
+                    }
+                    11 => {
+                        let s = scram.as_mut().ok_or(SessionError::UpstreamProtocol {
+                            tag: 'R',
+                            phase: "pool login (SASL continue)",
+                        })?;
+                        let answer = match s {
+                            ScramClient::Password(s) => {
+                                s.update(data).map_err(|e| refused(e.to_string()))?;
+                                s.message().to_vec()
+                            }
+                            ScramClient::Keys(x) => x
+                                .update(data)
+                                .map_err(|e| refused(e.to_string()))?
+                                .into_bytes(),
+                        };
+                        frontend::sasl_response(&answer, &mut out)
+                            .map_err(SessionError::UpstreamIo)?;
+                    }
+                    12 => {
+                        let s = scram.as_mut().ok_or(SessionError::UpstreamProtocol {
+                            tag: 'R',
+                            phase: "pool login (SASL final)",
+                        })?;
+                        match s {
+                            ScramClient::Password(s) => {
+                                s.finish(data).map_err(|e| refused(e.to_string()))?;
+                            }
+                            ScramClient::Keys(x) => {
+                                x.finish(data).map_err(|e| refused(e.to_string()))?;
+                            }
+                        }
+                        continue;
+                    }
+                    other => {
+                        return Err(refused(format!(
+                            "PostgreSQL asks for authentication method {other}, which pooled \
+                             connections do not support"
+                        )));
+                    }
+                }
+                conn.send(&out).await.map_err(SessionError::UpstreamIo)?;
+            }
+            backend::BACKEND_KEY_DATA => {
+                let (pid, secret) = backend::parse_backend_key_data(body)
+                    .map_err(SessionError::UpstreamMalformed)?;
+                key = Some(UpstreamKey { pid, secret });
+            }
+            backend::PARAMETER_STATUS => {
+                if let Ok(p) = backend::parse_parameter_status(body) {
+                    params.push(p);
+                }
+            }
+            backend::ERROR_RESPONSE => {
+                let f = backend::parse_error_fields(body).unwrap_or_default();
+                return Err(refused(format!("{} ({})", f.message, f.code)));
+            }
+            backend::READY_FOR_QUERY => {
+                let key = key.ok_or(SessionError::UpstreamProtocol {
+                    tag: 'Z',
+                    phase: "pool login without BackendKeyData",
+                })?;
+                return Ok((key, params));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The ParameterStatus a pooled client is greeted with when no server connection
+/// could be made (PostgreSQL down): what drivers need to go on.
+pub fn fallback_params() -> Vec<(String, String)> {
+    [
+        ("server_version", "16.0"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("TimeZone", "UTC"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
