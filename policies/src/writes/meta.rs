@@ -24,6 +24,10 @@ pub struct TableMeta {
     pub plain: bool,
     /// Its foreign keys (the tables it references).
     pub parents: Vec<ForeignKey>,
+    /// The key is an identity `GENERATED ALWAYS` whose values spillway reserves: its
+    /// INSERTs are applied with `OVERRIDING SYSTEM VALUE` (an INSERT giving the key
+    /// itself is never deferred, since PostgreSQL would refuse it).
+    pub overriding: bool,
 }
 
 /// A foreign key of a deferred table: its columns reference `references` of `parent`.

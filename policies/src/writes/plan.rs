@@ -297,8 +297,9 @@ impl Builder {
                     .collect::<Result<Vec<_>, PlanError>>()?;
                 let table = format!("{}.{}", ident(&meta.schema), ident(&meta.table));
                 format!(
-                    "INSERT INTO {table} ({}) SELECT {} FROM {arrays} AS u({})",
+                    "INSERT INTO {table} ({}){} SELECT {} FROM {arrays} AS u({})",
                     cols.join(", "),
+                    overriding(meta),
                     exprs.join(", "),
                     names.join(", ")
                 )
@@ -358,6 +359,17 @@ pub(crate) fn convert(expr: &str, cast: Option<&str>, column_type: &str) -> Stri
     }
 }
 
+/// ` OVERRIDING SYSTEM VALUE` for a table whose key is an identity `GENERATED
+/// ALWAYS` (its INSERTs carry the value spillway reserved from the identity's
+/// sequence), else nothing.
+pub fn overriding(meta: &TableMeta) -> &'static str {
+    if meta.overriding {
+        " OVERRIDING SYSTEM VALUE"
+    } else {
+        ""
+    }
+}
+
 /// A quoted identifier.
 pub fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -392,6 +404,7 @@ mod tests {
                     coalesce: false,
                     plain: true,
                     parents: Vec::new(),
+                    overriding: false,
                 },
             );
         }
@@ -487,6 +500,28 @@ mod tests {
             vec![insert("1", "b")],
         ]);
         assert_eq!(g.len(), 3, "order across kinds is kept");
+    }
+
+    #[test]
+    fn identity_always_keys_are_inserted_overriding_the_system_value() {
+        // Mutation caught: the flag ignored, so PostgreSQL refuses every INSERT of a
+        // reserved key into a GENERATED ALWAYS identity (428C9) and it dead-letters.
+        let mut m = meta();
+        if let Some(t) = m.get_mut("public.t") {
+            t.overriding = true;
+        }
+        let records = [Record {
+            ops: vec![insert("1", "a")],
+        }];
+        let refs: Vec<&Record> = records.iter().collect();
+        let g = plan_batch(&refs, &m).expect("plans");
+        assert!(
+            g[0].sql.starts_with(
+                "INSERT INTO \"public\".\"t\" (\"id\", \"v\") OVERRIDING SYSTEM VALUE SELECT "
+            ),
+            "{}",
+            g[0].sql
+        );
     }
 
     #[test]

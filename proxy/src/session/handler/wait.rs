@@ -64,6 +64,8 @@ pub enum Resume {
     Ack(Box<Ack>),
     /// A held transaction's step (`held/`).
     Held(Box<Held>),
+    /// The journal's answer to a pipelined cycle (`pipeline.rs`).
+    Pipeline(Box<super::pipeline::PipelineAck>),
 }
 
 /// A deferred write waiting for its journal acknowledgement, and its answer.
