@@ -194,12 +194,12 @@ impl Wait {
     /// a held transaction's step), leaving what only steers its routing.
     pub fn take_outcome(&mut self) -> Option<Resume> {
         match self {
-            Wait::Resumed(Resume::Ack(_) | Resume::BarrierFailed(_) | Resume::Held(_)) => {
-                match std::mem::take(self) {
-                    Wait::Resumed(r) => Some(r),
-                    _ => None,
-                }
-            }
+            Wait::Resumed(
+                Resume::Ack(_) | Resume::BarrierFailed(_) | Resume::Held(_) | Resume::Pipeline(_),
+            ) => match std::mem::take(self) {
+                Wait::Resumed(r) => Some(r),
+                _ => None,
+            },
             _ => None,
         }
     }

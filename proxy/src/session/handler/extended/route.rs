@@ -150,6 +150,10 @@ impl Caching {
         let mut named_here: Vec<(String, Arc<Stmt>)> = Vec::new();
         let mut bound: Option<(Arc<Stmt>, Bound)> = None;
         let mut executed: Vec<Arc<Stmt>> = Vec::new();
+        // What each Execute runs (`executed` also has what the Binds bound), for the
+        // fallback counters.
+        let mut ran: Vec<Arc<Stmt>> = Vec::new();
+        let mut last_bound: Option<Arc<Stmt>> = None;
         let mut simple_shape = true;
         let mut described: Option<Arc<Stmt>> = None;
         let mut pipe = pipeline::Builder::default();
@@ -184,6 +188,9 @@ impl Caching {
                             named_in(&named_here, b.statement)
                                 .or_else(|| self.stmts.named(b.statement).cloned())
                         };
+                        if b.portal.is_empty() {
+                            last_bound.clone_from(&stmt);
+                        }
                         let params = frontend::bind_params(b.params_and_formats);
                         let values = match (&stmt, params) {
                             (Some(stmt), Some(params)) if b.portal.is_empty() => {
@@ -256,12 +263,14 @@ impl Caching {
                             }
                             executed.push(stmt.clone());
                         }
+                        ran.extend(last_bound.clone());
                     }
                     Some(e) => {
                         simple_shape = false;
                         pipe.break_off();
                         if let Some(stmt) = self.stmts.portal(e.portal) {
                             executed.push(stmt.clone());
+                            ran.push(stmt.clone());
                         }
                     }
                     None => {
@@ -335,7 +344,11 @@ impl Caching {
                     match routed {
                         Routed::Here(d) => return Some(d),
                         Routed::Counted => {}
-                        Routed::Elsewhere => self.note_pipelined(&refs),
+                        Routed::Elsewhere => {
+                            let ran: Vec<&Analysis> =
+                                ran.iter().map(|s| s.analysis.as_ref()).collect();
+                            self.note_pipelined(&ran);
+                        }
                     }
                 }
                 self.route_writes(&refs, single, out)
