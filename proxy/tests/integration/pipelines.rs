@@ -174,3 +174,46 @@ async fn pipelined_inserts_returning_reserved_keys_match_the_stored_rows() {
         .collect();
     assert_eq!(stored, told);
 }
+
+#[tokio::test]
+async fn a_pipelined_cycle_inside_a_held_transaction_joins_it() {
+    let ctx = start().await;
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    raw.send(&query("BEGIN")).await;
+    assert_eq!(tags(&raw.until(b'Z').await), "CZ");
+    raw.send(&executemany(&[("1", "a"), ("2", "b")])).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!(tags(&msgs), "12nC2nCZ");
+    assert_eq!(msgs.last().map(|m| m.body.clone()), Some(b"T".to_vec()));
+    raw.send(&query("COMMIT")).await;
+    assert_eq!(tags(&raw.until(b'Z').await), "CZ");
+    let metrics = scrape(ctx.proxy.metrics_addr()).await;
+    assert_eq!(deferred(&metrics, "pl"), 2.0, "{metrics}");
+    assert_eq!(count(&ctx, "SELECT count(*) FROM pl").await, 0, "deferred");
+
+    // A duplicate key: the transaction moves upstream and PostgreSQL answers the cycle
+    // (the first Execute, then 23505); the transaction is failed, as directly.
+    raw.send(&query("BEGIN")).await;
+    raw.until(b'Z').await;
+    raw.send(&executemany(&[("3", "c"), ("1", "dup"), ("4", "d")]))
+        .await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!(tags(&msgs), "12nC2nEZ");
+    let err = msgs.iter().find(|m| m.tag == b'E').expect("error");
+    assert_eq!(err.code().as_deref(), Some("23505"));
+    assert_eq!(msgs.last().map(|m| m.body.clone()), Some(b"E".to_vec()));
+    raw.send(&query("ROLLBACK")).await;
+    raw.until(b'Z').await;
+    raw.send(&query("SPILLWAY FLUSH")).await;
+    raw.until(b'Z').await;
+    let ids: Vec<i32> = ctx
+        .direct_client()
+        .await
+        .query("SELECT id FROM pl ORDER BY id", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [1, 2]);
+}

@@ -28,7 +28,7 @@ use super::{Caching, Disposition};
 use crate::session::state::Outbox;
 use crate::write::convert::{Bound, Verb};
 use crate::write::fallbacks::Fallback;
-use crate::write::service::{DeferError, TxOutcome, TxStatement};
+use crate::write::service::{Applied, DeferError, Known, TxOutcome, TxStatement};
 
 /// One Execute of a pipelined cycle: its statement, its parameters, and the answers
 /// that precede its command tag (BindComplete, NoData…, a CloseComplete of the
@@ -57,6 +57,16 @@ pub struct PipelineAck {
     after: BytesMut,
     parsed: Option<Arc<Stmt>>,
     started: Instant,
+}
+
+/// A pipelined cycle inside a held transaction, decided with the transaction's
+/// earlier statements.
+pub struct HeldPipeline {
+    outcome: Result<(Applied, Known), DeferError>,
+    /// The cycle's statements, each with its replay SQL and answer.
+    stmts: Vec<(TxStatement, Vec<String>, Answer)>,
+    after: BytesMut,
+    parsed: Option<Arc<Stmt>>,
 }
 
 /// What became of a pipelined cycle at its Sync.
@@ -144,6 +154,121 @@ impl Caching {
             }))
         });
         Routed::Here(Disposition::Blocked)
+    }
+
+    /// A pipelined cycle inside a held transaction: its statements join the
+    /// transaction (decided with its earlier ones, as `hold_statement` decides one), or
+    /// the transaction moves upstream and PostgreSQL answers the cycle.
+    pub(super) fn hold_pipeline(&mut self, pipeline: Pipeline, out: &mut Outbox) -> Disposition {
+        use super::held::{MAX_HELD_BYTES, MAX_HELD_OPS, MAX_HELD_STATEMENTS};
+        if self.tracker.awaits_answers() {
+            self.wait = Wait::quiet(&self.quiet, self.wait.carry());
+            return Disposition::Blocked;
+        }
+        let (Some(held), Some(d)) = (self.tx.held.as_ref(), self.writes.as_ref()) else {
+            return Disposition::Consumed;
+        };
+        let (w, user) = (d.service.clone(), d.user.clone());
+        if held.stmts.len() + pipeline.execs.len() > MAX_HELD_STATEMENTS
+            || held.ops >= MAX_HELD_OPS
+            || held.bytes >= MAX_HELD_BYTES
+        {
+            return self.leave_held(out);
+        }
+        let mut added = Vec::with_capacity(pipeline.execs.len());
+        for e in &pipeline.execs {
+            let Ok((table, mut converted)) = self.deferrable(&e.stmt.analysis, &e.bound, out)
+            else {
+                return self.leave_held(out);
+            };
+            let replay: Option<Vec<String>> = w.tables().deferring(&table).and_then(|t| {
+                converted
+                    .ops
+                    .iter()
+                    .map(|op| spillway_policies::writes::replay::statement(op, &t.meta).ok())
+                    .collect()
+            });
+            let Some(replay) = replay else {
+                return self.leave_held(out);
+            };
+            let answer = Answer {
+                before: e.before.clone(),
+                after: BytesMut::new(),
+                extended: true,
+                unnamed: None,
+                returning: converted.returning.take(),
+            };
+            added.push((TxStatement { table, converted }, replay, answer));
+        }
+        let Some(held) = self.tx.held.as_ref() else {
+            return Disposition::Consumed;
+        };
+        let mut stmts = held.stmts.clone();
+        stmts.extend(added.iter().map(|(s, _, _)| s.clone()));
+        let mut known = held.known.clone();
+        let (after, parsed) = (pipeline.after, pipeline.parsed);
+        if let Some(r) = w.preview_now(&user, &stmts, &known) {
+            let step = HeldPipeline {
+                outcome: r.map(|a| (a, known)),
+                stmts: added,
+                after,
+                parsed,
+            };
+            return self.held_pipeline_decided(step, out);
+        }
+        self.wait = Wait::on(async move {
+            let outcome = w
+                .preview(&user, &stmts, &mut known)
+                .await
+                .map(|a| (a, known));
+            Resume::Held(Box::new(super::wait::Held::Pipeline(Box::new(
+                HeldPipeline {
+                    outcome,
+                    stmts: added,
+                    after,
+                    parsed,
+                },
+            ))))
+        });
+        Disposition::Blocked
+    }
+
+    /// A held pipelined cycle decided: every Execute answered and joined to the
+    /// transaction; a refusal moves the transaction upstream, where PostgreSQL
+    /// answers the cycle (the Executes before a duplicate key, then its error).
+    pub(super) fn held_pipeline_decided(
+        &mut self,
+        step: HeldPipeline,
+        out: &mut Outbox,
+    ) -> Disposition {
+        let (applied, known) = match step.outcome {
+            Ok(decided) => decided,
+            Err(_) => return self.leave_held(out),
+        };
+        let Some(held) = self.tx.held.as_mut() else {
+            return Disposition::Consumed;
+        };
+        let base = held.stmts.len();
+        let mut answers = Vec::with_capacity(step.stmts.len());
+        for (i, (stmt, replay, answer)) in step.stmts.into_iter().enumerate() {
+            let flags = applied.get(base + i).cloned().unwrap_or_default();
+            let verb = stmt.converted.verb;
+            answers.push((verb, flags.iter().filter(|a| **a).count(), answer));
+            held.ops += replay.len();
+            held.bytes += replay.iter().map(String::len).sum::<usize>();
+            held.stmts.push(stmt);
+            held.replay.push((replay, verb));
+            held.applied.push(flags);
+        }
+        held.known = known;
+        for (verb, rows, answer) in answers {
+            let tag = verb.tag(rows);
+            answer.send_unsynced(Reply::Done { tag: &tag, rows }, out);
+        }
+        out.answer(&step.after);
+        out.ready(b'T');
+        self.finish_cycle(step.parsed);
+        Disposition::Consumed
     }
 
     /// The journal's answer to a pipelined cycle: every Execute answered, or (`None`)

@@ -98,6 +98,8 @@ pub enum Held {
     },
     /// The held tables' pending writes, before the replay.
     Barrier(Result<(), DeferError>),
+    /// A pipelined cycle's statements decided together (`pipeline.rs`).
+    Pipeline(Box<super::pipeline::HeldPipeline>),
     /// The internal replay query answered.
     Replayed,
     /// The internal ROLLBACK after a failed replay answered; the client gets `error`.

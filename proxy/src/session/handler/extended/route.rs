@@ -338,6 +338,10 @@ impl Caching {
             (_, single) => {
                 if single.is_none() {
                     let routed = match pipelined {
+                        // In a held transaction: its statements join it.
+                        Some(p) if self.tx.held.as_ref().is_some_and(|h| !h.failed) => {
+                            return Some(self.hold_pipeline(p, out));
+                        }
                         Some(p) => self.route_pipeline(p, out),
                         None => Routed::Elsewhere,
                     };
