@@ -30,6 +30,20 @@ pub struct TableMeta {
     pub overriding: bool,
 }
 
+impl TableMeta {
+    /// ` OVERRIDING SYSTEM VALUE` for a table whose key is an identity `GENERATED
+    /// ALWAYS` (its INSERTs carry the value spillway reserved from the identity's
+    /// sequence), else nothing: what `plan.rs` and `replay.rs` put after the column
+    /// list of an INSERT.
+    pub fn overriding_clause(&self) -> &'static str {
+        if self.overriding {
+            " OVERRIDING SYSTEM VALUE"
+        } else {
+            ""
+        }
+    }
+}
+
 /// A foreign key of a deferred table: its columns reference `references` of `parent`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForeignKey {

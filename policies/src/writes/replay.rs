@@ -51,7 +51,7 @@ pub fn statement(op: &RowOp, meta: &TableMeta) -> Result<String, PlanError> {
             Ok(format!(
                 "INSERT INTO {table} ({}){} VALUES ({})",
                 cols.join(", "),
-                super::plan::overriding(meta),
+                meta.overriding_clause(),
                 vals?.join(", ")
             ))
         }

@@ -23,12 +23,12 @@ use bytes::BytesMut;
 use super::answer::{Answer, Reply};
 use super::deferred::{note_fallback, written_tables};
 use super::statements::Stmt;
-use super::wait::{Resume, Wait};
+use super::wait::{Held, HeldPipeline, PipelineAck, Resume, Wait};
 use super::{Caching, Disposition};
 use crate::session::state::Outbox;
-use crate::write::convert::{Bound, Verb};
+use crate::write::convert::Bound;
 use crate::write::fallbacks::Fallback;
-use crate::write::service::{Applied, DeferError, Known, TxOutcome, TxStatement};
+use crate::write::service::TxStatement;
 
 /// One Execute of a pipelined cycle: its statement, its parameters, and the answers
 /// that precede its command tag (BindComplete, NoData…, a CloseComplete of the
@@ -46,27 +46,6 @@ pub struct Pipeline {
     pub after: BytesMut,
     /// The unnamed statement the cycle parsed.
     pub parsed: Option<Arc<Stmt>>,
-}
-
-/// The journal's answer to a pipelined cycle, and what each Execute is answered with.
-pub struct PipelineAck {
-    outcome: Result<TxOutcome, DeferError>,
-    answers: Vec<(Verb, Answer)>,
-    /// Per Execute: its table and policy label.
-    tables: Vec<(String, &'static str)>,
-    after: BytesMut,
-    parsed: Option<Arc<Stmt>>,
-    started: Instant,
-}
-
-/// A pipelined cycle inside a held transaction, decided with the transaction's
-/// earlier statements.
-pub struct HeldPipeline {
-    outcome: Result<(Applied, Known), DeferError>,
-    /// The cycle's statements, each with its replay SQL and answer.
-    stmts: Vec<(TxStatement, Vec<String>, Answer)>,
-    after: BytesMut,
-    parsed: Option<Arc<Stmt>>,
 }
 
 /// What became of a pipelined cycle at its Sync.
@@ -221,14 +200,12 @@ impl Caching {
                 .preview(&user, &stmts, &mut known)
                 .await
                 .map(|a| (a, known));
-            Resume::Held(Box::new(super::wait::Held::Pipeline(Box::new(
-                HeldPipeline {
-                    outcome,
-                    stmts: added,
-                    after,
-                    parsed,
-                },
-            ))))
+            Resume::Held(Box::new(Held::Pipeline(Box::new(HeldPipeline {
+                outcome,
+                stmts: added,
+                after,
+                parsed,
+            }))))
         });
         Disposition::Blocked
     }
