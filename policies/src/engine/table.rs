@@ -64,6 +64,23 @@ pub struct DeferredTable {
     /// A BEFORE ROW trigger or a rule may change (or replace) the row a write stores,
     /// so a RETURNING answered from the statement's own values could be wrong.
     pub rewrites_rows: bool,
+    /// The sequence behind a single integer key column (a `serial`'s `nextval`
+    /// default or an identity): an INSERT leaving the key out gets a value spillway
+    /// reserved from it.
+    pub key_sequence: Option<KeySequence>,
+    /// Columns an INSERT may not give a value (identity `GENERATED ALWAYS`, generated
+    /// columns): PostgreSQL refuses such an INSERT, so it is never deferred.
+    pub generated_always: Vec<String>,
+}
+
+/// The sequence a key column's default draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySequence {
+    /// The sequence's OID.
+    pub oid: u32,
+    /// The key column's type (int2, int4 or int8): a reserved value outside it is
+    /// not handed out.
+    pub type_oid: u32,
 }
 
 /// A column as `pg_attribute`/`pg_type` give it.

@@ -24,6 +24,24 @@ pub struct TableMeta {
     pub plain: bool,
     /// Its foreign keys (the tables it references).
     pub parents: Vec<ForeignKey>,
+    /// The key is an identity `GENERATED ALWAYS` whose values spillway reserves: its
+    /// INSERTs are applied with `OVERRIDING SYSTEM VALUE` (an INSERT giving the key
+    /// itself is never deferred, since PostgreSQL would refuse it).
+    pub overriding: bool,
+}
+
+impl TableMeta {
+    /// ` OVERRIDING SYSTEM VALUE` for a table whose key is an identity `GENERATED
+    /// ALWAYS` (its INSERTs carry the value spillway reserved from the identity's
+    /// sequence), else nothing: what `plan.rs` and `replay.rs` put after the column
+    /// list of an INSERT.
+    pub fn overriding_clause(&self) -> &'static str {
+        if self.overriding {
+            " OVERRIDING SYSTEM VALUE"
+        } else {
+            ""
+        }
+    }
 }
 
 /// A foreign key of a deferred table: its columns reference `references` of `parent`.

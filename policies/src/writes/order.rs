@@ -199,6 +199,7 @@ mod tests {
             coalesce: false,
             plain,
             parents,
+            overriding: false,
         }
     }
 

@@ -297,8 +297,9 @@ impl Builder {
                     .collect::<Result<Vec<_>, PlanError>>()?;
                 let table = format!("{}.{}", ident(&meta.schema), ident(&meta.table));
                 format!(
-                    "INSERT INTO {table} ({}) SELECT {} FROM {arrays} AS u({})",
+                    "INSERT INTO {table} ({}){} SELECT {} FROM {arrays} AS u({})",
                     cols.join(", "),
+                    meta.overriding_clause(),
                     exprs.join(", "),
                     names.join(", ")
                 )
@@ -392,6 +393,7 @@ mod tests {
                     coalesce: false,
                     plain: true,
                     parents: Vec::new(),
+                    overriding: false,
                 },
             );
         }
@@ -487,6 +489,23 @@ mod tests {
             vec![insert("1", "b")],
         ]);
         assert_eq!(g.len(), 3, "order across kinds is kept");
+    }
+
+    #[test]
+    fn identity_always_keys_are_inserted_overriding_the_system_value() {
+        // Mutation caught: the flag ignored (PostgreSQL refuses every reserved key of a
+        // GENERATED ALWAYS identity, 428C9, and the records dead-letter).
+        let mut m = meta();
+        m.entry("public.t".to_owned())
+            .and_modify(|t| t.overriding = true);
+        let records = [Record {
+            ops: vec![insert("1", "a")],
+        }];
+        let g = plan_batch(&records.iter().collect::<Vec<_>>(), &m).expect("plans");
+        assert!(
+            g[0].sql
+                .contains("(\"id\", \"v\") OVERRIDING SYSTEM VALUE SELECT ")
+        );
     }
 
     #[test]

@@ -49,8 +49,9 @@ pub fn statement(op: &RowOp, meta: &TableMeta) -> Result<String, PlanError> {
                 .map(|(c, v)| value(v, meta.type_of(c)?))
                 .collect();
             Ok(format!(
-                "INSERT INTO {table} ({}) VALUES ({})",
+                "INSERT INTO {table} ({}){} VALUES ({})",
                 cols.join(", "),
+                meta.overriding_clause(),
                 vals?.join(", ")
             ))
         }
@@ -100,6 +101,7 @@ mod tests {
             coalesce: false,
             plain: true,
             parents: Vec::new(),
+            overriding: false,
         }
     }
 
@@ -114,6 +116,16 @@ mod tests {
         assert_eq!(
             statement(&insert, &m).expect("renders"),
             "INSERT INTO \"public\".\"t\" (\"id\", \"v\") VALUES ('1'::bigint, 'it''s'::text)"
+        );
+        // A reserved key of a GENERATED ALWAYS identity overrides the system value.
+        let always = TableMeta {
+            overriding: true,
+            ..meta()
+        };
+        assert_eq!(
+            statement(&insert, &always).expect("renders"),
+            "INSERT INTO \"public\".\"t\" (\"id\", \"v\") OVERRIDING SYSTEM VALUE VALUES \
+             ('1'::bigint, 'it''s'::text)"
         );
         let update = RowOp::Update {
             table: "public.t".into(),

@@ -12,6 +12,7 @@ use super::fallbacks::Fallback;
 pub use super::params::Bound;
 use super::params::{self, canonical_key, is_numeric};
 use super::returning::{self, Returning};
+use super::sequences::Reservations;
 use super::tables::DeferredTable;
 use super::types;
 use crate::read::classify::{Assign, Operand, Value, WriteShape};
@@ -29,8 +30,9 @@ pub fn convert(
     table: &DeferredTable,
     bound: &Bound,
     settings: Settings<'_>,
+    reserved: &Reservations,
 ) -> Result<Converted, Fallback> {
-    let mut converted = operations(shape, table, bound, settings)?;
+    let mut converted = operations(shape, table, bound, settings, reserved)?;
     converted.returning = returning::answer(shape, table, bound, &converted.ops)?;
     Ok(converted)
 }
@@ -40,9 +42,12 @@ fn operations(
     table: &DeferredTable,
     bound: &Bound,
     settings: Settings<'_>,
+    reserved: &Reservations,
 ) -> Result<Converted, Fallback> {
     match shape {
-        WriteShape::Insert { columns, rows, .. } => insert(columns, rows, table, bound, settings),
+        WriteShape::Insert { columns, rows, .. } => {
+            insert(columns, rows, table, bound, settings, reserved)
+        }
         WriteShape::Update { set, key, .. } => update(set, key, table, bound, settings),
         WriteShape::Delete { key, .. } => {
             let (key_vals, canon) = key_values(key, table, bound, settings)?;
@@ -60,18 +65,27 @@ fn operations(
 }
 
 /// `INSERT INTO t (columns) VALUES rows…`: one operation per row, each with its key.
+/// A `serial`/identity key left out gets a reserved value per row.
 fn insert(
     columns: &[String],
     rows: &[Vec<Value>],
     table: &DeferredTable,
     bound: &Bound,
     settings: Settings<'_>,
+    reserved: &Reservations,
 ) -> Result<Converted, Fallback> {
     for c in columns {
         if !table.meta.types.contains_key(c) {
             return Err(Fallback::UnknownColumn);
         }
+        if table.generated_always.contains(c) {
+            return Err(Fallback::GeneratedAlways);
+        }
     }
+    let sequence = match (table.key_sequence, table.meta.key.as_slice()) {
+        (Some(seq), [k]) if !columns.contains(k) => Some((k, seq)),
+        _ => None,
+    };
     if table.required.iter().any(|r| !columns.contains(r)) {
         return Err(Fallback::RequiredColumnMissing);
     }
@@ -89,6 +103,7 @@ fn insert(
     };
     let mut all_columns = columns.to_vec();
     all_columns.extend(filled.iter().map(|c| (*c).clone()));
+    all_columns.extend(sequence.map(|(k, _)| k.clone()));
     let mut ops = Vec::with_capacity(rows.len());
     let mut keys = Vec::with_capacity(rows.len());
     for row in rows {
@@ -96,9 +111,24 @@ fn insert(
         for (c, v) in columns.iter().zip(row) {
             values.push(value(v, c, table, bound, settings)?);
         }
+        for _ in &filled {
+            values.push(Val {
+                text: now.clone(),
+                cast: None,
+            });
+        }
+        if let Some((_, seq)) = sequence {
+            let v = reserved
+                .take(&table.meta.name, seq)
+                .ok_or(Fallback::KeyReservation)?;
+            values.push(Val {
+                text: Some(v.to_string()),
+                cast: None,
+            });
+        }
         let mut key = Vec::with_capacity(table.meta.key.len());
         for k in &table.meta.key {
-            let i = columns
+            let i = all_columns
                 .iter()
                 .position(|c| c == k)
                 .ok_or(Fallback::KeyNotGiven)?;
@@ -112,12 +142,6 @@ fn insert(
                 v.text = Some(canon.clone());
             }
             key.push(canon);
-        }
-        for _ in &filled {
-            values.push(Val {
-                text: now.clone(),
-                cast: None,
-            });
         }
         ops.push(RowOp::Insert {
             table: table.meta.name.clone(),

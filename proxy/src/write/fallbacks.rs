@@ -41,8 +41,14 @@ pub enum Fallback {
     UnknownColumn,
     /// An INSERT without a NOT NULL column that has no default.
     RequiredColumnMissing,
-    /// An INSERT without a key column.
+    /// An INSERT without a key column (and no reserved value for it).
     KeyNotGiven,
+    /// An INSERT leaving a `serial`/identity key out while the table's block of
+    /// reserved values is empty (a burst beyond it, or PostgreSQL unreachable).
+    KeyReservation,
+    /// An INSERT giving a value to a `GENERATED ALWAYS` column (PostgreSQL refuses
+    /// it: the client gets PostgreSQL's error).
+    GeneratedAlways,
     /// An UPDATE of a key column.
     KeyUpdate,
     ArithmeticOnNonNumeric,
@@ -97,6 +103,8 @@ impl Fallback {
             Fallback::UnknownColumn => "unknown_column",
             Fallback::RequiredColumnMissing => "required_column_missing",
             Fallback::KeyNotGiven => "key_not_given",
+            Fallback::KeyReservation => "key_reservation",
+            Fallback::GeneratedAlways => "generated_always",
             Fallback::KeyUpdate => "key_update",
             Fallback::ArithmeticOnNonNumeric => "arithmetic_on_non_numeric",
             Fallback::ReturningUnknown => "returning_unknown",

@@ -2,7 +2,8 @@
 //! deferred tables checked against the catalog at startup ([`tables`]), statements
 //! turned into journal records ([`convert`], [`params`], [`types`] for casts and
 //! declared types, [`datetime`] for date/time values) and their RETURNING answered
-//! from the statement's own values ([`returning`]), the facade the session handler
+//! from the statement's own values ([`returning`]), key values reserved from `serial`
+//! and identity sequences for INSERTs that leave the key out ([`sequences`]), the facade the session handler
 //! calls ([`service`]), rate-limited fallback log lines ([`fallbacks`]), the
 //! exactly-once application of records upstream ([`apply`]: the engine's `Sink`), the
 //! check connections ([`checks`]: the engine's `Checks`), and startup/shutdown
@@ -21,6 +22,7 @@ pub mod fallbacks;
 pub mod params;
 pub mod returning;
 pub mod schema;
+pub mod sequences;
 pub mod service;
 pub mod start;
 pub mod tables;

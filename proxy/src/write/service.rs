@@ -23,6 +23,7 @@ use super::apply::{self, PgSink};
 use super::checks::PgChecks;
 use super::fallbacks::FallbackLog;
 use super::returning::Returning;
+use super::sequences::Reservations;
 
 pub use engine::{
     Applied, ApplyError, DeferError, DeferredTable, Known, Outcome, TableSet, TablesChange,
@@ -42,6 +43,8 @@ pub struct WriteService {
     url: String,
     /// Rate-limited log lines of writes that ran write-through instead.
     pub fallbacks: FallbackLog,
+    /// Key values reserved from the deferred tables' `serial`/identity sequences.
+    pub reservations: Arc<Reservations>,
 }
 
 /// Why the write side cannot start on this journal and ledger.
@@ -76,6 +79,7 @@ impl WriteService {
             engine,
             url,
             fallbacks: FallbackLog::default(),
+            reservations: Arc::new(Reservations::default()),
         }))
     }
 

@@ -143,6 +143,19 @@ pub async fn start(
         .name("spillway-keys".to_owned())
         .spawn(move || loader.block_on(loader_service.run_key_loader(loader_stop)))
         .map_err(|e| WritesStartError::Task(e.to_string()))?;
+    // The refiller of reserved key values, on a thread of its own like the loader; the
+    // first blocks are asked for now so that the first INSERTs need not fall back.
+    let refiller = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| WritesStartError::Task(e.to_string()))?;
+    let (reservations, refiller_url, refiller_stop) =
+        (service.reservations.clone(), url.clone(), stop.clone());
+    std::thread::Builder::new()
+        .name("spillway-sequences".to_owned())
+        .spawn(move || refiller.block_on(reservations.run(refiller_url, refiller_stop)))
+        .map_err(|e| WritesStartError::Task(e.to_string()))?;
+    prefill(&service).await;
     // Deferral resolves table names with the cache's catalog snapshot; without it
     // every write would fall back to write-through, so the first is awaited here.
     let loading = std::time::Instant::now();
@@ -170,6 +183,34 @@ pub async fn start(
         flusher,
     }))
 }
+
+/// Asks for every key sequence's first block and waits (at most [`PREFILL_WAIT`]) for
+/// the answers.
+async fn prefill(service: &WriteService) {
+    let set = service.tables();
+    let sequences: Vec<(String, spillway_policies::engine::KeySequence)> = set
+        .names()
+        .filter_map(|name| {
+            let seq = set.deferring(name)?.key_sequence?;
+            Some((name.clone(), seq))
+        })
+        .collect();
+    drop(set);
+    for (name, seq) in &sequences {
+        service.reservations.prefill(name, *seq);
+    }
+    let started = std::time::Instant::now();
+    while started.elapsed() < PREFILL_WAIT
+        && !sequences
+            .iter()
+            .all(|(name, _)| service.reservations.settled(name))
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// How long startup waits for the first blocks of reserved key values.
+const PREFILL_WAIT: Duration = Duration::from_secs(3);
 
 impl Running {
     /// The write side's change-stream sink (the key index): the replication task

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-pub use spillway_policies::engine::{Column, DeferredTable};
+pub use spillway_policies::engine::{Column, DeferredTable, KeySequence};
 use spillway_policies::writes::TableMeta;
 use spillway_policies::writes::plan::ident;
 use spillway_policies::{Policy, TableConfig, TableName};
@@ -128,14 +128,26 @@ async fn describe(
         })
         .map(|c| c.name.clone())
         .collect();
+    // A `serial` key's `nextval` default is not required: spillway reserves its values.
+    let key_sequence = key_sequence(conn, name, &key, &columns).await?;
     let required = columns
         .iter()
+        .filter(|c| !(key_sequence.is_some() && key.contains(&c.name)))
         .filter(|c| {
             (c.not_null && !c.has_default)
                 || c.default_expr
                     .as_deref()
                     .is_some_and(|e| !constant_default(e) && !clock_defaults.contains(&c.name))
         })
+        .map(|c| c.name.clone())
+        .collect();
+    let overriding = key_sequence.is_some()
+        && columns
+            .iter()
+            .any(|c| key.contains(&c.name) && c.identity == "a");
+    let generated_always = columns
+        .iter()
+        .filter(|c| c.identity == "a" || c.generated)
         .map(|c| c.name.clone())
         .collect();
     let exists_sql = exists_sql(name, &key, &types);
@@ -152,6 +164,7 @@ async fn describe(
             coalesce: config.policy == Policy::WriteBack,
             plain,
             parents,
+            overriding,
         },
         type_oids: columns
             .iter()
@@ -174,7 +187,59 @@ async fn describe(
             })
             .collect(),
         rewrites_rows,
+        key_sequence,
+        generated_always,
     })
+}
+
+/// The sequence behind a single integer key column: an identity's, or the one a
+/// `nextval('…'::regclass)` default (a `serial`) names, by OID.
+async fn key_sequence(
+    conn: &mut PgConnection,
+    name: &TableName,
+    key: &[String],
+    columns: &[catalog::ColumnFacts],
+) -> Result<Option<KeySequence>, TableError> {
+    let [k] = key else { return Ok(None) };
+    let Some(c) = columns.iter().find(|c| c.name == *k) else {
+        return Ok(None);
+    };
+    if !matches!(c.type_oid, INT2 | INT4 | INT8) {
+        return Ok(None);
+    }
+    let oid: Option<sqlx::postgres::types::Oid> = if !c.identity.is_empty() {
+        let table = format!("{}.{}", ident(&name.schema), ident(&name.name));
+        sqlx::query_scalar("SELECT pg_catalog.pg_get_serial_sequence($1, $2)::regclass::oid")
+            .bind(table)
+            .bind(&c.name)
+            .fetch_one(&mut *conn)
+            .await?
+    } else if let Some(seq) = c.default_expr.as_deref().and_then(nextval_of) {
+        sqlx::query_scalar("SELECT $1::regclass::oid")
+            .bind(seq)
+            .fetch_one(&mut *conn)
+            .await?
+    } else {
+        None
+    };
+    Ok(oid.map(|oid| KeySequence {
+        oid: oid.0,
+        type_oid: c.type_oid,
+    }))
+}
+
+const INT2: u32 = 21;
+const INT4: u32 = 23;
+const INT8: u32 = 20;
+
+/// The sequence name of a default that is exactly `nextval('name'::regclass)`, as
+/// `pg_get_expr` prints a `serial`'s.
+fn nextval_of(expr: &str) -> Option<String> {
+    let inner = expr
+        .strip_prefix("nextval('")?
+        .strip_suffix("'::regclass)")?;
+    // One quoted literal: its only quotes are doubled ones.
+    (!inner.replace("''", "").contains('\'')).then(|| inner.replace("''", "'"))
 }
 
 /// `SELECT EXISTS (… WHERE key = $1 …)` with text parameters cast to the key's types:
@@ -228,7 +293,27 @@ fn constant_default(expr: &str) -> bool {
 
 #[cfg(test)]
 mod default_tests {
-    use super::constant_default;
+    use super::{constant_default, nextval_of};
+
+    #[test]
+    fn serial_defaults_name_their_sequence() {
+        assert_eq!(
+            nextval_of("nextval('orders_id_seq'::regclass)").as_deref(),
+            Some("orders_id_seq")
+        );
+        assert_eq!(
+            nextval_of("nextval('\"S\".\"it''s\"'::regclass)").as_deref(),
+            Some("\"S\".\"it's\"")
+        );
+        for e in [
+            "nextval('a'::regclass) + 1",
+            "(nextval('a'::regclass))",
+            "nextval('a'::regclass) || nextval('b'::regclass)",
+            "nextval('a'::text)",
+        ] {
+            assert_eq!(nextval_of(e), None, "{e}");
+        }
+    }
 
     #[test]
     fn only_constant_defaults() {

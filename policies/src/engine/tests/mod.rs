@@ -395,6 +395,7 @@ pub fn table(
             coalesce: policy == Policy::WriteBack,
             plain: true,
             parents: Vec::new(),
+            overriding: false,
         },
         config,
         type_oids: [("id", 23), ("v", 23)]
@@ -409,6 +410,8 @@ pub fn table(
         exists_sql: String::new(),
         columns: Vec::new(),
         rewrites_rows: false,
+        key_sequence: None,
+        generated_always: Vec::new(),
     }
 }
 

@@ -25,6 +25,7 @@ fn metas(coalesce: bool) -> HashMap<String, TableMeta> {
                 coalesce: coalesce && name == "public.c",
                 plain: true,
                 parents: Vec::new(),
+                overriding: false,
             },
         );
     }

@@ -39,6 +39,10 @@ pub struct ColumnFacts {
     /// The column's default expression as `pg_get_expr` prints it (not for identity
     /// or generated columns).
     pub default_expr: Option<String>,
+    /// `attidentity` (`a` always, `d` by default, empty: not an identity column).
+    pub identity: String,
+    /// A generated (computed) column: an INSERT may not give it a value.
+    pub generated: bool,
 }
 
 fn oid(relation: u32) -> Oid {
@@ -109,7 +113,8 @@ pub async fn columns(conn: &mut PgConnection, table: u32) -> Result<Vec<ColumnFa
                 (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid) \
                  FROM pg_catalog.pg_attrdef d \
                  WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum \
-                   AND a.attgenerated = '') \
+                   AND a.attgenerated = ''), \
+                a.attidentity::text, a.attgenerated <> '' \
          FROM pg_catalog.pg_attribute a \
          JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
          WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
@@ -130,6 +135,8 @@ pub async fn columns(conn: &mut PgConnection, table: u32) -> Result<Vec<ColumnFa
                 attnum: c.try_get(6)?,
                 typlen: c.try_get(7)?,
                 default_expr: c.try_get(8)?,
+                identity: c.try_get(9)?,
+                generated: c.try_get(10)?,
             })
         })
         .collect()

@@ -406,7 +406,7 @@ impl Caching {
             time_zone: out_params_time_zone,
             now: self.tx.held.is_none().then(std::time::SystemTime::now),
         };
-        let converted = convert::convert(shape, table, bound, settings)?;
+        let converted = convert::convert(shape, table, bound, settings, &w.reservations)?;
         Ok((name, converted))
     }
 
@@ -428,8 +428,18 @@ impl Caching {
     }
 }
 
+/// The deferred tables `analysis` writes, for counting its fallbacks.
+pub(super) fn written_tables(c: &Caching, w: &WriteService, analysis: &Analysis) -> Vec<String> {
+    let catalog = c.routing_catalog();
+    let touch = Touch::of(&w.tables(), catalog.as_deref(), &[analysis]);
+    written(analysis, &touch.tables)
+        .into_iter()
+        .cloned()
+        .collect()
+}
+
 /// Counts a write that runs write-through instead of being deferred.
-fn note_fallback(w: &WriteService, table: &str, reason: Fallback) {
+pub(super) fn note_fallback(w: &WriteService, table: &str, reason: Fallback) {
     w.fallbacks.note(table, reason);
     metrics::counter!(
         crate::metrics::FALLBACKS,

@@ -19,6 +19,7 @@
 //! | what each backend message means (fills, confirmations, invalidation) | `upstream.rs` |
 //! | deferred writes and barriers | `deferred.rs` |
 //! | held transactions | `held/` |
+//! | pipelined cycles of deferrable writes (executemany) | `pipeline.rs` |
 //! | `SPILLWAY FLUSH` | `flush.rs` |
 //! | a detached session | `detached.rs` |
 //! | what a message waits for | `wait.rs` |
@@ -45,6 +46,7 @@ mod extended;
 mod fill;
 mod flush;
 mod held;
+mod pipeline;
 mod query;
 mod returning;
 mod settings;
@@ -334,6 +336,7 @@ impl Caching {
             wait::Resume::Ack(ack) => self.acknowledged(*ack, out),
             wait::Resume::BarrierFailed(err) => Some(self.barrier_failed(tag, &err, out)),
             wait::Resume::Held(step) => self.resume_held(*step, tag, out),
+            wait::Resume::Pipeline(ack) => self.pipeline_acknowledged(*ack, out),
             other => {
                 self.wait = Wait::Resumed(other);
                 None

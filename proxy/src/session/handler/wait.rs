@@ -23,10 +23,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
 use super::answer::Answer;
+use super::statements::Stmt;
 use crate::write::convert::Verb;
 use crate::write::service::{Applied, DeferError, Known, Outcome, TxOutcome, TxStatement};
 
@@ -64,6 +66,8 @@ pub enum Resume {
     Ack(Box<Ack>),
     /// A held transaction's step (`held/`).
     Held(Box<Held>),
+    /// The journal's answer to a pipelined cycle (`pipeline.rs`).
+    Pipeline(Box<PipelineAck>),
 }
 
 /// A deferred write waiting for its journal acknowledgement, and its answer.
@@ -77,6 +81,27 @@ pub struct Ack {
     pub answer: Answer,
     /// For the `deferred` latency histogram.
     pub started: Instant,
+}
+
+/// The journal's answer to a pipelined cycle, and what each Execute is answered with.
+pub struct PipelineAck {
+    pub outcome: Result<TxOutcome, DeferError>,
+    pub answers: Vec<(Verb, Answer)>,
+    /// Per Execute: its table and policy label.
+    pub tables: Vec<(String, &'static str)>,
+    pub after: BytesMut,
+    pub parsed: Option<Arc<Stmt>>,
+    pub started: Instant,
+}
+
+/// A pipelined cycle inside a held transaction, decided with the transaction's
+/// earlier statements.
+pub struct HeldPipeline {
+    pub outcome: Result<(Applied, Known), DeferError>,
+    /// The cycle's statements, each with its replay SQL and answer.
+    pub stmts: Vec<(TxStatement, Vec<String>, Answer)>,
+    pub after: BytesMut,
+    pub parsed: Option<Arc<Stmt>>,
 }
 
 /// A held transaction's step and its outcome.
@@ -96,6 +121,8 @@ pub enum Held {
     },
     /// The held tables' pending writes, before the replay.
     Barrier(Result<(), DeferError>),
+    /// A pipelined cycle's statements decided together (`pipeline.rs`).
+    Pipeline(Box<HeldPipeline>),
     /// The internal replay query answered.
     Replayed,
     /// The internal ROLLBACK after a failed replay answered; the client gets `error`.
@@ -192,12 +219,12 @@ impl Wait {
     /// a held transaction's step), leaving what only steers its routing.
     pub fn take_outcome(&mut self) -> Option<Resume> {
         match self {
-            Wait::Resumed(Resume::Ack(_) | Resume::BarrierFailed(_) | Resume::Held(_)) => {
-                match std::mem::take(self) {
-                    Wait::Resumed(r) => Some(r),
-                    _ => None,
-                }
-            }
+            Wait::Resumed(
+                Resume::Ack(_) | Resume::BarrierFailed(_) | Resume::Held(_) | Resume::Pipeline(_),
+            ) => match std::mem::take(self) {
+                Wait::Resumed(r) => Some(r),
+                _ => None,
+            },
             _ => None,
         }
     }

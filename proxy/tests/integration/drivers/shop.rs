@@ -119,9 +119,10 @@ async fn run_shop(lang: Lang, script: &str) -> f64 {
 
 #[tokio::test]
 async fn sqlalchemy_shop() {
-    // Part 1 defers none of its writes yet: executemany (pipelined), identity keys
-    // and RETURNING of server defaults stand in the way (issue 13); the contents are
-    // still the direct run's.
+    // Part 1 defers none of its writes yet: executemany prepares a named statement in
+    // the same pipelined cycle (which goes upstream at its named Parse), RETURNING of
+    // server defaults, and read-modify-write transactions stand in the way (issue 13);
+    // the contents are still the direct run's.
     let share = run_shop(Lang::Python, "shop_sqlalchemy.py").await;
     assert!((0.0..=1.0).contains(&share), "{share}");
 }

@@ -21,6 +21,7 @@ use bytes::BytesMut;
 use super::super::answer::{Answer, Single};
 use super::super::flush::spillway_flush;
 use super::super::held::holdable;
+use super::super::pipeline::{self, Routed};
 use super::super::statements::Stmt;
 use super::super::{Caching, Disposition};
 use crate::protocol::frontend;
@@ -100,9 +101,10 @@ impl Caching {
                 _ => false,
             },
             frontend::BIND => match frontend::bind(body) {
+                // A Bind after the portal's Execute: a pipelined cycle (`pipeline.rs`).
                 Some(b)
                     if b.portal.is_empty()
-                        && s.bound.is_none()
+                        && (s.bound.is_none() || s.executed)
                         && frontend::bind_params(b.params_and_formats).is_some() =>
                 {
                     let stmt = if b.statement.is_empty() {
@@ -111,6 +113,7 @@ impl Caching {
                         self.stmts.named(b.statement).cloned()
                     };
                     s.bound = stmt;
+                    s.executed = false;
                     s.bound.is_some()
                 }
                 _ => false,
@@ -147,8 +150,13 @@ impl Caching {
         let mut named_here: Vec<(String, Arc<Stmt>)> = Vec::new();
         let mut bound: Option<(Arc<Stmt>, Bound)> = None;
         let mut executed: Vec<Arc<Stmt>> = Vec::new();
+        // What each Execute runs (`executed` also has what the Binds bound), for the
+        // fallback counters.
+        let mut ran: Vec<Arc<Stmt>> = Vec::new();
+        let mut last_bound: Option<Arc<Stmt>> = None;
         let mut simple_shape = true;
         let mut described: Option<Arc<Stmt>> = None;
+        let mut pipe = pipeline::Builder::default();
         let held = std::mem::take(&mut self.cycle.held);
         for m in &held {
             let body = frontend::body(m);
@@ -159,12 +167,14 @@ impl Caching {
                         unnamed = Some(stmt.clone());
                         parsed = Some(stmt);
                         before.extend_from_slice(frontend::PARSE_COMPLETE);
+                        pipe.answer(frontend::PARSE_COMPLETE);
                     }
                     // A named statement prepared and executed in one cycle (pgjdbc's
                     // first server-side run): not deferred, but what it executes must
                     // still get its barrier.
                     Some(p) => {
                         simple_shape = false;
+                        pipe.break_off();
                         let stmt = self.statement(&p, m, None);
                         named_here.push((p.name.to_owned(), stmt));
                     }
@@ -178,44 +188,47 @@ impl Caching {
                             named_in(&named_here, b.statement)
                                 .or_else(|| self.stmts.named(b.statement).cloned())
                         };
+                        if b.portal.is_empty() {
+                            last_bound.clone_from(&stmt);
+                        }
                         let params = frontend::bind_params(b.params_and_formats);
-                        match (stmt, params) {
-                            (Some(stmt), Some(params))
-                                if b.portal.is_empty() && bound.is_none() =>
-                            {
-                                let types = frontend::param_type_oids(&stmt.param_types);
-                                let (binary, values) = params
-                                    .into_iter()
-                                    .map(|(bin, v)| (bin, v.map(<[u8]>::to_vec)))
-                                    .unzip();
-                                before.extend_from_slice(frontend::BIND_COMPLETE);
-                                bound = Some((
-                                    stmt,
-                                    Bound {
-                                        values,
-                                        binary,
-                                        types,
-                                        result_formats: b
-                                            .result_formats
-                                            .chunks_exact(2)
-                                            .map(|c| i16::from_be_bytes([c[0], c[1]]))
-                                            .collect(),
-                                        max_rows: 0,
-                                    },
-                                ));
+                        let values = match (&stmt, params) {
+                            (Some(stmt), Some(params)) if b.portal.is_empty() => {
+                                Some(bound_of(stmt, params, b.result_formats))
                             }
-                            (Some(stmt), _) => {
+                            _ => None,
+                        };
+                        match (stmt, values) {
+                            (Some(stmt), Some(values)) if bound.is_none() => {
+                                before.extend_from_slice(frontend::BIND_COMPLETE);
+                                pipe.bind(stmt.clone(), values.clone(), frontend::BIND_COMPLETE);
+                                bound = Some((stmt, values));
+                            }
+                            (Some(stmt), values) => {
                                 simple_shape = false;
+                                match values {
+                                    Some(v) => {
+                                        pipe.bind(stmt.clone(), v, frontend::BIND_COMPLETE);
+                                    }
+                                    None => pipe.break_off(),
+                                }
                                 executed.push(stmt);
                             }
-                            (None, _) => simple_shape = false,
+                            (None, _) => {
+                                simple_shape = false;
+                                pipe.break_off();
+                            }
                         }
                     }
-                    None => simple_shape = false,
+                    None => {
+                        simple_shape = false;
+                        pipe.break_off();
+                    }
                 },
                 frontend::DESCRIBE => match frontend::target(body) {
                     Some(t) if t.kind == b'P' && t.name.is_empty() && bound.is_some() => {
                         before.extend_from_slice(frontend::NO_DATA);
+                        pipe.describe_portal(frontend::NO_DATA);
                     }
                     // The unnamed statement with every parameter type declared
                     // (tokio-postgres's `query_typed`): PostgreSQL would describe
@@ -230,14 +243,19 @@ impl Caching {
                                 before.extend_from_slice(&description);
                                 before.extend_from_slice(frontend::NO_DATA);
                                 described = unnamed.clone();
+                                pipe.break_off();
                             }
                             None => simple_shape = false,
                         }
                     }
-                    _ => simple_shape = false,
+                    _ => {
+                        simple_shape = false;
+                        pipe.break_off();
+                    }
                 },
                 frontend::EXECUTE => match frontend::execute(body) {
                     Some(e) if e.portal.is_empty() && bound.is_some() => {
+                        pipe.execute(e.max_rows);
                         if let Some((stmt, b)) = &mut bound {
                             b.max_rows = e.max_rows;
                             if executed.iter().any(|s| Arc::ptr_eq(s, stmt)) {
@@ -245,26 +263,40 @@ impl Caching {
                             }
                             executed.push(stmt.clone());
                         }
+                        ran.extend(last_bound.clone());
                     }
                     Some(e) => {
                         simple_shape = false;
+                        pipe.break_off();
                         if let Some(stmt) = self.stmts.portal(e.portal) {
                             executed.push(stmt.clone());
+                            ran.push(stmt.clone());
                         }
                     }
-                    None => simple_shape = false,
+                    None => {
+                        simple_shape = false;
+                        pipe.break_off();
+                    }
                 },
                 // The unnamed portal closed after its Execute (sqlx): CloseComplete
                 // follows the command tag.
                 frontend::CLOSE => match frontend::target(body) {
                     Some(t) if t.kind == b'P' && t.name.is_empty() && !executed.is_empty() => {
                         after.extend_from_slice(frontend::CLOSE_COMPLETE);
+                        pipe.answer(frontend::CLOSE_COMPLETE);
                     }
-                    _ => simple_shape = false,
+                    _ => {
+                        simple_shape = false;
+                        pipe.break_off();
+                    }
                 },
-                _ => simple_shape = false,
+                _ => {
+                    simple_shape = false;
+                    pipe.break_off();
+                }
             }
         }
+        let pipelined = pipe.finish(parsed.clone());
         self.cycle.held = held;
         if let Some(d) = &described {
             // The statement described must be the one executed, with one value per
@@ -305,7 +337,23 @@ impl Caching {
             }
             (_, single) => {
                 if single.is_none() {
-                    self.note_pipelined(&refs);
+                    let routed = match pipelined {
+                        // In a held transaction: its statements join it.
+                        Some(p) if self.tx.held.as_ref().is_some_and(|h| !h.failed) => {
+                            return Some(self.hold_pipeline(p, out));
+                        }
+                        Some(p) => self.route_pipeline(p, out),
+                        None => Routed::Elsewhere,
+                    };
+                    match routed {
+                        Routed::Here(d) => return Some(d),
+                        Routed::Counted => {}
+                        Routed::Elsewhere => {
+                            let ran: Vec<&Analysis> =
+                                ran.iter().map(|s| s.analysis.as_ref()).collect();
+                            self.note_pipelined(&ran);
+                        }
+                    }
                 }
                 self.route_writes(&refs, single, out)
             }
@@ -384,6 +432,25 @@ impl Caching {
         let analyses: Vec<Arc<Analysis>> = executed.iter().map(|s| s.analysis.clone()).collect();
         let refs: Vec<&Analysis> = analyses.iter().map(AsRef::as_ref).collect();
         self.route_writes(&refs, None, out)
+    }
+}
+
+/// A Bind's parameters and result formats, for a statement spillway may answer.
+fn bound_of(stmt: &Stmt, params: Vec<(bool, Option<&[u8]>)>, result_formats: &[u8]) -> Bound {
+    let types = frontend::param_type_oids(&stmt.param_types);
+    let (binary, values) = params
+        .into_iter()
+        .map(|(bin, v)| (bin, v.map(<[u8]>::to_vec)))
+        .unzip();
+    Bound {
+        values,
+        binary,
+        types,
+        result_formats: result_formats
+            .chunks_exact(2)
+            .map(|c| i16::from_be_bytes([c[0], c[1]]))
+            .collect(),
+        max_rows: 0,
     }
 }
 

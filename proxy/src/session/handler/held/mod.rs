@@ -49,9 +49,9 @@ use crate::write::service::{Applied, Known, TxStatement};
 /// More statements, row operations or replay bytes than these in one held transaction:
 /// it is replayed upstream (the decision at each statement re-decides every earlier
 /// one under the write service's lock, and memory stays bounded).
-const MAX_HELD_STATEMENTS: usize = 256;
-const MAX_HELD_OPS: usize = 4096;
-const MAX_HELD_BYTES: usize = 1024 * 1024;
+pub(super) const MAX_HELD_STATEMENTS: usize = 256;
+pub(super) const MAX_HELD_OPS: usize = 4096;
+pub(super) const MAX_HELD_BYTES: usize = 1024 * 1024;
 
 /// Counts a held transaction's end (`committed`, `rolled_back`, `upstream`,
 /// `diverged`).

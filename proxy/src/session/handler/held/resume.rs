@@ -129,6 +129,7 @@ impl Caching {
                 let reply = Reply::Error(&refusal(&e));
                 Some(self.answer_held(tag, Answer::default(), reply, b'E', out))
             }
+            Held::Pipeline(step) => Some(self.held_pipeline_decided(*step, out)),
             Held::Replayed => self.replayed(out),
             Held::RolledBack { error } => Some(self.rolled_back(tag, &error, out)),
         }

@@ -1,0 +1,219 @@
+//! Pipelined cycles of deferrable writes (issue 13, point 4): one Parse, Bind/Execute
+//! per row, one Sync, as psycopg's `executemany` sends them. Deferred as one record
+//! with every Execute answered as PostgreSQL answers it (tags, RETURNING rows); a
+//! cycle with a write that cannot be deferred, or that PostgreSQL would refuse (a
+//! duplicate key), goes upstream whole and gets PostgreSQL's answers; the session
+//! keeps deferring afterwards.
+
+use crate::context::{Context, DB, USER};
+use crate::metrics::{sample, scrape};
+use crate::wire::{Msg, Raw, bind, describe_portal, execute, parse, query, sync, tags};
+
+const SCHEMA: &str = "CREATE TABLE public.pl (id int PRIMARY KEY, v text); \
+    CREATE TABLE public.pls (id bigserial PRIMARY KEY, v text NOT NULL);";
+
+async fn start() -> Context {
+    Context::builder()
+        .before_proxy(SCHEMA)
+        .section(
+            "[flush]\ninterval = \"1h\"\n\
+             [tables.\"public.pl\"]\npolicy = \"write-behind\"\n\
+             [tables.\"public.pls\"]\npolicy = \"write-behind\"\n",
+        )
+        .start()
+        .await
+}
+
+fn deferred(metrics: &str, table: &str) -> f64 {
+    sample(
+        metrics,
+        "spillway_client_writes_total",
+        &format!("table=\"public.{table}\",policy=\"write-behind\""),
+    )
+}
+
+fn fallbacks(metrics: &str, table: &str, reason: &str) -> f64 {
+    sample(
+        metrics,
+        "spillway_fallbacks_total",
+        &format!("table=\"public.{table}\",reason=\"{reason}\""),
+    )
+}
+
+/// `INSERT INTO pl` of each (id, v) in one cycle: Parse once, Bind/Describe/Execute
+/// per row, one Sync.
+fn executemany(rows: &[(&str, &str)]) -> Vec<u8> {
+    let mut script = parse("", "INSERT INTO pl (id, v) VALUES ($1, $2)");
+    for (id, v) in rows {
+        script.extend(bind("", "", &[Some(id), Some(v)]));
+        script.extend(describe_portal(""));
+        script.extend(execute("", 0));
+    }
+    script.extend(sync());
+    script
+}
+
+fn values(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| {
+            // One column: count (2), length (4), text.
+            String::from_utf8_lossy(&m.body[6..]).into_owned()
+        })
+        .collect()
+}
+
+async fn count(ctx: &Context, sql: &str) -> i64 {
+    ctx.direct_client()
+        .await
+        .query_one(sql, &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_pipelined_cycle_of_writes_is_deferred_as_one_record() {
+    let ctx = start().await;
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    raw.send(&executemany(&[("1", "a"), ("2", "b"), ("3", "c")]))
+        .await;
+    let msgs = raw.until(b'Z').await;
+    // As PostgreSQL answers it.
+    let mut direct = Raw::startup(crate::cache::direct_addr(&ctx), USER, DB).await;
+    direct.send(&query("BEGIN")).await;
+    direct.until(b'Z').await;
+    direct
+        .send(&executemany(&[("1", "a"), ("2", "b"), ("3", "c")]))
+        .await;
+    let theirs = direct.until(b'Z').await;
+    direct.send(&query("ROLLBACK")).await;
+    direct.until(b'Z').await;
+    assert_eq!(tags(&msgs), "12nC2nC2nCZ");
+    let strip = |m: &[Msg]| -> Vec<(u8, Vec<u8>)> {
+        m.iter()
+            .take(m.len() - 1)
+            .map(|m| (m.tag, m.body.clone()))
+            .collect()
+    };
+    assert_eq!(strip(&msgs), strip(&theirs));
+    let metrics = scrape(ctx.proxy.metrics_addr()).await;
+    assert_eq!(deferred(&metrics, "pl"), 3.0, "{metrics}");
+    assert_eq!(fallbacks(&metrics, "pl", "pipelined"), 0.0);
+    assert_eq!(count(&ctx, "SELECT count(*) FROM pl").await, 0, "deferred");
+
+    // A duplicate key in the middle: the whole cycle goes upstream (after the pending
+    // writes), PostgreSQL answers the first Execute, refuses the second, skips the
+    // third, and rolls the first back.
+    raw.send(&executemany(&[("10", "x"), ("2", "dup"), ("11", "y")]))
+        .await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!(tags(&msgs), "12nC2nEZ");
+    let err = msgs.iter().find(|m| m.tag == b'E').expect("error");
+    assert_eq!(err.code().as_deref(), Some("23505"));
+    assert_eq!(
+        count(&ctx, "SELECT count(*) FROM pl WHERE id IN (10, 11)").await,
+        0
+    );
+    // The session keeps deferring (no permanent fallback).
+    raw.send(&executemany(&[("20", "p"), ("21", "q")])).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!(tags(&msgs), "12nC2nCZ");
+    let metrics = scrape(ctx.proxy.metrics_addr()).await;
+    assert_eq!(deferred(&metrics, "pl"), 5.0, "{metrics}");
+    assert_eq!(fallbacks(&metrics, "pl", "pipelined"), 3.0, "{metrics}");
+    raw.send(&query("SPILLWAY FLUSH")).await;
+    raw.until(b'Z').await;
+    let stored: Vec<(i32, String)> = ctx
+        .direct_client()
+        .await
+        .query("SELECT id, v FROM pl ORDER BY id", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let want: Vec<(i32, String)> = [(1, "a"), (2, "b"), (3, "c"), (20, "p"), (21, "q")]
+        .iter()
+        .map(|(i, v)| (*i, (*v).to_owned()))
+        .collect();
+    assert_eq!(stored, want);
+}
+
+#[tokio::test]
+async fn pipelined_inserts_returning_reserved_keys_match_the_stored_rows() {
+    let ctx = start().await;
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    let mut script = parse("", "INSERT INTO pls (v) VALUES ($1) RETURNING id");
+    for v in ["a", "b", "c", "d"] {
+        script.extend(bind("", "", &[Some(v)]));
+        script.extend(describe_portal(""));
+        script.extend(execute("", 0));
+    }
+    script.extend(sync());
+    raw.send(&script).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!(tags(&msgs), "12TDC2TDC2TDC2TDCZ");
+    let ids = values(&msgs);
+    let metrics = scrape(ctx.proxy.metrics_addr()).await;
+    assert_eq!(deferred(&metrics, "pls"), 4.0, "{metrics}");
+    raw.send(&query("SPILLWAY FLUSH")).await;
+    raw.until(b'Z').await;
+    let stored: Vec<(String, String)> = ctx
+        .direct_client()
+        .await
+        .query("SELECT id::text, v FROM pls ORDER BY id", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let told: Vec<(String, String)> = ids
+        .into_iter()
+        .zip(["a", "b", "c", "d"].map(str::to_owned))
+        .collect();
+    assert_eq!(stored, told);
+}
+
+#[tokio::test]
+async fn a_pipelined_cycle_inside_a_held_transaction_joins_it() {
+    let ctx = start().await;
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    raw.send(&query("BEGIN")).await;
+    assert_eq!(tags(&raw.until(b'Z').await), "CZ");
+    raw.send(&executemany(&[("1", "a"), ("2", "b")])).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!(tags(&msgs), "12nC2nCZ");
+    assert_eq!(msgs.last().map(|m| m.body.clone()), Some(b"T".to_vec()));
+    raw.send(&query("COMMIT")).await;
+    assert_eq!(tags(&raw.until(b'Z').await), "CZ");
+    let metrics = scrape(ctx.proxy.metrics_addr()).await;
+    assert_eq!(deferred(&metrics, "pl"), 2.0, "{metrics}");
+    assert_eq!(count(&ctx, "SELECT count(*) FROM pl").await, 0, "deferred");
+
+    // A duplicate key: the transaction moves upstream and PostgreSQL answers the cycle
+    // (the first Execute, then 23505); the transaction is failed, as directly.
+    raw.send(&query("BEGIN")).await;
+    raw.until(b'Z').await;
+    raw.send(&executemany(&[("3", "c"), ("1", "dup"), ("4", "d")]))
+        .await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!(tags(&msgs), "12nC2nEZ");
+    let err = msgs.iter().find(|m| m.tag == b'E').expect("error");
+    assert_eq!(err.code().as_deref(), Some("23505"));
+    assert_eq!(msgs.last().map(|m| m.body.clone()), Some(b"E".to_vec()));
+    raw.send(&query("ROLLBACK")).await;
+    raw.until(b'Z').await;
+    raw.send(&query("SPILLWAY FLUSH")).await;
+    raw.until(b'Z').await;
+    let ids: Vec<i32> = ctx
+        .direct_client()
+        .await
+        .query("SELECT id FROM pl ORDER BY id", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [1, 2]);
+}
