@@ -31,6 +31,7 @@ mod protocol;
 mod reload;
 mod replication;
 mod returning;
+mod row_invalidation;
 mod session_defects;
 mod setup_script;
 mod transactions;

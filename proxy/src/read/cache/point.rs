@@ -341,3 +341,41 @@ mod tests {
         assert_eq!(keys("UPDATE accounts SET v = 1 WHERE id = 3"), None);
     }
 }
+
+#[cfg(test)]
+mod decide_tests {
+    use super::*;
+    use crate::read::cache::decide::{TableSettings, decide};
+    use crate::read::catalog::tests::sample;
+    use crate::read::classify::analyze;
+
+    #[test]
+    fn decisions_carry_point_and_write_keys() {
+        let c = sample().with_primary_keys(vec![(1, "id".into(), INT4)]);
+        let settings = TableSettings {
+            default_ttl: std::time::Duration::from_secs(60),
+            invalidate_on_unknown: true,
+            by_table: std::collections::HashMap::new(),
+        };
+        let d = decide(
+            &analyze("SELECT v FROM public.accounts WHERE id = $1"),
+            Some(&c),
+            &settings,
+        );
+        assert!(d.point.is_some(), "{d:?}");
+        let d = decide(
+            &analyze("SELECT v FROM public.accounts WHERE id = 7"),
+            Some(&c),
+            &settings,
+        );
+        assert!(d.point.is_some(), "{d:?}");
+        let d = decide(
+            &analyze("UPDATE public.accounts SET v = 'a' WHERE id = 7"),
+            Some(&c),
+            &settings,
+        );
+        let e = d.effects_with(&Params::NONE);
+        assert_eq!(e.keyed_tables, vec![1], "{d:?}");
+        assert_eq!(e.keys, vec![(1, vec!["7".to_owned()])]);
+    }
+}
