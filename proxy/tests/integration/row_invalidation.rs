@@ -231,3 +231,41 @@ async fn whole(client: &tokio_postgres::Client) -> String {
         .expect("whole-table read")
         .get(0)
 }
+
+#[tokio::test]
+async fn deferred_writes_invalidate_only_their_rows_at_ack_and_apply() {
+    let ctx = Context::builder()
+        .section(
+            "[cache]\nttl = \"1h\"\n[flush]\ninterval = \"1h\"\n\
+             [tables.\"public.items\"]\npolicy = \"write-behind\"\n",
+        )
+        .before_proxy(SCHEMA)
+        .start()
+        .await;
+    let client = ctx.proxy_client().await;
+    let (k1, k2) = two_keys();
+    for (round, new) in ["a", "b"].into_iter().enumerate() {
+        for k in [k1, k2] {
+            cache_both(&ctx, &client, k).await;
+        }
+        if round == 0 {
+            client
+                .simple_query(&format!("UPDATE items SET v = '{new}' WHERE id = {k1}"))
+                .await
+                .expect("deferred update");
+        } else {
+            client
+                .execute("UPDATE items SET v = $2 WHERE id = $1", &[&k1, &new])
+                .await
+                .expect("deferred update");
+        }
+        client.simple_query("SPILLWAY FLUSH").await.expect("flush");
+        assert_eq!(
+            ctx.psql_direct(&format!("SELECT v FROM items WHERE id = {k1}"))
+                .trim(),
+            new,
+            "applied"
+        );
+        check(&ctx, &client, k1, k2, new).await;
+    }
+}
