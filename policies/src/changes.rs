@@ -206,7 +206,7 @@ mod tests {
             Ok(u.into())
         );
         let raw: Vec<u8> = (0..16)
-            .map(|i| u8::from_str_radix(&u.replace('-', "")[i * 2..i * 2 + 2], 16).unwrap())
+            .map(|i| u8::from_str_radix(&u.replace('-', "")[i * 2..i * 2 + 2], 16).expect("hex"))
             .collect();
         assert_eq!(canonical_binary_key(&raw, UUID), Ok(u.into()));
         assert_eq!(canonical_key("x ", TEXT), Ok("x ".into()));

@@ -17,6 +17,7 @@ mod databases;
 mod demo;
 mod detached;
 mod differential;
+mod differential_stream;
 mod docs;
 mod drivers;
 mod flush_apply;
