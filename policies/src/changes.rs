@@ -81,6 +81,12 @@ pub trait ChangeSink: Send + Sync {
     /// change was missed (everything derived before [`ChangeSink::lost`] must be
     /// rebuilt or dropped by the sink itself).
     fn resumed(&self, database: &str);
+    /// The stream of `database` delivered every transaction that committed before
+    /// WAL position `lsn`: an idle stream says so without a commit (a sink waiting
+    /// for the stream to pass a position need not wait for unrelated traffic).
+    fn passed(&self, database: &str, lsn: u64) {
+        let _ = (database, lsn);
+    }
 }
 
 /// Type OIDs of the primary-key columns whose keys have a canonical form.

@@ -223,6 +223,8 @@ impl Follower {
         if wal == self.seen_wal {
             db.stream.lag_bytes.store(0, Ordering::Relaxed);
             db.stream.lag_micros.store(0, Ordering::Relaxed);
+            // Everything committed before `wal` was delivered in an earlier round.
+            sinks.each(|s| s.passed(&db.name, wal));
             return Ok(false);
         }
         let rows = sqlx::query(
@@ -289,7 +291,10 @@ impl Follower {
             Ordering::Relaxed,
         );
         if !full {
+            // The peek decoded every transaction that committed up to the flush
+            // position read before it, and each was applied above.
             self.seen_wal = wal;
+            sinks.each(|s| s.passed(&db.name, wal));
         }
         Ok(full)
     }
