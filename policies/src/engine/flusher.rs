@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::state::Applied;
 use super::upstream::{ApplyError, Batch, LedgerKey, Sink};
 use super::{Checks, Engine, Log};
 use crate::writes::{Record, TableMeta};
@@ -64,7 +65,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
         self: Arc<Self>,
         mut sink: S,
         shutdown: CancellationToken,
-        on_applied: impl Fn(&[String]),
+        on_applied: impl Fn(&Applied),
     ) {
         let ledger = self.ledger_key();
         let mut retry = Retry {
@@ -149,7 +150,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
         &self,
         sink: &mut S,
         ledger: &LedgerKey,
-        on_applied: &impl Fn(&[String]),
+        on_applied: &impl Fn(&Applied),
     ) -> Result<(), ApplyError> {
         let at = match sink.claim(ledger).await {
             Ok(at) => at,
@@ -175,7 +176,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
         sink: &mut S,
         ledger: &LedgerKey,
         batch: &Batch,
-        on_applied: &impl Fn(&[String]),
+        on_applied: &impl Fn(&Applied),
         retry_in: Duration,
     ) -> Result<(), ApplyError> {
         let applied_through = self.applied();
@@ -241,9 +242,9 @@ impl<C: Checks, L: Log> Engine<C, L> {
     /// `batch` is in PostgreSQL through `last`: out of pending, cached reads
     /// invalidated (before the barrier opens: a reader released by `applied` must not
     /// find an entry from before it), `applied` advanced, the journal told.
-    async fn applied_through(&self, batch: &Batch, last: u64, on_applied: &impl Fn(&[String])) {
-        let tables = self.finish(batch);
-        on_applied(&tables);
+    async fn applied_through(&self, batch: &Batch, last: u64, on_applied: &impl Fn(&Applied)) {
+        let applied = self.finish(batch);
+        on_applied(&applied);
         self.applied.send_replace(last);
         if let Err(err) = self.log.confirm(last).await {
             tracing::warn!(%err, "journal truncation after a flush failed");
@@ -337,8 +338,8 @@ impl<C: Checks, L: Log> Engine<C, L> {
             .collect()
     }
 
-    /// Removes applied records from `pending`; returns the tables they wrote.
-    fn finish(&self, batch: &Batch) -> Vec<String> {
+    /// Removes applied records from `pending`; returns the tables and rows they wrote.
+    fn finish(&self, batch: &Batch) -> Applied {
         let key_of = |op: &crate::writes::RowOp| self.key_of(op);
         self.state().finish(batch, key_of)
     }

@@ -27,6 +27,18 @@ pub type Known = HashMap<Slot, (bool, u64, u64)>;
 /// How many forgotten keys [`State::forgotten`] remembers before it starts over.
 pub const FORGOTTEN_LIMIT: usize = 4096;
 
+/// What a flushed batch wrote, for the read cache: the rows with known keys, and
+/// the tables written where some row's key is not known (invalidated whole).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Every table written, each once.
+    pub tables: Vec<String>,
+    /// (table, canonical key) of each row written to a table not in `unkeyed`.
+    pub keys: Vec<(String, Vec<String>)>,
+    /// Tables some of whose rows' keys are not known.
+    pub unkeyed: Vec<String>,
+}
+
 #[derive(Default)]
 pub struct State {
     /// Durable records not yet applied, by sequence number.
@@ -160,15 +172,24 @@ impl State {
         &mut self,
         batch: &[(u64, Arc<Record>)],
         key_of: impl Fn(&crate::writes::RowOp) -> Option<Vec<String>>,
-    ) -> Vec<String> {
+    ) -> Applied {
         let mut tables = Vec::new();
+        let mut applied = Applied::default();
         for (seq, record) in batch {
             self.acked_at.remove(seq);
             if self.pending.remove(seq).is_none() {
                 continue;
             }
             for op in &record.ops {
-                if let Some(key) = key_of(op) {
+                let key = key_of(op);
+                match &key {
+                    Some(k) => applied.keys.push((op.table().to_owned(), k.clone())),
+                    None if !applied.unkeyed.iter().any(|t| t == op.table()) => {
+                        applied.unkeyed.push(op.table().to_owned());
+                    }
+                    None => {}
+                }
+                if let Some(key) = key {
                     let slot = (op.table().to_owned(), key);
                     if let Some(k) = self.keys.get_mut(&slot) {
                         k.pending = k.pending.saturating_sub(1);
@@ -204,7 +225,11 @@ impl State {
                 s.oldest = oldest_left.or(s.oldest).or_else(|| Some(Instant::now()));
             }
         }
-        tables
+        applied.tables = tables;
+        let unkeyed = std::mem::take(&mut applied.unkeyed);
+        applied.keys.retain(|(t, _)| !unkeyed.contains(t));
+        applied.unkeyed = unkeyed;
+        applied
     }
 
     /// Pending records of `table`.

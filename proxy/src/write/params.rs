@@ -226,31 +226,8 @@ fn uuid_text(b: &[u8]) -> String {
 /// that type have no canonical form spillway knows (the table's writes then run
 /// write-through).
 pub fn canonical_key(text: &str, type_oid: u32) -> Result<String, &'static str> {
-    match type_oid {
-        INT2 | INT4 | INT8 => text
-            .trim()
-            .parse::<i64>()
-            .map(|v| v.to_string())
-            .map_err(|_| BAD_VALUE),
-        TEXT | VARCHAR => Ok(text.to_owned()),
-        UUID => {
-            let hex: String = text
-                .trim()
-                .trim_start_matches('{')
-                .trim_end_matches('}')
-                .chars()
-                .filter(|c| *c != '-')
-                .collect();
-            if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(BAD_VALUE);
-            }
-            let bytes: Vec<u8> = (0..16)
-                .filter_map(|i| u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok())
-                .collect();
-            Ok(uuid_text(&bytes))
-        }
-        _ => Err("key_type"),
-    }
+    // One function for the write side, the read cache and the change stream.
+    spillway_policies::changes::canonical_key(text, type_oid)
 }
 
 /// Whether PostgreSQL's input function for `type_oid` (with `typmod`) accepts `text`,

@@ -89,7 +89,7 @@ impl WriteService {
     pub async fn run_flusher(
         self: Arc<Self>,
         shutdown: CancellationToken,
-        on_applied: impl Fn(&[String]),
+        on_applied: impl Fn(&spillway_policies::engine::state::Applied),
     ) {
         let sink = PgSink::new(self.url.clone());
         self.engine

@@ -116,12 +116,19 @@ pub async fn start(
         .build()
         .map_err(|e| WritesStartError::Task(e.to_string()))?;
     let known = service.clone();
-    let on_applied = move |tables: &[String]| {
+    let on_applied = move |applied: &spillway_policies::engine::state::Applied| {
         // Applied rows are in PostgreSQL now: cached reads of them refill from there.
         // By the current set, which still knows tables that left deferral by reload.
+        // Rows with known keys invalidate their keys; the other tables whole.
         let set = known.tables();
         db.versions
-            .bump_tables(tables.iter().filter_map(|t| set.oid_of(t)));
+            .bump_tables(applied.unkeyed.iter().filter_map(|t| set.oid_of(t)));
+        for (table, key) in &applied.keys {
+            match set.oid_of(table) {
+                Some(oid) => db.versions.bump_key(oid, key),
+                None => db.versions.bump_all(),
+            }
+        }
     };
     let (worker_service, worker_stop) = (service.clone(), stop.clone());
     std::thread::Builder::new()

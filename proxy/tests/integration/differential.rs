@@ -19,12 +19,12 @@ use tokio_postgres::{Client, Statement};
 use crate::cache::{Rows, row_text, simple, typed, wait_for_cached};
 use crate::context::Context;
 
-const SEED: u64 = 0x5eed_5111_ba7e;
-const OPS: usize = 10_000;
-const CLIENTS: usize = 4;
-const KEYS: i32 = 50;
+pub const SEED: u64 = 0x5eed_5111_ba7e;
+pub const OPS: usize = 10_000;
+pub const CLIENTS: usize = 4;
+pub const KEYS: i32 = 50;
 
-const SETUP: &str = "
+pub const SETUP: &str = "
     CREATE TABLE a (id int PRIMARY KEY, n int NOT NULL, s text NOT NULL);
     CREATE TABLE b (id int PRIMARY KEY, g int NOT NULL, x int NOT NULL);
     INSERT INTO a SELECT i, i * 3, 's' || i FROM generate_series(1, 30) i;
@@ -33,7 +33,7 @@ const SETUP: &str = "
     INSERT INTO warm VALUES (0);";
 
 /// (statement, number of int4 parameters `$1..`)
-const READS: [(&str, usize); 7] = [
+pub const READS: [(&str, usize); 7] = [
     ("SELECT id, n, s FROM a WHERE id = $1", 1),
     (
         "SELECT id, n FROM a WHERE id BETWEEN $1 AND $2 ORDER BY id",
@@ -49,7 +49,7 @@ const READS: [(&str, usize); 7] = [
     ("SELECT count(*) FROM b WHERE x > $1", 1),
 ];
 
-const WRITES: [(&str, usize); 7] = [
+pub const WRITES: [(&str, usize); 7] = [
     (
         "INSERT INTO a VALUES ($1, $2, 's' || ($2::int4)::text) \
          ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n, s = EXCLUDED.s",
@@ -70,7 +70,7 @@ const WRITES: [(&str, usize); 7] = [
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Mode {
+pub enum Mode {
     /// Simple Query with the parameters inlined as literals.
     Simple,
     /// A named statement prepared once per session, Bind/Execute with binary results.
@@ -79,16 +79,16 @@ enum Mode {
     Typed,
 }
 
-const MODES: [Mode; 3] = [Mode::Simple, Mode::Prepared, Mode::Typed];
+pub const MODES: [Mode; 3] = [Mode::Simple, Mode::Prepared, Mode::Typed];
 
 /// One connection and the statements it prepared.
-struct Session {
-    client: Client,
+pub struct Session {
+    pub client: Client,
     prepared: HashMap<&'static str, Statement>,
 }
 
 impl Session {
-    fn new(client: Client) -> Self {
+    pub fn new(client: Client) -> Self {
         Self {
             client,
             prepared: HashMap::new(),
@@ -96,7 +96,7 @@ impl Session {
     }
 
     /// Runs `sql` with `params`; rows for a read, empty for a write.
-    async fn run(&mut self, mode: Mode, sql: &'static str, params: &[i32]) -> Rows {
+    pub async fn run(&mut self, mode: Mode, sql: &'static str, params: &[i32]) -> Rows {
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         match mode {
@@ -139,7 +139,7 @@ fn inline(sql: &str, params: &[i32]) -> String {
 
 /// Parameters for statement `index` of `READS` or `WRITES`: few distinct values, so
 /// the same keys come back often.
-fn read_params(rng: &mut StdRng, index: usize) -> Vec<i32> {
+pub fn read_params(rng: &mut StdRng, index: usize) -> Vec<i32> {
     match index {
         0 | 3 => vec![rng.random_range(1..=KEYS)],
         1 => {
@@ -152,7 +152,7 @@ fn read_params(rng: &mut StdRng, index: usize) -> Vec<i32> {
     }
 }
 
-fn write_params(rng: &mut StdRng, index: usize) -> Vec<i32> {
+pub fn write_params(rng: &mut StdRng, index: usize) -> Vec<i32> {
     let id = rng.random_range(1..=KEYS);
     match index {
         0 => vec![id, rng.random_range(-100..100)],

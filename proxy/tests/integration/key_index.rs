@@ -252,3 +252,31 @@ async fn with_the_change_stream_the_index_answers_and_writes_need_no_point_read(
     );
     assert_eq!(after, before, "point reads with the index ready");
 }
+
+/// On an idle database the index becomes `ready` without any commit after its load:
+/// the stream reports the position it passed while idle. Mutation: `passed` ignored
+/// (the index stays `loading` until unrelated traffic commits).
+#[tokio::test]
+async fn on_an_idle_database_the_index_becomes_ready_without_traffic() {
+    let ctx = builder()
+        .pg(|b| {
+            b.conf("wal_level = logical")
+                .conf("synchronous_commit = on")
+        })
+        .section("[cache]\ninvalidation = \"replication\"\n")
+        .start()
+        .await;
+    let client = ctx.proxy_client().await;
+    let ready = "table=\"public.ki\",state=\"ready\"";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // A session keeps the database's stream followed; a read commits nothing.
+        client.simple_query("SELECT 1").await.expect("probe");
+        let text = scrape(ctx.proxy.metrics_addr()).await;
+        if sample(&text, "spillway_key_index_state", ready) == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "index never ready:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -17,7 +17,8 @@
 //!   touched during the load (`touched`) are never overwritten by a chunk.
 //! - **The change stream**, in commit order but behind PostgreSQL. A table becomes
 //!   ready only once the stream delivered a commit at or past the WAL position read
-//!   after its last chunk: every commit a chunk saw has then been delivered too (the
+//!   after its last chunk, or said it passed that position with nothing left to
+//!   deliver (`ChangeSink::passed`, an idle stream): every commit a chunk saw has then been delivered too (the
 //!   keys it touched keep its answer), so the index is PostgreSQL's state as of the
 //!   stream's position, and every later commit is newer than every chunk.
 //! - **spillway's own batches**, applied to the index as they commit (before their keys

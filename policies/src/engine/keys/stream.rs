@@ -1,6 +1,7 @@
 //! The key index as the change stream's sink: committed transactions move keys (or
-//! start a table's load over), `lost` drops every table's index, `resumed` loads them
-//! again (the rules are in the parent module's header).
+//! start a table's load over), `passed` (an idle stream's position) counts as a commit
+//! at that position for loads and pins waiting on it, `lost` drops every table's
+//! index, `resumed` loads them again (the rules are in the parent module's header).
 
 use std::collections::{HashMap, HashSet};
 
@@ -78,6 +79,28 @@ impl ChangeSink for KeyIndex {
         }
         if restarted {
             self.wake.notify_one();
+        }
+    }
+
+    fn passed(&self, database: &str, lsn: u64) {
+        let mut ix = self.lock();
+        let ix = &mut *ix;
+        if database != ix.database || !ix.following || ix.position.is_some_and(|p| p >= lsn) {
+            return;
+        }
+        // As a commit at `lsn` would: every change before it is in.
+        ix.position = Some(lsn);
+        if ix.batches.release(lsn) {
+            ix.sweep_pins();
+        }
+        let waiting: Vec<String> = ix
+            .tables
+            .iter()
+            .filter(|(_, t)| t.phase == Phase::Loading && t.load.chunks_done)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in waiting {
+            ix.settle(&name);
         }
     }
 

@@ -538,9 +538,9 @@ impl Harness {
         };
         self.stop = CancellationToken::new();
         let invalidated = self.invalidated.clone();
-        let on_applied = move |tables: &[String]| {
+        let on_applied = move |applied: &crate::engine::state::Applied| {
             if let Ok(mut v) = invalidated.lock() {
-                v.push(tables.to_vec());
+                v.push(applied.tables.clone());
             }
         };
         let run = self

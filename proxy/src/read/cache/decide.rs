@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::point::{self, Params, PointKey, WriteKeys};
 use crate::read::catalog::{Catalog, Volatility};
 use crate::read::classify::{Analysis, Kind, RelName, Statement, TxCommand};
 
@@ -59,7 +60,13 @@ pub struct Cacheable {
 /// What running the statement invalidates.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Effects {
+    /// Every table written (keyed or not).
     pub tables: Vec<u32>,
+    /// Tables of `tables` whose every write has its key in `keys`: only those keys are
+    /// invalidated, not the table.
+    pub keyed_tables: Vec<u32>,
+    /// The rows written to `keyed_tables`: (table, canonical key).
+    pub keys: Vec<(u32, Vec<String>)>,
     /// Every entry of this database (unknown targets, unknown side effects, DDL).
     pub database: bool,
     /// Every entry of every database (roles, cluster-wide settings).
@@ -87,10 +94,34 @@ impl Effects {
         self.tables.is_empty() && !self.database && !self.everything && !self.catalog_changed
     }
 
+    /// Tables written whose keys are not all known.
+    pub fn unkeyed_tables(&self) -> impl Iterator<Item = u32> + '_ {
+        self.tables
+            .iter()
+            .copied()
+            .filter(|t| !self.keyed_tables.contains(t))
+    }
+
     pub fn merge(&mut self, other: &Effects) {
+        // A table stays keyed only if no statement wrote it with unknown keys.
+        let unkeyed: Vec<u32> = self
+            .unkeyed_tables()
+            .chain(other.unkeyed_tables())
+            .collect();
         for t in &other.tables {
             if !self.tables.contains(t) {
                 self.tables.push(*t);
+            }
+        }
+        for t in &other.keyed_tables {
+            if !self.keyed_tables.contains(t) {
+                self.keyed_tables.push(*t);
+            }
+        }
+        self.keyed_tables.retain(|t| !unkeyed.contains(t));
+        for k in &other.keys {
+            if !self.keys.contains(k) {
+                self.keys.push(k.clone());
             }
         }
         self.database |= other.database;
@@ -107,6 +138,31 @@ pub struct Decision {
     /// the snapshot may be behind (reloaded at most once a second).
     pub catalog_behind: bool,
     pub effects: Effects,
+    /// A cacheable single-table read that fixes the table's whole primary key: the
+    /// row its result depends on (`point.rs`), with its parameters unresolved.
+    pub point: Option<PointKey>,
+    /// A single write whose rows' keys are certain (`point.rs`), unresolved.
+    pub write_keys: Option<WriteKeys>,
+}
+
+impl Decision {
+    /// The effects with `params`: a keyed write's table becomes keyed when every key
+    /// resolves (else the table is invalidated whole, as without keys).
+    pub fn effects_with(&self, params: &Params<'_>) -> std::borrow::Cow<'_, Effects> {
+        let e = &self.effects;
+        let keyed = self.write_keys.as_ref().filter(|w| {
+            !e.database && !e.everything && !e.catalog_changed && e.tables == [w.table]
+        });
+        match keyed.and_then(|w| Some((w.table, w.resolve(params)?))) {
+            Some((table, rows)) => {
+                let mut e = e.clone();
+                e.keyed_tables.push(table);
+                e.keys.extend(rows.into_iter().map(|k| (table, k)));
+                std::borrow::Cow::Owned(e)
+            }
+            None => std::borrow::Cow::Borrowed(e),
+        }
+    }
 }
 
 /// Why [`cacheable`] refuses: a name the catalog does not know, or anything else.
@@ -123,6 +179,8 @@ pub fn decide(analysis: &Analysis, catalog: Option<&Catalog>, tables: &TableSett
             cacheable: Err("statement not analysed"),
             catalog_behind: false,
             effects,
+            point: None,
+            write_keys: None,
         };
     }
     for stmt in &analysis.statements {
@@ -139,10 +197,30 @@ pub fn decide(analysis: &Analysis, catalog: Option<&Catalog>, tables: &TableSett
         Err(Refused::Unknown(why)) => (Err(why), true),
         Err(Refused::Not(why)) => (Err(why), false),
     };
+    let single = match analysis.statements.as_slice() {
+        [stmt] => Some(stmt),
+        _ => None,
+    };
+    let point = match (&cacheable, single, catalog) {
+        (Ok(c), Some(stmt), Some(catalog)) => match (c.tables.as_slice(), &stmt.point) {
+            ([oid], Some(filter)) => point::point_key(filter, *oid, catalog),
+            _ => None,
+        },
+        _ => None,
+    };
+    let write_keys = match (single, catalog) {
+        (Some(stmt), Some(catalog)) if stmt.kind == Kind::Write => match &stmt.shape {
+            Some(Ok(shape)) => point::write_keys(shape, catalog),
+            _ => None,
+        },
+        _ => None,
+    };
     Decision {
         cacheable,
         catalog_behind,
         effects,
+        point,
+        write_keys,
     }
 }
 

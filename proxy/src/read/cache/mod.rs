@@ -19,6 +19,7 @@
 
 pub mod decide;
 mod lease;
+pub mod point;
 mod service;
 pub mod stream;
 
@@ -39,6 +40,7 @@ use crate::read::classify::{Classifier, ClassifierLimits};
 pub use decide::{Cacheable, Decision, Effects, TableSettings};
 use lease::{Control, Want};
 pub use lease::{DbLease, Released};
+pub use point::{Params, PointKey};
 
 pub struct ReadCache {
     pub results: Arc<ResultCache>,
@@ -145,7 +147,12 @@ impl DbState {
         if effects.database {
             self.versions.bump_all();
         }
-        self.versions.bump_tables(effects.tables.iter().copied());
+        self.versions.bump_tables(effects.unkeyed_tables());
+        for (oid, key) in &effects.keys {
+            if effects.keyed_tables.contains(oid) {
+                self.versions.bump_key(*oid, key);
+            }
+        }
         if effects.catalog_changed {
             self.catalog_changed();
         }

@@ -1,6 +1,6 @@
 //! Loads a [`Catalog`] snapshot over a service connection (sqlx): the relations, view
-//! dependencies, functions' volatility, inheritance and foreign-key pairs, plus every
-//! user view's `pg_get_viewdef`, which the classifier reads to find functions and SQL
+//! dependencies, functions' volatility, inheritance and foreign-key pairs, primary keys,
+//! plus every user view's `pg_get_viewdef`, which the classifier reads to find functions and SQL
 //! value functions that `pg_depend` does not record.
 
 use std::collections::{HashMap, HashSet};
@@ -41,6 +41,18 @@ const INHERITS: &str = "SELECT inhrelid, inhparent FROM pg_inherits";
 
 const FOREIGN_KEYS: &str = "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f'";
 
+/// Primary-key columns in key order; a key with a nondeterministic collation is left
+/// out whole (its rows have no canonical key text).
+const PRIMARY_KEYS: &str = "
+SELECT i.indrelid, a.attname::text, a.atttypid
+FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indisprimary AND NOT EXISTS (
+    SELECT 1 FROM unnest(i.indcollation::oid[]) AS c(oid)
+    JOIN pg_collation pc ON pc.oid = c.oid WHERE NOT pc.collisdeterministic)
+ORDER BY i.indrelid, k.n";
+
 const FUNCTIONS: &str = "
 SELECT p.proname, p.provolatile::text, n.nspname = 'pg_catalog'
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace";
@@ -61,9 +73,18 @@ pub async fn load(conn: &mut PgConnection) -> Result<Catalog, sqlx::Error> {
     }
     let inherits = oid_pairs(conn, INHERITS).await?;
     let foreign_keys = oid_pairs(conn, FOREIGN_KEYS).await?;
+    let mut primary_keys = Vec::new();
+    for row in sqlx::query(PRIMARY_KEYS).fetch_all(&mut *conn).await? {
+        primary_keys.push((
+            row.try_get::<Oid, _>(0)?.0,
+            row.try_get::<String, _>(1)?,
+            row.try_get::<Oid, _>(2)?.0,
+        ));
+    }
     Ok(
         Catalog::new(relations, &view_deps, volatile_views, functions, &inherits)
-            .with_foreign_keys(&foreign_keys),
+            .with_foreign_keys(&foreign_keys)
+            .with_primary_keys(primary_keys),
     )
 }
 

@@ -104,6 +104,10 @@ pub struct Catalog {
     foreign_keys: HashMap<u32, Vec<u32>>,
     /// Referencing table → the tables its foreign keys reference.
     referenced: HashMap<u32, Vec<u32>>,
+    /// Each table's primary key: (column, type OID) in key order. Absent for tables
+    /// without one, or whose key has a column with a nondeterministic collation (two
+    /// spellings of one key would compare equal: no canonical text).
+    primary_keys: HashMap<u32, Vec<(String, u32)>>,
 }
 
 impl Catalog {
@@ -171,7 +175,33 @@ impl Catalog {
             parents,
             foreign_keys: HashMap::new(),
             referenced: HashMap::new(),
+            primary_keys: HashMap::new(),
         }
+    }
+
+    /// Adds the tables' primary keys: (table, column, type OID) in key order.
+    pub fn with_primary_keys(mut self, columns: Vec<(u32, String, u32)>) -> Self {
+        for (table, column, type_oid) in columns {
+            self.primary_keys
+                .entry(table)
+                .or_default()
+                .push((column, type_oid));
+        }
+        self
+    }
+
+    /// Table `oid`'s primary key columns and their type OIDs, in key order.
+    pub fn primary_key(&self, oid: u32) -> Option<&[(String, u32)]> {
+        self.primary_keys.get(&oid).map(Vec::as_slice)
+    }
+
+    /// A plain table that no other table inherits from or is a partition of, and that
+    /// is no one's child: its rows are read and written under its OID alone.
+    pub fn is_standalone_table(&self, oid: u32) -> bool {
+        self.relation_by_oid(oid)
+            .is_some_and(|r| r.kind == RelKind::Table)
+            && !self.children.contains_key(&oid)
+            && !self.parents.contains_key(&oid)
     }
 
     /// Adds the (referencing, referenced) table pairs of foreign keys.
@@ -375,6 +405,34 @@ pub(crate) mod tests {
             functions,
             &[],
         )
+    }
+
+    #[test]
+    fn primary_keys_in_key_order_and_standalone_tables() {
+        let c = sample().with_primary_keys(vec![
+            (1, "b".into(), 23),
+            (2, "id".into(), 20),
+            (1, "a".into(), 25),
+        ]);
+        assert_eq!(
+            c.primary_key(1),
+            Some(&[("b".to_owned(), 23), ("a".to_owned(), 25)][..])
+        );
+        assert_eq!(c.primary_key(3), None);
+        assert!(c.is_standalone_table(1));
+        assert!(!c.is_standalone_table(3), "a view");
+        let parted = Catalog::new(
+            vec![
+                rel(10, "public", "m", RelKind::Table),
+                rel(11, "public", "m_1", RelKind::Table),
+            ],
+            &[],
+            std::collections::HashSet::new(),
+            HashMap::new(),
+            &[(11, 10)],
+        );
+        assert!(!parted.is_standalone_table(10));
+        assert!(!parted.is_standalone_table(11));
     }
 
     #[test]

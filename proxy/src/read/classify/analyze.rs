@@ -97,7 +97,8 @@ fn statement(node: &NodeEnum) -> Result<Statement, TreeError> {
     let mut st = Statement::new(plan.kind);
     st.ddl_targets = plan.ddl_targets;
     if plan.walk {
-        let facts = walk::collect(&tree::of(node)?, plan.top_role);
+        let tree = tree::of(node)?;
+        let facts = walk::collect(&tree, plan.top_role);
         st.reads = facts.reads;
         st.writes = facts.writes;
         facts
@@ -111,6 +112,15 @@ fn statement(node: &NodeEnum) -> Result<Statement, TreeError> {
         if facts.dml && matches!(st.kind, Kind::Select | Kind::OtherRead) {
             st.kind = Kind::Write;
         }
+        // A point read names one table once and has no subquery (which could read
+        // the same table's other rows).
+        if st.kind == Kind::Select
+            && !explain_analyze
+            && count(&tree, "RangeVar") == 1
+            && count(&tree, "SubLink") == 0
+        {
+            st.point = shape::point::of(node);
+        }
     }
     if explain_analyze && st.kind == Kind::Select {
         st.kind = Kind::OtherRead;
@@ -122,6 +132,17 @@ fn statement(node: &NodeEnum) -> Result<Statement, TreeError> {
     }
     st.vacated = vacated(node);
     Ok(st)
+}
+
+/// How many structs named `name` the tree holds.
+fn count(tree: &tree::Tree, name: &str) -> usize {
+    match tree {
+        tree::Tree::Struct(n, fields) => {
+            usize::from(*n == name) + fields.iter().map(|(_, t)| count(t, name)).sum::<usize>()
+        }
+        tree::Tree::Seq(items) => items.iter().map(|t| count(t, name)).sum(),
+        _ => 0,
+    }
 }
 
 /// The databases a statement needs no other session connected to (see

@@ -41,6 +41,7 @@ use std::mem::size_of;
 
 pub use analyze::analyze;
 pub use memo::{Classifier, ClassifierLimits};
+pub use shape::point::PointFilter;
 pub use shape::{Assign, Operand, Returned, Value, WriteShape, reason};
 
 /// Result of analysing one query string (which may hold several statements).
@@ -87,6 +88,10 @@ pub struct Statement {
     /// writes included (MERGE, COPY FROM, a SELECT with a data-modifying CTE, EXPLAIN
     /// ANALYZE of a write), which are never deferrable either.
     pub shape: Option<Result<WriteShape, &'static str>>,
+    /// For a top-level SELECT of one table with `col = value` conjuncts and no other
+    /// table reference or subquery anywhere: those equalities (`shape/point.rs`); the
+    /// read cache makes it a point read when they fix the table's primary key.
+    pub point: Option<PointFilter>,
     /// Databases the statement needs no other session connected to (PostgreSQL
     /// refuses it otherwise): `DROP DATABASE d`, `ALTER DATABASE d RENAME`, and the
     /// template of `CREATE DATABASE` (`template1` unless another is named).
@@ -284,6 +289,7 @@ impl Statement {
             sql_value_function: false,
             locking: false,
             shape: None,
+            point: None,
             vacated: Vec::new(),
         }
     }
@@ -322,6 +328,7 @@ impl Statement {
                 .as_ref()
                 .and_then(|s| s.as_ref().ok())
                 .map_or(0, WriteShape::heap_bytes)
+            + self.point.as_ref().map_or(0, PointFilter::heap_bytes)
     }
 }
 

@@ -241,6 +241,11 @@ impl Caching {
         let mut answer = single.answer;
         answer.returning = converted.returning.take();
         let verb = converted.verb;
+        let keys = if converted.keys.len() == converted.ops.len() {
+            converted.keys.clone()
+        } else {
+            Vec::new()
+        };
         let (oid, policy) = {
             let set = w.tables();
             let policy = set
@@ -260,6 +265,7 @@ impl Caching {
                 outcome,
                 verb,
                 table: oid,
+                keys,
                 table_name: table,
                 policy,
                 answer,
@@ -286,7 +292,12 @@ impl Caching {
                     if let Some(d) = self.writes.as_mut() {
                         d.own_seq = d.own_seq.max(seq);
                     }
-                    self.db.versions.bump_tables([ack.table]);
+                    if ack.keys.is_empty() {
+                        self.db.versions.bump_tables([ack.table]);
+                    }
+                    for key in &ack.keys {
+                        self.db.versions.bump_key(ack.table, key);
+                    }
                 }
                 let tag = ack.verb.tag(outcome.rows);
                 let unnamed = ack.answer.send(

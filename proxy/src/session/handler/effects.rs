@@ -9,7 +9,7 @@
 //! than guess.
 
 use super::Caching;
-use crate::read::cache::{Decision, Effects};
+use crate::read::cache::{Decision, Effects, Params};
 use crate::read::classify::{Analysis, DiscardTarget, Isolation, Kind, SessionCommand, TxCommand};
 
 impl Caching {
@@ -31,6 +31,7 @@ impl Caching {
         &mut self,
         analysis: &Analysis,
         decision: &Decision,
+        params: &Params<'_>,
         certain: bool,
     ) {
         if analysis.unanalysed {
@@ -96,7 +97,7 @@ impl Caching {
                 self.key.lose_track("set_config() called");
             }
         }
-        self.record_effects(&decision.effects, certain);
+        self.record_effects(&decision.effects_with(params), certain);
     }
 
     /// Invalidates what `effects` touch, now and again at the acknowledgement and the

@@ -66,7 +66,7 @@ use tokio::sync::Notify;
 
 use crate::protocol::frontend;
 use crate::protocol::startup::StartupMessage;
-use crate::read::cache::{Cacheable, DbLease, Decision, ReadCache, Released, decide};
+use crate::read::cache::{Cacheable, DbLease, Decision, Params, ReadCache, Released, decide};
 use crate::read::catalog::Catalog;
 use crate::read::classify::Analysis;
 use crate::session::state::Outbox;
@@ -382,8 +382,17 @@ impl Caching {
         decision
     }
 
-    /// The version counters a fill of `cacheable` depends on, read now.
-    fn capture(&self, cacheable: &Cacheable) -> Deps {
+    /// The version counters a fill of `cacheable` depends on, read now: a point read
+    /// whose key resolves depends on its row (the epoch, writes of unknown keys to the
+    /// table, its key's stripe), anything else on its tables.
+    fn capture(&self, cacheable: &Cacheable, decision: &Decision, params: &Params<'_>) -> Deps {
+        if let Some(point) = &decision.point
+            && let Some(key) = point.resolve(params)
+        {
+            let mut deps = Deps::capture([self.db.versions.epoch()]);
+            deps.add_key(&self.db.versions.table_versions(point.table), &key);
+            return deps;
+        }
         let tables: Vec<Arc<Version>> = cacheable
             .tables
             .iter()

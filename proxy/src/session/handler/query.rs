@@ -19,7 +19,7 @@ use super::upstream::Path;
 use super::wait::Wait;
 use super::{Caching, Disposition};
 use crate::protocol::frontend;
-use crate::read::cache::Effects;
+use crate::read::cache::{Effects, Params};
 use crate::session::state::Outbox;
 use crate::write::convert::Bound;
 
@@ -67,7 +67,8 @@ impl Caching {
                 // Another session's fill landed since the hit path looked: go upstream.
                 Lookup::Hit(_) => {}
                 Lookup::Lead(ticket) => {
-                    fill = Some(Fill::new(ticket, self.capture(cacheable), cacheable.ttl));
+                    let deps = self.capture(cacheable, &decision, &Params::NONE);
+                    fill = Some(Fill::new(ticket, deps, cacheable.ttl));
                 }
                 Lookup::Wait(notified) => {
                     if !self.wait.filled() && out.tx_status() == b'I' {
@@ -78,7 +79,7 @@ impl Caching {
             }
         }
         let certain = self.certain(out.tx_status(), analysis.statements.len());
-        self.statement_effects(&analysis, &decision, certain);
+        self.statement_effects(&analysis, &decision, &Params::NONE, certain);
         self.forward_query(msg, fill, started, out)
     }
 

@@ -76,6 +76,9 @@ pub struct Ack {
     pub verb: Verb,
     /// The table's OID (its cache entries are invalidated at the ack).
     pub table: u32,
+    /// The canonical keys of the rows it writes: only those are invalidated (none:
+    /// the table).
+    pub keys: Vec<Vec<String>>,
     pub table_name: String,
     pub policy: &'static str,
     pub answer: Answer,

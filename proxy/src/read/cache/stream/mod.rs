@@ -250,6 +250,8 @@ impl Follower {
         if wal == self.seen_wal {
             db.stream.lag_bytes.store(0, Ordering::Relaxed);
             db.stream.lag_micros.store(0, Ordering::Relaxed);
+            // Everything committed before `wal` was delivered in an earlier round.
+            sinks.each(|s| s.passed(&db.name, wal));
             return Ok(false);
         }
         let rows = sqlx::query(
@@ -318,7 +320,10 @@ impl Follower {
             Ordering::Relaxed,
         );
         if !full {
+            // The peek decoded every transaction that committed up to the flush
+            // position read before it, and each was applied above.
             self.seen_wal = wal;
+            sinks.each(|s| s.passed(&db.name, wal));
         }
         Ok(full)
     }
@@ -409,7 +414,7 @@ fn apply(db: &DbState, commit: &Commit) {
         return;
     };
     let mut targets = Vec::new();
-    for change in &commit.changes {
+    for change in commit.changes.iter().filter(|c| applies(commit.own, c)) {
         targets.clear();
         let table = change.table();
         if table.oid == 0 {
@@ -437,6 +442,16 @@ fn apply(db: &DbState, commit: &Commit) {
     }
 }
 
+/// Whether the cache applies `change`. spillway's own flush (`own`) changed rows whose
+/// keys the write side already invalidated when the flush applied them (`on_applied`,
+/// after the commit and before any reader waiting for it goes on): its keyed changes
+/// of deferred tables cost nothing again. Its changes of spillway's own tables (the
+/// ledger, dead letters) and any change without a key still count.
+fn applies(own: bool, change: &Change) -> bool {
+    let ours = change.table().name.starts_with("spillway.");
+    !own || ours || matches!(change, Change::Table { .. })
+}
+
 fn now_pg_micros() -> i64 {
     let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -447,6 +462,29 @@ fn now_pg_micros() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_flushes_cost_nothing_again_but_unknown_keys_do() {
+        use spillway_policies::changes::TableRef;
+        let t = |name: &str| TableRef {
+            oid: 1,
+            name: name.to_owned(),
+        };
+        let row = |name: &str| Change::Update {
+            table: t(name),
+            key: vec!["1".into()],
+            old_key: None,
+        };
+        assert!(applies(false, &row("public.items")));
+        assert!(!applies(true, &row("public.items")));
+        assert!(applies(true, &row("spillway.flush_ledger")));
+        assert!(applies(
+            true,
+            &Change::Table {
+                table: t("public.items")
+            }
+        ));
+    }
 
     #[test]
     fn lsn_text_is_postgresqls() {

@@ -33,7 +33,7 @@
 //!
 //! Layout: this file reads the statements, `target` what refers to the target table
 //! (columns, deltas, key equalities), `value` reads values and casts, `reason` holds
-//! the labels.
+//! the labels, `point` the equalities of a single-table SELECT (point reads).
 
 use std::mem::size_of;
 
@@ -47,6 +47,7 @@ use super::RelName;
 use target::Target;
 use value::{node, value};
 
+pub mod point;
 pub mod reason;
 mod target;
 mod value;

@@ -158,7 +158,7 @@ impl<'a> Target<'a> {
 }
 
 /// `c1 AND (c2 AND c3)` → `[c1, c2, c3]`; anything else is one conjunct.
-fn flatten_and<'n>(filter: &'n NodeEnum, out: &mut Vec<&'n NodeEnum>) {
+pub(super) fn flatten_and<'n>(filter: &'n NodeEnum, out: &mut Vec<&'n NodeEnum>) {
     match filter {
         NodeEnum::BoolExpr(b) if b.boolop == BoolExprType::AndExpr as i32 => {
             for arg in &b.args {

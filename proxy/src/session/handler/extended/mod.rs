@@ -36,8 +36,8 @@ use super::statements::Stmt;
 use super::tracker::Expect;
 use super::{Caching, Disposition};
 use crate::protocol::frontend;
-use crate::read::cache::Effects;
 use crate::read::cache::Released;
+use crate::read::cache::{Effects, Params};
 use crate::session::state::Outbox;
 use local::Local;
 use route::Shape;
@@ -78,6 +78,9 @@ pub struct Cycle {
     arena: BytesMut,
     /// The buffer of the last plan answered, reused by the next one.
     spare: BytesMut,
+    /// Parameters (formats and values) of the last Bind of the unnamed portal that
+    /// went upstream, when its statement writes: the keys its Execute changes.
+    bound: Option<Bytes>,
 }
 
 impl Cycle {
@@ -300,6 +303,9 @@ impl Caching {
                     }
                     let stmt = self.stmts.statement(b.statement).cloned();
                     self.stmts.bind_forwarded(b.portal, stmt.clone());
+                    self.cycle.bound = (b.portal.is_empty()
+                        && stmt.as_ref().is_some_and(|s| s.analysis.writes_anything()))
+                    .then(|| Bytes::copy_from_slice(b.params_and_formats));
                     if fills
                         && b.portal.is_empty()
                         && let Some(stmt) = stmt
@@ -369,7 +375,20 @@ impl Caching {
             _ if self.tracker.is_skipping() => {}
             Some(s) => {
                 let decision = self.decide(&s.analysis);
-                self.statement_effects(&s.analysis.clone(), &decision, certain);
+                let bound = match &exec {
+                    Some(e) if e.portal.is_empty() => self.cycle.bound.clone(),
+                    _ => None,
+                };
+                let values = bound
+                    .as_deref()
+                    .and_then(frontend::bind_params)
+                    .unwrap_or_default();
+                let declared = frontend::param_type_oids(&s.param_types);
+                let params = Params {
+                    declared: &declared,
+                    values: &values,
+                };
+                self.statement_effects(&s.analysis.clone(), &decision, &params, certain);
             }
             None => {
                 let effects = Effects::unknown(self.cache.settings().invalidate_on_unknown);
@@ -404,7 +423,7 @@ impl Caching {
         ticket: &mut Option<(Vec<u8>, FillTicket)>,
     ) -> Option<Box<Fill>> {
         let decision = self.decide(&stmt.analysis);
-        let cacheable = decision.cacheable.ok()?;
+        let cacheable = decision.cacheable.clone().ok()?;
         let key = self.extended_key(stmt, params)?;
         // The plan may already hold the ticket for this key.
         let ticket = match ticket.take_if(|(k, _)| *k == key) {
@@ -414,7 +433,14 @@ impl Caching {
                 Lookup::Hit(_) | Lookup::Wait(_) => return None,
             },
         };
-        Some(Fill::new(ticket, self.capture(&cacheable), cacheable.ttl))
+        let values = frontend::bind_params(params).unwrap_or_default();
+        let declared = frontend::param_type_oids(&stmt.param_types);
+        let params = Params {
+            declared: &declared,
+            values: &values,
+        };
+        let deps = self.capture(&cacheable, &decision, &params);
+        Some(Fill::new(ticket, deps, cacheable.ttl))
     }
 
     /// The cache key of an Execute, or `None` if the statement is not cacheable.
