@@ -109,7 +109,8 @@ async fn behind_a_slow_link_that_stalls_and_is_cut_mid_flush_nothing_is_lost_or_
         logs.contains("flush batch failed") || logs.contains("flush worker cannot connect"),
         "the cut found no flush batch in flight: the test did not test it"
     );
-    assert!(tally.acked_by_phase[BEFORE] > 20, "{tally:?}");
+    // Each insert pays a point read across the link; a loaded machine manages fewer.
+    assert!(tally.acked_by_phase[BEFORE] >= 5, "{tally:?}");
     assert!(
         tally.acked_by_phase[AFTER] > 0,
         "no write acknowledged after the link came back"
