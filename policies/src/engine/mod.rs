@@ -111,10 +111,14 @@ pub enum DeferError {
 }
 
 impl DeferError {
-    /// 53000 (insufficient resources) for back-pressure, XX000 otherwise.
+    /// 53000 (insufficient resources) for back-pressure and a replicated journal without
+    /// quorum, XX000 otherwise.
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            DeferError::Full { .. } | DeferError::Journal(JournalError::Full { .. }) => "53000",
+            DeferError::Full { .. }
+            | DeferError::Journal(JournalError::Full { .. } | JournalError::Unavailable(_)) => {
+                "53000"
+            }
             DeferError::Duplicate { .. } => "23505",
             DeferError::Upstream(_) | DeferError::Unreachable(_) => "08006",
             DeferError::Diverged(_) => "40001",

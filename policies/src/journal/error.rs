@@ -52,6 +52,10 @@ pub enum JournalError {
     /// The journal was closed (or its writer thread ended).
     #[error("journal is closed")]
     Closed,
+    /// A replicated log (the NATS backend) could not store the record on a quorum now:
+    /// nothing was acknowledged. Like `Full`, a refusal the client may retry later.
+    #[error("the replicated journal cannot store writes now: {0}")]
+    Unavailable(String),
 }
 
 impl JournalError {

@@ -155,6 +155,31 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
     }
 }
 
+/// Takes the ledger row of a shared journal (the NATS stream, whose epoch no local file
+/// keeps) over: creates it at epoch 1, or bumps its epoch by one under the row's lock,
+/// which fences every earlier owner's next compare-and-set. Returns the new epoch and
+/// the last sequence number applied.
+pub async fn take_over_ledger(
+    conn: &mut PgConnection,
+    journal_id: &str,
+) -> Result<(u64, u64), ApplyError> {
+    let row = sqlx::query(
+        "INSERT INTO spillway.flush_ledger AS l (journal_id, epoch, last_seq) VALUES ($1, 1, 0) \
+         ON CONFLICT (journal_id) DO UPDATE SET epoch = l.epoch + 1, updated_at = pg_catalog.now() \
+         RETURNING epoch, last_seq",
+    )
+    .bind(journal_id)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(transient)?;
+    let epoch: i64 = row.try_get(0).map_err(transient)?;
+    let seq: i64 = row.try_get(1).map_err(transient)?;
+    Ok((
+        u64::try_from(epoch).unwrap_or(0),
+        u64::try_from(seq).unwrap_or(0),
+    ))
+}
+
 /// Creates the ledger row for this journal if needed and fences older epochs; returns
 /// the last sequence number applied (0 for a new journal).
 pub async fn claim_ledger(conn: &mut PgConnection, key: &LedgerKey) -> Result<u64, ApplyError> {

@@ -3,7 +3,8 @@
 //! turned into journal records ([`convert`], [`params`], [`types`] for casts and
 //! declared types, [`datetime`] for date/time values) and their RETURNING answered
 //! from the statement's own values ([`returning`]), the facade the session handler
-//! calls ([`service`]), rate-limited fallback log lines ([`fallbacks`]), the
+//! calls ([`service`]), the journal it runs on ([`log`]: the local journal or the NATS
+//! JetStream stream of [`nats`]), rate-limited fallback log lines ([`fallbacks`]), the
 //! exactly-once application of records upstream ([`apply`]: the engine's `Sink`), the
 //! check connections ([`checks`]: the engine's `Checks`), and startup/shutdown
 //! ([`start`]).
@@ -18,6 +19,8 @@ pub mod checks;
 pub mod convert;
 pub mod datetime;
 pub mod fallbacks;
+pub mod log;
+pub mod nats;
 pub mod params;
 pub mod returning;
 pub mod schema;

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::Guard;
-use spillway_policies::engine::{self, KeyIndex, KeyStats, LedgerKey};
-use spillway_policies::journal::Journal;
+use spillway_policies::engine::{self, KeyIndex, KeyStats, LedgerKey, Log};
 use spillway_policies::{FlushConfig, KeyIndexConfig};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::apply::{self, PgSink};
 use super::checks::PgChecks;
 use super::fallbacks::FallbackLog;
+use super::log::JournalLog;
 use super::returning::Returning;
 
 pub use engine::{
@@ -34,7 +34,7 @@ pub use super::convert::Converted;
 pub type TxStatement = engine::TxStatement<Returning>;
 
 /// The engine as the proxy runs it.
-type Engine = engine::Engine<PgChecks, Journal>;
+type Engine = engine::Engine<PgChecks, JournalLog>;
 
 pub struct WriteService {
     engine: Arc<Engine>,
@@ -58,7 +58,7 @@ impl WriteService {
     /// recovered records the ledger does not hold become pending (the flusher replays
     /// them first).
     pub async fn start(
-        journal: Journal,
+        journal: JournalLog,
         recovered: Vec<spillway_policies::journal::Record>,
         tables: HashMap<String, DeferredTable>,
         flush: FlushConfig,
@@ -66,7 +66,7 @@ impl WriteService {
         conn: &mut PgConnection,
     ) -> Result<Arc<Self>, StartError> {
         let key = LedgerKey {
-            journal_id: journal.id().to_string(),
+            journal_id: journal.id(),
             epoch: journal.epoch(),
         };
         let applied = apply::claim_ledger(conn, &key).await?;
@@ -192,7 +192,11 @@ impl WriteService {
 
     /// Why deferred writes cannot be served, if they cannot.
     pub fn health(&self) -> Result<(), String> {
-        self.engine.health()
+        self.engine.health()?;
+        match self.engine.log().unavailable() {
+            Some(why) => Err(format!("journal: {why}")),
+            None => Ok(()),
+        }
     }
 
     /// Pending record count and age of the oldest, per table (metrics, console).
@@ -266,12 +270,14 @@ impl WriteService {
             metrics::gauge!(m::PENDING_OLDEST_AGE, "table" => table)
                 .set(age.map_or(0.0, |a| a.as_secs_f64()));
         }
-        let journal = self.engine.log();
-        metrics::gauge!(m::JOURNAL_BYTES).set(journal.bytes() as f64);
-        let stats = journal.stats();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        metrics::counter!(m::JOURNAL_FSYNCS).absolute(load(&stats.fsyncs));
-        metrics::counter!(m::JOURNAL_FSYNC_MICROS).absolute(load(&stats.fsync_micros));
+        if let Some(journal) = self.engine.log().local() {
+            metrics::gauge!(m::JOURNAL_BYTES).set(journal.bytes() as f64);
+            let stats = journal.stats();
+            let load =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!(m::JOURNAL_FSYNCS).absolute(load(&stats.fsyncs));
+            metrics::counter!(m::JOURNAL_FSYNC_MICROS).absolute(load(&stats.fsync_micros));
+        }
         for (table, keys, queries) in self.point_read_counts() {
             metrics::counter!(m::POINT_READS, "table" => table.clone()).absolute(keys);
             metrics::counter!(m::POINT_READ_QUERIES, "table" => table).absolute(queries);

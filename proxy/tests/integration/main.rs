@@ -25,6 +25,8 @@ mod key_index;
 mod lifecycle;
 mod metrics;
 mod model;
+mod nats_cluster;
+mod nats_journal;
 mod outage;
 mod packaging;
 mod protocol;

@@ -1,0 +1,154 @@
+//! The deferred-write log on NATS JetStream (issue 17): a three-node `nats-server`
+//! cluster started by the test (`nats_cluster.rs`), spillway with
+//! `journal.backend = "nats"` and R3 in front of a throwaway PostgreSQL. Deferred
+//! writes are applied; spillway SIGKILLed at random moments under load, **its local
+//! data directory deleted** each time, then started again: every acknowledged write is
+//! applied exactly once, nothing unacknowledged in part (the crash test's per-row
+//! verification), because the records live in the stream and the ledger says which
+//! were applied.
+
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::context::Context;
+use crate::nats_cluster::NatsCluster;
+use crate::write_load::{self, Load, SCHEMA};
+
+const SEED: u64 = 0x5eed_0017;
+const KILLS: usize = 12;
+const CLIENTS: usize = 4;
+
+async fn start(cluster: &NatsCluster, journal_dir: &std::path::Path, extra: &str) -> Context {
+    Context::builder()
+        .before_proxy(SCHEMA)
+        .section(&format!(
+            "[flush]\ninterval = \"30ms\"\nbatch_size = 64\n{}\n{}\n{extra}",
+            write_load::policy_toml("write-behind", ""),
+            cluster.journal_toml(3, journal_dir),
+        ))
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_writes_through_the_nats_journal_are_applied() {
+    let cluster = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+        .await
+        .expect("cluster task");
+    let local = tempfile::tempdir().expect("temp dir");
+    let ctx = start(&cluster, &local.path().join("journal"), "").await;
+    let client = ctx.proxy_client().await;
+    for id in 1..=20 {
+        let tag = client
+            .simple_query(&format!(
+                "INSERT INTO load_rows (id, worker, v) VALUES ({id}, 0, 'v{id}')"
+            ))
+            .await
+            .expect("deferred insert acknowledged");
+        assert!(!tag.is_empty());
+    }
+    client
+        .simple_query("UPDATE load_counters SET n = n + 5 WHERE id = 1")
+        .await
+        .expect("deferred update acknowledged");
+    write_load::flush(&ctx, Duration::from_secs(20)).await;
+    assert_eq!(
+        ctx.psql_direct("SELECT count(*) FROM load_rows").trim(),
+        "20"
+    );
+    assert_eq!(
+        ctx.psql_direct("SELECT n FROM load_counters WHERE id = 1")
+            .trim(),
+        "5"
+    );
+    // The ledger row of the stream: 21 records applied, claimed once.
+    assert_eq!(
+        ctx.psql_direct("SELECT journal_id, epoch, last_seq FROM spillway.flush_ledger")
+            .trim(),
+        "nats:spillway|1|21"
+    );
+    // The local journal directory was never used.
+    assert!(!local.path().join("journal").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_the_data_dir_deleted_loses_and_doubles_nothing() {
+    let started = Instant::now();
+    let cluster = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+        .await
+        .expect("cluster task");
+    let local = tempfile::tempdir().expect("temp dir");
+    let data_dir = local.path().join("journal");
+    let mut ctx = start(&cluster, &data_dir, "").await;
+    let load = Load::start_with_transactions(CLIENTS, SEED, ctx.proxy.addr.port());
+    let mut rng = StdRng::seed_from_u64(SEED);
+    let direct = ctx.direct_client().await;
+    let mut partial_seen = Vec::new();
+    for _ in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(150..600))).await;
+        partial_seen.extend(write_load::partial_groups(&direct).await);
+        // The machine is gone: process and disk. A new one starts with nothing local.
+        ctx.proxy.kill();
+        let _ = std::fs::remove_dir_all(&data_dir);
+        tokio::task::block_in_place(|| ctx.restart_proxy());
+        load.port
+            .store(ctx.proxy.addr.port(), std::sync::atomic::Ordering::SeqCst);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally = load.stop().await;
+    write_load::flush(&ctx, Duration::from_secs(30)).await;
+    let verdict = write_load::verify(&ctx, &tally);
+    eprintln!(
+        "nats crash test: kills={KILLS}, acknowledged={} (records {}), unknown={} ({:?}), \
+         refused={:?}, lost={}, duplicated={}, phantom={}, partial={}, partial seen={}, \
+         dead_letters={}, ledger epoch={} last_seq={}, elapsed={:?}",
+        tally.acked(),
+        tally.acked_records,
+        tally.unknown(),
+        tally.unknown_by_error,
+        tally.refused,
+        verdict.lost,
+        verdict.duplicated,
+        verdict.phantom,
+        verdict.partial,
+        partial_seen.len(),
+        verdict.dead_letters.len(),
+        verdict.epoch,
+        verdict.last_seq,
+        started.elapsed(),
+    );
+    for d in verdict.details.iter().take(20) {
+        eprintln!("  {d}");
+    }
+    assert!(
+        tally.acked() > 10 * KILLS as u64,
+        "too little load to mean anything: {tally:?}"
+    );
+    assert!(tally.anomalies.is_empty(), "{:?}", tally.anomalies);
+    assert_eq!(verdict.lost, 0, "lost writes: {:?}", verdict.details);
+    assert_eq!(verdict.duplicated, 0, "duplicated: {:?}", verdict.details);
+    assert_eq!(verdict.phantom, 0, "phantom rows: {:?}", verdict.details);
+    assert_eq!(verdict.partial, 0, "partial: {:?}", verdict.details);
+    assert!(partial_seen.is_empty(), "{partial_seen:?}");
+    assert!(
+        verdict.dead_letters.is_empty(),
+        "{:?}",
+        verdict.dead_letters
+    );
+    // One ledger row (the stream), taken over by every start: epoch = starts.
+    assert_eq!(verdict.ledger_rows, 1);
+    assert_eq!(verdict.epoch, KILLS as u64 + 1);
+    // The stream's sequence numbers are the records': every acknowledged write is one,
+    // an unknown one may be one.
+    assert!(
+        verdict.last_seq >= tally.acked_records
+            && verdict.last_seq <= tally.acked_records + tally.unknown(),
+        "ledger last_seq {} outside [{}, {}]",
+        verdict.last_seq,
+        tally.acked_records,
+        tally.acked_records + tally.unknown()
+    );
+    assert!(tally.refused.is_empty(), "refused: {:?}", tally.refused);
+}
