@@ -71,7 +71,22 @@ impl WriteService {
         };
         let applied = apply::claim_ledger(conn, &key).await?;
         let checks = PgChecks::new(url.clone());
+        let foreign = match &journal {
+            JournalLog::Nats(log) => log.take_follower(),
+            JournalLog::Local(_) => None,
+        };
         let engine = Engine::start(journal, recovered, applied, tables, flush, checks)?;
+        if let Some(mut foreign) = foreign {
+            // Other instances' records: pending here too, in stream order.
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                while let Some((seq, payload)) = foreign.recv().await {
+                    if let Err(err) = engine.note_foreign(seq, &payload) {
+                        tracing::error!(%err, "journal: a record of another instance");
+                    }
+                }
+            });
+        }
         Ok(Arc::new(Self {
             engine,
             url,
@@ -87,7 +102,8 @@ impl WriteService {
         shutdown: CancellationToken,
         on_applied: impl Fn(&[String]),
     ) {
-        let sink = PgSink::new(self.url.clone());
+        let shared = matches!(self.engine.log(), JournalLog::Nats(_));
+        let sink = PgSink::new(self.url.clone(), shared);
         self.engine
             .clone()
             .run_flusher(sink, shutdown, on_applied)

@@ -152,3 +152,116 @@ async fn sigkill_with_the_data_dir_deleted_loses_and_doubles_nothing() {
     );
     assert!(tally.refused.is_empty(), "refused: {:?}", tally.refused);
 }
+
+/// Two instances on one stream, load through both; the flush owner is the newest
+/// start (it took the ledger over with a new epoch, fencing the other, which then
+/// follows the ledger). Twelve times: even rounds SIGKILL the owner, odd rounds the
+/// follower, with the data directory deleted; the killed one starts again and owns
+/// the flushing. Every acknowledged write through either is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_one_fenced_owner_lose_and_double_nothing() {
+    let started = Instant::now();
+    let cluster = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+        .await
+        .expect("cluster task");
+    let local = tempfile::tempdir().expect("temp dir");
+    let data_dir = local.path().join("journal");
+    let ctx = start(&cluster, &data_dir, "").await;
+    // Slot 0 is the context's process, slot 1 the second instance (started later: the
+    // owner).
+    let mut second = Some(ctx.spawn_another().expect("second spillway starts"));
+    let mut owner = 1;
+    let loads = [
+        Load::start_from(CLIENTS, 0, SEED, ctx.proxy.addr.port()),
+        Load::start_from(
+            CLIENTS,
+            100,
+            SEED + 1,
+            second.as_ref().expect("second").addr.port(),
+        ),
+    ];
+    let mut ctx = ctx;
+    let mut rng = StdRng::seed_from_u64(SEED);
+    let direct = ctx.direct_client().await;
+    let mut partial_seen = Vec::new();
+    for round in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(150..600))).await;
+        partial_seen.extend(write_load::partial_groups(&direct).await);
+        let victim = if round % 2 == 0 { owner } else { 1 - owner };
+        let port = if victim == 0 {
+            ctx.proxy.kill();
+            let _ = std::fs::remove_dir_all(&data_dir);
+            tokio::task::block_in_place(|| ctx.restart_proxy());
+            ctx.proxy.addr.port()
+        } else {
+            if let Some(mut p) = second.take() {
+                p.kill();
+            }
+            let _ = std::fs::remove_dir_all(&data_dir);
+            let fresh = tokio::task::block_in_place(|| ctx.spawn_another())
+                .unwrap_or_else(|log| panic!("second spillway restarts; log:\n{log}"));
+            let port = fresh.addr.port();
+            second = Some(fresh);
+            port
+        };
+        owner = victim;
+        loads[victim]
+            .port
+            .store(port, std::sync::atomic::Ordering::SeqCst);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let [a, b] = loads;
+    let mut tally = a.stop().await;
+    tally.merge(b.stop().await);
+    write_load::flush(&ctx, Duration::from_secs(30)).await;
+    let verdict = write_load::verify(&ctx, &tally);
+    eprintln!(
+        "nats two-instance test: kills={KILLS}, acknowledged={} (records {}), unknown={} \
+         ({:?}), refused={:?}, lost={}, duplicated={}, phantom={}, partial={}, partial seen={}, \
+         dead_letters={}, ledger epoch={} last_seq={}, elapsed={:?}",
+        tally.acked(),
+        tally.acked_records,
+        tally.unknown(),
+        tally.unknown_by_error,
+        tally.refused,
+        verdict.lost,
+        verdict.duplicated,
+        verdict.phantom,
+        verdict.partial,
+        partial_seen.len(),
+        verdict.dead_letters.len(),
+        verdict.epoch,
+        verdict.last_seq,
+        started.elapsed(),
+    );
+    for d in verdict.details.iter().take(20) {
+        eprintln!("  {d}");
+    }
+    assert!(
+        tally.acked() > 10 * KILLS as u64,
+        "too little load to mean anything: {tally:?}"
+    );
+    assert!(tally.anomalies.is_empty(), "{:?}", tally.anomalies);
+    assert_eq!(verdict.lost, 0, "lost writes: {:?}", verdict.details);
+    assert_eq!(verdict.duplicated, 0, "duplicated: {:?}", verdict.details);
+    assert_eq!(verdict.phantom, 0, "phantom rows: {:?}", verdict.details);
+    assert_eq!(verdict.partial, 0, "partial: {:?}", verdict.details);
+    assert!(partial_seen.is_empty(), "{partial_seen:?}");
+    assert!(
+        verdict.dead_letters.is_empty(),
+        "{:?}",
+        verdict.dead_letters
+    );
+    // Two first starts and one per kill, each a takeover.
+    assert_eq!(verdict.ledger_rows, 1);
+    assert_eq!(verdict.epoch, KILLS as u64 + 2);
+    assert!(
+        verdict.last_seq >= tally.acked_records
+            && verdict.last_seq <= tally.acked_records + tally.unknown(),
+        "ledger last_seq {} outside [{}, {}]",
+        verdict.last_seq,
+        tally.acked_records,
+        tally.acked_records + tally.unknown()
+    );
+    assert!(tally.refused.is_empty(), "refused: {:?}", tally.refused);
+}

@@ -18,13 +18,16 @@
 //!   number: the log stops accepting appends (`is_poisoned`, `/readyz` says why) and a
 //!   restart recovers every stored record from the stream. A publish refused outright
 //!   (no JetStream answering) is just refused: nothing was stored.
+//! - Every instance follows the stream from where its recovery read ended (an ordered
+//!   consumer): others' records become pending here too (`Engine::note_foreign`), so
+//!   the contiguous flush prefix, barriers and the key overlay include them.
 //! - `confirm(seq)` purges the stream below `seq + 1`: only records the ledger holds as
 //!   applied leave it, so a new owner always finds every record after the ledger's.
 
 mod open;
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
@@ -32,6 +35,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use spillway_policies::journal::JournalError;
 use spillway_policies::writes::Record;
+use tokio::sync::mpsc;
 
 pub use open::{NatsError, open};
 
@@ -51,7 +55,14 @@ pub struct NatsLog {
     /// Why appends stopped, once they did.
     poisoned: OnceLock<String>,
     client: async_nats::Client,
+    /// Other instances' records in stream order, until the write service takes it.
+    follower: Mutex<Option<Foreign>>,
+    /// The highest sequence number the follower saw (others' records are durable too).
+    durable_feed: Arc<AtomicU64>,
 }
+
+/// Other instances' records: (stream sequence, payload).
+pub type Foreign = mpsc::UnboundedReceiver<(u64, Bytes)>;
 
 impl NatsLog {
     /// The journal id in `spillway.flush_ledger` of the stream `stream`.
@@ -62,6 +73,14 @@ impl NatsLog {
     /// Whether the client is connected to some server now (`/readyz`).
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The follower's records (once: the write service feeds them to the engine).
+    pub fn take_follower(&self) -> Option<Foreign> {
+        match self.follower.lock() {
+            Ok(mut f) => f.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
     }
 
     /// Why appends stopped, if they did.
@@ -175,7 +194,9 @@ impl spillway_policies::engine::Log for NatsLog {
     }
 
     fn durable_seq(&self) -> u64 {
-        self.durable.load(Ordering::Acquire)
+        self.durable
+            .load(Ordering::Acquire)
+            .max(self.durable_feed.load(Ordering::Acquire))
     }
 
     fn is_poisoned(&self) -> bool {

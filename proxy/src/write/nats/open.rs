@@ -8,16 +8,18 @@
 //! `durable_seq` starts at that last sequence number, so the engine's ledger check
 //! sees exactly what the stream holds.
 
-use std::sync::OnceLock;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::consumer::{self, pull};
 use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectOptions, ServerAddr};
 use spillway_policies::config::NatsJournalConfig;
 use spillway_policies::journal::Record;
+use tokio::sync::mpsc;
 
-use super::NatsLog;
+use super::{Foreign, NatsLog};
 
 /// How long startup waits for the cluster's JetStream (a meta leader, the stream's
 /// leader) before it gives up.
@@ -117,15 +119,70 @@ pub async fn open(
         stream = %config.stream, first = state.first_sequence, last, applied,
         records = records.len(), "journal: JetStream stream opened"
     );
+    let nonce = format!("{:016x}-{epoch}", rand::random::<u64>());
+    let follower = follow(&stream, last + 1, nonce.clone())
+        .await
+        .map_err(stream_error)?;
     let log = NatsLog {
         js,
         stream: config.stream.clone(),
         epoch,
-        nonce: format!("{:016x}-{epoch}", rand::random::<u64>()),
+        nonce,
         next_id: AtomicU64::new(0),
         durable: AtomicU64::new(last),
         poisoned: OnceLock::new(),
         client,
+        follower: Mutex::new(Some(follower.1)),
+        durable_feed: follower.0,
     };
     Ok((log, records))
+}
+
+/// Records other instances append, from `start` on, in stream order: an ordered
+/// consumer (recreated by the client after a gap or a lost connection), skipping this
+/// process's own publishes (their message ids start with `nonce`), which `append`
+/// makes pending itself. Returns the highest sequence number seen (shared with the
+/// log's `durable_seq`) and the receiver the write service drains into the engine.
+async fn follow(
+    stream: &jetstream::stream::Stream,
+    start: u64,
+    nonce: String,
+) -> Result<(Arc<AtomicU64>, Foreign), String> {
+    use futures_util::StreamExt;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let seen = Arc::new(AtomicU64::new(start.saturating_sub(1)));
+    let high = seen.clone();
+    tokio::spawn(async move {
+        while let Some(next) = messages.next().await {
+            let message = match next {
+                Ok(m) => m,
+                Err(err) => {
+                    tracing::debug!(%err, "journal: following the stream");
+                    continue;
+                }
+            };
+            let Ok(info) = message.info() else { continue };
+            let seq = info.stream_sequence;
+            let own = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .is_some_and(|id| id.as_str().starts_with(&nonce));
+            if !own && tx.send((seq, message.payload.clone())).is_err() {
+                return;
+            }
+            high.fetch_max(seq, Ordering::AcqRel);
+        }
+    });
+    Ok((seen, rx))
 }
