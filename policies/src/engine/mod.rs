@@ -121,7 +121,7 @@ impl DeferError {
             }
             DeferError::Duplicate { .. } => "23505",
             DeferError::Upstream(_) | DeferError::Unreachable(_) => "08006",
-            DeferError::Diverged(_) => "40001",
+            DeferError::Diverged(_) | DeferError::Journal(JournalError::Conflict(_)) => "40001",
             _ => "XX000",
         }
     }

@@ -56,6 +56,10 @@ pub enum JournalError {
     /// nothing was acknowledged. Like `Full`, a refusal the client may retry later.
     #[error("the replicated journal cannot store writes now: {0}")]
     Unavailable(String),
+    /// A shared journal refused a keyed append: another instance wrote the key first.
+    /// The engine decides the statement again; a client sees it only after many.
+    #[error("another spillway instance wrote the same key concurrently: {0}")]
+    Conflict(String),
 }
 
 impl JournalError {

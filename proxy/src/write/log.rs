@@ -45,6 +45,24 @@ impl Log for JournalLog {
         }
     }
 
+    async fn append_keyed(
+        &self,
+        payload: Bytes,
+        key: Option<(String, u64)>,
+    ) -> Result<u64, JournalError> {
+        match self {
+            JournalLog::Local(j) => Log::append(j, payload).await,
+            JournalLog::Nats(n) => Log::append_keyed(n.as_ref(), payload, key).await,
+        }
+    }
+
+    fn key_mark(&self, key: &str) -> u64 {
+        match self {
+            JournalLog::Local(_) => 0,
+            JournalLog::Nats(n) => n.key_mark(key),
+        }
+    }
+
     async fn confirm(&self, seq: u64) -> Result<(), JournalError> {
         match self {
             JournalLog::Local(j) => Log::confirm(j, seq).await,

@@ -53,6 +53,15 @@ pub enum StartError {
     Journal(#[from] engine::StartError),
 }
 
+/// Whether a record may change whether a key exists (an INSERT or a DELETE): only such
+/// a write of another instance makes a decision taken before it stale.
+fn changes_existence(payload: &[u8]) -> bool {
+    use spillway_policies::writes::{Record, RowOp};
+    Record::decode(payload).map_or(true, |r| {
+        r.ops.iter().any(|op| !matches!(op, RowOp::Update { .. }))
+    })
+}
+
 impl WriteService {
     /// Claims the journal's ledger row on `conn`, then starts the engine: the
     /// recovered records the ledger does not hold become pending (the flusher replays
@@ -80,9 +89,13 @@ impl WriteService {
             // Other instances' records: pending here too, in stream order.
             let engine = engine.clone();
             tokio::spawn(async move {
-                while let Some((seq, payload)) = foreign.recv().await {
+                while let Some((seq, subject, payload)) = foreign.recv().await {
                     if let Err(err) = engine.note_foreign(seq, &payload) {
                         tracing::error!(%err, "journal: a record of another instance");
+                    }
+                    // Only now may a keyed append expect it: the overlay has it.
+                    if let JournalLog::Nats(log) = engine.log() {
+                        log.seen(&subject, seq, changes_existence(&payload));
                     }
                 }
             });

@@ -157,7 +157,8 @@ async fn sigkill_with_the_data_dir_deleted_loses_and_doubles_nothing() {
 /// start (it took the ledger over with a new epoch, fencing the other, which then
 /// follows the ledger). Twelve times: even rounds SIGKILL the owner, odd rounds the
 /// follower, with the data directory deleted; the killed one starts again and owns
-/// the flushing. Every acknowledged write through either is applied exactly once.
+/// the flushing. Every acknowledged write through either is applied exactly once;
+/// refusals are only 40001 (a hot key's compare-and-set retries exhausted), under 1%.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_one_fenced_owner_lose_and_double_nothing() {
     let started = Instant::now();
@@ -263,5 +264,75 @@ async fn two_instances_one_fenced_owner_lose_and_double_nothing() {
         tally.acked_records,
         tally.acked_records + tally.unknown()
     );
-    assert!(tally.refused.is_empty(), "refused: {:?}", tally.refused);
+    // A hot key written through both instances (the eight counters) may exhaust its
+    // compare-and-set retries: 40001, nothing acknowledged, a client retries it. Rare.
+    let serialization = tally.refused.get("40001").copied().unwrap_or(0);
+    assert_eq!(
+        tally.refused_total(),
+        serialization,
+        "refused: {:?}",
+        tally.refused
+    );
+    assert!(
+        serialization * 100 <= tally.acked(),
+        "too many 40001: {serialization} of {}",
+        tally.acked()
+    );
+}
+
+/// Two instances on one stream: the same key INSERTed through both at once, many
+/// times. Exactly one is acknowledged, the other gets PostgreSQL's 23505: JetStream's
+/// expected last subject sequence refuses the later append, whose instance decides
+/// again with the other's insert in its overlay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_inserts_of_one_key_through_two_instances_one_wins() {
+    const ROUNDS: i64 = 1000;
+    let cluster = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+        .await
+        .expect("cluster task");
+    let local = tempfile::tempdir().expect("temp dir");
+    let ctx = start(&cluster, &local.path().join("journal"), "").await;
+    let second = ctx.spawn_another().expect("second spillway starts");
+    let a = ctx.proxy_client().await;
+    let b = crate::context::connect(&format!(
+        "host=127.0.0.1 port={} user={} dbname={} sslmode=disable",
+        second.addr.port(),
+        crate::context::USER,
+        crate::context::DB
+    ))
+    .await;
+    let (mut a_won, mut b_won) = (0, 0);
+    for id in 1..=ROUNDS {
+        let sql =
+            |who: &str| format!("INSERT INTO load_rows (id, worker, v) VALUES ({id}, 0, '{who}')");
+        let (sa, sb) = (sql("a"), sql("b"));
+        let (ra, rb) = tokio::join!(a.simple_query(&sa), b.simple_query(&sb));
+        let code = |r: &Result<_, tokio_postgres::Error>| {
+            r.as_ref()
+                .err()
+                .and_then(|e| e.code().map(|c| c.code().to_owned()))
+        };
+        match (ra.is_ok(), rb.is_ok()) {
+            (true, false) => {
+                a_won += 1;
+                assert_eq!(code(&rb).as_deref(), Some("23505"), "round {id}: {rb:?}");
+            }
+            (false, true) => {
+                b_won += 1;
+                assert_eq!(code(&ra).as_deref(), Some("23505"), "round {id}: {ra:?}");
+            }
+            _ => panic!("round {id}: both or neither acknowledged: {ra:?} {rb:?}"),
+        }
+    }
+    eprintln!("concurrent inserts: {ROUNDS} rounds, a won {a_won}, b won {b_won}");
+    write_load::flush(&ctx, Duration::from_secs(30)).await;
+    assert_eq!(
+        ctx.psql_direct("SELECT count(*) FROM load_rows").trim(),
+        ROUNDS.to_string()
+    );
+    assert_eq!(
+        ctx.psql_direct("SELECT count(*) FROM spillway.dead_letters")
+            .trim(),
+        "0"
+    );
 }

@@ -8,6 +8,7 @@
 //! `durable_seq` starts at that last sequence number, so the engine's ledger check
 //! sees exactly what the stream holds.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -134,6 +135,10 @@ pub async fn open(
         client,
         follower: Mutex::new(Some(follower.1)),
         durable_feed: follower.0,
+        subjects: Mutex::new(HashMap::new()),
+        in_flight: tokio::sync::Mutex::new(HashMap::new()),
+        ack_timeout: config.ack_timeout,
+        to_purge: Mutex::new(std::collections::VecDeque::new()),
     };
     Ok((log, records))
 }
@@ -178,7 +183,8 @@ async fn follow(
                 .as_ref()
                 .and_then(|h| h.get("Nats-Msg-Id"))
                 .is_some_and(|id| id.as_str().starts_with(&nonce));
-            if !own && tx.send((seq, message.payload.clone())).is_err() {
+            let subject = message.subject.to_string();
+            if !own && tx.send((seq, subject, message.payload.clone())).is_err() {
                 return;
             }
             high.fetch_max(seq, Ordering::AcqRel);
