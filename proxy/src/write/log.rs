@@ -31,7 +31,6 @@ impl JournalLog {
             JournalLog::Local(_) => None,
             JournalLog::Nats(n) => n
                 .stopped()
-                .map(str::to_owned)
                 .or_else(|| (!n.connected()).then(|| "not connected to NATS".to_owned())),
         }
     }

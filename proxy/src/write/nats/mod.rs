@@ -83,6 +83,8 @@ pub struct NatsLog {
     /// own writes to a key never conflict with each other.
     in_flight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     ack_timeout: Duration,
+    /// Why the last append was refused, until one succeeds (`/readyz`).
+    refused: Mutex<Option<String>>,
     /// Applied sequence numbers not purged yet, with when they were confirmed.
     to_purge: Mutex<std::collections::VecDeque<(tokio::time::Instant, u64)>>,
 }
@@ -135,9 +137,12 @@ impl NatsLog {
         }
     }
 
-    /// Why appends stopped, if they did.
-    pub fn stopped(&self) -> Option<&str> {
-        self.poisoned.get().map(String::as_str)
+    /// Why appends stopped, or the last one was refused, if so.
+    pub fn stopped(&self) -> Option<String> {
+        match self.poisoned.get() {
+            Some(cause) => Some(cause.clone()),
+            None => lock(&self.refused).clone(),
+        }
     }
 
     /// The subject of a record: the stream's prefix, then its first operation's table
@@ -276,28 +281,41 @@ impl NatsLog {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{}", self.nonce, n);
         let mut last = PublishErrorKind::Other;
-        for attempt in 0..ATTEMPTS {
+        // Whether an attempt may have been stored (no answer, rather than a refusal).
+        let mut maybe_stored = false;
+        let started = tokio::time::Instant::now();
+        let mut attempt = 0;
+        // At least `ATTEMPTS`, and for `ack_timeout`: a stream leader's election after
+        // a node's loss answers "no responders" for a moment.
+        while attempt < ATTEMPTS || started.elapsed() < self.ack_timeout {
+            attempt += 1;
             match self.publish_once(&subject, &id, &payload, expected).await {
                 Ok(seq) => {
+                    *lock(&self.refused) = None;
                     self.durable.fetch_max(seq, Ordering::AcqRel);
                     return Ok(seq);
-                }
-                // Nobody answered the publish: no stream leader took it, nothing stored.
-                Err(
-                    kind
-                    @ (PublishErrorKind::StreamNotFound | PublishErrorKind::MaxPayloadExceeded),
-                ) if attempt == 0 => {
-                    return Err(JournalError::Unavailable(kind.to_string()));
                 }
                 Err(PublishErrorKind::WrongLastSequence) => {
                     return Err(JournalError::Conflict(subject));
                 }
+                Err(PublishErrorKind::MaxPayloadExceeded) if !maybe_stored => {
+                    return Err(JournalError::Unavailable(
+                        PublishErrorKind::MaxPayloadExceeded.to_string(),
+                    ));
+                }
                 Err(kind) => {
                     tracing::debug!(%kind, attempt, "journal: publish to JetStream failed");
+                    // Nobody answered: no stream leader took it, nothing stored.
+                    maybe_stored |= kind != PublishErrorKind::StreamNotFound;
                     last = kind;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
+        }
+        if !maybe_stored {
+            let why = format!("the last publish was refused: {last}");
+            *lock(&self.refused) = Some(why.clone());
+            return Err(JournalError::Unavailable(why));
         }
         let cause = format!(
             "a publish to stream {} got no acknowledgement ({last}) and may be stored: appends \

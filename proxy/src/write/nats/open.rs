@@ -139,6 +139,7 @@ pub async fn open(
         in_flight: tokio::sync::Mutex::new(HashMap::new()),
         ack_timeout: config.ack_timeout,
         to_purge: Mutex::new(std::collections::VecDeque::new()),
+        refused: Mutex::new(None),
     };
     Ok((log, records))
 }
