@@ -60,6 +60,7 @@ fn journal_config(dir: &Path) -> JournalConfig {
         fsync: FsyncMode::Always,
         fsync_interval: Duration::from_millis(10),
         max_bytes: ByteSize::gib(8),
+        ..JournalConfig::default()
     }
 }
 

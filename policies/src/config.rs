@@ -64,10 +64,15 @@ pub enum Invalidation {
     Replication,
 }
 
-/// `[journal]`: the local write-ahead journal for deferred writes.
+/// `[journal]`: the durable log of deferred writes: the local write-ahead journal, or
+/// a NATS JetStream stream shared by several instances (`journal.nats`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JournalConfig {
+    /// Where acknowledged deferred writes live until applied.
+    pub backend: JournalBackend,
+    /// `[journal.nats]`: with `backend = "nats"`.
+    pub nats: NatsJournalConfig,
     pub dir: PathBuf,
     pub fsync: FsyncMode,
     /// With `fsync = "interval"`: the loss window after a power failure.
@@ -80,10 +85,50 @@ pub struct JournalConfig {
 impl Default for JournalConfig {
     fn default() -> Self {
         Self {
+            backend: JournalBackend::Local,
+            nats: NatsJournalConfig::default(),
             dir: PathBuf::from("spillway-data"),
             fsync: FsyncMode::Always,
             fsync_interval: Duration::from_millis(10),
             max_bytes: ByteSize::gib(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JournalBackend {
+    /// The journal in `journal.dir` on this machine's disk.
+    Local,
+    /// A JetStream stream on a NATS cluster: acknowledged once a quorum stored it.
+    Nats,
+}
+
+/// `[journal.nats]`: the JetStream stream of `journal.backend = "nats"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsJournalConfig {
+    /// Server URLs (`nats://host:port`); the client fails over between them.
+    pub servers: Vec<String>,
+    /// Copies JetStream keeps of each record; a record is acknowledged once a majority
+    /// stored it.
+    pub replicas: usize,
+    /// The stream's name: one per spillway cluster (its instances share it). Also the
+    /// journal id in `spillway.flush_ledger` (`nats:<stream>`).
+    pub stream: String,
+    /// How long one append waits for JetStream's acknowledgement before it gives up
+    /// (the record was then possibly stored: it is retried under the same message id).
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+}
+
+impl Default for NatsJournalConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".to_owned()],
+            replicas: 3,
+            stream: "spillway".to_owned(),
+            ack_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -323,6 +368,41 @@ impl JournalConfig {
             return Err(ValidationError::new(
                 "journal.fsync_interval",
                 "must be above zero with fsync = \"interval\"",
+            ));
+        }
+        if self.backend == JournalBackend::Nats {
+            self.nats.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl NatsJournalConfig {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.servers.is_empty() || self.servers.iter().any(String::is_empty) {
+            return Err(ValidationError::new(
+                "journal.nats.servers",
+                "must list at least one server URL",
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(ValidationError::new(
+                "journal.nats.replicas",
+                "must be between 1 and 5 (JetStream's limit)",
+            ));
+        }
+        // A stream name is also a subject token here: no dots, wildcards or spaces.
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if self.stream.is_empty() || !self.stream.chars().all(valid) {
+            return Err(ValidationError::new(
+                "journal.nats.stream",
+                "must be letters, digits, '-' or '_'",
+            ));
+        }
+        if self.ack_timeout.is_zero() {
+            return Err(ValidationError::new(
+                "journal.nats.ack_timeout",
+                "must be above zero",
             ));
         }
         Ok(())

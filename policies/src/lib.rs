@@ -19,6 +19,6 @@ pub mod journal;
 pub mod writes;
 
 pub use config::{
-    CacheConfig, Consistency, FlushConfig, FsyncMode, Invalidation, JournalConfig, KeyIndexConfig,
-    Policy, RowCounts, TableConfig, TableName, WhenFull,
+    CacheConfig, Consistency, FlushConfig, FsyncMode, Invalidation, JournalBackend, JournalConfig,
+    KeyIndexConfig, Policy, RowCounts, TableConfig, TableName, WhenFull,
 };

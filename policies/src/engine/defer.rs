@@ -12,6 +12,10 @@
 //!   its client was given ([`DeferError::Diverged`] otherwise): never a silent
 //!   divergence.
 //! - [`Engine::preview`] decides without reserving or journaling anything.
+//! - On a shared log, a record of one key is appended with a compare-and-set on that
+//!   key (`Log::append_keyed`); when another instance wrote the key first, the
+//!   statement is decided again once its write is in the overlay (so it answers as
+//!   PostgreSQL would, 23505 for the second INSERT), and stays in flight meanwhile.
 
 use std::collections::HashMap;
 use std::sync::{Arc, MutexGuard};
@@ -27,7 +31,11 @@ use super::state::{Known, Slot, State};
 use super::table::Verb;
 use super::table_set::InFlight;
 use super::{Checks, DeferError, Engine, Log};
+use crate::journal::JournalError;
 use crate::writes::Record;
+
+/// Appends refused for a conflict before the last one's refusal reaches the client.
+const CONFLICT_ATTEMPTS: usize = 200;
 
 impl<C: Checks, L: Log> Engine<C, L> {
     /// Decides and journals a deferrable statement of role `user` on `table`; returns
@@ -128,75 +136,103 @@ impl<C: Checks, L: Log> Engine<C, L> {
         for t in tables.values() {
             self.wait_for_room(t).await?;
         }
-        let (decision, reserved) = {
-            let (mut state, indexed) = self.lock_answered(&stmts, &tables, &mut known).await?;
-            let decision = match decide::decide(&state, &indexed, &stmts, &tables, &known) {
-                // The client was told its INSERT succeeded: that no longer holds.
-                Err(DeferError::Duplicate { detail, .. }) if expected.is_some() => {
-                    return Err(DeferError::Diverged(format!(
-                        "another session wrote the same key before COMMIT ({detail}); \
-                         nothing of the transaction was written"
-                    )));
+        // A shared log refuses an append whose key another instance wrote meanwhile
+        // (`JournalError::Conflict`, after the log caught up with that write): decided
+        // again, with the other write in the overlay now.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (decision, reserved, key) = {
+                let (mut state, indexed) = self.lock_answered(&stmts, &tables, &mut known).await?;
+                let decision = match decide::decide(&state, &indexed, &stmts, &tables, &known) {
+                    // The client was told its INSERT succeeded: that no longer holds.
+                    Err(DeferError::Duplicate { detail, .. }) if expected.is_some() => {
+                        return Err(DeferError::Diverged(format!(
+                            "another session wrote the same key before COMMIT ({detail}); \
+                             nothing of the transaction was written"
+                        )));
+                    }
+                    other => other?,
+                };
+                if let Some(expected) = &expected
+                    && *expected != decision.applied
+                {
+                    return Err(DeferError::Diverged(
+                        "the row counts of the deferred transaction changed before COMMIT \
+                         (another session wrote the same keys); nothing was written"
+                            .to_owned(),
+                    ));
                 }
-                other => other?,
+                let reserved = if decision.ops.is_empty() {
+                    Vec::new()
+                } else {
+                    state.reserve(&decision.after)
+                };
+                // One key: the log may compare-and-set on it (`Log::append_keyed`),
+                // against what it had of the key when the decision was taken.
+                let key = match decision.after.keys().collect::<Vec<_>>().as_slice() {
+                    [(table, key)] => {
+                        let key = format!("{table}\u{0}{}", key.join("\u{0}"));
+                        let mark = self.log.key_mark(&key);
+                        Some((key, mark))
+                    }
+                    _ => None,
+                };
+                drop(state);
+                (decision, reserved, key)
             };
-            if let Some(expected) = expected
-                && expected != decision.applied
-            {
-                return Err(DeferError::Diverged(
-                    "the row counts of the deferred transaction changed before COMMIT \
-                     (another session wrote the same keys); nothing was written"
-                        .to_owned(),
-                ));
+            if decision.ops.is_empty() {
+                return Ok(TxOutcome {
+                    seq: None,
+                    applied: decision.applied,
+                });
             }
-            let reserved = if decision.ops.is_empty() {
-                Vec::new()
-            } else {
-                state.reserve(&decision.after)
-            };
-            (decision, reserved)
-        };
-        if decision.ops.is_empty() {
-            return Ok(TxOutcome {
-                seq: None,
-                applied: decision.applied,
-            });
+            let mut assumed: Vec<String> = tables
+                .values()
+                .filter(|t| !exact(t))
+                .map(|t| t.meta.name.clone())
+                .collect();
+            assumed.sort_unstable();
+            let record = Record { ops: decision.ops };
+            let (result, back) = self.append(record, inflight, assumed, key).await;
+            if result.is_err() {
+                self.state().unreserve(reserved);
+            }
+            match (result, back) {
+                (Err(DeferError::Journal(JournalError::Conflict(_))), Some(back))
+                    if attempt < CONFLICT_ATTEMPTS =>
+                {
+                    inflight = back;
+                }
+                (result, _) => {
+                    return Ok(TxOutcome {
+                        seq: Some(result?),
+                        applied: decision.applied,
+                    });
+                }
+            }
         }
-        let mut assumed: Vec<String> = tables
-            .values()
-            .filter(|t| !exact(t))
-            .map(|t| t.meta.name.clone())
-            .collect();
-        assumed.sort_unstable();
-        let record = Record { ops: decision.ops };
-        let result = self.append(record, inflight, assumed).await;
-        if result.is_err() {
-            self.state().unreserve(reserved);
-        }
-        Ok(TxOutcome {
-            seq: Some(result?),
-            applied: decision.applied,
-        })
     }
 
     /// Journals `record`; returns once it is durable and pending.
+    /// A refused append (a conflict) hands `inflight` back for the next attempt.
     async fn append(
         self: &Arc<Self>,
         record: Record,
         inflight: Vec<InFlight<C, L>>,
         assumed: Vec<String>,
-    ) -> Result<u64, DeferError> {
-        let payload = Bytes::from(
-            record
-                .encode()
-                .map_err(|e| DeferError::Encode(e.to_string()))?,
-        );
+        key: Option<(String, u64)>,
+    ) -> (Result<u64, DeferError>, Option<Vec<InFlight<C, L>>>) {
+        let payload = match record.encode() {
+            Ok(p) => Bytes::from(p),
+            Err(e) => return (Err(DeferError::Encode(e.to_string())), None),
+        };
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
         let record = Arc::new(record);
         // Spawned: see the module invariants of `engine`.
         tokio::spawn(async move {
-            let result = this.log.append(payload).await;
+            let result = this.log.append_keyed(payload, key).await;
             if let Ok(seq) = result {
                 let mut state = this.state();
                 // Under the lock that makes the record pending: the flusher never sees
@@ -211,13 +247,17 @@ impl<C: Checks, L: Log> Engine<C, L> {
                     this.wake.notify_one();
                 }
             }
-            // Pending (or failed) now, whether or not the client still waits.
-            drop(inflight);
-            let _ = tx.send(result);
+            // Pending (or failed) now, whether or not the client still waits; a
+            // conflict's caller decides again, still in flight.
+            let back = matches!(result, Err(JournalError::Conflict(_))).then_some(inflight);
+            let _ = tx.send((result, back));
         });
         match rx.await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(DeferError::Stopped("journal task ended".to_owned())),
+            Ok((result, back)) => (result.map_err(DeferError::from), back),
+            Err(_) => (
+                Err(DeferError::Stopped("journal task ended".to_owned())),
+                None,
+            ),
         }
     }
 

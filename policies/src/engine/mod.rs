@@ -111,15 +111,18 @@ pub enum DeferError {
 }
 
 impl DeferError {
-    /// 53000 (insufficient resources) for back-pressure, 53100 (disk full) when the
-    /// journal's disk is, XX000 otherwise.
+    /// 53000 (insufficient resources) for back-pressure and a replicated journal without
+    /// quorum, 53100 (disk full) when the journal's disk is, XX000 otherwise.
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            DeferError::Full { .. } | DeferError::Journal(JournalError::Full { .. }) => "53000",
+            DeferError::Full { .. }
+            | DeferError::Journal(JournalError::Full { .. } | JournalError::Unavailable(_)) => {
+                "53000"
+            }
             DeferError::Journal(JournalError::NoSpace { .. }) => "53100",
             DeferError::Duplicate { .. } => "23505",
             DeferError::Upstream(_) | DeferError::Unreachable(_) => "08006",
-            DeferError::Diverged(_) => "40001",
+            DeferError::Diverged(_) | DeferError::Journal(JournalError::Conflict(_)) => "40001",
             _ => "XX000",
         }
     }
@@ -349,6 +352,41 @@ impl<C: Checks, L: Log> Engine<C, L> {
             .iter()
             .map(|(t, s)| (t.clone(), s.pending, s.oldest.map(|o| o.elapsed())))
             .collect()
+    }
+
+    /// A record another instance appended to a shared log (the NATS stream), seen by
+    /// this instance's follower: pending here too, its keys in the overlay as it
+    /// leaves them (a journaled INSERT or UPDATE leaves its row existing, a DELETE
+    /// not), so the flusher's contiguous prefix and this instance's decisions include
+    /// it. Records already applied or already pending are ignored.
+    pub fn note_foreign(&self, seq: u64, payload: &[u8]) -> Result<(), StartError> {
+        if seq <= self.applied() {
+            return Ok(());
+        }
+        let record = Record::decode(payload).map_err(|e| StartError::Decode {
+            seq,
+            error: e.to_string(),
+        })?;
+        let after: HashMap<_, _> = record
+            .ops
+            .iter()
+            .filter_map(|op| {
+                let key = self.key_of(op)?;
+                let exists = !matches!(op, RowOp::Delete { .. });
+                Some(((op.table().to_owned(), key), exists))
+            })
+            .collect();
+        let mut state = self.state();
+        if state.pending.contains_key(&seq) {
+            return Ok(());
+        }
+        state.reserve(&after);
+        state.note_pending(seq, Arc::new(record));
+        drop(state);
+        if self.until_due().is_zero() {
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// The canonical key of an operation, as the overlay stores it.

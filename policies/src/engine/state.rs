@@ -103,6 +103,10 @@ impl State {
 
     /// A durable record becomes pending.
     pub fn note_pending(&mut self, seq: u64, record: Arc<Record>) {
+        // A shared log's follower may have put it in already: counted once.
+        if self.pending.contains_key(&seq) {
+            return;
+        }
         let now = Instant::now();
         for t in record.tables() {
             let s = self.tables.entry(t.to_owned()).or_default();

@@ -161,6 +161,24 @@ pub trait Checks: Send + Sync + 'static {
 pub trait Log: Send + Sync + 'static {
     /// Returns the record's sequence number once it is durable as configured.
     fn append(&self, payload: Bytes) -> impl Future<Output = Result<u64, JournalError>> + Send;
+    /// What this log has of `key` (table and key values, NUL-separated) now; the
+    /// engine asks under its state lock, when it decides a statement on that key.
+    fn key_mark(&self, key: &str) -> u64 {
+        let _ = key;
+        0
+    }
+    /// [`Log::append`] of a record that writes one key only, with the key and its
+    /// [`Log::key_mark`] at the decision: a log shared by several instances refuses it
+    /// with `JournalError::Conflict` when another instance wrote the key since (after
+    /// this instance's engine got that write). A local log has no one to conflict with.
+    fn append_keyed(
+        &self,
+        payload: Bytes,
+        key: Option<(String, u64)>,
+    ) -> impl Future<Output = Result<u64, JournalError>> + Send {
+        let _ = key;
+        self.append(payload)
+    }
     /// Everything up to `seq` is applied upstream: the log may let go of it.
     fn confirm(&self, seq: u64) -> impl Future<Output = Result<(), JournalError>> + Send;
     /// The highest sequence number on stable storage; nothing beyond it is flushed.

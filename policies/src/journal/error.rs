@@ -61,6 +61,14 @@ pub enum JournalError {
     /// The journal was closed (or its writer thread ended).
     #[error("journal is closed")]
     Closed,
+    /// A replicated log (the NATS backend) could not store the record on a quorum now:
+    /// nothing was acknowledged. Like `Full`, a refusal the client may retry later.
+    #[error("the replicated journal cannot store writes now: {0}")]
+    Unavailable(String),
+    /// A shared journal refused a keyed append: another instance wrote the key first.
+    /// The engine decides the statement again; a client sees it only after many.
+    #[error("another spillway instance wrote the same key concurrently: {0}")]
+    Conflict(String),
 }
 
 impl JournalError {

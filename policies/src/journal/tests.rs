@@ -31,6 +31,7 @@ fn config(dir: &Path, fsync: FsyncMode) -> JournalConfig {
         fsync,
         fsync_interval: Duration::from_millis(20),
         max_bytes: ByteSize::mib(1),
+        ..JournalConfig::default()
     }
 }
 

@@ -132,10 +132,16 @@ mod tests {
             memo_entries = 7
             memo_bytes = "7MiB"
             [journal]
+            backend = "nats"
             dir = "elsewhere"
             fsync = "interval"
             fsync_interval = "7ms"
             max_bytes = "7MiB"
+            [journal.nats]
+            servers = ["nats://127.0.0.1:7003"]
+            replicas = 1
+            stream = "s7"
+            ack_timeout = "7s"
             [flush]
             interval = "7ms"
             batch_size = 7

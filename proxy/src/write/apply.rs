@@ -5,7 +5,8 @@
 //! in `spillway.dead_letters` in the same transaction as the rest of the batch.
 //! [`PgSink`] is the flush worker's connection as the engine's `Sink`: it opens it on
 //! demand (`application_name` [`FLUSH_APP`]), claims the ledger, applies batches, and
-//! counts what they did in the metrics.
+//! counts what they did in the metrics. On a journal shared by several instances (the
+//! NATS stream) a fenced sink follows the ledger: the newest instance owns flushing.
 //!
 //! Invariants:
 //! - A batch commits whole (ledger advance, applied records, dead letters) or not at
@@ -55,11 +56,48 @@ fn transient(e: sqlx::Error) -> ApplyError {
 pub struct PgSink {
     url: String,
     conn: Option<PgConnection>,
+    /// The journal is shared by several instances (the NATS stream): a fenced sink
+    /// follows the ledger instead of stopping the engine.
+    shared: bool,
+    /// Another instance took the shared journal's ledger over: this sink applies
+    /// nothing and reports a batch applied once the ledger is past it.
+    following: bool,
 }
 
 impl PgSink {
-    pub fn new(url: String) -> Self {
-        Self { url, conn: None }
+    pub fn new(url: String, shared: bool) -> Self {
+        Self {
+            url,
+            conn: None,
+            shared,
+            following: false,
+        }
+    }
+
+    /// A fence on a shared journal: from now on this instance follows the owner.
+    fn fenced(&mut self, err: ApplyError) -> ApplyError {
+        if !self.shared || !matches!(err, ApplyError::Fenced { .. }) {
+            return err;
+        }
+        if !self.following {
+            tracing::info!(
+                "another spillway took the shared journal's flushing over (a newer epoch): \
+                 this one applies nothing and follows the ledger"
+            );
+            self.following = true;
+        }
+        ApplyError::Transient("following the shared journal's owner".to_owned())
+    }
+
+    /// The ledger's last applied sequence number, whoever owns it.
+    async fn ledger_at(&mut self, ledger: &LedgerKey) -> Result<u64, ApplyError> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT last_seq FROM spillway.flush_ledger WHERE journal_id = $1")
+                .bind(ledger.journal_id.clone())
+                .fetch_optional(self.conn()?)
+                .await
+                .map_err(transient)?;
+        Ok(seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
     }
 
     fn conn(&mut self) -> Result<&mut PgConnection, ApplyError> {
@@ -87,7 +125,17 @@ impl Sink for PgSink {
     }
 
     async fn claim(&mut self, ledger: &LedgerKey) -> Result<u64, ApplyError> {
-        claim_ledger(self.conn()?, ledger).await
+        if self.following {
+            return self.ledger_at(ledger).await;
+        }
+        match claim_ledger(self.conn()?, ledger).await {
+            Err(err @ ApplyError::Fenced { .. }) if self.shared => {
+                self.following = true;
+                tracing::info!(%err, "shared journal: following the ledger");
+                self.ledger_at(ledger).await
+            }
+            other => other,
+        }
     }
 
     async fn apply(
@@ -97,8 +145,19 @@ impl Sink for PgSink {
         batch: &Batch,
         tables: &HashMap<String, TableMeta>,
     ) -> Result<Flushed, ApplyError> {
+        if self.following {
+            let last = batch.last().map_or(applied_through, |(seq, _)| *seq);
+            if self.ledger_at(ledger).await? >= last {
+                return Ok(Flushed::default());
+            }
+            return Err(ApplyError::Transient(
+                "waiting for the shared journal's owner to apply".to_owned(),
+            ));
+        }
         let started = Instant::now();
-        let result = apply_batch(self.conn()?, ledger, applied_through, batch, tables).await;
+        let result = apply_batch(self.conn()?, ledger, applied_through, batch, tables)
+            .await
+            .map_err(|e| self.fenced(e));
         match &result {
             Ok(done) => count_applied(done, started),
             Err(ApplyError::Transient(_)) => {
@@ -153,6 +212,31 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         _ => false,
     }
+}
+
+/// Takes the ledger row of a shared journal (the NATS stream, whose epoch no local file
+/// keeps) over: creates it at epoch 1, or bumps its epoch by one under the row's lock,
+/// which fences every earlier owner's next compare-and-set. Returns the new epoch and
+/// the last sequence number applied.
+pub async fn take_over_ledger(
+    conn: &mut PgConnection,
+    journal_id: &str,
+) -> Result<(u64, u64), ApplyError> {
+    let row = sqlx::query(
+        "INSERT INTO spillway.flush_ledger AS l (journal_id, epoch, last_seq) VALUES ($1, 1, 0) \
+         ON CONFLICT (journal_id) DO UPDATE SET epoch = l.epoch + 1, updated_at = pg_catalog.now() \
+         RETURNING epoch, last_seq",
+    )
+    .bind(journal_id)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(transient)?;
+    let epoch: i64 = row.try_get(0).map_err(transient)?;
+    let seq: i64 = row.try_get(1).map_err(transient)?;
+    Ok((
+        u64::try_from(epoch).unwrap_or(0),
+        u64::try_from(seq).unwrap_or(0),
+    ))
 }
 
 /// Creates the ledger row for this journal if needed and fences older epochs; returns

@@ -3,8 +3,10 @@
 //! turned into journal records ([`convert`], [`params`], [`types`] for casts and
 //! declared types, [`datetime`] for date/time values) and their RETURNING answered
 //! from the statement's own values ([`returning`]), key values reserved from `serial`
-//! and identity sequences for INSERTs that leave the key out ([`sequences`]), the facade the session handler
-//! calls ([`service`]), rate-limited fallback log lines ([`fallbacks`]), the
+//! and identity sequences for INSERTs that leave the key out ([`sequences`]), the
+//! facade the session handler calls ([`service`]), the journal it runs on ([`log`]: the
+//! local journal or the NATS JetStream stream of [`nats`]), rate-limited fallback log
+//! lines ([`fallbacks`]), the
 //! exactly-once application of records upstream ([`apply`]: the engine's `Sink`), the
 //! check connections ([`checks`]: the engine's `Checks`), and startup/shutdown
 //! ([`start`]).
@@ -19,6 +21,8 @@ pub mod checks;
 pub mod convert;
 pub mod datetime;
 pub mod fallbacks;
+pub mod log;
+pub mod nats;
 pub mod params;
 pub mod returning;
 pub mod schema;

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::Guard;
-use spillway_policies::engine::{self, KeyIndex, KeyStats, LedgerKey};
-use spillway_policies::journal::Journal;
+use spillway_policies::engine::{self, KeyIndex, KeyStats, LedgerKey, Log};
 use spillway_policies::{FlushConfig, KeyIndexConfig};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::apply::{self, PgSink};
 use super::checks::PgChecks;
 use super::fallbacks::FallbackLog;
+use super::log::JournalLog;
 use super::returning::Returning;
 use super::sequences::Reservations;
 
@@ -35,7 +35,7 @@ pub use super::convert::Converted;
 pub type TxStatement = engine::TxStatement<Returning>;
 
 /// The engine as the proxy runs it.
-type Engine = engine::Engine<PgChecks, Journal>;
+type Engine = engine::Engine<PgChecks, JournalLog>;
 
 pub struct WriteService {
     engine: Arc<Engine>,
@@ -56,12 +56,21 @@ pub enum StartError {
     Journal(#[from] engine::StartError),
 }
 
+/// Whether a record may change whether a key exists (an INSERT or a DELETE): only such
+/// a write of another instance makes a decision taken before it stale.
+fn changes_existence(payload: &[u8]) -> bool {
+    use spillway_policies::writes::{Record, RowOp};
+    Record::decode(payload).map_or(true, |r| {
+        r.ops.iter().any(|op| !matches!(op, RowOp::Update { .. }))
+    })
+}
+
 impl WriteService {
     /// Claims the journal's ledger row on `conn`, then starts the engine: the
     /// recovered records the ledger does not hold become pending (the flusher replays
     /// them first).
     pub async fn start(
-        journal: Journal,
+        journal: JournalLog,
         recovered: Vec<spillway_policies::journal::Record>,
         tables: HashMap<String, DeferredTable>,
         flush: FlushConfig,
@@ -69,12 +78,31 @@ impl WriteService {
         conn: &mut PgConnection,
     ) -> Result<Arc<Self>, StartError> {
         let key = LedgerKey {
-            journal_id: journal.id().to_string(),
+            journal_id: journal.id(),
             epoch: journal.epoch(),
         };
         let applied = apply::claim_ledger(conn, &key).await?;
         let checks = PgChecks::new(url.clone());
+        let foreign = match &journal {
+            JournalLog::Nats(log) => log.take_follower(),
+            JournalLog::Local(_) => None,
+        };
         let engine = Engine::start(journal, recovered, applied, tables, flush, checks)?;
+        if let Some(mut foreign) = foreign {
+            // Other instances' records: pending here too, in stream order.
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                while let Some((seq, subject, payload)) = foreign.recv().await {
+                    if let Err(err) = engine.note_foreign(seq, &payload) {
+                        tracing::error!(%err, "journal: a record of another instance");
+                    }
+                    // Only now may a keyed append expect it: the overlay has it.
+                    if let JournalLog::Nats(log) = engine.log() {
+                        log.seen(&subject, seq, changes_existence(&payload));
+                    }
+                }
+            });
+        }
         Ok(Arc::new(Self {
             engine,
             url,
@@ -91,7 +119,8 @@ impl WriteService {
         shutdown: CancellationToken,
         on_applied: impl Fn(&spillway_policies::engine::state::Applied),
     ) {
-        let sink = PgSink::new(self.url.clone());
+        let shared = matches!(self.engine.log(), JournalLog::Nats(_));
+        let sink = PgSink::new(self.url.clone(), shared);
         self.engine
             .clone()
             .run_flusher(sink, shutdown, on_applied)
@@ -196,7 +225,11 @@ impl WriteService {
 
     /// Why deferred writes cannot be served, if they cannot.
     pub fn health(&self) -> Result<(), String> {
-        self.engine.health()
+        self.engine.health()?;
+        match self.engine.log().unavailable() {
+            Some(why) => Err(format!("journal: {why}")),
+            None => Ok(()),
+        }
     }
 
     /// Pending record count and age of the oldest, per table (metrics, console).
@@ -270,15 +303,17 @@ impl WriteService {
             metrics::gauge!(m::PENDING_OLDEST_AGE, "table" => table)
                 .set(age.map_or(0.0, |a| a.as_secs_f64()));
         }
-        let journal = self.engine.log();
-        metrics::gauge!(m::JOURNAL_BYTES).set(journal.bytes() as f64);
-        let stats = journal.stats();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        metrics::counter!(m::JOURNAL_FSYNCS).absolute(load(&stats.fsyncs));
-        metrics::counter!(m::JOURNAL_FSYNC_MICROS).absolute(load(&stats.fsync_micros));
-        metrics::counter!(m::JOURNAL_REFUSALS, "reason" => "full").absolute(load(&stats.full));
-        metrics::counter!(m::JOURNAL_REFUSALS, "reason" => "no_space")
-            .absolute(load(&stats.no_space));
+        if let Some(journal) = self.engine.log().local() {
+            metrics::gauge!(m::JOURNAL_BYTES).set(journal.bytes() as f64);
+            let stats = journal.stats();
+            let load =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!(m::JOURNAL_FSYNCS).absolute(load(&stats.fsyncs));
+            metrics::counter!(m::JOURNAL_FSYNC_MICROS).absolute(load(&stats.fsync_micros));
+            metrics::counter!(m::JOURNAL_REFUSALS, "reason" => "full").absolute(load(&stats.full));
+            metrics::counter!(m::JOURNAL_REFUSALS, "reason" => "no_space")
+                .absolute(load(&stats.no_space));
+        }
         for (table, keys, queries) in self.point_read_counts() {
             metrics::counter!(m::POINT_READS, "table" => table.clone()).absolute(keys);
             metrics::counter!(m::POINT_READ_QUERIES, "table" => table).absolute(queries);

@@ -1,6 +1,7 @@
 //! Bringing the deferred-write side up at startup and down at shutdown: schema
 //! migrations, the deferred tables checked against the catalog, the journal opened
-//! (recovery), the ledger claimed, the flush worker started, the key index's loader
+//! (recovery of the local journal, or of the NATS stream after this instance took its
+//! ledger row over with a new epoch), the ledger claimed, the flush worker started, the key index's loader
 //! started (it loads nothing until the change stream follows the database: serving
 //! never waits for it), and the journal records the ledger does not hold replayed
 //! before any session is served.
@@ -8,11 +9,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use spillway_policies::journal::{Journal, JournalError};
+use spillway_policies::JournalBackend;
+use spillway_policies::journal::{Journal, JournalError, Record};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::apply;
+use super::log::JournalLog;
+use super::nats::{self, NatsError, NatsLog};
 use super::service::{StartError, WriteService};
 use super::tables::{self, TableError};
 use crate::config::Config;
@@ -52,6 +57,8 @@ pub enum WritesStartError {
     Config(#[from] spillway_policies::config::ValidationError),
     #[error("opening the journal: {0}")]
     Task(String),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
 }
 
 /// Starts the deferred-write side when some table has a deferred policy; returns once
@@ -73,27 +80,13 @@ pub async fn start(
         .await
         .map_err(WritesStartError::Connect)?;
     let deferred = tables::load(&mut conn, &policies).await?;
-    let journal_config = config.journal.clone();
-    let opened = tokio::task::spawn_blocking(move || Journal::open(&journal_config))
-        .await
-        .map_err(|e| WritesStartError::Task(e.to_string()))?;
-    let (journal, recovery) = opened.map_err(|error| WritesStartError::Journal {
-        dir: config.journal.dir.display().to_string(),
-        error,
-    })?;
-    if let Some(torn) = &recovery.torn {
-        tracing::warn!(
-            segment = %torn.segment.display(), offset = torn.offset, bytes = torn.bytes,
-            "journal: cut off a torn tail (a write interrupted by a crash, never acknowledged)"
-        );
-    }
-    tracing::info!(
-        journal = %journal.id(), epoch = journal.epoch(), records = recovery.records.len(),
-        tables = deferred.len(), "journal opened"
-    );
+    let (journal, records) = match config.journal.backend {
+        JournalBackend::Local => open_local(config, deferred.len()).await?,
+        JournalBackend::Nats => open_nats(config, &mut conn).await?,
+    };
     let service = WriteService::start(
         journal,
-        recovery.records,
+        records,
         deferred,
         config.flush.clone(),
         url.clone(),
@@ -218,6 +211,50 @@ async fn prefill(service: &WriteService) {
 
 /// How long startup waits for the first blocks of reserved key values.
 const PREFILL_WAIT: Duration = Duration::from_secs(3);
+
+/// The local journal in `journal.dir`, recovered.
+async fn open_local(
+    config: &Config,
+    tables: usize,
+) -> Result<(JournalLog, Vec<Record>), WritesStartError> {
+    let journal_config = config.journal.clone();
+    let opened = tokio::task::spawn_blocking(move || Journal::open(&journal_config))
+        .await
+        .map_err(|e| WritesStartError::Task(e.to_string()))?;
+    let (journal, recovery) = opened.map_err(|error| WritesStartError::Journal {
+        dir: config.journal.dir.display().to_string(),
+        error,
+    })?;
+    if let Some(torn) = &recovery.torn {
+        tracing::warn!(
+            segment = %torn.segment.display(), offset = torn.offset, bytes = torn.bytes,
+            "journal: cut off a torn tail (a write interrupted by a crash, never acknowledged)"
+        );
+    }
+    tracing::info!(
+        journal = %journal.id(), epoch = journal.epoch(), records = recovery.records.len(),
+        tables, "journal opened"
+    );
+    Ok((JournalLog::Local(journal), recovery.records))
+}
+
+/// The NATS stream: this instance takes the stream's ledger row over (a new epoch,
+/// fencing the previous owner) and reads what the ledger does not hold.
+async fn open_nats(
+    config: &Config,
+    conn: &mut PgConnection,
+) -> Result<(JournalLog, Vec<Record>), WritesStartError> {
+    let nats = &config.journal.nats;
+    let (epoch, applied) = apply::take_over_ledger(conn, &NatsLog::journal_id(&nats.stream))
+        .await
+        .map_err(StartError::from)?;
+    let (log, records) = nats::open(nats, epoch, applied).await?;
+    tracing::info!(
+        journal = %NatsLog::journal_id(&nats.stream), epoch, applied, records = records.len(),
+        "journal opened"
+    );
+    Ok((JournalLog::Nats(Box::new(log)), records))
+}
 
 impl Running {
     /// The write side's change-stream sink (the key index): the replication task

@@ -147,6 +147,12 @@ impl Context {
         Proxy::try_spawn(&self.pg, &config, &env).map(drop)
     }
 
+    /// Another spillway with this context's config and environment, left running (it
+    /// stops when the returned value drops); its log when it does not start.
+    pub fn spawn_another(&self) -> Result<Proxy, String> {
+        Proxy::try_spawn(&self.pg, &self.config, &self.env)
+    }
+
     /// The config spillway was started with (as written to its file).
     pub fn config_text(&self) -> &str {
         &self.config

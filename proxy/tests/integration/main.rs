@@ -28,6 +28,8 @@ mod lifecycle;
 mod link_faults;
 mod metrics;
 mod model;
+mod nats_cluster;
+mod nats_journal;
 mod outage;
 mod packaging;
 mod pipelines;

@@ -10,7 +10,7 @@ use crate::cache::{ALL, EXTERNAL, SETUP, Via, cached};
 use crate::context::Context;
 
 /// `GET path` over HTTP/1.1; (status code, body).
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: spillway\r\nConnection: close\r\n\r\n").as_bytes(),

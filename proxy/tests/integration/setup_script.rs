@@ -39,6 +39,9 @@ for p in "$@"; do
                      touch "$SPILLWAY_SETUP_ROOT/etc/ssl/certs/ca-certificates.crt" ;;
     nodejs) stub node ;;
     npm) stub npm ;;
+    nats-server) mkdir -p "$SPILLWAY_SETUP_ROOT/usr/sbin"
+                 touch "$SPILLWAY_SETUP_ROOT/usr/sbin/nats-server"
+                 chmod +x "$SPILLWAY_SETUP_ROOT/usr/sbin/nats-server" ;;
   esac
 done
 "#;
@@ -267,7 +270,7 @@ fn test_installs_python_node_and_the_pinned_drivers_once() {
     assert!(ok, "{out}\n{log:?}");
     assert_eq!(
         Machine::installs(&log),
-        ["libclang-dev nodejs npm postgresql python3 python3-venv"],
+        ["libclang-dev nats-server nodejs npm postgresql python3 python3-venv"],
         "{log:?}"
     );
     assert!(
@@ -312,7 +315,7 @@ fn a_bare_machine_also_gets_a_c_compiler_and_ca_certificates() {
     assert!(ok);
     assert_eq!(
         Machine::installs(&log),
-        ["nodejs npm procps python3 python3-venv"],
+        ["nats-server nodejs npm procps python3 python3-venv"],
         "{log:?}"
     );
 }

@@ -119,7 +119,7 @@ impl Tally {
         self.refused.values().sum()
     }
 
-    fn merge(&mut self, other: Tally) {
+    pub fn merge(&mut self, other: Tally) {
         self.acked_inserts.extend(other.acked_inserts);
         self.unknown_inserts.extend(other.unknown_inserts);
         self.refused_inserts.extend(other.refused_inserts);
@@ -171,14 +171,24 @@ impl Load {
         Self::start_inner(workers, seed, port, true)
     }
 
+    /// Like [`Load::start_with_transactions`], with worker ids (and so keys) from
+    /// `first_id` on: two loads with different ranges never write the same row.
+    pub fn start_from(workers: usize, first_id: i32, seed: u64, port: u16) -> Load {
+        Self::start_ids(workers, first_id, seed, port, true)
+    }
+
     fn start_inner(workers: usize, seed: u64, port: u16, transactions: bool) -> Load {
+        Self::start_ids(workers, 0, seed, port, transactions)
+    }
+
+    fn start_ids(workers: usize, first_id: i32, seed: u64, port: u16, transactions: bool) -> Load {
         let port = Arc::new(AtomicU16::new(port));
         let phase = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let workers = (0..workers)
             .map(|w| {
                 let worker = Worker {
-                    id: i32::try_from(w).expect("worker id"),
+                    id: first_id + i32::try_from(w).expect("worker id"),
                     rng: StdRng::seed_from_u64(seed.wrapping_mul(1000).wrapping_add(w as u64)),
                     port: port.clone(),
                     phase: phase.clone(),
