@@ -51,6 +51,7 @@ mod query;
 mod returning;
 mod settings;
 mod statements;
+mod touch;
 mod tracker;
 mod tx;
 mod upstream;
