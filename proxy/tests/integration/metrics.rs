@@ -31,6 +31,15 @@ pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// The value of the sample `name{labels}` (labels as rendered, e.g.
 /// `table="public.wb",policy="write-behind"`; empty for none), 0 when absent.
+/// Writes to `public.{table}` deferred under write-behind, from a scrape.
+pub fn deferred(metrics: &str, table: &str) -> f64 {
+    sample(
+        metrics,
+        "spillway_client_writes_total",
+        &format!("table=\"public.{table}\",policy=\"write-behind\""),
+    )
+}
+
 pub fn sample(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))

@@ -6,7 +6,7 @@
 //! keeps deferring afterwards.
 
 use crate::context::{Context, DB, USER};
-use crate::metrics::{sample, scrape};
+use crate::metrics::{deferred, sample, scrape};
 use crate::wire::{Msg, Raw, bind, describe_portal, execute, parse, query, sync, tags};
 
 const SCHEMA: &str = "CREATE TABLE public.pl (id int PRIMARY KEY, v text); \
@@ -22,14 +22,6 @@ async fn start() -> Context {
         )
         .start()
         .await
-}
-
-fn deferred(metrics: &str, table: &str) -> f64 {
-    sample(
-        metrics,
-        "spillway_client_writes_total",
-        &format!("table=\"public.{table}\",policy=\"write-behind\""),
-    )
 }
 
 fn fallbacks(metrics: &str, table: &str, reason: &str) -> f64 {

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use crate::context::Context;
-use crate::metrics::{sample, scrape};
+use crate::metrics::{deferred, sample, scrape};
 
 const SCHEMA: &str = "CREATE TABLE public.ser (id serial PRIMARY KEY, v text NOT NULL); \
     CREATE TABLE public.alw (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
@@ -33,14 +33,6 @@ async fn start() -> Context {
         .section(&config)
         .start()
         .await
-}
-
-fn deferred(metrics: &str, table: &str) -> f64 {
-    sample(
-        metrics,
-        "spillway_client_writes_total",
-        &format!("table=\"public.{table}\",policy=\"write-behind\""),
-    )
 }
 
 /// `n` INSERTs through spillway, each `RETURNING id`: id → v.
