@@ -4,6 +4,9 @@
 # the scenarios' own correctness checks (every acknowledged deferred write applied
 # exactly once). Not part of CI: run it by hand, on a machine with nothing else to do.
 #
+# Tasks are spillway's own gauge spillway_runtime_tasks (tokio's alive tasks), with
+# spillway_client_connections beside it, both read from /metrics at each sample.
+#
 # Concurrently, until the end: cache hits and misses (point-read over 100,000 keys,
 # read-mostly), deferred writes (write-update under write-back, orm-tx's held
 # transactions under write-behind, mixed-session's read-your-writes), clients that
@@ -70,15 +73,19 @@ reload_loop() {
     kill -HUP "$SW_PID" 2>/dev/null || echo "reload: spillway gone" >>"$OUT/failures"
   done
 }
+gauge() { # name -> its value in spillway's /metrics (empty when unreachable)
+  curl -s --max-time 5 "$SW_METRICS" | awk -v n="$1" '$1 == n {print $2; exit}'
+}
 sample_loop() {
-  echo "seconds,rss_kib,open_files,threads" >"$OUT/samples.csv"
+  echo "seconds,rss_kib,open_files,threads,tasks,clients" >"$OUT/samples.csv"
   local start
   start=$(date +%s)
   while [ "$(date +%s)" -lt "$DEADLINE" ] && kill -0 "$SW_PID" 2>/dev/null; do
-    printf '%s,%s,%s,%s\n' "$(( $(date +%s) - start ))" \
+    printf '%s,%s,%s,%s,%s,%s\n' "$(( $(date +%s) - start ))" \
       "$(awk '/^VmRSS:/ {print $2}' "/proc/$SW_PID/status")" \
       "$(find "/proc/$SW_PID/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)" \
-      "$(awk '/^Threads:/ {print $2}' "/proc/$SW_PID/status")" >>"$OUT/samples.csv"
+      "$(awk '/^Threads:/ {print $2}' "/proc/$SW_PID/status")" \
+      "$(gauge spillway_runtime_tasks)" "$(gauge spillway_client_connections)" >>"$OUT/samples.csv"
     sleep 10
   done
 }
@@ -100,7 +107,7 @@ import csv, glob, json, os, sys
 out, warm = sys.argv[1], float(sys.argv[2])
 rows = [r for r in csv.DictReader(open(os.path.join(out, "samples.csv"))) if r["rss_kib"]]
 def slope(col):
-    pts = [(float(r["seconds"]), float(r[col])) for r in rows if float(r["seconds"]) >= warm]
+    pts = [(float(r["seconds"]), float(r[col])) for r in rows if float(r["seconds"]) >= warm and r[col]]
     if len(pts) < 3:
         return None
     n = len(pts); mx = sum(x for x, _ in pts) / n; my = sum(y for _, y in pts) / n
@@ -117,6 +124,8 @@ summary = {
                 "max": max((int(r["rss_kib"]) for r in rows), default=None), "slope_per_hour_after_warmup": slope("rss_kib")},
     "open_files": {"max": max((int(r["open_files"]) for r in rows), default=None), "slope_per_hour_after_warmup": slope("open_files")},
     "threads": {"max": max((int(r["threads"]) for r in rows), default=None), "slope_per_hour_after_warmup": slope("threads")},
+    "tasks": {"max": max((int(float(r["tasks"])) for r in rows if r["tasks"]), default=None), "slope_per_hour_after_warmup": slope("tasks")},
+    "client_connections": {"max": max((int(float(r["clients"])) for r in rows if r["clients"]), default=None), "slope_per_hour_after_warmup": slope("clients")},
     "runs": len(checks),
     "correctness_failed": sum(1 for c in checks if c is False),
     "reconnects": int(open(os.path.join(out, "reconnects")).read()) if os.path.exists(os.path.join(out, "reconnects")) else None,

@@ -47,6 +47,7 @@ pub const KEY_INDEX_STATE: &str = "spillway_key_index_state";
 pub const CLIENT_CONNECTIONS: &str = "spillway_client_connections";
 pub const UPSTREAM_CONNECTIONS: &str = "spillway_upstream_connections";
 pub const DETACHED_SESSIONS: &str = "spillway_detached_sessions";
+pub const RUNTIME_TASKS: &str = "spillway_runtime_tasks";
 
 pub const INVALIDATIONS: &str = "spillway_invalidations_total";
 pub const REPLICATION_FOLLOWING: &str = "spillway_replication_following";
@@ -63,7 +64,7 @@ pub const POOL_WAIT_TIMEOUTS: &str = "spillway_pool_wait_timeouts_total";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 40] = [
+pub const ALL: [&str; 41] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -93,6 +94,7 @@ pub const ALL: [&str; 40] = [
     CLIENT_CONNECTIONS,
     UPSTREAM_CONNECTIONS,
     DETACHED_SESSIONS,
+    RUNTIME_TASKS,
     INVALIDATIONS,
     REPLICATION_FOLLOWING,
     REPLICATION_COMMITS,
@@ -251,6 +253,10 @@ fn describe() {
     describe_gauge!(
         DETACHED_SESSIONS,
         "Client sessions open without their upstream connection (detached)"
+    );
+    describe_gauge!(
+        RUNTIME_TASKS,
+        "Tasks alive on spillway's runtimes (the listener's and the session workers')"
     );
 }
 

@@ -79,10 +79,34 @@ impl Workers {
         self.handles.is_empty()
     }
 
+    /// The session workers' runtimes and `main` (the listener's), whose tasks the
+    /// `spillway_runtime_tasks` gauge counts.
+    pub fn runtimes(&self, main: Handle) -> Runtimes {
+        let mut handles = self.handles.clone();
+        handles.push(main);
+        Runtimes(handles)
+    }
+
     /// The worker for the next session (round robin).
     pub fn pick(&self) -> &Handle {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         &self.handles[i]
+    }
+}
+
+/// The runtimes sessions, connections and the server's own tasks run on.
+pub struct Runtimes(Vec<Handle>);
+
+impl Runtimes {
+    /// Tasks alive on all of them (each session is one, plus its upstream relays).
+    pub fn alive_tasks(&self) -> usize {
+        self.0.iter().map(|h| h.metrics().num_alive_tasks()).sum()
+    }
+
+    /// Sets `spillway_runtime_tasks` (before a scrape renders).
+    pub fn export(&self) {
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!(crate::metrics::RUNTIME_TASKS).set(self.alive_tasks() as f64);
     }
 }
 

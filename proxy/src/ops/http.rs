@@ -137,6 +137,7 @@ pub async fn start(
     cache: Option<std::sync::Arc<crate::read::cache::ReadCache>>,
     writes: Option<std::sync::Arc<crate::write::service::WriteService>>,
     connector: crate::net::upstream::Connector,
+    runtimes: crate::net::workers::Runtimes,
 ) -> Result<Option<tokio_util::sync::CancellationToken>, std::io::Error> {
     use std::sync::Arc;
 
@@ -151,7 +152,10 @@ pub async fn start(
     };
     tracing::info!(addr = %local, "metrics endpoint on {local}");
     let (refresh_cache, refresh_writes) = (cache.clone(), writes.clone());
-    let on_scrape = Box::new(move || refresh(refresh_cache.as_deref(), refresh_writes.as_deref()));
+    let on_scrape = Box::new(move || {
+        refresh(refresh_cache.as_deref(), refresh_writes.as_deref());
+        runtimes.export();
+    });
     let ready_writes = writes;
     let ready: ReadyCheck = Box::new(move || {
         let writes = ready_writes.clone();

@@ -152,6 +152,7 @@ impl Server {
             cache.clone(),
             writes.as_ref().map(|w| w.service.clone()),
             connector.clone(),
+            workers.runtimes(tokio::runtime::Handle::current()),
         )
         .await
         .map_err(|error| ServerError::Metrics {
