@@ -21,7 +21,10 @@
 #
 # -R runs spillway with cache.invalidation = "replication" (PostgreSQL with wal_level =
 # logical; the environment variable INVALIDATION=replication does the same for the
-# other scripts using pgbench/lib.sh).
+# other scripts using pgbench/lib.sh). With the change stream an entry is dropped when
+# its row changes, whoever changes it, so the TTL no longer bounds staleness, only how
+# long an unread entry stays: -R sets cache.ttl = "1h" (CACHE_TTL overrides it) so that
+# a warm cache is not emptied by the default 60 s TTL between alternating rounds.
 #
 # Usage: loadtest/write-bench.sh [-d duration] [-w warmup] [-r rounds] [-c clients]
 #                                [-m mode] [-S "scenario ..."] [-F] [-J fsync] [-A] [-L rtt] [-R]
@@ -36,7 +39,7 @@ while getopts "d:w:r:c:m:S:FJ:AL:Rh" opt; do
   case $opt in
     d) DURATION=$OPTARG ;; w) WARMUP=$OPTARG ;; r) ROUNDS=$OPTARG ;; c) CLIENTS=$OPTARG ;;
     m) MODE=$OPTARG ;; S) SCENARIOS=$OPTARG ;; F) FAST=1 ;;
-    J) FSYNC=$OPTARG ;; A) ASSUMED=1 ;; L) RTT=$OPTARG ;; R) INVALIDATION=replication ;;
+    J) FSYNC=$OPTARG ;; A) ASSUMED=1 ;; L) RTT=$OPTARG ;; R) INVALIDATION=replication; CACHE_TTL=${CACHE_TTL:-1h} ;;
     *) sed -n '2,31p' "$0"; exit 2 ;;
   esac
 done

@@ -151,7 +151,9 @@ ${JOURNAL_EXTRA:-}
 listen = "127.0.0.1:$metrics_port"
 [log]
 level = "warn"
-$([ -n "${INVALIDATION:-}" ] && printf '[cache]\ninvalidation = "%s"\n' "$INVALIDATION")
+$([ -n "${INVALIDATION:-}${CACHE_TTL:-}" ] && printf '[cache]\n')
+$([ -n "${INVALIDATION:-}" ] && printf 'invalidation = "%s"\n' "$INVALIDATION")
+$([ -n "${CACHE_TTL:-}" ] && printf 'ttl = "%s"\n' "$CACHE_TTL")
 ${2:-}
 CONF
   "$bin" run --config "$WORK/$1.toml" 2>"$WORK/$1.log" &

@@ -32,7 +32,9 @@ use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
 pub use keys::{Key, KeyLike, KeyParts, KeyStream};
-pub use versions::{DbVersions, Deps, Registry, STRIPES, TableVersions, Version, stripe_of};
+pub use versions::{
+    DEFAULT_ROW_STRIPES, DbVersions, Deps, Registry, TableVersions, Version, row_stripes_for,
+};
 
 /// Fixed per-entry overhead counted by the weigher (moka's node, the Arc, the deps).
 const ENTRY_OVERHEAD: usize = 160;

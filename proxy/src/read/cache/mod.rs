@@ -179,7 +179,9 @@ impl ReadCache {
         };
         Some(Arc::new(Self {
             results: ResultCache::new(cache.max_bytes.as_u64(), cache.max_entry_bytes.as_u64()),
-            versions: Registry::default(),
+            versions: Registry::with_row_stripes(spillway_policies::cache::row_stripes_for(
+                cache.max_bytes.as_u64(),
+            )),
             classifier: Classifier::new(limits),
             tables: ArcSwap::from_pointee(tables),
             invalidation: cache.invalidation,
