@@ -20,7 +20,6 @@ mod keys;
 mod versions;
 
 use std::collections::HashMap;
-use std::collections::hash_map::RandomState;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -104,7 +103,7 @@ pub struct ResultCache {
     /// only for a map operation, never across an await.
     inflight: Mutex<HashMap<Key, Arc<Notify>>>,
     /// Every key's hash starts here (`keys.rs`).
-    seed: RandomState,
+    seed: ahash::RandomState,
     max_entry_bytes: usize,
     stats: Arc<CacheStats>,
 }
@@ -146,7 +145,7 @@ impl ResultCache {
         Arc::new(Self {
             entries,
             inflight: Mutex::new(HashMap::new()),
-            seed: RandomState::new(),
+            seed: ahash::RandomState::new(),
             max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
             stats,
         })
