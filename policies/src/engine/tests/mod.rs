@@ -14,6 +14,7 @@ mod held;
 mod keys;
 mod reload;
 mod room;
+mod upsert;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -424,6 +425,7 @@ pub fn insert(table: &str, id: u32) -> Converted {
             values: vec![Val::plain(Some(&id.to_string())), Val::plain(Some("1"))],
         }],
         keys: vec![vec![id.to_string()]],
+        if_exists: None,
         returning: None,
     }
 }
@@ -441,6 +443,7 @@ pub fn update(table: &str, id: u32) -> Converted {
             }],
         }],
         keys: vec![vec![id.to_string()]],
+        if_exists: None,
         returning: None,
     }
 }
@@ -453,6 +456,7 @@ pub fn delete(table: &str, id: u32) -> Converted {
             key: vec![Val::plain(Some(&id.to_string()))],
         }],
         keys: vec![vec![id.to_string()]],
+        if_exists: None,
         returning: None,
     }
 }
