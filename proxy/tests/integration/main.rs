@@ -44,6 +44,7 @@ mod row_invalidation;
 mod session_defects;
 mod setup_script;
 mod transactions;
+mod upserts;
 mod triggers;
 mod write_back;
 mod write_behind;
