@@ -31,7 +31,9 @@ async fn start() -> Context {
         )
         .start()
         .await;
-    ctx.pg.psql("direct", SCHEMA).expect("schema of the direct copy");
+    ctx.pg
+        .psql("direct", SCHEMA)
+        .expect("schema of the direct copy");
     ctx
 }
 
@@ -50,11 +52,9 @@ async fn answer(client: &Client, sql: &str) -> Answer {
             let mut count = None;
             for m in msgs {
                 match m {
-                    SimpleQueryMessage::Row(r) => rows.push(
-                        (0..r.len())
-                            .map(|i| r.get(i).map(str::to_owned))
-                            .collect(),
-                    ),
+                    SimpleQueryMessage::Row(r) => {
+                        rows.push((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
+                    }
                     SimpleQueryMessage::CommandComplete(n) => count = Some(n),
                     _ => {}
                 }
@@ -91,7 +91,10 @@ async fn both_params(proxy: &Client, direct: &Client, sql: &str, id: i32, v: i32
 
 fn contents(ctx: &Context, db: &str, table: &str) -> String {
     ctx.pg
-        .psql(db, &format!("SELECT id, v, n, t, code FROM public.{table} ORDER BY id"))
+        .psql(
+            db,
+            &format!("SELECT id, v, n, t, code FROM public.{table} ORDER BY id"),
+        )
         .expect("contents")
 }
 
@@ -122,7 +125,10 @@ async fn run(table: &str) {
     let done = |n: u64| Answer::Done(Vec::new(), n);
     let t = table;
     // A pending DELETE, then an upsert of that key: the key is absent, so it inserts.
-    assert_eq!(both(&proxy, &direct, &format!("DELETE FROM {t} WHERE id = 3")).await, done(1));
+    assert_eq!(
+        both(&proxy, &direct, &format!("DELETE FROM {t} WHERE id = 3")).await,
+        done(1)
+    );
     let sql = format!(
         "INSERT INTO {t} (id, v, n) VALUES (3, 33, 1) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v"
     );
@@ -137,7 +143,9 @@ async fn run(table: &str) {
     assert_eq!(both(&proxy, &direct, &sql).await, done(1));
     // An absent key, then the same key pending-inserted.
     let sql = |v: i32| {
-        format!("INSERT INTO {t} (id, v, n, code) VALUES (4, {v}, 1, 'd') ON CONFLICT (id) DO NOTHING")
+        format!(
+            "INSERT INTO {t} (id, v, n, code) VALUES (4, {v}, 1, 'd') ON CONFLICT (id) DO NOTHING"
+        )
     };
     assert_eq!(both(&proxy, &direct, &sql(1)).await, done(1));
     assert_eq!(both(&proxy, &direct, &sql(2)).await, done(0));
@@ -154,12 +162,25 @@ async fn run(table: &str) {
          DO UPDATE SET n = {t}.n + EXCLUDED.n"
     );
     assert_eq!(both(&proxy, &direct, &sql).await, done(3));
+    // `DEFAULT` for a column with a constant default: the same as leaving it out.
+    let sql = format!(
+        "INSERT INTO {t} (id, v, n) VALUES (10, DEFAULT, 5), (11, DEFAULT, 6) \
+         ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n"
+    );
+    assert_eq!(both(&proxy, &direct, &sql).await, done(2));
     // RETURNING: the inserted row; none when DO NOTHING skips; the updated row's key
     // and `c = EXCLUDED.c` columns.
     let sql = |v: i32, action: &str, returning: &str| {
-        format!("INSERT INTO {t} (id, v, n) VALUES (6, {v}, 1) ON CONFLICT (id) {action} RETURNING {returning}")
+        format!(
+            "INSERT INTO {t} (id, v, n) VALUES (6, {v}, 1) ON CONFLICT (id) {action} RETURNING {returning}"
+        )
     };
-    let row = |cells: &[&str]| cells.iter().map(|c| Some((*c).to_owned())).collect::<Vec<_>>();
+    let row = |cells: &[&str]| {
+        cells
+            .iter()
+            .map(|c| Some((*c).to_owned()))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
         both(&proxy, &direct, &sql(1, "DO NOTHING", "id, v")).await,
         Answer::Done(vec![row(&["6", "1"])], 1)
@@ -169,7 +190,12 @@ async fn run(table: &str) {
         Answer::Done(Vec::new(), 0)
     );
     assert_eq!(
-        both(&proxy, &direct, &sql(3, "DO UPDATE SET v = EXCLUDED.v", "id, v")).await,
+        both(
+            &proxy,
+            &direct,
+            &sql(3, "DO UPDATE SET v = EXCLUDED.v", "id, v")
+        )
+        .await,
         Answer::Done(vec![row(&["6", "3"])], 1)
     );
     assert_eq!(
@@ -186,7 +212,9 @@ async fn run(table: &str) {
     // (after the pending writes, which they may depend on), with PostgreSQL's answers.
     let fallbacks = [
         (
-            format!("INSERT INTO {t} (id, v, code) VALUES (8, 1, 'a') ON CONFLICT (code) DO NOTHING"),
+            format!(
+                "INSERT INTO {t} (id, v, code) VALUES (8, 1, 'a') ON CONFLICT (code) DO NOTHING"
+            ),
             "on_conflict_not_primary_key",
         ),
         (

@@ -19,9 +19,7 @@ use spillway_policies::changes::key_types::{INT2, INT4, INT8, TEXT, UUID, VARCHA
 use spillway_policies::changes::{canonical_binary_key, canonical_key};
 
 use crate::read::catalog::{Catalog, Relation};
-use crate::read::classify::{
-    ConflictTarget, OnConflict, Operand, PointFilter, Value, WriteShape,
-};
+use crate::read::classify::{ConflictTarget, OnConflict, Operand, PointFilter, Value, WriteShape};
 
 /// One primary-key column's value as a statement gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,12 +115,12 @@ pub fn write_keys(shape: &WriteShape, catalog: &Catalog) -> Option<WriteKeys> {
                 }
             }
             rows.iter()
-            .map(|row| {
-                let named: Vec<(String, Value)> =
-                    columns.iter().cloned().zip(row.iter().cloned()).collect();
-                key_parts(catalog, rel.oid, &named)
-            })
-            .collect::<Option<_>>()?
+                .map(|row| {
+                    let named: Vec<(String, Value)> =
+                        columns.iter().cloned().zip(row.iter().cloned()).collect();
+                    key_parts(catalog, rel.oid, &named)
+                })
+                .collect::<Option<_>>()?
         }
     };
     Some(WriteKeys {

@@ -137,7 +137,8 @@ pub enum Returned {
 }
 
 /// A deferrable INSERT/UPDATE/DELETE as its text gives it. `returning` is empty
-/// without a RETURNING clause.
+/// without a RETURNING clause. An INSERT column given `DEFAULT` in every row is not in
+/// `columns` (the same INSERT as one leaving it out).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteShape {
     /// `INSERT INTO t (c1, c2, …) VALUES (…), (…) [ON CONFLICT …]`: every row as wide
@@ -206,7 +207,7 @@ fn insert(s: &InsertStmt) -> Result<WriteShape, &'static str> {
         };
         push_column(&mut columns, target_column(col)?)?;
     }
-    let mut rows = Vec::with_capacity(select.values_lists.len());
+    let mut lists = Vec::with_capacity(select.values_lists.len());
     for row in &select.values_lists {
         let Some(NodeEnum::List(row)) = row.node.as_ref() else {
             return Err(r::UNSUPPORTED);
@@ -214,10 +215,31 @@ fn insert(s: &InsertStmt) -> Result<WriteShape, &'static str> {
         if row.items.len() != columns.len() {
             return Err(r::COLUMN_COUNT_MISMATCH);
         }
-        let row = row
-            .items
+        lists.push(&row.items);
+    }
+    // A column given `DEFAULT` in every row is the same INSERT as one that leaves it
+    // out (PostgreSQL fills both from the column's default): it is left out, and the
+    // caller treats it as any omitted column. `DEFAULT` in only some rows is
+    // [`r::DEFAULT_VALUE`].
+    let is_default = |n: &Node| matches!(n.node.as_ref(), Some(NodeEnum::SetToDefault(_)));
+    let keep: Vec<bool> = (0..columns.len())
+        .map(|i| !lists.iter().all(|row| row.get(i).is_some_and(is_default)))
+        .collect();
+    let columns: Vec<String> = columns
+        .into_iter()
+        .zip(&keep)
+        .filter_map(|(c, k)| k.then_some(c))
+        .collect();
+    if columns.is_empty() {
+        return Err(r::DEFAULT_VALUE);
+    }
+    let mut rows = Vec::with_capacity(lists.len());
+    for items in lists {
+        let row = items
             .iter()
-            .map(|item| value(node(Some(item)), r::EXPRESSION))
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(item, _)| value(node(Some(item)), r::EXPRESSION))
             .collect::<Result<Vec<_>, _>>()?;
         rows.push(row);
     }

@@ -294,6 +294,28 @@ fn returning_lists_of_plain_columns_are_kept() {
     );
 }
 
+/// `DEFAULT` in every row of a column: the column is left out, as PostgreSQL treats
+/// both alike; in only some rows it is still a reason.
+#[test]
+fn default_in_every_row_leaves_the_column_out() {
+    assert_eq!(
+        shape("INSERT INTO t (id, c, v) VALUES ($1, DEFAULT, $2)"),
+        Ok(ins("t", &["id", "v"], vec![vec![param(1), param(2)]]))
+    );
+    assert_eq!(
+        shape("INSERT INTO t (id, c) VALUES (1, DEFAULT), (2, DEFAULT)"),
+        Ok(ins("t", &["id"], vec![vec![lit("1")], vec![lit("2")]]))
+    );
+    assert_eq!(
+        shape("INSERT INTO t (id, c) VALUES (1, DEFAULT), (2, 3)"),
+        Err(reason::DEFAULT_VALUE)
+    );
+    assert_eq!(
+        shape("INSERT INTO t (c) VALUES (DEFAULT)"),
+        Err(reason::DEFAULT_VALUE)
+    );
+}
+
 /// `ON CONFLICT (cols) | ON CONSTRAINT c` with DO NOTHING or DO UPDATE SET of values,
 /// `EXCLUDED.c` and `c ± either`, the target qualified by its name or alias.
 #[test]
@@ -419,7 +441,7 @@ fn rejected_forms() {
         ("INSERT INTO t (c.f) VALUES (1)", r::INDIRECTION),
         ("UPDATE t SET a[1] = 2 WHERE id = 1", r::INDIRECTION),
         // Values.
-        ("INSERT INTO t (id, v) VALUES (1, DEFAULT)", r::DEFAULT_VALUE),
+        ("INSERT INTO t (id, v) VALUES (1, DEFAULT), (2, 3)", r::DEFAULT_VALUE),
         ("UPDATE t SET v = DEFAULT WHERE id = 1", r::DEFAULT_VALUE),
         ("INSERT INTO t (id, at) VALUES (1, now())", r::FUNCTION),
         ("INSERT INTO t (id) VALUES (gen_random_uuid())", r::FUNCTION),
