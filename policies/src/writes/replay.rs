@@ -84,7 +84,11 @@ pub fn statement(op: &RowOp, meta: &TableMeta) -> Result<String, PlanError> {
 /// `INSERT … ON CONFLICT (primary key)` of one row: `insert`, and `update` (the row's
 /// DO UPDATE, as a [`RowOp::Update`] of its key) or DO NOTHING. Replayed as the upsert,
 /// not as what it resolved to: upstream, the key's existence is PostgreSQL's to decide.
-pub fn upsert(insert: &RowOp, update: Option<&RowOp>, meta: &TableMeta) -> Result<String, PlanError> {
+pub fn upsert(
+    insert: &RowOp,
+    update: Option<&RowOp>,
+    meta: &TableMeta,
+) -> Result<String, PlanError> {
     let mut sql = statement(insert, meta)?;
     let key: Vec<String> = meta.key.iter().map(|c| ident(c)).collect();
     sql.push_str(&format!(" ON CONFLICT ({}) DO ", key.join(", ")));
@@ -152,7 +156,8 @@ mod tests {
                 value: Val::plain(Some("2")),
             }],
         };
-        let head = "INSERT INTO \"public\".\"t\" (\"id\", \"n\") VALUES ('1'::bigint, '2'::integer)";
+        let head =
+            "INSERT INTO \"public\".\"t\" (\"id\", \"n\") VALUES ('1'::bigint, '2'::integer)";
         assert_eq!(
             upsert(&insert, None, &m).expect("renders"),
             format!("{head} ON CONFLICT (\"id\") DO NOTHING")

@@ -17,7 +17,9 @@ fn slow() -> FlushConfig {
 
 fn harness(row_counts: RowCounts) -> Harness {
     Harness::new(
-        vec![table("t", Policy::WriteBehind, |c| c.row_counts = row_counts)],
+        vec![table("t", Policy::WriteBehind, |c| {
+            c.row_counts = row_counts
+        })],
         slow(),
     )
 }
@@ -186,9 +188,6 @@ async fn a_held_do_nothing_whose_key_appears_diverges() {
     };
     assert_eq!(applied, vec![vec![true]]);
     h.defer("t", insert("t", 9)).await;
-    let out = h
-        .engine
-        .defer_tx(USER, stmts, Some(applied), known)
-        .await;
+    let out = h.engine.defer_tx(USER, stmts, Some(applied), known).await;
     assert!(matches!(out, Err(DeferError::Diverged(_))), "{out:?}");
 }
