@@ -26,7 +26,41 @@ pub struct Converted<R = ()> {
     pub verb: Verb,
     pub ops: Vec<RowOp>,
     pub keys: Vec<Vec<String>>,
+    /// `INSERT … ON CONFLICT (primary key)`: per operation (an INSERT of one row), what
+    /// it does instead when its key exists. `None` for every other statement.
+    pub if_exists: Option<Vec<IfExists>>,
     pub returning: Option<R>,
+}
+
+/// What an `INSERT … ON CONFLICT (primary key)` row does when its key exists: nothing
+/// (DO NOTHING: no row written, not counted) or this UPDATE of the key (DO UPDATE,
+/// counted). The key's existence is decided as for any write (`decide`), always
+/// exactly, whatever the table's `row_counts`: the journal gets the operation it
+/// resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfExists {
+    Nothing,
+    Update(RowOp),
+}
+
+impl<R> Converted<R> {
+    /// Whether its outcome needs every key's existence, even with assumed row counts.
+    pub fn needs_keys(&self) -> bool {
+        self.if_exists.is_some()
+    }
+
+    /// The verbs PostgreSQL checks privileges for: DO UPDATE needs UPDATE as well.
+    pub fn verbs(&self) -> Vec<Verb> {
+        let mut verbs = vec![self.verb];
+        if self
+            .if_exists
+            .as_ref()
+            .is_some_and(|alts| alts.iter().any(|a| matches!(a, IfExists::Update(_))))
+        {
+            verbs.push(Verb::Update);
+        }
+        verbs
+    }
 }
 
 /// One statement of a held transaction (or an autocommit statement alone).
@@ -121,7 +155,7 @@ pub(super) fn decide<R>(
         let exact = exact(t);
         let verb = s.converted.verb;
         let mut flags = Vec::with_capacity(s.converted.ops.len());
-        for (op, key) in s.converted.ops.iter().zip(&s.converted.keys) {
+        for (i, (op, key)) in s.converted.ops.iter().zip(&s.converted.keys).enumerate() {
             let slot = (s.table.clone(), key.clone());
             let before = after
                 .get(&slot)
@@ -129,6 +163,25 @@ pub(super) fn decide<R>(
                 .or_else(|| state.keys.get(&slot).map(|k| k.exists))
                 .or_else(|| indexed.get(&slot).copied())
                 .or_else(|| known.get(&slot).map(|(e, _, _)| *e));
+            if let Some(alts) = &s.converted.if_exists {
+                // ON CONFLICT (primary key): the row's key decides which operation
+                // it is; every key was answered (`needs_keys`).
+                let alt = alts.get(i).ok_or_else(|| unanswered(&s.table))?;
+                match (before.ok_or_else(|| unanswered(&s.table))?, alt) {
+                    (false, _) => {
+                        ops.push(op.clone());
+                        after.insert(slot, true);
+                        flags.push(true);
+                    }
+                    (true, IfExists::Nothing) => flags.push(false),
+                    (true, IfExists::Update(update)) => {
+                        ops.push(update.clone());
+                        after.insert(slot, true);
+                        flags.push(true);
+                    }
+                }
+                continue;
+            }
             let exists_now = match (verb, exact, before) {
                 (Verb::Insert, true, Some(true)) => {
                     return Err(duplicate(t, key));
@@ -152,6 +205,14 @@ pub(super) fn decide<R>(
         ops,
         after,
     })
+}
+
+/// An upsert's key without an answer: a defect of `needs_keys`' callers, reported
+/// rather than guessed.
+fn unanswered(table: &str) -> DeferError {
+    DeferError::Stopped(format!(
+        "an INSERT … ON CONFLICT on {table} was decided without its key's existence"
+    ))
 }
 
 /// 23505 as PostgreSQL words it for `key` of `t`.

@@ -94,8 +94,10 @@ impl<C: Checks, L: Log> Engine<C, L> {
         };
         for s in stmts {
             let t = tables.get(&s.table)?;
-            if !self.permitted_now(user, t, s.converted.verb)? {
-                return None;
+            for verb in s.converted.verbs() {
+                if !self.permitted_now(user, t, verb)? {
+                    return None;
+                }
             }
         }
         let state = self.state();
@@ -282,21 +284,22 @@ impl<C: Checks, L: Log> Engine<C, L> {
     ) -> Result<(), DeferError> {
         let mut checked: Vec<(&str, Verb)> = Vec::new();
         for s in stmts {
-            let verb = s.converted.verb;
-            if checked.contains(&(s.table.as_str(), verb)) {
-                continue;
+            for verb in s.converted.verbs() {
+                if checked.contains(&(s.table.as_str(), verb)) {
+                    continue;
+                }
+                let t = tables
+                    .get(&s.table)
+                    .ok_or_else(|| DeferError::NotDeferred(s.table.clone()))?;
+                if !self.permitted(user, t, verb).await? {
+                    return Err(DeferError::NotPermitted {
+                        user: user.to_owned(),
+                        table: s.table.clone(),
+                        verb,
+                    });
+                }
+                checked.push((s.table.as_str(), verb));
             }
-            let t = tables
-                .get(&s.table)
-                .ok_or_else(|| DeferError::NotDeferred(s.table.clone()))?;
-            if !self.permitted(user, t, verb).await? {
-                return Err(DeferError::NotPermitted {
-                    user: user.to_owned(),
-                    table: s.table.clone(),
-                    verb,
-                });
-            }
-            checked.push((s.table.as_str(), verb));
         }
         Ok(())
     }
@@ -355,7 +358,8 @@ impl<C: Checks, L: Log> Engine<C, L> {
     }
 }
 
-/// What the key index answers now for the keys of exact-count tables in `stmts` that
+/// What the key index answers now for the keys of exact-count tables (and of upserts)
+/// in `stmts` that
 /// the overlay does not (under the state lock: a key's applied writes reach the index
 /// before they leave the overlay).
 fn indexed<R>(
@@ -366,7 +370,7 @@ fn indexed<R>(
 ) -> Indexed {
     let mut wanted: Vec<Slot> = Vec::new();
     for s in stmts {
-        if !tables.get(&s.table).is_some_and(|t| exact(t)) {
+        if !s.converted.needs_keys() && !tables.get(&s.table).is_some_and(|t| exact(t)) {
             continue;
         }
         for key in &s.converted.keys {
@@ -379,7 +383,8 @@ fn indexed<R>(
     keys.lookup_many(wanted)
 }
 
-/// The keys of exact-count tables in `stmts` that neither the overlay, the key index
+/// The keys of exact-count tables (and of upserts) in `stmts` that neither the
+/// overlay, the key index
 /// (`indexed`) nor `known` answers in `state`.
 fn unanswered<R>(
     state: &State,
@@ -390,7 +395,7 @@ fn unanswered<R>(
 ) -> Vec<Slot> {
     let mut missing: Vec<Slot> = Vec::new();
     for s in stmts {
-        if !tables.get(&s.table).is_some_and(|t| exact(t)) {
+        if !s.converted.needs_keys() && !tables.get(&s.table).is_some_and(|t| exact(t)) {
             continue;
         }
         for key in &s.converted.keys {

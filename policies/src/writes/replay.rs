@@ -81,6 +81,40 @@ pub fn statement(op: &RowOp, meta: &TableMeta) -> Result<String, PlanError> {
     }
 }
 
+/// `INSERT … ON CONFLICT (primary key)` of one row: `insert`, and `update` (the row's
+/// DO UPDATE, as a [`RowOp::Update`] of its key) or DO NOTHING. Replayed as the upsert,
+/// not as what it resolved to: upstream, the key's existence is PostgreSQL's to decide.
+pub fn upsert(
+    insert: &RowOp,
+    update: Option<&RowOp>,
+    meta: &TableMeta,
+) -> Result<String, PlanError> {
+    let mut sql = statement(insert, meta)?;
+    let key: Vec<String> = meta.key.iter().map(|c| ident(c)).collect();
+    sql.push_str(&format!(" ON CONFLICT ({}) DO ", key.join(", ")));
+    match update {
+        None => sql.push_str("NOTHING"),
+        Some(RowOp::Update { set, .. }) => {
+            let table = ident(&meta.table);
+            let assigns: Result<Vec<String>, PlanError> = set
+                .iter()
+                .map(|a| {
+                    let col = ident(&a.column);
+                    let v = value(&a.value, meta.type_of(&a.column)?)?;
+                    Ok(match a.op {
+                        AssignOp::Set => format!("{col} = {v}"),
+                        AssignOp::Add => format!("{col} = {table}.{col} + {v}"),
+                        AssignOp::Sub => format!("{col} = {table}.{col} - {v}"),
+                    })
+                })
+                .collect();
+            sql.push_str(&format!("UPDATE SET {}", assigns?.join(", ")));
+        }
+        Some(_) => return Err(PlanError::KeyMissing(meta.name.clone())),
+    }
+    Ok(sql)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +137,35 @@ mod tests {
             parents: Vec::new(),
             overriding: false,
         }
+    }
+
+    #[test]
+    fn upserts_replay_as_upserts() {
+        let m = meta();
+        let insert = RowOp::Insert {
+            table: "public.t".into(),
+            columns: vec!["id".into(), "n".into()],
+            values: vec![Val::plain(Some("1")), Val::plain(Some("2"))],
+        };
+        let update = RowOp::Update {
+            table: "public.t".into(),
+            key: vec![Val::plain(Some("1"))],
+            set: vec![Assign {
+                column: "n".into(),
+                op: AssignOp::Add,
+                value: Val::plain(Some("2")),
+            }],
+        };
+        let head =
+            "INSERT INTO \"public\".\"t\" (\"id\", \"n\") VALUES ('1'::bigint, '2'::integer)";
+        assert_eq!(
+            upsert(&insert, None, &m).expect("renders"),
+            format!("{head} ON CONFLICT (\"id\") DO NOTHING")
+        );
+        assert_eq!(
+            upsert(&insert, Some(&update), &m).expect("renders"),
+            format!("{head} ON CONFLICT (\"id\") DO UPDATE SET \"n\" = \"t\".\"n\" + '2'::integer")
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! (the statement then runs write-through after a barrier). A RETURNING list is
 //! answered from the same values (`returning.rs`) or is a fallback reason too.
 
-use spillway_policies::writes::{Assign as RecAssign, AssignOp, RowOp, Val};
+use spillway_policies::writes::{Assign as RecAssign, AssignOp, RowOp, TableMeta, Val, replay};
 
 use super::datetime::{self, Settings};
 use super::fallbacks::Fallback;
@@ -15,7 +15,11 @@ use super::returning::{self, Returning};
 use super::sequences::Reservations;
 use super::tables::DeferredTable;
 use super::types;
-use crate::read::classify::{Assign, Operand, Value, WriteShape};
+use crate::read::classify::{
+    Assign, ConflictSet, ConflictTarget, ConflictValue, OnConflict, Operand, Value, WriteShape,
+    reason,
+};
+use spillway_policies::engine::IfExists;
 
 pub use spillway_policies::engine::Verb;
 
@@ -23,6 +27,27 @@ pub use spillway_policies::engine::Verb;
 /// its RETURNING answer, which whoever acknowledges the statement must send (or not
 /// defer it).
 pub type Converted = spillway_policies::engine::Converted<Returning>;
+
+/// The statements that replay `converted` upstream, one per operation, when its held
+/// transaction moves there (`spillway_policies::writes::replay`): an upsert's rows as
+/// upserts. `None` when one cannot be rendered.
+pub fn replay(converted: &Converted, meta: &TableMeta) -> Option<Vec<String>> {
+    converted
+        .ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| match &converted.if_exists {
+            None => replay::statement(op, meta).ok(),
+            Some(alts) => {
+                let update = match alts.get(i)? {
+                    IfExists::Nothing => None,
+                    IfExists::Update(u) => Some(u),
+                };
+                replay::upsert(op, update, meta).ok()
+            }
+        })
+        .collect()
+}
 
 /// Converts `shape` on `table` (already resolved) with `bound` parameters.
 pub fn convert(
@@ -34,6 +59,31 @@ pub fn convert(
 ) -> Result<Converted, Fallback> {
     let mut converted = operations(shape, table, bound, settings, reserved)?;
     converted.returning = returning::answer(shape, table, bound, &converted.ops)?;
+    // An upsert's RETURNING is answered only when it is the same whichever way each
+    // row goes: DO UPDATE rows return what the UPDATE supplies (the key, `c =
+    // EXCLUDED.c`), and rows DO NOTHING skips leave no gap only in a one-row statement.
+    if let (Some(alts), Some(answer)) = (&converted.if_exists, &converted.returning) {
+        let updates: Vec<RowOp> = alts
+            .iter()
+            .filter_map(|a| match a {
+                IfExists::Update(u) => Some(u.clone()),
+                IfExists::Nothing => None,
+            })
+            .collect();
+        let same = if updates.is_empty() {
+            converted.ops.len() == 1
+        } else {
+            updates.len() == converted.ops.len()
+                && returning::answer(shape, table, bound, &updates)
+                    .ok()
+                    .flatten()
+                    .as_ref()
+                    == Some(answer)
+        };
+        if !same {
+            return Err(returning::UNKNOWN);
+        }
+    }
     Ok(converted)
 }
 
@@ -45,8 +95,17 @@ fn operations(
     reserved: &Reservations,
 ) -> Result<Converted, Fallback> {
     match shape {
-        WriteShape::Insert { columns, rows, .. } => {
-            insert(columns, rows, table, bound, settings, reserved)
+        WriteShape::Insert {
+            columns,
+            rows,
+            on_conflict,
+            ..
+        } => {
+            let mut converted = insert(columns, rows, table, bound, settings, reserved)?;
+            if let Some(clause) = on_conflict {
+                converted.if_exists = Some(if_exists(clause, &converted, table, bound, settings)?);
+            }
+            Ok(converted)
         }
         WriteShape::Update { set, key, .. } => update(set, key, table, bound, settings),
         WriteShape::Delete { key, .. } => {
@@ -58,6 +117,7 @@ fn operations(
                     key: key_vals,
                 }],
                 keys: vec![canon],
+                if_exists: None,
                 returning: None,
             })
         }
@@ -154,8 +214,108 @@ fn insert(
         verb: Verb::Insert,
         ops,
         keys,
+        if_exists: None,
         returning: None,
     })
+}
+
+/// `ON CONFLICT (primary key) DO NOTHING | DO UPDATE SET …` of the INSERT `converted`:
+/// per row, what it does when its key exists (the engine decides which holds). The
+/// arbiter must be exactly the primary key's columns or constraint: any other unique
+/// constraint conflicts on rows spillway knows nothing of. A key given twice in one
+/// statement falls back (PostgreSQL's answer then depends on the action: 21000 for
+/// DO UPDATE).
+fn if_exists(
+    clause: &OnConflict,
+    converted: &Converted,
+    table: &DeferredTable,
+    bound: &Bound,
+    settings: Settings<'_>,
+) -> Result<Vec<IfExists>, Fallback> {
+    let key = &table.meta.key;
+    let on_pk = match &clause.target {
+        ConflictTarget::Columns(cols) => {
+            cols.len() == key.len() && key.iter().all(|k| cols.contains(k))
+        }
+        ConflictTarget::Constraint(name) => *name == table.pkey_name,
+    };
+    if !on_pk {
+        return Err(Fallback::ConflictNotPrimaryKey);
+    }
+    for (i, k) in converted.keys.iter().enumerate() {
+        if converted.keys[..i].contains(k) {
+            return Err(Fallback::ConflictRepeatedKey);
+        }
+    }
+    let Some(set) = &clause.update else {
+        return Ok(vec![IfExists::Nothing; converted.ops.len()]);
+    };
+    converted
+        .ops
+        .iter()
+        .map(|op| {
+            let RowOp::Insert {
+                table: name,
+                columns,
+                values,
+            } = op
+            else {
+                return Err(Fallback::Shape(reason::UNSUPPORTED));
+            };
+            let proposed = |c: &str| {
+                columns
+                    .iter()
+                    .position(|x| x == c)
+                    .and_then(|i| values.get(i))
+            };
+            let mut key_vals = Vec::with_capacity(key.len());
+            for k in key {
+                key_vals.push(proposed(k).cloned().ok_or(Fallback::KeyNotGiven)?);
+            }
+            let mut assigns = Vec::with_capacity(set.len());
+            for (column, item) in set {
+                let oid = *table.type_oids.get(column).ok_or(Fallback::UnknownColumn)?;
+                if key.contains(column) {
+                    return Err(Fallback::KeyUpdate);
+                }
+                let (op, v) = match item {
+                    ConflictSet::Set(v) => (AssignOp::Set, v),
+                    ConflictSet::Add(v) => (AssignOp::Add, v),
+                    ConflictSet::Sub(v) => (AssignOp::Sub, v),
+                };
+                if op != AssignOp::Set && !is_numeric(oid) {
+                    return Err(Fallback::ArithmeticOnNonNumeric);
+                }
+                let value = match v {
+                    ConflictValue::Value(v) => value(v, column, table, bound, settings)?,
+                    ConflictValue::Excluded(from) => {
+                        // The proposed row's value, already converted to `from`'s
+                        // type: it lands unchanged only in a column of that type.
+                        let same_type = table.type_oids.get(from) == Some(&oid)
+                            && table.typmods.get(from) == table.typmods.get(column);
+                        if !same_type {
+                            return Err(Fallback::Shape(reason::ON_CONFLICT_SET));
+                        }
+                        let v = proposed(from).cloned().ok_or(Fallback::ExcludedDefault)?;
+                        if v.text.is_none() && table.not_null.iter().any(|c| c == column) {
+                            return Err(Fallback::NullInNotNullColumn);
+                        }
+                        v
+                    }
+                };
+                assigns.push(RecAssign {
+                    column: column.clone(),
+                    op,
+                    value,
+                });
+            }
+            Ok(IfExists::Update(RowOp::Update {
+                table: name.clone(),
+                key: key_vals,
+                set: assigns,
+            }))
+        })
+        .collect()
 }
 
 /// `UPDATE t SET … WHERE key`: one operation.
@@ -195,6 +355,7 @@ fn update(
             set: assigns,
         }],
         keys: vec![canon],
+        if_exists: None,
         returning: None,
     })
 }

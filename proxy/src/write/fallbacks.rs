@@ -82,6 +82,13 @@ pub enum Fallback {
     AmbiguousTable,
     /// A reload is moving the table off a deferred policy.
     PolicyReloading,
+    /// `INSERT … ON CONFLICT` whose arbiter is not exactly the primary key (another
+    /// unique constraint conflicts on rows spillway does not follow).
+    ConflictNotPrimaryKey,
+    /// `INSERT … ON CONFLICT` giving one key in two of its rows.
+    ConflictRepeatedKey,
+    /// `DO UPDATE SET c = EXCLUDED.d` where the INSERT left `d` to its default.
+    ExcludedDefault,
     /// `max_pending` reached with `when_full = "write-through"`.
     Full,
 }
@@ -122,6 +129,9 @@ impl Fallback {
             Fallback::CatalogNotLoaded => "catalog_not_loaded",
             Fallback::AmbiguousTable => "ambiguous_table",
             Fallback::PolicyReloading => "policy_reloading",
+            Fallback::ConflictNotPrimaryKey => "on_conflict_not_primary_key",
+            Fallback::ConflictRepeatedKey => "on_conflict_repeated_key",
+            Fallback::ExcludedDefault => "excluded_default",
             Fallback::Full => "full",
         }
     }

@@ -45,6 +45,7 @@ mod session_defects;
 mod setup_script;
 mod transactions;
 mod triggers;
+mod upserts;
 mod write_back;
 mod write_behind;
 mod write_load;

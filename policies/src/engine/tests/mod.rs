@@ -14,6 +14,7 @@ mod held;
 mod keys;
 mod reload;
 mod room;
+mod upsert;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -415,46 +416,46 @@ pub fn table(
     }
 }
 
-pub fn insert(table: &str, id: u32) -> Converted {
+/// One operation on key `id`.
+fn one(verb: Verb, op: RowOp, id: u32) -> Converted {
+    let (ops, keys) = (vec![op], vec![vec![id.to_string()]]);
+    let (if_exists, returning) = (None, None);
     Converted {
-        verb: Verb::Insert,
-        ops: vec![RowOp::Insert {
-            table: format!("public.{table}"),
-            columns: vec!["id".to_owned(), "v".to_owned()],
-            values: vec![Val::plain(Some(&id.to_string())), Val::plain(Some("1"))],
-        }],
-        keys: vec![vec![id.to_string()]],
-        returning: None,
+        verb,
+        ops,
+        keys,
+        if_exists,
+        returning,
     }
+}
+
+pub fn insert(table: &str, id: u32) -> Converted {
+    let table = format!("public.{table}");
+    let columns = vec!["id".to_owned(), "v".to_owned()];
+    let values = vec![Val::plain(Some(&id.to_string())), Val::plain(Some("1"))];
+    let op = RowOp::Insert {
+        table,
+        columns,
+        values,
+    };
+    one(Verb::Insert, op, id)
 }
 
 pub fn update(table: &str, id: u32) -> Converted {
-    Converted {
-        verb: Verb::Update,
-        ops: vec![RowOp::Update {
-            table: format!("public.{table}"),
-            key: vec![Val::plain(Some(&id.to_string()))],
-            set: vec![Assign {
-                column: "v".to_owned(),
-                op: AssignOp::Set,
-                value: Val::plain(Some("2")),
-            }],
-        }],
-        keys: vec![vec![id.to_string()]],
-        returning: None,
-    }
+    let set = vec![Assign {
+        column: "v".to_owned(),
+        op: AssignOp::Set,
+        value: Val::plain(Some("2")),
+    }];
+    let key = vec![Val::plain(Some(&id.to_string()))];
+    let table = format!("public.{table}");
+    one(Verb::Update, RowOp::Update { table, key, set }, id)
 }
 
 pub fn delete(table: &str, id: u32) -> Converted {
-    Converted {
-        verb: Verb::Delete,
-        ops: vec![RowOp::Delete {
-            table: format!("public.{table}"),
-            key: vec![Val::plain(Some(&id.to_string()))],
-        }],
-        keys: vec![vec![id.to_string()]],
-        returning: None,
-    }
+    let key = vec![Val::plain(Some(&id.to_string()))];
+    let table = format!("public.{table}");
+    one(Verb::Delete, RowOp::Delete { table, key }, id)
 }
 
 /// An engine over tables, a database with `rows`, and its flush worker.

@@ -19,7 +19,7 @@ use spillway_policies::changes::key_types::{INT2, INT4, INT8, TEXT, UUID, VARCHA
 use spillway_policies::changes::{canonical_binary_key, canonical_key};
 
 use crate::read::catalog::{Catalog, Relation};
-use crate::read::classify::{Operand, PointFilter, Value, WriteShape};
+use crate::read::classify::{ConflictTarget, OnConflict, Operand, PointFilter, Value, WriteShape};
 
 /// One primary-key column's value as a statement gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,14 +91,37 @@ pub fn write_keys(shape: &WriteShape, catalog: &Catalog) -> Option<WriteKeys> {
             vec![key_parts(catalog, rel.oid, key)?]
         }
         WriteShape::Delete { key, .. } => vec![key_parts(catalog, rel.oid, key)?],
-        WriteShape::Insert { columns, rows, .. } => rows
-            .iter()
-            .map(|row| {
-                let named: Vec<(String, Value)> =
-                    columns.iter().cloned().zip(row.iter().cloned()).collect();
-                key_parts(catalog, rel.oid, &named)
-            })
-            .collect::<Option<_>>()?,
+        WriteShape::Insert {
+            columns,
+            rows,
+            on_conflict,
+            ..
+        } => {
+            // DO UPDATE changes the row whose arbiter conflicts: the given key's only
+            // when the arbiter is the primary key and the key is not assigned.
+            if let Some(OnConflict {
+                target,
+                update: Some(set),
+            }) = on_conflict
+            {
+                let on_pk = match target {
+                    ConflictTarget::Columns(cols) => {
+                        cols.len() == pk.len() && pk.iter().all(|(k, _)| cols.contains(k))
+                    }
+                    ConflictTarget::Constraint(_) => false,
+                };
+                if !on_pk || set.iter().any(|(c, _)| pk.iter().any(|(k, _)| k == c)) {
+                    return None;
+                }
+            }
+            rows.iter()
+                .map(|row| {
+                    let named: Vec<(String, Value)> =
+                        columns.iter().cloned().zip(row.iter().cloned()).collect();
+                    key_parts(catalog, rel.oid, &named)
+                })
+                .collect::<Option<_>>()?
+        }
     };
     Some(WriteKeys {
         table: rel.oid,

@@ -42,7 +42,10 @@ use std::mem::size_of;
 pub use analyze::analyze;
 pub use memo::{Classifier, ClassifierLimits};
 pub use shape::point::PointFilter;
-pub use shape::{Assign, Operand, Returned, Value, WriteShape, reason};
+pub use shape::{
+    Assign, ConflictSet, ConflictTarget, ConflictValue, OnConflict, Operand, Returned, Value,
+    WriteShape, reason,
+};
 
 /// Result of analysing one query string (which may hold several statements).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -160,13 +160,10 @@ impl Caching {
             else {
                 return self.leave_held(out);
             };
-            let replay: Option<Vec<String>> = w.tables().deferring(&table).and_then(|t| {
-                converted
-                    .ops
-                    .iter()
-                    .map(|op| spillway_policies::writes::replay::statement(op, &t.meta).ok())
-                    .collect()
-            });
+            let replay: Option<Vec<String>> = w
+                .tables()
+                .deferring(&table)
+                .and_then(|t| crate::write::convert::replay(&converted, &t.meta));
             let Some(replay) = replay else {
                 return self.leave_held(out);
             };

@@ -135,6 +135,7 @@ async fn django_shop() {
 
 #[tokio::test]
 async fn knex_shop() {
+    // 38 of 114 since its 24 counter upserts (ON CONFLICT on the primary key) defer.
     let share = run_shop(Lang::Node, "shop_knex.js").await;
-    assert!(share >= 0.10, "{share}");
+    assert!(share >= 0.30, "{share}");
 }

@@ -47,6 +47,7 @@ use super::RelName;
 use target::Target;
 use value::{node, value};
 
+mod conflict;
 pub mod point;
 pub mod reason;
 mod target;
@@ -92,6 +93,40 @@ pub enum Assign {
     Sub(Value),
 }
 
+/// The arbiter of `INSERT … ON CONFLICT`: a column list (`(a, b)`, plain columns, no
+/// expression, collation, operator class or WHERE) or `ON CONSTRAINT name`. Whether it
+/// is the primary key is for the caller, which has the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConflictTarget {
+    Columns(Vec<String>),
+    Constraint(String),
+}
+
+/// A value an `ON CONFLICT DO UPDATE SET` item reads: one the statement supplies, or
+/// the row proposed for insertion (`EXCLUDED.c`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConflictValue {
+    Value(Value),
+    Excluded(String),
+}
+
+/// `ON CONFLICT … DO UPDATE SET col = …`: like [`Assign`], with `EXCLUDED.c` allowed
+/// as the value or the delta (`c = t.c + EXCLUDED.c`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConflictSet {
+    Set(ConflictValue),
+    Add(ConflictValue),
+    Sub(ConflictValue),
+}
+
+/// `INSERT … ON CONFLICT target DO NOTHING | DO UPDATE SET …` (no WHERE on either).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnConflict {
+    pub target: ConflictTarget,
+    /// `None`: DO NOTHING; else the SET list of DO UPDATE.
+    pub update: Option<Vec<(String, ConflictSet)>>,
+}
+
 /// One item of an accepted RETURNING list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Returned {
@@ -103,14 +138,17 @@ pub enum Returned {
 }
 
 /// A deferrable INSERT/UPDATE/DELETE as its text gives it. `returning` is empty
-/// without a RETURNING clause.
+/// without a RETURNING clause. An INSERT column given `DEFAULT` in every row is not in
+/// `columns` (the same INSERT as one leaving it out).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteShape {
-    /// `INSERT INTO t (c1, c2, …) VALUES (…), (…)`: every row as wide as `columns`.
+    /// `INSERT INTO t (c1, c2, …) VALUES (…), (…) [ON CONFLICT …]`: every row as wide
+    /// as `columns`.
     Insert {
         table: RelName,
         columns: Vec<String>,
         rows: Vec<Vec<Value>>,
+        on_conflict: Option<OnConflict>,
         returning: Vec<Returned>,
     },
     /// `UPDATE [ONLY] t SET … WHERE k1 = v AND k2 = v`; `only` records `ONLY`
@@ -147,13 +185,14 @@ fn insert(s: &InsertStmt) -> Result<WriteShape, &'static str> {
         return Err(r::WITH_CLAUSE);
     }
     let returning = returning(s.returning_clause.as_ref(), s.relation.as_ref())?;
-    if s.on_conflict_clause.is_some() {
-        return Err(r::ON_CONFLICT);
-    }
+    let target = Target::of(s.relation.as_ref())?;
+    let on_conflict = match s.on_conflict_clause.as_deref() {
+        None => None,
+        Some(clause) => Some(conflict::on_conflict(clause, &target)?),
+    };
     if s.r#override != OverridingKind::OverridingNotSet as i32 {
         return Err(r::OVERRIDING);
     }
-    let target = Target::of(s.relation.as_ref())?;
     let select = match node(s.select_stmt.as_deref()) {
         None => return Err(r::DEFAULT_VALUES),
         Some(NodeEnum::SelectStmt(select)) if is_plain_values(select) => select,
@@ -169,7 +208,7 @@ fn insert(s: &InsertStmt) -> Result<WriteShape, &'static str> {
         };
         push_column(&mut columns, target_column(col)?)?;
     }
-    let mut rows = Vec::with_capacity(select.values_lists.len());
+    let mut lists = Vec::with_capacity(select.values_lists.len());
     for row in &select.values_lists {
         let Some(NodeEnum::List(row)) = row.node.as_ref() else {
             return Err(r::UNSUPPORTED);
@@ -177,10 +216,31 @@ fn insert(s: &InsertStmt) -> Result<WriteShape, &'static str> {
         if row.items.len() != columns.len() {
             return Err(r::COLUMN_COUNT_MISMATCH);
         }
-        let row = row
-            .items
+        lists.push(&row.items);
+    }
+    // A column given `DEFAULT` in every row is the same INSERT as one that leaves it
+    // out (PostgreSQL fills both from the column's default): it is left out, and the
+    // caller treats it as any omitted column. `DEFAULT` in only some rows is
+    // [`r::DEFAULT_VALUE`].
+    let is_default = |n: &Node| matches!(n.node.as_ref(), Some(NodeEnum::SetToDefault(_)));
+    let keep: Vec<bool> = (0..columns.len())
+        .map(|i| !lists.iter().all(|row| row.get(i).is_some_and(is_default)))
+        .collect();
+    let columns: Vec<String> = columns
+        .into_iter()
+        .zip(&keep)
+        .filter_map(|(c, k)| k.then_some(c))
+        .collect();
+    if columns.is_empty() {
+        return Err(r::DEFAULT_VALUE);
+    }
+    let mut rows = Vec::with_capacity(lists.len());
+    for items in lists {
+        let row = items
             .iter()
-            .map(|item| value(node(Some(item)), r::EXPRESSION))
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(item, _)| value(node(Some(item)), r::EXPRESSION))
             .collect::<Result<Vec<_>, _>>()?;
         rows.push(row);
     }
@@ -188,6 +248,7 @@ fn insert(s: &InsertStmt) -> Result<WriteShape, &'static str> {
         table: target.table,
         columns,
         rows,
+        on_conflict,
         returning,
     })
 }
@@ -406,10 +467,12 @@ impl WriteShape {
                 table,
                 columns,
                 rows,
+                on_conflict,
                 returning,
             } => {
                 rel(table)
                     + returned(returning)
+                    + on_conflict.as_ref().map_or(0, OnConflict::heap_bytes)
                     + columns
                         .iter()
                         .map(|c| size_of::<String>() + c.len())

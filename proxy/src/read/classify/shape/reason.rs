@@ -9,8 +9,15 @@ pub const WITH_CLAUSE: &str = "with_clause";
 /// expression, a function, `old.`/`new.`): its values may be unknown until the row
 /// is written.
 pub const RETURNING: &str = "returning";
-/// `INSERT … ON CONFLICT`.
+/// `INSERT … ON CONFLICT` in a form not otherwise labelled (kept: a dashboard label).
 pub const ON_CONFLICT: &str = "on_conflict";
+/// `ON CONFLICT` without an arbiter (any unique constraint), or with an expression,
+/// collation, operator class or WHERE in it.
+pub const ON_CONFLICT_TARGET: &str = "on_conflict_target";
+/// `ON CONFLICT … DO UPDATE … WHERE`.
+pub const ON_CONFLICT_WHERE: &str = "on_conflict_where";
+/// A `DO UPDATE SET` item other than a value, `EXCLUDED.c` or `c ± either`.
+pub const ON_CONFLICT_SET: &str = "on_conflict_set";
 /// `INSERT … OVERRIDING SYSTEM|USER VALUE`.
 pub const OVERRIDING: &str = "overriding";
 /// `INSERT … DEFAULT VALUES`.
@@ -55,10 +62,13 @@ pub const MULTIPLE_ASSIGNMENT: &str = "multiple_assignment";
 pub const UNSUPPORTED: &str = "unsupported";
 
 /// Every reason, for registering metric labels up front.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 27] = [
     WITH_CLAUSE,
     RETURNING,
     ON_CONFLICT,
+    ON_CONFLICT_TARGET,
+    ON_CONFLICT_WHERE,
+    ON_CONFLICT_SET,
     OVERRIDING,
     DEFAULT_VALUES,
     INSERT_SELECT,

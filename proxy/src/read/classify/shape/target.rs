@@ -173,7 +173,7 @@ pub(super) fn flatten_and<'n>(filter: &'n NodeEnum, out: &mut Vec<&'n NodeEnum>)
 }
 
 /// The operator of a plain binary `l op r` (unqualified, both operands present).
-fn binary_operator(e: &AExpr) -> Option<&str> {
+pub(super) fn binary_operator(e: &AExpr) -> Option<&str> {
     if e.kind != AExprKind::AexprOp as i32 || e.lexpr.is_none() || e.rexpr.is_none() {
         return None;
     }

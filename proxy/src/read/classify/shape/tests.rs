@@ -51,6 +51,7 @@ fn ins(table: &str, columns: &[&str], rows: Vec<Vec<Value>>) -> WriteShape {
         table: rel(table),
         columns: columns.iter().map(|c| (*c).to_owned()).collect(),
         rows,
+        on_conflict: None,
         returning: Vec::new(),
     }
 }
@@ -289,7 +290,90 @@ fn returning_lists_of_plain_columns_are_kept() {
     // Clauses checked after RETURNING still disqualify.
     assert_eq!(
         shape("INSERT INTO t (id) VALUES (1) ON CONFLICT DO NOTHING RETURNING id"),
-        Err(reason::ON_CONFLICT)
+        Err(reason::ON_CONFLICT_TARGET)
+    );
+}
+
+/// `DEFAULT` in every row of a column: the column is left out, as PostgreSQL treats
+/// both alike; in only some rows it is still a reason.
+#[test]
+fn default_in_every_row_leaves_the_column_out() {
+    assert_eq!(
+        shape("INSERT INTO t (id, c, v) VALUES ($1, DEFAULT, $2)"),
+        Ok(ins("t", &["id", "v"], vec![vec![param(1), param(2)]]))
+    );
+    assert_eq!(
+        shape("INSERT INTO t (id, c) VALUES (1, DEFAULT), (2, DEFAULT)"),
+        Ok(ins("t", &["id"], vec![vec![lit("1")], vec![lit("2")]]))
+    );
+    assert_eq!(
+        shape("INSERT INTO t (id, c) VALUES (1, DEFAULT), (2, 3)"),
+        Err(reason::DEFAULT_VALUE)
+    );
+    assert_eq!(
+        shape("INSERT INTO t (c) VALUES (DEFAULT)"),
+        Err(reason::DEFAULT_VALUE)
+    );
+}
+
+/// `ON CONFLICT (cols) | ON CONSTRAINT c` with DO NOTHING or DO UPDATE SET of values,
+/// `EXCLUDED.c` and `c ± either`, the target qualified by its name or alias.
+#[test]
+fn accepted_upserts() {
+    let excl = |c: &str| ConflictValue::Excluded(c.to_owned());
+    let with = |target: ConflictTarget, update: Option<Vec<(&str, ConflictSet)>>| {
+        let mut s = ins("t", &["id", "v"], vec![vec![param(1), param(2)]]);
+        if let WriteShape::Insert { on_conflict, .. } = &mut s {
+            *on_conflict = Some(OnConflict {
+                target,
+                update: update.map(named),
+            });
+        }
+        s
+    };
+    let cols = |c: &[&str]| ConflictTarget::Columns(c.iter().map(|c| (*c).to_owned()).collect());
+    let cases = [
+        (
+            "INSERT INTO t (id, v) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            with(cols(&["id"]), None),
+        ),
+        (
+            "INSERT INTO t (id, v) VALUES ($1, $2) ON CONFLICT ON CONSTRAINT t_pkey DO NOTHING",
+            with(ConflictTarget::Constraint("t_pkey".to_owned()), None),
+        ),
+        (
+            "INSERT INTO t (id, v) VALUES ($1, $2) ON CONFLICT (a, b) DO UPDATE SET v = EXCLUDED.v",
+            with(
+                cols(&["a", "b"]),
+                Some(vec![("v", ConflictSet::Set(excl("v")))]),
+            ),
+        ),
+        (
+            "INSERT INTO t (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE \
+             SET v = t.v + excluded.v, w = excluded.v + w, x = x - excluded.y, y = 5, z = z + $3",
+            with(
+                cols(&["id"]),
+                Some(vec![
+                    ("v", ConflictSet::Add(excl("v"))),
+                    ("w", ConflictSet::Add(excl("v"))),
+                    ("x", ConflictSet::Sub(excl("y"))),
+                    ("y", ConflictSet::Set(ConflictValue::Value(lit("5")))),
+                    ("z", ConflictSet::Add(ConflictValue::Value(param(3)))),
+                ]),
+            ),
+        ),
+    ];
+    for (sql, expected) in cases {
+        assert_eq!(shape(sql), Ok(expected), "{sql}");
+    }
+    // An alias qualifies the existing row.
+    let aliased = shape(
+        "INSERT INTO t AS c (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = c.v + EXCLUDED.v",
+    );
+    assert!(
+        matches!(&aliased, Ok(WriteShape::Insert { on_conflict: Some(OnConflict { update: Some(set), .. }), .. })
+            if set == &named(vec![("v", ConflictSet::Add(excl("v")))])),
+        "{aliased:?}"
     );
 }
 
@@ -313,8 +397,22 @@ fn rejected_forms() {
         ("DELETE FROM t WHERE id = 1 RETURNING WITH (OLD AS o) id", r::RETURNING),
         // An unknown RETURNING outranks the clauses after it.
         ("INSERT INTO t (id) VALUES (1) ON CONFLICT DO NOTHING RETURNING f(id)", r::RETURNING),
-        ("INSERT INTO t (id) VALUES (1) ON CONFLICT DO NOTHING", r::ON_CONFLICT),
-        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = excluded.v", r::ON_CONFLICT),
+        ("INSERT INTO t (id) VALUES (1) ON CONFLICT DO NOTHING", r::ON_CONFLICT_TARGET),
+        ("INSERT INTO t (id) VALUES (1) ON CONFLICT (lower(id)) DO NOTHING", r::ON_CONFLICT_TARGET),
+        ("INSERT INTO t (id) VALUES (1) ON CONFLICT (id COLLATE \"C\") DO NOTHING", r::ON_CONFLICT_TARGET),
+        ("INSERT INTO t (id) VALUES (1) ON CONFLICT (id text_pattern_ops) DO NOTHING", r::ON_CONFLICT_TARGET),
+        ("INSERT INTO t (id) VALUES (1) ON CONFLICT (id) WHERE id > 0 DO NOTHING", r::ON_CONFLICT_TARGET),
+        ("INSERT INTO t (id) VALUES (1) ON CONFLICT (id, id) DO NOTHING", r::ON_CONFLICT_TARGET),
+        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = 3 WHERE t.v < 3", r::ON_CONFLICT_WHERE),
+        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = excluded.v * 2", r::ON_CONFLICT_SET),
+        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = excluded.v - t.v", r::ON_CONFLICT_SET),
+        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = t.w + excluded.v", r::ON_CONFLICT_SET),
+        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = u.v", r::ON_CONFLICT_SET),
+        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = now()", r::FUNCTION),
+        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = (SELECT 1)", r::SUBQUERY),
+        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET (v, w) = (1, 2)", r::MULTIPLE_ASSIGNMENT),
+        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = 1, v = 2", r::DUPLICATE_COLUMN),
+        ("INSERT INTO excluded (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = excluded.v", r::ON_CONFLICT_SET),
         ("INSERT INTO t (id) OVERRIDING SYSTEM VALUE VALUES (1)", r::OVERRIDING),
         ("INSERT INTO t (id) SELECT 1", r::INSERT_SELECT),
         ("INSERT INTO t (id) SELECT id FROM u", r::INSERT_SELECT),
@@ -343,7 +441,7 @@ fn rejected_forms() {
         ("INSERT INTO t (c.f) VALUES (1)", r::INDIRECTION),
         ("UPDATE t SET a[1] = 2 WHERE id = 1", r::INDIRECTION),
         // Values.
-        ("INSERT INTO t (id, v) VALUES (1, DEFAULT)", r::DEFAULT_VALUE),
+        ("INSERT INTO t (id, v) VALUES (1, DEFAULT), (2, 3)", r::DEFAULT_VALUE),
         ("UPDATE t SET v = DEFAULT WHERE id = 1", r::DEFAULT_VALUE),
         ("INSERT INTO t (id, at) VALUES (1, now())", r::FUNCTION),
         ("INSERT INTO t (id) VALUES (gen_random_uuid())", r::FUNCTION),

@@ -252,14 +252,8 @@ impl Caching {
         };
         let replay: Option<Vec<String>> = {
             let set = w.tables();
-            set.deferring(&table).and_then(|t| {
-                let meta = &t.meta;
-                converted
-                    .ops
-                    .iter()
-                    .map(|op| spillway_policies::writes::replay::statement(op, meta).ok())
-                    .collect()
-            })
+            set.deferring(&table)
+                .and_then(|t| crate::write::convert::replay(&converted, &t.meta))
         };
         let Some(replay) = replay else {
             return self.leave_held(out);
