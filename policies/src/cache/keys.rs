@@ -13,8 +13,7 @@
 //! - Keys are equal only when their bytes are (the hash only finds candidates).
 //! - The hasher is seeded at random per cache: clients choose statements and
 //!   parameters, so bucket collisions must not be theirs to choose. It is aHash (ADR
-//!   0029): keyed like SipHash, and a prepared hit's key hashes in about a third of
-//!   SipHash-1-3's instructions.
+//!   0029): keyed like SipHash, and cheaper on a hit's short parts.
 //!
 //! [`ResultCache::stream`]: super::ResultCache::stream
 
