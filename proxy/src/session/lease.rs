@@ -21,13 +21,17 @@
 //!   lease is held (in transaction mode: to the connection leased now, if any).
 //! - Transaction mode: a pooled connection goes back to its pool only through
 //!   [`Lease::release`]; dropped any other way it is closed.
+//! - Transaction mode: every byte written to a leased connection went through the
+//!   session's [`Translator`] first ([`Lease::translate`]), and every backend message
+//!   read from it is shown to it ([`Filter`]), so named prepared statements follow
+//!   the client from connection to connection (ADR 0028).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::GaugeGuard;
 use crate::error::SessionError;
@@ -36,6 +40,7 @@ use crate::net::conn::Conn;
 use crate::net::pool::{Leased, Pool};
 use crate::net::stream::Stream;
 use crate::net::upstream::{Canceller, Connector};
+use crate::protocol::prepared::{Reply, ServerStatements, Translator};
 use crate::protocol::startup::StartupMessage;
 
 /// `application_name` of a probe's backend, so an operator can tell it apart.
@@ -70,8 +75,15 @@ struct Pooled {
     leased: Option<Leased>,
     /// A wait for a connection, while one runs.
     acquiring: Option<Acquiring>,
-    /// Named protocol-level statements the client prepared and has not closed: they
-    /// live on the leased connection only, so the session keeps it (pinned).
+    /// Named prepared statements carried across leases (`protocol/prepared.rs`);
+    /// `None` with `pool.max_prepared_statements = 0`.
+    translator: Option<Translator>,
+    /// Bytes at the head of the queue toward upstream already translated for the
+    /// leased connection.
+    translated: usize,
+    /// Without a translator: named protocol-level statements the client prepared and
+    /// has not closed, which live on the leased connection only, so the session keeps
+    /// it (pinned).
     statements: std::collections::HashSet<String>,
     /// The client ran SQL whose effect outlives its transaction on that connection
     /// (LISTEN, PREPARE, a temporary table, a `WITH HOLD` cursor, a session advisory
@@ -128,6 +140,7 @@ impl Lease {
         key: &CancelKey,
         startup: &StartupMessage,
     ) -> Self {
+        let max_prepared = pool.max_prepared();
         Self {
             conn: Conn::new(Stream::Detached),
             lost: None,
@@ -142,6 +155,8 @@ impl Lease {
                 pool,
                 leased: None,
                 acquiring: None,
+                translator: (max_prepared > 0).then(|| Translator::new(max_prepared)),
+                translated: 0,
                 statements: std::collections::HashSet::new(),
                 pinned: false,
             })),
@@ -189,11 +204,51 @@ impl Lease {
             });
         }
         p.leased = Some(leased);
+        p.translated = 0;
+        if let Some(t) = p.translator.as_mut() {
+            t.start_lease();
+        }
         Poll::Ready(Ok(()))
     }
 
-    /// Transaction mode: notes what a client message means for pinning (named
-    /// statements prepared and closed, SQL whose effect outlives the transaction).
+    /// Transaction mode: rewrites what was queued toward upstream since the last call
+    /// for the leased connection (named statements under their server names, prepared
+    /// there first where missing). Nothing happens while no connection is leased.
+    pub fn translate(&mut self, queue: &mut BytesMut) {
+        let Some(p) = self.pooled.as_deref_mut() else {
+            return;
+        };
+        let (Some(t), Some(leased)) = (p.translator.as_mut(), p.leased.as_mut()) else {
+            return;
+        };
+        if let Some((_, server)) = leased.parts() {
+            p.translated = t.translate(queue, p.translated, server);
+        }
+    }
+
+    /// Transaction mode: `n` bytes of the queue toward upstream were written.
+    pub fn drained(&mut self, n: usize) {
+        if let Some(p) = self.pooled.as_deref_mut() {
+            p.translated = p.translated.saturating_sub(n);
+        }
+    }
+
+    /// The server connection, with the filter its backend messages go through first
+    /// (transaction mode with named statements carried across leases).
+    pub fn server_filtered(&mut self) -> Option<(&mut Conn, Option<Filter<'_>>)> {
+        match self.pooled.as_deref_mut() {
+            Some(p) => {
+                let (conn, server) = p.leased.as_mut()?.parts()?;
+                let filter = p.translator.as_mut().map(|t| Filter { t, server });
+                Some((conn, filter))
+            }
+            None => self.lost.is_none().then_some((&mut self.conn, None)),
+        }
+    }
+
+    /// Transaction mode: notes what a client message means for pinning (SQL whose
+    /// effect outlives the transaction; named statements prepared and closed when
+    /// they are not carried across leases).
     pub fn observe(&mut self, msg: &[u8]) {
         use crate::protocol::frontend;
         let Some(p) = self.pooled.as_deref_mut() else {
@@ -201,12 +256,12 @@ impl Lease {
         };
         let body = frontend::body(msg);
         match msg[0] {
-            frontend::PARSE => {
+            frontend::PARSE if p.translator.is_none() => {
                 if let Some(parse) = frontend::parse(body).filter(|p| !p.name.is_empty()) {
                     p.statements.insert(parse.name.to_owned());
                 }
             }
-            frontend::CLOSE => {
+            frontend::CLOSE if p.translator.is_none() => {
                 if let Some(t) = frontend::target(body).filter(|t| t.kind == b'S') {
                     p.statements.remove(t.name);
                 }
@@ -228,16 +283,27 @@ impl Lease {
     }
 
     /// Transaction mode: the session is idle; the connection goes back to the pool,
-    /// unless the session is pinned to it (named statements, session-level state).
+    /// unless the session is pinned to it (session-level state; named statements
+    /// when they are not carried across leases).
     pub fn release(&mut self) {
-        if self
-            .pooled
-            .as_deref()
-            .is_some_and(|p| p.pinned || !p.statements.is_empty())
-        {
+        let Some(p) = self.pooled.as_deref_mut() else {
+            return;
+        };
+        if p.pinned || !p.statements.is_empty() {
             return;
         }
-        if let Some(leased) = self.pooled.as_deref_mut().and_then(|p| p.leased.take()) {
+        if let Some(mut leased) = p.leased.take() {
+            if let Some(t) = p.translator.as_mut() {
+                if let Some((_, server)) = leased.parts() {
+                    t.end_lease(server);
+                }
+                let injected = t.take_injected();
+                if injected > 0 {
+                    metrics::counter!(crate::metrics::POOL_STATEMENTS_PREPARED)
+                        .increment(injected);
+                }
+            }
+            p.translated = 0;
             self.canceller = None;
             self.cancel.attach(self.client_pid, self.cancel_id, None);
             leased.release();
@@ -302,6 +368,19 @@ impl Lease {
         let connector = self.connector.clone();
         let startup = self.probe_startup.clone();
         async move { connector.accepts_sessions(&startup).await }
+    }
+}
+
+/// What the relay does with backend messages of a pooled connection before the
+/// handler sees them: answers to statements spillway prepared there are swallowed.
+pub struct Filter<'a> {
+    t: &'a mut Translator,
+    server: &'a mut ServerStatements,
+}
+
+impl Filter<'_> {
+    pub fn on_backend(&mut self, tag: u8) -> Reply {
+        self.t.on_backend(tag, self.server)
     }
 }
 

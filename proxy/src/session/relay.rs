@@ -51,8 +51,9 @@ use super::state::{Outbox, ProtocolState};
 use crate::error::SessionError;
 use crate::net::conn::{Conn, poll_drain, shrink_if_idle, write_out};
 use crate::net::signal::{Phase, Subscription};
-use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
+use crate::protocol::prepared::Reply;
+use crate::protocol::{backend, frontend};
 
 /// Output buffered toward one side before spillway stops reading from the other.
 pub const WINDOW: usize = 256 * 1024;
@@ -306,12 +307,17 @@ impl Relay {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }
+            // Named statements under the leased connection's names (ADR 0028).
+            self.lease.translate(self.out.to_upstream());
         }
+        let queued = self.out.to_upstream().len();
         if let Some(server) = self.lease.server()
             && let Err(e) = poll_drain(&mut server.stream, self.out.to_upstream(), cx)
         {
             return Poll::Ready(Err(SessionError::UpstreamIo(e)));
         }
+        let written = queued - self.out.to_upstream().len();
+        self.lease.drained(written);
         if let Err(e) = poll_drain(&mut self.client.stream, self.out.to_client(), cx) {
             return Poll::Ready(Err(SessionError::ClientIo(e)));
         }
@@ -413,7 +419,7 @@ impl Relay {
     /// [`Relay::on_upstream_data`]'s loop; `Some((cause, FATAL))` when PostgreSQL
     /// ended an idle session with a FATAL the session may survive (not relayed yet).
     fn on_backend_messages(&mut self) -> Result<Option<(String, Bytes)>, SessionError> {
-        let Some(server) = self.lease.server() else {
+        let Some((server, mut filter)) = self.lease.server_filtered() else {
             return Ok(None);
         };
         let inbuf = &mut server.inbuf;
@@ -441,6 +447,11 @@ impl Relay {
                 // Any message this large is streamed, whatever its type (a client can
                 // make PostgreSQL raise a 300 MB error). Of what spillway tracks, only
                 // an error's severity matters here, and PostgreSQL sends it first.
+                if let Some(f) = filter.as_mut() {
+                    // Only an ErrorResponse is ever this large: it counts for the
+                    // statements in flight, and passes.
+                    f.on_backend(h.tag);
+                }
                 if h.tag == backend::ERROR_RESPONSE
                     && backend::prefix_is_fatal(&inbuf[Header::SIZE..])
                 {
@@ -465,6 +476,19 @@ impl Relay {
                 }
                 self.server_fatal = Some(backend::describe_error(&msg[Header::SIZE..]));
             }
+            let msg = match filter.as_mut().map(|f| f.on_backend(h.tag)) {
+                None | Some(Reply::Pass) => msg,
+                Some(Reply::Swallow) => {
+                    // The answer to a statement spillway prepared on this connection.
+                    inbuf.advance(h.total_len);
+                    continue;
+                }
+                Some(Reply::AsParseComplete) => frontend::PARSE_COMPLETE,
+            };
+            let h = Header {
+                tag: msg[0],
+                ..h
+            };
             match self.handler.on_backend(h.tag, msg) {
                 Delivery::Pass => self.out.relay(msg),
                 Delivery::Swallow => self.out.swallow(msg),
