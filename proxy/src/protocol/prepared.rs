@@ -310,6 +310,76 @@ impl Translator {
         end
     }
 
+    /// With no server connection leased: when `queue` holds only whole Parses of
+    /// named statements, Closes of statements and Syncs, ending with a Sync, they
+    /// need no server. The statements are remembered (prepared on a connection when
+    /// first bound or described there), the queue is emptied, and the answers
+    /// PostgreSQL would give are returned (ParseComplete, CloseComplete, and
+    /// ReadyForQuery `I` per Sync: the caller knows no transaction is open).
+    ///
+    /// This is what lets a client that prepares synchronously (libpq's `PQprepare`,
+    /// as pgbench `-M prepared` does) never wait for a connection for it: waiting
+    /// there would block every other client of its thread, some holding connections
+    /// in their transactions.
+    pub fn answer_without_server(&mut self, queue: &mut BytesMut) -> Option<Vec<u8>> {
+        let mut rest = &queue[..];
+        let mut last = 0;
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest.get(1..5)?.try_into().ok()?) as usize;
+            let msg = rest.get(..len.checked_add(1)?)?;
+            let local = match msg[0] {
+                PARSE => frontend::parse(frontend::body(msg)).is_some_and(|p| !p.name.is_empty()),
+                CLOSE => frontend::target(frontend::body(msg)).is_some_and(|t| t.kind == b'S'),
+                SYNC => true,
+                _ => false,
+            };
+            if !local {
+                return None;
+            }
+            last = msg[0];
+            rest = &rest[msg.len()..];
+        }
+        if last != SYNC {
+            return None;
+        }
+        let mut answers = Vec::new();
+        let mut rest = &queue[..];
+        while rest.len() >= Header::SIZE {
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            let (msg, tail) = rest.split_at(len + 1);
+            let body = frontend::body(msg);
+            match msg[0] {
+                PARSE => {
+                    if let Some(p) = frontend::parse(body) {
+                        let server_name = server_name(p.sql, p.param_types);
+                        self.named.insert(
+                            p.name.to_owned(),
+                            Arc::new(Def {
+                                parse: parse_message(&server_name, p.sql, p.param_types),
+                                server_name: server_name.into(),
+                            }),
+                        );
+                    }
+                    answers.extend_from_slice(frontend::PARSE_COMPLETE);
+                }
+                CLOSE => {
+                    if let Some(t) = frontend::target(body) {
+                        if t.name.is_empty() {
+                            self.unnamed = None;
+                        } else {
+                            self.named.remove(t.name);
+                        }
+                    }
+                    answers.extend_from_slice(frontend::CLOSE_COMPLETE);
+                }
+                _ => answers.extend_from_slice(&frontend::ready_for_query(b'I')),
+            }
+            rest = tail;
+        }
+        queue.clear();
+        Some(answers)
+    }
+
     /// One frontend message toward the server.
     fn message(&mut self, msg: &[u8], out: &mut BytesMut, server: &mut ServerStatements) {
         let cycle = self.cycles_sent;
@@ -971,6 +1041,52 @@ mod tests {
         send(&mut t, &mut server, &[frontend::query_message("DISCARD ALL;")]);
         assert!(server.is_empty());
         assert_eq!(t.client_statements(), 0);
+    }
+
+    #[test]
+    fn prepares_and_closes_alone_are_answered_without_a_server() {
+        let mut t = Translator::new(0);
+        let mut queue = BytesMut::new();
+        queue.extend_from_slice(&build::parse("s1", "SELECT 1", &[]));
+        queue.extend_from_slice(SYNC_MSG);
+        let answers = t.answer_without_server(&mut queue).expect("local");
+        assert_eq!(answers, b"1\0\0\0\x04Z\0\0\0\x05I");
+        assert!(queue.is_empty());
+        assert_eq!(t.client_statements(), 1);
+        // Bound later on a connection: prepared there first.
+        let mut server = ServerStatements::default();
+        t.start_lease();
+        let sent = send(
+            &mut t,
+            &mut server,
+            &[build::bind("", "s1", &[], &[]), SYNC_MSG.to_vec()],
+        );
+        assert_eq!(sent, ["P sw SELECT 1", "B  sw", "S"]);
+        replies(&mut t, &mut server, b"12Z");
+        t.end_lease(&mut server);
+        // A Close and its Sync: no server either.
+        let mut queue = BytesMut::from(&target(CLOSE, b'S', "s1")[..]);
+        queue.extend_from_slice(SYNC_MSG);
+        assert!(t.answer_without_server(&mut queue).is_some());
+        assert_eq!(t.client_statements(), 0);
+        // Anything else, or no Sync at the end, needs the server.
+        for msgs in [
+            vec![build::parse("s2", "SELECT 2", &[])],
+            vec![
+                build::parse("s2", "SELECT 2", &[]),
+                target(DESCRIBE, b'S', "s2"),
+                SYNC_MSG.to_vec(),
+            ],
+            vec![build::parse("", "SELECT 2", &[]), SYNC_MSG.to_vec()],
+        ] {
+            let mut queue = BytesMut::new();
+            for m in &msgs {
+                queue.extend_from_slice(m);
+            }
+            let before = queue.clone();
+            assert!(t.answer_without_server(&mut queue).is_none());
+            assert_eq!(queue, before, "left as it was");
+        }
     }
 
     #[test]

@@ -226,6 +226,29 @@ impl Lease {
         }
     }
 
+    /// Transaction mode, no connection leased or being waited for: answers what is
+    /// queued toward upstream when it needs no server (named statements prepared or
+    /// closed, and their Sync: `Translator::answer_without_server`). The answers are
+    /// read as if PostgreSQL had sent them ([`Lease::server_filtered`]); true if so.
+    pub fn answer_locally(&mut self, queue: &mut BytesMut) -> bool {
+        let Some(p) = self.pooled.as_deref_mut() else {
+            return false;
+        };
+        if p.leased.is_some() || p.acquiring.is_some() {
+            return false;
+        }
+        let Some(answers) = p
+            .translator
+            .as_mut()
+            .and_then(|t| t.answer_without_server(queue))
+        else {
+            return false;
+        };
+        p.translated = 0;
+        self.conn.inbuf.extend_from_slice(&answers);
+        true
+    }
+
     /// Transaction mode: `n` bytes of the queue toward upstream were written.
     pub fn drained(&mut self, n: usize) {
         if let Some(p) = self.pooled.as_deref_mut() {
@@ -234,9 +257,14 @@ impl Lease {
     }
 
     /// The server connection, with the filter its backend messages go through first
-    /// (transaction mode with named statements carried across leases).
+    /// (transaction mode with named statements carried across leases). In
+    /// transaction mode with no connection leased: the answers spillway gave itself
+    /// ([`Lease::answer_locally`]), if any.
     pub fn server_filtered(&mut self) -> Option<(&mut Conn, Option<Filter<'_>>)> {
         match self.pooled.as_deref_mut() {
+            Some(p) if p.leased.is_none() => {
+                (!self.conn.inbuf.is_empty()).then_some((&mut self.conn, None))
+            }
             Some(p) => {
                 let (conn, server) = p.leased.as_mut()?.parts()?;
                 let filter = p.translator.as_mut().map(|t| Filter { t, server });

@@ -302,6 +302,18 @@ impl Relay {
     /// writes go on.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Progress, SessionError>> {
         let probing = self.ending.is_some();
+        if self.lease.is_pooled()
+            && !self.out.to_upstream().is_empty()
+            && self.out.state().tx_status == b'I'
+            && self.lease.answer_locally(self.out.to_upstream())
+        {
+            // Prepared or closed without a server connection: the answers are read
+            // as PostgreSQL's.
+            return Poll::Ready(Ok(Progress {
+                upstream: Some(Read::Data),
+                ..Progress::default()
+            }));
+        }
         if self.lease.is_pooled() && !self.out.to_upstream().is_empty() {
             match self.lease.poll_acquire(cx) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
