@@ -320,7 +320,9 @@ impl Leased {
 
     /// The leased connection and the statements it holds for clients.
     pub fn parts(&mut self) -> Option<(&mut Conn, &mut ServerStatements)> {
-        self.server.as_mut().map(|s| (&mut s.conn, &mut s.statements))
+        self.server
+            .as_mut()
+            .map(|s| (&mut s.conn, &mut s.statements))
     }
 
     /// PostgreSQL's key of the leased connection, for cancel requests.

@@ -436,7 +436,13 @@ impl Translator {
         }
     }
 
-    fn parse(&mut self, msg: &[u8], body: &[u8], out: &mut BytesMut, server: &mut ServerStatements) {
+    fn parse(
+        &mut self,
+        msg: &[u8],
+        body: &[u8],
+        out: &mut BytesMut,
+        server: &mut ServerStatements,
+    ) {
         let cycle = self.cycles_sent;
         let Some(p) = frontend::parse(body) else {
             // Malformed: PostgreSQL says so, as it would directly.
@@ -623,7 +629,11 @@ impl Translator {
             b'Z' => {
                 self.cycles_done += 1;
                 // Anything of a finished cycle still queued was skipped.
-                while self.sent.front().is_some_and(|s| s.cycle < self.cycles_done) {
+                while self
+                    .sent
+                    .front()
+                    .is_some_and(|s| s.cycle < self.cycles_done)
+                {
                     if let Some(skipped) = self.sent.pop_front() {
                         self.skipped(skipped, server);
                     }
@@ -727,7 +737,12 @@ mod tests {
                 }
                 DESCRIBE | CLOSE => {
                     let t = frontend::target(body).expect("target");
-                    format!("{} {} {}", char::from(msg[0]), char::from(t.kind), short(t.name))
+                    format!(
+                        "{} {} {}",
+                        char::from(msg[0]),
+                        char::from(t.kind),
+                        short(t.name)
+                    )
                 }
                 tag => char::from(tag).to_string(),
             };
@@ -919,7 +934,15 @@ mod tests {
         );
         assert_eq!(
             sent,
-            ["P  SELECT 1/0", "B  ", "E", "P sw SELECT 1", "B p sw", "E", "S"]
+            [
+                "P  SELECT 1/0",
+                "B  ",
+                "E",
+                "P sw SELECT 1",
+                "B p sw",
+                "E",
+                "S"
+            ]
         );
         assert_eq!(replies(&mut t, &mut other, b"12EZ"), [Reply::Pass; 4]);
         assert!(t.is_quiet());
@@ -1009,7 +1032,11 @@ mod tests {
             &mut server,
             &[build::bind("", "", &[], &[]), SYNC_MSG.to_vec()],
         );
-        assert_eq!(sent, ["P  SELECT 1", "B  ", "S"], "the client's, parsed again");
+        assert_eq!(
+            sent,
+            ["P  SELECT 1", "B  ", "S"],
+            "the client's, parsed again"
+        );
         assert_eq!(
             replies(&mut t, &mut server, b"12Z"),
             [Reply::Swallow, Reply::Pass, Reply::Pass]
@@ -1038,7 +1065,11 @@ mod tests {
             &[build::parse("s1", "SELECT 1", &[]), SYNC_MSG.to_vec()],
         );
         replies(&mut t, &mut server, b"1Z");
-        send(&mut t, &mut server, &[frontend::query_message("DISCARD ALL;")]);
+        send(
+            &mut t,
+            &mut server,
+            &[frontend::query_message("DISCARD ALL;")],
+        );
         assert!(server.is_empty());
         assert_eq!(t.client_statements(), 0);
     }

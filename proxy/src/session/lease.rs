@@ -327,8 +327,7 @@ impl Lease {
                 }
                 let injected = t.take_injected();
                 if injected > 0 {
-                    metrics::counter!(crate::metrics::POOL_STATEMENTS_PREPARED)
-                        .increment(injected);
+                    metrics::counter!(crate::metrics::POOL_STATEMENTS_PREPARED).increment(injected);
                 }
             }
             p.translated = 0;

@@ -497,10 +497,7 @@ impl Relay {
                 }
                 Some(Reply::AsParseComplete) => frontend::PARSE_COMPLETE,
             };
-            let h = Header {
-                tag: msg[0],
-                ..h
-            };
+            let h = Header { tag: msg[0], ..h };
             match self.handler.on_backend(h.tag, msg) {
                 Delivery::Pass => self.out.relay(msg),
                 Delivery::Swallow => self.out.swallow(msg),
