@@ -333,31 +333,43 @@ impl Leased {
     /// The session saw the connection idle (ReadyForQuery `I`, nothing outstanding):
     /// it goes back to the pool, after `pool.reset_query` when one is set. (Dropping
     /// a lease instead closes its connection.)
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_with(None);
+    }
+
+    /// [`Leased::release`], running `extra` (the session changed settings: `RESET
+    /// ALL`) before `pool.reset_query`.
+    pub fn release_with(mut self, extra: Option<&'static str>) {
         let (Some(mut server), Some(permit)) = (self.server.take(), self.permit.take()) else {
             return;
         };
         let pool = self.pool.clone();
-        match pool.reset_query.clone() {
-            None => pool.put_idle(server),
-            Some(query) => {
-                // The permit stays taken until the reset is done: nobody may lease
-                // the connection before.
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    if reset(&mut server.conn, &query).await.is_ok() {
-                        let lower = query.to_ascii_lowercase();
-                        if lower.contains("discard") || lower.contains("deallocate") {
-                            // Its prepared statements may be gone.
-                            server.statements.clear();
-                        }
-                        pool.put_idle(server);
-                    } else {
-                        pool.open.fetch_sub(1, Ordering::Relaxed);
-                    }
-                });
-            }
+        let queries: Vec<String> = extra
+            .map(str::to_owned)
+            .into_iter()
+            .chain(pool.reset_query.clone())
+            .collect();
+        if queries.is_empty() {
+            pool.put_idle(server);
+            return;
         }
+        // The permit stays taken until the reset is done: nobody may lease the
+        // connection before.
+        tokio::spawn(async move {
+            let _permit = permit;
+            for query in &queries {
+                if reset(&mut server.conn, query).await.is_err() {
+                    pool.open.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+                let lower = query.to_ascii_lowercase();
+                if lower.contains("discard") || lower.contains("deallocate") {
+                    // Its prepared statements may be gone.
+                    server.statements.clear();
+                }
+            }
+            pool.put_idle(server);
+        });
     }
 }
 

@@ -544,12 +544,14 @@ impl Translator {
     ) {
         let cycle = self.cycles_sent;
         let known = server.held.contains_key(&def.server_name);
-        if !known && self.limit > 0 && server.len() >= self.limit {
-            if let Some(victim) = server.victim(&def.server_name) {
-                server.held.remove(&victim);
-                write_target(out, CLOSE, b'S', &victim);
-                self.expect(b'3', Reply::Swallow, Effect::Evicts(victim));
-            }
+        if !known
+            && self.limit > 0
+            && server.len() >= self.limit
+            && let Some(victim) = server.victim(&def.server_name)
+        {
+            server.held.remove(&victim);
+            write_target(out, CLOSE, b'S', &victim);
+            self.expect(b'3', Reply::Swallow, Effect::Evicts(victim));
         }
         if known {
             // Its Parse went in an earlier cycle whose outcome is not known yet.

@@ -40,6 +40,7 @@ use crate::net::conn::Conn;
 use crate::net::pool::{Leased, Pool};
 use crate::net::stream::Stream;
 use crate::net::upstream::{Canceller, Connector};
+use crate::protocol::frontend;
 use crate::protocol::prepared::{Reply, ServerStatements, Translator};
 use crate::protocol::startup::StartupMessage;
 
@@ -81,10 +82,20 @@ struct Pooled {
     /// Bytes at the head of the queue toward upstream already translated for the
     /// leased connection.
     translated: usize,
+    /// The lease is new: the session's settings are replayed before anything else.
+    replay_due: bool,
     /// Without a translator: named protocol-level statements the client prepared and
     /// has not closed, which live on the leased connection only, so the session keeps
     /// it (pinned).
     statements: std::collections::HashSet<String>,
+    /// Session-level `SET`s the client ran (parameter name, statement), replayed at the
+    /// start of each lease; the connection is reset (`RESET ALL`) when it goes back.
+    settings: Vec<(String, String)>,
+    /// A `SET` or `RESET` went to the leased connection: reset it at release.
+    settings_dirty: bool,
+    /// spillway's own simple Queries (the replay) whose answers are swallowed, up to
+    /// and including their ReadyForQuery.
+    swallow: u32,
     /// The client ran SQL whose effect outlives its transaction on that connection
     /// (LISTEN, PREPARE, a temporary table, a `WITH HOLD` cursor, a session advisory
     /// lock): pinned until the session ends.
@@ -94,8 +105,11 @@ struct Pooled {
 /// Statements whose effect outlives the transaction on the server connection, by the
 /// start of their text (lower case, after leading blanks). Crude on purpose: a false
 /// positive only pins a session, never breaks one.
-const PINNING_SQL: [&str; 6] = [
+const PINNING_SQL: [&str; 9] = [
     "listen",
+    "set role",
+    "set session authorization",
+    "reset role",
     "prepare",
     "create temp",
     "create temporary",
@@ -157,6 +171,10 @@ impl Lease {
                 acquiring: None,
                 translator: (max_prepared > 0).then(|| Translator::new(max_prepared)),
                 translated: 0,
+                replay_due: false,
+                settings: Vec::new(),
+                settings_dirty: false,
+                swallow: 0,
                 statements: std::collections::HashSet::new(),
                 pinned: false,
             })),
@@ -205,6 +223,7 @@ impl Lease {
         }
         p.leased = Some(leased);
         p.translated = 0;
+        p.replay_due = true;
         if let Some(t) = p.translator.as_mut() {
             t.start_lease();
         }
@@ -218,6 +237,20 @@ impl Lease {
         let Some(p) = self.pooled.as_deref_mut() else {
             return;
         };
+        if p.leased.is_some() && p.replay_due {
+            // The session's settings first, on this connection (answers swallowed).
+            p.replay_due = false;
+            if !p.settings.is_empty() {
+                let sql: Vec<&str> = p.settings.iter().map(|(_, s)| s.as_str()).collect();
+                let query = frontend::query_message(&sql.join("; "));
+                let client = queue.split();
+                queue.extend_from_slice(&query);
+                queue.extend_from_slice(&client);
+                p.translated += query.len();
+                p.swallow += 1;
+                p.settings_dirty = true;
+            }
+        }
         let (Some(t), Some(leased)) = (p.translator.as_mut(), p.leased.as_mut()) else {
             return;
         };
@@ -267,8 +300,12 @@ impl Lease {
             }
             Some(p) => {
                 let (conn, server) = p.leased.as_mut()?.parts()?;
-                let filter = p.translator.as_mut().map(|t| Filter { t, server });
-                Some((conn, filter))
+                let filter = Filter {
+                    t: p.translator.as_mut(),
+                    server,
+                    swallow: &mut p.swallow,
+                };
+                Some((conn, Some(filter)))
             }
             None => self.lost.is_none().then_some((&mut self.conn, None)),
         }
@@ -278,11 +315,23 @@ impl Lease {
     /// effect outlives the transaction; named statements prepared and closed when
     /// they are not carried across leases).
     pub fn observe(&mut self, msg: &[u8]) {
-        use crate::protocol::frontend;
         let Some(p) = self.pooled.as_deref_mut() else {
             return;
         };
         let body = frontend::body(msg);
+        if matches!(msg[0], frontend::QUERY | frontend::PARSE)
+            && let Some(set) = set_statement(msg[0], body)
+        {
+            p.settings_dirty = true;
+            match set {
+                SessionSet::Set(name, sql) => {
+                    p.settings.retain(|(n, _)| *n != name);
+                    p.settings.push((name, sql));
+                }
+                SessionSet::Reset(name) => p.settings.retain(|(n, _)| *n != name),
+                SessionSet::ResetAll => p.settings.clear(),
+            }
+        }
         match msg[0] {
             frontend::PARSE if p.translator.is_none() => {
                 if let Some(parse) = frontend::parse(body).filter(|p| !p.name.is_empty()) {
@@ -321,6 +370,7 @@ impl Lease {
             return;
         }
         if let Some(mut leased) = p.leased.take() {
+            let reset = std::mem::take(&mut p.settings_dirty).then_some("RESET ALL");
             if let Some(t) = p.translator.as_mut() {
                 if let Some((_, server)) = leased.parts() {
                     t.end_lease(server);
@@ -333,7 +383,7 @@ impl Lease {
             p.translated = 0;
             self.canceller = None;
             self.cancel.attach(self.client_pid, self.cancel_id, None);
-            leased.release();
+            leased.release_with(reset);
         }
     }
 
@@ -401,13 +451,71 @@ impl Lease {
 /// What the relay does with backend messages of a pooled connection before the
 /// handler sees them: answers to statements spillway prepared there are swallowed.
 pub struct Filter<'a> {
-    t: &'a mut Translator,
+    t: Option<&'a mut Translator>,
     server: &'a mut ServerStatements,
+    swallow: &'a mut u32,
 }
 
 impl Filter<'_> {
     pub fn on_backend(&mut self, tag: u8) -> Reply {
-        self.t.on_backend(tag, self.server)
+        if *self.swallow > 0 {
+            // The answers to the session's settings replayed (an error among them
+            // too: the setting then stays as the connection had it).
+            if tag == b'Z' {
+                *self.swallow -= 1;
+            }
+            return Reply::Swallow;
+        }
+        match self.t.as_deref_mut() {
+            Some(t) => t.on_backend(tag, self.server),
+            None => Reply::Pass,
+        }
+    }
+}
+
+/// A session-level `SET` or `RESET` (what transaction mode replays).
+#[derive(Debug, PartialEq, Eq)]
+enum SessionSet {
+    /// The parameter (lower case) and the statement.
+    Set(String, String),
+    Reset(String),
+    ResetAll,
+}
+
+/// The session-level `SET` or `RESET` a simple Query or a Parse carries, if it is one
+/// statement: not `SET LOCAL`, `SET TRANSACTION`, `SET SESSION CHARACTERISTICS`, nor
+/// `SET ROLE`/`SET SESSION AUTHORIZATION` (those pin the session instead).
+fn set_statement(tag: u8, body: &[u8]) -> Option<SessionSet> {
+    let sql = match tag {
+        frontend::QUERY => frontend::query(body)?,
+        _ => frontend::parse(body)?.sql,
+    };
+    let sql = sql.trim().trim_end_matches(';').trim_end();
+    if sql.contains(';') || sql.contains("--") || sql.contains("/*") {
+        return None;
+    }
+    let lower = sql.to_ascii_lowercase();
+    let words: Vec<&str> = lower.split_whitespace().collect();
+    let name = |w: &str| w.split('=').next().unwrap_or_default().to_owned();
+    match words.as_slice() {
+        ["reset", "all"] => Some(SessionSet::ResetAll),
+        ["reset", "role" | "session"] | ["reset", "session", ..] => None,
+        ["reset", param] => Some(SessionSet::Reset(name(param))),
+        ["set", "local" | "transaction" | "role", ..]
+        | [
+            "set",
+            "session",
+            "characteristics" | "authorization" | "role",
+            ..,
+        ]
+        | ["set", "session", "local", ..] => None,
+        ["set", "time", "zone", ..] | ["set", "session", "time", "zone", ..] => {
+            Some(SessionSet::Set("timezone".to_owned(), sql.to_owned()))
+        }
+        ["set", "session", param, ..] | ["set", param, ..] if !name(param).is_empty() => {
+            Some(SessionSet::Set(name(param), sql.to_owned()))
+        }
+        _ => None,
     }
 }
 
@@ -418,4 +526,54 @@ fn probe_startup(startup: &StartupMessage) -> Bytes {
         ("database", startup.database()),
         ("application_name", PROBE_APP),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(sql: &str) -> Option<SessionSet> {
+        let msg = frontend::query_message(sql);
+        set_statement(frontend::QUERY, frontend::body(&msg))
+    }
+
+    #[test]
+    fn session_level_sets_are_recognised() {
+        assert_eq!(
+            set("SET statement_timeout = '1s';"),
+            Some(SessionSet::Set(
+                "statement_timeout".into(),
+                "SET statement_timeout = '1s'".into()
+            ))
+        );
+        assert_eq!(
+            set("set search_path=a,b"),
+            Some(SessionSet::Set(
+                "search_path".into(),
+                "set search_path=a,b".into()
+            ))
+        );
+        assert!(
+            matches!(set("SET SESSION DateStyle TO ISO"), Some(SessionSet::Set(n, _)) if n == "datestyle")
+        );
+        assert!(
+            matches!(set("SET TIME ZONE 'UTC'"), Some(SessionSet::Set(n, _)) if n == "timezone")
+        );
+        assert_eq!(
+            set("RESET work_mem"),
+            Some(SessionSet::Reset("work_mem".into()))
+        );
+        assert_eq!(set("RESET ALL"), Some(SessionSet::ResetAll));
+        for other in [
+            "SET LOCAL work_mem = '1MB'",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "SET ROLE app",
+            "SET SESSION AUTHORIZATION app",
+            "SET a = 1; SELECT 1",
+            "SELECT set_config('a.b', '1', false)",
+        ] {
+            assert_eq!(set(other), None, "{other}");
+        }
+    }
 }

@@ -455,6 +455,69 @@ async fn named_prepared_statements_follow_the_client_across_server_connections()
     assert!(p.pool_backends().await <= 2);
 }
 
+/// `SHOW name` through `client`.
+async fn show(client: &tokio_postgres::Client, name: &str) -> String {
+    let rows = client
+        .simple_query(&format!("SHOW {name}"))
+        .await
+        .expect("show");
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_settings_are_replayed_on_each_lease_and_reset_at_return() {
+    let p = start(2, "queue_timeout = \"2s\"", &plain_line()).await;
+    let a = p.client().await;
+    let b = p.client().await;
+    let holder = p.client().await;
+    let default = show(&b, "statement_timeout").await;
+    a.simple_query("SET statement_timeout = '4321ms'")
+        .await
+        .expect("set");
+    a.simple_query("SET search_path TO pg_catalog, public")
+        .await
+        .expect("set");
+    for round in 0..3 {
+        // Each connection in turn held by a transaction: `a` runs on either.
+        let held = (round % 2 == 1).then_some(());
+        if held.is_some() {
+            begin_holding(&holder).await;
+        }
+        assert_eq!(
+            show(&a, "statement_timeout").await,
+            "4321ms",
+            "round {round}"
+        );
+        assert_eq!(show(&a, "search_path").await, "pg_catalog, public");
+        assert_eq!(
+            show(&b, "statement_timeout").await,
+            default,
+            "another client never sees a's setting (round {round})"
+        );
+        if held.is_some() {
+            holder.simple_query("COMMIT").await.expect("commit");
+        }
+    }
+    a.simple_query("RESET statement_timeout")
+        .await
+        .expect("reset");
+    assert_eq!(show(&a, "statement_timeout").await, default);
+    assert_eq!(show(&a, "search_path").await, "pg_catalog, public");
+    // SET LOCAL stays in its transaction.
+    a.simple_query("BEGIN").await.expect("begin");
+    a.simple_query("SET LOCAL work_mem = '7MB'")
+        .await
+        .expect("set local");
+    assert_eq!(show(&a, "work_mem").await, "7MB");
+    a.simple_query("COMMIT").await.expect("commit");
+    assert_ne!(show(&a, "work_mem").await, "7MB");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_max_prepared_statements_zero_named_statements_pin_the_session() {
     let p = start(
