@@ -42,7 +42,10 @@ use crate::net::stream::Stream;
 use crate::net::upstream::{Canceller, Connector};
 use crate::protocol::frontend;
 use crate::protocol::prepared::{Reply, ServerStatements, Translator};
+
+mod settings;
 use crate::protocol::startup::StartupMessage;
+use settings::{SessionSet, set_statement};
 
 /// `application_name` of a probe's backend, so an operator can tell it apart.
 const PROBE_APP: &str = "spillway probe";
@@ -230,6 +233,27 @@ impl Lease {
         Poll::Ready(Ok(()))
     }
 
+    /// Transaction mode, something queued upstream: answered without a connection if
+    /// it can be (`Ready(Ok(true))`, [`Lease::answer_locally`], only outside a
+    /// transaction: `idle`), else a connection leased and the queue translated for it.
+    pub fn poll_pooled(
+        &mut self,
+        queue: &mut BytesMut,
+        idle: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<bool, SessionError>> {
+        if idle && self.answer_locally(queue) {
+            return Poll::Ready(Ok(true));
+        }
+        let acquired = self.poll_acquire(cx);
+        if let Poll::Ready(Err(e)) = acquired {
+            return Poll::Ready(Err(e));
+        }
+        // Named statements under the leased connection's names (ADR 0028).
+        self.translate(queue);
+        acquired.map(|r| r.map(|()| false))
+    }
+
     /// Transaction mode: rewrites what was queued toward upstream since the last call
     /// for the leased connection (named statements under their server names, prepared
     /// there first where missing). Nothing happens while no connection is leased.
@@ -282,11 +306,21 @@ impl Lease {
         true
     }
 
-    /// Transaction mode: `n` bytes of the queue toward upstream were written.
-    pub fn drained(&mut self, n: usize) {
-        if let Some(p) = self.pooled.as_deref_mut() {
-            p.translated = p.translated.saturating_sub(n);
+    /// Writes what the queue toward upstream holds to the server connection, as much
+    /// as it takes now (nothing while none is leased).
+    pub fn poll_write(
+        &mut self,
+        queue: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> std::io::Result<()> {
+        let queued = queue.len();
+        if let Some(server) = self.server() {
+            crate::net::conn::poll_drain(&mut server.stream, queue, cx)?;
         }
+        if let Some(p) = self.pooled.as_deref_mut() {
+            p.translated = p.translated.saturating_sub(queued - queue.len());
+        }
+        Ok(())
     }
 
     /// The server connection, with the filter its backend messages go through first
@@ -473,52 +507,6 @@ impl Filter<'_> {
     }
 }
 
-/// A session-level `SET` or `RESET` (what transaction mode replays).
-#[derive(Debug, PartialEq, Eq)]
-enum SessionSet {
-    /// The parameter (lower case) and the statement.
-    Set(String, String),
-    Reset(String),
-    ResetAll,
-}
-
-/// The session-level `SET` or `RESET` a simple Query or a Parse carries, if it is one
-/// statement: not `SET LOCAL`, `SET TRANSACTION`, `SET SESSION CHARACTERISTICS`, nor
-/// `SET ROLE`/`SET SESSION AUTHORIZATION` (those pin the session instead).
-fn set_statement(tag: u8, body: &[u8]) -> Option<SessionSet> {
-    let sql = match tag {
-        frontend::QUERY => frontend::query(body)?,
-        _ => frontend::parse(body)?.sql,
-    };
-    let sql = sql.trim().trim_end_matches(';').trim_end();
-    if sql.contains(';') || sql.contains("--") || sql.contains("/*") {
-        return None;
-    }
-    let lower = sql.to_ascii_lowercase();
-    let words: Vec<&str> = lower.split_whitespace().collect();
-    let name = |w: &str| w.split('=').next().unwrap_or_default().to_owned();
-    match words.as_slice() {
-        ["reset", "all"] => Some(SessionSet::ResetAll),
-        ["reset", "role" | "session"] | ["reset", "session", ..] => None,
-        ["reset", param] => Some(SessionSet::Reset(name(param))),
-        ["set", "local" | "transaction" | "role", ..]
-        | [
-            "set",
-            "session",
-            "characteristics" | "authorization" | "role",
-            ..,
-        ]
-        | ["set", "session", "local", ..] => None,
-        ["set", "time", "zone", ..] | ["set", "session", "time", "zone", ..] => {
-            Some(SessionSet::Set("timezone".to_owned(), sql.to_owned()))
-        }
-        ["set", "session", param, ..] | ["set", param, ..] if !name(param).is_empty() => {
-            Some(SessionSet::Set(name(param), sql.to_owned()))
-        }
-        _ => None,
-    }
-}
-
 /// A startup packet for [`Lease::probe`]: the session's role and database.
 fn probe_startup(startup: &StartupMessage) -> Bytes {
     StartupMessage::build(&[
@@ -526,54 +514,4 @@ fn probe_startup(startup: &StartupMessage) -> Bytes {
         ("database", startup.database()),
         ("application_name", PROBE_APP),
     ])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn set(sql: &str) -> Option<SessionSet> {
-        let msg = frontend::query_message(sql);
-        set_statement(frontend::QUERY, frontend::body(&msg))
-    }
-
-    #[test]
-    fn session_level_sets_are_recognised() {
-        assert_eq!(
-            set("SET statement_timeout = '1s';"),
-            Some(SessionSet::Set(
-                "statement_timeout".into(),
-                "SET statement_timeout = '1s'".into()
-            ))
-        );
-        assert_eq!(
-            set("set search_path=a,b"),
-            Some(SessionSet::Set(
-                "search_path".into(),
-                "set search_path=a,b".into()
-            ))
-        );
-        assert!(
-            matches!(set("SET SESSION DateStyle TO ISO"), Some(SessionSet::Set(n, _)) if n == "datestyle")
-        );
-        assert!(
-            matches!(set("SET TIME ZONE 'UTC'"), Some(SessionSet::Set(n, _)) if n == "timezone")
-        );
-        assert_eq!(
-            set("RESET work_mem"),
-            Some(SessionSet::Reset("work_mem".into()))
-        );
-        assert_eq!(set("RESET ALL"), Some(SessionSet::ResetAll));
-        for other in [
-            "SET LOCAL work_mem = '1MB'",
-            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
-            "SET ROLE app",
-            "SET SESSION AUTHORIZATION app",
-            "SET a = 1; SELECT 1",
-            "SELECT set_config('a.b', '1', false)",
-        ] {
-            assert_eq!(set(other), None, "{other}");
-        }
-    }
 }
