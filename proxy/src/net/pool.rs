@@ -153,7 +153,7 @@ pub struct Server {
     pub conn: Conn,
     pub key: UpstreamKey,
     /// The named statements spillway prepared on it for its clients
-    /// (`protocol/prepared.rs`).
+    /// (`protocol/prepared/`).
     pub statements: ServerStatements,
     created: Instant,
     idle_since: Instant,

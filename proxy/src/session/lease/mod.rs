@@ -79,7 +79,7 @@ struct Pooled {
     leased: Option<Leased>,
     /// A wait for a connection, while one runs.
     acquiring: Option<Acquiring>,
-    /// Named prepared statements carried across leases (`protocol/prepared.rs`);
+    /// Named prepared statements carried across leases (`protocol/prepared/`);
     /// `None` with `pool.max_prepared_statements = 0`.
     translator: Option<Translator>,
     /// Bytes at the head of the queue toward upstream already translated for the
