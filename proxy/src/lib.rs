@@ -20,8 +20,9 @@
 //! so session state behaves exactly as on a direct connection. Transaction mode
 //! (`pool.mode`, ADR 0025) makes it a transaction pooler for the databases and users
 //! configured so: spillway authenticates those clients itself and leases a pooled
-//! server connection per transaction; session state that outlives a transaction
-//! (named prepared statements, SET, LISTEN) is not carried across leases yet.
+//! server connection per transaction. Named protocol-level prepared statements and
+//! session-level SET are carried across leases (ADR 0028); LISTEN and other session
+//! state pin the session to its connection.
 
 pub mod config;
 pub mod error;

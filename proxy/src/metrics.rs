@@ -61,6 +61,7 @@ pub const POOL_SERVER_CONNECTIONS: &str = "spillway_pool_server_connections";
 pub const POOL_LEASES: &str = "spillway_pool_leases_total";
 pub const POOL_WAIT_SECONDS: &str = "spillway_pool_wait_seconds";
 pub const POOL_WAIT_TIMEOUTS: &str = "spillway_pool_wait_timeouts_total";
+pub const POOL_STATEMENTS_PREPARED: &str = "spillway_pool_statements_prepared_total";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
@@ -106,6 +107,7 @@ pub const ALL: [&str; 41] = [
     POOL_LEASES,
     POOL_WAIT_SECONDS,
     POOL_WAIT_TIMEOUTS,
+    POOL_STATEMENTS_PREPARED,
 ];
 
 /// The histograms among [`ALL`]: Prometheus exports them as `<name>_bucket`,

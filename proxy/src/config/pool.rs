@@ -53,6 +53,11 @@ pub struct PoolConfig {
     /// Run on a server connection when a lease returns it (e.g. `DISCARD ALL`); unset:
     /// nothing between transactions (the pool is per user).
     pub reset_query: Option<String>,
+    /// Named protocol-level prepared statements one pooled server connection holds
+    /// for its clients (PgBouncer's `max_prepared_statements`); the least recently
+    /// used is closed to make room. 0: a session that prepares a named statement
+    /// keeps its server connection until it closed them all.
+    pub max_prepared_statements: u32,
     /// Overrides per database (PgBouncer's `[databases]` `pool_mode`, `pool_size`).
     pub databases: BTreeMap<String, PoolOverride>,
     /// Overrides per user (PgBouncer's `[users]` `pool_mode`); a user's win over a
@@ -70,6 +75,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(600),
             lifetime: Duration::from_secs(3600),
             reset_query: None,
+            max_prepared_statements: 200,
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
         }

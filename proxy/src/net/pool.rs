@@ -33,6 +33,7 @@ use crate::net::cancel::UpstreamKey;
 use crate::net::conn::{Conn, read_upstream_frame};
 use crate::net::upstream::Connector;
 use crate::protocol::backend;
+use crate::protocol::prepared::ServerStatements;
 use crate::protocol::scram::{ClientExchange, ScramKeys};
 use crate::protocol::startup::StartupMessage;
 
@@ -75,6 +76,7 @@ impl Pools {
                     idle_timeout: self.config.idle_timeout,
                     lifetime: self.config.lifetime,
                     reset_query: self.config.reset_query.clone(),
+                    max_prepared: self.config.max_prepared_statements as usize,
                     size,
                     open: AtomicUsize::new(0),
                     waiting: AtomicUsize::new(0),
@@ -138,6 +140,8 @@ pub struct Pool {
     idle_timeout: Duration,
     lifetime: Duration,
     reset_query: Option<String>,
+    /// `pool.max_prepared_statements`.
+    max_prepared: usize,
     size: usize,
     /// Connections open (leased or idle).
     open: AtomicUsize,
@@ -148,6 +152,9 @@ pub struct Pool {
 pub struct Server {
     pub conn: Conn,
     pub key: UpstreamKey,
+    /// The named statements spillway prepared on it for its clients
+    /// (`protocol/prepared/`).
+    pub statements: ServerStatements,
     created: Instant,
     idle_since: Instant,
 }
@@ -204,6 +211,11 @@ impl Pool {
             pool: self.clone(),
             permit: Some(permit),
         })
+    }
+
+    /// `pool.max_prepared_statements`: statements one connection holds for clients.
+    pub fn max_prepared(&self) -> usize {
+        self.max_prepared
     }
 
     fn take_idle(&self) -> Option<Server> {
@@ -281,6 +293,7 @@ impl Pool {
         Ok(Server {
             conn,
             key,
+            statements: ServerStatements::default(),
             created: now,
             idle_since: now,
         })
@@ -305,6 +318,13 @@ impl Leased {
         self.server.as_mut().map(|s| &mut s.conn)
     }
 
+    /// The leased connection and the statements it holds for clients.
+    pub fn parts(&mut self) -> Option<(&mut Conn, &mut ServerStatements)> {
+        self.server
+            .as_mut()
+            .map(|s| (&mut s.conn, &mut s.statements))
+    }
+
     /// PostgreSQL's key of the leased connection, for cancel requests.
     pub fn key(&self) -> Option<&UpstreamKey> {
         self.server.as_ref().map(|s| &s.key)
@@ -313,26 +333,43 @@ impl Leased {
     /// The session saw the connection idle (ReadyForQuery `I`, nothing outstanding):
     /// it goes back to the pool, after `pool.reset_query` when one is set. (Dropping
     /// a lease instead closes its connection.)
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_with(None);
+    }
+
+    /// [`Leased::release`], running `extra` (the session changed settings: `RESET
+    /// ALL`) before `pool.reset_query`.
+    pub fn release_with(mut self, extra: Option<&'static str>) {
         let (Some(mut server), Some(permit)) = (self.server.take(), self.permit.take()) else {
             return;
         };
         let pool = self.pool.clone();
-        match pool.reset_query.clone() {
-            None => pool.put_idle(server),
-            Some(query) => {
-                // The permit stays taken until the reset is done: nobody may lease
-                // the connection before.
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    if reset(&mut server.conn, &query).await.is_ok() {
-                        pool.put_idle(server);
-                    } else {
-                        pool.open.fetch_sub(1, Ordering::Relaxed);
-                    }
-                });
-            }
+        let queries: Vec<String> = extra
+            .map(str::to_owned)
+            .into_iter()
+            .chain(pool.reset_query.clone())
+            .collect();
+        if queries.is_empty() {
+            pool.put_idle(server);
+            return;
         }
+        // The permit stays taken until the reset is done: nobody may lease the
+        // connection before.
+        tokio::spawn(async move {
+            let _permit = permit;
+            for query in &queries {
+                if reset(&mut server.conn, query).await.is_err() {
+                    pool.open.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+                let lower = query.to_ascii_lowercase();
+                if lower.contains("discard") || lower.contains("deallocate") {
+                    // Its prepared statements may be gone.
+                    server.statements.clear();
+                }
+            }
+            pool.put_idle(server);
+        });
     }
 }
 

@@ -4,7 +4,9 @@
 //! exhausted pool gets 53300 after `pool.queue_timeout`; a server connection that dies
 //! mid-transaction fails only its own client. A new client connecting while
 //! PostgreSQL is stopped is authenticated by spillway and gets its deferred writes
-//! acknowledged, applied once when PostgreSQL is back.
+//! acknowledged, applied once when PostgreSQL is back. Named prepared statements
+//! follow their client from server connection to server connection (ADR 0028):
+//! tokio-postgres, asyncpg's statement cache and pgbench `-M prepared`.
 
 use std::time::Duration;
 
@@ -334,37 +336,256 @@ async fn a_new_client_during_an_outage_gets_its_deferred_writes_applied_once() {
     assert_eq!(rows, "1,2,3,4", "every acknowledged write applied once");
 }
 
+/// `(v, pid)` of a prepared `SELECT <expr> AS v, pg_backend_pid()` run with `arg`.
+async fn run_prepared(
+    client: &tokio_postgres::Client,
+    stmt: &tokio_postgres::Statement,
+    arg: i32,
+) -> (i32, i32) {
+    let row = client.query_one(stmt, &[&arg]).await.expect("execute");
+    (row.get(0), row.get(1))
+}
+
+/// Opens a transaction on `client` and returns the pid of the connection it holds.
+async fn begin_holding(client: &tokio_postgres::Client) -> i32 {
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0)
+}
+
+/// Statements spillway prepared on a pooled connection that lacked one (a scrape).
+async fn injected(p: &Pooled) -> f64 {
+    let text = crate::metrics::scrape(p.ctx.proxy.metrics_addr()).await;
+    crate::metrics::sample(&text, "spillway_pool_statements_prepared_total", "")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn named_prepared_statements_pin_the_session_until_closed() {
-    let p = start(1, "queue_timeout = \"300ms\"", &plain_line()).await;
+async fn named_prepared_statements_follow_the_client_across_server_connections() {
+    let p = start(2, "queue_timeout = \"2s\"", &plain_line()).await;
+    let a = p.client().await;
+    let b = p.client().await;
+    // Two different statements of two clients on shared server connections
+    // (asyncpg's test below gives different statements the same client-side name).
+    let sa = a
+        .prepare("SELECT $1::int + 1 AS v, pg_backend_pid()")
+        .await
+        .expect("prepare a");
+    let sb = b
+        .prepare("SELECT $1::int + 100 AS v, pg_backend_pid()")
+        .await
+        .expect("prepare b");
+    for i in 0..4 {
+        assert_eq!(run_prepared(&a, &sa, i).await.0, i + 1, "a, round {i}");
+        assert_eq!(run_prepared(&b, &sb, i).await.0, i + 100, "b, round {i}");
+    }
+    // One connection is held by a transaction: the statements run on the other.
+    // Neither client keeps a connection between its statements (with a pinned
+    // session the other would wait out the queue timeout here).
+    let c1 = p.client().await;
+    let c2 = p.client().await;
+    let first = begin_holding(&c1).await;
+    let mut ran_on = std::collections::BTreeSet::new();
+    for i in 10..13 {
+        let (v, pid) = run_prepared(&a, &sa, i).await;
+        assert_eq!(v, i + 1);
+        assert_ne!(pid, first, "not on the connection the transaction holds");
+        ran_on.insert(pid);
+        let (v, pid) = run_prepared(&b, &sb, i).await;
+        assert_eq!(v, i + 100);
+        assert_ne!(pid, first);
+    }
+    c1.simple_query("COMMIT").await.expect("commit");
+    // Now both connections are held, and the one the statements ran on is given
+    // back last: they run on the other one, which may never have seen them.
+    let x = begin_holding(&c1).await;
+    let y = begin_holding(&c2).await;
+    assert_ne!(x, y, "two connections");
+    let (keep, free) = if ran_on.contains(&x) {
+        (&c1, &c2)
+    } else {
+        (&c2, &c1)
+    };
+    free.simple_query("COMMIT").await.expect("commit");
+    for i in 20..23 {
+        let (v, pid) = run_prepared(&a, &sa, i).await;
+        assert_eq!(v, i + 1);
+        ran_on.insert(pid);
+        let (v, _) = run_prepared(&b, &sb, i).await;
+        assert_eq!(v, i + 100);
+    }
+    keep.simple_query("COMMIT").await.expect("commit");
+    assert_eq!(
+        ran_on.len(),
+        2,
+        "the statement ran on both connections: {ran_on:?}"
+    );
+    assert!(
+        injected(&p).await >= 1.0,
+        "a statement was prepared on a connection that lacked it"
+    );
+    // A statement that fails leaves the others intact.
+    let fails = a.prepare("SELECT 1 / $1::int").await.expect("prepare");
+    let err = a
+        .query_one(&fails, &[&0i32])
+        .await
+        .expect_err("division by zero");
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO), "{err}");
+    assert_eq!(run_prepared(&a, &sa, 7).await.0, 8);
+    // Close forgets the client's name only: a's statement goes, b's stays, and a
+    // new statement under a reused name is the new one.
+    drop(sa);
+    drop(fails);
+    assert_eq!(run_prepared(&b, &sb, 1).await.0, 101);
+    let again = a
+        .prepare("SELECT $1::int * 3 AS v, pg_backend_pid()")
+        .await
+        .expect("prepare again");
+    assert_eq!(run_prepared(&a, &again, 5).await.0, 15);
+    // One-shot queries (prepared, used and closed by tokio-postgres each time).
+    for i in 0..5i32 {
+        let row = a
+            .query_one("SELECT $1::int + 2", &[&i])
+            .await
+            .expect("one-shot");
+        assert_eq!(row.get::<_, i32>(0), i + 2);
+    }
+    assert!(p.pool_backends().await <= 2);
+}
+
+/// `SHOW name` through `client`.
+async fn show(client: &tokio_postgres::Client, name: &str) -> String {
+    let rows = client
+        .simple_query(&format!("SHOW {name}"))
+        .await
+        .expect("show");
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_settings_are_replayed_on_each_lease_and_reset_at_return() {
+    let p = start(2, "queue_timeout = \"2s\"", &plain_line()).await;
+    let a = p.client().await;
+    let b = p.client().await;
+    let holder = p.client().await;
+    let default = show(&b, "statement_timeout").await;
+    a.simple_query("SET statement_timeout = '4321ms'")
+        .await
+        .expect("set");
+    a.simple_query("SET search_path TO pg_catalog, public")
+        .await
+        .expect("set");
+    for round in 0..3 {
+        // Each connection in turn held by a transaction: `a` runs on either.
+        let held = (round % 2 == 1).then_some(());
+        if held.is_some() {
+            begin_holding(&holder).await;
+        }
+        assert_eq!(
+            show(&a, "statement_timeout").await,
+            "4321ms",
+            "round {round}"
+        );
+        assert_eq!(show(&a, "search_path").await, "pg_catalog, public");
+        assert_eq!(
+            show(&b, "statement_timeout").await,
+            default,
+            "another client never sees a's setting (round {round})"
+        );
+        if held.is_some() {
+            holder.simple_query("COMMIT").await.expect("commit");
+        }
+    }
+    a.simple_query("RESET statement_timeout")
+        .await
+        .expect("reset");
+    assert_eq!(show(&a, "statement_timeout").await, default);
+    assert_eq!(show(&a, "search_path").await, "pg_catalog, public");
+    // SET LOCAL stays in its transaction.
+    a.simple_query("BEGIN").await.expect("begin");
+    a.simple_query("SET LOCAL work_mem = '7MB'")
+        .await
+        .expect("set local");
+    assert_eq!(show(&a, "work_mem").await, "7MB");
+    a.simple_query("COMMIT").await.expect("commit");
+    assert_ne!(show(&a, "work_mem").await, "7MB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_max_prepared_statements_zero_named_statements_pin_the_session() {
+    let p = start(
+        1,
+        "queue_timeout = \"300ms\"\nmax_prepared_statements = 0",
+        &plain_line(),
+    )
+    .await;
     let preparer = p.client().await;
     let other = p.client().await;
     let stmt = preparer
-        .prepare("SELECT $1::int + 1")
+        .prepare("SELECT $1::int + 1, pg_backend_pid()")
         .await
         .expect("prepare");
-    // Used in later cycles: the statement is still on the connection it was
-    // prepared on, because the session keeps that connection.
     for i in 0..3 {
-        let row = preparer.query_one(&stmt, &[&i]).await.expect("execute");
-        assert_eq!(row.get::<_, i32>(0), i + 1);
+        assert_eq!(run_prepared(&preparer, &stmt, i).await.0, i + 1);
     }
     let err = other
-        .simple_query("SELECT 1")
+        .simple_query("SELECT pg_backend_pid()")
         .await
         .expect_err("the only connection is pinned");
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
     // Closing the statement (tokio-postgres sends Close when it is dropped) unpins.
     drop(stmt);
     preparer
-        .simple_query("SELECT 1")
+        .simple_query("SELECT pg_backend_pid()")
         .await
         .expect("after close");
     let third = p.client().await;
-    tokio::time::timeout(Duration::from_secs(10), third.simple_query("SELECT 1"))
-        .await
-        .expect("in time")
-        .expect("the connection is the pool's again");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        third.simple_query("SELECT pg_backend_pid()"),
+    )
+    .await
+    .expect("in time")
+    .expect("the connection is the pool's again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_and_its_statement_cache_through_a_pool_of_two() {
+    let p = start(2, "queue_timeout = \"30s\"", &plain_line()).await;
+    let url = format!(
+        "postgresql://{ROLE}:{PASSWORD}@127.0.0.1:{}/{DB}?sslmode=disable",
+        p.ctx.proxy.addr.port()
+    );
+    let out = crate::drivers::run(crate::drivers::Lang::Python, "asyncpg_pooled.py", &[&url]).await;
+    let workers = out["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 12, "{out:#}");
+    for (i, w) in workers.iter().enumerate() {
+        let i = i as i64;
+        let mut want: Vec<serde_json::Value> = Vec::new();
+        for r in 0..15i64 {
+            want.push((r * 2 + i).into());
+            want.push((r + 1000).into());
+            want.push((r - i).into());
+        }
+        for r in 0..5 {
+            want.push(format!("w{i}-{r}").into());
+        }
+        want.push(i.into());
+        want.push(3.into());
+        want.push((2 + i).into());
+        want.push(format!("after-{i}").into());
+        assert_eq!(w["seen"], serde_json::Value::Array(want), "worker {i}");
+        assert_eq!(w["error"], "DivisionByZeroError", "worker {i}");
+    }
+    assert!(p.pool_backends().await <= 2);
+    assert!(injected(&p).await >= 1.0);
 }
 
 /// md5 + md5("apppw" || "app"): the auth file's md5 form of the role's password.
@@ -391,12 +612,33 @@ fn pgbench(p: &Pooled, args: &[&str]) -> String {
 }
 
 /// pgbench with many clients on a pool of 20, the TPC-B-like script and `-S`, in the
-/// simple and the extended protocol (`-M prepared` pins each client: see ADR 0025),
-/// logging in with md5 against the auth file's md5 hash (and the pool by md5
-/// passthrough, as PostgreSQL stores the same hash): no failed transaction, never
-/// more than 20 server connections, every TPC-B transaction's history row applied.
+/// simple and the extended protocol, logging in with md5 against the auth file's md5
+/// hash (and the pool by md5 passthrough, as PostgreSQL stores the same hash): no
+/// failed transaction, never more than 20 server connections, every TPC-B
+/// transaction applied once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_with_many_clients_on_a_pool_of_twenty() {
+    pgbench_on_a_pool_of_twenty(&[
+        ("simple", None, 500, 4),
+        ("extended", None, 500, 4),
+        ("extended", Some("-S"), 500, 4),
+    ])
+    .await;
+}
+
+/// The same with `-M prepared` (issue 16's acceptance run, with 200 clients where the
+/// benchmark has 1,000): every client prepares its statements once, on whichever
+/// connection it leases first, and binds them on every other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_with_many_clients_on_a_pool_of_twenty() {
+    pgbench_on_a_pool_of_twenty(&[("prepared", Some("-S"), 200, 5), ("prepared", None, 200, 5)])
+        .await;
+}
+
+/// Runs pgbench `(mode, script, clients, transactions per client)` in turn through a
+/// pool of 20 and checks each run and, at the end, the pool's backends and the
+/// TPC-B invariants (every transaction's history row, balances that agree).
+async fn pgbench_on_a_pool_of_twenty(runs: &[(&str, Option<&str>, u32, u32)]) {
     let p = start_with(
         20,
         "queue_timeout = \"60s\"",
@@ -420,7 +662,6 @@ async fn pgbench_with_many_clients_on_a_pool_of_twenty() {
     p.ctx.psql_direct(&format!(
         "GRANT ALL ON ALL TABLES IN SCHEMA public TO {ROLE}"
     ));
-    let clients = "500";
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();
@@ -443,38 +684,45 @@ async fn pgbench_with_many_clients_on_a_pool_of_twenty() {
             most
         })
     };
-    for (mode, script) in [
-        ("simple", None),
-        ("extended", None),
-        ("extended", Some("-S")),
-    ] {
-        let mut args = vec!["-M", mode, "-c", clients, "-j", "2", "-t", "4", "-n"];
+    let mut tpcb = 0;
+    let mut most_clients = 0;
+    for &(mode, script, clients, per_client) in runs {
+        let (c, t) = (clients.to_string(), per_client.to_string());
+        let mut args = vec!["-M", mode, "-c", &c, "-j", "2", "-t", &t, "-n"];
         args.extend(script);
         let out = tokio::task::block_in_place(|| pgbench(&p, &args));
+        let total = clients * per_client;
         assert!(
             out.contains("number of failed transactions: 0"),
             "{mode} {script:?}:\n{out}"
         );
         assert!(
-            out.contains("number of transactions actually processed: 2000/2000"),
+            out.contains(&format!(
+                "number of transactions actually processed: {total}/{total}"
+            )),
             "{mode} {script:?}:\n{out}"
         );
         if script.is_none() {
-            let history: i64 = p
-                .ctx
-                .psql_direct("SELECT count(*) FROM pgbench_history")
-                .trim()
-                .parse()
-                .expect("count");
-            assert_eq!(history, 2000, "every committed transaction applied once");
-            p.ctx.psql_direct("TRUNCATE pgbench_history");
+            tpcb += total;
         }
+        most_clients = most_clients.max(clients);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let most = sampler.await.expect("sampler");
     assert!(
         (1..=20).contains(&most),
-        "at most the pool's 20 backends for 500 clients: {most}"
+        "at most the pool's 20 backends for {most_clients} clients: {most}"
+    );
+    let check = p.ctx.psql_direct(
+        "SELECT (SELECT count(*) FROM pgbench_history) || ' ' || \
+         ((SELECT sum(delta) FROM pgbench_history) = (SELECT sum(abalance) FROM pgbench_accounts) \
+          AND (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT sum(bbalance) FROM pgbench_branches) \
+          AND (SELECT sum(bbalance) FROM pgbench_branches) = (SELECT sum(tbalance) FROM pgbench_tellers))",
+    );
+    assert_eq!(
+        check.trim(),
+        format!("{tpcb} true"),
+        "every TPC-B transaction applied once, balances agreeing"
     );
 }
 

@@ -42,17 +42,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::AsyncWriteExt;
 
 use super::End;
 use super::handler::{Delivery, Disposition, Handler};
 use super::lease::Lease;
 use super::state::{Outbox, ProtocolState};
 use crate::error::SessionError;
-use crate::net::conn::{Conn, poll_drain, shrink_if_idle, write_out};
+use crate::net::conn::{Conn, poll_drain, shrink_if_idle};
 use crate::net::signal::{Phase, Subscription};
 use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
+use crate::protocol::prepared::Reply;
+
+mod close;
 
 /// Output buffered toward one side before spillway stops reading from the other.
 pub const WINDOW: usize = 256 * 1024;
@@ -302,14 +304,21 @@ impl Relay {
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Progress, SessionError>> {
         let probing = self.ending.is_some();
         if self.lease.is_pooled() && !self.out.to_upstream().is_empty() {
-            match self.lease.poll_acquire(cx) {
+            let idle = self.out.state().tx_status == b'I';
+            match self.lease.poll_pooled(self.out.to_upstream(), idle, cx) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) | Poll::Pending => {}
+                // Answered without a server connection: read as PostgreSQL's answers.
+                Poll::Ready(Ok(true)) => {
+                    let upstream = Some(Read::Data);
+                    return Poll::Ready(Ok(Progress {
+                        upstream,
+                        ..Progress::default()
+                    }));
+                }
+                Poll::Ready(Ok(false)) | Poll::Pending => {}
             }
         }
-        if let Some(server) = self.lease.server()
-            && let Err(e) = poll_drain(&mut server.stream, self.out.to_upstream(), cx)
-        {
+        if let Err(e) = self.lease.poll_write(self.out.to_upstream(), cx) {
             return Poll::Ready(Err(SessionError::UpstreamIo(e)));
         }
         if let Err(e) = poll_drain(&mut self.client.stream, self.out.to_client(), cx) {
@@ -413,7 +422,7 @@ impl Relay {
     /// [`Relay::on_upstream_data`]'s loop; `Some((cause, FATAL))` when PostgreSQL
     /// ended an idle session with a FATAL the session may survive (not relayed yet).
     fn on_backend_messages(&mut self) -> Result<Option<(String, Bytes)>, SessionError> {
-        let Some(server) = self.lease.server() else {
+        let Some((server, mut filter)) = self.lease.server_filtered() else {
             return Ok(None);
         };
         let inbuf = &mut server.inbuf;
@@ -441,6 +450,8 @@ impl Relay {
                 // Any message this large is streamed, whatever its type (a client can
                 // make PostgreSQL raise a 300 MB error). Of what spillway tracks, only
                 // an error's severity matters here, and PostgreSQL sends it first.
+                // (Only an ErrorResponse is this large: it passes the filter.)
+                filter.as_mut().map(|f| f.on_backend(h.tag));
                 if h.tag == backend::ERROR_RESPONSE
                     && backend::prefix_is_fatal(&inbuf[Header::SIZE..])
                 {
@@ -465,6 +476,12 @@ impl Relay {
                 }
                 self.server_fatal = Some(backend::describe_error(&msg[Header::SIZE..]));
             }
+            let reply = filter.as_mut().map_or(Reply::Pass, |f| f.on_backend(h.tag));
+            let Some(msg) = reply.apply(msg) else {
+                inbuf.advance(h.total_len); // the answer to spillway's own request
+                continue;
+            };
+            let h = Header { tag: msg[0], ..h };
             match self.handler.on_backend(h.tag, msg) {
                 Delivery::Pass => self.out.relay(msg),
                 Delivery::Swallow => self.out.swallow(msg),
@@ -536,57 +553,6 @@ impl Relay {
         if self.out.state().awaiting_ready > 0 {
             self.lease.cancel_running();
         }
-    }
-
-    /// Ends the session because of `err`: queues the client-facing error (if the
-    /// client can still take one), tells PostgreSQL goodbye, flushes briefly.
-    async fn close_with(&mut self, err: SessionError) -> Result<End, SessionError> {
-        let client_broken = matches!(err, SessionError::ClientIo(_));
-        if client_broken || matches!(err, SessionError::Shutdown) {
-            self.cancel_running_query();
-        }
-        let upstream_broken = self.lease.server().is_none()
-            || matches!(
-                err,
-                SessionError::UpstreamIo(_) | SessionError::UpstreamClosed
-            );
-        if client_broken {
-            self.out.to_client().clear();
-        } else if self.streaming > 0 {
-            // Part of a large message may already be on the wire: an ErrorResponse now
-            // would be read as the rest of it. Deliver what is queued and just close;
-            // the client sees the connection end mid-message, as it would directly.
-        } else if let Some(msg) = err.to_client() {
-            // Whatever else was queued is delivered first.
-            self.out.relay(&msg);
-        }
-        if upstream_broken {
-            self.out.to_upstream().clear();
-        } else {
-            self.out.release(TERMINATE);
-        }
-        self.flush_for_close().await;
-        Err(err)
-    }
-
-    /// Delivers what is queued toward both sides at once (one side not reading must not
-    /// hold back the other's final words), then closes both, within [`CLOSE_GRACE`].
-    async fn flush_for_close(&mut self) {
-        let Relay {
-            client, lease, out, ..
-        } = self;
-        let upstream = lease.conn_for_close();
-        let (to_client, to_upstream) = out.queues();
-        let to_upstream = async {
-            let _ = write_out(&mut upstream.stream, to_upstream).await;
-            let _ = upstream.stream.shutdown().await;
-        };
-        let to_client = async {
-            let _ = write_out(&mut client.stream, to_client).await;
-            let _ = client.stream.shutdown().await;
-        };
-        let _ =
-            tokio::time::timeout(CLOSE_GRACE, async { tokio::join!(to_upstream, to_client) }).await;
     }
 }
 

@@ -21,13 +21,17 @@
 //!   lease is held (in transaction mode: to the connection leased now, if any).
 //! - Transaction mode: a pooled connection goes back to its pool only through
 //!   [`Lease::release`]; dropped any other way it is closed.
+//! - Transaction mode: every byte written to a leased connection went through the
+//!   session's [`Translator`] first ([`Lease::translate`]), and every backend message
+//!   read from it is shown to it ([`Filter`]), so named prepared statements follow
+//!   the client from connection to connection (ADR 0028).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::GaugeGuard;
 use crate::error::SessionError;
@@ -36,7 +40,12 @@ use crate::net::conn::Conn;
 use crate::net::pool::{Leased, Pool};
 use crate::net::stream::Stream;
 use crate::net::upstream::{Canceller, Connector};
+use crate::protocol::frontend;
+use crate::protocol::prepared::{Reply, ServerStatements, Translator};
+
+mod settings;
 use crate::protocol::startup::StartupMessage;
+use settings::{SessionSet, set_statement};
 
 /// `application_name` of a probe's backend, so an operator can tell it apart.
 const PROBE_APP: &str = "spillway probe";
@@ -70,9 +79,26 @@ struct Pooled {
     leased: Option<Leased>,
     /// A wait for a connection, while one runs.
     acquiring: Option<Acquiring>,
-    /// Named protocol-level statements the client prepared and has not closed: they
-    /// live on the leased connection only, so the session keeps it (pinned).
+    /// Named prepared statements carried across leases (`protocol/prepared/`);
+    /// `None` with `pool.max_prepared_statements = 0`.
+    translator: Option<Translator>,
+    /// Bytes at the head of the queue toward upstream already translated for the
+    /// leased connection.
+    translated: usize,
+    /// The lease is new: the session's settings are replayed before anything else.
+    replay_due: bool,
+    /// Without a translator: named protocol-level statements the client prepared and
+    /// has not closed, which live on the leased connection only, so the session keeps
+    /// it (pinned).
     statements: std::collections::HashSet<String>,
+    /// Session-level `SET`s the client ran (parameter name, statement), replayed at the
+    /// start of each lease; the connection is reset (`RESET ALL`) when it goes back.
+    settings: Vec<(String, String)>,
+    /// A `SET` or `RESET` went to the leased connection: reset it at release.
+    settings_dirty: bool,
+    /// spillway's own simple Queries (the replay) whose answers are swallowed, up to
+    /// and including their ReadyForQuery.
+    swallow: u32,
     /// The client ran SQL whose effect outlives its transaction on that connection
     /// (LISTEN, PREPARE, a temporary table, a `WITH HOLD` cursor, a session advisory
     /// lock): pinned until the session ends.
@@ -82,8 +108,11 @@ struct Pooled {
 /// Statements whose effect outlives the transaction on the server connection, by the
 /// start of their text (lower case, after leading blanks). Crude on purpose: a false
 /// positive only pins a session, never breaks one.
-const PINNING_SQL: [&str; 6] = [
+const PINNING_SQL: [&str; 9] = [
     "listen",
+    "set role",
+    "set session authorization",
+    "reset role",
     "prepare",
     "create temp",
     "create temporary",
@@ -128,6 +157,7 @@ impl Lease {
         key: &CancelKey,
         startup: &StartupMessage,
     ) -> Self {
+        let max_prepared = pool.max_prepared();
         Self {
             conn: Conn::new(Stream::Detached),
             lost: None,
@@ -142,6 +172,12 @@ impl Lease {
                 pool,
                 leased: None,
                 acquiring: None,
+                translator: (max_prepared > 0).then(|| Translator::new(max_prepared)),
+                translated: 0,
+                replay_due: false,
+                settings: Vec::new(),
+                settings_dirty: false,
+                swallow: 0,
                 statements: std::collections::HashSet::new(),
                 pinned: false,
             })),
@@ -189,24 +225,154 @@ impl Lease {
             });
         }
         p.leased = Some(leased);
+        p.translated = 0;
+        p.replay_due = true;
+        if let Some(t) = p.translator.as_mut() {
+            t.start_lease();
+        }
         Poll::Ready(Ok(()))
     }
 
-    /// Transaction mode: notes what a client message means for pinning (named
-    /// statements prepared and closed, SQL whose effect outlives the transaction).
+    /// Transaction mode, something queued upstream: answered without a connection if
+    /// it can be (`Ready(Ok(true))`, [`Lease::answer_locally`], only outside a
+    /// transaction: `idle`), else a connection leased and the queue translated for it.
+    pub fn poll_pooled(
+        &mut self,
+        queue: &mut BytesMut,
+        idle: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<bool, SessionError>> {
+        if idle && self.answer_locally(queue) {
+            return Poll::Ready(Ok(true));
+        }
+        let acquired = self.poll_acquire(cx);
+        if let Poll::Ready(Err(e)) = acquired {
+            return Poll::Ready(Err(e));
+        }
+        // Named statements under the leased connection's names (ADR 0028).
+        self.translate(queue);
+        acquired.map(|r| r.map(|()| false))
+    }
+
+    /// Transaction mode: rewrites what was queued toward upstream since the last call
+    /// for the leased connection (named statements under their server names, prepared
+    /// there first where missing). Nothing happens while no connection is leased.
+    pub fn translate(&mut self, queue: &mut BytesMut) {
+        let Some(p) = self.pooled.as_deref_mut() else {
+            return;
+        };
+        if p.leased.is_some() && p.replay_due {
+            // The session's settings first, on this connection (answers swallowed).
+            p.replay_due = false;
+            if !p.settings.is_empty() {
+                let sql: Vec<&str> = p.settings.iter().map(|(_, s)| s.as_str()).collect();
+                let query = frontend::query_message(&sql.join("; "));
+                let client = queue.split();
+                queue.extend_from_slice(&query);
+                queue.extend_from_slice(&client);
+                p.translated += query.len();
+                p.swallow += 1;
+                p.settings_dirty = true;
+            }
+        }
+        let (Some(t), Some(leased)) = (p.translator.as_mut(), p.leased.as_mut()) else {
+            return;
+        };
+        if let Some((_, server)) = leased.parts() {
+            p.translated = t.translate(queue, p.translated, server);
+        }
+    }
+
+    /// Transaction mode, no connection leased or being waited for: answers what is
+    /// queued toward upstream when it needs no server (named statements prepared or
+    /// closed, and their Sync: `Translator::answer_without_server`). The answers are
+    /// read as if PostgreSQL had sent them ([`Lease::server_filtered`]); true if so.
+    pub fn answer_locally(&mut self, queue: &mut BytesMut) -> bool {
+        let Some(p) = self.pooled.as_deref_mut() else {
+            return false;
+        };
+        if p.leased.is_some() || p.acquiring.is_some() {
+            return false;
+        }
+        let Some(answers) = p
+            .translator
+            .as_mut()
+            .and_then(|t| t.answer_without_server(queue))
+        else {
+            return false;
+        };
+        p.translated = 0;
+        self.conn.inbuf.extend_from_slice(&answers);
+        true
+    }
+
+    /// Writes what the queue toward upstream holds to the server connection, as much
+    /// as it takes now (nothing while none is leased).
+    pub fn poll_write(
+        &mut self,
+        queue: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> std::io::Result<()> {
+        let queued = queue.len();
+        if let Some(server) = self.server() {
+            crate::net::conn::poll_drain(&mut server.stream, queue, cx)?;
+        }
+        if let Some(p) = self.pooled.as_deref_mut() {
+            p.translated = p.translated.saturating_sub(queued - queue.len());
+        }
+        Ok(())
+    }
+
+    /// The server connection, with the filter its backend messages go through first
+    /// (transaction mode with named statements carried across leases). In
+    /// transaction mode with no connection leased: the answers spillway gave itself
+    /// ([`Lease::answer_locally`]), if any.
+    pub fn server_filtered(&mut self) -> Option<(&mut Conn, Option<Filter<'_>>)> {
+        match self.pooled.as_deref_mut() {
+            Some(p) if p.leased.is_none() => {
+                (!self.conn.inbuf.is_empty()).then_some((&mut self.conn, None))
+            }
+            Some(p) => {
+                let (conn, server) = p.leased.as_mut()?.parts()?;
+                let filter = Filter {
+                    t: p.translator.as_mut(),
+                    server,
+                    swallow: &mut p.swallow,
+                };
+                Some((conn, Some(filter)))
+            }
+            None => self.lost.is_none().then_some((&mut self.conn, None)),
+        }
+    }
+
+    /// Transaction mode: notes what a client message means for pinning (SQL whose
+    /// effect outlives the transaction; named statements prepared and closed when
+    /// they are not carried across leases).
     pub fn observe(&mut self, msg: &[u8]) {
-        use crate::protocol::frontend;
         let Some(p) = self.pooled.as_deref_mut() else {
             return;
         };
         let body = frontend::body(msg);
+        if matches!(msg[0], frontend::QUERY | frontend::PARSE)
+            && let Some(set) = set_statement(msg[0], body)
+        {
+            p.settings_dirty = true;
+            match set {
+                SessionSet::Set(name, sql) => {
+                    p.settings.retain(|(n, _)| *n != name);
+                    p.settings.push((name, sql));
+                }
+                SessionSet::Reset(name) => p.settings.retain(|(n, _)| *n != name),
+                SessionSet::ResetAll => p.settings.clear(),
+            }
+        }
         match msg[0] {
-            frontend::PARSE => {
+            frontend::PARSE if p.translator.is_none() => {
                 if let Some(parse) = frontend::parse(body).filter(|p| !p.name.is_empty()) {
                     p.statements.insert(parse.name.to_owned());
                 }
             }
-            frontend::CLOSE => {
+            frontend::CLOSE if p.translator.is_none() => {
                 if let Some(t) = frontend::target(body).filter(|t| t.kind == b'S') {
                     p.statements.remove(t.name);
                 }
@@ -228,19 +394,30 @@ impl Lease {
     }
 
     /// Transaction mode: the session is idle; the connection goes back to the pool,
-    /// unless the session is pinned to it (named statements, session-level state).
+    /// unless the session is pinned to it (session-level state; named statements
+    /// when they are not carried across leases).
     pub fn release(&mut self) {
-        if self
-            .pooled
-            .as_deref()
-            .is_some_and(|p| p.pinned || !p.statements.is_empty())
-        {
+        let Some(p) = self.pooled.as_deref_mut() else {
+            return;
+        };
+        if p.pinned || !p.statements.is_empty() {
             return;
         }
-        if let Some(leased) = self.pooled.as_deref_mut().and_then(|p| p.leased.take()) {
+        if let Some(mut leased) = p.leased.take() {
+            let reset = std::mem::take(&mut p.settings_dirty).then_some("RESET ALL");
+            if let Some(t) = p.translator.as_mut() {
+                if let Some((_, server)) = leased.parts() {
+                    t.end_lease(server);
+                }
+                let injected = t.take_injected();
+                if injected > 0 {
+                    metrics::counter!(crate::metrics::POOL_STATEMENTS_PREPARED).increment(injected);
+                }
+            }
+            p.translated = 0;
             self.canceller = None;
             self.cancel.attach(self.client_pid, self.cancel_id, None);
-            leased.release();
+            leased.release_with(reset);
         }
     }
 
@@ -302,6 +479,31 @@ impl Lease {
         let connector = self.connector.clone();
         let startup = self.probe_startup.clone();
         async move { connector.accepts_sessions(&startup).await }
+    }
+}
+
+/// What the relay does with backend messages of a pooled connection before the
+/// handler sees them: answers to statements spillway prepared there are swallowed.
+pub struct Filter<'a> {
+    t: Option<&'a mut Translator>,
+    server: &'a mut ServerStatements,
+    swallow: &'a mut u32,
+}
+
+impl Filter<'_> {
+    pub fn on_backend(&mut self, tag: u8) -> Reply {
+        if *self.swallow > 0 {
+            // The answers to the session's settings replayed (an error among them
+            // too: the setting then stays as the connection had it).
+            if tag == b'Z' {
+                *self.swallow -= 1;
+            }
+            return Reply::Swallow;
+        }
+        match self.t.as_deref_mut() {
+            Some(t) => t.on_backend(tag, self.server),
+            None => Reply::Pass,
+        }
     }
 }
 

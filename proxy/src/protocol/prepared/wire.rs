@@ -1,0 +1,58 @@
+//! The messages spillway writes for statements on a server connection, and the
+//! server-side names it gives them.
+
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::OnceLock;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::super::frontend::PARSE;
+
+/// Prefix of server-side statement names.
+pub(super) const PREFIX: &str = "sw_";
+
+/// A statement name that never exists on a server connection: closing it is a no-op
+/// PostgreSQL answers with CloseComplete.
+pub(super) const NOWHERE: &str = "sw_none";
+
+/// The server-side name of a statement: `sw_` and a 128-bit hash of its text and
+/// parameter types, keyed per process (a client cannot aim a collision at another's
+/// statement).
+pub fn server_name(sql: &str, param_types: &[u8]) -> String {
+    static KEYS: OnceLock<(RandomState, RandomState)> = OnceLock::new();
+    let (a, b) = KEYS.get_or_init(|| (RandomState::new(), RandomState::new()));
+    let hash = |state: &RandomState| {
+        let mut h = state.build_hasher();
+        h.write(sql.as_bytes());
+        h.write_u8(0xff);
+        h.write(param_types);
+        h.finish()
+    };
+    format!("{PREFIX}{:016x}{:016x}", hash(a), hash(b))
+}
+
+/// A Parse of `name` with `sql` and the raw parameter types.
+pub(super) fn parse_message(name: &str, sql: &str, param_types: &[u8]) -> Bytes {
+    let len = 4 + name.len() + 1 + sql.len() + 1 + 2 + param_types.len();
+    let mut m = BytesMut::with_capacity(1 + len);
+    m.put_u8(PARSE);
+    m.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    put_cstr(&mut m, name);
+    put_cstr(&mut m, sql);
+    m.put_u16(u16::try_from(param_types.len() / 4).unwrap_or(u16::MAX));
+    m.extend_from_slice(param_types);
+    m.freeze()
+}
+
+/// A Describe or Close (`tag`) of `kind` (`S` or `P`) `name`.
+pub(super) fn write_target(out: &mut BytesMut, tag: u8, kind: u8, name: &str) {
+    out.put_u8(tag);
+    out.put_u32(u32::try_from(4 + 1 + name.len() + 1).unwrap_or(u32::MAX));
+    out.put_u8(kind);
+    put_cstr(out, name);
+}
+
+pub(super) fn put_cstr(out: &mut BytesMut, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.put_u8(0);
+}
