@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use spillway_policies::cache::stripe_of;
+use spillway_policies::cache::{Registry, row_stripes_for};
 
 use crate::context::{Context, DB};
 use crate::metrics::scrape;
@@ -13,11 +13,22 @@ use crate::metrics::scrape;
 const SCHEMA: &str = "CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL); \
      INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g";
 
-/// Two keys whose version stripes differ (a shared stripe only invalidates more).
-fn two_keys() -> (i32, i32) {
+/// Two keys of `items` whose row stripes differ (a shared stripe only invalidates
+/// more), computed as spillway computes them: from the database, the table's OID and
+/// the number of stripes the default `cache.max_bytes` (256 MiB) gives.
+async fn two_keys(ctx: &Context) -> (i32, i32) {
+    let oid: u32 = ctx
+        .direct_client()
+        .await
+        .query_one("SELECT 'items'::regclass::oid", &[])
+        .await
+        .expect("oid of items")
+        .get(0);
+    let registry = Registry::with_row_stripes(row_stripes_for(256 << 20));
+    let table = registry.database(DB).table_versions(oid);
     let first = 1;
     let other = (2..)
-        .find(|k: &i32| stripe_of(&[k.to_string()]) != stripe_of(&[first.to_string()]))
+        .find(|k: &i32| table.stripe_of(&[k.to_string()]) != table.stripe_of(&[first.to_string()]))
         .expect("another stripe");
     (first, other)
 }
@@ -121,7 +132,7 @@ async fn writes_through_spillway_invalidate_only_their_rows() {
         .start()
         .await;
     let client = ctx.proxy_client().await;
-    let (k1, k2) = two_keys();
+    let (k1, k2) = two_keys(&ctx).await;
     for k in [k1, k2] {
         cache_both(&ctx, &client, k).await;
     }
@@ -181,7 +192,7 @@ async fn psql_writes_with_the_change_stream_invalidate_only_their_rows() {
         .start()
         .await;
     let client = ctx.proxy_client().await;
-    let (k1, k2) = two_keys();
+    let (k1, k2) = two_keys(&ctx).await;
     for round in 0..5 {
         for k in [k1, k2] {
             cache_both(&ctx, &client, k).await;
@@ -243,7 +254,7 @@ async fn deferred_writes_invalidate_only_their_rows_at_ack_and_apply() {
         .start()
         .await;
     let client = ctx.proxy_client().await;
-    let (k1, k2) = two_keys();
+    let (k1, k2) = two_keys(&ctx).await;
     for (round, new) in ["a", "b"].into_iter().enumerate() {
         for k in [k1, k2] {
             cache_both(&ctx, &client, k).await;
