@@ -172,6 +172,7 @@ mod tests {
             idle_timeout = "7s"
             lifetime = "7s"
             reset_query = "DISCARD ALL"
+            max_prepared_statements = 7
             [pool.databases.d]
             mode = "session"
             size = 7
