@@ -8,8 +8,9 @@
 #    application), and checks the TPC-B tables: history rows = transactions pgbench
 #    counted, and the sums of deltas, account, teller and branch balances agree.
 # 2. Against PgBouncer in transaction mode (default_pool_size 20), 256 clients,
-#    -M prepared -S (PgBouncer with max_prepared_statements) and TPC-B-like -M simple,
-#    alternating rounds: tps of each and spillway / PgBouncer.
+#    select-only and TPC-B-like, alternating rounds: tps of each and spillway /
+#    PgBouncer. -M prepared only where PgBouncer tracks prepared statements (1.21+,
+#    max_prepared_statements); otherwise -M extended (unnamed statements).
 #
 # Usage: loadtest/pgbench/pool.sh [-c 1000] [-b 256] [-T 30] [-r 3] [-s 10]
 # Env:   SPILLWAY_BIN (default: target/release/spillway, rebuilt first when not set)
@@ -39,17 +40,19 @@ export PGPASSWORD=bench-password
 wait_ready "$SW_PORT"
 PB_POOL_MODE=transaction PB_MAX_CLIENTS=$((VS + 50)) PB_POOL_SIZE=20 start_pgbouncer ||
   { echo "pgbouncer not installed (apt-get install pgbouncer): part 2 skipped" >&2; PB_PORT=""; }
-if [ -n "$PB_PORT" ]; then
+PB_MODE=extended
+if [ -n "$PB_PORT" ] && printf '%s\n' "1.21.0" "$(pgbouncer --version | awk 'NR == 1 {print $2}')" | sort -V -C; then
   echo "max_prepared_statements = 200" >> "$WORK/pgbouncer.ini"
   kill -HUP "$(cat "$WORK/pgbouncer.pid")"
-  wait_ready "$PB_PORT"
+  PB_MODE=prepared
 fi
+[ -n "$PB_PORT" ] && wait_ready "$PB_PORT"
 echo "pool.sh: $CLIENTS clients on a pool of 20; PgBouncer comparison at $VS; load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 direct_sql() { psql -X -At -h 127.0.0.1 -p "$PG_PORT" -U bench -d postgres -c "$1"; }
 sample_backends() { # -> file with the most client backends seen at once, by application
   while :; do
-    direct_sql "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()" 2>/dev/null
+    direct_sql "SELECT sum(n) || ' ' || string_agg(a || ':' || n, ',') FROM (SELECT coalesce(nullif(application_name, ''), '-') a, count(*) n FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() GROUP BY 1) s" 2>/dev/null
     sleep 0.1
   done > "$WORK/backends.txt"
 }
@@ -71,7 +74,7 @@ run_many() { # label pgbench-args...
   failed=$(awk -F': ' '/number of failed transactions/ {print $2}' "$WORK/many.log")
   tps=$(awk '/^tps = / {print $3; exit}' "$WORK/many.log")
   most=$(sort -n "$WORK/backends.txt" | tail -1)
-  echo "  $label: $tx transactions, failed ${failed:-?}, $tps tps; most PostgreSQL client backends at once: $most (the sampler's own excluded)"
+  echo "  $label: $tx transactions, failed ${failed:-?}, $tps tps; most PostgreSQL client backends at once: $most (count, then by application_name; the sampler's own excluded)"
   grep -m3 -i "error\|fatal" "$WORK/many.log" | sed 's/^/    pgbench: /' || true
   if [ "$label" = tpcb ]; then check_tpcb "$tx" || echo "    CHECK FAILED"; fi
 }
@@ -82,13 +85,13 @@ run_many tpcb -M prepared
 
 if [ -n "$PB_PORT" ]; then
   echo "## spillway (transaction pool of 20) against PgBouncer (transaction, pool of 20), $VS clients, $ROUNDS rounds of $DURATION s, alternating"
-  for spec in "-M prepared -S" "-M simple"; do
+  for spec in "-M $PB_MODE -S" "-M $PB_MODE"; do
     sw=() pb=()
     for r in $(seq "$ROUNDS"); do
       for target in spillway pgbouncer; do
         port=$SW_PORT; [ "$target" = pgbouncer ] && port=$PB_PORT
         # shellcheck disable=SC2086 # spec is a list of flags
-        t=$(pgbench -h 127.0.0.1 -p "$port" -U bench -n -c "$VS" -j 2 -T "$DURATION" $spec postgres 2>&1 |
+        t=$( (pgbench -h 127.0.0.1 -p "$port" -U bench -n -c "$VS" -j 2 -T "$DURATION" $spec postgres 2>&1 || true) |
           awk '/^tps = / {print $3; exit}')
         echo "  round $r $target ($spec): ${t:-failed} tps" >&2
         if [ "$target" = spillway ]; then sw+=("${t:-0}"); else pb+=("${t:-0}"); fi
