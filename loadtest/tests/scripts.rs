@@ -1,6 +1,6 @@
 //! The benchmark scripts run end to end and produce their report, with PostgreSQL
 //! behind the link (`-L`): `write-bench.sh` (PostgreSQL's CPU per operation for both
-//! targets, the summary) and `pgbench/compare.sh`. Short rounds on loopback; nothing is
+//! targets, the summary), `pgbench/compare.sh` and `pgbench/pool.sh`. Short rounds on loopback; nothing is
 //! asserted about speed, only that the runs happen and say what they measured.
 
 use std::path::{Path, PathBuf};
@@ -127,6 +127,25 @@ fn compare_behind_the_link_prints_its_ratios() {
         "{stdout}"
     );
     assert!(!stdout.contains("=failed"), "{stdout}");
+}
+
+#[test]
+fn pool_runs_more_clients_than_its_pool_and_checks_the_balances() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = ["-c", "40", "-b", "8", "-T", "2", "-r", "1", "-s", "1"];
+    let out = script("loadtest/pgbench/pool.sh", &args, dir.path());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout.matches("failed 0 (0.000%)").count(),
+        2,
+        "both 40-client runs on a pool of 20 finish without a failed transaction:\n{stdout}"
+    );
+    // pgbench does not count aborted clients as failed transactions: its errors (a
+    // pool exhausted while statements pin their connections) are printed instead.
+    assert!(!stdout.contains("pgbench: "), "{stdout}");
+    assert!(!stdout.contains("CHECK FAILED"), "{stdout}");
+    assert!(stdout.contains("spillway pool:"), "{stdout}");
 }
 
 #[test]
