@@ -9,7 +9,7 @@
 //! then the column's type); identifiers are quoted; casts are checked plain type names.
 
 use super::plan::{PlanError, TableMeta, checked_cast, convert, ident};
-use super::record::{AssignOp, RowOp, Val};
+use super::record::{Assign, AssignOp, RowOp, Val};
 
 /// `'text'` (or `NULL`) converted to `column_type` like the client's value.
 fn value(v: &Val, column_type: &str) -> Result<String, PlanError> {
@@ -55,30 +55,34 @@ pub fn statement(op: &RowOp, meta: &TableMeta) -> Result<String, PlanError> {
                 vals?.join(", ")
             ))
         }
-        RowOp::Update { key, set, .. } => {
-            let assigns: Result<Vec<String>, PlanError> = set
-                .iter()
-                .map(|a| {
-                    let col = ident(&a.column);
-                    let v = value(&a.value, meta.type_of(&a.column)?)?;
-                    Ok(match a.op {
-                        AssignOp::Set => format!("{col} = {v}"),
-                        AssignOp::Add => format!("{col} = {col} + {v}"),
-                        AssignOp::Sub => format!("{col} = {col} - {v}"),
-                    })
-                })
-                .collect();
-            Ok(format!(
-                "UPDATE ONLY {table} SET {} WHERE {}",
-                assigns?.join(", "),
-                key_predicate(meta, key)?
-            ))
-        }
+        RowOp::Update { key, set, .. } => Ok(format!(
+            "UPDATE ONLY {table} SET {} WHERE {}",
+            assignments(set, meta, "")?,
+            key_predicate(meta, key)?
+        )),
         RowOp::Delete { key, .. } => Ok(format!(
             "DELETE FROM ONLY {table} WHERE {}",
             key_predicate(meta, key)?
         )),
     }
+}
+
+/// A SET list: `c = v`, or `c = {old}c ± v` for increments (`old`: empty, or the
+/// table's name and a dot where the old row must be named).
+fn assignments(set: &[Assign], meta: &TableMeta, old: &str) -> Result<String, PlanError> {
+    let assigns: Result<Vec<String>, PlanError> = set
+        .iter()
+        .map(|a| {
+            let col = ident(&a.column);
+            let v = value(&a.value, meta.type_of(&a.column)?)?;
+            Ok(match a.op {
+                AssignOp::Set => format!("{col} = {v}"),
+                AssignOp::Add => format!("{col} = {old}{col} + {v}"),
+                AssignOp::Sub => format!("{col} = {old}{col} - {v}"),
+            })
+        })
+        .collect();
+    Ok(assigns?.join(", "))
 }
 
 /// `INSERT … ON CONFLICT (primary key)` of one row: `insert`, and `update` (the row's
@@ -95,20 +99,9 @@ pub fn upsert(
     match update {
         None => sql.push_str("NOTHING"),
         Some(RowOp::Update { set, .. }) => {
-            let table = ident(&meta.table);
-            let assigns: Result<Vec<String>, PlanError> = set
-                .iter()
-                .map(|a| {
-                    let col = ident(&a.column);
-                    let v = value(&a.value, meta.type_of(&a.column)?)?;
-                    Ok(match a.op {
-                        AssignOp::Set => format!("{col} = {v}"),
-                        AssignOp::Add => format!("{col} = {table}.{col} + {v}"),
-                        AssignOp::Sub => format!("{col} = {table}.{col} - {v}"),
-                    })
-                })
-                .collect();
-            sql.push_str(&format!("UPDATE SET {}", assigns?.join(", ")));
+            // In DO UPDATE, the old row's column is named through its table.
+            let old = format!("{}.", ident(&meta.table));
+            sql.push_str(&format!("UPDATE SET {}", assignments(set, meta, &old)?));
         }
         Some(_) => return Err(PlanError::KeyMissing(meta.name.clone())),
     }
