@@ -7,8 +7,12 @@
 //! fills a missing key.
 //!
 //! Invariants:
-//! - A served entry's [`Deps`] are current: an entry whose tables were written since it
-//!   was computed is a miss (and is dropped) even before moka evicts it.
+//! - A served entry's [`Deps`] are current and its TTL has not run out: an entry whose
+//!   tables were written since it was computed, or whose time is up, is a miss (and is
+//!   dropped) when it is looked up; entries nobody looks up again leave by eviction.
+//! - The entries' weights (bytes, with a fixed overhead each) stay within `max_bytes`:
+//!   quick_cache evicts on insert, in the inserting thread (ADR 0032); nothing is
+//!   deferred to a housekeeping task.
 //! - A fill is stored only if its deps were still current when it completed (the
 //!   stale-fill guard), it is at most `max_entry_bytes`, and the key is not bypassed.
 //! - At most one session fills a key at a time ([`Lookup::Lead`]); others wait for it
@@ -25,8 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use moka::Expiry;
-use moka::notification::RemovalCause;
+use quick_cache::{Lifecycle, Weighter};
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
@@ -35,7 +38,7 @@ pub use versions::{
     DEFAULT_ROW_STRIPES, DbVersions, Deps, Registry, TableVersions, Version, row_stripes_for,
 };
 
-/// Fixed per-entry overhead counted by the weigher (moka's node, the Arc, the deps).
+/// Fixed per-entry overhead counted by the weigher (the map's slot, the Arc, the deps).
 const ENTRY_OVERHEAD: usize = 160;
 
 /// One cached result: the backend messages PostgreSQL sent for it, replayed verbatim.
@@ -98,7 +101,7 @@ pub struct CacheStats {
 }
 
 pub struct ResultCache {
-    entries: moka::sync::Cache<Key, Arc<CachedResult>, keys::BuildPrehashed>,
+    entries: Entries,
     /// Keys being filled, and how to wake those waiting for them. A std mutex: held
     /// only for a map operation, never across an await.
     inflight: Mutex<HashMap<Key, Arc<Notify>>>,
@@ -108,40 +111,80 @@ pub struct ResultCache {
     stats: Arc<CacheStats>,
 }
 
-fn weigh(key: &Key, value: &Arc<CachedResult>) -> u32 {
-    value.weight(key)
+type Entries = quick_cache::sync::Cache<Key, Entry, Weigh, keys::BuildPrehashed, CountEvictions>;
+
+/// A stored result and the moment it stops being served.
+#[derive(Clone)]
+struct Entry {
+    result: Arc<CachedResult>,
+    expires: Instant,
 }
 
-struct PerEntryTtl;
+#[derive(Clone)]
+struct Weigh;
 
-impl Expiry<Key, Arc<CachedResult>> for PerEntryTtl {
-    fn expire_after_create(
-        &self,
-        _key: &Key,
-        value: &Arc<CachedResult>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(value.ttl)
+impl Weighter<Key, Entry> for Weigh {
+    fn weight(&self, key: &Key, entry: &Entry) -> u64 {
+        u64::from(entry.result.weight(key))
     }
+}
+
+/// Counts evictions for space (`CacheStats::evicted`). Replacing or removing an entry
+/// is not an eviction and does not pass here.
+#[derive(Clone)]
+struct CountEvictions(Arc<CacheStats>);
+
+impl Lifecycle<Key, Entry> for CountEvictions {
+    type RequestState = ();
+
+    fn begin_request(&self) -> Self::RequestState {}
+
+    fn on_evict(&self, _state: &mut Self::RequestState, _key: Key, _entry: Entry) {
+        self.0.evicted.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Shards of the map: as many as quick_cache would choose for this machine, fewer when
+/// a shard (an equal part of `max_bytes`) could not hold a few of the largest entries.
+fn shards_for(max_bytes: u64, max_entry_bytes: u64) -> usize {
+    let parallel = std::thread::available_parallelism().map_or(4, |n| n.get()) * 4;
+    let by_size = max_bytes / max_entry_bytes.max(1).saturating_mul(4);
+    let shards = usize::try_from(by_size)
+        .unwrap_or(usize::MAX)
+        .clamp(1, parallel.next_power_of_two());
+    // A power of two not above `shards` (quick_cache rounds up otherwise).
+    1 << shards.ilog2()
 }
 
 impl ResultCache {
     pub fn new(max_bytes: u64, max_entry_bytes: u64) -> Arc<Self> {
         let stats = Arc::new(CacheStats::default());
-        let listener_stats = stats.clone();
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(weigh)
-            .expire_after(PerEntryTtl)
-            .eviction_listener(move |_key, _value, cause| {
-                let counter = match cause {
-                    RemovalCause::Size => &listener_stats.evicted,
-                    RemovalCause::Expired => &listener_stats.expired,
-                    RemovalCause::Explicit | RemovalCause::Replaced => return,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            })
-            .build_with_hasher(keys::BuildPrehashed::default());
+        let mut options = quick_cache::OptionsBuilder::new();
+        options
+            .weight_capacity(max_bytes)
+            // A guess of the entry count (for the shard sizes only; the map grows).
+            .estimated_items_capacity(
+                usize::try_from(max_bytes / 1024)
+                    .unwrap_or(usize::MAX)
+                    .max(64),
+            )
+            .shards(shards_for(max_bytes, max_entry_bytes));
+        let entries = match options.build() {
+            Ok(options) => Entries::with_options(
+                options,
+                Weigh,
+                keys::BuildPrehashed::default(),
+                CountEvictions(stats.clone()),
+            ),
+            // Only a zero shard count is refused, and `shards_for` gives at least one.
+            Err(_) => Entries::with(
+                64,
+                max_bytes,
+                Weigh,
+                keys::BuildPrehashed::default(),
+                CountEvictions(stats.clone()),
+            ),
+        };
         Arc::new(Self {
             entries,
             inflight: Mutex::new(HashMap::new()),
@@ -186,12 +229,16 @@ impl ResultCache {
 
     fn current(&self, key: &dyn KeyLike) -> Option<Arc<CachedResult>> {
         let entry = self.entries.get(key)?;
-        if entry.deps.is_current() {
-            Some(entry)
-        } else {
-            self.entries.invalidate(key);
+        if !entry.result.deps.is_current() {
+            self.entries.remove(key);
             self.stats.invalidated.fetch_add(1, Ordering::Relaxed);
             None
+        } else if Instant::now() >= entry.expires {
+            self.entries.remove(key);
+            self.stats.expired.fetch_add(1, Ordering::Relaxed);
+            None
+        } else {
+            Some(entry.result)
         }
     }
 
@@ -233,20 +280,15 @@ impl ResultCache {
     /// Drops every entry (a lost invalidation feed). Callers also bump the version
     /// epochs so that fills already in flight are refused too.
     pub fn clear(&self) {
-        self.entries.invalidate_all();
+        self.entries.clear();
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.entries.entry_count()
+        self.entries.len() as u64
     }
 
     pub fn weighted_bytes(&self) -> u64 {
-        self.entries.weighted_size()
-    }
-
-    /// Runs moka's deferred housekeeping (tests and metrics want settled numbers).
-    pub fn sync(&self) {
-        self.entries.run_pending_tasks();
+        self.entries.weight()
     }
 
     fn store(&self, key: Key, result: CachedResult) -> bool {
@@ -263,7 +305,14 @@ impl ResultCache {
             self.stats.rejected_stale.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        self.entries.insert(key, Arc::new(result));
+        let expires = Instant::now() + result.ttl;
+        self.entries.insert(
+            key,
+            Entry {
+                result: Arc::new(result),
+                expires,
+            },
+        );
         self.stats.stored.fetch_add(1, Ordering::Relaxed);
         true
     }
@@ -433,7 +482,6 @@ mod tests {
                 ttl: Duration::from_secs(60),
             });
         }
-        cache.sync();
         assert!(cache.weighted_bytes() <= 64 * 1024);
         assert!(cache.entry_count() < 1000);
         assert!(cache.stats().evicted.load(Ordering::Relaxed) > 0);
@@ -448,5 +496,31 @@ mod tests {
         assert!(cache.get(b"k").is_some());
         std::thread::sleep(Duration::from_millis(120));
         assert!(cache.get(b"k").is_none());
+        assert_eq!(cache.stats().expired.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.entry_count(), 0, "an expired entry found is dropped");
+    }
+
+    #[test]
+    fn a_shard_holds_several_of_the_largest_entries() {
+        for (max_bytes, max_entry) in [(64 * 1024, 4096), (1 << 28, 1 << 20), (4096, 4096)] {
+            let shards = shards_for(max_bytes, max_entry) as u64;
+            assert!(shards.is_power_of_two());
+            assert!(
+                shards == 1 || max_bytes / shards >= 4 * max_entry,
+                "{max_bytes} in {shards} shards for entries of {max_entry}"
+            );
+        }
+        // The largest entry fits whatever the shard count.
+        let cache = ResultCache::new(2 * 4096, 4096);
+        let body = Bytes::from(vec![b'x'; 4096]);
+        let r = CachedResult {
+            row_description: None,
+            statement: None,
+            body,
+            deps: Deps::default(),
+            ttl: Duration::from_secs(60),
+        };
+        assert!(lead(&cache, b"k").complete(r));
+        assert!(cache.get(b"k").is_some());
     }
 }

@@ -24,7 +24,7 @@ pub enum Applies {
 ///
 /// Everything else is fixed at start: listeners and sockets, the backend, TLS files,
 /// the journal, the metrics listener, the admin console, the log format, and the
-/// cache's sizes (moka fixes its capacity when it is built), its on/off switch, its
+/// cache's sizes (its map is built with its capacity), its on/off switch, its
 /// invalidation mode and the statement memo.
 pub const RELOADABLE: &[&str] = &[
     "cache.ttl",

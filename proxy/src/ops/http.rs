@@ -104,7 +104,6 @@ pub fn refresh(
     writes: Option<&crate::write::service::WriteService>,
 ) {
     if let Some(c) = cache {
-        c.results.sync();
         let s = c.results.stats();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         metrics::counter!(crate::metrics::CACHE_HITS).absolute(load(&s.hits));

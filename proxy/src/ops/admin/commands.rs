@@ -210,7 +210,6 @@ fn show_cache(shared: &Console) -> Reply {
             row
         }
         Some(cache) => {
-            cache.results.sync();
             let stats = cache.results.stats();
             let load =
                 |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
