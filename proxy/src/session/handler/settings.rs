@@ -19,10 +19,14 @@
 //!
 //! Invariant: [`KeyContext::prefix`] and its hash state are rebuilt by every change of
 //! what it is made of, so the hit path reads them as fields, and hashes only its
-//! request's own bytes, without building the key or allocating.
+//! request's own bytes, without building the key or allocating. Each rebuild takes a
+//! generation no other prefix in the process has had, and a statement's memo of the
+//! hash state after the prefix and the statement ([`StmtHash`]) is used only under the
+//! generation it was computed in.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use spillway_policies::cache::{CachedResult, KeyParts, KeyStream, ResultCache};
 
@@ -40,6 +44,36 @@ const REPORTED: [&str; 5] = [
     "standard_conforming_strings",
 ];
 
+/// Prefix generations handed out so far (see the module's invariant).
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+/// A statement's memo for [`KeyContext::get_memo`]: the key's hash state after a
+/// prefix, the request kind and the statement's own parts, with the prefix's
+/// generation. A std mutex held only to copy the state in or out.
+#[derive(Default)]
+pub struct StmtHash(Mutex<Option<(u64, KeyStream)>>);
+
+impl StmtHash {
+    fn get(&self, generation: u64) -> Option<KeyStream> {
+        let memo = self.0.lock().ok()?;
+        memo.as_ref()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, h)| h.clone())
+    }
+
+    fn set(&self, generation: u64, hash: &KeyStream) {
+        if let Ok(mut memo) = self.0.lock() {
+            *memo = Some((generation, hash.clone()));
+        }
+    }
+}
+
+impl std::fmt::Debug for StmtHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StmtHash")
+    }
+}
+
 pub struct KeyContext {
     /// Database, user and startup parameters: fixed for the session.
     base: Vec<u8>,
@@ -55,6 +89,8 @@ pub struct KeyContext {
     /// The cache's hash state with nothing written, and with [`KeyContext::prefix`].
     seed: KeyStream,
     prefix_hash: KeyStream,
+    /// Unique to this prefix in the process (see the invariant).
+    generation: u64,
     /// Set for good: role change, set_config, or a SET spillway could not follow.
     pub bypass: Option<&'static str>,
     /// SET LOCAL in the current transaction.
@@ -113,6 +149,7 @@ impl KeyContext {
             prefix: Vec::new(),
             scratch: Vec::new(),
             prefix_hash: seed.clone(),
+            generation: 0,
             seed,
             bypass: None,
             local_override: false,
@@ -147,6 +184,7 @@ impl KeyContext {
         }
         self.prefix_hash = self.seed.clone();
         self.prefix_hash.write(&self.prefix);
+        self.generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The entry under the key [`KeyContext::key`] would build of `kind` and `parts`
@@ -163,6 +201,43 @@ impl KeyContext {
             hash.write(p);
         }
         cache.get_parts(&KeyParts::new(hash.finish(), &all[..2 + n]))
+    }
+
+    /// As [`KeyContext::get`] with `parts` = `fixed` then `rest`, where `fixed` is the
+    /// same for every request of one statement: the hash state after the prefix, `kind`
+    /// and `fixed` is taken from `memo` when it was computed under this prefix, and
+    /// kept there otherwise, so a hit hashes only `rest`.
+    pub fn get_memo(
+        &self,
+        cache: &ResultCache,
+        memo: &StmtHash,
+        kind: u8,
+        fixed: &[&[u8]],
+        rest: &[&[u8]],
+    ) -> Option<Arc<CachedResult>> {
+        let kind = [kind];
+        let mut all: [&[u8]; MAX_PARTS + 2] = [&[]; MAX_PARTS + 2];
+        all[0] = &self.prefix;
+        all[1] = &kind;
+        let nf = fixed.len().min(MAX_PARTS);
+        let nr = rest.len().min(MAX_PARTS - nf);
+        all[2..2 + nf].copy_from_slice(&fixed[..nf]);
+        all[2 + nf..2 + nf + nr].copy_from_slice(&rest[..nr]);
+        let mut hash = match memo.get(self.generation) {
+            Some(h) => h,
+            None => {
+                let mut h = self.prefix_hash.clone();
+                for p in &all[1..2 + nf] {
+                    h.write(p);
+                }
+                memo.set(self.generation, &h);
+                h
+            }
+        };
+        for p in &all[2 + nf..2 + nf + nr] {
+            hash.write(p);
+        }
+        cache.get_parts(&KeyParts::new(hash.finish(), &all[..2 + nf + nr]))
     }
 
     /// The key of a request: the prefix, `kind`, then `parts` (built in
@@ -371,6 +446,48 @@ mod tests {
         // A setting the key is made of changes it.
         c.report("TimeZone", "Europe/Paris");
         assert!(c.get(&cache, b'X', &parts).is_none());
+    }
+
+    #[test]
+    fn a_statement_memo_is_used_only_under_its_prefix() {
+        use spillway_policies::cache::{Deps, Lookup};
+        let cache = ResultCache::new(1 << 20, 1 << 16);
+        let mut c = KeyContext::new("app", "alice", &[], &BTreeMap::new(), cache.stream());
+        c.report("TimeZone", "UTC");
+        let fixed: [&[u8]; 2] = [b"SELECT $1", b"\0\0\0\x17"];
+        let store = |c: &mut KeyContext, rest: &[u8], body: &'static [u8]| {
+            let built = c.key(b'X', &[fixed[0], fixed[1], rest]).to_vec();
+            let Lookup::Lead(ticket) = cache.lookup(&built) else {
+                panic!("a new key leads its fill");
+            };
+            assert!(ticket.complete(CachedResult {
+                row_description: None,
+                statement: None,
+                body: bytes::Bytes::from_static(body),
+                deps: Deps::default(),
+                ttl: std::time::Duration::from_secs(60),
+            }));
+        };
+        store(&mut c, b"one", b"utc");
+        let memo = StmtHash::default();
+        let hit = |c: &KeyContext, rest: &[u8]| {
+            c.get_memo(&cache, &memo, b'X', &fixed, &[rest])
+                .map(|r| r.body.clone())
+        };
+        assert_eq!(hit(&c, b"one").as_deref(), Some(&b"utc"[..]));
+        // The memo now holds the statement's state: other parameters still hash apart.
+        assert_eq!(hit(&c, b"two"), None);
+        assert_eq!(hit(&c, b"one").as_deref(), Some(&b"utc"[..]));
+        // Another prefix: the memo of the old one must not be used.
+        c.report("TimeZone", "Europe/Paris");
+        assert_eq!(hit(&c, b"one"), None);
+        store(&mut c, b"one", b"paris");
+        assert_eq!(hit(&c, b"one").as_deref(), Some(&b"paris"[..]));
+        // Another session with the first prefix computes its own state.
+        let mut d = KeyContext::new("app", "alice", &[], &BTreeMap::new(), cache.stream());
+        d.report("TimeZone", "UTC");
+        assert_eq!(hit(&d, b"one").as_deref(), Some(&b"utc"[..]));
+        assert_eq!(hit(&c, b"one").as_deref(), Some(&b"paris"[..]));
     }
 
     fn set(name: &str, value: &str, local: bool) -> SessionCommand {

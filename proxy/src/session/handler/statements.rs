@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::settings::StmtHash;
 use crate::read::classify::Analysis;
 
 /// A statement the session prepared (or asked spillway to prepare lazily).
@@ -26,6 +27,8 @@ pub struct Stmt {
     /// The client's Parse message, replayed upstream when the statement is first
     /// needed there.
     pub parse_msg: Bytes,
+    /// The cache key's hash state through this statement's parts (`extended_get`).
+    pub key_hash: StmtHash,
 }
 
 impl Stmt {
@@ -242,6 +245,7 @@ mod tests {
             param_types: Box::new([]),
             analysis: Arc::new(crate::read::classify::analyze(sql)),
             parse_msg: Bytes::copy_from_slice(sql.as_bytes()),
+            key_hash: StmtHash::default(),
         })
     }
 

@@ -32,6 +32,7 @@ use bytes::{Bytes, BytesMut};
 use spillway_policies::cache::{CachedResult, FillTicket, Lookup};
 
 use super::fill::Fill;
+use super::settings::StmtHash;
 use super::statements::Stmt;
 use super::tracker::Expect;
 use super::{Caching, Disposition};
@@ -459,8 +460,10 @@ impl Caching {
             return None;
         }
         let lens = key_lengths(stmt);
+        let parts = key_parts(stmt, params, &lens);
+        let (fixed, rest) = parts.split_at(4);
         self.key
-            .get(&self.cache.results, b'X', &key_parts(stmt, params, &lens))
+            .get_memo(&self.cache.results, &stmt.key_hash, b'X', fixed, rest)
     }
 
     /// The statement a Parse message defines (`None`: not a Parse, or malformed).
@@ -498,6 +501,7 @@ impl Caching {
             param_types: p.param_types.into(),
             analysis: self.cache.classifier.classify(p.sql),
             parse_msg: Bytes::copy_from_slice(msg),
+            key_hash: StmtHash::default(),
         })
     }
 }
@@ -509,7 +513,8 @@ fn key_lengths(stmt: &Stmt) -> [[u8; 4]; 2] {
 }
 
 /// An Execute's key after the prefix: the statement (text, parameter types, each
-/// after its length) and the Bind's parameters and formats.
+/// after its length: the first four parts, the same for every Execute of it) and the
+/// Bind's parameters and formats.
 fn key_parts<'a>(stmt: &'a Stmt, params: &'a [u8], lens: &'a [[u8; 4]; 2]) -> [&'a [u8]; 5] {
     [
         &lens[0],
