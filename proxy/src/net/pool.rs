@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::config::pool::PoolConfig;
 use crate::error::SessionError;
@@ -80,6 +80,8 @@ impl Pools {
                     size,
                     open: AtomicUsize::new(0),
                     waiting: AtomicUsize::new(0),
+                    wait_seconds: metrics::histogram!(crate::metrics::POOL_WAIT_SECONDS),
+                    leases: metrics::counter!(crate::metrics::POOL_LEASES),
                 })
             })
             .clone();
@@ -146,6 +148,9 @@ pub struct Pool {
     /// Connections open (leased or idle).
     open: AtomicUsize,
     waiting: AtomicUsize,
+    /// Metric handles resolved once (a lease records both).
+    wait_seconds: metrics::Histogram,
+    leases: metrics::Counter,
 }
 
 /// One server connection of a pool.
@@ -187,30 +192,41 @@ impl Pool {
     /// A server connection for one transaction: an idle one, or a new one while the
     /// pool has room; waits up to `pool.queue_timeout` for one to come back.
     pub async fn acquire(self: &Arc<Self>) -> Result<Leased, SessionError> {
-        let started = Instant::now();
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        let permit =
-            tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        metrics::histogram!(crate::metrics::POOL_WAIT_SECONDS)
-            .record(started.elapsed().as_secs_f64());
-        let permit = match permit {
-            Ok(Ok(permit)) => permit,
-            _ => {
-                metrics::counter!(crate::metrics::POOL_WAIT_TIMEOUTS).increment(1);
-                return Err(SessionError::PoolTimeout(self.queue_timeout));
+        // A free permit is taken without arming the queue timeout's timer.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.wait_seconds.record(0.0);
+                permit
             }
+            Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => self.queue().await?,
         };
         let server = match self.take_idle() {
             Some(server) => server,
             None => self.connect().await?,
         };
-        metrics::counter!(crate::metrics::POOL_LEASES).increment(1);
+        self.leases.increment(1);
         Ok(Leased {
             server: Some(server),
             pool: self.clone(),
             permit: Some(permit),
         })
+    }
+
+    /// Waits in the pool's queue for a permit, up to `pool.queue_timeout`.
+    async fn queue(self: &Arc<Self>) -> Result<OwnedSemaphorePermit, SessionError> {
+        let started = Instant::now();
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit =
+            tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.wait_seconds.record(started.elapsed().as_secs_f64());
+        match permit {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                metrics::counter!(crate::metrics::POOL_WAIT_TIMEOUTS).increment(1);
+                Err(SessionError::PoolTimeout(self.queue_timeout))
+            }
+        }
     }
 
     /// `pool.max_prepared_statements`: statements one connection holds for clients.

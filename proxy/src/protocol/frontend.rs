@@ -32,7 +32,7 @@ struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
     fn cstr(&mut self) -> Option<&'a str> {
-        let end = self.0.iter().position(|&b| b == 0)?;
+        let end = memchr::memchr(0, self.0)?;
         let s = std::str::from_utf8(&self.0[..end]).ok()?;
         self.0 = &self.0[end + 1..];
         Some(s)

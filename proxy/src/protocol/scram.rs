@@ -71,6 +71,22 @@ impl Verifier {
         Self::parse(&text).unwrap_or_else(Self::unusable)
     }
 
+    /// The verifier an unknown role is challenged with, as PostgreSQL's mock: a salt
+    /// that is the same for every attempt at `user` (derived from `secret`, which the
+    /// process chose at random), so repeated attempts cannot tell a missing role from
+    /// an existing one, and keys no proof matches. Costs no key derivation, so an
+    /// unknown role costs what a known one does.
+    pub fn mock(user: &str, secret: &[u8; 32]) -> Self {
+        let digest = Sha256::new()
+            .chain_update(secret)
+            .chain_update(user.as_bytes())
+            .finalize();
+        Self {
+            salt: digest[..16].to_vec(),
+            ..Self::unusable()
+        }
+    }
+
     /// A verifier no proof matches (keys of all zeroes have no SHA-256 preimage known).
     fn unusable() -> Self {
         Self {
@@ -374,6 +390,21 @@ mod tests {
             .finish_with_keys(client.message())
             .expect("works")
             .1
+    }
+
+    #[test]
+    fn a_mock_verifier_refuses_every_password_with_a_salt_fixed_per_role() {
+        let secret = [7u8; 32];
+        let v = Verifier::mock("nobody", &secret);
+        for guess in ["", "nobody", "s3cret"] {
+            assert_eq!(login(&v, guess), Err(ScramError::WrongPassword));
+        }
+        // The same role always sees the same salt (as a stored verifier's), another
+        // role or another process's secret another one.
+        assert_eq!(v, Verifier::mock("nobody", &secret));
+        assert_ne!(v.salt, Verifier::mock("somebody", &secret).salt);
+        assert_ne!(v.salt, Verifier::mock("nobody", &[8u8; 32]).salt);
+        assert_eq!(v.iterations, 4096);
     }
 
     #[test]

@@ -9,8 +9,14 @@
 //!   PostgreSQL does: the answer never tells which roles exist.
 //! - A session in session mode never comes here: its authentication is relayed.
 //! - No password is logged or kept beyond the pool that logs in with it.
+//! - A login derives no key from a password more than once per role and password: the
+//!   SCRAM verifier of a plain password (4,096 PBKDF2 rounds, about 70 million
+//!   instructions) is made at the role's first login and kept with the password it was
+//!   made from ([`Verifiers`]); an unknown role gets a mock verifier that costs nothing
+//!   to make. So no client, authenticated or not, makes spillway derive keys at will.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use rand::Rng;
@@ -36,6 +42,54 @@ pub struct Pooling {
     auth: AuthConfig,
     /// `backend.url`, for `auth.user`'s connection (host, port, TLS, maybe password).
     backend_url: String,
+    verifiers: Verifiers,
+}
+
+/// Roles at most kept in [`Verifiers`]; past it the map starts again (each role then
+/// derives its verifier once more).
+const MAX_VERIFIERS: usize = 10_000;
+
+/// SCRAM verifiers made from plain passwords (the auth file's, or `auth.query`'s
+/// answer), by role, each with the password it was made from: a changed password
+/// makes a new one. Also the secret the mock verifiers of unknown roles derive their
+/// salts from.
+struct Verifiers {
+    plain: Mutex<HashMap<String, (String, scram::Verifier)>>,
+    mock_secret: [u8; 32],
+}
+
+impl Verifiers {
+    fn new() -> Self {
+        let mut mock_secret = [0u8; 32];
+        rand::rng().fill(&mut mock_secret[..]);
+        Self {
+            plain: Mutex::new(HashMap::new()),
+            mock_secret,
+        }
+    }
+
+    /// The verifier for `user` with the plain `password`, derived only when none was
+    /// made from that password yet.
+    fn plain(&self, user: &str, password: &str) -> scram::Verifier {
+        if let Ok(map) = self.plain.lock()
+            && let Some((p, v)) = map.get(user)
+            && p == password
+        {
+            return v.clone();
+        }
+        let verifier = scram::Verifier::from_password(password);
+        if let Ok(mut map) = self.plain.lock() {
+            if map.len() >= MAX_VERIFIERS && !map.contains_key(user) {
+                map.clear();
+            }
+            map.insert(user.to_owned(), (password.to_owned(), verifier.clone()));
+        }
+        verifier
+    }
+
+    fn mock(&self, user: &str) -> scram::Verifier {
+        scram::Verifier::mock(user, &self.mock_secret)
+    }
 }
 
 impl Pooling {
@@ -55,6 +109,7 @@ impl Pooling {
             file,
             auth: config.auth.clone(),
             backend_url: config.backend.url.clone(),
+            verifiers: Verifiers::new(),
         })))
     }
 
@@ -129,7 +184,7 @@ impl Pooling {
         user: &str,
     ) -> Result<(Arc<Pool>, Vec<(String, String)>), SessionError> {
         let credential = self.credential(database, user).await?;
-        let keys = authenticate(client, user, credential.as_ref()).await?;
+        let keys = authenticate(client, user, credential.as_ref(), &self.verifiers).await?;
         let secret = match (&credential, keys) {
             (Some(Credential::Plain(p)), _) => Some(PoolSecret::Password(p.clone())),
             (Some(Credential::Md5(h)), _) => Some(PoolSecret::Md5(h.clone())),
@@ -161,6 +216,7 @@ async fn authenticate(
     client: &mut Conn,
     user: &str,
     credential: Option<&Credential>,
+    verifiers: &Verifiers,
 ) -> Result<Option<scram::ScramKeys>, SessionError> {
     let wrong = || SessionError::AuthRefused {
         code: SqlState::INVALID_PASSWORD,
@@ -174,9 +230,9 @@ async fn authenticate(
         other => {
             let verifier = match other {
                 Some(Credential::Scram(v)) => v.clone(),
-                Some(Credential::Plain(p)) => scram::Verifier::from_password(p),
+                Some(Credential::Plain(p)) => verifiers.plain(user, p),
                 // Unknown role: an exchange nothing can pass, then the same 28P01.
-                _ => scram::Verifier::from_password(&random_password()),
+                _ => verifiers.mock(user),
             };
             match scram_exchange(client, &verifier).await? {
                 Some(keys) if other.is_some() => Ok(Some(keys)),
@@ -184,12 +240,6 @@ async fn authenticate(
             }
         }
     }
-}
-
-fn random_password() -> String {
-    let mut bytes = [0u8; 24];
-    rand::rng().fill(&mut bytes[..]);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// SCRAM-SHA-256 as PostgreSQL runs it; the keys the proof revealed, `None` for a
@@ -268,4 +318,22 @@ async fn password_message(client: &mut Conn) -> Result<bytes::Bytes, SessionErro
         return Err(malformed("expected a password message"));
     }
     Ok(msg.slice(5..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_password_is_derived_once_per_role_and_password() {
+        let v = Verifiers::new();
+        let first = v.plain("alice", "one");
+        // The same salt and keys: the kept verifier, not a new derivation.
+        assert_eq!(first, v.plain("alice", "one"));
+        // Another password (or another role) gets its own.
+        let changed = v.plain("alice", "two");
+        assert_ne!(first, changed);
+        assert_eq!(changed, v.plain("alice", "two"));
+        assert_ne!(v.plain("bob", "two"), changed);
+    }
 }

@@ -16,6 +16,21 @@ pub(super) enum SessionSet {
 /// statement: not `SET LOCAL`, `SET TRANSACTION`, `SET SESSION CHARACTERISTICS`, nor
 /// `SET ROLE`/`SET SESSION AUTHORIZATION` (those pin the session instead).
 pub(super) fn set_statement(tag: u8, body: &[u8]) -> Option<SessionSet> {
+    // Most statements are neither: decided from their first bytes, before the message
+    // is decoded (a Parse's text follows its statement name).
+    let text = match tag {
+        frontend::QUERY => body,
+        _ => body.get(memchr::memchr(0, body)? + 1..)?,
+    };
+    let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
+    let head = text.get(start..(start + 5).min(text.len()))?;
+    if !head
+        .get(..3)
+        .is_some_and(|h| h.eq_ignore_ascii_case(b"set"))
+        && !head.eq_ignore_ascii_case(b"reset")
+    {
+        return None;
+    }
     let sql = match tag {
         frontend::QUERY => frontend::query(body)?,
         _ => frontend::parse(body)?.sql,
@@ -57,6 +72,26 @@ mod tests {
     fn set(sql: &str) -> Option<SessionSet> {
         let msg = frontend::query_message(sql);
         set_statement(frontend::QUERY, frontend::body(&msg))
+    }
+
+    #[test]
+    fn a_parse_is_read_past_its_statement_name() {
+        let parse = |name: &str, sql: &str| {
+            let msg = frontend::build::parse(name, sql, &[]);
+            set_statement(frontend::PARSE, frontend::body(&msg))
+        };
+        assert_eq!(
+            parse("s1", "  \n reset work_mem"),
+            Some(SessionSet::Reset("work_mem".into()))
+        );
+        assert!(
+            matches!(parse("", "SeT search_path = a"), Some(SessionSet::Set(n, _)) if n == "search_path")
+        );
+        // A name that looks like a SET does not make the statement one.
+        assert_eq!(parse("set", "SELECT 1"), None);
+        assert_eq!(parse("s2", "SELECT 'set x = 1'"), None);
+        assert_eq!(set("se"), None);
+        assert_eq!(set("   "), None);
     }
 
     #[test]
