@@ -62,10 +62,13 @@ pub const POOL_LEASES: &str = "spillway_pool_leases_total";
 pub const POOL_WAIT_SECONDS: &str = "spillway_pool_wait_seconds";
 pub const POOL_WAIT_TIMEOUTS: &str = "spillway_pool_wait_timeouts_total";
 pub const POOL_STATEMENTS_PREPARED: &str = "spillway_pool_statements_prepared_total";
+pub const POOL_NOTIFICATIONS: &str = "spillway_pool_notifications_total";
+pub const POOL_NOTIFICATIONS_DROPPED: &str = "spillway_pool_notifications_dropped_total";
+pub const POOL_LISTENER_CONNECTS: &str = "spillway_pool_listener_connects_total";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 42] = [
+pub const ALL: [&str; 45] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -108,6 +111,9 @@ pub const ALL: [&str; 42] = [
     POOL_WAIT_SECONDS,
     POOL_WAIT_TIMEOUTS,
     POOL_STATEMENTS_PREPARED,
+    POOL_NOTIFICATIONS,
+    POOL_NOTIFICATIONS_DROPPED,
+    POOL_LISTENER_CONNECTS,
 ];
 
 /// The histograms among [`ALL`]: Prometheus exports them as `<name>_bucket`,

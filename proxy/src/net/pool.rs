@@ -268,13 +268,24 @@ impl Pool {
         }
     }
 
-    /// Opens and logs in a new server connection.
-    async fn connect(&self) -> Result<Server, SessionError> {
+    /// Opens a server connection logged in as this pool's role, outside the pool (not
+    /// counted against `pool.size`): the database's listener connection
+    /// (`net/notify.rs`), named `application_name` `app`.
+    pub async fn connect_dedicated(&self, app: &str) -> Result<(Conn, UpstreamKey), SessionError> {
+        let (conn, key, _) = self.open_logged_in(app).await?;
+        Ok((conn, key))
+    }
+
+    /// A new connection to the pool's database, logged in as its role.
+    async fn open_logged_in(
+        &self,
+        app: &str,
+    ) -> Result<(Conn, UpstreamKey, Vec<(String, String)>), SessionError> {
         let mut conn = Conn::new(self.connector.connect().await?);
         let startup = StartupMessage::build(&[
             ("user", &self.user),
             ("database", &self.database),
-            ("application_name", POOL_APP),
+            ("application_name", app),
             ("client_encoding", "UTF8"),
         ]);
         conn.send(&startup)
@@ -286,6 +297,12 @@ impl Pool {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let (key, params) = login(&mut conn, &self.user, secret.as_ref()).await?;
+        Ok((conn, key, params))
+    }
+
+    /// Opens and logs in a new server connection.
+    async fn connect(&self) -> Result<Server, SessionError> {
+        let (conn, key, params) = self.open_logged_in(POOL_APP).await?;
         *self.params.lock().unwrap_or_else(PoisonError::into_inner) = Some(params);
         self.open.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::POOL_SERVER_CONNECTIONS).increment(1.0);

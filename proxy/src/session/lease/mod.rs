@@ -43,8 +43,11 @@ use crate::net::upstream::{Canceller, Connector};
 use crate::protocol::frontend;
 use crate::protocol::prepared::{Reply, ServerStatements, Translator};
 
+mod listen;
 mod settings;
+use crate::net::notify::Hub;
 use crate::protocol::startup::StartupMessage;
+use listen::Listening;
 use settings::{SessionSet, set_statement};
 
 /// `application_name` of a probe's backend, so an operator can tell it apart.
@@ -103,13 +106,52 @@ struct Pooled {
     /// (LISTEN, PREPARE, a temporary table, a `WITH HOLD` cursor, a session advisory
     /// lock): pinned until the session ends.
     pinned: bool,
+    /// The database's listener hub (LISTEN/NOTIFY through one connection, ADR 0031),
+    /// and the session's listening there once it ran LISTEN.
+    hub: Arc<Hub>,
+    listening: Option<Listening>,
+}
+
+impl Pooled {
+    /// A simple Query that mentions LISTEN: one LISTEN/UNLISTEN is left for the
+    /// listener connection ([`Lease::poll_pooled`]); anything else pins the session
+    /// (it runs on the leased connection, which must stay the session's to get the
+    /// notifications).
+    fn observe_listen(&mut self, sql: &str) {
+        match listen::listen_command(sql) {
+            Some(cmd) if self.pinned => {
+                // Runs on the pinned connection; what the listener connection listens
+                // on for the session stops too.
+                if let (listen::ListenCommand::Unlisten(channel), Some(l)) =
+                    (cmd, self.listening.as_mut())
+                {
+                    l.unlisten_now(channel);
+                }
+            }
+            Some(_) => {
+                let (hub, pool) = (&self.hub, &self.pool);
+                let l = self
+                    .listening
+                    .get_or_insert_with(|| Listening::new(hub.subscribe(pool.clone())));
+                l.unanswered += 1;
+            }
+            None if listen::mentions_listen(sql)
+                || sql.to_ascii_lowercase().contains("listen ") =>
+            {
+                tracing::debug!(
+                    "session pinned to its server connection by LISTEN among other SQL"
+                );
+                self.pinned = true;
+            }
+            None => {}
+        }
+    }
 }
 
 /// Statements whose effect outlives the transaction on the server connection, by the
 /// start of their text (lower case, after leading blanks). Crude on purpose: a false
 /// positive only pins a session, never breaks one.
-const PINNING_SQL: [&str; 9] = [
-    "listen",
+const PINNING_SQL: [&str; 8] = [
     "set role",
     "set session authorization",
     "reset role",
@@ -152,6 +194,7 @@ impl Lease {
     /// key spillway made for the client.
     pub fn pooled(
         pool: Arc<Pool>,
+        hub: Arc<Hub>,
         connector: Connector,
         cancel: Arc<CancelRegistry>,
         key: &CancelKey,
@@ -180,6 +223,8 @@ impl Lease {
                 swallow: 0,
                 statements: std::collections::HashSet::new(),
                 pinned: false,
+                hub,
+                listening: None,
             })),
         }
     }
@@ -217,6 +262,8 @@ impl Lease {
         p.acquiring = None;
         let leased = leased?;
         if let Some(key) = leased.key() {
+            // A notification this connection sends shows this client's pid.
+            p.hub.senders().leased(key.pid, self.client_pid);
             self.cancel
                 .attach(self.client_pid, self.cancel_id, Some(key.clone()));
             self.canceller = Some(Canceller {
@@ -242,6 +289,9 @@ impl Lease {
         idle: bool,
         cx: &mut Context<'_>,
     ) -> Poll<Result<bool, SessionError>> {
+        if let Some(served) = self.poll_listen(queue, idle, cx) {
+            return served.map(|()| Ok(true));
+        }
         if idle && self.answer_locally(queue) {
             return Poll::Ready(Ok(true));
         }
@@ -252,6 +302,55 @@ impl Lease {
         // Named statements under the leased connection's names (ADR 0028).
         self.translate(queue);
         acquired.map(|r| r.map(|()| false))
+    }
+
+    /// Transaction mode: a LISTEN/UNLISTEN at the head of the queue, outside a
+    /// transaction and with no connection leased, served by the database's listener
+    /// connection (`Some`: answered, read as PostgreSQL's answer, or waiting for the
+    /// listener). Where one goes to a server connection instead (inside a transaction,
+    /// behind other requests), the session keeps that connection (pinned), so the
+    /// notifications reach it there.
+    fn poll_listen(
+        &mut self,
+        queue: &mut BytesMut,
+        idle: bool,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<()>> {
+        let p = self.pooled.as_deref_mut()?;
+        let l = p.listening.as_mut()?;
+        if l.unanswered == 0 && !l.is_pending() {
+            return None;
+        }
+        if idle
+            && p.leased.is_none()
+            && p.acquiring.is_none()
+            && !p.pinned
+            && let Some(served) = l.poll_serve(queue, &mut self.conn.inbuf, cx)
+        {
+            return Some(served);
+        }
+        if !l.is_pending() && listen::queue_mentions_listen(queue) {
+            tracing::debug!("session pinned to its server connection by a LISTEN it runs there");
+            p.pinned = true;
+            l.unanswered = 0;
+        }
+        None
+    }
+
+    /// Transaction mode: notifications for the session's client from the listener
+    /// connection, appended to `out` (up to about `room` bytes). The relay calls this
+    /// only while the client is owed nothing, so they land between messages, as
+    /// PostgreSQL sends them. True if anything was appended.
+    pub fn poll_notifications(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut BytesMut,
+        room: usize,
+    ) -> bool {
+        self.pooled
+            .as_deref_mut()
+            .and_then(|p| p.listening.as_mut())
+            .is_some_and(|l| l.poll_deliver(cx, out, room))
     }
 
     /// Transaction mode: rewrites what was queued toward upstream since the last call
@@ -366,6 +465,16 @@ impl Lease {
                 SessionSet::ResetAll => p.settings.clear(),
             }
         }
+        if msg[0] == frontend::PARSE
+            && !p.pinned
+            && frontend::parse(body).is_some_and(|q| q.sql.to_ascii_lowercase().contains("listen"))
+        {
+            // LISTEN through the extended protocol runs on the leased connection.
+            tracing::debug!(
+                "session pinned to its server connection by LISTEN (extended protocol)"
+            );
+            p.pinned = true;
+        }
         match msg[0] {
             frontend::PARSE if p.translator.is_none() => {
                 if let Some(parse) = frontend::parse(body).filter(|p| !p.name.is_empty()) {
@@ -377,13 +486,17 @@ impl Lease {
                     p.statements.remove(t.name);
                 }
             }
-            frontend::QUERY if !p.pinned => {
+            frontend::QUERY => {
                 let sql = frontend::query(body).unwrap_or_default();
-                let head: String = sql.trim_start().chars().take(32).collect();
-                let head = head.to_ascii_lowercase();
-                if PINNING_SQL.iter().any(|k| head.starts_with(k))
-                    || head.contains("with hold")
-                    || sql.to_ascii_lowercase().contains("pg_advisory_lock(")
+                let lower = sql.to_ascii_lowercase();
+                if lower.contains("listen") {
+                    p.observe_listen(sql);
+                }
+                let head: String = lower.trim_start().chars().take(32).collect();
+                if !p.pinned
+                    && (PINNING_SQL.iter().any(|k| head.starts_with(k))
+                        || head.contains("with hold")
+                        || lower.contains("pg_advisory_lock("))
                 {
                     tracing::debug!("session pinned to its server connection by its SQL");
                     p.pinned = true;
