@@ -115,7 +115,7 @@ impl Senders {
         map.insert(server_pid, client_pid);
     }
 
-    fn client_pid(&self, server_pid: i32) -> Option<i32> {
+    pub fn client_pid(&self, server_pid: i32) -> Option<i32> {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -92,28 +92,135 @@ fn identifier(text: &str) -> Option<String> {
     (!name.is_empty() && name.len() <= MAX_IDENT && !name.contains('\0')).then_some(name)
 }
 
-/// The length of the first message of `queue` if it is a whole simple Query served by
-/// the listener, and its command.
-pub(super) fn head_command(queue: &[u8]) -> Option<(usize, ListenCommand)> {
-    let h = peek_header(queue, usize::MAX).ok()??;
-    if h.tag != frontend::QUERY || queue.len() < h.total_len {
-        return None;
-    }
-    let sql = frontend::query(frontend::body(&queue[..h.total_len]))?;
-    Some((h.total_len, listen_command(sql)?))
+/// What the listener connection serves at the head of the queue toward upstream.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Served {
+    /// Bytes of the queue it takes (one Query, or one extended cycle to its Sync).
+    pub(super) len: usize,
+    /// `None`: a prepare only (`Parse [Describe] Flush`, asyncpg's), answered at once.
+    pub(super) cmd: Option<ListenCommand>,
+    /// The answers due before the command's own (ParseComplete, BindComplete,
+    /// Describe's), as PostgreSQL gives them.
+    pub(super) before: Vec<u8>,
+    /// The offset of a Parse in the cycle, which the session's statements must learn.
+    pub(super) parse: Option<usize>,
 }
 
-/// Whether any whole message in `queue` is a simple Query that LISTENs or UNLISTENs.
-pub(super) fn queue_mentions_listen(queue: &[u8]) -> bool {
+/// The LISTEN/UNLISTEN at the head of `queue`, whole: a simple Query, or an extended
+/// cycle `[Parse [Describe]] Bind [Describe] Execute Sync` with no parameters whose
+/// statement (the cycle's Parse, else `statement_sql` of the Bind's statement) is
+/// one, or the prepare of one, `Parse [Describe] Flush`.
+pub(super) fn head_command(
+    queue: &[u8],
+    statement_sql: &dyn Fn(&str) -> Option<String>,
+) -> Option<Served> {
+    let h = peek_header(queue, usize::MAX).ok()??;
+    if h.tag == frontend::QUERY {
+        if queue.len() < h.total_len {
+            return None;
+        }
+        let sql = frontend::query(frontend::body(&queue[..h.total_len]))?;
+        return Some(Served {
+            len: h.total_len,
+            cmd: Some(listen_command(sql)?),
+            before: Vec::new(),
+            parse: None,
+        });
+    }
+    // An extended cycle.
+    let mut at = 0;
+    let mut sql: Option<String> = None;
+    let mut parse = None;
+    let mut before = Vec::new();
+    let mut stage = 0; // 0: Parse may come, 1: Bind, 2: Describe/Execute, 3: Sync.
+    loop {
+        let h = peek_header(&queue[at..], usize::MAX).ok()??;
+        let msg = queue.get(at..at + h.total_len)?;
+        let body = frontend::body(msg);
+        match (h.tag, stage) {
+            (frontend::PARSE, 0) => {
+                let p = frontend::parse(body)?;
+                sql = Some(p.sql.to_owned());
+                parse = Some(at);
+                before.extend_from_slice(frontend::PARSE_COMPLETE);
+                stage = 1;
+            }
+            (frontend::BIND, 0 | 1) => {
+                let b = frontend::bind(body)?;
+                if !frontend::bind_params(b.params_and_formats)?.is_empty() {
+                    return None;
+                }
+                if sql.is_none() {
+                    sql = statement_sql(b.statement);
+                }
+                before.extend_from_slice(frontend::BIND_COMPLETE);
+                stage = 2;
+            }
+            (frontend::DESCRIBE, 1 | 2) => {
+                if frontend::target(body)?.kind == b'S' {
+                    // No parameters.
+                    before.extend_from_slice(b"t\0\0\0\x06\0\0");
+                }
+                before.extend_from_slice(frontend::NO_DATA);
+            }
+            (frontend::EXECUTE, 2) => stage = 3,
+            (frontend::FLUSH, 1) => {
+                listen_command(sql.as_deref()?)?;
+                return Some(Served {
+                    len: at + h.total_len,
+                    cmd: None,
+                    before,
+                    parse,
+                });
+            }
+            (frontend::SYNC, 3) => {
+                return Some(Served {
+                    len: at + h.total_len,
+                    cmd: Some(listen_command(sql.as_deref()?)?),
+                    before,
+                    parse,
+                });
+            }
+            _ => return None,
+        }
+        at += h.total_len;
+    }
+}
+
+/// Whether any whole message in `queue` runs LISTEN/UNLISTEN: a simple Query that
+/// mentions it, or a Bind of a statement that does (prepared in the queue or before).
+/// Preparing one runs nothing.
+pub(super) fn queue_mentions_listen(
+    queue: &[u8],
+    statement_sql: &dyn Fn(&str) -> Option<String>,
+) -> bool {
+    let mut parsed: Vec<(String, String)> = Vec::new();
     let mut rest = queue;
     while let Ok(Some(h)) = peek_header(rest, usize::MAX) {
         if rest.len() < h.total_len {
             break;
         }
-        let msg = &rest[..h.total_len];
-        if h.tag == frontend::QUERY
-            && frontend::query(frontend::body(msg)).is_some_and(mentions_listen)
-        {
+        let body = frontend::body(&rest[..h.total_len]);
+        let sql = match h.tag {
+            frontend::QUERY => frontend::query(body).map(str::to_owned),
+            frontend::PARSE => {
+                if let Some(p) = frontend::parse(body) {
+                    parsed.retain(|(n, _)| n != p.name);
+                    parsed.push((p.name.to_owned(), p.sql.to_owned()));
+                }
+                None
+            }
+            frontend::BIND => frontend::bind(body).and_then(|b| {
+                parsed
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n == b.statement)
+                    .map(|(_, s)| s.clone())
+                    .or_else(|| statement_sql(b.statement))
+            }),
+            _ => None,
+        };
+        if sql.is_some_and(|s| mentions_listen(&s)) {
             return true;
         }
         rest = &rest[h.total_len..];
@@ -121,14 +228,27 @@ pub(super) fn queue_mentions_listen(queue: &[u8]) -> bool {
     false
 }
 
+/// Removes what `served` takes from the head of `queue`, its Parse handed to `learn`.
+fn take(queue: &mut BytesMut, served: &Served, learn: &mut dyn FnMut(&[u8])) {
+    if let Some(at) = served.parse
+        && let Ok(Some(h)) = peek_header(&queue[at..], usize::MAX)
+    {
+        learn(&queue[at..at + h.total_len]);
+    }
+    bytes::Buf::advance(queue, served.len);
+}
+
 /// The session's listening: its subscription to the database's hub (made at the
 /// first LISTEN) and the request waiting for the hub's answer.
 pub(super) struct Listening {
     sub: Subscription,
-    pending: Option<(usize, &'static str, Answer)>,
+    pending: Option<(Served, Answer)>,
     /// Simple Queries mentioning LISTEN taken from the client and not answered here
     /// yet: while any is, what goes to a server connection is checked for them.
     pub(super) unanswered: u32,
+    /// The client prepared a LISTEN/UNLISTEN statement (extended protocol): every
+    /// queue toward upstream is checked for its execution from now on.
+    pub(super) prepared: bool,
 }
 
 impl Listening {
@@ -137,35 +257,46 @@ impl Listening {
             sub,
             pending: None,
             unanswered: 0,
+            prepared: false,
         }
     }
 
     /// Serves the LISTEN/UNLISTEN at the head of `queue` through the listener: sends
-    /// the request once, then, when the hub answered, removes the Query from `queue`
-    /// and appends the answer PostgreSQL would give (CommandComplete or the error,
-    /// then ReadyForQuery `I`) to `answers`. `None` when the head is not one;
-    /// `Some(Pending)` while the hub works on it.
+    /// the request once, then, when the hub answered, removes it from `queue` and
+    /// appends the answers PostgreSQL would give (those before the command's, its
+    /// CommandComplete or the error, then ReadyForQuery `I`) to `answers`. A Parse in
+    /// it is handed to `learn`. `None` when the head is not one; `Some(Pending)` while
+    /// the hub works on it.
     pub(super) fn poll_serve(
         &mut self,
         queue: &mut BytesMut,
         answers: &mut BytesMut,
+        statement_sql: &dyn Fn(&str) -> Option<String>,
+        learn: &mut dyn FnMut(&[u8]),
         cx: &mut Context<'_>,
     ) -> Option<Poll<()>> {
         if self.pending.is_none() {
-            let (len, cmd) = head_command(queue)?;
-            let tag = cmd.tag();
-            let answer = match cmd {
-                ListenCommand::Listen(channel) => self.sub.listen(channel),
-                ListenCommand::Unlisten(channel) => self.sub.unlisten(channel),
+            let served = head_command(queue, statement_sql)?;
+            let answer = match &served.cmd {
+                Some(ListenCommand::Listen(channel)) => self.sub.listen(channel.clone()),
+                Some(ListenCommand::Unlisten(channel)) => self.sub.unlisten(channel.clone()),
+                None => {
+                    // A prepare only: nothing for the listener.
+                    take(queue, &served, learn);
+                    answers.extend_from_slice(&served.before);
+                    return Some(Poll::Ready(()));
+                }
             };
-            self.pending = Some((len, tag, answer));
+            self.pending = Some((served, answer));
         }
-        let (len, tag, answer) = self.pending.as_mut()?;
+        let (served, answer) = self.pending.as_mut()?;
         let result = match std::pin::Pin::new(answer).poll(cx) {
             Poll::Pending => return Some(Poll::Pending),
             Poll::Ready(r) => r.unwrap_or_else(|_| Err("the listener stopped".to_owned())),
         };
-        bytes::Buf::advance(queue, *len);
+        take(queue, served, learn);
+        answers.extend_from_slice(&served.before);
+        let tag = served.cmd.as_ref().map_or("LISTEN", ListenCommand::tag);
         match result {
             Ok(()) => answers.extend_from_slice(&frontend::command_complete(tag)),
             Err(e) => answers.extend_from_slice(&backend::error_response(
@@ -251,15 +382,93 @@ mod tests {
 
     #[test]
     fn the_head_of_a_queue_is_read_whole() {
+        let none = |_: &str| None;
         let mut queue = frontend::query_message("LISTEN a");
         let len = queue.len();
         queue.extend_from_slice(&frontend::query_message("SELECT 1"));
+        let served = head_command(&queue, &none).expect("served");
         assert_eq!(
-            head_command(&queue),
-            Some((len, ListenCommand::Listen("a".to_owned())))
+            (served.len, served.cmd),
+            (len, Some(ListenCommand::Listen("a".to_owned())))
         );
-        assert_eq!(head_command(&queue[..len - 1]), None);
-        assert!(queue_mentions_listen(&queue));
-        assert!(!queue_mentions_listen(&frontend::query_message("SELECT 1")));
+        assert_eq!(head_command(&queue[..len - 1], &none), None);
+        assert!(queue_mentions_listen(&queue, &none));
+        assert!(!queue_mentions_listen(
+            &frontend::query_message("SELECT 1"),
+            &none
+        ));
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&u32::try_from(body.len() + 4).expect("len").to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Bind of `stmt` to the unnamed portal, no parameters, no result formats.
+    fn bind(stmt: &str) -> Vec<u8> {
+        let mut b = vec![0];
+        b.extend_from_slice(stmt.as_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+        msg(b'B', &b)
+    }
+
+    #[test]
+    fn an_extended_cycle_of_a_listen_statement_is_served() {
+        let parse = msg(b'P', b"\0LISTEN \"x\"\0\0\0");
+        let describe = msg(b'D', b"P\0");
+        let execute = msg(b'E', b"\0\0\0\0\0");
+        let sync = msg(b'S', b"");
+        let none = |_: &str| None;
+        // psycopg: Parse, Bind, Describe, Execute, Sync of the unnamed statement.
+        let cycle = [&parse[..], &bind(""), &describe, &execute, &sync].concat();
+        let served = head_command(&cycle, &none).expect("served");
+        assert_eq!(served.len, cycle.len());
+        assert_eq!(served.cmd, Some(ListenCommand::Listen("x".to_owned())));
+        assert_eq!(served.parse, Some(0));
+        assert_eq!(
+            served.before,
+            [
+                frontend::PARSE_COMPLETE,
+                frontend::BIND_COMPLETE,
+                frontend::NO_DATA
+            ]
+            .concat()
+        );
+        // asyncpg: Bind of a named statement prepared before.
+        let named = |n: &str| (n == "s1").then(|| "UNLISTEN *".to_owned());
+        let cycle = [&bind("s1")[..], &execute, &sync].concat();
+        let served = head_command(&cycle, &named).expect("served");
+        assert_eq!(served.cmd, Some(ListenCommand::Unlisten(None)));
+        // asyncpg's prepare: Parse, Describe, Flush, answered with no listener.
+        let flush = msg(b'H', b"");
+        let prepare = [&parse[..], &msg(b'D', b"S\0"), &flush].concat();
+        let served = head_command(&prepare, &none).expect("served");
+        assert_eq!(served.cmd, None);
+        assert_eq!(
+            served.before,
+            [
+                frontend::PARSE_COMPLETE,
+                b"t\0\0\0\x06\0\0",
+                frontend::NO_DATA
+            ]
+            .concat()
+        );
+        assert!(queue_mentions_listen(&cycle, &named));
+        assert!(!queue_mentions_listen(&cycle, &none));
+        // Preparing runs nothing; binding what the queue prepared does.
+        let prepare = [&parse[..], &msg(b'D', b"S\0"), &sync].concat();
+        assert!(!queue_mentions_listen(&prepare, &none));
+        assert!(queue_mentions_listen(
+            &[&prepare[..], &bind(""), &execute, &sync].concat(),
+            &none
+        ));
+        // Not whole, or not a LISTEN: left alone.
+        assert_eq!(head_command(&cycle[..cycle.len() - 1], &named), None);
+        assert_eq!(
+            head_command(&[&bind("s2")[..], &execute, &sync].concat(), &named),
+            None
+        );
     }
 }

@@ -148,6 +148,29 @@ impl Pooled {
     }
 }
 
+impl Pooled {
+    /// A Parse that mentions LISTEN: one LISTEN/UNLISTEN may be executed through the
+    /// listener connection (a later cycle at the queue's head, [`Lease::poll_pooled`]);
+    /// anything else pins.
+    fn observe_listen_parse(&mut self, sql: &str) {
+        if self.pinned {
+            return;
+        }
+        if listen::listen_command(sql).is_some() {
+            let (hub, pool) = (&self.hub, &self.pool);
+            let l = self
+                .listening
+                .get_or_insert_with(|| Listening::new(hub.subscribe(pool.clone())));
+            l.prepared = true;
+        } else if listen::mentions_listen(sql) || sql.to_ascii_lowercase().contains("listen ") {
+            tracing::debug!(
+                "session pinned to its server connection by LISTEN among other SQL (extended protocol)"
+            );
+            self.pinned = true;
+        }
+    }
+}
+
 /// Statements whose effect outlives the transaction on the server connection, by the
 /// start of their text (lower case, after leading blanks). Crude on purpose: a false
 /// positive only pins a session, never breaks one.
@@ -318,23 +341,43 @@ impl Lease {
     ) -> Option<Poll<()>> {
         let p = self.pooled.as_deref_mut()?;
         let l = p.listening.as_mut()?;
-        if l.unanswered == 0 && !l.is_pending() {
+        if l.unanswered == 0 && !l.prepared && !l.is_pending() {
             return None;
         }
-        if idle
-            && p.leased.is_none()
-            && p.acquiring.is_none()
-            && !p.pinned
-            && let Some(served) = l.poll_serve(queue, &mut self.conn.inbuf, cx)
-        {
-            return Some(served);
+        let mut learnt: Option<Vec<u8>> = None;
+        let served = {
+            let translator = &p.translator;
+            let sql_of = |name: &str| {
+                translator
+                    .as_ref()
+                    .and_then(|t| t.statement_sql(name))
+                    .map(str::to_owned)
+            };
+            let served = if idle && p.leased.is_none() && p.acquiring.is_none() && !p.pinned {
+                l.poll_serve(
+                    queue,
+                    &mut self.conn.inbuf,
+                    &sql_of,
+                    &mut |parse| learnt = Some(parse.to_vec()),
+                    cx,
+                )
+            } else {
+                None
+            };
+            if served.is_none() && !l.is_pending() && listen::queue_mentions_listen(queue, &sql_of)
+            {
+                tracing::debug!(
+                    "session pinned to its server connection by a LISTEN it runs there"
+                );
+                p.pinned = true;
+                l.unanswered = 0;
+            }
+            served
+        };
+        if let (Some(parse), Some(t)) = (learnt, p.translator.as_mut()) {
+            t.remember_parse(&parse);
         }
-        if !l.is_pending() && listen::queue_mentions_listen(queue) {
-            tracing::debug!("session pinned to its server connection by a LISTEN it runs there");
-            p.pinned = true;
-            l.unanswered = 0;
-        }
-        None
+        served
     }
 
     /// Transaction mode: notifications for the session's client from the listener
@@ -437,6 +480,7 @@ impl Lease {
                     t: p.translator.as_mut(),
                     server,
                     swallow: &mut p.swallow,
+                    hub: &p.hub,
                 };
                 Some((conn, Some(filter)))
             }
@@ -466,14 +510,10 @@ impl Lease {
             }
         }
         if msg[0] == frontend::PARSE
-            && !p.pinned
-            && frontend::parse(body).is_some_and(|q| q.sql.to_ascii_lowercase().contains("listen"))
+            && let Some(parse) = frontend::parse(body)
+            && parse.sql.to_ascii_lowercase().contains("listen")
         {
-            // LISTEN through the extended protocol runs on the leased connection.
-            tracing::debug!(
-                "session pinned to its server connection by LISTEN (extended protocol)"
-            );
-            p.pinned = true;
+            p.observe_listen_parse(parse.sql);
         }
         match msg[0] {
             frontend::PARSE if p.translator.is_none() => {
@@ -601,9 +641,25 @@ pub struct Filter<'a> {
     t: Option<&'a mut Translator>,
     server: &'a mut ServerStatements,
     swallow: &'a mut u32,
+    hub: &'a Hub,
 }
 
 impl Filter<'_> {
+    /// A NotificationResponse on the leased connection (a pinned session's own
+    /// LISTEN) carries the sender's server pid: the sending client's spillway pid when
+    /// the sender is a pooled connection (rewritten in place).
+    pub fn map_notification_pid(&self, msg: &mut [u8]) {
+        if msg.first() != Some(&b'A') {
+            return;
+        }
+        let Some(pid) = msg.get(5..9).and_then(|b| <[u8; 4]>::try_from(b).ok()) else {
+            return;
+        };
+        if let Some(client) = self.hub.senders().client_pid(i32::from_be_bytes(pid)) {
+            msg[5..9].copy_from_slice(&client.to_be_bytes());
+        }
+    }
+
     pub fn on_backend(&mut self, tag: u8) -> Reply {
         if *self.swallow > 0 {
             // The answers to the session's settings replayed (an error among them

@@ -482,6 +482,11 @@ impl Relay {
                 self.streaming = h.total_len;
                 continue;
             }
+            if h.tag == b'A'
+                && let Some(f) = filter.as_ref()
+            {
+                f.map_notification_pid(&mut inbuf[..h.total_len]);
+            }
             let msg = &inbuf[..h.total_len];
             let fatal =
                 h.tag == backend::ERROR_RESPONSE && backend::prefix_is_fatal(&msg[Header::SIZE..]);
