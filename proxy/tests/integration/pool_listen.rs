@@ -418,3 +418,44 @@ async fn asyncpg_listener_gets_its_own_notification_with_its_own_pid() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_and_node_postgres_listen_and_notify() {
+    // A pool of two: psycopg's transaction LISTEN pins one connection; had its
+    // autocommit LISTEN (extended protocol) pinned the other, the sender would wait
+    // for a connection until the script timed out.
+    let p = start(2, "queue_timeout = \"30s\"", &plain_line()).await;
+    let url = format!(
+        "postgresql://{ROLE}:{PASSWORD}@127.0.0.1:{}/{DB}?sslmode=disable",
+        p.ctx.proxy.addr.port()
+    );
+    let out = crate::drivers::run(
+        crate::drivers::Lang::Python,
+        "psycopg_pooled_notify.py",
+        &[&url],
+    )
+    .await;
+    assert_eq!(
+        out["autocommit"],
+        serde_json::json!([["psy_chan", "hello psycopg", true]]),
+        "{out:#}"
+    );
+    assert_eq!(out["after"], serde_json::json!([]), "{out:#}");
+    assert_eq!(
+        out["in_transaction"],
+        serde_json::json!(["in a transaction"]),
+        "{out:#}"
+    );
+    let out = crate::drivers::run(crate::drivers::Lang::Node, "pg_pooled_notify.js", &[&url]).await;
+    let got = out["got"].as_array().expect("got");
+    let payloads: Vec<&str> = got.iter().filter_map(|n| n["payload"].as_str()).collect();
+    assert_eq!(payloads, ["first", "second"], "{out:#}");
+    assert!(got.iter().all(|n| n["channel"] == "node_chan"));
+    assert!(
+        got.iter().all(|n| n["pid"]
+            .as_i64()
+            .is_some_and(|pid| pid >= i64::from(SPILLWAY_PID_FLOOR))),
+        "{out:#}"
+    );
+    assert!(p.pool_backends().await <= 2);
+}
