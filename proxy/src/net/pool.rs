@@ -16,7 +16,9 @@
 //!   lease ended any other way (the session ended mid-transaction, an I/O error) is
 //!   closed, so no other client ever sees its state.
 //! - Idle connections older than `pool.lifetime` or idle longer than
-//!   `pool.idle_timeout` are closed when next looked at, never handed out.
+//!   `pool.idle_timeout` are never handed out, and are closed by the pool's sweep
+//!   ([`sweep`], a task per pool) within a quarter of the shorter of the two (50 ms to
+//!   10 s) even if nobody uses the pool again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -64,7 +66,7 @@ impl Pools {
             .entry((database.to_owned(), user.to_owned()))
             .or_insert_with(|| {
                 let size = self.config.size_for(database, user) as usize;
-                Arc::new(Pool {
+                let pool = Arc::new(Pool {
                     database: database.to_owned(),
                     user: user.to_owned(),
                     secret: Mutex::new(None),
@@ -80,7 +82,9 @@ impl Pools {
                     size,
                     open: AtomicUsize::new(0),
                     waiting: AtomicUsize::new(0),
-                })
+                });
+                tokio::spawn(sweep(Arc::downgrade(&pool)));
+                pool
             })
             .clone();
         if let Some(new) = secret {
@@ -387,6 +391,41 @@ impl Leased {
             }
             pool.put_idle(server);
         });
+    }
+}
+
+/// Closes the pool's idle connections once past `pool.idle_timeout` or
+/// `pool.lifetime`, without waiting for the pool to be used again, so PostgreSQL's
+/// backends go away on time. Ends with the pool.
+async fn sweep(pool: std::sync::Weak<Pool>) {
+    let period = match pool.upgrade() {
+        Some(p) => (p.idle_timeout.min(p.lifetime) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(10)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let expired: Vec<Server> = {
+            let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let (keep, expired): (Vec<Server>, Vec<Server>) =
+                std::mem::take(&mut *idle).into_iter().partition(|s| {
+                    s.idle_since.elapsed() < pool.idle_timeout
+                        && s.created.elapsed() < pool.lifetime
+                });
+            *idle = keep;
+            expired
+        };
+        for mut server in expired {
+            pool.open.fetch_sub(1, Ordering::Relaxed);
+            // Terminate, so PostgreSQL logs a clean end rather than an EOF.
+            let _ = tokio::time::timeout(Duration::from_secs(1), server.conn.send(b"X\0\0\0\x04"))
+                .await;
+        }
     }
 }
 

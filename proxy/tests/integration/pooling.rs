@@ -58,7 +58,7 @@ pub(crate) async fn start(size: u32, extra_pool: &str, auth_line: &str) -> Poole
 
 /// [`start`] with more config sections (`extra`, whole sections) and what PostgreSQL
 /// stores as the role's password (a password, or a SCRAM verifier as is).
-async fn start_with(
+pub(crate) async fn start_with(
     size: u32,
     extra_pool: &str,
     auth_line: &str,

@@ -1,0 +1,210 @@
+//! Transaction mode under bad input and over time (issue 16's acceptance): a wrong
+//! password, an unknown role that `auth.query` cannot be run for (its `auth.user`
+//! missing), an exhausted pool and a server connection that dies mid-transaction each
+//! get their SQLSTATE while another client's transaction in flight completes untouched.
+//! Idle connections past `pool.idle_timeout` and `pool.lifetime` leave
+//! `pg_stat_activity` without the pool being used again; `pool.reset_query` runs when
+//! a connection goes back.
+
+use std::time::Duration;
+
+use tokio_postgres::SimpleQueryMessage;
+use tokio_postgres::error::SqlState;
+
+use crate::pooling::{PASSWORD, Pooled, ROLE, plain_line, start, start_with};
+
+/// The first column of the first row of `sql`'s answer.
+async fn one(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    let rows = client.simple_query(sql).await.expect(sql);
+    rows.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_owned)),
+        _ => None,
+    })?
+}
+
+/// Pool backends (`application_name` `spillway pool`) of the pooled role.
+async fn pool_pids(p: &Pooled) -> Vec<i32> {
+    p.ctx
+        .direct_client()
+        .await
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE usename = $1 \
+             AND application_name = 'spillway pool' ORDER BY pid",
+            &[&ROLE],
+        )
+        .await
+        .expect("pool backends")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Waits up to `within` for the pool's backends to be `want`.
+async fn await_pool_pids(p: &Pooled, want: &[i32], within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let pids = pool_pids(p).await;
+        if pids == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pool backends {pids:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_sqlstate_and_a_transaction_in_flight_completes() {
+    // Every role in transaction mode; the auth file knows `app`; any other role is
+    // looked up with auth.query as `ghost`, a role that does not exist.
+    let p = start_with(
+        2,
+        "mode = \"transaction\"\nqueue_timeout = \"300ms\"",
+        &plain_line(),
+        "user = \"ghost\"",
+        PASSWORD,
+    )
+    .await;
+    let bystander = p.client().await;
+    let victim = p.client().await;
+    bystander.simple_query("BEGIN").await.expect("begin");
+    bystander
+        .simple_query("INSERT INTO pooled_t VALUES (21, 1)")
+        .await
+        .expect("insert");
+    victim.simple_query("BEGIN").await.expect("begin");
+    let victim_pid = one(&victim, "SELECT pg_backend_pid()")
+        .await
+        .expect("victim's backend");
+
+    // A wrong password: 28P01.
+    let err = tokio_postgres::connect(&p.conninfo(ROLE, "wrong"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("a wrong password is refused");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
+    // A role only auth.query could know, with auth.user missing: 28000 naming it.
+    let err = tokio_postgres::connect(&p.conninfo("nobody", "x"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("nobody can be checked without the auth.user role");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
+    // Both connections are in transactions: 53300 after the queue timeout.
+    let waiter = p.client().await;
+    let err = waiter
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .expect_err("the pool is exhausted");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
+
+    // The victim's server connection dies mid-transaction: it gets PostgreSQL's
+    // 57P01, nobody else notices.
+    p.ctx
+        .direct_client()
+        .await
+        .simple_query(&format!("SELECT pg_terminate_backend({victim_pid})"))
+        .await
+        .expect("terminate");
+    let err = victim
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("its server connection is gone");
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err}");
+
+    bystander
+        .simple_query("INSERT INTO pooled_t VALUES (22, 1)")
+        .await
+        .expect("the bystander's transaction goes on");
+    bystander.simple_query("COMMIT").await.expect("commit");
+    let direct = p.ctx.direct_client().await;
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM pooled_t WHERE id IN (21, 22)", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 2, "the bystander's transaction committed whole");
+    // The dead connection's slot is free again.
+    let after = p.client().await;
+    after.simple_query("BEGIN").await.expect("begin");
+    after
+        .simple_query("INSERT INTO pooled_t VALUES (23, 1)")
+        .await
+        .expect("a new client's transaction");
+    after.simple_query("COMMIT").await.expect("commit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_idle_server_connections_without_further_use() {
+    let p = start(2, "idle_timeout = \"1s\"", &plain_line()).await;
+    let client = p.client().await;
+    let pid: i32 = one(&client, "SELECT pg_backend_pid()")
+        .await
+        .and_then(|s| s.parse().ok())
+        .expect("pid");
+    assert_eq!(
+        pool_pids(&p).await,
+        [pid],
+        "one connection, idle in the pool"
+    );
+    // Nothing uses the pool: the backend still goes after the idle timeout.
+    await_pool_pids(&p, &[], Duration::from_secs(5)).await;
+    let again: i32 = one(&client, "SELECT pg_backend_pid()")
+        .await
+        .and_then(|s| s.parse().ok())
+        .expect("pid");
+    assert_ne!(again, pid, "a new connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifetime_closes_connections_at_return_and_while_idle() {
+    let p = start(2, "lifetime = \"1500ms\"", &plain_line()).await;
+    let client = p.client().await;
+    client.simple_query("BEGIN").await.expect("begin");
+    let pid: i32 = one(&client, "SELECT pg_backend_pid()")
+        .await
+        .and_then(|s| s.parse().ok())
+        .expect("pid");
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    // Past its lifetime in a transaction: it finishes it, then is closed at return.
+    client.simple_query("COMMIT").await.expect("commit");
+    await_pool_pids(&p, &[], Duration::from_secs(3)).await;
+    let next: i32 = one(&client, "SELECT pg_backend_pid()")
+        .await
+        .and_then(|s| s.parse().ok())
+        .expect("pid");
+    assert_ne!(next, pid);
+    // Idle, it is closed once past its lifetime, without further use.
+    assert_eq!(pool_pids(&p).await, [next]);
+    await_pool_pids(&p, &[], Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_query_runs_when_a_connection_goes_back() {
+    // set_config(…, false) is session state spillway neither replays nor resets
+    // (docs/configuration.md): only pool.reset_query clears it between clients.
+    let p = start(1, "reset_query = \"DISCARD ALL\"", &plain_line()).await;
+    let a = p.client().await;
+    let b = p.client().await;
+    one(&a, "SELECT set_config('myapp.leak', 'from a', false)").await;
+    let seen = one(&b, "SELECT current_setting('myapp.leak', true)").await;
+    assert_ne!(
+        seen.as_deref(),
+        Some("from a"),
+        "b leased the same connection after the reset"
+    );
+    drop(p);
+
+    // Without it the setting leaks: the check above can fail.
+    let p = start(1, "", &plain_line()).await;
+    let a = p.client().await;
+    let b = p.client().await;
+    one(&a, "SELECT set_config('myapp.leak', 'from a', false)").await;
+    let seen = one(&b, "SELECT current_setting('myapp.leak', true)").await;
+    assert_eq!(seen.as_deref(), Some("from a"));
+}
