@@ -199,6 +199,7 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<End, S
             let lease = lease::Lease::pooled(
                 pool,
                 hub,
+                shared.cache.clone(),
                 shared.connector.clone(),
                 shared.cancel.clone(),
                 &cancel_key,

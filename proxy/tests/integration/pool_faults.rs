@@ -208,3 +208,38 @@ async fn reset_query_runs_when_a_connection_goes_back() {
     let seen = one(&b, "SELECT current_setting('myapp.leak', true)").await;
     assert_eq!(seen.as_deref(), Some("from a"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_among_other_statements_pins_instead_of_leaking() {
+    // The classifier says what a SET is (ADR 0028): alone it is replayed per lease;
+    // among other statements it cannot be, so the session keeps its connection rather
+    // than hand it back with the setting on it.
+    let p = start(2, "", &plain_line()).await;
+    let a = p.client().await;
+    let b = p.client().await;
+    a.simple_query("SET myapp.x = 'from a'; SELECT 1")
+        .await
+        .expect("set among others");
+    assert_eq!(
+        one(&a, "SELECT current_setting('myapp.x', true)")
+            .await
+            .as_deref(),
+        Some("from a"),
+        "a keeps its setting"
+    );
+    let seen = one(&b, "SELECT current_setting('myapp.x', true)").await;
+    assert_ne!(seen.as_deref(), Some("from a"), "b never sees a's setting");
+    // Alone, a SET is replayed on each lease and reset at return.
+    b.simple_query("/* tagged */ SET myapp.y = 'from b'")
+        .await
+        .expect("set alone");
+    assert_eq!(
+        one(&b, "SELECT current_setting('myapp.y', true)")
+            .await
+            .as_deref(),
+        Some("from b")
+    );
+    let c = p.client().await;
+    let seen = one(&c, "SELECT current_setting('myapp.y', true)").await;
+    assert_ne!(seen.as_deref(), Some("from b"), "reset at return");
+}

@@ -47,6 +47,7 @@ mod listen;
 mod settings;
 use crate::net::notify::Hub;
 use crate::protocol::startup::StartupMessage;
+use crate::read::cache::ReadCache;
 use listen::Listening;
 use settings::{SessionSet, set_statement};
 
@@ -110,6 +111,9 @@ struct Pooled {
     /// and the session's listening there once it ran LISTEN.
     hub: Arc<Hub>,
     listening: Option<Listening>,
+    /// The read cache, whose classifier says what a statement is (`settings.rs`);
+    /// `None` with the cache off (statements that may be a SET are parsed then).
+    cache: Option<Arc<ReadCache>>,
 }
 
 impl Pooled {
@@ -218,6 +222,7 @@ impl Lease {
     pub fn pooled(
         pool: Arc<Pool>,
         hub: Arc<Hub>,
+        cache: Option<Arc<ReadCache>>,
         connector: Connector,
         cancel: Arc<CancelRegistry>,
         key: &CancelKey,
@@ -248,6 +253,7 @@ impl Lease {
                 pinned: false,
                 hub,
                 listening: None,
+                cache,
             })),
         }
     }
@@ -496,11 +502,22 @@ impl Lease {
             return;
         };
         let body = frontend::body(msg);
+        let cache = p.cache.clone();
+        let classify = |sql: &str| match &cache {
+            Some(c) => c.classifier.classify(sql),
+            None => Arc::new(crate::read::classify::analyze(sql)),
+        };
         if matches!(msg[0], frontend::QUERY | frontend::PARSE)
-            && let Some(set) = set_statement(msg[0], body)
+            && let Some(set) = set_statement(msg[0], body, &classify)
         {
             p.settings_dirty = true;
             match set {
+                SessionSet::Pin => {
+                    tracing::debug!(
+                        "session pinned to its server connection by a SET among other statements"
+                    );
+                    p.pinned = true;
+                }
                 SessionSet::Set(name, sql) => {
                     p.settings.retain(|(n, _)| *n != name);
                     p.settings.push((name, sql));
