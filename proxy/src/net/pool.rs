@@ -82,6 +82,7 @@ impl Pools {
                     size,
                     open: AtomicUsize::new(0),
                     waiting: AtomicUsize::new(0),
+                    servers: Arc::new(Mutex::new(HashMap::new())),
                 });
                 tokio::spawn(sweep(Arc::downgrade(&pool)));
                 pool
@@ -97,6 +98,26 @@ impl Pools {
             }
         }
         pool
+    }
+
+    /// Every pooled server connection, for the console (`SHOW SERVERS`), by database,
+    /// user and pid.
+    pub fn servers(&self) -> Vec<ServerRow> {
+        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = Vec::new();
+        for pool in pools.values() {
+            let servers = pool.servers.lock().unwrap_or_else(PoisonError::into_inner);
+            out.extend(servers.iter().map(|(pid, info)| ServerRow {
+                database: pool.database.clone(),
+                user: pool.user.clone(),
+                pid: *pid,
+                leased: info.leased,
+                age: info.created.elapsed(),
+                in_state: info.since.elapsed(),
+            }));
+        }
+        out.sort_by(|a, b| (&a.database, &a.user, a.pid).cmp(&(&b.database, &b.user, b.pid)));
+        out
     }
 
     /// A snapshot of every pool, for the console.
@@ -150,6 +171,8 @@ pub struct Pool {
     /// Connections open (leased or idle).
     open: AtomicUsize,
     waiting: AtomicUsize,
+    /// Its connections by backend pid (`SHOW SERVERS`).
+    servers: Registry,
 }
 
 /// One server connection of a pool.
@@ -161,6 +184,45 @@ pub struct Server {
     pub statements: ServerStatements,
     created: Instant,
     idle_since: Instant,
+    /// In the pool's idle stack (counted in `spillway_pool_idle_connections`).
+    idle: bool,
+    /// The pool's view of its connections, which this one leaves when dropped.
+    registry: Registry,
+}
+
+/// The pool's connections by backend pid, for `SHOW SERVERS`.
+type Registry = Arc<Mutex<HashMap<i32, ServerInfo>>>;
+
+#[derive(Debug, Clone, Copy)]
+struct ServerInfo {
+    created: Instant,
+    leased: bool,
+    /// Since when it is leased or idle.
+    since: Instant,
+}
+
+impl Server {
+    /// Leased (`true`) or back in the idle stack.
+    fn mark(&mut self, leased: bool) {
+        if self.idle == leased {
+            metrics::gauge!(crate::metrics::POOL_IDLE_CONNECTIONS).increment(if leased {
+                -1.0
+            } else {
+                1.0
+            });
+        }
+        self.idle = !leased;
+        let now = Instant::now();
+        if let Some(info) = self
+            .registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&self.key.pid)
+        {
+            info.leased = leased;
+            info.since = now;
+        }
+    }
 }
 
 /// A server connection leased to one session. Dropped without
@@ -184,7 +246,27 @@ impl Drop for Leased {
 impl Drop for Server {
     fn drop(&mut self) {
         metrics::gauge!(crate::metrics::POOL_SERVER_CONNECTIONS).decrement(1.0);
+        if self.idle {
+            metrics::gauge!(crate::metrics::POOL_IDLE_CONNECTIONS).decrement(1.0);
+        }
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key.pid);
     }
+}
+
+/// What `SHOW SERVERS` shows of one pooled server connection.
+#[derive(Debug, Clone)]
+pub struct ServerRow {
+    pub database: String,
+    pub user: String,
+    /// PostgreSQL's backend pid.
+    pub pid: i32,
+    pub leased: bool,
+    pub age: Duration,
+    /// How long it has been leased or idle.
+    pub in_state: Duration,
 }
 
 impl Pool {
@@ -193,9 +275,11 @@ impl Pool {
     pub async fn acquire(self: &Arc<Self>) -> Result<Leased, SessionError> {
         let started = Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::POOL_WAITING).increment(1.0);
         let permit =
             tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::POOL_WAITING).decrement(1.0);
         metrics::histogram!(crate::metrics::POOL_WAIT_SECONDS)
             .record(started.elapsed().as_secs_f64());
         let permit = match permit {
@@ -229,6 +313,7 @@ impl Pool {
                 && server.created.elapsed() < self.lifetime
                 && still_open(&mut server.conn)
             {
+                server.mark(true);
                 return Some(server);
             }
             self.open.fetch_sub(1, Ordering::Relaxed);
@@ -311,12 +396,25 @@ impl Pool {
         self.open.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::POOL_SERVER_CONNECTIONS).increment(1.0);
         let now = Instant::now();
+        self.servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                key.pid,
+                ServerInfo {
+                    created: now,
+                    leased: true,
+                    since: now,
+                },
+            );
         Ok(Server {
             conn,
             key,
             statements: ServerStatements::default(),
             created: now,
             idle_since: now,
+            idle: false,
+            registry: self.servers.clone(),
         })
     }
 
@@ -326,6 +424,7 @@ impl Pool {
             return;
         }
         server.idle_since = Instant::now();
+        server.mark(false);
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -243,3 +243,105 @@ async fn a_set_among_other_statements_pins_instead_of_leaking() {
     let seen = one(&c, "SELECT current_setting('myapp.y', true)").await;
     assert_ne!(seen.as_deref(), Some("from b"), "reset at return");
 }
+
+/// A console query's rows (text), through tokio-postgres' simple protocol.
+async fn console_rows(console: &tokio_postgres::Client, command: &str) -> Vec<Vec<String>> {
+    console
+        .simple_query(command)
+        .await
+        .expect(command)
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or_default().to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_and_metrics_show_pools_servers_and_waits() {
+    let verifier = crate::admin::hash_password(crate::admin::PASSWORD);
+    let p = start_with(
+        2,
+        "queue_timeout = \"5s\"",
+        &plain_line(),
+        &format!(
+            "[admin]\nusers = [\"{}\"]\npassword = \"{verifier}\"\n",
+            crate::admin::ADMIN
+        ),
+        PASSWORD,
+    )
+    .await;
+    let console = crate::context::connect(&format!(
+        "host=127.0.0.1 port={} user={} dbname=spillway password='{}' sslmode=disable",
+        p.ctx.proxy.addr.port(),
+        crate::admin::ADMIN,
+        crate::admin::PASSWORD
+    ))
+    .await;
+    let metric = |name: &'static str| {
+        let addr = p.ctx.proxy.metrics_addr();
+        async move {
+            let text = crate::metrics::scrape(addr).await;
+            crate::metrics::sample(&text, name, "")
+        }
+    };
+    let a = p.client().await;
+    let b = p.client().await;
+    a.simple_query("BEGIN").await.expect("begin");
+    let pid_a = one(&a, "SELECT pg_backend_pid()").await.expect("pid");
+    let pid_b = one(&b, "SELECT pg_backend_pid()").await.expect("pid");
+    let (db, user) = (crate::context::DB.to_owned(), ROLE.to_owned());
+    let servers: Vec<(String, String, String, String)> = console_rows(&console, "SHOW SERVERS")
+        .await
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1].clone(), r[2].clone(), r[3].clone()))
+        .collect();
+    let mut want = vec![
+        (db.clone(), user.clone(), pid_a.clone(), "leased".to_owned()),
+        (db.clone(), user.clone(), pid_b.clone(), "idle".to_owned()),
+    ];
+    want.sort_by(|x, y| x.2.parse::<i32>().ok().cmp(&y.2.parse::<i32>().ok()));
+    assert_eq!(servers, want);
+    let mut stat: Vec<String> = pool_pids(&p).await.iter().map(i32::to_string).collect();
+    stat.sort_by_key(|s| s.parse::<i32>().ok());
+    let listed: Vec<String> = servers.iter().map(|s| s.2.clone()).collect();
+    assert_eq!(
+        listed, stat,
+        "SHOW SERVERS lists what pg_stat_activity shows"
+    );
+    let pools = console_rows(&console, "SHOW POOLS").await;
+    assert_eq!(
+        pools,
+        [[db.as_str(), user.as_str(), "2", "2", "1", "1", "0"]],
+        "size, open, idle, leased, waiting"
+    );
+    assert_eq!(metric("spillway_pool_server_connections").await, 2.0);
+    assert_eq!(metric("spillway_pool_idle_connections").await, 1.0);
+    assert_eq!(metric("spillway_pool_waiting_sessions").await, 0.0);
+
+    // Both leased: a third client waits, and is seen waiting.
+    b.simple_query("BEGIN").await.expect("begin");
+    one(&b, "SELECT pg_backend_pid()").await;
+    let c = p.client().await;
+    let waiting = tokio::spawn(async move { one(&c, "SELECT pg_backend_pid()").await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while metric("spillway_pool_waiting_sessions").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no session seen waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(console_rows(&console, "SHOW POOLS").await[0][6], "1");
+    assert_eq!(metric("spillway_pool_idle_connections").await, 0.0);
+    a.simple_query("COMMIT").await.expect("commit");
+    let got = waiting.await.expect("join").expect("pid");
+    assert_eq!(got, pid_a, "the waiter got a's connection when a committed");
+    assert_eq!(metric("spillway_pool_waiting_sessions").await, 0.0);
+    b.simple_query("COMMIT").await.expect("commit");
+}
