@@ -305,7 +305,7 @@ async fn console_and_metrics_show_pools_servers_and_waits() {
         (db.clone(), user.clone(), pid_a.clone(), "leased".to_owned()),
         (db.clone(), user.clone(), pid_b.clone(), "idle".to_owned()),
     ];
-    want.sort_by(|x, y| x.2.parse::<i32>().ok().cmp(&y.2.parse::<i32>().ok()));
+    want.sort_by_key(|x| x.2.parse::<i32>().ok());
     assert_eq!(servers, want);
     let mut stat: Vec<String> = pool_pids(&p).await.iter().map(i32::to_string).collect();
     stat.sort_by_key(|s| s.parse::<i32>().ok());
