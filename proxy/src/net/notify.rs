@@ -103,12 +103,24 @@ impl Listeners {
 /// Which client-facing pid each pooled server connection (by its backend pid) was
 /// last leased to: a notification's sender pid is shown as the pid spillway gave the
 /// sending client, when the sender is one of ours.
+/// Nothing is recorded until some session listens (no cost per lease before).
 #[derive(Default)]
-pub struct Senders(Mutex<HashMap<i32, i32>>);
+pub struct Senders {
+    active: std::sync::atomic::AtomicBool,
+    map: Mutex<HashMap<i32, i32>>,
+}
 
 impl Senders {
+    /// Some session listens: leases are recorded from now on.
+    pub fn activate(&self) {
+        self.active.store(true, Ordering::Relaxed);
+    }
+
     pub fn leased(&self, server_pid: i32, client_pid: i32) {
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.active.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= MAX_SENDERS && !map.contains_key(&server_pid) {
             map.clear();
         }
@@ -116,7 +128,7 @@ impl Senders {
     }
 
     pub fn client_pid(&self, server_pid: i32) -> Option<i32> {
-        self.0
+        self.map
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&server_pid)
@@ -171,6 +183,7 @@ impl Hub {
     /// A session's subscription (nothing is listened yet; no queue is allocated until
     /// the first notification).
     pub fn subscribe(self: &Arc<Self>, pool: Arc<Pool>) -> Subscription {
+        self.senders.activate();
         let (tx, rx) = mpsc::channel(self.queue);
         Subscription {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),

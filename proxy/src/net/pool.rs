@@ -106,14 +106,25 @@ impl Pools {
         let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out = Vec::new();
         for pool in pools.values() {
+            // Leased is what is open and not idle (nothing is recorded per lease).
+            let idle: HashMap<i32, Instant> = pool
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|s| (s.key.pid, s.idle_since))
+                .collect();
             let servers = pool.servers.lock().unwrap_or_else(PoisonError::into_inner);
-            out.extend(servers.iter().map(|(pid, info)| ServerRow {
-                database: pool.database.clone(),
-                user: pool.user.clone(),
-                pid: *pid,
-                leased: info.leased,
-                age: info.created.elapsed(),
-                in_state: info.since.elapsed(),
+            out.extend(servers.iter().map(|(pid, info)| {
+                let idle_for = idle.get(pid).map(Instant::elapsed);
+                ServerRow {
+                    database: pool.database.clone(),
+                    user: pool.user.clone(),
+                    pid: *pid,
+                    leased: idle_for.is_none(),
+                    age: info.created.elapsed(),
+                    idle_for,
+                }
             }));
         }
         out.sort_by(|a, b| (&a.database, &a.user, a.pid).cmp(&(&b.database, &b.user, b.pid)));
@@ -196,9 +207,6 @@ type Registry = Arc<Mutex<HashMap<i32, ServerInfo>>>;
 #[derive(Debug, Clone, Copy)]
 struct ServerInfo {
     created: Instant,
-    leased: bool,
-    /// Since when it is leased or idle.
-    since: Instant,
 }
 
 impl Server {
@@ -212,16 +220,6 @@ impl Server {
             });
         }
         self.idle = !leased;
-        let now = Instant::now();
-        if let Some(info) = self
-            .registry
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(&self.key.pid)
-        {
-            info.leased = leased;
-            info.since = now;
-        }
     }
 }
 
@@ -265,8 +263,8 @@ pub struct ServerRow {
     pub pid: i32,
     pub leased: bool,
     pub age: Duration,
-    /// How long it has been leased or idle.
-    pub in_state: Duration,
+    /// How long it has been idle (`None` while leased).
+    pub idle_for: Option<Duration>,
 }
 
 impl Pool {
@@ -399,14 +397,7 @@ impl Pool {
         self.servers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                key.pid,
-                ServerInfo {
-                    created: now,
-                    leased: true,
-                    since: now,
-                },
-            );
+            .insert(key.pid, ServerInfo { created: now });
         Ok(Server {
             conn,
             key,

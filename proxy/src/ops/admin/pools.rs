@@ -1,7 +1,7 @@
 //! `SHOW POOLS`: one row per transaction-mode pool (database, user): its size, server
 //! connections open, idle and leased, and sessions waiting for one. `SHOW SERVERS`:
-//! one row per pooled server connection (its backend pid, leased or idle, for how
-//! long, its age). Empty unless some database or user is in transaction mode
+//! one row per pooled server connection (its backend pid, leased or idle, idle for
+//! how long, its age). Empty unless some database or user is in transaction mode
 //! (`pool.mode`).
 
 use super::Console;
@@ -51,7 +51,7 @@ pub fn show_servers(
         ("user", ColumnType::Text),
         ("pid", ColumnType::Int8),
         ("state", ColumnType::Text),
-        ("state_seconds", ColumnType::Int8),
+        ("idle_seconds", ColumnType::Int8),
         ("age_seconds", ColumnType::Int8),
     ];
     let rows = match &shared.pooling {
@@ -65,7 +65,7 @@ pub fn show_servers(
                     Some(s.user),
                     Some(s.pid.to_string()),
                     Some(if s.leased { "leased" } else { "idle" }.to_owned()),
-                    Some(s.in_state.as_secs().to_string()),
+                    s.idle_for.map(|d| d.as_secs().to_string()),
                     Some(s.age.as_secs().to_string()),
                 ]
             })

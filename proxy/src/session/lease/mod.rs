@@ -145,6 +145,7 @@ impl Pooled {
                 tracing::debug!(
                     "session pinned to its server connection by LISTEN among other SQL"
                 );
+                self.hub.senders().activate();
                 self.pinned = true;
             }
             None => {}
@@ -170,6 +171,7 @@ impl Pooled {
             tracing::debug!(
                 "session pinned to its server connection by LISTEN among other SQL (extended protocol)"
             );
+            self.hub.senders().activate();
             self.pinned = true;
         }
     }
