@@ -82,21 +82,9 @@ impl Listeners {
                     senders: self.senders.clone(),
                     task: Mutex::new(None),
                     next_id: AtomicU64::new(1),
-                    listened: std::sync::atomic::AtomicUsize::new(0),
                 })
             })
             .clone()
-    }
-
-    /// Channels listened per database (for the console and tests).
-    pub fn channels(&self) -> Vec<(String, usize)> {
-        let hubs = self.hubs.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out: Vec<(String, usize)> = hubs
-            .values()
-            .map(|h| (h.database.clone(), h.listened.load(Ordering::Relaxed)))
-            .collect();
-        out.sort();
-        out
     }
 }
 
@@ -144,8 +132,6 @@ pub struct Hub {
     senders: Arc<Senders>,
     task: Mutex<Option<mpsc::UnboundedSender<Command>>>,
     next_id: AtomicU64,
-    /// Channels the listener connection is to listen on now.
-    listened: std::sync::atomic::AtomicUsize,
 }
 
 /// What the hub's task is asked to do.
@@ -227,7 +213,6 @@ impl Hub {
                 () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some()
                     && state.conn.is_none() => self.reconnect(&mut state).await,
             }
-            self.listened.store(state.channels.len(), Ordering::Relaxed);
         }
     }
 
