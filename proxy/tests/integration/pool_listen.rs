@@ -364,7 +364,7 @@ async fn psql_sees_a_notification_it_sent_itself_with_a_spillway_pid() {
         .args(["-v", "ON_ERROR_STOP=1"])
         .args(["-c", "LISTEN psql_chan"])
         .args(["-c", "NOTIFY psql_chan, 'from psql'"])
-        .args(["-c", "SELECT pg_sleep(0.3)"])
+        .args(["-c", "SELECT pg_sleep(1)"])
         .args(["-c", "SELECT 1"])
         .env("PGPASSWORD", PASSWORD)
         .output()
