@@ -49,6 +49,14 @@ pub(super) fn mentions_listen(sql: &str) -> bool {
     head.starts_with("listen") || head.starts_with("unlisten")
 }
 
+/// Whether `sql` mentions LISTEN anywhere, in any case (no allocation: this runs on
+/// every Parse).
+pub(super) fn contains_listen(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(6)
+        .any(|w| w.eq_ignore_ascii_case(b"listen"))
+}
+
 /// The one LISTEN/UNLISTEN statement `sql` is, if it is exactly one in a form read
 /// here for sure (a plain or double-quoted identifier, `*` for UNLISTEN; no comment).
 pub(super) fn listen_command(sql: &str) -> Option<ListenCommand> {
@@ -377,6 +385,8 @@ mod tests {
             assert_eq!(listen_command(sql), None, "{sql}");
         }
         assert!(mentions_listen("  Unlisten *"));
+        assert!(contains_listen("select 1; LiStEn x"));
+        assert!(!contains_listen("select 'listn'"));
         assert!(!mentions_listen("select 'listen'"));
     }
 

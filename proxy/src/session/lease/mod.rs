@@ -530,7 +530,7 @@ impl Lease {
         }
         if msg[0] == frontend::PARSE
             && let Some(parse) = frontend::parse(body)
-            && parse.sql.to_ascii_lowercase().contains("listen")
+            && listen::contains_listen(parse.sql)
         {
             p.observe_listen_parse(parse.sql);
         }
