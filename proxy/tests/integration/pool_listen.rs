@@ -458,3 +458,51 @@ async fn psycopg_and_node_postgres_listen_and_notify() {
     );
     assert!(p.pool_backends().await <= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_comes_back_after_a_postgresql_restart() {
+    let mut p = start(2, "", &plain_line()).await;
+    let (a, mut a_rx) = listening_client(&p).await;
+    a.batch_execute("LISTEN restart").await.expect("listen");
+    await_backends(&p, "spillway listener", 1).await;
+    tokio::task::block_in_place(|| p.ctx.pg.stop_fast()).expect("stop PostgreSQL");
+
+    // A new channel cannot be listened while PostgreSQL is down: 08006, and the
+    // session goes on.
+    let (b, _b_rx) = tokio::time::timeout(Duration::from_secs(20), listening_client(&p))
+        .await
+        .expect("a new client is authenticated by spillway during the outage");
+    let err = b
+        .batch_execute("LISTEN other")
+        .await
+        .expect_err("no listener connection");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::CONNECTION_FAILURE),
+        "{err}"
+    );
+
+    tokio::task::block_in_place(|| p.ctx.pg.start()).expect("start PostgreSQL");
+    let sender = p.client().await;
+    // The listener reconnects on its own (backoff up to 5 s) and listens again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        sender
+            .batch_execute("NOTIFY restart, 'back'")
+            .await
+            .expect("notify");
+        if let Ok(Some(Event::Note { payload, .. })) =
+            tokio::time::timeout(Duration::from_millis(300), a_rx.recv()).await
+        {
+            assert_eq!(payload, "back");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listener did not come back after the restart"
+        );
+    }
+    b.batch_execute("LISTEN other")
+        .await
+        .expect("listening works again");
+}
