@@ -368,8 +368,19 @@ impl Hub {
     }
 
     /// Runs `sql` (simple protocol) on the listener connection up to ReadyForQuery;
-    /// notifications that arrive meanwhile are delivered.
+    /// notifications that arrive meanwhile are delivered. A server that does not
+    /// answer within [`CONNECT_TIMEOUT`] counts as lost (the sessions waiting for
+    /// their LISTEN get an error rather than hang).
     async fn execute(&self, state: &mut TaskState, sql: &str) -> Result<(), Exec> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.execute_now(state, sql))
+            .await
+            .unwrap_or_else(|_| {
+                state.conn = None;
+                Err(Exec::Lost(format!("no answer within {CONNECT_TIMEOUT:?}")))
+            })
+    }
+
+    async fn execute_now(&self, state: &mut TaskState, sql: &str) -> Result<(), Exec> {
         let Some(conn) = state.conn.as_mut() else {
             return Err(Exec::Lost("not connected".to_owned()));
         };
