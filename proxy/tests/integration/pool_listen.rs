@@ -506,3 +506,28 @@ async fn the_listener_comes_back_after_a_postgresql_restart() {
         .await
         .expect("listening works again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_listens_on_its_pinned_connection_when_statements_are_not_carried() {
+    // pool.max_prepared_statements = 0: asyncpg's named LISTEN statement pins the
+    // session, and LISTEN runs on that connection; the pid is still the client's.
+    let p = start(
+        2,
+        "queue_timeout = \"30s\"\nmax_prepared_statements = 0",
+        &plain_line(),
+    )
+    .await;
+    let url = format!(
+        "postgresql://{ROLE}:{PASSWORD}@127.0.0.1:{}/{DB}?sslmode=disable",
+        p.ctx.proxy.addr.port()
+    );
+    let out = crate::drivers::run(crate::drivers::Lang::Python, "asyncpg_notify.py", &[&url]).await;
+    assert_eq!(out["notification_pid_is_own"], true, "{out:#}");
+    assert_eq!(out["payload"], "hello", "{out:#}");
+    let text = crate::metrics::scrape(p.ctx.proxy.metrics_addr()).await;
+    assert_eq!(
+        crate::metrics::sample(&text, "spillway_pool_listener_connects_total", ""),
+        0.0,
+        "the listener connection was not used"
+    );
+}

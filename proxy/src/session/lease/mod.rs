@@ -361,17 +361,23 @@ impl Lease {
                     .and_then(|t| t.statement_sql(name))
                     .map(str::to_owned)
             };
-            let served = if idle && p.leased.is_none() && p.acquiring.is_none() && !p.pinned {
-                l.poll_serve(
-                    queue,
-                    &mut self.conn.inbuf,
-                    &sql_of,
-                    &mut |parse| learnt = Some(parse.to_vec()),
-                    cx,
-                )
-            } else {
-                None
-            };
+            // Without a translator (`pool.max_prepared_statements = 0`) a statement
+            // answered here would be missing on the connection that binds it later:
+            // only simple Queries are served then.
+            let servable =
+                translator.is_some() || l.is_pending() || queue.first() == Some(&frontend::QUERY);
+            let served =
+                if servable && idle && p.leased.is_none() && p.acquiring.is_none() && !p.pinned {
+                    l.poll_serve(
+                        queue,
+                        &mut self.conn.inbuf,
+                        &sql_of,
+                        &mut |parse| learnt = Some(parse.to_vec()),
+                        cx,
+                    )
+                } else {
+                    None
+                };
             if served.is_none() && !l.is_pending() && listen::queue_mentions_listen(queue, &sql_of)
             {
                 tracing::debug!(
