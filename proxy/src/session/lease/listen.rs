@@ -139,6 +139,7 @@ pub(super) fn head_command(
     let mut at = 0;
     let mut sql: Option<String> = None;
     let mut parse = None;
+    let mut parsed_name: Option<String> = None;
     let mut before = Vec::new();
     let mut stage = 0; // 0: Parse may come, 1: Bind, 2: Describe/Execute, 3: Sync.
     loop {
@@ -149,6 +150,7 @@ pub(super) fn head_command(
             (frontend::PARSE, 0) => {
                 let p = frontend::parse(body)?;
                 sql = Some(p.sql.to_owned());
+                parsed_name = Some(p.name.to_owned());
                 parse = Some(at);
                 before.extend_from_slice(frontend::PARSE_COMPLETE);
                 stage = 1;
@@ -158,7 +160,8 @@ pub(super) fn head_command(
                 if !frontend::bind_params(b.params_and_formats)?.is_empty() {
                     return None;
                 }
-                if sql.is_none() {
+                if parsed_name.as_deref() != Some(b.statement) {
+                    // Not the statement this cycle parsed: the one prepared before.
                     sql = statement_sql(b.statement);
                 }
                 before.extend_from_slice(frontend::BIND_COMPLETE);
@@ -476,6 +479,9 @@ mod tests {
         ));
         // Not whole, or not a LISTEN: left alone.
         assert_eq!(head_command(&cycle[..cycle.len() - 1], &named), None);
+        // A cycle that parses a LISTEN but binds another statement is not one.
+        let other = [&parse[..], &bind("s2"), &execute, &sync].concat();
+        assert_eq!(head_command(&other, &named), None);
         assert_eq!(
             head_command(&[&bind("s2")[..], &execute, &sync].concat(), &named),
             None
