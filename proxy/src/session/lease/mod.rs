@@ -25,6 +25,9 @@
 //!   session's [`Translator`] first ([`Lease::translate`]), and every backend message
 //!   read from it is shown to it ([`Filter`]), so named prepared statements follow
 //!   the client from connection to connection (ADR 0028).
+//! - Transaction mode: a LISTEN/UNLISTEN either is served by the database's listener
+//!   connection (`listen.rs`, ADR 0031) or runs on a connection the session then
+//!   keeps (pinned); never on a connection that goes back to the pool.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -104,7 +107,7 @@ struct Pooled {
     /// and including their ReadyForQuery.
     swallow: u32,
     /// The client ran SQL whose effect outlives its transaction on that connection
-    /// (LISTEN, PREPARE, a temporary table, a `WITH HOLD` cursor, a session advisory
+    /// (LISTEN run on it, PREPARE, a temporary table, a `WITH HOLD` cursor, a session advisory
     /// lock): pinned until the session ends.
     pinned: bool,
     /// The database's listener hub (LISTEN/NOTIFY through one connection, ADR 0031),
