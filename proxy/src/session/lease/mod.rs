@@ -25,9 +25,10 @@
 //!   session's [`Translator`] first ([`Lease::translate`]), and every backend message
 //!   read from it is shown to it ([`Filter`]), so named prepared statements follow
 //!   the client from connection to connection (ADR 0028).
-//! - Transaction mode: a LISTEN/UNLISTEN either is served by the database's listener
-//!   connection (`listen.rs`, ADR 0031) or runs on a connection the session then
-//!   keeps (pinned); never on a connection that goes back to the pool.
+//! - Transaction mode: a LISTEN/UNLISTEN in the text the client sends either is served
+//!   by the database's listener connection (`listen.rs`, ADR 0031) or runs on a
+//!   connection the session then keeps (pinned), never on one that goes back to the
+//!   pool. (LISTEN hidden in a function the client calls is not seen.)
 
 use std::future::Future;
 use std::pin::Pin;
