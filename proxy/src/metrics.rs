@@ -62,10 +62,15 @@ pub const POOL_LEASES: &str = "spillway_pool_leases_total";
 pub const POOL_WAIT_SECONDS: &str = "spillway_pool_wait_seconds";
 pub const POOL_WAIT_TIMEOUTS: &str = "spillway_pool_wait_timeouts_total";
 pub const POOL_STATEMENTS_PREPARED: &str = "spillway_pool_statements_prepared_total";
+pub const POOL_NOTIFICATIONS: &str = "spillway_pool_notifications_total";
+pub const POOL_NOTIFICATIONS_DROPPED: &str = "spillway_pool_notifications_dropped_total";
+pub const POOL_LISTENER_CONNECTS: &str = "spillway_pool_listener_connects_total";
+pub const POOL_IDLE_CONNECTIONS: &str = "spillway_pool_idle_connections";
+pub const POOL_WAITING: &str = "spillway_pool_waiting_sessions";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 42] = [
+pub const ALL: [&str; 47] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -108,6 +113,11 @@ pub const ALL: [&str; 42] = [
     POOL_WAIT_SECONDS,
     POOL_WAIT_TIMEOUTS,
     POOL_STATEMENTS_PREPARED,
+    POOL_NOTIFICATIONS,
+    POOL_NOTIFICATIONS_DROPPED,
+    POOL_LISTENER_CONNECTS,
+    POOL_IDLE_CONNECTIONS,
+    POOL_WAITING,
 ];
 
 /// The histograms among [`ALL`]: Prometheus exports them as `<name>_bucket`,

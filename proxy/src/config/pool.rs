@@ -58,6 +58,10 @@ pub struct PoolConfig {
     /// used is closed to make room. 0: a session that prepares a named statement
     /// keeps its server connection until it closed them all.
     pub max_prepared_statements: u32,
+    /// Notifications held for one listening session in transaction mode (LISTEN
+    /// through the database's listener connection) until its client is idle to take
+    /// them; past it, new ones for that session are dropped and its client is warned.
+    pub notify_queue: u32,
     /// Overrides per database (PgBouncer's `[databases]` `pool_mode`, `pool_size`).
     pub databases: BTreeMap<String, PoolOverride>,
     /// Overrides per user (PgBouncer's `[users]` `pool_mode`); a user's win over a
@@ -76,6 +80,7 @@ impl Default for PoolConfig {
             lifetime: Duration::from_secs(3600),
             reset_query: None,
             max_prepared_statements: 200,
+            notify_queue: 1000,
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
         }

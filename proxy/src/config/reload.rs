@@ -173,6 +173,7 @@ mod tests {
             lifetime = "7s"
             reset_query = "DISCARD ALL"
             max_prepared_statements = 7
+            notify_queue = 7
             [pool.databases.d]
             mode = "session"
             size = 7

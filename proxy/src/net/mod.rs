@@ -9,6 +9,7 @@
 
 pub mod cancel;
 pub mod conn;
+pub mod notify;
 pub mod pool;
 pub mod signal;
 pub mod stream;

@@ -16,7 +16,9 @@
 //!   lease ended any other way (the session ended mid-transaction, an I/O error) is
 //!   closed, so no other client ever sees its state.
 //! - Idle connections older than `pool.lifetime` or idle longer than
-//!   `pool.idle_timeout` are closed when next looked at, never handed out.
+//!   `pool.idle_timeout` are never handed out, and are closed by the pool's sweep
+//!   ([`sweep`], a task per pool) within a quarter of the shorter of the two (50 ms to
+//!   10 s) even if nobody uses the pool again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -64,7 +66,7 @@ impl Pools {
             .entry((database.to_owned(), user.to_owned()))
             .or_insert_with(|| {
                 let size = self.config.size_for(database, user) as usize;
-                Arc::new(Pool {
+                let pool = Arc::new(Pool {
                     database: database.to_owned(),
                     user: user.to_owned(),
                     secret: Mutex::new(None),
@@ -82,7 +84,10 @@ impl Pools {
                     waiting: AtomicUsize::new(0),
                     wait_seconds: metrics::histogram!(crate::metrics::POOL_WAIT_SECONDS),
                     leases: metrics::counter!(crate::metrics::POOL_LEASES),
-                })
+                    servers: Arc::new(Mutex::new(HashMap::new())),
+                });
+                tokio::spawn(sweep(Arc::downgrade(&pool)));
+                pool
             })
             .clone();
         if let Some(new) = secret {
@@ -95,6 +100,37 @@ impl Pools {
             }
         }
         pool
+    }
+
+    /// Every pooled server connection, for the console (`SHOW SERVERS`), by database,
+    /// user and pid.
+    pub fn servers(&self) -> Vec<ServerRow> {
+        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = Vec::new();
+        for pool in pools.values() {
+            // Leased is what is open and not idle (nothing is recorded per lease).
+            let idle: HashMap<i32, Instant> = pool
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|s| (s.key.pid, s.idle_since))
+                .collect();
+            let servers = pool.servers.lock().unwrap_or_else(PoisonError::into_inner);
+            out.extend(servers.iter().map(|(pid, info)| {
+                let idle_for = idle.get(pid).map(Instant::elapsed);
+                ServerRow {
+                    database: pool.database.clone(),
+                    user: pool.user.clone(),
+                    pid: *pid,
+                    leased: idle_for.is_none(),
+                    age: info.created.elapsed(),
+                    idle_for,
+                }
+            }));
+        }
+        out.sort_by(|a, b| (&a.database, &a.user, a.pid).cmp(&(&b.database, &b.user, b.pid)));
+        out
     }
 
     /// A snapshot of every pool, for the console.
@@ -151,6 +187,8 @@ pub struct Pool {
     /// Metric handles resolved once (a lease records both).
     wait_seconds: metrics::Histogram,
     leases: metrics::Counter,
+    /// Its connections by backend pid (`SHOW SERVERS`).
+    servers: Registry,
 }
 
 /// One server connection of a pool.
@@ -162,6 +200,32 @@ pub struct Server {
     pub statements: ServerStatements,
     created: Instant,
     idle_since: Instant,
+    /// In the pool's idle stack (counted in `spillway_pool_idle_connections`).
+    idle: bool,
+    /// The pool's view of its connections, which this one leaves when dropped.
+    registry: Registry,
+}
+
+/// The pool's connections by backend pid, for `SHOW SERVERS`.
+type Registry = Arc<Mutex<HashMap<i32, ServerInfo>>>;
+
+#[derive(Debug, Clone, Copy)]
+struct ServerInfo {
+    created: Instant,
+}
+
+impl Server {
+    /// Leased (`true`) or back in the idle stack.
+    fn mark(&mut self, leased: bool) {
+        if self.idle == leased {
+            metrics::gauge!(crate::metrics::POOL_IDLE_CONNECTIONS).increment(if leased {
+                -1.0
+            } else {
+                1.0
+            });
+        }
+        self.idle = !leased;
+    }
 }
 
 /// A server connection leased to one session. Dropped without
@@ -185,7 +249,27 @@ impl Drop for Leased {
 impl Drop for Server {
     fn drop(&mut self) {
         metrics::gauge!(crate::metrics::POOL_SERVER_CONNECTIONS).decrement(1.0);
+        if self.idle {
+            metrics::gauge!(crate::metrics::POOL_IDLE_CONNECTIONS).decrement(1.0);
+        }
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key.pid);
     }
+}
+
+/// What `SHOW SERVERS` shows of one pooled server connection.
+#[derive(Debug, Clone)]
+pub struct ServerRow {
+    pub database: String,
+    pub user: String,
+    /// PostgreSQL's backend pid.
+    pub pid: i32,
+    pub leased: bool,
+    pub age: Duration,
+    /// How long it has been idle (`None` while leased).
+    pub idle_for: Option<Duration>,
 }
 
 impl Pool {
@@ -216,9 +300,11 @@ impl Pool {
     async fn queue(self: &Arc<Self>) -> Result<OwnedSemaphorePermit, SessionError> {
         let started = Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::POOL_WAITING).increment(1.0);
         let permit =
             tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::POOL_WAITING).decrement(1.0);
         self.wait_seconds.record(started.elapsed().as_secs_f64());
         match permit {
             Ok(Ok(permit)) => Ok(permit),
@@ -241,6 +327,7 @@ impl Pool {
                 && server.created.elapsed() < self.lifetime
                 && still_open(&mut server.conn)
             {
+                server.mark(true);
                 return Some(server);
             }
             self.open.fetch_sub(1, Ordering::Relaxed);
@@ -284,13 +371,24 @@ impl Pool {
         }
     }
 
-    /// Opens and logs in a new server connection.
-    async fn connect(&self) -> Result<Server, SessionError> {
+    /// Opens a server connection logged in as this pool's role, outside the pool (not
+    /// counted against `pool.size`): the database's listener connection
+    /// (`net/notify.rs`), named `application_name` `app`.
+    pub async fn connect_dedicated(&self, app: &str) -> Result<(Conn, UpstreamKey), SessionError> {
+        let (conn, key, _) = self.open_logged_in(app).await?;
+        Ok((conn, key))
+    }
+
+    /// A new connection to the pool's database, logged in as its role.
+    async fn open_logged_in(
+        &self,
+        app: &str,
+    ) -> Result<(Conn, UpstreamKey, Vec<(String, String)>), SessionError> {
         let mut conn = Conn::new(self.connector.connect().await?);
         let startup = StartupMessage::build(&[
             ("user", &self.user),
             ("database", &self.database),
-            ("application_name", POOL_APP),
+            ("application_name", app),
             ("client_encoding", "UTF8"),
         ]);
         conn.send(&startup)
@@ -302,16 +400,28 @@ impl Pool {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let (key, params) = login(&mut conn, &self.user, secret.as_ref()).await?;
+        Ok((conn, key, params))
+    }
+
+    /// Opens and logs in a new server connection.
+    async fn connect(&self) -> Result<Server, SessionError> {
+        let (conn, key, params) = self.open_logged_in(POOL_APP).await?;
         *self.params.lock().unwrap_or_else(PoisonError::into_inner) = Some(params);
         self.open.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::POOL_SERVER_CONNECTIONS).increment(1.0);
         let now = Instant::now();
+        self.servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.pid, ServerInfo { created: now });
         Ok(Server {
             conn,
             key,
             statements: ServerStatements::default(),
             created: now,
             idle_since: now,
+            idle: false,
+            registry: self.servers.clone(),
         })
     }
 
@@ -321,6 +431,7 @@ impl Pool {
             return;
         }
         server.idle_since = Instant::now();
+        server.mark(false);
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -386,6 +497,41 @@ impl Leased {
             }
             pool.put_idle(server);
         });
+    }
+}
+
+/// Closes the pool's idle connections once past `pool.idle_timeout` or
+/// `pool.lifetime`, without waiting for the pool to be used again, so PostgreSQL's
+/// backends go away on time. Ends with the pool.
+async fn sweep(pool: std::sync::Weak<Pool>) {
+    let period = match pool.upgrade() {
+        Some(p) => (p.idle_timeout.min(p.lifetime) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(10)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let expired: Vec<Server> = {
+            let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let (keep, expired): (Vec<Server>, Vec<Server>) =
+                std::mem::take(&mut *idle).into_iter().partition(|s| {
+                    s.idle_since.elapsed() < pool.idle_timeout
+                        && s.created.elapsed() < pool.lifetime
+                });
+            *idle = keep;
+            expired
+        };
+        for mut server in expired {
+            pool.open.fetch_sub(1, Ordering::Relaxed);
+            // Terminate, so PostgreSQL logs a clean end rather than an EOF.
+            let _ = tokio::time::timeout(Duration::from_secs(1), server.conn.send(b"X\0\0\0\x04"))
+                .await;
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::config::pool::{AuthConfig, AuthFile, Credential, PoolConfig, PoolMode};
 use crate::error::SessionError;
 use crate::net::conn::{Conn, read_client_frame};
+use crate::net::notify::Listeners;
 use crate::net::pool::{Pool, PoolSecret, Pools};
 use crate::net::upstream::Connector;
 use crate::protocol::sqlstate::SqlState;
@@ -37,6 +38,8 @@ const MAX_PASSWORD_MESSAGE: usize = 65_535 + 5;
 /// Everything transaction mode needs: the pools and the credentials.
 pub struct Pooling {
     pub pools: Pools,
+    /// The listener connections of LISTEN/NOTIFY, one per database (ADR 0031).
+    pub listeners: Listeners,
     config: PoolConfig,
     file: AuthFile,
     auth: AuthConfig,
@@ -105,6 +108,7 @@ impl Pooling {
         };
         Ok(Some(Arc::new(Self {
             pools: Pools::new(config.pool.clone(), connector),
+            listeners: Listeners::new(config.pool.notify_queue as usize),
             config: config.pool.clone(),
             file,
             auth: config.auth.clone(),

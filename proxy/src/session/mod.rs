@@ -191,12 +191,15 @@ async fn run(tcp: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<End, S
         }
         startup::Established::Pooled {
             pool,
+            hub,
             state,
             cancel_key,
             startup,
         } => {
             let lease = lease::Lease::pooled(
                 pool,
+                hub,
+                shared.cache.clone(),
                 shared.connector.clone(),
                 shared.cancel.clone(),
                 &cancel_key,

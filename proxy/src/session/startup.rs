@@ -37,6 +37,8 @@ pub enum Established {
     /// leased from `pool` as needed.
     Pooled {
         pool: std::sync::Arc<crate::net::pool::Pool>,
+        /// The database's LISTEN/NOTIFY hub.
+        hub: std::sync::Arc<crate::net::notify::Hub>,
         state: ProtocolState,
         cancel_key: CancelKey,
         startup: Box<StartupMessage>,
@@ -99,6 +101,7 @@ async fn greet_pooled(
     client.send(&out).await.map_err(SessionError::ClientIo)?;
     Ok(Established::Pooled {
         pool,
+        hub: pooling.listeners.hub(startup.database()),
         state,
         cancel_key,
         startup: Box::new(startup),

@@ -33,6 +33,8 @@ mod nats_journal;
 mod outage;
 mod packaging;
 mod pipelines;
+mod pool_faults;
+mod pool_listen;
 mod pooling;
 mod protocol;
 mod reload;

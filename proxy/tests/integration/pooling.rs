@@ -15,28 +15,28 @@ use tokio_postgres::error::SqlState;
 use crate::context::{Context, DB, connect};
 
 /// The role the pooled clients use, its password, and PostgreSQL's hba for it.
-const ROLE: &str = "app";
-const PASSWORD: &str = "apppw";
+pub(crate) const ROLE: &str = "app";
+pub(crate) const PASSWORD: &str = "apppw";
 
-struct Pooled {
-    ctx: Context,
+pub(crate) struct Pooled {
+    pub(crate) ctx: Context,
     _dir: tempfile::TempDir,
 }
 
 impl Pooled {
-    fn conninfo(&self, user: &str, password: &str) -> String {
+    pub(crate) fn conninfo(&self, user: &str, password: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user={user} password={password} dbname={DB}",
             self.ctx.proxy.addr.port()
         )
     }
 
-    async fn client(&self) -> tokio_postgres::Client {
+    pub(crate) async fn client(&self) -> tokio_postgres::Client {
         connect(&self.conninfo(ROLE, PASSWORD)).await
     }
 
     /// Server connections of the pool in `pg_stat_activity`.
-    async fn pool_backends(&self) -> i64 {
+    pub(crate) async fn pool_backends(&self) -> i64 {
         let direct = self.ctx.direct_client().await;
         direct
             .query_one(
@@ -52,13 +52,13 @@ impl Pooled {
 
 /// spillway with role `app` in transaction mode (pool of `size`), its password in the
 /// auth file, and PostgreSQL asking that role for SCRAM.
-async fn start(size: u32, extra_pool: &str, auth_line: &str) -> Pooled {
+pub(crate) async fn start(size: u32, extra_pool: &str, auth_line: &str) -> Pooled {
     start_with(size, extra_pool, auth_line, "", PASSWORD).await
 }
 
 /// [`start`] with more config sections (`extra`, whole sections) and what PostgreSQL
 /// stores as the role's password (a password, or a SCRAM verifier as is).
-async fn start_with(
+pub(crate) async fn start_with(
     size: u32,
     extra_pool: &str,
     auth_line: &str,
@@ -87,7 +87,7 @@ async fn start_with(
     Pooled { ctx, _dir: dir }
 }
 
-fn plain_line() -> String {
+pub(crate) fn plain_line() -> String {
     format!("\"{ROLE}\" \"{PASSWORD}\"")
 }
 

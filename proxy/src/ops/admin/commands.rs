@@ -10,7 +10,7 @@ use crate::protocol::sqlstate::SqlState;
 
 /// The help text of an unknown command.
 pub const USAGE: &str = "SHOW STATS | SHOW CACHE | SHOW TABLES | SHOW PENDING | SHOW CLIENTS | \
-                         SHOW KEYS | SHOW REPLICATION | SHOW POOLS | FLUSH [table] | INVALIDATE table | \
+                         SHOW KEYS | SHOW REPLICATION | SHOW POOLS | SHOW SERVERS | FLUSH [table] | INVALIDATE table | \
                          RELOAD";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +24,8 @@ pub enum Command {
     ShowKeys,
     ShowReplication,
     ShowPools,
+    /// Transaction mode's server connections, one row each.
+    ShowServers,
     /// Every deferred table, or one.
     Flush(Option<String>),
     Invalidate(String),
@@ -56,6 +58,7 @@ pub fn parse(statement: &str) -> Result<Command, String> {
         (["SHOW", "KEYS"], _) => Ok(Command::ShowKeys),
         (["SHOW", "REPLICATION"], _) => Ok(Command::ShowReplication),
         (["SHOW", "POOLS"], _) => Ok(Command::ShowPools),
+        (["SHOW", "SERVERS"], _) => Ok(Command::ShowServers),
         (["FLUSH"], _) => Ok(Command::Flush(None)),
         (["FLUSH", _], [_, table]) => Ok(Command::Flush(Some(unquote(table)))),
         (["INVALIDATE", _], [_, table]) => Ok(Command::Invalidate(unquote(table))),
@@ -80,11 +83,11 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::ShowPending => show_pending(shared),
         Command::ShowClients => show_clients(shared),
         Command::ShowKeys => show_keys(shared),
-        Command::ShowReplication | Command::ShowPools => {
-            let (columns, rows) = if command == Command::ShowPools {
-                super::pools::show(shared)
-            } else {
-                super::replication::show(shared)
+        Command::ShowReplication | Command::ShowPools | Command::ShowServers => {
+            let (columns, rows) = match command {
+                Command::ShowPools => super::pools::show(shared),
+                Command::ShowServers => super::pools::show_servers(shared),
+                _ => super::replication::show(shared),
             };
             Reply::Rows {
                 columns,

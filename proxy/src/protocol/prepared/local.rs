@@ -10,6 +10,37 @@ use super::wire::{parse_message, server_name};
 use super::{Def, Translator};
 
 impl Translator {
+    /// The SQL text of the client's statement `name` (`""`: the unnamed one), if the
+    /// session prepared it.
+    pub fn statement_sql(&self, name: &str) -> Option<&str> {
+        let parse = if name.is_empty() {
+            self.unnamed.as_deref()?
+        } else {
+            &self.named.get(name)?.parse[..]
+        };
+        frontend::parse(frontend::body(parse)).map(|p| p.sql)
+    }
+
+    /// A client's Parse answered without any server (a LISTEN the listener connection
+    /// serves, ADR 0031): the statement is remembered as if it had been sent.
+    pub fn remember_parse(&mut self, msg: &[u8]) {
+        let Some(p) = frontend::parse(frontend::body(msg)) else {
+            return;
+        };
+        if p.name.is_empty() {
+            self.unnamed = Some(bytes::Bytes::copy_from_slice(msg));
+            return;
+        }
+        let server_name = server_name(p.sql, p.param_types);
+        self.named.insert(
+            p.name.to_owned(),
+            Arc::new(Def {
+                parse: parse_message(&server_name, p.sql, p.param_types),
+                server_name: server_name.into(),
+            }),
+        );
+    }
+
     /// With no server connection leased: when `queue` holds only whole Parses of
     /// named statements, Closes of statements and Syncs, ending with a Sync, they
     /// need no server. The statements are remembered (prepared on a connection when

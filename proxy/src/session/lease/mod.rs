@@ -25,6 +25,10 @@
 //!   session's [`Translator`] first ([`Lease::translate`]), and every backend message
 //!   read from it is shown to it ([`Filter`]), so named prepared statements follow
 //!   the client from connection to connection (ADR 0028).
+//! - Transaction mode: a LISTEN/UNLISTEN in the text the client sends either is served
+//!   by the database's listener connection (`listen.rs`, ADR 0031) or runs on a
+//!   connection the session then keeps (pinned), never on one that goes back to the
+//!   pool. (LISTEN hidden in a function the client calls is not seen.)
 
 use std::future::Future;
 use std::pin::Pin;
@@ -43,8 +47,12 @@ use crate::net::upstream::{Canceller, Connector};
 use crate::protocol::frontend;
 use crate::protocol::prepared::{Reply, ServerStatements, Translator};
 
+mod listen;
 mod settings;
+use crate::net::notify::Hub;
 use crate::protocol::startup::StartupMessage;
+use crate::read::cache::ReadCache;
+use listen::Listening;
 use settings::{SessionSet, set_statement};
 
 /// `application_name` of a probe's backend, so an operator can tell it apart.
@@ -100,16 +108,83 @@ struct Pooled {
     /// and including their ReadyForQuery.
     swallow: u32,
     /// The client ran SQL whose effect outlives its transaction on that connection
-    /// (LISTEN, PREPARE, a temporary table, a `WITH HOLD` cursor, a session advisory
+    /// (LISTEN run on it, PREPARE, a temporary table, a `WITH HOLD` cursor, a session advisory
     /// lock): pinned until the session ends.
     pinned: bool,
+    /// The database's listener hub (LISTEN/NOTIFY through one connection, ADR 0031),
+    /// and the session's listening there once it ran LISTEN.
+    hub: Arc<Hub>,
+    listening: Option<Listening>,
+    /// The read cache, whose classifier says what a statement is (`settings.rs`);
+    /// `None` with the cache off (statements that may be a SET are parsed then).
+    cache: Option<Arc<ReadCache>>,
+}
+
+impl Pooled {
+    /// A simple Query that mentions LISTEN: one LISTEN/UNLISTEN is left for the
+    /// listener connection ([`Lease::poll_pooled`]); anything else pins the session
+    /// (it runs on the leased connection, which must stay the session's to get the
+    /// notifications).
+    fn observe_listen(&mut self, sql: &str) {
+        match listen::listen_command(sql) {
+            Some(cmd) if self.pinned => {
+                // Runs on the pinned connection; what the listener connection listens
+                // on for the session stops too.
+                if let (listen::ListenCommand::Unlisten(channel), Some(l)) =
+                    (cmd, self.listening.as_mut())
+                {
+                    l.unlisten_now(channel);
+                }
+            }
+            Some(_) => {
+                let (hub, pool) = (&self.hub, &self.pool);
+                let l = self
+                    .listening
+                    .get_or_insert_with(|| Listening::new(hub.subscribe(pool.clone())));
+                l.unanswered += 1;
+            }
+            None if listen::mentions_listen(sql)
+                || sql.to_ascii_lowercase().contains("listen ") =>
+            {
+                tracing::debug!(
+                    "session pinned to its server connection by LISTEN among other SQL"
+                );
+                self.hub.senders().activate();
+                self.pinned = true;
+            }
+            None => {}
+        }
+    }
+}
+
+impl Pooled {
+    /// A Parse that mentions LISTEN: one LISTEN/UNLISTEN may be executed through the
+    /// listener connection (a later cycle at the queue's head, [`Lease::poll_pooled`]);
+    /// anything else pins.
+    fn observe_listen_parse(&mut self, sql: &str) {
+        if self.pinned {
+            return;
+        }
+        if listen::listen_command(sql).is_some() {
+            let (hub, pool) = (&self.hub, &self.pool);
+            let l = self
+                .listening
+                .get_or_insert_with(|| Listening::new(hub.subscribe(pool.clone())));
+            l.prepared = true;
+        } else if listen::mentions_listen(sql) || sql.to_ascii_lowercase().contains("listen ") {
+            tracing::debug!(
+                "session pinned to its server connection by LISTEN among other SQL (extended protocol)"
+            );
+            self.hub.senders().activate();
+            self.pinned = true;
+        }
+    }
 }
 
 /// Statements whose effect outlives the transaction on the server connection, by the
 /// start of their text (lower case, after leading blanks). Crude on purpose: a false
 /// positive only pins a session, never breaks one.
-const PINNING_SQL: [&str; 9] = [
-    "listen",
+const PINNING_SQL: [&str; 8] = [
     "set role",
     "set session authorization",
     "reset role",
@@ -152,6 +227,8 @@ impl Lease {
     /// key spillway made for the client.
     pub fn pooled(
         pool: Arc<Pool>,
+        hub: Arc<Hub>,
+        cache: Option<Arc<ReadCache>>,
         connector: Connector,
         cancel: Arc<CancelRegistry>,
         key: &CancelKey,
@@ -180,6 +257,9 @@ impl Lease {
                 swallow: 0,
                 statements: std::collections::HashSet::new(),
                 pinned: false,
+                hub,
+                listening: None,
+                cache,
             })),
         }
     }
@@ -217,6 +297,8 @@ impl Lease {
         p.acquiring = None;
         let leased = leased?;
         if let Some(key) = leased.key() {
+            // A notification this connection sends shows this client's pid.
+            p.hub.senders().leased(key.pid, self.client_pid);
             self.cancel
                 .attach(self.client_pid, self.cancel_id, Some(key.clone()));
             self.canceller = Some(Canceller {
@@ -242,6 +324,9 @@ impl Lease {
         idle: bool,
         cx: &mut Context<'_>,
     ) -> Poll<Result<bool, SessionError>> {
+        if let Some(served) = self.poll_listen(queue, idle, cx) {
+            return served.map(|()| Ok(true));
+        }
         if idle && self.answer_locally(queue) {
             return Poll::Ready(Ok(true));
         }
@@ -252,6 +337,81 @@ impl Lease {
         // Named statements under the leased connection's names (ADR 0028).
         self.translate(queue);
         acquired.map(|r| r.map(|()| false))
+    }
+
+    /// Transaction mode: a LISTEN/UNLISTEN at the head of the queue, outside a
+    /// transaction and with no connection leased, served by the database's listener
+    /// connection (`Some`: answered, read as PostgreSQL's answer, or waiting for the
+    /// listener). Where one goes to a server connection instead (inside a transaction,
+    /// behind other requests), the session keeps that connection (pinned), so the
+    /// notifications reach it there.
+    fn poll_listen(
+        &mut self,
+        queue: &mut BytesMut,
+        idle: bool,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<()>> {
+        let p = self.pooled.as_deref_mut()?;
+        let l = p.listening.as_mut()?;
+        if l.unanswered == 0 && !l.prepared && !l.is_pending() {
+            return None;
+        }
+        let mut learnt: Option<Vec<u8>> = None;
+        let served = {
+            let translator = &p.translator;
+            let sql_of = |name: &str| {
+                translator
+                    .as_ref()
+                    .and_then(|t| t.statement_sql(name))
+                    .map(str::to_owned)
+            };
+            // Without a translator (`pool.max_prepared_statements = 0`) a statement
+            // answered here would be missing on the connection that binds it later:
+            // only simple Queries are served then.
+            let servable =
+                translator.is_some() || l.is_pending() || queue.first() == Some(&frontend::QUERY);
+            let served =
+                if servable && idle && p.leased.is_none() && p.acquiring.is_none() && !p.pinned {
+                    l.poll_serve(
+                        queue,
+                        &mut self.conn.inbuf,
+                        &sql_of,
+                        &mut |parse| learnt = Some(parse.to_vec()),
+                        cx,
+                    )
+                } else {
+                    None
+                };
+            if served.is_none() && !l.is_pending() && listen::queue_mentions_listen(queue, &sql_of)
+            {
+                tracing::debug!(
+                    "session pinned to its server connection by a LISTEN it runs there"
+                );
+                p.pinned = true;
+                l.unanswered = 0;
+            }
+            served
+        };
+        if let (Some(parse), Some(t)) = (learnt, p.translator.as_mut()) {
+            t.remember_parse(&parse);
+        }
+        served
+    }
+
+    /// Transaction mode: notifications for the session's client from the listener
+    /// connection, appended to `out` (up to about `room` bytes). The relay calls this
+    /// only while the client is owed nothing, so they land between messages, as
+    /// PostgreSQL sends them. True if anything was appended.
+    pub fn poll_notifications(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut BytesMut,
+        room: usize,
+    ) -> bool {
+        self.pooled
+            .as_deref_mut()
+            .and_then(|p| p.listening.as_mut())
+            .is_some_and(|l| l.poll_deliver(cx, out, room))
     }
 
     /// Transaction mode: rewrites what was queued toward upstream since the last call
@@ -338,6 +498,7 @@ impl Lease {
                     t: p.translator.as_mut(),
                     server,
                     swallow: &mut p.swallow,
+                    hub: &p.hub,
                 };
                 Some((conn, Some(filter)))
             }
@@ -353,11 +514,22 @@ impl Lease {
             return;
         };
         let body = frontend::body(msg);
+        let cache = p.cache.clone();
+        let classify = |sql: &str| match &cache {
+            Some(c) => c.classifier.classify(sql),
+            None => Arc::new(crate::read::classify::analyze(sql)),
+        };
         if matches!(msg[0], frontend::QUERY | frontend::PARSE)
-            && let Some(set) = set_statement(msg[0], body)
+            && let Some(set) = set_statement(msg[0], body, &classify)
         {
             p.settings_dirty = true;
             match set {
+                SessionSet::Pin => {
+                    tracing::debug!(
+                        "session pinned to its server connection by a SET among other statements"
+                    );
+                    p.pinned = true;
+                }
                 SessionSet::Set(name, sql) => {
                     p.settings.retain(|(n, _)| *n != name);
                     p.settings.push((name, sql));
@@ -365,6 +537,12 @@ impl Lease {
                 SessionSet::Reset(name) => p.settings.retain(|(n, _)| *n != name),
                 SessionSet::ResetAll => p.settings.clear(),
             }
+        }
+        if msg[0] == frontend::PARSE
+            && let Some(parse) = frontend::parse(body)
+            && listen::contains_listen(parse.sql)
+        {
+            p.observe_listen_parse(parse.sql);
         }
         match msg[0] {
             frontend::PARSE if p.translator.is_none() => {
@@ -377,13 +555,17 @@ impl Lease {
                     p.statements.remove(t.name);
                 }
             }
-            frontend::QUERY if !p.pinned => {
+            frontend::QUERY => {
                 let sql = frontend::query(body).unwrap_or_default();
-                let head: String = sql.trim_start().chars().take(32).collect();
-                let head = head.to_ascii_lowercase();
-                if PINNING_SQL.iter().any(|k| head.starts_with(k))
-                    || head.contains("with hold")
-                    || sql.to_ascii_lowercase().contains("pg_advisory_lock(")
+                let lower = sql.to_ascii_lowercase();
+                if lower.contains("listen") {
+                    p.observe_listen(sql);
+                }
+                let head: String = lower.trim_start().chars().take(32).collect();
+                if !p.pinned
+                    && (PINNING_SQL.iter().any(|k| head.starts_with(k))
+                        || head.contains("with hold")
+                        || lower.contains("pg_advisory_lock("))
                 {
                     tracing::debug!("session pinned to its server connection by its SQL");
                     p.pinned = true;
@@ -488,9 +670,25 @@ pub struct Filter<'a> {
     t: Option<&'a mut Translator>,
     server: &'a mut ServerStatements,
     swallow: &'a mut u32,
+    hub: &'a Hub,
 }
 
 impl Filter<'_> {
+    /// A NotificationResponse on the leased connection (a pinned session's own
+    /// LISTEN) carries the sender's server pid: the sending client's spillway pid when
+    /// the sender is a pooled connection (rewritten in place).
+    pub fn map_notification_pid(&self, msg: &mut [u8]) {
+        if msg.first() != Some(&b'A') {
+            return;
+        }
+        let Some(pid) = msg.get(5..9).and_then(|b| <[u8; 4]>::try_from(b).ok()) else {
+            return;
+        };
+        if let Some(client) = self.hub.senders().client_pid(i32::from_be_bytes(pid)) {
+            msg[5..9].copy_from_slice(&client.to_be_bytes());
+        }
+    }
+
     pub fn on_backend(&mut self, tag: u8) -> Reply {
         if *self.swallow > 0 {
             // The answers to the session's settings replayed (an error among them

@@ -1,7 +1,12 @@
 //! The session-level settings transaction mode replays on each lease: which
-//! statements are a `SET` or `RESET` of the session (ADR 0028).
+//! statements are a `SET` or `RESET` of the session (ADR 0028). The classifier's
+//! session-command recognition (`read/classify/`, `SessionCommand`) decides what a
+//! statement is; nothing here parses SQL.
+
+use std::sync::Arc;
 
 use crate::protocol::frontend;
+use crate::read::classify::{Analysis, Kind, SessionCommand};
 
 /// A session-level `SET` or `RESET` (what transaction mode replays).
 #[derive(Debug, PartialEq, Eq)]
@@ -10,57 +15,78 @@ pub(super) enum SessionSet {
     Set(String, String),
     Reset(String),
     ResetAll,
+    /// A session-level setting changed among other statements, or one that cannot be
+    /// replayed (`SET … FROM CURRENT`): the session keeps its connection (pinned).
+    Pin,
 }
 
-/// The session-level `SET` or `RESET` a simple Query or a Parse carries, if it is one
-/// statement: not `SET LOCAL`, `SET TRANSACTION`, `SET SESSION CHARACTERISTICS`, nor
-/// `SET ROLE`/`SET SESSION AUTHORIZATION` (those pin the session instead).
-pub(super) fn set_statement(tag: u8, body: &[u8]) -> Option<SessionSet> {
-    // Most statements are neither: decided from their first bytes, before the message
-    // is decoded (a Parse's text follows its statement name).
-    let text = match tag {
-        frontend::QUERY => body,
-        _ => body.get(memchr::memchr(0, body)? + 1..)?,
-    };
-    let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
-    let head = text.get(start..(start + 5).min(text.len()))?;
-    if !head
-        .get(..3)
-        .is_some_and(|h| h.eq_ignore_ascii_case(b"set"))
-        && !head.eq_ignore_ascii_case(b"reset")
-    {
-        return None;
-    }
+/// How a statement text is analysed: the cache's memoised classifier when the cache
+/// is on, else a parse of its own.
+pub(super) type Classify<'a> = &'a dyn Fn(&str) -> Arc<Analysis>;
+
+/// The session-level `SET` or `RESET` a simple Query or a Parse carries: a `SET`
+/// (not `SET LOCAL`, `SET TRANSACTION`, `SET SESSION CHARACTERISTICS`) or `RESET` alone
+/// in its text. `SET ROLE`/`SET SESSION AUTHORIZATION` are not one (they pin the
+/// session, `PINNING_SQL`). Only texts that start with SET, RESET or a comment, or
+/// hold several statements and mention SET, are analysed.
+pub(super) fn set_statement(tag: u8, body: &[u8], classify: Classify<'_>) -> Option<SessionSet> {
     let sql = match tag {
         frontend::QUERY => frontend::query(body)?,
         _ => frontend::parse(body)?.sql,
     };
-    let sql = sql.trim().trim_end_matches(';').trim_end();
-    if sql.contains(';') || sql.contains("--") || sql.contains("/*") {
+    // Decided from bytes, without a copy: this runs for every Query and Parse.
+    let text = sql.trim_start().as_bytes();
+    let head = &text[..text.len().min(5)];
+    let starts = head
+        .get(..3)
+        .is_some_and(|h| h.eq_ignore_ascii_case(b"set"))
+        || head.eq_ignore_ascii_case(b"reset");
+    let commented = head.starts_with(b"/*") || head.starts_with(b"--");
+    // A `;` before the end (a trailing one ends the only statement).
+    let several = || {
+        sql.trim_end().trim_end_matches(';').contains(';')
+            && text.windows(3).any(|w| w.eq_ignore_ascii_case(b"set"))
+    };
+    if !(starts || commented || several()) {
         return None;
     }
-    let lower = sql.to_ascii_lowercase();
-    let words: Vec<&str> = lower.split_whitespace().collect();
-    let name = |w: &str| w.split('=').next().unwrap_or_default().to_owned();
-    match words.as_slice() {
-        ["reset", "all"] => Some(SessionSet::ResetAll),
-        ["reset", "role" | "session"] | ["reset", "session", ..] => None,
-        ["reset", param] => Some(SessionSet::Reset(name(param))),
-        ["set", "local" | "transaction" | "role", ..]
-        | [
-            "set",
-            "session",
-            "characteristics" | "authorization" | "role",
-            ..,
-        ]
-        | ["set", "session", "local", ..] => None,
-        ["set", "time", "zone", ..] | ["set", "session", "time", "zone", ..] => {
-            Some(SessionSet::Set("timezone".to_owned(), sql.to_owned()))
-        }
-        ["set", "session", param, ..] | ["set", param, ..] if !name(param).is_empty() => {
-            Some(SessionSet::Set(name(param), sql.to_owned()))
-        }
+    let analysis = classify(sql);
+    let session = |k: &Kind| match k {
+        Kind::Session(
+            c @ (SessionCommand::Set { local: false, .. }
+            | SessionCommand::Reset { .. }
+            | SessionCommand::ResetAll),
+        ) => Some(c.clone()),
         _ => None,
+    };
+    let commands: Vec<SessionCommand> = analysis
+        .statements
+        .iter()
+        .filter_map(|s| session(&s.kind))
+        .collect();
+    let real: Vec<&crate::read::classify::Statement> = analysis
+        .statements
+        .iter()
+        .filter(|s| s.kind != Kind::Empty)
+        .collect();
+    if real.len() == 1
+        && matches!(real[0].kind, Kind::Session(SessionCommand::Other))
+        && sql.to_ascii_lowercase().contains("from current")
+    {
+        // SET … FROM CURRENT: the value is the connection's of the moment.
+        return Some(SessionSet::Pin);
+    }
+    match (commands.as_slice(), real.len()) {
+        ([], _) => None,
+        ([one], 1) => Some(match one {
+            SessionCommand::Set { name, .. } => {
+                let text = sql.trim().trim_end_matches(';').trim_end();
+                SessionSet::Set(name.clone(), text.to_owned())
+            }
+            SessionCommand::Reset { name } => SessionSet::Reset(name.clone()),
+            _ => SessionSet::ResetAll,
+        }),
+        _ => Some(SessionSet::Pin),
     }
 }
 
@@ -71,14 +97,16 @@ mod tests {
 
     fn set(sql: &str) -> Option<SessionSet> {
         let msg = frontend::query_message(sql);
-        set_statement(frontend::QUERY, frontend::body(&msg))
+        let classify = |sql: &str| Arc::new(crate::read::classify::analyze(sql));
+        set_statement(frontend::QUERY, frontend::body(&msg), &classify)
     }
 
     #[test]
     fn a_parse_is_read_past_its_statement_name() {
         let parse = |name: &str, sql: &str| {
             let msg = frontend::build::parse(name, sql, &[]);
-            set_statement(frontend::PARSE, frontend::body(&msg))
+            let classify = |sql: &str| Arc::new(crate::read::classify::analyze(sql));
+            set_statement(frontend::PARSE, frontend::body(&msg), &classify)
         };
         assert_eq!(
             parse("s1", "  \n reset work_mem"),
@@ -116,6 +144,14 @@ mod tests {
         assert!(
             matches!(set("SET TIME ZONE 'UTC'"), Some(SessionSet::Set(n, _)) if n == "timezone")
         );
+        assert!(
+            matches!(set("/* c */ SET work_mem = '8MB'"), Some(SessionSet::Set(n, _)) if n == "work_mem"),
+            "a comment first is the parser's business"
+        );
+        assert!(
+            matches!(set("SET work_mem = '8MB' -- why"), Some(SessionSet::Set(n, _)) if n == "work_mem"),
+            "a trailing comment is the parser's business"
+        );
         assert_eq!(
             set("RESET work_mem"),
             Some(SessionSet::Reset("work_mem".into()))
@@ -127,10 +163,19 @@ mod tests {
             "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
             "SET ROLE app",
             "SET SESSION AUTHORIZATION app",
-            "SET a = 1; SELECT 1",
             "SELECT set_config('a.b', '1', false)",
+            "SELECT 1; SELECT 'offset'",
+            "UPDATE t SET a = 1",
         ] {
             assert_eq!(set(other), None, "{other}");
+        }
+        for pinning in [
+            "SET a.b = 1; SELECT 1",
+            "SELECT 1; RESET work_mem",
+            "SET work_mem = '1MB'; SET a.b = 2",
+            "SET work_mem FROM CURRENT",
+        ] {
+            assert_eq!(set(pinning), Some(SessionSet::Pin), "{pinning}");
         }
     }
 }

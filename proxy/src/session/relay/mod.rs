@@ -277,6 +277,21 @@ impl Relay {
         }
     }
 
+    /// Nothing is owed to the client or half sent to it, and no transaction is open:
+    /// a notification may go to it now (PostgreSQL sends them while idle, between
+    /// transactions).
+    fn owes_client_nothing(&mut self) -> bool {
+        let state = self.out.state();
+        self.streaming == 0
+            && self.ending.is_none()
+            && state.awaiting_ready == 0
+            && !state.unsynced
+            && state.tx_status == b'I'
+            && !state.client_terminated
+            && !self.handler.is_blocked()
+            && self.out.to_upstream().is_empty()
+    }
+
     /// Goes on without the upstream connection: see the module documentation.
     fn detach(&mut self, cause: String) {
         tracing::info!(%cause, "upstream connection ended while the session was idle; session detached (serving deferred writes and cache hits until it needs PostgreSQL)");
@@ -317,6 +332,11 @@ impl Relay {
                 }
                 Poll::Ready(Ok(false)) | Poll::Pending => {}
             }
+        }
+        if self.lease.is_pooled() && self.owes_client_nothing() {
+            // Notifications from the listener connection, between messages.
+            self.lease
+                .poll_notifications(cx, self.out.to_client(), WINDOW);
         }
         if let Err(e) = self.lease.poll_write(self.out.to_upstream(), cx) {
             return Poll::Ready(Err(SessionError::UpstreamIo(e)));
@@ -461,6 +481,11 @@ impl Relay {
                 self.handler.on_backend_streamed(h.tag);
                 self.streaming = h.total_len;
                 continue;
+            }
+            if h.tag == b'A'
+                && let Some(f) = filter.as_ref()
+            {
+                f.map_notification_pid(&mut inbuf[..h.total_len]);
             }
             let msg = &inbuf[..h.total_len];
             let fatal =
