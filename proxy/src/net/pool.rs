@@ -204,6 +204,8 @@ pub struct Server {
     idle: bool,
     /// The pool's view of its connections, which this one leaves when dropped.
     registry: Registry,
+    /// `spillway_pool_idle_connections`, resolved once (marked at every lease).
+    idle_gauge: metrics::Gauge,
 }
 
 /// The pool's connections by backend pid, for `SHOW SERVERS`.
@@ -218,11 +220,7 @@ impl Server {
     /// Leased (`true`) or back in the idle stack.
     fn mark(&mut self, leased: bool) {
         if self.idle == leased {
-            metrics::gauge!(crate::metrics::POOL_IDLE_CONNECTIONS).increment(if leased {
-                -1.0
-            } else {
-                1.0
-            });
+            self.idle_gauge.increment(if leased { -1.0 } else { 1.0 });
         }
         self.idle = !leased;
     }
@@ -250,7 +248,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         metrics::gauge!(crate::metrics::POOL_SERVER_CONNECTIONS).decrement(1.0);
         if self.idle {
-            metrics::gauge!(crate::metrics::POOL_IDLE_CONNECTIONS).decrement(1.0);
+            self.idle_gauge.decrement(1.0);
         }
         self.registry
             .lock()
@@ -422,6 +420,7 @@ impl Pool {
             idle_since: now,
             idle: false,
             registry: self.servers.clone(),
+            idle_gauge: metrics::gauge!(crate::metrics::POOL_IDLE_CONNECTIONS),
         })
     }
 
