@@ -17,6 +17,7 @@ use spillway_policies::{Policy, TableConfig, TableName};
 use sqlx::PgConnection;
 
 use crate::read::catalog::tables as catalog;
+use crate::read::classify::Clock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -118,15 +119,12 @@ async fn describe(
     // Also those whose default is not a constant (`now()`, `nextval(…)`…): left out,
     // it would be evaluated when the flusher applies the row, not when the client
     // wrote it.
-    let clock_defaults: Vec<String> = columns
+    let clock_defaults: Vec<(String, String)> = columns
         .iter()
-        .filter(|c| {
-            c.type_oid == super::datetime::TIMESTAMPTZ
-                && c.default_expr
-                    .as_deref()
-                    .is_some_and(|e| matches!(e, "now()" | "CURRENT_TIMESTAMP"))
+        .filter_map(|c| {
+            let e = c.default_expr.as_deref()?;
+            clock_default(e).map(|_| (c.name.clone(), e.to_owned()))
         })
-        .map(|c| c.name.clone())
         .collect();
     // A `serial` key's `nextval` default is not required: spillway reserves its values.
     let key_sequence = key_sequence(conn, name, &key, &columns).await?;
@@ -137,7 +135,7 @@ async fn describe(
             (c.not_null && !c.has_default)
                 || c.default_expr
                     .as_deref()
-                    .is_some_and(|e| !constant_default(e) && !clock_defaults.contains(&c.name))
+                    .is_some_and(|e| !constant_default(e) && clock_default(e).is_none())
         })
         .map(|c| c.name.clone())
         .collect();
@@ -261,6 +259,25 @@ fn exists_sql(name: &TableName, key: &[String], types: &HashMap<String, String>)
     )
 }
 
+/// The clock or random function a default expression (as `pg_get_expr` prints it)
+/// calls, when it is nothing else: `now()`, `CURRENT_TIMESTAMP`, `CURRENT_DATE`,
+/// `LOCALTIMESTAMP`, `transaction_timestamp()`, `statement_timestamp()`,
+/// `clock_timestamp()`, `gen_random_uuid()`. (A default is stored parsed: its
+/// functions are already resolved, so the name is the built-in one.)
+pub fn clock_default(expr: &str) -> Option<Clock> {
+    Some(match expr.trim() {
+        "now()" | "CURRENT_TIMESTAMP" | "transaction_timestamp()" => Clock::TransactionStart,
+        "statement_timestamp()" => Clock::StatementStart,
+        "clock_timestamp()" => Clock::Now,
+        "LOCALTIMESTAMP" => Clock::LocalTimestamp,
+        "CURRENT_DATE" => Clock::CurrentDate,
+        "CURRENT_TIME" => Clock::CurrentTime,
+        "LOCALTIME" => Clock::LocalTime,
+        "gen_random_uuid()" => Clock::RandomUuid,
+        _ => return None,
+    })
+}
+
 /// Whether a default expression (as `pg_get_expr` prints it) is a constant, maybe
 /// cast: `0`, `true`, `'new'::order_status`, `NULL::text`, `(-1)`. Anything else may
 /// read the clock, a sequence or the session.
@@ -293,7 +310,17 @@ fn constant_default(expr: &str) -> bool {
 
 #[cfg(test)]
 mod default_tests {
-    use super::{constant_default, nextval_of};
+    use super::{clock_default, constant_default, nextval_of};
+    use crate::read::classify::Clock;
+
+    #[test]
+    fn clock_defaults_are_known_by_their_printed_form() {
+        assert_eq!(clock_default("now()"), Some(Clock::TransactionStart));
+        assert_eq!(clock_default("CURRENT_DATE"), Some(Clock::CurrentDate));
+        assert_eq!(clock_default("gen_random_uuid()"), Some(Clock::RandomUuid));
+        assert_eq!(clock_default("(now() + '1 day'::interval)"), None);
+        assert_eq!(clock_default("CURRENT_TIMESTAMP(0)"), None);
+    }
 
     #[test]
     fn serial_defaults_name_their_sequence() {

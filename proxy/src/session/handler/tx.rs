@@ -70,6 +70,9 @@ pub struct HeldTx {
     /// until the Sync.
     pub discarding: bool,
     pub started: Instant,
+    /// When its BEGIN was answered, on spillway's clock: `now()` of its statements
+    /// (ADR 0030).
+    pub began: std::time::SystemTime,
 }
 
 impl HeldTx {
@@ -85,6 +88,7 @@ impl HeldTx {
             failed: false,
             discarding: false,
             started: Instant::now(),
+            began: std::time::SystemTime::now(),
         }
     }
 
