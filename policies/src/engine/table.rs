@@ -56,6 +56,11 @@ pub struct DeferredTable {
     /// filled in by the proxy (a default evaluated at flush time would differ;
     /// ADR 0030).
     pub clock_defaults: Vec<(String, String)>,
+    /// Columns whose default is a constant of the column's own type, with its value's
+    /// input text (`None`: NULL): what an INSERT leaving one out stores, for RETURNING.
+    pub constant_defaults: Vec<(String, Option<String>)>,
+    /// The enum types among the columns' (their values print as their labels).
+    pub enum_types: Vec<u32>,
     /// The primary-key constraint's name, for 23505 errors spillway reports itself.
     pub pkey_name: String,
     /// `SELECT EXISTS (… WHERE key = $1 …)` with text parameters: the point read of

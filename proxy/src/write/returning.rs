@@ -8,7 +8,8 @@
 //! Invariants:
 //! - A value is answered only when the statement supplies it and spillway knows the
 //!   exact text PostgreSQL's output function gives for it: INSERT — the columns it
-//!   lists; UPDATE — the key (from WHERE) and columns assigned `col = value` (never
+//!   lists (with the clock defaults `convert` filled in) and those it leaves to a
+//!   constant default of the column's type; UPDATE — the key (from WHERE) and columns assigned `col = value` (never
 //!   `col = col ± d`, whose result depends on the stored row); DELETE — the key only.
 //!   And only for types whose output spillway reproduces exactly: int2/int4/int8,
 //!   bool, uuid, text, varchar (and NULL of any type). Anything else is
@@ -300,6 +301,13 @@ pub fn answer(
                 .ok_or(UNKNOWN)?;
             let value = match text {
                 None => None,
+                // An enum's value is its label (a valid one: only constant defaults,
+                // which PostgreSQL checked, reach here; `convert` refuses enum values).
+                Some(text) if table.enum_types.contains(&c.type_oid) => Some(
+                    Known::Text((*text).to_owned())
+                        .encode(c.type_oid, *format == 1)
+                        .ok_or(UNKNOWN)?,
+                ),
                 Some(text) => Some(
                     Known::of(text, c.type_oid, c.typmod, settings)
                         .ok_or(UNKNOWN)?
@@ -337,12 +345,23 @@ fn supplied<'a>(op: &'a RowOp, table: &'a DeferredTable) -> Vec<(&'a str, Option
     match op {
         RowOp::Insert {
             columns, values, ..
-        } => columns
-            .iter()
-            .zip(values)
-            .filter(|(_, v)| plain(v))
-            .map(|(c, v)| (c.as_str(), v.text.as_deref()))
-            .collect(),
+        } => {
+            let mut out: Vec<_> = columns
+                .iter()
+                .zip(values)
+                .filter(|(_, v)| plain(v))
+                .map(|(c, v)| (c.as_str(), v.text.as_deref()))
+                .collect();
+            // Columns left to a constant default store its value.
+            out.extend(
+                table
+                    .constant_defaults
+                    .iter()
+                    .filter(|(c, _)| !columns.contains(c))
+                    .map(|(c, v)| (c.as_str(), v.as_deref())),
+            );
+            out
+        }
         RowOp::Update { key: k, set, .. } => {
             let mut out = key(k);
             out.extend(

@@ -126,6 +126,19 @@ async fn describe(
             clock_default(e).map(|_| (c.name.clone(), e.to_owned()))
         })
         .collect();
+    let constant_defaults = columns
+        .iter()
+        .filter_map(|c| {
+            let v = constant_value(c.default_expr.as_deref()?, &c.type_name)?;
+            Some((c.name.clone(), v))
+        })
+        .collect();
+    let mut enum_types: Vec<u32> = columns
+        .iter()
+        .filter(|c| c.enum_type)
+        .map(|c| c.type_oid)
+        .collect();
+    enum_types.dedup();
     // A `serial` key's `nextval` default is not required: spillway reserves its values.
     let key_sequence = key_sequence(conn, name, &key, &columns).await?;
     let required = columns
@@ -172,6 +185,8 @@ async fn describe(
         not_null,
         required,
         clock_defaults,
+        constant_defaults,
+        enum_types,
         pkey_name,
         exists_sql,
         columns: columns
@@ -278,6 +293,66 @@ pub fn clock_default(expr: &str) -> Option<Clock> {
     })
 }
 
+/// The value of a constant default (as `pg_get_expr` prints it) for a column of type
+/// `type_name` (`format_type`'s text): the literal's input text (`Some(None)`: NULL),
+/// when it is written without a cast or cast to the column's own type (its modifier
+/// aside); `None` otherwise.
+pub fn constant_value(expr: &str, type_name: &str) -> Option<Option<String>> {
+    if !constant_default(expr) {
+        return None;
+    }
+    let e = expr.trim();
+    let e = e
+        .strip_prefix('(')
+        .and_then(|x| x.strip_suffix(')'))
+        .unwrap_or(e);
+    let (value, ty) = match e.strip_prefix('\'') {
+        Some(rest) => {
+            // The closing quote: the first one not doubled.
+            let bytes = rest.as_bytes();
+            let mut i = 0;
+            let end = loop {
+                match bytes.get(i) {
+                    Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                    Some(b'\'') => break i,
+                    Some(_) => i += 1,
+                    None => return None,
+                }
+            };
+            let after = &rest[end + 1..];
+            let ty = match after {
+                "" => None,
+                _ => Some(after.strip_prefix("::")?),
+            };
+            (Some(rest[..end].replace("''", "'")), ty)
+        }
+        None => {
+            let (v, ty) = match e.split_once("::") {
+                Some((v, t)) => (v, Some(t)),
+                None => (e, None),
+            };
+            ((v != "NULL").then(|| v.to_owned()), ty)
+        }
+    };
+    let base = |t: &str| -> String {
+        let mut out = String::new();
+        let mut depth = 0;
+        for c in t.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ if depth == 0 => out.push(c),
+                _ => {}
+            }
+        }
+        out.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    match ty {
+        Some(t) if base(t) != base(type_name) => None,
+        _ => Some(value),
+    }
+}
+
 /// Whether a default expression (as `pg_get_expr` prints it) is a constant, maybe
 /// cast: `0`, `true`, `'new'::order_status`, `NULL::text`, `(-1)`. Anything else may
 /// read the clock, a sequence or the session.
@@ -310,7 +385,7 @@ fn constant_default(expr: &str) -> bool {
 
 #[cfg(test)]
 mod default_tests {
-    use super::{clock_default, constant_default, nextval_of};
+    use super::{clock_default, constant_default, constant_value, nextval_of};
     use crate::read::classify::Clock;
 
     #[test]
@@ -320,6 +395,27 @@ mod default_tests {
         assert_eq!(clock_default("gen_random_uuid()"), Some(Clock::RandomUuid));
         assert_eq!(clock_default("(now() + '1 day'::interval)"), None);
         assert_eq!(clock_default("CURRENT_TIMESTAMP(0)"), None);
+    }
+
+    #[test]
+    fn constant_defaults_have_their_values() {
+        let v = |e, t| constant_value(e, t);
+        assert_eq!(
+            v("'new'::order_status", "order_status"),
+            Some(Some("new".into()))
+        );
+        assert_eq!(v("0", "bigint"), Some(Some("0".into())));
+        assert_eq!(v("(-1)", "integer"), Some(Some("-1".into())));
+        assert_eq!(v("true", "boolean"), Some(Some("true".into())));
+        assert_eq!(v("NULL::text", "text"), Some(None));
+        assert_eq!(
+            v("'it''s'::character varying", "character varying(40)"),
+            Some(Some("it's".into()))
+        );
+        // Cast to another type: the column's input would not see the literal.
+        assert_eq!(v("'x'::text", "character varying(40)"), None);
+        assert_eq!(v("now()", "timestamp with time zone"), None);
+        assert_eq!(v("'now'::text", "text"), None);
     }
 
     #[test]

@@ -91,7 +91,18 @@ async fn run_shop(lang: Lang, script: &str) -> f64 {
     let ctx = shop().await;
     let url =
         |port: u16, db: &str| format!("postgresql://{USER}@127.0.0.1:{port}/{db}?sslmode=disable");
+    if std::env::var("SHOP_PROBE").is_ok() {
+        ctx.psql_direct("ALTER DATABASE postgres SET log_statement = 'all'");
+    }
     let through = run(lang, script, &[&url(ctx.proxy.addr.port(), DB)]).await;
+    if std::env::var("SHOP_PROBE").is_ok() {
+        let dir = ctx.psql_direct("SHOW data_directory");
+        let log = std::path::Path::new(dir.trim())
+            .parent()
+            .unwrap()
+            .join("postgres.log");
+        std::fs::copy(&log, format!("/tmp/orm2_probe_{script}.log")).unwrap();
+    }
     let direct = run(lang, script, &[&url(ctx.pg.port(), "direct")]).await;
     let c = counts(&scrape(ctx.proxy.metrics_addr()).await);
     let share = if c.total > 0.0 {
@@ -129,10 +140,11 @@ async fn sqlalchemy_shop() {
 
 #[tokio::test]
 async fn django_shop() {
-    // 11 of 114 (ADR 0030); RETURNING of constant defaults and read-modify-write
-    // transactions are most of the rest.
+    // 74 of 114 since `DEFAULT now()` and constant defaults (the order's enum status)
+    // are answered in RETURNING (ADR 0030); most of the rest is RETURNING of a column
+    // an upsert's DO UPDATE leaves as stored (`returning_unknown`).
     let share = run_shop(Lang::Python, "shop_django.py").await;
-    assert!(share >= 0.09, "{share}");
+    assert!(share >= 0.60, "{share}");
 }
 
 #[tokio::test]
