@@ -9,6 +9,8 @@
 //! own readings of the clock), and through spillway every RETURNING value must be what
 //! the flush stored. Local values (`CURRENT_DATE` into a date) in a non-UTC session
 //! fall back with their reason; so does a RETURNING timestamptz in text there.
+//! RETURNING of columns left to a constant default (an enum label, an integer) is
+//! answered from the default.
 
 use std::time::{Duration, SystemTime};
 
@@ -17,9 +19,11 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use crate::context::{Context, DB, USER, connect};
 use crate::metrics::{sample, scrape};
 
-const SCHEMA: &str = "CREATE TABLE public.ck (id int PRIMARY KEY, \
+const SCHEMA: &str = "CREATE TYPE ck_status AS ENUM ('new', 'done'); \
+                      CREATE TABLE public.ck (id int PRIMARY KEY, \
                         at timestamptz NOT NULL DEFAULT now(), tx timestamptz, st timestamptz, \
-                        ck timestamptz, u uuid NOT NULL DEFAULT gen_random_uuid(), d date, note text);";
+                        ck timestamptz, u uuid NOT NULL DEFAULT gen_random_uuid(), d date, note text, \
+                        status ck_status NOT NULL DEFAULT 'new', n int NOT NULL DEFAULT 7);";
 
 const ZONE: &str = "America/New_York";
 
