@@ -414,13 +414,17 @@ impl Caching {
         if table.config.when_full == spillway_policies::WhenFull::WriteThrough && w.is_full(&name) {
             return Err(Fallback::Full);
         }
-        // An autocommit statement's transaction starts now; a held one's started at
-        // its BEGIN (ADR 0030).
+        // An autocommit statement's transaction starts now, a pipelined cycle's when
+        // its writes are decided; a held one's started at its BEGIN (ADR 0030).
         let statement = std::time::SystemTime::now();
+        let began = match &self.tx.held {
+            Some(h) => Some(h.began),
+            None => self.tx.cycle_began,
+        };
         let settings = Settings {
             time_zone,
             date_style,
-            now: self.tx.held.as_ref().map_or(statement, |h| h.began),
+            now: began.unwrap_or(statement),
             statement,
         };
         let converted = convert::convert(shape, table, bound, settings, &w.reservations)?;

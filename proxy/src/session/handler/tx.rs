@@ -38,6 +38,9 @@ pub struct Tx {
     pub held_cycle_failed: bool,
     /// Answers to the internal query in flight (a held transaction's replay).
     pub replay: Option<ReplayLog>,
+    /// While a pipelined cycle's writes are decided: the start of the implicit
+    /// transaction PostgreSQL would run them in, their `now()` (ADR 0030).
+    pub cycle_began: Option<std::time::SystemTime>,
 }
 
 impl Tx {
