@@ -91,18 +91,7 @@ async fn run_shop(lang: Lang, script: &str) -> f64 {
     let ctx = shop().await;
     let url =
         |port: u16, db: &str| format!("postgresql://{USER}@127.0.0.1:{port}/{db}?sslmode=disable");
-    if std::env::var("SHOP_PROBE").is_ok() {
-        ctx.psql_direct("ALTER DATABASE postgres SET log_statement = 'all'");
-    }
     let through = run(lang, script, &[&url(ctx.proxy.addr.port(), DB)]).await;
-    if std::env::var("SHOP_PROBE").is_ok() {
-        let dir = ctx.psql_direct("SHOW data_directory");
-        let log = std::path::Path::new(dir.trim())
-            .parent()
-            .unwrap()
-            .join("postgres.log");
-        std::fs::copy(&log, format!("/tmp/orm2_probe_{script}.log")).unwrap();
-    }
     let direct = run(lang, script, &[&url(ctx.pg.port(), "direct")]).await;
     let c = counts(&scrape(ctx.proxy.metrics_addr()).await);
     let share = if c.total > 0.0 {

@@ -66,7 +66,8 @@ pub struct Cycle {
     /// describes what the fill's Execute runs.
     fill_unnamed: bool,
     /// Named statements the cycle parsed upstream, maybe not confirmed yet: what a
-    /// later Bind in the cycle executes, for its barrier.
+    /// later Bind in the cycle executes, for its barrier (and, for Parses forwarded
+    /// ahead of a cycle still held, for its decision at the Sync).
     named: Vec<(String, Arc<Stmt>)>,
     /// What the held messages get from the cache, while every one of them may.
     local: Option<Local>,
@@ -142,6 +143,17 @@ impl Caching {
             }
             self.cycle.hold(msg);
             self.forward_held(out);
+            return Disposition::Consumed;
+        }
+        // A Parse of a named statement that opens its cycle and prepares a deferrable
+        // write goes upstream alone (its name is PostgreSQL's), the rest of the cycle
+        // held for its Sync: an executemany that prepares its statement in the same
+        // pipelined cycle (psycopg) may still be deferred (`route::forwarded_parses`).
+        if tag == frontend::PARSE && self.cycle.held.is_empty() && self.parses_named_write(msg) {
+            self.send_extended(msg, true, out, false, &mut None);
+            // PostgreSQL sends its answer at a Flush (or Sync): the cycle's decision
+            // waits for it.
+            out.release(frontend::FLUSH_MESSAGE);
             return Disposition::Consumed;
         }
         if self.tx.held.is_some() {
@@ -461,6 +473,24 @@ impl Caching {
         let lens = key_lengths(stmt);
         self.key
             .get(&self.cache.results, b'X', &key_parts(stmt, params, &lens))
+    }
+
+    /// Whether `msg` is a Parse of a named statement that is a deferrable write on a
+    /// deferred table (with a held transaction, one that has not failed).
+    fn parses_named_write(&self, msg: &[u8]) -> bool {
+        if self.writes.is_none()
+            || self.tracker.desynced
+            || self.tx.held.as_ref().is_some_and(|h| h.failed)
+        {
+            return false;
+        }
+        match frontend::parse(frontend::body(msg)) {
+            Some(p) if !p.name.is_empty() => {
+                let stmt = self.statement(&p, msg, None);
+                self.may_defer(&stmt.analysis)
+            }
+            _ => false,
+        }
     }
 
     /// The statement a Parse message defines (`None`: not a Parse, or malformed).
