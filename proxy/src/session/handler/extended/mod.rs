@@ -12,11 +12,14 @@
 //! only ever answered locally, and misses captured.
 //!
 //! Inside a held transaction (`held/`) every message waits for its Sync: nothing goes
-//! upstream while the transaction is spillway's.
+//! upstream while the transaction is spillway's (but a named Parse, below: prepared
+//! statements are not transactional).
 //!
 //! Named statements are always prepared upstream (their names share PostgreSQL's
 //! namespace with SQL PREPARE); only the unnamed one is answered locally, and it is
-//! re-parsed upstream before any forwarded message uses it.
+//! re-parsed upstream before any forwarded message uses it. A named statement's Parse
+//! that opens a cycle and prepares a deferrable write goes upstream alone, ahead of
+//! the rest of the cycle, which is still held for its Sync (`route::forwarded_parses`).
 //!
 //! Invariants:
 //! - A held message is one spillway may still answer; an error PostgreSQL would raise
