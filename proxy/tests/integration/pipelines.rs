@@ -363,3 +363,67 @@ async fn a_named_statement_prepared_in_a_held_transactions_cycle_joins_it() {
         .collect();
     assert_eq!(ids, [1, 2]);
 }
+
+#[tokio::test]
+async fn a_held_named_cycle_that_cannot_be_deferred_counts_each_write_once() {
+    let ctx = start().await;
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    raw.send(&query("BEGIN")).await;
+    assert_eq!(tags(&raw.until(b'Z').await), "CZ");
+    // Deferrable shape, but a value it cannot carry (a clock word): the transaction
+    // moves upstream and PostgreSQL runs the cycle.
+    let mut script = parse("h_bad", "INSERT INTO plt (id, at) VALUES ($1, $2)");
+    for id in ["1", "2"] {
+        script.extend(bind("", "h_bad", &[Some(id), Some("now")]));
+        script.extend(describe_portal(""));
+        script.extend(execute("", 0));
+    }
+    script.extend(sync());
+    raw.send(&script).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!(tags(&msgs), "12nC2nCZ");
+    assert_eq!(msgs.last().map(|m| m.body.clone()), Some(b"T".to_vec()));
+    raw.send(&query("COMMIT")).await;
+    assert_eq!(tags(&raw.until(b'Z').await), "CZ");
+    let metrics = scrape(ctx.proxy.metrics_addr()).await;
+    let writes: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("spillway_client_writes_total{table=\"public.plt\""))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum();
+    assert_eq!(writes, 2.0, "{metrics}");
+    assert_eq!(count(&ctx, "SELECT count(*) FROM plt").await, 2);
+}
+
+#[tokio::test]
+async fn a_named_statement_described_in_its_pipelined_cycle_is_deferred() {
+    let ctx = start().await;
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    let mut direct = Raw::startup(crate::cache::direct_addr(&ctx), USER, DB).await;
+    // As psycopg prepares: Parse, Describe of the statement, then the rows.
+    let script = |ids: &[&str]| {
+        let mut s = parse("s_desc", "INSERT INTO plt (id) VALUES ($1)");
+        s.extend(crate::wire::describe_statement("s_desc"));
+        s.extend(named_executemany("s_desc", false, ids));
+        s
+    };
+    raw.send(&script(&["1", "2"])).await;
+    let msgs = raw.until(b'Z').await;
+    direct.send(&query("BEGIN")).await;
+    direct.until(b'Z').await;
+    direct.send(&script(&["1", "2"])).await;
+    let theirs = direct.until(b'Z').await;
+    direct.send(&query("ROLLBACK")).await;
+    direct.until(b'Z').await;
+    assert_eq!(tags(&msgs), "1tn2nC2nCZ");
+    let strip = |m: &[Msg]| -> Vec<(u8, Vec<u8>)> {
+        m.iter()
+            .take(m.len() - 1)
+            .map(|m| (m.tag, m.body.clone()))
+            .collect()
+    };
+    assert_eq!(strip(&msgs), strip(&theirs));
+    let metrics = scrape(ctx.proxy.metrics_addr()).await;
+    assert_eq!(deferred(&metrics, "plt"), 2.0, "{metrics}");
+    assert_eq!(count(&ctx, "SELECT count(*) FROM plt").await, 0, "deferred");
+}

@@ -18,8 +18,9 @@
 //! Named statements are always prepared upstream (their names share PostgreSQL's
 //! namespace with SQL PREPARE); only the unnamed one is answered locally, and it is
 //! re-parsed upstream before any forwarded message uses it. A named statement's Parse
-//! that opens a cycle and prepares a deferrable write goes upstream alone, ahead of
-//! the rest of the cycle, which is still held for its Sync (`route::forwarded_parses`).
+//! that opens a cycle and prepares a deferrable write goes upstream alone (and a
+//! Describe of it after), ahead of the rest of the cycle, which is still held for its
+//! Sync (`route::forwarded_parses`).
 //!
 //! Invariants:
 //! - A held message is one spillway may still answer; an error PostgreSQL would raise
@@ -85,6 +86,9 @@ pub struct Cycle {
     /// Parameters (formats and values) of the last Bind of the unnamed portal that
     /// went upstream, when its statement writes: the keys its Execute changes.
     bound: Option<Bytes>,
+    /// The held cycle's writes were counted as fallbacks (not again when it is offered
+    /// again, after a held transaction moved upstream).
+    pub counted: bool,
 }
 
 impl Cycle {
@@ -94,6 +98,7 @@ impl Cycle {
         self.held_bytes = 0;
         self.local = None;
         self.shape = Shape::default();
+        self.counted = false;
     }
 
     /// The cycle's Sync went upstream: the next cycle starts.
@@ -152,7 +157,7 @@ impl Caching {
         // write goes upstream alone (its name is PostgreSQL's), the rest of the cycle
         // held for its Sync: an executemany that prepares its statement in the same
         // pipelined cycle (psycopg) may still be deferred (`route::forwarded_parses`).
-        if tag == frontend::PARSE && self.cycle.held.is_empty() && self.parses_named_write(msg) {
+        if self.cycle.held.is_empty() && self.ahead_of_cycle(tag, msg) {
             self.send_extended(msg, true, out, false, &mut None);
             // PostgreSQL sends its answer at a Flush (or Sync): the cycle's decision
             // waits for it.
@@ -478,20 +483,30 @@ impl Caching {
             .get(&self.cache.results, b'X', &key_parts(stmt, params, &lens))
     }
 
-    /// Whether `msg` is a Parse of a named statement that is a deferrable write on a
-    /// deferred table (with a held transaction, one that has not failed).
-    fn parses_named_write(&self, msg: &[u8]) -> bool {
+    /// Whether `msg` (the cycle holding nothing yet) goes upstream ahead of its cycle:
+    /// a Parse of a named statement that is a deferrable write on a deferred table, or
+    /// a Describe of a statement such a Parse prepared in this cycle (psycopg
+    /// describes what it prepares). Not in a held transaction that failed.
+    fn ahead_of_cycle(&self, tag: u8, msg: &[u8]) -> bool {
         if self.writes.is_none()
             || self.tracker.desynced
             || self.tx.held.as_ref().is_some_and(|h| h.failed)
         {
             return false;
         }
-        match frontend::parse(frontend::body(msg)) {
-            Some(p) if !p.name.is_empty() => {
-                let stmt = self.statement(&p, msg, None);
-                self.may_defer(&stmt.analysis)
-            }
+        match tag {
+            frontend::PARSE => match frontend::parse(frontend::body(msg)) {
+                Some(p) if !p.name.is_empty() => {
+                    let stmt = self.statement(&p, msg, None);
+                    self.may_defer(&stmt.analysis)
+                }
+                _ => false,
+            },
+            frontend::DESCRIBE => frontend::target(frontend::body(msg)).is_some_and(|t| {
+                t.kind == b'S'
+                    && !t.name.is_empty()
+                    && self.cycle.named.iter().any(|(n, _)| n == t.name)
+            }),
             _ => false,
         }
     }

@@ -355,11 +355,13 @@ impl Caching {
                     match routed {
                         Routed::Here(d) => return Some(d),
                         Routed::Counted => {}
-                        Routed::Elsewhere => {
+                        Routed::Elsewhere if !self.cycle.counted => {
                             let ran: Vec<&Analysis> =
                                 ran.iter().map(|s| s.analysis.as_ref()).collect();
                             self.note_pipelined(&ran);
+                            self.cycle.counted = true;
                         }
+                        Routed::Elsewhere => {}
                     }
                 }
                 self.route_writes(&refs, single, out)
