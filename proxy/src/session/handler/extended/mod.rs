@@ -249,10 +249,17 @@ impl Caching {
         if let Some(closed) = self.release_before(self.cycle.held.iter().map(|m| &m[..])) {
             return self.wait_released(closed);
         }
-        if self.answer_planned(out) {
+        // Parses that went upstream ahead of the cycle first (a local answer must not
+        // leave PostgreSQL's implicit transaction open behind it).
+        let refused = match self.forwarded_parses(out) {
+            Some(Some(d)) => return d,
+            Some(None) => true,
+            None => false,
+        };
+        if !refused && self.answer_planned(out) {
             return Disposition::Consumed;
         }
-        if let Some(d) = self.route_cycle(out) {
+        if !refused && let Some(d) = self.route_cycle(out) {
             return d;
         }
         let status = out.tx_status();

@@ -147,9 +147,6 @@ impl Caching {
     /// barrier when it touches deferred tables with pending writes.
     pub(in super::super) fn route_cycle(&mut self, out: &mut Outbox) -> Option<Disposition> {
         self.writes.as_ref()?;
-        if let Some(d) = self.forwarded_parses(out) {
-            return d;
-        }
         let mut unnamed = self.stmts.client_unnamed().cloned();
         let mut parsed = None;
         let mut before = BytesMut::new();
@@ -376,7 +373,7 @@ impl Caching {
     /// PostgreSQL refused a Parse it skips the rest of the cycle, as it would have: the
     /// held messages and the Sync go upstream (`Some(None)`), and a held transaction
     /// fails, as PostgreSQL's would have.
-    fn forwarded_parses(&mut self, out: &mut Outbox) -> Option<Option<Disposition>> {
+    pub(super) fn forwarded_parses(&mut self, out: &mut Outbox) -> Option<Option<Disposition>> {
         if self.cycle.named.is_empty() || self.cycle.upstream {
             return None;
         }
