@@ -34,7 +34,7 @@ use spillway_policies::writes::{AssignOp, RowOp};
 use super::datetime::{self, DATE, Settings, TIMESTAMP, TIMESTAMPTZ};
 use super::fallbacks::Fallback;
 use super::params::Bound;
-use super::params::{BOOL, INT2, INT4, INT8, TEXT, UUID, VARCHAR, canonical_key};
+use super::params::{BOOL, INT2, INT4, INT8, NUMERIC, TEXT, UUID, VARCHAR, canonical_key};
 use crate::protocol::backend::{self, Field};
 use crate::read::classify::{Returned, WriteShape};
 use spillway_policies::engine::{Column, DeferredTable};
@@ -126,6 +126,8 @@ enum Known {
         binary: i64,
         text: Option<String>,
     },
+    /// A numeric's text output (its binary form is not produced here).
+    Numeric(String),
 }
 
 impl Known {
@@ -135,6 +137,7 @@ impl Known {
     fn of(text: &str, type_oid: u32, typmod: i32, settings: Settings<'_>) -> Option<Known> {
         let t = text.trim();
         match type_oid {
+            NUMERIC => numeric_output(t, typmod).map(Known::Numeric),
             DATE => Some(Known::Datetime {
                 binary: datetime::canonical_to_binary(t, DATE)?,
                 text: settings.iso_dates().then(|| t.to_owned()),
@@ -191,6 +194,8 @@ impl Known {
             }
             (Known::Datetime { binary, .. }, true) => binary.to_be_bytes().to_vec(),
             (Known::Datetime { text, .. }, false) => text.clone()?.into_bytes(),
+            (Known::Numeric(_), true) => return None,
+            (Known::Numeric(t), false) => t.clone().into_bytes(),
             (Known::Int(v), false) => v.to_string().into_bytes(),
             (Known::Int(v), true) => match type_oid {
                 INT2 => i16::try_from(*v).unwrap_or_default().to_be_bytes().to_vec(),
@@ -204,6 +209,56 @@ impl Known {
             (Known::Text(s), _) => s.as_bytes().to_vec(),
         })
     }
+}
+
+/// A numeric's text output for input `t` in a column with `typmod`: for plain decimal
+/// input (`-12`, `3.5`, `.5`, `+0.10`) only, with the column's scale (padded; a value
+/// that needs rounding or has too many digits is not known) or, without a typmod,
+/// the scale written; leading zeros dropped, `-0` as `0` (with its scale).
+fn numeric_output(t: &str, typmod: i32) -> Option<String> {
+    let (negative, body) = match t.as_bytes().first()? {
+        b'-' => (true, &t[1..]),
+        b'+' => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || !digits(frac) || (int.is_empty() && frac.is_empty()) {
+        return None;
+    }
+    let mut frac = frac.to_owned();
+    if typmod >= 4 {
+        let m = typmod - 4;
+        let (precision, scale) = (
+            usize::try_from(m >> 16).ok()?,
+            usize::try_from(m & 0xffff).ok()?,
+        );
+        // Digits beyond the scale would round: only zeros may go.
+        if frac.len() > scale {
+            if !frac[scale..].bytes().all(|b| b == b'0') {
+                return None;
+            }
+            frac.truncate(scale);
+        }
+        while frac.len() < scale {
+            frac.push('0');
+        }
+        let int_digits = int.trim_start_matches('0').len();
+        if int_digits > precision.saturating_sub(scale) {
+            return None;
+        }
+    }
+    let int = match int.trim_start_matches('0') {
+        "" => "0",
+        i => i,
+    };
+    let zero = int == "0" && frac.bytes().all(|b| b == b'0');
+    let sign = if negative && !zero { "-" } else { "" };
+    Some(if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    })
 }
 
 /// `[+-]digits.digits[e[+-]digits]`, `.5`, `5.`, `1e3`: what a numeric constant
@@ -387,6 +442,29 @@ mod tests {
     };
 
     #[test]
+    fn numerics_are_known_in_text_with_the_columns_scale() {
+        let n = |t: &str, typmod: i32| numeric_output(t, typmod);
+        // numeric(12,2): typmod (12 << 16) + 2 + 4.
+        let m = (12 << 16) + 2 + 4;
+        assert_eq!(n("0", m).as_deref(), Some("0.00"));
+        assert_eq!(n("-12.5", m).as_deref(), Some("-12.50"));
+        assert_eq!(n("007.100", m).as_deref(), Some("7.10"));
+        assert_eq!(n("-0", m).as_deref(), Some("0.00"));
+        assert_eq!(n(".5", m).as_deref(), Some("0.50"));
+        assert_eq!(n("1.005", m), None, "rounds");
+        assert_eq!(n("12345678901", m), None, "too many digits");
+        assert_eq!(n("1234567890", m).as_deref(), Some("1234567890.00"));
+        assert_eq!(n("1.50", -1).as_deref(), Some("1.50"));
+        assert_eq!(n("-0.0", -1).as_deref(), Some("0.0"));
+        assert_eq!(n("1e3", -1), None);
+        assert_eq!(n("NaN", -1), None);
+        assert_eq!(n("", -1), None);
+        assert_eq!(n("-", -1), None);
+        // Text only: the binary form is not produced.
+        assert_eq!(Known::Numeric("1".into()).encode(NUMERIC, true), None);
+    }
+
+    #[test]
     fn dates_and_timestamps_are_known_in_iso_and_binary() {
         let text = |v: &str, oid, s| {
             Known::of(v, oid, -1, s)
@@ -463,7 +541,8 @@ mod tests {
         }
         // Types whose output spillway does not reproduce.
         assert_eq!(text("ab", 1042, 7), None);
-        assert_eq!(text("1.50", 1700, -1), None);
+        assert_eq!(text("1.50", 1700, -1).as_deref(), Some("1.50"));
+        assert_eq!(text("1e3", 1700, -1), None);
         assert_eq!(text("2024-01-01 10:00", 1083, -1), None);
         // Dates are known in their canonical (ISO) form only.
         assert_eq!(text("2024-01-01", 1082, -1).as_deref(), Some("2024-01-01"));
