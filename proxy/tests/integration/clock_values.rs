@@ -9,8 +9,8 @@
 //! own readings of the clock), and through spillway every RETURNING value must be what
 //! the flush stored. Local values (`CURRENT_DATE` into a date) in a non-UTC session
 //! fall back with their reason; so does a RETURNING timestamptz in text there.
-//! RETURNING of columns left to a constant default (an enum label, an integer) is
-//! answered from the default.
+//! RETURNING of columns left to a constant default (an enum label, an integer, a
+//! numeric with its column's scale) is answered from the default.
 
 use std::time::{Duration, SystemTime};
 
@@ -23,7 +23,8 @@ const SCHEMA: &str = "CREATE TYPE ck_status AS ENUM ('new', 'done'); \
                       CREATE TABLE public.ck (id int PRIMARY KEY, \
                         at timestamptz NOT NULL DEFAULT now(), tx timestamptz, st timestamptz, \
                         ck timestamptz, u uuid NOT NULL DEFAULT gen_random_uuid(), d date, note text, \
-                        status ck_status NOT NULL DEFAULT 'new', n int NOT NULL DEFAULT 7);";
+                        status ck_status NOT NULL DEFAULT 'new', n int NOT NULL DEFAULT 7, \
+                        amt numeric(12, 2) NOT NULL DEFAULT 0);";
 
 const ZONE: &str = "America/New_York";
 
@@ -143,10 +144,21 @@ async fn script(c: &Client) -> Told {
     // A fresh v4 uuid from the default, answered in text.
     let rows = simple(
         c,
-        "INSERT INTO ck (id, note) VALUES (4, 'd') RETURNING id, u",
+        "INSERT INTO ck (id, note) VALUES (4, 'd') RETURNING id, u, status, n, amt",
     )
     .await;
     let four_u = rows[0][1].clone().expect("uuid");
+    assert_eq!(
+        rows[0][2].as_deref(),
+        Some("new"),
+        "an enum's constant default"
+    );
+    assert_eq!(rows[0][3].as_deref(), Some("7"), "an integer's");
+    assert_eq!(
+        rows[0][4].as_deref(),
+        Some("0.00"),
+        "a numeric's, with its scale"
+    );
     assert_eq!(four_u.len(), 36);
     assert_eq!(&four_u[14..15], "4", "version 4: {four_u}");
     assert!(matches!(&four_u[19..20], "8" | "9" | "a" | "b"), "{four_u}");
