@@ -220,6 +220,9 @@ pub fn execute(body: &[u8]) -> Option<Execute<'_>> {
 }
 
 pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+/// Sync and Flush messages, as spillway sends them itself.
+pub const SYNC_MESSAGE: &[u8] = b"S\0\0\0\x04";
+pub const FLUSH_MESSAGE: &[u8] = b"H\0\0\0\x04";
 pub const BIND_COMPLETE: &[u8] = b"2\0\0\0\x04";
 pub const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 

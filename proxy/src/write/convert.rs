@@ -16,8 +16,8 @@ use super::sequences::Reservations;
 use super::tables::DeferredTable;
 use super::types;
 use crate::read::classify::{
-    Assign, ConflictSet, ConflictTarget, ConflictValue, OnConflict, Operand, Value, WriteShape,
-    reason,
+    Assign, Clock, ConflictSet, ConflictTarget, ConflictValue, OnConflict, Operand, Value,
+    WriteShape, reason,
 };
 use spillway_policies::engine::IfExists;
 
@@ -58,7 +58,7 @@ pub fn convert(
     reserved: &Reservations,
 ) -> Result<Converted, Fallback> {
     let mut converted = operations(shape, table, bound, settings, reserved)?;
-    converted.returning = returning::answer(shape, table, bound, &converted.ops)?;
+    converted.returning = returning::answer(shape, table, bound, &converted.ops, settings)?;
     // An upsert's RETURNING is answered only when it is the same whichever way each
     // row goes: DO UPDATE rows return what the UPDATE supplies (the key, `c =
     // EXCLUDED.c`), and rows DO NOTHING skips leave no gap only in a one-row statement.
@@ -74,7 +74,7 @@ pub fn convert(
             converted.ops.len() == 1
         } else {
             updates.len() == converted.ops.len()
-                && returning::answer(shape, table, bound, &updates)
+                && returning::answer(shape, table, bound, &updates, settings)
                     .ok()
                     .flatten()
                     .as_ref()
@@ -149,20 +149,17 @@ fn insert(
     if table.required.iter().any(|r| !columns.contains(r)) {
         return Err(Fallback::RequiredColumnMissing);
     }
-    // Columns left to a `now()` default get the statement's clock, as PostgreSQL
-    // would have evaluated it then (not the flush's).
-    let filled: Vec<&String> = table
+    // Columns left to a clock default (`now()`, `gen_random_uuid()` …) get its value
+    // when the statement is decided, as PostgreSQL would have evaluated it then (not
+    // the flush's time).
+    let filled: Vec<(&String, Option<Clock>)> = table
         .clock_defaults
         .iter()
-        .filter(|c| !columns.contains(c))
+        .filter(|(c, _)| !columns.contains(c))
+        .map(|(c, e)| (c, super::tables::clock_default(e)))
         .collect();
-    let now = match (filled.is_empty(), settings.now) {
-        (true, _) => None,
-        (false, Some(t)) => Some(datetime::utc_text(t).ok_or(Fallback::ClockDefault)?),
-        (false, None) => return Err(Fallback::ClockDefault),
-    };
     let mut all_columns = columns.to_vec();
-    all_columns.extend(filled.iter().map(|c| (*c).clone()));
+    all_columns.extend(filled.iter().map(|(c, _)| (*c).clone()));
     all_columns.extend(sequence.map(|(k, _)| k.clone()));
     let mut ops = Vec::with_capacity(rows.len());
     let mut keys = Vec::with_capacity(rows.len());
@@ -171,9 +168,15 @@ fn insert(
         for (c, v) in columns.iter().zip(row) {
             values.push(value(v, c, table, bound, settings)?);
         }
-        for _ in &filled {
+        for (c, f) in &filled {
+            let oid = table.type_oids.get(*c).copied().unwrap_or(0);
+            let typmod = table.typmods.get(*c).copied().unwrap_or(-1);
             values.push(Val {
-                text: now.clone(),
+                text: Some(
+                    f.ok_or(Fallback::ClockDefault)
+                        .and_then(|f| clock(f, oid, typmod, settings))
+                        .map_err(|_| Fallback::ClockDefault)?,
+                ),
                 cast: None,
             });
         }
@@ -378,6 +381,10 @@ fn key_values(
             .iter()
             .find(|(c, _)| c == k)
             .ok_or(Fallback::WhereNotPrimaryKey)?;
+        // `WHERE id = gen_random_uuid()` and the like: not a key spillway decides.
+        if matches!(v.operand, Operand::Clock(_)) {
+            return Err(Fallback::Function);
+        }
         let val = value(v, k, table, bound, settings)?;
         let text = val.text.as_deref().ok_or(Fallback::NullKey)?;
         let oid = table.type_oids.get(k).copied().unwrap_or(0);
@@ -423,6 +430,16 @@ fn value(
     let (text, first) = match &v.operand {
         Operand::Literal(t) => (t.clone(), cast.map_or(column_oid, |c| c.oid)),
         Operand::Param(n) => parameter(usize::from(*n), cast, column_oid, bound)?,
+        Operand::Clock(c) => {
+            // A cast to another type than the column's would convert twice.
+            if cast.is_some_and(|c| c.oid != column_oid) {
+                return Err(Fallback::ClockType);
+            }
+            return Ok(Val {
+                text: Some(clock(*c, column_oid, typmod, settings)?),
+                cast: None,
+            });
+        }
     };
     let Some(mut text) = text else {
         if table.not_null.iter().any(|c| c == column) {
@@ -468,6 +485,54 @@ fn value(
         text: Some(text),
         cast: None,
     })
+}
+
+/// The value clock function `c` has when spillway decides the statement (ADR 0030),
+/// assigned to a column of type `column_oid` (`typmod`): its canonical text.
+pub fn clock(
+    c: Clock,
+    column_oid: u32,
+    typmod: i32,
+    settings: Settings<'_>,
+) -> Result<String, Fallback> {
+    use datetime::{DATE, TIME, TIMESTAMP, TIMESTAMPTZ, TIMETZ};
+    let (t, natural) = match c {
+        Clock::RandomUuid => {
+            return if column_oid == params::UUID {
+                Ok(random_uuid())
+            } else {
+                Err(Fallback::ClockType)
+            };
+        }
+        Clock::TransactionStart => (settings.now, TIMESTAMPTZ),
+        Clock::StatementStart => (settings.statement, TIMESTAMPTZ),
+        Clock::Now => (std::time::SystemTime::now(), TIMESTAMPTZ),
+        Clock::LocalTimestamp => (settings.now, TIMESTAMP),
+        Clock::CurrentDate => (settings.now, DATE),
+        Clock::CurrentTime => (settings.now, TIMETZ),
+        Clock::LocalTime => (settings.now, TIME),
+    };
+    datetime::from_clock(t, natural, column_oid, typmod, settings.utc()).map_err(|e| match e {
+        datetime::ClockError::TimeZone => Fallback::ClockTimeZone,
+        datetime::ClockError::Type => Fallback::ClockType,
+    })
+}
+
+/// A version 4 (random) uuid, as `gen_random_uuid()` makes one: 122 random bits from
+/// a cryptographically secure generator, in PostgreSQL's output form.
+fn random_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 /// Bind parameter `$n` as text, and the type PostgreSQL reads it in: declared at

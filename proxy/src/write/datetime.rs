@@ -17,10 +17,152 @@
 pub struct Settings<'a> {
     /// `TimeZone` as PostgreSQL reported it (ParameterStatus).
     pub time_zone: Option<&'a str>,
-    /// `now()` of the statement's transaction when spillway knows it exactly (an
-    /// autocommit statement: the moment it is decided), else `None`.
-    pub now: Option<std::time::SystemTime>,
+    /// `DateStyle` as PostgreSQL reported it: the text form of RETURNING's dates.
+    pub date_style: Option<&'a str>,
+    /// `now()` of the statement's transaction (ADR 0030): a held transaction's BEGIN,
+    /// an autocommit statement's own start, on spillway's clock.
+    pub now: SystemTime,
+    /// `statement_timestamp()`: when spillway decides the statement.
+    pub statement: SystemTime,
 }
+
+impl Settings<'_> {
+    /// Whether the session's TimeZone is UTC by name (local times are then UTC's).
+    pub fn utc(&self) -> bool {
+        self.time_zone.is_some_and(is_utc)
+    }
+
+    /// Whether dates print as ISO (`YYYY-MM-DD`), as `DateStyle = ISO, …` does.
+    pub fn iso_dates(&self) -> bool {
+        self.date_style
+            .is_some_and(|d| d.trim().to_ascii_uppercase().starts_with("ISO"))
+    }
+}
+
+/// Why a clock value could not be given its column's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockError {
+    /// A local date or time is needed and the session's TimeZone is not UTC (spillway
+    /// consults no time-zone database).
+    TimeZone,
+    /// PostgreSQL has no assignment from the function's type to the column's, or
+    /// spillway does not carry it out (text, a precision that rounds …).
+    Type,
+}
+
+/// The clock reading `t`, a value of type `natural` (timestamptz, timestamp, date,
+/// time or timetz), assigned to a column of type `target` (with `typmod`): the
+/// canonical text of the target type, as PostgreSQL's assignment would give it in a
+/// session whose zone is UTC when `utc`. A timestamptz into a timestamptz column does
+/// not depend on the zone.
+pub fn from_clock(
+    t: SystemTime,
+    natural: u32,
+    target: u32,
+    typmod: i32,
+    utc: bool,
+) -> Result<String, ClockError> {
+    if !matches!(target, TIMESTAMPTZ | TIMESTAMP | DATE | TIME) {
+        return Err(ClockError::Type);
+    }
+    // A precision below microseconds rounds: not carried out here.
+    if target != DATE && !matches!(typmod, -1 | 6) {
+        return Err(ClockError::Type);
+    }
+    let assignable = match natural {
+        TIMESTAMPTZ | TIMESTAMP => true,
+        DATE => matches!(target, TIMESTAMPTZ | TIMESTAMP | DATE),
+        TIME | TIMETZ => target == TIME,
+        _ => false,
+    };
+    if !assignable {
+        return Err(ClockError::Type);
+    }
+    if natural == TIMESTAMPTZ && target == TIMESTAMPTZ {
+        return utc_text(t).ok_or(ClockError::Type);
+    }
+    if !utc {
+        return Err(ClockError::TimeZone);
+    }
+    let (date, mut tm) = utc_parts(t).ok_or(ClockError::Type)?;
+    if natural == DATE {
+        tm = Time {
+            h: 0,
+            mi: 0,
+            s: 0,
+            us: 0,
+        };
+    }
+    Ok(match target {
+        TIMESTAMPTZ => format!("{} {}+00", date.text(), tm.text()),
+        TIMESTAMP => format!("{} {}", date.text(), tm.text()),
+        DATE => date.text(),
+        _ => tm.text(),
+    })
+}
+
+/// `t` in UTC as a date and a time of day (microseconds).
+fn utc_parts(t: SystemTime) -> Option<(Date, Time)> {
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    let secs = i64::try_from(d.as_secs()).ok()?;
+    let date = civil_from_days(secs.div_euclid(86_400))?;
+    let rem = u32::try_from(secs.rem_euclid(86_400)).ok()?;
+    let tm = Time {
+        h: rem / 3600,
+        mi: rem / 60 % 60,
+        s: rem % 60,
+        us: d.subsec_micros(),
+    };
+    Some((date, tm))
+}
+
+/// A canonical `date`, `timestamp` or `timestamptz` text (this module's own output)
+/// as PostgreSQL's binary value: days since 2000-01-01 for a date, microseconds since
+/// 2000-01-01 (UTC for timestamptz) for the others.
+pub fn canonical_to_binary(text: &str, type_oid: u32) -> Option<i64> {
+    match type_oid {
+        DATE => {
+            let (d, rest) = date(text)?;
+            rest.is_empty().then(|| days_from_civil(d) - PG_EPOCH_DAYS)
+        }
+        TIMESTAMP | TIMESTAMPTZ => {
+            let (d, tm, offset) = timestamp(text)?;
+            let want = if type_oid == TIMESTAMPTZ {
+                Some(0)
+            } else {
+                None
+            };
+            if offset != want {
+                return None;
+            }
+            let secs = (days_from_civil(d) - PG_EPOCH_DAYS) * 86_400
+                + i64::from(tm.h * 3600 + tm.mi * 60 + tm.s);
+            Some(secs * 1_000_000 + i64::from(tm.us))
+        }
+        _ => None,
+    }
+}
+
+/// A canonical `timestamp` or `timestamptz` (UTC) text as PostgreSQL's output gives
+/// it with `DateStyle = ISO` (and TimeZone UTC for timestamptz): the fraction without
+/// trailing zeros, none when whole.
+pub fn iso_output(text: &str, type_oid: u32) -> Option<String> {
+    let (d, tm, _) = timestamp(text)?;
+    let mut frac = String::new();
+    if tm.us != 0 {
+        frac = format!(".{:06}", tm.us).trim_end_matches('0').to_owned();
+    }
+    let zone = if type_oid == TIMESTAMPTZ { "+00" } else { "" };
+    Some(format!(
+        "{} {:02}:{:02}:{:02}{frac}{zone}",
+        d.text(),
+        tm.h,
+        tm.mi,
+        tm.s
+    ))
+}
+
+use std::time::SystemTime;
 
 /// PostgreSQL's epoch (2000-01-01) in days since 1970-01-01.
 const PG_EPOCH_DAYS: i64 = 10_957;
@@ -68,20 +210,8 @@ pub fn from_binary(us: i64, type_oid: u32) -> Option<String> {
 }
 
 /// `t` as canonical timestamptz text (UTC, microseconds, `+00`).
-pub fn utc_text(t: std::time::SystemTime) -> Option<String> {
-    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
-    let secs = i64::try_from(d.as_secs()).ok()?;
-    let (date, rem) = (
-        civil_from_days(secs.div_euclid(86_400))?,
-        secs.rem_euclid(86_400),
-    );
-    let rem = u32::try_from(rem).ok()?;
-    let tm = Time {
-        h: rem / 3600,
-        mi: rem / 60 % 60,
-        s: rem % 60,
-        us: d.subsec_micros(),
-    };
+pub fn utc_text(t: SystemTime) -> Option<String> {
+    let (date, tm) = utc_parts(t)?;
     Some(format!("{} {}+00", date.text(), tm.text()))
 }
 
@@ -89,6 +219,7 @@ pub const DATE: u32 = 1082;
 pub const TIME: u32 = 1083;
 pub const TIMESTAMP: u32 = 1114;
 pub const TIMESTAMPTZ: u32 = 1184;
+pub const TIMETZ: u32 = 1266;
 
 /// `text` of type `from` (the parameter's or literal's type: one of the four above,
 /// or the column's) as the canonical text of column type `to`, or `None`.
@@ -315,12 +446,80 @@ mod tests {
 
     const UTC: Settings<'static> = Settings {
         time_zone: Some("Etc/UTC"),
-        now: None,
+        date_style: Some("ISO, MDY"),
+        now: std::time::UNIX_EPOCH,
+        statement: std::time::UNIX_EPOCH,
     };
     const BERLIN: Settings<'static> = Settings {
         time_zone: Some("Europe/Berlin"),
-        now: None,
+        date_style: Some("ISO, DMY"),
+        now: std::time::UNIX_EPOCH,
+        statement: std::time::UNIX_EPOCH,
     };
+
+    #[test]
+    fn clock_values_take_the_columns_type() {
+        // 2024-03-30 23:15:00.250001 UTC.
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_711_840_500_250_001);
+        let c = |natural, target, typmod, utc| from_clock(t, natural, target, typmod, utc);
+        // An instant into timestamptz: the same whatever the session's zone.
+        assert_eq!(
+            c(TIMESTAMPTZ, TIMESTAMPTZ, -1, false).as_deref(),
+            Ok("2024-03-30 23:15:00.250001+00")
+        );
+        assert_eq!(
+            c(TIMESTAMPTZ, TIMESTAMP, -1, true).as_deref(),
+            Ok("2024-03-30 23:15:00.250001")
+        );
+        assert_eq!(c(TIMESTAMPTZ, DATE, -1, true).as_deref(), Ok("2024-03-30"));
+        assert_eq!(c(DATE, DATE, -1, true).as_deref(), Ok("2024-03-30"));
+        assert_eq!(
+            c(DATE, TIMESTAMPTZ, -1, true).as_deref(),
+            Ok("2024-03-30 00:00:00.000000+00")
+        );
+        assert_eq!(c(TIMETZ, TIME, -1, true).as_deref(), Ok("23:15:00.250001"));
+        // Local values need the zone's rules: only UTC is known.
+        assert_eq!(
+            c(TIMESTAMPTZ, TIMESTAMP, -1, false),
+            Err(ClockError::TimeZone)
+        );
+        assert_eq!(c(DATE, DATE, -1, false), Err(ClockError::TimeZone));
+        assert_eq!(
+            c(TIMESTAMP, TIMESTAMPTZ, -1, false),
+            Err(ClockError::TimeZone)
+        );
+        // No assignment, or one that rounds or formats.
+        assert_eq!(c(DATE, TIME, -1, true), Err(ClockError::Type));
+        assert_eq!(c(TIME, DATE, -1, true), Err(ClockError::Type));
+        assert_eq!(c(TIMESTAMPTZ, TIMESTAMPTZ, 3, true), Err(ClockError::Type));
+        assert_eq!(c(TIMESTAMPTZ, 25, -1, true), Err(ClockError::Type));
+    }
+
+    #[test]
+    fn canonical_text_as_binary_and_iso_output() {
+        assert_eq!(canonical_to_binary("2000-01-02", DATE), Some(1));
+        assert_eq!(canonical_to_binary("1999-12-31", DATE), Some(-1));
+        assert_eq!(
+            canonical_to_binary("2000-01-01 00:00:01.000002+00", TIMESTAMPTZ),
+            Some(1_000_002)
+        );
+        assert_eq!(
+            canonical_to_binary("2000-01-01 00:00:01.000002", TIMESTAMP),
+            Some(1_000_002)
+        );
+        assert_eq!(
+            canonical_to_binary("2000-01-01 00:00:01+02", TIMESTAMPTZ),
+            None
+        );
+        assert_eq!(
+            iso_output("2024-03-30 23:15:00.250000+00", TIMESTAMPTZ).as_deref(),
+            Some("2024-03-30 23:15:00.25+00")
+        );
+        assert_eq!(
+            iso_output("2024-03-30 23:15:00.000000", TIMESTAMP).as_deref(),
+            Some("2024-03-30 23:15:00")
+        );
+    }
 
     #[test]
     fn now_as_utc_text() {

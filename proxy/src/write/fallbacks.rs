@@ -29,9 +29,16 @@ pub enum Fallback {
     ParameterType,
     /// `'now'`, `'today'`… for a date/time column.
     ClockLiteral,
-    /// An INSERT leaving out a `now()` column in a transaction spillway holds (its
-    /// start time is not the statement's).
+    /// An INSERT leaving out a column whose default reads the clock or makes a value
+    /// (`now()`, `gen_random_uuid()` …) that spillway cannot evaluate for it.
     ClockDefault,
+    /// `now()`, `CURRENT_DATE`… into a date, time or timestamp (no zone) column, or
+    /// `LOCALTIMESTAMP` and the like, in a session whose TimeZone is not UTC: the
+    /// local value needs the zone's rules (ADR 0030).
+    ClockTimeZone,
+    /// A clock or random function into a column of a type it is not assigned to
+    /// exactly here (text, a timestamp precision that rounds, a cast …).
+    ClockType,
     /// A value PostgreSQL would refuse for its column.
     InvalidValue,
     NullInNotNullColumn,
@@ -103,6 +110,8 @@ impl Fallback {
             Fallback::ParameterType => "parameter_type",
             Fallback::ClockLiteral => "clock_literal",
             Fallback::ClockDefault => "clock_default",
+            Fallback::ClockTimeZone => "clock_time_zone",
+            Fallback::ClockType => "clock_type",
             Fallback::InvalidValue => "invalid_value",
             Fallback::NullInNotNullColumn => "null_in_not_null_column",
             Fallback::WhereNotPrimaryKey => "where_not_primary_key",

@@ -8,7 +8,8 @@
 //! Invariants:
 //! - A value is answered only when the statement supplies it and spillway knows the
 //!   exact text PostgreSQL's output function gives for it: INSERT — the columns it
-//!   lists; UPDATE — the key (from WHERE) and columns assigned `col = value` (never
+//!   lists (with the clock defaults `convert` filled in) and those it leaves to a
+//!   constant default of the column's type; UPDATE — the key (from WHERE) and columns assigned `col = value` (never
 //!   `col = col ± d`, whose result depends on the stored row); DELETE — the key only.
 //!   And only for types whose output spillway reproduces exactly: int2/int4/int8,
 //!   bool, uuid, text, varchar (and NULL of any type). Anything else is
@@ -30,9 +31,10 @@
 use bytes::{Bytes, BytesMut};
 use spillway_policies::writes::{AssignOp, RowOp};
 
+use super::datetime::{self, DATE, Settings, TIMESTAMP, TIMESTAMPTZ};
 use super::fallbacks::Fallback;
 use super::params::Bound;
-use super::params::{BOOL, INT2, INT4, INT8, TEXT, UUID, VARCHAR, canonical_key};
+use super::params::{BOOL, INT2, INT4, INT8, NUMERIC, TEXT, UUID, VARCHAR, canonical_key};
 use crate::protocol::backend::{self, Field};
 use crate::read::classify::{Returned, WriteShape};
 use spillway_policies::engine::{Column, DeferredTable};
@@ -100,7 +102,7 @@ impl Returning {
             typlen: 4,
             typmod: -1,
         };
-        let value = |v: i64| Some(Known::Int(v).encode(INT4, format == 1));
+        let value = |v: i64| Known::Int(v).encode(INT4, format == 1);
         Self {
             fields: vec![("id".into(), column)],
             table_oid: 1,
@@ -117,14 +119,41 @@ enum Known {
     Bool(bool),
     Uuid([u8; 16]),
     Text(String),
+    /// A date (days since 2000-01-01) or a timestamp (microseconds since then), with
+    /// its text output when the session's DateStyle (and, for timestamptz, TimeZone)
+    /// make it one spillway reproduces (ISO, UTC).
+    Datetime {
+        binary: i64,
+        text: Option<String>,
+    },
+    /// A numeric's text output (its binary form is not produced here).
+    Numeric(String),
 }
 
 impl Known {
     /// The value of input `text` for a column of `type_oid`, when spillway knows the
-    /// type's output exactly; `None` otherwise.
-    fn of(text: &str, type_oid: u32, typmod: i32) -> Option<Known> {
+    /// type's output exactly; `None` otherwise. Date and time values are
+    /// `datetime`'s canonical text (what `convert` journals).
+    fn of(text: &str, type_oid: u32, typmod: i32, settings: Settings<'_>) -> Option<Known> {
         let t = text.trim();
         match type_oid {
+            NUMERIC => numeric_output(t, typmod).map(Known::Numeric),
+            DATE => Some(Known::Datetime {
+                binary: datetime::canonical_to_binary(t, DATE)?,
+                text: settings.iso_dates().then(|| t.to_owned()),
+            }),
+            // A precision below microseconds rounds on the way in.
+            TIMESTAMP | TIMESTAMPTZ if matches!(typmod, -1 | 6) => {
+                let readable = settings.iso_dates() && (type_oid == TIMESTAMP || settings.utc());
+                Some(Known::Datetime {
+                    binary: datetime::canonical_to_binary(t, type_oid)?,
+                    text: if readable {
+                        Some(datetime::iso_output(t, type_oid)?)
+                    } else {
+                        None
+                    },
+                })
+            }
             INT2 => t.parse::<i16>().ok().map(|v| Known::Int(v.into())),
             INT4 => t.parse::<i32>().ok().map(|v| Known::Int(v.into())),
             INT8 => t.parse::<i64>().ok().map(Known::Int),
@@ -156,9 +185,17 @@ impl Known {
         }
     }
 
-    /// The value as PostgreSQL's output (text) or send (binary) function gives it.
-    fn encode(&self, type_oid: u32, binary: bool) -> Vec<u8> {
-        match (self, binary) {
+    /// The value as PostgreSQL's output (text) or send (binary) function gives it;
+    /// `None` when its text is not known.
+    fn encode(&self, type_oid: u32, binary: bool) -> Option<Vec<u8>> {
+        Some(match (self, binary) {
+            (Known::Datetime { binary, .. }, true) if type_oid == DATE => {
+                i32::try_from(*binary).ok()?.to_be_bytes().to_vec()
+            }
+            (Known::Datetime { binary, .. }, true) => binary.to_be_bytes().to_vec(),
+            (Known::Datetime { text, .. }, false) => text.clone()?.into_bytes(),
+            (Known::Numeric(_), true) => return None,
+            (Known::Numeric(t), false) => t.clone().into_bytes(),
             (Known::Int(v), false) => v.to_string().into_bytes(),
             (Known::Int(v), true) => match type_oid {
                 INT2 => i16::try_from(*v).unwrap_or_default().to_be_bytes().to_vec(),
@@ -170,8 +207,58 @@ impl Known {
             (Known::Uuid(u), false) => uuid_text(u).into_bytes(),
             (Known::Uuid(u), true) => u.to_vec(),
             (Known::Text(s), _) => s.as_bytes().to_vec(),
+        })
+    }
+}
+
+/// A numeric's text output for input `t` in a column with `typmod`: for plain decimal
+/// input (`-12`, `3.5`, `.5`, `+0.10`) only, with the column's scale (padded; a value
+/// that needs rounding or has too many digits is not known) or, without a typmod,
+/// the scale written; leading zeros dropped, `-0` as `0` (with its scale).
+fn numeric_output(t: &str, typmod: i32) -> Option<String> {
+    let (negative, body) = match t.as_bytes().first()? {
+        b'-' => (true, &t[1..]),
+        b'+' => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || !digits(frac) || (int.is_empty() && frac.is_empty()) {
+        return None;
+    }
+    let mut frac = frac.to_owned();
+    if typmod >= 4 {
+        let m = typmod - 4;
+        let (precision, scale) = (
+            usize::try_from(m >> 16).ok()?,
+            usize::try_from(m & 0xffff).ok()?,
+        );
+        // Digits beyond the scale would round: only zeros may go.
+        if frac.len() > scale {
+            if !frac[scale..].bytes().all(|b| b == b'0') {
+                return None;
+            }
+            frac.truncate(scale);
+        }
+        while frac.len() < scale {
+            frac.push('0');
+        }
+        let int_digits = int.trim_start_matches('0').len();
+        if int_digits > precision.saturating_sub(scale) {
+            return None;
         }
     }
+    let int = match int.trim_start_matches('0') {
+        "" => "0",
+        i => i,
+    };
+    let zero = int == "0" && frac.bytes().all(|b| b == b'0');
+    let sign = if negative && !zero { "-" } else { "" };
+    Some(if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    })
 }
 
 /// `[+-]digits.digits[e[+-]digits]`, `.5`, `5.`, `1e3`: what a numeric constant
@@ -229,6 +316,7 @@ pub fn answer(
     table: &DeferredTable,
     bound: &Bound,
     ops: &[RowOp],
+    settings: Settings<'_>,
 ) -> Result<Option<Returning>, Fallback> {
     let items = shape.returning();
     if items.is_empty() {
@@ -268,10 +356,18 @@ pub fn answer(
                 .ok_or(UNKNOWN)?;
             let value = match text {
                 None => None,
+                // An enum's value is its label (a valid one: only constant defaults,
+                // which PostgreSQL checked, reach here; `convert` refuses enum values).
+                Some(text) if table.enum_types.contains(&c.type_oid) => Some(
+                    Known::Text((*text).to_owned())
+                        .encode(c.type_oid, *format == 1)
+                        .ok_or(UNKNOWN)?,
+                ),
                 Some(text) => Some(
-                    Known::of(text, c.type_oid, c.typmod)
+                    Known::of(text, c.type_oid, c.typmod, settings)
                         .ok_or(UNKNOWN)?
-                        .encode(c.type_oid, *format == 1),
+                        .encode(c.type_oid, *format == 1)
+                        .ok_or(UNKNOWN)?,
                 ),
             };
             row.push(value);
@@ -304,12 +400,23 @@ fn supplied<'a>(op: &'a RowOp, table: &'a DeferredTable) -> Vec<(&'a str, Option
     match op {
         RowOp::Insert {
             columns, values, ..
-        } => columns
-            .iter()
-            .zip(values)
-            .filter(|(_, v)| plain(v))
-            .map(|(c, v)| (c.as_str(), v.text.as_deref()))
-            .collect(),
+        } => {
+            let mut out: Vec<_> = columns
+                .iter()
+                .zip(values)
+                .filter(|(_, v)| plain(v))
+                .map(|(c, v)| (c.as_str(), v.text.as_deref()))
+                .collect();
+            // Columns left to a constant default store its value.
+            out.extend(
+                table
+                    .constant_defaults
+                    .iter()
+                    .filter(|(c, _)| !columns.contains(c))
+                    .map(|(c, v)| (c.as_str(), v.as_deref())),
+            );
+            out
+        }
         RowOp::Update { key: k, set, .. } => {
             let mut out = key(k);
             out.extend(
@@ -327,8 +434,76 @@ fn supplied<'a>(op: &'a RowOp, table: &'a DeferredTable) -> Vec<(&'a str, Option
 mod tests {
     use super::*;
 
+    const SETTINGS: Settings<'static> = Settings {
+        time_zone: Some("UTC"),
+        date_style: Some("ISO, MDY"),
+        now: std::time::UNIX_EPOCH,
+        statement: std::time::UNIX_EPOCH,
+    };
+
+    #[test]
+    fn numerics_are_known_in_text_with_the_columns_scale() {
+        let n = |t: &str, typmod: i32| numeric_output(t, typmod);
+        // numeric(12,2): typmod (12 << 16) + 2 + 4.
+        let m = (12 << 16) + 2 + 4;
+        assert_eq!(n("0", m).as_deref(), Some("0.00"));
+        assert_eq!(n("-12.5", m).as_deref(), Some("-12.50"));
+        assert_eq!(n("007.100", m).as_deref(), Some("7.10"));
+        assert_eq!(n("-0", m).as_deref(), Some("0.00"));
+        assert_eq!(n(".5", m).as_deref(), Some("0.50"));
+        assert_eq!(n("1.005", m), None, "rounds");
+        assert_eq!(n("12345678901", m), None, "too many digits");
+        assert_eq!(n("1234567890", m).as_deref(), Some("1234567890.00"));
+        assert_eq!(n("1.50", -1).as_deref(), Some("1.50"));
+        assert_eq!(n("-0.0", -1).as_deref(), Some("0.0"));
+        assert_eq!(n("1e3", -1), None);
+        assert_eq!(n("NaN", -1), None);
+        assert_eq!(n("", -1), None);
+        assert_eq!(n("-", -1), None);
+        // Text only: the binary form is not produced.
+        assert_eq!(Known::Numeric("1".into()).encode(NUMERIC, true), None);
+    }
+
+    #[test]
+    fn dates_and_timestamps_are_known_in_iso_and_binary() {
+        let text = |v: &str, oid, s| {
+            Known::of(v, oid, -1, s)
+                .and_then(|k| k.encode(oid, false))
+                .map(|b| String::from_utf8(b).expect("utf-8"))
+        };
+        let berlin = Settings {
+            time_zone: Some("Europe/Berlin"),
+            ..SETTINGS
+        };
+        let german = Settings {
+            date_style: Some("German, DMY"),
+            ..SETTINGS
+        };
+        let tz = "2024-03-30 23:15:00.250000+00";
+        assert_eq!(
+            text(tz, TIMESTAMPTZ, SETTINGS).as_deref(),
+            Some("2024-03-30 23:15:00.25+00")
+        );
+        // The text needs the zone's offset; the binary value does not.
+        assert_eq!(text(tz, TIMESTAMPTZ, berlin), None);
+        let bin = Known::of(tz, TIMESTAMPTZ, -1, berlin).and_then(|k| k.encode(TIMESTAMPTZ, true));
+        assert_eq!(bin, Some(765_155_700_250_000_i64.to_be_bytes().to_vec()));
+        assert_eq!(
+            text("2024-03-30 23:15:00.000000", TIMESTAMP, berlin).as_deref(),
+            Some("2024-03-30 23:15:00")
+        );
+        assert_eq!(text("2024-03-30", DATE, german), None);
+        assert_eq!(
+            text("2024-03-30", DATE, berlin).as_deref(),
+            Some("2024-03-30")
+        );
+        assert_eq!(Known::of(tz, TIMESTAMPTZ, 3, SETTINGS), None);
+    }
+
     fn text(v: &str, oid: u32, typmod: i32) -> Option<String> {
-        Known::of(v, oid, typmod).map(|k| String::from_utf8(k.encode(oid, false)).expect("utf-8"))
+        Known::of(v, oid, typmod, SETTINGS)
+            .and_then(|k| k.encode(oid, false))
+            .map(|b| String::from_utf8(b).expect("utf-8"))
     }
 
     #[test]
@@ -366,13 +541,17 @@ mod tests {
         }
         // Types whose output spillway does not reproduce.
         assert_eq!(text("ab", 1042, 7), None);
-        assert_eq!(text("1.50", 1700, -1), None);
-        assert_eq!(text("2024-01-01", 1082, -1), None);
+        assert_eq!(text("1.50", 1700, -1).as_deref(), Some("1.50"));
+        assert_eq!(text("1e3", 1700, -1), None);
+        assert_eq!(text("2024-01-01 10:00", 1083, -1), None);
+        // Dates are known in their canonical (ISO) form only.
+        assert_eq!(text("2024-01-01", 1082, -1).as_deref(), Some("2024-01-01"));
+        assert_eq!(text("01/02/2024", 1082, -1), None);
     }
 
     #[test]
     fn binary_values_are_postgres_send_format() {
-        let bin = |v: &str, oid| Known::of(v, oid, -1).map(|k| k.encode(oid, true));
+        let bin = |v: &str, oid| Known::of(v, oid, -1, SETTINGS).and_then(|k| k.encode(oid, true));
         assert_eq!(bin("-2", INT2), Some(vec![0xff, 0xfe]));
         assert_eq!(bin("7", INT4), Some(vec![0, 0, 0, 7]));
         assert_eq!(bin("1", INT8), Some(vec![0, 0, 0, 0, 0, 0, 0, 1]));

@@ -17,6 +17,7 @@ use spillway_policies::{Policy, TableConfig, TableName};
 use sqlx::PgConnection;
 
 use crate::read::catalog::tables as catalog;
+use crate::read::classify::Clock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -118,16 +119,26 @@ async fn describe(
     // Also those whose default is not a constant (`now()`, `nextval(…)`…): left out,
     // it would be evaluated when the flusher applies the row, not when the client
     // wrote it.
-    let clock_defaults: Vec<String> = columns
+    let clock_defaults: Vec<(String, String)> = columns
         .iter()
-        .filter(|c| {
-            c.type_oid == super::datetime::TIMESTAMPTZ
-                && c.default_expr
-                    .as_deref()
-                    .is_some_and(|e| matches!(e, "now()" | "CURRENT_TIMESTAMP"))
+        .filter_map(|c| {
+            let e = c.default_expr.as_deref()?;
+            clock_default(e).map(|_| (c.name.clone(), e.to_owned()))
         })
-        .map(|c| c.name.clone())
         .collect();
+    let constant_defaults = columns
+        .iter()
+        .filter_map(|c| {
+            let v = constant_value(c.default_expr.as_deref()?, &c.type_name)?;
+            Some((c.name.clone(), v))
+        })
+        .collect();
+    let mut enum_types: Vec<u32> = columns
+        .iter()
+        .filter(|c| c.enum_type)
+        .map(|c| c.type_oid)
+        .collect();
+    enum_types.dedup();
     // A `serial` key's `nextval` default is not required: spillway reserves its values.
     let key_sequence = key_sequence(conn, name, &key, &columns).await?;
     let required = columns
@@ -137,7 +148,7 @@ async fn describe(
             (c.not_null && !c.has_default)
                 || c.default_expr
                     .as_deref()
-                    .is_some_and(|e| !constant_default(e) && !clock_defaults.contains(&c.name))
+                    .is_some_and(|e| !constant_default(e) && clock_default(e).is_none())
         })
         .map(|c| c.name.clone())
         .collect();
@@ -174,6 +185,8 @@ async fn describe(
         not_null,
         required,
         clock_defaults,
+        constant_defaults,
+        enum_types,
         pkey_name,
         exists_sql,
         columns: columns
@@ -261,6 +274,85 @@ fn exists_sql(name: &TableName, key: &[String], types: &HashMap<String, String>)
     )
 }
 
+/// The clock or random function a default expression (as `pg_get_expr` prints it)
+/// calls, when it is nothing else: `now()`, `CURRENT_TIMESTAMP`, `CURRENT_DATE`,
+/// `LOCALTIMESTAMP`, `transaction_timestamp()`, `statement_timestamp()`,
+/// `clock_timestamp()`, `gen_random_uuid()`. (A default is stored parsed: its
+/// functions are already resolved, so the name is the built-in one.)
+pub fn clock_default(expr: &str) -> Option<Clock> {
+    Some(match expr.trim() {
+        "now()" | "CURRENT_TIMESTAMP" | "transaction_timestamp()" => Clock::TransactionStart,
+        "statement_timestamp()" => Clock::StatementStart,
+        "clock_timestamp()" => Clock::Now,
+        "LOCALTIMESTAMP" => Clock::LocalTimestamp,
+        "CURRENT_DATE" => Clock::CurrentDate,
+        "CURRENT_TIME" => Clock::CurrentTime,
+        "LOCALTIME" => Clock::LocalTime,
+        "gen_random_uuid()" => Clock::RandomUuid,
+        _ => return None,
+    })
+}
+
+/// The value of a constant default (as `pg_get_expr` prints it) for a column of type
+/// `type_name` (`format_type`'s text): the literal's input text (`Some(None)`: NULL),
+/// when it is written without a cast or cast to the column's own type (its modifier
+/// aside); `None` otherwise.
+pub fn constant_value(expr: &str, type_name: &str) -> Option<Option<String>> {
+    if !constant_default(expr) {
+        return None;
+    }
+    let e = expr.trim();
+    let e = e
+        .strip_prefix('(')
+        .and_then(|x| x.strip_suffix(')'))
+        .unwrap_or(e);
+    let (value, ty) = match e.strip_prefix('\'') {
+        Some(rest) => {
+            // The closing quote: the first one not doubled.
+            let bytes = rest.as_bytes();
+            let mut i = 0;
+            let end = loop {
+                match bytes.get(i) {
+                    Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                    Some(b'\'') => break i,
+                    Some(_) => i += 1,
+                    None => return None,
+                }
+            };
+            let after = &rest[end + 1..];
+            let ty = match after {
+                "" => None,
+                _ => Some(after.strip_prefix("::")?),
+            };
+            (Some(rest[..end].replace("''", "'")), ty)
+        }
+        None => {
+            let (v, ty) = match e.split_once("::") {
+                Some((v, t)) => (v, Some(t)),
+                None => (e, None),
+            };
+            ((v != "NULL").then(|| v.to_owned()), ty)
+        }
+    };
+    let base = |t: &str| -> String {
+        let mut out = String::new();
+        let mut depth = 0;
+        for c in t.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ if depth == 0 => out.push(c),
+                _ => {}
+            }
+        }
+        out.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    match ty {
+        Some(t) if base(t) != base(type_name) => None,
+        _ => Some(value),
+    }
+}
+
 /// Whether a default expression (as `pg_get_expr` prints it) is a constant, maybe
 /// cast: `0`, `true`, `'new'::order_status`, `NULL::text`, `(-1)`. Anything else may
 /// read the clock, a sequence or the session.
@@ -293,7 +385,38 @@ fn constant_default(expr: &str) -> bool {
 
 #[cfg(test)]
 mod default_tests {
-    use super::{constant_default, nextval_of};
+    use super::{clock_default, constant_default, constant_value, nextval_of};
+    use crate::read::classify::Clock;
+
+    #[test]
+    fn clock_defaults_are_known_by_their_printed_form() {
+        assert_eq!(clock_default("now()"), Some(Clock::TransactionStart));
+        assert_eq!(clock_default("CURRENT_DATE"), Some(Clock::CurrentDate));
+        assert_eq!(clock_default("gen_random_uuid()"), Some(Clock::RandomUuid));
+        assert_eq!(clock_default("(now() + '1 day'::interval)"), None);
+        assert_eq!(clock_default("CURRENT_TIMESTAMP(0)"), None);
+    }
+
+    #[test]
+    fn constant_defaults_have_their_values() {
+        let v = |e, t| constant_value(e, t);
+        assert_eq!(
+            v("'new'::order_status", "order_status"),
+            Some(Some("new".into()))
+        );
+        assert_eq!(v("0", "bigint"), Some(Some("0".into())));
+        assert_eq!(v("(-1)", "integer"), Some(Some("-1".into())));
+        assert_eq!(v("true", "boolean"), Some(Some("true".into())));
+        assert_eq!(v("NULL::text", "text"), Some(None));
+        assert_eq!(
+            v("'it''s'::character varying", "character varying(40)"),
+            Some(Some("it's".into()))
+        );
+        // Cast to another type: the column's input would not see the literal.
+        assert_eq!(v("'x'::text", "character varying(40)"), None);
+        assert_eq!(v("now()", "timestamp with time zone"), None);
+        assert_eq!(v("'now'::text", "text"), None);
+    }
 
     #[test]
     fn serial_defaults_name_their_sequence() {

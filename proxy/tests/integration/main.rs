@@ -12,6 +12,7 @@ mod bad_input;
 mod bad_values;
 mod cache;
 mod clients;
+mod clock_values;
 mod crash;
 mod databases;
 mod demo;

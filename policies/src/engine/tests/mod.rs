@@ -407,6 +407,8 @@ pub fn table(
         not_null: Vec::new(),
         required: Vec::new(),
         clock_defaults: Vec::new(),
+        constant_defaults: Vec::new(),
+        enum_types: Vec::new(),
         pkey_name: format!("{name}_pkey"),
         exists_sql: String::new(),
         columns: Vec::new(),

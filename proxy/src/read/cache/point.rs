@@ -206,7 +206,7 @@ fn key_parts(catalog: &Catalog, oid: u32, equalities: &[(String, Value)]) -> Opt
             }
             match &value.operand {
                 Operand::Literal(Some(text)) => canonical_key(text, *ty).ok().map(KeyPart::Known),
-                Operand::Literal(None) => None,
+                Operand::Literal(None) | Operand::Clock(_) => None,
                 Operand::Param(n) => Some(KeyPart::Param {
                     index: usize::from(*n).checked_sub(1)?,
                     column: *ty,

@@ -360,8 +360,9 @@ impl Caching {
         // The statement's own reasons come first (the metrics say what would make it
         // deferrable, also when it moves a held transaction upstream); the session's
         // last.
-        let time_zone = out.state().params.get("TimeZone").map(String::as_str);
-        let converted = self.convertible(stmt, w, bound, time_zone)?;
+        let params = &out.state().params;
+        let param = |name: &str| params.get(name).map(String::as_str);
+        let converted = self.convertible(stmt, w, bound, param("TimeZone"), param("DateStyle"))?;
         // A held transaction's statements are decided like autocommit ones (held/).
         if (out.tx_status() != b'I' && self.tx.held.is_none()) || !self.tracker.quiet {
             return Err(Fallback::InTransaction);
@@ -371,8 +372,6 @@ impl Caching {
         }
         // Literal text and bytes mean what the flusher's connection reads them as only
         // with these settings (UTF-8, backslashes literal in '…').
-        let params = &out.state().params;
-        let param = |name: &str| params.get(name).map(String::as_str);
         if param("client_encoding") != Some("UTF8")
             || param("standard_conforming_strings") != Some("on")
         {
@@ -392,14 +391,17 @@ impl Caching {
         stmt: &crate::read::classify::Statement,
         w: &WriteService,
         bound: &Bound,
-        out_params_time_zone: Option<&str>,
+        time_zone: Option<&str>,
+        date_style: Option<&str>,
     ) -> Result<(String, Converted), Fallback> {
         let shape = match &stmt.shape {
             Some(Ok(shape)) => shape,
             Some(Err(reason)) => return Err(Fallback::Shape(reason)),
             None => return Err(Fallback::NotADeferrableWrite),
         };
-        if !stmt.functions.is_empty() || stmt.sql_value_function {
+        // A deferrable shape holds no function other than the clock and random ones
+        // it reads as values (ADR 0030); a call of any other is the reason.
+        if !stmt.functions.iter().all(is_clock_function) {
             return Err(Fallback::Function);
         }
         let catalog = self.routing_catalog().ok_or(Fallback::CatalogNotLoaded)?;
@@ -412,11 +414,18 @@ impl Caching {
         if table.config.when_full == spillway_policies::WhenFull::WriteThrough && w.is_full(&name) {
             return Err(Fallback::Full);
         }
-        // An autocommit statement's transaction starts now; a held one's started at
-        // its BEGIN, a time spillway does not keep exactly.
+        // An autocommit statement's transaction starts now, a pipelined cycle's when
+        // its writes are decided; a held one's started at its BEGIN (ADR 0030).
+        let statement = std::time::SystemTime::now();
+        let began = match &self.tx.held {
+            Some(h) => Some(h.began),
+            None => self.tx.cycle_began,
+        };
         let settings = Settings {
-            time_zone: out_params_time_zone,
-            now: self.tx.held.is_none().then(std::time::SystemTime::now),
+            time_zone,
+            date_style,
+            now: began.unwrap_or(statement),
+            statement,
         };
         let converted = convert::convert(shape, table, bound, settings, &w.reservations)?;
         Ok((name, converted))
@@ -438,6 +447,20 @@ impl Caching {
             None => !set.names_like(rel.schema.as_deref(), &rel.name).is_empty(),
         }
     }
+}
+
+/// Whether `f` is one of the functions a deferrable shape reads as a value
+/// (`classify::Clock`): by its bare or `pg_catalog.` name.
+fn is_clock_function(f: &crate::read::classify::FuncName) -> bool {
+    f.schema.as_deref().is_none_or(|s| s == "pg_catalog")
+        && matches!(
+            f.name.as_str(),
+            "now"
+                | "transaction_timestamp"
+                | "statement_timestamp"
+                | "clock_timestamp"
+                | "gen_random_uuid"
+        )
 }
 
 /// The deferred tables `analysis` writes, for counting its fallbacks.

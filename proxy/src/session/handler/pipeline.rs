@@ -77,6 +77,8 @@ impl Caching {
         let mut stmts = Vec::with_capacity(pipeline.execs.len());
         let mut answers = Vec::with_capacity(pipeline.execs.len());
         let mut reasons: Vec<Option<Fallback>> = Vec::with_capacity(pipeline.execs.len());
+        // One implicit transaction, one now() for all its writes.
+        self.tx.cycle_began = Some(std::time::SystemTime::now());
         for e in &pipeline.execs {
             match self.deferrable(&e.stmt.analysis, &e.bound, out) {
                 Ok((table, mut converted)) => {
@@ -94,6 +96,7 @@ impl Caching {
                 Err(reason) => reasons.push(Some(reason)),
             }
         }
+        self.tx.cycle_began = None;
         if reasons.iter().any(Option::is_some) {
             for (e, reason) in pipeline.execs.iter().zip(&reasons) {
                 let reason = reason.unwrap_or(Fallback::Pipelined);

@@ -65,11 +65,14 @@ pub enum Expect {
     /// A simple Query spillway sent itself (a held transaction's replay, or its
     /// ROLLBACK): every answer up to and including its ReadyForQuery is swallowed.
     Internal,
+    /// A Sync spillway sent itself to end the implicit transaction of Parses it
+    /// forwarded ahead of their cycle (`extended/`): its ReadyForQuery is swallowed.
+    OwnSync,
 }
 
 impl Expect {
     fn is_sync(&self) -> bool {
-        matches!(self, Expect::Ready { sync: true, .. })
+        matches!(self, Expect::Ready { sync: true, .. } | Expect::OwnSync)
     }
 }
 
@@ -246,6 +249,10 @@ impl Tracker {
                 if tag == b'Z' {
                     self.queue.pop_front();
                 }
+            }
+            (Expect::OwnSync, b'Z') => {
+                step.swallow = true;
+                self.queue.pop_front();
             }
             (Expect::Ready { fill, id, .. }, b'Z') => {
                 if let Some(f) = fill.take() {

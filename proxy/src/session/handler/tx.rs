@@ -38,6 +38,9 @@ pub struct Tx {
     pub held_cycle_failed: bool,
     /// Answers to the internal query in flight (a held transaction's replay).
     pub replay: Option<ReplayLog>,
+    /// While a pipelined cycle's writes are decided: the start of the implicit
+    /// transaction PostgreSQL would run them in, their `now()` (ADR 0030).
+    pub cycle_began: Option<std::time::SystemTime>,
 }
 
 impl Tx {
@@ -70,6 +73,9 @@ pub struct HeldTx {
     /// until the Sync.
     pub discarding: bool,
     pub started: Instant,
+    /// When its BEGIN was answered, on spillway's clock: `now()` of its statements
+    /// (ADR 0030).
+    pub began: std::time::SystemTime,
 }
 
 impl HeldTx {
@@ -85,6 +91,7 @@ impl HeldTx {
             failed: false,
             discarding: false,
             started: Instant::now(),
+            began: std::time::SystemTime::now(),
         }
     }
 

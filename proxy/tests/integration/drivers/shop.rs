@@ -119,23 +119,29 @@ async fn run_shop(lang: Lang, script: &str) -> f64 {
 
 #[tokio::test]
 async fn sqlalchemy_shop() {
-    // Part 1 defers none of its writes yet: executemany prepares a named statement in
-    // the same pipelined cycle (which goes upstream at its named Parse), RETURNING of
-    // server defaults, and read-modify-write transactions stand in the way (issue 13);
-    // the contents are still the direct run's.
+    // 24 of 104 since `SET …, updated_at = now()` and `now()` defaults are evaluated
+    // at acknowledgement (ADR 0030). Still in the way: its sessions' executemany
+    // carries an interval (`datetime_value`, counted as `pipelined`), RETURNING of a
+    // `now()` default in text in its Europe/Berlin session (the offset needs the
+    // zone's rules), bulk INSERT … SELECT, and read-modify-write transactions.
     let share = run_shop(Lang::Python, "shop_sqlalchemy.py").await;
-    assert!((0.0..=1.0).contains(&share), "{share}");
+    assert!(share >= 0.20, "{share}");
 }
 
 #[tokio::test]
 async fn django_shop() {
+    // 74 of 114 since `DEFAULT now()` and constant defaults (the order's enum status)
+    // are answered in RETURNING (ADR 0030); most of the rest is RETURNING of a column
+    // an upsert's DO UPDATE leaves as stored (`returning_unknown`).
     let share = run_shop(Lang::Python, "shop_django.py").await;
-    assert!(share >= 0.04, "{share}");
+    assert!(share >= 0.60, "{share}");
 }
 
 #[tokio::test]
 async fn knex_shop() {
-    // 38 of 114 since its 24 counter upserts (ON CONFLICT on the primary key) defer.
+    // 97 of 114: its counter upserts (ON CONFLICT on the primary key, ADR 0027) and,
+    // since `now()` is evaluated at acknowledgement (ADR 0030), its transactions stay
+    // held.
     let share = run_shop(Lang::Node, "shop_knex.js").await;
-    assert!(share >= 0.30, "{share}");
+    assert!(share >= 0.80, "{share}");
 }

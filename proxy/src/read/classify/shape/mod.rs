@@ -77,6 +77,33 @@ pub enum Operand {
     Literal(Option<String>),
     /// `$n`, 1-based.
     Param(u16),
+    /// A call whose value the writer evaluates when it decides the statement, as
+    /// PostgreSQL would have evaluated it then (`now()`, `CURRENT_DATE`,
+    /// `gen_random_uuid()` …).
+    Clock(Clock),
+}
+
+/// The clock and random-value functions a deferrable value may be (ADR 0030): each
+/// without arguments or precision, called by its bare or `pg_catalog.` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    /// `now()`, `CURRENT_TIMESTAMP`, `transaction_timestamp()`: the transaction's start
+    /// (timestamptz).
+    TransactionStart,
+    /// `statement_timestamp()`: the statement's start (timestamptz).
+    StatementStart,
+    /// `clock_timestamp()`: the moment it is evaluated (timestamptz).
+    Now,
+    /// `LOCALTIMESTAMP`: the transaction's start as a timestamp in the session's zone.
+    LocalTimestamp,
+    /// `CURRENT_DATE`: the transaction's start as a date in the session's zone.
+    CurrentDate,
+    /// `CURRENT_TIME` (timetz) and `LOCALTIME` (time): the transaction's start as a
+    /// time of day in the session's zone.
+    CurrentTime,
+    LocalTime,
+    /// `gen_random_uuid()`: a fresh version 4 uuid.
+    RandomUuid,
 }
 
 /// What `SET col = …` does to the column. Add/Sub say nothing of the column's type:

@@ -65,7 +65,11 @@ pub(in super::super) fn of(top: &NodeEnum) -> Option<PointFilter> {
             continue;
         };
         // `col = NULL` selects nothing; a second equality on a column only narrows.
-        if value.operand == Operand::Literal(None) || equalities.iter().any(|(c, _)| c == column) {
+        // `col = now()` changes with the clock: not a key a read can be filed under.
+        if value.operand == Operand::Literal(None)
+            || matches!(value.operand, Operand::Clock(_))
+            || equalities.iter().any(|(c, _)| c == column)
+        {
             continue;
         }
         equalities.push((column.to_owned(), value));

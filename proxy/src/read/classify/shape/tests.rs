@@ -408,7 +408,7 @@ fn rejected_forms() {
         ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = excluded.v - t.v", r::ON_CONFLICT_SET),
         ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = t.w + excluded.v", r::ON_CONFLICT_SET),
         ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = u.v", r::ON_CONFLICT_SET),
-        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = now()", r::FUNCTION),
+        ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = random()", r::FUNCTION),
         ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = (SELECT 1)", r::SUBQUERY),
         ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET (v, w) = (1, 2)", r::MULTIPLE_ASSIGNMENT),
         ("INSERT INTO t (id, v) VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET v = 1, v = 2", r::DUPLICATE_COLUMN),
@@ -443,9 +443,12 @@ fn rejected_forms() {
         // Values.
         ("INSERT INTO t (id, v) VALUES (1, DEFAULT), (2, 3)", r::DEFAULT_VALUE),
         ("UPDATE t SET v = DEFAULT WHERE id = 1", r::DEFAULT_VALUE),
-        ("INSERT INTO t (id, at) VALUES (1, now())", r::FUNCTION),
-        ("INSERT INTO t (id) VALUES (gen_random_uuid())", r::FUNCTION),
-        ("INSERT INTO t (id, at) VALUES (1, CURRENT_TIMESTAMP)", r::FUNCTION),
+        ("INSERT INTO t (id, at) VALUES (1, now(1))", r::FUNCTION),
+        ("INSERT INTO t (id) VALUES (uuid_generate_v4())", r::FUNCTION),
+        ("INSERT INTO t (id, at) VALUES (1, CURRENT_TIMESTAMP(3))", r::FUNCTION),
+        ("INSERT INTO t (id, at) VALUES (1, public.now())", r::FUNCTION),
+        ("INSERT INTO t (id, who) VALUES (1, CURRENT_USER)", r::FUNCTION),
+        ("INSERT INTO t (id, at) VALUES (1, now() + interval '1 day')", r::FUNCTION),
         ("INSERT INTO t (id, v) VALUES (1, lower($1)::text)", r::FUNCTION),
         ("INSERT INTO t (id, v) VALUES (1, (SELECT max(v) FROM u))", r::SUBQUERY),
         ("INSERT INTO t (id, at) VALUES (1, 'now')", r::CLOCK_LITERAL),
@@ -507,8 +510,8 @@ fn rejected_forms() {
         ("DELETE FROM t WHERE other.t.id = 1", r::COLUMN_REFERENCE),
         ("DELETE FROM s.t WHERE other.t.id = 1", r::COLUMN_REFERENCE),
         // Precedence: statement clauses first, then SET, then WHERE.
-        ("UPDATE t SET v = now() WHERE id > 1 RETURNING 1", r::RETURNING),
-        ("UPDATE t SET v = now() WHERE id > 1", r::FUNCTION),
+        ("UPDATE t SET v = random() WHERE id > 1 RETURNING 1", r::RETURNING),
+        ("UPDATE t SET v = random() WHERE id > 1", r::FUNCTION),
         ("UPDATE t SET v = 1 FROM u", r::FROM_OR_USING),
     ];
     for (sql, expected) in cases {
@@ -595,4 +598,44 @@ fn shape_counts_in_the_memo_weight() {
     // A rejected shape holds no heap; the key of an accepted one does.
     let rejected = analyze("DELETE FROM t WHERE id > 1").approx_bytes();
     assert!(rejected < small);
+}
+
+#[test]
+fn clock_functions_are_values() {
+    let clock = |c| Value {
+        operand: Operand::Clock(c),
+        cast: None,
+    };
+    let cases = [
+        ("now()", Clock::TransactionStart),
+        ("pg_catalog.now()", Clock::TransactionStart),
+        ("CURRENT_TIMESTAMP", Clock::TransactionStart),
+        ("transaction_timestamp()", Clock::TransactionStart),
+        ("statement_timestamp()", Clock::StatementStart),
+        ("clock_timestamp()", Clock::Now),
+        ("LOCALTIMESTAMP", Clock::LocalTimestamp),
+        ("CURRENT_DATE", Clock::CurrentDate),
+        ("CURRENT_TIME", Clock::CurrentTime),
+        ("LOCALTIME", Clock::LocalTime),
+        ("gen_random_uuid()", Clock::RandomUuid),
+    ];
+    for (call, c) in cases {
+        let sql = format!("INSERT INTO t (id, at) VALUES (1, {call})");
+        assert_eq!(
+            shape(&sql),
+            Ok(ins("t", &["id", "at"], vec![vec![lit("1"), clock(c)]])),
+            "{sql}"
+        );
+    }
+    assert_eq!(
+        shape("UPDATE t SET at = now()::timestamptz WHERE id = 1"),
+        Ok(upd(
+            "t",
+            vec![(
+                "at",
+                Assign::Set(cast(clock(Clock::TransactionStart), "timestamptz"))
+            )],
+            vec![("id", lit("1"))]
+        ))
+    );
 }

@@ -8,12 +8,12 @@
 //! back as the same type (else the expression is not a value).
 
 use pg_query::NodeEnum;
-use pg_query::protobuf::{AExprKind, Node, TypeName, a_const};
+use pg_query::protobuf::{AExprKind, FuncCall, Node, SqlValueFunctionOp, TypeName, a_const};
 
 use super::super::tree::{self, Tree};
 use super::super::walk::is_time_word;
 use super::reason as r;
-use super::{Operand, Value};
+use super::{Clock, Operand, Value};
 
 /// A constant or `$n`, maybe cast. `otherwise` is the reason when it is neither and
 /// contains no function or subquery.
@@ -63,6 +63,19 @@ fn operand(n: Option<&NodeEnum>) -> Option<Operand> {
             .ok()
             .filter(|n| *n > 0)
             .map(Operand::Param),
+        NodeEnum::FuncCall(f) => clock_call(f).map(Operand::Clock),
+        NodeEnum::SqlvalueFunction(f) => {
+            let clock = match SqlValueFunctionOp::try_from(f.op).ok()? {
+                SqlValueFunctionOp::SvfopCurrentTimestamp => Clock::TransactionStart,
+                SqlValueFunctionOp::SvfopLocaltimestamp => Clock::LocalTimestamp,
+                SqlValueFunctionOp::SvfopCurrentDate => Clock::CurrentDate,
+                SqlValueFunctionOp::SvfopCurrentTime => Clock::CurrentTime,
+                SqlValueFunctionOp::SvfopLocaltime => Clock::LocalTime,
+                // With a precision (rounded), or the session's user, role, schema…
+                _ => return None,
+            };
+            Some(Operand::Clock(clock))
+        }
         // The grammar already folds `-5` and `-1.5` into the constant; an explicit
         // unary minus or plus over a number can still reach here.
         NodeEnum::AExpr(e) if e.kind == AExprKind::AexprOp as i32 && e.lexpr.is_none() => {
@@ -93,6 +106,41 @@ fn operand(n: Option<&NodeEnum>) -> Option<Operand> {
         }
         _ => None,
     }
+}
+
+/// A call of one of the [`Clock`] functions without arguments, by its bare or
+/// `pg_catalog.` name: plain call syntax only (no aggregate or window decoration).
+fn clock_call(f: &FuncCall) -> Option<Clock> {
+    if !f.args.is_empty()
+        || !f.agg_order.is_empty()
+        || f.agg_filter.is_some()
+        || f.over.is_some()
+        || f.agg_within_group
+        || f.agg_star
+        || f.agg_distinct
+        || f.func_variadic
+    {
+        return None;
+    }
+    let names: Vec<&str> = f
+        .funcname
+        .iter()
+        .map(|n| match n.node.as_ref() {
+            Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let name = match names.as_slice() {
+        [name] | ["pg_catalog", name] => *name,
+        _ => return None,
+    };
+    Some(match name {
+        "now" | "transaction_timestamp" => Clock::TransactionStart,
+        "statement_timestamp" => Clock::StatementStart,
+        "clock_timestamp" => Clock::Now,
+        "gen_random_uuid" => Clock::RandomUuid,
+        _ => return None,
+    })
 }
 
 /// The text PostgreSQL's input function would get for a constant. Bit strings
@@ -242,7 +290,7 @@ impl Value {
     pub(super) fn heap_bytes(&self) -> usize {
         let literal = match &self.operand {
             Operand::Literal(Some(text)) => text.len(),
-            Operand::Literal(None) | Operand::Param(_) => 0,
+            Operand::Literal(None) | Operand::Param(_) | Operand::Clock(_) => 0,
         };
         literal + self.cast.as_ref().map_or(0, String::len)
     }

@@ -12,11 +12,15 @@
 //! only ever answered locally, and misses captured.
 //!
 //! Inside a held transaction (`held/`) every message waits for its Sync: nothing goes
-//! upstream while the transaction is spillway's.
+//! upstream while the transaction is spillway's (but a named Parse, below: prepared
+//! statements are not transactional).
 //!
 //! Named statements are always prepared upstream (their names share PostgreSQL's
 //! namespace with SQL PREPARE); only the unnamed one is answered locally, and it is
-//! re-parsed upstream before any forwarded message uses it.
+//! re-parsed upstream before any forwarded message uses it. A named statement's Parse
+//! that opens a cycle and prepares a deferrable write goes upstream alone (and a
+//! Describe of it after), ahead of the rest of the cycle, which is still held for its
+//! Sync (`route::forwarded_parses`).
 //!
 //! Invariants:
 //! - A held message is one spillway may still answer; an error PostgreSQL would raise
@@ -67,7 +71,8 @@ pub struct Cycle {
     /// describes what the fill's Execute runs.
     fill_unnamed: bool,
     /// Named statements the cycle parsed upstream, maybe not confirmed yet: what a
-    /// later Bind in the cycle executes, for its barrier.
+    /// later Bind in the cycle executes, for its barrier (and, for Parses forwarded
+    /// ahead of a cycle still held, for its decision at the Sync).
     named: Vec<(String, Arc<Stmt>)>,
     /// What the held messages get from the cache, while every one of them may.
     local: Option<Local>,
@@ -82,6 +87,9 @@ pub struct Cycle {
     /// Parameters (formats and values) of the last Bind of the unnamed portal that
     /// went upstream, when its statement writes: the keys its Execute changes.
     bound: Option<Bytes>,
+    /// The held cycle's writes were counted as fallbacks (not again when it is offered
+    /// again, after a held transaction moved upstream).
+    pub counted: bool,
 }
 
 impl Cycle {
@@ -91,6 +99,7 @@ impl Cycle {
         self.held_bytes = 0;
         self.local = None;
         self.shape = Shape::default();
+        self.counted = false;
     }
 
     /// The cycle's Sync went upstream: the next cycle starts.
@@ -143,6 +152,17 @@ impl Caching {
             }
             self.cycle.hold(msg);
             self.forward_held(out);
+            return Disposition::Consumed;
+        }
+        // A Parse of a named statement that opens its cycle and prepares a deferrable
+        // write goes upstream alone (its name is PostgreSQL's), the rest of the cycle
+        // held for its Sync: an executemany that prepares its statement in the same
+        // pipelined cycle (psycopg) may still be deferred (`route::forwarded_parses`).
+        if self.cycle.held.is_empty() && self.ahead_of_cycle(tag, msg) {
+            self.send_extended(msg, true, out, false, &mut None);
+            // PostgreSQL sends its answer at a Flush (or Sync): the cycle's decision
+            // waits for it.
+            out.release(frontend::FLUSH_MESSAGE);
             return Disposition::Consumed;
         }
         if self.tx.held.is_some() {
@@ -230,10 +250,17 @@ impl Caching {
         if let Some(closed) = self.release_before(self.cycle.held.iter().map(|m| &m[..])) {
             return self.wait_released(closed);
         }
-        if self.answer_planned(out) {
+        // Parses that went upstream ahead of the cycle first (a local answer must not
+        // leave PostgreSQL's implicit transaction open behind it).
+        let refused = match self.forwarded_parses(out) {
+            Some(Some(d)) => return d,
+            Some(None) => true,
+            None => false,
+        };
+        if !refused && self.answer_planned(out) {
             return Disposition::Consumed;
         }
-        if let Some(d) = self.route_cycle(out) {
+        if !refused && let Some(d) = self.route_cycle(out) {
             return d;
         }
         let status = out.tx_status();
@@ -464,6 +491,34 @@ impl Caching {
         let (fixed, rest) = parts.split_at(4);
         self.key
             .get_memo(&self.cache.results, &stmt.key_hash, b'X', fixed, rest)
+    }
+
+    /// Whether `msg` (the cycle holding nothing yet) goes upstream ahead of its cycle:
+    /// a Parse of a named statement that is a deferrable write on a deferred table, or
+    /// a Describe of a statement such a Parse prepared in this cycle (psycopg
+    /// describes what it prepares). Not in a held transaction that failed.
+    fn ahead_of_cycle(&self, tag: u8, msg: &[u8]) -> bool {
+        if self.writes.is_none()
+            || self.tracker.desynced
+            || self.tx.held.as_ref().is_some_and(|h| h.failed)
+        {
+            return false;
+        }
+        match tag {
+            frontend::PARSE => match frontend::parse(frontend::body(msg)) {
+                Some(p) if !p.name.is_empty() => {
+                    let stmt = self.statement(&p, msg, None);
+                    self.may_defer(&stmt.analysis)
+                }
+                _ => false,
+            },
+            frontend::DESCRIBE => frontend::target(frontend::body(msg)).is_some_and(|t| {
+                t.kind == b'S'
+                    && !t.name.is_empty()
+                    && self.cycle.named.iter().any(|(n, _)| n == t.name)
+            }),
+            _ => false,
+        }
     }
 
     /// The statement a Parse message defines (`None`: not a Parse, or malformed).

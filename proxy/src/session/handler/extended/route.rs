@@ -110,7 +110,11 @@ impl Caching {
                     let stmt = if b.statement.is_empty() {
                         unnamed(&s)
                     } else {
-                        self.stmts.named(b.statement).cloned()
+                        // Maybe parsed ahead of this cycle, not confirmed yet.
+                        self.stmts
+                            .named(b.statement)
+                            .cloned()
+                            .or_else(|| named_in(&self.cycle.named, b.statement))
                     };
                     s.bound = stmt;
                     s.executed = false;
@@ -348,16 +352,49 @@ impl Caching {
                     match routed {
                         Routed::Here(d) => return Some(d),
                         Routed::Counted => {}
-                        Routed::Elsewhere => {
+                        Routed::Elsewhere if !self.cycle.counted => {
                             let ran: Vec<&Analysis> =
                                 ran.iter().map(|s| s.analysis.as_ref()).collect();
                             self.note_pipelined(&ran);
+                            self.cycle.counted = true;
                         }
+                        Routed::Elsewhere => {}
                     }
                 }
                 self.route_writes(&refs, single, out)
             }
         }
+    }
+
+    /// At the Sync of a held cycle whose named Parses went upstream ahead of it
+    /// (`on_extended`): PostgreSQL runs them in an implicit transaction. Once their
+    /// answers are in, a Sync of spillway's own ends it, and the cycle is then decided
+    /// as one of statements prepared before (`None` of the outer option: go on). If
+    /// PostgreSQL refused a Parse it skips the rest of the cycle, as it would have: the
+    /// held messages and the Sync go upstream (`Some(None)`), and a held transaction
+    /// fails, as PostgreSQL's would have.
+    pub(super) fn forwarded_parses(&mut self, out: &mut Outbox) -> Option<Option<Disposition>> {
+        if self.cycle.named.is_empty() || self.cycle.upstream {
+            return None;
+        }
+        if self.tracker.awaits_answers() {
+            self.wait = super::super::wait::Wait::quiet(&self.quiet, self.wait.carry());
+            return Some(Some(Disposition::Blocked));
+        }
+        if self.tracker.is_skipping() {
+            if let Some(held) = self.tx.held.as_mut() {
+                held.failed = true;
+                self.tx
+                    .held_cycles
+                    .push_back(self.tracker.next_ready_index());
+            }
+            return Some(None);
+        }
+        self.cycle.named.clear();
+        out.internal_query(frontend::SYNC_MESSAGE);
+        self.tracker.push(super::super::tracker::Expect::OwnSync);
+        self.wait = super::super::wait::Wait::quiet(&self.quiet, self.wait.carry());
+        Some(Some(Disposition::Blocked))
     }
 
     /// Before extended-protocol messages go upstream without waiting for their Sync
