@@ -6,6 +6,12 @@
 //! - The decision and the overlay update happen under one lock, so two sessions
 //!   cannot both insert one key; the overlay is undone on the live entries if the
 //!   append fails.
+//! - Records of one key are journaled in the order they were decided: a deferral
+//!   decided against another's reservation (an UPDATE of a key an INSERT in flight
+//!   made exist) is appended only once that one is journaled, so its sequence number
+//!   is higher and the flusher applies them in that order; if that one gives up (its
+//!   reservations undone first), this one is decided again. Deferrals of other keys
+//!   are not held up.
 //! - A transaction is journaled as one record, so the flusher applies it whole, in
 //!   one upstream transaction, or not at all.
 //! - A held transaction is journaled only if every statement still has the row counts
@@ -21,13 +27,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::decide::{
     self, Applied, Converted, Indexed, Outcome, Tables, TxOutcome, TxStatement, exact,
 };
 use super::keys::KeyIndex;
-use super::state::{Known, Slot, State};
+use super::state::{Known, Reserved, Settlement, Slot, State};
 use super::table::Verb;
 use super::table_set::InFlight;
 use super::{Checks, DeferError, Engine, Log};
@@ -36,6 +42,46 @@ use crate::writes::Record;
 
 /// Appends refused for a conflict before the last one's refusal reaches the client.
 const CONFLICT_ATTEMPTS: usize = 200;
+
+/// A deferral's place among the deferrals of its keys (see the module invariants).
+struct Order {
+    /// Its reservations in the overlay, undone if it fails.
+    reserved: Reserved,
+    slots: Vec<Slot>,
+    /// Deferrals of its keys decided before it and not settled when it was decided.
+    earlier: Vec<watch::Receiver<Settlement>>,
+    settle: watch::Sender<Settlement>,
+    mine: watch::Receiver<Settlement>,
+}
+
+impl Order {
+    /// Waits for the earlier deferrals; false if one of them gave up.
+    async fn earlier_journaled(&self) -> bool {
+        for rx in &self.earlier {
+            let mut rx = rx.clone();
+            match rx.wait_for(|s| *s != Settlement::Appending).await {
+                Ok(s) if *s == Settlement::Journaled => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Settles it, under the state lock: if it failed its reservations are undone
+    /// first, so a later deferral that waited for it decides against the overlay
+    /// without them.
+    fn finish(self, state: &mut State, journaled: bool) {
+        if !journaled {
+            state.unreserve(self.reserved);
+        }
+        state.settled(self.slots.iter(), &self.mine);
+        self.settle.send_replace(if journaled {
+            Settlement::Journaled
+        } else {
+            Settlement::Failed
+        });
+    }
+}
 
 impl<C: Checks, L: Log> Engine<C, L> {
     /// Decides and journals a deferrable statement of role `user` on `table`; returns
@@ -144,7 +190,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (decision, reserved, key) = {
+            let (decision, order, key) = {
                 let (mut state, indexed) = self.lock_answered(&stmts, &tables, &mut known).await?;
                 let decision = match decide::decide(&state, &indexed, &stmts, &tables, &known) {
                     // The client was told its INSERT succeeded: that no longer holds.
@@ -165,10 +211,19 @@ impl<C: Checks, L: Log> Engine<C, L> {
                             .to_owned(),
                     ));
                 }
-                let reserved = if decision.ops.is_empty() {
-                    Vec::new()
+                let (settle, mine) = watch::channel(Settlement::Appending);
+                let (reserved, earlier) = if decision.ops.is_empty() {
+                    (Vec::new(), Vec::new())
                 } else {
-                    state.reserve(&decision.after)
+                    let reserved = state.reserve(&decision.after);
+                    (reserved, state.order_after(&decision.after, &mine))
+                };
+                let order = Order {
+                    reserved,
+                    slots: decision.after.keys().cloned().collect(),
+                    earlier,
+                    settle,
+                    mine,
                 };
                 // One key: the log may compare-and-set on it (`Log::append_keyed`),
                 // against what it had of the key when the decision was taken.
@@ -181,7 +236,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
                     _ => None,
                 };
                 drop(state);
-                (decision, reserved, key)
+                (decision, order, key)
             };
             if decision.ops.is_empty() {
                 return Ok(TxOutcome {
@@ -196,10 +251,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
                 .collect();
             assumed.sort_unstable();
             let record = Record { ops: decision.ops };
-            let (result, back) = self.append(record, inflight, assumed, key).await;
-            if result.is_err() {
-                self.state().unreserve(reserved);
-            }
+            let (result, back) = self.append(record, inflight, assumed, key, order).await;
             match (result, back) {
                 (Err(DeferError::Journal(JournalError::Conflict(_))), Some(back))
                     if attempt < CONFLICT_ATTEMPTS =>
@@ -216,27 +268,39 @@ impl<C: Checks, L: Log> Engine<C, L> {
         }
     }
 
-    /// Journals `record`; returns once it is durable and pending.
-    /// A refused append (a conflict) hands `inflight` back for the next attempt.
+    /// Journals `record` after the deferrals of its keys decided before it (`order`);
+    /// returns once it is durable and pending. A refused append (a conflict, or an
+    /// earlier deferral of its keys that gave up) hands `inflight` back for the next
+    /// attempt. Its reservations are undone, if it fails, before it settles.
     async fn append(
         self: &Arc<Self>,
         record: Record,
         inflight: Vec<InFlight<C, L>>,
         assumed: Vec<String>,
         key: Option<(String, u64)>,
+        order: Order,
     ) -> (Result<u64, DeferError>, Option<Vec<InFlight<C, L>>>) {
         let payload = match record.encode() {
             Ok(p) => Bytes::from(p),
-            Err(e) => return (Err(DeferError::Encode(e.to_string())), None),
+            Err(e) => {
+                order.finish(&mut self.state(), false);
+                return (Err(DeferError::Encode(e.to_string())), None);
+            }
         };
         let (tx, rx) = oneshot::channel();
         let this = self.clone();
         let record = Arc::new(record);
         // Spawned: see the module invariants of `engine`.
         tokio::spawn(async move {
-            let result = this.log.append_keyed(payload, key).await;
+            let result = if order.earlier_journaled().await {
+                this.log.append_keyed(payload, key).await
+            } else {
+                Err(JournalError::Conflict(
+                    "an earlier write of the same key was not journaled".to_owned(),
+                ))
+            };
+            let mut state = this.state();
             if let Ok(seq) = result {
-                let mut state = this.state();
                 // Under the lock that makes the record pending: the flusher never sees
                 // it without knowing how it was acknowledged.
                 for table in assumed {
@@ -244,10 +308,11 @@ impl<C: Checks, L: Log> Engine<C, L> {
                     *at = (*at).max(seq);
                 }
                 state.note_pending(seq, record);
-                drop(state);
-                if this.until_due().is_zero() {
-                    this.wake.notify_one();
-                }
+            }
+            order.finish(&mut state, result.is_ok());
+            drop(state);
+            if result.is_ok() && this.until_due().is_zero() {
+                this.wake.notify_one();
             }
             // Pending (or failed) now, whether or not the client still waits; a
             // conflict's caller decides again, still in flight.

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::writes::Record;
@@ -68,6 +69,22 @@ pub struct State {
     pub forgotten_floor: u64,
     /// Deferrals per table decided but not yet pending or given up (`InFlight`).
     pub inflight: HashMap<String, usize>,
+    /// Per key, the last deferral that reserved it and whose record is not journaled
+    /// yet (or given up): a later deferral of the key was decided against that
+    /// reservation, so it is appended only after it settles (`order_after`).
+    pub appending: HashMap<Slot, watch::Receiver<Settlement>>,
+}
+
+/// Where a deferral's record is, for the deferrals of its keys decided after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Decided and reserved; the append has not answered.
+    Appending,
+    /// Durable and pending: a later record of its keys gets a higher sequence number.
+    Journaled,
+    /// Given up (refused, or an earlier deferral of its keys gave up): its
+    /// reservations were undone first, so a deferral decided after it decides again.
+    Failed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,6 +153,46 @@ impl State {
             reserved.push((slot.clone(), old));
         }
         reserved
+    }
+
+    /// Registers the deferral `mine` of the keys of `after`, decided and reserved under
+    /// this lock; returns the deferrals of those keys decided before it and not settled
+    /// yet, whose records must be journaled before its own: its row counts assumed
+    /// them (the journal's order is the order the flusher applies).
+    pub fn order_after(
+        &mut self,
+        after: &HashMap<Slot, bool>,
+        mine: &watch::Receiver<Settlement>,
+    ) -> Vec<watch::Receiver<Settlement>> {
+        let mut earlier: Vec<watch::Receiver<Settlement>> = Vec::new();
+        for slot in after.keys() {
+            if let Some(prev) = self.appending.get(slot)
+                && *prev.borrow() == Settlement::Appending
+                && !earlier.iter().any(|e| e.same_channel(prev))
+            {
+                earlier.push(prev.clone());
+            }
+            self.appending.insert(slot.clone(), mine.clone());
+        }
+        earlier
+    }
+
+    /// The deferral `mine` settled: its keys no longer order later deferrals (unless a
+    /// later one took them over).
+    pub fn settled<'a>(
+        &mut self,
+        slots: impl Iterator<Item = &'a Slot>,
+        mine: &watch::Receiver<Settlement>,
+    ) {
+        for slot in slots {
+            if self
+                .appending
+                .get(slot)
+                .is_some_and(|r| r.same_channel(mine))
+            {
+                self.appending.remove(slot);
+            }
+        }
     }
 
     /// Undoes reservations of an append that failed, on the live entries, not by

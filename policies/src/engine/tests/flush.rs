@@ -173,6 +173,78 @@ async fn never_past_a_gap() {
     assert_eq!(h.batches(), vec![vec![1, 2]]);
 }
 
+/// A write decided against another's reservation of its key (an UPDATE of a key an
+/// INSERT in flight made exist) is journaled after it, even when its own append would
+/// finish first: the flusher applies journal order, and UPDATE 1 was the answer.
+/// Mutation: `order.earlier_journaled()` not awaited before the append (the UPDATE
+/// overtakes the INSERT, gets sequence number 1 and finds no row).
+#[tokio::test(start_paused = true)]
+async fn a_write_on_a_key_in_flight_is_journaled_after_it() {
+    let h = Harness::new(one(), slow());
+    h.log().stall_next();
+    let engine = h.engine.clone();
+    let inserting =
+        tokio::spawn(async move { engine.defer(USER, "public.t", insert("t", 7)).await });
+    after(1).await;
+    // A write of another key is not held up by the stalled one.
+    let other = h.defer("t", insert("t", 8)).await;
+    assert_eq!(other.seq, Some(1), "another key waits for nothing");
+    let engine = h.engine.clone();
+    let updating =
+        tokio::spawn(async move { engine.defer(USER, "public.t", update("t", 7)).await });
+    after(1).await;
+    h.log().unstall();
+    let (insert, update) = match (inserting.await, updating.await) {
+        (Ok(Ok(i)), Ok(Ok(u))) => (i, u),
+        other => panic!("deferrals: {other:?}"),
+    };
+    assert_eq!(update.rows, 1, "the INSERT in flight made the key exist");
+    assert!(
+        insert.seq < update.seq,
+        "journal order {:?} then {:?}: the UPDATE would be applied before its row exists",
+        insert.seq,
+        update.seq
+    );
+    let _ = h.engine.wait_applied(3).await;
+    assert!(h.db().dead.is_empty(), "dead letters: {:?}", h.db().dead);
+}
+
+/// An earlier deferral of the key that gives up (its append refused) makes the later
+/// one decide again without it: an UPDATE decided against an INSERT that never got
+/// journaled finds no row, and says so (UPDATE 0), instead of journaling an UPDATE
+/// of a key that does not exist.
+/// Mutation: `Order::finish` settles without undoing the reservations first.
+#[tokio::test(start_paused = true)]
+async fn a_write_on_a_key_whose_earlier_write_failed_is_decided_again() {
+    let h = Harness::new(one(), slow());
+    h.log().stall_next();
+    let engine = h.engine.clone();
+    let inserting =
+        tokio::spawn(async move { engine.defer(USER, "public.t", insert("t", 7)).await });
+    after(1).await;
+    let engine = h.engine.clone();
+    let updating =
+        tokio::spawn(async move { engine.defer(USER, "public.t", update("t", 7)).await });
+    after(1).await;
+    // The INSERT's append is refused (journal full) once it goes on.
+    h.log().full.store(true, Ordering::SeqCst);
+    h.log().unstall();
+    after(1).await;
+    h.log().full.store(false, Ordering::SeqCst);
+    let (insert, update) = match (inserting.await, updating.await) {
+        (Ok(i), Ok(u)) => (i, u),
+        other => panic!("tasks: {other:?}"),
+    };
+    assert!(
+        insert.is_err(),
+        "the INSERT's append was refused: {insert:?}"
+    );
+    match update {
+        Ok(u) => assert_eq!(u.rows, 0, "decided again, the key does not exist: {u:?}"),
+        Err(e) => panic!("the UPDATE should be decided again, not fail: {e}"),
+    }
+}
+
 /// Nothing beyond the journal's durable sequence number is applied.
 /// Mutation: the `*seq > durable` check dropped from `next_batch`.
 #[tokio::test(start_paused = true)]

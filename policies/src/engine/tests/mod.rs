@@ -77,6 +77,14 @@ pub struct Db {
 
 pub type SharedDb = Arc<Mutex<Db>>;
 
+/// A test mutex's guard, poisoned or not.
+fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 pub fn lock(db: &SharedDb) -> MutexGuard<'_, Db> {
     match db.lock() {
         Ok(g) => g,
@@ -293,6 +301,10 @@ pub struct MemoryLog {
     pub full: AtomicBool,
     held: Mutex<HashMap<u64, Arc<Notify>>>,
     pub confirmed: AtomicU64,
+    /// Set by [`Self::stall_next`]: the next append waits on it before it takes a
+    /// sequence number.
+    stall: Mutex<Option<Arc<Notify>>>,
+    stalled: Mutex<Option<Arc<Notify>>>,
 }
 
 impl MemoryLog {
@@ -321,6 +333,19 @@ impl MemoryLog {
         held.get(&seq).cloned()
     }
 
+    /// The next append waits for [`Self::unstall`] before it takes its sequence
+    /// number: a log whose submission is slow (a full queue to the writer, a publish
+    /// in flight), so that a later append can overtake it.
+    pub fn stall_next(&self) {
+        *guard(&self.stall) = Some(Arc::new(Notify::new()));
+    }
+
+    pub fn unstall(&self) {
+        if let Some(gate) = guard(&self.stalled).take() {
+            gate.notify_one();
+        }
+    }
+
     /// Everything appended so far becomes durable.
     pub fn sync(&self) {
         self.durable
@@ -330,6 +355,11 @@ impl MemoryLog {
 
 impl Log for MemoryLog {
     async fn append(&self, _payload: Bytes) -> Result<u64, JournalError> {
+        let stall = guard(&self.stall).take();
+        if let Some(gate) = stall {
+            *guard(&self.stalled) = Some(gate.clone());
+            gate.notified().await;
+        }
         if self.full.load(Ordering::SeqCst) {
             return Err(JournalError::Full {
                 bytes: 10,
