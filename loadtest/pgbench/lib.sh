@@ -138,6 +138,18 @@ start_spillway() { # name [extra TOML] -> sets SW_PORT and SW_METRICS (its /metr
   local metrics_port
   metrics_port=$(free_port)
   SW_METRICS="http://127.0.0.1:$metrics_port/metrics"
+  # INVALIDATION and CACHE_TTL go into the [cache] table, the extra TOML's own if it
+  # has one (a second [cache] header would make the file invalid).
+  local cache_keys="" extra=${2:-}
+  [ -n "${INVALIDATION:-}" ] && cache_keys+="invalidation = \"$INVALIDATION\""$'\n'
+  [ -n "${CACHE_TTL:-}" ] && cache_keys+="ttl = \"$CACHE_TTL\""$'\n'
+  if [ -n "$cache_keys" ]; then
+    if grep -qx '\[cache\]' <<<"$extra"; then
+      extra=$(awk -v keys="$cache_keys" '{ print } $0 == "[cache]" { printf "%s", keys }' <<<"$extra")
+    else
+      extra="[cache]"$'\n'"$cache_keys$extra"
+    fi
+  fi
   cat > "$WORK/$1.toml" <<CONF
 [server]
 listen = "127.0.0.1:$SW_PORT"
@@ -151,10 +163,7 @@ ${JOURNAL_EXTRA:-}
 listen = "127.0.0.1:$metrics_port"
 [log]
 level = "warn"
-$([ -n "${INVALIDATION:-}${CACHE_TTL:-}" ] && printf '[cache]\n')
-$([ -n "${INVALIDATION:-}" ] && printf 'invalidation = "%s"\n' "$INVALIDATION")
-$([ -n "${CACHE_TTL:-}" ] && printf 'ttl = "%s"\n' "$CACHE_TTL")
-${2:-}
+${extra}
 CONF
   "$bin" run --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
   PIDS+=($!)
