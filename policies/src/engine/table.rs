@@ -37,6 +37,20 @@ impl Verb {
     }
 }
 
+/// Column defaults spillway evaluates or answers itself (ADR 0030).
+#[derive(Debug, Clone, Default)]
+pub struct Defaults {
+    /// Columns whose default is a clock or random function (`now()`,
+    /// `CURRENT_TIMESTAMP`, `gen_random_uuid()` …), with the default as `pg_get_expr`
+    /// prints it: an INSERT that leaves one out gets the value at acknowledgement,
+    /// filled in by the proxy (a default evaluated at flush time would differ;
+    /// ADR 0030).
+    pub clock: Vec<(String, String)>,
+    /// Columns whose default is a constant of the column's own type, with its value's
+    /// input text (`None`: NULL): what an INSERT leaving one out stores, for RETURNING.
+    pub constant: Vec<(String, Option<String>)>,
+}
+
 /// A deferred table: its policy and its catalog facts.
 #[derive(Debug, Clone)]
 pub struct DeferredTable {
@@ -50,15 +64,8 @@ pub struct DeferredTable {
     /// NOT NULL columns, and those of them an INSERT must give (no default).
     pub not_null: Vec<String>,
     pub required: Vec<String>,
-    /// Columns whose default is a clock or random function (`now()`,
-    /// `CURRENT_TIMESTAMP`, `gen_random_uuid()` …), with the default as `pg_get_expr`
-    /// prints it: an INSERT that leaves one out gets the value at acknowledgement,
-    /// filled in by the proxy (a default evaluated at flush time would differ;
-    /// ADR 0030).
-    pub clock_defaults: Vec<(String, String)>,
-    /// Columns whose default is a constant of the column's own type, with its value's
-    /// input text (`None`: NULL): what an INSERT leaving one out stores, for RETURNING.
-    pub constant_defaults: Vec<(String, Option<String>)>,
+    /// What an INSERT that leaves a column out stores, where spillway can know it.
+    pub defaults: Defaults,
     /// The enum types among the columns' (their values print as their labels).
     pub enum_types: Vec<u32>,
     /// The primary-key constraint's name, for 23505 errors spillway reports itself.

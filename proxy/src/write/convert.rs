@@ -153,7 +153,8 @@ fn insert(
     // when the statement is decided, as PostgreSQL would have evaluated it then (not
     // the flush's time).
     let filled: Vec<(&String, Option<Clock>)> = table
-        .clock_defaults
+        .defaults
+        .clock
         .iter()
         .filter(|(c, _)| !columns.contains(c))
         .map(|(c, e)| (c, super::tables::clock_default(e)))

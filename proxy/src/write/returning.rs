@@ -410,7 +410,8 @@ fn supplied<'a>(op: &'a RowOp, table: &'a DeferredTable) -> Vec<(&'a str, Option
             // Columns left to a constant default store its value.
             out.extend(
                 table
-                    .constant_defaults
+                    .defaults
+                    .constant
                     .iter()
                     .filter(|(c, _)| !columns.contains(c))
                     .map(|(c, v)| (c.as_str(), v.as_deref())),

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-pub use spillway_policies::engine::{Column, DeferredTable, KeySequence};
+pub use spillway_policies::engine::{Column, Defaults, DeferredTable, KeySequence};
 use spillway_policies::writes::TableMeta;
 use spillway_policies::writes::plan::ident;
 use spillway_policies::{Policy, TableConfig, TableName};
@@ -184,8 +184,10 @@ async fn describe(
         typmods: columns.iter().map(|c| (c.name.clone(), c.typmod)).collect(),
         not_null,
         required,
-        clock_defaults,
-        constant_defaults,
+        defaults: Defaults {
+            clock: clock_defaults,
+            constant: constant_defaults,
+        },
         enum_types,
         pkey_name,
         exists_sql,

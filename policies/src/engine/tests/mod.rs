@@ -16,24 +16,27 @@ mod reload;
 mod room;
 mod upsert;
 
+pub use log::MemoryLog;
+
+mod log;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{Chunk, Cursor, KeyKind};
 use super::upstream::{
-    ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, Log, Sink,
+    ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, Sink,
 };
 use super::{Converted, DeferredTable, Engine, Verb};
-use crate::journal::JournalError;
 use crate::writes::{Assign, AssignOp, RowOp, TableMeta, Val};
 use crate::{FlushConfig, Policy, TableConfig};
 
@@ -76,14 +79,6 @@ pub struct Db {
 }
 
 pub type SharedDb = Arc<Mutex<Db>>;
-
-/// A test mutex's guard, poisoned or not.
-fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
 
 pub fn lock(db: &SharedDb) -> MutexGuard<'_, Db> {
     match db.lock() {
@@ -290,114 +285,6 @@ impl Checks for FakeChecks {
     }
 }
 
-/// A journal in memory: sequence numbers in append order, durable at once unless
-/// `lag` is set; an append whose number is held completes only when released.
-#[derive(Default)]
-pub struct MemoryLog {
-    next: AtomicU64,
-    durable: AtomicU64,
-    pub lag: AtomicBool,
-    /// Appends fail with `Full` (`journal.max_bytes`) while set.
-    pub full: AtomicBool,
-    held: Mutex<HashMap<u64, Arc<Notify>>>,
-    pub confirmed: AtomicU64,
-    /// Set by [`Self::stall_next`]: the next append waits on it before it takes a
-    /// sequence number.
-    stall: Mutex<Option<Arc<Notify>>>,
-    stalled: Mutex<Option<Arc<Notify>>>,
-}
-
-impl MemoryLog {
-    /// The append that gets `seq` completes only after [`Self::release`].
-    pub fn hold(&self, seq: u64) {
-        self.gate(seq);
-    }
-
-    pub fn release(&self, seq: u64) {
-        self.gate(seq).notify_one();
-    }
-
-    fn gate(&self, seq: u64) -> Arc<Notify> {
-        let mut held = match self.held.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        held.entry(seq).or_default().clone()
-    }
-
-    fn gate_if_held(&self, seq: u64) -> Option<Arc<Notify>> {
-        let held = match self.held.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        held.get(&seq).cloned()
-    }
-
-    /// The next append waits for [`Self::unstall`] before it takes its sequence
-    /// number: a log whose submission is slow (a full queue to the writer, a publish
-    /// in flight), so that a later append can overtake it.
-    pub fn stall_next(&self) {
-        *guard(&self.stall) = Some(Arc::new(Notify::new()));
-    }
-
-    pub fn unstall(&self) {
-        if let Some(gate) = guard(&self.stalled).take() {
-            gate.notify_one();
-        }
-    }
-
-    /// Everything appended so far becomes durable.
-    pub fn sync(&self) {
-        self.durable
-            .fetch_max(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
-    }
-}
-
-impl Log for MemoryLog {
-    async fn append(&self, _payload: Bytes) -> Result<u64, JournalError> {
-        let stall = guard(&self.stall).take();
-        if let Some(gate) = stall {
-            *guard(&self.stalled) = Some(gate.clone());
-            gate.notified().await;
-        }
-        if self.full.load(Ordering::SeqCst) {
-            return Err(JournalError::Full {
-                bytes: 10,
-                max_bytes: 10,
-            });
-        }
-        let seq = self.next.fetch_add(1, Ordering::SeqCst) + 1;
-        if !self.lag.load(Ordering::SeqCst) {
-            self.durable.fetch_max(seq, Ordering::SeqCst);
-        }
-        if let Some(gate) = self.gate_if_held(seq) {
-            gate.notified().await;
-        }
-        Ok(seq)
-    }
-
-    async fn confirm(&self, seq: u64) -> Result<(), JournalError> {
-        self.confirmed.fetch_max(seq, Ordering::SeqCst);
-        Ok(())
-    }
-
-    fn durable_seq(&self) -> u64 {
-        self.durable.load(Ordering::SeqCst)
-    }
-
-    fn is_poisoned(&self) -> bool {
-        false
-    }
-
-    fn id(&self) -> String {
-        "test-journal".to_owned()
-    }
-
-    fn epoch(&self) -> u64 {
-        1
-    }
-}
-
 pub type TestEngine = Engine<FakeChecks, MemoryLog>;
 
 /// A table `public.<name>` keyed by `id`, with an integer column `v`.
@@ -436,8 +323,7 @@ pub fn table(
         typmods: HashMap::new(),
         not_null: Vec::new(),
         required: Vec::new(),
-        clock_defaults: Vec::new(),
-        constant_defaults: Vec::new(),
+        defaults: Default::default(),
         enum_types: Vec::new(),
         pkey_name: format!("{name}_pkey"),
         exists_sql: String::new(),
@@ -537,7 +423,7 @@ impl Harness {
             let payload = Bytes::from(r.encode().unwrap_or_default());
             journal.push(crate::journal::Record { seq, payload });
         }
-        log.next.store(journal.len() as u64, Ordering::SeqCst);
+        log.start_at(journal.len() as u64);
         log.sync();
         let tables = tables
             .into_iter()

@@ -1,5 +1,5 @@
 //! LISTEN and UNLISTEN of a session in transaction mode (ADR 0031): which simple
-//! Queries are served by the database's listener connection (`net/notify.rs`) rather
+//! Queries are served by the database's listener connection (`net/notify/`) rather
 //! than by a leased server connection, and the session's side of that: the request in
 //! flight and the answer spillway gives in PostgreSQL's place.
 //!

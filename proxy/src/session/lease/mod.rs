@@ -31,7 +31,6 @@
 //!   pool. (LISTEN hidden in a function the client calls is not seen.)
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -48,11 +47,12 @@ use crate::protocol::frontend;
 use crate::protocol::prepared::{Reply, ServerStatements, Translator};
 
 mod listen;
+mod pooled;
 mod settings;
 use crate::net::notify::Hub;
 use crate::protocol::startup::StartupMessage;
 use crate::read::cache::ReadCache;
-use listen::Listening;
+use pooled::{PINNING_SQL, Pooled};
 use settings::{SessionSet, set_statement};
 
 /// `application_name` of a probe's backend, so an operator can tell it apart.
@@ -79,121 +79,6 @@ pub struct Lease {
     /// Transaction mode: the pool and what is leased from it now.
     pooled: Option<Box<Pooled>>,
 }
-
-type Acquiring = Pin<Box<dyn Future<Output = Result<Leased, SessionError>> + Send>>;
-
-struct Pooled {
-    pool: Arc<Pool>,
-    leased: Option<Leased>,
-    /// A wait for a connection, while one runs.
-    acquiring: Option<Acquiring>,
-    /// Named prepared statements carried across leases (`protocol/prepared/`);
-    /// `None` with `pool.max_prepared_statements = 0`.
-    translator: Option<Translator>,
-    /// Bytes at the head of the queue toward upstream already translated for the
-    /// leased connection.
-    translated: usize,
-    /// The lease is new: the session's settings are replayed before anything else.
-    replay_due: bool,
-    /// Without a translator: named protocol-level statements the client prepared and
-    /// has not closed, which live on the leased connection only, so the session keeps
-    /// it (pinned).
-    statements: std::collections::HashSet<String>,
-    /// Session-level `SET`s the client ran (parameter name, statement), replayed at the
-    /// start of each lease; the connection is reset (`RESET ALL`) when it goes back.
-    settings: Vec<(String, String)>,
-    /// A `SET` or `RESET` went to the leased connection: reset it at release.
-    settings_dirty: bool,
-    /// spillway's own simple Queries (the replay) whose answers are swallowed, up to
-    /// and including their ReadyForQuery.
-    swallow: u32,
-    /// The client ran SQL whose effect outlives its transaction on that connection
-    /// (LISTEN run on it, PREPARE, a temporary table, a `WITH HOLD` cursor, a session advisory
-    /// lock): pinned until the session ends.
-    pinned: bool,
-    /// The database's listener hub (LISTEN/NOTIFY through one connection, ADR 0031),
-    /// and the session's listening there once it ran LISTEN.
-    hub: Arc<Hub>,
-    listening: Option<Listening>,
-    /// The read cache, whose classifier says what a statement is (`settings.rs`);
-    /// `None` with the cache off (statements that may be a SET are parsed then).
-    cache: Option<Arc<ReadCache>>,
-}
-
-impl Pooled {
-    /// A simple Query that mentions LISTEN: one LISTEN/UNLISTEN is left for the
-    /// listener connection ([`Lease::poll_pooled`]); anything else pins the session
-    /// (it runs on the leased connection, which must stay the session's to get the
-    /// notifications).
-    fn observe_listen(&mut self, sql: &str) {
-        match listen::listen_command(sql) {
-            Some(cmd) if self.pinned => {
-                // Runs on the pinned connection; what the listener connection listens
-                // on for the session stops too.
-                if let (listen::ListenCommand::Unlisten(channel), Some(l)) =
-                    (cmd, self.listening.as_mut())
-                {
-                    l.unlisten_now(channel);
-                }
-            }
-            Some(_) => {
-                let (hub, pool) = (&self.hub, &self.pool);
-                let l = self
-                    .listening
-                    .get_or_insert_with(|| Listening::new(hub.subscribe(pool.clone())));
-                l.unanswered += 1;
-            }
-            None if listen::mentions_listen(sql)
-                || sql.to_ascii_lowercase().contains("listen ") =>
-            {
-                tracing::debug!(
-                    "session pinned to its server connection by LISTEN among other SQL"
-                );
-                self.hub.senders().activate();
-                self.pinned = true;
-            }
-            None => {}
-        }
-    }
-}
-
-impl Pooled {
-    /// A Parse that mentions LISTEN: one LISTEN/UNLISTEN may be executed through the
-    /// listener connection (a later cycle at the queue's head, [`Lease::poll_pooled`]);
-    /// anything else pins.
-    fn observe_listen_parse(&mut self, sql: &str) {
-        if self.pinned {
-            return;
-        }
-        if listen::listen_command(sql).is_some() {
-            let (hub, pool) = (&self.hub, &self.pool);
-            let l = self
-                .listening
-                .get_or_insert_with(|| Listening::new(hub.subscribe(pool.clone())));
-            l.prepared = true;
-        } else if listen::mentions_listen(sql) || sql.to_ascii_lowercase().contains("listen ") {
-            tracing::debug!(
-                "session pinned to its server connection by LISTEN among other SQL (extended protocol)"
-            );
-            self.hub.senders().activate();
-            self.pinned = true;
-        }
-    }
-}
-
-/// Statements whose effect outlives the transaction on the server connection, by the
-/// start of their text (lower case, after leading blanks). Crude on purpose: a false
-/// positive only pins a session, never breaks one.
-const PINNING_SQL: [&str; 8] = [
-    "set role",
-    "set session authorization",
-    "reset role",
-    "prepare",
-    "create temp",
-    "create temporary",
-    "declare",
-    "select pg_advisory_lock",
-];
 
 impl Lease {
     /// The lease on `conn`, the connection the session authenticated on; `key` is

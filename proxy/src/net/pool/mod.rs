@@ -5,7 +5,7 @@
 //!
 //! A session asks for a connection with [`Pool::acquire`] when it has something for
 //! PostgreSQL, and gives it back with [`Leased::release`] at ReadyForQuery `I`. Waiting
-//! is bounded by `pool.queue_timeout` (then 53300). Nothing here reads what flows on a
+//! is bounded by `pool.limits.queue_timeout` (then 53300). Nothing here reads what flows on a
 //! leased connection: the session decides when the connection is idle.
 //!
 //! Invariants:
@@ -15,8 +15,8 @@
 //! - A connection goes back idle only when its session saw it idle; a connection whose
 //!   lease ended any other way (the session ended mid-transaction, an I/O error) is
 //!   closed, so no other client ever sees its state.
-//! - Idle connections older than `pool.lifetime` or idle longer than
-//!   `pool.idle_timeout` are never handed out, and are closed by the pool's sweep
+//! - Idle connections older than `pool.limits.lifetime` or idle longer than
+//!   `pool.limits.idle_timeout` are never handed out, and are closed by the pool's sweep
 //!   ([`sweep`], a task per pool) within a quarter of the shorter of the two (50 ms to
 //!   10 s) even if nobody uses the pool again.
 
@@ -36,8 +36,12 @@ use crate::net::conn::{Conn, read_upstream_frame};
 use crate::net::upstream::Connector;
 use crate::protocol::backend;
 use crate::protocol::prepared::ServerStatements;
-use crate::protocol::scram::{ClientExchange, ScramKeys};
+use crate::protocol::scram::ScramKeys;
 use crate::protocol::startup::StartupMessage;
+use login::login;
+pub use login::md5_answer;
+
+mod login;
 
 /// `application_name` of pooled server connections.
 const POOL_APP: &str = "spillway pool";
@@ -74,12 +78,14 @@ impl Pools {
                     idle: Mutex::new(Vec::new()),
                     params: Mutex::new(None),
                     connector: self.connector.clone(),
-                    queue_timeout: self.config.queue_timeout,
-                    idle_timeout: self.config.idle_timeout,
-                    lifetime: self.config.lifetime,
-                    reset_query: self.config.reset_query.clone(),
-                    max_prepared: self.config.max_prepared_statements as usize,
-                    size,
+                    limits: Limits {
+                        size,
+                        queue_timeout: self.config.queue_timeout,
+                        idle_timeout: self.config.idle_timeout,
+                        lifetime: self.config.lifetime,
+                        reset_query: self.config.reset_query.clone(),
+                        max_prepared: self.config.max_prepared_statements as usize,
+                    },
                     open: AtomicUsize::new(0),
                     waiting: AtomicUsize::new(0),
                     wait_seconds: metrics::histogram!(crate::metrics::POOL_WAIT_SECONDS),
@@ -174,13 +180,7 @@ pub struct Pool {
     /// The ParameterStatus a connection of this pool reported at login.
     params: Mutex<Option<Vec<(String, String)>>>,
     connector: Connector,
-    queue_timeout: Duration,
-    idle_timeout: Duration,
-    lifetime: Duration,
-    reset_query: Option<String>,
-    /// `pool.max_prepared_statements`.
-    max_prepared: usize,
-    size: usize,
+    limits: Limits,
     /// Connections open (leased or idle).
     open: AtomicUsize,
     waiting: AtomicUsize,
@@ -189,6 +189,18 @@ pub struct Pool {
     leases: metrics::Counter,
     /// Its connections by backend pid (`SHOW SERVERS`).
     servers: Registry,
+}
+
+/// A pool's settings, resolved from `[pool]` and its overrides for the pool's
+/// database and user.
+struct Limits {
+    size: usize,
+    queue_timeout: Duration,
+    idle_timeout: Duration,
+    lifetime: Duration,
+    reset_query: Option<String>,
+    /// `pool.max_prepared_statements`.
+    max_prepared: usize,
 }
 
 /// One server connection of a pool.
@@ -272,7 +284,7 @@ pub struct ServerRow {
 
 impl Pool {
     /// A server connection for one transaction: an idle one, or a new one while the
-    /// pool has room; waits up to `pool.queue_timeout` for one to come back.
+    /// pool has room; waits up to `pool.limits.queue_timeout` for one to come back.
     pub async fn acquire(self: &Arc<Self>) -> Result<Leased, SessionError> {
         // A free permit is taken without arming the queue timeout's timer.
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -294,13 +306,16 @@ impl Pool {
         })
     }
 
-    /// Waits in the pool's queue for a permit, up to `pool.queue_timeout`.
+    /// Waits in the pool's queue for a permit, up to `pool.limits.queue_timeout`.
     async fn queue(self: &Arc<Self>) -> Result<OwnedSemaphorePermit, SessionError> {
         let started = Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::POOL_WAITING).increment(1.0);
-        let permit =
-            tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await;
+        let permit = tokio::time::timeout(
+            self.limits.queue_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::POOL_WAITING).decrement(1.0);
         self.wait_seconds.record(started.elapsed().as_secs_f64());
@@ -308,21 +323,21 @@ impl Pool {
             Ok(Ok(permit)) => Ok(permit),
             _ => {
                 metrics::counter!(crate::metrics::POOL_WAIT_TIMEOUTS).increment(1);
-                Err(SessionError::PoolTimeout(self.queue_timeout))
+                Err(SessionError::PoolTimeout(self.limits.queue_timeout))
             }
         }
     }
 
     /// `pool.max_prepared_statements`: statements one connection holds for clients.
     pub fn max_prepared(&self) -> usize {
-        self.max_prepared
+        self.limits.max_prepared
     }
 
     fn take_idle(&self) -> Option<Server> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(mut server) = idle.pop() {
-            if server.idle_since.elapsed() < self.idle_timeout
-                && server.created.elapsed() < self.lifetime
+            if server.idle_since.elapsed() < self.limits.idle_timeout
+                && server.created.elapsed() < self.limits.lifetime
                 && still_open(&mut server.conn)
             {
                 server.mark(true);
@@ -358,7 +373,7 @@ impl Pool {
         PoolStats {
             database: self.database.clone(),
             user: self.user.clone(),
-            size: self.size,
+            size: self.limits.size,
             open: self.open.load(Ordering::Relaxed),
             idle: self
                 .idle
@@ -371,7 +386,7 @@ impl Pool {
 
     /// Opens a server connection logged in as this pool's role, outside the pool (not
     /// counted against `pool.size`): the database's listener connection
-    /// (`net/notify.rs`), named `application_name` `app`.
+    /// (`net/notify/`), named `application_name` `app`.
     pub async fn connect_dedicated(&self, app: &str) -> Result<(Conn, UpstreamKey), SessionError> {
         let (conn, key, _) = self.open_logged_in(app).await?;
         Ok((conn, key))
@@ -425,7 +440,7 @@ impl Pool {
     }
 
     fn put_idle(&self, mut server: Server) {
-        if server.created.elapsed() >= self.lifetime {
+        if server.created.elapsed() >= self.limits.lifetime {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return;
         }
@@ -457,14 +472,14 @@ impl Leased {
     }
 
     /// The session saw the connection idle (ReadyForQuery `I`, nothing outstanding):
-    /// it goes back to the pool, after `pool.reset_query` when one is set. (Dropping
+    /// it goes back to the pool, after `pool.limits.reset_query` when one is set. (Dropping
     /// a lease instead closes its connection.)
     pub fn release(self) {
         self.release_with(None);
     }
 
     /// [`Leased::release`], running `extra` (the session changed settings: `RESET
-    /// ALL`) before `pool.reset_query`.
+    /// ALL`) before `pool.limits.reset_query`.
     pub fn release_with(mut self, extra: Option<&'static str>) {
         let (Some(mut server), Some(permit)) = (self.server.take(), self.permit.take()) else {
             return;
@@ -473,7 +488,7 @@ impl Leased {
         let queries: Vec<String> = extra
             .map(str::to_owned)
             .into_iter()
-            .chain(pool.reset_query.clone())
+            .chain(pool.limits.reset_query.clone())
             .collect();
         if queries.is_empty() {
             pool.put_idle(server);
@@ -499,12 +514,12 @@ impl Leased {
     }
 }
 
-/// Closes the pool's idle connections once past `pool.idle_timeout` or
-/// `pool.lifetime`, without waiting for the pool to be used again, so PostgreSQL's
+/// Closes the pool's idle connections once past `pool.limits.idle_timeout` or
+/// `pool.limits.lifetime`, without waiting for the pool to be used again, so PostgreSQL's
 /// backends go away on time. Ends with the pool.
 async fn sweep(pool: std::sync::Weak<Pool>) {
     let period = match pool.upgrade() {
-        Some(p) => (p.idle_timeout.min(p.lifetime) / 4)
+        Some(p) => (p.limits.idle_timeout.min(p.limits.lifetime) / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(10)),
         None => return,
     };
@@ -519,8 +534,8 @@ async fn sweep(pool: std::sync::Weak<Pool>) {
             let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
             let (keep, expired): (Vec<Server>, Vec<Server>) =
                 std::mem::take(&mut *idle).into_iter().partition(|s| {
-                    s.idle_since.elapsed() < pool.idle_timeout
-                        && s.created.elapsed() < pool.lifetime
+                    s.idle_since.elapsed() < pool.limits.idle_timeout
+                        && s.created.elapsed() < pool.limits.lifetime
                 });
             *idle = keep;
             expired
@@ -532,15 +547,6 @@ async fn sweep(pool: std::sync::Weak<Pool>) {
                 .await;
         }
     }
-}
-
-/// PostgreSQL's md5 answer from the stored hash: `md5` + hex(md5(hash hex || salt)).
-pub fn md5_answer(hash: &str, salt: &[u8]) -> String {
-    use md5::{Digest, Md5};
-    let mut md5 = Md5::new();
-    md5.update(hash.as_bytes());
-    md5.update(salt);
-    format!("md5{:x}", md5.finalize())
 }
 
 /// Whether an idle connection is still usable: nothing may have arrived on it (a
@@ -568,168 +574,6 @@ async fn reset(conn: &mut Conn, query: &str) -> Result<(), SessionError> {
                     return Err(SessionError::UpstreamClosed);
                 }
                 return Ok(());
-            }
-            _ => {}
-        }
-    }
-}
-
-/// SCRAM with the password (postgres-protocol's client) or with a client's keys.
-enum ScramClient {
-    Password(postgres_protocol::authentication::sasl::ScramSha256),
-    Keys(ClientExchange),
-}
-
-/// The login exchange on a new server connection, up to ReadyForQuery: cleartext,
-/// md5 and SCRAM-SHA-256 with a password, SCRAM-SHA-256 with a client's keys.
-/// Returns the backend's key and parameters.
-async fn login(
-    conn: &mut Conn,
-    user: &str,
-    secret: Option<&PoolSecret>,
-) -> Result<(UpstreamKey, Vec<(String, String)>), SessionError> {
-    let password = match secret {
-        Some(PoolSecret::Password(p)) => Some(p.as_str()),
-        _ => None,
-    };
-    use postgres_protocol::authentication::sasl;
-    use postgres_protocol::message::frontend;
-    let refused = |message: String| SessionError::PoolLogin { message };
-    let need_password = || {
-        password.ok_or_else(|| {
-            refused(format!(
-                "PostgreSQL asks role \"{user}\" for a password method other than SCRAM and \
-                 spillway holds no plain-text password for it (auth.file)"
-            ))
-        })
-    };
-    let mut scram: Option<ScramClient> = None;
-    let mut key = None;
-    let mut params = Vec::new();
-    loop {
-        let (tag, msg) = read_upstream_frame(conn).await?;
-        let body = &msg[5..];
-        let mut out = BytesMut::new();
-        match tag {
-            backend::AUTHENTICATION => {
-                let code =
-                    backend::authentication_code(body).ok_or(SessionError::UpstreamProtocol {
-                        tag: 'R',
-                        phase: "pool login",
-                    })?;
-                let data = &body[4..];
-                match code {
-                    0 => continue,
-                    3 => frontend::password_message(need_password()?.as_bytes(), &mut out)
-                        .map_err(SessionError::UpstreamIo)?,
-                    5 if matches!(secret, Some(PoolSecret::Md5(_))) => {
-                        let (Some(PoolSecret::Md5(hash)), Some(salt)) = (secret, data.get(..4))
-                        else {
-                            return Err(SessionError::UpstreamProtocol {
-                                tag: 'R',
-                                phase: "pool login (md5 salt)",
-                            });
-                        };
-                        let answer = md5_answer(hash, salt);
-                        frontend::password_message(answer.as_bytes(), &mut out)
-                            .map_err(SessionError::UpstreamIo)?;
-                    }
-                    5 => {
-                        let salt: [u8; 4] = data.get(..4).and_then(|s| s.try_into().ok()).ok_or(
-                            SessionError::UpstreamProtocol {
-                                tag: 'R',
-                                phase: "pool login (md5 salt)",
-                            },
-                        )?;
-                        let hash = postgres_protocol::authentication::md5_hash(
-                            user.as_bytes(),
-                            need_password()?.as_bytes(),
-                            salt,
-                        );
-                        frontend::password_message(hash.as_bytes(), &mut out)
-                            .map_err(SessionError::UpstreamIo)?;
-                    }
-                    10 => {
-                        let (client, first) = match secret {
-                            Some(PoolSecret::Scram(keys)) => {
-                                let (x, first) = ClientExchange::start(keys.clone());
-                                (ScramClient::Keys(x), first.into_bytes())
-                            }
-                            _ => {
-                                let s = sasl::ScramSha256::new(
-                                    need_password()?.as_bytes(),
-                                    sasl::ChannelBinding::unsupported(),
-                                );
-                                let first = s.message().to_vec();
-                                (ScramClient::Password(s), first)
-                            }
-                        };
-                        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, &first, &mut out)
-                            .map_err(SessionError::UpstreamIo)?;
-                        scram = Some(client);
-                    }
-                    11 => {
-                        let s = scram.as_mut().ok_or(SessionError::UpstreamProtocol {
-                            tag: 'R',
-                            phase: "pool login (SASL continue)",
-                        })?;
-                        let answer = match s {
-                            ScramClient::Password(s) => {
-                                s.update(data).map_err(|e| refused(e.to_string()))?;
-                                s.message().to_vec()
-                            }
-                            ScramClient::Keys(x) => x
-                                .update(data)
-                                .map_err(|e| refused(e.to_string()))?
-                                .into_bytes(),
-                        };
-                        frontend::sasl_response(&answer, &mut out)
-                            .map_err(SessionError::UpstreamIo)?;
-                    }
-                    12 => {
-                        let s = scram.as_mut().ok_or(SessionError::UpstreamProtocol {
-                            tag: 'R',
-                            phase: "pool login (SASL final)",
-                        })?;
-                        match s {
-                            ScramClient::Password(s) => {
-                                s.finish(data).map_err(|e| refused(e.to_string()))?;
-                            }
-                            ScramClient::Keys(x) => {
-                                x.finish(data).map_err(|e| refused(e.to_string()))?;
-                            }
-                        }
-                        continue;
-                    }
-                    other => {
-                        return Err(refused(format!(
-                            "PostgreSQL asks for authentication method {other}, which pooled \
-                             connections do not support"
-                        )));
-                    }
-                }
-                conn.send(&out).await.map_err(SessionError::UpstreamIo)?;
-            }
-            backend::BACKEND_KEY_DATA => {
-                let (pid, secret) = backend::parse_backend_key_data(body)
-                    .map_err(SessionError::UpstreamMalformed)?;
-                key = Some(UpstreamKey { pid, secret });
-            }
-            backend::PARAMETER_STATUS => {
-                if let Ok(p) = backend::parse_parameter_status(body) {
-                    params.push(p);
-                }
-            }
-            backend::ERROR_RESPONSE => {
-                let f = backend::parse_error_fields(body).unwrap_or_default();
-                return Err(refused(format!("{} ({})", f.message, f.code)));
-            }
-            backend::READY_FOR_QUERY => {
-                let key = key.ok_or(SessionError::UpstreamProtocol {
-                    tag: 'Z',
-                    phase: "pool login without BackendKeyData",
-                })?;
-                return Ok((key, params));
             }
             _ => {}
         }

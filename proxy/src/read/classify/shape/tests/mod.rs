@@ -4,6 +4,9 @@
 use super::super::tests::one;
 use super::super::*;
 
+mod clocks;
+mod upserts;
+
 fn shape(sql: &str) -> Result<WriteShape, &'static str> {
     match one(sql).shape {
         Some(shape) => shape,
@@ -316,67 +319,6 @@ fn default_in_every_row_leaves_the_column_out() {
     );
 }
 
-/// `ON CONFLICT (cols) | ON CONSTRAINT c` with DO NOTHING or DO UPDATE SET of values,
-/// `EXCLUDED.c` and `c ± either`, the target qualified by its name or alias.
-#[test]
-fn accepted_upserts() {
-    let excl = |c: &str| ConflictValue::Excluded(c.to_owned());
-    let with = |target: ConflictTarget, update: Option<Vec<(&str, ConflictSet)>>| {
-        let mut s = ins("t", &["id", "v"], vec![vec![param(1), param(2)]]);
-        if let WriteShape::Insert { on_conflict, .. } = &mut s {
-            *on_conflict = Some(OnConflict {
-                target,
-                update: update.map(named),
-            });
-        }
-        s
-    };
-    let cols = |c: &[&str]| ConflictTarget::Columns(c.iter().map(|c| (*c).to_owned()).collect());
-    let cases = [
-        (
-            "INSERT INTO t (id, v) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-            with(cols(&["id"]), None),
-        ),
-        (
-            "INSERT INTO t (id, v) VALUES ($1, $2) ON CONFLICT ON CONSTRAINT t_pkey DO NOTHING",
-            with(ConflictTarget::Constraint("t_pkey".to_owned()), None),
-        ),
-        (
-            "INSERT INTO t (id, v) VALUES ($1, $2) ON CONFLICT (a, b) DO UPDATE SET v = EXCLUDED.v",
-            with(
-                cols(&["a", "b"]),
-                Some(vec![("v", ConflictSet::Set(excl("v")))]),
-            ),
-        ),
-        (
-            "INSERT INTO t (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE \
-             SET v = t.v + excluded.v, w = excluded.v + w, x = x - excluded.y, y = 5, z = z + $3",
-            with(
-                cols(&["id"]),
-                Some(vec![
-                    ("v", ConflictSet::Add(excl("v"))),
-                    ("w", ConflictSet::Add(excl("v"))),
-                    ("x", ConflictSet::Sub(excl("y"))),
-                    ("y", ConflictSet::Set(ConflictValue::Value(lit("5")))),
-                    ("z", ConflictSet::Add(ConflictValue::Value(param(3)))),
-                ]),
-            ),
-        ),
-    ];
-    for (sql, expected) in cases {
-        assert_eq!(shape(sql), Ok(expected), "{sql}");
-    }
-    // An alias qualifies the existing row.
-    let aliased = shape(
-        "INSERT INTO t AS c (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = c.v + EXCLUDED.v",
-    );
-    assert!(
-        matches!(&aliased, Ok(WriteShape::Insert { on_conflict: Some(OnConflict { update: Some(set), .. }), .. })
-            if set == &named(vec![("v", ConflictSet::Add(excl("v")))])),
-        "{aliased:?}"
-    );
-}
-
 #[test]
 fn rejected_forms() {
     use reason as r;
@@ -598,44 +540,4 @@ fn shape_counts_in_the_memo_weight() {
     // A rejected shape holds no heap; the key of an accepted one does.
     let rejected = analyze("DELETE FROM t WHERE id > 1").approx_bytes();
     assert!(rejected < small);
-}
-
-#[test]
-fn clock_functions_are_values() {
-    let clock = |c| Value {
-        operand: Operand::Clock(c),
-        cast: None,
-    };
-    let cases = [
-        ("now()", Clock::TransactionStart),
-        ("pg_catalog.now()", Clock::TransactionStart),
-        ("CURRENT_TIMESTAMP", Clock::TransactionStart),
-        ("transaction_timestamp()", Clock::TransactionStart),
-        ("statement_timestamp()", Clock::StatementStart),
-        ("clock_timestamp()", Clock::Now),
-        ("LOCALTIMESTAMP", Clock::LocalTimestamp),
-        ("CURRENT_DATE", Clock::CurrentDate),
-        ("CURRENT_TIME", Clock::CurrentTime),
-        ("LOCALTIME", Clock::LocalTime),
-        ("gen_random_uuid()", Clock::RandomUuid),
-    ];
-    for (call, c) in cases {
-        let sql = format!("INSERT INTO t (id, at) VALUES (1, {call})");
-        assert_eq!(
-            shape(&sql),
-            Ok(ins("t", &["id", "at"], vec![vec![lit("1"), clock(c)]])),
-            "{sql}"
-        );
-    }
-    assert_eq!(
-        shape("UPDATE t SET at = now()::timestamptz WHERE id = 1"),
-        Ok(upd(
-            "t",
-            vec![(
-                "at",
-                Assign::Set(cast(clock(Clock::TransactionStart), "timestamptz"))
-            )],
-            vec![("id", lit("1"))]
-        ))
-    );
 }
