@@ -11,7 +11,8 @@
 //!   made exist) is appended only once that one is journaled, so its sequence number
 //!   is higher and the flusher applies them in that order; if that one gives up (its
 //!   reservations undone first), this one is decided again. Deferrals of other keys
-//!   are not held up.
+//!   are not held up. An answer that journals nothing (23505, or no row changed) but
+//!   read such a key waits the same way before it is given.
 //! - A transaction is journaled as one record, so the flusher applies it whole, in
 //!   one upstream transaction, or not at all.
 //! - A held transaction is journaled only if every statement still has the row counts
@@ -30,7 +31,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use super::decide::{
-    self, Applied, Converted, Indexed, Outcome, Tables, TxOutcome, TxStatement, exact,
+    self, Applied, Converted, Decision, Indexed, Outcome, Tables, TxOutcome, TxStatement, exact,
 };
 use super::keys::KeyIndex;
 use super::state::{Known, Reserved, Settlement, Slot, State};
@@ -54,17 +55,51 @@ struct Order {
     mine: watch::Receiver<Settlement>,
 }
 
-impl Order {
-    /// Waits for the earlier deferrals; false if one of them gave up.
-    async fn earlier_journaled(&self) -> bool {
-        for rx in &self.earlier {
-            let mut rx = rx.clone();
-            match rx.wait_for(|s| *s != Settlement::Appending).await {
-                Ok(s) if *s == Settlement::Journaled => {}
-                _ => return false,
-            }
+/// Waits for the deferrals `earlier` to settle; false if one of them gave up.
+async fn journaled(earlier: &[watch::Receiver<Settlement>]) -> bool {
+    for rx in earlier {
+        let mut rx = rx.clone();
+        match rx.wait_for(|s| *s != Settlement::Appending).await {
+            Ok(s) if *s == Settlement::Journaled => {}
+            _ => return false,
         }
-        true
+    }
+    true
+}
+
+/// The answer a decision gives a client, given what it was told before COMMIT
+/// (`expected`, for a held transaction): a changed answer is a divergence, never a
+/// silent one.
+fn answer(
+    decided: Result<Decision, DeferError>,
+    expected: Option<&Applied>,
+) -> Result<Decision, DeferError> {
+    let decision = match decided {
+        // The client was told its INSERT succeeded: that no longer holds.
+        Err(DeferError::Duplicate { detail, .. }) if expected.is_some() => {
+            return Err(DeferError::Diverged(format!(
+                "another session wrote the same key before COMMIT ({detail}); \
+                 nothing of the transaction was written"
+            )));
+        }
+        other => other?,
+    };
+    if let Some(expected) = expected
+        && *expected != decision.applied
+    {
+        return Err(DeferError::Diverged(
+            "the row counts of the deferred transaction changed before COMMIT \
+             (another session wrote the same keys); nothing was written"
+                .to_owned(),
+        ));
+    }
+    Ok(decision)
+}
+
+impl Order {
+    /// Waits for the earlier deferrals of its keys; false if one of them gave up.
+    async fn earlier_journaled(&self) -> bool {
+        journaled(&self.earlier).await
     }
 
     /// Settles it, under the state lock: if it failed its reservations are undone
@@ -190,53 +225,70 @@ impl<C: Checks, L: Log> Engine<C, L> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (decision, order, key) = {
+            let step = {
                 let (mut state, indexed) = self.lock_answered(&stmts, &tables, &mut known).await?;
-                let decision = match decide::decide(&state, &indexed, &stmts, &tables, &known) {
-                    // The client was told its INSERT succeeded: that no longer holds.
-                    Err(DeferError::Duplicate { detail, .. }) if expected.is_some() => {
-                        return Err(DeferError::Diverged(format!(
-                            "another session wrote the same key before COMMIT ({detail}); \
-                             nothing of the transaction was written"
+                let decided = decide::decide(&state, &indexed, &stmts, &tables, &known);
+                // An answer that journals nothing (an error, or no row changed) may rest
+                // on a key another deferral reserved and has not journaled: it is given
+                // once that one is durable, or decided again if it gave up.
+                let read = match &decided {
+                    Ok(d) if !d.ops.is_empty() => Vec::new(),
+                    _ => state.unsettled(stmts.iter().flat_map(|s| {
+                        s.converted
+                            .keys
+                            .iter()
+                            .map(|k| (s.table.clone(), k.clone()))
+                    })),
+                };
+                if !read.is_empty() {
+                    Err((read, decided))
+                } else {
+                    let decision = answer(decided, expected.as_ref())?;
+                    let (settle, mine) = watch::channel(Settlement::Appending);
+                    let (reserved, earlier) = if decision.ops.is_empty() {
+                        (Vec::new(), Vec::new())
+                    } else {
+                        let reserved = state.reserve(&decision.after);
+                        (reserved, state.order_after(&decision.after, &mine))
+                    };
+                    let order = Order {
+                        reserved,
+                        slots: decision.after.keys().cloned().collect(),
+                        earlier,
+                        settle,
+                        mine,
+                    };
+                    // One key: the log may compare-and-set on it (`Log::append_keyed`),
+                    // against what it had of the key when the decision was taken.
+                    let key = match decision.after.keys().collect::<Vec<_>>().as_slice() {
+                        [(table, key)] => {
+                            let key = format!("{table}\u{0}{}", key.join("\u{0}"));
+                            let mark = self.log.key_mark(&key);
+                            Some((key, mark))
+                        }
+                        _ => None,
+                    };
+                    drop(state);
+                    Ok((decision, order, key))
+                }
+            };
+            let (decision, order, key) = match step {
+                Ok(go) => go,
+                Err((read, decided)) => {
+                    if !journaled(&read).await {
+                        if attempt < CONFLICT_ATTEMPTS {
+                            continue;
+                        }
+                        return Err(DeferError::Journal(JournalError::Conflict(
+                            "earlier writes of the same key were not journaled".to_owned(),
                         )));
                     }
-                    other => other?,
-                };
-                if let Some(expected) = &expected
-                    && *expected != decision.applied
-                {
-                    return Err(DeferError::Diverged(
-                        "the row counts of the deferred transaction changed before COMMIT \
-                         (another session wrote the same keys); nothing was written"
-                            .to_owned(),
-                    ));
+                    let decision = answer(decided, expected.as_ref())?;
+                    return Ok(TxOutcome {
+                        seq: None,
+                        applied: decision.applied,
+                    });
                 }
-                let (settle, mine) = watch::channel(Settlement::Appending);
-                let (reserved, earlier) = if decision.ops.is_empty() {
-                    (Vec::new(), Vec::new())
-                } else {
-                    let reserved = state.reserve(&decision.after);
-                    (reserved, state.order_after(&decision.after, &mine))
-                };
-                let order = Order {
-                    reserved,
-                    slots: decision.after.keys().cloned().collect(),
-                    earlier,
-                    settle,
-                    mine,
-                };
-                // One key: the log may compare-and-set on it (`Log::append_keyed`),
-                // against what it had of the key when the decision was taken.
-                let key = match decision.after.keys().collect::<Vec<_>>().as_slice() {
-                    [(table, key)] => {
-                        let key = format!("{table}\u{0}{}", key.join("\u{0}"));
-                        let mark = self.log.key_mark(&key);
-                        Some((key, mark))
-                    }
-                    _ => None,
-                };
-                drop(state);
-                (decision, order, key)
             };
             if decision.ops.is_empty() {
                 return Ok(TxOutcome {

@@ -177,6 +177,21 @@ impl State {
         earlier
     }
 
+    /// The deferrals not settled yet that reserved any of `slots` last: what an answer
+    /// read of those keys rests on.
+    pub fn unsettled(&self, slots: impl Iterator<Item = Slot>) -> Vec<watch::Receiver<Settlement>> {
+        let mut out: Vec<watch::Receiver<Settlement>> = Vec::new();
+        for slot in slots {
+            if let Some(rx) = self.appending.get(&slot)
+                && *rx.borrow() == Settlement::Appending
+                && !out.iter().any(|o| o.same_channel(rx))
+            {
+                out.push(rx.clone());
+            }
+        }
+        out
+    }
+
     /// The deferral `mine` settled: its keys no longer order later deferrals (unless a
     /// later one took them over).
     pub fn settled<'a>(

@@ -245,6 +245,41 @@ async fn a_write_on_a_key_whose_earlier_write_failed_is_decided_again() {
     }
 }
 
+/// An answer that journals nothing but rests on another deferral's reservation (23505
+/// for an INSERT of a key an INSERT in flight reserved) waits for that one: when it
+/// gives up, the second INSERT is decided again and goes in, as it would have in
+/// PostgreSQL, where the first never committed.
+/// Mutation: `unsettled` keys not waited for (the 23505 is answered at once).
+#[tokio::test(start_paused = true)]
+async fn a_refusal_resting_on_a_write_that_failed_is_decided_again() {
+    let h = Harness::new(one(), slow());
+    h.log().stall_next();
+    let engine = h.engine.clone();
+    let first = tokio::spawn(async move { engine.defer(USER, "public.t", insert("t", 7)).await });
+    after(1).await;
+    let engine = h.engine.clone();
+    let second = tokio::spawn(async move { engine.defer(USER, "public.t", insert("t", 7)).await });
+    after(1).await;
+    assert!(
+        !second.is_finished(),
+        "answered before the first INSERT settled"
+    );
+    h.log().refuse_next.store(true, Ordering::SeqCst);
+    h.log().unstall();
+    let (first, second) = match (first.await, second.await) {
+        (Ok(f), Ok(s)) => (f, s),
+        other => panic!("tasks: {other:?}"),
+    };
+    assert!(
+        first.is_err(),
+        "the first INSERT's append was refused: {first:?}"
+    );
+    match second {
+        Ok(o) => assert_eq!((o.rows, o.seq), (1, Some(1)), "{o:?}"),
+        Err(e) => panic!("the second INSERT should go in once the first gave up: {e}"),
+    }
+}
+
 /// Nothing beyond the journal's durable sequence number is applied.
 /// Mutation: the `*seq > durable` check dropped from `next_batch`.
 #[tokio::test(start_paused = true)]

@@ -29,6 +29,8 @@ pub struct MemoryLog {
     pub lag: AtomicBool,
     /// Appends fail with `Full` (`journal.max_bytes`) while set.
     pub full: AtomicBool,
+    /// The next append fails with `Full`, once.
+    pub refuse_next: AtomicBool,
     held: Mutex<HashMap<u64, Arc<Notify>>>,
     pub confirmed: AtomicU64,
     /// Set by [`Self::stall_next`]: the next append waits on it before it takes a
@@ -95,7 +97,7 @@ impl Log for MemoryLog {
             *guard(&self.stalled) = Some(gate.clone());
             gate.notified().await;
         }
-        if self.full.load(Ordering::SeqCst) {
+        if self.full.load(Ordering::SeqCst) || self.refuse_next.swap(false, Ordering::SeqCst) {
             return Err(JournalError::Full {
                 bytes: 10,
                 max_bytes: 10,
