@@ -1,12 +1,9 @@
 //! Prepares and closes answered without a server connection (ADR 0028).
 
-use std::sync::Arc;
-
 use bytes::BytesMut;
 
 use super::super::frame::Header;
 use super::super::frontend::{self, CLOSE, PARSE, SYNC};
-use super::wire::{parse_message, server_name};
 use super::{Def, Translator};
 
 impl Translator {
@@ -31,14 +28,8 @@ impl Translator {
             self.unnamed = Some(bytes::Bytes::copy_from_slice(msg));
             return;
         }
-        let server_name = server_name(p.sql, p.param_types);
-        self.named.insert(
-            p.name.to_owned(),
-            Arc::new(Def {
-                parse: parse_message(&server_name, p.sql, p.param_types),
-                server_name: server_name.into(),
-            }),
-        );
+        self.named
+            .insert(p.name.to_owned(), Def::new(p.sql, p.param_types));
     }
 
     /// With no server connection leased: when `queue` holds only whole Parses of
@@ -82,14 +73,8 @@ impl Translator {
             match msg[0] {
                 PARSE => {
                     if let Some(p) = frontend::parse(body) {
-                        let server_name = server_name(p.sql, p.param_types);
-                        self.named.insert(
-                            p.name.to_owned(),
-                            Arc::new(Def {
-                                parse: parse_message(&server_name, p.sql, p.param_types),
-                                server_name: server_name.into(),
-                            }),
-                        );
+                        self.named
+                            .insert(p.name.to_owned(), Def::new(p.sql, p.param_types));
                     }
                     answers.extend_from_slice(frontend::PARSE_COMPLETE);
                 }

@@ -73,6 +73,18 @@ pub struct Def {
     pub parse: Bytes,
 }
 
+impl Def {
+    /// A client statement's definition: its server-side name and the Parse that
+    /// prepares it under that name.
+    pub fn new(sql: &str, param_types: &[u8]) -> Arc<Self> {
+        let server_name = server_name(sql, param_types);
+        Arc::new(Self {
+            parse: parse_message(&server_name, sql, param_types),
+            server_name: server_name.into(),
+        })
+    }
+}
+
 /// What to do with a backend message ([`Translator::on_backend`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply {
@@ -323,11 +335,7 @@ impl Translator {
             self.expect(b'1', Reply::Pass, Effect::PreparesUnnamed);
             return;
         }
-        let server_name = server_name(p.sql, p.param_types);
-        let def = Arc::new(Def {
-            parse: parse_message(&server_name, p.sql, p.param_types),
-            server_name: server_name.into(),
-        });
+        let def = Def::new(p.sql, p.param_types);
         self.named.insert(p.name.to_owned(), def.clone());
         if server.usable(&def.server_name, cycle) {
             server.touch(&def.server_name);

@@ -8,9 +8,7 @@ use pg_query::protobuf::{OnConflictAction, OnConflictClause};
 use super::reason as r;
 use super::target::{self, Target};
 use super::value::node;
-use super::{
-    Assign, ConflictSet, ConflictTarget, ConflictValue, OnConflict, size_of, target_column,
-};
+use super::{Assign, ConflictSet, ConflictTarget, ConflictValue, OnConflict, set_list, size_of};
 
 /// `ON CONFLICT (cols) | ON CONSTRAINT name` then `DO NOTHING` or `DO UPDATE SET …`
 /// without WHERE. A clause without an arbiter (any unique constraint), with an
@@ -61,23 +59,9 @@ pub(super) fn on_conflict(
             if target.alias.unwrap_or(&target.table.name) == EXCLUDED {
                 return Err(r::ON_CONFLICT_SET);
             }
-            let mut set: Vec<(String, ConflictSet)> = Vec::with_capacity(clause.target_list.len());
-            for item in &clause.target_list {
-                let Some(NodeEnum::ResTarget(item)) = item.node.as_ref() else {
-                    return Err(r::UNSUPPORTED);
-                };
-                let column = target_column(item)?;
-                let val = node(item.val.as_deref());
-                if matches!(val, Some(NodeEnum::MultiAssignRef(_))) {
-                    return Err(r::MULTIPLE_ASSIGNMENT);
-                }
-                let assign = conflict_set(target, &column, val)?;
-                if set.iter().any(|(c, _)| *c == column) {
-                    return Err(r::DUPLICATE_COLUMN);
-                }
-                set.push((column, assign));
-            }
-            Some(set)
+            Some(set_list(&clause.target_list, |column, val| {
+                conflict_set(target, column, val)
+            })?)
         }
         _ => return Err(r::UNSUPPORTED),
     };

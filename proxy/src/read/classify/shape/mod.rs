@@ -290,22 +290,7 @@ fn update(s: &UpdateStmt) -> Result<WriteShape, &'static str> {
     }
     let target = Target::of(s.relation.as_ref())?;
     let filter = filter(s.where_clause.as_deref())?;
-    let mut set: Vec<(String, Assign)> = Vec::with_capacity(s.target_list.len());
-    for item in &s.target_list {
-        let Some(NodeEnum::ResTarget(item)) = item.node.as_ref() else {
-            return Err(r::UNSUPPORTED);
-        };
-        let column = target_column(item)?;
-        let val = node(item.val.as_deref());
-        if matches!(val, Some(NodeEnum::MultiAssignRef(_))) {
-            return Err(r::MULTIPLE_ASSIGNMENT);
-        }
-        let assign = target.assign(&column, val)?;
-        if set.iter().any(|(c, _)| *c == column) {
-            return Err(r::DUPLICATE_COLUMN);
-        }
-        set.push((column, assign));
-    }
+    let set = set_list(&s.target_list, |column, val| target.assign(column, val))?;
     let key = target.key(filter)?;
     Ok(WriteShape::Update {
         only: target.only,
@@ -413,6 +398,31 @@ fn filter(where_clause: Option<&Node>) -> Result<&NodeEnum, &'static str> {
 }
 
 /// The name of an INSERT column or SET target, which must be a plain column.
+/// An UPDATE's (or a DO UPDATE's) SET list, each item made an assignment by `assign`
+/// from its column and value: no multiple assignment, no column twice.
+fn set_list<A>(
+    list: &[pg_query::Node],
+    mut assign: impl FnMut(&str, Option<&NodeEnum>) -> Result<A, &'static str>,
+) -> Result<Vec<(String, A)>, &'static str> {
+    let mut set: Vec<(String, A)> = Vec::with_capacity(list.len());
+    for item in list {
+        let Some(NodeEnum::ResTarget(item)) = item.node.as_ref() else {
+            return Err(r::UNSUPPORTED);
+        };
+        let column = target_column(item)?;
+        let val = node(item.val.as_deref());
+        if matches!(val, Some(NodeEnum::MultiAssignRef(_))) {
+            return Err(r::MULTIPLE_ASSIGNMENT);
+        }
+        let assigned = assign(&column, val)?;
+        if set.iter().any(|(c, _)| *c == column) {
+            return Err(r::DUPLICATE_COLUMN);
+        }
+        set.push((column, assigned));
+    }
+    Ok(set)
+}
+
 fn target_column(target: &ResTarget) -> Result<String, &'static str> {
     if !target.indirection.is_empty() {
         return Err(r::INDIRECTION);
