@@ -14,6 +14,15 @@ fn slow() -> FlushConfig {
     }
 }
 
+/// Defers `c` on `public.t` in a task of its own (its answer awaited later).
+fn spawn_defer(
+    h: &Harness,
+    c: Converted,
+) -> tokio::task::JoinHandle<Result<crate::engine::Outcome, DeferError>> {
+    let engine = h.engine.clone();
+    tokio::spawn(async move { engine.defer(USER, "public.t", c).await })
+}
+
 fn one() -> Vec<DeferredTable> {
     vec![table("t", Policy::WriteBehind, |_| {})]
 }
@@ -155,8 +164,7 @@ async fn a_batch_holds_at_most_batch_size_operations() {
 async fn never_past_a_gap() {
     let h = Harness::new(one(), slow());
     h.log().hold(1);
-    let engine = h.engine.clone();
-    let first = tokio::spawn(async move { engine.defer(USER, "public.t", insert("t", 1)).await });
+    let first = spawn_defer(&h, insert("t", 1));
     after(1).await;
     h.defer("t", insert("t", 2)).await;
     let engine = h.engine.clone();
@@ -182,16 +190,12 @@ async fn never_past_a_gap() {
 async fn a_write_on_a_key_in_flight_is_journaled_after_it() {
     let h = Harness::new(one(), slow());
     h.log().stall_next();
-    let engine = h.engine.clone();
-    let inserting =
-        tokio::spawn(async move { engine.defer(USER, "public.t", insert("t", 7)).await });
+    let inserting = spawn_defer(&h, insert("t", 7));
     after(1).await;
     // A write of another key is not held up by the stalled one.
     let other = h.defer("t", insert("t", 8)).await;
     assert_eq!(other.seq, Some(1), "another key waits for nothing");
-    let engine = h.engine.clone();
-    let updating =
-        tokio::spawn(async move { engine.defer(USER, "public.t", update("t", 7)).await });
+    let updating = spawn_defer(&h, update("t", 7));
     after(1).await;
     h.log().unstall();
     let (insert, update) = match (inserting.await, updating.await) {
@@ -218,13 +222,9 @@ async fn a_write_on_a_key_in_flight_is_journaled_after_it() {
 async fn a_write_on_a_key_whose_earlier_write_failed_is_decided_again() {
     let h = Harness::new(one(), slow());
     h.log().stall_next();
-    let engine = h.engine.clone();
-    let inserting =
-        tokio::spawn(async move { engine.defer(USER, "public.t", insert("t", 7)).await });
+    let inserting = spawn_defer(&h, insert("t", 7));
     after(1).await;
-    let engine = h.engine.clone();
-    let updating =
-        tokio::spawn(async move { engine.defer(USER, "public.t", update("t", 7)).await });
+    let updating = spawn_defer(&h, update("t", 7));
     after(1).await;
     // The INSERT's append is refused (journal full) once it goes on.
     h.log().full.store(true, Ordering::SeqCst);
@@ -254,11 +254,9 @@ async fn a_write_on_a_key_whose_earlier_write_failed_is_decided_again() {
 async fn a_refusal_resting_on_a_write_that_failed_is_decided_again() {
     let h = Harness::new(one(), slow());
     h.log().stall_next();
-    let engine = h.engine.clone();
-    let first = tokio::spawn(async move { engine.defer(USER, "public.t", insert("t", 7)).await });
+    let first = spawn_defer(&h, insert("t", 7));
     after(1).await;
-    let engine = h.engine.clone();
-    let second = tokio::spawn(async move { engine.defer(USER, "public.t", insert("t", 7)).await });
+    let second = spawn_defer(&h, insert("t", 7));
     after(1).await;
     assert!(
         !second.is_finished(),
