@@ -26,12 +26,47 @@ async fn following(ctx: &Context) -> bool {
     ) > 0.0
 }
 
+/// Waits (up to 20 s) until the stream follows the database.
+async fn wait_following(ctx: &Context) {
+    let since = Instant::now();
+    while !following(ctx).await {
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "the stream never followed:\n{}",
+            ctx.proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_publication_altered_under_spillway_never_leaves_a_stale_entry() {
     let ctx = start("").await;
     let client = ctx.proxy_client().await;
-    assert_eq!(value(&client, 1).await.as_deref(), Some("v1"));
-    assert_eq!(value(&client, 1).await.as_deref(), Some("v1"));
+    // The row must be a cache hit before the ALTER: read while the catalog is still
+    // loading, it is served uncached and the UPDATE below would be seen by a miss.
+    wait_following(&ctx).await;
+    let hits = || async {
+        metric(
+            &scrape(ctx.proxy.metrics_addr()).await,
+            "spillway_cache_hits_total",
+        )
+    };
+    let since = Instant::now();
+    loop {
+        assert_eq!(value(&client, 1).await.as_deref(), Some("v1"));
+        let before = hits().await;
+        assert_eq!(value(&client, 1).await.as_deref(), Some("v1"));
+        if hits().await > before {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "the row was never served from the cache:\n{}",
+            ctx.proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     ctx.pg
         .psql(DB, "ALTER PUBLICATION spillway SET (publish = 'insert')")
         .expect("narrow the publication");
@@ -59,15 +94,7 @@ async fn a_publication_altered_under_spillway_never_leaves_a_stale_entry() {
             "ALTER PUBLICATION spillway SET (publish = 'insert, update, delete, truncate')",
         )
         .expect("restore the publication");
-    let since = Instant::now();
-    while !following(&ctx).await {
-        assert!(
-            since.elapsed() < Duration::from_secs(20),
-            "the stream never followed again:\n{}",
-            ctx.proxy.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_following(&ctx).await;
     assert_eq!(value(&client, 2).await.as_deref(), Some("v2"));
     ctx.pg
         .psql(DB, "UPDATE items SET v = 'after' WHERE id = 2")

@@ -82,13 +82,15 @@ async fn run(cache: Arc<ReadCache>, db: Arc<DbState>, url: String, timeout: Dura
             Want::Idle => Exit::Idle,
             Want::Release => Exit::Released,
         };
-        db.set_catalog(None);
+        // The stream is marked lost before the catalog goes: a read served uncached
+        // from here on never finds it still reported as following.
         if cache.invalidation == Invalidation::Replication {
             stream::lost(&db, &cache.sinks);
         } else if cache.invalidation == Invalidation::Notify {
             // Writes by others are not heard while it is closed.
             db.versions.bump_all();
         }
+        db.set_catalog(None);
         match exit {
             Exit::Lost => {
                 // Leases and release requests are looked at again after the pause.
