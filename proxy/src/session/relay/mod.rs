@@ -84,6 +84,12 @@ pub struct Relay {
     server_fatal: Option<String>,
     /// Transaction mode: the client sent Terminate (never forwarded to a pool's).
     pooled_terminated: bool,
+    /// Session mode: the last `poll_io` found the server connection not readable and
+    /// returned progress, so the loop polls again within the same task poll. The
+    /// runtime's I/O driver runs only between task polls, so that connection's
+    /// readiness is unchanged and its waker still registered: the next `poll_io`
+    /// skips reading it (a cache hit no longer pays an upstream poll twice).
+    upstream_unready: bool,
 }
 
 /// A FATAL that may detach the session, while the relay asks whether PostgreSQL still
@@ -139,6 +145,7 @@ impl Relay {
             ending: None,
             server_fatal: None,
             pooled_terminated: false,
+            upstream_unready: false,
         }
     }
 
@@ -317,6 +324,9 @@ impl Relay {
     /// Ready once at least one read produced bytes or EOF. While a probe runs, only
     /// writes go on.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Progress, SessionError>> {
+        // Only from one poll_io to the very next, and never in transaction mode (the
+        // server connection may change between them).
+        let skip_upstream = std::mem::take(&mut self.upstream_unready) && !self.lease.is_pooled();
         let probing = self.ending.is_some();
         if self.lease.is_pooled() && !self.out.to_upstream().is_empty() {
             let idle = self.out.state().tx_status == b'I';
@@ -367,16 +377,19 @@ impl Relay {
                 Poll::Pending => {}
             }
         }
+        let mut unready = false;
         if self.out.to_client().len() < WINDOW
+            && !skip_upstream
             && let Some(server) = self.lease.server()
         {
             match server.poll_fill(cx) {
                 Poll::Ready(Ok(data)) => progress.upstream = Some(Read::of(data)),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::UpstreamIo(e))),
-                Poll::Pending => {}
+                Poll::Pending => unready = true,
             }
         }
         if progress.client.is_some() || progress.upstream.is_some() || progress.unblocked {
+            self.upstream_unready = unready;
             Poll::Ready(Ok(progress))
         } else {
             Poll::Pending
