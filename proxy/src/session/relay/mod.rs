@@ -44,7 +44,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 
 use super::End;
-use super::handler::{Delivery, Disposition, Handler};
+use super::handler::{Delivery, Handler};
 use super::lease::Lease;
 use super::state::{Outbox, ProtocolState};
 use crate::error::SessionError;
@@ -54,6 +54,7 @@ use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
 use crate::protocol::prepared::Reply;
 
+mod client;
 mod close;
 
 /// Output buffered toward one side before spillway stops reading from the other.
@@ -394,49 +395,6 @@ impl Relay {
         } else {
             Poll::Pending
         }
-    }
-
-    /// Frames complete client messages and hands each to the handler.
-    fn on_client_data(&mut self) -> Result<(), SessionError> {
-        while let Some(h) = peek_header(&self.client.inbuf, self.max_message)? {
-            if self.client.inbuf.len() < h.total_len {
-                self.client
-                    .inbuf
-                    .reserve(h.total_len - self.client.inbuf.len());
-                break;
-            }
-            if h.tag == TERMINATE[0] && self.lease.is_pooled() {
-                self.client.inbuf.advance(h.total_len);
-                self.pooled_terminated = true;
-                break;
-            }
-            let msg = &self.client.inbuf[..h.total_len];
-            self.lease.observe(msg);
-            self.out.offer(h.tag);
-            match self.handler.on_frontend(msg, &mut self.out) {
-                Disposition::Consumed => self.out.take(),
-                Disposition::Blocked => {
-                    self.out.withdraw();
-                    break;
-                }
-                Disposition::NeedsUpstream => {
-                    self.out.withdraw();
-                    return Err(SessionError::UpstreamLost {
-                        cause: self
-                            .lease
-                            .lost_cause()
-                            .unwrap_or("not connected")
-                            .to_owned(),
-                    });
-                }
-            }
-            self.client.inbuf.advance(h.total_len);
-            if self.out.client_terminated() {
-                break;
-            }
-        }
-        shrink_if_idle(&mut self.client.inbuf);
-        Ok(())
     }
 
     /// Frames backend messages toward the client, streaming large ones.

@@ -41,6 +41,9 @@ pub struct Local {
     /// Another session is filling a key bound here, and how many Binds the cycle had
     /// up to that one.
     waiting: Option<(OwnedNotified, u32)>,
+    /// Only hits count: a miss ends the plan without taking part in any fill (a whole
+    /// cycle tried at once, which the message-by-message path then decides).
+    probe: bool,
 }
 
 /// One message's part in the plan (small: it is returned for every message held;
@@ -78,6 +81,7 @@ impl Local {
                 hits: 0,
                 binds: 0,
                 waiting: None,
+                probe: false,
             })
         });
         plan.unnamed = unnamed;
@@ -94,6 +98,7 @@ impl Local {
         self.hits = 0;
         self.binds = 0;
         self.waiting = None;
+        self.probe = false;
     }
 
     /// The unnamed statement as the cycle left it so far.
@@ -196,6 +201,61 @@ impl Caching {
                 false
             }
         }
+    }
+
+    /// A whole cycle at the front of the client's bytes (the relay framed it; the last
+    /// message a Sync), answered at once when, offered message by message, it would be
+    /// answered from the cache at its Sync: the same conditions as for its first
+    /// message, every message's part decided by the same [`Caching::step`], nothing
+    /// held first. Only Binds, Describes and Executes before the Sync, and only hits:
+    /// anything else returns false with nothing changed (no fill led or waited for),
+    /// and the messages go through `on_frontend` one by one.
+    pub(in crate::session::handler) fn answer_cycle(
+        &mut self,
+        msgs: &[&[u8]],
+        out: &mut Outbox,
+    ) -> bool {
+        let Some((sync, cycle)) = msgs.split_last() else {
+            return false;
+        };
+        let status = out.tx_status();
+        if !(sync[0] == frontend::SYNC
+            && matches!(self.wait, super::super::wait::Wait::Fresh)
+            && !self.link.detached
+            && !self.tracker.desynced
+            && self.tracker.quiet
+            && self.tx.held.is_none()
+            && self.cycle.held.is_empty()
+            && !self.cycle.upstream
+            && self.cycle.local.is_none()
+            && self.cycle.named.is_empty()
+            && self.reads_allowed(status))
+        {
+            return false;
+        }
+        let started = Instant::now();
+        let mut plan = Local::start(
+            self.cycle.spare.take(),
+            self.stmts.client_unnamed().cloned(),
+        );
+        plan.probe = true;
+        let answered = cycle.iter().all(|m| {
+            matches!(
+                m[0],
+                frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE
+            ) && matches!(self.step(&mut plan, m, None), Step::Ok)
+        }) && plan.hits > 0
+            && plan.waiting.is_none();
+        if !answered {
+            self.cycle.recycle(plan);
+            return false;
+        }
+        for m in msgs {
+            out.offer(m[0]);
+            out.take();
+        }
+        self.answer_plan(plan, started, out);
+        true
     }
 
     fn answer_plan(&mut self, mut plan: Box<Local>, started: Instant, out: &mut Outbox) {
@@ -326,6 +386,9 @@ impl Caching {
             plan.bound_unnamed = statement.is_empty();
             plan.answers.extend_from_slice(frontend::BIND_COMPLETE);
             return Step::Ok;
+        }
+        if plan.probe {
+            return Step::No;
         }
         // A miss: only a cacheable statement may lead a fill, under the key built.
         if self.decide(&stmt.analysis).cacheable.is_err() {
