@@ -1,11 +1,11 @@
 //! Client bytes framed into whole messages and handed to the handler one by one, or
 //! a whole extended cycle at once when the cache answers it (below).
 //!
-//! A cycle that has arrived whole (Bind … Sync, at most [`WHOLE_CYCLE`] messages) is
-//! first offered to the handler as a whole (`Handler::answer_cycle`): answered from
-//! the cache exactly as it would be message by message, without holding each message
-//! first; refused, nothing has changed and its messages go one by one. Not in
-//! transaction mode, where the lease observes every message.
+//! A cycle that has arrived whole (Parse or Bind … Sync, at most [`WHOLE_CYCLE`]
+//! messages) is first offered to the handler as a whole (`Handler::answer_cycle`):
+//! answered from the cache exactly as it would be message by message, without holding
+//! each message first; refused, nothing has changed and its messages go one by one.
+//! Not in transaction mode, where the lease observes every message.
 
 use bytes::Buf;
 
@@ -17,14 +17,14 @@ use crate::protocol::frontend;
 use crate::session::handler::Disposition;
 
 /// The most messages of a cycle offered whole (libpq and pgbench send four: Bind,
-/// Describe, Execute, Sync).
+/// Describe, Execute, Sync; tokio-postgres's `query_typed` five, with a Parse).
 const WHOLE_CYCLE: usize = 8;
 
 impl Relay {
     /// Frames complete client messages and hands each to the handler.
     pub(super) fn on_client_data(&mut self) -> Result<(), SessionError> {
         while let Some(h) = peek_header(&self.client.inbuf, self.max_message)? {
-            if h.tag == frontend::BIND && self.answer_whole_cycle() {
+            if matches!(h.tag, frontend::PARSE | frontend::BIND) && self.answer_whole_cycle() {
                 continue;
             }
             if self.client.inbuf.len() < h.total_len {

@@ -207,9 +207,10 @@ impl Caching {
     /// message a Sync), answered at once when, offered message by message, it would be
     /// answered from the cache at its Sync: the same conditions as for its first
     /// message, every message's part decided by the same [`Caching::step`], nothing
-    /// held first. Only Binds, Describes and Executes before the Sync, and only hits:
-    /// anything else returns false with nothing changed (no fill led or waited for),
-    /// and the messages go through `on_frontend` one by one.
+    /// held first. Only Parses of the unnamed statement, Binds, Describes and Executes
+    /// before the Sync, and only hits: anything else returns false with nothing changed
+    /// (no fill led or waited for), and the messages go through `on_frontend` one by
+    /// one.
     pub(in crate::session::handler) fn answer_cycle(
         &mut self,
         msgs: &[&[u8]],
@@ -242,7 +243,7 @@ impl Caching {
         let answered = cycle.iter().all(|m| {
             matches!(
                 m[0],
-                frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE
+                frontend::PARSE | frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE
             ) && matches!(self.step(&mut plan, m, None), Step::Ok)
         }) && plan.hits > 0
             && plan.waiting.is_none();
