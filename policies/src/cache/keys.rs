@@ -155,10 +155,13 @@ impl KeyLike for KeyParts<'_> {
     }
     fn is(&self, mut bytes: &[u8]) -> bool {
         for p in self.parts {
-            match bytes.strip_prefix(*p) {
-                Some(rest) => bytes = rest,
-                None => return false,
+            let Some((head, rest)) = bytes.split_at_checked(p.len()) else {
+                return false;
+            };
+            if !same_slice(head, p) {
+                return false;
             }
+            bytes = rest;
         }
         bytes.is_empty()
     }
@@ -167,6 +170,16 @@ impl KeyLike for KeyParts<'_> {
     }
     fn key_len(&self) -> usize {
         self.parts.iter().map(|p| p.len()).sum()
+    }
+}
+
+/// `a == b` for slices of one length; the short parts of a key (a kind byte, a length)
+/// compared in line, where a call to `memcmp` would cost more than the comparison.
+fn same_slice(a: &[u8], b: &[u8]) -> bool {
+    if a.len() <= 8 {
+        a.iter().zip(b).all(|(x, y)| x == y)
+    } else {
+        a == b
     }
 }
 

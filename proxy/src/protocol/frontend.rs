@@ -37,7 +37,12 @@ impl<'a> Reader<'a> {
             self.0 = rest;
             return Some("");
         }
-        let end = memchr::memchr(0, self.0)?;
+        // A statement or portal name is short: looked for in line before `memchr`,
+        // whose set-up costs more than a few bytes' search (a Parse's text is long).
+        let end = match self.0.iter().take(16).position(|&b| b == 0) {
+            Some(end) => end,
+            None => memchr::memchr(0, self.0)?,
+        };
         let s = std::str::from_utf8(&self.0[..end]).ok()?;
         self.0 = &self.0[end + 1..];
         Some(s)
