@@ -29,8 +29,9 @@ async fn wire_sequences_inside_a_held_transaction() {
     raw.send(&wire::sync()).await;
     let msgs = raw.until(b'Z').await;
     assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("Z", b'T'));
-    // Prepare and describe only: PostgreSQL answers, with the held status.
-    let mut cycle = wire::parse("", "SELECT 41 + 1");
+    // Prepare and describe only: PostgreSQL answers, with the held status. (A
+    // function call: the read cannot be answered outside the transaction, ADR 0034.)
+    let mut cycle = wire::parse("", "SELECT abs(-42)");
     cycle.extend_from_slice(&wire::describe_statement(""));
     cycle.extend_from_slice(&wire::sync());
     raw.send(&cycle).await;
