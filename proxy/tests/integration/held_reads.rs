@@ -193,10 +193,28 @@ async fn a_read_outside_sees_what_is_committed_when_it_starts() {
         .get(0);
     d.batch_execute("ROLLBACK").await.expect("rollback");
     assert_eq!((first, second), (12, 13), "PostgreSQL's READ COMMITTED");
+    // Another spillway session's write acknowledged while the transaction is open:
+    // committed from every session's view, so the next read sees it.
+    other
+        .batch_execute("UPDATE hr_products SET price = 15 WHERE id = 1")
+        .await
+        .expect("deferred update");
+    let msgs = q(&mut raw, "SELECT price FROM hr_products WHERE id = 1").await;
+    assert_eq!(values(&msgs), ["15"]);
+    assert_eq!(status(&msgs), b'T');
     let msgs = q(&mut raw, "COMMIT").await;
     assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("CZ", b'I'));
     assert_eq!(held(&ctx, "committed").await, 1.0);
-    assert_eq!(reads(&ctx, "outside").await, 2.0);
+    assert_eq!(reads(&ctx, "outside").await, 3.0);
+    q(&mut raw, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct(&ctx, "SELECT price FROM hr_products WHERE id = 1"),
+        "15"
+    );
+    assert_eq!(
+        direct(&ctx, "SELECT product FROM hr_orders WHERE id = 5"),
+        "1"
+    );
 }
 
 /// Reads that could see the held writes, lock, or call functions move the transaction
