@@ -19,6 +19,8 @@ const SCHEMA: &str = "\
     CREATE TABLE public.hr_members (id int PRIMARY KEY, \
         group_id int REFERENCES public.hr_groups (id) ON DELETE CASCADE); \
     CREATE TABLE public.hr_plain (id int PRIMARY KEY, v text); \
+    CREATE TABLE public.hr_part (id int PRIMARY KEY) PARTITION BY RANGE (id); \
+    CREATE TABLE public.hr_part_a PARTITION OF public.hr_part FOR VALUES FROM (0) TO (100); \
     INSERT INTO public.hr_products SELECT g, 10 * g FROM generate_series(1, 5) g; \
     INSERT INTO public.hr_plain VALUES (1, 'one');";
 
@@ -30,7 +32,8 @@ async fn start() -> Context {
              [tables.\"public.hr_products\"]\npolicy = \"write-behind\"\n\
              [tables.\"public.hr_orders\"]\npolicy = \"write-behind\"\n\
              [tables.\"public.hr_lines\"]\npolicy = \"write-behind\"\n\
-             [tables.\"public.hr_groups\"]\npolicy = \"write-behind\"\n",
+             [tables.\"public.hr_groups\"]\npolicy = \"write-behind\"\n\
+             [tables.\"public.hr_part_a\"]\npolicy = \"write-behind\"\n",
         )
         .start()
         .await
@@ -223,7 +226,7 @@ async fn a_read_outside_sees_what_is_committed_when_it_starts() {
 async fn reads_that_may_observe_held_writes_move_the_transaction_upstream() {
     let ctx = start().await;
     let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
-    let cases: [(&str, &str, &str, Vec<&str>); 5] = [
+    let cases: [(&str, &str, &str, Vec<&str>); 6] = [
         (
             "INSERT INTO hr_orders (id, product) VALUES (10, 1)",
             "SELECT id FROM hr_orders ORDER BY id",
@@ -248,6 +251,13 @@ async fn reads_that_may_observe_held_writes_move_the_transaction_upstream() {
             "SELECT id FROM hr_lines",
             "reads_held_writes",
             vec![],
+        ),
+        (
+            // A partition written, its partitioned parent read.
+            "INSERT INTO hr_part_a (id) VALUES (7)",
+            "SELECT id FROM hr_part",
+            "reads_held_writes",
+            vec!["7"],
         ),
         (
             // Its ON DELETE CASCADE may write elsewhere: nothing is read outside.

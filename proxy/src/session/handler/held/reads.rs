@@ -87,8 +87,9 @@ impl Caching {
             return Err("function");
         }
         let held = self.tx.held.as_ref().ok_or("not_held")?;
-        // What the held writes may have changed: their tables, and the tables their
-        // foreign keys' actions reach.
+        // What the held writes may have changed: their tables (with their partitions
+        // and inheritance children: a row written through the parent lands in one),
+        // and the tables their foreign keys link them to.
         let mut written: Vec<u32> = Vec::new();
         for s in &held.stmts {
             let (schema, name) = split(&s.table);
@@ -100,7 +101,9 @@ impl Caching {
                 if r.write_side_effects {
                     return Err("side_effects");
                 }
-                written.push(r.oid);
+                if catalog.read_dependencies(r, &mut written).is_err() {
+                    return Err("relation");
+                }
                 written.extend_from_slice(catalog.foreign_key_links(r.oid));
             }
         }
