@@ -32,6 +32,11 @@ struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
     fn cstr(&mut self) -> Option<&'a str> {
+        // The unnamed portal and statement, in nearly every Bind and Execute: no search.
+        if let Some((&0, rest)) = self.0.split_first() {
+            self.0 = rest;
+            return Some("");
+        }
         let end = memchr::memchr(0, self.0)?;
         let s = std::str::from_utf8(&self.0[..end]).ok()?;
         self.0 = &self.0[end + 1..];

@@ -198,6 +198,14 @@ impl Handler {
         }
     }
 
+    /// A whole extended cycle (its last message a Sync), answered from the cache in one
+    /// go (`extended/local.rs`); false when not, with nothing changed.
+    pub fn answer_cycle(&mut self, msgs: &[&[u8]], out: &mut Outbox) -> bool {
+        self.caching
+            .as_deref_mut()
+            .is_some_and(|c| c.answer_cycle(msgs, out))
+    }
+
     /// One whole backend message, and what becomes of it.
     pub fn on_backend(&mut self, tag: u8, msg: &[u8]) -> Delivery {
         match self.caching.as_deref_mut() {

@@ -44,7 +44,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 
 use super::End;
-use super::handler::{Delivery, Disposition, Handler};
+use super::handler::{Delivery, Handler};
 use super::lease::Lease;
 use super::state::{Outbox, ProtocolState};
 use crate::error::SessionError;
@@ -54,6 +54,7 @@ use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
 use crate::protocol::prepared::Reply;
 
+mod client;
 mod close;
 
 /// Output buffered toward one side before spillway stops reading from the other.
@@ -84,6 +85,12 @@ pub struct Relay {
     server_fatal: Option<String>,
     /// Transaction mode: the client sent Terminate (never forwarded to a pool's).
     pooled_terminated: bool,
+    /// Session mode: the last `poll_io` found the server connection not readable and
+    /// returned progress, so the loop polls again within the same task poll. The
+    /// runtime's I/O driver runs only between task polls, so that connection's
+    /// readiness is unchanged and its waker still registered: the next `poll_io`
+    /// skips reading it (a cache hit no longer pays an upstream poll twice).
+    upstream_unready: bool,
 }
 
 /// A FATAL that may detach the session, while the relay asks whether PostgreSQL still
@@ -139,6 +146,7 @@ impl Relay {
             ending: None,
             server_fatal: None,
             pooled_terminated: false,
+            upstream_unready: false,
         }
     }
 
@@ -317,6 +325,9 @@ impl Relay {
     /// Ready once at least one read produced bytes or EOF. While a probe runs, only
     /// writes go on.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Progress, SessionError>> {
+        // Only from one poll_io to the very next, and never in transaction mode (the
+        // server connection may change between them).
+        let skip_upstream = std::mem::take(&mut self.upstream_unready) && !self.lease.is_pooled();
         let probing = self.ending.is_some();
         if self.lease.is_pooled() && !self.out.to_upstream().is_empty() {
             let idle = self.out.state().tx_status == b'I';
@@ -367,69 +378,23 @@ impl Relay {
                 Poll::Pending => {}
             }
         }
+        let mut unready = false;
         if self.out.to_client().len() < WINDOW
+            && !skip_upstream
             && let Some(server) = self.lease.server()
         {
             match server.poll_fill(cx) {
                 Poll::Ready(Ok(data)) => progress.upstream = Some(Read::of(data)),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::UpstreamIo(e))),
-                Poll::Pending => {}
+                Poll::Pending => unready = true,
             }
         }
         if progress.client.is_some() || progress.upstream.is_some() || progress.unblocked {
+            self.upstream_unready = unready;
             Poll::Ready(Ok(progress))
         } else {
             Poll::Pending
         }
-    }
-
-    /// Frames complete client messages and hands each to the handler, until one is
-    /// blocked. Never while the handler is blocked: the turn that ends a wait may also
-    /// read the client's next bytes, and the message offered again then may wait
-    /// anew; offering it a second time would replace its wait (a held transaction's
-    /// replay was sent twice so, its answers taken for missing: 40001).
-    fn on_client_data(&mut self) -> Result<(), SessionError> {
-        while !self.handler.is_blocked()
-            && let Some(h) = peek_header(&self.client.inbuf, self.max_message)?
-        {
-            if self.client.inbuf.len() < h.total_len {
-                self.client
-                    .inbuf
-                    .reserve(h.total_len - self.client.inbuf.len());
-                break;
-            }
-            if h.tag == TERMINATE[0] && self.lease.is_pooled() {
-                self.client.inbuf.advance(h.total_len);
-                self.pooled_terminated = true;
-                break;
-            }
-            let msg = &self.client.inbuf[..h.total_len];
-            self.lease.observe(msg);
-            self.out.offer(h.tag);
-            match self.handler.on_frontend(msg, &mut self.out) {
-                Disposition::Consumed => self.out.take(),
-                Disposition::Blocked => {
-                    self.out.withdraw();
-                    break;
-                }
-                Disposition::NeedsUpstream => {
-                    self.out.withdraw();
-                    return Err(SessionError::UpstreamLost {
-                        cause: self
-                            .lease
-                            .lost_cause()
-                            .unwrap_or("not connected")
-                            .to_owned(),
-                    });
-                }
-            }
-            self.client.inbuf.advance(h.total_len);
-            if self.out.client_terminated() {
-                break;
-            }
-        }
-        shrink_if_idle(&mut self.client.inbuf);
-        Ok(())
     }
 
     /// Frames backend messages toward the client, streaming large ones.

@@ -158,3 +158,98 @@ async fn a_described_statement_cycle_hits_with_postgres_answer() {
         }
     }
 }
+
+/// libpq's and pgbench's prepared cycle: Bind of a named statement, Describe of the
+/// portal, Execute, Sync.
+fn prepared_cycle(stmt: &str, param: &str) -> Vec<Vec<u8>> {
+    vec![
+        wire::bind("", stmt, &[Some(param)]),
+        wire::describe_portal(""),
+        wire::execute("", 0),
+        wire::sync(),
+    ]
+}
+
+/// A cycle that arrives whole is answered from the cache at once (`relay/client.rs`,
+/// `Caching::answer_cycle`); one that arrives a message at a time is held message by
+/// message and answered at its Sync. Both must give the same bytes, in and out of a
+/// transaction block, pipelined, and a miss sent whole must still lead its fill.
+#[tokio::test]
+async fn a_prepared_cycle_sent_whole_or_message_by_message_gets_one_answer() {
+    let (ctx, direct) = start(Context::builder(), "").await;
+    let mut proxy = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    let mut pg = Raw::startup(direct_addr(&ctx), USER, DB).await;
+    let sql = "SELECT id, v, n FROM t WHERE id <= $1 ORDER BY id";
+    let prepare = [wire::parse("s1", sql), wire::sync()].concat();
+    for raw in [&mut proxy, &mut pg] {
+        assert_eq!(tags(&answer(raw, &prepare).await), "1Z");
+    }
+    let whole = |param: &str| prepared_cycle("s1", param).concat();
+
+    let hit = wait_for_cached(
+        async || answer(&mut proxy, &whole("2")).await,
+        async || answer(&mut pg, &whole("2")).await,
+        &direct,
+        "UPDATE t SET n = n + 1 WHERE id = 1",
+    )
+    .await;
+    assert_eq!(tags(&hit), "2TDDCZ", "{hit:?}");
+
+    // Message by message: the same answer, from the cache.
+    for m in prepared_cycle("s1", "2") {
+        proxy.send(&m).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(proxy.until(b'Z').await, hit, "held message by message");
+    assert_eq!(answer(&mut proxy, &whole("2")).await, hit, "whole again");
+
+    // Two cycles in one write.
+    proxy.send(&[whole("2"), whole("2")].concat()).await;
+    for i in 0..2 {
+        assert_eq!(proxy.until(b'Z').await, hit, "pipelined cycle {i}");
+    }
+
+    // Inside a transaction block: the same rows, the block's status.
+    assert_eq!(
+        status(&answer(&mut proxy, &wire::query("BEGIN")).await),
+        b'T'
+    );
+    let in_block = answer(&mut proxy, &whole("2")).await;
+    assert_eq!(in_block[..in_block.len() - 1], hit[..hit.len() - 1]);
+    assert_eq!(status(&in_block), b'T', "{in_block:?}");
+    assert_eq!(
+        status(&answer(&mut proxy, &wire::query("COMMIT")).await),
+        b'I'
+    );
+
+    // A key not cached yet, sent whole: PostgreSQL's answer now, and then cached.
+    let fresh = answer(&mut pg, &whole("1")).await;
+    assert_eq!(
+        answer(&mut proxy, &whole("1")).await,
+        fresh,
+        "a miss sent whole"
+    );
+    let filled = wait_for_cached(
+        async || answer(&mut proxy, &whole("1")).await,
+        async || answer(&mut pg, &whole("1")).await,
+        &direct,
+        "UPDATE t SET n = n + 1 WHERE id = 1",
+    )
+    .await;
+    assert_eq!(tags(&filled), "2TDCZ", "{filled:?}");
+
+    // A Describe of the statement is not answered from the cache: PostgreSQL's answer.
+    let described = [
+        wire::bind("", "s1", &[Some("2")]),
+        wire::describe_statement("s1"),
+        wire::execute("", 0),
+        wire::sync(),
+    ]
+    .concat();
+    let got = answer(&mut proxy, &described).await;
+    assert_eq!(
+        tags(&got),
+        tags(&answer(&mut pg, &described).await),
+        "{got:?}"
+    );
+}

@@ -41,15 +41,19 @@ pub struct Local {
     /// Another session is filling a key bound here, and how many Binds the cycle had
     /// up to that one.
     waiting: Option<(OwnedNotified, u32)>,
+    /// Only hits count: a miss ends the plan without taking part in any fill (a whole
+    /// cycle tried at once, which the message-by-message path then decides).
+    probe: bool,
 }
 
-/// One message's part in the plan.
+/// One message's part in the plan (small: it is returned for every message held;
+/// the rare variants are boxed).
 enum Step {
     Ok,
     /// Missing, another session fills it.
-    Wait(OwnedNotified),
+    Wait(Box<OwnedNotified>),
     /// Missing, and this session leads its fill (key, ticket).
-    Lead(Vec<u8>, FillTicket),
+    Lead(Box<(Vec<u8>, FillTicket)>),
     No,
 }
 
@@ -64,18 +68,37 @@ pub enum AtSync {
 }
 
 impl Local {
-    /// `answers`: an empty buffer to gather them in (the last plan's, reused).
-    fn new(unnamed: Option<Arc<Stmt>>, answers: BytesMut) -> Self {
-        Self {
-            answers,
-            unnamed,
-            unnamed_changed: false,
-            bound: None,
-            bound_unnamed: false,
-            hits: 0,
-            binds: 0,
-            waiting: None,
-        }
+    /// A plan starting from the client's unnamed statement `unnamed`, in `spare` (the
+    /// last plan's box and answer buffer, reused: starting a plan allocates nothing).
+    fn start(spare: Option<Box<Self>>, unnamed: Option<Arc<Stmt>>) -> Box<Self> {
+        let mut plan = spare.unwrap_or_else(|| {
+            Box::new(Self {
+                answers: BytesMut::new(),
+                unnamed: None,
+                unnamed_changed: false,
+                bound: None,
+                bound_unnamed: false,
+                hits: 0,
+                binds: 0,
+                waiting: None,
+                probe: false,
+            })
+        });
+        plan.unnamed = unnamed;
+        plan
+    }
+
+    /// Emptied for reuse by the next plan ([`Local::start`]).
+    pub(super) fn reset(&mut self) {
+        self.answers.clear();
+        self.unnamed = None;
+        self.unnamed_changed = false;
+        self.bound = None;
+        self.bound_unnamed = false;
+        self.hits = 0;
+        self.binds = 0;
+        self.waiting = None;
+        self.probe = false;
     }
 
     /// The unnamed statement as the cycle left it so far.
@@ -90,36 +113,41 @@ impl Local {
 }
 
 impl Caching {
-    /// The plan with `msg` added: `None` once the cycle cannot be answered from the
-    /// cache, with the lead ticket of the miss that decided it, if any. `parsed`: the
-    /// statement `msg` parses, if it is a Parse.
+    /// Adds `msg` to the cycle's plan (`cycle.local`), in place: `None` there once the
+    /// cycle cannot be answered from the cache. Returns the lead ticket of the miss that
+    /// decided it, if any. `parsed`: the statement `msg` parses, if it is a Parse.
     pub(super) fn step_local(
         &mut self,
         msg: &[u8],
         parsed: Option<&(String, Arc<Stmt>)>,
         status: u8,
-    ) -> (Option<Local>, Option<(Vec<u8>, FillTicket)>) {
+    ) -> Option<(Vec<u8>, FillTicket)> {
         if !(self.tracker.quiet && self.reads_allowed(status)) {
-            return (None, None);
+            self.cycle.drop_local();
+            return None;
         }
         let mut plan = match self.cycle.local.take() {
             Some(p) => p,
-            None if self.cycle.held.is_empty() => Local::new(
+            None if self.cycle.held.is_empty() => Local::start(
+                self.cycle.spare.take(),
                 self.stmts.client_unnamed().cloned(),
-                std::mem::take(&mut self.cycle.spare),
             ),
             // An earlier message of the cycle already ruled the cache out.
-            None => return (None, None),
+            None => return None,
         };
         match self.step(&mut plan, msg, parsed.map(|(_, s)| s)) {
-            Step::Ok => (Some(plan), None),
+            Step::Ok => self.cycle.local = Some(plan),
             Step::Wait(notified) => {
-                plan.waiting = Some((notified, plan.binds));
-                (Some(plan), None)
+                plan.waiting = Some((*notified, plan.binds));
+                self.cycle.local = Some(plan);
             }
-            Step::Lead(key, ticket) => (None, Some((key, ticket))),
-            Step::No => (None, None),
+            Step::Lead(lead) => {
+                self.cycle.recycle(plan);
+                return Some(*lead);
+            }
+            Step::No => self.cycle.recycle(plan),
         }
+        None
     }
 
     /// At the Sync of a held cycle, with nothing outstanding and reads allowed: the
@@ -175,7 +203,62 @@ impl Caching {
         }
     }
 
-    fn answer_plan(&mut self, mut plan: Local, started: Instant, out: &mut Outbox) {
+    /// A whole cycle at the front of the client's bytes (the relay framed it; the last
+    /// message a Sync), answered at once when, offered message by message, it would be
+    /// answered from the cache at its Sync: the same conditions as for its first
+    /// message, every message's part decided by the same [`Caching::step`], nothing
+    /// held first. Only Binds, Describes and Executes before the Sync, and only hits:
+    /// anything else returns false with nothing changed (no fill led or waited for),
+    /// and the messages go through `on_frontend` one by one.
+    pub(in crate::session::handler) fn answer_cycle(
+        &mut self,
+        msgs: &[&[u8]],
+        out: &mut Outbox,
+    ) -> bool {
+        let Some((sync, cycle)) = msgs.split_last() else {
+            return false;
+        };
+        let status = out.tx_status();
+        if !(sync[0] == frontend::SYNC
+            && matches!(self.wait, super::super::wait::Wait::Fresh)
+            && !self.link.detached
+            && !self.tracker.desynced
+            && self.tracker.quiet
+            && self.tx.held.is_none()
+            && self.cycle.held.is_empty()
+            && !self.cycle.upstream
+            && self.cycle.local.is_none()
+            && self.cycle.named.is_empty()
+            && self.reads_allowed(status))
+        {
+            return false;
+        }
+        let started = Instant::now();
+        let mut plan = Local::start(
+            self.cycle.spare.take(),
+            self.stmts.client_unnamed().cloned(),
+        );
+        plan.probe = true;
+        let answered = cycle.iter().all(|m| {
+            matches!(
+                m[0],
+                frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE
+            ) && matches!(self.step(&mut plan, m, None), Step::Ok)
+        }) && plan.hits > 0
+            && plan.waiting.is_none();
+        if !answered {
+            self.cycle.recycle(plan);
+            return false;
+        }
+        for m in msgs {
+            out.offer(m[0]);
+            out.take();
+        }
+        self.answer_plan(plan, started, out);
+        true
+    }
+
+    fn answer_plan(&mut self, mut plan: Box<Local>, started: Instant, out: &mut Outbox) {
         out.answer(&plan.answers);
         out.ready_now();
         if plan.unnamed_changed
@@ -188,25 +271,27 @@ impl Caching {
             self.timing.metrics.hit.record(started.elapsed());
         }
         self.cycle.clear();
-        plan.answers.clear();
-        self.cycle.spare = plan.answers;
+        self.cycle.recycle(plan);
     }
 
     /// The plan of the held messages from the start (after a wait, or when the
     /// messages were held for another reason); `Err` with the decision when it fails.
-    fn replan(&mut self) -> Result<Local, AtSync> {
-        let mut plan = Local::new(self.stmts.client_unnamed().cloned(), BytesMut::new());
+    fn replan(&mut self) -> Result<Box<Local>, AtSync> {
+        let mut plan = Local::start(
+            self.cycle.spare.take(),
+            self.stmts.client_unnamed().cloned(),
+        );
         let held = std::mem::take(&mut self.cycle.held);
         let mut verdict = Ok(());
         for m in &held {
             match self.step(&mut plan, m, None) {
                 Step::Ok => {}
                 Step::Wait(notified) => {
-                    plan.waiting = Some((notified, plan.binds));
+                    plan.waiting = Some((*notified, plan.binds));
                     break;
                 }
-                Step::Lead(key, ticket) => {
-                    verdict = Err(AtSync::Forward(Some((key, ticket))));
+                Step::Lead(lead) => {
+                    verdict = Err(AtSync::Forward(Some(*lead)));
                     break;
                 }
                 Step::No => {
@@ -302,6 +387,9 @@ impl Caching {
             plan.answers.extend_from_slice(frontend::BIND_COMPLETE);
             return Step::Ok;
         }
+        if plan.probe {
+            return Step::No;
+        }
         // A miss: only a cacheable statement may lead a fill, under the key built.
         if self.decide(&stmt.analysis).cacheable.is_err() {
             return Step::No;
@@ -316,8 +404,8 @@ impl Caching {
                 plan.answers.extend_from_slice(frontend::BIND_COMPLETE);
                 Step::Ok
             }
-            Lookup::Lead(ticket) => Step::Lead(key, ticket),
-            Lookup::Wait(notified) => Step::Wait(notified),
+            Lookup::Lead(ticket) => Step::Lead(Box::new((key, ticket))),
+            Lookup::Wait(notified) => Step::Wait(Box::new(notified)),
         }
     }
 

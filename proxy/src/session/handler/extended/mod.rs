@@ -28,11 +28,12 @@
 //! - Held messages are bounded by [`MAX_HELD_BYTES`] and [`MAX_HELD`].
 
 mod local;
+mod messages;
 mod route;
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use spillway_policies::cache::{CachedResult, FillTicket, Lookup};
 
 use super::fill::Fill;
@@ -45,21 +46,19 @@ use crate::read::cache::Released;
 use crate::read::cache::{Effects, Params};
 use crate::session::state::Outbox;
 use local::Local;
+pub use messages::HeldMessages;
 use route::Shape;
 
 /// Held messages beyond these bounds go upstream without waiting for their Sync.
 const MAX_HELD_BYTES: usize = 256 * 1024;
 const MAX_HELD: usize = 64;
-/// The least the held-message arena grows by.
-const ARENA_BYTES: usize = 8 * 1024;
 
 /// The extended-protocol cycle being received, until its Sync.
 #[derive(Default)]
 pub struct Cycle {
     /// Messages held until their Sync decides where they go. Read-only outside
     /// `extended/` (the hit path checks it is empty).
-    pub held: Vec<Bytes>,
-    held_bytes: usize,
+    pub held: HeldMessages,
     /// The cycle already goes upstream: the rest of it follows message by message.
     pub upstream: bool,
     /// Misses in the rest of the upstream cycle may be captured (decided when it
@@ -75,15 +74,11 @@ pub struct Cycle {
     /// ahead of a cycle still held, for its decision at the Sync).
     named: Vec<(String, Arc<Stmt>)>,
     /// What the held messages get from the cache, while every one of them may.
-    local: Option<Local>,
+    local: Option<Box<Local>>,
     /// Whether the held messages may still be one statement spillway answers itself.
     shape: Shape,
-    /// Where held messages are copied: one buffer reused cycle after cycle (the held
-    /// `Bytes` are views of it), so holding a message allocates nothing once it is
-    /// large enough.
-    arena: BytesMut,
-    /// The buffer of the last plan answered, reused by the next one.
-    spare: BytesMut,
+    /// The last plan done with, emptied, reused by the next one.
+    spare: Option<Box<Local>>,
     /// Parameters (formats and values) of the last Bind of the unnamed portal that
     /// went upstream, when its statement writes: the keys its Execute changes.
     bound: Option<Bytes>,
@@ -96,8 +91,7 @@ impl Cycle {
     /// The held messages are done with (answered, or sent upstream).
     pub fn clear(&mut self) {
         self.held.clear();
-        self.held_bytes = 0;
-        self.local = None;
+        self.drop_local();
         self.shape = Shape::default();
         self.counted = false;
     }
@@ -109,14 +103,20 @@ impl Cycle {
         self.named.clear();
     }
 
-    fn hold(&mut self, msg: &[u8]) {
-        if self.arena.capacity() < msg.len() {
-            // Reclaims the whole buffer once the views of the last cycle are dropped.
-            self.arena.reserve(msg.len().max(ARENA_BYTES));
+    /// No plan from the cache for the cycle (its box kept for the next one).
+    fn drop_local(&mut self) {
+        if let Some(plan) = self.local.take() {
+            self.recycle(plan);
         }
-        self.arena.extend_from_slice(msg);
-        self.held.push(self.arena.split().freeze());
-        self.held_bytes += msg.len();
+    }
+
+    fn recycle(&mut self, mut plan: Box<Local>) {
+        plan.reset();
+        self.spare = Some(plan);
+    }
+
+    fn hold(&mut self, msg: &[u8]) {
+        self.held.push(msg);
     }
 }
 
@@ -172,15 +172,15 @@ impl Caching {
         }
         let status = out.tx_status();
         let parsed = self.parsed(msg);
-        let (local, lead) = self.step_local(msg, parsed.as_ref(), status);
-        let shape = if local.as_ref().is_some_and(Local::binds_a_read) {
+        let lead = self.step_local(msg, parsed.as_ref(), status);
+        let local = self.cycle.local.as_ref();
+        let shape = if local.is_some_and(|l| l.binds_a_read()) {
             // A cacheable read is bound: never one statement spillway answers itself.
             Shape::impossible()
         } else {
             self.step_shape(msg, parsed.as_ref())
         };
-        if local.is_some() || shape.possible(self) {
-            self.cycle.local = local;
+        if self.cycle.local.is_some() || shape.possible(self) {
             self.cycle.shape = shape;
             self.cycle.hold(msg);
             return Disposition::Consumed;
@@ -189,16 +189,18 @@ impl Caching {
         if let Some(closed) = self.release_before(self.held_and(msg)) {
             return self.wait_released(closed);
         }
-        self.cycle.local = None;
+        self.cycle.drop_local();
         self.cycle.shape = Shape::impossible();
         if let Some(d) = self.route_forwarding(tag, msg, out) {
             return d;
         }
         let fills = self.tracker.quiet && self.reads_allowed(status);
         let mut ticket = lead;
-        for m in std::mem::take(&mut self.cycle.held) {
-            self.send_extended(&m, false, out, fills, &mut ticket);
+        let held = std::mem::take(&mut self.cycle.held);
+        for m in &held {
+            self.send_extended(m, false, out, fills, &mut ticket);
         }
+        self.cycle.held = held;
         self.cycle.clear();
         self.send_extended(msg, true, out, fills, &mut ticket);
         self.cycle.upstream = true;
@@ -210,7 +212,7 @@ impl Caching {
     /// held for its Sync (a Flush, or too much held).
     pub(super) fn would_forward(&self, tag: u8, len: usize) -> bool {
         tag == frontend::FLUSH
-            || self.cycle.held_bytes + len > MAX_HELD_BYTES
+            || self.cycle.held.bytes() + len > MAX_HELD_BYTES
             || self.cycle.held.len() >= MAX_HELD
     }
 
@@ -219,9 +221,11 @@ impl Caching {
         if self.cycle.held.is_empty() {
             return;
         }
-        for m in std::mem::take(&mut self.cycle.held) {
-            self.send_extended(&m, false, out, false, &mut None);
+        let held = std::mem::take(&mut self.cycle.held);
+        for m in &held {
+            self.send_extended(m, false, out, false, &mut None);
         }
+        self.cycle.held = held;
         self.cycle.clear();
         self.cycle.upstream = true;
         self.cycle.fills = false;
@@ -229,11 +233,7 @@ impl Caching {
 
     /// The held messages, then `msg`.
     fn held_and<'a>(&'a self, msg: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.cycle
-            .held
-            .iter()
-            .map(|m| &m[..])
-            .chain(std::iter::once(msg))
+        self.cycle.held.iter().chain(std::iter::once(msg))
     }
 
     /// Before `msgs` go upstream: a Parse of a statement that needs a database to
@@ -247,7 +247,7 @@ impl Caching {
     }
 
     fn on_sync(&mut self, msg: &[u8], out: &mut Outbox) -> Disposition {
-        if let Some(closed) = self.release_before(self.cycle.held.iter().map(|m| &m[..])) {
+        if let Some(closed) = self.release_before(self.cycle.held.iter()) {
             return self.wait_released(closed);
         }
         // Parses that went upstream ahead of the cycle first (a local answer must not
@@ -282,9 +282,11 @@ impl Caching {
             super::upstream::Path::Passthrough
         };
         self.time_request(std::time::Instant::now(), path);
-        for m in std::mem::take(&mut self.cycle.held) {
-            self.send_extended(&m, false, out, fills, &mut ticket);
+        let held = std::mem::take(&mut self.cycle.held);
+        for m in &held {
+            self.send_extended(m, false, out, fills, &mut ticket);
         }
+        self.cycle.held = held;
         self.cycle.clear();
         self.send_extended(msg, true, out, false, &mut None);
         self.cycle.synced();
@@ -531,7 +533,7 @@ impl Caching {
             self.cycle
                 .local
                 .as_ref()
-                .and_then(Local::unnamed)
+                .and_then(|l| l.unnamed())
                 .or(self.stmts.client_unnamed())
         } else {
             None

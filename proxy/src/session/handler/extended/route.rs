@@ -416,7 +416,7 @@ impl Caching {
         let mut ran: Vec<Arc<Stmt>> = Vec::new();
         let mut bound_unnamed: Option<Arc<Stmt>> = None;
         let held = std::mem::take(&mut self.cycle.held);
-        for m in held.iter().map(|b| &b[..]).chain(std::iter::once(msg)) {
+        for m in held.iter().chain(std::iter::once(msg)) {
             let body = frontend::body(m);
             match m[0] {
                 frontend::PARSE => match frontend::parse(body) {
