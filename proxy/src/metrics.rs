@@ -25,6 +25,7 @@ pub const QUERY_DURATION: &str = "spillway_query_duration_seconds";
 pub const CLIENT_WRITES: &str = "spillway_client_writes_total";
 pub const FALLBACKS: &str = "spillway_fallbacks_total";
 pub const TRANSACTIONS: &str = "spillway_held_transactions_total";
+pub const HELD_READS: &str = "spillway_held_reads_total";
 pub const UPSTREAM_STATEMENTS: &str = "spillway_upstream_statements_total";
 pub const PENDING_WRITES: &str = "spillway_pending_writes";
 pub const PENDING_OLDEST_AGE: &str = "spillway_pending_oldest_age_seconds";
@@ -70,7 +71,7 @@ pub const POOL_WAITING: &str = "spillway_pool_waiting_sessions";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 47] = [
+pub const ALL: [&str; 48] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -80,6 +81,7 @@ pub const ALL: [&str; 47] = [
     CLIENT_WRITES,
     FALLBACKS,
     TRANSACTIONS,
+    HELD_READS,
     UPSTREAM_STATEMENTS,
     PENDING_WRITES,
     PENDING_OLDEST_AGE,
@@ -201,6 +203,11 @@ fn describe() {
         TRANSACTIONS,
         "Transactions spillway held (BEGIN not sent upstream), by how they ended: \
          committed (journaled), rolled_back, upstream (replayed there), diverged (40001)"
+    );
+    describe_counter!(
+        HELD_READS,
+        "Plain reads inside held transactions, by outcome: outside (answered outside \
+         the transaction, which stays held) or why the read moved it upstream"
     );
     describe_counter!(
         UPSTREAM_STATEMENTS,

@@ -2,7 +2,8 @@
 //! alone, a cycle that only prepares and describes, an unnamed statement executed
 //! after the transaction moved upstream, and a named statement prepared and executed
 //! in one cycle (pgjdbc), which must still wait for the pending writes it may touch;
-//! and `SPILLWAY FLUSH` sent as one unnamed extended cycle.
+//! `SPILLWAY FLUSH` sent as one unnamed extended cycle; and a message that waits
+//! twice (the barrier, then the replay) while the client's next one arrives.
 
 use crate::context::{DB, USER};
 use crate::metrics::{sample, scrape};
@@ -28,8 +29,9 @@ async fn wire_sequences_inside_a_held_transaction() {
     raw.send(&wire::sync()).await;
     let msgs = raw.until(b'Z').await;
     assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("Z", b'T'));
-    // Prepare and describe only: PostgreSQL answers, with the held status.
-    let mut cycle = wire::parse("", "SELECT 41 + 1");
+    // Prepare and describe only: PostgreSQL answers, with the held status. (A
+    // function call: the read cannot be answered outside the transaction, ADR 0034.)
+    let mut cycle = wire::parse("", "SELECT abs(-42)");
     cycle.extend_from_slice(&wire::describe_statement(""));
     cycle.extend_from_slice(&wire::sync());
     raw.send(&cycle).await;
@@ -114,4 +116,63 @@ async fn spillway_flush_in_one_unnamed_extended_cycle() {
     let msgs = raw.until(b'Z').await;
     assert_eq!(tags(&msgs), "12CZ", "{msgs:?}");
     assert_eq!(direct_rows(&ctx, "SELECT count(*) FROM tx_orders"), "1");
+}
+
+/// A message that waited (here: a read moving a held transaction upstream, behind the
+/// barrier on a pending write) and then waits again (the replay) must not be offered
+/// again while its new wait runs, even when the client's next bytes are read in the
+/// same turn that ended the first wait: offered again, it replaced the replay's wait,
+/// the transaction was replayed twice, and the client got 40001 with the replay's
+/// answers "missing" (the SQLAlchemy shop, once the named Parse went ahead of its
+/// cycle inside held transactions).
+#[tokio::test]
+async fn a_message_is_not_offered_again_while_it_waits_for_the_replay() {
+    let ctx = builder().start().await;
+    let proxy = ctx.proxy_client().await;
+    tag(
+        &proxy,
+        "INSERT INTO tx_orders (id, customer, status) VALUES (90, 1, 'new')",
+    )
+    .await;
+    // The flusher cannot apply it while this lock is held: the barrier waits.
+    let lock = ctx.direct_client().await;
+    lock.batch_execute("BEGIN; LOCK TABLE tx_orders IN SHARE MODE")
+        .await
+        .expect("lock");
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    raw.send(&wire::query("BEGIN")).await;
+    raw.until(b'Z').await;
+    raw.send(&wire::query(
+        "INSERT INTO tx_orders (id, customer, status) VALUES (91, 1, 'held')",
+    ))
+    .await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("CZ", b'T'));
+    // The read moves the transaction upstream: first the barrier on tx_orders.
+    raw.send(&wire::query("SELECT id FROM tx_orders ORDER BY id"))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The next query arrives while the read waits; it is read when the wait ends.
+    raw.send(&wire::query("SELECT 2")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    lock.batch_execute("COMMIT").await.expect("unlock");
+    let msgs = raw.until(b'Z').await;
+    assert_eq!(
+        (tags(&msgs).as_str(), status(&msgs)),
+        ("TDDCZ", b'T'),
+        "{:?}",
+        msgs.iter().find_map(Msg::message)
+    );
+    let msgs = raw.until(b'Z').await;
+    assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("TDCZ", b'T'));
+    raw.send(&wire::query("COMMIT")).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("CZ", b'I'));
+    assert_eq!(
+        direct_rows(
+            &ctx,
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM tx_orders"
+        ),
+        "90,91"
+    );
 }

@@ -20,11 +20,12 @@
 //! - two sessions writing one key of the exact table at the same moment get the
 //!   answers of one of the two serial orders;
 //! - client transactions on the exact table (`BEGIN`, one to four writes, then COMMIT,
-//!   ROLLBACK, a read that moves the transaction upstream before COMMIT, or SIGKILL
-//!   before COMMIT) get the answers of the writes applied in order to the state the
-//!   transaction sees; a failed statement fails the rest (25P02); a committed held
-//!   transaction is one journal record, a rolled-back or killed one none, and one
-//!   moved upstream commits there without a record;
+//!   ROLLBACK, a read that moves the transaction upstream before COMMIT, a read of the
+//!   other table before COMMIT (upstream too: the tables' gate trigger may reach any
+//!   table, ADR 0034), or SIGKILL before COMMIT) get the answers of the writes applied in order
+//!   to the state the transaction sees; a failed statement fails the rest (25P02); a
+//!   committed held transaction is one journal record, a rolled-back or killed one
+//!   none, and one moved upstream commits there without a record;
 //! - back-pressure: with `max_pending = 1` (`when_full = "block"`) a write to a full
 //!   table waits for the flush worker and still gets the model's answer;
 //! - reads through spillway (whole table, point, aggregate) from any session equal the
@@ -521,6 +522,11 @@ enum TxEnd {
     /// A read of the table inside the transaction (spillway replays it upstream),
     /// then COMMIT (upstream).
     ReadThenCommit,
+    /// A read of the other table, which the transaction did not write, then COMMIT.
+    /// A table without triggers would let it be answered outside the still held
+    /// transaction (ADR 0034); the gate trigger on `m_exact` moves the transaction
+    /// upstream instead, so it commits there without a record.
+    ReadOtherThenCommit,
     /// SIGKILL spillway before COMMIT: nothing of the transaction may survive.
     Crash,
 }
@@ -678,7 +684,8 @@ fn generate(g: &mut Gen) -> Op {
                 .map(|_| generate_write(g))
                 .collect(),
             end: match g.rng.random_range(0..10) {
-                0..5 => TxEnd::Commit,
+                0..4 => TxEnd::Commit,
+                4..5 => TxEnd::ReadOtherThenCommit,
                 5..7 => TxEnd::Rollback,
                 7..9 => TxEnd::ReadThenCommit,
                 _ => TxEnd::Crash,
@@ -1048,6 +1055,8 @@ struct Stats {
     transactions: usize,
     /// Transactions spillway held to the end (answered and journaled by spillway).
     held_commits: usize,
+    /// Reads of the other table inside held transactions.
+    reads_of_other_table: usize,
     reads: usize,
     flushes: usize,
     crashes: usize,
@@ -1339,6 +1348,29 @@ impl Run {
                 }
                 self.control(session, mode, "COMMIT").await;
                 // Committed upstream, as a direct transaction: no journal record.
+                self.model.tables = inside.tables;
+            }
+            TxEnd::ReadOtherThenCommit => {
+                let other = Table::Assumed;
+                let (sql, params) = Read::All.statement(other);
+                let got = self.sessions[session].read(mode, &sql, &params).await;
+                let want = inside.read(other, Read::All);
+                self.note(format!(
+                    "s{session} {mode:?} (in transaction) {sql} -> {got:?}"
+                ));
+                match got {
+                    Ok(rows) if rows == want => {}
+                    Ok(rows) => self.fail(format!(
+                        "read of another table inside a transaction\n  got:  {rows:?}\n  \
+                         want: {want:?}"
+                    )),
+                    Err(e) => self.fail(e),
+                }
+                self.stats.reads_of_other_table += 1;
+                self.control(session, mode, "COMMIT").await;
+                // m_exact has a trigger (the gate): its writes may reach any table,
+                // so the read moved the transaction upstream (ADR 0034), and it
+                // committed there without a journal record.
                 self.model.tables = inside.tables;
             }
         }

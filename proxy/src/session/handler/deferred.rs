@@ -175,7 +175,7 @@ impl Caching {
     /// The sequence number that must be applied before the request goes upstream,
     /// if one is not yet. Reads may skip the barrier as their tables' consistency
     /// allows; writes, DDL and anything unknown never do.
-    fn barrier_target(
+    pub(super) fn barrier_target(
         &self,
         w: &WriteService,
         analyses: &[&Analysis],

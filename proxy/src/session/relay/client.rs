@@ -21,9 +21,15 @@ use crate::session::handler::Disposition;
 const WHOLE_CYCLE: usize = 8;
 
 impl Relay {
-    /// Frames complete client messages and hands each to the handler.
+    /// Frames complete client messages and hands each to the handler, until one is
+    /// blocked. Never while the handler is blocked: the turn that ends a wait may also
+    /// read the client's next bytes, and the message offered again then may wait
+    /// anew; offering it a second time would replace its wait (a held transaction's
+    /// replay was sent twice so, its answers taken for missing: 40001).
     pub(super) fn on_client_data(&mut self) -> Result<(), SessionError> {
-        while let Some(h) = peek_header(&self.client.inbuf, self.max_message)? {
+        while !self.handler.is_blocked()
+            && let Some(h) = peek_header(&self.client.inbuf, self.max_message)?
+        {
             if matches!(h.tag, frontend::PARSE | frontend::BIND) && self.answer_whole_cycle() {
                 continue;
             }

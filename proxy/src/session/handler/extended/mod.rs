@@ -498,12 +498,12 @@ impl Caching {
     /// Whether `msg` (the cycle holding nothing yet) goes upstream ahead of its cycle:
     /// a Parse of a named statement that is a deferrable write on a deferred table, or
     /// a Describe of a statement such a Parse prepared in this cycle (psycopg
-    /// describes what it prepares). Only outside a held transaction: inside one, the
-    /// Parse sent ahead and the replay that moves the transaction upstream could
-    /// interleave (the whole suite saw the replay's answers go missing once, and the
-    /// SQLAlchemy shop once before), so such a cycle is held whole as before.
+    /// describes what it prepares). Not in a held transaction that failed.
     fn ahead_of_cycle(&self, tag: u8, msg: &[u8]) -> bool {
-        if self.writes.is_none() || self.tracker.desynced || self.tx.held.is_some() {
+        if self.writes.is_none()
+            || self.tracker.desynced
+            || self.tx.held.as_ref().is_some_and(|h| h.failed)
+        {
             return false;
         }
         match tag {

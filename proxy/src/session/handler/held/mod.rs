@@ -30,6 +30,7 @@
 //! - Held statements are bounded ([`MAX_HELD_STATEMENTS`], and operations and replay
 //!   bytes); beyond that the transaction is replayed upstream.
 
+mod reads;
 mod replay;
 mod resume;
 
@@ -196,6 +197,11 @@ impl Caching {
         let [analysis] = analyses else {
             return Some(self.leave_held(out));
         };
+        // A plain read that cannot observe the held writes: answered outside the
+        // transaction, which stays held (`reads.rs`).
+        if let Some(routed) = self.held_read(analysis) {
+            return routed;
+        }
         Some(self.hold_statement(analysis, single, out))
     }
 
