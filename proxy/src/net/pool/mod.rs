@@ -286,13 +286,41 @@ impl Pool {
     /// A server connection for one transaction: an idle one, or a new one while the
     /// pool has room; waits up to `pool.limits.queue_timeout` for one to come back.
     pub async fn acquire(self: &Arc<Self>) -> Result<Leased, SessionError> {
-        // A free permit is taken without arming the queue timeout's timer.
+        match self.try_acquire() {
+            Ok(leased) => Ok(leased),
+            Err(permit) => self.clone().acquire_waiting(permit).await,
+        }
+    }
+
+    /// A lease taken at once, when a permit is free and an idle connection usable: no
+    /// future, no timer, no allocation (the common case of a busy pool). Else the
+    /// permit taken, if any, for [`Pool::acquire_waiting`].
+    pub fn try_acquire(self: &Arc<Self>) -> Result<Leased, Option<OwnedSemaphorePermit>> {
         let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                self.wait_seconds.record(0.0);
-                permit
-            }
-            Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => self.queue().await?,
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => return Err(None),
+        };
+        self.wait_seconds.record(0.0);
+        let Some(server) = self.take_idle() else {
+            return Err(Some(permit));
+        };
+        self.leases.increment(1);
+        Ok(Leased {
+            server: Some(server),
+            pool: self.clone(),
+            permit: Some(permit),
+        })
+    }
+
+    /// What [`Pool::try_acquire`] could not do at once: wait for a permit (unless one
+    /// was taken), then an idle connection or a new one.
+    pub async fn acquire_waiting(
+        self: Arc<Self>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<Leased, SessionError> {
+        let permit = match permit {
+            Some(permit) => permit,
+            None => self.queue().await?,
         };
         let server = match self.take_idle() {
             Some(server) => server,
@@ -301,7 +329,7 @@ impl Pool {
         self.leases.increment(1);
         Ok(Leased {
             server: Some(server),
-            pool: self.clone(),
+            pool: self,
             permit: Some(permit),
         })
     }
@@ -334,10 +362,16 @@ impl Pool {
     }
 
     fn take_idle(&self) -> Option<Server> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(mut server) = idle.pop() {
-            if server.idle_since.elapsed() < self.limits.idle_timeout
-                && server.created.elapsed() < self.limits.lifetime
+        let now = Instant::now();
+        loop {
+            // The lock is held for the pop only: the checks below need none.
+            let mut server = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop()?;
+            if now.saturating_duration_since(server.idle_since) < self.limits.idle_timeout
+                && now.saturating_duration_since(server.created) < self.limits.lifetime
                 && still_open(&mut server.conn)
             {
                 server.mark(true);
@@ -345,7 +379,6 @@ impl Pool {
             }
             self.open.fetch_sub(1, Ordering::Relaxed);
         }
-        None
     }
 
     /// The ParameterStatus a client of this pool is greeted with: a connection's, or
@@ -440,11 +473,12 @@ impl Pool {
     }
 
     fn put_idle(&self, mut server: Server) {
-        if server.created.elapsed() >= self.limits.lifetime {
+        let now = Instant::now();
+        if now.saturating_duration_since(server.created) >= self.limits.lifetime {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        server.idle_since = Instant::now();
+        server.idle_since = now;
         server.mark(false);
         self.idle
             .lock()
@@ -484,16 +518,18 @@ impl Leased {
         let (Some(mut server), Some(permit)) = (self.server.take(), self.permit.take()) else {
             return;
         };
+        if extra.is_none() && self.pool.limits.reset_query.is_none() {
+            // Back idle before the permit (dropped on return) is, so a session the
+            // permit wakes finds the connection.
+            self.pool.put_idle(server);
+            return;
+        }
         let pool = self.pool.clone();
         let queries: Vec<String> = extra
             .map(str::to_owned)
             .into_iter()
             .chain(pool.limits.reset_query.clone())
             .collect();
-        if queries.is_empty() {
-            pool.put_idle(server);
-            return;
-        }
         // The permit stays taken until the reset is done: nobody may lease the
         // connection before.
         tokio::spawn(async move {

@@ -416,3 +416,50 @@ fn names_depend_on_text_and_types_only() {
     );
     assert!(server_name("x", &[]).len() < 64, "fits NAMEDATALEN");
 }
+
+#[test]
+fn messages_that_go_unchanged_are_not_copied() {
+    let mut t = Translator::new(0);
+    let mut server = ServerStatements::default();
+    t.start_lease();
+    let mut buf = BytesMut::new();
+    for m in [
+        build::parse("", "SELECT 1", &[]),
+        build::bind("", "", &[], &[]),
+        build::execute("", 0),
+        SYNC_MSG.to_vec(),
+    ] {
+        buf.extend_from_slice(&m);
+    }
+    let before = buf.clone();
+    let at = buf.as_ptr();
+    let end = t.translate(&mut buf, 0, &mut server);
+    assert_eq!(end, buf.len());
+    assert_eq!(buf, before);
+    assert_eq!(buf.as_ptr(), at, "the queue's buffer is left where it is");
+}
+
+#[test]
+fn a_rewrite_keeps_what_was_translated_before_and_a_partial_message_after() {
+    let mut t = Translator::new(0);
+    let mut server = ServerStatements::default();
+    t.start_lease();
+    // Translated by an earlier call (and not written yet): `from` is past it.
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&build::parse("s1", "SELECT 1", &[]));
+    let from = t.translate(&mut buf, 0, &mut server);
+    assert_eq!(from, buf.len());
+    let earlier = buf.to_vec();
+    // Then a Bind of it and half a Sync.
+    buf.extend_from_slice(&build::bind("", "s1", &[], &[]));
+    buf.extend_from_slice(&SYNC_MSG[..3]);
+    let end = t.translate(&mut buf, from, &mut server);
+    assert_eq!(&buf[..from], &earlier[..], "the earlier bytes stay first");
+    assert_eq!(&buf[end..], &SYNC_MSG[..3], "the partial message waits");
+    assert_eq!(messages(&buf[..end]), ["P sw SELECT 1", "B  sw"]);
+    // The rest of the Sync completes it in the next call.
+    buf.extend_from_slice(&SYNC_MSG[3..]);
+    let end = t.translate(&mut buf, end, &mut server);
+    assert_eq!(end, buf.len());
+    assert_eq!(messages(&buf), ["P sw SELECT 1", "B  sw", "S"]);
+}

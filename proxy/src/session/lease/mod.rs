@@ -52,8 +52,7 @@ mod settings;
 use crate::net::notify::Hub;
 use crate::protocol::startup::StartupMessage;
 use crate::read::cache::ReadCache;
-use pooled::{PINNING_SQL, Pooled};
-use settings::{SessionSet, set_statement};
+use pooled::{Acquiring, PINNING_SQL, Pooled};
 
 /// `application_name` of a probe's backend, so an operator can tell it apart.
 const PROBE_APP: &str = "spillway probe";
@@ -134,6 +133,7 @@ impl Lease {
                 pool,
                 leased: None,
                 acquiring: None,
+                slot: key.slot.clone(),
                 translator: (max_prepared > 0).then(|| Translator::new(max_prepared)),
                 translated: 0,
                 replay_due: false,
@@ -171,25 +171,37 @@ impl Lease {
         if p.leased.is_some() {
             return Poll::Ready(Ok(()));
         }
-        let pool = p.pool.clone();
-        let acquiring = p
-            .acquiring
-            .get_or_insert_with(|| Box::pin(async move { pool.acquire().await }));
-        let leased = match acquiring.as_mut().poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(r) => r,
+        let leased = match p.acquiring.as_mut() {
+            Some(acquiring) => match acquiring.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => {
+                    p.acquiring = None;
+                    r?
+                }
+            },
+            // A free permit and an idle connection: leased at once, no future.
+            None => match p.pool.try_acquire() {
+                Ok(leased) => leased,
+                Err(permit) => {
+                    let mut acquiring: Acquiring = Box::pin(p.pool.clone().acquire_waiting(permit));
+                    match acquiring.as_mut().poll(cx) {
+                        Poll::Pending => {
+                            p.acquiring = Some(acquiring);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(r) => r?,
+                    }
+                }
+            },
         };
-        p.acquiring = None;
-        let leased = leased?;
         if let Some(key) = leased.key() {
             // A notification this connection sends shows this client's pid.
             p.hub.senders().leased(key.pid, self.client_pid);
-            self.cancel
-                .attach(self.client_pid, self.cancel_id, Some(key.clone()));
-            self.canceller = Some(Canceller {
-                connector: self.connector.clone(),
-                key: key.clone(),
-            });
+            // Cancels go to this connection now (the canceller for a query left
+            // running is made from the lease when needed, `cancel_running`).
+            if let Some(slot) = &p.slot {
+                slot.set(Some(key.clone()));
+            }
         }
         p.leased = Some(leased);
         p.translated = 0;
@@ -393,45 +405,23 @@ impl Lease {
 
     /// Transaction mode: notes what a client message means for pinning (SQL whose
     /// effect outlives the transaction; named statements prepared and closed when
-    /// they are not carried across leases).
+    /// they are not carried across leases). A Query or Parse is read once here and its
+    /// text handed to each check.
     pub fn observe(&mut self, msg: &[u8]) {
         let Some(p) = self.pooled.as_deref_mut() else {
             return;
         };
         let body = frontend::body(msg);
-        let cache = p.cache.clone();
-        let classify = |sql: &str| match &cache {
-            Some(c) => c.classifier.classify(sql),
-            None => Arc::new(crate::read::classify::analyze(sql)),
-        };
-        if matches!(msg[0], frontend::QUERY | frontend::PARSE)
-            && let Some(set) = set_statement(msg[0], body, &classify)
-        {
-            p.settings_dirty = true;
-            match set {
-                SessionSet::Pin => {
-                    tracing::debug!(
-                        "session pinned to its server connection by a SET among other statements"
-                    );
-                    p.pinned = true;
-                }
-                SessionSet::Set(name, sql) => {
-                    p.settings.retain(|(n, _)| *n != name);
-                    p.settings.push((name, sql));
-                }
-                SessionSet::Reset(name) => p.settings.retain(|(n, _)| *n != name),
-                SessionSet::ResetAll => p.settings.clear(),
-            }
-        }
-        if msg[0] == frontend::PARSE
-            && let Some(parse) = frontend::parse(body)
-            && listen::contains_listen(parse.sql)
-        {
-            p.observe_listen_parse(parse.sql);
-        }
         match msg[0] {
-            frontend::PARSE if p.translator.is_none() => {
-                if let Some(parse) = frontend::parse(body).filter(|p| !p.name.is_empty()) {
+            frontend::PARSE => {
+                let Some(parse) = frontend::parse(body) else {
+                    return;
+                };
+                p.observe_set(parse.sql);
+                if listen::contains_listen(parse.sql) {
+                    p.observe_listen_parse(parse.sql);
+                }
+                if p.translator.is_none() && !parse.name.is_empty() {
                     p.statements.insert(parse.name.to_owned());
                 }
             }
@@ -442,6 +432,7 @@ impl Lease {
             }
             frontend::QUERY => {
                 let sql = frontend::query(body).unwrap_or_default();
+                p.observe_set(sql);
                 let lower = sql.to_ascii_lowercase();
                 if lower.contains("listen") {
                     p.observe_listen(sql);
@@ -482,8 +473,9 @@ impl Lease {
                 }
             }
             p.translated = 0;
-            self.canceller = None;
-            self.cancel.attach(self.client_pid, self.cancel_id, None);
+            if let Some(slot) = &p.slot {
+                slot.set(None);
+            }
             leased.release_with(reset);
         }
     }
@@ -520,8 +512,9 @@ impl Lease {
             // when it next needs one.
             tracing::debug!(%cause, "pooled server connection lost");
             p.leased = None;
-            self.canceller = None;
-            self.cancel.attach(self.client_pid, self.cancel_id, None);
+            if let Some(slot) = &p.slot {
+                slot.set(None);
+            }
             return;
         }
         self.conn.stream = Stream::Detached;
@@ -534,6 +527,20 @@ impl Lease {
 
     /// Cancels what runs upstream (once): nobody will read its answer.
     pub fn cancel_running(&mut self) {
+        if let Some(key) = self
+            .pooled
+            .as_deref_mut()
+            .and_then(|p| p.leased.as_ref())
+            .and_then(Leased::key)
+        {
+            // Transaction mode: the connection leased now runs it.
+            Canceller {
+                connector: self.connector.clone(),
+                key: key.clone(),
+            }
+            .spawn();
+            return;
+        }
         if let Some(canceller) = self.canceller.take() {
             canceller.spawn();
         }

@@ -9,7 +9,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use super::listen::{self, Listening};
+use super::settings::{SessionSet, set_statement};
 use crate::error::SessionError;
+use crate::net::cancel::LeaseSlot;
 use crate::net::notify::Hub;
 use crate::net::pool::{Leased, Pool};
 use crate::protocol::prepared::Translator;
@@ -20,8 +22,11 @@ pub(super) type Acquiring = Pin<Box<dyn Future<Output = Result<Leased, SessionEr
 pub(super) struct Pooled {
     pub(super) pool: Arc<Pool>,
     pub(super) leased: Option<Leased>,
-    /// A wait for a connection, while one runs.
+    /// A wait for a connection, while one runs (only when none could be leased at
+    /// once).
     pub(super) acquiring: Option<Acquiring>,
+    /// Where the cancel registry finds the key of the connection leased now.
+    pub(super) slot: Option<Arc<LeaseSlot>>,
     /// Named prepared statements carried across leases (`protocol/prepared/`);
     /// `None` with `pool.max_prepared_statements = 0`.
     pub(super) translator: Option<Translator>,
@@ -93,6 +98,34 @@ impl Pooled {
 }
 
 impl Pooled {
+    /// The text of a simple Query or a Parse: a session-level `SET` or `RESET` is
+    /// remembered for the replay (or pins the session, `settings.rs`).
+    pub(super) fn observe_set(&mut self, sql: &str) {
+        let cache = self.cache.as_deref();
+        let classify = |sql: &str| match cache {
+            Some(c) => c.classifier.classify(sql),
+            None => Arc::new(crate::read::classify::analyze(sql)),
+        };
+        let Some(set) = set_statement(sql, &classify) else {
+            return;
+        };
+        self.settings_dirty = true;
+        match set {
+            SessionSet::Pin => {
+                tracing::debug!(
+                    "session pinned to its server connection by a SET among other statements"
+                );
+                self.pinned = true;
+            }
+            SessionSet::Set(name, sql) => {
+                self.settings.retain(|(n, _)| *n != name);
+                self.settings.push((name, sql));
+            }
+            SessionSet::Reset(name) => self.settings.retain(|(n, _)| *n != name),
+            SessionSet::ResetAll => self.settings.clear(),
+        }
+    }
+
     /// A Parse that mentions LISTEN: one LISTEN/UNLISTEN may be executed through the
     /// listener connection (a later cycle at the queue's head, [`Lease::poll_pooled`]);
     /// anything else pins.
