@@ -176,7 +176,8 @@ pub struct Pool {
     user: String,
     secret: Mutex<Option<PoolSecret>>,
     permits: Arc<Semaphore>,
-    idle: Mutex<Vec<Server>>,
+    /// Boxed: a connection moves between the stack and its leases by pointer.
+    idle: Mutex<Vec<Box<Server>>>,
     /// The ParameterStatus a connection of this pool reported at login.
     params: Mutex<Option<Vec<(String, String)>>>,
     connector: Connector,
@@ -242,7 +243,7 @@ impl Server {
 /// [`Leased::release`], the connection is closed.
 pub struct Leased {
     /// `None` only once released.
-    server: Option<Server>,
+    server: Option<Box<Server>>,
     pool: Arc<Pool>,
     permit: Option<OwnedSemaphorePermit>,
 }
@@ -361,7 +362,7 @@ impl Pool {
         self.limits.max_prepared
     }
 
-    fn take_idle(&self) -> Option<Server> {
+    fn take_idle(&self) -> Option<Box<Server>> {
         let now = Instant::now();
         loop {
             // The lock is held for the pop only: the checks below need none.
@@ -450,7 +451,7 @@ impl Pool {
     }
 
     /// Opens and logs in a new server connection.
-    async fn connect(&self) -> Result<Server, SessionError> {
+    async fn connect(&self) -> Result<Box<Server>, SessionError> {
         let (conn, key, params) = self.open_logged_in(POOL_APP).await?;
         *self.params.lock().unwrap_or_else(PoisonError::into_inner) = Some(params);
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -460,7 +461,7 @@ impl Pool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key.pid, ServerInfo { created: now });
-        Ok(Server {
+        Ok(Box::new(Server {
             conn,
             key,
             statements: ServerStatements::default(),
@@ -469,10 +470,10 @@ impl Pool {
             idle: false,
             registry: self.servers.clone(),
             idle_gauge: metrics::gauge!(crate::metrics::POOL_IDLE_CONNECTIONS),
-        })
+        }))
     }
 
-    fn put_idle(&self, mut server: Server) {
+    fn put_idle(&self, mut server: Box<Server>) {
         let now = Instant::now();
         if now.saturating_duration_since(server.created) >= self.limits.lifetime {
             self.open.fetch_sub(1, Ordering::Relaxed);
@@ -566,9 +567,9 @@ async fn sweep(pool: std::sync::Weak<Pool>) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        let expired: Vec<Server> = {
+        let expired: Vec<Box<Server>> = {
             let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            let (keep, expired): (Vec<Server>, Vec<Server>) =
+            let (keep, expired): (Vec<Box<Server>>, Vec<Box<Server>>) =
                 std::mem::take(&mut *idle).into_iter().partition(|s| {
                     s.idle_since.elapsed() < pool.limits.idle_timeout
                         && s.created.elapsed() < pool.limits.lifetime
