@@ -21,7 +21,7 @@
 //!   10 s) even if nobody uses the pool again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,14 @@ pub struct Pools {
     config: PoolConfig,
     connector: Connector,
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    /// What the console paused (`PAUSE [db]`): pools created meanwhile start paused.
+    paused: Mutex<Paused>,
+}
+
+#[derive(Default)]
+struct Paused {
+    all: bool,
+    databases: std::collections::HashSet<String>,
 }
 
 impl Pools {
@@ -59,7 +67,70 @@ impl Pools {
             config,
             connector,
             pools: Mutex::new(HashMap::new()),
+            paused: Mutex::new(Paused::default()),
         }
+    }
+
+    /// `PAUSE [db]` (the console): new transactions of the database's pools (every
+    /// pool's without one) wait, those in flight finish; done once no connection is
+    /// leased, the idle ones then closed. Waiting sessions give up after
+    /// `pool.queue_timeout` (53300), as in the pool's queue.
+    pub async fn pause(&self, database: Option<&str>) {
+        {
+            let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
+            match database {
+                Some(db) => {
+                    paused.databases.insert(db.to_owned());
+                }
+                None => paused.all = true,
+            }
+        }
+        let pools = self.matching(database);
+        for pool in &pools {
+            pool.paused.store(true, Ordering::SeqCst);
+        }
+        for pool in &pools {
+            pool.drain().await;
+        }
+    }
+
+    /// `RESUME [db]`: the pools paused go on, their waiting sessions first. An error
+    /// when a database is resumed while everything is paused.
+    pub fn resume(&self, database: Option<&str>) -> Result<(), String> {
+        {
+            let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
+            match database {
+                Some(_) if paused.all => {
+                    return Err(
+                        "every database is paused: RESUME without a database name resumes them"
+                            .to_owned(),
+                    );
+                }
+                Some(db) => {
+                    paused.databases.remove(db);
+                }
+                None => {
+                    paused.all = false;
+                    paused.databases.clear();
+                }
+            }
+        }
+        for pool in self.matching(database) {
+            pool.paused.store(false, Ordering::SeqCst);
+            pool.resumed.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// The pools of `database` (every pool for `None`).
+    fn matching(&self, database: Option<&str>) -> Vec<Arc<Pool>> {
+        self.pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|p| database.is_none_or(|db| p.database == db))
+            .cloned()
+            .collect()
     }
 
     /// The pool of `database` and `user`, created on first use; `secret` is what its
@@ -70,7 +141,13 @@ impl Pools {
             .entry((database.to_owned(), user.to_owned()))
             .or_insert_with(|| {
                 let size = self.config.size_for(database, user) as usize;
+                let paused = {
+                    let p = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
+                    p.all || p.databases.contains(database)
+                };
                 let pool = Arc::new(Pool {
+                    paused: AtomicBool::new(paused),
+                    resumed: tokio::sync::Notify::new(),
                     database: database.to_owned(),
                     user: user.to_owned(),
                     secret: Mutex::new(None),
@@ -172,6 +249,9 @@ pub enum PoolSecret {
 }
 
 pub struct Pool {
+    /// `PAUSE`d: no new lease until `RESUME` (`resumed` wakes the waiting).
+    paused: AtomicBool,
+    resumed: tokio::sync::Notify,
     database: String,
     user: String,
     secret: Mutex<Option<PoolSecret>>,
@@ -297,6 +377,9 @@ impl Pool {
     /// future, no timer, no allocation (the common case of a busy pool). Else the
     /// permit taken, if any, for [`Pool::acquire_waiting`].
     pub fn try_acquire(self: &Arc<Self>) -> Result<Leased, Option<OwnedSemaphorePermit>> {
+        if self.paused.load(Ordering::Relaxed) {
+            return Err(None);
+        }
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => return Err(None),
@@ -323,6 +406,7 @@ impl Pool {
             Some(permit) => permit,
             None => self.queue().await?,
         };
+        // Paused (the console's PAUSE) after the permit was taken: in flight, goes on.
         let server = match self.take_idle() {
             Some(server) => server,
             None => self.connect().await?,
@@ -340,10 +424,11 @@ impl Pool {
         let started = Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::POOL_WAITING).increment(1.0);
-        let permit = tokio::time::timeout(
-            self.limits.queue_timeout,
-            self.permits.clone().acquire_owned(),
-        )
+        // While paused, first the RESUME, then a permit: one timeout for both.
+        let permit = tokio::time::timeout(self.limits.queue_timeout, async {
+            self.until_resumed().await;
+            self.permits.clone().acquire_owned().await
+        })
         .await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::POOL_WAITING).decrement(1.0);
@@ -354,6 +439,40 @@ impl Pool {
                 metrics::counter!(crate::metrics::POOL_WAIT_TIMEOUTS).increment(1);
                 Err(SessionError::PoolTimeout(self.limits.queue_timeout))
             }
+        }
+    }
+
+    /// Returns once the pool is not paused.
+    async fn until_resumed(&self) {
+        loop {
+            let resumed = self.resumed.notified();
+            tokio::pin!(resumed);
+            // Registered before the check: a RESUME in between is not missed.
+            resumed.as_mut().enable();
+            if !self.paused.load(Ordering::SeqCst) {
+                return;
+            }
+            resumed.await;
+        }
+    }
+
+    /// PAUSE's wait: until no connection is leased (every permit back, resets done),
+    /// then the idle connections are closed. Returns at once if resumed meanwhile.
+    async fn drain(&self) {
+        while self.paused.load(Ordering::SeqCst)
+            && self.permits.available_permits() < self.limits.size
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !self.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        for mut server in idle {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            // Terminate, so PostgreSQL logs a clean end rather than an EOF.
+            let _ = tokio::time::timeout(Duration::from_secs(1), server.conn.send(b"X\0\0\0\x04"))
+                .await;
         }
     }
 
@@ -590,7 +709,9 @@ async fn sweep(pool: std::sync::Weak<Pool>) {
 /// FATAL, as PostgreSQL sends when it shuts down, or the end of the stream).
 fn still_open(conn: &mut Conn) -> bool {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    conn.inbuf.is_empty() && conn.poll_fill(&mut cx).is_pending()
+    // The socket's readiness first: a read (and its buffer) only when it is set.
+    conn.inbuf.is_empty()
+        && (conn.stream.surely_quiet(&mut cx) || conn.poll_fill(&mut cx).is_pending())
 }
 
 /// Runs `query` (simple protocol) and reads to its ReadyForQuery; an error answer

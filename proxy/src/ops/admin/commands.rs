@@ -10,8 +10,8 @@ use crate::protocol::sqlstate::SqlState;
 
 /// The help text of an unknown command.
 pub const USAGE: &str = "SHOW STATS | SHOW CACHE | SHOW TABLES | SHOW PENDING | SHOW CLIENTS | \
-                         SHOW KEYS | SHOW REPLICATION | SHOW POOLS | SHOW SERVERS | FLUSH [table] | INVALIDATE table | \
-                         RELOAD";
+                         SHOW KEYS | SHOW REPLICATION | SHOW POOLS | SHOW SERVERS | PAUSE [db] | RESUME [db] | FLUSH [table] | \
+                         INVALIDATE table | RELOAD";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -26,6 +26,10 @@ pub enum Command {
     ShowPools,
     /// Transaction mode's server connections, one row each.
     ShowServers,
+    /// Transaction mode: new transactions of a database's pools (every pool's) wait,
+    /// answered once those in flight finished and the connections are closed.
+    Pause(Option<String>),
+    Resume(Option<String>),
     /// Every deferred table, or one.
     Flush(Option<String>),
     Invalidate(String),
@@ -63,6 +67,10 @@ pub fn parse(statement: &str) -> Result<Command, String> {
         (["FLUSH", _], [_, table]) => Ok(Command::Flush(Some(unquote(table)))),
         (["INVALIDATE", _], [_, table]) => Ok(Command::Invalidate(unquote(table))),
         (["RELOAD"], _) => Ok(Command::Reload),
+        (["PAUSE"], _) => Ok(Command::Pause(None)),
+        (["PAUSE", _], [_, db]) => Ok(Command::Pause(Some(unquote(db)))),
+        (["RESUME"], _) => Ok(Command::Resume(None)),
+        (["RESUME", _], [_, db]) => Ok(Command::Resume(Some(unquote(db)))),
         _ => Err(format!(
             "unknown admin console command \"{statement}\"; the console understands {USAGE}"
         )),
@@ -98,7 +106,29 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::Flush(table) => flush(shared, table.as_deref()).await,
         Command::Invalidate(table) => invalidate(shared, &table),
         Command::Reload => reload(shared).await,
+        Command::Pause(db) => match &shared.pooling {
+            Some(pooling) => {
+                pooling.pools.pause(db.as_deref()).await;
+                Reply::Done("PAUSE")
+            }
+            None => no_pools(),
+        },
+        Command::Resume(db) => match &shared.pooling {
+            Some(pooling) => match pooling.pools.resume(db.as_deref()) {
+                Ok(()) => Reply::Done("RESUME"),
+                Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e),
+            },
+            None => no_pools(),
+        },
     }
+}
+
+/// PAUSE or RESUME with no database or user in transaction mode.
+fn no_pools() -> Reply {
+    Reply::Error(
+        SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+        "no database or user is in transaction mode (pool.mode): nothing to pause".to_owned(),
+    )
 }
 
 /// `RELOAD`: answers once the reload finished (tables leaving a deferred policy
@@ -580,6 +610,17 @@ mod tests {
         );
         assert_eq!(parse("RELOAD"), Ok(Command::Reload));
         assert_eq!(parse("show keys"), Ok(Command::ShowKeys));
+        assert_eq!(parse("pause"), Ok(Command::Pause(None)));
+        assert_eq!(
+            parse("PAUSE app"),
+            Ok(Command::Pause(Some("app".to_owned())))
+        );
+        assert_eq!(parse("Resume"), Ok(Command::Resume(None)));
+        assert_eq!(
+            parse("RESUME \"App\""),
+            Ok(Command::Resume(Some("App".to_owned())))
+        );
+        assert!(parse("PAUSE a b").is_err());
     }
 
     #[test]

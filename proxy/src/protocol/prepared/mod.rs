@@ -372,6 +372,12 @@ impl Translator {
         server: &mut ServerStatements,
     ) -> bool {
         let cycle = self.cycles_sent;
+        if body.first() == Some(&0) && msg == &self.unnamed[..] {
+            // The client's last unnamed statement again, byte for byte (read then).
+            self.server_unnamed = Unnamed::Ours;
+            self.expect(b'1', Reply::Pass, Effect::PreparesUnnamed);
+            return true;
+        }
         let Some(p) = frontend::parse(body) else {
             // Malformed: PostgreSQL says so, as it would directly.
             self.expect(b'1', Reply::Pass, Effect::None);
@@ -397,12 +403,11 @@ impl Translator {
     }
 
     fn bind(&mut self, body: &[u8], w: &mut Rewrite<'_>, server: &mut ServerStatements) -> bool {
-        let Some(b) = frontend::bind(body) else {
+        // The names only: the parameters go as they are (PostgreSQL reads them).
+        let Some((portal, statement, rest)) = frontend::bind_names(body) else {
             return true;
         };
-        let rest = &body[b.portal.len() + 1 + b.statement.len() + 1..];
-        let portal = b.portal;
-        self.statement_use(b.statement, w, server, |name, out| {
+        self.statement_use(statement, w, server, |name, out| {
             let len = 4 + portal.len() + 1 + name.len() + 1 + rest.len();
             out.put_u8(frontend::BIND);
             out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));

@@ -463,3 +463,44 @@ fn a_rewrite_keeps_what_was_translated_before_and_a_partial_message_after() {
     assert_eq!(end, buf.len());
     assert_eq!(messages(&buf), ["P sw SELECT 1", "B  sw", "S"]);
 }
+
+#[test]
+fn the_same_unnamed_parse_again_is_still_the_clients_on_the_next_lease() {
+    let mut t = Translator::new(0);
+    let mut first = ServerStatements::default();
+    t.start_lease();
+    let cycle = [
+        build::parse("", "SELECT $1", &[23]),
+        build::bind("", "", &[Some(b"1")], &[]),
+        build::execute("", 0),
+        SYNC_MSG.to_vec(),
+    ];
+    for _ in 0..2 {
+        let sent = send(&mut t, &mut first, &cycle);
+        assert_eq!(sent, ["P  SELECT $1", "B  ", "E", "S"]);
+        assert_eq!(replies(&mut t, &mut first, b"12CZ"), [Reply::Pass; 4]);
+    }
+    t.end_lease(&mut first);
+    // Another connection: a Bind of the unnamed statement alone gets it parsed there
+    // first (answer swallowed), from the bytes the client sent.
+    let mut second = ServerStatements::default();
+    t.start_lease();
+    let sent = send(&mut t, &mut second, &cycle[1..]);
+    assert_eq!(sent, ["P  SELECT $1", "B  ", "E", "S"]);
+    assert_eq!(
+        replies(&mut t, &mut second, b"12CZ"),
+        [Reply::Swallow, Reply::Pass, Reply::Pass, Reply::Pass]
+    );
+    // A simple Query replaces it: nothing to re-parse on the next lease, and the
+    // foreign one there is closed instead.
+    send(
+        &mut t,
+        &mut second,
+        &[frontend::query_message("SELECT 2").to_vec()],
+    );
+    replies(&mut t, &mut second, b"Z");
+    t.end_lease(&mut second);
+    t.start_lease();
+    let sent = send(&mut t, &mut first, &cycle[1..]);
+    assert_eq!(sent, ["C S ", "B  ", "E", "S"]);
+}

@@ -134,6 +134,7 @@ impl Lease {
                 leased: None,
                 acquiring: None,
                 slot: key.slot.clone(),
+                inert_parse: Vec::new(),
                 translator: (max_prepared > 0).then(|| Translator::new(max_prepared)),
                 translated: 0,
                 replay_due: false,
@@ -414,15 +415,25 @@ impl Lease {
         let body = frontend::body(msg);
         match msg[0] {
             frontend::PARSE => {
+                if p.translator.is_some() && body == &p.inert_parse[..] {
+                    // The same Parse as one that meant nothing here (a driver's
+                    // unnamed statement, parsed again for every execution).
+                    return;
+                }
                 let Some(parse) = frontend::parse(body) else {
                     return;
                 };
-                p.observe_set(parse.sql);
-                if listen::contains_listen(parse.sql) {
+                let set = p.observe_set(parse.sql);
+                let listens = listen::contains_listen(parse.sql);
+                if listens {
                     p.observe_listen_parse(parse.sql);
                 }
                 if p.translator.is_none() && !parse.name.is_empty() {
                     p.statements.insert(parse.name.to_owned());
+                }
+                if !set && !listens {
+                    p.inert_parse.clear();
+                    p.inert_parse.extend_from_slice(body);
                 }
             }
             frontend::CLOSE if p.translator.is_none() => {

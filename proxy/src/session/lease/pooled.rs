@@ -25,6 +25,9 @@ pub(super) struct Pooled {
     /// A wait for a connection, while one runs (only when none could be leased at
     /// once).
     pub(super) acquiring: Option<Acquiring>,
+    /// The body of the last Parse that was neither a SET nor a LISTEN: the same one
+    /// again is not read again ([`Lease::observe`](super::Lease::observe)).
+    pub(super) inert_parse: Vec<u8>,
     /// Where the cancel registry finds the key of the connection leased now.
     pub(super) slot: Option<Arc<LeaseSlot>>,
     /// Named prepared statements carried across leases (`protocol/prepared/`);
@@ -99,15 +102,16 @@ impl Pooled {
 
 impl Pooled {
     /// The text of a simple Query or a Parse: a session-level `SET` or `RESET` is
-    /// remembered for the replay (or pins the session, `settings.rs`).
-    pub(super) fn observe_set(&mut self, sql: &str) {
+    /// remembered for the replay (or pins the session, `settings.rs`); true if it was
+    /// one.
+    pub(super) fn observe_set(&mut self, sql: &str) -> bool {
         let cache = self.cache.as_deref();
         let classify = |sql: &str| match cache {
             Some(c) => c.classifier.classify(sql),
             None => Arc::new(crate::read::classify::analyze(sql)),
         };
         let Some(set) = set_statement(sql, &classify) else {
-            return;
+            return false;
         };
         self.settings_dirty = true;
         match set {
@@ -124,6 +128,7 @@ impl Pooled {
             SessionSet::Reset(name) => self.settings.retain(|(n, _)| *n != name),
             SessionSet::ResetAll => self.settings.clear(),
         }
+        true
     }
 
     /// A Parse that mentions LISTEN: one LISTEN/UNLISTEN may be executed through the
