@@ -380,10 +380,9 @@ async fn pause_lets_transactions_in_flight_finish_and_resume_lets_the_waiting_go
     let pid = "SELECT pg_backend_pid()";
     let a = p.client().await;
     let b = p.client().await;
-    one(&b, pid).await.expect("b's first lease");
     a.simple_query("BEGIN").await.expect("begin");
     one(&a, pid).await.expect("a leases");
-    assert_eq!(pool_pids(&p).await.len(), 2);
+    assert_eq!(pool_pids(&p).await.len(), 1);
 
     // PAUSE is answered only once a's transaction is over.
     let admin = console(&p).await;

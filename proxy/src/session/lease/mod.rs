@@ -52,7 +52,17 @@ mod settings;
 use crate::net::notify::Hub;
 use crate::protocol::startup::StartupMessage;
 use crate::read::cache::ReadCache;
+use listen::Listening;
 use pooled::{Acquiring, PINNING_SQL, Pooled};
+
+/// What the relay's protocol state says of the client's transaction, for the lease.
+#[derive(Debug, Clone, Copy)]
+pub struct TxView {
+    /// ReadyForQuery status last given to the client (`I`, `T`, `E`).
+    pub status: u8,
+    /// Requests awaiting their ReadyForQuery (those queued included).
+    pub awaiting: u32,
+}
 
 /// `application_name` of a probe's backend, so an operator can tell it apart.
 const PROBE_APP: &str = "spillway probe";
@@ -219,10 +229,11 @@ impl Lease {
     pub fn poll_pooled(
         &mut self,
         queue: &mut BytesMut,
-        idle: bool,
+        tx: TxView,
         cx: &mut Context<'_>,
     ) -> Poll<Result<bool, SessionError>> {
-        if let Some(served) = self.poll_listen(queue, idle, cx) {
+        let idle = tx.status == b'I';
+        if let Some(served) = self.poll_listen(queue, tx, cx) {
             return served.map(|()| Ok(true));
         }
         if idle && self.answer_locally(queue) {
@@ -246,13 +257,25 @@ impl Lease {
     fn poll_listen(
         &mut self,
         queue: &mut BytesMut,
-        idle: bool,
+        tx: TxView,
         cx: &mut Context<'_>,
     ) -> Option<Poll<()>> {
+        let idle = tx.status == b'I';
         let p = self.pooled.as_deref_mut()?;
         let l = p.listening.as_mut()?;
-        if l.unanswered == 0 && !l.prepared && !l.is_pending() {
+        if l.unanswered == 0 && !l.prepared && !l.is_pending() && !l.in_transaction() {
             return None;
+        }
+        if idle {
+            // Outside a transaction block: what a block kept and never saw end by a
+            // COMMIT or ROLLBACK read here (ended another way) is dropped.
+            l.end_transaction();
+        } else if p.leased.is_some() && !p.pinned {
+            // Inside one: LISTEN/UNLISTEN kept for its COMMIT (ADR 0033).
+            let alone = tx.awaiting == 1;
+            if let Some(r) = l.poll_in_tx(queue, &mut self.conn.inbuf, tx.status, alone, cx) {
+                return Some(r);
+            }
         }
         let mut learnt: Option<Vec<u8>> = None;
         let served = {
@@ -372,6 +395,15 @@ impl Lease {
         cx: &mut Context<'_>,
     ) -> std::io::Result<()> {
         let queued = queue.len();
+        if self
+            .pooled
+            .as_deref()
+            .and_then(|p| p.listening.as_ref())
+            .is_some_and(Listening::holds_commit)
+        {
+            // A COMMIT waits for the listener to take the LISTENs of its transaction.
+            return Ok(());
+        }
         if let Some(server) = self.server() {
             crate::net::conn::poll_drain(&mut server.stream, queue, cx)?;
         }
@@ -387,7 +419,9 @@ impl Lease {
     /// ([`Lease::answer_locally`]), if any.
     pub fn server_filtered(&mut self) -> Option<(&mut Conn, Option<Filter<'_>>)> {
         match self.pooled.as_deref_mut() {
-            Some(p) if p.leased.is_none() => {
+            // Answers of spillway's first (a LISTEN inside a transaction block is
+            // answered while a connection is leased, with nothing outstanding there).
+            Some(p) if p.leased.is_none() || !self.conn.inbuf.is_empty() => {
                 (!self.conn.inbuf.is_empty()).then_some((&mut self.conn, None))
             }
             Some(p) => {

@@ -319,8 +319,12 @@ impl Relay {
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Progress, SessionError>> {
         let probing = self.ending.is_some();
         if self.lease.is_pooled() && !self.out.to_upstream().is_empty() {
-            let idle = self.out.state().tx_status == b'I';
-            match self.lease.poll_pooled(self.out.to_upstream(), idle, cx) {
+            let state = self.out.state();
+            let tx = super::lease::TxView {
+                status: state.tx_status,
+                awaiting: state.awaiting_ready,
+            };
+            match self.lease.poll_pooled(self.out.to_upstream(), tx, cx) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 // Answered without a server connection: read as PostgreSQL's answers.
                 Poll::Ready(Ok(true)) => {
