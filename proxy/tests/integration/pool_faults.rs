@@ -449,3 +449,59 @@ async fn pause_lets_transactions_in_flight_finish_and_resume_lets_the_waiting_go
     let again = p.client().await;
     one(&again, pid).await.expect("a transaction after RESUME");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_closes_connections_as_their_transactions_end_and_wait_close_waits_for_it() {
+    let verifier = crate::admin::hash_password(crate::admin::PASSWORD);
+    let p = start_with(
+        2,
+        "",
+        &plain_line(),
+        &format!(
+            "[admin]\nusers = [\"{}\"]\npassword = \"{verifier}\"\n",
+            crate::admin::ADMIN
+        ),
+        PASSWORD,
+    )
+    .await;
+    let pid = "SELECT pg_backend_pid()";
+    let a = p.client().await;
+    let b = p.client().await;
+    a.simple_query("BEGIN").await.expect("begin");
+    let pid_a: i32 = one(&a, pid).await.expect("pid").parse().expect("int");
+    let pid_b: i32 = one(&b, pid).await.expect("pid").parse().expect("int");
+    assert_ne!(pid_a, pid_b);
+    let admin = console(&p).await;
+    admin.simple_query("RECONNECT").await.expect("RECONNECT");
+    // The idle connection is closed at once; the leased one is marked.
+    await_pool_pids(&p, &[pid_a], Duration::from_secs(3)).await;
+    let rows = console_rows(&admin, "SHOW SERVERS").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0][2].as_str(), rows[0][6].as_str()),
+        (pid_a.to_string().as_str(), "1")
+    );
+    let wait = tokio::spawn(async move { admin.simple_query("WAIT_CLOSE").await.map(|_| admin) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !wait.is_finished(),
+        "WAIT_CLOSE waits for the leased connection"
+    );
+    let same: i32 = one(&a, pid).await.expect("pid").parse().expect("int");
+    assert_eq!(
+        same, pid_a,
+        "the transaction in flight keeps its connection"
+    );
+    a.simple_query("COMMIT").await.expect("commit");
+    let admin = tokio::time::timeout(Duration::from_secs(3), wait)
+        .await
+        .expect("WAIT_CLOSE answered once the transaction ended")
+        .expect("join")
+        .expect("WAIT_CLOSE");
+    await_pool_pids(&p, &[], Duration::from_secs(3)).await;
+    // New transactions get new connections, not marked.
+    let fresh: i32 = one(&a, pid).await.expect("pid").parse().expect("int");
+    assert!(fresh != pid_a && fresh != pid_b, "a new connection");
+    let rows = console_rows(&admin, "SHOW SERVERS").await;
+    assert_eq!(rows[0][6], "0", "{rows:?}");
+}

@@ -21,7 +21,7 @@
 //!   10 s) even if nobody uses the pool again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -122,6 +122,22 @@ impl Pools {
         Ok(())
     }
 
+    /// `RECONNECT [db]`: the pools' connections open now are closed (idle ones at
+    /// once, leased ones when their transaction ends); new ones are opened as needed.
+    pub async fn reconnect(&self, database: Option<&str>) {
+        for pool in self.matching(database) {
+            pool.reconnect().await;
+        }
+    }
+
+    /// `WAIT_CLOSE [db]`: returns once the connections a `RECONNECT` left to close
+    /// are closed.
+    pub async fn wait_close(&self, database: Option<&str>) {
+        for pool in self.matching(database) {
+            pool.wait_close().await;
+        }
+    }
+
     /// The pools of `database` (every pool for `None`).
     fn matching(&self, database: Option<&str>) -> Vec<Arc<Pool>> {
         self.pools
@@ -147,6 +163,7 @@ impl Pools {
                 };
                 let pool = Arc::new(Pool {
                     paused: AtomicBool::new(paused),
+                    generation: AtomicU64::new(0),
                     resumed: tokio::sync::Notify::new(),
                     database: database.to_owned(),
                     user: user.to_owned(),
@@ -199,6 +216,7 @@ impl Pools {
                 .iter()
                 .map(|s| (s.key.pid, s.idle_since))
                 .collect();
+            let current = pool.generation.load(Ordering::SeqCst);
             let servers = pool.servers.lock().unwrap_or_else(PoisonError::into_inner);
             out.extend(servers.iter().map(|(pid, info)| {
                 let idle_for = idle.get(pid).map(Instant::elapsed);
@@ -209,6 +227,7 @@ impl Pools {
                     leased: idle_for.is_none(),
                     age: info.created.elapsed(),
                     idle_for,
+                    close_needed: info.generation < current,
                 }
             }));
         }
@@ -251,6 +270,9 @@ pub enum PoolSecret {
 pub struct Pool {
     /// `PAUSE`d: no new lease until `RESUME` (`resumed` wakes the waiting).
     paused: AtomicBool,
+    /// Bumped by `RECONNECT`: connections opened before are closed when they come
+    /// back, idle ones at once.
+    generation: AtomicU64,
     resumed: tokio::sync::Notify,
     database: String,
     user: String,
@@ -288,6 +310,9 @@ struct Limits {
 pub struct Server {
     pub conn: Conn,
     pub key: UpstreamKey,
+    /// The pool's generation when it was opened: an older one is closed instead of
+    /// going back idle (`RECONNECT`).
+    generation: u64,
     /// The named statements spillway prepared on it for its clients
     /// (`protocol/prepared/`).
     pub statements: ServerStatements,
@@ -307,6 +332,8 @@ type Registry = Arc<Mutex<HashMap<i32, ServerInfo>>>;
 #[derive(Debug, Clone, Copy)]
 struct ServerInfo {
     created: Instant,
+    /// The pool's generation when it was opened (older: to be closed, `RECONNECT`).
+    generation: u64,
 }
 
 impl Server {
@@ -361,6 +388,8 @@ pub struct ServerRow {
     pub age: Duration,
     /// How long it has been idle (`None` while leased).
     pub idle_for: Option<Duration>,
+    /// Opened before the last `RECONNECT`: closed when its lease ends.
+    pub close_needed: bool,
 }
 
 impl Pool {
@@ -456,6 +485,42 @@ impl Pool {
         }
     }
 
+    /// `RECONNECT`: every connection open now is closed, idle ones at once, leased
+    /// ones when they come back; new leases get new connections.
+    async fn reconnect(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        self.close_idle(idle).await;
+    }
+
+    /// `WAIT_CLOSE`: returns once no connection opened before the last `RECONNECT`
+    /// is left.
+    async fn wait_close(&self) {
+        loop {
+            let current = self.generation.load(Ordering::SeqCst);
+            let old = self
+                .servers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .any(|s| s.generation < current);
+            if !old {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Closes connections taken from the idle stack, with a Terminate so PostgreSQL
+    /// logs a clean end.
+    async fn close_idle(&self, idle: Vec<Box<Server>>) {
+        for mut server in idle {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            let _ = tokio::time::timeout(Duration::from_secs(1), server.conn.send(b"X\0\0\0\x04"))
+                .await;
+        }
+    }
+
     /// PAUSE's wait: until no connection is leased (every permit back, resets done),
     /// then the idle connections are closed. Returns at once if resumed meanwhile.
     async fn drain(&self) {
@@ -468,12 +533,7 @@ impl Pool {
             return;
         }
         let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
-        for mut server in idle {
-            self.open.fetch_sub(1, Ordering::Relaxed);
-            // Terminate, so PostgreSQL logs a clean end rather than an EOF.
-            let _ = tokio::time::timeout(Duration::from_secs(1), server.conn.send(b"X\0\0\0\x04"))
-                .await;
-        }
+        self.close_idle(idle).await;
     }
 
     /// `pool.max_prepared_statements`: statements one connection holds for clients.
@@ -490,7 +550,8 @@ impl Pool {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop()?;
-            if now.saturating_duration_since(server.idle_since) < self.limits.idle_timeout
+            if server.generation == self.generation.load(Ordering::Relaxed)
+                && now.saturating_duration_since(server.idle_since) < self.limits.idle_timeout
                 && now.saturating_duration_since(server.created) < self.limits.lifetime
                 && still_open(&mut server.conn)
             {
@@ -571,6 +632,7 @@ impl Pool {
 
     /// Opens and logs in a new server connection.
     async fn connect(&self) -> Result<Box<Server>, SessionError> {
+        let generation = self.generation.load(Ordering::SeqCst);
         let (conn, key, params) = self.open_logged_in(POOL_APP).await?;
         *self.params.lock().unwrap_or_else(PoisonError::into_inner) = Some(params);
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -579,12 +641,19 @@ impl Pool {
         self.servers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key.pid, ServerInfo { created: now });
+            .insert(
+                key.pid,
+                ServerInfo {
+                    created: now,
+                    generation,
+                },
+            );
         Ok(Box::new(Server {
             conn,
             key,
             statements: ServerStatements::default(),
             created: now,
+            generation,
             idle_since: now,
             idle: false,
             registry: self.servers.clone(),
@@ -594,7 +663,9 @@ impl Pool {
 
     fn put_idle(&self, mut server: Box<Server>) {
         let now = Instant::now();
-        if now.saturating_duration_since(server.created) >= self.limits.lifetime {
+        if now.saturating_duration_since(server.created) >= self.limits.lifetime
+            || server.generation != self.generation.load(Ordering::Relaxed)
+        {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return;
         }

@@ -10,8 +10,8 @@ use crate::protocol::sqlstate::SqlState;
 
 /// The help text of an unknown command.
 pub const USAGE: &str = "SHOW STATS | SHOW CACHE | SHOW TABLES | SHOW PENDING | SHOW CLIENTS | \
-                         SHOW KEYS | SHOW REPLICATION | SHOW POOLS | SHOW SERVERS | PAUSE [db] | RESUME [db] | FLUSH [table] | \
-                         INVALIDATE table | RELOAD";
+                         SHOW KEYS | SHOW REPLICATION | SHOW POOLS | SHOW SERVERS | PAUSE [db] | RESUME [db] | RECONNECT [db] | \
+                         WAIT_CLOSE [db] | FLUSH [table] | INVALIDATE table | RELOAD";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -30,6 +30,11 @@ pub enum Command {
     /// answered once those in flight finished and the connections are closed.
     Pause(Option<String>),
     Resume(Option<String>),
+    /// Transaction mode: the server connections open now are closed (idle ones at
+    /// once, leased ones when their transaction ends).
+    Reconnect(Option<String>),
+    /// Answered once the connections a RECONNECT left to close are closed.
+    WaitClose(Option<String>),
     /// Every deferred table, or one.
     Flush(Option<String>),
     Invalidate(String),
@@ -71,6 +76,10 @@ pub fn parse(statement: &str) -> Result<Command, String> {
         (["PAUSE", _], [_, db]) => Ok(Command::Pause(Some(unquote(db)))),
         (["RESUME"], _) => Ok(Command::Resume(None)),
         (["RESUME", _], [_, db]) => Ok(Command::Resume(Some(unquote(db)))),
+        (["RECONNECT"], _) => Ok(Command::Reconnect(None)),
+        (["RECONNECT", _], [_, db]) => Ok(Command::Reconnect(Some(unquote(db)))),
+        (["WAIT_CLOSE"], _) => Ok(Command::WaitClose(None)),
+        (["WAIT_CLOSE", _], [_, db]) => Ok(Command::WaitClose(Some(unquote(db)))),
         _ => Err(format!(
             "unknown admin console command \"{statement}\"; the console understands {USAGE}"
         )),
@@ -113,6 +122,20 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
             }
             None => no_pools(),
         },
+        Command::Reconnect(db) => match &shared.pooling {
+            Some(pooling) => {
+                pooling.pools.reconnect(db.as_deref()).await;
+                Reply::Done("RECONNECT")
+            }
+            None => no_pools(),
+        },
+        Command::WaitClose(db) => match &shared.pooling {
+            Some(pooling) => {
+                pooling.pools.wait_close(db.as_deref()).await;
+                Reply::Done("WAIT_CLOSE")
+            }
+            None => no_pools(),
+        },
         Command::Resume(db) => match &shared.pooling {
             Some(pooling) => match pooling.pools.resume(db.as_deref()) {
                 Ok(()) => Reply::Done("RESUME"),
@@ -123,11 +146,11 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
     }
 }
 
-/// PAUSE or RESUME with no database or user in transaction mode.
+/// A pool command with no database or user in transaction mode.
 fn no_pools() -> Reply {
     Reply::Error(
         SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
-        "no database or user is in transaction mode (pool.mode): nothing to pause".to_owned(),
+        "no database or user is in transaction mode (pool.mode): no pool to act on".to_owned(),
     )
 }
 
@@ -621,6 +644,11 @@ mod tests {
             Ok(Command::Resume(Some("App".to_owned())))
         );
         assert!(parse("PAUSE a b").is_err());
+        assert_eq!(parse("reconnect"), Ok(Command::Reconnect(None)));
+        assert_eq!(
+            parse("WAIT_CLOSE app"),
+            Ok(Command::WaitClose(Some("app".to_owned())))
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `SHOW POOLS`: one row per transaction-mode pool (database, user): its size, server
 //! connections open, idle and leased, and sessions waiting for one. `SHOW SERVERS`:
 //! one row per pooled server connection (its backend pid, leased or idle, idle for
-//! how long, its age). Empty unless some database or user is in transaction mode
+//! how long, its age, whether `RECONNECT` left it to close). Empty unless some database or user is in transaction mode
 //! (`pool.mode`).
 
 use super::Console;
@@ -53,6 +53,7 @@ pub fn show_servers(
         ("state", ColumnType::Text),
         ("idle_seconds", ColumnType::Int8),
         ("age_seconds", ColumnType::Int8),
+        ("close_needed", ColumnType::Int8),
     ];
     let rows = match &shared.pooling {
         Some(pooling) => pooling
@@ -67,6 +68,7 @@ pub fn show_servers(
                     Some(if s.leased { "leased" } else { "idle" }.to_owned()),
                     s.idle_for.map(|d| d.as_secs().to_string()),
                     Some(s.age.as_secs().to_string()),
+                    Some(u8::from(s.close_needed).to_string()),
                 ]
             })
             .collect(),
