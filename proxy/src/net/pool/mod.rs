@@ -21,27 +21,30 @@
 //!   10 s) even if nobody uses the pool again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::config::pool::PoolConfig;
 use crate::error::SessionError;
 use crate::net::cancel::UpstreamKey;
-use crate::net::conn::{Conn, read_upstream_frame};
+use crate::net::conn::Conn;
 use crate::net::upstream::Connector;
-use crate::protocol::backend;
 use crate::protocol::prepared::ServerStatements;
 use crate::protocol::scram::ScramKeys;
 use crate::protocol::startup::StartupMessage;
+use control::Control;
 use login::login;
 pub use login::md5_answer;
+pub use show::{PoolStats, ServerRow};
+use upkeep::{reset, still_open, sweep};
 
+mod control;
 mod login;
+mod show;
+mod upkeep;
 
 /// `application_name` of pooled server connections.
 const POOL_APP: &str = "spillway pool";
@@ -52,13 +55,7 @@ pub struct Pools {
     connector: Connector,
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
     /// What the console paused (`PAUSE [db]`): pools created meanwhile start paused.
-    paused: Mutex<Paused>,
-}
-
-#[derive(Default)]
-struct Paused {
-    all: bool,
-    databases: std::collections::HashSet<String>,
+    paused: Mutex<control::Paused>,
 }
 
 impl Pools {
@@ -67,86 +64,8 @@ impl Pools {
             config,
             connector,
             pools: Mutex::new(HashMap::new()),
-            paused: Mutex::new(Paused::default()),
+            paused: Mutex::new(control::Paused::default()),
         }
-    }
-
-    /// `PAUSE [db]` (the console): new transactions of the database's pools (every
-    /// pool's without one) wait, those in flight finish; done once no connection is
-    /// leased, the idle ones then closed. Waiting sessions give up after
-    /// `pool.queue_timeout` (53300), as in the pool's queue.
-    pub async fn pause(&self, database: Option<&str>) {
-        {
-            let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
-            match database {
-                Some(db) => {
-                    paused.databases.insert(db.to_owned());
-                }
-                None => paused.all = true,
-            }
-        }
-        let pools = self.matching(database);
-        for pool in &pools {
-            pool.paused.store(true, Ordering::SeqCst);
-        }
-        for pool in &pools {
-            pool.drain().await;
-        }
-    }
-
-    /// `RESUME [db]`: the pools paused go on, their waiting sessions first. An error
-    /// when a database is resumed while everything is paused.
-    pub fn resume(&self, database: Option<&str>) -> Result<(), String> {
-        {
-            let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
-            match database {
-                Some(_) if paused.all => {
-                    return Err(
-                        "every database is paused: RESUME without a database name resumes them"
-                            .to_owned(),
-                    );
-                }
-                Some(db) => {
-                    paused.databases.remove(db);
-                }
-                None => {
-                    paused.all = false;
-                    paused.databases.clear();
-                }
-            }
-        }
-        for pool in self.matching(database) {
-            pool.paused.store(false, Ordering::SeqCst);
-            pool.resumed.notify_waiters();
-        }
-        Ok(())
-    }
-
-    /// `RECONNECT [db]`: the pools' connections open now are closed (idle ones at
-    /// once, leased ones when their transaction ends); new ones are opened as needed.
-    pub async fn reconnect(&self, database: Option<&str>) {
-        for pool in self.matching(database) {
-            pool.reconnect().await;
-        }
-    }
-
-    /// `WAIT_CLOSE [db]`: returns once the connections a `RECONNECT` left to close
-    /// are closed.
-    pub async fn wait_close(&self, database: Option<&str>) {
-        for pool in self.matching(database) {
-            pool.wait_close().await;
-        }
-    }
-
-    /// The pools of `database` (every pool for `None`).
-    fn matching(&self, database: Option<&str>) -> Vec<Arc<Pool>> {
-        self.pools
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .filter(|p| database.is_none_or(|db| p.database == db))
-            .cloned()
-            .collect()
     }
 
     /// The pool of `database` and `user`, created on first use; `secret` is what its
@@ -162,9 +81,7 @@ impl Pools {
                     p.all || p.databases.contains(database)
                 };
                 let pool = Arc::new(Pool {
-                    paused: AtomicBool::new(paused),
-                    generation: AtomicU64::new(0),
-                    resumed: tokio::sync::Notify::new(),
+                    control: Control::new(paused),
                     database: database.to_owned(),
                     user: user.to_owned(),
                     secret: Mutex::new(None),
@@ -201,58 +118,6 @@ impl Pools {
         }
         pool
     }
-
-    /// Every pooled server connection, for the console (`SHOW SERVERS`), by database,
-    /// user and pid.
-    pub fn servers(&self) -> Vec<ServerRow> {
-        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out = Vec::new();
-        for pool in pools.values() {
-            // Leased is what is open and not idle (nothing is recorded per lease).
-            let idle: HashMap<i32, Instant> = pool
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .map(|s| (s.key.pid, s.idle_since))
-                .collect();
-            let current = pool.generation.load(Ordering::SeqCst);
-            let servers = pool.servers.lock().unwrap_or_else(PoisonError::into_inner);
-            out.extend(servers.iter().map(|(pid, info)| {
-                let idle_for = idle.get(pid).map(Instant::elapsed);
-                ServerRow {
-                    database: pool.database.clone(),
-                    user: pool.user.clone(),
-                    pid: *pid,
-                    leased: idle_for.is_none(),
-                    age: info.created.elapsed(),
-                    idle_for,
-                    close_needed: info.generation < current,
-                }
-            }));
-        }
-        out.sort_by(|a, b| (&a.database, &a.user, a.pid).cmp(&(&b.database, &b.user, b.pid)));
-        out
-    }
-
-    /// A snapshot of every pool, for the console.
-    pub fn stats(&self) -> Vec<PoolStats> {
-        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out: Vec<PoolStats> = pools.values().map(|p| p.stats()).collect();
-        out.sort_by(|a, b| (&a.database, &a.user).cmp(&(&b.database, &b.user)));
-        out
-    }
-}
-
-/// What `SHOW POOLS` shows of one pool.
-#[derive(Debug, Clone)]
-pub struct PoolStats {
-    pub database: String,
-    pub user: String,
-    pub size: usize,
-    pub open: usize,
-    pub idle: usize,
-    pub waiting: usize,
 }
 
 /// What a pool's connections log in with.
@@ -268,12 +133,8 @@ pub enum PoolSecret {
 }
 
 pub struct Pool {
-    /// `PAUSE`d: no new lease until `RESUME` (`resumed` wakes the waiting).
-    paused: AtomicBool,
-    /// Bumped by `RECONNECT`: connections opened before are closed when they come
-    /// back, idle ones at once.
-    generation: AtomicU64,
-    resumed: tokio::sync::Notify,
+    /// PAUSE and RECONNECT (`control.rs`).
+    control: Control,
     database: String,
     user: String,
     secret: Mutex<Option<PoolSecret>>,
@@ -379,21 +240,6 @@ impl Drop for Server {
     }
 }
 
-/// What `SHOW SERVERS` shows of one pooled server connection.
-#[derive(Debug, Clone)]
-pub struct ServerRow {
-    pub database: String,
-    pub user: String,
-    /// PostgreSQL's backend pid.
-    pub pid: i32,
-    pub leased: bool,
-    pub age: Duration,
-    /// How long it has been idle (`None` while leased).
-    pub idle_for: Option<Duration>,
-    /// Opened before the last `RECONNECT`: closed when its lease ends.
-    pub close_needed: bool,
-}
-
 impl Pool {
     /// A server connection for one transaction: an idle one, or a new one while the
     /// pool has room; waits up to `pool.limits.queue_timeout` for one to come back.
@@ -408,7 +254,7 @@ impl Pool {
     /// future, no timer, no allocation (the common case of a busy pool). Else the
     /// permit taken, if any, for [`Pool::acquire_waiting`].
     pub fn try_acquire(self: &Arc<Self>) -> Result<Leased, Option<OwnedSemaphorePermit>> {
-        if self.paused.load(Ordering::Relaxed) {
+        if self.control.paused.load(Ordering::Relaxed) {
             return Err(None);
         }
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -473,72 +319,6 @@ impl Pool {
         }
     }
 
-    /// Returns once the pool is not paused.
-    async fn until_resumed(&self) {
-        loop {
-            let resumed = self.resumed.notified();
-            tokio::pin!(resumed);
-            // Registered before the check: a RESUME in between is not missed.
-            resumed.as_mut().enable();
-            if !self.paused.load(Ordering::SeqCst) {
-                return;
-            }
-            resumed.await;
-        }
-    }
-
-    /// `RECONNECT`: every connection open now is closed, idle ones at once, leased
-    /// ones when they come back; new leases get new connections.
-    async fn reconnect(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
-        self.close_idle(idle).await;
-    }
-
-    /// `WAIT_CLOSE`: returns once no connection opened before the last `RECONNECT`
-    /// is left.
-    async fn wait_close(&self) {
-        loop {
-            let current = self.generation.load(Ordering::SeqCst);
-            let old = self
-                .servers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .values()
-                .any(|s| s.generation < current);
-            if !old {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Closes connections taken from the idle stack, with a Terminate so PostgreSQL
-    /// logs a clean end.
-    #[allow(clippy::vec_box)]
-    async fn close_idle(&self, idle: Vec<Box<Server>>) {
-        for mut server in idle {
-            self.open.fetch_sub(1, Ordering::Relaxed);
-            let _ = tokio::time::timeout(Duration::from_secs(1), server.conn.send(b"X\0\0\0\x04"))
-                .await;
-        }
-    }
-
-    /// PAUSE's wait: until no connection is leased (every permit back, resets done),
-    /// then the idle connections are closed. Returns at once if resumed meanwhile.
-    async fn drain(&self) {
-        while self.paused.load(Ordering::SeqCst)
-            && self.permits.available_permits() < self.limits.size
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if !self.paused.load(Ordering::SeqCst) {
-            return;
-        }
-        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
-        self.close_idle(idle).await;
-    }
-
     /// `pool.max_prepared_statements`: statements one connection holds for clients.
     pub fn max_prepared(&self) -> usize {
         self.limits.max_prepared
@@ -553,7 +333,7 @@ impl Pool {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop()?;
-            if server.generation == self.generation.load(Ordering::Relaxed)
+            if server.generation == self.control.generation.load(Ordering::Relaxed)
                 && now.saturating_duration_since(server.idle_since) < self.limits.idle_timeout
                 && now.saturating_duration_since(server.created) < self.limits.lifetime
                 && still_open(&mut server.conn)
@@ -584,21 +364,6 @@ impl Pool {
         let leased = self.acquire().await?;
         leased.release();
         Ok(())
-    }
-
-    fn stats(&self) -> PoolStats {
-        PoolStats {
-            database: self.database.clone(),
-            user: self.user.clone(),
-            size: self.limits.size,
-            open: self.open.load(Ordering::Relaxed),
-            idle: self
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .len(),
-            waiting: self.waiting.load(Ordering::Relaxed),
-        }
     }
 
     /// Opens a server connection logged in as this pool's role, outside the pool (not
@@ -635,7 +400,7 @@ impl Pool {
 
     /// Opens and logs in a new server connection.
     async fn connect(&self) -> Result<Box<Server>, SessionError> {
-        let generation = self.generation.load(Ordering::SeqCst);
+        let generation = self.control.generation.load(Ordering::SeqCst);
         let (conn, key, params) = self.open_logged_in(POOL_APP).await?;
         *self.params.lock().unwrap_or_else(PoisonError::into_inner) = Some(params);
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -667,7 +432,7 @@ impl Pool {
     fn put_idle(&self, mut server: Box<Server>) {
         let now = Instant::now();
         if now.saturating_duration_since(server.created) >= self.limits.lifetime
-            || server.generation != self.generation.load(Ordering::Relaxed)
+            || server.generation != self.control.generation.load(Ordering::Relaxed)
         {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return;
@@ -741,74 +506,6 @@ impl Leased {
             }
             pool.put_idle(server);
         });
-    }
-}
-
-/// Closes the pool's idle connections once past `pool.limits.idle_timeout` or
-/// `pool.limits.lifetime`, without waiting for the pool to be used again, so PostgreSQL's
-/// backends go away on time. Ends with the pool.
-async fn sweep(pool: std::sync::Weak<Pool>) {
-    let period = match pool.upgrade() {
-        Some(p) => (p.limits.idle_timeout.min(p.limits.lifetime) / 4)
-            .clamp(Duration::from_millis(50), Duration::from_secs(10)),
-        None => return,
-    };
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(pool) = pool.upgrade() else {
-            return;
-        };
-        let expired: Vec<Box<Server>> = {
-            let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            let (keep, expired): (Vec<Box<Server>>, Vec<Box<Server>>) =
-                std::mem::take(&mut *idle).into_iter().partition(|s| {
-                    s.idle_since.elapsed() < pool.limits.idle_timeout
-                        && s.created.elapsed() < pool.limits.lifetime
-                });
-            *idle = keep;
-            expired
-        };
-        for mut server in expired {
-            pool.open.fetch_sub(1, Ordering::Relaxed);
-            // Terminate, so PostgreSQL logs a clean end rather than an EOF.
-            let _ = tokio::time::timeout(Duration::from_secs(1), server.conn.send(b"X\0\0\0\x04"))
-                .await;
-        }
-    }
-}
-
-/// Whether an idle connection is still usable: nothing may have arrived on it (a
-/// FATAL, as PostgreSQL sends when it shuts down, or the end of the stream).
-fn still_open(conn: &mut Conn) -> bool {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    // The socket's readiness first: a read (and its buffer) only when it is set.
-    conn.inbuf.is_empty()
-        && (conn.stream.surely_quiet(&mut cx) || conn.poll_fill(&mut cx).is_pending())
-}
-
-/// Runs `query` (simple protocol) and reads to its ReadyForQuery; an error answer
-/// or a transaction left open counts as failure.
-async fn reset(conn: &mut Conn, query: &str) -> Result<(), SessionError> {
-    let mut msg = BytesMut::new();
-    postgres_protocol::message::frontend::query(query, &mut msg)
-        .map_err(SessionError::UpstreamIo)?;
-    conn.send(&msg).await.map_err(SessionError::UpstreamIo)?;
-    let mut failed = false;
-    loop {
-        let (tag, body) = read_upstream_frame(conn).await?;
-        match tag {
-            backend::ERROR_RESPONSE => failed = true,
-            backend::READY_FOR_QUERY => {
-                if failed || backend::ready_for_query_status(&body[5..]) != Some(b'I') {
-                    let _ = conn.stream.shutdown().await;
-                    return Err(SessionError::UpstreamClosed);
-                }
-                return Ok(());
-            }
-            _ => {}
-        }
     }
 }
 

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use super::Console;
+pub use super::pools::PoolCommand;
 use crate::protocol::backend::ColumnType;
 use crate::protocol::sqlstate::SqlState;
 
@@ -26,15 +27,8 @@ pub enum Command {
     ShowPools,
     /// Transaction mode's server connections, one row each.
     ShowServers,
-    /// Transaction mode: new transactions of a database's pools (every pool's) wait,
-    /// answered once those in flight finished and the connections are closed.
-    Pause(Option<String>),
-    Resume(Option<String>),
-    /// Transaction mode: the server connections open now are closed (idle ones at
-    /// once, leased ones when their transaction ends).
-    Reconnect(Option<String>),
-    /// Answered once the connections a RECONNECT left to close are closed.
-    WaitClose(Option<String>),
+    /// PAUSE, RESUME, RECONNECT, WAIT_CLOSE, of one database's pools or all (`pools.rs`).
+    Pool(PoolCommand, Option<String>),
     /// Every deferred table, or one.
     Flush(Option<String>),
     Invalidate(String),
@@ -72,14 +66,9 @@ pub fn parse(statement: &str) -> Result<Command, String> {
         (["FLUSH", _], [_, table]) => Ok(Command::Flush(Some(unquote(table)))),
         (["INVALIDATE", _], [_, table]) => Ok(Command::Invalidate(unquote(table))),
         (["RELOAD"], _) => Ok(Command::Reload),
-        (["PAUSE"], _) => Ok(Command::Pause(None)),
-        (["PAUSE", _], [_, db]) => Ok(Command::Pause(Some(unquote(db)))),
-        (["RESUME"], _) => Ok(Command::Resume(None)),
-        (["RESUME", _], [_, db]) => Ok(Command::Resume(Some(unquote(db)))),
-        (["RECONNECT"], _) => Ok(Command::Reconnect(None)),
-        (["RECONNECT", _], [_, db]) => Ok(Command::Reconnect(Some(unquote(db)))),
-        (["WAIT_CLOSE"], _) => Ok(Command::WaitClose(None)),
-        (["WAIT_CLOSE", _], [_, db]) => Ok(Command::WaitClose(Some(unquote(db)))),
+        ([word] | [word, _], _) if let Some(command) = PoolCommand::of(word) => {
+            Ok(Command::Pool(command, words.get(1).map(|db| unquote(db))))
+        }
         _ => Err(format!(
             "unknown admin console command \"{statement}\"; the console understands {USAGE}"
         )),
@@ -99,9 +88,12 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::ShowTables => show_tables(shared),
         Command::ShowPending => show_pending(shared),
         Command::ShowClients => show_clients(shared),
-        Command::ShowKeys => show_keys(shared),
-        Command::ShowReplication | Command::ShowPools | Command::ShowServers => {
+        Command::ShowReplication
+        | Command::ShowPools
+        | Command::ShowServers
+        | Command::ShowKeys => {
             let (columns, rows) = match command {
+                Command::ShowKeys => super::keys::show(shared),
                 Command::ShowPools => super::pools::show(shared),
                 Command::ShowServers => super::pools::show_servers(shared),
                 _ => super::replication::show(shared),
@@ -115,43 +107,13 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::Flush(table) => flush(shared, table.as_deref()).await,
         Command::Invalidate(table) => invalidate(shared, &table),
         Command::Reload => reload(shared).await,
-        Command::Pause(db) => match &shared.pooling {
-            Some(pooling) => {
-                pooling.pools.pause(db.as_deref()).await;
-                Reply::Done("PAUSE")
+        Command::Pool(command, db) => {
+            match super::pools::control(shared, command, db.as_deref()).await {
+                Ok(tag) => Reply::Done(tag),
+                Err(message) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, message),
             }
-            None => no_pools(),
-        },
-        Command::Reconnect(db) => match &shared.pooling {
-            Some(pooling) => {
-                pooling.pools.reconnect(db.as_deref()).await;
-                Reply::Done("RECONNECT")
-            }
-            None => no_pools(),
-        },
-        Command::WaitClose(db) => match &shared.pooling {
-            Some(pooling) => {
-                pooling.pools.wait_close(db.as_deref()).await;
-                Reply::Done("WAIT_CLOSE")
-            }
-            None => no_pools(),
-        },
-        Command::Resume(db) => match &shared.pooling {
-            Some(pooling) => match pooling.pools.resume(db.as_deref()) {
-                Ok(()) => Reply::Done("RESUME"),
-                Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e),
-            },
-            None => no_pools(),
-        },
+        }
     }
-}
-
-/// A pool command with no database or user in transaction mode.
-fn no_pools() -> Reply {
-    Reply::Error(
-        SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
-        "no database or user is in transaction mode (pool.mode): no pool to act on".to_owned(),
-    )
 }
 
 /// `RELOAD`: answers once the reload finished (tables leaving a deferred policy
@@ -356,51 +318,6 @@ fn show_tables(shared: &Console) -> Reply {
             ("pending", ColumnType::Int8),
             ("oldest_pending_age", ColumnType::Float8),
             ("fallbacks", ColumnType::Int8),
-        ],
-        rows,
-        tag: "SHOW",
-    }
-}
-
-/// `SHOW KEYS`: each deferred table's key index (state, keys, estimated bytes, why
-/// it is off) and its point reads so far (keys read, and the queries that read them:
-/// fewer queries than keys is batching at work).
-fn show_keys(shared: &Console) -> Reply {
-    let rows = shared
-        .writes
-        .as_ref()
-        .map(|(w, _)| {
-            let reads: std::collections::HashMap<String, (u64, u64)> = w
-                .point_read_counts()
-                .into_iter()
-                .map(|(t, keys, queries)| (t, (keys, queries)))
-                .collect();
-            w.key_stats()
-                .into_iter()
-                .map(|s| {
-                    let (keys, queries) = reads.get(&s.table).copied().unwrap_or((0, 0));
-                    vec![
-                        Some(s.table),
-                        Some(s.phase.as_str().to_owned()),
-                        Some(s.keys.to_string()),
-                        Some(s.bytes.to_string()),
-                        Some(keys.to_string()),
-                        Some(queries.to_string()),
-                        s.off.map(str::to_owned),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Reply::Rows {
-        columns: vec![
-            ("table", ColumnType::Text),
-            ("state", ColumnType::Text),
-            ("keys", ColumnType::Int8),
-            ("bytes", ColumnType::Int8),
-            ("point_reads", ColumnType::Int8),
-            ("point_read_queries", ColumnType::Int8),
-            ("off_because", ColumnType::Text),
         ],
         rows,
         tag: "SHOW",
@@ -633,22 +550,18 @@ mod tests {
         );
         assert_eq!(parse("RELOAD"), Ok(Command::Reload));
         assert_eq!(parse("show keys"), Ok(Command::ShowKeys));
-        assert_eq!(parse("pause"), Ok(Command::Pause(None)));
-        assert_eq!(
-            parse("PAUSE app"),
-            Ok(Command::Pause(Some("app".to_owned())))
-        );
-        assert_eq!(parse("Resume"), Ok(Command::Resume(None)));
+        let pool = |c, db: Option<&str>| Ok(Command::Pool(c, db.map(str::to_owned)));
+        assert_eq!(parse("pause"), pool(PoolCommand::Pause, None));
         assert_eq!(
             parse("RESUME \"App\""),
-            Ok(Command::Resume(Some("App".to_owned())))
+            pool(PoolCommand::Resume, Some("App"))
         );
-        assert!(parse("PAUSE a b").is_err());
-        assert_eq!(parse("reconnect"), Ok(Command::Reconnect(None)));
         assert_eq!(
-            parse("WAIT_CLOSE app"),
-            Ok(Command::WaitClose(Some("app".to_owned())))
+            parse("reconnect app"),
+            pool(PoolCommand::Reconnect, Some("app"))
         );
+        assert_eq!(parse("Wait_Close"), pool(PoolCommand::WaitClose, None));
+        assert!(parse("PAUSE a b").is_err());
     }
 
     #[test]

@@ -58,7 +58,7 @@ mod wire;
 pub use server::ServerStatements;
 use server::{Entry, Slot};
 pub use wire::server_name;
-use wire::{NOWHERE, parse_message, put_cstr, write_target};
+use wire::{NOWHERE, Rewrite, parse_message, put_cstr, write_target};
 
 /// A scratch buffer larger than this (one large message went through) is not kept.
 const SCRATCH_KEEP: usize = 64 * 1024;
@@ -164,34 +164,6 @@ pub struct Translator {
     /// [`Translator::translate`]'s buffer for a queue it rewrites (the queue's old
     /// buffer after a rewrite), kept between calls.
     scratch: BytesMut,
-}
-
-/// A queue being translated ([`Translator::translate`]): the messages read so far,
-/// and the rewritten queue once a message changed.
-struct Rewrite<'a> {
-    /// The queue as the client's messages left it.
-    src: &'a [u8],
-    /// The queue rewritten, up to `copied` of `src`; `None` while nothing changed.
-    out: Option<BytesMut>,
-    /// The buffer `out` starts from.
-    spare: BytesMut,
-    /// How much of `src` is in `out` (or is replaced there).
-    copied: usize,
-    /// The message being translated starts here.
-    at: usize,
-}
-
-impl Rewrite<'_> {
-    /// Where what replaces or precedes the current message is written: the
-    /// rewritten queue, brought up to the current message first.
-    fn out(&mut self) -> &mut BytesMut {
-        let out = self
-            .out
-            .get_or_insert_with(|| std::mem::take(&mut self.spare));
-        out.extend_from_slice(&self.src[self.copied..self.at]);
-        self.copied = self.at;
-        out
-    }
 }
 
 impl Translator {

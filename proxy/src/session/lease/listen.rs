@@ -33,38 +33,11 @@ pub(super) enum ListenCommand {
 }
 
 impl ListenCommand {
-    fn tag(&self) -> &'static str {
+    pub(super) fn tag(&self) -> &'static str {
         match self {
             ListenCommand::Listen(_) => "LISTEN",
             ListenCommand::Unlisten(_) => "UNLISTEN",
         }
-    }
-}
-
-/// How a simple Query ends a transaction block, if it is exactly one such statement.
-#[derive(Debug, PartialEq, Eq)]
-enum BlockEnd {
-    Commit,
-    Rollback,
-}
-
-/// `COMMIT`/`END` or `ROLLBACK`/`ABORT`, each with an optional `WORK` or
-/// `TRANSACTION` and `;` (not `ROLLBACK TO`, `COMMIT AND CHAIN`, `COMMIT PREPARED`).
-fn block_end(sql: &str) -> Option<BlockEnd> {
-    let sql = sql.trim();
-    let sql = sql.strip_suffix(';').unwrap_or(sql).trim_end();
-    let mut words = sql.split_ascii_whitespace();
-    let end = match words.next()?.to_ascii_lowercase().as_str() {
-        "commit" | "end" => BlockEnd::Commit,
-        "rollback" | "abort" => BlockEnd::Rollback,
-        _ => return None,
-    };
-    match (
-        words.next().map(str::to_ascii_lowercase).as_deref(),
-        words.next(),
-    ) {
-        (None | Some("work" | "transaction"), None) => Some(end),
-        _ => None,
     }
 }
 
@@ -281,7 +254,7 @@ fn take(queue: &mut BytesMut, served: &Served, learn: &mut dyn FnMut(&[u8])) {
 /// The session's listening: its subscription to the database's hub (made at the
 /// first LISTEN) and the request waiting for the hub's answer.
 pub(super) struct Listening {
-    sub: Subscription,
+    pub(super) sub: Subscription,
     pending: Option<(Served, Answer)>,
     /// Simple Queries mentioning LISTEN taken from the client and not answered here
     /// yet: while any is, what goes to a server connection is checked for them.
@@ -291,9 +264,9 @@ pub(super) struct Listening {
     pub(super) prepared: bool,
     /// LISTEN/UNLISTEN run inside the transaction block now open (answered by
     /// spillway), for the listener when the block commits; dropped at ROLLBACK.
-    in_tx: Vec<ListenCommand>,
+    pub(super) in_tx: Vec<ListenCommand>,
     /// Their requests to the hub at COMMIT, which waits for them.
-    committing: Vec<Answer>,
+    pub(super) committing: Vec<Answer>,
 }
 
 impl Listening {
@@ -305,102 +278,6 @@ impl Listening {
             prepared: false,
             in_tx: Vec::new(),
             committing: Vec::new(),
-        }
-    }
-
-    /// Something was kept for the end of the transaction block, or a COMMIT waits.
-    pub(super) fn in_transaction(&self) -> bool {
-        !self.in_tx.is_empty() || !self.committing.is_empty()
-    }
-
-    /// A COMMIT waits for the listener: nothing may be written upstream meanwhile.
-    pub(super) fn holds_commit(&self) -> bool {
-        !self.committing.is_empty()
-    }
-
-    /// Outside any transaction block: what one kept and whose end was not seen as a
-    /// COMMIT or ROLLBACK of its own is dropped (as at a rollback).
-    pub(super) fn end_transaction(&mut self) {
-        if !self.in_tx.is_empty() && self.committing.is_empty() {
-            tracing::debug!(
-                kept = self.in_tx.len(),
-                "a transaction block ended unseen; its LISTENs are dropped"
-            );
-            self.in_tx.clear();
-        }
-    }
-
-    /// Inside a transaction block (`status` `T` or `E`) with a connection leased, a
-    /// simple Query alone in `queue` and the only request outstanding (`alone`):
-    /// - a LISTEN/UNLISTEN (status `T`) is answered here (CommandComplete,
-    ///   ReadyForQuery `T`) and kept for the block's end, the connection never
-    ///   running it (it would listen for whichever client leases it next);
-    /// - with something kept, a COMMIT/END (status `T`) first has the listener take
-    ///   it (`Pending` until it answered, nothing written upstream meanwhile), then
-    ///   goes upstream as usual (`None`), as PostgreSQL applies LISTEN at commit;
-    /// - a ROLLBACK/ABORT, or a COMMIT of a failed block (PostgreSQL rolls it back),
-    ///   drops it.
-    ///
-    /// `None`: nothing of this, the queue goes on as usual.
-    pub(super) fn poll_in_tx(
-        &mut self,
-        queue: &mut BytesMut,
-        answers: &mut BytesMut,
-        status: u8,
-        alone: bool,
-        cx: &mut Context<'_>,
-    ) -> Option<Poll<()>> {
-        if !self.committing.is_empty() {
-            let mut waiting = false;
-            for answer in &mut self.committing {
-                if let Poll::Ready(r) = std::pin::Pin::new(&mut *answer).poll(cx) {
-                    if let Ok(Err(e)) | Err(e) = r.map_err(|_| "the listener stopped".to_owned()) {
-                        tracing::warn!(error = %e, "a LISTEN committed in a transaction block could not be served by the listener connection");
-                    }
-                } else {
-                    waiting = true;
-                }
-            }
-            if waiting {
-                return Some(Poll::Pending);
-            }
-            self.committing.clear();
-            return None;
-        }
-        let h = peek_header(queue, usize::MAX).ok()??;
-        if h.tag != frontend::QUERY || h.total_len != queue.len() || !alone {
-            return None;
-        }
-        let sql = frontend::query(frontend::body(&queue[..]))?;
-        if status == b'T'
-            && let Some(cmd) = listen_command(sql)
-        {
-            queue.clear();
-            answers.extend_from_slice(&frontend::command_complete(cmd.tag()));
-            answers.extend_from_slice(&frontend::ready_for_query(b'T'));
-            self.in_tx.push(cmd);
-            self.unanswered = self.unanswered.saturating_sub(1);
-            return Some(Poll::Ready(()));
-        }
-        if self.in_tx.is_empty() {
-            return None;
-        }
-        match block_end(sql) {
-            Some(BlockEnd::Commit) if status == b'T' => {
-                for cmd in std::mem::take(&mut self.in_tx) {
-                    let answer = match cmd {
-                        ListenCommand::Listen(channel) => self.sub.listen(channel),
-                        ListenCommand::Unlisten(channel) => self.sub.unlisten(channel),
-                    };
-                    self.committing.push(answer);
-                }
-                self.poll_in_tx(queue, answers, status, alone, cx)
-            }
-            Some(_) => {
-                self.in_tx.clear();
-                None
-            }
-            None => None,
         }
     }
 
@@ -477,6 +354,78 @@ impl Listening {
     }
 }
 
+impl super::Lease {
+    /// Transaction mode: a LISTEN/UNLISTEN at the head of the queue, outside a
+    /// transaction and with no connection leased, served by the database's listener
+    /// connection (`Some`: answered, read as PostgreSQL's answer, or waiting for the
+    /// listener). Where one goes to a server connection instead (inside a transaction,
+    /// behind other requests), the session keeps that connection (pinned), so the
+    /// notifications reach it there.
+    pub(super) fn poll_listen(
+        &mut self,
+        queue: &mut BytesMut,
+        tx: super::TxView,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<()>> {
+        let idle = tx.status == b'I';
+        let p = self.pooled.as_deref_mut()?;
+        let l = p.listening.as_mut()?;
+        if l.unanswered == 0 && !l.prepared && !l.is_pending() && !l.in_transaction() {
+            return None;
+        }
+        if idle {
+            // Outside a transaction block: what a block kept and never saw end by a
+            // COMMIT or ROLLBACK read here (ended another way) is dropped.
+            l.end_transaction();
+        } else if p.leased.is_some() && !p.pinned {
+            // Inside one: LISTEN/UNLISTEN kept for its COMMIT (ADR 0033).
+            let alone = tx.awaiting == 1;
+            if let Some(r) = l.poll_in_tx(queue, &mut self.conn.inbuf, tx.status, alone, cx) {
+                return Some(r);
+            }
+        }
+        let mut learnt: Option<Vec<u8>> = None;
+        let served = {
+            let translator = &p.translator;
+            let sql_of = |name: &str| {
+                translator
+                    .as_ref()
+                    .and_then(|t| t.statement_sql(name))
+                    .map(str::to_owned)
+            };
+            // Without a translator (`pool.max_prepared_statements = 0`) a statement
+            // answered here would be missing on the connection that binds it later:
+            // only simple Queries are served then.
+            let servable =
+                translator.is_some() || l.is_pending() || queue.first() == Some(&frontend::QUERY);
+            let served =
+                if servable && idle && p.leased.is_none() && p.acquiring.is_none() && !p.pinned {
+                    l.poll_serve(
+                        queue,
+                        &mut self.conn.inbuf,
+                        &sql_of,
+                        &mut |parse| learnt = Some(parse.to_vec()),
+                        cx,
+                    )
+                } else {
+                    None
+                };
+            if served.is_none() && !l.is_pending() && queue_mentions_listen(queue, &sql_of) {
+                tracing::debug!(
+                    "session pinned to its server connection by a LISTEN it runs there"
+                );
+                p.pinned = true;
+                l.unanswered = 0;
+            }
+            served
+        };
+        if let (Some(parse), Some(t)) = (learnt, p.translator.as_mut()) {
+            t.remember_parse(&parse);
+        }
+        served
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,27 +446,6 @@ mod tests {
             listen_command("unlisten\tx;"),
             Some(ListenCommand::Unlisten(Some("x".to_owned())))
         );
-    }
-
-    #[test]
-    fn only_a_whole_commit_or_rollback_ends_a_block() {
-        for sql in ["COMMIT", "end;", " commit work ", "END TRANSACTION;"] {
-            assert_eq!(block_end(sql), Some(BlockEnd::Commit), "{sql}");
-        }
-        for sql in ["ROLLBACK", "abort", "rollback transaction;"] {
-            assert_eq!(block_end(sql), Some(BlockEnd::Rollback), "{sql}");
-        }
-        for sql in [
-            "ROLLBACK TO s1",
-            "ROLLBACK TO SAVEPOINT s1",
-            "COMMIT AND CHAIN",
-            "COMMIT PREPARED 'x'",
-            "COMMIT; SELECT 1",
-            "ENDX",
-            "",
-        ] {
-            assert_eq!(block_end(sql), None, "{sql}");
-        }
     }
 
     #[test]

@@ -38,31 +38,26 @@ use bytes::{Bytes, BytesMut};
 
 use super::GaugeGuard;
 use crate::error::SessionError;
-use crate::net::cancel::{CancelKey, CancelRegistry, EntryId};
+use crate::net::cancel::{CancelKey, CancelRegistry, EntryId, LeaseSlot};
 use crate::net::conn::Conn;
 use crate::net::pool::{Leased, Pool};
 use crate::net::stream::Stream;
 use crate::net::upstream::{Canceller, Connector};
 use crate::protocol::frontend;
-use crate::protocol::prepared::{Reply, ServerStatements, Translator};
+use crate::protocol::prepared::Translator;
 
+mod filter;
 mod listen;
+mod listen_tx;
 mod pooled;
 mod settings;
 use crate::net::notify::Hub;
 use crate::protocol::startup::StartupMessage;
 use crate::read::cache::ReadCache;
+pub use filter::Filter;
 use listen::Listening;
+pub use listen_tx::TxView;
 use pooled::{Acquiring, PINNING_SQL, Pooled};
-
-/// What the relay's protocol state says of the client's transaction, for the lease.
-#[derive(Debug, Clone, Copy)]
-pub struct TxView {
-    /// ReadyForQuery status last given to the client (`I`, `T`, `E`).
-    pub status: u8,
-    /// Requests awaiting their ReadyForQuery (those queued included).
-    pub awaiting: u32,
-}
 
 /// `application_name` of a probe's backend, so an operator can tell it apart.
 const PROBE_APP: &str = "spillway probe";
@@ -87,6 +82,9 @@ pub struct Lease {
     probe_startup: Bytes,
     /// Transaction mode: the pool and what is leased from it now.
     pooled: Option<Box<Pooled>>,
+    /// Transaction mode: where the cancel registry finds the key of the connection
+    /// leased now.
+    slot: Option<Arc<LeaseSlot>>,
 }
 
 impl Lease {
@@ -114,6 +112,7 @@ impl Lease {
             connector,
             probe_startup: probe_startup(startup),
             pooled: None,
+            slot: None,
         }
     }
 
@@ -139,11 +138,11 @@ impl Lease {
             gauge: None,
             connector,
             probe_startup: probe_startup(startup),
+            slot: key.slot.clone(),
             pooled: Some(Box::new(Pooled {
                 pool,
                 leased: None,
                 acquiring: None,
-                slot: key.slot.clone(),
                 inert_parse: Vec::new(),
                 translator: (max_prepared > 0).then(|| Translator::new(max_prepared)),
                 translated: 0,
@@ -210,7 +209,7 @@ impl Lease {
             p.hub.senders().leased(key.pid, self.client_pid);
             // Cancels go to this connection now (the canceller for a query left
             // running is made from the lease when needed, `cancel_running`).
-            if let Some(slot) = &p.slot {
+            if let Some(slot) = &self.slot {
                 slot.set(Some(key.clone()));
             }
         }
@@ -246,77 +245,6 @@ impl Lease {
         // Named statements under the leased connection's names (ADR 0028).
         self.translate(queue);
         acquired.map(|r| r.map(|()| false))
-    }
-
-    /// Transaction mode: a LISTEN/UNLISTEN at the head of the queue, outside a
-    /// transaction and with no connection leased, served by the database's listener
-    /// connection (`Some`: answered, read as PostgreSQL's answer, or waiting for the
-    /// listener). Where one goes to a server connection instead (inside a transaction,
-    /// behind other requests), the session keeps that connection (pinned), so the
-    /// notifications reach it there.
-    fn poll_listen(
-        &mut self,
-        queue: &mut BytesMut,
-        tx: TxView,
-        cx: &mut Context<'_>,
-    ) -> Option<Poll<()>> {
-        let idle = tx.status == b'I';
-        let p = self.pooled.as_deref_mut()?;
-        let l = p.listening.as_mut()?;
-        if l.unanswered == 0 && !l.prepared && !l.is_pending() && !l.in_transaction() {
-            return None;
-        }
-        if idle {
-            // Outside a transaction block: what a block kept and never saw end by a
-            // COMMIT or ROLLBACK read here (ended another way) is dropped.
-            l.end_transaction();
-        } else if p.leased.is_some() && !p.pinned {
-            // Inside one: LISTEN/UNLISTEN kept for its COMMIT (ADR 0033).
-            let alone = tx.awaiting == 1;
-            if let Some(r) = l.poll_in_tx(queue, &mut self.conn.inbuf, tx.status, alone, cx) {
-                return Some(r);
-            }
-        }
-        let mut learnt: Option<Vec<u8>> = None;
-        let served = {
-            let translator = &p.translator;
-            let sql_of = |name: &str| {
-                translator
-                    .as_ref()
-                    .and_then(|t| t.statement_sql(name))
-                    .map(str::to_owned)
-            };
-            // Without a translator (`pool.max_prepared_statements = 0`) a statement
-            // answered here would be missing on the connection that binds it later:
-            // only simple Queries are served then.
-            let servable =
-                translator.is_some() || l.is_pending() || queue.first() == Some(&frontend::QUERY);
-            let served =
-                if servable && idle && p.leased.is_none() && p.acquiring.is_none() && !p.pinned {
-                    l.poll_serve(
-                        queue,
-                        &mut self.conn.inbuf,
-                        &sql_of,
-                        &mut |parse| learnt = Some(parse.to_vec()),
-                        cx,
-                    )
-                } else {
-                    None
-                };
-            if served.is_none() && !l.is_pending() && listen::queue_mentions_listen(queue, &sql_of)
-            {
-                tracing::debug!(
-                    "session pinned to its server connection by a LISTEN it runs there"
-                );
-                p.pinned = true;
-                l.unanswered = 0;
-            }
-            served
-        };
-        if let (Some(parse), Some(t)) = (learnt, p.translator.as_mut()) {
-            t.remember_parse(&parse);
-        }
-        served
     }
 
     /// Transaction mode: notifications for the session's client from the listener
@@ -518,7 +446,7 @@ impl Lease {
                 }
             }
             p.translated = 0;
-            if let Some(slot) = &p.slot {
+            if let Some(slot) = &self.slot {
                 slot.set(None);
             }
             leased.release_with(reset);
@@ -557,7 +485,7 @@ impl Lease {
             // when it next needs one.
             tracing::debug!(%cause, "pooled server connection lost");
             p.leased = None;
-            if let Some(slot) = &p.slot {
+            if let Some(slot) = &self.slot {
                 slot.set(None);
             }
             return;
@@ -598,47 +526,6 @@ impl Lease {
         let connector = self.connector.clone();
         let startup = self.probe_startup.clone();
         async move { connector.accepts_sessions(&startup).await }
-    }
-}
-
-/// What the relay does with backend messages of a pooled connection before the
-/// handler sees them: answers to statements spillway prepared there are swallowed.
-pub struct Filter<'a> {
-    t: Option<&'a mut Translator>,
-    server: &'a mut ServerStatements,
-    swallow: &'a mut u32,
-    hub: &'a Hub,
-}
-
-impl Filter<'_> {
-    /// A NotificationResponse on the leased connection (a pinned session's own
-    /// LISTEN) carries the sender's server pid: the sending client's spillway pid when
-    /// the sender is a pooled connection (rewritten in place).
-    pub fn map_notification_pid(&self, msg: &mut [u8]) {
-        if msg.first() != Some(&b'A') {
-            return;
-        }
-        let Some(pid) = msg.get(5..9).and_then(|b| <[u8; 4]>::try_from(b).ok()) else {
-            return;
-        };
-        if let Some(client) = self.hub.senders().client_pid(i32::from_be_bytes(pid)) {
-            msg[5..9].copy_from_slice(&client.to_be_bytes());
-        }
-    }
-
-    pub fn on_backend(&mut self, tag: u8) -> Reply {
-        if *self.swallow > 0 {
-            // The answers to the session's settings replayed (an error among them
-            // too: the setting then stays as the connection had it).
-            if tag == b'Z' {
-                *self.swallow -= 1;
-            }
-            return Reply::Swallow;
-        }
-        match self.t.as_deref_mut() {
-            Some(t) => t.on_backend(tag, self.server),
-            None => Reply::Pass,
-        }
     }
 }
 

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use super::listen::{self, Listening};
 use super::settings::{SessionSet, set_statement};
 use crate::error::SessionError;
-use crate::net::cancel::LeaseSlot;
 use crate::net::notify::Hub;
 use crate::net::pool::{Leased, Pool};
 use crate::protocol::prepared::Translator;
@@ -28,8 +27,6 @@ pub(super) struct Pooled {
     /// The body of the last Parse that was neither a SET nor a LISTEN: the same one
     /// again is not read again ([`Lease::observe`](super::Lease::observe)).
     pub(super) inert_parse: Vec<u8>,
-    /// Where the cancel registry finds the key of the connection leased now.
-    pub(super) slot: Option<Arc<LeaseSlot>>,
     /// Named prepared statements carried across leases (`protocol/prepared/`);
     /// `None` with `pool.max_prepared_statements = 0`.
     pub(super) translator: Option<Translator>,
