@@ -41,7 +41,7 @@
 //!   statement is no error).
 //! - `DISCARD`/`DEALLOCATE` in a simple Query make the connection forget what it held.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -145,7 +145,8 @@ enum Unnamed {
 /// on the connection it leases now.
 #[derive(Debug)]
 pub struct Translator {
-    named: HashMap<String, Arc<Def>>,
+    /// aHash: looked up at every Bind of a named statement.
+    named: ahash::AHashMap<String, Arc<Def>>,
     /// The client's unnamed statement's Parse, as sent (empty: none); the buffer is
     /// reused from one Parse to the next.
     unnamed: Vec<u8>,
@@ -170,7 +171,7 @@ impl Translator {
     /// `limit`: statements one server connection may hold (0: no limit).
     pub fn new(limit: usize) -> Self {
         Self {
-            named: HashMap::new(),
+            named: ahash::AHashMap::new(),
             unnamed: Vec::new(),
             server_unnamed: Unnamed::Foreign,
             limit,
@@ -364,8 +365,7 @@ impl Translator {
         }
         let def = Def::new(p.sql, p.param_types);
         self.named.insert(p.name.to_owned(), def.clone());
-        if server.usable(&def.server_name, cycle) {
-            server.touch(&def.server_name);
+        if server.touch_if_usable(&def.server_name, cycle) {
             write_target(w.out(), CLOSE, b'S', NOWHERE);
             self.expect(b'3', Reply::AsParseComplete, Effect::None);
         } else {
@@ -418,15 +418,18 @@ impl Translator {
             }
             return true;
         }
-        let Some(def) = self.named.get(name).cloned() else {
+        let Some(def) = self.named.get(name) else {
             return true;
         };
-        if server.usable(&def.server_name, self.cycles_sent) {
-            server.touch(&def.server_name);
+        // One lookup on the connection's side when it holds the statement (the usual
+        // case); the definition is cloned only to prepare it.
+        if server.touch_if_usable(&def.server_name, self.cycles_sent) {
+            write(&def.server_name, w.out());
         } else {
+            let def = def.clone();
             self.prepare(&def, Reply::Swallow, w, server);
+            write(&def.server_name, w.out());
         }
-        write(&def.server_name, w.out());
         false
     }
 
