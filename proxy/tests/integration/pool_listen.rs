@@ -596,3 +596,45 @@ async fn listen_in_a_transaction_block_takes_effect_at_commit_through_the_listen
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_ended_in_another_form_settles_its_listen_by_postgresqls_answer() {
+    let p = start(2, "queue_timeout = \"1s\"", &plain_line()).await;
+    let (a, mut a_rx) = listening_client(&p).await;
+    let sender = p.client().await;
+    // A ROLLBACK TO SAVEPOINT leaves the block (and the LISTEN before it) alone; the
+    // block ends with an extended-protocol COMMIT, read from PostgreSQL's answer.
+    for sql in [
+        "BEGIN",
+        "LISTEN ext",
+        "SAVEPOINT s",
+        "ROLLBACK TO SAVEPOINT s",
+    ] {
+        run(&a, sql).await;
+    }
+    a.execute("COMMIT", &[]).await.expect("extended COMMIT");
+    // Handed to the listener without waiting: give it a moment, as a client would.
+    await_backends(&p, "spillway listener", 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    run(&sender, "NOTIFY ext, 'committed'").await;
+    let (_, channel, payload) = next_note(&mut a_rx).await;
+    assert_eq!((channel.as_str(), payload.as_str()), ("ext", "committed"));
+    // Rolled back among other statements: dropped.
+    run(&a, "BEGIN").await;
+    run(&a, "LISTEN dropped").await;
+    run(&a, "ROLLBACK; SELECT 1").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    run(&sender, "NOTIFY dropped, 'never'").await;
+    nothing_within(&mut a_rx, Duration::from_millis(300), "rolled back").await;
+    // Not pinned all along: both connections usable by others at once.
+    let other = p.client().await;
+    run(&other, "BEGIN").await;
+    other
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .expect("other's lease");
+    sender
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .expect("no connection pinned");
+}

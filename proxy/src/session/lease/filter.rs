@@ -4,6 +4,7 @@
 //! standing in for a Parse becomes ParseComplete, a notification's sender pid the
 //! sending client's.
 
+use super::listen::Listening;
 use crate::net::notify::Hub;
 use crate::protocol::prepared::{Reply, ServerStatements, Translator};
 
@@ -14,6 +15,9 @@ pub struct Filter<'a> {
     pub(super) server: &'a mut ServerStatements,
     pub(super) swallow: &'a mut u32,
     pub(super) hub: &'a Hub,
+    /// The session's listening while it keeps LISTENs of a transaction block whose
+    /// end is read from PostgreSQL's answers (`listen_tx.rs`).
+    pub(super) listening: Option<&'a mut Listening>,
 }
 
 impl Filter<'_> {
@@ -29,6 +33,15 @@ impl Filter<'_> {
         };
         if let Some(client) = self.hub.senders().client_pid(i32::from_be_bytes(pid)) {
             msg[5..9].copy_from_slice(&client.to_be_bytes());
+        }
+    }
+
+    /// A whole backend message, before [`Filter::on_backend`]: while LISTENs of a
+    /// transaction block are kept, its COMMIT or ROLLBACK answered by PostgreSQL
+    /// settles them (a block ended in a way not read from the client's text).
+    pub fn watch(&mut self, tag: u8, msg: &[u8]) {
+        if let Some(l) = self.listening.as_deref_mut() {
+            l.on_block_answer(tag, msg);
         }
     }
 

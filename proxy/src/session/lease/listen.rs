@@ -267,6 +267,9 @@ pub(super) struct Listening {
     pub(super) in_tx: Vec<ListenCommand>,
     /// Their requests to the hub at COMMIT, which waits for them.
     pub(super) committing: Vec<Answer>,
+    /// PostgreSQL answered COMMIT (`true`) or ROLLBACK in the block: settled at its
+    /// ReadyForQuery if that says the block ended.
+    pub(super) answered_end: Option<bool>,
 }
 
 impl Listening {
@@ -278,6 +281,7 @@ impl Listening {
             prepared: false,
             in_tx: Vec::new(),
             committing: Vec::new(),
+            answered_end: None,
         }
     }
 

@@ -28,6 +28,49 @@ impl Listening {
         !self.in_tx.is_empty() || !self.committing.is_empty()
     }
 
+    /// LISTENs of the block are kept (not handed to the hub yet).
+    pub(super) fn keeps(&self) -> bool {
+        !self.in_tx.is_empty()
+    }
+
+    /// A backend message while LISTENs are kept and the block's end was not read from
+    /// the client's text (an extended-protocol COMMIT, one among other statements):
+    /// PostgreSQL's CommandComplete `COMMIT` or `ROLLBACK`, then a ReadyForQuery `I`
+    /// (a `ROLLBACK TO SAVEPOINT` leaves the block open), settles them: handed to the
+    /// listener without waiting (the client may see its COMMIT a moment before the
+    /// listener listens), or dropped.
+    pub(super) fn on_block_answer(&mut self, tag: u8, msg: &[u8]) {
+        match tag {
+            b'C' => {
+                let body = frontend::body(msg);
+                let word = body.split(|&b| b == 0).next().unwrap_or_default();
+                if word == b"COMMIT" {
+                    self.answered_end = Some(true);
+                } else if word == b"ROLLBACK" {
+                    self.answered_end = Some(false);
+                }
+            }
+            b'Z' => {
+                let Some(committed) = self.answered_end.take() else {
+                    return;
+                };
+                if frontend::body(msg).first() != Some(&b'I') {
+                    return;
+                }
+                let kept = std::mem::take(&mut self.in_tx);
+                if committed {
+                    for cmd in kept {
+                        drop(match cmd {
+                            ListenCommand::Listen(channel) => self.sub.listen(channel),
+                            ListenCommand::Unlisten(channel) => self.sub.unlisten(channel),
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// A COMMIT waits for the listener: nothing may be written upstream meanwhile.
     pub(super) fn holds_commit(&self) -> bool {
         !self.committing.is_empty()

@@ -359,6 +359,7 @@ impl Lease {
                     server,
                     swallow: &mut p.swallow,
                     hub: &p.hub,
+                    listening: p.listening.as_mut().filter(|l| l.keeps()),
                 };
                 Some((conn, Some(filter)))
             }

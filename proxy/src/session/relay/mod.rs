@@ -505,6 +505,9 @@ impl Relay {
                 }
                 self.server_fatal = Some(backend::describe_error(&msg[Header::SIZE..]));
             }
+            if let Some(f) = filter.as_mut() {
+                f.watch(h.tag, msg);
+            }
             let reply = filter.as_mut().map_or(Reply::Pass, |f| f.on_backend(h.tag));
             let Some(msg) = reply.apply(msg) else {
                 inbuf.advance(h.total_len); // the answer to spillway's own request
