@@ -21,9 +21,10 @@
 //! (`pool.mode`, ADR 0025) makes it a transaction pooler for the databases and users
 //! configured so: spillway authenticates those clients itself and leases a pooled
 //! server connection per transaction. Named protocol-level prepared statements and
-//! session-level SET are carried across leases (ADR 0028); LISTEN outside a
-//! transaction goes through one listener connection per database (ADR 0031); other
-//! session state pins the session to its connection.
+//! session-level SET are carried across leases (ADR 0028); LISTEN goes through one
+//! listener connection per database, outside a transaction at once (ADR 0031), inside
+//! one at its COMMIT (ADR 0033); other session state pins the session to its
+//! connection.
 
 pub mod config;
 pub mod error;

@@ -10,7 +10,9 @@
 //! of entries and a CancelRequest must match one of them by secret.
 //!
 //! Lock: one std `Mutex` around a `HashMap`; it is held only for an insert, remove or
-//! lookup, never across `.await`. Invariant: an entry lives exactly as long as its
+//! lookup, never across `.await`. A pooled session's upstream key changes with every
+//! lease: it lives in the session's own [`LeaseSlot`] (an uncontended lock the
+//! registry reads only for a CancelRequest), so leasing takes no global lock. Invariant: an entry lives exactly as long as its
 //! [`CancelKey`] guard, which the session owns.
 
 use std::collections::HashMap;
@@ -35,9 +37,35 @@ struct Entry {
     id: EntryId,
     /// The secret the client was given.
     secret: Bytes,
-    /// `None` once the session detached from its upstream connection: nothing left to
-    /// cancel there.
-    upstream: Option<UpstreamKey>,
+    upstream: Upstream,
+}
+
+/// Where a session's cancel requests go.
+enum Upstream {
+    /// Session mode: the connection's key; `None` once the session detached from it,
+    /// nothing left to cancel there.
+    Fixed(Option<UpstreamKey>),
+    /// Transaction mode: the key of whatever connection the session leases now.
+    Pooled(Arc<LeaseSlot>),
+}
+
+/// A pooled session's upstream key of the moment (`None` between leases), set by the
+/// session's lease and read for a CancelRequest.
+#[derive(Default)]
+pub struct LeaseSlot(Mutex<Option<UpstreamKey>>);
+
+impl LeaseSlot {
+    /// The session leased a connection (`Some`, its key) or returned it (`None`).
+    pub fn set(&self, key: Option<UpstreamKey>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = key;
+    }
+
+    fn get(&self) -> Option<UpstreamKey> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// Client-facing pids of pooled sessions: `POOLED_PID_BASE` up to `+ POOLED_PIDS`.
@@ -57,6 +85,8 @@ pub struct CancelKey {
     pub id: EntryId,
     pub pid: i32,
     pub secret: Bytes,
+    /// Transaction mode: the slot the lease keeps the upstream key in.
+    pub slot: Option<Arc<LeaseSlot>>,
 }
 
 impl Drop for CancelKey {
@@ -93,19 +123,21 @@ impl CancelRegistry {
             .push(Entry {
                 id,
                 secret: secret.clone(),
-                upstream: Some(upstream),
+                upstream: Upstream::Fixed(Some(upstream)),
             });
         CancelKey {
             registry: Arc::clone(self),
             id,
             pid,
             secret,
+            slot: None,
         }
     }
 
     /// Issues a client-facing key for a pooled session (transaction mode), which has no
     /// server connection of its own: a pid of spillway's (above any Linux pid), a
-    /// random 4-byte secret, and no upstream key until [`CancelRegistry::attach`].
+    /// random 4-byte secret, and no upstream key until its lease sets one in the key's
+    /// [`LeaseSlot`].
     pub fn register_pooled(self: &Arc<Self>) -> CancelKey {
         let mut secret = vec![0u8; 4];
         rand::rng().fill(&mut secret[..]);
@@ -113,6 +145,7 @@ impl CancelRegistry {
         let id = EntryId(self.next_id.fetch_add(1, Ordering::Relaxed));
         // Pids of 2^30 and above: Linux's pid_max is at most 2^22.
         let pid = i32::try_from(POOLED_PID_BASE + id.0 % POOLED_PIDS).unwrap_or(i32::MAX);
+        let slot = Arc::new(LeaseSlot::default());
         self.entries
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -121,25 +154,14 @@ impl CancelRegistry {
             .push(Entry {
                 id,
                 secret: secret.clone(),
-                upstream: None,
+                upstream: Upstream::Pooled(slot.clone()),
             });
         CancelKey {
             registry: Arc::clone(self),
             id,
             pid,
             secret,
-        }
-    }
-
-    /// A pooled session leased a server connection (`Some`, its key) or returned it
-    /// (`None`): cancels go to whichever connection it leases now.
-    pub fn attach(&self, pid: i32, id: EntryId, upstream: Option<UpstreamKey>) {
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(entry) = entries
-            .get_mut(&pid)
-            .and_then(|list| list.iter_mut().find(|e| e.id == id))
-        {
-            entry.upstream = upstream;
+            slot: Some(slot),
         }
     }
 
@@ -151,7 +173,10 @@ impl CancelRegistry {
         let mut found = None;
         for entry in entries.get(&pid)? {
             if constant_time_eq(&entry.secret, secret) {
-                found = entry.upstream.clone();
+                found = match &entry.upstream {
+                    Upstream::Fixed(key) => key.clone(),
+                    Upstream::Pooled(slot) => slot.get(),
+                };
             }
         }
         found
@@ -167,7 +192,10 @@ impl CancelRegistry {
             .get_mut(&pid)
             .and_then(|list| list.iter_mut().find(|e| e.id == id))
         {
-            entry.upstream = None;
+            match &entry.upstream {
+                Upstream::Fixed(_) => entry.upstream = Upstream::Fixed(None),
+                Upstream::Pooled(slot) => slot.set(None),
+            }
         }
     }
 

@@ -38,6 +38,18 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Whether nothing can have arrived since the last read: a plain socket whose
+    /// readiness the runtime has not seen set (no read attempted, no buffer touched).
+    /// `false` means "maybe": TLS may hold decrypted bytes, so it always says so.
+    pub fn surely_quiet(&self, cx: &mut Context<'_>) -> bool {
+        match self {
+            Stream::Plain(tcp) => tcp.poll_read_ready(cx).is_pending(),
+            _ => false,
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,

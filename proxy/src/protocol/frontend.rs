@@ -127,6 +127,15 @@ pub fn parse(body: &[u8]) -> Option<Parse<'_>> {
     })
 }
 
+/// Bind: the portal's and the statement's names, and the rest of the body (formats
+/// and parameters) unread, for a caller that only renames the statement.
+pub fn bind_names(body: &[u8]) -> Option<(&str, &str, &[u8])> {
+    let mut r = Reader(body);
+    let portal = r.cstr()?;
+    let statement = r.cstr()?;
+    Some((portal, statement, r.0))
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub struct Bind<'a> {
     pub portal: &'a str,

@@ -351,3 +351,157 @@ async fn console_and_metrics_show_pools_servers_and_waits() {
     assert_eq!(metric("spillway_pool_waiting_sessions").await, 0.0);
     b.simple_query("COMMIT").await.expect("commit");
 }
+
+/// The console as `admin`, on `p`'s spillway.
+async fn console(p: &Pooled) -> tokio_postgres::Client {
+    crate::context::connect(&format!(
+        "host=127.0.0.1 port={} user={} dbname=spillway password='{}' sslmode=disable",
+        p.ctx.proxy.addr.port(),
+        crate::admin::ADMIN,
+        crate::admin::PASSWORD
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_lets_transactions_in_flight_finish_and_resume_lets_the_waiting_go_on() {
+    let verifier = crate::admin::hash_password(crate::admin::PASSWORD);
+    let p = start_with(
+        2,
+        "queue_timeout = \"2s\"",
+        &plain_line(),
+        &format!(
+            "[admin]\nusers = [\"{}\"]\npassword = \"{verifier}\"\n",
+            crate::admin::ADMIN
+        ),
+        PASSWORD,
+    )
+    .await;
+    let pid = "SELECT pg_backend_pid()";
+    let a = p.client().await;
+    let b = p.client().await;
+    a.simple_query("BEGIN").await.expect("begin");
+    one(&a, pid).await.expect("a leases");
+    assert_eq!(pool_pids(&p).await.len(), 1);
+
+    // PAUSE is answered only once a's transaction is over.
+    let admin = console(&p).await;
+    let pause = tokio::spawn(async move {
+        admin
+            .simple_query(&format!("PAUSE {}", crate::context::DB))
+            .await
+            .map(|_| admin)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pause.is_finished(),
+        "PAUSE waits for the transaction in flight"
+    );
+    // The transaction in flight goes on; a new one waits.
+    one(&a, pid)
+        .await
+        .expect("a's transaction goes on while paused");
+    let waiting = tokio::spawn(async move { one(&b, pid).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a new transaction waits while paused"
+    );
+    a.simple_query("COMMIT").await.expect("commit");
+    let admin = tokio::time::timeout(Duration::from_secs(5), pause)
+        .await
+        .expect("PAUSE answered once the transaction ended")
+        .expect("join")
+        .expect("PAUSE");
+    // Its server connections are closed; the waiting client still waits.
+    await_pool_pids(&p, &[], Duration::from_secs(3)).await;
+    assert!(!waiting.is_finished(), "still paused");
+    admin.simple_query("RESUME").await.expect("RESUME");
+    let got = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("the waiting transaction runs after RESUME")
+        .expect("join");
+    assert!(got.is_some(), "a pid from a new server connection");
+    assert_eq!(pool_pids(&p).await.len(), 1);
+
+    // Paused past `pool.queue_timeout`: 53300, as in the pool's queue.
+    admin
+        .simple_query("PAUSE")
+        .await
+        .expect("PAUSE with nothing leased");
+    let late = p.client().await;
+    let err = late
+        .simple_query(pid)
+        .await
+        .expect_err("paused past the timeout");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
+    // A database alone cannot be resumed while everything is paused.
+    let err = admin
+        .simple_query(&format!("RESUME {}", crate::context::DB))
+        .await
+        .expect_err("RESUME db under a PAUSE of everything");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE),
+        "{err}"
+    );
+    admin.simple_query("RESUME").await.expect("RESUME");
+    let again = p.client().await;
+    one(&again, pid).await.expect("a transaction after RESUME");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_closes_connections_as_their_transactions_end_and_wait_close_waits_for_it() {
+    let verifier = crate::admin::hash_password(crate::admin::PASSWORD);
+    let p = start_with(
+        2,
+        "",
+        &plain_line(),
+        &format!(
+            "[admin]\nusers = [\"{}\"]\npassword = \"{verifier}\"\n",
+            crate::admin::ADMIN
+        ),
+        PASSWORD,
+    )
+    .await;
+    let pid = "SELECT pg_backend_pid()";
+    let a = p.client().await;
+    let b = p.client().await;
+    a.simple_query("BEGIN").await.expect("begin");
+    let pid_a: i32 = one(&a, pid).await.expect("pid").parse().expect("int");
+    let pid_b: i32 = one(&b, pid).await.expect("pid").parse().expect("int");
+    assert_ne!(pid_a, pid_b);
+    let admin = console(&p).await;
+    admin.simple_query("RECONNECT").await.expect("RECONNECT");
+    // The idle connection is closed at once; the leased one is marked.
+    await_pool_pids(&p, &[pid_a], Duration::from_secs(3)).await;
+    let rows = console_rows(&admin, "SHOW SERVERS").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0][2].as_str(), rows[0][6].as_str()),
+        (pid_a.to_string().as_str(), "1")
+    );
+    let wait = tokio::spawn(async move { admin.simple_query("WAIT_CLOSE").await.map(|_| admin) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !wait.is_finished(),
+        "WAIT_CLOSE waits for the leased connection"
+    );
+    let same: i32 = one(&a, pid).await.expect("pid").parse().expect("int");
+    assert_eq!(
+        same, pid_a,
+        "the transaction in flight keeps its connection"
+    );
+    a.simple_query("COMMIT").await.expect("commit");
+    let admin = tokio::time::timeout(Duration::from_secs(3), wait)
+        .await
+        .expect("WAIT_CLOSE answered once the transaction ended")
+        .expect("join")
+        .expect("WAIT_CLOSE");
+    await_pool_pids(&p, &[], Duration::from_secs(3)).await;
+    // New transactions get new connections, not marked.
+    let fresh: i32 = one(&a, pid).await.expect("pid").parse().expect("int");
+    assert!(fresh != pid_a && fresh != pid_b, "a new connection");
+    let rows = console_rows(&admin, "SHOW SERVERS").await;
+    assert_eq!(rows[0][6], "0", "{rows:?}");
+}

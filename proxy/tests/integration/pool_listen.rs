@@ -531,3 +531,110 @@ async fn asyncpg_listens_on_its_pinned_connection_when_statements_are_not_carrie
         "the listener connection was not used"
     );
 }
+
+/// `sql` as a simple Query, which must succeed.
+async fn run(client: &tokio_postgres::Client, sql: &str) {
+    client.batch_execute(sql).await.expect(sql);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_in_a_transaction_block_takes_effect_at_commit_through_the_listener() {
+    let p = start(2, "queue_timeout = \"1s\"", &plain_line()).await;
+    let (a, mut a_rx) = listening_client(&p).await;
+    let sender = p.client().await;
+    // Rolled back: never listened (the listener not even asked).
+    for sql in ["BEGIN", "LISTEN rolled", "ROLLBACK"] {
+        run(&a, sql).await;
+    }
+    assert_eq!(
+        backends(&p, "spillway listener").await,
+        0,
+        "nothing committed"
+    );
+    // Committed: listened from the COMMIT on, not before.
+    run(&a, "BEGIN").await;
+    run(&a, "LISTEN kept").await;
+    run(&sender, "NOTIFY kept, 'before the commit'").await;
+    run(&a, "COMMIT").await;
+    run(&sender, "NOTIFY kept, 'after'; NOTIFY rolled, 'never'").await;
+    let (_, channel, payload) = next_note(&mut a_rx).await;
+    assert_eq!((channel.as_str(), payload.as_str()), ("kept", "after"));
+    nothing_within(
+        &mut a_rx,
+        Duration::from_millis(300),
+        "only what was committed",
+    )
+    .await;
+    assert_eq!(backends(&p, "spillway listener").await, 1);
+    // Not pinned: another client's transaction holds one connection, the sender the
+    // other (a pinned client would hold one, and the sender would wait out the queue).
+    let other = p.client().await;
+    run(&other, "BEGIN").await;
+    other
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .expect("other's lease");
+    sender
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .expect("a's transaction left no connection pinned");
+    run(&other, "COMMIT").await;
+    // UNLISTEN in a block: rolled back it changes nothing, committed it stops delivery.
+    for sql in ["BEGIN", "UNLISTEN kept", "ROLLBACK"] {
+        run(&a, sql).await;
+    }
+    run(&sender, "NOTIFY kept, 'still'").await;
+    assert_eq!(next_note(&mut a_rx).await.2, "still");
+    for sql in ["BEGIN", "UNLISTEN kept", "COMMIT"] {
+        run(&a, sql).await;
+    }
+    run(&sender, "NOTIFY kept, 'gone'").await;
+    nothing_within(
+        &mut a_rx,
+        Duration::from_millis(300),
+        "unlistened at commit",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_ended_in_another_form_settles_its_listen_by_postgresqls_answer() {
+    let p = start(2, "queue_timeout = \"1s\"", &plain_line()).await;
+    let (a, mut a_rx) = listening_client(&p).await;
+    let sender = p.client().await;
+    // A ROLLBACK TO SAVEPOINT leaves the block (and the LISTEN before it) alone; the
+    // block ends with an extended-protocol COMMIT, read from PostgreSQL's answer.
+    for sql in [
+        "BEGIN",
+        "LISTEN ext",
+        "SAVEPOINT s",
+        "ROLLBACK TO SAVEPOINT s",
+    ] {
+        run(&a, sql).await;
+    }
+    a.execute("COMMIT", &[]).await.expect("extended COMMIT");
+    // Handed to the listener without waiting: give it a moment, as a client would.
+    await_backends(&p, "spillway listener", 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    run(&sender, "NOTIFY ext, 'committed'").await;
+    let (_, channel, payload) = next_note(&mut a_rx).await;
+    assert_eq!((channel.as_str(), payload.as_str()), ("ext", "committed"));
+    // Rolled back among other statements: dropped.
+    run(&a, "BEGIN").await;
+    run(&a, "LISTEN dropped").await;
+    run(&a, "ROLLBACK; SELECT 1").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    run(&sender, "NOTIFY dropped, 'never'").await;
+    nothing_within(&mut a_rx, Duration::from_millis(300), "rolled back").await;
+    // Not pinned all along: both connections usable by others at once.
+    let other = p.client().await;
+    run(&other, "BEGIN").await;
+    other
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .expect("other's lease");
+    sender
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .expect("no connection pinned");
+}

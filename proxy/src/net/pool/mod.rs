@@ -25,23 +25,26 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::config::pool::PoolConfig;
 use crate::error::SessionError;
 use crate::net::cancel::UpstreamKey;
-use crate::net::conn::{Conn, read_upstream_frame};
+use crate::net::conn::Conn;
 use crate::net::upstream::Connector;
-use crate::protocol::backend;
 use crate::protocol::prepared::ServerStatements;
 use crate::protocol::scram::ScramKeys;
 use crate::protocol::startup::StartupMessage;
+use control::Control;
 use login::login;
 pub use login::md5_answer;
+pub use show::{PoolStats, ServerRow};
+use upkeep::{reset, still_open, sweep};
 
+mod control;
 mod login;
+mod show;
+mod upkeep;
 
 /// `application_name` of pooled server connections.
 const POOL_APP: &str = "spillway pool";
@@ -51,6 +54,8 @@ pub struct Pools {
     config: PoolConfig,
     connector: Connector,
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    /// What the console paused (`PAUSE [db]`): pools created meanwhile start paused.
+    paused: Mutex<control::Paused>,
 }
 
 impl Pools {
@@ -59,6 +64,7 @@ impl Pools {
             config,
             connector,
             pools: Mutex::new(HashMap::new()),
+            paused: Mutex::new(control::Paused::default()),
         }
     }
 
@@ -70,7 +76,12 @@ impl Pools {
             .entry((database.to_owned(), user.to_owned()))
             .or_insert_with(|| {
                 let size = self.config.size_for(database, user) as usize;
+                let paused = {
+                    let p = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
+                    p.all || p.databases.contains(database)
+                };
                 let pool = Arc::new(Pool {
+                    control: Control::new(paused),
                     database: database.to_owned(),
                     user: user.to_owned(),
                     secret: Mutex::new(None),
@@ -107,56 +118,6 @@ impl Pools {
         }
         pool
     }
-
-    /// Every pooled server connection, for the console (`SHOW SERVERS`), by database,
-    /// user and pid.
-    pub fn servers(&self) -> Vec<ServerRow> {
-        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out = Vec::new();
-        for pool in pools.values() {
-            // Leased is what is open and not idle (nothing is recorded per lease).
-            let idle: HashMap<i32, Instant> = pool
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .map(|s| (s.key.pid, s.idle_since))
-                .collect();
-            let servers = pool.servers.lock().unwrap_or_else(PoisonError::into_inner);
-            out.extend(servers.iter().map(|(pid, info)| {
-                let idle_for = idle.get(pid).map(Instant::elapsed);
-                ServerRow {
-                    database: pool.database.clone(),
-                    user: pool.user.clone(),
-                    pid: *pid,
-                    leased: idle_for.is_none(),
-                    age: info.created.elapsed(),
-                    idle_for,
-                }
-            }));
-        }
-        out.sort_by(|a, b| (&a.database, &a.user, a.pid).cmp(&(&b.database, &b.user, b.pid)));
-        out
-    }
-
-    /// A snapshot of every pool, for the console.
-    pub fn stats(&self) -> Vec<PoolStats> {
-        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out: Vec<PoolStats> = pools.values().map(|p| p.stats()).collect();
-        out.sort_by(|a, b| (&a.database, &a.user).cmp(&(&b.database, &b.user)));
-        out
-    }
-}
-
-/// What `SHOW POOLS` shows of one pool.
-#[derive(Debug, Clone)]
-pub struct PoolStats {
-    pub database: String,
-    pub user: String,
-    pub size: usize,
-    pub open: usize,
-    pub idle: usize,
-    pub waiting: usize,
 }
 
 /// What a pool's connections log in with.
@@ -172,11 +133,16 @@ pub enum PoolSecret {
 }
 
 pub struct Pool {
+    /// PAUSE and RECONNECT (`control.rs`).
+    control: Control,
     database: String,
     user: String,
     secret: Mutex<Option<PoolSecret>>,
     permits: Arc<Semaphore>,
-    idle: Mutex<Vec<Server>>,
+    /// Boxed: a connection moves between the stack and its leases by pointer (it
+    /// moves at every lease and return; its struct is several hundred bytes).
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<Server>>>,
     /// The ParameterStatus a connection of this pool reported at login.
     params: Mutex<Option<Vec<(String, String)>>>,
     connector: Connector,
@@ -207,6 +173,9 @@ struct Limits {
 pub struct Server {
     pub conn: Conn,
     pub key: UpstreamKey,
+    /// The pool's generation when it was opened: an older one is closed instead of
+    /// going back idle (`RECONNECT`).
+    generation: u64,
     /// The named statements spillway prepared on it for its clients
     /// (`protocol/prepared/`).
     pub statements: ServerStatements,
@@ -226,6 +195,8 @@ type Registry = Arc<Mutex<HashMap<i32, ServerInfo>>>;
 #[derive(Debug, Clone, Copy)]
 struct ServerInfo {
     created: Instant,
+    /// The pool's generation when it was opened (older: to be closed, `RECONNECT`).
+    generation: u64,
 }
 
 impl Server {
@@ -242,7 +213,7 @@ impl Server {
 /// [`Leased::release`], the connection is closed.
 pub struct Leased {
     /// `None` only once released.
-    server: Option<Server>,
+    server: Option<Box<Server>>,
     pool: Arc<Pool>,
     permit: Option<OwnedSemaphorePermit>,
 }
@@ -269,34 +240,30 @@ impl Drop for Server {
     }
 }
 
-/// What `SHOW SERVERS` shows of one pooled server connection.
-#[derive(Debug, Clone)]
-pub struct ServerRow {
-    pub database: String,
-    pub user: String,
-    /// PostgreSQL's backend pid.
-    pub pid: i32,
-    pub leased: bool,
-    pub age: Duration,
-    /// How long it has been idle (`None` while leased).
-    pub idle_for: Option<Duration>,
-}
-
 impl Pool {
     /// A server connection for one transaction: an idle one, or a new one while the
     /// pool has room; waits up to `pool.limits.queue_timeout` for one to come back.
     pub async fn acquire(self: &Arc<Self>) -> Result<Leased, SessionError> {
-        // A free permit is taken without arming the queue timeout's timer.
+        match self.try_acquire() {
+            Ok(leased) => Ok(leased),
+            Err(permit) => self.clone().acquire_waiting(permit).await,
+        }
+    }
+
+    /// A lease taken at once, when a permit is free and an idle connection usable: no
+    /// future, no timer, no allocation (the common case of a busy pool). Else the
+    /// permit taken, if any, for [`Pool::acquire_waiting`].
+    pub fn try_acquire(self: &Arc<Self>) -> Result<Leased, Option<OwnedSemaphorePermit>> {
+        if self.control.paused.load(Ordering::Relaxed) {
+            return Err(None);
+        }
         let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                self.wait_seconds.record(0.0);
-                permit
-            }
-            Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => self.queue().await?,
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => return Err(None),
         };
-        let server = match self.take_idle() {
-            Some(server) => server,
-            None => self.connect().await?,
+        self.wait_seconds.record(0.0);
+        let Some(server) = self.take_idle() else {
+            return Err(Some(permit));
         };
         self.leases.increment(1);
         Ok(Leased {
@@ -306,15 +273,39 @@ impl Pool {
         })
     }
 
+    /// What [`Pool::try_acquire`] could not do at once: wait for a permit (unless one
+    /// was taken), then an idle connection or a new one.
+    pub async fn acquire_waiting(
+        self: Arc<Self>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<Leased, SessionError> {
+        let permit = match permit {
+            Some(permit) => permit,
+            None => self.queue().await?,
+        };
+        // Paused (the console's PAUSE) after the permit was taken: in flight, goes on.
+        let server = match self.take_idle() {
+            Some(server) => server,
+            None => self.connect().await?,
+        };
+        self.leases.increment(1);
+        Ok(Leased {
+            server: Some(server),
+            pool: self,
+            permit: Some(permit),
+        })
+    }
+
     /// Waits in the pool's queue for a permit, up to `pool.limits.queue_timeout`.
     async fn queue(self: &Arc<Self>) -> Result<OwnedSemaphorePermit, SessionError> {
         let started = Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::POOL_WAITING).increment(1.0);
-        let permit = tokio::time::timeout(
-            self.limits.queue_timeout,
-            self.permits.clone().acquire_owned(),
-        )
+        // While paused, first the RESUME, then a permit: one timeout for both.
+        let permit = tokio::time::timeout(self.limits.queue_timeout, async {
+            self.until_resumed().await;
+            self.permits.clone().acquire_owned().await
+        })
         .await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::POOL_WAITING).decrement(1.0);
@@ -333,11 +324,18 @@ impl Pool {
         self.limits.max_prepared
     }
 
-    fn take_idle(&self) -> Option<Server> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(mut server) = idle.pop() {
-            if server.idle_since.elapsed() < self.limits.idle_timeout
-                && server.created.elapsed() < self.limits.lifetime
+    fn take_idle(&self) -> Option<Box<Server>> {
+        let now = Instant::now();
+        loop {
+            // The lock is held for the pop only: the checks below need none.
+            let mut server = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop()?;
+            if server.generation == self.control.generation.load(Ordering::Relaxed)
+                && now.saturating_duration_since(server.idle_since) < self.limits.idle_timeout
+                && now.saturating_duration_since(server.created) < self.limits.lifetime
                 && still_open(&mut server.conn)
             {
                 server.mark(true);
@@ -345,7 +343,6 @@ impl Pool {
             }
             self.open.fetch_sub(1, Ordering::Relaxed);
         }
-        None
     }
 
     /// The ParameterStatus a client of this pool is greeted with: a connection's, or
@@ -367,21 +364,6 @@ impl Pool {
         let leased = self.acquire().await?;
         leased.release();
         Ok(())
-    }
-
-    fn stats(&self) -> PoolStats {
-        PoolStats {
-            database: self.database.clone(),
-            user: self.user.clone(),
-            size: self.limits.size,
-            open: self.open.load(Ordering::Relaxed),
-            idle: self
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .len(),
-            waiting: self.waiting.load(Ordering::Relaxed),
-        }
     }
 
     /// Opens a server connection logged in as this pool's role, outside the pool (not
@@ -417,7 +399,8 @@ impl Pool {
     }
 
     /// Opens and logs in a new server connection.
-    async fn connect(&self) -> Result<Server, SessionError> {
+    async fn connect(&self) -> Result<Box<Server>, SessionError> {
+        let generation = self.control.generation.load(Ordering::SeqCst);
         let (conn, key, params) = self.open_logged_in(POOL_APP).await?;
         *self.params.lock().unwrap_or_else(PoisonError::into_inner) = Some(params);
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -426,25 +409,35 @@ impl Pool {
         self.servers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key.pid, ServerInfo { created: now });
-        Ok(Server {
+            .insert(
+                key.pid,
+                ServerInfo {
+                    created: now,
+                    generation,
+                },
+            );
+        Ok(Box::new(Server {
             conn,
             key,
             statements: ServerStatements::default(),
             created: now,
+            generation,
             idle_since: now,
             idle: false,
             registry: self.servers.clone(),
             idle_gauge: metrics::gauge!(crate::metrics::POOL_IDLE_CONNECTIONS),
-        })
+        }))
     }
 
-    fn put_idle(&self, mut server: Server) {
-        if server.created.elapsed() >= self.limits.lifetime {
+    fn put_idle(&self, mut server: Box<Server>) {
+        let now = Instant::now();
+        if now.saturating_duration_since(server.created) >= self.limits.lifetime
+            || server.generation != self.control.generation.load(Ordering::Relaxed)
+        {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        server.idle_since = Instant::now();
+        server.idle_since = now;
         server.mark(false);
         self.idle
             .lock()
@@ -484,16 +477,18 @@ impl Leased {
         let (Some(mut server), Some(permit)) = (self.server.take(), self.permit.take()) else {
             return;
         };
+        if extra.is_none() && self.pool.limits.reset_query.is_none() {
+            // Back idle before the permit (dropped on return) is, so a session the
+            // permit wakes finds the connection.
+            self.pool.put_idle(server);
+            return;
+        }
         let pool = self.pool.clone();
         let queries: Vec<String> = extra
             .map(str::to_owned)
             .into_iter()
             .chain(pool.limits.reset_query.clone())
             .collect();
-        if queries.is_empty() {
-            pool.put_idle(server);
-            return;
-        }
         // The permit stays taken until the reset is done: nobody may lease the
         // connection before.
         tokio::spawn(async move {
@@ -511,72 +506,6 @@ impl Leased {
             }
             pool.put_idle(server);
         });
-    }
-}
-
-/// Closes the pool's idle connections once past `pool.limits.idle_timeout` or
-/// `pool.limits.lifetime`, without waiting for the pool to be used again, so PostgreSQL's
-/// backends go away on time. Ends with the pool.
-async fn sweep(pool: std::sync::Weak<Pool>) {
-    let period = match pool.upgrade() {
-        Some(p) => (p.limits.idle_timeout.min(p.limits.lifetime) / 4)
-            .clamp(Duration::from_millis(50), Duration::from_secs(10)),
-        None => return,
-    };
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(pool) = pool.upgrade() else {
-            return;
-        };
-        let expired: Vec<Server> = {
-            let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            let (keep, expired): (Vec<Server>, Vec<Server>) =
-                std::mem::take(&mut *idle).into_iter().partition(|s| {
-                    s.idle_since.elapsed() < pool.limits.idle_timeout
-                        && s.created.elapsed() < pool.limits.lifetime
-                });
-            *idle = keep;
-            expired
-        };
-        for mut server in expired {
-            pool.open.fetch_sub(1, Ordering::Relaxed);
-            // Terminate, so PostgreSQL logs a clean end rather than an EOF.
-            let _ = tokio::time::timeout(Duration::from_secs(1), server.conn.send(b"X\0\0\0\x04"))
-                .await;
-        }
-    }
-}
-
-/// Whether an idle connection is still usable: nothing may have arrived on it (a
-/// FATAL, as PostgreSQL sends when it shuts down, or the end of the stream).
-fn still_open(conn: &mut Conn) -> bool {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    conn.inbuf.is_empty() && conn.poll_fill(&mut cx).is_pending()
-}
-
-/// Runs `query` (simple protocol) and reads to its ReadyForQuery; an error answer
-/// or a transaction left open counts as failure.
-async fn reset(conn: &mut Conn, query: &str) -> Result<(), SessionError> {
-    let mut msg = BytesMut::new();
-    postgres_protocol::message::frontend::query(query, &mut msg)
-        .map_err(SessionError::UpstreamIo)?;
-    conn.send(&msg).await.map_err(SessionError::UpstreamIo)?;
-    let mut failed = false;
-    loop {
-        let (tag, body) = read_upstream_frame(conn).await?;
-        match tag {
-            backend::ERROR_RESPONSE => failed = true,
-            backend::READY_FOR_QUERY => {
-                if failed || backend::ready_for_query_status(&body[5..]) != Some(b'I') {
-                    let _ = conn.stream.shutdown().await;
-                    return Err(SessionError::UpstreamClosed);
-                }
-                return Ok(());
-            }
-            _ => {}
-        }
     }
 }
 

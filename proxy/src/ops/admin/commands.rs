@@ -5,13 +5,14 @@
 use std::time::Duration;
 
 use super::Console;
+pub use super::pools::PoolCommand;
 use crate::protocol::backend::ColumnType;
 use crate::protocol::sqlstate::SqlState;
 
 /// The help text of an unknown command.
 pub const USAGE: &str = "SHOW STATS | SHOW CACHE | SHOW TABLES | SHOW PENDING | SHOW CLIENTS | \
-                         SHOW KEYS | SHOW REPLICATION | SHOW POOLS | SHOW SERVERS | FLUSH [table] | INVALIDATE table | \
-                         RELOAD";
+                         SHOW KEYS | SHOW REPLICATION | SHOW POOLS | SHOW SERVERS | PAUSE [db] | RESUME [db] | RECONNECT [db] | \
+                         WAIT_CLOSE [db] | FLUSH [table] | INVALIDATE table | RELOAD";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -26,6 +27,8 @@ pub enum Command {
     ShowPools,
     /// Transaction mode's server connections, one row each.
     ShowServers,
+    /// PAUSE, RESUME, RECONNECT, WAIT_CLOSE, of one database's pools or all (`pools.rs`).
+    Pool(PoolCommand, Option<String>),
     /// Every deferred table, or one.
     Flush(Option<String>),
     Invalidate(String),
@@ -63,6 +66,9 @@ pub fn parse(statement: &str) -> Result<Command, String> {
         (["FLUSH", _], [_, table]) => Ok(Command::Flush(Some(unquote(table)))),
         (["INVALIDATE", _], [_, table]) => Ok(Command::Invalidate(unquote(table))),
         (["RELOAD"], _) => Ok(Command::Reload),
+        ([word] | [word, _], _) if let Some(command) = PoolCommand::of(word) => {
+            Ok(Command::Pool(command, words.get(1).map(|db| unquote(db))))
+        }
         _ => Err(format!(
             "unknown admin console command \"{statement}\"; the console understands {USAGE}"
         )),
@@ -82,9 +88,12 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::ShowTables => show_tables(shared),
         Command::ShowPending => show_pending(shared),
         Command::ShowClients => show_clients(shared),
-        Command::ShowKeys => show_keys(shared),
-        Command::ShowReplication | Command::ShowPools | Command::ShowServers => {
+        Command::ShowReplication
+        | Command::ShowPools
+        | Command::ShowServers
+        | Command::ShowKeys => {
             let (columns, rows) = match command {
+                Command::ShowKeys => super::keys::show(shared),
                 Command::ShowPools => super::pools::show(shared),
                 Command::ShowServers => super::pools::show_servers(shared),
                 _ => super::replication::show(shared),
@@ -98,6 +107,12 @@ pub async fn execute(command: Command, shared: &Console) -> Reply {
         Command::Flush(table) => flush(shared, table.as_deref()).await,
         Command::Invalidate(table) => invalidate(shared, &table),
         Command::Reload => reload(shared).await,
+        Command::Pool(command, db) => {
+            match super::pools::control(shared, command, db.as_deref()).await {
+                Ok(tag) => Reply::Done(tag),
+                Err(message) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, message),
+            }
+        }
     }
 }
 
@@ -303,51 +318,6 @@ fn show_tables(shared: &Console) -> Reply {
             ("pending", ColumnType::Int8),
             ("oldest_pending_age", ColumnType::Float8),
             ("fallbacks", ColumnType::Int8),
-        ],
-        rows,
-        tag: "SHOW",
-    }
-}
-
-/// `SHOW KEYS`: each deferred table's key index (state, keys, estimated bytes, why
-/// it is off) and its point reads so far (keys read, and the queries that read them:
-/// fewer queries than keys is batching at work).
-fn show_keys(shared: &Console) -> Reply {
-    let rows = shared
-        .writes
-        .as_ref()
-        .map(|(w, _)| {
-            let reads: std::collections::HashMap<String, (u64, u64)> = w
-                .point_read_counts()
-                .into_iter()
-                .map(|(t, keys, queries)| (t, (keys, queries)))
-                .collect();
-            w.key_stats()
-                .into_iter()
-                .map(|s| {
-                    let (keys, queries) = reads.get(&s.table).copied().unwrap_or((0, 0));
-                    vec![
-                        Some(s.table),
-                        Some(s.phase.as_str().to_owned()),
-                        Some(s.keys.to_string()),
-                        Some(s.bytes.to_string()),
-                        Some(keys.to_string()),
-                        Some(queries.to_string()),
-                        s.off.map(str::to_owned),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Reply::Rows {
-        columns: vec![
-            ("table", ColumnType::Text),
-            ("state", ColumnType::Text),
-            ("keys", ColumnType::Int8),
-            ("bytes", ColumnType::Int8),
-            ("point_reads", ColumnType::Int8),
-            ("point_read_queries", ColumnType::Int8),
-            ("off_because", ColumnType::Text),
         ],
         rows,
         tag: "SHOW",
@@ -580,6 +550,18 @@ mod tests {
         );
         assert_eq!(parse("RELOAD"), Ok(Command::Reload));
         assert_eq!(parse("show keys"), Ok(Command::ShowKeys));
+        let pool = |c, db: Option<&str>| Ok(Command::Pool(c, db.map(str::to_owned)));
+        assert_eq!(parse("pause"), pool(PoolCommand::Pause, None));
+        assert_eq!(
+            parse("RESUME \"App\""),
+            pool(PoolCommand::Resume, Some("App"))
+        );
+        assert_eq!(
+            parse("reconnect app"),
+            pool(PoolCommand::Reconnect, Some("app"))
+        );
+        assert_eq!(parse("Wait_Close"), pool(PoolCommand::WaitClose, None));
+        assert!(parse("PAUSE a b").is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! calls the same operations sessions use.
 
 pub mod commands;
+mod keys;
 mod pools;
 mod replication;
 

@@ -11,7 +11,7 @@ impl Translator {
     /// session prepared it.
     pub fn statement_sql(&self, name: &str) -> Option<&str> {
         let parse = if name.is_empty() {
-            self.unnamed.as_deref()?
+            Some(&self.unnamed[..]).filter(|p| !p.is_empty())?
         } else {
             &self.named.get(name)?.parse[..]
         };
@@ -25,7 +25,8 @@ impl Translator {
             return;
         };
         if p.name.is_empty() {
-            self.unnamed = Some(bytes::Bytes::copy_from_slice(msg));
+            self.unnamed.clear();
+            self.unnamed.extend_from_slice(msg);
             return;
         }
         self.named
@@ -44,14 +45,18 @@ impl Translator {
     /// there would block every other client of its thread, some holding connections
     /// in their transactions.
     pub fn answer_without_server(&mut self, queue: &mut BytesMut) -> Option<Vec<u8>> {
+        // Tags and a Parse's first byte first: a cycle that needs a server (any
+        // Bind, Execute, Query, or the unnamed statement's Parse) is turned down
+        // without reading a message through. This runs before every lease.
         let mut rest = &queue[..];
         let mut last = 0;
         while !rest.is_empty() {
             let len = u32::from_be_bytes(rest.get(1..5)?.try_into().ok()?) as usize;
             let msg = rest.get(..len.checked_add(1)?)?;
+            let body = frontend::body(msg);
             let local = match msg[0] {
-                PARSE => frontend::parse(frontend::body(msg)).is_some_and(|p| !p.name.is_empty()),
-                CLOSE => frontend::target(frontend::body(msg)).is_some_and(|t| t.kind == b'S'),
+                PARSE => body.first().is_some_and(|&b| b != 0),
+                CLOSE => body.first() == Some(&b'S'),
                 SYNC => true,
                 _ => false,
             };
@@ -64,33 +69,46 @@ impl Translator {
         if last != SYNC {
             return None;
         }
-        let mut answers = Vec::new();
+        // Then each message read once; a malformed one sends the whole queue to
+        // PostgreSQL, which reports it (nothing is remembered before that is known).
+        enum Step<'a> {
+            Parse(&'a str, std::sync::Arc<Def>),
+            Close(&'a str),
+            Sync,
+        }
+        let mut steps = Vec::new();
         let mut rest = &queue[..];
         while rest.len() >= Header::SIZE {
             let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
             let (msg, tail) = rest.split_at(len + 1);
             let body = frontend::body(msg);
-            match msg[0] {
+            steps.push(match msg[0] {
                 PARSE => {
-                    if let Some(p) = frontend::parse(body) {
-                        self.named
-                            .insert(p.name.to_owned(), Def::new(p.sql, p.param_types));
-                    }
+                    let p = frontend::parse(body)?;
+                    Step::Parse(p.name, Def::new(p.sql, p.param_types))
+                }
+                CLOSE => Step::Close(frontend::target(body)?.name),
+                _ => Step::Sync,
+            });
+            rest = tail;
+        }
+        let mut answers = Vec::new();
+        for step in steps {
+            match step {
+                Step::Parse(name, def) => {
+                    self.named.insert(name.to_owned(), def);
                     answers.extend_from_slice(frontend::PARSE_COMPLETE);
                 }
-                CLOSE => {
-                    if let Some(t) = frontend::target(body) {
-                        if t.name.is_empty() {
-                            self.unnamed = None;
-                        } else {
-                            self.named.remove(t.name);
-                        }
+                Step::Close(name) => {
+                    if name.is_empty() {
+                        self.unnamed.clear();
+                    } else {
+                        self.named.remove(name);
                     }
                     answers.extend_from_slice(frontend::CLOSE_COMPLETE);
                 }
-                _ => answers.extend_from_slice(&frontend::ready_for_query(b'I')),
+                Step::Sync => answers.extend_from_slice(&frontend::ready_for_query(b'I')),
             }
-            rest = tail;
         }
         queue.clear();
         Some(answers)

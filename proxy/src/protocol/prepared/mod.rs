@@ -41,7 +41,7 @@
 //!   statement is no error).
 //! - `DISCARD`/`DEALLOCATE` in a simple Query make the connection forget what it held.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -58,7 +58,7 @@ mod wire;
 pub use server::ServerStatements;
 use server::{Entry, Slot};
 pub use wire::server_name;
-use wire::{NOWHERE, parse_message, put_cstr, write_target};
+use wire::{NOWHERE, Rewrite, parse_message, put_cstr, write_target};
 
 /// A scratch buffer larger than this (one large message went through) is not kept.
 const SCRATCH_KEEP: usize = 64 * 1024;
@@ -145,8 +145,11 @@ enum Unnamed {
 /// on the connection it leases now.
 #[derive(Debug)]
 pub struct Translator {
-    named: HashMap<String, Arc<Def>>,
-    unnamed: Option<Bytes>,
+    /// aHash: looked up at every Bind of a named statement.
+    named: ahash::AHashMap<String, Arc<Def>>,
+    /// The client's unnamed statement's Parse, as sent (empty: none); the buffer is
+    /// reused from one Parse to the next.
+    unnamed: Vec<u8>,
     server_unnamed: Unnamed,
     /// Statements a connection may hold; 0: no limit.
     limit: usize,
@@ -159,16 +162,17 @@ pub struct Translator {
     failed: Option<u64>,
     /// Statements prepared on connections by injection, for the metric.
     injected: u64,
-    /// [`Translator::translate`]'s copy of the bytes it rewrites.
-    scratch: Vec<u8>,
+    /// [`Translator::translate`]'s buffer for a queue it rewrites (the queue's old
+    /// buffer after a rewrite), kept between calls.
+    scratch: BytesMut,
 }
 
 impl Translator {
     /// `limit`: statements one server connection may hold (0: no limit).
     pub fn new(limit: usize) -> Self {
         Self {
-            named: HashMap::new(),
-            unnamed: None,
+            named: ahash::AHashMap::new(),
+            unnamed: Vec::new(),
             server_unnamed: Unnamed::Foreign,
             limit,
             sent: VecDeque::new(),
@@ -176,7 +180,7 @@ impl Translator {
             cycles_done: 0,
             failed: None,
             injected: 0,
-            scratch: Vec::new(),
+            scratch: BytesMut::new(),
         }
     }
 
@@ -222,6 +226,11 @@ impl Translator {
     /// leased connection `server` (bytes before `from` were rewritten already), and
     /// returns where the rewritten bytes end. A partial message at the end stays as
     /// it is, for the next call.
+    ///
+    /// Messages that go as they are stay where they are: when nothing changes (the
+    /// unnamed statement's cycle, a Sync, an Execute) no byte is copied. When
+    /// something does, the queue is written once into a second buffer (unchanged
+    /// runs and rewritten messages in order), and the two buffers swap.
     pub fn translate(
         &mut self,
         buf: &mut BytesMut,
@@ -229,65 +238,79 @@ impl Translator {
         server: &mut ServerStatements,
     ) -> usize {
         let from = from.min(buf.len());
-        if from == buf.len() {
-            return from;
-        }
-        // The new bytes move to a scratch buffer (kept between calls) and come back
-        // rewritten.
-        let mut input = std::mem::take(&mut self.scratch);
-        input.clear();
-        input.extend_from_slice(&buf[from..]);
-        buf.truncate(from);
-        let mut rest = &input[..];
-        while rest.len() >= Header::SIZE {
+        let mut w = Rewrite {
+            src: &buf[..],
+            out: None,
+            spare: std::mem::take(&mut self.scratch),
+            copied: 0,
+            at: from,
+        };
+        loop {
+            let rest = &w.src[w.at..];
+            if rest.len() < Header::SIZE {
+                break;
+            }
             let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
             let total = len.saturating_add(1);
             if len < 4 || rest.len() < total {
                 break;
             }
-            let (msg, tail) = rest.split_at(total);
-            self.message(msg, buf, server);
-            rest = tail;
+            let src = w.src;
+            let msg = &src[w.at..w.at + total];
+            if !self.message(msg, &mut w, server) {
+                // Replaced by what was written: the original is skipped.
+                w.copied = w.at + total;
+            }
+            w.at += total;
         }
-        let end = buf.len();
-        buf.extend_from_slice(rest);
-        if input.capacity() > SCRATCH_KEEP {
-            input = Vec::new();
+        let Rewrite {
+            out,
+            spare,
+            copied,
+            at,
+            ..
+        } = w;
+        let Some(mut out) = out else {
+            self.scratch = spare;
+            return at;
+        };
+        out.extend_from_slice(&buf[copied..at]);
+        let end = out.len();
+        out.extend_from_slice(&buf[at..]);
+        std::mem::swap(buf, &mut out);
+        // `out` is the queue's old buffer now: the scratch for the next rewrite.
+        out.clear();
+        if out.capacity() <= SCRATCH_KEEP {
+            self.scratch = out;
         }
-        self.scratch = input;
         end
     }
 
-    /// One frontend message toward the server.
-    fn message(&mut self, msg: &[u8], out: &mut BytesMut, server: &mut ServerStatements) {
+    /// One frontend message toward the server: true if it goes as it is (after
+    /// whatever was written into `w` for it), false if what was written replaces it.
+    fn message(&mut self, msg: &[u8], w: &mut Rewrite<'_>, server: &mut ServerStatements) -> bool {
         let cycle = self.cycles_sent;
         if self.failed == Some(cycle) {
             // PostgreSQL skips it (an error earlier in the cycle): as it is.
-            out.extend_from_slice(msg);
             if matches!(msg[0], SYNC | QUERY | FUNCTION_CALL) {
                 self.cycles_sent += 1;
             }
-            return;
+            return true;
         }
         let body = frontend::body(msg);
         match msg[0] {
-            PARSE => self.parse(msg, body, out, server),
-            frontend::BIND => self.bind(msg, body, out, server),
+            PARSE => self.parse(msg, body, w, server),
+            frontend::BIND => self.bind(body, w, server),
             DESCRIBE => match frontend::target(body) {
-                Some(t) if t.kind == b'S' => {
-                    self.statement_use(t.name, out, server, |name, out| {
-                        write_target(out, DESCRIBE, b'S', name);
-                    });
-                    if t.name.is_empty() || !self.named.contains_key(t.name) {
-                        out.extend_from_slice(msg);
-                    }
-                }
-                _ => out.extend_from_slice(msg),
+                Some(t) if t.kind == b'S' => self.statement_use(t.name, w, server, |name, out| {
+                    write_target(out, DESCRIBE, b'S', name);
+                }),
+                _ => true,
             },
-            CLOSE => self.close(msg, body, out),
+            CLOSE => self.close(body, w),
             QUERY => {
                 self.cycles_sent += 1;
-                self.unnamed = None;
+                self.unnamed.clear();
                 self.server_unnamed = Unnamed::Empty;
                 if let Some(sql) = frontend::query(body) {
                     let lower = sql.to_ascii_lowercase();
@@ -304,13 +327,13 @@ impl Translator {
                         self.named.clear();
                     }
                 }
-                out.extend_from_slice(msg);
+                true
             }
             SYNC | FUNCTION_CALL => {
                 self.cycles_sent += 1;
-                out.extend_from_slice(msg);
+                true
             }
-            _ => out.extend_from_slice(msg),
+            _ => true,
         }
     }
 
@@ -318,92 +341,96 @@ impl Translator {
         &mut self,
         msg: &[u8],
         body: &[u8],
-        out: &mut BytesMut,
+        w: &mut Rewrite<'_>,
         server: &mut ServerStatements,
-    ) {
+    ) -> bool {
         let cycle = self.cycles_sent;
+        if body.first() == Some(&0) && msg == &self.unnamed[..] {
+            // The client's last unnamed statement again, byte for byte (read then).
+            self.server_unnamed = Unnamed::Ours;
+            self.expect(b'1', Reply::Pass, Effect::PreparesUnnamed);
+            return true;
+        }
         let Some(p) = frontend::parse(body) else {
             // Malformed: PostgreSQL says so, as it would directly.
-            out.extend_from_slice(msg);
             self.expect(b'1', Reply::Pass, Effect::None);
-            return;
+            return true;
         };
         if p.name.is_empty() {
-            self.unnamed = Some(Bytes::copy_from_slice(msg));
+            self.unnamed.clear();
+            self.unnamed.extend_from_slice(msg);
             self.server_unnamed = Unnamed::Ours;
-            out.extend_from_slice(msg);
             self.expect(b'1', Reply::Pass, Effect::PreparesUnnamed);
-            return;
+            return true;
         }
         let def = Def::new(p.sql, p.param_types);
         self.named.insert(p.name.to_owned(), def.clone());
-        if server.usable(&def.server_name, cycle) {
-            server.touch(&def.server_name);
-            write_target(out, CLOSE, b'S', NOWHERE);
+        if server.touch_if_usable(&def.server_name, cycle) {
+            write_target(w.out(), CLOSE, b'S', NOWHERE);
             self.expect(b'3', Reply::AsParseComplete, Effect::None);
         } else {
-            self.prepare(&def, Reply::Pass, out, server);
+            self.prepare(&def, Reply::Pass, w, server);
         }
+        false
     }
 
-    fn bind(&mut self, msg: &[u8], body: &[u8], out: &mut BytesMut, server: &mut ServerStatements) {
-        let Some(b) = frontend::bind(body) else {
-            out.extend_from_slice(msg);
-            return;
+    fn bind(&mut self, body: &[u8], w: &mut Rewrite<'_>, server: &mut ServerStatements) -> bool {
+        // The names only: the parameters go as they are (PostgreSQL reads them).
+        let Some((portal, statement, rest)) = frontend::bind_names(body) else {
+            return true;
         };
-        let rest = &body[b.portal.len() + 1 + b.statement.len() + 1..];
-        let portal = b.portal;
-        self.statement_use(b.statement, out, server, |name, out| {
+        self.statement_use(statement, w, server, |name, out| {
             let len = 4 + portal.len() + 1 + name.len() + 1 + rest.len();
             out.put_u8(frontend::BIND);
             out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
             put_cstr(out, portal);
             put_cstr(out, name);
             out.extend_from_slice(rest);
-        });
-        if b.statement.is_empty() || !self.named.contains_key(b.statement) {
-            out.extend_from_slice(msg);
-        }
+        })
     }
 
     /// A Bind or a Describe uses statement `name`: for a client statement, make sure
-    /// the connection holds it and write the message (`write`) under its server name;
-    /// for the unnamed one, make the connection's the client's. Writes nothing for the
-    /// unnamed statement or an unknown name (the caller sends the message as it is).
+    /// the connection holds it and write the message (`write`) under its server name
+    /// (false: that replaces the client's); for the unnamed one, make the
+    /// connection's the client's. For the unnamed statement or an unknown name the
+    /// message goes as it is (true).
     fn statement_use(
         &mut self,
         name: &str,
-        out: &mut BytesMut,
+        w: &mut Rewrite<'_>,
         server: &mut ServerStatements,
         write: impl FnOnce(&str, &mut BytesMut),
-    ) {
+    ) -> bool {
         if name.is_empty() {
-            match (&self.unnamed, self.server_unnamed) {
+            match (self.unnamed.is_empty(), self.server_unnamed) {
                 (_, Unnamed::Ours) => {}
-                (Some(parse), _) => {
-                    let parse = parse.clone();
-                    out.extend_from_slice(&parse);
+                (false, _) => {
+                    w.out().extend_from_slice(&self.unnamed);
                     self.expect(b'1', Reply::Swallow, Effect::PreparesUnnamed);
                     self.server_unnamed = Unnamed::Ours;
                 }
-                (None, Unnamed::Foreign) => {
-                    write_target(out, CLOSE, b'S', "");
+                (true, Unnamed::Foreign) => {
+                    write_target(w.out(), CLOSE, b'S', "");
                     self.expect(b'3', Reply::Swallow, Effect::None);
                     self.server_unnamed = Unnamed::Empty;
                 }
-                (None, Unnamed::Empty) => {}
+                (true, Unnamed::Empty) => {}
             }
-            return;
+            return true;
         }
-        let Some(def) = self.named.get(name).cloned() else {
-            return;
+        let Some(def) = self.named.get(name) else {
+            return true;
         };
-        if server.usable(&def.server_name, self.cycles_sent) {
-            server.touch(&def.server_name);
+        // One lookup on the connection's side when it holds the statement (the usual
+        // case); the definition is cloned only to prepare it.
+        if server.touch_if_usable(&def.server_name, self.cycles_sent) {
+            write(&def.server_name, w.out());
         } else {
-            self.prepare(&def, Reply::Swallow, out, server);
+            let def = def.clone();
+            self.prepare(&def, Reply::Swallow, w, server);
+            write(&def.server_name, w.out());
         }
-        write(&def.server_name, out);
+        false
     }
 
     /// Prepares `def` on the connection: room first (the least recently used
@@ -413,10 +440,11 @@ impl Translator {
         &mut self,
         def: &Def,
         reply: Reply,
-        out: &mut BytesMut,
+        w: &mut Rewrite<'_>,
         server: &mut ServerStatements,
     ) {
         let cycle = self.cycles_sent;
+        let out = w.out();
         let known = server.held.contains_key(&def.server_name);
         if !known
             && self.limit > 0
@@ -440,20 +468,22 @@ impl Translator {
         }
     }
 
-    fn close(&mut self, msg: &[u8], body: &[u8], out: &mut BytesMut) {
-        match frontend::target(body) {
+    fn close(&mut self, body: &[u8], w: &mut Rewrite<'_>) -> bool {
+        let keep = match frontend::target(body) {
             Some(t) if t.kind == b'S' && t.name.is_empty() => {
-                self.unnamed = None;
+                self.unnamed.clear();
                 self.server_unnamed = Unnamed::Empty;
-                out.extend_from_slice(msg);
+                true
             }
             Some(t) if t.kind == b'S' && self.named.remove(t.name).is_some() => {
                 // The connection keeps its copy for whoever needs it next.
-                write_target(out, CLOSE, b'S', NOWHERE);
+                write_target(w.out(), CLOSE, b'S', NOWHERE);
+                false
             }
-            _ => out.extend_from_slice(msg),
-        }
+            _ => true,
+        };
         self.expect(b'3', Reply::Pass, Effect::None);
+        keep
     }
 
     fn expect(&mut self, answer: u8, reply: Reply, effect: Effect) {

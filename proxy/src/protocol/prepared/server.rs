@@ -1,8 +1,6 @@
 //! What one pooled server connection holds of the statements spillway prepared there
 //! for its clients, and which of them to close to make room.
 
-use std::collections::HashMap;
-
 /// What a statement's Parse sent on this connection will make it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Slot {
@@ -23,7 +21,8 @@ pub(super) struct Entry {
 /// with the connection between leases.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    pub(super) held: HashMap<Box<str>, Entry>,
+    /// aHash: looked up at every Bind of a named statement.
+    pub(super) held: ahash::AHashMap<Box<str>, Entry>,
     pub(super) clock: u64,
 }
 
@@ -42,18 +41,18 @@ impl ServerStatements {
         self.held.clear();
     }
 
-    /// Whether `name` may be used by a message sent now, in cycle `cycle`.
-    pub(super) fn usable(&self, name: &str, cycle: u64) -> bool {
-        self.held
-            .get(name)
-            .is_some_and(|e| e.slot == Slot::Held || e.slot == Slot::Pending(cycle))
-    }
-
-    pub(super) fn touch(&mut self, name: &str) {
-        self.clock += 1;
-        if let Some(e) = self.held.get_mut(name) {
-            e.used = self.clock;
+    /// Whether `name` may be used by a message sent now, in cycle `cycle` (confirmed,
+    /// or its Parse ahead in the same cycle), and if so marked used now: one lookup.
+    pub(super) fn touch_if_usable(&mut self, name: &str, cycle: u64) -> bool {
+        let Some(e) = self.held.get_mut(name) else {
+            return false;
+        };
+        if e.slot != Slot::Held && e.slot != Slot::Pending(cycle) {
+            return false;
         }
+        self.clock += 1;
+        e.used = self.clock;
+        true
     }
 
     pub(super) fn pending(&mut self, name: &str, cycle: u64) {

@@ -416,3 +416,91 @@ fn names_depend_on_text_and_types_only() {
     );
     assert!(server_name("x", &[]).len() < 64, "fits NAMEDATALEN");
 }
+
+#[test]
+fn messages_that_go_unchanged_are_not_copied() {
+    let mut t = Translator::new(0);
+    let mut server = ServerStatements::default();
+    t.start_lease();
+    let mut buf = BytesMut::new();
+    for m in [
+        build::parse("", "SELECT 1", &[]),
+        build::bind("", "", &[], &[]),
+        build::execute("", 0),
+        SYNC_MSG.to_vec(),
+    ] {
+        buf.extend_from_slice(&m);
+    }
+    let before = buf.clone();
+    let at = buf.as_ptr();
+    let end = t.translate(&mut buf, 0, &mut server);
+    assert_eq!(end, buf.len());
+    assert_eq!(buf, before);
+    assert_eq!(buf.as_ptr(), at, "the queue's buffer is left where it is");
+}
+
+#[test]
+fn a_rewrite_keeps_what_was_translated_before_and_a_partial_message_after() {
+    let mut t = Translator::new(0);
+    let mut server = ServerStatements::default();
+    t.start_lease();
+    // Translated by an earlier call (and not written yet): `from` is past it.
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&build::parse("s1", "SELECT 1", &[]));
+    let from = t.translate(&mut buf, 0, &mut server);
+    assert_eq!(from, buf.len());
+    let earlier = buf.to_vec();
+    // Then a Bind of it and half a Sync.
+    buf.extend_from_slice(&build::bind("", "s1", &[], &[]));
+    buf.extend_from_slice(&SYNC_MSG[..3]);
+    let end = t.translate(&mut buf, from, &mut server);
+    assert_eq!(&buf[..from], &earlier[..], "the earlier bytes stay first");
+    assert_eq!(&buf[end..], &SYNC_MSG[..3], "the partial message waits");
+    assert_eq!(messages(&buf[..end]), ["P sw SELECT 1", "B  sw"]);
+    // The rest of the Sync completes it in the next call.
+    buf.extend_from_slice(&SYNC_MSG[3..]);
+    let end = t.translate(&mut buf, end, &mut server);
+    assert_eq!(end, buf.len());
+    assert_eq!(messages(&buf), ["P sw SELECT 1", "B  sw", "S"]);
+}
+
+#[test]
+fn the_same_unnamed_parse_again_is_still_the_clients_on_the_next_lease() {
+    let mut t = Translator::new(0);
+    let mut first = ServerStatements::default();
+    t.start_lease();
+    let cycle = [
+        build::parse("", "SELECT $1", &[23]),
+        build::bind("", "", &[Some(b"1")], &[]),
+        build::execute("", 0),
+        SYNC_MSG.to_vec(),
+    ];
+    for _ in 0..2 {
+        let sent = send(&mut t, &mut first, &cycle);
+        assert_eq!(sent, ["P  SELECT $1", "B  ", "E", "S"]);
+        assert_eq!(replies(&mut t, &mut first, b"12CZ"), [Reply::Pass; 4]);
+    }
+    t.end_lease(&mut first);
+    // Another connection: a Bind of the unnamed statement alone gets it parsed there
+    // first (answer swallowed), from the bytes the client sent.
+    let mut second = ServerStatements::default();
+    t.start_lease();
+    let sent = send(&mut t, &mut second, &cycle[1..]);
+    assert_eq!(sent, ["P  SELECT $1", "B  ", "E", "S"]);
+    assert_eq!(
+        replies(&mut t, &mut second, b"12CZ"),
+        [Reply::Swallow, Reply::Pass, Reply::Pass, Reply::Pass]
+    );
+    // A simple Query replaces it: nothing to re-parse on the next lease, and the
+    // foreign one there is closed instead.
+    send(
+        &mut t,
+        &mut second,
+        &[frontend::query_message("SELECT 2").to_vec()],
+    );
+    replies(&mut t, &mut second, b"Z");
+    t.end_lease(&mut second);
+    t.start_lease();
+    let sent = send(&mut t, &mut first, &cycle[1..]);
+    assert_eq!(sent, ["C S ", "B  ", "E", "S"]);
+}

@@ -1,5 +1,5 @@
-//! The messages spillway writes for statements on a server connection, and the
-//! server-side names it gives them.
+//! The messages spillway writes for statements on a server connection, the
+//! server-side names it gives them, and the queue they are written into (`Rewrite`).
 
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::OnceLock;
@@ -55,4 +55,32 @@ pub(super) fn write_target(out: &mut BytesMut, tag: u8, kind: u8, name: &str) {
 pub(super) fn put_cstr(out: &mut BytesMut, s: &str) {
     out.extend_from_slice(s.as_bytes());
     out.put_u8(0);
+}
+
+/// A queue being translated (`Translator::translate`): the messages read so far,
+/// and the rewritten queue once a message changed.
+pub(super) struct Rewrite<'a> {
+    /// The queue as the client's messages left it.
+    pub(super) src: &'a [u8],
+    /// The queue rewritten, up to `copied` of `src`; `None` while nothing changed.
+    pub(super) out: Option<BytesMut>,
+    /// The buffer `out` starts from.
+    pub(super) spare: BytesMut,
+    /// How much of `src` is in `out` (or is replaced there).
+    pub(super) copied: usize,
+    /// The message being translated starts here.
+    pub(super) at: usize,
+}
+
+impl Rewrite<'_> {
+    /// Where what replaces or precedes the current message is written: the
+    /// rewritten queue, brought up to the current message first.
+    pub(super) fn out(&mut self) -> &mut BytesMut {
+        let out = self
+            .out
+            .get_or_insert_with(|| std::mem::take(&mut self.spare));
+        out.extend_from_slice(&self.src[self.copied..self.at]);
+        self.copied = self.at;
+        out
+    }
 }

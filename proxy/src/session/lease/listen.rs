@@ -33,7 +33,7 @@ pub(super) enum ListenCommand {
 }
 
 impl ListenCommand {
-    fn tag(&self) -> &'static str {
+    pub(super) fn tag(&self) -> &'static str {
         match self {
             ListenCommand::Listen(_) => "LISTEN",
             ListenCommand::Unlisten(_) => "UNLISTEN",
@@ -49,12 +49,14 @@ pub(super) fn mentions_listen(sql: &str) -> bool {
     head.starts_with("listen") || head.starts_with("unlisten")
 }
 
-/// Whether `sql` mentions LISTEN anywhere, in any case (no allocation: this runs on
-/// every Parse).
+/// Whether `sql` mentions LISTEN anywhere, in any case (no allocation, and one
+/// memchr pass for its first letter: this runs on every Parse).
 pub(super) fn contains_listen(sql: &str) -> bool {
-    sql.as_bytes()
-        .windows(6)
-        .any(|w| w.eq_ignore_ascii_case(b"listen"))
+    let text = sql.as_bytes();
+    memchr::memchr2_iter(b'l', b'L', text).any(|at| {
+        text.get(at..at + 6)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"listen"))
+    })
 }
 
 /// The one LISTEN/UNLISTEN statement `sql` is, if it is exactly one in a form read
@@ -252,7 +254,7 @@ fn take(queue: &mut BytesMut, served: &Served, learn: &mut dyn FnMut(&[u8])) {
 /// The session's listening: its subscription to the database's hub (made at the
 /// first LISTEN) and the request waiting for the hub's answer.
 pub(super) struct Listening {
-    sub: Subscription,
+    pub(super) sub: Subscription,
     pending: Option<(Served, Answer)>,
     /// Simple Queries mentioning LISTEN taken from the client and not answered here
     /// yet: while any is, what goes to a server connection is checked for them.
@@ -260,6 +262,14 @@ pub(super) struct Listening {
     /// The client prepared a LISTEN/UNLISTEN statement (extended protocol): every
     /// queue toward upstream is checked for its execution from now on.
     pub(super) prepared: bool,
+    /// LISTEN/UNLISTEN run inside the transaction block now open (answered by
+    /// spillway), for the listener when the block commits; dropped at ROLLBACK.
+    pub(super) in_tx: Vec<ListenCommand>,
+    /// Their requests to the hub at COMMIT, which waits for them.
+    pub(super) committing: Vec<Answer>,
+    /// PostgreSQL answered COMMIT (`true`) or ROLLBACK in the block: settled at its
+    /// ReadyForQuery if that says the block ended.
+    pub(super) answered_end: Option<bool>,
 }
 
 impl Listening {
@@ -269,6 +279,9 @@ impl Listening {
             pending: None,
             unanswered: 0,
             prepared: false,
+            in_tx: Vec::new(),
+            committing: Vec::new(),
+            answered_end: None,
         }
     }
 
@@ -342,6 +355,78 @@ impl Listening {
         room: usize,
     ) -> bool {
         self.sub.poll_deliver(cx, out, room)
+    }
+}
+
+impl super::Lease {
+    /// Transaction mode: a LISTEN/UNLISTEN at the head of the queue, outside a
+    /// transaction and with no connection leased, served by the database's listener
+    /// connection (`Some`: answered, read as PostgreSQL's answer, or waiting for the
+    /// listener). Where one goes to a server connection instead (inside a transaction,
+    /// behind other requests), the session keeps that connection (pinned), so the
+    /// notifications reach it there.
+    pub(super) fn poll_listen(
+        &mut self,
+        queue: &mut BytesMut,
+        tx: super::TxView,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<()>> {
+        let idle = tx.status == b'I';
+        let p = self.pooled.as_deref_mut()?;
+        let l = p.listening.as_mut()?;
+        if l.unanswered == 0 && !l.prepared && !l.is_pending() && !l.in_transaction() {
+            return None;
+        }
+        if idle {
+            // Outside a transaction block: what a block kept and never saw end by a
+            // COMMIT or ROLLBACK read here (ended another way) is dropped.
+            l.end_transaction();
+        } else if p.leased.is_some() && !p.pinned {
+            // Inside one: LISTEN/UNLISTEN kept for its COMMIT (ADR 0033).
+            let alone = tx.awaiting == 1;
+            if let Some(r) = l.poll_in_tx(queue, &mut self.conn.inbuf, tx.status, alone, cx) {
+                return Some(r);
+            }
+        }
+        let mut learnt: Option<Vec<u8>> = None;
+        let served = {
+            let translator = &p.translator;
+            let sql_of = |name: &str| {
+                translator
+                    .as_ref()
+                    .and_then(|t| t.statement_sql(name))
+                    .map(str::to_owned)
+            };
+            // Without a translator (`pool.max_prepared_statements = 0`) a statement
+            // answered here would be missing on the connection that binds it later:
+            // only simple Queries are served then.
+            let servable =
+                translator.is_some() || l.is_pending() || queue.first() == Some(&frontend::QUERY);
+            let served =
+                if servable && idle && p.leased.is_none() && p.acquiring.is_none() && !p.pinned {
+                    l.poll_serve(
+                        queue,
+                        &mut self.conn.inbuf,
+                        &sql_of,
+                        &mut |parse| learnt = Some(parse.to_vec()),
+                        cx,
+                    )
+                } else {
+                    None
+                };
+            if served.is_none() && !l.is_pending() && queue_mentions_listen(queue, &sql_of) {
+                tracing::debug!(
+                    "session pinned to its server connection by a LISTEN it runs there"
+                );
+                p.pinned = true;
+                l.unanswered = 0;
+            }
+            served
+        };
+        if let (Some(parse), Some(t)) = (learnt, p.translator.as_mut()) {
+            t.remember_parse(&parse);
+        }
+        served
     }
 }
 

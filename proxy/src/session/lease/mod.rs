@@ -38,22 +38,26 @@ use bytes::{Bytes, BytesMut};
 
 use super::GaugeGuard;
 use crate::error::SessionError;
-use crate::net::cancel::{CancelKey, CancelRegistry, EntryId};
+use crate::net::cancel::{CancelKey, CancelRegistry, EntryId, LeaseSlot};
 use crate::net::conn::Conn;
 use crate::net::pool::{Leased, Pool};
 use crate::net::stream::Stream;
 use crate::net::upstream::{Canceller, Connector};
 use crate::protocol::frontend;
-use crate::protocol::prepared::{Reply, ServerStatements, Translator};
+use crate::protocol::prepared::Translator;
 
+mod filter;
 mod listen;
+mod listen_tx;
 mod pooled;
 mod settings;
 use crate::net::notify::Hub;
 use crate::protocol::startup::StartupMessage;
 use crate::read::cache::ReadCache;
-use pooled::{PINNING_SQL, Pooled};
-use settings::{SessionSet, set_statement};
+pub use filter::Filter;
+use listen::Listening;
+pub use listen_tx::TxView;
+use pooled::{Acquiring, PINNING_SQL, Pooled};
 
 /// `application_name` of a probe's backend, so an operator can tell it apart.
 const PROBE_APP: &str = "spillway probe";
@@ -78,6 +82,9 @@ pub struct Lease {
     probe_startup: Bytes,
     /// Transaction mode: the pool and what is leased from it now.
     pooled: Option<Box<Pooled>>,
+    /// Transaction mode: where the cancel registry finds the key of the connection
+    /// leased now.
+    slot: Option<Arc<LeaseSlot>>,
 }
 
 impl Lease {
@@ -105,6 +112,7 @@ impl Lease {
             connector,
             probe_startup: probe_startup(startup),
             pooled: None,
+            slot: None,
         }
     }
 
@@ -130,10 +138,12 @@ impl Lease {
             gauge: None,
             connector,
             probe_startup: probe_startup(startup),
+            slot: key.slot.clone(),
             pooled: Some(Box::new(Pooled {
                 pool,
                 leased: None,
                 acquiring: None,
+                inert_parse: Vec::new(),
                 translator: (max_prepared > 0).then(|| Translator::new(max_prepared)),
                 translated: 0,
                 replay_due: false,
@@ -171,25 +181,37 @@ impl Lease {
         if p.leased.is_some() {
             return Poll::Ready(Ok(()));
         }
-        let pool = p.pool.clone();
-        let acquiring = p
-            .acquiring
-            .get_or_insert_with(|| Box::pin(async move { pool.acquire().await }));
-        let leased = match acquiring.as_mut().poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(r) => r,
+        let leased = match p.acquiring.as_mut() {
+            Some(acquiring) => match acquiring.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => {
+                    p.acquiring = None;
+                    r?
+                }
+            },
+            // A free permit and an idle connection: leased at once, no future.
+            None => match p.pool.try_acquire() {
+                Ok(leased) => leased,
+                Err(permit) => {
+                    let mut acquiring: Acquiring = Box::pin(p.pool.clone().acquire_waiting(permit));
+                    match acquiring.as_mut().poll(cx) {
+                        Poll::Pending => {
+                            p.acquiring = Some(acquiring);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(r) => r?,
+                    }
+                }
+            },
         };
-        p.acquiring = None;
-        let leased = leased?;
         if let Some(key) = leased.key() {
             // A notification this connection sends shows this client's pid.
             p.hub.senders().leased(key.pid, self.client_pid);
-            self.cancel
-                .attach(self.client_pid, self.cancel_id, Some(key.clone()));
-            self.canceller = Some(Canceller {
-                connector: self.connector.clone(),
-                key: key.clone(),
-            });
+            // Cancels go to this connection now (the canceller for a query left
+            // running is made from the lease when needed, `cancel_running`).
+            if let Some(slot) = &self.slot {
+                slot.set(Some(key.clone()));
+            }
         }
         p.leased = Some(leased);
         p.translated = 0;
@@ -206,10 +228,11 @@ impl Lease {
     pub fn poll_pooled(
         &mut self,
         queue: &mut BytesMut,
-        idle: bool,
+        tx: TxView,
         cx: &mut Context<'_>,
     ) -> Poll<Result<bool, SessionError>> {
-        if let Some(served) = self.poll_listen(queue, idle, cx) {
+        let idle = tx.status == b'I';
+        if let Some(served) = self.poll_listen(queue, tx, cx) {
             return served.map(|()| Ok(true));
         }
         if idle && self.answer_locally(queue) {
@@ -222,65 +245,6 @@ impl Lease {
         // Named statements under the leased connection's names (ADR 0028).
         self.translate(queue);
         acquired.map(|r| r.map(|()| false))
-    }
-
-    /// Transaction mode: a LISTEN/UNLISTEN at the head of the queue, outside a
-    /// transaction and with no connection leased, served by the database's listener
-    /// connection (`Some`: answered, read as PostgreSQL's answer, or waiting for the
-    /// listener). Where one goes to a server connection instead (inside a transaction,
-    /// behind other requests), the session keeps that connection (pinned), so the
-    /// notifications reach it there.
-    fn poll_listen(
-        &mut self,
-        queue: &mut BytesMut,
-        idle: bool,
-        cx: &mut Context<'_>,
-    ) -> Option<Poll<()>> {
-        let p = self.pooled.as_deref_mut()?;
-        let l = p.listening.as_mut()?;
-        if l.unanswered == 0 && !l.prepared && !l.is_pending() {
-            return None;
-        }
-        let mut learnt: Option<Vec<u8>> = None;
-        let served = {
-            let translator = &p.translator;
-            let sql_of = |name: &str| {
-                translator
-                    .as_ref()
-                    .and_then(|t| t.statement_sql(name))
-                    .map(str::to_owned)
-            };
-            // Without a translator (`pool.max_prepared_statements = 0`) a statement
-            // answered here would be missing on the connection that binds it later:
-            // only simple Queries are served then.
-            let servable =
-                translator.is_some() || l.is_pending() || queue.first() == Some(&frontend::QUERY);
-            let served =
-                if servable && idle && p.leased.is_none() && p.acquiring.is_none() && !p.pinned {
-                    l.poll_serve(
-                        queue,
-                        &mut self.conn.inbuf,
-                        &sql_of,
-                        &mut |parse| learnt = Some(parse.to_vec()),
-                        cx,
-                    )
-                } else {
-                    None
-                };
-            if served.is_none() && !l.is_pending() && listen::queue_mentions_listen(queue, &sql_of)
-            {
-                tracing::debug!(
-                    "session pinned to its server connection by a LISTEN it runs there"
-                );
-                p.pinned = true;
-                l.unanswered = 0;
-            }
-            served
-        };
-        if let (Some(parse), Some(t)) = (learnt, p.translator.as_mut()) {
-            t.remember_parse(&parse);
-        }
-        served
     }
 
     /// Transaction mode: notifications for the session's client from the listener
@@ -359,6 +323,15 @@ impl Lease {
         cx: &mut Context<'_>,
     ) -> std::io::Result<()> {
         let queued = queue.len();
+        if self
+            .pooled
+            .as_deref()
+            .and_then(|p| p.listening.as_ref())
+            .is_some_and(Listening::holds_commit)
+        {
+            // A COMMIT waits for the listener to take the LISTENs of its transaction.
+            return Ok(());
+        }
         if let Some(server) = self.server() {
             crate::net::conn::poll_drain(&mut server.stream, queue, cx)?;
         }
@@ -374,7 +347,9 @@ impl Lease {
     /// ([`Lease::answer_locally`]), if any.
     pub fn server_filtered(&mut self) -> Option<(&mut Conn, Option<Filter<'_>>)> {
         match self.pooled.as_deref_mut() {
-            Some(p) if p.leased.is_none() => {
+            // Answers of spillway's first (a LISTEN inside a transaction block is
+            // answered while a connection is leased, with nothing outstanding there).
+            Some(p) if p.leased.is_none() || !self.conn.inbuf.is_empty() => {
                 (!self.conn.inbuf.is_empty()).then_some((&mut self.conn, None))
             }
             Some(p) => {
@@ -384,6 +359,7 @@ impl Lease {
                     server,
                     swallow: &mut p.swallow,
                     hub: &p.hub,
+                    listening: p.listening.as_mut().filter(|l| l.keeps()),
                 };
                 Some((conn, Some(filter)))
             }
@@ -393,46 +369,34 @@ impl Lease {
 
     /// Transaction mode: notes what a client message means for pinning (SQL whose
     /// effect outlives the transaction; named statements prepared and closed when
-    /// they are not carried across leases).
+    /// they are not carried across leases). A Query or Parse is read once here and its
+    /// text handed to each check.
     pub fn observe(&mut self, msg: &[u8]) {
         let Some(p) = self.pooled.as_deref_mut() else {
             return;
         };
         let body = frontend::body(msg);
-        let cache = p.cache.clone();
-        let classify = |sql: &str| match &cache {
-            Some(c) => c.classifier.classify(sql),
-            None => Arc::new(crate::read::classify::analyze(sql)),
-        };
-        if matches!(msg[0], frontend::QUERY | frontend::PARSE)
-            && let Some(set) = set_statement(msg[0], body, &classify)
-        {
-            p.settings_dirty = true;
-            match set {
-                SessionSet::Pin => {
-                    tracing::debug!(
-                        "session pinned to its server connection by a SET among other statements"
-                    );
-                    p.pinned = true;
-                }
-                SessionSet::Set(name, sql) => {
-                    p.settings.retain(|(n, _)| *n != name);
-                    p.settings.push((name, sql));
-                }
-                SessionSet::Reset(name) => p.settings.retain(|(n, _)| *n != name),
-                SessionSet::ResetAll => p.settings.clear(),
-            }
-        }
-        if msg[0] == frontend::PARSE
-            && let Some(parse) = frontend::parse(body)
-            && listen::contains_listen(parse.sql)
-        {
-            p.observe_listen_parse(parse.sql);
-        }
         match msg[0] {
-            frontend::PARSE if p.translator.is_none() => {
-                if let Some(parse) = frontend::parse(body).filter(|p| !p.name.is_empty()) {
+            frontend::PARSE => {
+                if p.translator.is_some() && body == &p.inert_parse[..] {
+                    // The same Parse as one that meant nothing here (a driver's
+                    // unnamed statement, parsed again for every execution).
+                    return;
+                }
+                let Some(parse) = frontend::parse(body) else {
+                    return;
+                };
+                let set = p.observe_set(parse.sql);
+                let listens = listen::contains_listen(parse.sql);
+                if listens {
+                    p.observe_listen_parse(parse.sql);
+                }
+                if p.translator.is_none() && !parse.name.is_empty() {
                     p.statements.insert(parse.name.to_owned());
+                }
+                if !set && !listens {
+                    p.inert_parse.clear();
+                    p.inert_parse.extend_from_slice(body);
                 }
             }
             frontend::CLOSE if p.translator.is_none() => {
@@ -442,6 +406,7 @@ impl Lease {
             }
             frontend::QUERY => {
                 let sql = frontend::query(body).unwrap_or_default();
+                p.observe_set(sql);
                 let lower = sql.to_ascii_lowercase();
                 if lower.contains("listen") {
                     p.observe_listen(sql);
@@ -482,8 +447,9 @@ impl Lease {
                 }
             }
             p.translated = 0;
-            self.canceller = None;
-            self.cancel.attach(self.client_pid, self.cancel_id, None);
+            if let Some(slot) = &self.slot {
+                slot.set(None);
+            }
             leased.release_with(reset);
         }
     }
@@ -520,8 +486,9 @@ impl Lease {
             // when it next needs one.
             tracing::debug!(%cause, "pooled server connection lost");
             p.leased = None;
-            self.canceller = None;
-            self.cancel.attach(self.client_pid, self.cancel_id, None);
+            if let Some(slot) = &self.slot {
+                slot.set(None);
+            }
             return;
         }
         self.conn.stream = Stream::Detached;
@@ -534,6 +501,20 @@ impl Lease {
 
     /// Cancels what runs upstream (once): nobody will read its answer.
     pub fn cancel_running(&mut self) {
+        if let Some(key) = self
+            .pooled
+            .as_deref_mut()
+            .and_then(|p| p.leased.as_ref())
+            .and_then(Leased::key)
+        {
+            // Transaction mode: the connection leased now runs it.
+            Canceller {
+                connector: self.connector.clone(),
+                key: key.clone(),
+            }
+            .spawn();
+            return;
+        }
         if let Some(canceller) = self.canceller.take() {
             canceller.spawn();
         }
@@ -546,47 +527,6 @@ impl Lease {
         let connector = self.connector.clone();
         let startup = self.probe_startup.clone();
         async move { connector.accepts_sessions(&startup).await }
-    }
-}
-
-/// What the relay does with backend messages of a pooled connection before the
-/// handler sees them: answers to statements spillway prepared there are swallowed.
-pub struct Filter<'a> {
-    t: Option<&'a mut Translator>,
-    server: &'a mut ServerStatements,
-    swallow: &'a mut u32,
-    hub: &'a Hub,
-}
-
-impl Filter<'_> {
-    /// A NotificationResponse on the leased connection (a pinned session's own
-    /// LISTEN) carries the sender's server pid: the sending client's spillway pid when
-    /// the sender is a pooled connection (rewritten in place).
-    pub fn map_notification_pid(&self, msg: &mut [u8]) {
-        if msg.first() != Some(&b'A') {
-            return;
-        }
-        let Some(pid) = msg.get(5..9).and_then(|b| <[u8; 4]>::try_from(b).ok()) else {
-            return;
-        };
-        if let Some(client) = self.hub.senders().client_pid(i32::from_be_bytes(pid)) {
-            msg[5..9].copy_from_slice(&client.to_be_bytes());
-        }
-    }
-
-    pub fn on_backend(&mut self, tag: u8) -> Reply {
-        if *self.swallow > 0 {
-            // The answers to the session's settings replayed (an error among them
-            // too: the setting then stays as the connection had it).
-            if tag == b'Z' {
-                *self.swallow -= 1;
-            }
-            return Reply::Swallow;
-        }
-        match self.t.as_deref_mut() {
-            Some(t) => t.on_backend(tag, self.server),
-            None => Reply::Pass,
-        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use super::listen::{self, Listening};
+use super::settings::{SessionSet, set_statement};
 use crate::error::SessionError;
 use crate::net::notify::Hub;
 use crate::net::pool::{Leased, Pool};
@@ -20,8 +21,12 @@ pub(super) type Acquiring = Pin<Box<dyn Future<Output = Result<Leased, SessionEr
 pub(super) struct Pooled {
     pub(super) pool: Arc<Pool>,
     pub(super) leased: Option<Leased>,
-    /// A wait for a connection, while one runs.
+    /// A wait for a connection, while one runs (only when none could be leased at
+    /// once).
     pub(super) acquiring: Option<Acquiring>,
+    /// The body of the last Parse that was neither a SET nor a LISTEN: the same one
+    /// again is not read again ([`Lease::observe`](super::Lease::observe)).
+    pub(super) inert_parse: Vec<u8>,
     /// Named prepared statements carried across leases (`protocol/prepared/`);
     /// `None` with `pool.max_prepared_statements = 0`.
     pub(super) translator: Option<Translator>,
@@ -93,6 +98,36 @@ impl Pooled {
 }
 
 impl Pooled {
+    /// The text of a simple Query or a Parse: a session-level `SET` or `RESET` is
+    /// remembered for the replay (or pins the session, `settings.rs`); true if it was
+    /// one.
+    pub(super) fn observe_set(&mut self, sql: &str) -> bool {
+        let cache = self.cache.as_deref();
+        let classify = |sql: &str| match cache {
+            Some(c) => c.classifier.classify(sql),
+            None => Arc::new(crate::read::classify::analyze(sql)),
+        };
+        let Some(set) = set_statement(sql, &classify) else {
+            return false;
+        };
+        self.settings_dirty = true;
+        match set {
+            SessionSet::Pin => {
+                tracing::debug!(
+                    "session pinned to its server connection by a SET among other statements"
+                );
+                self.pinned = true;
+            }
+            SessionSet::Set(name, sql) => {
+                self.settings.retain(|(n, _)| *n != name);
+                self.settings.push((name, sql));
+            }
+            SessionSet::Reset(name) => self.settings.retain(|(n, _)| *n != name),
+            SessionSet::ResetAll => self.settings.clear(),
+        }
+        true
+    }
+
     /// A Parse that mentions LISTEN: one LISTEN/UNLISTEN may be executed through the
     /// listener connection (a later cycle at the queue's head, [`Lease::poll_pooled`]);
     /// anything else pins.

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use crate::protocol::frontend;
 use crate::read::classify::{Analysis, Kind, SessionCommand};
 
 /// A session-level `SET` or `RESET` (what transaction mode replays).
@@ -24,16 +23,13 @@ pub(super) enum SessionSet {
 /// is on, else a parse of its own.
 pub(super) type Classify<'a> = &'a dyn Fn(&str) -> Arc<Analysis>;
 
-/// The session-level `SET` or `RESET` a simple Query or a Parse carries: a `SET`
-/// (not `SET LOCAL`, `SET TRANSACTION`, `SET SESSION CHARACTERISTICS`) or `RESET` alone
-/// in its text. `SET ROLE`/`SET SESSION AUTHORIZATION` are not one (they pin the
-/// session, `PINNING_SQL`). Only texts that start with SET, RESET or a comment, or
-/// hold several statements and mention SET, are analysed.
-pub(super) fn set_statement(tag: u8, body: &[u8], classify: Classify<'_>) -> Option<SessionSet> {
-    let sql = match tag {
-        frontend::QUERY => frontend::query(body)?,
-        _ => frontend::parse(body)?.sql,
-    };
+/// The session-level `SET` or `RESET` the text of a simple Query or a Parse carries:
+/// a `SET` (not `SET LOCAL`, `SET TRANSACTION`, `SET SESSION CHARACTERISTICS`) or
+/// `RESET` alone in its text. `SET ROLE`/`SET SESSION AUTHORIZATION` are not one
+/// (they pin the session, `PINNING_SQL`). Only texts that start with SET, RESET or a
+/// comment, or hold several statements and mention SET, are analysed. The caller read
+/// the message once and passes its text.
+pub(super) fn set_statement(sql: &str, classify: Classify<'_>) -> Option<SessionSet> {
     // Decided from bytes, without a copy: this runs for every Query and Parse.
     let text = sql.trim_start().as_bytes();
     let head = &text[..text.len().min(5)];
@@ -98,7 +94,7 @@ mod tests {
     fn set(sql: &str) -> Option<SessionSet> {
         let msg = frontend::query_message(sql);
         let classify = |sql: &str| Arc::new(crate::read::classify::analyze(sql));
-        set_statement(frontend::QUERY, frontend::body(&msg), &classify)
+        set_statement(frontend::query(frontend::body(&msg))?, &classify)
     }
 
     #[test]
@@ -106,7 +102,8 @@ mod tests {
         let parse = |name: &str, sql: &str| {
             let msg = frontend::build::parse(name, sql, &[]);
             let classify = |sql: &str| Arc::new(crate::read::classify::analyze(sql));
-            set_statement(frontend::PARSE, frontend::body(&msg), &classify)
+            let parse = frontend::parse(frontend::body(&msg))?;
+            set_statement(parse.sql, &classify)
         };
         assert_eq!(
             parse("s1", "  \n reset work_mem"),

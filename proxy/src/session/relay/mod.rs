@@ -330,8 +330,12 @@ impl Relay {
         let skip_upstream = std::mem::take(&mut self.upstream_unready) && !self.lease.is_pooled();
         let probing = self.ending.is_some();
         if self.lease.is_pooled() && !self.out.to_upstream().is_empty() {
-            let idle = self.out.state().tx_status == b'I';
-            match self.lease.poll_pooled(self.out.to_upstream(), idle, cx) {
+            let state = self.out.state();
+            let tx = super::lease::TxView {
+                status: state.tx_status,
+                awaiting: state.awaiting_ready,
+            };
+            match self.lease.poll_pooled(self.out.to_upstream(), tx, cx) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 // Answered without a server connection: read as PostgreSQL's answers.
                 Poll::Ready(Ok(true)) => {
@@ -471,6 +475,9 @@ impl Relay {
                     return Ok(Some((cause, fatal)));
                 }
                 self.server_fatal = Some(backend::describe_error(&msg[Header::SIZE..]));
+            }
+            if let Some(f) = filter.as_mut() {
+                f.watch(h.tag, msg);
             }
             let reply = filter.as_mut().map_or(Reply::Pass, |f| f.on_backend(h.tag));
             let Some(msg) = reply.apply(msg) else {
