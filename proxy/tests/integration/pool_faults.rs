@@ -363,12 +363,12 @@ async fn console(p: &Pooled) -> tokio_postgres::Client {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_lets_transactions_in_flight_finish_and_resume_lets_the_waiting_go_on() {
+/// A pool of 2 with `pool_extra` and the admin console on.
+async fn start_with_console(pool_extra: &str) -> Pooled {
     let verifier = crate::admin::hash_password(crate::admin::PASSWORD);
-    let p = start_with(
+    start_with(
         2,
-        "queue_timeout = \"2s\"",
+        pool_extra,
         &plain_line(),
         &format!(
             "[admin]\nusers = [\"{}\"]\npassword = \"{verifier}\"\n",
@@ -376,7 +376,12 @@ async fn pause_lets_transactions_in_flight_finish_and_resume_lets_the_waiting_go
         ),
         PASSWORD,
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_lets_transactions_in_flight_finish_and_resume_lets_the_waiting_go_on() {
+    let p = start_with_console("queue_timeout = \"2s\"").await;
     let pid = "SELECT pg_backend_pid()";
     let a = p.client().await;
     let b = p.client().await;
@@ -452,18 +457,7 @@ async fn pause_lets_transactions_in_flight_finish_and_resume_lets_the_waiting_go
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_closes_connections_as_their_transactions_end_and_wait_close_waits_for_it() {
-    let verifier = crate::admin::hash_password(crate::admin::PASSWORD);
-    let p = start_with(
-        2,
-        "",
-        &plain_line(),
-        &format!(
-            "[admin]\nusers = [\"{}\"]\npassword = \"{verifier}\"\n",
-            crate::admin::ADMIN
-        ),
-        PASSWORD,
-    )
-    .await;
+    let p = start_with_console("").await;
     let pid = "SELECT pg_backend_pid()";
     let a = p.client().await;
     let b = p.client().await;

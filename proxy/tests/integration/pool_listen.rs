@@ -568,16 +568,8 @@ async fn listen_in_a_transaction_block_takes_effect_at_commit_through_the_listen
     assert_eq!(backends(&p, "spillway listener").await, 1);
     // Not pinned: another client's transaction holds one connection, the sender the
     // other (a pinned client would hold one, and the sender would wait out the queue).
-    let other = p.client().await;
-    run(&other, "BEGIN").await;
-    other
-        .simple_query("SELECT pg_backend_pid()")
-        .await
-        .expect("other's lease");
-    sender
-        .simple_query("SELECT pg_backend_pid()")
-        .await
-        .expect("a's transaction left no connection pinned");
+    let other =
+        both_connections_free(&p, &sender, "a's transaction left no connection pinned").await;
     run(&other, "COMMIT").await;
     // UNLISTEN in a block: rolled back it changes nothing, committed it stops delivery.
     for sql in ["BEGIN", "UNLISTEN kept", "ROLLBACK"] {
@@ -627,6 +619,17 @@ async fn a_block_ended_in_another_form_settles_its_listen_by_postgresqls_answer(
     run(&sender, "NOTIFY dropped, 'never'").await;
     nothing_within(&mut a_rx, Duration::from_millis(300), "rolled back").await;
     // Not pinned all along: both connections usable by others at once.
+    both_connections_free(&p, &sender, "no connection pinned").await;
+}
+
+/// Nothing is pinned on the pool of two: another client's open transaction holds
+/// one connection and `sender` still gets the other (a pinned client would hold one,
+/// and `sender` would wait out the queue). Returns that other client, in its block.
+async fn both_connections_free(
+    p: &Pooled,
+    sender: &tokio_postgres::Client,
+    what: &str,
+) -> tokio_postgres::Client {
     let other = p.client().await;
     run(&other, "BEGIN").await;
     other
@@ -636,5 +639,6 @@ async fn a_block_ended_in_another_form_settles_its_listen_by_postgresqls_answer(
     sender
         .simple_query("SELECT pg_backend_pid()")
         .await
-        .expect("no connection pinned");
+        .expect(what);
+    other
 }
