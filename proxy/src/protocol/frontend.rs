@@ -32,11 +32,6 @@ struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
     fn cstr(&mut self) -> Option<&'a str> {
-        // The unnamed portal and statement, in nearly every Bind and Execute: no search.
-        if let Some((&0, rest)) = self.0.split_first() {
-            self.0 = rest;
-            return Some("");
-        }
         // A statement or portal name is short: looked for in line before `memchr`,
         // whose set-up costs more than a few bytes' search (a Parse's text is long).
         let end = match self.0.iter().take(16).position(|&b| b == 0) {
