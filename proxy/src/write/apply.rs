@@ -12,6 +12,11 @@
 //! - A batch commits whole (ledger advance, applied records, dead letters) or not at
 //!   all; the caller may retry a batch whose outcome it does not know, because the
 //!   ledger says whether it committed.
+//! - Its transaction is opened in one round trip (BEGIN, the durable COMMIT and the
+//!   ledger's compare-and-set in one simple Query, [`open_batch`]), so a flush costs
+//!   PostgreSQL's link two round trips plus one per set-based statement; whatever
+//!   fails on the way, the connection leaves the transaction before `apply_batch`
+//!   returns.
 //! - A batch's COMMIT is durable when it returns, even on a server whose default is
 //!   `synchronous_commit = off`.
 //! - A record (one statement or one client transaction) is never split: bisection
@@ -287,13 +292,42 @@ pub async fn apply_batch(
         seq: batch.first().map_or(0, |(s, _)| *s),
         reason: e.to_string(),
     })?;
-    let mut tx = conn.begin().await.map_err(transient)?;
-    durable_commit(&mut tx).await?;
-    advance_ledger(&mut tx, key, applied_through, last).await?;
+    let cas = LedgerCas {
+        key,
+        from: applied_through,
+        to: last,
+    };
+    open_batch(conn, &cas).await?;
+    let outcome = apply_open(conn, &cas, batch, tables, &coalesced, &groups).await;
+    if outcome.is_err() {
+        // Whatever failed, the connection leaves the batch's transaction (a no-op when
+        // it is gone or already out of it).
+        let _ = exec(conn, "ROLLBACK").await;
+    }
+    outcome
+}
+
+/// The ledger's compare-and-set of one batch: from the last sequence number applied
+/// to the batch's last.
+struct LedgerCas<'a> {
+    key: &'a LedgerKey,
+    from: u64,
+    to: u64,
+}
+
+/// The batch inside the transaction [`open_batch`] began, up to its COMMIT.
+async fn apply_open(
+    conn: &mut PgConnection,
+    cas: &LedgerCas<'_>,
+    batch: &[(u64, Arc<Record>)],
+    tables: &HashMap<String, TableMeta>,
+    coalesced: &[(u64, Arc<Record>)],
+    groups: &[Group],
+) -> Result<Flushed, ApplyError> {
     let mut applied = Flushed::default();
     let mut failed = None;
-    for group in &groups {
-        match run_group(&mut tx, group, &coalesced, &mut applied).await {
+    for group in groups {
+        match run_group(conn, group, coalesced, &mut applied).await {
             Ok(()) => {}
             Err(e) if is_transient(&e) => return Err(transient(e)),
             Err(e) => {
@@ -317,62 +351,70 @@ pub async fn apply_batch(
         // Start over with bisection: savepoints isolate the records PostgreSQL refuses.
         // It works on the records as journaled, not coalesced, so a record is still
         // applied or refused whole and its dead letter names what the client sent.
-        tx.rollback().await.map_err(transient)?;
-        let mut tx = conn.begin().await.map_err(transient)?;
-        durable_commit(&mut tx).await?;
-        advance_ledger(&mut tx, key, applied_through, last).await?;
+        exec(conn, "ROLLBACK").await?;
+        open_batch(conn, cas).await?;
         applied = Flushed::default();
-        bisect(&mut tx, batch, tables, &mut applied).await?;
-        record_dead_letters(&mut tx, key, &applied.dead_letters).await?;
-        tx.commit().await.map_err(transient)?;
-        return Ok(applied);
+        bisect(conn, batch, tables, &mut applied).await?;
     }
-    record_dead_letters(&mut tx, key, &applied.dead_letters).await?;
-    tx.commit().await.map_err(transient)?;
+    record_dead_letters(conn, cas.key, &applied.dead_letters).await?;
+    exec(conn, "COMMIT").await?;
     Ok(applied)
+}
+
+/// Begins a batch's transaction in one round trip: BEGIN, the durable COMMIT (see
+/// below) and the ledger's compare-and-set from `from` to `to`, sent as one simple
+/// Query (the values as literals: numbers, and the journal's id quoted). On any
+/// failure the transaction is left again before returning; a compare-and-set that
+/// matched no row is [`ApplyError::Fenced`].
+async fn open_batch(conn: &mut PgConnection, cas: &LedgerCas<'_>) -> Result<(), ApplyError> {
+    use futures_util::TryStreamExt;
+    let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let sql = format!(
+        "BEGIN; {DURABLE_COMMIT}; UPDATE spillway.flush_ledger SET last_seq = {to}, \
+         updated_at = pg_catalog.now() WHERE journal_id = {id} AND epoch = {epoch} \
+         AND last_seq = {from}",
+        to = as_i64(cas.to),
+        id = quote_literal(&cas.key.journal_id),
+        epoch = as_i64(cas.key.epoch),
+        from = as_i64(cas.from),
+    );
+    let results: Result<Vec<_>, _> = sqlx::raw_sql(&sql)
+        .execute_many(&mut *conn)
+        .try_collect()
+        .await;
+    let matched = match results {
+        Ok(results) => results
+            .last()
+            .map(sqlx::postgres::PgQueryResult::rows_affected),
+        Err(e) => {
+            let _ = exec(conn, "ROLLBACK").await;
+            return Err(transient(e));
+        }
+    };
+    if matched == Some(1) {
+        Ok(())
+    } else {
+        let _ = exec(conn, "ROLLBACK").await;
+        Err(ApplyError::Fenced {
+            journal_id: cas.key.journal_id.clone(),
+            epoch: cas.key.epoch,
+            expected: cas.from,
+        })
+    }
+}
+
+/// `s` as an SQL string literal whatever `standard_conforming_strings` says: an
+/// escape string, its backslashes and quotes doubled.
+fn quote_literal(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// Makes the transaction's COMMIT wait for its WAL to be flushed where the server's
 /// default is `synchronous_commit = off`: once a batch is in the ledger its records
 /// count as applied (and the journal lets go of them), so a commit that a crash of
 /// PostgreSQL could still undo would lose them. Stronger settings are kept.
-async fn durable_commit(conn: &mut PgConnection) -> Result<(), ApplyError> {
-    exec(
-        conn,
-        "SELECT pg_catalog.set_config('synchronous_commit', 'local', true) \
-         WHERE pg_catalog.current_setting('synchronous_commit') = 'off'",
-    )
-    .await
-}
-
-async fn advance_ledger(
-    conn: &mut PgConnection,
-    key: &LedgerKey,
-    from: u64,
-    to: u64,
-) -> Result<(), ApplyError> {
-    let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let done = sqlx::query(
-        "UPDATE spillway.flush_ledger SET last_seq = $4, updated_at = pg_catalog.now() \
-         WHERE journal_id = $1 AND epoch = $2 AND last_seq = $3",
-    )
-    .bind(key.journal_id.clone())
-    .bind(as_i64(key.epoch))
-    .bind(as_i64(from))
-    .bind(as_i64(to))
-    .execute(&mut *conn)
-    .await
-    .map_err(transient)?;
-    if done.rows_affected() == 1 {
-        Ok(())
-    } else {
-        Err(ApplyError::Fenced {
-            journal_id: key.journal_id.clone(),
-            epoch: key.epoch,
-            expected: from,
-        })
-    }
-}
+const DURABLE_COMMIT: &str = "SELECT pg_catalog.set_config('synchronous_commit', 'local', true) \
+     WHERE pg_catalog.current_setting('synchronous_commit') = 'off'";
 
 /// Runs one set-based statement; UPDATE/DELETE source rows that matched nothing become
 /// dead letters.
@@ -537,4 +579,16 @@ async fn record_dead_letters(
         .map_err(transient)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote_literal;
+
+    #[test]
+    fn a_literal_reads_back_as_the_same_text_whatever_it_holds() {
+        assert_eq!(quote_literal("journal-1"), "E'journal-1'");
+        assert_eq!(quote_literal("it's"), "E'it''s'");
+        assert_eq!(quote_literal(r"a\'b"), r"E'a\\''b'");
+    }
 }

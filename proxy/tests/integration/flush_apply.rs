@@ -12,7 +12,7 @@ use spillway::ops::throwaway::ThrowawayPostgres;
 use spillway::write::apply::{self, ApplyError, LedgerKey};
 use spillway::write::schema;
 use spillway_policies::writes::{Assign, AssignOp, Record, RowOp, TableMeta, Val};
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, PgConnection, Row};
 
 use crate::context::{DB, USER};
 
@@ -158,6 +158,16 @@ async fn batches_apply_once_in_order_and_a_replay_is_refused() {
     // the ledger and changes nothing.
     let again = apply::apply_batch(&mut conn, &key, 0, &batch, &tables).await;
     assert!(matches!(again, Err(ApplyError::Fenced { .. })), "{again:?}");
+    // The refused batch's transaction is left: the connection is back in autocommit
+    // (a statement of its own has its transaction's start time).
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let autocommit: bool =
+        sqlx::raw_sql("SELECT pg_catalog.now() = pg_catalog.statement_timestamp()")
+            .fetch_one(&mut conn)
+            .await
+            .expect("autocommit check")
+            .get(0);
+    assert!(autocommit, "the refused batch left its transaction open");
     assert_eq!(
         pg.psql(DB, "SELECT sum(n) FROM parent")
             .expect("sum")
