@@ -218,22 +218,23 @@ impl ResultCache {
         self.get_key(&self.key(key))
     }
 
-    /// A current entry under a key not built (the hit path), without registering a fill.
-    pub fn get_parts(&self, key: &KeyParts<'_>) -> Option<Arc<CachedResult>> {
-        self.current(key)
+    /// A current entry under a key not built (the hit path), without registering a
+    /// fill; `now`: when the request arrived (an entry expired by then is not served).
+    pub fn get_parts(&self, key: &KeyParts<'_>, now: Instant) -> Option<Arc<CachedResult>> {
+        self.current(key, now)
     }
 
     fn get_key(&self, key: &Key) -> Option<Arc<CachedResult>> {
-        self.current(key)
+        self.current(key, Instant::now())
     }
 
-    fn current(&self, key: &dyn KeyLike) -> Option<Arc<CachedResult>> {
+    fn current(&self, key: &dyn KeyLike, now: Instant) -> Option<Arc<CachedResult>> {
         let entry = self.entries.get(key)?;
         if !entry.result.deps.is_current() {
             self.entries.remove(key);
             self.stats.invalidated.fetch_add(1, Ordering::Relaxed);
             None
-        } else if Instant::now() >= entry.expires {
+        } else if now >= entry.expires {
             self.entries.remove(key);
             self.stats.expired.fetch_add(1, Ordering::Relaxed);
             None

@@ -34,6 +34,12 @@ impl<'a> Reader<'a> {
     fn cstr(&mut self) -> Option<&'a str> {
         // A statement or portal name is short: looked for in line before `memchr`,
         // whose set-up costs more than a few bytes' search (a Parse's text is long).
+        // The empty name (the unnamed statement and portal, the commonest) costs
+        // neither a search nor a UTF-8 check.
+        if self.0.first() == Some(&0) {
+            self.0 = &self.0[1..];
+            return Some("");
+        }
         let end = match self.0.iter().take(16).position(|&b| b == 0) {
             Some(end) => end,
             None => memchr::memchr(0, self.0)?,

@@ -293,7 +293,7 @@ impl Caching {
         {
             return None;
         }
-        let hit = self.key.get(&self.cache.results, b'Q', &[sql])?;
+        let hit = self.key.get(&self.cache.results, b'Q', &[sql], started)?;
         let rd = hit.row_description.as_ref()?;
         out.answer(rd);
         out.answer(&hit.body);

@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use spillway_policies::cache::{CachedResult, KeyParts, KeyStream, ResultCache};
 
@@ -189,7 +190,13 @@ impl KeyContext {
 
     /// The entry under the key [`KeyContext::key`] would build of `kind` and `parts`
     /// (at most [`MAX_PARTS`]), looked up without building it.
-    pub fn get(&self, cache: &ResultCache, kind: u8, parts: &[&[u8]]) -> Option<Arc<CachedResult>> {
+    pub fn get(
+        &self,
+        cache: &ResultCache,
+        kind: u8,
+        parts: &[&[u8]],
+        now: Instant,
+    ) -> Option<Arc<CachedResult>> {
         let kind = [kind];
         let mut all: [&[u8]; MAX_PARTS + 2] = [&[]; MAX_PARTS + 2];
         all[0] = &self.prefix;
@@ -200,7 +207,7 @@ impl KeyContext {
         for p in &all[1..2 + n] {
             hash.write(p);
         }
-        cache.get_parts(&KeyParts::new(hash.finish(), &all[..2 + n]))
+        cache.get_parts(&KeyParts::new(hash.finish(), &all[..2 + n]), now)
     }
 
     /// As [`KeyContext::get`] with `parts` = `fixed` then `rest`, where `fixed` is the
@@ -214,6 +221,7 @@ impl KeyContext {
         kind: u8,
         fixed: &[&[u8]],
         rest: &[&[u8]],
+        now: Instant,
     ) -> Option<Arc<CachedResult>> {
         let kind = [kind];
         let mut all: [&[u8]; MAX_PARTS + 2] = [&[]; MAX_PARTS + 2];
@@ -237,7 +245,7 @@ impl KeyContext {
         for p in &all[2 + nf..2 + nf + nr] {
             hash.write(p);
         }
-        cache.get_parts(&KeyParts::new(hash.finish(), &all[..2 + nf + nr]))
+        cache.get_parts(&KeyParts::new(hash.finish(), &all[..2 + nf + nr]), now)
     }
 
     /// The key of a request: the prefix, `kind`, then `parts` (built in
@@ -433,19 +441,24 @@ mod tests {
             deps: Deps::default(),
             ttl: std::time::Duration::from_secs(60),
         }));
-        let hit = c.get(&cache, b'X', &parts).expect("found by its parts");
+        let hit = c
+            .get(&cache, b'X', &parts, Instant::now())
+            .expect("found by its parts");
         assert_eq!(&hit.body[..], b"rows");
         // Other bytes, or the same bytes cut elsewhere but another kind, miss.
-        assert!(c.get(&cache, b'Q', &parts).is_none());
+        assert!(c.get(&cache, b'Q', &parts, Instant::now()).is_none());
         assert!(
-            c.get(&cache, b'X', &[b"SELECT $1", b"\0\0\0\x17"])
+            c.get(&cache, b'X', &[b"SELECT $1", b"\0\0\0\x17"], Instant::now())
                 .is_none()
         );
         let cut: [&[u8]; 2] = [b"SELECT $1\0\0", b"\0\x17params"];
-        assert!(c.get(&cache, b'X', &cut).is_some(), "only the bytes count");
+        assert!(
+            c.get(&cache, b'X', &cut, Instant::now()).is_some(),
+            "only the bytes count"
+        );
         // A setting the key is made of changes it.
         c.report("TimeZone", "Europe/Paris");
-        assert!(c.get(&cache, b'X', &parts).is_none());
+        assert!(c.get(&cache, b'X', &parts, Instant::now()).is_none());
     }
 
     #[test]
@@ -471,7 +484,7 @@ mod tests {
         store(&mut c, b"one", b"utc");
         let memo = StmtHash::default();
         let hit = |c: &KeyContext, rest: &[u8]| {
-            c.get_memo(&cache, &memo, b'X', &fixed, &[rest])
+            c.get_memo(&cache, &memo, b'X', &fixed, &[rest], Instant::now())
                 .map(|r| r.body.clone())
         };
         assert_eq!(hit(&c, b"one").as_deref(), Some(&b"utc"[..]));

@@ -44,6 +44,8 @@ pub struct Local {
     /// Only hits count: a miss ends the plan without taking part in any fill (a whole
     /// cycle tried at once, which the message-by-message path then decides).
     probe: bool,
+    /// When the plan began: entries expired by then are not served.
+    now: Instant,
 }
 
 /// One message's part in the plan (small: it is returned for every message held;
@@ -69,8 +71,9 @@ pub enum AtSync {
 
 impl Local {
     /// A plan starting from the client's unnamed statement `unnamed`, in `spare` (the
-    /// last plan's box and answer buffer, reused: starting a plan allocates nothing).
-    fn start(spare: Option<Box<Self>>, unnamed: Option<Arc<Stmt>>) -> Box<Self> {
+    /// last plan's box and answer buffer, reused: starting a plan allocates nothing),
+    /// begun at `now`.
+    fn start(spare: Option<Box<Self>>, unnamed: Option<Arc<Stmt>>, now: Instant) -> Box<Self> {
         let mut plan = spare.unwrap_or_else(|| {
             Box::new(Self {
                 answers: BytesMut::new(),
@@ -82,9 +85,11 @@ impl Local {
                 binds: 0,
                 waiting: None,
                 probe: false,
+                now,
             })
         });
         plan.unnamed = unnamed;
+        plan.now = now;
         plan
     }
 
@@ -131,6 +136,7 @@ impl Caching {
             None if self.cycle.held.is_empty() => Local::start(
                 self.cycle.spare.take(),
                 self.stmts.client_unnamed().cloned(),
+                Instant::now(),
             ),
             // An earlier message of the cycle already ruled the cache out.
             None => return None,
@@ -238,6 +244,7 @@ impl Caching {
         let mut plan = Local::start(
             self.cycle.spare.take(),
             self.stmts.client_unnamed().cloned(),
+            started,
         );
         plan.probe = true;
         let answered = cycle.iter().all(|m| {
@@ -281,6 +288,7 @@ impl Caching {
         let mut plan = Local::start(
             self.cycle.spare.take(),
             self.stmts.client_unnamed().cloned(),
+            Instant::now(),
         );
         let held = std::mem::take(&mut self.cycle.held);
         let mut verdict = Ok(());
@@ -379,10 +387,15 @@ impl Caching {
 
     /// A Bind of the unnamed portal to `statement`: a hit, or the miss that decides.
     fn bind_step(&mut self, plan: &mut Local, statement: &str, params: &[u8]) -> Step {
-        let Some(stmt) = self.bound_statement(plan, statement) else {
+        let found = if statement.is_empty() {
+            plan.unnamed.as_ref()
+        } else {
+            self.stmts.named(statement)
+        };
+        let Some(stmt) = found else {
             return Step::No;
         };
-        if let Some(hit) = self.extended_get(&stmt, params) {
+        if let Some(hit) = self.extended_get(stmt, params, plan.now) {
             plan.bound = Some(hit);
             plan.bound_unnamed = statement.is_empty();
             plan.answers.extend_from_slice(frontend::BIND_COMPLETE);
@@ -391,6 +404,9 @@ impl Caching {
         if plan.probe {
             return Step::No;
         }
+        let Some(stmt) = self.bound_statement(plan, statement) else {
+            return Step::No;
+        };
         // A miss: only a cacheable statement may lead a fill, under the key built.
         if self.decide(&stmt.analysis).cacheable.is_err() {
             return Step::No;

@@ -32,6 +32,7 @@ mod messages;
 mod route;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use spillway_policies::cache::{CachedResult, FillTicket, Lookup};
@@ -483,8 +484,9 @@ impl Caching {
     }
 
     /// The entry under the key [`Caching::extended_key`] builds, looked up without
-    /// building it (`None` too when the statement is not cacheable).
-    fn extended_get(&self, stmt: &Stmt, params: &[u8]) -> Option<Arc<CachedResult>> {
+    /// building it (`None` too when the statement is not cacheable); `now`: when the
+    /// cycle arrived.
+    fn extended_get(&self, stmt: &Stmt, params: &[u8], now: Instant) -> Option<Arc<CachedResult>> {
         if !stmt.analysis.is_cacheable_shape() {
             return None;
         }
@@ -492,7 +494,7 @@ impl Caching {
         let parts = key_parts(stmt, params, &lens);
         let (fixed, rest) = parts.split_at(4);
         self.key
-            .get_memo(&self.cache.results, &stmt.key_hash, b'X', fixed, rest)
+            .get_memo(&self.cache.results, &stmt.key_hash, b'X', fixed, rest, now)
     }
 
     /// Whether `msg` (the cycle holding nothing yet) goes upstream ahead of its cycle:
