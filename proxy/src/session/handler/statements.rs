@@ -28,9 +28,30 @@ pub struct Stmt {
     pub parse_msg: Bytes,
     /// The cache key's hash state through this statement's parts (`extended_get`).
     pub key_hash: StmtHash,
+    /// The statement's part of an extended request's cache key, in one piece (so a
+    /// hit compares it at once): the text and the parameter types, each after its
+    /// length (four bytes, big-endian).
+    pub key_part: Box<[u8]>,
 }
 
 impl Stmt {
+    pub fn new(sql: &str, param_types: &[u8], analysis: Arc<Analysis>, parse_msg: Bytes) -> Self {
+        let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes();
+        let mut key_part = Vec::with_capacity(8 + sql.len() + param_types.len());
+        key_part.extend_from_slice(&len(sql.len()));
+        key_part.extend_from_slice(sql.as_bytes());
+        key_part.extend_from_slice(&len(param_types.len()));
+        key_part.extend_from_slice(param_types);
+        Self {
+            sql: sql.into(),
+            param_types: param_types.into(),
+            analysis,
+            parse_msg,
+            key_hash: StmtHash::default(),
+            key_part: key_part.into(),
+        }
+    }
+
     pub fn same_as(&self, other: &Stmt) -> bool {
         self.sql == other.sql && self.param_types == other.param_types
     }
@@ -243,13 +264,12 @@ mod tests {
     use super::*;
 
     fn stmt(sql: &str) -> Arc<Stmt> {
-        Arc::new(Stmt {
-            sql: sql.into(),
-            param_types: Box::new([]),
-            analysis: Arc::new(crate::read::classify::analyze(sql)),
-            parse_msg: Bytes::copy_from_slice(sql.as_bytes()),
-            key_hash: StmtHash::default(),
-        })
+        Arc::new(Stmt::new(
+            sql,
+            &[],
+            Arc::new(crate::read::classify::analyze(sql)),
+            Bytes::copy_from_slice(sql.as_bytes()),
+        ))
     }
 
     #[test]

@@ -38,7 +38,6 @@ use bytes::Bytes;
 use spillway_policies::cache::{CachedResult, FillTicket, Lookup};
 
 use super::fill::Fill;
-use super::settings::StmtHash;
 use super::statements::Stmt;
 use super::tracker::Expect;
 use super::{Caching, Disposition};
@@ -479,8 +478,7 @@ impl Caching {
         if !stmt.analysis.is_cacheable_shape() {
             return None;
         }
-        let lens = key_lengths(stmt);
-        Some(self.key.key(b'X', &key_parts(stmt, params, &lens)).to_vec())
+        Some(self.key.key(b'X', &[&stmt.key_part, params]).to_vec())
     }
 
     /// The entry under the key [`Caching::extended_key`] builds, looked up without
@@ -490,11 +488,14 @@ impl Caching {
         if !stmt.analysis.is_cacheable_shape() {
             return None;
         }
-        let lens = key_lengths(stmt);
-        let parts = key_parts(stmt, params, &lens);
-        let (fixed, rest) = parts.split_at(4);
-        self.key
-            .get_memo(&self.cache.results, &stmt.key_hash, b'X', fixed, rest, now)
+        self.key.get_memo(
+            &self.cache.results,
+            &stmt.key_hash,
+            b'X',
+            &[&stmt.key_part],
+            &[params],
+            now,
+        )
     }
 
     /// Whether `msg` (the cycle holding nothing yet) goes upstream ahead of its cycle:
@@ -555,33 +556,13 @@ impl Caching {
         {
             return prev.clone();
         }
-        Arc::new(Stmt {
-            sql: p.sql.into(),
-            param_types: p.param_types.into(),
-            analysis: self.cache.classifier.classify(p.sql),
-            parse_msg: Bytes::copy_from_slice(msg),
-            key_hash: StmtHash::default(),
-        })
+        Arc::new(Stmt::new(
+            p.sql,
+            p.param_types,
+            self.cache.classifier.classify(p.sql),
+            Bytes::copy_from_slice(msg),
+        ))
     }
-}
-
-/// The lengths of a statement's text and parameter types, as its key spells them.
-fn key_lengths(stmt: &Stmt) -> [[u8; 4]; 2] {
-    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes();
-    [len(stmt.sql.len()), len(stmt.param_types.len())]
-}
-
-/// An Execute's key after the prefix: the statement (text, parameter types, each
-/// after its length: the first four parts, the same for every Execute of it) and the
-/// Bind's parameters and formats.
-fn key_parts<'a>(stmt: &'a Stmt, params: &'a [u8], lens: &'a [[u8; 4]; 2]) -> [&'a [u8]; 5] {
-    [
-        &lens[0],
-        stmt.sql.as_bytes(),
-        &lens[1],
-        &stmt.param_types,
-        params,
-    ]
 }
 
 /// Queues `msg` upstream: the message being handled is seen by the state machine now,
