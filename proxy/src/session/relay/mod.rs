@@ -48,7 +48,7 @@ use super::handler::{Delivery, Handler};
 use super::lease::Lease;
 use super::state::{Outbox, ProtocolState};
 use crate::error::SessionError;
-use crate::net::conn::{Conn, poll_drain, shrink_if_idle};
+use crate::net::conn::{Conn, ReadWake, poll_drain, shrink_if_idle};
 use crate::net::signal::{Phase, Subscription};
 use crate::protocol::backend;
 use crate::protocol::frame::{Header, peek_header};
@@ -85,12 +85,13 @@ pub struct Relay {
     server_fatal: Option<String>,
     /// Transaction mode: the client sent Terminate (never forwarded to a pool's).
     pooled_terminated: bool,
-    /// Session mode: the last `poll_io` found the server connection not readable and
-    /// returned progress, so the loop polls again within the same task poll. The
-    /// runtime's I/O driver runs only between task polls, so that connection's
-    /// readiness is unchanged and its waker still registered: the next `poll_io`
-    /// skips reading it (a cache hit no longer pays an upstream poll twice).
-    upstream_unready: bool,
+    /// The client's reads, and in session mode the server connection's, each with a
+    /// waker of its own: a side is read only when it may have something (a cache hit
+    /// does not read the server connection; PostgreSQL's answer does not read the
+    /// client's). In transaction mode the server connection changes between
+    /// transactions and the pool checks idle ones, so it is read on every poll.
+    client_reads: ReadWake,
+    upstream_reads: ReadWake,
 }
 
 /// A FATAL that may detach the session, while the relay asks whether PostgreSQL still
@@ -146,7 +147,8 @@ impl Relay {
             ending: None,
             server_fatal: None,
             pooled_terminated: false,
-            upstream_unready: false,
+            client_reads: ReadWake::default(),
+            upstream_reads: ReadWake::default(),
         }
     }
 
@@ -325,9 +327,6 @@ impl Relay {
     /// Ready once at least one read produced bytes or EOF. While a probe runs, only
     /// writes go on.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Progress, SessionError>> {
-        // Only from one poll_io to the very next, and never in transaction mode (the
-        // server connection may change between them).
-        let skip_upstream = std::mem::take(&mut self.upstream_unready) && !self.lease.is_pooled();
         let probing = self.ending.is_some();
         if self.lease.is_pooled() && !self.out.to_upstream().is_empty() {
             let state = self.out.state();
@@ -376,25 +375,28 @@ impl Relay {
             && !self.out.client_terminated()
             && !self.handler.is_blocked()
         {
-            match self.client.poll_fill(cx) {
+            match self.client_reads.poll_fill(&mut self.client, cx) {
                 Poll::Ready(Ok(data)) => progress.client = Some(Read::of(data)),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::ClientIo(e))),
                 Poll::Pending => {}
             }
         }
-        let mut unready = false;
+        let pooled = self.lease.is_pooled();
         if self.out.to_client().len() < WINDOW
-            && !skip_upstream
             && let Some(server) = self.lease.server()
         {
-            match server.poll_fill(cx) {
+            let polled = if pooled {
+                server.poll_fill(cx)
+            } else {
+                self.upstream_reads.poll_fill(server, cx)
+            };
+            match polled {
                 Poll::Ready(Ok(data)) => progress.upstream = Some(Read::of(data)),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionError::UpstreamIo(e))),
-                Poll::Pending => unready = true,
+                Poll::Pending => {}
             }
         }
         if progress.client.is_some() || progress.upstream.is_some() || progress.unblocked {
-            self.upstream_unready = unready;
             Poll::Ready(Ok(progress))
         } else {
             Poll::Pending
