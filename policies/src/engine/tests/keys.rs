@@ -66,13 +66,13 @@ fn del(id: u32) -> Change {
     }
 }
 
-/// A commit of another writer at `lsn`.
-fn commit(lsn: u64, changes: Vec<Change>) -> Commit {
+/// A commit of another writer (`own` false) at `lsn`.
+fn commit(lsn: u64, own: bool, changes: Vec<Change>) -> Commit {
     Commit {
         database: DATABASE.to_owned(),
         lsn,
         xid: 0,
-        own: false,
+        own,
         changes,
     }
 }
@@ -102,7 +102,9 @@ async fn ready(h: &Harness) -> CancellationToken {
     let stop = start_loader(h);
     after(1).await;
     let lsn = h.db().keys.lsn;
-    h.engine.key_index().committed(&commit(lsn, Vec::new()));
+    h.engine
+        .key_index()
+        .committed(&commit(lsn, false, Vec::new()));
     assert_eq!(phase(h), Phase::Ready);
     stop
 }
@@ -158,10 +160,14 @@ async fn a_loading_table_uses_point_reads() {
     after(1).await;
     assert_eq!(h.db().keys.chunks, 1);
     assert_eq!(phase(&h), Phase::Loading, "the stream has not passed 100");
-    h.engine.key_index().committed(&commit(90, Vec::new()));
+    h.engine
+        .key_index()
+        .committed(&commit(90, false, Vec::new()));
     assert_eq!(rows(&h, update("t", 2)).await, 1);
     assert_eq!(reads(&h), 2);
-    h.engine.key_index().committed(&commit(100, Vec::new()));
+    h.engine
+        .key_index()
+        .committed(&commit(100, false, Vec::new()));
     assert_eq!(phase(&h), Phase::Ready);
     assert_eq!(rows(&h, update("t", 3)).await, 1);
     assert_eq!(reads(&h), 2);
@@ -194,7 +200,7 @@ async fn changes_from_the_stream_move_the_answer() {
     let h = harness();
     let _loader = ready(&h).await;
     let sink = h.engine.key_index();
-    sink.committed(&commit(110, vec![ins(500), del(7)]));
+    sink.committed(&commit(110, false, vec![ins(500), del(7)]));
     assert_eq!(rows(&h, update("t", 500)).await, 1);
     assert_eq!(rows(&h, update("t", 7)).await, 0);
     let moved = Change::Update {
@@ -202,11 +208,11 @@ async fn changes_from_the_stream_move_the_answer() {
         key: key(600),
         old_key: Some(key(10)),
     };
-    sink.committed(&commit(120, vec![moved]));
+    sink.committed(&commit(120, false, vec![moved]));
     assert_eq!(rows(&h, update("t", 10)).await, 0);
     assert_eq!(rows(&h, update("t", 600)).await, 1);
     // Inside one transaction the last change to a key counts.
-    sink.committed(&commit(130, vec![ins(700), del(700)]));
+    sink.committed(&commit(130, false, vec![ins(700), del(700)]));
     assert_eq!(rows(&h, update("t", 700)).await, 0);
     assert_eq!(reads(&h), 0);
 }
@@ -221,12 +227,12 @@ async fn table_changes_and_a_lost_stream_fall_back_to_point_reads() {
     let _loader = ready(&h).await;
     let sink = h.engine.key_index();
     h.db().rows.remove(&row(1));
-    sink.committed(&commit(110, vec![Change::Table { table: tref() }]));
+    sink.committed(&commit(110, false, vec![Change::Table { table: tref() }]));
     assert_eq!(phase(&h), Phase::Loading);
     assert_eq!(rows(&h, update("t", 2)).await, 1);
     assert_eq!(reads(&h), 1);
     after(1).await;
-    sink.committed(&commit(120, Vec::new()));
+    sink.committed(&commit(120, false, Vec::new()));
     assert_eq!(phase(&h), Phase::Ready);
     assert_eq!(rows(&h, update("t", 1)).await, 0, "reloaded: key 1 is gone");
     assert_eq!(reads(&h), 1);
@@ -239,11 +245,11 @@ async fn table_changes_and_a_lost_stream_fall_back_to_point_reads() {
     // Commits of another database, and before `resumed`, change nothing.
     sink.committed(&Commit {
         database: "other".to_owned(),
-        ..commit(130, vec![del(4)])
+        ..commit(130, false, vec![del(4)])
     });
     sink.resumed(DATABASE);
     after(1).await;
-    sink.committed(&commit(140, Vec::new()));
+    sink.committed(&commit(140, false, Vec::new()));
     assert_eq!(phase(&h), Phase::Ready);
     assert_eq!(rows(&h, update("t", 4)).await, 1);
     assert_eq!(reads(&h), 2);
@@ -301,7 +307,7 @@ async fn an_older_change_does_not_undo_an_own_write() {
     after(1).await;
     let first = h.db().keys.lsn;
     // Committed before spillway's batch, delivered after it was applied.
-    sink.committed(&commit(first - 5, vec![del(500)]));
+    sink.committed(&commit(first - 5, false, vec![del(500)]));
     assert_eq!(rows(&h, update("t", 500)).await, 1);
     assert_eq!(reads(&h), 1, "the key was unknown: read");
     let _ = h.engine.wait_applied(2).await;
@@ -316,7 +322,7 @@ async fn an_older_change_does_not_undo_an_own_write() {
     assert_eq!(rows(&h, update("t", 500)).await, 0);
     // Past the batches' positions: another writer's insert is newer, and counts.
     let later = h.db().keys.lsn + 10;
-    sink.committed(&commit(later, vec![ins(500)]));
+    sink.committed(&commit(later, false, vec![ins(500)]));
     h.db().rows.insert(row(500));
     assert_eq!(rows(&h, update("t", 500)).await, 1);
     assert_eq!(reads(&h), 1);
@@ -412,7 +418,7 @@ async fn a_chunk_does_not_undo_a_change_delivered_during_the_load() {
         panic!("no load wanted");
     };
     // The chunk was read with keys 1..=50; meanwhile 7 was deleted and 60 inserted.
-    ix.committed(&commit(5, vec![del(7), ins(60)]));
+    ix.committed(&commit(5, false, vec![del(7), ins(60)]));
     ix.chunk(&job, crate::engine::Chunk::Int((1..=50).collect()));
     let Some(job) = ix.next_job().filter(|j| j.finish) else {
         panic!("no end position wanted");
