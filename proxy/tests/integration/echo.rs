@@ -65,6 +65,15 @@ async fn counts(ctx: &Context) -> (f64, f64, f64) {
     )
 }
 
+/// Changes the stream found already accounted for (`spillway_replication_echoes_total`).
+async fn echoes(ctx: &Context) -> f64 {
+    sample(
+        &scrape(ctx.proxy.metrics_addr()).await,
+        "spillway_replication_echoes_total",
+        "",
+    )
+}
+
 async fn read(client: &Client, table: &str, id: i32) -> Option<String> {
     client
         .query_opt(&format!("SELECT v FROM {table} WHERE id = $1"), &[&id])
@@ -141,6 +150,7 @@ async fn read_mostly_costs_about_one_miss_per_write() {
     let mut explained = 0u32;
     let (mut writes, mut reads) = (0u32, 0u32);
     let (_, misses_before, bumps_before) = counts(&ctx).await;
+    let echoes_before = echoes(&ctx).await;
     let started = Instant::now();
     for _ in 0..OPS {
         let id = rng.random_range(1..=ACCOUNTS);
@@ -176,6 +186,7 @@ async fn read_mostly_costs_about_one_miss_per_write() {
         }
     }
     let (_, misses_after, bumps_after) = counts(&ctx).await;
+    let accounted = echoes(&ctx).await - echoes_before;
     let misses = misses_after - misses_before;
     let bumps = bumps_after - bumps_before;
     let w = f64::from(writes);
@@ -183,10 +194,14 @@ async fn read_mostly_costs_about_one_miss_per_write() {
         "read-mostly shape, {ACCOUNTS} keys, {OPS} operations in {elapsed:?} ({reads} reads, \
          {writes} writes), then every key read once: {misses} misses ({:.3} per write; a \
          single invalidation per write explains {explained}, {:.3} per write), {bumps} row \
-         invalidations ({:.2} per write)",
+         invalidations ({:.2} per write), {accounted} echoes accounted for",
         misses / w,
         f64::from(explained) / w,
         bumps / w
+    );
+    assert!(
+        accounted >= w * 0.9,
+        "{accounted} of {writes} writes' echoes were accounted for"
     );
     assert!(
         misses >= f64::from(explained),
@@ -216,6 +231,7 @@ async fn the_echo_of_spillways_own_write_does_not_evict_a_later_read() {
         for round in 0..3 {
             let v = format!("own{round}");
             let (hits, misses, _) = counts(&ctx).await;
+            let echoes_before = echoes(&ctx).await;
             let before = deferred(&scrape(ctx.proxy.metrics_addr()).await, "wb");
             tag(
                 &client,
@@ -239,6 +255,10 @@ async fn the_echo_of_spillways_own_write_does_not_evict_a_later_read() {
                 (hits_after - hits, misses_after - misses),
                 (1.0, 1.0),
                 "{table}, round {round}: the entry read after the write survived its echo"
+            );
+            assert!(
+                echoes(&ctx).await > echoes_before,
+                "{table}, round {round}: the echo was accounted for"
             );
         }
     }

@@ -88,6 +88,8 @@ pub struct Echoes {
     table_changes: Box<[AtomicU64]>,
     /// Bumped whenever credits are dropped for a possible loss of changes.
     generation: AtomicU64,
+    /// Changes found accounted for so far (`spillway_replication_echoes_total`).
+    accounted: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -97,6 +99,7 @@ impl Default for Echoes {
             delivered: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             table_changes: (0..TABLE_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             generation: AtomicU64::new(0),
+            accounted: AtomicU64::new(0),
             inner: Mutex::default(),
         }
     }
@@ -198,22 +201,29 @@ impl Echoes {
         if let Some(d) = self.delivered.get(slot_of(table, key)) {
             d.fetch_add(1, Ordering::SeqCst);
         }
-        if let Some(f) = inner.flushes.get(&xid)
-            && (f.tables.contains(&table) || f.rows.contains(&(table, key.to_vec())))
-        {
-            return true;
-        }
         let row = (table, key.to_vec());
-        match inner.credits.get_mut(&row) {
-            Some(credit) => {
-                credit.0 -= 1;
-                if credit.0 == 0 {
-                    inner.credits.remove(&row);
-                }
-                true
+        let accounted = if let Some(f) = inner.flushes.get(&xid)
+            && (f.tables.contains(&table) || f.rows.contains(&row))
+        {
+            true
+        } else if let Some(credit) = inner.credits.get_mut(&row) {
+            credit.0 -= 1;
+            if credit.0 == 0 {
+                inner.credits.remove(&row);
             }
-            None => false,
+            true
+        } else {
+            false
+        };
+        if accounted {
+            self.accounted.fetch_add(1, Ordering::Relaxed);
         }
+        accounted
+    }
+
+    /// Changes found accounted for so far.
+    pub fn accounted(&self) -> u64 {
+        self.accounted.load(Ordering::Relaxed)
     }
 
     /// The stream delivers a change of unknown rows of `table` in transaction `xid`:
@@ -225,10 +235,14 @@ impl Echoes {
             c.fetch_add(1, Ordering::SeqCst);
         }
         inner.credits.retain(|(t, _), _| *t != table);
-        inner
+        let accounted = inner
             .flushes
             .get(&xid)
-            .is_some_and(|f| f.tables.contains(&table))
+            .is_some_and(|f| f.tables.contains(&table));
+        if accounted {
+            self.accounted.fetch_add(1, Ordering::Relaxed);
+        }
+        accounted
     }
 
     /// Changes may have been lost (the stream lost or restarted, a commit applied
@@ -345,5 +359,6 @@ mod tests {
         assert_eq!(e.held(), (1, 0));
         assert!(!e.echo(100, 7, &k("1")));
         assert!(e.echo(100, 7, &k("3")));
+        assert_eq!(e.accounted(), 1);
     }
 }
