@@ -411,3 +411,104 @@ async fn racing_writers_leave_no_stale_entry() {
     }
     println!("racing writers: {checked} reads checked, none stale");
 }
+
+/// read-mostly's shape on eight prepared sessions at once (2,000 of the keys): every
+/// write's echo is accounted for at least nine times in ten, misses per write are
+/// printed, and once the stream is past every write each key read through spillway
+/// equals PostgreSQL's.
+#[tokio::test]
+async fn read_mostly_on_eight_sessions_accounts_for_the_echoes() {
+    const KEYS: i64 = 2000;
+    const PER_CLIENT: usize = 1500;
+    let ctx = builder("10ms")
+        .before_proxy(&format!(
+            "INSERT INTO acc SELECT g, 0 FROM generate_series({}, {KEYS}) g",
+            ACCOUNTS + 1
+        ))
+        .start()
+        .await;
+    let direct = ctx.direct_client().await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(ctx.proxy_client().await);
+    }
+    // Warm: every key cached.
+    let since = Instant::now();
+    loop {
+        let (hits, _, _) = counts(&ctx).await;
+        for id in 1..=KEYS {
+            clients[0]
+                .query_one("SELECT balance FROM acc WHERE id = $1", &[&id])
+                .await
+                .expect("read");
+        }
+        if counts(&ctx).await.0 - hits == KEYS as f64 {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "never all cached"
+        );
+    }
+    let (_, misses_before, bumps_before) = counts(&ctx).await;
+    let echoes_before = echoes(&ctx).await;
+    let started = Instant::now();
+    let runs = clients.iter().enumerate().map(|(n, client)| async move {
+        let select = client
+            .prepare("SELECT balance FROM acc WHERE id = $1")
+            .await
+            .expect("prepare");
+        let update = client
+            .prepare("UPDATE acc SET balance = balance + $1 WHERE id = $2")
+            .await
+            .expect("prepare");
+        let mut rng = StdRng::seed_from_u64(SEED + n as u64);
+        let mut writes = 0u32;
+        for _ in 0..PER_CLIENT {
+            let id = rng.random_range(1..=KEYS);
+            if rng.random_bool(0.05) {
+                let delta = rng.random_range(1..=100i64);
+                client
+                    .execute(&update, &[&delta, &id])
+                    .await
+                    .expect("update");
+                writes += 1;
+            } else {
+                client.query_one(&select, &[&id]).await.expect("read");
+            }
+        }
+        writes
+    });
+    let writes: u32 = futures_util::future::join_all(runs).await.into_iter().sum();
+    let elapsed = started.elapsed();
+    stream_caught_up(&direct).await;
+    for id in 1..=KEYS {
+        let want: i64 = direct
+            .query_one("SELECT balance FROM acc WHERE id = $1", &[&id])
+            .await
+            .expect("direct read")
+            .get(0);
+        let got: i64 = clients[id as usize % 8]
+            .query_one("SELECT balance FROM acc WHERE id = $1", &[&id])
+            .await
+            .expect("read")
+            .get(0);
+        assert_eq!(got, want, "key {id} stale through spillway");
+    }
+    let (_, misses_after, bumps_after) = counts(&ctx).await;
+    let accounted = echoes(&ctx).await - echoes_before;
+    let w = f64::from(writes);
+    println!(
+        "read-mostly shape on 8 sessions, {KEYS} keys, {} operations in {elapsed:?} ({writes} \
+         writes), then every key read once: {} misses ({:.3} per write), {:.2} row \
+         invalidations per write, {accounted} echoes accounted for",
+        8 * PER_CLIENT,
+        misses_after - misses_before,
+        (misses_after - misses_before) / w,
+        (bumps_after - bumps_before) / w,
+    );
+    assert!(
+        accounted >= w * 0.9,
+        "{accounted} of {writes} writes' echoes were accounted for"
+    );
+}
