@@ -394,17 +394,26 @@ async fn open_batch(
         .fetch_many(&mut *conn)
         .try_collect()
         .await;
-    // The compare-and-set matched its row when it returned one (the journal's id is
-    // the ledger's key).
+    // The compare-and-set (the last statement) matched its row when it returned one
+    // (the journal's id is the ledger's key); the durable-commit SELECT before it
+    // returns a row of its own when it changes the setting.
     let matched: Option<Option<u64>> = match results {
-        Ok(results) => results.iter().find_map(|r| match r {
-            sqlx::Either::Right(row) => Some(
-                row.try_get::<String, _>(0)
-                    .ok()
-                    .and_then(|x| x.parse().ok()),
-            ),
-            sqlx::Either::Left(_) => None,
-        }),
+        Ok(results) => {
+            let (mut rows, mut last) = (Vec::new(), None);
+            for r in results {
+                match r {
+                    sqlx::Either::Right(row) => rows.push(row),
+                    sqlx::Either::Left(_) => last = Some(std::mem::take(&mut rows)),
+                }
+            }
+            last.and_then(|rows| {
+                rows.first().map(|row| {
+                    row.try_get::<String, _>(0)
+                        .ok()
+                        .and_then(|x| x.parse().ok())
+                })
+            })
+        }
         Err(e) => {
             let _ = exec(conn, "ROLLBACK").await;
             return Err(transient(e));
