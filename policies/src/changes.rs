@@ -62,8 +62,11 @@ pub struct Commit {
     /// The commit's end position in the WAL (the slot may be confirmed up to it once
     /// every sink has taken the commit).
     pub lsn: u64,
-    /// The transaction was spillway's own flush (its writes are already accounted
-    /// for where they were acknowledged and applied).
+    /// The transaction's id as pgoutput's Begin carries it (the low 32 bits of its
+    /// `xid8`): the read cache recognises spillway's own flushes by it (ADR 0036).
+    pub xid: u32,
+    /// The transaction was a flush of spillway's (it advanced spillway's flush
+    /// ledger): the key index expects its changes.
     pub own: bool,
     pub changes: Vec<Change>,
 }

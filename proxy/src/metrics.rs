@@ -53,6 +53,7 @@ pub const RUNTIME_TASKS: &str = "spillway_runtime_tasks";
 pub const INVALIDATIONS: &str = "spillway_invalidations_total";
 pub const REPLICATION_FOLLOWING: &str = "spillway_replication_following";
 pub const REPLICATION_COMMITS: &str = "spillway_replication_commits_total";
+pub const REPLICATION_ECHOES: &str = "spillway_replication_echoes_total";
 pub const REPLICATION_LAG_BYTES: &str = "spillway_replication_lag_bytes";
 pub const REPLICATION_LAG_SECONDS: &str = "spillway_replication_lag_seconds";
 pub const REPLICATION_RETAINED_WAL: &str = "spillway_replication_retained_wal_bytes";
@@ -71,7 +72,7 @@ pub const POOL_WAITING: &str = "spillway_pool_waiting_sessions";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 48] = [
+pub const ALL: [&str; 49] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -106,6 +107,7 @@ pub const ALL: [&str; 48] = [
     INVALIDATIONS,
     REPLICATION_FOLLOWING,
     REPLICATION_COMMITS,
+    REPLICATION_ECHOES,
     REPLICATION_LAG_BYTES,
     REPLICATION_LAG_SECONDS,
     REPLICATION_RETAINED_WAL,
@@ -158,6 +160,10 @@ fn describe() {
     describe_counter!(
         REPLICATION_COMMITS,
         "Committed transactions applied from the change stream"
+    );
+    describe_counter!(
+        REPLICATION_ECHOES,
+        "Changes from the change stream spillway had already invalidated (its own writes)"
     );
     describe_gauge!(
         REPLICATION_LAG_BYTES,

@@ -165,7 +165,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
             // Which of its records PostgreSQL refused is not known: their keys are
             // unknown to the key index until something settles them.
             self.keys.applied(&batch, None, |op| self.key_of(op));
-            self.applied_through(&batch, at, on_applied).await;
+            self.applied_through(&batch, at, None, on_applied).await;
         }
         Ok(())
     }
@@ -222,7 +222,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
         // The key index takes the batch's writes before the overlay lets go of them.
         let dead: HashSet<u64> = done.dead_letters.iter().map(|d| d.seq).collect();
         let pinned = self.keys.applied(batch, Some(&dead), |op| self.key_of(op));
-        self.applied_through(batch, last, on_applied)
+        self.applied_through(batch, last, done.xid, on_applied)
             .instrument(span)
             .await;
         if let Some(id) = pinned {
@@ -241,9 +241,17 @@ impl<C: Checks, L: Log> Engine<C, L> {
 
     /// `batch` is in PostgreSQL through `last`: out of pending, cached reads
     /// invalidated (before the barrier opens: a reader released by `applied` must not
-    /// find an entry from before it), `applied` advanced, the journal told.
-    async fn applied_through(&self, batch: &Batch, last: u64, on_applied: &impl Fn(&Applied)) {
-        let applied = self.finish(batch);
+    /// find an entry from before it), `applied` advanced, the journal told. `xid`: the
+    /// transaction that applied it, when known.
+    async fn applied_through(
+        &self,
+        batch: &Batch,
+        last: u64,
+        xid: Option<u64>,
+        on_applied: &impl Fn(&Applied),
+    ) {
+        let mut applied = self.finish(batch);
+        applied.xid = xid;
         on_applied(&applied);
         self.applied.send_replace(last);
         if let Err(err) = self.log.confirm(last).await {

@@ -38,6 +38,8 @@ pub struct Applied {
     pub keys: Vec<(String, Vec<String>)>,
     /// Tables some of whose rows' keys are not known.
     pub unkeyed: Vec<String>,
+    /// The transaction that applied them, when known (`Flushed::xid`).
+    pub xid: Option<u64>,
 }
 
 #[derive(Default)]

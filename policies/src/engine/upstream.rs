@@ -85,6 +85,9 @@ pub struct Flushed {
     pub statements: usize,
     pub rows: usize,
     pub dead_letters: Vec<DeadLetter>,
+    /// The batch's transaction id (`pg_current_xact_id()`), when the sink learned it:
+    /// the read cache tells the batch's echo in the change stream by it (ADR 0036).
+    pub xid: Option<u64>,
 }
 
 /// A batch: contiguous records in sequence order.

@@ -121,6 +121,8 @@ pub fn refresh(
         if c.invalidation == spillway_policies::Invalidation::Replication {
             for db in c.databases() {
                 db.stream.export(&db.name);
+                metrics::counter!(crate::metrics::REPLICATION_ECHOES, "database" => db.name.clone())
+                    .absolute(db.echoes.accounted());
             }
         }
     }

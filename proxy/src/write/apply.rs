@@ -297,8 +297,8 @@ pub async fn apply_batch(
         from: applied_through,
         to: last,
     };
-    open_batch(conn, &cas).await?;
-    let outcome = apply_open(conn, &cas, batch, tables, &coalesced, &groups).await;
+    let xid = open_batch(conn, &cas).await?;
+    let outcome = apply_open(conn, &cas, xid, batch, tables, &coalesced, &groups).await;
     if outcome.is_err() {
         // Whatever failed, the connection leaves the batch's transaction (a no-op when
         // it is gone or already out of it).
@@ -315,16 +315,20 @@ struct LedgerCas<'a> {
     to: u64,
 }
 
-/// The batch inside the transaction [`open_batch`] began, up to its COMMIT.
+/// The batch inside the transaction [`open_batch`] began (`xid`), up to its COMMIT.
 async fn apply_open(
     conn: &mut PgConnection,
     cas: &LedgerCas<'_>,
+    xid: Option<u64>,
     batch: &[(u64, Arc<Record>)],
     tables: &HashMap<String, TableMeta>,
     coalesced: &[(u64, Arc<Record>)],
     groups: &[Group],
 ) -> Result<Flushed, ApplyError> {
-    let mut applied = Flushed::default();
+    let mut applied = Flushed {
+        xid,
+        ..Flushed::default()
+    };
     let mut failed = None;
     for group in groups {
         match run_group(conn, group, coalesced, &mut applied).await {
@@ -352,8 +356,11 @@ async fn apply_open(
         // It works on the records as journaled, not coalesced, so a record is still
         // applied or refused whole and its dead letter names what the client sent.
         exec(conn, "ROLLBACK").await?;
-        open_batch(conn, cas).await?;
-        applied = Flushed::default();
+        let xid = open_batch(conn, cas).await?;
+        applied = Flushed {
+            xid,
+            ..Flushed::default()
+        };
         bisect(conn, batch, tables, &mut applied).await?;
     }
     record_dead_letters(conn, cas.key, &applied.dead_letters).await?;
@@ -365,34 +372,55 @@ async fn apply_open(
 /// below) and the ledger's compare-and-set from `from` to `to`, sent as one simple
 /// Query (the values as literals: numbers, and the journal's id quoted). On any
 /// failure the transaction is left again before returning; a compare-and-set that
-/// matched no row is [`ApplyError::Fenced`].
-async fn open_batch(conn: &mut PgConnection, cas: &LedgerCas<'_>) -> Result<(), ApplyError> {
+/// matched no row is [`ApplyError::Fenced`]. Returns the transaction's id
+/// (`pg_current_xact_id()`, from the compare-and-set's RETURNING), by which the read
+/// cache recognises the batch's echo in the change stream (ADR 0036).
+async fn open_batch(
+    conn: &mut PgConnection,
+    cas: &LedgerCas<'_>,
+) -> Result<Option<u64>, ApplyError> {
     use futures_util::TryStreamExt;
     let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let sql = format!(
         "BEGIN; {DURABLE_COMMIT}; UPDATE spillway.flush_ledger SET last_seq = {to}, \
          updated_at = pg_catalog.now() WHERE journal_id = {id} AND epoch = {epoch} \
-         AND last_seq = {from}",
+         AND last_seq = {from} RETURNING pg_catalog.pg_current_xact_id()::text",
         to = as_i64(cas.to),
         id = quote_literal(&cas.key.journal_id),
         epoch = as_i64(cas.key.epoch),
         from = as_i64(cas.from),
     );
     let results: Result<Vec<_>, _> = sqlx::raw_sql(&sql)
-        .execute_many(&mut *conn)
+        .fetch_many(&mut *conn)
         .try_collect()
         .await;
-    let matched = match results {
-        Ok(results) => results
-            .last()
-            .map(sqlx::postgres::PgQueryResult::rows_affected),
+    // The compare-and-set (the last statement) matched its row when it returned one
+    // (the journal's id is the ledger's key); the durable-commit SELECT before it
+    // returns a row of its own when it changes the setting.
+    let matched: Option<Option<u64>> = match results {
+        Ok(results) => {
+            let (mut rows, mut last) = (Vec::new(), None);
+            for r in results {
+                match r {
+                    sqlx::Either::Right(row) => rows.push(row),
+                    sqlx::Either::Left(_) => last = Some(std::mem::take(&mut rows)),
+                }
+            }
+            last.and_then(|rows| {
+                rows.first().map(|row| {
+                    row.try_get::<String, _>(0)
+                        .ok()
+                        .and_then(|x| x.parse().ok())
+                })
+            })
+        }
         Err(e) => {
             let _ = exec(conn, "ROLLBACK").await;
             return Err(transient(e));
         }
     };
-    if matched == Some(1) {
-        Ok(())
+    if let Some(xid) = matched {
+        Ok(xid)
     } else {
         let _ = exec(conn, "ROLLBACK").await;
         Err(ApplyError::Fenced {

@@ -109,18 +109,32 @@ pub async fn start(
         .build()
         .map_err(|e| WritesStartError::Task(e.to_string()))?;
     let known = service.clone();
+    let replication = cache.invalidation == spillway_policies::Invalidation::Replication;
     let on_applied = move |applied: &spillway_policies::engine::state::Applied| {
         // Applied rows are in PostgreSQL now: cached reads of them refill from there.
         // By the current set, which still knows tables that left deferral by reload.
         // Rows with known keys invalidate their keys; the other tables whole.
         let set = known.tables();
-        db.versions
-            .bump_tables(applied.unkeyed.iter().filter_map(|t| set.oid_of(t)));
+        let unkeyed: Vec<u32> = applied
+            .unkeyed
+            .iter()
+            .filter_map(|t| set.oid_of(t))
+            .collect();
+        db.versions.bump_tables(unkeyed.iter().copied());
+        let mut rows = Vec::with_capacity(applied.keys.len());
         for (table, key) in &applied.keys {
             match set.oid_of(table) {
-                Some(oid) => db.versions.bump_key(oid, key),
+                Some(oid) => {
+                    db.versions.bump_key(oid, key);
+                    rows.push((oid, key.clone()));
+                }
                 None => db.versions.bump_all(),
             }
+        }
+        // Invalidated after the batch committed: its echo need not do it again
+        // (exactly these rows and tables, ADR 0036).
+        if replication && let Some(xid) = applied.xid {
+            db.echoes.flushed(xid, rows, unkeyed);
         }
     };
     let (worker_service, worker_stop) = (service.clone(), stop.clone());

@@ -31,7 +31,7 @@ const SLOT: &str = "spillway_postgres";
 /// Waits until the slot's confirmed position passes everything committed so far on
 /// `direct`. The position after the last commit may lie past the last commit's end
 /// (other WAL): an insert into `warm` every 100 ms moves the slot past it then.
-async fn stream_caught_up(direct: &Client) {
+pub(super) async fn stream_caught_up(direct: &Client) {
     let lsn: String = direct
         .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await

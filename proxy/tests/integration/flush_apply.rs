@@ -132,6 +132,9 @@ async fn batches_apply_once_in_order_and_a_replay_is_refused() {
         "{:?}",
         applied.dead_letters
     );
+    // The batch's transaction id came back with the ledger's compare-and-set (after
+    // the durable-commit setting's own row: this server's default is off).
+    assert!(applied.xid.is_some(), "{applied:?}");
     // Merged: 2 parent inserts, 2 child inserts, 2 updates (key 1 repeats: a second
     // group), 1 delete.
     assert_eq!(applied.statements, 5, "{applied:?}");

@@ -22,6 +22,7 @@ mod differential_stream;
 mod disk_full;
 mod docs;
 mod drivers;
+mod echo;
 mod flush_apply;
 mod held_reads;
 mod held_wire;

@@ -71,6 +71,7 @@ fn commit(lsn: u64, own: bool, changes: Vec<Change>) -> Commit {
     Commit {
         database: DATABASE.to_owned(),
         lsn,
+        xid: 0,
         own,
         changes,
     }

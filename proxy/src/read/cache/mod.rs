@@ -18,6 +18,7 @@
 //! `CREATE DATABASE`) goes upstream.
 
 pub mod decide;
+pub mod echo;
 mod lease;
 pub mod point;
 mod service;
@@ -64,6 +65,8 @@ pub struct DbState {
     pub versions: Arc<DbVersions>,
     /// The change stream's state (replication mode).
     pub stream: stream::Status,
+    /// The stream's echoes of spillway's own writes (replication mode, ADR 0036).
+    pub echoes: echo::Echoes,
     /// `None` while no trustworthy snapshot exists. Lock held only to clone the Arc.
     catalog: RwLock<Option<Arc<Catalog>>>,
     /// The latest snapshot installed, kept when the service connection is lost and
@@ -263,6 +266,7 @@ impl ReadCache {
                         name: name.to_owned(),
                         versions: self.versions.database(name),
                         stream: stream::Status::default(),
+                        echoes: echo::Echoes::default(),
                         catalog: RwLock::new(None),
                         last_trusted: RwLock::new(None),
                         refresh: Notify::new(),

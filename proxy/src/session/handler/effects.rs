@@ -9,6 +9,7 @@
 //! than guess.
 
 use super::Caching;
+use super::tx::EchoClaim;
 use crate::read::cache::{Decision, Effects, Params};
 use crate::read::classify::{Analysis, DiscardTarget, Isolation, Kind, SessionCommand, TxCommand};
 
@@ -132,10 +133,44 @@ impl Caching {
         if effects.is_empty() {
             return;
         }
+        // Before it goes upstream: the one row it writes, if that is all it writes.
+        let first = self.tx.effects.is_empty();
+        self.tx.echo = match (&self.tx.echo, self.one_row(effects, certain)) {
+            (EchoClaim::None, Some((table, key))) if first => EchoClaim::One {
+                claim: self.db.echoes.claim(table, key),
+                rows: None,
+            },
+            _ => EchoClaim::Spoiled,
+        };
         self.db.invalidate(effects, &self.cache.versions);
         self.tx.effects.merge(effects);
         if !certain {
             self.tx.wrote = true;
+        }
+    }
+}
+
+impl Caching {
+    /// The one row `effects` write, when a statement alone in autocommit writes only
+    /// that row of a table, with a known key (replication mode only: its echo comes
+    /// from the change stream).
+    fn one_row<'e>(&self, effects: &'e Effects, certain: bool) -> Option<(u32, &'e [String])> {
+        if !certain
+            || self.cache.invalidation != spillway_policies::Invalidation::Replication
+            || effects.database
+            || effects.everything
+            || effects.catalog_changed
+            || effects.hidden_session_changes
+        {
+            return None;
+        }
+        match (
+            &effects.tables[..],
+            &effects.keyed_tables[..],
+            &effects.keys[..],
+        ) {
+            ([t], [k], [(oid, key)]) if t == k && k == oid => Some((*oid, key)),
+            _ => None,
         }
     }
 }

@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use crate::read::cache::Effects;
+use crate::read::cache::echo::Claim;
 use crate::write::convert::Verb;
 use crate::write::service::{Applied, Known, TxStatement};
 
@@ -26,6 +27,8 @@ pub struct Tx {
     pub snapshot: bool,
     /// Invalidations to repeat at acknowledgement and at the end of the transaction.
     pub effects: Effects,
+    /// Whether the change stream's echo of what it wrote is accounted for.
+    pub echo: EchoClaim,
     /// A write forwarded in this request or transaction may touch deferred tables
     /// outside the key overlay (noted again at its CommandComplete/ReadyForQuery).
     pub outside: bool,
@@ -48,9 +51,64 @@ impl Tx {
     pub fn ended(&mut self) {
         self.outside = false;
         self.effects = Effects::default();
+        self.echo = EchoClaim::None;
         self.wrote = false;
         self.snapshot = false;
     }
+}
+
+/// A write-through statement whose echo in the change stream spillway may account
+/// for (`read/cache/echo.rs`, ADR 0036).
+#[derive(Default, Debug)]
+pub enum EchoClaim {
+    /// Nothing written yet.
+    #[default]
+    None,
+    /// The only write so far: one statement alone in autocommit, one row of a known
+    /// key; `rows` from its CommandComplete.
+    One { claim: Claim, rows: Option<u64> },
+    /// Anything else: its echo invalidates as any change does.
+    Spoiled,
+}
+
+impl EchoClaim {
+    /// A CommandComplete (the whole message; `None`: not held).
+    pub fn completed(&mut self, msg: Option<&[u8]>) {
+        *self = match std::mem::take(self) {
+            EchoClaim::One { claim, rows: None } => match msg.and_then(written_rows) {
+                Some(n) => EchoClaim::One {
+                    claim,
+                    rows: Some(n),
+                },
+                None => EchoClaim::Spoiled,
+            },
+            EchoClaim::None => EchoClaim::None,
+            _ => EchoClaim::Spoiled,
+        };
+    }
+
+    /// The claim, when its statement changed exactly one row.
+    pub fn one_row(&self) -> Option<&Claim> {
+        match self {
+            EchoClaim::One {
+                claim,
+                rows: Some(1),
+            } => Some(claim),
+            _ => None,
+        }
+    }
+}
+
+/// The rows an INSERT, UPDATE or DELETE's CommandComplete (`C`, length, tag) reports.
+fn written_rows(msg: &[u8]) -> Option<u64> {
+    let tag = msg.get(5..)?.split(|b| *b == 0).next()?;
+    let tag = std::str::from_utf8(tag).ok()?;
+    let mut words = tag.split(' ');
+    let verb = words.next()?;
+    let n = words.next_back()?;
+    matches!(verb, "INSERT" | "UPDATE" | "DELETE")
+        .then(|| n.parse().ok())
+        .flatten()
 }
 
 /// A transaction spillway answers itself so far (SPEC §6, `held/`).
@@ -108,4 +166,47 @@ pub struct ReplayLog {
     pub expected: Vec<String>,
     pub tags: Vec<String>,
     pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn complete(tag: &str) -> Vec<u8> {
+        let mut m = vec![b'C', 0, 0, 0, 0];
+        m.extend_from_slice(tag.as_bytes());
+        m.push(0);
+        m
+    }
+
+    #[test]
+    fn written_rows_reads_the_writes_tags_only() {
+        assert_eq!(written_rows(&complete("UPDATE 1")), Some(1));
+        assert_eq!(written_rows(&complete("INSERT 0 1")), Some(1));
+        assert_eq!(written_rows(&complete("DELETE 0")), Some(0));
+        assert_eq!(written_rows(&complete("SELECT 1")), None);
+        assert_eq!(written_rows(&complete("COMMIT")), None);
+        assert_eq!(written_rows(b"C"), None);
+    }
+
+    #[test]
+    fn a_second_answer_spoils_the_claim() {
+        let echoes = crate::read::cache::echo::Echoes::default();
+        let mut c = EchoClaim::One {
+            claim: echoes.claim(1, &["1".to_owned()]),
+            rows: None,
+        };
+        c.completed(Some(&complete("UPDATE 1")));
+        assert!(c.one_row().is_some());
+        c.completed(Some(&complete("SELECT 1")));
+        assert!(c.one_row().is_none());
+        let mut c = EchoClaim::One {
+            claim: echoes.claim(1, &["1".to_owned()]),
+            rows: None,
+        };
+        c.completed(Some(&complete("UPDATE 0")));
+        assert!(c.one_row().is_none(), "no row changed: no echo");
+        c.completed(None);
+        assert!(matches!(c, EchoClaim::Spoiled));
+    }
 }

@@ -89,6 +89,10 @@ impl Caching {
         }
         if step.error {
             self.key.request_failed();
+            self.tx.echo.completed(None);
+        }
+        if tag == b'C' {
+            self.tx.echo.completed(msg);
         }
         if tag == b'C' || step.ready {
             if !self.tx.effects.is_empty() {
@@ -124,6 +128,7 @@ impl Caching {
             if !self.tx.effects.is_empty() {
                 self.tx.wrote = true;
             }
+            self.tx.echo.completed(None);
             self.key.in_transaction_after_all();
         }
         if self.tracker.quiet && self.cycle.held.is_empty() && !self.cycle.upstream {
@@ -131,6 +136,10 @@ impl Caching {
             self.cycle.next_fill = None;
             self.stmts.settle();
             if status == Some(b'I') {
+                // Committed, and invalidated again at this ReadyForQuery (above).
+                if let Some(claim) = self.tx.echo.one_row() {
+                    self.db.echoes.written(claim);
+                }
                 self.tx.ended();
                 self.key.transaction_ended();
                 self.stmts.transaction_ended();

@@ -5,7 +5,9 @@
 //! replica identity other than the key, an unsent TOAST value, a relation not
 //! described) is [`Change::Table`], never a guessed key. Keys are in primary-key
 //! order: the caller supplies each relation's primary-key column names in that order
-//! ([`Assembler::relation`]).
+//! ([`Assembler::relation`]). Each commit carries its transaction's id from the Begin
+//! (the read cache tells spillway's own flushes by it, ADR 0036) and whether it
+//! advanced spillway's flush ledger (the key index's notion of "own").
 
 use std::collections::HashMap;
 
@@ -13,7 +15,8 @@ use spillway_policies::changes::{Change, Commit, TableRef};
 
 use crate::protocol::pgoutput::{Message, Old, Relation, Value};
 
-/// spillway's own flush ledger: a transaction that touches it is a flush.
+/// spillway's own flush ledger: a transaction that touches it is a flush (the key
+/// index expects its changes).
 const LEDGER: (&str, &str) = ("spillway", "flush_ledger");
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -39,6 +42,7 @@ pub struct Assembler {
 }
 
 struct Open {
+    xid: u32,
     own: bool,
     changes: Vec<Change>,
 }
@@ -98,11 +102,12 @@ impl Assembler {
     /// One decoded message of `database`.
     pub fn push(&mut self, database: &str, msg: Message) -> Result<Step, AssembleError> {
         match msg {
-            Message::Begin { .. } => {
+            Message::Begin { xid, .. } => {
                 if self.open.is_some() {
                     return Err(AssembleError::NestedBegin);
                 }
                 self.open = Some(Open {
+                    xid,
                     own: false,
                     changes: Vec::new(),
                 });
@@ -118,6 +123,7 @@ impl Assembler {
                     commit: Commit {
                         database: database.to_owned(),
                         lsn: end_lsn,
+                        xid: open.xid,
                         own: open.own,
                         changes: open.changes,
                     },
@@ -174,8 +180,7 @@ impl Assembler {
                 name: String::new(),
             },
         });
-        let t = change.table();
-        if (t.name.split_once('.')) == Some(LEDGER) {
+        if (change.table().name.split_once('.')) == Some(LEDGER) {
             open.own = true;
         }
         open.changes.push(change);
@@ -302,8 +307,7 @@ mod tests {
         a.push("db", Message::Truncate { rels: vec![5] })
             .expect("test input");
         let c = commit(&mut a);
-        assert_eq!(c.lsn, 10);
-        assert!(!c.own);
+        assert_eq!((c.lsn, c.xid, c.own), (10, 1, false));
         let table = TableRef {
             oid: 5,
             name: "public.t".into(),
@@ -367,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn ledger_marks_own_flushes_and_order_is_checked() {
+    fn ledger_marks_own_flushes_order_is_checked_and_commits_carry_their_xid() {
         let mut a = Assembler::default();
         a.relation(
             &rel(8, "spillway", "flush_ledger", &[("id", true)]),
@@ -398,6 +402,7 @@ mod tests {
             },
         )
         .expect("test input");
-        assert!(commit(&mut a).own);
+        let c = commit(&mut a);
+        assert_eq!((c.xid, c.own), (1, true));
     }
 }

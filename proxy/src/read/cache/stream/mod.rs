@@ -20,6 +20,10 @@
 //!   before a change it left out could be taken for "nothing happened".
 //! - After a (re)connect the slot is drained before the catalog is installed, so
 //!   changes made while spillway was stopped are applied before any cached read.
+//! - A change invalidates its rows unless spillway already accounted for it
+//!   (`echo.rs`, ADR 0036: its own flush's rows by xid, a write-through statement's
+//!   echo by credit); anything that may have skipped changes drops what was
+//!   accounted.
 
 pub mod assemble;
 pub mod setup;
@@ -203,6 +207,7 @@ impl Follower {
         // Writes between the last change applied and the slot's position (a
         // recreated slot skips them) are covered by dropping every entry.
         db.versions.bump_all();
+        db.echoes.reset();
         while self.poll(conn, db, sinks).await? {}
         db.stream.following.store(true, Ordering::Relaxed);
         db.stream.clear_failure();
@@ -222,6 +227,9 @@ impl Follower {
             self.check(conn, db).await?;
             self.check_at = Instant::now() + CHECK_EVERY;
         }
+        // Before the flush position is read: what was accounted before now waits for
+        // a change committed (and, with synchronous commits, flushed) before it.
+        let round = db.echoes.round_started();
         // The flush position: decoding reads flushed WAL only, so a commit written but
         // not yet flushed (synchronous_commit = off) must not count as seen. With it,
         // in the same round trip, the publication's definition: an ALTER PUBLICATION
@@ -252,6 +260,7 @@ impl Follower {
             db.stream.lag_micros.store(0, Ordering::Relaxed);
             // Everything committed before `wal` was delivered in an earlier round.
             sinks.each(|s| s.passed(&db.name, wal));
+            db.echoes.round_complete(round);
             return Ok(false);
         }
         let rows = sqlx::query(
@@ -324,6 +333,7 @@ impl Follower {
             // position read before it, and each was applied above.
             self.seen_wal = wal;
             sinks.each(|s| s.passed(&db.name, wal));
+            db.echoes.round_complete(round);
         }
         Ok(full)
     }
@@ -401,24 +411,28 @@ impl Follower {
 pub fn lost(db: &DbState, sinks: &Sinks) {
     db.stream.following.store(false, Ordering::Relaxed);
     db.versions.bump_all();
+    db.echoes.reset();
     sinks.each(|s| s.lost(&db.name));
 }
 
 /// The read cache's own part of a commit: each change invalidates its row (a known
-/// key) or its table, and the tables it writes through (parents of a partition).
+/// key) or its table, and the tables it writes through (parents of a partition),
+/// except what spillway already accounted for (`echo.rs`).
 fn apply(db: &DbState, commit: &Commit) {
     let Some(catalog) = db.catalog() else {
         // No snapshot (start, after DDL): nothing is served from this database's
         // entries until one is installed, but entries older than the gap must go.
         db.versions.bump_all();
+        db.echoes.reset();
         return;
     };
     let mut targets = Vec::new();
-    for change in commit.changes.iter().filter(|c| applies(commit.own, c)) {
+    for change in &commit.changes {
         targets.clear();
         let table = change.table();
         if table.oid == 0 {
             db.versions.bump_all();
+            db.echoes.reset();
             continue;
         }
         catalog.write_targets_by_oid(table.oid, &mut targets);
@@ -431,25 +445,22 @@ fn apply(db: &DbState, commit: &Commit) {
             Change::Table { .. } => Vec::new(),
         };
         if keys.is_empty() {
-            db.versions.bump_tables(targets.iter().copied());
+            db.versions.bump_tables(
+                targets
+                    .iter()
+                    .copied()
+                    .filter(|&oid| !db.echoes.table_echo(commit.xid, oid)),
+            );
         } else {
             for &oid in &targets {
                 for key in &keys {
-                    db.versions.bump_key(oid, key);
+                    if !db.echoes.echo(commit.xid, oid, key) {
+                        db.versions.bump_key(oid, key);
+                    }
                 }
             }
         }
     }
-}
-
-/// Whether the cache applies `change`. spillway's own flush (`own`) changed rows whose
-/// keys the write side already invalidated when the flush applied them (`on_applied`,
-/// after the commit and before any reader waiting for it goes on): its keyed changes
-/// of deferred tables cost nothing again. Its changes of spillway's own tables (the
-/// ledger, dead letters) and any change without a key still count.
-fn applies(own: bool, change: &Change) -> bool {
-    let ours = change.table().name.starts_with("spillway.");
-    !own || ours || matches!(change, Change::Table { .. })
 }
 
 fn now_pg_micros() -> i64 {
@@ -462,29 +473,6 @@ fn now_pg_micros() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn own_flushes_cost_nothing_again_but_unknown_keys_do() {
-        use spillway_policies::changes::TableRef;
-        let t = |name: &str| TableRef {
-            oid: 1,
-            name: name.to_owned(),
-        };
-        let row = |name: &str| Change::Update {
-            table: t(name),
-            key: vec!["1".into()],
-            old_key: None,
-        };
-        assert!(applies(false, &row("public.items")));
-        assert!(!applies(true, &row("public.items")));
-        assert!(applies(true, &row("spillway.flush_ledger")));
-        assert!(applies(
-            true,
-            &Change::Table {
-                table: t("public.items")
-            }
-        ));
-    }
 
     #[test]
     fn lsn_text_is_postgresqls() {
