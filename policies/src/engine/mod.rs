@@ -112,7 +112,9 @@ pub enum DeferError {
 
 impl DeferError {
     /// 53000 (insufficient resources) for back-pressure and a replicated journal without
-    /// quorum, 53100 (disk full) when the journal's disk is, XX000 otherwise.
+    /// quorum, 53100 (disk full) when the journal's disk is, 08006 when upstream is
+    /// unreachable or a replicated journal's answer was lost (the outcome is unknown),
+    /// XX000 otherwise.
     pub fn sqlstate(&self) -> &'static str {
         match self {
             DeferError::Full { .. }
@@ -121,7 +123,9 @@ impl DeferError {
             }
             DeferError::Journal(JournalError::NoSpace { .. }) => "53100",
             DeferError::Duplicate { .. } => "23505",
-            DeferError::Upstream(_) | DeferError::Unreachable(_) => "08006",
+            DeferError::Upstream(_)
+            | DeferError::Unreachable(_)
+            | DeferError::Journal(JournalError::Indeterminate(_)) => "08006",
             DeferError::Diverged(_) | DeferError::Journal(JournalError::Conflict(_)) => "40001",
             _ => "XX000",
         }

@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::context::Context;
 use crate::nats_cluster::NatsCluster;
+use crate::nats_link::NatsLink;
 use crate::write_load::{self, Load, SCHEMA};
 
 const SEED: u64 = 0x5eed_0017;
@@ -338,12 +339,13 @@ async fn concurrent_inserts_of_one_key_through_two_instances_one_wins() {
 }
 
 /// Each NATS node of three SIGKILLed in turn under write load and started again: writes
-/// refused meanwhile get 53000 and are never acknowledged, writes go on once it is
-/// back, and every acknowledged write is applied exactly once.
+/// refused meanwhile get 53000 and are never acknowledged (one whose PubAck was lost
+/// with the node gets 08006, outcome unknown), writes go on once it is back, and every
+/// acknowledged write is applied exactly once, an unknown one at most once.
+/// (It hung in SPILLWAY FLUSH once in a few runs until ADR 0037: a publish stored by a
+/// stream leader that died before its PubAck arrived was given up, and the flusher
+/// waited forever for its sequence number behind the later acknowledged records.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 17, open defect: in one of three whole-suite runs, SPILLWAY FLUSH after \
-            the node came back did not return within its bound (flush liveness after a \
-            JetStream leader change); run with --ignored while it is fixed"]
 async fn a_nats_node_down_and_back_under_load_loses_and_doubles_nothing() {
     let mut cluster = tokio::task::spawn_blocking(|| NatsCluster::start(3))
         .await
@@ -434,4 +436,124 @@ async fn without_a_nats_quorum_nothing_is_acknowledged() {
     let (status, body) = crate::metrics::get(metrics, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("journal"), "{body}");
+}
+
+/// A publish JetStream stored whose PubAck never reached spillway (the connection to
+/// the only NATS server it knows is lost while the answer is on its way, and stays
+/// lost past every retry): the write's outcome is unknown to spillway, so the client
+/// gets 08006, never a refusal; the stored record is applied once the follower reads
+/// it, exactly once, also after a restart; and writes go on once NATS is reachable
+/// again. Before ADR 0037 the client got 53000 for a write that was then applied, the
+/// log stopped every later write, and a later acknowledged record behind it left a gap
+/// the flusher (and `SPILLWAY FLUSH`) waited on forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stored_whose_ack_is_lost_is_applied_once_and_writes_go_on() {
+    let cluster = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+        .await
+        .expect("cluster task");
+    let link = NatsLink::start(cluster.client_port(0)).await;
+    let local = tempfile::tempdir().expect("temp dir");
+    let ctx = Context::builder()
+        .before_proxy(SCHEMA)
+        .section(&format!(
+            "[flush]\ninterval = \"30ms\"\nbatch_size = 64\n{}\n{}ack_timeout = \"1s\"\n",
+            write_load::policy_toml("write-behind", ""),
+            crate::nats_cluster::journal_toml(
+                &link.servers_toml(),
+                3,
+                &local.path().join("journal")
+            ),
+        ))
+        .start()
+        .await;
+    let client = ctx.proxy_client().await;
+    client
+        .simple_query("INSERT INTO load_rows (id, worker, v) VALUES (1, 0, 'before')")
+        .await
+        .expect("acknowledged while the link passes");
+
+    link.hold_answers();
+    let held = tokio::spawn(async move {
+        let answer = client
+            .simple_query("UPDATE load_counters SET n = n + 1 WHERE id = 1")
+            .await;
+        (client, answer)
+    });
+    assert!(
+        link.held_an_ack(Duration::from_secs(10)).await,
+        "JetStream answered the publish (held back)"
+    );
+    // Past the first attempt's timeout, then nothing gets through for the retries.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    link.cut();
+    let (client, answer) = tokio::time::timeout(Duration::from_secs(30), held)
+        .await
+        .expect("answered while NATS is unreachable")
+        .expect("update task");
+    let err = answer.expect_err("not acknowledged: its PubAck never arrived");
+    assert_eq!(
+        err.code().map(|c| c.code().to_owned()).as_deref(),
+        Some("08006"),
+        "an unknown outcome, not a refusal: {err:?}"
+    );
+    let metrics = ctx.proxy.metrics_addr();
+    let (status, body) = crate::metrics::get(metrics, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+
+    link.pass();
+    // Writes go on once the client reconnected (refused meanwhile: 53000 only).
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client
+            .simple_query("INSERT INTO load_rows (id, worker, v) VALUES (2, 0, 'after')")
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(
+                    e.code().map(|c| c.code().to_owned()).as_deref(),
+                    Some("53000"),
+                    "{e:?}"
+                );
+                assert!(Instant::now() < until, "writes did not resume: {e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    write_load::flush(&ctx, Duration::from_secs(30)).await;
+    // The update was stored (its PubAck was seen): applied, once, as stream record 2.
+    let expected = (
+        "1,2".to_owned(),
+        "1".to_owned(),
+        "nats:spillway|3".to_owned(),
+    );
+    assert_eq!(applied_state(&ctx), expected);
+    assert_eq!(crate::metrics::get(metrics, "/readyz").await.0, 200);
+
+    // A restart replays nothing the ledger holds.
+    let mut ctx = ctx;
+    ctx.proxy.kill();
+    tokio::task::block_in_place(|| ctx.restart_proxy());
+    write_load::flush(&ctx, Duration::from_secs(30)).await;
+    assert_eq!(applied_state(&ctx), expected);
+    assert_eq!(
+        ctx.psql_direct("SELECT count(*) FROM spillway.dead_letters")
+            .trim(),
+        "0"
+    );
+}
+
+/// The rows of `load_rows`, counter 1, and the ledger's journal and last sequence.
+fn applied_state(ctx: &Context) -> (String, String, String) {
+    (
+        ctx.psql_direct("SELECT string_agg(id::text, ',' ORDER BY id) FROM load_rows")
+            .trim()
+            .to_owned(),
+        ctx.psql_direct("SELECT n FROM load_counters WHERE id = 1")
+            .trim()
+            .to_owned(),
+        ctx.psql_direct("SELECT journal_id, last_seq FROM spillway.flush_ledger")
+            .trim()
+            .to_owned(),
+    )
 }
