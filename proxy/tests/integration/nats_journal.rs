@@ -388,12 +388,48 @@ async fn a_nats_node_down_and_back_under_load_loses_and_doubles_nothing() {
         "{:?}",
         verdict.dead_letters
     );
-    // Writes refused while a node is down are refused with 53000, never acknowledged
-    // (under load a node's loss can stop every publish until it is back: issue 17's
-    // "writes continue" is not met yet), and writes go on once it is back (phase 2).
+    // Writes refused while a node is down are refused with 53000, never acknowledged.
+    // Under load a node's loss can stop every publish for seconds: when it led the
+    // stream, JetStream elects a new leader only after its Raft election timeout (4 to
+    // 9 s in nats-server 2.9), longer than a node stays down here, so issue 17's
+    // "writes continue" is not met yet and the phases after the first stop may
+    // acknowledge nothing.
     let unavailable = tally.refused.get("53000").copied().unwrap_or(0);
     assert_eq!(tally.refused_total(), unavailable, "{:?}", tally.refused);
-    assert!(tally.acked_by_phase[2] > 0, "{:?}", tally.acked_by_phase);
+    // Writes go on once every node is back: a write outside the load's keys is
+    // acknowledged within 30 s (refused meanwhile with 53000 only) and applied.
+    let client = ctx.proxy_client().await;
+    let back = Instant::now();
+    loop {
+        match client
+            .simple_query("INSERT INTO load_rows (id, worker, v) VALUES (-1, 0, 'back')")
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(
+                    e.code().map(|c| c.code().to_owned()).as_deref(),
+                    Some("53000"),
+                    "{e:?}"
+                );
+                assert!(
+                    back.elapsed() < Duration::from_secs(30),
+                    "writes did not resume: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    eprintln!(
+        "nats node restarts: a write acknowledged {:?} after the end",
+        back.elapsed()
+    );
+    write_load::flush(&ctx, Duration::from_secs(30)).await;
+    assert_eq!(
+        ctx.psql_direct("SELECT v FROM load_rows WHERE id = -1")
+            .trim(),
+        "back"
+    );
 }
 
 /// Two of three NATS nodes down: no quorum, so a deferred write is never acknowledged

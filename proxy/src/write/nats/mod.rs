@@ -64,6 +64,10 @@ const ATTEMPTS: u32 = 3;
 /// still travelling (JetStream's duplicate window is two minutes).
 const GIVEN_UP_FOR: Duration = Duration::from_secs(600);
 
+/// How long settling an unanswered append asks the stream for its subject's last
+/// message before giving the append up.
+const SETTLE_LOOKUP: Duration = Duration::from_secs(1);
+
 /// How long an applied record stays in the stream before `confirm` purges it. A purged
 /// key subject has no last sequence, so a keyed append decided before the purged
 /// record reached its instance would pass the compare-and-set: a keyed append
@@ -451,10 +455,15 @@ impl NatsLog {
         Err(JournalError::Indeterminate(cause))
     }
 
-    /// The sequence number of `subject`'s last message if it is message `id`.
+    /// The sequence number of `subject`'s last message if it is message `id` (asked for
+    /// `SETTLE_LOOKUP` at most: the stream just failed to answer for `ack_timeout`).
     async fn last_of_subject_if(&self, subject: &str, id: &str) -> Option<u64> {
         let stream = self.js.get_stream_no_info(&self.stream).await.ok()?;
-        let message = stream.get_last_raw_message_by_subject(subject).await.ok()?;
+        let lookup = stream.get_last_raw_message_by_subject(subject);
+        let message = tokio::time::timeout(SETTLE_LOOKUP, lookup)
+            .await
+            .ok()?
+            .ok()?;
         let headers = message.headers;
         let ours = headers.get("Nats-Msg-Id").is_some_and(|v| v.as_str() == id);
         ours.then_some(message.sequence)
