@@ -108,21 +108,10 @@ pub async fn start(
         .enable_all()
         .build()
         .map_err(|e| WritesStartError::Task(e.to_string()))?;
-    let known = service.clone();
-    let on_applied = move |applied: &spillway_policies::engine::state::Applied| {
-        // Applied rows are in PostgreSQL now: cached reads of them refill from there.
-        // By the current set, which still knows tables that left deferral by reload.
-        // Rows with known keys invalidate their keys; the other tables whole.
-        let set = known.tables();
-        db.versions
-            .bump_tables(applied.unkeyed.iter().filter_map(|t| set.oid_of(t)));
-        for (table, key) in &applied.keys {
-            match set.oid_of(table) {
-                Some(oid) => db.versions.bump_key(oid, key),
-                None => db.versions.bump_all(),
-            }
-        }
-    };
+    // Applied rows are in PostgreSQL now: cached reads of them refill from there.
+    let on_applied = invalidator(&service, db.clone());
+    // Another instance's write: cached reads of it are stale from now on.
+    service.follow_others(invalidator(&service, db));
     let (worker_service, worker_stop) = (service.clone(), stop.clone());
     std::thread::Builder::new()
         .name("spillway-flush".to_owned())
@@ -182,6 +171,27 @@ pub async fn start(
         stop,
         flusher,
     }))
+}
+
+/// What invalidates the cached reads of rows a record writes: by the current set,
+/// which still knows tables that left deferral by reload; rows with known keys
+/// invalidate their keys, the other tables whole.
+fn invalidator(
+    service: &Arc<WriteService>,
+    db: Arc<crate::read::cache::DbState>,
+) -> impl Fn(&spillway_policies::engine::state::Applied) + Send + 'static {
+    let known = service.clone();
+    move |applied| {
+        let set = known.tables();
+        db.versions
+            .bump_tables(applied.unkeyed.iter().filter_map(|t| set.oid_of(t)));
+        for (table, key) in &applied.keys {
+            match set.oid_of(table) {
+                Some(oid) => db.versions.bump_key(oid, key),
+                None => db.versions.bump_all(),
+            }
+        }
+    }
 }
 
 /// Asks for every key sequence's first block and waits (at most [`PREFILL_WAIT`]) for
