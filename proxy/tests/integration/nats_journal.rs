@@ -432,8 +432,12 @@ async fn a_nats_node_down_and_back_under_load_loses_and_doubles_nothing() {
     );
 }
 
-/// Two of three NATS nodes down: no quorum, so a deferred write is never acknowledged
-/// (53000), and `/readyz` says the journal is the reason.
+/// Two of three NATS nodes down: no quorum, so a deferred write is never acknowledged:
+/// refused (53000) when no stream leader takes it, or answered 08006 (outcome unknown)
+/// when the leader that stayed up took it but cannot commit it (its proposal may still
+/// be committed once the quorum is back); `/readyz` says the journal is the reason.
+/// Once the nodes are back, writes are acknowledged again, and afterwards no refused
+/// write is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_nats_quorum_nothing_is_acknowledged() {
     let mut cluster = tokio::task::spawn_blocking(|| NatsCluster::start(3))
@@ -457,21 +461,70 @@ async fn without_a_nats_quorum_nothing_is_acknowledged() {
         cluster.stop_node(1);
         cluster.stop_node(2);
     });
-    let refused = tokio::time::timeout(
-        Duration::from_secs(30),
-        client.simple_query("INSERT INTO load_rows (id, worker, v) VALUES (2, 0, 'no quorum')"),
-    )
-    .await
-    .expect("answered in time")
-    .expect_err("not acknowledged without a quorum");
-    assert_eq!(
-        refused.code().map(|c| c.code().to_owned()).as_deref(),
-        Some("53000"),
-        "{refused:?}"
-    );
+    let insert = |id: i64| {
+        let client = &client;
+        async move {
+            let sql = format!("INSERT INTO load_rows (id, worker, v) VALUES ({id}, 0, 'w')");
+            tokio::time::timeout(Duration::from_secs(30), client.simple_query(&sql))
+                .await
+                .expect("answered in time")
+                .map(|_| ())
+                .map_err(|e| e.code().map(|c| c.code().to_owned()).unwrap_or_default())
+        }
+    };
+    let (mut refused, mut unknown) = (Vec::new(), Vec::new());
+    for id in 2..=4 {
+        match insert(id).await {
+            Ok(()) => panic!("write {id} acknowledged without a quorum"),
+            Err(code) if code == "53000" => refused.push(id),
+            Err(code) if code == "08006" => unknown.push(id),
+            Err(code) => panic!("write {id}: {code}"),
+        }
+    }
     let (status, body) = crate::metrics::get(metrics, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("journal"), "{body}");
+
+    tokio::task::block_in_place(|| {
+        cluster.start_node(1);
+        cluster.start_node(2);
+    });
+    let back = Instant::now();
+    let mut acked = None;
+    for id in 5.. {
+        match insert(id).await {
+            Ok(()) => {
+                acked = Some(id);
+                break;
+            }
+            Err(code) if code == "53000" => refused.push(id),
+            Err(code) if code == "08006" => unknown.push(id),
+            Err(code) => panic!("write {id}: {code}"),
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "writes did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    write_load::flush(&ctx, Duration::from_secs(30)).await;
+    let present = |id: i64| {
+        ctx.psql_direct(&format!("SELECT count(*) FROM load_rows WHERE id = {id}"))
+            .trim()
+            .to_owned()
+    };
+    eprintln!(
+        "no quorum: refused {refused:?}, unknown {unknown:?} (applied: {:?}), then {:?} \
+         acknowledged {:?} after the nodes came back",
+        unknown.iter().map(|id| present(*id)).collect::<Vec<_>>(),
+        acked,
+        back.elapsed()
+    );
+    for id in &refused {
+        assert_eq!(present(*id), "0", "refused write {id} applied");
+    }
+    assert_eq!(present(1), "1");
+    assert_eq!(present(acked.expect("acknowledged")), "1");
 }
 
 /// A publish JetStream stored whose PubAck never reached spillway (the connection to
