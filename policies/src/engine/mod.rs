@@ -112,7 +112,9 @@ pub enum DeferError {
 
 impl DeferError {
     /// 53000 (insufficient resources) for back-pressure and a replicated journal without
-    /// quorum, 53100 (disk full) when the journal's disk is, XX000 otherwise.
+    /// quorum, 53100 (disk full) when the journal's disk is, 08006 when upstream is
+    /// unreachable or a replicated journal's answer was lost (the outcome is unknown),
+    /// XX000 otherwise.
     pub fn sqlstate(&self) -> &'static str {
         match self {
             DeferError::Full { .. }
@@ -121,7 +123,9 @@ impl DeferError {
             }
             DeferError::Journal(JournalError::NoSpace { .. }) => "53100",
             DeferError::Duplicate { .. } => "23505",
-            DeferError::Upstream(_) | DeferError::Unreachable(_) => "08006",
+            DeferError::Upstream(_)
+            | DeferError::Unreachable(_)
+            | DeferError::Journal(JournalError::Indeterminate(_)) => "08006",
             DeferError::Diverged(_) | DeferError::Journal(JournalError::Conflict(_)) => "40001",
             _ => "XX000",
         }
@@ -358,27 +362,36 @@ impl<C: Checks, L: Log> Engine<C, L> {
     /// this instance's follower: pending here too, its keys in the overlay as it
     /// leaves them (a journaled INSERT or UPDATE leaves its row existing, a DELETE
     /// not), so the flusher's contiguous prefix and this instance's decisions include
-    /// it. Records already applied or already pending are ignored.
-    pub fn note_foreign(&self, seq: u64, payload: &[u8]) -> Result<(), StartError> {
+    /// it. Records already applied or already pending are ignored. Returns what the
+    /// record writes (tables, keys), for cached reads of them to be invalidated as
+    /// for a write acknowledged here; nothing for an ignored record.
+    pub fn note_foreign(&self, seq: u64, payload: &[u8]) -> Result<state::Applied, StartError> {
         if seq <= self.applied() {
-            return Ok(());
+            return Ok(state::Applied::default());
         }
         let record = Record::decode(payload).map_err(|e| StartError::Decode {
             seq,
             error: e.to_string(),
         })?;
-        let after: HashMap<_, _> = record
-            .ops
-            .iter()
-            .filter_map(|op| {
-                let key = self.key_of(op)?;
-                let exists = !matches!(op, RowOp::Delete { .. });
-                Some(((op.table().to_owned(), key), exists))
-            })
-            .collect();
+        let mut written = state::Applied::default();
+        let mut after = HashMap::new();
+        for op in &record.ops {
+            let table = op.table().to_owned();
+            if !written.tables.contains(&table) {
+                written.tables.push(table.clone());
+            }
+            match self.key_of(op) {
+                Some(key) => {
+                    written.keys.push((table.clone(), key.clone()));
+                    after.insert((table, key), !matches!(op, RowOp::Delete { .. }));
+                }
+                None if !written.unkeyed.contains(&table) => written.unkeyed.push(table),
+                None => {}
+            }
+        }
         let mut state = self.state();
         if state.pending.contains_key(&seq) {
-            return Ok(());
+            return Ok(state::Applied::default());
         }
         state.reserve(&after);
         state.note_pending(seq, Arc::new(record));
@@ -386,7 +399,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
         if self.until_due().is_zero() {
             self.wake.notify_one();
         }
-        Ok(())
+        Ok(written)
     }
 
     /// The canonical key of an operation, as the overlay stores it.

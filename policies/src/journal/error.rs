@@ -65,6 +65,12 @@ pub enum JournalError {
     /// nothing was acknowledged. Like `Full`, a refusal the client may retry later.
     #[error("the replicated journal cannot store writes now: {0}")]
     Unavailable(String),
+    /// A replicated log sent the record but no answer came back (the connection or the
+    /// stream leader was lost meanwhile): it may be stored, and then it is applied like
+    /// another instance's record; or not. The client is told the outcome is unknown
+    /// (08006), as PostgreSQL does when a connection dies during COMMIT.
+    #[error("the replicated journal did not answer; the write may or may not be applied: {0}")]
+    Indeterminate(String),
     /// A shared journal refused a keyed append: another instance wrote the key first.
     /// The engine decides the statement again; a client sees it only after many.
     #[error("another spillway instance wrote the same key concurrently: {0}")]

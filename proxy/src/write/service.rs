@@ -83,32 +83,43 @@ impl WriteService {
         };
         let applied = apply::claim_ledger(conn, &key).await?;
         let checks = PgChecks::new(url.clone());
-        let foreign = match &journal {
-            JournalLog::Nats(log) => log.take_follower(),
-            JournalLog::Local(_) => None,
-        };
         let engine = Engine::start(journal, recovered, applied, tables, flush, checks)?;
-        if let Some(mut foreign) = foreign {
-            // Other instances' records: pending here too, in stream order.
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                while let Some((seq, subject, payload)) = foreign.recv().await {
-                    if let Err(err) = engine.note_foreign(seq, &payload) {
-                        tracing::error!(%err, "journal: a record of another instance");
-                    }
-                    // Only now may a keyed append expect it: the overlay has it.
-                    if let JournalLog::Nats(log) = engine.log() {
-                        log.seen(&subject, seq, changes_existence(&payload));
-                    }
-                }
-            });
-        }
         Ok(Arc::new(Self {
             engine,
             url,
             fallbacks: FallbackLog::default(),
             reservations: Arc::new(Reservations::default()),
         }))
+    }
+
+    /// On a shared log (NATS): makes other instances' records pending here too, in
+    /// stream order, as the log's follower delivers them; `on_noted` gets what each
+    /// writes, to invalidate this instance's cached reads of it as a write acknowledged
+    /// here does (issue 17: invalidations reach every instance). Once; nothing on the
+    /// local journal.
+    pub fn follow_others(
+        &self,
+        on_noted: impl Fn(&spillway_policies::engine::state::Applied) + Send + 'static,
+    ) {
+        let JournalLog::Nats(log) = self.engine.log() else {
+            return;
+        };
+        let Some(mut foreign) = log.take_follower() else {
+            return;
+        };
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            while let Some((seq, subject, payload)) = foreign.recv().await {
+                match engine.note_foreign(seq, &payload) {
+                    Ok(written) => on_noted(&written),
+                    Err(err) => tracing::error!(%err, "journal: a record of another instance"),
+                }
+                // Only now may a keyed append expect it: the overlay has it.
+                if let JournalLog::Nats(log) = engine.log() {
+                    log.seen(&subject, seq, changes_existence(&payload));
+                }
+            }
+        });
     }
 
     /// The flush worker: runs until `shutdown`, then drains what it can (the caller

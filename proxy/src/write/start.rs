@@ -108,35 +108,11 @@ pub async fn start(
         .enable_all()
         .build()
         .map_err(|e| WritesStartError::Task(e.to_string()))?;
-    let known = service.clone();
     let replication = cache.invalidation == spillway_policies::Invalidation::Replication;
-    let on_applied = move |applied: &spillway_policies::engine::state::Applied| {
-        // Applied rows are in PostgreSQL now: cached reads of them refill from there.
-        // By the current set, which still knows tables that left deferral by reload.
-        // Rows with known keys invalidate their keys; the other tables whole.
-        let set = known.tables();
-        let unkeyed: Vec<u32> = applied
-            .unkeyed
-            .iter()
-            .filter_map(|t| set.oid_of(t))
-            .collect();
-        db.versions.bump_tables(unkeyed.iter().copied());
-        let mut rows = Vec::with_capacity(applied.keys.len());
-        for (table, key) in &applied.keys {
-            match set.oid_of(table) {
-                Some(oid) => {
-                    db.versions.bump_key(oid, key);
-                    rows.push((oid, key.clone()));
-                }
-                None => db.versions.bump_all(),
-            }
-        }
-        // Invalidated after the batch committed: its echo need not do it again
-        // (exactly these rows and tables, ADR 0036).
-        if replication && let Some(xid) = applied.xid {
-            db.echoes.flushed(xid, rows, unkeyed);
-        }
-    };
+    // Applied rows are in PostgreSQL now: cached reads of them refill from there.
+    let on_applied = invalidator(&service, db.clone(), replication);
+    // Another instance's write: cached reads of it are stale from now on.
+    service.follow_others(invalidator(&service, db, replication));
     let (worker_service, worker_stop) = (service.clone(), stop.clone());
     std::thread::Builder::new()
         .name("spillway-flush".to_owned())
@@ -196,6 +172,43 @@ pub async fn start(
         stop,
         flusher,
     }))
+}
+
+/// What invalidates the cached reads of rows a record writes: by the current set,
+/// which still knows tables that left deferral by reload; rows with known keys
+/// invalidate their keys, the other tables whole.
+fn invalidator(
+    service: &Arc<WriteService>,
+    db: Arc<crate::read::cache::DbState>,
+    replication: bool,
+) -> impl Fn(&spillway_policies::engine::state::Applied) + Send + 'static {
+    let known = service.clone();
+    move |applied| {
+        // By the current set, which still knows tables that left deferral by reload.
+        // Rows with known keys invalidate their keys; the other tables whole.
+        let set = known.tables();
+        let unkeyed: Vec<u32> = applied
+            .unkeyed
+            .iter()
+            .filter_map(|t| set.oid_of(t))
+            .collect();
+        db.versions.bump_tables(unkeyed.iter().copied());
+        let mut rows = Vec::with_capacity(applied.keys.len());
+        for (table, key) in &applied.keys {
+            match set.oid_of(table) {
+                Some(oid) => {
+                    db.versions.bump_key(oid, key);
+                    rows.push((oid, key.clone()));
+                }
+                None => db.versions.bump_all(),
+            }
+        }
+        // A batch this instance flushed, invalidated after it committed: its echo
+        // need not do it again (exactly these rows and tables, ADR 0036).
+        if replication && let Some(xid) = applied.xid {
+            db.echoes.flushed(xid, rows, unkeyed);
+        }
+    }
 }
 
 /// Asks for every key sequence's first block and waits (at most [`PREFILL_WAIT`]) for

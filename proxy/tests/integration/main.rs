@@ -33,6 +33,7 @@ mod metrics;
 mod model;
 mod nats_cluster;
 mod nats_journal;
+mod nats_link;
 mod outage;
 mod packaging;
 mod pipelines;

@@ -4,7 +4,9 @@
 //! panics). Like `ops/throwaway.rs` does for PostgreSQL.
 //!
 //! Invariant: the servers live exactly as long as the [`NatsCluster`] value; a node
-//! stopped by [`NatsCluster::stop_node`] restarts on the same ports and store.
+//! stopped by [`NatsCluster::stop_node`] restarts on the same ports and store. The
+//! nodes do not advertise their client ports: a client reaches only the servers its
+//! configuration names (so a relay in front of one node is its only way in).
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -21,9 +23,15 @@ fn binary() -> PathBuf {
     }
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
+/// `n` distinct free loopback ports (each held until all are picked, so none is
+/// picked twice).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
 }
 
 struct Node {
@@ -44,7 +52,8 @@ impl NatsCluster {
             .prefix("spillway-nats-")
             .tempdir()
             .expect("temp dir");
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let free = free_ports(2 * n);
+        let ports: Vec<(u16, u16)> = free.chunks(2).map(|p| (p[0], p[1])).collect();
         let routes: Vec<String> = ports
             .iter()
             .map(|(_, route)| format!("\"nats-route://127.0.0.1:{route}\""))
@@ -58,7 +67,7 @@ impl NatsCluster {
                     "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\n\
                      jetstream {{ store_dir: \"{}\" }}\n\
                      cluster {{ name: spillway-test\n listen: \"127.0.0.1:{route}\"\n \
-                     routes: [{}] }}\n",
+                     no_advertise: true\n routes: [{}] }}\n",
                     store.display(),
                     routes.join(", ")
                 );
@@ -91,18 +100,18 @@ impl NatsCluster {
     /// The `[journal]` sections of a spillway using this cluster with `replicas`,
     /// its local directory `dir` (unused by the NATS journal; a test deletes it).
     pub fn journal_toml(&self, replicas: usize, dir: &std::path::Path) -> String {
-        format!(
-            "[journal]\nbackend = \"nats\"\ndir = \"{}\"\n[journal.nats]\nservers = {}\n\
-             replicas = {replicas}\nstream = \"spillway\"\n",
-            dir.display(),
-            self.servers_toml()
-        )
+        journal_toml(&self.servers_toml(), replicas, dir)
+    }
+
+    /// Node `i`'s client port.
+    pub fn client_port(&self, i: usize) -> u16 {
+        self.nodes[i].client_port
     }
 
     /// (Re)starts node `i` on its ports and store; waits until it accepts clients.
     pub fn start_node(&mut self, i: usize) {
-        let log = std::fs::File::create(self.dir.path().join(format!("n{i}.log")))
-            .expect("nats log file");
+        let log_path = self.dir.path().join(format!("n{i}.log"));
+        let log = std::fs::File::create(&log_path).expect("nats log file");
         let node = &mut self.nodes[i];
         let child = Command::new(binary())
             .arg("-c")
@@ -115,7 +124,11 @@ impl NatsCluster {
         node.child = Some(child);
         let until = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", node.client_port)).is_err() {
-            assert!(Instant::now() < until, "nats-server n{i} did not listen");
+            assert!(
+                Instant::now() < until,
+                "nats-server n{i} did not listen; its log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -127,6 +140,16 @@ impl NatsCluster {
             let _ = child.wait();
         }
     }
+}
+
+/// The `[journal]` sections of a spillway using the NATS servers `servers` (a TOML
+/// list) with `replicas`, its local directory `dir`.
+pub fn journal_toml(servers: &str, replicas: usize, dir: &std::path::Path) -> String {
+    format!(
+        "[journal]\nbackend = \"nats\"\ndir = \"{}\"\n[journal.nats]\nservers = {servers}\n\
+         replicas = {replicas}\nstream = \"spillway\"\n",
+        dir.display(),
+    )
 }
 
 impl Drop for NatsCluster {

@@ -117,9 +117,19 @@ fn metrics_addr(config: &Config) -> SocketAddr {
 
 #[test]
 fn compose_services_mounts_and_dependencies_exist() {
-    let c = compose();
+    services_mounts_and_dependencies_exist(
+        &compose(),
+        &["postgres", "migrate", "spillway", "prometheus", "grafana"],
+    );
+}
+
+/// `names` are services of `c`; every dependency is a service (with a known
+/// condition), every mounted file exists, every named volume is declared, every build
+/// is the one Dockerfile.
+fn services_mounts_and_dependencies_exist(c: &Yaml, names: &[&str]) {
+    let c = c.clone();
     let services = c["services"].as_mapping().expect("services");
-    for name in ["postgres", "migrate", "spillway", "prometheus", "grafana"] {
+    for name in names {
         service(&c, name);
     }
     let declared_volumes = c["volumes"].as_mapping().expect("top-level volumes");
@@ -525,4 +535,126 @@ fn grafana_provisioning_and_dashboard_agree() {
     assert!(shows("reason) (rate(spillway_fallbacks_total"));
     assert!(shows("spillway_dead_letters_total"));
     assert!(queried.len() >= 15, "{queried:?}");
+}
+
+/// Host ports a service publishes (`ip:host:container`).
+fn host_ports(svc: &Yaml, name: &str) -> Vec<u16> {
+    seq(&svc["ports"], &format!("{name}.ports"))
+        .iter()
+        .map(|p| {
+            let parts: Vec<&str> = str_of(p, "port").split(':').collect();
+            parts[parts.len() - 2]
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}: port {p:?}"))
+        })
+        .collect()
+}
+
+/// The value after `flag` in an argument list.
+fn flag<'a>(args: &'a [String], flag: &str, name: &str) -> &'a str {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("{name}: no {flag} in {args:?}"))
+}
+
+/// `compose.nats.yml` (issue 17): three JetStream nodes routed to each other as one
+/// cluster, and two spillway instances running `spillway-nats.toml`, whose journal is
+/// that cluster with three replicas, on their own host ports.
+#[test]
+fn nats_compose_runs_two_instances_on_a_three_node_jetstream_cluster() {
+    let c = yaml("compose.nats.yml");
+    let nodes = ["nats-1", "nats-2", "nats-3"];
+    let instances = ["spillway-a", "spillway-b"];
+    let mut names = vec!["postgres", "migrate"];
+    names.extend(nodes);
+    names.extend(instances);
+    services_mounts_and_dependencies_exist(&c, &names);
+
+    // One cluster: JetStream on, one cluster name, routes to every node's cluster port.
+    let routes: Vec<String> = nodes.iter().map(|n| format!("nats://{n}:6222")).collect();
+    for node in nodes {
+        let args = command(service(&c, node), node);
+        assert!(args.iter().any(|a| a == "--jetstream"), "{node}: {args:?}");
+        assert_eq!(flag(&args, "--server_name", node), node);
+        assert_eq!(flag(&args, "--cluster_name", node), "spillway");
+        assert_eq!(flag(&args, "--cluster", node), "nats://0.0.0.0:6222");
+        let listed: Vec<&str> = flag(&args, "--routes", node).split(',').collect();
+        assert_eq!(listed, routes, "{node}");
+        let store = flag(&args, "--store_dir", node);
+        assert!(
+            mounts(service(&c, node), node)
+                .iter()
+                .any(|(source, target)| target == store && !source.starts_with('.')),
+            "{node}: its store {store} is on a named volume"
+        );
+    }
+
+    let config = Config::from_toml_str(&read(&docker("spillway-nats.toml")))
+        .unwrap_or_else(|e| panic!("docker/spillway-nats.toml is not a valid config: {e}"));
+    assert_eq!(
+        config.journal.backend,
+        spillway_policies::config::JournalBackend::Nats
+    );
+    let nats = &config.journal.nats;
+    assert_eq!(nats.replicas, nodes.len());
+    let servers: Vec<String> = nodes.iter().map(|n| format!("nats://{n}:4222")).collect();
+    assert_eq!(nats.servers, servers);
+    let metrics = metrics_addr(&config);
+    let url = url::Url::parse(&config.backend.url).expect("backend.url");
+    service(&c, url.host_str().expect("host"));
+
+    let migrate = service(&c, "migrate");
+    let target = config_arg(&command(migrate, "migrate")).to_owned();
+    assert_eq!(
+        mount_source(migrate, "migrate", &target),
+        "./spillway-nats.toml"
+    );
+    let mut host = Vec::new();
+    for name in instances {
+        let svc = service(&c, name);
+        let args = command(svc, name);
+        assert_eq!(args[0], "run", "{name}");
+        assert_eq!(
+            mount_source(svc, name, config_arg(&args)),
+            "./spillway-nats.toml",
+            "{name}"
+        );
+        assert_eq!(
+            str_of(&svc["image"], "image"),
+            str_of(&migrate["image"], "image"),
+            "{name} runs the image migrate runs"
+        );
+        let ports = published(svc, name);
+        assert!(
+            ports.contains(&config.server.listen.port()),
+            "{name}: {ports:?}"
+        );
+        assert!(ports.contains(&metrics.port()), "{name}: {ports:?}");
+        host.extend(host_ports(svc, name));
+        let deps = svc["depends_on"].as_mapping().expect("depends_on");
+        for dep in nodes.iter().chain(&["migrate", "postgres"]) {
+            assert!(deps.contains_key(*dep), "{name} does not depend on {dep}");
+        }
+        let grace = humantime::parse_duration(str_of(&svc["stop_grace_period"], "grace"))
+            .expect("stop_grace_period");
+        let needed = config.server.shutdown_timeout * 2 + Duration::from_secs(5);
+        assert!(
+            grace >= needed,
+            "{name}: stop_grace_period {grace:?} < {needed:?}"
+        );
+    }
+    let distinct: std::collections::HashSet<u16> = host.iter().copied().collect();
+    assert_eq!(distinct.len(), host.len(), "host ports collide: {host:?}");
+
+    let init = read(&docker("postgres/init.sql"));
+    for (table, t) in config.table_policies().expect("policies") {
+        if t.policy.is_deferred() {
+            assert!(
+                init.contains(&format!("CREATE TABLE {table} (")),
+                "init.sql does not create {table}"
+            );
+        }
+    }
 }

@@ -13,11 +13,17 @@
 //! - Every append carries a message id unique to it (`Nats-Msg-Id`): an attempt whose
 //!   answer was lost is retried under the same id, and JetStream's duplicate window
 //!   answers with the first copy's sequence number instead of storing a second one.
-//! - An append whose outcome stays unknown (no answer to any attempt) may still be
-//!   stored, and this instance's flusher would then wait forever for its sequence
-//!   number: the log stops accepting appends (`is_poisoned`, `/readyz` says why) and a
-//!   restart recovers every stored record from the stream. A publish refused outright
-//!   (no JetStream answering) is just refused: nothing was stored.
+//! - Every sequence number in the stream reaches the engine, or the contiguous flush
+//!   prefix stops at it for good (ADR 0037): an append answered with a PubAck returns
+//!   its sequence number; an append whose attempts were all refused outright (no
+//!   JetStream answering) stored nothing; an append with an unanswered attempt (the
+//!   connection or the stream leader lost while the PubAck was on its way) is settled
+//!   by what the stream holds: the follower saw its message id stored (or the key
+//!   subject's last message carries it) and it succeeds with that sequence number, or
+//!   it returns `JournalError::Indeterminate` (the client is told the outcome is
+//!   unknown) and the follower hands it to the engine like another instance's record
+//!   if it is, or ever becomes, stored. The log stops accepting appends only when the
+//!   follower ends (nothing could settle such a record any more).
 //! - Every instance follows the stream from where its recovery read ended (an ordered
 //!   consumer): others' records become pending here too (`Engine::note_foreign`), so
 //!   the contiguous flush prefix, barriers and the key overlay include them.
@@ -39,6 +45,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
@@ -50,6 +58,15 @@ pub use open::{NatsError, open};
 
 /// Attempts of one append under its message id before its outcome counts as unknown.
 const ATTEMPTS: u32 = 3;
+
+/// How long an append given up as indeterminate is remembered: if its message shows up
+/// in the stream meanwhile, the follower hands it to the engine. Far beyond any attempt
+/// still travelling (JetStream's duplicate window is two minutes).
+const GIVEN_UP_FOR: Duration = Duration::from_secs(600);
+
+/// How long settling an unanswered append asks the stream for its subject's last
+/// message before giving the append up.
+const SETTLE_LOOKUP: Duration = Duration::from_secs(1);
 
 /// How long an applied record stays in the stream before `confirm` purges it. A purged
 /// key subject has no last sequence, so a keyed append decided before the purged
@@ -68,8 +85,11 @@ pub struct NatsLog {
     next_id: AtomicU64,
     /// The highest sequence number JetStream acknowledged (or recovery found).
     durable: AtomicU64,
-    /// Why appends stopped, once they did.
-    poisoned: OnceLock<String>,
+    /// Why appends stopped, once they did (the follower ended).
+    poisoned: Arc<OnceLock<String>>,
+    /// This process's appends not settled yet, by message id (shared with the
+    /// follower).
+    own: OwnAppends,
     client: async_nats::Client,
     /// Other instances' records in stream order, until the write service takes it.
     follower: Mutex<Option<Foreign>>,
@@ -101,6 +121,50 @@ struct Seen {
 
 /// Other instances' records: (stream sequence, subject, payload).
 pub type Foreign = mpsc::UnboundedReceiver<(u64, String, Bytes)>;
+
+/// Where one of this process's appends stands, as far as the follower is concerned.
+#[derive(Debug, Clone, Copy)]
+enum Own {
+    /// Being published: the follower notes where it was stored if it sees it first.
+    Publishing,
+    /// The follower saw it stored at this sequence number before its append settled.
+    Stored(u64),
+    /// Its append returned `Indeterminate` at this moment: if it is stored, the
+    /// follower hands it to the engine like another instance's record.
+    GivenUp(Instant),
+}
+
+/// This process's unsettled appends by message id, shared by the log and its follower.
+type OwnAppends = Arc<Mutex<HashMap<String, Own>>>;
+
+/// The follower met one of this process's messages (`id`, stored at `seq`): true when
+/// the engine must be given it (its append was given up as indeterminate); otherwise
+/// its append returns, or returned, `seq` itself.
+fn followed_own(own: &OwnAppends, id: &str, seq: u64) -> bool {
+    let mut own = lock(own);
+    match own.get(id) {
+        Some(Own::Publishing) => {
+            own.insert(id.to_owned(), Own::Stored(seq));
+            false
+        }
+        Some(Own::GivenUp(_)) => {
+            own.remove(id);
+            true
+        }
+        Some(Own::Stored(_)) | None => false,
+    }
+}
+
+/// How one publish, over all its attempts, ended.
+enum Published {
+    /// JetStream acknowledged it with this sequence number.
+    Stored(u64),
+    /// Refused by every attempt's answer: nothing was stored.
+    Refused(JournalError),
+    /// Some attempt got no answer (or a refusal that an earlier unanswered attempt may
+    /// have caused): it may be stored.
+    Unanswered(String),
+}
 
 impl NatsLog {
     /// The journal id in `spillway.flush_ledger` of the stream `stream`.
@@ -280,26 +344,69 @@ impl NatsLog {
         };
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{}", self.nonce, n);
+        // Before the first attempt: the follower may see it stored before any answer.
+        lock(&self.own).insert(id.clone(), Own::Publishing);
+        let published = self.publish(&subject, &id, &payload, expected).await;
+        let result = match published {
+            Published::Stored(seq) => {
+                if let Some(Own::Stored(other)) = lock(&self.own).remove(&id)
+                    && other != seq
+                {
+                    // JetStream's duplicate window should make this impossible: the
+                    // flusher would wait for `other` forever.
+                    tracing::error!(id, seq, other, "journal: one publish stored twice");
+                }
+                Ok(seq)
+            }
+            Published::Refused(err) => {
+                lock(&self.own).remove(&id);
+                if let JournalError::Unavailable(why) = &err {
+                    *lock(&self.refused) = Some(why.clone());
+                }
+                Err(err)
+            }
+            Published::Unanswered(why) => self.settle(&subject, &id, why).await,
+        };
+        if let Ok(seq) = result {
+            *lock(&self.refused) = None;
+            self.durable.fetch_max(seq, Ordering::AcqRel);
+        }
+        result
+    }
+
+    /// Publishes under message id `id`, retrying for `ack_timeout` (at least
+    /// `ATTEMPTS` times) until an attempt is answered.
+    async fn publish(
+        &self,
+        subject: &str,
+        id: &str,
+        payload: &Bytes,
+        expected: Option<u64>,
+    ) -> Published {
         let mut last = PublishErrorKind::Other;
         // Whether an attempt may have been stored (no answer, rather than a refusal).
         let mut maybe_stored = false;
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let mut attempt = 0;
         // At least `ATTEMPTS`, and for `ack_timeout`: a stream leader's election after
         // a node's loss answers "no responders" for a moment.
         while attempt < ATTEMPTS || started.elapsed() < self.ack_timeout {
             attempt += 1;
-            match self.publish_once(&subject, &id, &payload, expected).await {
-                Ok(seq) => {
-                    *lock(&self.refused) = None;
-                    self.durable.fetch_max(seq, Ordering::AcqRel);
-                    return Ok(seq);
+            match self.publish_once(subject, id, payload, expected).await {
+                Ok(seq) => return Published::Stored(seq),
+                // The subject moved on since the decision; unless an unanswered
+                // attempt of this very message is what moved it.
+                Err(PublishErrorKind::WrongLastSequence) if maybe_stored => {
+                    return Published::Unanswered(format!(
+                        "a retry found the key written after an attempt that got no \
+                         answer ({last})"
+                    ));
                 }
                 Err(PublishErrorKind::WrongLastSequence) => {
-                    return Err(JournalError::Conflict(subject));
+                    return Published::Refused(JournalError::Conflict(subject.to_owned()));
                 }
                 Err(PublishErrorKind::MaxPayloadExceeded) if !maybe_stored => {
-                    return Err(JournalError::Unavailable(
+                    return Published::Refused(JournalError::Unavailable(
                         PublishErrorKind::MaxPayloadExceeded.to_string(),
                     ));
                 }
@@ -312,19 +419,54 @@ impl NatsLog {
                 }
             }
         }
-        if !maybe_stored {
-            let why = format!("the last publish was refused: {last}");
-            *lock(&self.refused) = Some(why.clone());
-            return Err(JournalError::Unavailable(why));
+        if maybe_stored {
+            Published::Unanswered(format!("no answer to a publish ({last})"))
+        } else {
+            Published::Refused(JournalError::Unavailable(format!(
+                "the last publish was refused: {last}"
+            )))
         }
-        let cause = format!(
-            "a publish to stream {} got no acknowledgement ({last}) and may be stored: appends \
-             stopped until a restart recovers the stream",
-            self.stream
-        );
-        tracing::error!("journal: {cause}");
-        let _ = self.poisoned.set(cause.clone());
-        Err(JournalError::Unavailable(cause))
+    }
+
+    /// An append some attempt of which got no answer: its sequence number if the
+    /// stream shows it stored (the follower saw it, or it is the last message of its
+    /// subject), else `Indeterminate`, and the follower hands it to the engine if it
+    /// is stored after all.
+    async fn settle(&self, subject: &str, id: &str, why: String) -> Result<u64, JournalError> {
+        if let Some(seq) = self.last_of_subject_if(subject, id).await {
+            lock(&self.own).remove(id);
+            tracing::info!(seq, id, "journal: an unanswered publish was stored");
+            return Ok(seq);
+        }
+        let now = Instant::now();
+        let mut own = lock(&self.own);
+        if let Some(Own::Stored(seq)) = own.get(id).copied() {
+            own.remove(id);
+            tracing::info!(seq, id, "journal: an unanswered publish was stored");
+            return Ok(seq);
+        }
+        own.retain(|_, o| !matches!(o, Own::GivenUp(at) if now.duration_since(*at) > GIVEN_UP_FOR));
+        own.insert(id.to_owned(), Own::GivenUp(now));
+        drop(own);
+        let cause =
+            format!("{why}; the write's outcome is unknown until the stream is followed past it");
+        tracing::warn!(id, "journal: {cause}");
+        *lock(&self.refused) = Some(cause.clone());
+        Err(JournalError::Indeterminate(cause))
+    }
+
+    /// The sequence number of `subject`'s last message if it is message `id` (asked for
+    /// `SETTLE_LOOKUP` at most: the stream just failed to answer for `ack_timeout`).
+    async fn last_of_subject_if(&self, subject: &str, id: &str) -> Option<u64> {
+        let stream = self.js.get_stream_no_info(&self.stream).await.ok()?;
+        let lookup = stream.get_last_raw_message_by_subject(subject);
+        let message = tokio::time::timeout(SETTLE_LOOKUP, lookup)
+            .await
+            .ok()?
+            .ok()?;
+        let headers = message.headers;
+        let ours = headers.get("Nats-Msg-Id").is_some_and(|v| v.as_str() == id);
+        ours.then_some(message.sequence)
     }
 
     async fn confirm_inner(&self, seq: u64) -> Result<(), JournalError> {

@@ -20,7 +20,7 @@ use spillway_policies::config::NatsJournalConfig;
 use spillway_policies::journal::Record;
 use tokio::sync::mpsc;
 
-use super::{Foreign, NatsLog};
+use super::{Foreign, NatsLog, OwnAppends, followed_own};
 
 /// How long startup waits for the cluster's JetStream (a meta leader, the stream's
 /// leader) before it gives up.
@@ -121,9 +121,17 @@ pub async fn open(
         records = records.len(), "journal: JetStream stream opened"
     );
     let nonce = format!("{:016x}-{epoch}", rand::random::<u64>());
-    let follower = follow(&stream, last + 1, nonce.clone())
-        .await
-        .map_err(stream_error)?;
+    let own: OwnAppends = Arc::default();
+    let poisoned: Arc<OnceLock<String>> = Arc::default();
+    let follower = follow(
+        &stream,
+        last + 1,
+        nonce.clone(),
+        own.clone(),
+        poisoned.clone(),
+    )
+    .await
+    .map_err(stream_error)?;
     let log = NatsLog {
         js,
         stream: config.stream.clone(),
@@ -131,7 +139,8 @@ pub async fn open(
         nonce,
         next_id: AtomicU64::new(0),
         durable: AtomicU64::new(last),
-        poisoned: OnceLock::new(),
+        poisoned,
+        own,
         client,
         follower: Mutex::new(Some(follower.1)),
         durable_feed: follower.0,
@@ -145,14 +154,19 @@ pub async fn open(
 }
 
 /// Records other instances append, from `start` on, in stream order: an ordered
-/// consumer (recreated by the client after a gap or a lost connection), skipping this
-/// process's own publishes (their message ids start with `nonce`), which `append`
-/// makes pending itself. Returns the highest sequence number seen (shared with the
-/// log's `durable_seq`) and the receiver the write service drains into the engine.
+/// consumer (recreated by the client after a gap or a lost connection). This process's
+/// own publishes (their message ids start with `nonce`) are skipped, since `append`
+/// makes them pending itself, except those whose append was given up as indeterminate
+/// (`own`, see `followed_own`): the engine gets them like another instance's. Returns
+/// the highest sequence number seen (shared with the log's `durable_seq`) and the
+/// receiver the write service drains into the engine; sets `poisoned` if the consumer
+/// ends, since nothing would settle a given-up append any more.
 async fn follow(
     stream: &jetstream::stream::Stream,
     start: u64,
     nonce: String,
+    own: OwnAppends,
+    poisoned: Arc<OnceLock<String>>,
 ) -> Result<(Arc<AtomicU64>, Foreign), String> {
     use futures_util::StreamExt;
     let consumer = stream
@@ -179,17 +193,26 @@ async fn follow(
             };
             let Ok(info) = message.info() else { continue };
             let seq = info.stream_sequence;
-            let own = message
+            let id = message
                 .headers
                 .as_ref()
                 .and_then(|h| h.get("Nats-Msg-Id"))
-                .is_some_and(|id| id.as_str().starts_with(&nonce));
+                .map(|id| id.as_str());
+            let forward = match id {
+                Some(id) if id.starts_with(&nonce) => followed_own(&own, id, seq),
+                _ => true,
+            };
             let subject = message.subject.to_string();
-            if !own && tx.send((seq, subject, message.payload.clone())).is_err() {
+            if forward && tx.send((seq, subject, message.payload.clone())).is_err() {
                 return;
             }
             high.fetch_max(seq, Ordering::AcqRel);
         }
+        let cause = "the follower of the stream ended: an append without an answer could \
+                     not be settled any more; appends stopped until a restart"
+            .to_owned();
+        tracing::error!("journal: {cause}");
+        let _ = poisoned.set(cause);
     });
     Ok((seen, rx))
 }

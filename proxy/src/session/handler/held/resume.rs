@@ -12,6 +12,7 @@ use super::super::{Caching, Disposition};
 use super::ended;
 use crate::session::state::Outbox;
 use crate::write::service::DeferError;
+use spillway_policies::journal::JournalError;
 
 impl Caching {
     /// Starts COMMIT of the held transaction: its statements as one record.
@@ -111,12 +112,13 @@ impl Caching {
                     Some(self.leave_held(out))
                 }
                 Err(e) => {
-                    // COMMIT failed: the transaction is over, nothing was written.
+                    // COMMIT failed: the transaction is over, nothing was written; or,
+                    // when a replicated journal's answer was lost, it may have been.
                     self.tx.held = None;
-                    ended(if matches!(e, DeferError::Diverged(_)) {
-                        "diverged"
-                    } else {
-                        "rolled_back"
+                    ended(match &e {
+                        DeferError::Diverged(_) => "diverged",
+                        DeferError::Journal(JournalError::Indeterminate(_)) => "unknown",
+                        _ => "rolled_back",
                     });
                     Some(self.answer_held(tag, answer, Reply::Error(&refusal(&e)), b'I', out))
                 }
