@@ -7,7 +7,8 @@
 //! facade the session handler calls ([`service`]), the journal it runs on ([`log`]: the
 //! local journal or the NATS JetStream stream of [`nats`]), rate-limited fallback log
 //! lines ([`fallbacks`]), the
-//! exactly-once application of records upstream ([`apply`]: the engine's `Sink`), the
+//! exactly-once application of records upstream ([`apply`]: the engine's `Sink`; the
+//! ledger it advances, [`ledger`]), the
 //! check connections ([`checks`]: the engine's `Checks`), and startup/shutdown
 //! ([`start`]).
 //!
@@ -21,6 +22,7 @@ pub mod checks;
 pub mod convert;
 pub mod datetime;
 pub mod fallbacks;
+pub mod ledger;
 pub mod log;
 pub mod nats;
 pub mod params;

@@ -18,9 +18,10 @@ use spillway_policies::{FlushConfig, KeyIndexConfig};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{self, PgSink};
+use super::apply::PgSink;
 use super::checks::PgChecks;
 use super::fallbacks::FallbackLog;
+use super::ledger;
 use super::log::JournalLog;
 use super::returning::Returning;
 use super::sequences::Reservations;
@@ -81,7 +82,7 @@ impl WriteService {
             journal_id: journal.id(),
             epoch: journal.epoch(),
         };
-        let applied = apply::claim_ledger(conn, &key).await?;
+        let applied = ledger::claim_ledger(conn, &key).await?;
         let checks = PgChecks::new(url.clone());
         let engine = Engine::start(journal, recovered, applied, tables, flush, checks)?;
         Ok(Arc::new(Self {

@@ -15,7 +15,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::apply;
+use super::ledger;
 use super::log::JournalLog;
 use super::nats::{self, NatsError, NatsLog};
 use super::service::{StartError, WriteService};
@@ -272,7 +272,7 @@ async fn open_nats(
     conn: &mut PgConnection,
 ) -> Result<(JournalLog, Vec<Record>), WritesStartError> {
     let nats = &config.journal.nats;
-    let (epoch, applied) = apply::take_over_ledger(conn, &NatsLog::journal_id(&nats.stream))
+    let (epoch, applied) = ledger::take_over_ledger(conn, &NatsLog::journal_id(&nats.stream))
         .await
         .map_err(StartError::from)?;
     let (log, records) = nats::open(nats, epoch, applied).await?;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use spillway::ops::throwaway::ThrowawayPostgres;
 use spillway::write::apply::{self, ApplyError, LedgerKey};
+use spillway::write::ledger;
 use spillway::write::schema;
 use spillway_policies::writes::{Assign, AssignOp, Record, RowOp, TableMeta, Val};
 use sqlx::{Connection, PgConnection, Row};
@@ -108,7 +109,7 @@ async fn batches_apply_once_in_order_and_a_replay_is_refused() {
         epoch: 1,
     };
     assert_eq!(
-        apply::claim_ledger(&mut conn, &key).await.expect("claim"),
+        ledger::claim_ledger(&mut conn, &key).await.expect("claim"),
         0
     );
 
@@ -196,7 +197,7 @@ async fn batches_apply_once_in_order_and_a_replay_is_refused() {
         .await
         .expect("connect");
     assert_eq!(
-        apply::claim_ledger(&mut other, &newer)
+        ledger::claim_ledger(&mut other, &newer)
             .await
             .expect("claim"),
         8
@@ -209,7 +210,7 @@ async fn batches_apply_once_in_order_and_a_replay_is_refused() {
     );
     // An older epoch cannot claim it back.
     assert!(matches!(
-        apply::claim_ledger(&mut conn, &key).await,
+        ledger::claim_ledger(&mut conn, &key).await,
         Err(ApplyError::Fenced { .. })
     ));
     apply::apply_batch(&mut other, &newer, 8, &numbered(&more, 9), &tables)
@@ -230,7 +231,7 @@ async fn refused_records_become_dead_letters_and_the_rest_of_the_batch_applies()
         journal_id: "j2".into(),
         epoch: 1,
     };
-    apply::claim_ledger(&mut conn, &key).await.expect("claim");
+    ledger::claim_ledger(&mut conn, &key).await.expect("claim");
     let records = vec![
         insert("parent", &["id", "name"], &["1", "a"]),
         // Duplicate key: 23505.

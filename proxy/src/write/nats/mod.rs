@@ -80,9 +80,8 @@ pub struct NatsLog {
     js: jetstream::Context,
     stream: String,
     epoch: u64,
-    /// Distinguishes this process's message ids from every other's.
-    nonce: String,
-    next_id: AtomicU64,
+    /// This process's message ids.
+    ids: MessageIds,
     /// The highest sequence number JetStream acknowledged (or recovery found).
     durable: AtomicU64,
     /// Why appends stopped, once they did (the follower ended).
@@ -107,6 +106,20 @@ pub struct NatsLog {
     refused: Mutex<Option<String>>,
     /// Applied sequence numbers not purged yet, with when they were confirmed.
     to_purge: Mutex<std::collections::VecDeque<(tokio::time::Instant, u64)>>,
+}
+
+/// The `Nats-Msg-Id`s of this process's appends: a nonce that distinguishes them from
+/// every other process's (the follower skips its own by it), then a counter.
+struct MessageIds {
+    nonce: String,
+    next: AtomicU64,
+}
+
+impl MessageIds {
+    fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{}", self.nonce, n)
+    }
 }
 
 /// What this instance's engine has of one key subject.
@@ -342,8 +355,7 @@ impl NatsLog {
             Some((subject, expected)) => (subject, Some(expected)),
             None => (self.subject_of(&payload), None),
         };
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}-{}", self.nonce, n);
+        let id = self.ids.next();
         // Before the first attempt: the follower may see it stored before any answer.
         lock(&self.own).insert(id.clone(), Own::Publishing);
         let published = self.publish(&subject, &id, &payload, expected).await;

@@ -20,7 +20,7 @@ use spillway_policies::config::NatsJournalConfig;
 use spillway_policies::journal::Record;
 use tokio::sync::mpsc;
 
-use super::{Foreign, NatsLog, OwnAppends, followed_own};
+use super::{Foreign, MessageIds, NatsLog, OwnAppends, followed_own};
 
 /// How long startup waits for the cluster's JetStream (a meta leader, the stream's
 /// leader) before it gives up.
@@ -136,8 +136,10 @@ pub async fn open(
         js,
         stream: config.stream.clone(),
         epoch,
-        nonce,
-        next_id: AtomicU64::new(0),
+        ids: MessageIds {
+            nonce,
+            next: AtomicU64::new(0),
+        },
         durable: AtomicU64::new(last),
         poisoned,
         own,
