@@ -36,6 +36,7 @@ pub mod decide;
 pub mod defer;
 pub mod due;
 pub mod flusher;
+pub mod guards;
 pub mod keys;
 pub mod privileges;
 pub mod reads;
@@ -108,6 +109,11 @@ pub enum DeferError {
     /// transaction is rolled back, the client may retry it.
     #[error("could not serialize access: {0}")]
     Diverged(String),
+    /// A guarded write (ADR 0035) whose row spillway does not know exactly (a delta
+    /// pending on a guarded column, a column's default): the statement runs upstream
+    /// instead (a held transaction moves there), where PostgreSQL decides it.
+    #[error("the row a guarded write on {0} depends on is not known exactly")]
+    RowUnknown(String),
 }
 
 impl DeferError {

@@ -153,6 +153,15 @@ pub trait Checks: Send + Sync + 'static {
         after: Option<&Cursor>,
         limit: usize,
     ) -> impl Future<Output = Result<Chunk, CheckError>> + Send;
+    /// The values of `columns` (as PostgreSQL's text output) of the row with
+    /// (canonical) `key`, `None` when it does not exist: what a guarded write is
+    /// decided against (ADR 0035).
+    fn row_values(
+        &self,
+        table: &DeferredTable,
+        key: &[String],
+        columns: &[String],
+    ) -> impl Future<Output = Result<Option<Vec<Option<String>>>, CheckError>> + Send;
     /// PostgreSQL's WAL position now (flushed), on the connection `key_chunk` uses.
     fn wal_position(&self) -> impl Future<Output = Result<u64, CheckError>> + Send;
 }

@@ -198,6 +198,35 @@ impl Checks for PgChecks {
         Ok(exists)
     }
 
+    async fn row_values(
+        &self,
+        table: &DeferredTable,
+        key: &[String],
+        columns: &[String],
+    ) -> Result<Option<Vec<Option<String>>>, CheckError> {
+        let sql = row_values_sql(table, columns);
+        let key = key.to_vec();
+        let width = columns.len();
+        self.check(|conn| {
+            let sql = sql.clone();
+            let key = key.clone();
+            Box::pin(async move {
+                let mut q = sqlx::query(&sql);
+                for k in key {
+                    q = q.bind(k);
+                }
+                match q.fetch_optional(conn).await? {
+                    None => Ok(None),
+                    Some(row) => (0..width)
+                        .map(|i| row.try_get::<Option<String>, _>(i))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(Some),
+                }
+            })
+        })
+        .await
+    }
+
     async fn key_chunk(
         &self,
         table: &DeferredTable,
@@ -256,6 +285,26 @@ fn key_columns(table: &DeferredTable) -> (String, Vec<(String, &str)>) {
         })
         .collect();
     (name, cols)
+}
+
+/// A guarded write's point read (ADR 0035): `columns` of the row with the key given
+/// as one text parameter per key column, each as PostgreSQL's text output.
+fn row_values_sql(table: &DeferredTable, columns: &[String]) -> String {
+    let (name, cols) = key_columns(table);
+    let select: Vec<String> = columns
+        .iter()
+        .map(|c| format!("t.{}::text", ident(c)))
+        .collect();
+    let conditions: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (c, ty))| format!("t.{c} = ${}::text::{ty}", i + 1))
+        .collect();
+    format!(
+        "SELECT {} FROM ONLY {name} AS t WHERE {}",
+        select.join(", "),
+        conditions.join(" AND ")
+    )
 }
 
 /// The batched point read: the ordinals (from 1) of the keys, given as one text array

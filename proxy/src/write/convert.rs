@@ -5,7 +5,9 @@
 //! (the statement then runs write-through after a barrier). A RETURNING list is
 //! answered from the same values (`returning.rs`) or is a fallback reason too.
 
-use spillway_policies::writes::{Assign as RecAssign, AssignOp, RowOp, TableMeta, Val, replay};
+use spillway_policies::writes::{
+    Assign as RecAssign, AssignOp, Cmp, Guard, RowOp, TableMeta, Val, replay,
+};
 
 use super::datetime::{self, Settings};
 use super::fallbacks::Fallback;
@@ -109,12 +111,14 @@ fn operations(
         }
         WriteShape::Update { set, key, .. } => update(set, key, table, bound, settings),
         WriteShape::Delete { key, .. } => {
-            let (key_vals, canon) = key_values(key, table, bound, settings)?;
+            let (key, guard) = guarded(key, table, bound, settings)?;
+            let (key_vals, canon) = key_values(&key, table, bound, settings)?;
             Ok(Converted {
                 verb: Verb::Delete,
                 ops: vec![RowOp::Delete {
                     table: table.meta.name.clone(),
                     key: key_vals,
+                    guard,
                 }],
                 keys: vec![canon],
                 if_exists: None,
@@ -317,6 +321,7 @@ fn if_exists(
                 table: name.clone(),
                 key: key_vals,
                 set: assigns,
+                guard: Vec::new(),
             }))
         })
         .collect()
@@ -330,7 +335,8 @@ fn update(
     bound: &Bound,
     settings: Settings<'_>,
 ) -> Result<Converted, Fallback> {
-    let (key_vals, canon) = key_values(key, table, bound, settings)?;
+    let (key, guard) = guarded(key, table, bound, settings)?;
+    let (key_vals, canon) = key_values(&key, table, bound, settings)?;
     let mut assigns = Vec::with_capacity(set.len());
     for (column, a) in set {
         let oid = *table.type_oids.get(column).ok_or(Fallback::UnknownColumn)?;
@@ -357,11 +363,45 @@ fn update(
             table: table.meta.name.clone(),
             key: key_vals,
             set: assigns,
+            guard,
         }],
         keys: vec![canon],
         if_exists: None,
         returning: None,
     })
+}
+
+/// The WHERE's equalities split into the primary key's and the rest, the guard
+/// (ADR 0035: `AND version = $2`), each converted as PostgreSQL would convert it for its
+/// column. Guarded columns are integers only: their values compare exactly as numbers
+/// whatever their spelling; any other column is [`Fallback::GuardColumn`].
+fn guarded(
+    pairs: &[(String, Value)],
+    table: &DeferredTable,
+    bound: &Bound,
+    settings: Settings<'_>,
+) -> Result<(Vec<(String, Value)>, Vec<Guard>), Fallback> {
+    let mut key = Vec::with_capacity(pairs.len());
+    let mut guard = Vec::new();
+    for (column, v) in pairs {
+        if table.meta.key.contains(column) {
+            key.push((column.clone(), v.clone()));
+            continue;
+        }
+        let oid = *table.type_oids.get(column).ok_or(Fallback::UnknownColumn)?;
+        if !matches!(oid, params::INT2 | params::INT4 | params::INT8) {
+            return Err(Fallback::GuardColumn);
+        }
+        if matches!(v.operand, Operand::Clock(_)) {
+            return Err(Fallback::Function);
+        }
+        guard.push(Guard {
+            column: column.clone(),
+            cmp: Cmp::Eq,
+            value: value(v, column, table, bound, settings)?,
+        });
+    }
+    Ok((key, guard))
 }
 
 /// The WHERE's key equalities as the record's key values (canonical text, the

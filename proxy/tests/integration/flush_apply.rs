@@ -79,6 +79,7 @@ fn add(table: &str, id: &str, column: &str, by: &str) -> Record {
                 op: AssignOp::Add,
                 value: v(by),
             }],
+            guard: Vec::new(),
         }],
     }
 }
@@ -88,6 +89,7 @@ fn delete(table: &str, id: &str) -> Record {
         ops: vec![RowOp::Delete {
             table: format!("public.{table}"),
             key: vec![v(id)],
+            guard: Vec::new(),
         }],
     }
 }

@@ -320,6 +320,16 @@ impl Caching {
                 self.wait = Wait::Resumed(Resume::WriteThrough);
                 return None;
             }
+            // A guarded write whose row spillway does not know exactly (ADR 0035):
+            // PostgreSQL decides it, after its barrier.
+            Err(DeferError::RowUnknown(table)) => {
+                if let Some(w) = self.writes.as_ref() {
+                    note_fallback(&w.service, &table, Fallback::RowUnknown);
+                }
+                note_row_unknown(&table);
+                self.wait = Wait::Resumed(Resume::WriteThrough);
+                return None;
+            }
             // The journal (or its disk) is full and the table says `write-through`:
             // nothing was journaled, so PostgreSQL runs it after its barrier.
             Err(e) if e.journal_out_of_room() && self.overflows_upstream(&ack.table_name) => {
@@ -471,6 +481,17 @@ pub(super) fn written_tables(c: &Caching, w: &WriteService, analysis: &Analysis)
         .into_iter()
         .cloned()
         .collect()
+}
+
+/// Counts a guarded write (ADR 0035) that moved upstream, its own statement or its
+/// held transaction, because spillway did not know its row exactly.
+pub(super) fn note_row_unknown(table: &str) {
+    metrics::counter!(
+        crate::metrics::GUARDED_WRITES,
+        "table" => table.to_owned(),
+        "outcome" => "row_unknown"
+    )
+    .increment(1);
 }
 
 /// Counts a write that runs write-through instead of being deferred.
