@@ -54,6 +54,8 @@ struct Order {
     earlier: Vec<watch::Receiver<Settlement>>,
     settle: watch::Sender<Settlement>,
     mine: watch::Receiver<Settlement>,
+    /// Its operations in `State::deciding` while it is not pending (ADR 0035).
+    ticket: Option<u64>,
 }
 
 /// Waits for the deferrals `earlier` to settle; false if one of them gave up.
@@ -107,6 +109,9 @@ impl Order {
     /// first, so a later deferral that waited for it decides against the overlay
     /// without them.
     fn finish(self, state: &mut State, journaled: bool) {
+        if let Some(ticket) = self.ticket {
+            state.decided(ticket);
+        }
         if !journaled {
             state.unreserve(self.reserved);
         }
@@ -156,9 +161,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
         let tables = self.deferring(stmts)?;
         self.check_privileges(user, stmts, &tables).await?;
         let mut rows = Rows::new();
-        let (state, indexed) = self
-            .lock_answered(stmts, &tables, known, &mut rows)
-            .await?;
+        let (state, indexed) = self.lock_answered(stmts, &tables, known, &mut rows).await?;
         decide::decide_preview(&state, &indexed, stmts, &tables, known, &rows)
     }
 
@@ -270,12 +273,15 @@ impl<C: Checks, L: Log> Engine<C, L> {
                         let reserved = state.reserve(&decision.after);
                         (reserved, state.order_after(&decision.after, &mine))
                     };
+                    let ticket =
+                        (!decision.ops.is_empty()).then(|| state.deciding(decision.ops.clone()));
                     let order = Order {
                         reserved,
                         slots: decision.after.keys().cloned().collect(),
                         earlier,
                         settle,
                         mine,
+                        ticket,
                     };
                     // One key: the log may compare-and-set on it (`Log::append_keyed`),
                     // against what it had of the key when the decision was taken.

@@ -127,14 +127,17 @@ fn writes(op: &RowOp, slot: &Slot, t: &DeferredTable) -> bool {
     }
 }
 
-/// Each guarded column of `slot` after the pending writes of the key: known, still
+/// Each guarded column of `slot` after the pending (and decided) writes of the key: known, still
 /// PostgreSQL's (`Base`), or unknown.
 fn after_pending(state: &State, slot: &Slot, columns: &[&str], t: &DeferredTable) -> Vec<Cell> {
+    // Pending records in sequence order, then the deferrals decided and not yet
+    // pending, in the order they were decided: the order the flusher applies them.
     let ops: Vec<&RowOp> = if state.keys.contains_key(slot) {
         state
             .pending
             .values()
             .flat_map(|r| r.ops.iter())
+            .chain(state.deciding.iter().flat_map(|(_, ops)| ops.iter()))
             .filter(|op| writes(op, slot, t))
             .collect()
     } else {
@@ -149,7 +152,8 @@ fn after_pending(state: &State, slot: &Slot, columns: &[&str], t: &DeferredTable
 /// Whether `read` of `slot` may still be used under `state` (no write of the key was
 /// applied and forgotten since it began).
 fn fresh(state: &State, slot: &Slot, read: &RowRead) -> bool {
-    read.since >= state.forgotten_floor && state.forgotten.get(slot).is_none_or(|g| *g <= read.since)
+    read.since >= state.forgotten_floor
+        && state.forgotten.get(slot).is_none_or(|g| *g <= read.since)
 }
 
 /// What a decision needs to know of one guarded operation's row.

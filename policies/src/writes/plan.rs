@@ -156,7 +156,9 @@ impl Shape {
                     guard: Vec::new(),
                 }
             }
-            RowOp::Update { key, set, guard, .. } => {
+            RowOp::Update {
+                key, set, guard, ..
+            } => {
                 for a in set {
                     meta.type_of(&a.column)?;
                 }
@@ -251,7 +253,9 @@ impl Builder {
     fn push(&mut self, op: &RowOp, key: Vec<Option<String>>, at: (usize, usize)) {
         let row = match op {
             RowOp::Insert { values, .. } => values.iter().map(|v| v.text.clone()).collect(),
-            RowOp::Update { key, set, guard, .. } => key
+            RowOp::Update {
+                key, set, guard, ..
+            } => key
                 .iter()
                 .map(|v| v.text.clone())
                 .chain(set.iter().map(|a| a.value.text.clone()))

@@ -132,7 +132,10 @@ impl RowOp {
                 )
             }
             RowOp::Delete { table, guard, .. } => {
-                format!("DELETE FROM {table} WHERE <key> = ?{}", describe_guard(guard))
+                format!(
+                    "DELETE FROM {table} WHERE <key> = ?{}",
+                    describe_guard(guard)
+                )
             }
         }
     }
@@ -141,7 +144,9 @@ impl RowOp {
     pub fn parameters(&self) -> Vec<Option<String>> {
         match self {
             RowOp::Insert { values, .. } => values.iter().map(|v| v.text.clone()).collect(),
-            RowOp::Update { key, set, guard, .. } => key
+            RowOp::Update {
+                key, set, guard, ..
+            } => key
                 .iter()
                 .chain(set.iter().map(|a| &a.value))
                 .chain(guard.iter().map(|g| &g.value))

@@ -70,7 +70,9 @@ pub fn statement(op: &RowOp, meta: &TableMeta) -> Result<String, PlanError> {
                 vals?.join(", ")
             ))
         }
-        RowOp::Update { key, set, guard, .. } => Ok(format!(
+        RowOp::Update {
+            key, set, guard, ..
+        } => Ok(format!(
             "UPDATE ONLY {table} SET {} WHERE {}",
             assignments(set, meta, "")?,
             predicate(meta, key, guard)?

@@ -395,10 +395,16 @@ fn guarded(
         if matches!(v.operand, Operand::Clock(_)) {
             return Err(Fallback::Function);
         }
+        let value = match value(v, column, table, bound, settings) {
+            // A NULL compared with a NOT NULL column: never true, as in PostgreSQL
+            // (the column's constraint is an assignment's, not a comparison's).
+            Err(Fallback::NullInNotNullColumn) => Val::plain(None),
+            other => other?,
+        };
         guard.push(Guard {
             column: column.clone(),
             cmp: Cmp::Eq,
-            value: value(v, column, table, bound, settings)?,
+            value,
         });
     }
     Ok((key, guard))

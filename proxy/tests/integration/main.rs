@@ -23,6 +23,7 @@ mod disk_full;
 mod docs;
 mod drivers;
 mod flush_apply;
+mod guarded_writes;
 mod held_reads;
 mod held_wire;
 mod key_index;
