@@ -371,6 +371,9 @@ fn update(
     })
 }
 
+/// A WHERE's `column = value` equalities.
+type KeyPairs = Vec<(String, Value)>;
+
 /// The WHERE's equalities split into the primary key's and the rest, the guard
 /// (ADR 0035: `AND version = $2`), each converted as PostgreSQL would convert it for its
 /// column. Guarded columns are integers only: their values compare exactly as numbers
@@ -380,7 +383,7 @@ fn guarded(
     table: &DeferredTable,
     bound: &Bound,
     settings: Settings<'_>,
-) -> Result<(Vec<(String, Value)>, Vec<Guard>), Fallback> {
+) -> Result<(KeyPairs, Vec<Guard>), Fallback> {
     let mut key = Vec::with_capacity(pairs.len());
     let mut guard = Vec::new();
     for (column, v) in pairs {
