@@ -5,10 +5,11 @@
 //! over the row as PostgreSQL has it (a point read of those columns, [`Rows`]).
 //!
 //! Invariants:
-//! - A value is known only where it is exact: set by a pending or own write, or read
-//!   from PostgreSQL where no pending write could be in the read already or not (a
-//!   delta pending on a column whose base is the read is unknown: the flusher may have
-//!   applied it before the read). An unknown value is never guessed: the write moves
+//! - A value is known only where it is exact: set by a pending or own write (or an
+//!   INSERT's constant default), or read from PostgreSQL where no pending write could
+//!   be in the read already or not (a delta pending on a column whose base is the read
+//!   is unknown: the flusher may have applied it before the read). On a table with
+//!   BEFORE ROW triggers or rules only a read is known. An unknown value is never guessed: the write moves
 //!   upstream ([`super::DeferError::RowUnknown`]).
 //! - A comparison is true only where PostgreSQL's would be (NULL on either side is not
 //!   true); guarded columns are integers (the proxy accepts no others) and compare as
@@ -54,6 +55,10 @@ enum Cell {
 
 /// `cell` after `op` (a write of the same key).
 fn step(cell: Cell, op: &RowOp, column: &str, t: &DeferredTable) -> Cell {
+    // A BEFORE ROW trigger or a rule may store something else than the write says.
+    if t.rewrites_rows {
+        return Cell::Unknown;
+    }
     match op {
         RowOp::Insert {
             columns, values, ..
@@ -61,8 +66,14 @@ fn step(cell: Cell, op: &RowOp, column: &str, t: &DeferredTable) -> Cell {
             Some(i) => values
                 .get(i)
                 .map_or(Cell::Unknown, |v| Cell::Known(v.text.clone())),
-            // The column's default: not known here.
-            None => Cell::Unknown,
+            // The column's default: known when it is a constant (ADR 0030's
+            // `Defaults::constant`), else not.
+            None => t
+                .defaults
+                .constant
+                .iter()
+                .find(|(c, _)| c == column)
+                .map_or(Cell::Unknown, |(_, v)| Cell::Known(v.clone())),
         },
         RowOp::Update { set, .. } => {
             let Some(a) = set.iter().find(|a| a.column == column) else {
