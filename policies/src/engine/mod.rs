@@ -218,6 +218,13 @@ pub struct Engine<C, L> {
 }
 
 impl<C: Checks, L: Log> Engine<C, L> {
+    /// The session side's way to PostgreSQL (the proxy's check connections).
+    pub fn checks(&self) -> &C {
+        &self.checks
+    }
+}
+
+impl<C: Checks, L: Log> Engine<C, L> {
     /// Builds the engine over an open `log` whose ledger row says `applied` (the
     /// caller claimed it); the `recovered` records the ledger does not hold become
     /// pending, and the flusher replays them first.

@@ -86,6 +86,43 @@ impl PgChecks {
         }
     }
 
+    /// `values` (canonical timestamptz text) as PostgreSQL's output gives them with
+    /// `TimeZone = zone` and `DateStyle = ISO`: RETURNING's text for a client session
+    /// in a zone other than UTC, whose offsets need PostgreSQL's own zone rules. Run in
+    /// a transaction of its own so the settings end with it.
+    pub async fn timestamptz_texts(
+        &self,
+        zone: &str,
+        values: &[String],
+    ) -> Result<Vec<String>, CheckError> {
+        let zone = zone.to_owned();
+        let values = values.to_vec();
+        self.check(|conn| {
+            let zone = zone.clone();
+            let values = values.clone();
+            Box::pin(async move {
+                let mut tx = sqlx::Connection::begin(conn).await?;
+                sqlx::query(
+                    "SELECT pg_catalog.set_config('TimeZone', $1, true), \
+                            pg_catalog.set_config('DateStyle', 'ISO', true)",
+                )
+                .bind(zone)
+                .execute(&mut *tx)
+                .await?;
+                let texts: Vec<String> = sqlx::query_scalar(
+                    "SELECT u.v::timestamptz::text FROM pg_catalog.unnest($1::text[]) \
+                     WITH ORDINALITY AS u(v, n) ORDER BY u.n",
+                )
+                .bind(values)
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.rollback().await?;
+                Ok(texts)
+            })
+        })
+        .await
+    }
+
     /// Runs `f` on a check connection, connecting (once more after a failure).
     async fn check<T>(
         &self,

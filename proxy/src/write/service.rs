@@ -127,6 +127,22 @@ impl WriteService {
             .await;
     }
 
+    /// Fills in the timestamptz texts of `returning` that need the session's zone
+    /// rules (ADR 0035's addendum: a session whose TimeZone is not UTC), asking
+    /// PostgreSQL; a no-op when it has none.
+    pub async fn resolve_zoned(&self, returning: &mut Returning) -> Result<(), DeferError> {
+        let Some((zone, values)) = returning.zoned() else {
+            return Ok(());
+        };
+        let texts = self
+            .engine
+            .checks()
+            .timestamptz_texts(&zone, &values)
+            .await
+            .map_err(DeferError::from)?;
+        returning.resolve(texts).map_err(DeferError::Upstream)
+    }
+
     /// The deferred tables now (one atomic load; hold it briefly).
     pub fn tables(&self) -> Guard<Arc<TableSet>> {
         self.engine.tables()

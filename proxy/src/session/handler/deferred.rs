@@ -261,7 +261,17 @@ impl Caching {
             .unwrap_or_default();
         let started = Instant::now();
         self.wait = Wait::on(async move {
-            let outcome = w.defer(&user, &table, converted).await;
+            let mut answer = answer;
+            // RETURNING's timestamptz texts in the session's zone, from PostgreSQL,
+            // before anything is journaled (ADR 0035's addendum).
+            let resolved = match answer.returning.as_mut() {
+                Some(r) => w.resolve_zoned(r).await,
+                None => Ok(()),
+            };
+            let outcome = match resolved {
+                Ok(()) => w.defer(&user, &table, converted).await,
+                Err(e) => Err(e),
+            };
             Resume::Ack(Box::new(Ack {
                 outcome,
                 verb,
