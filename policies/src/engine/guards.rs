@@ -238,6 +238,11 @@ fn compare(row: Option<&str>, cmp: Cmp, value: Option<&str>) -> Option<bool> {
     let b = b.trim().parse::<i128>().ok()?;
     Some(match cmp {
         Cmp::Eq => a == b,
+        Cmp::Ne => a != b,
+        Cmp::Lt => a < b,
+        Cmp::Le => a <= b,
+        Cmp::Gt => a > b,
+        Cmp::Ge => a >= b,
     })
 }
 
@@ -258,5 +263,12 @@ mod tests {
         assert_eq!(compare(None, Cmp::Eq, None), Some(false));
         assert_eq!(compare(Some("3"), Cmp::Eq, None), Some(false));
         assert_eq!(compare(Some("3"), Cmp::Eq, Some("3.0")), None);
+        assert_eq!(compare(Some("0"), Cmp::Gt, Some("0")), Some(false));
+        assert_eq!(compare(Some("1"), Cmp::Gt, Some("0")), Some(true));
+        assert_eq!(compare(Some("-1"), Cmp::Ge, Some("0")), Some(false));
+        assert_eq!(compare(Some("5"), Cmp::Lt, Some("10")), Some(true));
+        assert_eq!(compare(Some("10"), Cmp::Le, Some("10")), Some(true));
+        assert_eq!(compare(Some("10"), Cmp::Ne, Some("10")), Some(false));
+        assert_eq!(compare(None, Cmp::Ne, Some("10")), Some(false));
     }
 }

@@ -47,12 +47,27 @@ pub struct Assign {
 pub enum Cmp {
     /// `col = v`
     Eq,
+    /// `col <> v`
+    Ne,
+    /// `col < v`
+    Lt,
+    /// `col <= v`
+    Le,
+    /// `col > v`
+    Gt,
+    /// `col >= v`
+    Ge,
 }
 
 impl Cmp {
     pub fn sql(self) -> &'static str {
         match self {
             Cmp::Eq => "=",
+            Cmp::Ne => "<>",
+            Cmp::Lt => "<",
+            Cmp::Le => "<=",
+            Cmp::Gt => ">",
+            Cmp::Ge => ">=",
         }
     }
 }

@@ -18,7 +18,7 @@ use super::sequences::Reservations;
 use super::tables::DeferredTable;
 use super::types;
 use crate::read::classify::{
-    Assign, Clock, ConflictSet, ConflictTarget, ConflictValue, OnConflict, Operand, Value,
+    Assign, Clock, Compare, ConflictSet, ConflictTarget, ConflictValue, OnConflict, Operand, Value,
     WriteShape, reason,
 };
 use spillway_policies::engine::IfExists;
@@ -109,9 +109,11 @@ fn operations(
             }
             Ok(converted)
         }
-        WriteShape::Update { set, key, .. } => update(set, key, table, bound, settings),
-        WriteShape::Delete { key, .. } => {
-            let (key, guard) = guarded(key, table, bound, settings)?;
+        WriteShape::Update {
+            set, key, compared, ..
+        } => update(set, key, compared, table, bound, settings),
+        WriteShape::Delete { key, compared, .. } => {
+            let (key, guard) = guarded(key, compared, table, bound, settings)?;
             let (key_vals, canon) = key_values(&key, table, bound, settings)?;
             Ok(Converted {
                 verb: Verb::Delete,
@@ -331,11 +333,12 @@ fn if_exists(
 fn update(
     set: &[(String, Assign)],
     key: &[(String, Value)],
+    compared: &[(String, Compare, Value)],
     table: &DeferredTable,
     bound: &Bound,
     settings: Settings<'_>,
 ) -> Result<Converted, Fallback> {
-    let (key, guard) = guarded(key, table, bound, settings)?;
+    let (key, guard) = guarded(key, compared, table, bound, settings)?;
     let (key_vals, canon) = key_values(&key, table, bound, settings)?;
     let mut assigns = Vec::with_capacity(set.len());
     for (column, a) in set {
@@ -380,16 +383,36 @@ type KeyPairs = Vec<(String, Value)>;
 /// whatever their spelling; any other column is [`Fallback::GuardColumn`].
 fn guarded(
     pairs: &[(String, Value)],
+    compared: &[(String, Compare, Value)],
     table: &DeferredTable,
     bound: &Bound,
     settings: Settings<'_>,
 ) -> Result<(KeyPairs, Vec<Guard>), Fallback> {
     let mut key = Vec::with_capacity(pairs.len());
     let mut guard = Vec::new();
-    for (column, v) in pairs {
+    let equalities = pairs.iter().filter_map(|(column, v)| {
         if table.meta.key.contains(column) {
             key.push((column.clone(), v.clone()));
-            continue;
+            None
+        } else {
+            Some((column, Cmp::Eq, v))
+        }
+    });
+    let others = compared.iter().map(|(column, cmp, v)| {
+        let cmp = match cmp {
+            Compare::Lt => Cmp::Lt,
+            Compare::Le => Cmp::Le,
+            Compare::Gt => Cmp::Gt,
+            Compare::Ge => Cmp::Ge,
+            Compare::Ne => Cmp::Ne,
+        };
+        (column, cmp, v)
+    });
+    let conditions: Vec<(&String, Cmp, &Value)> = equalities.chain(others).collect();
+    for (column, cmp, v) in conditions {
+        // A comparison on a key column (`id > 5`): not a write of one key.
+        if table.meta.key.contains(column) {
+            return Err(Fallback::WhereNotPrimaryKey);
         }
         let oid = *table.type_oids.get(column).ok_or(Fallback::UnknownColumn)?;
         if !matches!(oid, params::INT2 | params::INT4 | params::INT8) {
@@ -406,7 +429,7 @@ fn guarded(
         };
         guard.push(Guard {
             column: column.clone(),
-            cmp: Cmp::Eq,
+            cmp,
             value,
         });
     }

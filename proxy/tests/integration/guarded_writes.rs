@@ -484,3 +484,73 @@ async fn a_row_spillway_does_not_know_exactly_runs_upstream_with_its_reason() {
     assert_eq!(answer(&proxy, "SPILLWAY FLUSH").await, Ok(0));
     assert_eq!(contents(&ctx, DB), contents(&ctx, "direct"));
 }
+
+#[tokio::test]
+async fn comparisons_beyond_equality_are_decided_like_postgres() {
+    let ctx = start().await;
+    let proxy = ctx.proxy_client().await;
+    let direct = direct_client(&ctx).await;
+    let seeded = contents(&ctx, DB);
+
+    // A floor on the stock: the first decided from PostgreSQL's row (a point read);
+    // the second finds the first's delta pending on the column it compares, which
+    // spillway does not know exactly: it runs upstream after its barrier; the third
+    // is decided again from the row (nothing pending), and does not hold.
+    let floor = "UPDATE gw SET stock = stock - 1 WHERE id = 6 AND stock > 98";
+    assert_eq!(both(&proxy, &direct, floor).await, Ok(1));
+    assert_eq!(both(&proxy, &direct, floor).await, Ok(1));
+    assert_eq!(both(&proxy, &direct, floor).await, Ok(0));
+    // Over values spillway set: every comparison, autocommit and in a transaction.
+    let steps = [
+        ("UPDATE gw SET stock = 50 WHERE id = 5 AND stock >= 100", 1),
+        ("UPDATE gw SET stock = 40 WHERE id = 5 AND stock < 50", 0),
+        ("UPDATE gw SET stock = 40 WHERE id = 5 AND stock <= 50", 1),
+        ("DELETE FROM gw WHERE id = 5 AND stock <> 40", 0),
+        ("BEGIN", 0),
+        (
+            "UPDATE gw SET stock = stock + 5 WHERE id = 5 AND stock > 39",
+            1,
+        ),
+        ("DELETE FROM gw WHERE stock <> 44 AND id = 5", 1),
+        ("COMMIT", 0),
+        ("UPDATE gw SET stock = 1 WHERE id = 5 AND stock > 0", 0),
+    ];
+    for (sql, rows) in steps {
+        assert_eq!(both(&proxy, &direct, sql).await, Ok(rows), "{sql}");
+    }
+    // A comparison on the key is not a write of one key: write-through.
+    assert_eq!(
+        both(&proxy, &direct, "DELETE FROM gw WHERE id > 5 AND stock > 0").await,
+        Ok(1)
+    );
+    assert_eq!(
+        counter(
+            &ctx,
+            "spillway_fallbacks_total",
+            "reason=\"where_not_primary_key\",table=\"public.gw\""
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &ctx,
+            "spillway_fallbacks_total",
+            "reason=\"row_unknown\",table=\"public.gw\""
+        )
+        .await,
+        1.0
+    );
+    assert_ne!(
+        contents(&ctx, DB),
+        seeded,
+        "the barriers applied what was pending"
+    );
+    assert_eq!(answer(&proxy, "SPILLWAY FLUSH").await, Ok(0));
+    assert_eq!(contents(&ctx, DB), contents(&ctx, "direct"));
+    assert_eq!(
+        ctx.psql_direct("SELECT count(*) FROM spillway.dead_letters")
+            .trim(),
+        "0"
+    );
+}
