@@ -536,12 +536,14 @@ impl<C: Checks, L: Log> Engine<C, L> {
             Ok::<_, DeferError>(self.checks.row_values(t, key, columns).await?)
         });
         let answers = futures_util::future::join_all(reads).await;
-        for ((slot, columns), values) in wanted.into_iter().zip(answers) {
+        for ((slot, columns), read) in wanted.into_iter().zip(answers) {
+            let read = read?;
             rows.insert(
                 slot,
                 RowRead {
                     columns,
-                    values: values?,
+                    values: read.values,
+                    through: read.through,
                     since,
                 },
             );

@@ -29,6 +29,9 @@ use crate::writes::{AssignOp, Cmp, Guard, RowOp, arith};
 pub struct RowRead {
     pub columns: Vec<String>,
     pub values: Option<Vec<Option<String>>>,
+    /// The flush ledger's last applied sequence number in the read's snapshot, when
+    /// known: the pending records after it are not in `values`.
+    pub through: Option<u64>,
     pub since: u64,
 }
 
@@ -160,11 +163,45 @@ fn after_pending(state: &State, slot: &Slot, columns: &[&str], t: &DeferredTable
         .collect()
 }
 
-/// Whether `read` of `slot` may still be used under `state` (no write of the key was
-/// applied and forgotten since it began).
+/// Whether `read` of `slot` may still be used under `state`: no write of the key was
+/// applied and forgotten since it began, and, for a read that knows the ledger's
+/// position, no record beyond that position was applied since (records are applied
+/// in contiguous batches and leave `pending` under the state lock).
 fn fresh(state: &State, slot: &Slot, read: &RowRead) -> bool {
     read.since >= state.forgotten_floor
         && state.forgotten.get(slot).is_none_or(|g| *g <= read.since)
+        && read.through.is_none_or(|t| state.applied_through <= t)
+}
+
+/// Each guarded column of `slot` from a read that knows the ledger's position
+/// (`through`): the read's value, then the pending records after `through` and the
+/// deferrals decided and not yet pending: exactly the writes the read does not have.
+fn after_read(
+    state: &State,
+    slot: &Slot,
+    columns: &[&str],
+    t: &DeferredTable,
+    read: &RowRead,
+    through: u64,
+) -> Vec<Cell> {
+    let ops: Vec<&RowOp> = state
+        .pending
+        .range(through.saturating_add(1)..)
+        .flat_map(|(_, r)| r.ops.iter())
+        .chain(state.deciding.iter().flat_map(|(_, ops)| ops.iter()))
+        .filter(|op| writes(op, slot, t))
+        .collect();
+    columns
+        .iter()
+        .map(|c| {
+            let start = match (&read.values, read.value(c)) {
+                (Some(_), Some(v)) => Cell::Known(v),
+                // No row in the read: only a pending INSERT gives values.
+                _ => Cell::Unknown,
+            };
+            ops.iter().fold(start, |cell, op| step(cell, op, c, t))
+        })
+        .collect()
 }
 
 /// What a decision needs to know of one guarded operation's row.
@@ -189,8 +226,20 @@ pub(super) fn verdict(
     own: &[&RowOp],
 ) -> Verdict {
     let columns: Vec<&str> = guard.iter().map(|g| g.column.as_str()).collect();
-    let cells = after_pending(state, slot, &columns, t);
     let read = rows.get(slot).filter(|r| fresh(state, slot, r));
+    // A read that knows the ledger's position decides every column; without one,
+    // the pending writes may decide them alone, else a read is asked for (a delta
+    // pending over PostgreSQL's value, a default: the positioned read resolves them).
+    let cells = match read.and_then(|r| r.through.map(|t| (r, t))) {
+        Some((r, through)) => after_read(state, slot, &columns, t, r, through),
+        None => {
+            let cells = after_pending(state, slot, &columns, t);
+            if read.is_none() && cells.contains(&Cell::Unknown) {
+                return Verdict::Unread(columns.iter().map(|c| (*c).to_owned()).collect());
+            }
+            cells
+        }
+    };
     let mut unread = Vec::new();
     let mut values = Vec::with_capacity(cells.len());
     for (cell, column) in cells.into_iter().zip(&columns) {

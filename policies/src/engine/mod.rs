@@ -68,7 +68,7 @@ pub use state::Known;
 pub use table::{Column, Defaults, DeferredTable, KeySequence, Verb};
 pub use table_set::{TableSet, TablesChange};
 pub use upstream::{
-    ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, Log, Sink,
+    ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, Log, RowValues, Sink,
 };
 
 use privileges::Privileges;

@@ -79,6 +79,10 @@ pub struct State {
     /// journaled in the order they were decided).
     pub deciding: Vec<(u64, Vec<RowOp>)>,
     pub next_ticket: u64,
+    /// The highest sequence number applied and removed from `pending` (batches are
+    /// contiguous prefixes): a guarded write's read that saw the ledger at or beyond
+    /// it has every applied record in it (ADR 0035).
+    pub applied_through: u64,
 }
 
 /// Where a deferral's record is, for the deferrals of its keys decided after it.
@@ -271,6 +275,7 @@ impl State {
         let mut tables = Vec::new();
         let mut applied = Applied::default();
         for (seq, record) in batch {
+            self.applied_through = self.applied_through.max(*seq);
             self.acked_at.remove(seq);
             if self.pending.remove(seq).is_none() {
                 continue;

@@ -19,7 +19,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use spillway_policies::engine::{CheckError, Checks, Chunk, Cursor, DeferredTable, KeyKind, Verb};
+use spillway_policies::engine::{
+    CheckError, Checks, Chunk, Cursor, DeferredTable, KeyKind, RowValues, Verb,
+};
 use spillway_policies::writes::plan::ident;
 use sqlx::{PgConnection, Row};
 
@@ -50,6 +52,9 @@ pub struct PgChecks {
     next: AtomicUsize,
     /// The key index loader's connection (one loader, one query at a time).
     loader: Slot,
+    /// This instance's journal id in `spillway.flush_ledger`: a guarded write's read
+    /// takes the ledger's position in the same snapshot (ADR 0035).
+    journal_id: Option<String>,
 }
 
 type Slot = tokio::sync::Mutex<Option<PgConnection>>;
@@ -75,8 +80,9 @@ fn unreachable_or_failed(e: &sqlx::Error) -> CheckError {
 }
 
 impl PgChecks {
-    pub fn new(url: String) -> Self {
+    pub fn new(url: String, journal_id: Option<String>) -> Self {
         Self {
+            journal_id,
             url,
             slots: (0..CHECK_CONNECTIONS)
                 .map(|_| tokio::sync::Mutex::new(None))
@@ -240,28 +246,39 @@ impl Checks for PgChecks {
         table: &DeferredTable,
         key: &[String],
         columns: &[String],
-    ) -> Result<Option<Vec<Option<String>>>, CheckError> {
+    ) -> Result<RowValues, CheckError> {
         let sql = row_values_sql(table, columns);
         let key = key.to_vec();
         let width = columns.len();
-        self.check(|conn| {
-            let sql = sql.clone();
-            let key = key.clone();
-            Box::pin(async move {
-                let mut q = sqlx::query(&sql);
-                for k in key {
-                    q = q.bind(k);
-                }
-                match q.fetch_optional(conn).await? {
-                    None => Ok(None),
-                    Some(row) => (0..width)
-                        .map(|i| row.try_get::<Option<String>, _>(i))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map(Some),
-                }
+        let journal = self.journal_id.clone().unwrap_or_default();
+        let (found, through, values) = self
+            .check(|conn| {
+                let sql = sql.clone();
+                let key = key.clone();
+                let journal = journal.clone();
+                Box::pin(async move {
+                    let mut q = sqlx::query(&sql).bind(journal);
+                    for k in key {
+                        q = q.bind(k);
+                    }
+                    let row = q.fetch_one(conn).await?;
+                    let found: bool = row.try_get(0)?;
+                    let through: Option<i64> = row.try_get(1)?;
+                    let values = (0..width)
+                        .map(|i| row.try_get::<Option<String>, _>(i + 2))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((found, through, values))
+                })
             })
+            .await?;
+        Ok(RowValues {
+            values: found.then_some(values),
+            through: self
+                .journal_id
+                .as_ref()
+                .and(through)
+                .and_then(|t| u64::try_from(t).ok()),
         })
-        .await
     }
 
     async fn key_chunk(
@@ -324,8 +341,11 @@ fn key_columns(table: &DeferredTable) -> (String, Vec<(String, &str)>) {
     (name, cols)
 }
 
-/// A guarded write's point read (ADR 0035): `columns` of the row with the key given
-/// as one text parameter per key column, each as PostgreSQL's text output.
+/// A guarded write's point read (ADR 0035), one row always: whether the row with the
+/// key (one text parameter per key column, after the journal id `$1`) exists, the
+/// flush ledger's last applied sequence number in the same snapshot (the batch that
+/// applies records advances it in the same transaction), and `columns` as
+/// PostgreSQL's text output.
 fn row_values_sql(table: &DeferredTable, columns: &[String]) -> String {
     let (name, cols) = key_columns(table);
     let select: Vec<String> = columns
@@ -335,10 +355,13 @@ fn row_values_sql(table: &DeferredTable, columns: &[String]) -> String {
     let conditions: Vec<String> = cols
         .iter()
         .enumerate()
-        .map(|(i, (c, ty))| format!("t.{c} = ${}::text::{ty}", i + 1))
+        .map(|(i, (c, ty))| format!("t.{c} = ${}::text::{ty}", i + 2))
         .collect();
     format!(
-        "SELECT {} FROM ONLY {name} AS t WHERE {}",
+        "SELECT t.ctid IS NOT NULL, \
+                (SELECT l.last_seq FROM spillway.flush_ledger AS l WHERE l.journal_id = $1), \
+                {} \
+         FROM (SELECT) AS one LEFT JOIN ONLY {name} AS t ON {}",
         select.join(", "),
         conditions.join(" AND ")
     )

@@ -82,7 +82,7 @@ impl WriteService {
             epoch: journal.epoch(),
         };
         let applied = apply::claim_ledger(conn, &key).await?;
-        let checks = PgChecks::new(url.clone());
+        let checks = PgChecks::new(url.clone(), Some(key.journal_id.clone()));
         let foreign = match &journal {
             JournalLog::Nats(log) => log.take_follower(),
             JournalLog::Local(_) => None,

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::{Chunk, Cursor, KeyKind};
 use super::upstream::{
-    ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, Sink,
+    ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, RowValues, Sink,
 };
 use super::{Converted, DeferredTable, Engine, Verb};
 use crate::writes::{Assign, AssignOp, RowOp, TableMeta, Val};
@@ -257,7 +257,7 @@ impl Checks for FakeChecks {
         table: &DeferredTable,
         key: &[String],
         columns: &[String],
-    ) -> impl Future<Output = Result<Option<Vec<Option<String>>>, CheckError>> + Send {
+    ) -> impl Future<Output = Result<RowValues, CheckError>> + Send {
         let db = lock(&self.db);
         let slot = (table.meta.name.clone(), key.to_vec());
         let answer = if db.unreachable {
@@ -276,7 +276,11 @@ impl Checks for FakeChecks {
         } else {
             Ok(None)
         };
-        std::future::ready(answer)
+        // The fake has no ledger in the read's snapshot.
+        std::future::ready(answer.map(|values| RowValues {
+            values,
+            through: None,
+        }))
     }
 
     fn key_chunk(
