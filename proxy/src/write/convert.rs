@@ -409,11 +409,21 @@ fn guarded(
         (column, cmp, v)
     });
     let conditions: Vec<(&String, Cmp, &Value)> = equalities.chain(others).collect();
+    // Not a write of one key (a key column missing, or compared with `id > 5`): that
+    // is the reason, whatever the other conditions are.
+    let whole_key = table
+        .meta
+        .key
+        .iter()
+        .all(|k| key.iter().any(|(c, _)| c == k));
+    if !whole_key
+        || conditions
+            .iter()
+            .any(|(c, _, _)| table.meta.key.contains(c))
+    {
+        return Err(Fallback::WhereNotPrimaryKey);
+    }
     for (column, cmp, v) in conditions {
-        // A comparison on a key column (`id > 5`): not a write of one key.
-        if table.meta.key.contains(column) {
-            return Err(Fallback::WhereNotPrimaryKey);
-        }
         let oid = *table.type_oids.get(column).ok_or(Fallback::UnknownColumn)?;
         if !matches!(oid, params::INT2 | params::INT4 | params::INT8) {
             return Err(Fallback::GuardColumn);
