@@ -17,7 +17,9 @@
 //!   overlay with either row counts (its key is always read); a version-checked
 //!   UPDATE of the exact table (`… WHERE id = $1 AND ver = $4`, ADR 0035) is deferred
 //!   and answered from what spillway knows of the row's `ver` (alone and inside
-//!   transactions, replayed with its check when the transaction moves upstream);
+//!   transactions, replayed with its check when the transaction moves upstream), and
+//!   so is a decrement with a floor (`SET n = n - $2 … AND n > $3`), decided from a
+//!   read of `n` that knows the flush ledger's position plus the deltas pending;
 //!   writes spillway cannot defer (a predicate it does not guard, `n IS NOT NULL`) run
 //!   write-through after a barrier, in order with the deferred ones;
 //! - two sessions writing one key of the exact table at the same moment get the
@@ -334,6 +336,14 @@ enum Write {
         v: Option<String>,
         expected: i32,
     },
+    /// A decrement with a floor (m_exact only, ADR 0035): `SET n = n - $2 WHERE id =
+    /// $1 AND n > $3`, decided from the row's `n` as PostgreSQL has it (a read that
+    /// knows the flush ledger's position) plus the deltas still pending.
+    Floor {
+        id: i32,
+        by: i64,
+        floor: i64,
+    },
 }
 
 impl Write {
@@ -393,6 +403,10 @@ impl Write {
                 format!("INSERT INTO {name} (id, v) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING"),
                 vec![Param::Int(*id), Param::Text(v.clone())],
             ),
+            Write::Floor { id, by, floor } => (
+                format!("UPDATE {name} SET n = n - $2 WHERE id = $1 AND n > $3"),
+                vec![Param::Int(*id), Param::Big(*by), Param::Big(*floor)],
+            ),
             Write::Checked { id, v, expected } => (
                 format!("UPDATE {name} SET v = $2, ver = $3 WHERE id = $1 AND ver = $4"),
                 vec![
@@ -446,9 +460,10 @@ impl Write {
                 format!("DELETE FROM {q} WHERE <key> = ?"),
                 vec![Some(id.to_string())],
             )],
-            Write::AddIfNotNull { .. } | Write::InsertOrNothing { .. } | Write::Checked { .. } => {
-                Vec::new()
-            }
+            Write::AddIfNotNull { .. }
+            | Write::InsertOrNothing { .. }
+            | Write::Checked { .. }
+            | Write::Floor { .. } => Vec::new(),
         }
     }
 }
@@ -658,6 +673,13 @@ fn generate_write(g: &mut Gen) -> Write {
 /// A version-checked UPDATE expecting version 0 or 1 (rows start at 0 and each
 /// check that holds adds one, so the checks often hold).
 fn generate_checked(g: &mut Gen) -> Write {
+    if g.rng.random_bool(0.4) {
+        return Write::Floor {
+            id: g.key(),
+            by: g.rng.random_range(1..=5),
+            floor: g.rng.random_range(-10..=10),
+        };
+    }
     Write::Checked {
         id: g.key(),
         v: pick_text(g),
@@ -885,6 +907,19 @@ impl Model {
             }
         }
         match w {
+            Write::Floor { id, by, floor } => {
+                let holds = self.tables[t.index()]
+                    .get(id)
+                    .is_some_and(|row| row.1 > *floor);
+                if !holds {
+                    return Answer::Rows(0);
+                }
+                self.journal(t);
+                if let Some(row) = self.tables[t.index()].get_mut(id) {
+                    row.1 -= by;
+                }
+                Answer::Rows(1)
+            }
             Write::Checked { id, v, expected } => {
                 let holds = self.tables[t.index()].contains_key(id)
                     && self.ver.get(id).copied().unwrap_or(0) == *expected;
@@ -974,7 +1009,8 @@ impl Model {
                     Write::Insert { .. }
                     | Write::InsertOrNothing { .. }
                     | Write::AddIfNotNull { .. }
-                    | Write::Checked { .. } => unreachable!("handled above"),
+                    | Write::Checked { .. }
+                    | Write::Floor { .. } => unreachable!("handled above"),
                 }
                 Answer::Rows(1)
             }
@@ -1295,8 +1331,10 @@ impl Run {
 
     fn count_checked(&mut self, w: &Write, want: &Answer) {
         match (w, want) {
-            (Write::Checked { .. }, Answer::Rows(1)) => self.stats.checked_held += 1,
-            (Write::Checked { .. }, _) => self.stats.checked_failed += 1,
+            (Write::Checked { .. } | Write::Floor { .. }, Answer::Rows(1)) => {
+                self.stats.checked_held += 1;
+            }
+            (Write::Checked { .. } | Write::Floor { .. }, _) => self.stats.checked_failed += 1,
             _ => {}
         }
     }
