@@ -10,6 +10,7 @@ mod barrier;
 mod counts;
 mod due;
 mod flush;
+mod guards;
 mod held;
 mod keys;
 mod reload;
