@@ -26,6 +26,7 @@ pub const CLIENT_WRITES: &str = "spillway_client_writes_total";
 pub const FALLBACKS: &str = "spillway_fallbacks_total";
 pub const TRANSACTIONS: &str = "spillway_held_transactions_total";
 pub const HELD_READS: &str = "spillway_held_reads_total";
+pub const GUARDED_WRITES: &str = "spillway_guarded_writes_total";
 pub const UPSTREAM_STATEMENTS: &str = "spillway_upstream_statements_total";
 pub const PENDING_WRITES: &str = "spillway_pending_writes";
 pub const PENDING_OLDEST_AGE: &str = "spillway_pending_oldest_age_seconds";
@@ -72,7 +73,7 @@ pub const POOL_WAITING: &str = "spillway_pool_waiting_sessions";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 49] = [
+pub const ALL: [&str; 50] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -83,6 +84,7 @@ pub const ALL: [&str; 49] = [
     FALLBACKS,
     TRANSACTIONS,
     HELD_READS,
+    GUARDED_WRITES,
     UPSTREAM_STATEMENTS,
     PENDING_WRITES,
     PENDING_OLDEST_AGE,
@@ -214,6 +216,12 @@ fn describe() {
         HELD_READS,
         "Plain reads inside held transactions, by outcome: outside (answered outside \
          the transaction, which stays held) or why the read moved it upstream"
+    );
+    describe_counter!(
+        GUARDED_WRITES,
+        "Writes with a condition beyond the key (WHERE … AND version = $n) that moved \
+         upstream, by table and outcome: row_unknown (spillway did not know the row \
+         exactly)"
     );
     describe_counter!(
         UPSTREAM_STATEMENTS,

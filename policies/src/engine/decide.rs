@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::DeferError;
+use super::guards::{self, Rows, Verdict};
 use super::state::{Known, Slot, State};
 use super::table::{DeferredTable, Verb};
 use crate::RowCounts;
@@ -44,9 +45,10 @@ pub enum IfExists {
 }
 
 impl<R> Converted<R> {
-    /// Whether its outcome needs every key's existence, even with assumed row counts.
+    /// Whether its outcome needs every key's existence, even with assumed row counts:
+    /// an upsert's, and a guarded write's (ADR 0035).
     pub fn needs_keys(&self) -> bool {
-        self.if_exists.is_some()
+        self.if_exists.is_some() || guards::any_guard(self.ops.iter())
     }
 
     /// The verbs PostgreSQL checks privileges for: DO UPDATE needs UPDATE as well.
@@ -100,6 +102,9 @@ pub(super) struct Decision {
     pub ops: Vec<RowOp>,
     /// Whether each key written exists once the operations are applied.
     pub after: HashMap<Slot, bool>,
+    /// Guarded operations' keys whose columns need a point read first (ADR 0035): the
+    /// decision is not final while this is not empty.
+    pub unread: Vec<(Slot, Vec<String>)>,
 }
 
 pub(super) type Tables = HashMap<String, Arc<DeferredTable>>;
@@ -120,19 +125,32 @@ pub(super) fn decide_preview<R>(
     stmts: &[TxStatement<R>],
     tables: &Tables,
     known: &Known,
+    rows: &Rows,
 ) -> Result<Applied, DeferError> {
     // A key an earlier statement inserted was written by another session since: the
     // earlier answer no longer holds (not this statement's duplicate key).
     if let [earlier @ .., _] = stmts
         && !earlier.is_empty()
         && let Err(DeferError::Duplicate { detail, .. }) =
-            decide(state, indexed, earlier, tables, known)
+            decide(state, indexed, earlier, tables, known, rows)
     {
         return Err(DeferError::Diverged(format!(
             "another session wrote a key this transaction inserted ({detail})"
         )));
     }
-    Ok(decide(state, indexed, stmts, tables, known)?.applied)
+    final_decision(decide(state, indexed, stmts, tables, known, rows)?).map(|d| d.applied)
+}
+
+/// `d`, which must not need reads any more (the callers read under the lock that
+/// decides: a defect otherwise, reported rather than guessed).
+pub(super) fn final_decision(d: Decision) -> Result<Decision, DeferError> {
+    if let Some((slot, _)) = d.unread.first() {
+        return Err(DeferError::Stopped(format!(
+            "a guarded write on {} was decided without a read of its row",
+            slot.0
+        )));
+    }
+    Ok(d)
 }
 
 /// What `stmts` write given `state` and `known` (every exact key answered): per
@@ -144,8 +162,13 @@ pub(super) fn decide<R>(
     stmts: &[TxStatement<R>],
     tables: &Tables,
     known: &Known,
+    rows: &Rows,
 ) -> Result<Decision, DeferError> {
     let mut after: HashMap<Slot, bool> = HashMap::new();
+    let mut unread: Vec<(Slot, Vec<String>)> = Vec::new();
+    // Per key, the operations of this decision that write it, in order: what a later
+    // guarded operation of the key sees of its own transaction.
+    let mut own: HashMap<Slot, Vec<&RowOp>> = HashMap::new();
     let mut applied = Vec::with_capacity(stmts.len());
     let mut ops = Vec::new();
     for s in stmts {
@@ -170,17 +193,39 @@ pub(super) fn decide<R>(
                 match (before.ok_or_else(|| unanswered(&s.table))?, alt) {
                     (false, _) => {
                         ops.push(op.clone());
+                        own.entry(slot.clone()).or_default().push(op);
                         after.insert(slot, true);
                         flags.push(true);
                     }
                     (true, IfExists::Nothing) => flags.push(false),
                     (true, IfExists::Update(update)) => {
                         ops.push(update.clone());
+                        own.entry(slot.clone()).or_default().push(update);
                         after.insert(slot, true);
                         flags.push(true);
                     }
                 }
                 continue;
+            }
+            let guard = op.guard();
+            if !guard.is_empty() {
+                // A guarded write (ADR 0035): its row exists, always answered
+                // (`needs_keys`), and its guard holds on what spillway knows of it.
+                if !before.ok_or_else(|| unanswered(&s.table))? {
+                    flags.push(false);
+                    continue;
+                }
+                let mine = own.get(&slot).map_or(&[][..], Vec::as_slice);
+                match guards::verdict(state, rows, &slot, t, guard, mine) {
+                    Verdict::Holds(true) => {}
+                    Verdict::Holds(false) => {
+                        flags.push(false);
+                        continue;
+                    }
+                    // Decided as if it held; the caller reads and decides again.
+                    Verdict::Unread(columns) => unread.push((slot.clone(), columns)),
+                    Verdict::Unknown => return Err(DeferError::RowUnknown(s.table.clone())),
+                }
             }
             let exists_now = match (verb, exact, before) {
                 (Verb::Insert, true, Some(true)) => {
@@ -194,6 +239,7 @@ pub(super) fn decide<R>(
                 (Verb::Update, _, _) => true,
                 (Verb::Delete, _, _) => false,
             };
+            own.entry(slot.clone()).or_default().push(op);
             after.insert(slot, exists_now);
             flags.push(true);
             ops.push(op.clone());
@@ -204,6 +250,7 @@ pub(super) fn decide<R>(
         applied,
         ops,
         after,
+        unread,
     })
 }
 

@@ -33,6 +33,7 @@ use tokio::sync::{oneshot, watch};
 use super::decide::{
     self, Applied, Converted, Decision, Indexed, Outcome, Tables, TxOutcome, TxStatement, exact,
 };
+use super::guards::{self, RowRead, Rows};
 use super::keys::KeyIndex;
 use super::state::{Known, Reserved, Settlement, Slot, State};
 use super::table::Verb;
@@ -53,6 +54,8 @@ struct Order {
     earlier: Vec<watch::Receiver<Settlement>>,
     settle: watch::Sender<Settlement>,
     mine: watch::Receiver<Settlement>,
+    /// Its operations in `State::deciding` while it is not pending (ADR 0035).
+    ticket: Option<u64>,
 }
 
 /// Waits for the deferrals `earlier` to settle; false if one of them gave up.
@@ -106,6 +109,9 @@ impl Order {
     /// first, so a later deferral that waited for it decides against the overlay
     /// without them.
     fn finish(self, state: &mut State, journaled: bool) {
+        if let Some(ticket) = self.ticket {
+            state.decided(ticket);
+        }
         if !journaled {
             state.unreserve(self.reserved);
         }
@@ -154,8 +160,9 @@ impl<C: Checks, L: Log> Engine<C, L> {
         }
         let tables = self.deferring(stmts)?;
         self.check_privileges(user, stmts, &tables).await?;
-        let (state, indexed) = self.lock_answered(stmts, &tables, known).await?;
-        decide::decide_preview(&state, &indexed, stmts, &tables, known)
+        let mut rows = Rows::new();
+        let (state, indexed) = self.lock_answered(stmts, &tables, known, &mut rows).await?;
+        decide::decide_preview(&state, &indexed, stmts, &tables, known, &rows)
     }
 
     /// [`Self::preview`] without waiting: `None` when it would need PostgreSQL (a
@@ -181,13 +188,22 @@ impl<C: Checks, L: Log> Engine<C, L> {
                 }
             }
         }
+        // A guarded write reads its row first (ADR 0035).
+        if guards::any_guard(stmts.iter().flat_map(|s| s.converted.ops.iter())) {
+            return None;
+        }
         let state = self.state();
         let indexed = indexed(&state, &self.keys, stmts, &tables);
         if !unanswered(&state, &indexed, stmts, &tables, known).is_empty() {
             return None;
         }
         Some(decide::decide_preview(
-            &state, &indexed, stmts, &tables, known,
+            &state,
+            &indexed,
+            stmts,
+            &tables,
+            known,
+            &Rows::new(),
         ))
     }
 
@@ -226,8 +242,14 @@ impl<C: Checks, L: Log> Engine<C, L> {
         loop {
             attempt += 1;
             let step = {
-                let (mut state, indexed) = self.lock_answered(&stmts, &tables, &mut known).await?;
-                let decided = decide::decide(&state, &indexed, &stmts, &tables, &known);
+                // Guarded writes' rows are read again for each decision: COMMIT
+                // re-checks against what they are now.
+                let mut rows = Rows::new();
+                let (mut state, indexed) = self
+                    .lock_answered(&stmts, &tables, &mut known, &mut rows)
+                    .await?;
+                let decided = decide::decide(&state, &indexed, &stmts, &tables, &known, &rows)
+                    .and_then(decide::final_decision);
                 // An answer that journals nothing (an error, or no row changed) may rest
                 // on a key another deferral reserved and has not journaled: it is given
                 // once that one is durable, or decided again if it gave up.
@@ -251,12 +273,15 @@ impl<C: Checks, L: Log> Engine<C, L> {
                         let reserved = state.reserve(&decision.after);
                         (reserved, state.order_after(&decision.after, &mine))
                     };
+                    let ticket =
+                        (!decision.ops.is_empty()).then(|| state.deciding(decision.ops.clone()));
                     let order = Order {
                         reserved,
                         slots: decision.after.keys().cloned().collect(),
                         earlier,
                         settle,
                         mine,
+                        ticket,
                     };
                     // One key: the log may compare-and-set on it (`Log::append_keyed`),
                     // against what it had of the key when the decision was taken.
@@ -431,7 +456,9 @@ impl<C: Checks, L: Log> Engine<C, L> {
         stmts: &[TxStatement<R>],
         tables: &Tables,
         known: &mut Known,
+        rows: &mut Rows,
     ) -> Result<(MutexGuard<'_, State>, Indexed), DeferError> {
+        let guarded = guards::any_guard(stmts.iter().flat_map(|s| s.converted.ops.iter()));
         loop {
             let outside = self.outside_writes();
             let (since, missing) = {
@@ -443,11 +470,28 @@ impl<C: Checks, L: Log> Engine<C, L> {
                 )
             };
             if missing.is_empty() {
-                let state = self.state();
-                let indexed = indexed(&state, &self.keys, stmts, tables);
-                if unanswered(&state, &indexed, stmts, tables, known).is_empty() {
-                    return Ok((state, indexed));
-                }
+                let (wanted, since) = {
+                    let state = self.state();
+                    let indexed = indexed(&state, &self.keys, stmts, tables);
+                    if !unanswered(&state, &indexed, stmts, tables, known).is_empty() {
+                        continue;
+                    }
+                    // Guarded writes (ADR 0035): the columns of their rows that neither
+                    // pending nor own writes give are read, and the decision taken
+                    // again.
+                    let wanted = if guarded {
+                        decide::decide(&state, &indexed, stmts, tables, known, rows)
+                            .map(|d| d.unread)
+                            .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
+                    if wanted.is_empty() {
+                        return Ok((state, indexed));
+                    }
+                    (wanted, state.generation)
+                };
+                self.read_rows(tables, wanted, since, rows).await?;
                 continue;
             }
             // Per table, every missing key in one batched read; tables side by side
@@ -472,6 +516,39 @@ impl<C: Checks, L: Log> Engine<C, L> {
                 }
             }
         }
+    }
+}
+
+impl<C: Checks, L: Log> Engine<C, L> {
+    /// Point reads of guarded rows' columns (`wanted`), into `rows`, stamped with the
+    /// overlay generation `since` taken before they began.
+    async fn read_rows(
+        &self,
+        tables: &Tables,
+        wanted: Vec<(Slot, Vec<String>)>,
+        since: u64,
+        rows: &mut Rows,
+    ) -> Result<(), DeferError> {
+        let reads = wanted.iter().map(|((table, key), columns)| async move {
+            let t = tables
+                .get(table)
+                .ok_or_else(|| DeferError::NotDeferred(table.clone()))?;
+            Ok::<_, DeferError>(self.checks.row_values(t, key, columns).await?)
+        });
+        let answers = futures_util::future::join_all(reads).await;
+        for ((slot, columns), read) in wanted.into_iter().zip(answers) {
+            let read = read?;
+            rows.insert(
+                slot,
+                RowRead {
+                    columns,
+                    values: read.values,
+                    through: read.through,
+                    since,
+                },
+            );
+        }
+        Ok(())
     }
 }
 

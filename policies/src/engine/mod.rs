@@ -36,6 +36,7 @@ pub mod decide;
 pub mod defer;
 pub mod due;
 pub mod flusher;
+pub mod guards;
 pub mod keys;
 pub mod privileges;
 pub mod reads;
@@ -67,7 +68,7 @@ pub use state::Known;
 pub use table::{Column, Defaults, DeferredTable, KeySequence, Verb};
 pub use table_set::{TableSet, TablesChange};
 pub use upstream::{
-    ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, Log, Sink,
+    ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, Log, RowValues, Sink,
 };
 
 use privileges::Privileges;
@@ -108,6 +109,11 @@ pub enum DeferError {
     /// transaction is rolled back, the client may retry it.
     #[error("could not serialize access: {0}")]
     Diverged(String),
+    /// A guarded write (ADR 0035) whose row spillway does not know exactly (a delta
+    /// pending on a guarded column, a column's default): the statement runs upstream
+    /// instead (a held transaction moves there), where PostgreSQL decides it.
+    #[error("the row a guarded write on {0} depends on is not known exactly")]
+    RowUnknown(String),
 }
 
 impl DeferError {
@@ -213,6 +219,13 @@ pub struct Engine<C, L> {
     keys: Arc<KeyIndex>,
     /// Point reads waiting per table, read together (`reads.rs`).
     reads: PointReads,
+}
+
+impl<C: Checks, L: Log> Engine<C, L> {
+    /// The session side's way to PostgreSQL (the proxy's check connections).
+    pub fn checks(&self) -> &C {
+        &self.checks
+    }
 }
 
 impl<C: Checks, L: Log> Engine<C, L> {

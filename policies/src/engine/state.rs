@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::writes::Record;
+use crate::writes::{Record, RowOp};
 
 /// (table, canonical key): a key of the overlay.
 pub type Slot = (String, Vec<String>);
@@ -75,6 +75,16 @@ pub struct State {
     /// yet (or given up): a later deferral of the key was decided against that
     /// reservation, so it is appended only after it settles (`order_after`).
     pub appending: HashMap<Slot, watch::Receiver<Settlement>>,
+    /// The operations of deferrals decided and reserved but not yet pending (by a
+    /// ticket, in the order they were decided): what a guarded write of their keys
+    /// decides against after the pending records (ADR 0035; records of one key are
+    /// journaled in the order they were decided).
+    pub deciding: Vec<(u64, Vec<RowOp>)>,
+    pub next_ticket: u64,
+    /// The highest sequence number applied and removed from `pending` (batches are
+    /// contiguous prefixes): a guarded write's read that saw the ledger at or beyond
+    /// it has every applied record in it (ADR 0035).
+    pub applied_through: u64,
 }
 
 /// Where a deferral's record is, for the deferrals of its keys decided after it.
@@ -118,6 +128,19 @@ impl State {
         known.get(&slot).is_some_and(|(_, since, _)| {
             *since >= self.forgotten_floor && self.forgotten.get(&slot).is_none_or(|g| *g <= *since)
         })
+    }
+
+    /// A decided deferral's operations, until it settles ([`Self::decided`]); its
+    /// ticket.
+    pub fn deciding(&mut self, ops: Vec<RowOp>) -> u64 {
+        self.next_ticket += 1;
+        self.deciding.push((self.next_ticket, ops));
+        self.next_ticket
+    }
+
+    /// The deferral of `ticket` settled: pending now, or given up.
+    pub fn decided(&mut self, ticket: u64) {
+        self.deciding.retain(|(t, _)| *t != ticket);
     }
 
     /// A durable record becomes pending.
@@ -254,6 +277,7 @@ impl State {
         let mut tables = Vec::new();
         let mut applied = Applied::default();
         for (seq, record) in batch {
+            self.applied_through = self.applied_through.max(*seq);
             self.acked_at.remove(seq);
             if self.pending.remove(seq).is_none() {
                 continue;

@@ -156,8 +156,28 @@ pub trait Checks: Send + Sync + 'static {
         after: Option<&Cursor>,
         limit: usize,
     ) -> impl Future<Output = Result<Chunk, CheckError>> + Send;
+    /// The values of `columns` (as PostgreSQL's text output) of the row with
+    /// (canonical) `key` (`None` when it does not exist), and the flush ledger's last
+    /// applied sequence number in the same snapshot when the implementation knows the
+    /// ledger: what a guarded write is decided against (ADR 0035).
+    fn row_values(
+        &self,
+        table: &DeferredTable,
+        key: &[String],
+        columns: &[String],
+    ) -> impl Future<Output = Result<RowValues, CheckError>> + Send;
     /// PostgreSQL's WAL position now (flushed), on the connection `key_chunk` uses.
     fn wal_position(&self) -> impl Future<Output = Result<u64, CheckError>> + Send;
+}
+
+/// A guarded write's point read ([`Checks::row_values`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowValues {
+    /// The columns' values, `None` when the row does not exist.
+    pub values: Option<Vec<Option<String>>>,
+    /// The flush ledger's last applied sequence number in the read's snapshot: the
+    /// pending records up to it are in the values, those after it are not.
+    pub through: Option<u64>,
 }
 
 /// The durable journal as the engine uses it.

@@ -124,6 +124,12 @@ fn shape_key(op: &RowOp) -> (String, u8, Vec<String>) {
 
 /// Adds `op` to a key's list, merging it into the last operation where the rules allow.
 fn push(list: &mut Vec<RowOp>, op: RowOp, meta: &TableMeta) {
+    // A guarded operation (ADR 0035) writes only if its condition holds when it is
+    // applied: it is never folded, nor is anything folded into or over it.
+    if !op.guard().is_empty() || list.last().is_some_and(|l| !l.guard().is_empty()) {
+        list.push(op);
+        return;
+    }
     match (list.last_mut(), op) {
         (Some(RowOp::Insert { .. }), RowOp::Delete { .. }) => {
             list.pop();
@@ -133,20 +139,43 @@ fn push(list: &mut Vec<RowOp>, op: RowOp, meta: &TableMeta) {
             Some(RowOp::Insert {
                 columns, values, ..
             }),
-            RowOp::Update { table, key, set },
+            RowOp::Update {
+                table,
+                key,
+                set,
+                guard,
+            },
         ) => {
             if let Some((c, v)) = into_insert(columns, values, &set, meta) {
                 *columns = c;
                 *values = v;
             } else {
-                list.push(RowOp::Update { table, key, set });
+                list.push(RowOp::Update {
+                    table,
+                    key,
+                    set,
+                    guard,
+                });
             }
         }
-        (Some(RowOp::Update { set: earlier, .. }), RowOp::Update { table, key, set }) => {
+        (
+            Some(RowOp::Update { set: earlier, .. }),
+            RowOp::Update {
+                table,
+                key,
+                set,
+                guard,
+            },
+        ) => {
             if let Some(merged) = updates(earlier, &set, meta) {
                 *earlier = merged;
             } else {
-                list.push(RowOp::Update { table, key, set });
+                list.push(RowOp::Update {
+                    table,
+                    key,
+                    set,
+                    guard,
+                });
             }
         }
         (_, op) => list.push(op),

@@ -20,4 +20,4 @@ pub mod replay;
 
 pub use coalesce::coalesce;
 pub use plan::{Group, GroupKind, TableMeta, plan_batch};
-pub use record::{Assign, AssignOp, CodecError, Record, RowOp, Val};
+pub use record::{Assign, AssignOp, Cmp, CodecError, Guard, Record, RowOp, Val};

@@ -307,6 +307,7 @@ mod tests {
             ops: vec![RowOp::Delete {
                 table: "public.other".into(),
                 key: vec![Val::plain(Some("1"))],
+                guard: Vec::new(),
             }],
         });
         assert_eq!(order_of(&with_update, &tables(true)), journal(&with_update));

@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 
 pub use super::meta::{ForeignKey, TableMeta};
-use super::record::{AssignOp, Record, RowOp, Val};
+use super::record::{AssignOp, Cmp, Guard, Record, RowOp, Val};
 
 impl TableMeta {
     /// `ONLY "schema"."table"`: deferred tables have no inheritance children (checked
@@ -117,6 +117,21 @@ struct Shape {
     columns: Vec<(String, Option<AssignOp>, Option<String>)>,
     /// Casts of the key values (Update/Delete).
     key_casts: Vec<Option<String>>,
+    /// Conditions beyond the key (Update/Delete, ADR 0035): column, comparison, cast.
+    guard: Vec<(String, Cmp, Option<String>)>,
+}
+
+fn guard_shape(
+    guard: &[Guard],
+    meta: &TableMeta,
+) -> Result<Vec<(String, Cmp, Option<String>)>, PlanError> {
+    guard
+        .iter()
+        .map(|g| {
+            meta.type_of(&g.column)?;
+            Ok((g.column.clone(), g.cmp, checked_cast(&g.value)?))
+        })
+        .collect()
 }
 
 impl Shape {
@@ -138,9 +153,12 @@ impl Shape {
                         .map(|(c, v)| Ok((c.clone(), None, checked_cast(v)?)))
                         .collect::<Result<_, PlanError>>()?,
                     key_casts: Vec::new(),
+                    guard: Vec::new(),
                 }
             }
-            RowOp::Update { key, set, .. } => {
+            RowOp::Update {
+                key, set, guard, ..
+            } => {
                 for a in set {
                     meta.type_of(&a.column)?;
                 }
@@ -152,13 +170,15 @@ impl Shape {
                         .map(|a| Ok((a.column.clone(), Some(a.op), checked_cast(&a.value)?)))
                         .collect::<Result<_, PlanError>>()?,
                     key_casts: key.iter().map(checked_cast).collect::<Result<_, _>>()?,
+                    guard: guard_shape(guard, meta)?,
                 }
             }
-            RowOp::Delete { key, .. } => Shape {
+            RowOp::Delete { key, guard, .. } => Shape {
                 table,
                 kind: GroupKind::Delete,
                 columns: Vec::new(),
                 key_casts: key.iter().map(checked_cast).collect::<Result<_, _>>()?,
+                guard: guard_shape(guard, meta)?,
             },
         })
     }
@@ -233,12 +253,19 @@ impl Builder {
     fn push(&mut self, op: &RowOp, key: Vec<Option<String>>, at: (usize, usize)) {
         let row = match op {
             RowOp::Insert { values, .. } => values.iter().map(|v| v.text.clone()).collect(),
-            RowOp::Update { key, set, .. } => key
+            RowOp::Update {
+                key, set, guard, ..
+            } => key
                 .iter()
                 .map(|v| v.text.clone())
                 .chain(set.iter().map(|a| a.value.text.clone()))
+                .chain(guard.iter().map(|g| g.value.text.clone()))
                 .collect(),
-            RowOp::Delete { key, .. } => key.iter().map(|v| v.text.clone()).collect(),
+            RowOp::Delete { key, guard, .. } => key
+                .iter()
+                .map(|v| v.text.clone())
+                .chain(guard.iter().map(|g| g.value.text.clone()))
+                .collect(),
         };
         self.keys.insert(key);
         self.rows.push(row);
@@ -278,6 +305,26 @@ impl Builder {
                 .map(|v| v.join(" AND "))
         };
         let key_names: Vec<String> = (0..meta.key.len()).map(|i| format!("k{i}")).collect();
+        // The guard's conditions on the target row (ADR 0035): a row that no longer
+        // meets them is not matched, so its operation is found and dead-lettered like
+        // one whose key is missing.
+        let guard_names: Vec<String> = (0..self.shape.guard.len())
+            .map(|i| format!("g{i}"))
+            .collect();
+        let guard_match = self
+            .shape
+            .guard
+            .iter()
+            .enumerate()
+            .map(|(i, (c, cmp, cast))| {
+                Ok(format!(
+                    " AND t.{} {} {}",
+                    ident(c),
+                    cmp.sql(),
+                    convert(&format!("u.g{i}"), cast.as_deref(), meta.type_of(c)?)
+                ))
+            })
+            .collect::<Result<String, PlanError>>()?;
         let sql = match self.shape.kind {
             GroupKind::Insert => {
                 let cols: Vec<String> = self.shape.columns.iter().map(|c| ident(&c.0)).collect();
@@ -324,21 +371,29 @@ impl Builder {
                     .iter()
                     .cloned()
                     .chain((0..self.shape.columns.len()).map(|i| format!("s{i}")))
+                    .chain(guard_names.iter().cloned())
                     .collect();
                 format!(
                     "UPDATE {table} AS t SET {} FROM {arrays} WITH ORDINALITY \
-                     AS u({}, n) WHERE {} RETURNING u.n",
+                     AS u({}, n) WHERE {}{guard_match} RETURNING u.n",
                     sets.join(", "),
                     names.join(", "),
                     key_match(&self.shape.key_casts)?
                 )
             }
-            GroupKind::Delete => format!(
-                "DELETE FROM {table} AS t USING {arrays} WITH ORDINALITY \
-                 AS u({}, n) WHERE {} RETURNING u.n",
-                key_names.join(", "),
-                key_match(&self.shape.key_casts)?
-            ),
+            GroupKind::Delete => {
+                let names: Vec<String> = key_names
+                    .iter()
+                    .cloned()
+                    .chain(guard_names.iter().cloned())
+                    .collect();
+                format!(
+                    "DELETE FROM {table} AS t USING {arrays} WITH ORDINALITY \
+                     AS u({}, n) WHERE {}{guard_match} RETURNING u.n",
+                    names.join(", "),
+                    key_match(&self.shape.key_casts)?
+                )
+            }
         };
         Ok(Group {
             kind: self.shape.kind,
@@ -417,6 +472,7 @@ mod tests {
                 op: AssignOp::Add,
                 value: Val::plain(Some(by)),
             }],
+            guard: Vec::new(),
         }
     }
 
@@ -424,6 +480,7 @@ mod tests {
         RowOp::Delete {
             table: "public.t".into(),
             key: vec![Val::plain(Some(id))],
+            guard: Vec::new(),
         }
     }
 
@@ -529,6 +586,7 @@ mod tests {
                 op: AssignOp::Set,
                 value: Val::plain(None),
             }],
+            guard: Vec::new(),
         };
         let g = plan(vec![vec![op]]);
         assert!(
@@ -556,6 +614,7 @@ mod tests {
             ops: vec![RowOp::Delete {
                 table: "public.nope".into(),
                 key: vec![],
+                guard: Vec::new(),
             }],
         };
         assert!(matches!(

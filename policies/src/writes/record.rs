@@ -42,6 +42,47 @@ pub struct Assign {
     pub value: Val,
 }
 
+/// How a [`Guard`] compares the row's column with its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Cmp {
+    /// `col = v`
+    Eq,
+    /// `col <> v`
+    Ne,
+    /// `col < v`
+    Lt,
+    /// `col <= v`
+    Le,
+    /// `col > v`
+    Gt,
+    /// `col >= v`
+    Ge,
+}
+
+impl Cmp {
+    pub fn sql(self) -> &'static str {
+        match self {
+            Cmp::Eq => "=",
+            Cmp::Ne => "<>",
+            Cmp::Lt => "<",
+            Cmp::Le => "<=",
+            Cmp::Gt => ">",
+            Cmp::Ge => ">=",
+        }
+    }
+}
+
+/// A condition of an UPDATE's or DELETE's WHERE beyond the key (`AND version = 3`,
+/// ADR 0035): the operation writes its row only where it holds. Decided at
+/// acknowledgement from what spillway knows of the row, and applied by the flusher
+/// with the same predicate (a row changed underneath is not written: a dead letter).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guard {
+    pub column: String,
+    pub cmp: Cmp,
+    pub value: Val,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RowOp {
     /// One row; `columns` as the client listed them (primary key included).
@@ -54,10 +95,16 @@ pub enum RowOp {
         table: String,
         key: Vec<Val>,
         set: Vec<Assign>,
+        /// Conditions beyond the key; empty for a write by key alone (and absent from
+        /// records journaled before guards existed).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        guard: Vec<Guard>,
     },
     Delete {
         table: String,
         key: Vec<Val>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        guard: Vec<Guard>,
     },
 }
 
@@ -67,6 +114,14 @@ impl RowOp {
             RowOp::Insert { table, .. }
             | RowOp::Update { table, .. }
             | RowOp::Delete { table, .. } => table,
+        }
+    }
+
+    /// The conditions beyond the key (empty for an INSERT).
+    pub fn guard(&self) -> &[Guard] {
+        match self {
+            RowOp::Insert { .. } => &[],
+            RowOp::Update { guard, .. } | RowOp::Delete { guard, .. } => guard,
         }
     }
 
@@ -85,9 +140,18 @@ impl RowOp {
                         AssignOp::Sub => format!("{0} = {0} - ?", a.column),
                     })
                     .collect();
-                format!("UPDATE {table} SET {} WHERE <key> = ?", set.join(", "))
+                format!(
+                    "UPDATE {table} SET {} WHERE <key> = ?{}",
+                    set.join(", "),
+                    describe_guard(self.guard())
+                )
             }
-            RowOp::Delete { table, .. } => format!("DELETE FROM {table} WHERE <key> = ?"),
+            RowOp::Delete { table, guard, .. } => {
+                format!(
+                    "DELETE FROM {table} WHERE <key> = ?{}",
+                    describe_guard(guard)
+                )
+            }
         }
     }
 
@@ -95,14 +159,28 @@ impl RowOp {
     pub fn parameters(&self) -> Vec<Option<String>> {
         match self {
             RowOp::Insert { values, .. } => values.iter().map(|v| v.text.clone()).collect(),
-            RowOp::Update { key, set, .. } => key
+            RowOp::Update {
+                key, set, guard, ..
+            } => key
                 .iter()
                 .chain(set.iter().map(|a| &a.value))
+                .chain(guard.iter().map(|g| &g.value))
                 .map(|v| v.text.clone())
                 .collect(),
-            RowOp::Delete { key, .. } => key.iter().map(|v| v.text.clone()).collect(),
+            RowOp::Delete { key, guard, .. } => key
+                .iter()
+                .chain(guard.iter().map(|g| &g.value))
+                .map(|v| v.text.clone())
+                .collect(),
         }
     }
+}
+
+fn describe_guard(guard: &[Guard]) -> String {
+    guard
+        .iter()
+        .map(|g| format!(" AND {} {} ?", g.column, g.cmp.sql()))
+        .collect()
 }
 
 /// One journal record's payload.
@@ -158,10 +236,12 @@ mod tests {
                             cast: Some("int8".into()),
                         },
                     }],
+                    guard: Vec::new(),
                 },
                 RowOp::Delete {
                     table: "s.u".into(),
                     key: vec![Val::plain(Some("x'y"))],
+                    guard: Vec::new(),
                 },
             ],
         };

@@ -9,7 +9,7 @@
 //! then the column's type); identifiers are quoted; casts are checked plain type names.
 
 use super::plan::{PlanError, TableMeta, checked_cast, convert, ident};
-use super::record::{Assign, AssignOp, RowOp, Val};
+use super::record::{Assign, AssignOp, Guard, RowOp, Val};
 
 /// `'text'` (or `NULL`) converted to `column_type` like the client's value.
 fn value(v: &Val, column_type: &str) -> Result<String, PlanError> {
@@ -35,6 +35,21 @@ fn key_predicate(meta: &TableMeta, key: &[Val]) -> Result<String, PlanError> {
     Ok(parts?.join(" AND "))
 }
 
+/// The key predicate and the guard's conditions (ADR 0035), so a replayed guarded
+/// write matches the rows PostgreSQL's own statement would have.
+fn predicate(meta: &TableMeta, key: &[Val], guard: &[Guard]) -> Result<String, PlanError> {
+    let mut sql = key_predicate(meta, key)?;
+    for g in guard {
+        sql.push_str(&format!(
+            " AND {} {} {}",
+            ident(&g.column),
+            g.cmp.sql(),
+            value(&g.value, meta.type_of(&g.column)?)?
+        ));
+    }
+    Ok(sql)
+}
+
 /// One statement applying `op` to its table, as the client's statement would have.
 pub fn statement(op: &RowOp, meta: &TableMeta) -> Result<String, PlanError> {
     let table = format!("{}.{}", ident(&meta.schema), ident(&meta.table));
@@ -55,14 +70,16 @@ pub fn statement(op: &RowOp, meta: &TableMeta) -> Result<String, PlanError> {
                 vals?.join(", ")
             ))
         }
-        RowOp::Update { key, set, .. } => Ok(format!(
+        RowOp::Update {
+            key, set, guard, ..
+        } => Ok(format!(
             "UPDATE ONLY {table} SET {} WHERE {}",
             assignments(set, meta, "")?,
-            key_predicate(meta, key)?
+            predicate(meta, key, guard)?
         )),
-        RowOp::Delete { key, .. } => Ok(format!(
+        RowOp::Delete { key, guard, .. } => Ok(format!(
             "DELETE FROM ONLY {table} WHERE {}",
-            key_predicate(meta, key)?
+            predicate(meta, key, guard)?
         )),
     }
 }
@@ -148,6 +165,7 @@ mod tests {
                 op: AssignOp::Add,
                 value: Val::plain(Some("2")),
             }],
+            guard: Vec::new(),
         };
         let head =
             "INSERT INTO \"public\".\"t\" (\"id\", \"n\") VALUES ('1'::bigint, '2'::integer)";
@@ -201,6 +219,7 @@ mod tests {
                     value: Val::plain(None),
                 },
             ],
+            guard: Vec::new(),
         };
         assert_eq!(
             statement(&update, &m).expect("renders"),
@@ -210,6 +229,7 @@ mod tests {
         let delete = RowOp::Delete {
             table: "public.t".into(),
             key: vec![Val::plain(Some("1"))],
+            guard: Vec::new(),
         };
         assert_eq!(
             statement(&delete, &m).expect("renders"),
@@ -222,6 +242,7 @@ mod tests {
                 text: Some("1".into()),
                 cast: Some("int); DROP TABLE t; --".into()),
             }],
+            guard: Vec::new(),
         };
         assert!(statement(&bad, &m).is_err());
         let unknown = RowOp::Insert {

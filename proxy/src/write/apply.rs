@@ -21,8 +21,9 @@
 //!   `synchronous_commit = off`.
 //! - A record (one statement or one client transaction) is never split: bisection
 //!   stops at a record, and a failing record is dead-lettered whole.
-//! - An UPDATE or DELETE whose key is not there at apply time is a dead letter
-//!   (SQLSTATE 02000), never silently dropped; in a record of several operations (a
+//! - An UPDATE or DELETE whose key is not there at apply time, or whose row no longer
+//!   meets its guard (ADR 0035), is a dead letter (SQLSTATE 02000), never silently
+//!   dropped; in a record of several operations (a
 //!   client transaction) the whole record is then a dead letter, none of it applied.
 //! - Write-back tables' operations are folded per key for the first attempt only; when
 //!   that attempt meets a data error, the batch is bisected as journaled, so dead
@@ -341,12 +342,17 @@ async fn run_group(
                 if let Some((seq, record)) = batch.get(*ri)
                     && let Some(op) = record.ops.get(*oi)
                 {
-                    applied.dead_letters.push(DeadLetter::of(
-                        *seq,
-                        op,
-                        NO_ROW,
-                        "no row with this key when the write was applied",
-                    ));
+                    // A guarded write (ADR 0035) whose row no longer meets its
+                    // condition: changed underneath since it was acknowledged.
+                    let message = if op.guard().is_empty() {
+                        "no row with this key when the write was applied"
+                    } else {
+                        "no row with this key met the write's condition when it was \
+                         applied (changed since the write was acknowledged)"
+                    };
+                    applied
+                        .dead_letters
+                        .push(DeadLetter::of(*seq, op, NO_ROW, message));
                 }
             }
         }

@@ -19,7 +19,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use spillway_policies::engine::{CheckError, Checks, Chunk, Cursor, DeferredTable, KeyKind, Verb};
+use spillway_policies::engine::{
+    CheckError, Checks, Chunk, Cursor, DeferredTable, KeyKind, RowValues, Verb,
+};
 use spillway_policies::writes::plan::ident;
 use sqlx::{PgConnection, Row};
 
@@ -50,6 +52,9 @@ pub struct PgChecks {
     next: AtomicUsize,
     /// The key index loader's connection (one loader, one query at a time).
     loader: Slot,
+    /// This instance's journal id in `spillway.flush_ledger`: a guarded write's read
+    /// takes the ledger's position in the same snapshot (ADR 0035).
+    journal_id: Option<String>,
 }
 
 type Slot = tokio::sync::Mutex<Option<PgConnection>>;
@@ -75,8 +80,9 @@ fn unreachable_or_failed(e: &sqlx::Error) -> CheckError {
 }
 
 impl PgChecks {
-    pub fn new(url: String) -> Self {
+    pub fn new(url: String, journal_id: Option<String>) -> Self {
         Self {
+            journal_id,
             url,
             slots: (0..CHECK_CONNECTIONS)
                 .map(|_| tokio::sync::Mutex::new(None))
@@ -84,6 +90,43 @@ impl PgChecks {
             next: AtomicUsize::new(0),
             loader: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// `values` (canonical timestamptz text) as PostgreSQL's output gives them with
+    /// `TimeZone = zone` and `DateStyle = ISO`: RETURNING's text for a client session
+    /// in a zone other than UTC, whose offsets need PostgreSQL's own zone rules. Run in
+    /// a transaction of its own so the settings end with it.
+    pub async fn timestamptz_texts(
+        &self,
+        zone: &str,
+        values: &[String],
+    ) -> Result<Vec<String>, CheckError> {
+        let zone = zone.to_owned();
+        let values = values.to_vec();
+        self.check(|conn| {
+            let zone = zone.clone();
+            let values = values.clone();
+            Box::pin(async move {
+                let mut tx = sqlx::Connection::begin(conn).await?;
+                sqlx::query(
+                    "SELECT pg_catalog.set_config('TimeZone', $1, true), \
+                            pg_catalog.set_config('DateStyle', 'ISO', true)",
+                )
+                .bind(zone)
+                .execute(&mut *tx)
+                .await?;
+                let texts: Vec<String> = sqlx::query_scalar(
+                    "SELECT u.v::timestamptz::text FROM pg_catalog.unnest($1::text[]) \
+                     WITH ORDINALITY AS u(v, n) ORDER BY u.n",
+                )
+                .bind(values)
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.rollback().await?;
+                Ok(texts)
+            })
+        })
+        .await
     }
 
     /// Runs `f` on a check connection, connecting (once more after a failure).
@@ -198,6 +241,46 @@ impl Checks for PgChecks {
         Ok(exists)
     }
 
+    async fn row_values(
+        &self,
+        table: &DeferredTable,
+        key: &[String],
+        columns: &[String],
+    ) -> Result<RowValues, CheckError> {
+        let sql = row_values_sql(table, columns);
+        let key = key.to_vec();
+        let width = columns.len();
+        let journal = self.journal_id.clone().unwrap_or_default();
+        let (found, through, values) = self
+            .check(|conn| {
+                let sql = sql.clone();
+                let key = key.clone();
+                let journal = journal.clone();
+                Box::pin(async move {
+                    let mut q = sqlx::query(&sql).bind(journal);
+                    for k in key {
+                        q = q.bind(k);
+                    }
+                    let row = q.fetch_one(conn).await?;
+                    let found: bool = row.try_get(0)?;
+                    let through: Option<i64> = row.try_get(1)?;
+                    let values = (0..width)
+                        .map(|i| row.try_get::<Option<String>, _>(i + 2))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((found, through, values))
+                })
+            })
+            .await?;
+        Ok(RowValues {
+            values: found.then_some(values),
+            through: self
+                .journal_id
+                .as_ref()
+                .and(through)
+                .and_then(|t| u64::try_from(t).ok()),
+        })
+    }
+
     async fn key_chunk(
         &self,
         table: &DeferredTable,
@@ -256,6 +339,32 @@ fn key_columns(table: &DeferredTable) -> (String, Vec<(String, &str)>) {
         })
         .collect();
     (name, cols)
+}
+
+/// A guarded write's point read (ADR 0035), one row always: whether the row with the
+/// key (one text parameter per key column, after the journal id `$1`) exists, the
+/// flush ledger's last applied sequence number in the same snapshot (the batch that
+/// applies records advances it in the same transaction), and `columns` as
+/// PostgreSQL's text output.
+fn row_values_sql(table: &DeferredTable, columns: &[String]) -> String {
+    let (name, cols) = key_columns(table);
+    let select: Vec<String> = columns
+        .iter()
+        .map(|c| format!("t.{}::text", ident(c)))
+        .collect();
+    let conditions: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (c, ty))| format!("t.{c} = ${}::text::{ty}", i + 2))
+        .collect();
+    format!(
+        "SELECT t.ctid IS NOT NULL, \
+                (SELECT l.last_seq FROM spillway.flush_ledger AS l WHERE l.journal_id = $1), \
+                {} \
+         FROM (SELECT) AS one LEFT JOIN ONLY {name} AS t ON {}",
+        select.join(", "),
+        conditions.join(" AND ")
+    )
 }
 
 /// The batched point read: the ordinals (from 1) of the keys, given as one text array

@@ -5,7 +5,9 @@
 //! (the statement then runs write-through after a barrier). A RETURNING list is
 //! answered from the same values (`returning.rs`) or is a fallback reason too.
 
-use spillway_policies::writes::{Assign as RecAssign, AssignOp, RowOp, TableMeta, Val, replay};
+use spillway_policies::writes::{
+    Assign as RecAssign, AssignOp, Cmp, Guard, RowOp, TableMeta, Val, replay,
+};
 
 use super::datetime::{self, Settings};
 use super::fallbacks::Fallback;
@@ -16,7 +18,7 @@ use super::sequences::Reservations;
 use super::tables::DeferredTable;
 use super::types;
 use crate::read::classify::{
-    Assign, Clock, ConflictSet, ConflictTarget, ConflictValue, OnConflict, Operand, Value,
+    Assign, Clock, Compare, ConflictSet, ConflictTarget, ConflictValue, OnConflict, Operand, Value,
     WriteShape, reason,
 };
 use spillway_policies::engine::IfExists;
@@ -107,14 +109,18 @@ fn operations(
             }
             Ok(converted)
         }
-        WriteShape::Update { set, key, .. } => update(set, key, table, bound, settings),
-        WriteShape::Delete { key, .. } => {
-            let (key_vals, canon) = key_values(key, table, bound, settings)?;
+        WriteShape::Update {
+            set, key, compared, ..
+        } => update(set, key, compared, table, bound, settings),
+        WriteShape::Delete { key, compared, .. } => {
+            let (key, guard) = guarded(key, compared, table, bound, settings)?;
+            let (key_vals, canon) = key_values(&key, table, bound, settings)?;
             Ok(Converted {
                 verb: Verb::Delete,
                 ops: vec![RowOp::Delete {
                     table: table.meta.name.clone(),
                     key: key_vals,
+                    guard,
                 }],
                 keys: vec![canon],
                 if_exists: None,
@@ -317,6 +323,7 @@ fn if_exists(
                 table: name.clone(),
                 key: key_vals,
                 set: assigns,
+                guard: Vec::new(),
             }))
         })
         .collect()
@@ -326,11 +333,13 @@ fn if_exists(
 fn update(
     set: &[(String, Assign)],
     key: &[(String, Value)],
+    compared: &[(String, Compare, Value)],
     table: &DeferredTable,
     bound: &Bound,
     settings: Settings<'_>,
 ) -> Result<Converted, Fallback> {
-    let (key_vals, canon) = key_values(key, table, bound, settings)?;
+    let (key, guard) = guarded(key, compared, table, bound, settings)?;
+    let (key_vals, canon) = key_values(&key, table, bound, settings)?;
     let mut assigns = Vec::with_capacity(set.len());
     for (column, a) in set {
         let oid = *table.type_oids.get(column).ok_or(Fallback::UnknownColumn)?;
@@ -357,11 +366,84 @@ fn update(
             table: table.meta.name.clone(),
             key: key_vals,
             set: assigns,
+            guard,
         }],
         keys: vec![canon],
         if_exists: None,
         returning: None,
     })
+}
+
+/// A WHERE's `column = value` equalities.
+type KeyPairs = Vec<(String, Value)>;
+
+/// The WHERE's equalities split into the primary key's and the rest, the guard
+/// (ADR 0035: `AND version = $2`), each converted as PostgreSQL would convert it for its
+/// column. Guarded columns are integers only: their values compare exactly as numbers
+/// whatever their spelling; any other column is [`Fallback::GuardColumn`].
+fn guarded(
+    pairs: &[(String, Value)],
+    compared: &[(String, Compare, Value)],
+    table: &DeferredTable,
+    bound: &Bound,
+    settings: Settings<'_>,
+) -> Result<(KeyPairs, Vec<Guard>), Fallback> {
+    let mut key = Vec::with_capacity(pairs.len());
+    let mut guard = Vec::new();
+    let equalities = pairs.iter().filter_map(|(column, v)| {
+        if table.meta.key.contains(column) {
+            key.push((column.clone(), v.clone()));
+            None
+        } else {
+            Some((column, Cmp::Eq, v))
+        }
+    });
+    let others = compared.iter().map(|(column, cmp, v)| {
+        let cmp = match cmp {
+            Compare::Lt => Cmp::Lt,
+            Compare::Le => Cmp::Le,
+            Compare::Gt => Cmp::Gt,
+            Compare::Ge => Cmp::Ge,
+            Compare::Ne => Cmp::Ne,
+        };
+        (column, cmp, v)
+    });
+    let conditions: Vec<(&String, Cmp, &Value)> = equalities.chain(others).collect();
+    // Not a write of one key (a key column missing, or compared with `id > 5`): that
+    // is the reason, whatever the other conditions are.
+    let whole_key = table
+        .meta
+        .key
+        .iter()
+        .all(|k| key.iter().any(|(c, _)| c == k));
+    if !whole_key
+        || conditions
+            .iter()
+            .any(|(c, _, _)| table.meta.key.contains(c))
+    {
+        return Err(Fallback::WhereNotPrimaryKey);
+    }
+    for (column, cmp, v) in conditions {
+        let oid = *table.type_oids.get(column).ok_or(Fallback::UnknownColumn)?;
+        if !matches!(oid, params::INT2 | params::INT4 | params::INT8) {
+            return Err(Fallback::GuardColumn);
+        }
+        if matches!(v.operand, Operand::Clock(_)) {
+            return Err(Fallback::Function);
+        }
+        let value = match value(v, column, table, bound, settings) {
+            // A NULL compared with a NOT NULL column: never true, as in PostgreSQL
+            // (the column's constraint is an assignment's, not a comparison's).
+            Err(Fallback::NullInNotNullColumn) => Val::plain(None),
+            other => other?,
+        };
+        guard.push(Guard {
+            column: column.clone(),
+            cmp,
+            value,
+        });
+    }
+    Ok((key, guard))
 }
 
 /// The WHERE's key equalities as the record's key values (canonical text, the

@@ -44,6 +44,13 @@ pub enum Fallback {
     NullInNotNullColumn,
     /// The WHERE is not exactly the primary key.
     WhereNotPrimaryKey,
+    /// A WHERE equality beyond the key on a column spillway cannot compare exactly
+    /// (only integer columns are guarded, ADR 0035).
+    GuardColumn,
+    /// A guarded write whose row spillway does not know exactly (ADR 0035): a delta
+    /// pending on a guarded column, a column's default, a row a bypassing writer
+    /// changed.
+    RowUnknown,
     NullKey,
     UnknownColumn,
     /// An INSERT without a NOT NULL column that has no default.
@@ -115,6 +122,8 @@ impl Fallback {
             Fallback::InvalidValue => "invalid_value",
             Fallback::NullInNotNullColumn => "null_in_not_null_column",
             Fallback::WhereNotPrimaryKey => "where_not_primary_key",
+            Fallback::GuardColumn => "guard_column",
+            Fallback::RowUnknown => "row_unknown",
             Fallback::NullKey => "null_key",
             Fallback::UnknownColumn => "unknown_column",
             Fallback::RequiredColumnMissing => "required_column_missing",

@@ -56,6 +56,12 @@ pub struct Returning {
     formats: Vec<i16>,
     /// Per row operation: the values as sent; `None` is NULL.
     rows: Vec<Vec<Option<Vec<u8>>>>,
+    /// Values whose text needs the session's zone rules (a timestamptz in text format
+    /// in a session whose TimeZone is not UTC): (row, field, canonical UTC text), and
+    /// the zone. Their place in `rows` is empty until [`Self::resolve`] fills it with
+    /// PostgreSQL's own output; the answer is not sent before.
+    zoned: Vec<(usize, usize, String)>,
+    zone: Option<String>,
 }
 
 impl Returning {
@@ -77,6 +83,37 @@ impl Returning {
             })
             .collect();
         backend::row_description_of(&fields)
+    }
+
+    /// Whether some values still need the zone's rules ([`Self::zoned`]).
+    pub fn needs_zone(&self) -> bool {
+        !self.zoned.is_empty()
+    }
+
+    /// The zone and the canonical texts to ask PostgreSQL for, in order.
+    pub fn zoned(&self) -> Option<(String, Vec<String>)> {
+        if self.zoned.is_empty() {
+            return None;
+        }
+        let zone = self.zone.clone()?;
+        Some((zone, self.zoned.iter().map(|(_, _, t)| t.clone()).collect()))
+    }
+
+    /// Fills in PostgreSQL's texts for [`Self::zoned`], in its order.
+    pub fn resolve(&mut self, texts: Vec<String>) -> Result<(), String> {
+        if texts.len() != self.zoned.len() {
+            return Err(format!(
+                "{} timestamptz texts for {} values",
+                texts.len(),
+                self.zoned.len()
+            ));
+        }
+        for ((r, c, _), text) in self.zoned.drain(..).zip(texts) {
+            if let Some(v) = self.rows.get_mut(r).and_then(|row| row.get_mut(c)) {
+                *v = Some(text.into_bytes());
+            }
+        }
+        Ok(())
     }
 
     /// The DataRows of the first `written` row operations.
@@ -108,6 +145,8 @@ impl Returning {
             table_oid: 1,
             formats: vec![format],
             rows: vec![vec![value(1)], vec![value(2)]],
+            zoned: Vec::new(),
+            zone: None,
         }
     }
 }
@@ -346,10 +385,16 @@ pub fn answer(
     }
     let formats = formats(&bound.result_formats, fields.len()).ok_or(UNKNOWN)?;
     let mut rows = Vec::with_capacity(ops.len());
-    for op in ops {
+    let mut zoned = Vec::new();
+    // A timestamptz's text in a zone other than UTC needs the zone's rules: asked of
+    // PostgreSQL before the answer is sent (`WriteService::resolve_zoned`).
+    let zone = settings
+        .time_zone
+        .filter(|_| settings.iso_dates() && !settings.utc());
+    for (ri, op) in ops.iter().enumerate() {
         let supplied = supplied(op, table);
         let mut row = Vec::with_capacity(fields.len());
-        for ((_, c), format) in fields.iter().zip(&formats) {
+        for (ci, ((_, c), format)) in fields.iter().zip(&formats).enumerate() {
             let (_, text) = supplied
                 .iter()
                 .find(|(name, _)| *name == c.name)
@@ -363,12 +408,17 @@ pub fn answer(
                         .encode(c.type_oid, *format == 1)
                         .ok_or(UNKNOWN)?,
                 ),
-                Some(text) => Some(
-                    Known::of(text, c.type_oid, c.typmod, settings)
-                        .ok_or(UNKNOWN)?
-                        .encode(c.type_oid, *format == 1)
-                        .ok_or(UNKNOWN)?,
-                ),
+                Some(text) => {
+                    let known = Known::of(text, c.type_oid, c.typmod, settings).ok_or(UNKNOWN)?;
+                    match known.encode(c.type_oid, *format == 1) {
+                        Some(v) => Some(v),
+                        None if c.type_oid == TIMESTAMPTZ && *format == 0 && zone.is_some() => {
+                            zoned.push((ri, ci, text.trim().to_owned()));
+                            Some(Vec::new())
+                        }
+                        None => return Err(UNKNOWN),
+                    }
+                }
             };
             row.push(value);
         }
@@ -379,6 +429,8 @@ pub fn answer(
         table_oid: table.oid,
         formats,
         rows,
+        zone: zone.filter(|_| !zoned.is_empty()).map(str::to_owned),
+        zoned,
     }))
 }
 

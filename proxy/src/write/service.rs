@@ -83,7 +83,7 @@ impl WriteService {
             epoch: journal.epoch(),
         };
         let applied = ledger::claim_ledger(conn, &key).await?;
-        let checks = PgChecks::new(url.clone());
+        let checks = PgChecks::new(url.clone(), Some(key.journal_id.clone()));
         let engine = Engine::start(journal, recovered, applied, tables, flush, checks)?;
         Ok(Arc::new(Self {
             engine,
@@ -137,6 +137,22 @@ impl WriteService {
             .clone()
             .run_flusher(sink, shutdown, on_applied)
             .await;
+    }
+
+    /// Fills in the timestamptz texts of `returning` that need the session's zone
+    /// rules (ADR 0035's addendum: a session whose TimeZone is not UTC), asking
+    /// PostgreSQL; a no-op when it has none.
+    pub async fn resolve_zoned(&self, returning: &mut Returning) -> Result<(), DeferError> {
+        let Some((zone, values)) = returning.zoned() else {
+            return Ok(());
+        };
+        let texts = self
+            .engine
+            .checks()
+            .timestamptz_texts(&zone, &values)
+            .await
+            .map_err(DeferError::from)?;
+        returning.resolve(texts).map_err(DeferError::Upstream)
     }
 
     /// The deferred tables now (one atomic load; hold it briefly).

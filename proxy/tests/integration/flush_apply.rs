@@ -80,6 +80,7 @@ fn add(table: &str, id: &str, column: &str, by: &str) -> Record {
                 op: AssignOp::Add,
                 value: v(by),
             }],
+            guard: Vec::new(),
         }],
     }
 }
@@ -89,6 +90,7 @@ fn delete(table: &str, id: &str) -> Record {
         ops: vec![RowOp::Delete {
             table: format!("public.{table}"),
             key: vec![v(id)],
+            guard: Vec::new(),
         }],
     }
 }

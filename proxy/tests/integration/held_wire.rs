@@ -78,7 +78,7 @@ async fn a_named_statement_prepared_and_run_in_one_cycle_waits_for_pending_write
     let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
     let mut cycle = wire::parse(
         "S_1",
-        "UPDATE tx_orders SET status = 'seen' WHERE id = 80 AND customer > 0",
+        "UPDATE tx_orders SET status = 'seen' WHERE id = 80 AND customer IS NOT NULL",
     );
     cycle.extend_from_slice(&wire::bind("", "S_1", &[]));
     cycle.extend_from_slice(&wire::execute("", 0));

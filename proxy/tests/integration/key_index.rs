@@ -153,7 +153,7 @@ async fn key_index_memory_and_load_time() {
     let tables = spillway::write::tables::load(&mut conn, &policies)
         .await
         .expect("tables");
-    let checks = PgChecks::new(url);
+    let checks = PgChecks::new(url, None);
     let chunk_rows = spillway_policies::KeyIndexConfig::default().chunk_rows;
     for (name, rows) in [
         ("public.big_int", 10_000_000),

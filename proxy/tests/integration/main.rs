@@ -24,6 +24,7 @@ mod docs;
 mod drivers;
 mod echo;
 mod flush_apply;
+mod guarded_writes;
 mod held_reads;
 mod held_wire;
 mod key_index;

@@ -14,9 +14,14 @@
 //!   key that exists and 0 rows for UPDATE/DELETE of a missing key; with assumed row
 //!   counts one row per key, and what PostgreSQL refuses when the write is applied
 //!   becomes a dead letter; `ON CONFLICT (id) DO NOTHING` is decided from the key
-//!   overlay with either row counts (its key is always read); writes spillway cannot
-//!   defer (a predicate beyond the key) run write-through after a barrier, in order
-//!   with the deferred ones;
+//!   overlay with either row counts (its key is always read); a version-checked
+//!   UPDATE of the exact table (`… WHERE id = $1 AND ver = $4`, ADR 0035) is deferred
+//!   and answered from what spillway knows of the row's `ver` (alone and inside
+//!   transactions, replayed with its check when the transaction moves upstream), and
+//!   so is a decrement with a floor (`SET n = n - $2 … AND n > $3`), decided from a
+//!   read of `n` that knows the flush ledger's position plus the deltas pending;
+//!   writes spillway cannot defer (a predicate it does not guard, `n IS NOT NULL`) run
+//!   write-through after a barrier, in order with the deferred ones;
 //! - two sessions writing one key of the exact table at the same moment get the
 //!   answers of one of the two serial orders;
 //! - client transactions on the exact table (`BEGIN`, one to four writes, then COMMIT,
@@ -85,7 +90,8 @@ const FLUSH_APP: &str = "spillway flush";
 const INTERNAL_APPS: &str = "'spillway flush', 'spillway checks'";
 
 const SETUP: &str = "
-    CREATE TABLE m_exact (id int PRIMARY KEY, v text, n bigint NOT NULL DEFAULT 0);
+    CREATE TABLE m_exact (id int PRIMARY KEY, v text, n bigint NOT NULL DEFAULT 0,
+        ver int NOT NULL DEFAULT 0);
     CREATE TABLE m_assumed (id int PRIMARY KEY, v text, n bigint NOT NULL DEFAULT 0);
     INSERT INTO m_exact SELECT g, 'pre' || g, g FROM generate_series(1, 4) g;
     INSERT INTO m_assumed SELECT g, 'pre' || g, g FROM generate_series(1, 4) g;
@@ -322,6 +328,22 @@ enum Write {
         id: i32,
         v: Option<String>,
     },
+    /// A version-checked UPDATE (m_exact only, ADR 0035): `SET v = $2, ver = $3
+    /// WHERE id = $1 AND ver = $4`, deferred and decided from what spillway knows of
+    /// the row's `ver` (only ever set, or the INSERT's constant default).
+    Checked {
+        id: i32,
+        v: Option<String>,
+        expected: i32,
+    },
+    /// A decrement with a floor (m_exact only, ADR 0035): `SET n = n - $2 WHERE id =
+    /// $1 AND n > $3`, decided from the row's `n` as PostgreSQL has it (a read that
+    /// knows the flush ledger's position) plus the deltas still pending.
+    Floor {
+        id: i32,
+        by: i64,
+        floor: i64,
+    },
 }
 
 impl Write {
@@ -381,6 +403,19 @@ impl Write {
                 format!("INSERT INTO {name} (id, v) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING"),
                 vec![Param::Int(*id), Param::Text(v.clone())],
             ),
+            Write::Floor { id, by, floor } => (
+                format!("UPDATE {name} SET n = n - $2 WHERE id = $1 AND n > $3"),
+                vec![Param::Int(*id), Param::Big(*by), Param::Big(*floor)],
+            ),
+            Write::Checked { id, v, expected } => (
+                format!("UPDATE {name} SET v = $2, ver = $3 WHERE id = $1 AND ver = $4"),
+                vec![
+                    Param::Int(*id),
+                    Param::Text(v.clone()),
+                    Param::Int(expected + 1),
+                    Param::Int(*expected),
+                ],
+            ),
         }
     }
 
@@ -425,7 +460,10 @@ impl Write {
                 format!("DELETE FROM {q} WHERE <key> = ?"),
                 vec![Some(id.to_string())],
             )],
-            Write::AddIfNotNull { .. } | Write::InsertOrNothing { .. } => Vec::new(),
+            Write::AddIfNotNull { .. }
+            | Write::InsertOrNothing { .. }
+            | Write::Checked { .. }
+            | Write::Floor { .. } => Vec::new(),
         }
     }
 }
@@ -632,6 +670,23 @@ fn generate_write(g: &mut Gen) -> Write {
     }
 }
 
+/// A version-checked UPDATE expecting version 0 or 1 (rows start at 0 and each
+/// check that holds adds one, so the checks often hold).
+fn generate_checked(g: &mut Gen) -> Write {
+    if g.rng.random_bool(0.4) {
+        return Write::Floor {
+            id: g.key(),
+            by: g.rng.random_range(1..=5),
+            floor: g.rng.random_range(-10..=10),
+        };
+    }
+    Write::Checked {
+        id: g.key(),
+        v: pick_text(g),
+        expected: g.rng.random_range(0..=1),
+    }
+}
+
 /// A write for a step of its own: sometimes one spillway cannot defer (never in a
 /// stall: its barrier would wait for the stuck flush worker), sometimes an upsert.
 fn generate_any_write(g: &mut Gen) -> Write {
@@ -681,7 +736,13 @@ fn generate(g: &mut Gen) -> Op {
             session: g.rng.random_range(0..SESSIONS),
             mode: pick_mode(g),
             writes: (0..g.rng.random_range(1..=4))
-                .map(|_| generate_write(g))
+                .map(|_| {
+                    if g.rng.random_bool(0.25) {
+                        generate_checked(g)
+                    } else {
+                        generate_write(g)
+                    }
+                })
                 .collect(),
             end: match g.rng.random_range(0..10) {
                 0..4 => TxEnd::Commit,
@@ -691,12 +752,22 @@ fn generate(g: &mut Gen) -> Op {
                 _ => TxEnd::Crash,
             },
         },
-        6..52 => Op::Write {
-            session: g.rng.random_range(0..SESSIONS),
-            mode: pick_mode(g),
-            table: pick_table(g),
-            write: generate_any_write(g),
-        },
+        6..52 => {
+            let session = g.rng.random_range(0..SESSIONS);
+            let mode = pick_mode(g);
+            let table = pick_table(g);
+            let write = if table == Table::Exact && g.rng.random_bool(0.15) {
+                generate_checked(g)
+            } else {
+                generate_any_write(g)
+            };
+            Op::Write {
+                session,
+                mode,
+                table,
+                write,
+            }
+        }
         52..56 => {
             let a = g.rng.random_range(0..SESSIONS);
             let b = (a + g.rng.random_range(1..SESSIONS)) % SESSIONS;
@@ -775,6 +846,8 @@ struct Model {
     /// Records per table (a stall waits for the flush worker only if it has one).
     records_by_table: [u64; 2],
     dead: Vec<DeadLetter>,
+    /// m_exact's `ver` per row, where it is not 0 (its default).
+    ver: BTreeMap<i32, i32>,
 }
 
 impl Model {
@@ -787,6 +860,7 @@ impl Model {
             records: 0,
             records_by_table: [0; 2],
             dead: Vec::new(),
+            ver: BTreeMap::new(),
         }
     }
 
@@ -811,7 +885,55 @@ impl Model {
     /// Applies `w` to `t` and returns the answer spillway must give.
     fn write(&mut self, t: Table, w: &Write) -> Answer {
         let exact = t == Table::Exact;
+        if exact {
+            // A row inserted or deleted starts again at the default version.
+            match w {
+                Write::Insert { rows, .. }
+                    if !rows
+                        .iter()
+                        .any(|r| self.tables[t.index()].contains_key(&r.0)) =>
+                {
+                    for r in rows {
+                        self.ver.remove(&r.0);
+                    }
+                }
+                Write::InsertOrNothing { id, .. } if !self.tables[t.index()].contains_key(id) => {
+                    self.ver.remove(id);
+                }
+                Write::Delete { id } => {
+                    self.ver.remove(id);
+                }
+                _ => {}
+            }
+        }
         match w {
+            Write::Floor { id, by, floor } => {
+                let holds = self.tables[t.index()]
+                    .get(id)
+                    .is_some_and(|row| row.1 > *floor);
+                if !holds {
+                    return Answer::Rows(0);
+                }
+                self.journal(t);
+                if let Some(row) = self.tables[t.index()].get_mut(id) {
+                    row.1 -= by;
+                }
+                Answer::Rows(1)
+            }
+            Write::Checked { id, v, expected } => {
+                let holds = self.tables[t.index()].contains_key(id)
+                    && self.ver.get(id).copied().unwrap_or(0) == *expected;
+                if !holds {
+                    // Decided from the row: no row written, nothing journaled.
+                    return Answer::Rows(0);
+                }
+                self.journal(t);
+                if let Some(row) = self.tables[t.index()].get_mut(id) {
+                    row.0.clone_from(v);
+                }
+                self.ver.insert(*id, expected + 1);
+                Answer::Rows(1)
+            }
             Write::Insert { rows, .. } => {
                 let existing = &self.tables[t.index()];
                 let mut ids: Vec<i32> = rows.iter().map(|r| r.0).collect();
@@ -886,7 +1008,9 @@ impl Model {
                     }
                     Write::Insert { .. }
                     | Write::InsertOrNothing { .. }
-                    | Write::AddIfNotNull { .. } => unreachable!("handled above"),
+                    | Write::AddIfNotNull { .. }
+                    | Write::Checked { .. }
+                    | Write::Floor { .. } => unreachable!("handled above"),
                 }
                 Answer::Rows(1)
             }
@@ -1064,6 +1188,9 @@ struct Stats {
     parked_mid_batch: usize,
     dead_letters: usize,
     records: u64,
+    /// Version-checked writes whose check held (one row) and failed (none).
+    checked_held: usize,
+    checked_failed: usize,
 }
 
 struct Run {
@@ -1202,6 +1329,16 @@ impl Run {
         }
     }
 
+    fn count_checked(&mut self, w: &Write, want: &Answer) {
+        match (w, want) {
+            (Write::Checked { .. } | Write::Floor { .. }, Answer::Rows(1)) => {
+                self.stats.checked_held += 1;
+            }
+            (Write::Checked { .. } | Write::Floor { .. }, _) => self.stats.checked_failed += 1,
+            _ => {}
+        }
+    }
+
     async fn flush(&mut self, session: usize, table: Option<Table>) {
         let sql = match table {
             Some(t) => format!("SPILLWAY FLUSH {}", t.qualified()),
@@ -1251,6 +1388,7 @@ impl Run {
         let got = self.sessions[session].write(mode, &sql, &params).await;
         let before = self.model.dead.len();
         let want = self.model.write(table, write);
+        self.count_checked(write, &want);
         self.note(format!(
             "s{session} {mode:?} {sql} {params:?} -> {got:?} (model {want:?}{})",
             if self.model.dead.len() > before {
@@ -1298,6 +1436,7 @@ impl Run {
             } else {
                 inside.write(table, w)
             };
+            self.count_checked(w, &want);
             self.note(format!(
                 "s{session} {mode:?} (in transaction) {sql} {params:?} -> {got:?} (model {want:?})"
             ));
@@ -1328,6 +1467,7 @@ impl Run {
                 let records = self.model.records + u64::from(wrote);
                 let by_table = self.model.records_by_table[table.index()] + u64::from(wrote);
                 self.model.tables = inside.tables;
+                self.model.ver = inside.ver;
                 self.model.records = records;
                 self.model.records_by_table[table.index()] = by_table;
                 self.stats.held_commits += 1;
@@ -1349,6 +1489,7 @@ impl Run {
                 self.control(session, mode, "COMMIT").await;
                 // Committed upstream, as a direct transaction: no journal record.
                 self.model.tables = inside.tables;
+                self.model.ver = inside.ver;
             }
             TxEnd::ReadOtherThenCommit => {
                 let other = Table::Assumed;
@@ -1372,6 +1513,7 @@ impl Run {
                 // so the read moved the transaction upstream (ADR 0034), and it
                 // committed there without a journal record.
                 self.model.tables = inside.tables;
+                self.model.ver = inside.ver;
             }
         }
     }
@@ -1440,8 +1582,28 @@ impl Run {
         self.count(&got_b);
     }
 
-    /// PostgreSQL's rows of `tables` must be the model's.
+    /// PostgreSQL's rows of `tables` must be the model's (m_exact's versions too).
     async fn check_postgres(&mut self, tables: &[Table], when: &str) {
+        if tables.contains(&Table::Exact) {
+            let sql = "SELECT id, ver FROM m_exact WHERE ver <> 0 ORDER BY id";
+            let rows = match within(sql, self.direct.simple_query(sql)).await {
+                Ok(Ok(msgs)) => simple_rows(&msgs),
+                Ok(Err(e)) => self.fail(format!("direct {sql}: {e:?}")),
+                Err(e) => self.fail(e),
+            };
+            let want: Rows = self
+                .model
+                .ver
+                .iter()
+                .map(|(id, v)| vec![Some(id.to_string()), Some(v.to_string())])
+                .collect();
+            if rows != want {
+                self.fail(format!(
+                    "{when}: PostgreSQL's versions of m_exact differ from the model\n  \
+                     postgres: {rows:?}\n  model:    {want:?}"
+                ));
+            }
+        }
         for t in tables {
             let sql = format!("SELECT id, v, n FROM {} ORDER BY id", t.name());
             let rows = match within(&sql, self.direct.simple_query(&sql)).await {

@@ -424,3 +424,99 @@ async fn returning_of_unknown_values_runs_write_through() {
         "1:6,3:0,4:0,5:0"
     );
 }
+
+/// RETURNING of a timestamptz in a session whose TimeZone is not UTC (the shops'
+/// SQLAlchemy runs in Europe/Berlin): its text needs the zone's rules, which spillway
+/// asks PostgreSQL for before it answers (`WriteService::resolve_zoned`); the write is
+/// still deferred. Checked against PostgreSQL's answer for the same statement on a copy
+/// of the table (database `direct`), in summer and winter time and in zones with
+/// half-hour offsets, and for a `DEFAULT now()` against the stored value afterwards.
+#[tokio::test]
+async fn returning_of_a_timestamptz_in_a_zone_other_than_utc_is_answered_and_deferred() {
+    const ZONED: &str = "CREATE TABLE public.rz (id int PRIMARY KEY, \
+                         at timestamptz NOT NULL DEFAULT now(), v text);";
+    let ctx = Context::builder()
+        .before_proxy(ZONED)
+        .before_proxy("CREATE DATABASE direct")
+        .section(
+            "[flush]\ninterval = \"1h\"\n\
+             [tables.\"public.rz\"]\npolicy = \"write-behind\"\n",
+        )
+        .start()
+        .await;
+    ctx.pg.psql("direct", ZONED).expect("direct copy");
+    let url = |port: u16, db: &str, zone: &str| {
+        format!(
+            "host=127.0.0.1 port={port} user={USER} dbname={db} sslmode=disable options='-c timezone={zone}'"
+        )
+    };
+    let rows = |msgs: Vec<SimpleQueryMessage>| -> Vec<Vec<Option<String>>> {
+        msgs.into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mut id = 0;
+    let mut now_rows: Vec<(String, i32, String)> = Vec::new();
+    for zone in ["Europe/Berlin", "Asia/Kolkata", "America/St_Johns"] {
+        let proxy = crate::context::connect(&url(ctx.proxy.addr.port(), DB, zone)).await;
+        let direct = crate::context::connect(&url(ctx.pg.port(), "direct", zone)).await;
+        for at in [
+            "2026-07-01 12:00:00.5+00",
+            "2026-01-15 23:59:59+00",
+            "1999-12-31 23:30:00-01",
+        ] {
+            id += 1;
+            let sql = format!("INSERT INTO rz (id, at) VALUES ({id}, '{at}') RETURNING id, at");
+            let ours = rows(proxy.simple_query(&sql).await.expect("through spillway"));
+            let theirs = rows(direct.simple_query(&sql).await.expect("directly"));
+            assert_eq!(ours, theirs, "{zone}: {sql}");
+        }
+        // `DEFAULT now()`, autocommit and in a held transaction: the answer is the
+        // stored value as this zone prints it (checked after the flush).
+        for held in [false, true] {
+            id += 1;
+            if held {
+                proxy.simple_query("BEGIN").await.expect("BEGIN");
+            }
+            let sql = format!("INSERT INTO rz (id, v) VALUES ({id}, 'x') RETURNING at");
+            let got = rows(proxy.simple_query(&sql).await.expect("through spillway"));
+            if held {
+                proxy.simple_query("COMMIT").await.expect("COMMIT");
+            }
+            let [row] = got.as_slice() else {
+                panic!("{zone}: {got:?}");
+            };
+            now_rows.push((zone.to_owned(), id, row[0].clone().expect("a value")));
+        }
+    }
+    // Deferred: PostgreSQL has none of them yet, and none fell back.
+    assert_eq!(ctx.psql_direct("SELECT count(*) FROM rz").trim(), "0");
+    let fallbacks: f64 = scrape(ctx.proxy.metrics_addr())
+        .await
+        .lines()
+        .filter(|l| l.starts_with("spillway_fallbacks_total{") && l.contains("public.rz"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum();
+    assert_eq!(fallbacks, 0.0);
+    let proxy = ctx.proxy_client().await;
+    proxy.simple_query("SPILLWAY FLUSH").await.expect("flush");
+    for (zone, id, answered) in now_rows {
+        let stored = ctx
+            .pg
+            .psql(
+                DB,
+                &format!("SET TimeZone = '{zone}'; SELECT at::text FROM rz WHERE id = {id}"),
+            )
+            .expect("stored");
+        assert_eq!(
+            stored.lines().last().map(str::trim),
+            Some(answered.as_str()),
+            "{zone}"
+        );
+    }
+}

@@ -10,6 +10,7 @@ mod barrier;
 mod counts;
 mod due;
 mod flush;
+mod guards;
 mod held;
 mod keys;
 mod reload;
@@ -34,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::{Chunk, Cursor, KeyKind};
 use super::upstream::{
-    ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, Sink,
+    ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, RowValues, Sink,
 };
 use super::{Converted, DeferredTable, Engine, Verb};
 use crate::writes::{Assign, AssignOp, RowOp, TableMeta, Val};
@@ -54,6 +55,8 @@ pub enum Fault {
 pub struct Db {
     /// Keys whose rows exist, per table.
     pub rows: HashSet<(String, Vec<String>)>,
+    /// Column values of rows, for guarded writes' point reads (absent: NULL).
+    pub cells: HashMap<(String, Vec<String>, String), String>,
     /// `spillway.flush_ledger`'s row: (epoch, last_seq).
     pub ledger: Option<(u64, u64)>,
     /// The sequence numbers of each committed batch, in order.
@@ -250,6 +253,37 @@ impl Checks for FakeChecks {
         }
     }
 
+    fn row_values(
+        &self,
+        table: &DeferredTable,
+        key: &[String],
+        columns: &[String],
+    ) -> impl Future<Output = Result<RowValues, CheckError>> + Send {
+        let db = lock(&self.db);
+        let slot = (table.meta.name.clone(), key.to_vec());
+        let answer = if db.unreachable {
+            Err(CheckError::Unreachable("connection refused".to_owned()))
+        } else if db.rows.contains(&slot) {
+            Ok(Some(
+                columns
+                    .iter()
+                    .map(|c| {
+                        db.cells
+                            .get(&(slot.0.clone(), slot.1.clone(), c.clone()))
+                            .cloned()
+                    })
+                    .collect(),
+            ))
+        } else {
+            Ok(None)
+        };
+        // The fake has no ledger in the read's snapshot.
+        std::future::ready(answer.map(|values| RowValues {
+            values,
+            through: None,
+        }))
+    }
+
     fn key_chunk(
         &self,
         table: &DeferredTable,
@@ -367,13 +401,30 @@ pub fn update(table: &str, id: u32) -> Converted {
     }];
     let key = vec![Val::plain(Some(&id.to_string()))];
     let table = format!("public.{table}");
-    one(Verb::Update, RowOp::Update { table, key, set }, id)
+    one(
+        Verb::Update,
+        RowOp::Update {
+            table,
+            key,
+            set,
+            guard: Vec::new(),
+        },
+        id,
+    )
 }
 
 pub fn delete(table: &str, id: u32) -> Converted {
     let key = vec![Val::plain(Some(&id.to_string()))];
     let table = format!("public.{table}");
-    one(Verb::Delete, RowOp::Delete { table, key }, id)
+    one(
+        Verb::Delete,
+        RowOp::Delete {
+            table,
+            key,
+            guard: Vec::new(),
+        },
+        id,
+    )
 }
 
 /// An engine over tables, a database with `rows`, and its flush worker.

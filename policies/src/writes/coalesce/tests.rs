@@ -62,6 +62,7 @@ fn update(id: &str, set: &[(&str, AssignOp, Option<&str>)]) -> RowOp {
                 value: Val::plain(*v),
             })
             .collect(),
+        guard: Vec::new(),
     }
 }
 
@@ -69,6 +70,7 @@ fn delete(id: &str) -> RowOp {
     RowOp::Delete {
         table: "public.c".into(),
         key: vec![val(id)],
+        guard: Vec::new(),
     }
 }
 

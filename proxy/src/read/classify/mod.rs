@@ -43,8 +43,8 @@ pub use analyze::analyze;
 pub use memo::{Classifier, ClassifierLimits};
 pub use shape::point::PointFilter;
 pub use shape::{
-    Assign, Clock, ConflictSet, ConflictTarget, ConflictValue, OnConflict, Operand, Returned,
-    Value, WriteShape, reason,
+    Assign, Clock, Compare, ConflictSet, ConflictTarget, ConflictValue, OnConflict, Operand,
+    Returned, Value, WriteShape, reason,
 };
 
 /// Result of analysing one query string (which may hold several statements).

@@ -261,7 +261,17 @@ impl Caching {
             .unwrap_or_default();
         let started = Instant::now();
         self.wait = Wait::on(async move {
-            let outcome = w.defer(&user, &table, converted).await;
+            let mut answer = answer;
+            // RETURNING's timestamptz texts in the session's zone, from PostgreSQL,
+            // before anything is journaled (ADR 0035's addendum).
+            let resolved = match answer.returning.as_mut() {
+                Some(r) => w.resolve_zoned(r).await,
+                None => Ok(()),
+            };
+            let outcome = match resolved {
+                Ok(()) => w.defer(&user, &table, converted).await,
+                Err(e) => Err(e),
+            };
             Resume::Ack(Box::new(Ack {
                 outcome,
                 verb,
@@ -317,6 +327,16 @@ impl Caching {
             // The role may not write it, or a reload took its table off deferral: it
             // runs write-through (after its barrier), and PostgreSQL answers it.
             Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_)) => {
+                self.wait = Wait::Resumed(Resume::WriteThrough);
+                return None;
+            }
+            // A guarded write whose row spillway does not know exactly (ADR 0035):
+            // PostgreSQL decides it, after its barrier.
+            Err(DeferError::RowUnknown(table)) => {
+                if let Some(w) = self.writes.as_ref() {
+                    note_fallback(&w.service, &table, Fallback::RowUnknown);
+                }
+                note_row_unknown(&table);
                 self.wait = Wait::Resumed(Resume::WriteThrough);
                 return None;
             }
@@ -471,6 +491,17 @@ pub(super) fn written_tables(c: &Caching, w: &WriteService, analysis: &Analysis)
         .into_iter()
         .cloned()
         .collect()
+}
+
+/// Counts a guarded write (ADR 0035) that moved upstream, its own statement or its
+/// held transaction, because spillway did not know its row exactly.
+pub(super) fn note_row_unknown(table: &str) {
+    metrics::counter!(
+        crate::metrics::GUARDED_WRITES,
+        "table" => table.to_owned(),
+        "outcome" => "row_unknown"
+    )
+    .increment(1);
 }
 
 /// Counts a write that runs write-through instead of being deferred.

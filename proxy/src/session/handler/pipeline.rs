@@ -81,6 +81,13 @@ impl Caching {
         self.tx.cycle_began = Some(std::time::SystemTime::now());
         for e in &pipeline.execs {
             match self.deferrable(&e.stmt.analysis, &e.bound, out) {
+                // A RETURNING that needs the zone's rules is not answered in a
+                // pipeline (its answers are sent without waiting for PostgreSQL).
+                Ok((_, converted))
+                    if converted.returning.as_ref().is_some_and(|r| r.needs_zone()) =>
+                {
+                    reasons.push(Some(crate::write::returning::UNKNOWN));
+                }
                 Ok((table, mut converted)) => {
                     let answer = Answer {
                         before: e.before.clone(),
@@ -163,6 +170,9 @@ impl Caching {
             else {
                 return self.leave_held(out);
             };
+            if converted.returning.as_ref().is_some_and(|r| r.needs_zone()) {
+                return self.leave_held(out);
+            }
             let replay: Option<Vec<String>> = w
                 .tables()
                 .deferring(&table)

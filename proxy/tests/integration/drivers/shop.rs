@@ -133,9 +133,14 @@ async fn sqlalchemy_shop() {
     // `now()` default in text in its Europe/Berlin session (the offset needs the
     // zone's rules), bulk INSERT … SELECT, and read-modify-write transactions: their
     // reads are answered outside them now (ADR 0034: 73 of 74 in the last run), but
-    // a version-checked UPDATE or a RETURNING still moves them upstream.
+    // a RETURNING moved them upstream. 26 since version-checked UPDATEs are
+    // decided from the row (ADR 0035); its second stock read after the first
+    // product's UPDATE reads the table it wrote (`reads_held_writes`). 45 since
+    // RETURNING of a timestamptz in its Europe/Berlin session is answered with
+    // PostgreSQL's text for the zone (ADR 0035's addendum): its orders' transactions
+    // stay held.
     let share = run_shop(Lang::Python, "shop_sqlalchemy.py").await;
-    assert!(share >= 0.20, "{share}");
+    assert!(share >= 0.40, "{share}");
 }
 
 #[tokio::test]
@@ -151,7 +156,8 @@ async fn django_shop() {
 async fn knex_shop() {
     // 97 of 114: its counter upserts (ON CONFLICT on the primary key, ADR 0027) and,
     // since `now()` is evaluated at acknowledgement (ADR 0030), its transactions stay
-    // held.
+    // held. 101 since its version-checked stock UPDATEs are decided from the row
+    // (ADR 0035).
     let share = run_shop(Lang::Node, "shop_knex.js").await;
-    assert!(share >= 0.80, "{share}");
+    assert!(share >= 0.85, "{share}");
 }

@@ -120,6 +120,16 @@ pub enum Assign {
     Sub(Value),
 }
 
+/// A comparison of a WHERE beyond equality (`stock > 0`), a write's guard (ADR 0035).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compare {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Ne,
+}
+
 /// The arbiter of `INSERT … ON CONFLICT`: a column list (`(a, b)`, plain columns, no
 /// expression, collation, operator class or WHERE) or `ON CONSTRAINT name`. Whether it
 /// is the primary key is for the caller, which has the catalog.
@@ -180,11 +190,13 @@ pub enum WriteShape {
     },
     /// `UPDATE [ONLY] t SET … WHERE k1 = v AND k2 = v`; `only` records `ONLY`
     /// (inheritance children untouched), which a rewritten statement must keep.
+    /// `compared`: the WHERE's other comparisons (`AND stock > 0`).
     Update {
         table: RelName,
         only: bool,
         set: Vec<(String, Assign)>,
         key: Vec<(String, Value)>,
+        compared: Vec<(String, Compare, Value)>,
         returning: Vec<Returned>,
     },
     /// `DELETE FROM [ONLY] t WHERE k1 = v AND …`.
@@ -192,6 +204,7 @@ pub enum WriteShape {
         table: RelName,
         only: bool,
         key: Vec<(String, Value)>,
+        compared: Vec<(String, Compare, Value)>,
         returning: Vec<Returned>,
     },
 }
@@ -291,12 +304,13 @@ fn update(s: &UpdateStmt) -> Result<WriteShape, &'static str> {
     let target = Target::of(s.relation.as_ref())?;
     let filter = filter(s.where_clause.as_deref())?;
     let set = set_list(&s.target_list, |column, val| target.assign(column, val))?;
-    let key = target.key(filter)?;
+    let (key, compared) = target.key(filter)?;
     Ok(WriteShape::Update {
         only: target.only,
         table: target.table,
         set,
         key,
+        compared,
         returning,
     })
 }
@@ -310,11 +324,12 @@ fn delete(s: &DeleteStmt) -> Result<WriteShape, &'static str> {
         return Err(r::FROM_OR_USING);
     }
     let target = Target::of(s.relation.as_ref())?;
-    let key = target.key(filter(s.where_clause.as_deref())?)?;
+    let (key, compared) = target.key(filter(s.where_clause.as_deref())?)?;
     Ok(WriteShape::Delete {
         only: target.only,
         table: target.table,
         key,
+        compared,
         returning,
     })
 }
@@ -488,6 +503,11 @@ impl WriteShape {
                 .map(|(c, v)| size_of::<(String, Value)>() + c.len() + v.heap_bytes())
                 .sum::<usize>()
         };
+        let compared = |list: &[(String, Compare, Value)]| {
+            list.iter()
+                .map(|(c, _, v)| size_of::<(String, Compare, Value)>() + c.len() + v.heap_bytes())
+                .sum::<usize>()
+        };
         let returned = |list: &[Returned]| {
             list.iter()
                 .map(|item| {
@@ -529,12 +549,14 @@ impl WriteShape {
                 table,
                 set,
                 key,
+                compared: cmp,
                 returning,
                 ..
             } => {
                 rel(table)
                     + returned(returning)
                     + named(key)
+                    + compared(cmp)
                     + set
                         .iter()
                         .map(|(c, a)| {
@@ -546,9 +568,10 @@ impl WriteShape {
             Self::Delete {
                 table,
                 key,
+                compared: cmp,
                 returning,
                 ..
-            } => rel(table) + named(key) + returned(returning),
+            } => rel(table) + named(key) + compared(cmp) + returned(returning),
         }
     }
 }

@@ -12,7 +12,7 @@ use pg_query::protobuf::{AExpr, AExprKind, BoolExprType, ColumnRef, RangeVar};
 use super::super::RelName;
 use super::reason as r;
 use super::value::{diagnose, node, value};
-use super::{Assign, Operand, Value};
+use super::{Assign, Compare, Operand, Value};
 
 /// The target relation and the names its columns may be qualified with.
 pub(super) struct Target<'a> {
@@ -112,12 +112,19 @@ impl<'a> Target<'a> {
         })
     }
 
-    /// The key of `WHERE k1 = v AND k2 = v …` (ANDs nested any way, either side order).
-    pub(super) fn key(&self, filter: &NodeEnum) -> Result<Vec<(String, Value)>, &'static str> {
+    /// The key of `WHERE k1 = v AND k2 = v …` (ANDs nested any way, either side order),
+    /// and the comparisons `c < v`, `c <= v`, `c > v`, `c >= v`, `c <> v` among the
+    /// conjuncts (a guard, ADR 0035: whether `c` is a key column is the caller's).
+    pub(super) fn key(&self, filter: &NodeEnum) -> Result<WhereParts, &'static str> {
         let mut conjuncts = Vec::new();
         flatten_and(filter, &mut conjuncts);
         let mut key: Vec<(String, Value)> = Vec::with_capacity(conjuncts.len());
+        let mut compared: Vec<(String, Compare, Value)> = Vec::new();
         for conjunct in conjuncts {
+            if let Some(c) = self.comparison(conjunct)? {
+                compared.push(c);
+                continue;
+            }
             let (column, val) = self.equality(conjunct)?;
             if key.iter().any(|(c, _)| c == column) {
                 return Err(r::DUPLICATE_COLUMN);
@@ -127,7 +134,42 @@ impl<'a> Target<'a> {
             }
             key.push((column.to_owned(), val));
         }
-        Ok(key)
+        Ok((key, compared))
+    }
+
+    /// `col op value` with `op` one of `<`, `<=`, `>`, `>=`, `<>` (the column on the
+    /// left: `v < c` is not taken), its value a constant or a parameter (never NULL, a
+    /// clock, or an expression); `None` for any other conjunct.
+    fn comparison(
+        &self,
+        conjunct: &NodeEnum,
+    ) -> Result<Option<(String, Compare, Value)>, &'static str> {
+        let NodeEnum::AExpr(e) = conjunct else {
+            return Ok(None);
+        };
+        let cmp = match binary_operator(e) {
+            Some("<") => Compare::Lt,
+            Some("<=") => Compare::Le,
+            Some(">") => Compare::Gt,
+            Some(">=") => Compare::Ge,
+            Some("<>") => Compare::Ne,
+            _ => return Ok(None),
+        };
+        let (Some(NodeEnum::ColumnRef(col)), Some(other)) =
+            (node(e.lexpr.as_deref()), node(e.rexpr.as_deref()))
+        else {
+            return Err(diagnose(Some(conjunct), r::WHERE_NOT_KEY_EQUALITY));
+        };
+        if matches!(other, NodeEnum::ColumnRef(_)) {
+            return Err(r::WHERE_NOT_KEY_EQUALITY);
+        }
+        let column = self.column(col)?;
+        let val = value(Some(other), r::WHERE_NOT_KEY_EQUALITY)?;
+        match val.operand {
+            Operand::Clock(_) => Err(r::FUNCTION),
+            Operand::Literal(None) => Err(r::WHERE_NOT_KEY_EQUALITY),
+            _ => Ok(Some((column.to_owned(), cmp, val))),
+        }
     }
 
     /// One `col = value` (or `value = col`) conjunct.
@@ -156,6 +198,9 @@ impl<'a> Target<'a> {
         Ok((column, val))
     }
 }
+
+/// A WHERE's key equalities and its comparisons.
+pub(super) type WhereParts = (Vec<(String, Value)>, Vec<(String, Compare, Value)>);
 
 /// `c1 AND (c2 AND c3)` → `[c1, c2, c3]`; anything else is one conjunct.
 pub(super) fn flatten_and<'n>(filter: &'n NodeEnum, out: &mut Vec<&'n NodeEnum>) {

@@ -281,7 +281,8 @@ impl Caching {
             .unwrap_or_default();
         // Answered at once when nothing needs PostgreSQL (the usual case: privileges
         // known, keys in the overlay or read before, or row_counts = "assumed").
-        if let Some(r) = w.preview_now(&user, &stmts, &known) {
+        let zoned = answer.returning.as_ref().is_some_and(|r| r.needs_zone());
+        if !zoned && let Some(r) = w.preview_now(&user, &stmts, &known) {
             let step = Held::Statement {
                 outcome: r.map(|a: Applied| (a, known)),
                 stmt: Box::new(stmt),
@@ -293,10 +294,20 @@ impl Caching {
                 .unwrap_or(Disposition::Consumed);
         }
         self.wait = Wait::on(async move {
-            let outcome = w
-                .preview(&user, &stmts, &mut known)
-                .await
-                .map(|a: Applied| (a, known as Known));
+            let mut answer = answer;
+            // RETURNING's timestamptz texts in the session's zone, from PostgreSQL
+            // (ADR 0035's addendum).
+            let resolved = match answer.returning.as_mut() {
+                Some(r) => w.resolve_zoned(r).await,
+                None => Ok(()),
+            };
+            let outcome = match resolved {
+                Ok(()) => w
+                    .preview(&user, &stmts, &mut known)
+                    .await
+                    .map(|a: Applied| (a, known as Known)),
+                Err(e) => Err(e),
+            };
             super::wait::Resume::Held(Box::new(Held::Statement {
                 outcome,
                 stmt: Box::new(stmt),

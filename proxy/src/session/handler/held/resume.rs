@@ -78,6 +78,13 @@ impl Caching {
                 Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_)) => {
                     Some(self.leave_held(out))
                 }
+                // A guarded write whose row spillway does not know exactly (ADR
+                // 0035): the transaction moves upstream, where PostgreSQL decides it
+                // (replayed with its guard, checked against the answers given).
+                Err(DeferError::RowUnknown(table)) => {
+                    super::super::deferred::note_row_unknown(&table);
+                    Some(self.leave_held(out))
+                }
                 Err(e) => {
                     if let Some(held) = self.tx.held.as_mut() {
                         held.failed = true;
@@ -99,6 +106,13 @@ impl Caching {
                     Some(self.answer_held(tag, answer, reply, b'I', out))
                 }
                 Err(DeferError::NotPermitted { .. } | DeferError::NotDeferred(_)) => {
+                    Some(self.leave_held(out))
+                }
+                // A guarded write whose row spillway does not know exactly (ADR
+                // 0035): the transaction moves upstream, where PostgreSQL decides it
+                // (replayed with its guard, checked against the answers given).
+                Err(DeferError::RowUnknown(table)) => {
+                    super::super::deferred::note_row_unknown(&table);
                     Some(self.leave_held(out))
                 }
                 // A table full with `when_full = "write-through"`: the transaction is

@@ -69,6 +69,7 @@ fn upd(table: &str, set: Vec<(&str, Assign)>, key: Vec<(&str, Value)>) -> WriteS
         only: false,
         set: named(set),
         key: named(key),
+        compared: Vec::new(),
         returning: Vec::new(),
     }
 }
@@ -78,6 +79,7 @@ fn del(table: &str, key: Vec<(&str, Value)>) -> WriteShape {
         table: rel(table),
         only: false,
         key: named(key),
+        compared: Vec::new(),
         returning: Vec::new(),
     }
 }
@@ -242,6 +244,7 @@ fn accepted_updates_and_deletes() {
             only: true,
             set: named(vec![("v", Set(lit("1")))]),
             key: named(vec![("id", lit("2"))]),
+            compared: Vec::new(),
             returning: Vec::new(),
         })
     );
@@ -251,9 +254,48 @@ fn accepted_updates_and_deletes() {
             table: rel("t"),
             only: true,
             key: named(vec![("id", lit("2"))]),
+            compared: Vec::new(),
             returning: Vec::new(),
         })
     );
+}
+
+/// Comparisons beyond equality are a write's guard (ADR 0035); whether their column
+/// is a key column is the caller's to judge (`id > 5` is refused there).
+#[test]
+fn comparisons_in_where_are_kept_as_the_guard() {
+    let compared = |sql: &str| match shape(sql) {
+        Ok(WriteShape::Update { key, compared, .. } | WriteShape::Delete { key, compared, .. }) => {
+            (key, compared)
+        }
+        other => panic!("{sql}: {other:?}"),
+    };
+    assert_eq!(
+        compared("UPDATE t SET n = n - 1 WHERE id = $1 AND n > 0"),
+        (
+            named(vec![(
+                "id",
+                Value {
+                    operand: Operand::Param(1),
+                    cast: None
+                }
+            )]),
+            vec![("n".to_owned(), Compare::Gt, lit("0"))]
+        )
+    );
+    for (op, cmp) in [
+        ("<", Compare::Lt),
+        ("<=", Compare::Le),
+        (">=", Compare::Ge),
+        ("<>", Compare::Ne),
+        ("!=", Compare::Ne),
+    ] {
+        let (_, c) = compared(&format!("DELETE FROM t WHERE n {op} 3 AND id = 1"));
+        assert_eq!(c, vec![("n".to_owned(), cmp, lit("3"))], "{op}");
+    }
+    let (key, c) = compared("DELETE FROM t WHERE id > 5");
+    assert!(key.is_empty());
+    assert_eq!(c, vec![("id".to_owned(), Compare::Gt, lit("5"))]);
 }
 
 #[test]
@@ -429,9 +471,11 @@ fn rejected_forms() {
         ("DELETE FROM t WHERE id IN (1, 2)", r::WHERE_NOT_KEY_EQUALITY),
         ("DELETE FROM t WHERE id = ANY($1)", r::WHERE_NOT_KEY_EQUALITY),
         ("DELETE FROM t WHERE id IS NULL", r::WHERE_NOT_KEY_EQUALITY),
-        ("DELETE FROM t WHERE id > 5", r::WHERE_NOT_KEY_EQUALITY),
         ("DELETE FROM t WHERE id BETWEEN 1 AND 5", r::WHERE_NOT_KEY_EQUALITY),
-        ("DELETE FROM t WHERE id = 1 AND v <> 2", r::WHERE_NOT_KEY_EQUALITY),
+        ("DELETE FROM t WHERE id = 1 AND 2 < v", r::WHERE_NOT_KEY_EQUALITY),
+        ("DELETE FROM t WHERE id = 1 AND v < w", r::WHERE_NOT_KEY_EQUALITY),
+        ("DELETE FROM t WHERE id = 1 AND v > NULL", r::WHERE_NOT_KEY_EQUALITY),
+        ("DELETE FROM t WHERE id = 1 AND v > 1 + 1", r::WHERE_NOT_KEY_EQUALITY),
         ("DELETE FROM t WHERE NOT (id = 1)", r::WHERE_NOT_KEY_EQUALITY),
         ("DELETE FROM t WHERE id = 1 AND true", r::WHERE_NOT_KEY_EQUALITY),
         ("DELETE FROM t WHERE id IS NOT DISTINCT FROM 1", r::WHERE_NOT_KEY_EQUALITY),
@@ -493,7 +537,7 @@ fn only_plain_top_level_writes_have_a_shape() {
 fn each_statement_has_its_own_shape() {
     let a = analyze(
         "BEGIN; INSERT INTO t (id) VALUES (1); UPDATE t SET n = n + 1 WHERE id = 1; \
-         DELETE FROM t WHERE id > 1; SELECT 1; COMMIT",
+         DELETE FROM t WHERE id IN (1, 2); SELECT 1; COMMIT",
     );
     let shapes: Vec<_> = a.statements.iter().map(|s| s.shape.clone()).collect();
     assert_eq!(
@@ -538,6 +582,6 @@ fn shape_counts_in_the_memo_weight() {
     // 100 rows of two values, each a Value plus its text.
     assert!(big.approx_bytes() > small + 200 * size_of::<Value>());
     // A rejected shape holds no heap; the key of an accepted one does.
-    let rejected = analyze("DELETE FROM t WHERE id > 1").approx_bytes();
+    let rejected = analyze("DELETE FROM t WHERE id IN (1, 2)").approx_bytes();
     assert!(rejected < small);
 }
