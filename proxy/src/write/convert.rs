@@ -3,7 +3,7 @@
 //! exactly the primary key, columns exist, arithmetic is on numeric columns, values
 //! have a text form, casts are plain type names. Anything else is a fallback reason
 //! (the statement then runs write-through after a barrier). A RETURNING list is
-//! answered from the same values (`returning.rs`) or is a fallback reason too.
+//! answered from the same values (`returning/`) or is a fallback reason too.
 
 use spillway_policies::writes::{
     Assign as RecAssign, AssignOp, Cmp, Guard, RowOp, TableMeta, Val, replay,

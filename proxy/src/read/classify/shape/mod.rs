@@ -25,7 +25,7 @@
 //! - A RETURNING list is accepted only when every item is a plain column of the
 //!   target (optionally qualified by its name or alias, optionally renamed) or `*`;
 //!   whether the statement supplies those columns' values is for the caller
-//!   (`writes/returning.rs`), which knows the table's columns.
+//!   (`write/returning/`), which knows the table's columns.
 //!
 //! It is not: a validator. Statements PostgreSQL would reject (a VALUES row wider than
 //! the column list, a column assigned twice) are `Err` here and left for PostgreSQL
