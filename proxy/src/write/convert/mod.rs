@@ -4,19 +4,20 @@
 //! have a text form, casts are plain type names. Anything else is a fallback reason
 //! (the statement then runs write-through after a barrier). A RETURNING list is
 //! answered from the same values (`returning/`) or is a fallback reason too.
+//!
+//! Each value's conversion (parameters, casts, clocks) is `value.rs`'s.
 
 use spillway_policies::writes::{
     Assign as RecAssign, AssignOp, Cmp, Guard, RowOp, TableMeta, Val, replay,
 };
 
-use super::datetime::{self, Settings};
+use super::datetime::Settings;
 use super::fallbacks::Fallback;
 pub use super::params::Bound;
 use super::params::{self, canonical_key, is_numeric};
 use super::returning::{self, Returning};
 use super::sequences::Reservations;
 use super::tables::DeferredTable;
-use super::types;
 use crate::read::classify::{
     Assign, Clock, Compare, ConflictSet, ConflictTarget, ConflictValue, OnConflict, Operand, Value,
     WriteShape, reason,
@@ -24,6 +25,10 @@ use crate::read::classify::{
 use spillway_policies::engine::IfExists;
 
 pub use spillway_policies::engine::Verb;
+
+mod value;
+
+use value::{clock, value};
 
 /// A deferrable statement: its operations and, per operation, its canonical key; and
 /// its RETURNING answer, which whoever acknowledges the statement must send (or not
@@ -480,162 +485,4 @@ fn key_values(
         });
     }
     Ok((vals, canon))
-}
-
-/// One value for `column`: a literal or a Bind parameter, as PostgreSQL text.
-///
-/// A value reaches its column through up to three types: the parameter's (declared
-/// at Parse, else the cast's or the column's, as PostgreSQL infers it), the client's
-/// cast, and the column's assignment. Each step is accepted only where PostgreSQL's
-/// conversion keeps the value exactly ([`types::step`]), the text is checked against
-/// every type it passes through, and date/time text is put in its canonical form.
-fn value(
-    v: &Value,
-    column: &str,
-    table: &DeferredTable,
-    bound: &Bound,
-    settings: Settings<'_>,
-) -> Result<Val, Fallback> {
-    let column_oid = table.type_oids.get(column).copied().unwrap_or(0);
-    let typmod = table.typmods.get(column).copied().unwrap_or(-1);
-    let cast = match &v.cast {
-        Some(c) => Some(
-            types::cast(c)
-                .filter(|c| c.keeps(column_oid, typmod))
-                .ok_or(Fallback::Cast)?,
-        ),
-        None => None,
-    };
-    if !types::validated(column_oid) {
-        return Err(Fallback::Value(types::VALUE_TYPE));
-    }
-    // The type the value is read in first.
-    let (text, first) = match &v.operand {
-        Operand::Literal(t) => (t.clone(), cast.map_or(column_oid, |c| c.oid)),
-        Operand::Param(n) => parameter(usize::from(*n), cast, column_oid, bound)?,
-        Operand::Clock(c) => {
-            // A cast to another type than the column's would convert twice.
-            if cast.is_some_and(|c| c.oid != column_oid) {
-                return Err(Fallback::ClockType);
-            }
-            return Ok(Val {
-                text: Some(clock(*c, column_oid, typmod, settings)?),
-                cast: None,
-            });
-        }
-    };
-    let Some(mut text) = text else {
-        if table.not_null.iter().any(|c| c == column) {
-            return Err(Fallback::NullInNotNullColumn);
-        }
-        return Ok(Val {
-            text: None,
-            cast: None,
-        });
-    };
-    // 'now', 'today'… read the clock when PostgreSQL converts them: at apply time,
-    // not when the client wrote. Not deferrable.
-    if (params::is_clock_type(first) || params::is_clock_type(column_oid))
-        && params::is_clock_word(&text)
-    {
-        return Err(Fallback::ClockLiteral);
-    }
-    let mut chain = vec![(first, -1)];
-    if let Some(c) = cast {
-        chain.push((c.oid, c.typmod));
-    }
-    chain.push((column_oid, typmod));
-    for pair in chain.windows(2) {
-        let ((from, _), (to, to_mod)) = (pair[0], pair[1]);
-        if !types::step(from, to) {
-            return Err(if v.cast.is_some() {
-                Fallback::Cast
-            } else {
-                Fallback::ParameterType
-            });
-        }
-        if params::is_datetime_type(to) {
-            text = datetime::canonical(&text, from, to, settings).ok_or(Fallback::DatetimeValue)?;
-            continue;
-        }
-        // Values PostgreSQL would refuse run write-through, so the client gets
-        // PostgreSQL's own error instead of an acknowledgement and a dead letter.
-        if !params::accepts(&text, from, -1) || !params::accepts(&text, to, to_mod) {
-            return Err(Fallback::InvalidValue);
-        }
-    }
-    Ok(Val {
-        text: Some(text),
-        cast: None,
-    })
-}
-
-/// The value clock function `c` has when spillway decides the statement (ADR 0030),
-/// assigned to a column of type `column_oid` (`typmod`): its canonical text.
-pub fn clock(
-    c: Clock,
-    column_oid: u32,
-    typmod: i32,
-    settings: Settings<'_>,
-) -> Result<String, Fallback> {
-    use datetime::{DATE, TIME, TIMESTAMP, TIMESTAMPTZ, TIMETZ};
-    let (t, natural) = match c {
-        Clock::RandomUuid => {
-            return if column_oid == params::UUID {
-                Ok(random_uuid())
-            } else {
-                Err(Fallback::ClockType)
-            };
-        }
-        Clock::TransactionStart => (settings.now, TIMESTAMPTZ),
-        Clock::StatementStart => (settings.statement, TIMESTAMPTZ),
-        Clock::Now => (std::time::SystemTime::now(), TIMESTAMPTZ),
-        Clock::LocalTimestamp => (settings.now, TIMESTAMP),
-        Clock::CurrentDate => (settings.now, DATE),
-        Clock::CurrentTime => (settings.now, TIMETZ),
-        Clock::LocalTime => (settings.now, TIME),
-    };
-    datetime::from_clock(t, natural, column_oid, typmod, settings.utc()).map_err(|e| match e {
-        datetime::ClockError::TimeZone => Fallback::ClockTimeZone,
-        datetime::ClockError::Type => Fallback::ClockType,
-    })
-}
-
-/// A version 4 (random) uuid, as `gen_random_uuid()` makes one: 122 random bits from
-/// a cryptographically secure generator, in PostgreSQL's output form.
-fn random_uuid() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
-}
-
-/// Bind parameter `$n` as text, and the type PostgreSQL reads it in: declared at
-/// Parse, else inferred from the cast around it or the column it is assigned to.
-fn parameter(
-    n: usize,
-    cast: Option<types::Cast>,
-    column_oid: u32,
-    bound: &Bound,
-) -> Result<(Option<String>, u32), Fallback> {
-    let bad = Fallback::Value(params::BAD_VALUE);
-    let i = n.checked_sub(1).ok_or(bad)?;
-    let raw = bound.values.get(i).ok_or(bad)?;
-    let declared = bound.types.get(i).copied().unwrap_or(0);
-    let oid = match (declared, cast) {
-        (0, Some(c)) => c.oid,
-        (0, None) => column_oid,
-        (d, _) => d,
-    };
-    let binary = bound.binary.get(i).copied().unwrap_or(false);
-    let text = params::to_text(raw.as_deref(), binary, oid).map_err(Fallback::Value)?;
-    Ok((text, oid))
 }
