@@ -1,6 +1,6 @@
 //! What the flush planner knows of a deferred table, from the catalog: its name, key,
 //! column types, whether it folds (write-back), whether its rows may be planned apart
-//! from other tables', and its foreign keys. Plain data; `plan.rs` and `order.rs` read
+//! from other tables', and its foreign keys. Plain data; `plan/` and `order.rs` read
 //! it.
 
 use std::collections::HashMap;
@@ -33,7 +33,7 @@ pub struct TableMeta {
 impl TableMeta {
     /// ` OVERRIDING SYSTEM VALUE` for a table whose key is an identity `GENERATED
     /// ALWAYS` (its INSERTs carry the value spillway reserved from the identity's
-    /// sequence), else nothing: what `plan.rs` and `replay.rs` put after the column
+    /// sequence), else nothing: what `plan/sql.rs` and `replay.rs` put after the column
     /// list of an INSERT.
     pub fn overriding_clause(&self) -> &'static str {
         if self.overriding {
