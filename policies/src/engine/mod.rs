@@ -1,8 +1,9 @@
 //! The write-policy engine of the deferred policies (SPEC §6), with no network code:
 //! which writes are pending and what they leave behind (the key overlay), deciding a
 //! statement or a held transaction ([`decide`]: exact row counts, duplicate keys),
-//! journaling it ([`defer`]), when a flush is due ([`due`]), room and back-pressure
-//! ([`room`]), what a request must wait for ([`barrier`]), the flush loop ([`flusher`]:
+//! journaling it ([`defer`], after the reads its decision needs: `answered.rs`), when
+//! a flush is due ([`due`]), room and back-pressure ([`room`]), what a request must
+//! wait for ([`barrier`]), the flush loop ([`flusher`]:
 //! contiguous batches, retry with back-off, the ledger read again after an unknown
 //! outcome, poison on a fence), privilege answers ([`privileges`]) and which tables are
 //! deferred, including a reload's steps ([`table_set`]).
@@ -31,6 +32,7 @@
 //!   client still waits: a reload taking the table off deferral waits for these.
 //! - Time is tokio's (`tokio::time::Instant`), so a paused clock drives every rule.
 
+mod answered;
 pub mod barrier;
 pub mod decide;
 pub mod defer;
