@@ -63,7 +63,12 @@ JOURNAL_EXTRA='fsync = "always"'
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 {
   echo "commit=$COMMIT"
-  echo "command=loadtest/sweep.sh -R \"$RTTS\" -c \"$CLIENT_COUNTS\" -M \"$MODES\" -S \"$SCENARIOS\" -d $DURATION -w $WARMUP -r $ROUNDS"
+  # The environment that changes spillway's configuration is part of the command.
+  env_prefix=""
+  for var in INVALIDATION CACHE_TTL; do
+    if [ -n "${!var:-}" ]; then env_prefix+="$var=${!var} "; fi
+  done
+  echo "command=${env_prefix}loadtest/sweep.sh -R \"$RTTS\" -c \"$CLIENT_COUNTS\" -M \"$MODES\" -S \"$SCENARIOS\" -d $DURATION -w $WARMUP -r $ROUNDS"
   echo "cores=$(nproc)"
   echo "load_start=$(cut -d' ' -f1-3 /proc/loadavg)"
 } > "$OUT/sweep.env"
