@@ -59,7 +59,7 @@ enum Cell {
 /// `cell` after `op` (a write of the same key).
 fn step(cell: Cell, op: &RowOp, column: &str, t: &DeferredTable) -> Cell {
     // A BEFORE ROW trigger or a rule may store something else than the write says.
-    if t.rewrites_rows {
+    if t.row_changes.rewritten {
         return Cell::Unknown;
     }
     match op {
@@ -225,6 +225,11 @@ pub(super) fn verdict(
     guard: &[Guard],
     own: &[&RowOp],
 ) -> Verdict {
+    // A referenced table's pending write may change or delete the row through a
+    // foreign key's action when it is applied, which the row's own writes do not show.
+    if t.row_changes.by_parents {
+        return Verdict::Unknown;
+    }
     let columns: Vec<&str> = guard.iter().map(|g| g.column.as_str()).collect();
     let read = rows.get(slot).filter(|r| fresh(state, slot, r));
     // A read that knows the ledger's position decides every column; without one,

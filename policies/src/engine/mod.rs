@@ -67,7 +67,7 @@ pub use decide::{Applied, Converted, IfExists, Outcome, TxOutcome, TxStatement};
 pub use keys::{Chunk, Cursor, KeyIndex, KeyKind, KeyStats, Phase};
 pub use privileges::PRIVILEGE_TTL;
 pub use state::Known;
-pub use table::{Column, Defaults, DeferredTable, KeySequence, Verb};
+pub use table::{Column, Defaults, DeferredTable, KeySequence, RowChanges, Verb};
 pub use table_set::{TableSet, TablesChange};
 pub use upstream::{
     ApplyError, Batch, CheckError, Checks, DeadLetter, Flushed, LedgerKey, Log, RowValues, Sink,

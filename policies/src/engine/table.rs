@@ -75,9 +75,8 @@ pub struct DeferredTable {
     pub exists_sql: String,
     /// Every column in table order (`RETURNING *`), as a RowDescription describes it.
     pub columns: Vec<Column>,
-    /// A BEFORE ROW trigger or a rule may change (or replace) the row a write stores,
-    /// so a RETURNING answered from the statement's own values could be wrong.
-    pub rewrites_rows: bool,
+    /// What besides a write itself may change the rows it stores.
+    pub row_changes: RowChanges,
     /// The sequence behind a single integer key column (a `serial`'s `nextval`
     /// default or an identity): an INSERT leaving the key out gets a value spillway
     /// reserved from it.
@@ -85,6 +84,19 @@ pub struct DeferredTable {
     /// Columns an INSERT may not give a value (identity `GENERATED ALWAYS`, generated
     /// columns): PostgreSQL refuses such an INSERT, so it is never deferred.
     pub generated_always: Vec<String>,
+}
+
+/// What besides a write itself may change a deferred table's rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowChanges {
+    /// A BEFORE ROW trigger or a rule may change (or replace) the row a write stores,
+    /// so a RETURNING answered from the statement's own values could be wrong.
+    pub rewritten: bool,
+    /// A foreign key of this table has an ON DELETE or ON UPDATE action (CASCADE, SET
+    /// NULL, SET DEFAULT): a write to the referenced table may change or delete this
+    /// table's rows, so a value decided from the row's own writes could be wrong
+    /// (guards, ADR 0035).
+    pub by_parents: bool,
 }
 
 /// The sequence a key column's default draws from.

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-pub use spillway_policies::engine::{Column, Defaults, DeferredTable, KeySequence};
+pub use spillway_policies::engine::{Column, Defaults, DeferredTable, KeySequence, RowChanges};
 use spillway_policies::writes::TableMeta;
 use spillway_policies::writes::plan::ident;
 use spillway_policies::{Policy, TableConfig, TableName};
@@ -105,7 +105,8 @@ async fn describe(
     let Some(pkey_name) = pkey_name.filter(|_| !key.is_empty()) else {
         return Err(TableError::NoPrimaryKey(name.clone(), config.policy));
     };
-    let (rewrites_rows, plain) = catalog::triggers_and_rules(conn, oid).await?;
+    let (rewritten, plain) = catalog::triggers_and_rules(conn, oid).await?;
+    let by_parents = catalog::changed_by_parents(conn, oid).await?;
     let parents = catalog::foreign_keys(conn, oid).await?;
     let types: HashMap<String, String> = columns
         .iter()
@@ -201,7 +202,10 @@ async fn describe(
                 typmod: c.typmod,
             })
             .collect(),
-        rewrites_rows,
+        row_changes: RowChanges {
+            rewritten,
+            by_parents,
+        },
         key_sequence,
         generated_always,
     })

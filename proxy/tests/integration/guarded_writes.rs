@@ -568,3 +568,59 @@ async fn comparisons_beyond_equality_are_decided_like_postgres() {
         "0"
     );
 }
+
+#[tokio::test]
+async fn a_row_a_referenced_tables_write_may_change_is_never_guessed() {
+    // The child's foreign key sets its column NULL when the parent row goes: a parent
+    // DELETE pending changes the child's row at the flush, which the child's own
+    // writes do not show. PostgreSQL answers the guarded UPDATE after the DELETE: 0.
+    const FK_SCHEMA: &str = "CREATE TABLE public.gwp (id int PRIMARY KEY); \
+        INSERT INTO public.gwp SELECT generate_series(1, 6); \
+        CREATE TABLE public.gwc (id int PRIMARY KEY, \
+          p_id int REFERENCES public.gwp ON DELETE SET NULL, stock int NOT NULL); \
+        INSERT INTO public.gwc SELECT g, g, 100 FROM generate_series(1, 6) g;";
+    let ctx = Context::builder()
+        .before_proxy(FK_SCHEMA)
+        .before_proxy("CREATE DATABASE direct")
+        .section(
+            "[flush]\ninterval = \"1h\"\n\
+             [tables.\"public.gwp\"]\npolicy = \"write-behind\"\n\
+             [tables.\"public.gwc\"]\npolicy = \"write-behind\"\n",
+        )
+        .start()
+        .await;
+    ctx.pg
+        .psql("direct", FK_SCHEMA)
+        .expect("schema of the direct copy");
+    let proxy = ctx.proxy_client().await;
+    let direct = direct_client(&ctx).await;
+    assert_eq!(
+        both(&proxy, &direct, "DELETE FROM gwp WHERE id = 5").await,
+        Ok(1)
+    );
+    assert_eq!(
+        both(
+            &proxy,
+            &direct,
+            "UPDATE gwc SET stock = 1 WHERE id = 5 AND p_id = 5"
+        )
+        .await,
+        Ok(0)
+    );
+    assert_eq!(
+        counter(
+            &ctx,
+            "spillway_fallbacks_total",
+            "reason=\"row_unknown\",table=\"public.gwc\""
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(answer(&proxy, "SPILLWAY FLUSH").await, Ok(0));
+    let rows = |db: &str| {
+        ctx.pg
+            .psql(db, "SELECT id, p_id, stock FROM public.gwc ORDER BY id")
+            .expect("gwc")
+    };
+    assert_eq!(rows(DB), rows("direct"));
+}

@@ -362,7 +362,7 @@ pub fn table(
         pkey_name: format!("{name}_pkey"),
         exists_sql: String::new(),
         columns: Vec::new(),
-        rewrites_rows: false,
+        row_changes: Default::default(),
         key_sequence: None,
         generated_always: Vec::new(),
     }

@@ -199,6 +199,19 @@ pub async fn triggers_and_rules(
     Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
+/// Whether a foreign key of the table has an ON DELETE or ON UPDATE action that
+/// changes its rows (CASCADE, SET NULL, SET DEFAULT) when the referenced row changes.
+pub async fn changed_by_parents(conn: &mut PgConnection, table: u32) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint \
+                        WHERE conrelid = $1 AND contype = 'f' \
+                          AND (confdeltype IN ('c', 'n', 'd') OR confupdtype IN ('c', 'n', 'd')))",
+    )
+    .bind(oid(table))
+    .fetch_one(&mut *conn)
+    .await
+}
+
 /// The table's foreign keys: the referenced table (`schema.name`), its columns and the
 /// referenced columns, in constraint order.
 pub async fn foreign_keys(

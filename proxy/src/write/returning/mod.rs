@@ -158,7 +158,7 @@ pub fn answer(
     if items.is_empty() {
         return Ok(None);
     }
-    if table.rewrites_rows {
+    if table.row_changes.rewritten {
         return Err(UNKNOWN);
     }
     if bound.max_rows > 0 && usize::try_from(bound.max_rows).is_ok_and(|max| max < ops.len()) {
