@@ -102,43 +102,14 @@ fn step(cell: Cell, op: &RowOp, column: &str, t: &DeferredTable) -> Cell {
     }
 }
 
-/// An operation's key as the overlay spells it (canonical text), from the record.
-fn op_key(op: &RowOp) -> Option<Vec<String>> {
-    match op {
-        // An INSERT's key is among its columns; the overlay's key order is the
-        // table's, which the caller's slot has: compared through `insert_key`.
-        RowOp::Insert { .. } => None,
-        RowOp::Update { key, .. } | RowOp::Delete { key, .. } => {
-            key.iter().map(|v| v.text.clone()).collect()
-        }
-    }
-}
-
-/// Whether `op` writes `slot` of table `t` (INSERTs by their key columns).
+/// Whether `op` writes `slot` of table `t`: its key as the overlay spells it (the
+/// record's canonical texts, in the table's key order; never NULL).
 fn writes(op: &RowOp, slot: &Slot, t: &DeferredTable) -> bool {
-    if op.table() != slot.0 {
-        return false;
-    }
-    match op {
-        RowOp::Insert {
-            columns, values, ..
-        } => {
-            let key: Option<Vec<String>> = t
-                .meta
-                .key
-                .iter()
-                .map(|k| {
-                    columns
-                        .iter()
-                        .position(|c| c == k)
-                        .and_then(|i| values.get(i))
-                        .and_then(|v| v.text.clone())
-                })
-                .collect();
-            key.as_deref() == Some(&slot.1[..])
-        }
-        _ => op_key(op).as_deref() == Some(&slot.1[..]),
-    }
+    op.table() == slot.0
+        && crate::writes::plan::key_of(op, &t.meta)
+            .ok()
+            .and_then(|key| key.into_iter().collect::<Option<Vec<String>>>())
+            .is_some_and(|key| key == slot.1)
 }
 
 /// Each guarded column of `slot` after the pending (and decided) writes of the key: known, still
