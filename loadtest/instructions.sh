@@ -15,13 +15,16 @@
 #              (cache off), deferred acknowledgement (write-back UPDATE, journal fsync
 #              "always", flushed before the window closes)
 #   pgbouncer  pass-through, simple and prepared (session pooling)
+#   pooled     pass-through in transaction mode (pool of 20, cache off, auth file),
+#              spillway against PgBouncer (transaction pooling), `-M extended`, one
+#              client: a transaction leases and returns a server connection
 #   postgres   the backend process of a point SELECT, simple, prepared, extended
 #   generators pgbench and spillway-loadtest, point-read, prepared, 8 clients: the
 #              client's own cost per request, which caps every ratio it reports on
 #              shared cores; both run against a spillway whose /metrics counts the
 #              requests of a -g second window cut out of the running client
 #
-# Usage: loadtest/instructions.sh [-n requests] [-g seconds] [-o "spillway pgbouncer postgres generators"]
+# Usage: loadtest/instructions.sh [-n requests] [-g seconds] [-o "spillway pgbouncer pooled postgres generators"]
 # Env:   SPILLWAY_BIN, LOADTEST_BIN (default: target/release/…, rebuilt when not set)
 #        SPILLWAY_PG_BIN (directory with initdb/pg_ctl/postgres)
 # Needs valgrind (callgrind_control, vgdb), strace, pgbench, psql, python3, bc, curl.
@@ -29,7 +32,7 @@
 set -euo pipefail
 shopt -s inherit_errexit
 
-N=2000 GEN_SECONDS=10 ONLY="spillway pgbouncer postgres generators"
+N=2000 GEN_SECONDS=10 ONLY="spillway pgbouncer pooled postgres generators"
 while getopts "n:g:o:h" opt; do
   case $opt in
     n) N=$OPTARG ;; g) GEN_SECONDS=$OPTARG ;; o) ONLY=$OPTARG ;;
@@ -74,6 +77,7 @@ pg() {
 }
 hit_simple() { pg "$1" -M simple -f "$WORK/hit.sql"; }
 hit_prepared() { pg "$1" -M prepared -f "$WORK/hit.sql"; }
+hit_pooled() { pg "$1" -M extended -f "$WORK/hit.sql"; }
 hit_extended() { python3 "$ROOT/loadtest/extended_client.py" "$CPORT" "$1" 100; }
 miss_prepared() { pg "$1" -M prepared -f "$WORK/miss.sql"; }
 deferred() {
@@ -209,6 +213,50 @@ if want pgbouncer && start_pgbouncer; then
   row pgbouncer "pass-through, prepared" "$(printf '%.0f' "$(per "$a" "$b" "$N")")" "$(per "$sa" "$sb" "$N")"
   a=$(CPORT=$PB_PORT cg_window "$PB" hit_simple "$N"); b=$(CPORT=$PB_PORT cg_window "$PB" hit_simple $((2 * N)))
   row pgbouncer "pass-through, simple" "$(printf '%.0f' "$(per "$a" "$b" "$N")")" "$(per "$ss" "$sc" "$N")"
+fi
+
+if want pooled; then
+  echo "pooled pass-through (transaction mode, pool of 20, -M extended)..." >&2
+  echo '"bench" "bench-password"' > "$WORK/auth.txt"
+  POOL_TOML="[cache]
+enabled = false
+[pool]
+mode = \"transaction\"
+size = 20
+[auth]
+file = \"$WORK/auth.txt\""
+  BENCH_BIN_cg_pool=$(cg_wrapper cg_pool) start_spillway cg_pool "$POOL_TOML"
+  CG_POOL=$SW_PORT CG3=${PIDS[-1]}
+  start_spillway pool "$POOL_TOML"
+  POOL=$SW_PORT N3=${PIDS[-1]}
+  export PGPASSWORD=bench-password
+  wait_up "$CG_POOL" 120
+  wait_up "$POOL" 20
+  CPORT=$CG_POOL hit_pooled 100
+  CPORT=$POOL hit_pooled 100
+  a=$(CPORT=$CG_POOL cg_window "$CG3" hit_pooled "$N"); b=$(CPORT=$CG_POOL cg_window "$CG3" hit_pooled $((2 * N)))
+  sa=$(CPORT=$POOL strace_window "$N3" hit_pooled "$N"); sb=$(CPORT=$POOL strace_window "$N3" hit_pooled $((2 * N)))
+  row spillway "pooled, extended" "$(printf '%.0f' "$(per "$a" "$b" "$N")")" "$(per "$sa" "$sb" "$N")"
+  if PB_POOL_MODE=transaction PB_POOL_SIZE=20 start_pgbouncer; then
+    wait_up "$PB_PORT" 20
+    PB_NATIVE=$(cat "$WORK/pgbouncer.pid")
+    CPORT=$PB_PORT hit_pooled 10
+    sa=$(CPORT=$PB_PORT strace_window "$PB_NATIVE" hit_pooled "$N")
+    sb=$(CPORT=$PB_PORT strace_window "$PB_NATIVE" hit_pooled $((2 * N)))
+    kill "$PB_NATIVE"
+    while kill -0 "$PB_NATIVE" 2>/dev/null; do sleep 0.1; done
+    rm -f "$WORK/pgbouncer.pid"
+    # Its own name: the session-pooling PgBouncer above may still run under callgrind.
+    cp "$WORK/pgbouncer.ini" "$WORK/pgbouncer-pool.ini"
+    as_pg valgrind --tool=callgrind --callgrind-out-file="$WORK/cg/pbt.%p" pgbouncer -q "$WORK/pgbouncer-pool.ini" \
+      2>"$WORK/pbt.valgrind.log" &
+    PIDS+=($!)
+    wait_up "$PB_PORT" 60
+    PBT=$(cg_pid pgbouncer-pool.ini)
+    CPORT=$PB_PORT hit_pooled 10
+    a=$(CPORT=$PB_PORT cg_window "$PBT" hit_pooled "$N"); b=$(CPORT=$PB_PORT cg_window "$PBT" hit_pooled $((2 * N)))
+    row pgbouncer "pooled, extended" "$(printf '%.0f' "$(per "$a" "$b" "$N")")" "$(per "$sa" "$sb" "$N")"
+  fi
 fi
 
 if want generators; then
