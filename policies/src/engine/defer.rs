@@ -387,7 +387,8 @@ impl<C: Checks, L: Log> Engine<C, L> {
                     let at = state.assumed_through.entry(table).or_default();
                     *at = (*at).max(seq);
                 }
-                state.note_pending(seq, record);
+                state.note_pending(seq, record.clone());
+                state.watches.note(seq, &record, |op| this.key_of(op));
             }
             order.finish(&mut state, result.is_ok());
             drop(state);

@@ -40,6 +40,7 @@ pub mod due;
 pub mod flusher;
 pub mod guards;
 pub mod keys;
+pub mod overlay;
 pub mod privileges;
 pub mod reads;
 pub mod room;
@@ -409,7 +410,9 @@ impl<C: Checks, L: Log> Engine<C, L> {
             return Ok(state::Applied::default());
         }
         state.reserve(&after);
-        state.note_pending(seq, Arc::new(record));
+        let record = Arc::new(record);
+        state.note_pending(seq, record.clone());
+        state.watches.note(seq, &record, |op| self.key_of(op));
         drop(state);
         if self.until_due().is_zero() {
             self.wake.notify_one();
