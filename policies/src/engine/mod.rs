@@ -48,6 +48,7 @@ pub mod state;
 pub mod table;
 pub mod table_set;
 pub mod upstream;
+pub mod watches;
 
 #[cfg(test)]
 mod tests;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::overlay::Watches;
+use super::watches::Watches;
 use crate::writes::{Record, RowOp};
 
 /// (table, canonical key): a key of the overlay.

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Assigned, Refusal, Watches, overlay_of};
+use super::{Assigned, Refusal, Watch, Watches, overlay_of};
 use crate::writes::{Assign, AssignOp, Cmp, Guard, Record, RowOp, Val};
 
 const T: &str = "public.t";
@@ -141,8 +141,7 @@ fn writes_that_depend_on_or_decide_the_base_image_make_none() {
 #[test]
 fn a_watch_keeps_later_writes_of_its_row_and_holds_the_first_it_cannot_overlay() {
     let mut watches = Watches::default();
-    watches.next_id = 1;
-    watches.list.push(super::Watch {
+    watches.list.push(Watch {
         id: 1,
         table: T.to_owned(),
         key: vec!["1".to_owned()],

@@ -74,6 +74,7 @@ impl Caching {
         if self.tx.held.is_some() {
             return self.route_held(analyses, single, out);
         }
+        let bound = single.as_ref().map(|s| s.bound);
         let mut single = single;
         if let [a] = analyses
             && matches!(a.statements.as_slice(), [s] if matches!(s.kind, Kind::Transaction(TxCommand::Begin { .. })))
@@ -116,10 +117,23 @@ impl Caching {
         if self.wait.passed_barrier() {
             return None;
         }
-        let target = self.barrier_target(&w, analyses, touch)?;
+        let target = self.barrier_target(&w, analyses, &touch)?;
         if self.link.detached {
             // The barrier would only precede a trip upstream that cannot happen.
             return Some(Disposition::NeedsUpstream);
+        }
+        // A read-your-writes point read goes upstream now, its row's pending writes
+        // overlaid on PostgreSQL's answer (`overlay.rs`), when they allow it.
+        if let [analysis] = analyses
+            && !full
+            && self.own_writes_pending(&w)
+        {
+            if self.try_overlay(&w, analysis, bound, &touch, out) {
+                return None;
+            }
+            if matches!(analysis.statements.as_slice(), [s] if matches!(s.kind, Kind::Select)) {
+                super::overlay::counted("waited");
+            }
         }
         let write_through = full || self.wait.write_through();
         Some(self.barrier(target, write_through))
@@ -179,7 +193,7 @@ impl Caching {
         &self,
         w: &WriteService,
         analyses: &[&Analysis],
-        touch: Touch,
+        touch: &Touch,
     ) -> Option<u64> {
         let read_only = analyses.iter().all(|a| {
             !a.unanalysed
@@ -191,10 +205,17 @@ impl Caching {
         let names: Vec<String> = if touch.all || touch.linked_all {
             set.names().cloned().collect()
         } else {
-            touch.tables.into_iter().chain(touch.linked).collect()
+            touch.tables.iter().chain(&touch.linked).cloned().collect()
         };
         let own_seq = self.writes.as_ref().map_or(0, |d| d.own_seq);
         w.barrier(names.iter().map(String::as_str), read_only, own_seq)
+    }
+
+    /// The session's own deferred writes are not all applied yet (read-your-writes).
+    fn own_writes_pending(&self, w: &WriteService) -> bool {
+        self.writes
+            .as_ref()
+            .is_some_and(|d| d.own_seq > w.applied())
     }
 
     /// Blocks the current message until `target` is applied upstream; then it goes

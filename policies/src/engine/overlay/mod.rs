@@ -27,151 +27,15 @@
 //!   first write of a watched row that no overlay can include.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::watches::Watch;
+pub use super::watches::{Assigned, HOLD_LIMIT, Refusal, Watches, fold, overlay_of};
+
 use super::state::Settlement;
 use super::{Checks, Engine, Log};
-use crate::writes::{AssignOp, Record, RowOp};
-
-/// How long a watch may hold the flusher before a write of its row (a read's round
-/// trip is far shorter; past it the read is answered with an error, never a guess).
-pub const HOLD_LIMIT: Duration = Duration::from_secs(2);
-
-/// The row's assigned columns after its pending writes: (column, text; `None` is
-/// NULL), each column once, its last assignment.
-pub type Assigned = Vec<(String, Option<String>)>;
-
-/// Why a row's pending writes do not make an overlay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// An INSERT of the row (or of a key spillway does not know).
-    Insert,
-    Delete,
-    /// `col = col + v`: depends on the base image.
-    Arithmetic,
-    /// A condition beyond the key: decided against the base image.
-    Guarded,
-    /// A value with a client's cast, applied at the flush.
-    Cast,
-    /// A write of the table whose key spillway does not know: it may be the row's.
-    UnknownKey,
-    /// A write of the row decided and not journaled yet: its sequence number may come
-    /// before the writes pending now, and the flusher could not pass it.
-    Deciding,
-    /// The watch is gone, or held the flusher past [`HOLD_LIMIT`].
-    Expired,
-}
-
-/// Folds one operation of the row into `into`, or why it makes no overlay.
-pub fn fold(op: &RowOp, into: &mut Assigned) -> Result<(), Refusal> {
-    let set = match op {
-        RowOp::Insert { .. } => return Err(Refusal::Insert),
-        RowOp::Delete { .. } => return Err(Refusal::Delete),
-        RowOp::Update { guard, .. } if !guard.is_empty() => return Err(Refusal::Guarded),
-        RowOp::Update { set, .. } => set,
-    };
-    for a in set {
-        if a.op != AssignOp::Set {
-            return Err(Refusal::Arithmetic);
-        }
-        if a.value.cast.is_some() {
-            return Err(Refusal::Cast);
-        }
-    }
-    for a in set {
-        match into.iter_mut().find(|(c, _)| *c == a.column) {
-            Some((_, v)) => v.clone_from(&a.value.text),
-            None => into.push((a.column.clone(), a.value.text.clone())),
-        }
-    }
-    Ok(())
-}
-
-/// The overlay of row `key` of `table` from `records` in log order (`key_of`: an
-/// operation's canonical key, `None` when spillway does not know it).
-pub fn overlay_of<'a>(
-    records: impl IntoIterator<Item = &'a Record>,
-    table: &str,
-    key: &[String],
-    key_of: impl Fn(&RowOp) -> Option<Vec<String>>,
-) -> Result<Assigned, Refusal> {
-    let mut out = Assigned::new();
-    for record in records {
-        for op in record.ops.iter().filter(|op| op.table() == table) {
-            match key_of(op) {
-                None => return Err(Refusal::UnknownKey),
-                Some(k) if k != key => {}
-                Some(_) => fold(op, &mut out)?,
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// One row being read with its pending writes overlaid.
-struct Watch {
-    id: u64,
-    table: String,
-    key: Vec<String>,
-    started: Instant,
-    /// The row's pending writes when the watch began, then those that became pending
-    /// while it lives, each with its sequence number.
-    records: Vec<(u64, Arc<Record>)>,
-    /// The lowest sequence number of a write of the row, pending since the watch
-    /// began, that no overlay can include: the flusher stops before it.
-    blocking: Option<u64>,
-}
-
-impl Watch {
-    fn live(&self) -> bool {
-        self.started.elapsed() < HOLD_LIMIT
-    }
-}
-
-/// The watches of the engine's state (under its lock).
-#[derive(Default)]
-pub struct Watches {
-    list: Vec<Watch>,
-    next_id: u64,
-}
-
-impl Watches {
-    /// A record became pending: each watch of a row it writes keeps it.
-    pub fn note(
-        &mut self,
-        seq: u64,
-        record: &Arc<Record>,
-        key_of: impl Fn(&RowOp) -> Option<Vec<String>>,
-    ) {
-        for w in &mut self.list {
-            let mut writes = false;
-            let mut blocks = false;
-            for op in record.ops.iter().filter(|op| op.table() == w.table) {
-                match key_of(op) {
-                    Some(k) if k != w.key => continue,
-                    Some(_) => blocks |= fold(op, &mut Assigned::new()).is_err(),
-                    None => blocks = true,
-                }
-                writes = true;
-            }
-            if writes {
-                w.records.push((seq, record.clone()));
-            }
-            if blocks {
-                w.blocking = Some(w.blocking.map_or(seq, |b| b.min(seq)));
-            }
-        }
-    }
-
-    /// Whether the flusher must stop before record `seq`.
-    pub fn holds(&self, seq: u64) -> bool {
-        self.list
-            .iter()
-            .any(|w| w.blocking.is_some_and(|b| b <= seq) && w.live())
-    }
-}
+use crate::writes::{Record, RowOp};
 
 impl<C: Checks, L: Log> Engine<C, L> {
     /// Starts watching row `key` of `table` for a read answered with an overlay: its
