@@ -63,18 +63,22 @@ impl Deferral {
 impl Caching {
     /// Routes a request with deferred tables in mind: `Some` when it is answered here
     /// or must first wait (the message is then Blocked), `None` to go on upstream.
-    /// `single`: the request's only statement, with its bound parameters and answer.
+    /// `single`: the request's only statement, with its bound parameters and answer;
+    /// `read`: the Bind of a lone read going upstream before its Sync (an overlay's
+    /// parameters and result formats).
     pub(super) fn route_writes(
         &mut self,
         analyses: &[&Analysis],
         single: Option<Single<'_>>,
+        read: Option<&Bound>,
         out: &mut Outbox,
     ) -> Option<Disposition> {
         let w = self.writes.as_ref()?.service.clone();
         if self.tx.held.is_some() {
             return self.route_held(analyses, single, out);
         }
-        let bound = single.as_ref().map(|s| s.bound);
+        let at_bind = single.is_none() && read.is_some();
+        let bound = single.as_ref().map(|s| s.bound).or(read);
         let mut single = single;
         if let [a] = analyses
             && matches!(a.statements.as_slice(), [s] if matches!(s.kind, Kind::Transaction(TxCommand::Begin { .. })))
@@ -128,7 +132,7 @@ impl Caching {
             && !full
             && self.own_writes_pending(&w)
         {
-            if self.try_overlay(&w, analysis, bound, &touch, out) {
+            if self.try_overlay(&w, analysis, bound, &touch, at_bind, out) {
                 return None;
             }
             if matches!(analysis.statements.as_slice(), [s] if matches!(s.kind, Kind::Select)) {

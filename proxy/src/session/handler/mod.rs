@@ -96,6 +96,9 @@ pub enum Delivery {
     /// These bytes instead (a DataRow with the row's pending writes overlaid:
     /// `overlay.rs`).
     Replace(bytes::Bytes),
+    /// The session ends here (an overlaid read that cannot be answered in a pipelined
+    /// cycle: `overlay.rs`).
+    End,
 }
 
 #[derive(Debug, PartialEq, Eq)]

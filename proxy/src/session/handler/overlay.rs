@@ -4,7 +4,7 @@
 //! (`spillway_policies::engine::overlay`), and the row PostgreSQL returns is sent with
 //! the row's pending writes overlaid (`write/overlay.rs`).
 //!
-//! When ([`Caching::try_overlay`]): one plain SELECT in autocommit, nothing
+//! When ([`Caching::try_overlay`]): one plain SELECT in autocommit, no statement
 //! outstanding upstream, settings followed (UTF8); its WHERE fixes the whole primary
 //! key of one deferred table and nothing else decides whether the row is in the
 //! result; its outputs are plain columns; the table has no BEFORE ROW trigger or rule
@@ -13,9 +13,9 @@
 //! UPDATE by key. Anything else waits, as before.
 //!
 //! Invariants:
-//! - Only the DataRows of the request the overlay was armed for are rewritten: it is
-//!   armed with nothing outstanding upstream and ends at that request's
-//!   ReadyForQuery.
+//! - Only the DataRows of the statement the overlay was armed for are rewritten: it
+//!   is armed with no statement outstanding upstream, stops at that statement's end
+//!   and ends at its request's ReadyForQuery.
 //! - An overlaid answer is never a fill (the session's own writes are not applied, so
 //!   reads are not cached: `reads_allowed`).
 //! - A row that cannot be overlaid when it arrives (its watch ran out, a write since
@@ -54,24 +54,37 @@ pub(super) struct Armed {
     /// The columns the WHERE compares: a write assigning one may move the row into or
     /// out of the result.
     filtered: Vec<String>,
-    /// The row was answered with an error: the CommandComplete after it is not the
+    /// The row was answered with an error: the rest of the request is not the
     /// client's.
     failed: bool,
+    /// A RowDescription that does not describe `fields`: the row is not answered.
+    mismatch: bool,
+    /// Armed at the Bind of the unnamed portal, whose Execute is still to come.
+    at_bind: bool,
+    /// The statement's result ended: later results of the same request are another
+    /// statement's (a pipelined cycle) and pass as they are.
+    done: bool,
 }
 
 impl Caching {
     /// Arms an overlay for `analysis`, about to be forwarded upstream instead of
-    /// waiting for its barrier; false when the read must wait.
+    /// waiting for its barrier (`at_bind`: its Bind goes upstream ahead of its
+    /// Execute); false when the read must wait.
     pub(super) fn try_overlay(
         &mut self,
         w: &WriteService,
         analysis: &Analysis,
         bound: Option<&Bound>,
         touch: &Touch,
+        at_bind: bool,
         out: &Outbox,
     ) -> bool {
-        let Some(armed) = self.overlay_for(w, analysis, bound, touch, out) else {
-            return false;
+        let armed = match self.overlay_for(w, analysis, bound, touch, at_bind, out) {
+            Ok(armed) => armed,
+            Err(reason) => {
+                tracing::debug!(reason, "read waits for the session's own writes");
+                return false;
+            }
         };
         self.overlay = Some(Box::new(armed));
         true
@@ -83,10 +96,11 @@ impl Caching {
         analysis: &Analysis,
         bound: Option<&Bound>,
         touch: &Touch,
+        read_bind: bool,
         out: &Outbox,
-    ) -> Option<Armed> {
+    ) -> Result<Armed, &'static str> {
         let [stmt] = analysis.statements.as_slice() else {
-            return None;
+            return Err("statements");
         };
         if analysis.unanalysed
             || !matches!(stmt.kind, Kind::Select)
@@ -94,16 +108,18 @@ impl Caching {
             || stmt.sql_value_function
             || !stmt.functions.is_empty()
         {
-            return None;
+            return Err("not_a_plain_select");
         }
-        let point = stmt.point.as_ref()?;
-        let outputs = point.outputs.as_ref()?;
-        let status = out.tx_status();
-        if status != b'I'
-            || self.tx.held.is_some()
-            || !self.tracker.quiet
-            || self.tracker.desynced
-            || self.key.bypass.is_some()
+        let point = stmt.point.as_ref().ok_or("not_a_point_read")?;
+        let outputs = point.outputs.as_ref().ok_or("outputs")?;
+        if out.tx_status() != b'I' || self.tx.held.is_some() {
+            return Err("transaction");
+        }
+        // Parses of the same cycle may be upstream already; no statement may be.
+        if self.tracker.has_outstanding_statements() || self.tracker.desynced {
+            return Err("outstanding");
+        }
+        if self.key.bypass.is_some()
             || self.key.local_override
             || out
                 .state()
@@ -112,26 +128,26 @@ impl Caching {
                 .map(String::as_str)
                 != Some("UTF8")
         {
-            return None;
+            return Err("session_state");
         }
         let [name] = touch.tables.as_slice() else {
-            return None;
+            return Err("tables");
         };
         if touch.all || touch.linked_all || !touch.linked.is_empty() {
-            return None;
+            return Err("tables");
         }
         let set = w.tables();
-        let table = set.deferring(name)?;
+        let table = set.deferring(name).ok_or("tables")?;
         if set.consistency(name) != spillway_policies::Consistency::Session
             || table.row_changes.rewritten
             || table.row_changes.by_parents
         {
-            return None;
+            return Err("table");
         }
         let decision = self.decide(analysis);
-        let point_key = decision.point.as_ref()?;
+        let point_key = decision.point.as_ref().ok_or("key:none")?;
         if point_key.table != table.oid || decision.cacheable.is_err() {
-            return None;
+            return Err("key:table");
         }
         let values: Vec<(bool, Option<&[u8]>)> = bound
             .map(|b| {
@@ -146,16 +162,20 @@ impl Caching {
             declared: bound.map_or(&[][..], |b| b.types.as_slice()),
             values: &values,
         };
-        let key = point_key.resolve(&params)?;
+        let key = point_key.resolve(&params).ok_or(if bound.is_none() {
+            "key:unbound"
+        } else {
+            "key:params"
+        })?;
         let formats = bound.map_or(&[][..], |b| b.result_formats.as_slice());
-        let fields = Fields::of(table.oid, &table.columns, outputs, formats)?;
+        let fields = Fields::of(table.oid, &table.columns, outputs, formats).ok_or("outputs")?;
         // A generated column follows the columns it is computed from.
         if fields.fields.iter().any(|f| {
             table.generated_always.contains(&f.column) && !table.meta.key.contains(&f.column)
         }) {
-            return None;
+            return Err("generated_column");
         }
-        let watched = w.watch_row(name, &key).ok()?;
+        let watched = w.watch_row(name, &key).map_err(|_| "pending_writes")?;
         let filtered: Vec<String> = point.equalities.iter().map(|(c, _)| c.clone()).collect();
         let armed = Armed {
             id: self.tracker.next_ready_index(),
@@ -163,11 +183,14 @@ impl Caching {
             fields,
             filtered,
             failed: false,
+            mismatch: false,
+            at_bind: read_bind,
+            done: false,
         };
         // What is pending now must be writable already (later writes are checked
         // when the row arrives).
-        armed.assigned().ok()?;
-        Some(armed)
+        armed.assigned()?;
+        Ok(armed)
     }
 
     /// A backend message while an overlay is armed: its DataRow rewritten, or
@@ -182,8 +205,8 @@ impl Caching {
         let Some(armed) = self.overlay.as_mut() else {
             return delivery;
         };
-        // Armed with nothing outstanding upstream: the first ReadyForQuery for the
-        // client ends its request.
+        // Armed with no statement outstanding upstream: the first ReadyForQuery for
+        // the client ends its request.
         if tag == backend::READY_FOR_QUERY
             && delivery != Delivery::Swallow
             && ready_id.is_none_or(|id| id >= armed.id)
@@ -199,33 +222,59 @@ impl Caching {
         if delivery != Delivery::Pass {
             return delivery;
         }
+        if armed.failed {
+            // The client had an error in place of the row: nothing else of the request
+            // is its own until the ReadyForQuery.
+            return Delivery::Swallow;
+        }
+        if armed.done {
+            return delivery;
+        }
         match (tag, msg) {
-            (b'T', Some(m)) if !armed.fields.matches_description(m) => {
-                // Not the row the overlay was armed for (a concurrent change of the
-                // table's definition): its rows are not answered.
-                armed.failed = true;
+            (b'T', Some(m)) => {
+                if !armed.fields.matches_description(m) {
+                    // Not the row the overlay was armed for (the table's definition
+                    // changed meanwhile): its rows are not answered.
+                    armed.mismatch = true;
+                }
                 delivery
             }
-            (b'D', Some(m)) if !armed.failed && !self.tracker.desynced => match armed.rewrite(m) {
-                Ok(row) => Delivery::Replace(row),
-                Err(reason) => {
-                    tracing::debug!(reason, "overlaid read answered with 40001");
-                    armed.failed = true;
-                    Delivery::Replace(failure())
+            (b'D', m) => {
+                let row = match m {
+                    Some(m) if !armed.mismatch && !self.tracker.desynced => armed.rewrite(m),
+                    _ => Err("row"),
+                };
+                match row {
+                    Ok(row) => Delivery::Replace(row),
+                    Err(reason) => {
+                        tracing::debug!(reason, "overlaid read answered with 40001");
+                        armed.failed = true;
+                        // Statements after it in the same cycle ran upstream while the
+                        // client, told of an error, would take them as skipped: the
+                        // session ends instead (their outcome unknown, as at any loss).
+                        if self.tracker.executes_queued() > 1 {
+                            Delivery::End
+                        } else {
+                            Delivery::Replace(failure())
+                        }
+                    }
                 }
-            },
-            (b'D', _) if armed.failed => Delivery::Swallow,
-            (b'D', _) => {
-                armed.failed = true;
-                Delivery::Replace(failure())
             }
-            (b'C', _) if armed.failed => Delivery::Swallow,
+            (b'C' | b's' | b'I' | b'E', _) => {
+                armed.done = true;
+                delivery
+            }
             _ => delivery,
         }
     }
 }
 
 impl Armed {
+    /// The Execute of the portal whose Bind armed it arrives: true the first time.
+    pub(super) fn take_execute(&mut self) -> bool {
+        std::mem::take(&mut self.at_bind)
+    }
+
     fn assigned(&self) -> Result<spillway_policies::engine::overlay::Assigned, &'static str> {
         let assigned = self.watched.overlay().map_err(|_| "refused")?;
         for (column, _) in &assigned {

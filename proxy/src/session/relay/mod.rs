@@ -498,6 +498,12 @@ impl Relay {
                 Delivery::Swallow => self.out.swallow(msg),
                 Delivery::Status(status) => self.out.ready(status),
                 Delivery::Replace(bytes) => self.out.relay(&bytes),
+                Delivery::End => {
+                    return Err(SessionError::UpstreamProtocol {
+                        tag: char::from(h.tag),
+                        phase: "a pipelined read whose row could not be overlaid",
+                    });
+                }
             }
             inbuf.advance(h.total_len);
         }
