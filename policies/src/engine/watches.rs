@@ -17,9 +17,18 @@ use crate::writes::{AssignOp, Record, RowOp};
 /// trip is far shorter; past it the read is answered with an error, never a guess).
 pub const HOLD_LIMIT: Duration = Duration::from_secs(2);
 
-/// The row's assigned columns after its pending writes: (column, text; `None` is
-/// NULL), each column once, its last assignment.
+/// The columns the read outputs, after the row's pending writes: (column, text;
+/// `None` is NULL), each column once, its last assignment.
 pub type Assigned = Vec<(String, Option<String>)>;
+
+/// What a read of the row depends on besides the row's existence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// The columns it outputs.
+    pub outputs: Vec<String>,
+    /// The columns its WHERE compares (beyond the key, which no UPDATE assigns).
+    pub filtered: Vec<String>,
+}
 
 /// Why a row's pending writes do not make an overlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,12 +36,15 @@ pub enum Refusal {
     /// An INSERT of the row (or of a key spillway does not know).
     Insert,
     Delete,
-    /// `col = col + v`: depends on the base image.
+    /// `col = col + v` on a column the read outputs: depends on the base image.
     Arithmetic,
     /// A condition beyond the key: decided against the base image.
     Guarded,
-    /// A value with a client's cast, applied at the flush.
+    /// A value with a client's cast, applied at the flush, for a column it outputs.
     Cast,
+    /// An assignment to a column the read's WHERE compares: the row may move into or
+    /// out of the result.
+    Filtered,
     /// A write of the table whose key spillway does not know: it may be the row's.
     UnknownKey,
     /// A write of the row decided and not journaled yet: its sequence number may come
@@ -42,8 +54,10 @@ pub enum Refusal {
     Expired,
 }
 
-/// Folds one operation of the row into `into`, or why it makes no overlay.
-pub fn fold(op: &RowOp, into: &mut Assigned) -> Result<(), Refusal> {
+/// Folds one operation of the row into `into` for a read that `needs` these columns,
+/// or why it makes no overlay. Columns the read neither outputs nor compares may be
+/// assigned anything: they are not in the answer.
+pub fn fold(op: &RowOp, needs: &Needs, into: &mut Assigned) -> Result<(), Refusal> {
     let set = match op {
         RowOp::Insert { .. } => return Err(Refusal::Insert),
         RowOp::Delete { .. } => return Err(Refusal::Delete),
@@ -51,6 +65,12 @@ pub fn fold(op: &RowOp, into: &mut Assigned) -> Result<(), Refusal> {
         RowOp::Update { set, .. } => set,
     };
     for a in set {
+        if needs.filtered.contains(&a.column) {
+            return Err(Refusal::Filtered);
+        }
+        if !needs.outputs.contains(&a.column) {
+            continue;
+        }
         if a.op != AssignOp::Set {
             return Err(Refusal::Arithmetic);
         }
@@ -58,7 +78,7 @@ pub fn fold(op: &RowOp, into: &mut Assigned) -> Result<(), Refusal> {
             return Err(Refusal::Cast);
         }
     }
-    for a in set {
+    for a in set.iter().filter(|a| needs.outputs.contains(&a.column)) {
         match into.iter_mut().find(|(c, _)| *c == a.column) {
             Some((_, v)) => v.clone_from(&a.value.text),
             None => into.push((a.column.clone(), a.value.text.clone())),
@@ -67,12 +87,14 @@ pub fn fold(op: &RowOp, into: &mut Assigned) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// The overlay of row `key` of `table` from `records` in log order (`key_of`: an
-/// operation's canonical key, `None` when spillway does not know it).
+/// The overlay of row `key` of `table` from `records` in log order for a read that
+/// `needs` these columns (`key_of`: an operation's canonical key, `None` when
+/// spillway does not know it).
 pub fn overlay_of<'a>(
     records: impl IntoIterator<Item = &'a Record>,
     table: &str,
     key: &[String],
+    needs: &Needs,
     key_of: impl Fn(&RowOp) -> Option<Vec<String>>,
 ) -> Result<Assigned, Refusal> {
     let mut out = Assigned::new();
@@ -81,7 +103,7 @@ pub fn overlay_of<'a>(
             match key_of(op) {
                 None => return Err(Refusal::UnknownKey),
                 Some(k) if k != key => {}
-                Some(_) => fold(op, &mut out)?,
+                Some(_) => fold(op, needs, &mut out)?,
             }
         }
     }
@@ -93,6 +115,7 @@ pub(super) struct Watch {
     pub(super) id: u64,
     pub(super) table: String,
     pub(super) key: Vec<String>,
+    pub(super) needs: Needs,
     pub(super) started: Instant,
     /// The row's pending writes when the watch began, then those that became pending
     /// while it lives, each with its sequence number.
@@ -129,7 +152,7 @@ impl Watches {
             for op in record.ops.iter().filter(|op| op.table() == w.table) {
                 match key_of(op) {
                     Some(k) if k != w.key => continue,
-                    Some(_) => blocks |= fold(op, &mut Assigned::new()).is_err(),
+                    Some(_) => blocks |= fold(op, &w.needs, &mut Assigned::new()).is_err(),
                     None => blocks = true,
                 }
                 writes = true;

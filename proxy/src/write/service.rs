@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::Guard;
-use spillway_policies::engine::overlay::{Assigned, Refusal};
+use spillway_policies::engine::overlay::{Assigned, Needs, Refusal};
 use spillway_policies::engine::{self, KeyIndex, KeyStats, LedgerKey, Log};
 use spillway_policies::{FlushConfig, KeyIndexConfig};
 use sqlx::PgConnection;
@@ -247,14 +247,14 @@ impl WriteService {
         self.engine.barrier(tables, reads_only, own_seq)
     }
 
-    /// Starts an overlaid read of row `key` of `table` (ADR 0039): its watch, or why
-    /// the row's pending writes make no overlay. Never on a shared log: another
+    /// Starts an overlaid read of row `key` of `table` that `needs` these columns (ADR
+    /// 0039): its watch, or why the row's pending writes make no overlay. Never on a shared log: another
     /// instance's flusher does not know this instance's watches.
-    pub fn watch_row(&self, table: &str, key: &[String]) -> Result<Watched, Refusal> {
+    pub fn watch_row(&self, table: &str, key: &[String], needs: Needs) -> Result<Watched, Refusal> {
         if matches!(self.engine.log(), JournalLog::Nats(_)) {
             return Err(Refusal::Expired);
         }
-        let id = self.engine.watch_row(table, key)?;
+        let id = self.engine.watch_row(table, key, needs)?;
         Ok(Watched {
             engine: self.engine.clone(),
             id,

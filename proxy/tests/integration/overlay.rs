@@ -156,6 +156,20 @@ async fn every_sessions_writes_of_the_row_are_overlaid_in_log_order() {
         vec!["3|one again|2".to_owned()]
     );
     assert_eq!(reads(&ctx, "overlay").await, 2.0);
+    // The load test's shape: a constant and a counter in one UPDATE. A read of the
+    // constant alone is overlaid; one of the counter waits.
+    tag(&two, "UPDATE ov SET token = 'v13', n = n + 1 WHERE id = 13").await;
+    assert_eq!(
+        text_rows(&one, "SELECT token FROM ov WHERE id = 13").await,
+        vec!["v13".to_owned()]
+    );
+    assert_eq!(pending_upstream(&ctx, 13), "base13");
+    assert_eq!(reads(&ctx, "overlay").await, 3.0);
+    assert_eq!(
+        text_rows(&one, "SELECT token, n FROM ov WHERE id = 13").await,
+        vec!["v13|1".to_owned()]
+    );
+    assert_eq!(pending_upstream(&ctx, 13), "v13", "waited");
     assert_eq!(tag(&one, "SPILLWAY FLUSH").await, 0);
     assert_eq!(
         direct_rows(&ctx, "SELECT token || '|' || n FROM ov WHERE id = 3"),

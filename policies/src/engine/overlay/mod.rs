@@ -3,13 +3,15 @@
 //! writes of its row are overlaid on the row image PostgreSQL returns.
 //!
 //! The rule ([`overlay_of`]): the row's pending writes, every session's, in log order,
-//! must all be UPDATEs by key that assign constants ([`AssignOp::Set`], no guard, no
-//! cast), and no pending write of the table may have a key spillway does not know.
-//! Then the row after all of them is the base image with each assigned column set to
-//! its last assignment, whichever of them the base image already includes (setting a
-//! column to a constant again changes nothing; a later one overwrites an earlier
-//! one). An INSERT, a DELETE, an arithmetic or guarded write depends on, or decides,
-//! what the base has: no overlay (the read waits, as before).
+//! must all be UPDATEs by key, without a guard, that assign the columns the read
+//! outputs only constants (`AssignOp::Set`, no cast) and the columns its WHERE
+//! compares nothing ([`Needs`]); no pending write of the table may have a key spillway
+//! does not know. Then the answer after all of them is the base image with each output
+//! column set to its last assignment, whichever of them the base image already
+//! includes (setting a column to a constant again changes nothing; a later one
+//! overwrites an earlier one; columns the read does not use may become anything). An
+//! INSERT, a DELETE, a guarded write, an arithmetic write of an output column depends
+//! on, or decides, what the base has: no overlay (the read waits, as before).
 //!
 //! A watch ([`Engine::watch_row`]) covers the read's round trip: it starts with the
 //! row's pending writes (all overlayable, else there is none; and no write of the row
@@ -31,7 +33,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::watches::Watch;
-pub use super::watches::{Assigned, HOLD_LIMIT, Refusal, Watches, fold, overlay_of};
+pub use super::watches::{Assigned, HOLD_LIMIT, Needs, Refusal, Watches, fold, overlay_of};
 
 use super::state::Settlement;
 use super::{Checks, Engine, Log};
@@ -40,7 +42,7 @@ use crate::writes::{Record, RowOp};
 impl<C: Checks, L: Log> Engine<C, L> {
     /// Starts watching row `key` of `table` for a read answered with an overlay: its
     /// id, or why its pending writes make none (the read then waits as before).
-    pub fn watch_row(&self, table: &str, key: &[String]) -> Result<u64, Refusal> {
+    pub fn watch_row(&self, table: &str, key: &[String], needs: Needs) -> Result<u64, Refusal> {
         let key_of = |op: &RowOp| self.key_of(op);
         let mut state = self.state();
         let records: Vec<(u64, Arc<Record>)> = state
@@ -49,7 +51,13 @@ impl<C: Checks, L: Log> Engine<C, L> {
             .filter(|(_, r)| r.ops.iter().any(|op| op.table() == table))
             .map(|(s, r)| (*s, r.clone()))
             .collect();
-        overlay_of(records.iter().map(|(_, r)| r.as_ref()), table, key, key_of)?;
+        overlay_of(
+            records.iter().map(|(_, r)| r.as_ref()),
+            table,
+            key,
+            &needs,
+            key_of,
+        )?;
         let slot = (table.to_owned(), key.to_vec());
         let deciding = state
             .deciding
@@ -70,6 +78,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
             id,
             table: table.to_owned(),
             key: key.to_vec(),
+            needs,
             started: Instant::now(),
             records,
             blocking: None,
@@ -101,6 +110,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
             records.iter().map(|(_, r)| r.as_ref()),
             &w.table,
             &w.key,
+            &w.needs,
             key_of,
         )
     }

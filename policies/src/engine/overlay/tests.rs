@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Assigned, Refusal, Watch, Watches, overlay_of};
+use super::{Assigned, Needs, Refusal, Watch, Watches, overlay_of};
 use crate::writes::{Assign, AssignOp, Cmp, Guard, Record, RowOp, Val};
 
 const T: &str = "public.t";
@@ -41,8 +41,16 @@ fn key_of(op: &RowOp) -> Option<Vec<String>> {
     (text != "?").then_some(vec![text])
 }
 
+/// A read of `token` and `n` whose WHERE also compares `flag`.
+fn needs() -> Needs {
+    Needs {
+        outputs: vec!["token".to_owned(), "n".to_owned()],
+        filtered: vec!["flag".to_owned()],
+    }
+}
+
 fn overlay(records: &[Record], k: &str) -> Result<Assigned, Refusal> {
-    overlay_of(records, T, &[k.to_owned()], key_of)
+    overlay_of(records, T, &[k.to_owned()], &needs(), key_of)
 }
 
 fn assigned(pairs: &[(&str, Option<&str>)]) -> Assigned {
@@ -107,6 +115,7 @@ fn writes_that_depend_on_or_decide_the_base_image_make_none() {
     if let RowOp::Update { set, .. } = &mut cast {
         set[0].value.cast = Some("int8".to_owned());
     }
+    let filtered = set("1", &[("flag", Some("t"))]);
     let unknown = RowOp::Insert {
         table: T.to_owned(),
         columns: vec!["token".to_owned()],
@@ -118,6 +127,7 @@ fn writes_that_depend_on_or_decide_the_base_image_make_none() {
         (add, Refusal::Arithmetic),
         (guarded, Refusal::Guarded),
         (cast, Refusal::Cast),
+        (filtered, Refusal::Filtered),
         (unknown, Refusal::UnknownKey),
     ] {
         // Before or after the constant update: either way the result depends on it.
@@ -145,6 +155,7 @@ fn a_watch_keeps_later_writes_of_its_row_and_holds_the_first_it_cannot_overlay()
         id: 1,
         table: T.to_owned(),
         key: vec!["1".to_owned()],
+        needs: needs(),
         started: tokio::time::Instant::now(),
         records: Vec::new(),
         blocking: None,

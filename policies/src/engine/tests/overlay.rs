@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::Consistency;
-use crate::engine::overlay::{HOLD_LIMIT, Refusal};
+use crate::engine::overlay::{HOLD_LIMIT, Needs, Refusal};
 
 fn session() -> Harness {
     let flush = FlushConfig {
@@ -20,6 +20,14 @@ fn session() -> Harness {
 
 fn key(id: u32) -> Vec<String> {
     vec![id.to_string()]
+}
+
+/// A read of `v`.
+fn v() -> Needs {
+    Needs {
+        outputs: vec!["v".to_owned()],
+        filtered: Vec::new(),
+    }
 }
 
 /// Applies everything pending now, waiting for it.
@@ -40,7 +48,7 @@ async fn a_watch_overlays_constant_updates_and_holds_the_flush_before_a_delete()
     let update = h.defer("t", update("t", 1)).await.seq.unwrap_or(0);
     let id = h
         .engine
-        .watch_row("public.t", &key(1))
+        .watch_row("public.t", &key(1), v())
         .expect("overlayable");
     let v2 = vec![("v".to_owned(), Some("2".to_owned()))];
     assert_eq!(h.engine.overlay(id), Ok(v2.clone()));
@@ -73,17 +81,17 @@ async fn a_watch_refuses_inserts_and_deletes_and_lets_go_after_its_limit() {
     flushed(&h).await;
     h.defer("t", insert("t", 5)).await;
     assert_eq!(
-        h.engine.watch_row("public.t", &key(5)),
+        h.engine.watch_row("public.t", &key(5), v()),
         Err(Refusal::Insert)
     );
     let id = h
         .engine
-        .watch_row("public.t", &key(1))
+        .watch_row("public.t", &key(1), v())
         .expect("nothing pending");
     assert_eq!(h.engine.overlay(id), Ok(Vec::new()));
     let delete = h.defer("t", delete("t", 1)).await.seq.unwrap_or(0);
     assert_eq!(
-        h.engine.watch_row("public.t", &key(1)),
+        h.engine.watch_row("public.t", &key(1), v()),
         Err(Refusal::Delete)
     );
     let engine = h.engine.clone();

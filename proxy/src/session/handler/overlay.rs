@@ -9,8 +9,9 @@
 //! key of one deferred table and nothing else decides whether the row is in the
 //! result; its outputs are plain columns; the table has no BEFORE ROW trigger or rule
 //! and no foreign key action that another table's writes could fire, and is on a
-//! journal of this instance's own; and every pending write of the row is a constant
-//! UPDATE by key. Anything else waits, as before.
+//! journal of this instance's own; and every pending write of the row is an UPDATE by
+//! key that assigns the columns the read outputs only constants and the columns its
+//! WHERE compares nothing. Anything else waits, as before.
 //!
 //! Invariants:
 //! - Only the DataRows of the statement the overlay was armed for are rewritten: it
@@ -36,6 +37,7 @@ use crate::session::state::Outbox;
 use crate::write::convert::Bound;
 use crate::write::overlay::{Fields, overlayable_type};
 use crate::write::service::{Watched, WriteService};
+use spillway_policies::engine::overlay::{Assigned, Needs};
 
 /// Counts a read of a session-consistency table that its session's own pending
 /// writes concern, by outcome: `overlay` (answered with the row's pending writes
@@ -51,9 +53,6 @@ pub(super) struct Armed {
     id: u64,
     watched: Watched,
     fields: Fields,
-    /// The columns the WHERE compares: a write assigning one may move the row into or
-    /// out of the result.
-    filtered: Vec<String>,
     /// The row was answered with an error: the rest of the request is not the
     /// client's.
     failed: bool,
@@ -175,13 +174,17 @@ impl Caching {
         }) {
             return Err("generated_column");
         }
-        let watched = w.watch_row(name, &key).map_err(|_| "pending_writes")?;
-        let filtered: Vec<String> = point.equalities.iter().map(|(c, _)| c.clone()).collect();
+        let needs = Needs {
+            outputs: outputs.clone(),
+            filtered: point.equalities.iter().map(|(c, _)| c.clone()).collect(),
+        };
+        let watched = w
+            .watch_row(name, &key, needs)
+            .map_err(|_| "pending_writes")?;
         let armed = Armed {
             id: self.tracker.next_ready_index(),
             watched,
             fields,
-            filtered,
             failed: false,
             mismatch: false,
             at_bind: read_bind,
@@ -275,12 +278,9 @@ impl Armed {
         std::mem::take(&mut self.at_bind)
     }
 
-    fn assigned(&self) -> Result<spillway_policies::engine::overlay::Assigned, &'static str> {
+    fn assigned(&self) -> Result<Assigned, &'static str> {
         let assigned = self.watched.overlay().map_err(|_| "refused")?;
         for (column, _) in &assigned {
-            if self.filtered.contains(column) {
-                return Err("filtered_column");
-            }
             if let Some(f) = self.fields.fields.iter().find(|f| f.column == *column)
                 && !overlayable_type(f.type_oid)
             {
