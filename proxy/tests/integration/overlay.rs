@@ -19,12 +19,15 @@ use crate::write_behind::{direct_rows, tag};
 const TABLES: &str = "\
     CREATE TABLE public.ov (id int PRIMARY KEY, token text, n bigint NOT NULL DEFAULT 0, \
         flag bool, u uuid, code varchar(8), small int2, note numeric); \
-    INSERT INTO public.ov (id, token) SELECT g, 'base' || g FROM generate_series(1, 20) g;";
+    INSERT INTO public.ov (id, token) SELECT g, 'base' || g FROM generate_series(1, 20) g; \
+    CREATE TABLE public.lt (id bigint PRIMARY KEY, data text NOT NULL, version bigint NOT NULL); \
+    INSERT INTO public.lt SELECT g, 'new', 0 FROM generate_series(1, 20) g;";
 
 fn builder() -> ContextBuilder {
     Context::builder().before_proxy(TABLES).section(
         "[flush]\ninterval = \"1h\"\n\
-         [tables.\"public.ov\"]\npolicy = \"write-back\"\nconsistency = \"session\"\n",
+         [tables.\"public.ov\"]\npolicy = \"write-back\"\nconsistency = \"session\"\n\
+         [tables.\"public.lt\"]\npolicy = \"write-back\"\nconsistency = \"session\"\n",
     )
 }
 
@@ -306,4 +309,41 @@ async fn a_flush_landing_while_the_read_is_upstream_changes_nothing() {
     let err = read.await.expect("read").expect_err("40001");
     assert_eq!(err.code().map(|c| c.code()), Some("40001"), "{err:?}");
     assert_eq!(reads(&ctx, "overlay_failed").await, 1.0);
+}
+
+/// The load test's `mixed-session` (prepared statements, bigint keys, a counter beside
+/// the constant): every read of the session's own row is overlaid, none waits.
+#[tokio::test]
+async fn the_load_tests_session_writes_are_read_back_overlaid() {
+    let ctx = builder().start().await;
+    let client = ctx.proxy_client().await;
+    let write = client
+        .prepare("UPDATE lt SET data = $1, version = version + 1 WHERE id = $2")
+        .await
+        .expect("prepare write");
+    let read = client
+        .prepare("SELECT data FROM lt WHERE id = $1")
+        .await
+        .expect("prepare read");
+    for i in 0..5i64 {
+        let id = 7 + i % 2;
+        let token = format!("c0-{i}");
+        assert_eq!(
+            client.execute(&write, &[&token, &id]).await.expect("write"),
+            1
+        );
+        let row = client.query_one(&read, &[&id]).await.expect("read");
+        assert_eq!(row.get::<_, String>(0), token);
+    }
+    assert_eq!(reads(&ctx, "overlay").await, 5.0);
+    assert_eq!(reads(&ctx, "waited").await, 0.0);
+    assert_eq!(direct_rows(&ctx, "SELECT data FROM lt WHERE id = 7"), "new");
+    assert_eq!(tag(&client, "SPILLWAY FLUSH").await, 0);
+    assert_eq!(
+        direct_rows(
+            &ctx,
+            "SELECT string_agg(data || ':' || version, ',' ORDER BY id) FROM lt WHERE id IN (7, 8)"
+        ),
+        "c0-4:3,c0-3:2"
+    );
 }
