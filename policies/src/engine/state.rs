@@ -286,6 +286,7 @@ impl State {
             if self.pending.remove(seq).is_none() {
                 continue;
             }
+            self.watches.applied(*seq, record, &key_of);
             for op in &record.ops {
                 let key = key_of(op);
                 match &key {

@@ -3,9 +3,14 @@
 //! ([`overlay_of`]), and the rows being read with the writes that became pending
 //! since ([`Watches`]).
 //!
-//! Invariant: a watch holds the flusher only from the first write of its row that no
-//! overlay can include, and only while it is younger than [`HOLD_LIMIT`].
+//! Invariants:
+//! - A watch holds the flusher only from the first write of its row that no overlay
+//!   can include, and only while it is younger than [`HOLD_LIMIT`].
+//! - The row index holds exactly the pending records noted and not applied since
+//!   start (records replayed at start are not in it: `Engine::watch_row` refuses
+//!   while they are pending).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +55,8 @@ pub enum Refusal {
     /// A write of the row decided and not journaled yet: its sequence number may come
     /// before the writes pending now, and the flusher could not pass it.
     Deciding,
+    /// Records replayed at start are still pending (they are not indexed by row).
+    Replaying,
     /// The watch is gone, or held the flusher past [`HOLD_LIMIT`].
     Expired,
 }
@@ -131,21 +138,37 @@ impl Watch {
     }
 }
 
-/// The watches of the engine's state (under its lock).
+/// The watches of the engine's state (under its lock), and the index a watch starts
+/// from: the pending records of each row, and per table how many pending operations
+/// have a key spillway does not know (records replayed at start are not indexed).
 #[derive(Default)]
 pub struct Watches {
     pub(super) list: Vec<Watch>,
     pub(super) next_id: u64,
+    pub(super) rows: HashMap<(String, Vec<String>), Vec<u64>>,
+    unkeyed: HashMap<String, usize>,
 }
 
 impl Watches {
-    /// A record became pending: each watch of a row it writes keeps it.
+    /// A record became pending: indexed by the rows it writes, and each watch of a row
+    /// it writes keeps it.
     pub fn note(
         &mut self,
         seq: u64,
         record: &Arc<Record>,
         key_of: impl Fn(&RowOp) -> Option<Vec<String>>,
     ) {
+        for op in &record.ops {
+            match key_of(op) {
+                Some(k) => {
+                    let seqs = self.rows.entry((op.table().to_owned(), k)).or_default();
+                    if seqs.last() != Some(&seq) {
+                        seqs.push(seq);
+                    }
+                }
+                None => *self.unkeyed.entry(op.table().to_owned()).or_default() += 1,
+            }
+        }
         for w in &mut self.list {
             let mut writes = false;
             let mut blocks = false;
@@ -164,6 +187,48 @@ impl Watches {
                 w.blocking = Some(w.blocking.map_or(seq, |b| b.min(seq)));
             }
         }
+    }
+
+    /// A pending record was applied: out of the index.
+    pub fn applied(
+        &mut self,
+        seq: u64,
+        record: &Record,
+        key_of: impl Fn(&RowOp) -> Option<Vec<String>>,
+    ) {
+        for op in &record.ops {
+            match key_of(op) {
+                Some(k) => {
+                    let slot = (op.table().to_owned(), k);
+                    if let Some(seqs) = self.rows.get_mut(&slot) {
+                        seqs.retain(|s| *s != seq);
+                        if seqs.is_empty() {
+                            self.rows.remove(&slot);
+                        }
+                    }
+                }
+                None => {
+                    if let Some(n) = self.unkeyed.get_mut(op.table()) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sequence numbers of the pending records that write row `key` of `table`,
+    /// or `None` when a pending operation of the table has a key spillway does not
+    /// know.
+    pub fn row(&self, table: &str, key: &[String]) -> Option<Vec<u64>> {
+        if self.unkeyed.get(table).is_some_and(|n| *n > 0) {
+            return None;
+        }
+        Some(
+            self.rows
+                .get(&(table.to_owned(), key.to_vec()))
+                .cloned()
+                .unwrap_or_default(),
+        )
     }
 
     /// Whether the flusher must stop before record `seq`.

@@ -45,11 +45,17 @@ impl<C: Checks, L: Log> Engine<C, L> {
     pub fn watch_row(&self, table: &str, key: &[String], needs: Needs) -> Result<u64, Refusal> {
         let key_of = |op: &RowOp| self.key_of(op);
         let mut state = self.state();
-        let records: Vec<(u64, Arc<Record>)> = state
+        if state
             .pending
-            .iter()
-            .filter(|(_, r)| r.ops.iter().any(|op| op.table() == table))
-            .map(|(s, r)| (*s, r.clone()))
+            .first_key_value()
+            .is_some_and(|(s, _)| *s <= state.replayed_through)
+        {
+            return Err(Refusal::Replaying);
+        }
+        let seqs = state.watches.row(table, key).ok_or(Refusal::UnknownKey)?;
+        let records: Vec<(u64, Arc<Record>)> = seqs
+            .into_iter()
+            .filter_map(|s| state.pending.get(&s).map(|r| (s, r.clone())))
             .collect();
         overlay_of(
             records.iter().map(|(_, r)| r.as_ref()),

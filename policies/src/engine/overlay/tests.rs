@@ -182,3 +182,33 @@ fn a_watch_keeps_later_writes_of_its_row_and_holds_the_first_it_cannot_overlay()
     assert_eq!(watches.list[0].records.len(), 3);
     assert_eq!(watches.list[0].blocking, Some(7));
 }
+
+#[test]
+fn pending_records_are_indexed_by_row_until_applied() {
+    let mut watches = Watches::default();
+    let one = Arc::new(record(vec![set("1", &[("token", Some("a"))])]));
+    let both = Arc::new(record(vec![
+        set("1", &[("token", Some("b"))]),
+        set("2", &[("token", Some("c"))]),
+    ]));
+    watches.note(3, &one, key_of);
+    watches.note(4, &both, key_of);
+    let row = |w: &Watches, k: &str| w.row(T, &[k.to_owned()]);
+    assert_eq!(row(&watches, "1"), Some(vec![3, 4]));
+    assert_eq!(row(&watches, "2"), Some(vec![4]));
+    assert_eq!(row(&watches, "9"), Some(Vec::new()));
+    watches.applied(3, &one, key_of);
+    assert_eq!(row(&watches, "1"), Some(vec![4]));
+    // A pending write of the table whose key is not known: no row can be answered.
+    let unknown = Arc::new(record(vec![RowOp::Insert {
+        table: T.to_owned(),
+        columns: vec!["token".to_owned()],
+        values: vec![Val::plain(Some("?"))],
+    }]));
+    watches.note(5, &unknown, key_of);
+    assert_eq!(row(&watches, "9"), None);
+    watches.applied(5, &unknown, key_of);
+    watches.applied(4, &both, key_of);
+    assert_eq!(row(&watches, "1"), Some(Vec::new()));
+    assert!(watches.rows.is_empty(), "nothing left behind");
+}
