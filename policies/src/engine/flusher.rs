@@ -293,11 +293,12 @@ impl<C: Checks, L: Log> Engine<C, L> {
         let mut out = Vec::new();
         let mut ops = 0;
         let mut folded = HashSet::new();
+        // A read with an overlay holds the flush before a write of its row that no
+        // overlay can include (`overlay/`).
+        let hold_from = state.watches.hold_from().unwrap_or(u64::MAX);
         // Stops at the first gap: a record still completing its append.
         for (expected, (seq, record)) in (first..).zip(state.pending.range(first..)) {
-            // A read with an overlay holds the flush before a write of its row that
-            // no overlay can include (`overlay.rs`).
-            if *seq != expected || *seq > durable || state.watches.holds(*seq) {
+            if *seq != expected || *seq > durable || *seq >= hold_from {
                 break;
             }
             let weight = record

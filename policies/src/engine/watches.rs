@@ -233,8 +233,15 @@ impl Watches {
 
     /// Whether the flusher must stop before record `seq`.
     pub fn holds(&self, seq: u64) -> bool {
+        self.hold_from().is_some_and(|b| b <= seq)
+    }
+
+    /// The first record the flusher must not take, if a live watch holds one.
+    pub fn hold_from(&self) -> Option<u64> {
         self.list
             .iter()
-            .any(|w| w.blocking.is_some_and(|b| b <= seq) && w.live())
+            .filter(|w| w.live())
+            .filter_map(|w| w.blocking)
+            .min()
     }
 }

@@ -125,11 +125,14 @@ impl<C: Checks, L: Log> Engine<C, L> {
     /// it held may go on.
     pub fn unwatch(&self, id: u64) {
         let mut state = self.state();
-        let before = state.watches.list.len();
-        state.watches.list.retain(|w| w.id != id);
-        let released = state.watches.list.len() != before;
+        let mut held = false;
+        state.watches.list.retain(|w| {
+            held |= w.id == id && w.blocking.is_some();
+            w.id != id
+        });
         drop(state);
-        if released {
+        // Only a watch that held a write may have stopped a flush.
+        if held {
             self.wake.notify_one();
         }
     }
