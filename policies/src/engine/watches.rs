@@ -31,7 +31,8 @@ pub type Assigned = Vec<(String, Option<String>)>;
 pub struct Needs {
     /// The columns it outputs.
     pub outputs: Vec<String>,
-    /// The columns its WHERE compares (beyond the key, which no UPDATE assigns).
+    /// Columns no assignment of which it can take: those its WHERE compares (beyond
+    /// the key, which no UPDATE assigns), and outputs the caller cannot write.
     pub filtered: Vec<String>,
 }
 
@@ -47,8 +48,8 @@ pub enum Refusal {
     Guarded,
     /// A value with a client's cast, applied at the flush, for a column it outputs.
     Cast,
-    /// An assignment to a column the read's WHERE compares: the row may move into or
-    /// out of the result.
+    /// An assignment to a column the read's WHERE compares (the row may move into or
+    /// out of the result), or to an output the caller cannot write.
     Filtered,
     /// A write of the table whose key spillway does not know: it may be the row's.
     UnknownKey,

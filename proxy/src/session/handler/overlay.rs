@@ -174,9 +174,18 @@ impl Caching {
         }) {
             return Err("generated_column");
         }
+        // Columns no assignment of which the answer can take: those the WHERE compares,
+        // and outputs of a type spillway does not write.
+        let fixed = point.equalities.iter().map(|(c, _)| c.clone()).chain(
+            fields
+                .fields
+                .iter()
+                .filter(|f| !overlayable_type(f.type_oid))
+                .map(|f| f.column.clone()),
+        );
         let needs = Needs {
             outputs: outputs.clone(),
-            filtered: point.equalities.iter().map(|(c, _)| c.clone()).collect(),
+            filtered: fixed.collect(),
         };
         let watched = w
             .watch_row(name, &key, needs)
