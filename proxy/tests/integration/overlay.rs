@@ -347,3 +347,32 @@ async fn the_load_tests_session_writes_are_read_back_overlaid() {
         "c0-4:3,c0-3:2"
     );
 }
+
+/// One extended cycle with two reads of the same shape: only the overlaid one's row is
+/// rewritten; the second (a row the session did not write) waits for the flush, since
+/// the first is still upstream, and comes back as PostgreSQL has it.
+#[tokio::test]
+async fn in_a_pipelined_cycle_only_the_overlaid_reads_row_is_rewritten() {
+    use crate::context::{DB, USER};
+    use crate::wire::{Raw, bind, execute, parse, query, sync};
+    let ctx = builder().start().await;
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    raw.send(&query("UPDATE ov SET token = 'mine14' WHERE id = 14"))
+        .await;
+    raw.until(b'Z').await;
+    let mut cycle = parse("", "SELECT token FROM ov WHERE id = $1");
+    cycle.extend(bind("", "", &[Some("14")]));
+    cycle.extend(execute("", 0));
+    cycle.extend(bind("", "", &[Some("15")]));
+    cycle.extend(execute("", 0));
+    cycle.extend(sync());
+    raw.send(&cycle).await;
+    let msgs = raw.until(b'Z').await;
+    let rows: Vec<String> = msgs
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| String::from_utf8_lossy(m.body.get(6..).unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(rows, ["mine14", "base15"], "{msgs:?}");
+    assert_eq!(reads(&ctx, "overlay").await, 1.0);
+}
