@@ -26,6 +26,7 @@ pub const CLIENT_WRITES: &str = "spillway_client_writes_total";
 pub const FALLBACKS: &str = "spillway_fallbacks_total";
 pub const TRANSACTIONS: &str = "spillway_held_transactions_total";
 pub const HELD_READS: &str = "spillway_held_reads_total";
+pub const SESSION_READS: &str = "spillway_session_reads_total";
 pub const GUARDED_WRITES: &str = "spillway_guarded_writes_total";
 pub const UPSTREAM_STATEMENTS: &str = "spillway_upstream_statements_total";
 pub const PENDING_WRITES: &str = "spillway_pending_writes";
@@ -73,7 +74,7 @@ pub const POOL_WAITING: &str = "spillway_pool_waiting_sessions";
 
 /// Every metric name above, for the documentation and packaging checks (the operations
 /// guide and the Grafana dashboard may only name these); a unit test keeps it complete.
-pub const ALL: [&str; 50] = [
+pub const ALL: [&str; 51] = [
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_EVICTIONS,
@@ -84,6 +85,7 @@ pub const ALL: [&str; 50] = [
     FALLBACKS,
     TRANSACTIONS,
     HELD_READS,
+    SESSION_READS,
     GUARDED_WRITES,
     UPSTREAM_STATEMENTS,
     PENDING_WRITES,
@@ -216,6 +218,12 @@ fn describe() {
         HELD_READS,
         "Plain reads inside held transactions, by outcome: outside (answered outside \
          the transaction, which stays held) or why the read moved it upstream"
+    );
+    describe_counter!(
+        SESSION_READS,
+        "Reads of consistency = \"session\" tables while the session's own deferred \
+         writes are pending, by outcome: overlay (answered with the row's pending \
+         writes overlaid), overlay_failed (40001), waited (waited for the flush)"
     );
     describe_counter!(
         GUARDED_WRITES,

@@ -387,7 +387,11 @@ impl<C: Checks, L: Log> Engine<C, L> {
                     let at = state.assumed_through.entry(table).or_default();
                     *at = (*at).max(seq);
                 }
-                state.note_pending(seq, record);
+                // A shared log's follower may have made it pending already.
+                if !state.pending.contains_key(&seq) {
+                    state.note_pending(seq, record.clone());
+                    state.watches.note(seq, &record, |op| this.key_of(op));
+                }
             }
             order.finish(&mut state, result.is_ok());
             drop(state);

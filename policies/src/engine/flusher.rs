@@ -5,8 +5,8 @@
 //! `flush_batch` tracing span whose fields (records, rows, statements, through) say
 //! what it applied.
 //!
-//! Invariants (see the parent module): a contiguous prefix only, never past a gap or
-//! `durable_seq`, whole records (a client transaction is never split), up to
+//! Invariants (see the parent module): a contiguous prefix only, never past a gap,
+//! `durable_seq` or a write an overlaid read holds (`overlay.rs`), whole records (a client transaction is never split), up to
 //! `flush.batch_size` operations unless one record alone is larger; transient
 //! failures are retried with back-off (doubling from [`MIN_BACKOFF`] up to
 //! [`MAX_BACKOFF`]), and after one the ledger is read again before anything else is
@@ -293,9 +293,12 @@ impl<C: Checks, L: Log> Engine<C, L> {
         let mut out = Vec::new();
         let mut ops = 0;
         let mut folded = HashSet::new();
+        // A read with an overlay holds the flush before a write of its row that no
+        // overlay can include (`overlay/`).
+        let hold_from = state.watches.hold_from().unwrap_or(u64::MAX);
         // Stops at the first gap: a record still completing its append.
         for (expected, (seq, record)) in (first..).zip(state.pending.range(first..)) {
-            if *seq != expected || *seq > durable {
+            if *seq != expected || *seq > durable || *seq >= hold_from {
                 break;
             }
             let weight = record

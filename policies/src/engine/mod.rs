@@ -40,6 +40,7 @@ pub mod due;
 pub mod flusher;
 pub mod guards;
 pub mod keys;
+pub mod overlay;
 pub mod privileges;
 pub mod reads;
 pub mod room;
@@ -47,6 +48,7 @@ pub mod state;
 pub mod table;
 pub mod table_set;
 pub mod upstream;
+pub mod watches;
 
 #[cfg(test)]
 mod tests;
@@ -409,7 +411,9 @@ impl<C: Checks, L: Log> Engine<C, L> {
             return Ok(state::Applied::default());
         }
         state.reserve(&after);
-        state.note_pending(seq, Arc::new(record));
+        let record = Arc::new(record);
+        state.note_pending(seq, record.clone());
+        state.watches.note(seq, &record, |op| self.key_of(op));
         drop(state);
         if self.until_due().is_zero() {
             self.wake.notify_one();

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::watches::Watches;
 use crate::writes::{Record, RowOp};
 
 /// (table, canonical key): a key of the overlay.
@@ -79,12 +80,15 @@ pub struct State {
     /// ticket, in the order they were decided): what a guarded write of their keys
     /// decides against after the pending records (ADR 0035; records of one key are
     /// journaled in the order they were decided).
+    /// Tickets grow while any is live (each one past the last still deciding), so a
+    /// live ticket is never given twice.
     pub deciding: Vec<(u64, Vec<RowOp>)>,
-    pub next_ticket: u64,
     /// The highest sequence number applied and removed from `pending` (batches are
     /// contiguous prefixes): a guarded write's read that saw the ledger at or beyond
     /// it has every applied record in it (ADR 0035).
     pub applied_through: u64,
+    /// Rows being read with their pending writes overlaid (ADR 0039, `overlay.rs`).
+    pub watches: Watches,
 }
 
 /// Where a deferral's record is, for the deferrals of its keys decided after it.
@@ -133,9 +137,9 @@ impl State {
     /// A decided deferral's operations, until it settles ([`Self::decided`]); its
     /// ticket.
     pub fn deciding(&mut self, ops: Vec<RowOp>) -> u64 {
-        self.next_ticket += 1;
-        self.deciding.push((self.next_ticket, ops));
-        self.next_ticket
+        let ticket = self.deciding.last().map_or(0, |(t, _)| *t) + 1;
+        self.deciding.push((ticket, ops));
+        ticket
     }
 
     /// The deferral of `ticket` settled: pending now, or given up.
@@ -282,6 +286,7 @@ impl State {
             if self.pending.remove(seq).is_none() {
                 continue;
             }
+            self.watches.applied(*seq, record, &key_of);
             for op in &record.ops {
                 let key = key_of(op);
                 match &key {

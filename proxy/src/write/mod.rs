@@ -25,6 +25,7 @@ pub mod fallbacks;
 pub mod ledger;
 pub mod log;
 pub mod nats;
+pub mod overlay;
 pub mod params;
 pub mod returning;
 pub mod schema;

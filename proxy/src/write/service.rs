@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::Guard;
+use spillway_policies::engine::overlay::{Assigned, Needs, Refusal};
 use spillway_policies::engine::{self, KeyIndex, KeyStats, LedgerKey, Log};
 use spillway_policies::{FlushConfig, KeyIndexConfig};
 use sqlx::PgConnection;
@@ -246,6 +247,20 @@ impl WriteService {
         self.engine.barrier(tables, reads_only, own_seq)
     }
 
+    /// Starts an overlaid read of row `key` of `table` that `needs` these columns (ADR
+    /// 0039): its watch, or why the row's pending writes make no overlay. Never on a shared log: another
+    /// instance's flusher does not know this instance's watches.
+    pub fn watch_row(&self, table: &str, key: &[String], needs: Needs) -> Result<Watched, Refusal> {
+        if matches!(self.engine.log(), JournalLog::Nats(_)) {
+            return Err(Refusal::Expired);
+        }
+        let id = self.engine.watch_row(table, key, needs)?;
+        Ok(Watched {
+            engine: self.engine.clone(),
+            id,
+        })
+    }
+
     /// Returns once everything up to `seq` is applied upstream.
     pub async fn wait_applied(&self, seq: u64) -> Result<(), DeferError> {
         self.engine.wait_applied(seq).await
@@ -355,5 +370,24 @@ impl WriteService {
                     .set(on);
             }
         }
+    }
+}
+
+/// A row watched for an overlaid read; the watch ends when this is dropped.
+pub struct Watched {
+    engine: Arc<Engine>,
+    id: u64,
+}
+
+impl Watched {
+    /// The row's assigned columns now that PostgreSQL's image of it arrived.
+    pub fn overlay(&self) -> Result<Assigned, Refusal> {
+        self.engine.overlay(self.id)
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.engine.unwatch(self.id);
     }
 }

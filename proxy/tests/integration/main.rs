@@ -36,6 +36,7 @@ mod nats_cluster;
 mod nats_journal;
 mod nats_link;
 mod outage;
+mod overlay;
 mod packaging;
 mod pipelines;
 mod pool_faults;

@@ -13,6 +13,7 @@ mod flush;
 mod guards;
 mod held;
 mod keys;
+mod overlay;
 mod reload;
 mod room;
 mod upsert;

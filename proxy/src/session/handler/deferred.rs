@@ -63,17 +63,22 @@ impl Deferral {
 impl Caching {
     /// Routes a request with deferred tables in mind: `Some` when it is answered here
     /// or must first wait (the message is then Blocked), `None` to go on upstream.
-    /// `single`: the request's only statement, with its bound parameters and answer.
+    /// `single`: the request's only statement, with its bound parameters and answer;
+    /// `read`: the Bind of a lone read going upstream before its Sync (an overlay's
+    /// parameters and result formats).
     pub(super) fn route_writes(
         &mut self,
         analyses: &[&Analysis],
         single: Option<Single<'_>>,
+        read: Option<&Bound>,
         out: &mut Outbox,
     ) -> Option<Disposition> {
         let w = self.writes.as_ref()?.service.clone();
         if self.tx.held.is_some() {
             return self.route_held(analyses, single, out);
         }
+        let at_bind = single.is_none() && read.is_some();
+        let bound = single.as_ref().map(|s| s.bound).or(read);
         let mut single = single;
         if let [a] = analyses
             && matches!(a.statements.as_slice(), [s] if matches!(s.kind, Kind::Transaction(TxCommand::Begin { .. })))
@@ -116,10 +121,23 @@ impl Caching {
         if self.wait.passed_barrier() {
             return None;
         }
-        let target = self.barrier_target(&w, analyses, touch)?;
+        let target = self.barrier_target(&w, analyses, &touch)?;
         if self.link.detached {
             // The barrier would only precede a trip upstream that cannot happen.
             return Some(Disposition::NeedsUpstream);
+        }
+        // A read-your-writes point read goes upstream now, its row's pending writes
+        // overlaid on PostgreSQL's answer (`overlay.rs`), when they allow it.
+        if let [analysis] = analyses
+            && !full
+            && self.own_writes_pending(&w)
+        {
+            if self.try_overlay(&w, analysis, bound, &touch, at_bind, out) {
+                return None;
+            }
+            if matches!(analysis.statements.as_slice(), [s] if matches!(s.kind, Kind::Select)) {
+                super::overlay::counted("waited");
+            }
         }
         let write_through = full || self.wait.write_through();
         Some(self.barrier(target, write_through))
@@ -179,7 +197,7 @@ impl Caching {
         &self,
         w: &WriteService,
         analyses: &[&Analysis],
-        touch: Touch,
+        touch: &Touch,
     ) -> Option<u64> {
         let read_only = analyses.iter().all(|a| {
             !a.unanalysed
@@ -191,10 +209,17 @@ impl Caching {
         let names: Vec<String> = if touch.all || touch.linked_all {
             set.names().cloned().collect()
         } else {
-            touch.tables.into_iter().chain(touch.linked).collect()
+            touch.tables.iter().chain(&touch.linked).cloned().collect()
         };
         let own_seq = self.writes.as_ref().map_or(0, |d| d.own_seq);
         w.barrier(names.iter().map(String::as_str), read_only, own_seq)
+    }
+
+    /// The session's own deferred writes are not all applied yet (read-your-writes).
+    fn own_writes_pending(&self, w: &WriteService) -> bool {
+        self.writes
+            .as_ref()
+            .is_some_and(|d| d.own_seq > w.applied())
     }
 
     /// Blocks the current message until `target` is applied upstream; then it goes

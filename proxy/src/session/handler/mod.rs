@@ -20,6 +20,7 @@
 //! | deferred writes and barriers | `deferred.rs` |
 //! | held transactions | `held/` |
 //! | pipelined cycles of deferrable writes (executemany) | `pipeline.rs` |
+//! | read-your-writes point reads answered with pending writes overlaid | `overlay.rs` |
 //! | `SPILLWAY FLUSH` | `flush.rs` |
 //! | a detached session | `detached.rs` |
 //! | what a message waits for | `wait.rs` |
@@ -46,6 +47,7 @@ mod extended;
 mod fill;
 mod flush;
 mod held;
+mod overlay;
 mod pipeline;
 mod query;
 mod returning;
@@ -91,6 +93,12 @@ pub enum Delivery {
     /// A ReadyForQuery delivered with this transaction status instead of PostgreSQL's
     /// (a request sent while spillway holds the client's transaction: `held/`).
     Status(u8),
+    /// These bytes instead (a DataRow with the row's pending writes overlaid:
+    /// `overlay.rs`).
+    Replace(bytes::Bytes),
+    /// The session ends here (an overlaid read that cannot be answered in a pipelined
+    /// cycle: `overlay.rs`).
+    End,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -135,6 +143,8 @@ struct Caching {
     internal_done: Arc<Notify>,
     /// Whether the session still has its upstream connection, and may lose it.
     link: Link,
+    /// A read answered with its row's pending writes overlaid, on its way.
+    overlay: Option<Box<overlay::Armed>>,
 }
 
 impl Handler {
@@ -177,6 +187,7 @@ impl Handler {
                 quiet: Arc::new(Notify::new()),
                 internal_done: Arc::new(Notify::new()),
                 link: Link::default(),
+                overlay: None,
             })),
         }
     }
@@ -212,6 +223,12 @@ impl Handler {
             None => Delivery::Pass,
             Some(c) => c.on_backend(tag, Some(msg)),
         }
+    }
+
+    /// Whether a backend message too large to hold may pass through as it arrives: not
+    /// a row an overlaid read must rewrite (the session then ends instead).
+    pub fn may_stream(&self, tag: u8) -> bool {
+        tag != b'D' || self.caching.as_ref().is_none_or(|c| c.overlay.is_none())
     }
 
     /// A backend message too large to hold, passing through as it arrives.

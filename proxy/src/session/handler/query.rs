@@ -56,7 +56,7 @@ impl Caching {
                 bound: &bound,
                 answer: Answer::query(),
             };
-            if let Some(done) = self.route_writes(&[&analysis], Some(single), out) {
+            if let Some(done) = self.route_writes(&[&analysis], Some(single), None, out) {
                 return done;
             }
         }

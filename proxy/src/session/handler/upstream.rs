@@ -108,11 +108,15 @@ impl Caching {
             let status = held_status.or_else(|| msg.and_then(|m| m.get(5).copied()));
             self.request_ended(step.ready_id, status);
         }
-        match held_status {
+        let delivery = match held_status {
             _ if step.swallow => Delivery::Swallow,
             Some(status) => Delivery::Status(status),
             None => Delivery::Pass,
+        };
+        if self.overlay.is_some() {
+            return self.overlaid(tag, msg, step.ready_id, delivery);
         }
+        delivery
     }
 
     /// A ReadyForQuery ended the request `id` with transaction status `status`.

@@ -448,6 +448,12 @@ impl Relay {
                 // make PostgreSQL raise a 300 MB error). Of what spillway tracks, only
                 // an error's severity matters here, and PostgreSQL sends it first.
                 // (Only an ErrorResponse is this large: it passes the filter.)
+                if !self.handler.may_stream(h.tag) {
+                    return Err(SessionError::UpstreamProtocol {
+                        tag: char::from(h.tag),
+                        phase: "a read overlaid with pending writes (a row too large to hold)",
+                    });
+                }
                 filter.as_mut().map(|f| f.on_backend(h.tag));
                 if h.tag == backend::ERROR_RESPONSE
                     && backend::prefix_is_fatal(&inbuf[Header::SIZE..])
@@ -491,6 +497,13 @@ impl Relay {
                 Delivery::Pass => self.out.relay(msg),
                 Delivery::Swallow => self.out.swallow(msg),
                 Delivery::Status(status) => self.out.ready(status),
+                Delivery::Replace(bytes) => self.out.relay(&bytes),
+                Delivery::End => {
+                    return Err(SessionError::UpstreamProtocol {
+                        tag: char::from(h.tag),
+                        phase: "a pipelined read whose row could not be overlaid",
+                    });
+                }
             }
             inbuf.advance(h.total_len);
         }

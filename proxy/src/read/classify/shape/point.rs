@@ -21,6 +21,11 @@ use super::{Operand, Value};
 pub struct PointFilter {
     pub table: RelName,
     pub equalities: Vec<(String, Value)>,
+    /// The columns the result is, in order, when every output is a plain column of
+    /// the table and nothing but the equalities decides whether the row is in it (no
+    /// other conjunct, DISTINCT, GROUP BY, HAVING, window or locking clause): what an
+    /// overlaid read maps its row's fields by (ADR 0039). `None` otherwise.
+    pub outputs: Option<Vec<String>>,
 }
 
 impl PointFilter {
@@ -28,6 +33,12 @@ impl PointFilter {
     pub(in super::super) fn heap_bytes(&self) -> usize {
         self.table.name.len()
             + self.table.schema.as_ref().map_or(0, String::len)
+            + self
+                .outputs
+                .iter()
+                .flatten()
+                .map(|c| std::mem::size_of::<String>() + c.len())
+                .sum::<usize>()
             + self
                 .equalities
                 .iter()
@@ -60,8 +71,10 @@ pub(in super::super) fn of(top: &NodeEnum) -> Option<PointFilter> {
     let mut conjuncts = Vec::new();
     flatten_and(filter, &mut conjuncts);
     let mut equalities: Vec<(String, Value)> = Vec::new();
+    let mut only_equalities = true;
     for conjunct in conjuncts {
         let Ok((column, value)) = target.equality(conjunct) else {
+            only_equalities = false;
             continue;
         };
         // `col = NULL` selects nothing; a second equality on a column only narrows.
@@ -70,12 +83,35 @@ pub(in super::super) fn of(top: &NodeEnum) -> Option<PointFilter> {
             || matches!(value.operand, Operand::Clock(_))
             || equalities.iter().any(|(c, _)| c == column)
         {
+            only_equalities = false;
             continue;
         }
         equalities.push((column.to_owned(), value));
     }
+    let plain = only_equalities
+        && s.distinct_clause.is_empty()
+        && s.group_clause.is_empty()
+        && s.having_clause.is_none()
+        && s.window_clause.is_empty()
+        && s.locking_clause.is_empty();
+    let outputs = if plain { outputs(&target, s) } else { None };
     (!equalities.is_empty()).then_some(PointFilter {
         table: target.table,
         equalities,
+        outputs,
     })
+}
+
+/// The target list as plain columns of `target`, if it is one.
+fn outputs(target: &Target<'_>, s: &pg_query::protobuf::SelectStmt) -> Option<Vec<String>> {
+    s.target_list
+        .iter()
+        .map(|t| match t.node.as_ref() {
+            Some(NodeEnum::ResTarget(r)) => match r.val.as_ref().and_then(|v| v.node.as_ref()) {
+                Some(NodeEnum::ColumnRef(c)) => target.column(c).ok().map(str::to_owned),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }

@@ -361,7 +361,7 @@ impl Caching {
                         Routed::Elsewhere => {}
                     }
                 }
-                self.route_writes(&refs, single, out)
+                self.route_writes(&refs, single, None, out)
             }
         }
     }
@@ -408,6 +408,14 @@ impl Caching {
         out: &mut Outbox,
     ) -> Option<Disposition> {
         self.writes.as_ref()?;
+        // The Execute of the unnamed portal whose Bind armed an overlay: it already
+        // decided not to wait.
+        if tag == frontend::EXECUTE
+            && frontend::execute(frontend::body(msg)).is_some_and(|e| e.portal.is_empty())
+            && self.overlay.as_mut().is_some_and(|o| o.take_execute())
+        {
+            return None;
+        }
         let mut executed: Vec<Arc<Stmt>> = Vec::new();
         let mut unnamed = self.stmts.client_unnamed().cloned();
         // Those the cycle parsed upstream already, and those it still holds.
@@ -468,7 +476,18 @@ impl Caching {
         self.note_forwarded(&ran);
         let analyses: Vec<Arc<Analysis>> = executed.iter().map(|s| s.analysis.clone()).collect();
         let refs: Vec<&Analysis> = analyses.iter().map(AsRef::as_ref).collect();
-        self.route_writes(&refs, None, out)
+        // A lone Bind of the unnamed portal (a cacheable read goes upstream at its
+        // Bind): its parameters, for a read answered with an overlay.
+        let read = match (tag, executed.as_slice()) {
+            (frontend::BIND, [stmt]) => frontend::bind(frontend::body(msg))
+                .filter(|b| b.portal.is_empty())
+                .and_then(|b| {
+                    let params = frontend::bind_params(b.params_and_formats)?;
+                    Some(bound_of(stmt, params, b.result_formats))
+                }),
+            _ => None,
+        };
+        self.route_writes(&refs, None, read.as_ref(), out)
     }
 }
 

@@ -65,7 +65,7 @@ impl Caching {
         }
         if !self.wait.passed_barrier() {
             let touch = Touch::of(&w.tables(), catalog.as_deref(), &[analysis]);
-            if let Some(target) = self.barrier_target(&w, &[analysis], touch) {
+            if let Some(target) = self.barrier_target(&w, &[analysis], &touch) {
                 return Some(Some(self.barrier(target, false)));
             }
         }

@@ -150,6 +150,14 @@ impl Tracker {
             .any(|e| matches!(e, Expect::Ready { .. } | Expect::Execute { .. }))
     }
 
+    /// Executes whose answers are still to come.
+    pub fn executes_queued(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|e| matches!(e, Expect::Execute { .. }))
+            .count()
+    }
+
     /// A Close of statement `name` was forwarded: a Parse of it still awaiting its
     /// ParseComplete must not register it afterwards.
     pub fn forget_pending(&mut self, name: &str) {
