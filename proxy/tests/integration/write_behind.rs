@@ -465,3 +465,42 @@ async fn a_write_through_table_linked_by_a_foreign_key_waits_for_the_deferred_on
     });
     assert_eq!(count.as_deref(), Some("0"));
 }
+
+#[tokio::test]
+async fn a_key_in_a_one_element_in_list_is_deferred_like_an_equality() {
+    // Django's `instance.delete()` and `filter(pk__in=[one]).update(…)`.
+    let ctx = builder("1h").start().await;
+    ctx.psql_direct("INSERT INTO wb (id, v) VALUES (1, 'a'), (2, 'b'), (3, 'c')");
+    let proxy = ctx.proxy_client().await;
+    assert_eq!(
+        proxy
+            .execute("DELETE FROM \"wb\" WHERE \"wb\".\"id\" IN ($1)", &[&1i32])
+            .await
+            .expect("delete"),
+        1
+    );
+    assert_eq!(
+        tag(&proxy, "UPDATE wb SET v = 'z' WHERE id IN (2)").await,
+        1
+    );
+    assert_eq!(
+        tag(&proxy, "UPDATE wb SET v = 'y' WHERE id IN (9)").await,
+        0
+    );
+    assert_eq!(
+        direct_rows(
+            &ctx,
+            "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM wb"
+        ),
+        "1:a,2:b,3:c",
+        "journaled, not run: PostgreSQL does not have them before the flush"
+    );
+    tag(&proxy, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct_rows(
+            &ctx,
+            "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM wb"
+        ),
+        "2:z,3:c"
+    );
+}

@@ -172,7 +172,9 @@ impl<'a> Target<'a> {
         }
     }
 
-    /// One `col = value` (or `value = col`) conjunct.
+    /// One `col = value` (or `value = col`) conjunct, or `col IN (value)` with one
+    /// value, which PostgreSQL's parser turns into that same `=` (`transformAExprIn`
+    /// builds the operator of `col = value` for a lone element).
     pub(super) fn equality<'n>(
         &self,
         conjunct: &'n NodeEnum,
@@ -181,6 +183,14 @@ impl<'a> Target<'a> {
         let NodeEnum::AExpr(e) = conjunct else {
             return Err(not_key());
         };
+        if let Some(single) = in_one(e) {
+            let Some(NodeEnum::ColumnRef(col)) = node(e.lexpr.as_deref()) else {
+                return Err(not_key());
+            };
+            let column = self.column(col)?;
+            let val = value(Some(single), r::WHERE_NOT_KEY_EQUALITY)?;
+            return Ok((column, val));
+        }
         let (Some("="), Some(left), Some(right)) = (
             binary_operator(e),
             node(e.lexpr.as_deref()),
@@ -214,6 +224,26 @@ pub(super) fn flatten_and<'n>(filter: &'n NodeEnum, out: &mut Vec<&'n NodeEnum>)
             }
         }
         other => out.push(other),
+    }
+}
+
+/// The one element of `l IN (element)` (not `NOT IN`, whose operator is `<>`).
+fn in_one(e: &AExpr) -> Option<&NodeEnum> {
+    if e.kind != AExprKind::AexprIn as i32 || e.lexpr.is_none() {
+        return None;
+    }
+    let [only] = e.name.as_slice() else {
+        return None;
+    };
+    if !matches!(only.node.as_ref(), Some(NodeEnum::String(s)) if s.sval == "=") {
+        return None;
+    }
+    let Some(NodeEnum::List(list)) = node(e.rexpr.as_deref()) else {
+        return None;
+    };
+    match list.items.as_slice() {
+        [item] => item.node.as_ref(),
+        _ => None,
     }
 }
 

@@ -195,6 +195,22 @@ fn accepted_updates_and_deletes() {
             "UPDATE t SET v = $1 WHERE $2 = id",
             upd("t", vec![("v", Set(param(1)))], vec![("id", param(2))]),
         ),
+        // Django's `instance.delete()` and `filter(pk__in=[one])`: a one-element IN
+        // is PostgreSQL's `=`.
+        (
+            "UPDATE t SET v = $1 WHERE t.id IN ($2)",
+            upd("t", vec![("v", Set(param(1)))], vec![("id", param(2))]),
+        ),
+        (
+            "DELETE FROM \"t\" WHERE \"t\".\"id\" IN ('s001') AND v > 2",
+            WriteShape::Delete {
+                table: rel("t"),
+                only: false,
+                key: named(vec![("id", lit("s001"))]),
+                compared: vec![("v".to_owned(), Compare::Gt, lit("2"))],
+                returning: Vec::new(),
+            },
+        ),
         (
             "UPDATE s.t SET n = n + 1, m = m - $2, k = 1 + k, v = NULL WHERE a = $1::int8 AND (b = 'x' AND s.t.c = -3)",
             upd(
@@ -469,6 +485,11 @@ fn rejected_forms() {
         // WHERE.
         ("UPDATE t SET v = 1 WHERE id = 1 OR id = 2", r::WHERE_NOT_KEY_EQUALITY),
         ("DELETE FROM t WHERE id IN (1, 2)", r::WHERE_NOT_KEY_EQUALITY),
+        ("DELETE FROM t WHERE id NOT IN (1)", r::WHERE_NOT_KEY_EQUALITY),
+        ("DELETE FROM t WHERE 1 IN (id)", r::WHERE_NOT_KEY_EQUALITY),
+        ("DELETE FROM t WHERE id IN (v)", r::WHERE_NOT_KEY_EQUALITY),
+        ("DELETE FROM t WHERE id IN (1 + 1)", r::WHERE_NOT_KEY_EQUALITY),
+        ("DELETE FROM t WHERE id IN (NULL)", r::NULL_KEY),
         ("DELETE FROM t WHERE id = ANY($1)", r::WHERE_NOT_KEY_EQUALITY),
         ("DELETE FROM t WHERE id IS NULL", r::WHERE_NOT_KEY_EQUALITY),
         ("DELETE FROM t WHERE id BETWEEN 1 AND 5", r::WHERE_NOT_KEY_EQUALITY),
@@ -584,4 +605,24 @@ fn shape_counts_in_the_memo_weight() {
     // A rejected shape holds no heap; the key of an accepted one does.
     let rejected = analyze("DELETE FROM t WHERE id IN (1, 2)").approx_bytes();
     assert!(rejected < small);
+}
+
+#[test]
+fn one_element_in_is_equality() {
+    for (with_in, with_eq) in [
+        (
+            "DELETE FROM t WHERE id IN (now())",
+            "DELETE FROM t WHERE id = now()",
+        ),
+        (
+            "UPDATE t SET v = 1 WHERE id IN ($1::int8) AND version = $2",
+            "UPDATE t SET v = 1 WHERE id = $1::int8 AND version = $2",
+        ),
+        (
+            "DELETE FROM t WHERE id IN ((SELECT 1))",
+            "DELETE FROM t WHERE id = (SELECT 1)",
+        ),
+    ] {
+        assert_eq!(shape(with_in), shape(with_eq), "{with_in}");
+    }
 }
