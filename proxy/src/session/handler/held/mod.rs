@@ -199,7 +199,7 @@ impl Caching {
         };
         // A plain read that cannot observe the held writes: answered outside the
         // transaction, which stays held (`reads.rs`).
-        if let Some(routed) = self.held_read(analysis) {
+        if let Some(routed) = self.held_read(analysis, single.bound) {
             return routed;
         }
         Some(self.hold_statement(analysis, single, out))
