@@ -115,9 +115,22 @@ fn operations(
             Ok(converted)
         }
         WriteShape::Update {
-            set, key, compared, ..
-        } => update(set, key, compared, table, bound, settings),
-        WriteShape::Delete { key, compared, .. } => {
+            set,
+            key,
+            compared,
+            one_of,
+            returning,
+            ..
+        } => each_key(key, one_of.as_ref(), returning, table, |key| {
+            update(set, key, compared, table, bound, settings)
+        }),
+        WriteShape::Delete {
+            key,
+            compared,
+            one_of,
+            returning,
+            ..
+        } => each_key(key, one_of.as_ref(), returning, table, |key| {
             let (key, guard) = guarded(key, compared, table, bound, settings)?;
             let (key_vals, canon) = key_values(&key, table, bound, settings)?;
             Ok(Converted {
@@ -131,8 +144,50 @@ fn operations(
                 if_exists: None,
                 returning: None,
             })
+        }),
+    }
+}
+
+/// An UPDATE or DELETE by `key`, or, with `WHERE … AND k IN (v1, v2, …)` (`one_of`, a
+/// primary-key column), one operation per value's key, in the list's order, each
+/// converted as `k = vi` would be; a key given twice is written once, as PostgreSQL
+/// writes each row once (ADR 0038). Such a statement's RETURNING is not answered:
+/// its rows are those of the operations that write, which [`Returning`] does not
+/// select.
+fn each_key(
+    key: &[(String, Value)],
+    one_of: Option<&(String, Vec<Value>)>,
+    returning: &[crate::read::classify::Returned],
+    table: &DeferredTable,
+    one: impl Fn(&[(String, Value)]) -> Result<Converted, Fallback>,
+) -> Result<Converted, Fallback> {
+    let Some((column, values)) = one_of else {
+        return one(key);
+    };
+    if !table.meta.key.contains(column) {
+        return Err(Fallback::WhereNotPrimaryKey);
+    }
+    if !returning.is_empty() {
+        return Err(returning::UNKNOWN);
+    }
+    let mut all: Option<Converted> = None;
+    for v in values {
+        let mut pairs = key.to_vec();
+        pairs.push((column.clone(), v.clone()));
+        let c = one(&pairs)?;
+        match &mut all {
+            None => all = Some(c),
+            Some(all) => {
+                for (op, k) in c.ops.into_iter().zip(c.keys) {
+                    if !all.keys.contains(&k) {
+                        all.ops.push(op);
+                        all.keys.push(k);
+                    }
+                }
+            }
         }
     }
+    all.ok_or(Fallback::WhereNotPrimaryKey)
 }
 
 /// `INSERT INTO t (columns) VALUES rows…`: one operation per row, each with its key.
