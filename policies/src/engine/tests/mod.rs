@@ -358,7 +358,7 @@ pub fn table(
         not_null: Vec::new(),
         required: Vec::new(),
         defaults: Default::default(),
-        enum_types: Vec::new(),
+        enum_types: HashMap::new(),
         pkey_name: format!("{name}_pkey"),
         exists_sql: String::new(),
         columns: Vec::new(),

@@ -198,9 +198,9 @@ pub fn answer(
                 .ok_or(UNKNOWN)?;
             let value = match text {
                 None => None,
-                // An enum's value is its label (a valid one: only constant defaults,
-                // which PostgreSQL checked, reach here; `convert` refuses enum values).
-                Some(text) if table.enum_types.contains(&c.type_oid) => Some(
+                // An enum's value is its label (a valid one: constant defaults, which
+                // PostgreSQL checked, and values `convert` found among the labels).
+                Some(text) if table.enum_types.contains_key(&c.type_oid) => Some(
                     Known::Text((*text).to_owned())
                         .encode(c.type_oid, *format == 1)
                         .ok_or(UNKNOWN)?,
