@@ -15,7 +15,7 @@ const SCHEMA: &str = "CREATE TYPE mood AS ENUM ('ok', 'sad'); \
         iv interval, by bytea, m mood, nn text NOT NULL DEFAULT 'x');";
 
 /// (column, value as SQL) pairs PostgreSQL refuses.
-const BAD: [(&str, &str); 52] = [
+const BAD: [(&str, &str); 54] = [
     ("i2", "'40000'"),
     ("i2", "40000"),
     ("i2", "'-32769'"),
@@ -55,6 +55,8 @@ const BAD: [(&str, &str); 52] = [
     ("d", "'2024-13-01'"),
     ("t", "'25:00'"),
     ("t", "'12:60'"),
+    ("t", "'9:60'"),
+    ("ts", "'2024-02-30 9:00'"),
     ("ts", "'2024-01-01 24:00:01'"),
     ("ts", "'2024-04-31 10:00'::timestamp"),
     ("tz", "'garbage'"),
@@ -147,18 +149,26 @@ async fn bad_values_get_postgres_sqlstate_and_are_not_journaled() {
         )
         .await
         .expect("good row");
+    // An hour in one digit (knex passes `9:30` on as the application wrote it).
+    proxy
+        .batch_execute("INSERT INTO bad (id, t, ts) VALUES (2, '9:30', '2024-03-30 9:05:01.5')")
+        .await
+        .expect("good row");
     let metrics = scrape(ctx.proxy.metrics_addr()).await;
     let deferred = sample(
         &metrics,
         "spillway_client_writes_total",
         "table=\"public.bad\",policy=\"write-behind\"",
     );
-    assert_eq!(deferred, 1.0, "only the good row is journaled:\n{metrics}");
+    assert_eq!(
+        deferred, 2.0,
+        "only the good rows are journaled:\n{metrics}"
+    );
     let pending = proxy
         .query_one("SELECT count(*) FROM bad", &[])
         .await
         .expect("count");
-    assert_eq!(pending.get::<_, i64>(0), 1);
+    assert_eq!(pending.get::<_, i64>(0), 2);
     // The enum's label, applied with the column's type (ADR 0038).
     assert_eq!(
         ctx.psql_direct("SELECT m FROM bad WHERE id = 1").trim(),
