@@ -15,7 +15,7 @@ const SCHEMA: &str = "CREATE TYPE mood AS ENUM ('ok', 'sad'); \
         iv interval, by bytea, m mood, nn text NOT NULL DEFAULT 'x');";
 
 /// (column, value as SQL) pairs PostgreSQL refuses.
-const BAD: [(&str, &str); 54] = [
+const BAD: [(&str, &str); 58] = [
     ("i2", "'40000'"),
     ("i2", "40000"),
     ("i2", "'-32769'"),
@@ -62,6 +62,10 @@ const BAD: [(&str, &str); 54] = [
     ("tz", "'garbage'"),
     ("tz", "'2024-02-30 10:00:00+00'::timestamptz"),
     ("iv", "'1 fortnight'"),
+    ("iv", "'1 day 2 days'"),
+    ("iv", "'0:60:00'"),
+    ("iv", "'1.5 secs 7 milliseconds'"),
+    ("iv", "'0:01:01 250 microseconds'"),
     ("by", "'\\x1'"),
     ("by", "'\\q'"),
     ("m", "'happy'"),
@@ -151,7 +155,10 @@ async fn bad_values_get_postgres_sqlstate_and_are_not_journaled() {
         .expect("good row");
     // An hour in one digit (knex passes `9:30` on as the application wrote it).
     proxy
-        .batch_execute("INSERT INTO bad (id, t, ts) VALUES (2, '9:30', '2024-03-30 9:05:01.5')")
+        .batch_execute(
+            "INSERT INTO bad (id, t, ts, iv) \
+             VALUES (2, '9:30', '2024-03-30 9:05:01.5', '1 day 0:01:01.25'::interval)",
+        )
         .await
         .expect("good row");
     let metrics = scrape(ctx.proxy.metrics_addr()).await;

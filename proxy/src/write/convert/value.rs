@@ -97,6 +97,11 @@ pub(super) fn value(
                 Fallback::ParameterType
             });
         }
+        // An interval column with a precision or fields (`interval(0)`, `interval day`)
+        // rounds or truncates: not converted here.
+        if to == datetime::INTERVAL && to_mod != -1 {
+            return Err(Fallback::DatetimeValue);
+        }
         if params::is_datetime_type(to) {
             text = datetime::canonical(&text, from, to, settings).ok_or(Fallback::DatetimeValue)?;
             continue;

@@ -220,6 +220,7 @@ pub const TIME: u32 = 1083;
 pub const TIMESTAMP: u32 = 1114;
 pub const TIMESTAMPTZ: u32 = 1184;
 pub const TIMETZ: u32 = 1266;
+pub const INTERVAL: u32 = 1186;
 
 /// `text` of type `from` (the parameter's or literal's type: one of the four above,
 /// or the column's) as the canonical text of column type `to`, or `None`.
@@ -251,6 +252,7 @@ pub fn canonical(text: &str, from: u32, to: u32, settings: Settings<'_>) -> Opti
             let (d, tm) = shift(d, tm, offset)?;
             Some(format!("{} {}+00", d.text(), tm.text()))
         }
+        INTERVAL if from == INTERVAL => interval::canonical(t),
         _ => None,
     }
 }
@@ -445,6 +447,8 @@ fn shift(d: Date, tm: Time, offset: i64) -> Option<(Date, Time)> {
         },
     ))
 }
+
+mod interval;
 
 #[cfg(test)]
 mod tests;
