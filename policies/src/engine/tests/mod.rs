@@ -16,6 +16,7 @@ mod keys;
 mod reload;
 mod room;
 mod upsert;
+mod upsert_returning;
 
 pub use log::MemoryLog;
 
@@ -378,6 +379,8 @@ fn one(verb: Verb, op: RowOp, id: u32) -> Converted {
         keys,
         if_exists,
         returning,
+        stored: Vec::new(),
+        told: None,
     }
 }
 

@@ -66,6 +66,7 @@ pub fn convert(
 ) -> Result<Converted, Fallback> {
     let mut converted = operations(shape, table, bound, settings, reserved)?;
     converted.returning = returning::answer(shape, table, bound, &converted.ops, settings)?;
+    let mut stored = Vec::new();
     // An upsert's RETURNING is answered only when it is the same whichever way each
     // row goes: DO UPDATE rows return what the UPDATE supplies (the key, `c =
     // EXCLUDED.c`), and rows DO NOTHING skips leave no gap only in a one-row statement.
@@ -87,10 +88,16 @@ pub fn convert(
                     .as_ref()
                     == Some(answer)
         };
+        // DO UPDATE rows returning columns it leaves as stored: their values come from
+        // what the engine knows of each row (ADR 0038).
         if !same {
-            return Err(returning::UNKNOWN);
+            let mut answer = answer.clone();
+            stored = returning::on_update(&mut answer, table, &updates, settings)
+                .ok_or(returning::UNKNOWN)?;
+            converted.returning = Some(answer);
         }
     }
+    converted.stored = stored;
     Ok(converted)
 }
 
@@ -143,6 +150,8 @@ fn operations(
                 keys: vec![canon],
                 if_exists: None,
                 returning: None,
+                stored: Vec::new(),
+                told: None,
             })
         }),
     }
@@ -286,6 +295,8 @@ fn insert(
         keys,
         if_exists: None,
         returning: None,
+        stored: Vec::new(),
+        told: None,
     })
 }
 
@@ -431,6 +442,8 @@ fn update(
         keys: vec![canon],
         if_exists: None,
         returning: None,
+        stored: Vec::new(),
+        told: None,
     })
 }
 
