@@ -153,3 +153,60 @@ async fn stored_columns_are_returned_as_postgres_returns_them() {
         "5|7"
     );
 }
+
+/// A held transaction that answered stored values and then moves upstream (a read
+/// that calls a function): its upsert is replayed only over the values given — the
+/// same row goes on upstream; a row another session changed meanwhile makes the
+/// replay update nothing, and the client gets 40001 with nothing written.
+#[tokio::test]
+async fn a_replay_checks_the_stored_values_it_gave() {
+    let ctx = Context::builder()
+        .before_proxy(SCHEMA)
+        .section("[flush]\ninterval = \"1h\"\n[tables.\"public.ur\"]\npolicy = \"write-back\"\n")
+        .start()
+        .await;
+    let proxy = ctx.proxy_client().await;
+    proxy
+        .batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("zone");
+    proxy.batch_execute("BEGIN").await.expect("begin");
+    let told = rows(&proxy, &upsert("fixed", 2)).await.expect("upsert");
+    assert_eq!(told[0][1].as_deref(), Some("7"));
+    // Upstream now: the replay's DO UPDATE finds the values given.
+    let now = rows(
+        &proxy,
+        "SELECT value, n FROM ur WHERE name = 'fixed' AND now() > '2000-01-01'",
+    )
+    .await
+    .expect("moved upstream");
+    assert_eq!(now, vec![vec![Some("2".to_owned()), Some("7".to_owned())]]);
+    proxy.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(
+        ctx.psql_direct("SELECT value FROM ur WHERE name = 'fixed'")
+            .trim(),
+        "2"
+    );
+
+    proxy.batch_execute("BEGIN").await.expect("begin");
+    let told = rows(&proxy, &upsert("fixed", 3)).await.expect("upsert");
+    assert_eq!(told[0][1].as_deref(), Some("7"));
+    let other = ctx.proxy_client().await;
+    other
+        .batch_execute("UPDATE ur SET n = 9 WHERE name = 'fixed'")
+        .await
+        .expect("other session");
+    let moved = rows(
+        &proxy,
+        "SELECT value FROM ur WHERE name = 'fixed' AND now() > '2000-01-01'",
+    )
+    .await;
+    assert_eq!(moved.err().as_deref(), Some("40001"));
+    let _ = proxy.batch_execute("ROLLBACK").await;
+    proxy.batch_execute("SPILLWAY FLUSH").await.expect("flush");
+    assert_eq!(
+        ctx.psql_direct("SELECT value, n FROM ur WHERE name = 'fixed'")
+            .trim(),
+        "2|9"
+    );
+}
