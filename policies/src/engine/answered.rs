@@ -34,7 +34,10 @@ impl<C: Checks, L: Log> Engine<C, L> {
         known: &mut Known,
         rows: &mut Rows,
     ) -> Result<(MutexGuard<'_, State>, Indexed), DeferError> {
-        let guarded = guards::any_guard(stmts.iter().flat_map(|s| s.converted.ops.iter()));
+        // Guarded writes (ADR 0035) and upserts returning stored columns (ADR 0038)
+        // read their rows.
+        let guarded = guards::any_guard(stmts.iter().flat_map(|s| s.converted.ops.iter()))
+            || stmts.iter().any(|s| !s.converted.stored.is_empty());
         loop {
             let outside = self.outside_writes();
             let (since, missing) = {

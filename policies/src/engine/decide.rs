@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::DeferError;
-use super::guards::{self, Rows, Verdict};
+use super::guards::{self, Rows, Stored, Verdict};
 use super::state::{Known, Slot, State};
 use super::table::{DeferredTable, Verb};
 use crate::RowCounts;
@@ -31,6 +31,16 @@ pub struct Converted<R = ()> {
     /// it does instead when its key exists. `None` for every other statement.
     pub if_exists: Option<Vec<IfExists>>,
     pub returning: Option<R>,
+    /// `INSERT … ON CONFLICT (primary key) DO UPDATE … RETURNING` of columns the DO
+    /// UPDATE does not assign (ADR 0038): a row that takes DO UPDATE returns them as
+    /// stored, decided from what spillway knows of the row (`guards::stored`) and
+    /// handed back in [`Outcome::stored`]. Empty for every other statement.
+    pub stored: Vec<String>,
+    /// In a held transaction, the stored values its client was given for this
+    /// statement (per operation that took DO UPDATE): decided again later (the next
+    /// statements, COMMIT), they must be the same, else the answer changed
+    /// ([`DeferError::Diverged`], 40001), as for row counts.
+    pub told: Option<Vec<(usize, Vec<Option<String>>)>>,
 }
 
 /// What an `INSERT … ON CONFLICT (primary key)` row does when its key exists: nothing
@@ -86,6 +96,9 @@ pub struct Outcome {
     pub rows: usize,
     /// Per operation of the statement, in order: whether it writes a row.
     pub applied: Vec<bool>,
+    /// Per operation that took DO UPDATE ([`Converted::stored`]): the stored values of
+    /// those columns, in their order (`None`: NULL).
+    pub stored: Vec<(usize, Vec<Option<String>>)>,
 }
 
 /// A held transaction's answer at COMMIT.
@@ -94,7 +107,13 @@ pub struct TxOutcome {
     /// The journal record, or `None` when nothing was written.
     pub seq: Option<u64>,
     pub applied: Applied,
+    /// Per (statement, operation): [`Outcome::stored`].
+    pub stored: StoredValues,
 }
+
+/// Per (statement, operation) that took DO UPDATE with [`Converted::stored`] columns:
+/// their stored values.
+pub type StoredValues = Vec<(usize, usize, Vec<Option<String>>)>;
 
 /// What a run of statements writes.
 pub(super) struct Decision {
@@ -105,6 +124,8 @@ pub(super) struct Decision {
     /// Guarded operations' keys whose columns need a point read first (ADR 0035): the
     /// decision is not final while this is not empty.
     pub unread: Vec<(Slot, Vec<String>)>,
+    /// [`TxOutcome::stored`].
+    pub stored: StoredValues,
 }
 
 pub(super) type Tables = HashMap<String, Arc<DeferredTable>>;
@@ -126,7 +147,7 @@ pub(super) fn decide_preview<R>(
     tables: &Tables,
     known: &Known,
     rows: &Rows,
-) -> Result<Applied, DeferError> {
+) -> Result<(Applied, StoredValues), DeferError> {
     // A key an earlier statement inserted was written by another session since: the
     // earlier answer no longer holds (not this statement's duplicate key).
     if let [earlier @ .., _] = stmts
@@ -138,7 +159,8 @@ pub(super) fn decide_preview<R>(
             "another session wrote a key this transaction inserted ({detail})"
         )));
     }
-    final_decision(decide(state, indexed, stmts, tables, known, rows)?).map(|d| d.applied)
+    final_decision(decide(state, indexed, stmts, tables, known, rows)?)
+        .map(|d| (d.applied, d.stored))
 }
 
 /// `d`, which must not need reads any more (the callers read under the lock that
@@ -171,7 +193,8 @@ pub(super) fn decide<R>(
     let mut own: HashMap<Slot, Vec<&RowOp>> = HashMap::new();
     let mut applied = Vec::with_capacity(stmts.len());
     let mut ops = Vec::new();
-    for s in stmts {
+    let mut stored: StoredValues = Vec::new();
+    for (si, s) in stmts.iter().enumerate() {
         let t = tables
             .get(&s.table)
             .ok_or_else(|| DeferError::NotDeferred(s.table.clone()))?;
@@ -199,6 +222,19 @@ pub(super) fn decide<R>(
                     }
                     (true, IfExists::Nothing) => flags.push(false),
                     (true, IfExists::Update(update)) => {
+                        // RETURNING of columns DO UPDATE leaves as stored (ADR 0038).
+                        if !s.converted.stored.is_empty() {
+                            let mine = own.get(&slot).map_or(&[][..], Vec::as_slice);
+                            let columns: Vec<&str> =
+                                s.converted.stored.iter().map(String::as_str).collect();
+                            match guards::stored(state, rows, &slot, t, &columns, mine) {
+                                Stored::Values(v) => stored.push((si, i, v)),
+                                Stored::Unread(columns) => unread.push((slot.clone(), columns)),
+                                Stored::Unknown => {
+                                    return Err(DeferError::RowUnknown(s.table.clone()));
+                                }
+                            }
+                        }
                         ops.push(update.clone());
                         own.entry(slot.clone()).or_default().push(update);
                         after.insert(slot, true);
@@ -245,12 +281,27 @@ pub(super) fn decide<R>(
             ops.push(op.clone());
         }
         applied.push(flags);
+        if let Some(told) = &s.converted.told {
+            let now: Vec<(usize, Vec<Option<String>>)> = stored
+                .iter()
+                .filter(|(i, _, _)| *i == si)
+                .map(|(_, op, v)| (*op, v.clone()))
+                .collect();
+            if *told != now && unread.is_empty() {
+                return Err(DeferError::Diverged(
+                    "a row an INSERT … ON CONFLICT DO UPDATE returned changed before COMMIT \
+                     (another session wrote it); nothing was written"
+                        .to_owned(),
+                ));
+            }
+        }
     }
     Ok(Decision {
         applied,
         ops,
         after,
         unread,
+        stored,
     })
 }
 

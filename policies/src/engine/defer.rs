@@ -35,7 +35,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::answered::{indexed, unanswered};
 use super::decide::{
-    self, Applied, Converted, Decision, Outcome, Tables, TxOutcome, TxStatement, exact,
+    self, Applied, Converted, Decision, Outcome, StoredValues, Tables, TxOutcome, TxStatement,
+    exact,
 };
 use super::guards::{self, Rows};
 use super::state::{Known, Reserved, Settlement, Slot, State};
@@ -146,6 +147,12 @@ impl<C: Checks, L: Log> Engine<C, L> {
             seq: out.seq,
             rows: applied.iter().filter(|a| **a).count(),
             applied,
+            stored: out
+                .stored
+                .into_iter()
+                .filter(|(s, _, _)| *s == 0)
+                .map(|(_, op, values)| (op, values))
+                .collect(),
         })
     }
 
@@ -157,7 +164,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
         user: &str,
         stmts: &[TxStatement<R>],
         known: &mut Known,
-    ) -> Result<Applied, DeferError> {
+    ) -> Result<(Applied, StoredValues), DeferError> {
         if let Some(cause) = self.poisoned.get() {
             return Err(DeferError::Stopped(cause.clone()));
         }
@@ -175,7 +182,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
         user: &str,
         stmts: &[TxStatement<R>],
         known: &Known,
-    ) -> Option<Result<Applied, DeferError>> {
+    ) -> Option<Result<(Applied, StoredValues), DeferError>> {
         if let Some(cause) = self.poisoned.get() {
             return Some(Err(DeferError::Stopped(cause.clone())));
         }
@@ -192,7 +199,9 @@ impl<C: Checks, L: Log> Engine<C, L> {
             }
         }
         // A guarded write reads its row first (ADR 0035).
-        if guards::any_guard(stmts.iter().flat_map(|s| s.converted.ops.iter())) {
+        if guards::any_guard(stmts.iter().flat_map(|s| s.converted.ops.iter()))
+            || stmts.iter().any(|s| !s.converted.stored.is_empty())
+        {
             return None;
         }
         let state = self.state();
@@ -315,6 +324,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
                     return Ok(TxOutcome {
                         seq: None,
                         applied: decision.applied,
+                        stored: decision.stored,
                     });
                 }
             };
@@ -322,6 +332,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
                 return Ok(TxOutcome {
                     seq: None,
                     applied: decision.applied,
+                    stored: decision.stored,
                 });
             }
             let mut assumed: Vec<String> = tables
@@ -330,6 +341,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
                 .map(|t| t.meta.name.clone())
                 .collect();
             assumed.sort_unstable();
+            let stored_values = decision.stored;
             let record = Record { ops: decision.ops };
             let (result, back) = self.append(record, inflight, assumed, key, order).await;
             match (result, back) {
@@ -342,6 +354,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
                     return Ok(TxOutcome {
                         seq: Some(result?),
                         applied: decision.applied,
+                        stored: stored_values,
                     });
                 }
             }

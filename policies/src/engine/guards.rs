@@ -185,40 +185,48 @@ pub(super) enum Verdict {
     Unknown,
 }
 
-/// Whether the guard of `op` holds on `slot` of `t`, given the state's pending writes,
-/// the transaction's own earlier writes of the key (`own`, applied ones, in order) and
-/// the reads in `rows`. The row exists (the caller decided its existence first).
-pub(super) fn verdict(
+/// What spillway knows of some columns of one row.
+enum Row {
+    /// Exactly these values (`None`: NULL), in the columns' order.
+    Values(Vec<Option<String>>),
+    /// These columns are PostgreSQL's and no fresh read of them is in `rows`.
+    Unread(Vec<String>),
+    /// Not known exactly.
+    Unknown,
+}
+
+/// `columns` of `slot` of `t`, given the state's pending writes, the transaction's own
+/// earlier writes of the key (`own`, applied ones, in order) and the reads in `rows`.
+fn row(
     state: &State,
     rows: &Rows,
     slot: &Slot,
     t: &DeferredTable,
-    guard: &[Guard],
+    columns: &[&str],
     own: &[&RowOp],
-) -> Verdict {
+) -> Row {
     // A referenced table's pending write may change or delete the row through a
     // foreign key's action when it is applied, which the row's own writes do not show.
     if t.row_changes.by_parents {
-        return Verdict::Unknown;
+        return Row::Unknown;
     }
-    let columns: Vec<&str> = guard.iter().map(|g| g.column.as_str()).collect();
     let read = rows.get(slot).filter(|r| fresh(state, slot, r));
     // A read that knows the ledger's position decides every column; without one,
     // the pending writes may decide them alone, else a read is asked for (a delta
     // pending over PostgreSQL's value, a default: the positioned read resolves them).
     let cells = match read.and_then(|r| r.through.map(|t| (r, t))) {
-        Some((r, through)) => after_read(state, slot, &columns, t, r, through),
+        Some((r, through)) => after_read(state, slot, columns, t, r, through),
         None => {
-            let cells = after_pending(state, slot, &columns, t);
+            let cells = after_pending(state, slot, columns, t);
             if read.is_none() && cells.contains(&Cell::Unknown) {
-                return Verdict::Unread(columns.iter().map(|c| (*c).to_owned()).collect());
+                return Row::Unread(columns.iter().map(|c| (*c).to_owned()).collect());
             }
             cells
         }
     };
     let mut unread = Vec::new();
     let mut values = Vec::with_capacity(cells.len());
-    for (cell, column) in cells.into_iter().zip(&columns) {
+    for (cell, column) in cells.into_iter().zip(columns) {
         let cell = match cell {
             Cell::Base => match read.map(|r| (r.values.is_some(), r.value(column))) {
                 Some((true, Some(v))) => Cell::Known(v),
@@ -236,19 +244,135 @@ pub(super) fn verdict(
         values.push(own.iter().fold(cell, |c, op| step(c, op, column, t)));
     }
     if !unread.is_empty() {
-        return Verdict::Unread(unread);
+        return Row::Unread(unread);
     }
-    let mut holds = true;
-    for (g, cell) in guard.iter().zip(values) {
+    let mut known = Vec::with_capacity(values.len());
+    for cell in values {
         let Cell::Known(v) = cell else {
-            return Verdict::Unknown;
+            return Row::Unknown;
         };
+        known.push(v);
+    }
+    Row::Values(known)
+}
+
+/// Whether the guard of `op` holds on `slot` of `t`, given the state's pending writes,
+/// the transaction's own earlier writes of the key (`own`, applied ones, in order) and
+/// the reads in `rows`. The row exists (the caller decided its existence first).
+pub(super) fn verdict(
+    state: &State,
+    rows: &Rows,
+    slot: &Slot,
+    t: &DeferredTable,
+    guard: &[Guard],
+    own: &[&RowOp],
+) -> Verdict {
+    let columns: Vec<&str> = guard.iter().map(|g| g.column.as_str()).collect();
+    let values = match row(state, rows, slot, t, &columns, own) {
+        Row::Values(v) => v,
+        Row::Unread(columns) => return Verdict::Unread(columns),
+        Row::Unknown => return Verdict::Unknown,
+    };
+    let mut holds = true;
+    for (g, v) in guard.iter().zip(values) {
         match compare(v.as_deref(), g.cmp, g.value.text.as_deref()) {
             Some(h) => holds &= h,
             None => return Verdict::Unknown,
         }
     }
     Verdict::Holds(holds)
+}
+
+/// What an upsert's conflicting row returns of the columns its DO UPDATE leaves as
+/// stored (ADR 0038).
+pub(super) enum Stored {
+    Values(Vec<Option<String>>),
+    Unread(Vec<String>),
+    Unknown,
+}
+
+/// `columns` of `slot` as stored, as [`verdict`] knows them, each in the one spelling
+/// the proxy answers exactly ([`exact_spelling`]); any other is unknown.
+pub(super) fn stored(
+    state: &State,
+    rows: &Rows,
+    slot: &Slot,
+    t: &DeferredTable,
+    columns: &[&str],
+    own: &[&RowOp],
+) -> Stored {
+    match row(state, rows, slot, t, columns, own) {
+        Row::Values(values) => {
+            let exact = columns.iter().zip(&values).all(|(c, v)| match v {
+                None => true,
+                Some(text) => t
+                    .meta
+                    .types
+                    .get(*c)
+                    .is_some_and(|ty| exact_spelling(ty, text)),
+            });
+            if exact {
+                Stored::Values(values)
+            } else {
+                Stored::Unknown
+            }
+        }
+        Row::Unread(columns) => Stored::Unread(columns),
+        Row::Unknown => Stored::Unknown,
+    }
+}
+
+/// Whether `text` is a value of the column type `ty` (`format_type`'s name) in a
+/// spelling the proxy's RETURNING encodes exactly: an integer, a uuid, a timestamptz
+/// as `YYYY-MM-DD HH:MM:SS[.ffffff]+00` (the journal's canonical text, or the point
+/// read's UTC text, `Checks::row_values`). Anything else (another type, `infinity`, a
+/// BC or five-digit year, another DateStyle) is not answered.
+pub fn exact_spelling(ty: &str, text: &str) -> bool {
+    match ty {
+        "smallint" | "integer" | "bigint" => {
+            let t = text.strip_prefix('-').unwrap_or(text);
+            !t.is_empty() && t.len() <= 19 && t.bytes().all(|b| b.is_ascii_digit())
+        }
+        "uuid" => crate::changes::canonical_key(text, crate::changes::key_types::UUID)
+            .is_ok_and(|c| c == text),
+        "timestamp with time zone" => {
+            let b = text.as_bytes();
+            let shape = |i: usize, ok: fn(u8) -> bool| b.get(i).copied().is_some_and(ok);
+            let digit = |b: u8| b.is_ascii_digit();
+            let fixed = [
+                (0, digit as fn(u8) -> bool),
+                (1, digit),
+                (2, digit),
+                (3, digit),
+                (4, |b| b == b'-'),
+                (5, digit),
+                (6, digit),
+                (7, |b| b == b'-'),
+                (8, digit),
+                (9, digit),
+                (10, |b| b == b' '),
+                (11, digit),
+                (12, digit),
+                (13, |b| b == b':'),
+                (14, digit),
+                (15, digit),
+                (16, |b| b == b':'),
+                (17, digit),
+                (18, digit),
+            ];
+            if !fixed.iter().all(|(i, ok)| shape(*i, *ok)) {
+                return false;
+            }
+            let Some(rest) = text.get(19..).and_then(|r| r.strip_suffix("+00")) else {
+                return false;
+            };
+            match rest.strip_prefix('.') {
+                None => rest.is_empty(),
+                Some(f) => (1..=6).contains(&f.len()) && f.bytes().all(|b| b.is_ascii_digit()),
+            }
+        }
+        _ => false,
+    }
 }
 
 /// `row cmp value` as PostgreSQL's WHERE takes it (true only when true), for integer
@@ -279,6 +403,39 @@ pub(super) fn any_guard<'a>(mut ops: impl Iterator<Item = &'a RowOp>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_values_in_the_spelling_returning_encodes() {
+        let tz = "timestamp with time zone";
+        assert!(exact_spelling(tz, "2024-03-30 23:15:00.25+00"));
+        assert!(exact_spelling(tz, "2024-03-30 23:15:00+00"));
+        assert!(exact_spelling(tz, "2024-03-30 23:15:00.250001+00"));
+        for bad in [
+            "infinity",
+            "2024-03-30 23:15:00.25",
+            "2024-03-30 23:15:00.25+01",
+            "2024-03-30 23:15:00.1234567+00",
+            "0044-03-15 00:00:00 BC+00",
+            "12024-03-30 23:15:00+00",
+            "03/30/2024 23:15:00+00",
+            "2024-03-30T23:15:00+00",
+        ] {
+            assert!(!exact_spelling(tz, bad), "{bad}");
+        }
+        assert!(exact_spelling("bigint", "-42"));
+        assert!(!exact_spelling("bigint", "+42"));
+        assert!(!exact_spelling("integer", "4.0"));
+        assert!(exact_spelling(
+            "uuid",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+        ));
+        assert!(!exact_spelling(
+            "uuid",
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"
+        ));
+        assert!(!exact_spelling("text", "x"));
+        assert!(!exact_spelling("numeric(10,2)", "1.50"));
+    }
 
     #[test]
     fn comparisons_are_postgres_where_semantics() {

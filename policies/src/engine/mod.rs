@@ -65,7 +65,8 @@ use crate::FlushConfig;
 use crate::journal::JournalError;
 use crate::writes::{Record, RowOp};
 
-pub use decide::{Applied, Converted, IfExists, Outcome, TxOutcome, TxStatement};
+pub use decide::{Applied, Converted, IfExists, Outcome, StoredValues, TxOutcome, TxStatement};
+pub use guards::exact_spelling;
 pub use keys::{Chunk, Cursor, KeyIndex, KeyKind, KeyStats, Phase};
 pub use privileges::PRIVILEGE_TTL;
 pub use state::Known;

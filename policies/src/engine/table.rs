@@ -66,8 +66,9 @@ pub struct DeferredTable {
     pub required: Vec<String>,
     /// What an INSERT that leaves a column out stores, where spillway can know it.
     pub defaults: Defaults,
-    /// The enum types among the columns' (their values print as their labels).
-    pub enum_types: Vec<u32>,
+    /// The enum types among the columns', with their labels as the table was loaded
+    /// (a value prints as its label; only a label is accepted as input).
+    pub enum_types: HashMap<u32, Vec<String>>,
     /// The primary-key constraint's name, for 23505 errors spillway reports itself.
     pub pkey_name: String,
     /// `SELECT EXISTS (… WHERE key = $1 …)` with text parameters: the point read of

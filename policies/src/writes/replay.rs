@@ -9,7 +9,7 @@
 //! then the column's type); identifiers are quoted; casts are checked plain type names.
 
 use super::plan::{PlanError, TableMeta, checked_cast, convert, ident};
-use super::record::{Assign, AssignOp, Guard, RowOp, Val};
+use super::record::{Assign, AssignOp, Cmp, Guard, RowOp, Val};
 
 /// `'text'` (or `NULL`) converted to `column_type` like the client's value.
 fn value(v: &Val, column_type: &str) -> Result<String, PlanError> {
@@ -105,6 +105,10 @@ fn assignments(set: &[Assign], meta: &TableMeta, old: &str) -> Result<String, Pl
 /// `INSERT … ON CONFLICT (primary key)` of one row: `insert`, and `update` (the row's
 /// DO UPDATE, as a [`RowOp::Update`] of its key) or DO NOTHING. Replayed as the upsert,
 /// not as what it resolved to: upstream, the key's existence is PostgreSQL's to decide.
+/// The update's guard, if any, is DO UPDATE's WHERE on the existing row (`c = v`, `c
+/// IS NULL` for a NULL value): a held upsert whose RETURNING gave stored values is
+/// replayed so that it updates nothing, and the replay's count differs, if those
+/// values changed (ADR 0038).
 pub fn upsert(
     insert: &RowOp,
     update: Option<&RowOp>,
@@ -115,10 +119,25 @@ pub fn upsert(
     sql.push_str(&format!(" ON CONFLICT ({}) DO ", key.join(", ")));
     match update {
         None => sql.push_str("NOTHING"),
-        Some(RowOp::Update { set, .. }) => {
+        Some(RowOp::Update { set, guard, .. }) => {
             // In DO UPDATE, the old row's column is named through its table.
             let old = format!("{}.", ident(&meta.table));
             sql.push_str(&format!("UPDATE SET {}", assignments(set, meta, &old)?));
+            let mut conditions = Vec::with_capacity(guard.len());
+            for g in guard {
+                let col = format!("{old}{}", ident(&g.column));
+                conditions.push(match (&g.value.text, g.cmp) {
+                    (None, Cmp::Eq) => format!("{col} IS NULL"),
+                    _ => format!(
+                        "{col} {} {}",
+                        g.cmp.sql(),
+                        value(&g.value, meta.type_of(&g.column)?)?
+                    ),
+                });
+            }
+            if !conditions.is_empty() {
+                sql.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
+            }
         }
         Some(_) => return Err(PlanError::KeyMissing(meta.name.clone())),
     }
@@ -176,6 +195,34 @@ mod tests {
         assert_eq!(
             upsert(&insert, Some(&update), &m).expect("renders"),
             format!("{head} ON CONFLICT (\"id\") DO UPDATE SET \"n\" = \"t\".\"n\" + '2'::integer")
+        );
+        // A held upsert's RETURNING of stored values, checked by the replay.
+        let RowOp::Update { set, key, .. } = update else {
+            panic!("an update");
+        };
+        let checked = RowOp::Update {
+            table: "public.t".into(),
+            key,
+            set,
+            guard: vec![
+                Guard {
+                    column: "v".into(),
+                    cmp: Cmp::Eq,
+                    value: Val::plain(Some("x")),
+                },
+                Guard {
+                    column: "n".into(),
+                    cmp: Cmp::Eq,
+                    value: Val::plain(None),
+                },
+            ],
+        };
+        assert_eq!(
+            upsert(&insert, Some(&checked), &m).expect("renders"),
+            format!(
+                "{head} ON CONFLICT (\"id\") DO UPDATE SET \"n\" = \"t\".\"n\" + '2'::integer \
+                 WHERE \"t\".\"v\" = 'x'::text AND \"t\".\"n\" IS NULL"
+            )
         );
     }
 

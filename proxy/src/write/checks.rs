@@ -348,9 +348,17 @@ fn key_columns(table: &DeferredTable) -> (String, Vec<(String, &str)>) {
 /// PostgreSQL's text output.
 fn row_values_sql(table: &DeferredTable, columns: &[String]) -> String {
     let (name, cols) = key_columns(table);
+    // A timestamptz as its UTC text with `+00` whatever the connection's TimeZone
+    // (an upsert's RETURNING of a stored column, ADR 0038; `guards::exact_spelling`
+    // takes only the ISO form, so another DateStyle leaves it unknown).
     let select: Vec<String> = columns
         .iter()
-        .map(|c| format!("t.{}::text", ident(c)))
+        .map(|c| match table.meta.types.get(c).map(String::as_str) {
+            Some("timestamp with time zone") => {
+                format!("(t.{} AT TIME ZONE 'UTC')::text || '+00'", ident(c))
+            }
+            _ => format!("t.{}::text", ident(c)),
+        })
         .collect();
     let conditions: Vec<String> = cols
         .iter()

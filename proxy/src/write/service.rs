@@ -28,8 +28,8 @@ use super::returning::Returning;
 use super::sequences::Reservations;
 
 pub use engine::{
-    Applied, ApplyError, DeferError, DeferredTable, Known, Outcome, TableSet, TablesChange,
-    TxOutcome,
+    Applied, ApplyError, DeferError, DeferredTable, Known, Outcome, StoredValues, TableSet,
+    TablesChange, TxOutcome,
 };
 
 pub use super::convert::Converted;
@@ -178,7 +178,7 @@ impl WriteService {
         user: &str,
         stmts: &[TxStatement],
         known: &mut Known,
-    ) -> Result<Applied, DeferError> {
+    ) -> Result<(Applied, StoredValues), DeferError> {
         self.engine.preview(user, stmts, known).await
     }
 
@@ -188,7 +188,7 @@ impl WriteService {
         user: &str,
         stmts: &[TxStatement],
         known: &Known,
-    ) -> Option<Result<Applied, DeferError>> {
+    ) -> Option<Result<(Applied, StoredValues), DeferError>> {
         self.engine.preview_now(user, stmts, known)
     }
 

@@ -134,12 +134,10 @@ async fn describe(
             Some((c.name.clone(), v))
         })
         .collect();
-    let mut enum_types: Vec<u32> = columns
+    let enum_types: HashMap<u32, Vec<String>> = columns
         .iter()
-        .filter(|c| c.enum_type)
-        .map(|c| c.type_oid)
+        .filter_map(|c| Some((c.type_oid, c.enum_labels.clone()?)))
         .collect();
-    enum_types.dedup();
     // A `serial` key's `nextval` default is not required: spillway reserves its values.
     let key_sequence = key_sequence(conn, name, &key, &columns).await?;
     let required = columns

@@ -12,7 +12,7 @@
 //! own type. Types whose input spillway cannot validate are [`VALUE_TYPE`]: a value
 //! PostgreSQL would refuse must never be journaled.
 
-use super::datetime::{DATE, TIME, TIMESTAMP, TIMESTAMPTZ};
+use super::datetime::{DATE, INTERVAL, TIME, TIMESTAMP, TIMESTAMPTZ};
 use super::params::{
     BOOL, BPCHAR, BYTEA, FLOAT4, FLOAT8, INT2, INT4, INT8, JSON, JSONB, NUMERIC, TEXT, UUID,
     VARCHAR,
@@ -29,7 +29,7 @@ pub struct Cast {
     pub typmod: i32,
 }
 
-const NAMES: [(&str, u32); 18] = [
+const NAMES: [(&str, u32); 19] = [
     ("int2", INT2),
     ("int4", INT4),
     ("int8", INT8),
@@ -48,6 +48,7 @@ const NAMES: [(&str, u32); 18] = [
     ("time", TIME),
     ("timestamp", TIMESTAMP),
     ("timestamptz", TIMESTAMPTZ),
+    ("interval", INTERVAL),
 ];
 
 /// The cast named `text` (as `read::classify` renders it: `int8`, `varchar(32)`,

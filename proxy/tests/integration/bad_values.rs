@@ -15,7 +15,7 @@ const SCHEMA: &str = "CREATE TYPE mood AS ENUM ('ok', 'sad'); \
         iv interval, by bytea, m mood, nn text NOT NULL DEFAULT 'x');";
 
 /// (column, value as SQL) pairs PostgreSQL refuses.
-const BAD: [(&str, &str); 48] = [
+const BAD: [(&str, &str); 58] = [
     ("i2", "'40000'"),
     ("i2", "40000"),
     ("i2", "'-32769'"),
@@ -55,14 +55,24 @@ const BAD: [(&str, &str); 48] = [
     ("d", "'2024-13-01'"),
     ("t", "'25:00'"),
     ("t", "'12:60'"),
+    ("t", "'9:60'"),
+    ("ts", "'2024-02-30 9:00'"),
     ("ts", "'2024-01-01 24:00:01'"),
     ("ts", "'2024-04-31 10:00'::timestamp"),
     ("tz", "'garbage'"),
     ("tz", "'2024-02-30 10:00:00+00'::timestamptz"),
     ("iv", "'1 fortnight'"),
+    ("iv", "'1 day 2 days'"),
+    ("iv", "'0:60:00'"),
+    ("iv", "'1.5 secs 7 milliseconds'"),
+    ("iv", "'0:01:01 250 microseconds'"),
     ("by", "'\\x1'"),
     ("by", "'\\q'"),
     ("m", "'happy'"),
+    ("m", "'Ok'"),
+    ("m", "'ok '"),
+    ("m", "'ok'::text"),
+    ("m", "'ok'::varchar"),
     ("nn", "NULL"),
 ];
 
@@ -98,11 +108,12 @@ async fn bad_values_get_postgres_sqlstate_and_are_not_journaled() {
         }
     }
     // Parameters with declared types, extended protocol.
-    let typed: [(&str, Type, &(dyn tokio_postgres::types::ToSql + Sync)); 4] = [
+    let typed: [(&str, Type, &(dyn tokio_postgres::types::ToSql + Sync)); 5] = [
         ("i4", Type::INT8, &(1i64 << 40)),
         ("i2", Type::INT4, &40_000i32),
         ("v", Type::TEXT, &"toolong"),
         ("nn", Type::TEXT, &None::<&str>),
+        ("m", Type::TEXT, &"ok"),
     ];
     for (i, (column, ty, value)) in typed.into_iter().enumerate() {
         let sql = format!("INSERT INTO bad (id, {column}) VALUES ({}, $1)", i + 100);
@@ -134,11 +145,19 @@ async fn bad_values_get_postgres_sqlstate_and_are_not_journaled() {
     // A good row of every converted type is deferred (so the metric can tell).
     proxy
         .batch_execute(
-            "INSERT INTO bad (id, i2, i4, i8, n, f4, f8, b, u, j, jb, v, c, d, t, ts, tz, by) \
+            "INSERT INTO bad (id, i2, i4, i8, n, f4, f8, b, u, j, jb, v, c, d, t, ts, tz, by, m) \
              VALUES (1, '7'::int2, 7, 7::bigint, '1234.5', '1.5', '0.1', true, \
              'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid, '{\"a\": 1}', '[1, \"x\"]'::jsonb, \
              'abc'::varchar, 'ab', '2024-02-29', '24:00', '2024-03-30 23:15:00.25', \
-             '2024-03-30 23:15:00.25-05:30'::timestamptz, '\\xdead')",
+             '2024-03-30 23:15:00.25-05:30'::timestamptz, '\\xdead', 'sad')",
+        )
+        .await
+        .expect("good row");
+    // An hour in one digit (knex passes `9:30` on as the application wrote it).
+    proxy
+        .batch_execute(
+            "INSERT INTO bad (id, t, ts, iv) \
+             VALUES (2, '9:30', '2024-03-30 9:05:01.5', '1 day 0:01:01.25'::interval)",
         )
         .await
         .expect("good row");
@@ -148,10 +167,18 @@ async fn bad_values_get_postgres_sqlstate_and_are_not_journaled() {
         "spillway_client_writes_total",
         "table=\"public.bad\",policy=\"write-behind\"",
     );
-    assert_eq!(deferred, 1.0, "only the good row is journaled:\n{metrics}");
+    assert_eq!(
+        deferred, 2.0,
+        "only the good rows are journaled:\n{metrics}"
+    );
     let pending = proxy
         .query_one("SELECT count(*) FROM bad", &[])
         .await
         .expect("count");
-    assert_eq!(pending.get::<_, i64>(0), 1);
+    assert_eq!(pending.get::<_, i64>(0), 2);
+    // The enum's label, applied with the column's type (ADR 0038).
+    assert_eq!(
+        ctx.psql_direct("SELECT m FROM bad WHERE id = 1").trim(),
+        "sad"
+    );
 }

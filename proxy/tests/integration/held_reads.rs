@@ -362,3 +362,105 @@ async fn a_transaction_that_read_outside_moves_upstream_or_fails_whole() {
         "nothing of the failed transaction"
     );
 }
+
+/// The ORM's second load in a read-modify-write transaction (ADR 0038): a point read of
+/// a key the transaction did not write, on a table it wrote, is answered outside and
+/// the transaction stays held; the key it wrote, or a read of more than one key, still
+/// moves it upstream, where the replay shows the held write.
+#[tokio::test]
+async fn a_point_read_of_a_key_the_transaction_did_not_write_keeps_it_held() {
+    let ctx = start().await;
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    q(&mut raw, "BEGIN").await;
+    let msgs = q(&mut raw, "SELECT price FROM hr_products WHERE id = 1").await;
+    assert_eq!(values(&msgs), ["10"]);
+    let msgs = q(&mut raw, "UPDATE hr_products SET price = 11 WHERE id = 1").await;
+    assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("CZ", b'T'));
+    // Another key, extended protocol (as psycopg sends it) and simple.
+    let mut cycle = wire::parse(
+        "",
+        "SELECT price FROM hr_products WHERE hr_products.id = $1",
+    );
+    cycle.extend(wire::bind("", "", &[Some("2")]));
+    cycle.extend(wire::describe_portal(""));
+    cycle.extend(wire::execute("", 0));
+    cycle.extend(wire::sync());
+    raw.send(&cycle).await;
+    let msgs = raw.until(b'Z').await;
+    assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("12TDCZ", b'T'));
+    assert_eq!(values(&msgs), ["20"]);
+    let msgs = q(&mut raw, "SELECT price FROM hr_products WHERE id = '03'").await;
+    assert_eq!(
+        (values(&msgs), status(&msgs)),
+        (vec!["30".to_owned()], b'T')
+    );
+    let msgs = q(&mut raw, "UPDATE hr_products SET price = 31 WHERE id = 3").await;
+    assert_eq!(status(&msgs), b'T');
+    assert_eq!(reads(&ctx, "outside").await, 3.0);
+    assert_eq!(reads(&ctx, "reads_held_writes").await, 0.0);
+    assert_eq!(held(&ctx, "upstream").await, 0.0);
+    let msgs = q(&mut raw, "COMMIT").await;
+    assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("CZ", b'I'));
+    assert_eq!(held(&ctx, "committed").await, 1.0);
+    assert_eq!(
+        direct(&ctx, "SELECT price FROM hr_products WHERE id = 1"),
+        "10"
+    );
+    q(&mut raw, "SPILLWAY FLUSH").await;
+    assert_eq!(
+        direct(
+            &ctx,
+            "SELECT string_agg(price::text, ',' ORDER BY id) FROM hr_products"
+        ),
+        "11,20,31,40,50"
+    );
+
+    // The key it wrote; the whole table; a table a written table's foreign key
+    // reaches: upstream, each seeing the held write there.
+    let cases: [(&[&str], &str, Vec<&str>); 3] = [
+        (
+            &["UPDATE hr_products SET price = 12 WHERE id = 1"],
+            "SELECT price FROM hr_products WHERE id = 1",
+            vec!["12"],
+        ),
+        (
+            &["UPDATE hr_products SET price = 21 WHERE id = 2"],
+            "SELECT price FROM hr_products WHERE price > 20 AND price < 30",
+            vec!["21"],
+        ),
+        (
+            &[
+                "INSERT INTO hr_orders (id, product) VALUES (30, 1)",
+                "INSERT INTO hr_lines (id, order_id, qty) VALUES (1, 30, 2)",
+            ],
+            "SELECT product FROM hr_orders WHERE id = 31",
+            vec![],
+        ),
+    ];
+    for (i, (writes, read, rows)) in cases.iter().enumerate() {
+        q(&mut raw, "BEGIN").await;
+        for write in *writes {
+            assert_eq!(status(&q(&mut raw, write).await), b'T', "{write}");
+        }
+        let msgs = q(&mut raw, read).await;
+        assert_eq!(
+            (values(&msgs), status(&msgs)),
+            (rows.iter().map(|r| (*r).to_owned()).collect(), b'T'),
+            "{read}"
+        );
+        assert_eq!(
+            reads(&ctx, "reads_held_writes").await,
+            (i + 1) as f64,
+            "{read}"
+        );
+        assert_eq!(held(&ctx, "upstream").await, (i + 1) as f64, "{read}");
+        assert_eq!(status(&q(&mut raw, "COMMIT").await), b'I');
+    }
+    assert_eq!(
+        direct(
+            &ctx,
+            "SELECT string_agg(price::text, ',' ORDER BY id) FROM hr_products"
+        ),
+        "12,21,31,40,50"
+    );
+}

@@ -53,6 +53,7 @@ mod session_defects;
 mod setup_script;
 mod transactions;
 mod triggers;
+mod upsert_returning;
 mod upserts;
 mod write_back;
 mod write_behind;

@@ -15,7 +15,7 @@ fn exact() -> Harness {
 }
 
 async fn preview(h: &Harness, tx: &[super::super::TxStatement], known: &mut Known) -> Applied {
-    match h.engine.preview(USER, tx, known).await {
+    match h.engine.preview(USER, tx, known).await.map(|(a, _)| a) {
         Ok(a) => a,
         Err(e) => panic!("preview: {e}"),
     }
@@ -128,7 +128,10 @@ async fn preview_now_needs_every_answer_at_hand() {
         "key 1 not read yet"
     );
     preview(&h, &tx, &mut known).await;
-    let now = h.engine.preview_now(USER, &tx, &known);
+    let now = h
+        .engine
+        .preview_now(USER, &tx, &known)
+        .map(|r| r.map(|(a, _)| a));
     assert!(
         matches!(now, Some(Ok(ref a)) if a == &vec![vec![true]]),
         "{now:?}"
@@ -146,6 +149,10 @@ async fn an_overtaken_earlier_insert_is_a_divergence() {
     preview(&h, &first, &mut known).await;
     h.defer("t", insert("t", 1)).await;
     let tx = vec![stmt("t", insert("t", 1)), stmt("t", update("t", 2))];
-    let out = h.engine.preview(USER, &tx, &mut known).await;
+    let out = h
+        .engine
+        .preview(USER, &tx, &mut known)
+        .await
+        .map(|(a, _)| a);
     assert!(matches!(out, Err(DeferError::Diverged(_))), "{out:?}");
 }

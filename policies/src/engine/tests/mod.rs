@@ -17,6 +17,7 @@ mod overlay;
 mod reload;
 mod room;
 mod upsert;
+mod upsert_returning;
 
 pub use log::MemoryLog;
 
@@ -359,7 +360,7 @@ pub fn table(
         not_null: Vec::new(),
         required: Vec::new(),
         defaults: Default::default(),
-        enum_types: Vec::new(),
+        enum_types: HashMap::new(),
         pkey_name: format!("{name}_pkey"),
         exists_sql: String::new(),
         columns: Vec::new(),
@@ -379,6 +380,8 @@ fn one(verb: Verb, op: RowOp, id: u32) -> Converted {
         keys,
         if_exists,
         returning,
+        stored: Vec::new(),
+        told: None,
     }
 }
 

@@ -182,7 +182,11 @@ async fn a_held_do_nothing_whose_key_appears_diverges() {
     let h = harness(RowCounts::Exact);
     let stmts = vec![stmt("t", do_nothing(9))];
     let mut known = Known::new();
-    let preview = h.engine.preview(USER, &stmts, &mut known).await;
+    let preview = h
+        .engine
+        .preview(USER, &stmts, &mut known)
+        .await
+        .map(|(a, _)| a);
     let Ok(applied) = preview else {
         panic!("preview: {preview:?}");
     };

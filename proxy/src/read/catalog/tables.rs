@@ -41,9 +41,9 @@ pub struct ColumnFacts {
     pub default_expr: Option<String>,
     /// `attidentity` (`a` always, `d` by default, empty: not an identity column).
     pub identity: String,
-    /// The column's type is an enum (`pg_type.typtype = 'e'`): its values print as
-    /// their labels.
-    pub enum_type: bool,
+    /// The column's type is an enum (`pg_type.typtype = 'e'`): its labels, in sort
+    /// order (a value prints as its label, and only a label is accepted as input).
+    pub enum_labels: Option<Vec<String>>,
     /// A generated (computed) column: an INSERT may not give it a value.
     pub generated: bool,
 }
@@ -117,7 +117,10 @@ pub async fn columns(conn: &mut PgConnection, table: u32) -> Result<Vec<ColumnFa
                  FROM pg_catalog.pg_attrdef d \
                  WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum \
                    AND a.attgenerated = ''), \
-                a.attidentity::text, a.attgenerated <> '', t.typtype = 'e' \
+                a.attidentity::text, a.attgenerated <> '', \
+                CASE WHEN t.typtype = 'e' THEN ARRAY( \
+                    SELECT e.enumlabel::text FROM pg_catalog.pg_enum e \
+                    WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder) END \
          FROM pg_catalog.pg_attribute a \
          JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
          WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
@@ -140,7 +143,7 @@ pub async fn columns(conn: &mut PgConnection, table: u32) -> Result<Vec<ColumnFa
                 default_expr: c.try_get(8)?,
                 identity: c.try_get(9)?,
                 generated: c.try_get(10)?,
-                enum_type: c.try_get(11)?,
+                enum_labels: c.try_get(11)?,
             })
         })
         .collect()

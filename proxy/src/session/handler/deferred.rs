@@ -297,6 +297,19 @@ impl Caching {
                 Ok(()) => w.defer(&user, &table, converted).await,
                 Err(e) => Err(e),
             };
+            // An upsert's DO UPDATE rows returning columns it leaves as stored: the
+            // values the engine decided them with (ADR 0038). They come in spellings
+            // the answer encodes; one that does not is a defect, reported, never
+            // guessed (the write is journaled: the client gets an internal error).
+            let outcome = match (outcome, answer.returning.as_mut()) {
+                (Ok(o), Some(r)) => match r.fill_stored(&o.stored) {
+                    Ok(()) => Ok(o),
+                    Err(e) => Err(crate::write::service::DeferError::Stopped(format!(
+                        "RETURNING of stored values: {e}"
+                    ))),
+                },
+                (other, _) => other,
+            };
             Resume::Ack(Box::new(Ack {
                 outcome,
                 verb,

@@ -84,7 +84,10 @@ impl Caching {
                 // A RETURNING that needs the zone's rules is not answered in a
                 // pipeline (its answers are sent without waiting for PostgreSQL).
                 Ok((_, converted))
-                    if converted.returning.as_ref().is_some_and(|r| r.needs_zone()) =>
+                    if converted
+                        .returning
+                        .as_ref()
+                        .is_some_and(|r| r.needs_zone() || r.needs_row()) =>
                 {
                     reasons.push(Some(crate::write::returning::UNKNOWN));
                 }
@@ -170,7 +173,11 @@ impl Caching {
             else {
                 return self.leave_held(out);
             };
-            if converted.returning.as_ref().is_some_and(|r| r.needs_zone()) {
+            if converted
+                .returning
+                .as_ref()
+                .is_some_and(|r| r.needs_zone() || r.needs_row())
+            {
                 return self.leave_held(out);
             }
             let replay: Option<Vec<String>> = w
@@ -198,7 +205,7 @@ impl Caching {
         let (after, parsed) = (pipeline.after, pipeline.parsed);
         if let Some(r) = w.preview_now(&user, &stmts, &known) {
             let step = HeldPipeline {
-                outcome: r.map(|a| (a, known)),
+                outcome: r.map(|(a, _)| (a, known)),
                 stmts: added,
                 after,
                 parsed,
@@ -209,7 +216,7 @@ impl Caching {
             let outcome = w
                 .preview(&user, &stmts, &mut known)
                 .await
-                .map(|a| (a, known));
+                .map(|(a, _)| (a, known));
             Resume::Held(Box::new(Held::Pipeline(Box::new(HeldPipeline {
                 outcome,
                 stmts: added,

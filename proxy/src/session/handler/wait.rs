@@ -30,7 +30,9 @@ use tokio::sync::futures::OwnedNotified;
 use super::answer::Answer;
 use super::statements::Stmt;
 use crate::write::convert::Verb;
-use crate::write::service::{Applied, DeferError, Known, Outcome, TxOutcome, TxStatement};
+use crate::write::service::{
+    Applied, DeferError, Known, Outcome, StoredValues, TxOutcome, TxStatement,
+};
 
 /// How long a miss waits for another session filling the same key before it goes
 /// upstream itself.
@@ -109,9 +111,10 @@ pub struct HeldPipeline {
 
 /// A held transaction's step and its outcome.
 pub enum Held {
-    /// A deferrable statement decided ([`crate::write::service::WriteService::preview`]).
+    /// A deferrable statement decided ([`crate::write::service::WriteService::preview`]),
+    /// with the stored values an upsert's RETURNING takes (ADR 0038).
     Statement {
-        outcome: Result<(Applied, Known), DeferError>,
+        outcome: Result<(Applied, StoredValues, Known), DeferError>,
         stmt: Box<TxStatement>,
         /// Its operations as SQL, for a replay upstream.
         replay: Vec<String>,

@@ -7,9 +7,7 @@
 //!
 //! Each value's conversion (parameters, casts, clocks) is `value.rs`'s.
 
-use spillway_policies::writes::{
-    Assign as RecAssign, AssignOp, Cmp, Guard, RowOp, TableMeta, Val, replay,
-};
+use spillway_policies::writes::{Assign as RecAssign, AssignOp, Cmp, Guard, RowOp, Val};
 
 use super::datetime::Settings;
 use super::fallbacks::Fallback;
@@ -26,35 +24,16 @@ use spillway_policies::engine::IfExists;
 
 pub use spillway_policies::engine::Verb;
 
+mod replays;
 mod value;
 
+pub use replays::{replay, replay_told};
 use value::{clock, value};
 
 /// A deferrable statement: its operations and, per operation, its canonical key; and
 /// its RETURNING answer, which whoever acknowledges the statement must send (or not
 /// defer it).
 pub type Converted = spillway_policies::engine::Converted<Returning>;
-
-/// The statements that replay `converted` upstream, one per operation, when its held
-/// transaction moves there (`spillway_policies::writes::replay`): an upsert's rows as
-/// upserts. `None` when one cannot be rendered.
-pub fn replay(converted: &Converted, meta: &TableMeta) -> Option<Vec<String>> {
-    converted
-        .ops
-        .iter()
-        .enumerate()
-        .map(|(i, op)| match &converted.if_exists {
-            None => replay::statement(op, meta).ok(),
-            Some(alts) => {
-                let update = match alts.get(i)? {
-                    IfExists::Nothing => None,
-                    IfExists::Update(u) => Some(u),
-                };
-                replay::upsert(op, update, meta).ok()
-            }
-        })
-        .collect()
-}
 
 /// Converts `shape` on `table` (already resolved) with `bound` parameters.
 pub fn convert(
@@ -66,6 +45,7 @@ pub fn convert(
 ) -> Result<Converted, Fallback> {
     let mut converted = operations(shape, table, bound, settings, reserved)?;
     converted.returning = returning::answer(shape, table, bound, &converted.ops, settings)?;
+    let mut stored = Vec::new();
     // An upsert's RETURNING is answered only when it is the same whichever way each
     // row goes: DO UPDATE rows return what the UPDATE supplies (the key, `c =
     // EXCLUDED.c`), and rows DO NOTHING skips leave no gap only in a one-row statement.
@@ -87,10 +67,16 @@ pub fn convert(
                     .as_ref()
                     == Some(answer)
         };
+        // DO UPDATE rows returning columns it leaves as stored: their values come from
+        // what the engine knows of each row (ADR 0038).
         if !same {
-            return Err(returning::UNKNOWN);
+            let mut answer = answer.clone();
+            stored = returning::on_update(&mut answer, table, &updates, settings)
+                .ok_or(returning::UNKNOWN)?;
+            converted.returning = Some(answer);
         }
     }
+    converted.stored = stored;
     Ok(converted)
 }
 
@@ -115,9 +101,22 @@ fn operations(
             Ok(converted)
         }
         WriteShape::Update {
-            set, key, compared, ..
-        } => update(set, key, compared, table, bound, settings),
-        WriteShape::Delete { key, compared, .. } => {
+            set,
+            key,
+            compared,
+            one_of,
+            returning,
+            ..
+        } => each_key(key, one_of.as_ref(), returning, table, |key| {
+            update(set, key, compared, table, bound, settings)
+        }),
+        WriteShape::Delete {
+            key,
+            compared,
+            one_of,
+            returning,
+            ..
+        } => each_key(key, one_of.as_ref(), returning, table, |key| {
             let (key, guard) = guarded(key, compared, table, bound, settings)?;
             let (key_vals, canon) = key_values(&key, table, bound, settings)?;
             Ok(Converted {
@@ -130,9 +129,53 @@ fn operations(
                 keys: vec![canon],
                 if_exists: None,
                 returning: None,
+                stored: Vec::new(),
+                told: None,
             })
+        }),
+    }
+}
+
+/// An UPDATE or DELETE by `key`, or, with `WHERE … AND k IN (v1, v2, …)` (`one_of`, a
+/// primary-key column), one operation per value's key, in the list's order, each
+/// converted as `k = vi` would be; a key given twice is written once, as PostgreSQL
+/// writes each row once (ADR 0038). Such a statement's RETURNING is not answered:
+/// its rows are those of the operations that write, which [`Returning`] does not
+/// select.
+fn each_key(
+    key: &[(String, Value)],
+    one_of: Option<&(String, Vec<Value>)>,
+    returning: &[crate::read::classify::Returned],
+    table: &DeferredTable,
+    one: impl Fn(&[(String, Value)]) -> Result<Converted, Fallback>,
+) -> Result<Converted, Fallback> {
+    let Some((column, values)) = one_of else {
+        return one(key);
+    };
+    if !table.meta.key.contains(column) {
+        return Err(Fallback::WhereNotPrimaryKey);
+    }
+    if !returning.is_empty() {
+        return Err(returning::UNKNOWN);
+    }
+    let mut all: Option<Converted> = None;
+    for v in values {
+        let mut pairs = key.to_vec();
+        pairs.push((column.clone(), v.clone()));
+        let c = one(&pairs)?;
+        match &mut all {
+            None => all = Some(c),
+            Some(all) => {
+                for (op, k) in c.ops.into_iter().zip(c.keys) {
+                    if !all.keys.contains(&k) {
+                        all.ops.push(op);
+                        all.keys.push(k);
+                    }
+                }
+            }
         }
     }
+    all.ok_or(Fallback::WhereNotPrimaryKey)
 }
 
 /// `INSERT INTO t (columns) VALUES rows…`: one operation per row, each with its key.
@@ -231,6 +274,8 @@ fn insert(
         keys,
         if_exists: None,
         returning: None,
+        stored: Vec::new(),
+        told: None,
     })
 }
 
@@ -376,6 +421,8 @@ fn update(
         keys: vec![canon],
         if_exists: None,
         returning: None,
+        stored: Vec::new(),
+        told: None,
     })
 }
 

@@ -46,6 +46,9 @@ pub(super) fn value(
         ),
         None => None,
     };
+    if let Some(labels) = table.enum_types.get(&column_oid) {
+        return enum_value(v, column, column_oid, labels, table, bound);
+    }
     if !types::validated(column_oid) {
         return Err(Fallback::Value(types::VALUE_TYPE));
     }
@@ -94,6 +97,11 @@ pub(super) fn value(
                 Fallback::ParameterType
             });
         }
+        // An interval column with a precision or fields (`interval(0)`, `interval day`)
+        // rounds or truncates: not converted here.
+        if to == datetime::INTERVAL && to_mod != -1 {
+            return Err(Fallback::DatetimeValue);
+        }
         if params::is_datetime_type(to) {
             text = datetime::canonical(&text, from, to, settings).ok_or(Fallback::DatetimeValue)?;
             continue;
@@ -108,6 +116,57 @@ pub(super) fn value(
         text: Some(text),
         cast: None,
     })
+}
+
+/// A value for an enum column (ADR 0038): one of the type's labels exactly, as
+/// PostgreSQL's `enum_in` accepts it (a label's text and binary forms are the same
+/// bytes), from a literal or a parameter of unspecified type or of the enum's own;
+/// NULL where the column allows it. Anything else falls back: a text-typed parameter
+/// or a cast (PostgreSQL has no assignment cast from text to an enum), a clock, a
+/// label the type does not have as loaded (PostgreSQL's 22P02 comes from PostgreSQL),
+/// or a type whose name cannot be spliced into the flush's cast.
+fn enum_value(
+    v: &Value,
+    column: &str,
+    enum_oid: u32,
+    labels: &[String],
+    table: &DeferredTable,
+    bound: &Bound,
+) -> Result<Val, Fallback> {
+    if v.cast.is_some() {
+        return Err(Fallback::Cast);
+    }
+    let spliceable = table
+        .meta
+        .types
+        .get(column)
+        .is_some_and(|t| spillway_policies::writes::plan::safe_type(t));
+    if !spliceable {
+        return Err(Fallback::Value(types::VALUE_TYPE));
+    }
+    let text = match &v.operand {
+        Operand::Literal(t) => t.clone(),
+        Operand::Param(n) => {
+            let bad = Fallback::Value(params::BAD_VALUE);
+            let i = usize::from(*n).checked_sub(1).ok_or(bad)?;
+            let raw = bound.values.get(i).ok_or(bad)?;
+            let declared = bound.types.get(i).copied().unwrap_or(0);
+            if declared != 0 && declared != enum_oid {
+                return Err(Fallback::ParameterType);
+            }
+            match raw {
+                None => None,
+                Some(bytes) => Some(String::from_utf8(bytes.clone()).map_err(|_| bad)?),
+            }
+        }
+        Operand::Clock(_) => return Err(Fallback::ClockType),
+    };
+    match text {
+        None if table.not_null.iter().any(|c| c == column) => Err(Fallback::NullInNotNullColumn),
+        None => Ok(Val::plain(None)),
+        Some(label) if labels.contains(&label) => Ok(Val::plain(Some(&label))),
+        Some(_) => Err(Fallback::InvalidValue),
+    }
 }
 
 /// The value clock function `c` has when spillway decides the statement (ADR 0030),

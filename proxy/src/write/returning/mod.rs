@@ -67,6 +67,21 @@ pub struct Returning {
     /// PostgreSQL's own output; the answer is not sent before.
     zoned: Vec<(usize, usize, String)>,
     zone: Option<String>,
+    /// An upsert whose DO UPDATE leaves returned columns as stored (ADR 0038): the
+    /// rows of the operations that take DO UPDATE, with the stored columns' places
+    /// (`Stored::holes`) filled at acknowledgement from the engine's values.
+    on_update: Option<Box<Stored>>,
+}
+
+/// The DO UPDATE answer of an upsert returning columns it leaves as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stored {
+    /// Per row operation: the DO UPDATE row, its stored columns' places empty.
+    rows: Vec<Vec<Option<Vec<u8>>>>,
+    /// The stored columns, in the order the engine hands their values back
+    /// (`Converted::stored`), and per field the index among them (`None`: supplied).
+    columns: Vec<String>,
+    holes: Vec<Option<usize>>,
 }
 
 impl Returning {
@@ -88,6 +103,68 @@ impl Returning {
             })
             .collect();
         backend::row_description_of(&fields)
+    }
+
+    /// Whether some rows take values the engine decides (ADR 0038): only an
+    /// autocommit statement's acknowledgement fills them ([`Self::fill_stored`]).
+    pub fn needs_row(&self) -> bool {
+        self.on_update.is_some()
+    }
+
+    /// The columns [`Self::fill_stored`] takes values for (`Converted::stored`).
+    pub fn stored_columns(&self) -> Vec<String> {
+        self.on_update
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.columns.clone())
+    }
+
+    /// Rows of operations that took DO UPDATE: their stored columns' values (as the
+    /// engine knows them, in [`Self::stored_columns`]' order) encoded in the Bind's
+    /// formats. Values come in the spellings `guards::exact_spelling` admits, which
+    /// [`Known`] encodes; anything else is an error (a defect: nothing is guessed).
+    pub fn fill_stored(&mut self, stored: &[(usize, Vec<Option<String>>)]) -> Result<(), String> {
+        if stored.is_empty() {
+            return Ok(());
+        }
+        let on_update = self
+            .on_update
+            .as_ref()
+            .ok_or("stored values without a DO UPDATE answer")?;
+        // Only sessions with ISO dates in UTC reach here (`convert`): the text is
+        // PostgreSQL's own output there.
+        let settings = Settings {
+            time_zone: Some("UTC"),
+            date_style: Some("ISO"),
+            now: std::time::UNIX_EPOCH,
+            statement: std::time::UNIX_EPOCH,
+        };
+        for (op, values) in stored {
+            let mut row = on_update
+                .rows
+                .get(*op)
+                .cloned()
+                .ok_or("a stored value for no row")?;
+            for (ci, hole) in on_update.holes.iter().enumerate() {
+                let Some(i) = hole else { continue };
+                let ((_, c), format) = self
+                    .fields
+                    .iter()
+                    .zip(&self.formats)
+                    .nth(ci)
+                    .ok_or("a stored value for no field")?;
+                let value = values.get(*i).ok_or("too few stored values")?;
+                row[ci] = match value {
+                    None => None,
+                    Some(text) => Some(
+                        Known::of(text, c.type_oid, c.typmod, settings)
+                            .and_then(|k| k.encode(c.type_oid, *format == 1))
+                            .ok_or_else(|| format!("stored value {text:?} of {}", c.name))?,
+                    ),
+                };
+            }
+            *self.rows.get_mut(*op).ok_or("a stored value for no row")? = row;
+        }
+        Ok(())
     }
 
     /// Whether some values still need the zone's rules ([`Self::zoned`]).
@@ -198,9 +275,9 @@ pub fn answer(
                 .ok_or(UNKNOWN)?;
             let value = match text {
                 None => None,
-                // An enum's value is its label (a valid one: only constant defaults,
-                // which PostgreSQL checked, reach here; `convert` refuses enum values).
-                Some(text) if table.enum_types.contains(&c.type_oid) => Some(
+                // An enum's value is its label (a valid one: constant defaults, which
+                // PostgreSQL checked, and values `convert` found among the labels).
+                Some(text) if table.enum_types.contains_key(&c.type_oid) => Some(
                     Known::Text((*text).to_owned())
                         .encode(c.type_oid, *format == 1)
                         .ok_or(UNKNOWN)?,
@@ -228,7 +305,79 @@ pub fn answer(
         rows,
         zone: zone.filter(|_| !zoned.is_empty()).map(str::to_owned),
         zoned,
+        on_update: None,
     }))
+}
+
+/// Column types whose stored values an upsert's RETURNING may take from the engine
+/// (ADR 0038): those `guards::exact_spelling` admits and [`Known`] encodes without the
+/// zone's rules (a timestamptz only in a session with ISO dates in UTC).
+fn storable(c: &Column, settings: Settings<'_>) -> bool {
+    use super::params::{INT2, INT4, INT8, UUID};
+    match c.type_oid {
+        INT2 | INT4 | INT8 | UUID => true,
+        TIMESTAMPTZ => matches!(c.typmod, -1 | 6) && settings.iso_dates() && settings.utc(),
+        _ => false,
+    }
+}
+
+/// An upsert's RETURNING when its DO UPDATE rows (`updates`, one per operation) leave
+/// some returned columns as stored (ADR 0038): `answer` gets their rows with those
+/// columns' places to fill, and the columns are returned (`Converted::stored`).
+/// `None` when a column is not [`storable`], or the DO UPDATE rows cannot be
+/// answered otherwise.
+pub fn on_update(
+    answer: &mut Returning,
+    table: &DeferredTable,
+    updates: &[RowOp],
+    settings: Settings<'_>,
+) -> Option<Vec<String>> {
+    if table.row_changes.rewritten || updates.len() != answer.rows.len() {
+        return None;
+    }
+    let mut columns: Vec<String> = Vec::new();
+    let mut holes = Vec::with_capacity(answer.fields.len());
+    let mut rows = Vec::with_capacity(updates.len());
+    for op in updates {
+        let supplied = supplied(op, table);
+        let mut row = Vec::with_capacity(answer.fields.len());
+        holes.clear();
+        for ((_, c), format) in answer.fields.iter().zip(&answer.formats) {
+            match supplied.iter().find(|(name, _)| *name == c.name) {
+                Some((_, None)) => {
+                    row.push(None);
+                    holes.push(None);
+                }
+                Some((_, Some(text))) => {
+                    let known = Known::of(text, c.type_oid, c.typmod, settings)?;
+                    row.push(Some(known.encode(c.type_oid, *format == 1)?));
+                    holes.push(None);
+                }
+                None if storable(c, settings) => {
+                    let i = match columns.iter().position(|x| *x == c.name) {
+                        Some(i) => i,
+                        None => {
+                            columns.push(c.name.clone());
+                            columns.len() - 1
+                        }
+                    };
+                    row.push(None);
+                    holes.push(Some(i));
+                }
+                None => return None,
+            }
+        }
+        rows.push(row);
+    }
+    if columns.is_empty() {
+        return None;
+    }
+    answer.on_update = Some(Box::new(Stored {
+        rows,
+        columns: columns.clone(),
+        holes,
+    }));
+    Some(columns)
 }
 
 /// The columns whose stored value `op` determines, with that value's input text
@@ -301,6 +450,7 @@ impl Returning {
             rows: vec![vec![value(1)], vec![value(2)]],
             zoned: Vec::new(),
             zone: None,
+            on_update: None,
         }
     }
 }

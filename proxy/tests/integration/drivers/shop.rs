@@ -138,18 +138,30 @@ async fn sqlalchemy_shop() {
     // product's UPDATE reads the table it wrote (`reads_held_writes`). 45 since
     // RETURNING of a timestamptz in its Europe/Berlin session is answered with
     // PostgreSQL's text for the zone (ADR 0035's addendum): its orders' transactions
-    // stay held.
+    // stay held. 50 since a point read of a key the transaction did not write stays
+    // outside it (ADR 0038: its second stock load, which read the table it wrote), and
+    // `WHERE id IN (…)` is one deferred operation per key. Still in the way:
+    // insertmanyvalues' INSERT … SELECT … FROM (VALUES …) ORDER BY sen_counter
+    // (`insert_select`), its sessions' executemany carrying naive datetimes into
+    // timestamptz in its Europe/Berlin session (`pipelined`), and the transactions
+    // behind them (`in_transaction`).
     let share = run_shop(Lang::Python, "shop_sqlalchemy.py").await;
-    assert!(share >= 0.40, "{share}");
+    assert!(share >= 0.45, "{share}");
 }
 
 #[tokio::test]
 async fn django_shop() {
     // 74 of 114 since `DEFAULT now()` and constant defaults (the order's enum status)
     // are answered in RETURNING (ADR 0030); most of the rest is RETURNING of a column
-    // an upsert's DO UPDATE leaves as stored (`returning_unknown`).
+    // an upsert's DO UPDATE leaves as stored (`returning_unknown`). 81 since a
+    // one-element `pk IN (…)` (`instance.delete()`) is a key equality, several keys
+    // one operation each, and enum labels are values (ADR 0038). 82 with intervals;
+    // 106 since its counters' `RETURNING updated_at`, a column the upsert's DO UPDATE
+    // leaves as stored, is answered from what spillway knows of the row, in the
+    // transaction Django wraps `bulk_create` in (ADR 0038). Left: `select_for_update()`
+    // (moves the transaction upstream, `in_transaction`), a cast to `text[]`.
     let share = run_shop(Lang::Python, "shop_django.py").await;
-    assert!(share >= 0.60, "{share}");
+    assert!(share >= 0.90, "{share}");
 }
 
 #[tokio::test]
@@ -157,7 +169,9 @@ async fn knex_shop() {
     // 97 of 114: its counter upserts (ON CONFLICT on the primary key, ADR 0027) and,
     // since `now()` is evaluated at acknowledgement (ADR 0030), its transactions stay
     // held. 101 since its version-checked stock UPDATEs are decided from the row
-    // (ADR 0035).
+    // (ADR 0035). 112 since `whereIn` is one deferred operation per key, enum labels
+    // are values and `9:30` is a time, 113 with intervals (ADR 0038); left: a `text[]`
+    // (`value_type`).
     let share = run_shop(Lang::Node, "shop_knex.js").await;
-    assert!(share >= 0.85, "{share}");
+    assert!(share >= 0.95, "{share}");
 }

@@ -190,21 +190,25 @@ pub enum WriteShape {
     },
     /// `UPDATE [ONLY] t SET … WHERE k1 = v AND k2 = v`; `only` records `ONLY`
     /// (inheritance children untouched), which a rewritten statement must keep.
-    /// `compared`: the WHERE's other comparisons (`AND stock > 0`).
+    /// `compared`: the WHERE's other comparisons (`AND stock > 0`); `one_of`: a
+    /// conjunct `k IN (v1, v2, …)` (two values or more), the statement then writes the
+    /// row of each value, `key` holding the other equalities (ADR 0038).
     Update {
         table: RelName,
         only: bool,
         set: Vec<(String, Assign)>,
         key: Vec<(String, Value)>,
         compared: Vec<(String, Compare, Value)>,
+        one_of: Option<(String, Vec<Value>)>,
         returning: Vec<Returned>,
     },
-    /// `DELETE FROM [ONLY] t WHERE k1 = v AND …`.
+    /// `DELETE FROM [ONLY] t WHERE k1 = v AND …` (`one_of` as for UPDATE).
     Delete {
         table: RelName,
         only: bool,
         key: Vec<(String, Value)>,
         compared: Vec<(String, Compare, Value)>,
+        one_of: Option<(String, Vec<Value>)>,
         returning: Vec<Returned>,
     },
 }
@@ -304,13 +308,14 @@ fn update(s: &UpdateStmt) -> Result<WriteShape, &'static str> {
     let target = Target::of(s.relation.as_ref())?;
     let filter = filter(s.where_clause.as_deref())?;
     let set = set_list(&s.target_list, |column, val| target.assign(column, val))?;
-    let (key, compared) = target.key(filter)?;
+    let w = target.key(filter)?;
     Ok(WriteShape::Update {
         only: target.only,
         table: target.table,
         set,
-        key,
-        compared,
+        key: w.key,
+        compared: w.compared,
+        one_of: w.one_of,
         returning,
     })
 }
@@ -324,12 +329,13 @@ fn delete(s: &DeleteStmt) -> Result<WriteShape, &'static str> {
         return Err(r::FROM_OR_USING);
     }
     let target = Target::of(s.relation.as_ref())?;
-    let (key, compared) = target.key(filter(s.where_clause.as_deref())?)?;
+    let w = target.key(filter(s.where_clause.as_deref())?)?;
     Ok(WriteShape::Delete {
         only: target.only,
         table: target.table,
-        key,
-        compared,
+        key: w.key,
+        compared: w.compared,
+        one_of: w.one_of,
         returning,
     })
 }
@@ -508,6 +514,15 @@ impl WriteShape {
                 .map(|(c, _, v)| size_of::<(String, Compare, Value)>() + c.len() + v.heap_bytes())
                 .sum::<usize>()
         };
+        let one_of = |list: &Option<(String, Vec<Value>)>| {
+            list.as_ref().map_or(0, |(c, values)| {
+                c.len()
+                    + values
+                        .iter()
+                        .map(|v| size_of::<Value>() + v.heap_bytes())
+                        .sum::<usize>()
+            })
+        };
         let returned = |list: &[Returned]| {
             list.iter()
                 .map(|item| {
@@ -550,6 +565,7 @@ impl WriteShape {
                 set,
                 key,
                 compared: cmp,
+                one_of: any,
                 returning,
                 ..
             } => {
@@ -557,6 +573,7 @@ impl WriteShape {
                     + returned(returning)
                     + named(key)
                     + compared(cmp)
+                    + one_of(any)
                     + set
                         .iter()
                         .map(|(c, a)| {
@@ -569,9 +586,10 @@ impl WriteShape {
                 table,
                 key,
                 compared: cmp,
+                one_of: any,
                 returning,
                 ..
-            } => rel(table) + named(key) + compared(cmp) + returned(returning),
+            } => rel(table) + named(key) + compared(cmp) + one_of(any) + returned(returning),
         }
     }
 }

@@ -115,14 +115,25 @@ impl<'a> Target<'a> {
     /// The key of `WHERE k1 = v AND k2 = v …` (ANDs nested any way, either side order),
     /// and the comparisons `c < v`, `c <= v`, `c > v`, `c >= v`, `c <> v` among the
     /// conjuncts (a guard, ADR 0035: whether `c` is a key column is the caller's).
+    /// One conjunct may be `col IN (v1, v2, …)` with two values or more (`one_of`): the
+    /// statement then writes the row of each value (whether `col` completes the key is
+    /// the caller's).
     pub(super) fn key(&self, filter: &NodeEnum) -> Result<WhereParts, &'static str> {
         let mut conjuncts = Vec::new();
         flatten_and(filter, &mut conjuncts);
         let mut key: Vec<(String, Value)> = Vec::with_capacity(conjuncts.len());
         let mut compared: Vec<(String, Compare, Value)> = Vec::new();
+        let mut one_of: Option<(String, Vec<Value>)> = None;
         for conjunct in conjuncts {
             if let Some(c) = self.comparison(conjunct)? {
                 compared.push(c);
+                continue;
+            }
+            if let Some((column, values)) = self.in_list(conjunct)? {
+                if one_of.is_some() {
+                    return Err(r::WHERE_NOT_KEY_EQUALITY);
+                }
+                one_of = Some((column.to_owned(), values));
                 continue;
             }
             let (column, val) = self.equality(conjunct)?;
@@ -134,7 +145,46 @@ impl<'a> Target<'a> {
             }
             key.push((column.to_owned(), val));
         }
-        Ok((key, compared))
+        if let Some((column, _)) = &one_of
+            && key.iter().any(|(c, _)| c == column)
+        {
+            return Err(r::DUPLICATE_COLUMN);
+        }
+        Ok(WhereParts {
+            key,
+            compared,
+            one_of,
+        })
+    }
+
+    /// `col IN (v1, v2, …)` with at least two values, each a constant or a parameter
+    /// (never NULL); `None` for any other conjunct. PostgreSQL reads it as `col = ANY
+    /// (ARRAY[v1, v2, …])` with the elements' common type: for the key types spillway
+    /// defers (integers, text, uuid; `convert` checks each value against the column)
+    /// every element compares with the column as `col = vi` would.
+    fn in_list<'n>(
+        &self,
+        conjunct: &'n NodeEnum,
+    ) -> Result<Option<(&'n str, Vec<Value>)>, &'static str> {
+        let NodeEnum::AExpr(e) = conjunct else {
+            return Ok(None);
+        };
+        let Some(items) = in_items(e).filter(|items| items.len() >= 2) else {
+            return Ok(None);
+        };
+        let Some(NodeEnum::ColumnRef(col)) = node(e.lexpr.as_deref()) else {
+            return Err(r::WHERE_NOT_KEY_EQUALITY);
+        };
+        let column = self.column(col)?;
+        let mut values = Vec::with_capacity(items.len());
+        for item in items {
+            let val = value(node(Some(item)), r::WHERE_NOT_KEY_EQUALITY)?;
+            if val.operand == Operand::Literal(None) {
+                return Err(r::NULL_KEY);
+            }
+            values.push(val);
+        }
+        Ok(Some((column, values)))
     }
 
     /// `col op value` with `op` one of `<`, `<=`, `>`, `>=`, `<>` (the column on the
@@ -172,7 +222,9 @@ impl<'a> Target<'a> {
         }
     }
 
-    /// One `col = value` (or `value = col`) conjunct.
+    /// One `col = value` (or `value = col`) conjunct, or `col IN (value)` with one
+    /// value, which PostgreSQL's parser turns into that same `=` (`transformAExprIn`
+    /// builds the operator of `col = value` for a lone element).
     pub(super) fn equality<'n>(
         &self,
         conjunct: &'n NodeEnum,
@@ -181,6 +233,14 @@ impl<'a> Target<'a> {
         let NodeEnum::AExpr(e) = conjunct else {
             return Err(not_key());
         };
+        if let Some(single) = in_one(e) {
+            let Some(NodeEnum::ColumnRef(col)) = node(e.lexpr.as_deref()) else {
+                return Err(not_key());
+            };
+            let column = self.column(col)?;
+            let val = value(Some(single), r::WHERE_NOT_KEY_EQUALITY)?;
+            return Ok((column, val));
+        }
         let (Some("="), Some(left), Some(right)) = (
             binary_operator(e),
             node(e.lexpr.as_deref()),
@@ -199,8 +259,12 @@ impl<'a> Target<'a> {
     }
 }
 
-/// A WHERE's key equalities and its comparisons.
-pub(super) type WhereParts = (Vec<(String, Value)>, Vec<(String, Compare, Value)>);
+/// A WHERE's key equalities, its comparisons, and its `col IN (…)` list if any.
+pub(super) struct WhereParts {
+    pub(super) key: Vec<(String, Value)>,
+    pub(super) compared: Vec<(String, Compare, Value)>,
+    pub(super) one_of: Option<(String, Vec<Value>)>,
+}
 
 /// `c1 AND (c2 AND c3)` → `[c1, c2, c3]`; anything else is one conjunct.
 pub(super) fn flatten_and<'n>(filter: &'n NodeEnum, out: &mut Vec<&'n NodeEnum>) {
@@ -214,6 +278,31 @@ pub(super) fn flatten_and<'n>(filter: &'n NodeEnum, out: &mut Vec<&'n NodeEnum>)
             }
         }
         other => out.push(other),
+    }
+}
+
+/// The one element of `l IN (element)` (not `NOT IN`, whose operator is `<>`).
+fn in_one(e: &AExpr) -> Option<&NodeEnum> {
+    match in_items(e)? {
+        [item] => item.node.as_ref(),
+        _ => None,
+    }
+}
+
+/// The elements of `l IN (…)` (not `NOT IN`, whose operator is `<>`).
+fn in_items(e: &AExpr) -> Option<&[pg_query::Node]> {
+    if e.kind != AExprKind::AexprIn as i32 || e.lexpr.is_none() {
+        return None;
+    }
+    let [only] = e.name.as_slice() else {
+        return None;
+    };
+    if !matches!(only.node.as_ref(), Some(NodeEnum::String(s)) if s.sval == "=") {
+        return None;
+    }
+    match node(e.rexpr.as_deref()) {
+        Some(NodeEnum::List(list)) => Some(&list.items),
+        _ => None,
     }
 }
 

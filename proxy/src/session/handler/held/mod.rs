@@ -45,7 +45,7 @@ use crate::protocol::frontend;
 use crate::protocol::sqlstate::SqlState;
 use crate::read::classify::{Analysis, Isolation, Kind, TxCommand};
 use crate::session::state::Outbox;
-use crate::write::service::{Applied, Known, TxStatement};
+use crate::write::service::{Known, TxStatement};
 
 /// More statements, row operations or replay bytes than these in one held transaction:
 /// it is replayed upstream (the decision at each statement re-decides every earlier
@@ -199,7 +199,7 @@ impl Caching {
         };
         // A plain read that cannot observe the held writes: answered outside the
         // transaction, which stays held (`reads.rs`).
-        if let Some(routed) = self.held_read(analysis) {
+        if let Some(routed) = self.held_read(analysis, single.bound) {
             return routed;
         }
         Some(self.hold_statement(analysis, single, out))
@@ -284,7 +284,7 @@ impl Caching {
         let zoned = answer.returning.as_ref().is_some_and(|r| r.needs_zone());
         if !zoned && let Some(r) = w.preview_now(&user, &stmts, &known) {
             let step = Held::Statement {
-                outcome: r.map(|a: Applied| (a, known)),
+                outcome: r.map(|(a, s)| (a, s, known)),
                 stmt: Box::new(stmt),
                 replay,
                 answer,
@@ -305,7 +305,7 @@ impl Caching {
                 Ok(()) => w
                     .preview(&user, &stmts, &mut known)
                     .await
-                    .map(|a: Applied| (a, known as Known)),
+                    .map(|(a, s)| (a, s, known as Known)),
                 Err(e) => Err(e),
             };
             super::wait::Resume::Held(Box::new(Held::Statement {

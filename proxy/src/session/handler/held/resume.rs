@@ -54,7 +54,39 @@ impl Caching {
                 replay,
                 answer,
             } => match outcome {
-                Ok((applied, known)) => {
+                Ok((applied, stored, known)) => {
+                    let mut stmt = stmt;
+                    let mut answer = answer;
+                    let mut replay = replay;
+                    // An upsert's RETURNING of columns it leaves as stored: the values
+                    // it was decided with, given now and checked again later (ADR 0038).
+                    if !stmt.converted.stored.is_empty() {
+                        let last = applied.len().saturating_sub(1);
+                        let mine: Vec<(usize, Vec<Option<String>>)> = stored
+                            .into_iter()
+                            .filter(|(s, _, _)| *s == last)
+                            .map(|(_, op, v)| (op, v))
+                            .collect();
+                        let filled = answer
+                            .returning
+                            .as_mut()
+                            .map_or(Ok(()), |r| r.fill_stored(&mine));
+                        // Replayed upstream, if it moves there, only over the values
+                        // given (ADR 0038).
+                        let checked = self.writes.as_ref().and_then(|d| {
+                            let set = d.service.tables();
+                            let t = set.deferring(&stmt.table)?;
+                            crate::write::convert::replay_told(&stmt.converted, &mine, &t.meta)
+                        });
+                        let Some(checked) = checked.filter(|_| filled.is_ok()) else {
+                            if let Err(e) = filled {
+                                tracing::error!(error = %e, "RETURNING of stored values");
+                            }
+                            return Some(self.leave_held(out));
+                        };
+                        replay = checked;
+                        stmt.converted.told = Some(mine);
+                    }
                     let flags = applied.last().cloned().unwrap_or_default();
                     let rows = flags.iter().filter(|a| **a).count();
                     let verb = stmt.converted.verb;
