@@ -9,7 +9,7 @@
 # each in turn (BATCH at a time, each logs in and runs SELECT 1 once, then stays idle)
 # and reads the pooler's VmRSS before, every SAMPLE clients and at the end; one more
 # client must then be served. Prints one JSON line per pooler and the bytes per idle
-# client of each.
+# client of each (spillway alone when PgBouncer is not installed).
 #
 # Usage: loadtest/idle.sh [-n CLIENTS] [-b BATCH]
 # Env:   SPILLWAY_BIN (default: target/release/spillway, rebuilt when not set)
@@ -35,28 +35,32 @@ size = 20
 [auth]
 file = \"$WORK/auth.txt\""
 sw_pid=${PIDS[-1]}
-PB_POOL_MODE=transaction PB_MAX_CLIENTS=$((CLIENTS + 100)) PB_POOL_SIZE=20 start_pgbouncer ||
-  { echo "pgbouncer not installed (apt-get install pgbouncer)" >&2; exit 1; }
-# Clients log in to PgBouncer with SCRAM against the same plain password. Restarted
-# through setpriv rather than runuser, whose PAM session would reset the descriptor
-# limit to 1024 (and raising it afterwards needs CAP_SYS_RESOURCE).
-sed -i 's/^auth_type = trust/auth_type = scram-sha-256/' "$WORK/pgbouncer.ini"
-cp "$WORK/auth.txt" "$WORK/userlist.txt"
-for _ in $(seq 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
-pb_pid=$(cat "$WORK/pgbouncer.pid")
-kill "$pb_pid"
-while kill -0 "$pb_pid" 2>/dev/null; do sleep 0.1; done
-rm -f "$WORK/pgbouncer.pid"
-if [ "$(id -u)" = 0 ]; then
-  setpriv --reuid=postgres --regid=postgres --init-groups pgbouncer -d -q "$WORK/pgbouncer.ini"
+POOLERS=spillway
+if PB_POOL_MODE=transaction PB_MAX_CLIENTS=$((CLIENTS + 100)) PB_POOL_SIZE=20 start_pgbouncer; then
+  POOLERS="spillway pgbouncer"
+  # Clients log in to PgBouncer with SCRAM against the same plain password. Restarted
+  # through setpriv rather than runuser, whose PAM session would reset the descriptor
+  # limit to 1024 (and raising it afterwards needs CAP_SYS_RESOURCE).
+  sed -i 's/^auth_type = trust/auth_type = scram-sha-256/' "$WORK/pgbouncer.ini"
+  cp "$WORK/auth.txt" "$WORK/userlist.txt"
+  for _ in $(seq 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
+  pb_pid=$(cat "$WORK/pgbouncer.pid")
+  kill "$pb_pid"
+  while kill -0 "$pb_pid" 2>/dev/null; do sleep 0.1; done
+  rm -f "$WORK/pgbouncer.pid"
+  if [ "$(id -u)" = 0 ]; then
+    setpriv --reuid=postgres --regid=postgres --init-groups pgbouncer -d -q "$WORK/pgbouncer.ini"
+  else
+    pgbouncer -d -q "$WORK/pgbouncer.ini"
+  fi
+  for _ in $(seq 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
 else
-  pgbouncer -d -q "$WORK/pgbouncer.ini"
+  echo "pgbouncer not installed (apt-get install pgbouncer): spillway alone" >&2
 fi
-for _ in $(seq 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
 export PGPASSWORD=bench-password
-wait_ready "$SW_PORT" "$PB_PORT"
+wait_ready "$SW_PORT" ${PB_PORT:+"$PB_PORT"}
 echo "idle.sh: $CLIENTS idle clients each; load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-for who in spillway pgbouncer; do
+for who in $POOLERS; do
   if [ $who = spillway ]; then port=$SW_PORT pid=$sw_pid; else port=$PB_PORT pid=$(cat "$WORK/pgbouncer.pid"); fi
   out=$(python3 "$ROOT/loadtest/idle.py" --port "$port" --pid "$pid" --clients "$CLIENTS" --batch "$BATCH")
   echo "$who $out"

@@ -1,7 +1,8 @@
 //! The benchmark scripts run end to end and produce their report, with PostgreSQL
 //! behind the link (`-L`): `write-bench.sh` (PostgreSQL's CPU per operation for both
-//! targets, the summary), `pgbench/compare.sh` and `pgbench/pool.sh`. Short rounds on loopback; nothing is
-//! asserted about speed, only that the runs happen and say what they measured.
+//! targets, the summary), `pgbench/compare.sh` and `pgbench/pool.sh`; `idle.sh` and
+//! `nats-bench.sh` on loopback. Short rounds; nothing is asserted about speed or
+//! memory, only that the runs happen, check what they check and say what they measured.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -146,6 +147,45 @@ fn pool_runs_more_clients_than_its_pool_and_checks_the_balances() {
     assert!(!stdout.contains("pgbench: "), "{stdout}");
     assert!(!stdout.contains("CHECK FAILED"), "{stdout}");
     assert!(stdout.contains("spillway pool:"), "{stdout}");
+}
+
+#[test]
+fn idle_clients_are_served_and_their_memory_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = script("loadtest/idle.sh", &["-n", "120", "-b", "40"], dir.path());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("spillway "))
+        .expect("spillway's line");
+    let json: serde_json::Value = serde_json::from_str(line).expect("idle.py JSON");
+    assert_eq!(json["clients"], 120, "{json}");
+    assert_eq!(json["last_served"], true, "{json}");
+    assert!(
+        json["rss_kib"][0][1].as_u64().is_some_and(|k| k > 0),
+        "{json}"
+    );
+    assert!(stderr.contains("bytes per idle client"), "{stderr}");
+}
+
+#[test]
+fn nats_bench_compares_the_journals_and_checks_every_target() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = ["-d", "1s", "-w", "0s", "-r", "1", "-S", "write-insert"];
+    let out = script("loadtest/nats-bench.sh", &args, dir.path());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for target in ["local", "nats-r1", "nats-r3"] {
+        assert!(
+            stdout.contains(&format!("{target}/direct: median of rounds")),
+            "{target}:\n{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("- {target}: passed")),
+            "{target}'s writes checked:\n{stdout}"
+        );
+    }
 }
 
 #[test]
