@@ -210,3 +210,49 @@ async fn a_replay_checks_the_stored_values_it_gave() {
         "2|9"
     );
 }
+
+/// A DO UPDATE that assigns the returned column from the row itself (`n = ur.n +
+/// EXCLUDED.n`, a counter) does not leave it as stored: PostgreSQL returns the sum,
+/// never the value before the update (review of ADR 0038: the sum was answered as the
+/// old value). Answered as PostgreSQL answers it, in autocommit and in a held
+/// transaction, over a stored row and over a pending write.
+#[tokio::test]
+async fn a_returned_column_the_update_adds_to_is_the_sum() {
+    let ctx = Context::builder()
+        .before_proxy(SCHEMA)
+        .before_proxy("CREATE DATABASE direct")
+        .section("[flush]\ninterval = \"1h\"\n[tables.\"public.ur\"]\npolicy = \"write-back\"\n")
+        .start()
+        .await;
+    ctx.pg
+        .psql("direct", SCHEMA)
+        .expect("schema of the direct copy");
+    let proxy = ctx.proxy_client().await;
+    let direct = connect(&format!(
+        "host=127.0.0.1 port={} user={USER} dbname=direct sslmode=disable",
+        ctx.pg.port()
+    ))
+    .await;
+    let counter = "INSERT INTO ur (name, n) VALUES ('fixed', 2) ON CONFLICT (name) \
+                   DO UPDATE SET n = ur.n + EXCLUDED.n RETURNING n, name";
+    for step in ["autocommit", "again over the pending write"] {
+        let ours = rows(&proxy, counter).await;
+        assert_eq!(ours, rows(&direct, counter).await, "{step}");
+    }
+    proxy.batch_execute("BEGIN").await.expect("begin");
+    let held = rows(&proxy, counter).await;
+    direct.batch_execute("BEGIN").await.expect("begin");
+    assert_eq!(held, rows(&direct, counter).await, "held");
+    proxy.batch_execute("COMMIT").await.expect("commit");
+    direct.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(
+        held,
+        Ok(vec![vec![Some("13".to_owned()), Some("fixed".to_owned())]])
+    );
+    proxy.batch_execute("SPILLWAY FLUSH").await.expect("flush");
+    assert_eq!(
+        ctx.psql_direct("SELECT n FROM ur WHERE name = 'fixed'")
+            .trim(),
+        "13"
+    );
+}

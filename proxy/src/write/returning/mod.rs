@@ -353,7 +353,10 @@ pub fn on_update(
                     row.push(Some(known.encode(c.type_oid, *format == 1)?));
                     holes.push(None);
                 }
-                None if storable(c, settings) => {
+                // A column the DO UPDATE assigns without a plain value (`n = t.n +
+                // EXCLUDED.n`, a cast) is not left as stored: its value after the
+                // update is not the engine's.
+                None if storable(c, settings) && !assigns(op, &c.name) => {
                     let i = match columns.iter().position(|x| *x == c.name) {
                         Some(i) => i,
                         None => {
@@ -378,6 +381,11 @@ pub fn on_update(
         holes,
     }));
     Some(columns)
+}
+
+/// Whether `op` assigns `column` in any way.
+fn assigns(op: &RowOp, column: &str) -> bool {
+    matches!(op, RowOp::Update { set, .. } if set.iter().any(|a| a.column == column))
 }
 
 /// The columns whose stored value `op` determines, with that value's input text
