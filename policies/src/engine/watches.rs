@@ -5,7 +5,9 @@
 //!
 //! Invariants:
 //! - A watch holds the flusher only from the first write of its row that no overlay
-//!   can include, and only while it is younger than [`HOLD_LIMIT`].
+//!   can include, and only while it is younger than [`HOLD_LIMIT`]; past it, the first
+//!   write of its row ends its keeping of records (bounded memory for a read that
+//!   never ends), and it overlays nothing any more.
 //! - The row index holds exactly the pending records noted and not applied since
 //!   start (records replayed at start are not in it: `Engine::watch_row` refuses
 //!   while they are pending).
@@ -58,7 +60,8 @@ pub enum Refusal {
     Deciding,
     /// Records replayed at start are still pending (they are not indexed by row).
     Replaying,
-    /// The watch is gone, or held the flusher past [`HOLD_LIMIT`].
+    /// The watch is gone, held the flusher past [`HOLD_LIMIT`], or saw a write of its
+    /// row after it (and stopped keeping them).
     Expired,
 }
 
@@ -131,6 +134,9 @@ pub(super) struct Watch {
     /// The lowest sequence number of a write of the row, pending since the watch
     /// began, that no overlay can include: the flusher stops before it.
     pub(super) blocking: Option<u64>,
+    /// A write of the row became pending after [`HOLD_LIMIT`]: the watch no longer
+    /// keeps records (a read that never ends must not grow it), so it overlays nothing.
+    pub(super) lapsed: bool,
 }
 
 impl Watch {
@@ -170,7 +176,7 @@ impl Watches {
                 None => *self.unkeyed.entry(op.table().to_owned()).or_default() += 1,
             }
         }
-        for w in &mut self.list {
+        for w in self.list.iter_mut().filter(|w| !w.lapsed) {
             let mut writes = false;
             let mut blocks = false;
             for op in record.ops.iter().filter(|op| op.table() == w.table) {
@@ -180,6 +186,11 @@ impl Watches {
                     None => blocks = true,
                 }
                 writes = true;
+            }
+            if writes && !w.live() {
+                w.lapsed = true;
+                w.records = Vec::new();
+                continue;
             }
             if writes {
                 w.records.push((seq, record.clone()));

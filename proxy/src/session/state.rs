@@ -34,6 +34,9 @@ pub struct ProtocolState {
     pub awaiting_ready: u32,
     /// Extended-query messages sent since the last Sync.
     pub unsynced: bool,
+    /// An Execute sent since the last Sync: its statement belongs to the implicit
+    /// transaction the next Sync ends.
+    pub executed: bool,
     /// The latest value of every ParameterStatus the server reported.
     pub params: BTreeMap<String, String>,
     /// PostgreSQL sent a FATAL error: the upstream connection is about to close.
@@ -48,6 +51,7 @@ impl Default for ProtocolState {
             tx_status: b'I',
             awaiting_ready: 0,
             unsynced: false,
+            executed: false,
             params: BTreeMap::new(),
             upstream_fatal: false,
             client_terminated: false,
@@ -63,8 +67,13 @@ impl ProtocolState {
             b'S' => {
                 self.awaiting_ready += 1;
                 self.unsynced = false;
+                self.executed = false;
             }
-            b'P' | b'B' | b'E' | b'D' | b'C' => self.unsynced = true,
+            b'E' => {
+                self.unsynced = true;
+                self.executed = true;
+            }
+            b'P' | b'B' | b'D' | b'C' => self.unsynced = true,
             b'X' => self.client_terminated = true,
             _ => {}
         }

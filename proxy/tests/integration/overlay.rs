@@ -376,3 +376,46 @@ async fn in_a_pipelined_cycle_only_the_overlaid_reads_row_is_rewritten() {
     assert_eq!(rows, ["mine14", "base15"], "{msgs:?}");
     assert_eq!(reads(&ctx, "overlay").await, 1.0);
 }
+
+/// A read after another Execute of the same cycle is not overlaid: were its row
+/// answered with an error, the client would take that earlier statement as rolled
+/// back with the implicit transaction, which PostgreSQL commits at the Sync (review
+/// of ADR 0039). It waits for the flush instead, and reads the row as PostgreSQL has
+/// it then.
+#[tokio::test]
+async fn a_read_after_another_execute_of_its_cycle_waits() {
+    use crate::context::{DB, USER};
+    use crate::wire::{Raw, bind, execute, flush, parse, query, sync};
+    let ctx = builder().start().await;
+    let mut raw = Raw::startup(ctx.proxy.addr, USER, DB).await;
+    raw.send(&query("UPDATE ov SET token = 'mine16' WHERE id = 16"))
+        .await;
+    raw.until(b'Z').await;
+    // The first statement answered (Flush) before the read is sent: nothing of the
+    // cycle is outstanding upstream when the read arrives.
+    let mut first = parse("", "SELECT now()");
+    first.extend(bind("", "", &[]));
+    first.extend(execute("", 0));
+    first.extend(flush());
+    raw.send(&first).await;
+    let mut msgs = raw.until(b'C').await;
+    let mut cycle = parse("", "SELECT token FROM ov WHERE id = $1");
+    cycle.extend(bind("", "", &[Some("16")]));
+    cycle.extend(execute("", 0));
+    cycle.extend(sync());
+    raw.send(&cycle).await;
+    msgs.extend(raw.until(b'Z').await);
+    let rows: Vec<String> = msgs
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| String::from_utf8_lossy(m.body.get(6..).unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(rows.len(), 2, "{msgs:?}");
+    assert_eq!(rows[1], "mine16", "{msgs:?}");
+    assert_eq!(reads(&ctx, "overlay").await, 0.0);
+    assert_eq!(
+        pending_upstream(&ctx, 16),
+        "mine16",
+        "it waited for the flush"
+    );
+}

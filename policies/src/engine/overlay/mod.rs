@@ -88,6 +88,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
             started: Instant::now(),
             records,
             blocking: None,
+            lapsed: false,
         });
         Ok(id)
     }
@@ -102,7 +103,7 @@ impl<C: Checks, L: Log> Engine<C, L> {
             .iter()
             .find(|w| w.id == id)
             .ok_or(Refusal::Expired)?;
-        if w.blocking.is_some() && !w.live() {
+        if w.lapsed || (w.blocking.is_some() && !w.live()) {
             return Err(Refusal::Expired);
         }
         let mut records: Vec<&(u64, Arc<Record>)> = w

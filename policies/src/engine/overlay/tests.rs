@@ -159,6 +159,7 @@ fn a_watch_keeps_later_writes_of_its_row_and_holds_the_first_it_cannot_overlay()
         started: tokio::time::Instant::now(),
         records: Vec::new(),
         blocking: None,
+        lapsed: false,
     });
     let update = Arc::new(record(vec![set("1", &[("token", Some("b"))])]));
     let other = Arc::new(record(vec![RowOp::Delete {
@@ -181,6 +182,39 @@ fn a_watch_keeps_later_writes_of_its_row_and_holds_the_first_it_cannot_overlay()
     assert!(watches.holds(8), "and so does everything after it");
     assert_eq!(watches.list[0].records.len(), 3);
     assert_eq!(watches.list[0].blocking, Some(7));
+}
+
+/// A watch whose read never ends (a client that stops after its Bind) keeps no
+/// records past `HOLD_LIMIT`: the first write of its row after it ends the keeping,
+/// and the watch overlays nothing any more (review of ADR 0039: it kept every later
+/// write of the row for as long as the session lived).
+/// Mutation: `note` pushing records whatever the watch's age.
+#[tokio::test(start_paused = true)]
+async fn a_watch_past_its_limit_keeps_nothing() {
+    let mut watches = Watches::default();
+    watches.list.push(Watch {
+        id: 1,
+        table: T.to_owned(),
+        key: vec!["1".to_owned()],
+        needs: needs(),
+        started: tokio::time::Instant::now(),
+        records: Vec::new(),
+        blocking: None,
+        lapsed: false,
+    });
+    let update = Arc::new(record(vec![set("1", &[("token", Some("b"))])]));
+    watches.note(5, &update, key_of);
+    assert_eq!(watches.list[0].records.len(), 1);
+    tokio::time::advance(super::HOLD_LIMIT).await;
+    for seq in 6..100 {
+        watches.note(seq, &update, key_of);
+    }
+    assert!(watches.list[0].lapsed);
+    assert!(
+        watches.list[0].records.is_empty(),
+        "nothing kept past the limit"
+    );
+    assert!(!watches.holds(99));
 }
 
 #[test]

@@ -228,7 +228,11 @@ impl Handler {
     /// Whether a backend message too large to hold may pass through as it arrives: not
     /// a row an overlaid read must rewrite (the session then ends instead).
     pub fn may_stream(&self, tag: u8) -> bool {
-        tag != b'D' || self.caching.as_ref().is_none_or(|c| c.overlay.is_none())
+        tag != b'D'
+            || self
+                .caching
+                .as_ref()
+                .is_none_or(|c| c.overlay.as_ref().is_none_or(|o| o.is_done()))
     }
 
     /// A backend message too large to hold, passing through as it arrives.

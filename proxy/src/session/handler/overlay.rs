@@ -118,6 +118,12 @@ impl Caching {
         if self.tracker.has_outstanding_statements() || self.tracker.desynced {
             return Err("outstanding");
         }
+        // An Execute of the same cycle ran before it: were the read answered with an
+        // error, the client would take that statement as rolled back with the
+        // implicit transaction, which PostgreSQL commits at the Sync.
+        if out.state().executed {
+            return Err("pipeline");
+        }
         if self.key.bypass.is_some()
             || self.key.local_override
             || out
@@ -262,9 +268,11 @@ impl Caching {
                         tracing::debug!(reason, "overlaid read answered with 40001");
                         armed.failed = true;
                         // Statements after it in the same cycle ran upstream while the
-                        // client, told of an error, would take them as skipped: the
+                        // client, told of an error, would take them as skipped; and
+                        // before the cycle's Sync came, what the client sends next
+                        // would not be skipped as after PostgreSQL's own error: the
                         // session ends instead (their outcome unknown, as at any loss).
-                        if self.tracker.executes_queued() > 1 {
+                        if self.tracker.executes_queued() > 1 || !self.tracker.ready_queued() {
                             Delivery::End
                         } else {
                             Delivery::Replace(failure())
@@ -282,6 +290,11 @@ impl Caching {
 }
 
 impl Armed {
+    /// The statement's result ended: later rows are another statement's.
+    pub(super) fn is_done(&self) -> bool {
+        self.done
+    }
+
     /// The Execute of the portal whose Bind armed it arrives: true the first time.
     pub(super) fn take_execute(&mut self) -> bool {
         std::mem::take(&mut self.at_bind)

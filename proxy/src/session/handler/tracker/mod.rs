@@ -150,6 +150,12 @@ impl Tracker {
             .any(|e| matches!(e, Expect::Ready { .. } | Expect::Execute { .. }))
     }
 
+    /// Whether a Query, FunctionCall or Sync awaits its ReadyForQuery: the extended
+    /// cycles before it were closed by the client.
+    pub fn ready_queued(&self) -> bool {
+        self.queue.iter().any(|e| matches!(e, Expect::Ready { .. }))
+    }
+
     /// Executes whose answers are still to come.
     pub fn executes_queued(&self) -> usize {
         self.queue
