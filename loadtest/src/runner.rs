@@ -246,11 +246,13 @@ pub async fn run(spec: RunSpec, progress: Progress) -> anyhow::Result<Outcome> {
         )
         .await;
         workers[ti] = ws;
+        // A spillway target applies what it acknowledged before any other phase runs,
+        // warm-ups included: its flush must not land in another target's round on the
+        // same tables (a direct round's read-back would see an older deferred write
+        // applied after its own), nor its cost in another round's CPU.
+        settle(&mut workers[ti], &mut settles[ti]).await;
         let cpu = match (spec.pg_cpu, cpu_before) {
-            (Some(c), Some(before)) => {
-                settle(&mut workers[ti], &mut settles[ti]).await;
-                c.sample().map(|after| before.until(after))
-            }
+            (Some(c), Some(before)) => c.sample().map(|after| before.until(after)),
             _ => None,
         };
         let mut phase_hist = plan::new_histogram();
@@ -353,8 +355,8 @@ async fn read_metrics(acc: &mut Accumulator) -> Option<Snapshot> {
     }
 }
 
-/// Before the closing CPU sample: lets a spillway target apply what it acknowledged,
-/// through the first connection still open.
+/// After each phase, before the closing CPU sample: lets a spillway target apply what
+/// it acknowledged, through the first connection still open.
 async fn settle(workers: &mut [Worker], asks: &mut bool) {
     if !*asks {
         return;
