@@ -336,31 +336,18 @@ pub fn exact_spelling(ty: &str, text: &str) -> bool {
         "uuid" => crate::changes::canonical_key(text, crate::changes::key_types::UUID)
             .is_ok_and(|c| c == text),
         "timestamp with time zone" => {
+            // `YYYY-MM-DD HH:MM:SS`: `0` stands for any digit, the rest for itself.
+            const SHAPE: &[u8] = b"0000-00-00 00:00:00";
             let b = text.as_bytes();
-            let shape = |i: usize, ok: fn(u8) -> bool| b.get(i).copied().is_some_and(ok);
-            let digit = |b: u8| b.is_ascii_digit();
-            let fixed = [
-                (0, digit as fn(u8) -> bool),
-                (1, digit),
-                (2, digit),
-                (3, digit),
-                (4, |b| b == b'-'),
-                (5, digit),
-                (6, digit),
-                (7, |b| b == b'-'),
-                (8, digit),
-                (9, digit),
-                (10, |b| b == b' '),
-                (11, digit),
-                (12, digit),
-                (13, |b| b == b':'),
-                (14, digit),
-                (15, digit),
-                (16, |b| b == b':'),
-                (17, digit),
-                (18, digit),
-            ];
-            if !fixed.iter().all(|(i, ok)| shape(*i, *ok)) {
+            let fits = b.len() >= SHAPE.len()
+                && SHAPE.iter().zip(b).all(|(&p, &c)| {
+                    if p == b'0' {
+                        c.is_ascii_digit()
+                    } else {
+                        c == p
+                    }
+                });
+            if !fits {
                 return false;
             }
             let Some(rest) = text.get(19..).and_then(|r| r.strip_suffix("+00")) else {
