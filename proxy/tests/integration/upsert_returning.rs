@@ -41,8 +41,9 @@ async fn rows(client: &Client, sql: &str) -> Result<Vec<Vec<Option<String>>>, St
     }
 }
 
-#[tokio::test]
-async fn stored_columns_are_returned_as_postgres_returns_them() {
+/// spillway with `ur` under write-back (flushed only when asked), a client through it,
+/// and a client of the direct copy (database `direct`).
+async fn through_and_direct() -> (Context, Client, Client) {
     let ctx = Context::builder()
         .before_proxy(SCHEMA)
         .before_proxy("CREATE DATABASE direct")
@@ -58,6 +59,12 @@ async fn stored_columns_are_returned_as_postgres_returns_them() {
         ctx.pg.port()
     ))
     .await;
+    (ctx, proxy, direct)
+}
+
+#[tokio::test]
+async fn stored_columns_are_returned_as_postgres_returns_them() {
+    let (ctx, proxy, direct) = through_and_direct().await;
     for c in [&proxy, &direct] {
         c.batch_execute("SET TimeZone = 'UTC'").await.expect("zone");
     }
@@ -218,21 +225,7 @@ async fn a_replay_checks_the_stored_values_it_gave() {
 /// transaction, over a stored row and over a pending write.
 #[tokio::test]
 async fn a_returned_column_the_update_adds_to_is_the_sum() {
-    let ctx = Context::builder()
-        .before_proxy(SCHEMA)
-        .before_proxy("CREATE DATABASE direct")
-        .section("[flush]\ninterval = \"1h\"\n[tables.\"public.ur\"]\npolicy = \"write-back\"\n")
-        .start()
-        .await;
-    ctx.pg
-        .psql("direct", SCHEMA)
-        .expect("schema of the direct copy");
-    let proxy = ctx.proxy_client().await;
-    let direct = connect(&format!(
-        "host=127.0.0.1 port={} user={USER} dbname=direct sslmode=disable",
-        ctx.pg.port()
-    ))
-    .await;
+    let (ctx, proxy, direct) = through_and_direct().await;
     let counter = "INSERT INTO ur (name, n) VALUES ('fixed', 2) ON CONFLICT (name) \
                    DO UPDATE SET n = ur.n + EXCLUDED.n RETURNING n, name";
     for step in ["autocommit", "again over the pending write"] {

@@ -49,6 +49,20 @@ fn needs() -> Needs {
     }
 }
 
+/// A fresh watch of row 1 for [`needs`].
+fn watch_of_row_1() -> Watch {
+    Watch {
+        id: 1,
+        table: T.to_owned(),
+        key: vec!["1".to_owned()],
+        needs: needs(),
+        started: tokio::time::Instant::now(),
+        records: Vec::new(),
+        blocking: None,
+        lapsed: false,
+    }
+}
+
 fn overlay(records: &[Record], k: &str) -> Result<Assigned, Refusal> {
     overlay_of(records, T, &[k.to_owned()], &needs(), key_of)
 }
@@ -151,16 +165,7 @@ fn writes_that_depend_on_or_decide_the_base_image_make_none() {
 #[test]
 fn a_watch_keeps_later_writes_of_its_row_and_holds_the_first_it_cannot_overlay() {
     let mut watches = Watches::default();
-    watches.list.push(Watch {
-        id: 1,
-        table: T.to_owned(),
-        key: vec!["1".to_owned()],
-        needs: needs(),
-        started: tokio::time::Instant::now(),
-        records: Vec::new(),
-        blocking: None,
-        lapsed: false,
-    });
+    watches.list.push(watch_of_row_1());
     let update = Arc::new(record(vec![set("1", &[("token", Some("b"))])]));
     let other = Arc::new(record(vec![RowOp::Delete {
         table: T.to_owned(),
@@ -192,16 +197,7 @@ fn a_watch_keeps_later_writes_of_its_row_and_holds_the_first_it_cannot_overlay()
 #[tokio::test(start_paused = true)]
 async fn a_watch_past_its_limit_keeps_nothing() {
     let mut watches = Watches::default();
-    watches.list.push(Watch {
-        id: 1,
-        table: T.to_owned(),
-        key: vec!["1".to_owned()],
-        needs: needs(),
-        started: tokio::time::Instant::now(),
-        records: Vec::new(),
-        blocking: None,
-        lapsed: false,
-    });
+    watches.list.push(watch_of_row_1());
     let update = Arc::new(record(vec![set("1", &[("token", Some("b"))])]));
     watches.note(5, &update, key_of);
     assert_eq!(watches.list[0].records.len(), 1);
